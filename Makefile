@@ -1,0 +1,37 @@
+# The two commands of the README:
+#   make study   set up everything, obtain the data, run the bundled seed study
+#   make test    set up everything the tests need, run the whole test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+ARGS   ?=
+
+.PHONY: study quick test data system-deps lint clean
+
+study: $(VENV)/.installed data
+	$(BIN)/fashionlab study $(ARGS)
+
+quick: $(VENV)/.installed data
+	$(BIN)/fashionlab study --quick $(ARGS)
+
+test: $(VENV)/.installed system-deps
+	$(BIN)/python -m pytest $(ARGS)
+
+data: $(VENV)/.installed
+	bash scripts/system-deps.sh dataset
+	$(BIN)/fashionlab data fetch
+
+system-deps:
+	bash scripts/system-deps.sh all
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $@
+
+lint:
+	$(BIN)/python -m ruff check fashionlab tests benchmarks
+
+clean:
+	rm -rf $(VENV) fashionlab-runs

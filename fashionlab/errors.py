@@ -1,0 +1,19 @@
+"""Errors a user can fix. The command line prints them as one line, without a traceback."""
+
+from __future__ import annotations
+
+
+class FashionlabError(Exception):
+    """Base class: something about the user's input, files or environment is wrong."""
+
+
+class DataError(FashionlabError):
+    """A dataset file is missing, malformed, or fails verification."""
+
+
+class ConfigError(FashionlabError):
+    """A study file or option is invalid; the message names the file and field."""
+
+
+class StoreError(FashionlabError):
+    """The experiment store cannot be opened, or a requested run does not exist."""
