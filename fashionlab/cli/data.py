@@ -1,0 +1,137 @@
+"""`fashionlab data ...`: find, fetch, inspect and look at the dataset. Thin over fashionlab.data."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from fashionlab import data
+from fashionlab.cli import app
+from fashionlab.errors import FashionlabError
+
+data_app = typer.Typer(
+    help="Find, fetch, verify and look at the Fashion-MNIST files.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+class SplitName(str, Enum):
+    train = "train"
+    test = "test"
+
+
+DirOption = Annotated[Path | None, typer.Option(
+    "--dir", help="Read the four IDX files from this directory instead of searching for them.",
+    show_default=False)]
+VerifyOption = Annotated[bool, typer.Option(
+    "--verify/--no-verify",
+    help="Check the Fashion-MNIST SHA-256 checksums; --no-verify for other IDX datasets (MNIST).")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+def _summary(dataset: data.Dataset) -> dict[str, Any]:
+    splits = {}
+    for name, split in (("train", dataset.train), ("test", dataset.test)):
+        counts = split.class_counts(len(dataset.class_names))
+        splits[name] = {
+            "images_shape": list(split.images.shape),
+            "labels_shape": list(split.labels.shape),
+            "class_counts": {c: int(n) for c, n in zip(dataset.class_names, counts)},
+        }
+    return {
+        "source": str(dataset.source),
+        "files": [str(path) for path in dataset.files],
+        "verified": dataset.verified,
+        "class_names": list(dataset.class_names),
+        "splits": splits,
+    }
+
+
+@data_app.command()
+def info(directory: DirOption = None, verify: VerifyOption = True,
+         as_json: JsonOption = False) -> None:
+    """Show where the files are, whether they are verified, their shapes and class counts.
+
+    Never downloads: when nothing is found, run `fashionlab data fetch` first.
+
+    Example: fashionlab data info --json
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    summary = _summary(data.load_fashion_mnist(directory, download=False, verify=verify))
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    console = Console(highlight=False)
+    console.print(f"source:   {summary['source']}")
+    for path in summary["files"]:
+        console.print(f"          {path}")
+    console.print("verified: " + ("yes (SHA-256)" if summary["verified"] else "no"))
+    table = Table(title="images per class")
+    for column in ("class", "name", "train", "test"):
+        table.add_column(column, justify="left" if column == "name" else "right")
+    train, test = (summary["splits"][s]["class_counts"] for s in ("train", "test"))
+    for index, name in enumerate(summary["class_names"]):
+        table.add_row(str(index), name, str(train[name]), str(test[name]))
+    table.add_row("", "total", str(sum(train.values())), str(sum(test.values())))
+    console.print(table)
+    for split in ("train", "test"):
+        shapes = summary["splits"][split]
+        console.print(f"{split}: images {tuple(shapes['images_shape'])} uint8, "
+                      f"labels {tuple(shapes['labels_shape'])} uint8")
+
+
+@data_app.command()
+def fetch(
+    directory: Annotated[Path | None, typer.Option(
+        "--dir", help="Put the files here instead of the user cache.", show_default=False)] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Obtain and verify the four files, then print where they are.
+
+    Copies them from Debian's dataset package when installed, else downloads them from the
+    public mirrors (FASHIONLAB_MIRRORS overrides the list). They are stored decompressed and
+    verified by SHA-256, so later loads are fast; files already in place are kept.
+
+    Example: fashionlab data fetch
+    """
+    target = data.fetch_fashion_mnist(directory)
+    files = [str(target / name) for name in data.FILE_NAMES]
+    if as_json:
+        typer.echo(json.dumps({"directory": str(target), "files": files}, indent=2))
+        return
+    typer.echo(f"Fashion-MNIST verified in {target}")
+    for path in files:
+        typer.echo(f"  {path}")
+
+
+@data_app.command()
+def show(
+    out: Annotated[Path, typer.Option("--out", help="PNG file to write.", show_default=False)],
+    per_class: Annotated[int, typer.Option(
+        "--per-class", min=1, max=100, help="Images per class (one row per class).")] = 8,
+    split: Annotated[SplitName, typer.Option("--split", help="Which split to draw from.")] = (
+        SplitName.train),
+    directory: DirOption = None,
+    verify: VerifyOption = True,
+) -> None:
+    """Write a labelled grid of the first N images of each class as a PNG.
+
+    Example: fashionlab data show --out samples.png --per-class 10 --split test
+    """
+    from fashionlab.plots import sample_grid
+
+    dataset = data.load_fashion_mnist(directory, verify=verify)
+    part = dataset.train if split is SplitName.train else dataset.test
+    figure = sample_grid(part.images, part.labels, per_class=per_class,
+                         class_names=dataset.class_names, title=f"{split.value} split")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(out, format="png", dpi=100, bbox_inches="tight")
+    except OSError as error:
+        raise FashionlabError(f"{out}: cannot write ({error.strerror or error})") from None
+    typer.echo(f"wrote {out}")

@@ -1,0 +1,170 @@
+"""`fashionlab data info|fetch|show` end to end (in-process), and the sample-grid figure."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fashionlab import data
+from fashionlab.cli import main
+from fashionlab.data import FILE_NAMES, FileChecksum
+from fashionlab.plots import sample_grid
+
+REAL_DIR = Path("/usr/share/datasets/fashion-mnist")
+needs_real_data = pytest.mark.skipif(
+    not all((REAL_DIR / f"{name}.gz").is_file() for name in FILE_NAMES),
+    reason=f"the Debian package dataset-fashion-mnist is not installed ({REAL_DIR})")
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """Run `fashionlab ARGS` in this process: (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    out, err = capsys.readouterr()
+    return exit_info.value.code or 0, out, err
+
+
+def assert_one_line_error(code: int, err: str, fragment: str) -> None:
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert fragment in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["info", "fetch", "show"])
+def test_help_has_an_example(capsys: pytest.CaptureFixture[str], command: str):
+    code, out, _ = run(capsys, "data", command, "--help")
+    assert code == 0 and "Example: fashionlab data " in out
+
+
+# --- info ---------------------------------------------------------------------------------------
+
+
+def test_info_json_on_a_named_directory(capsys: pytest.CaptureFixture[str], tiny_idx_dir: Path):
+    code, out, _ = run(capsys, "data", "info", "--dir", str(tiny_idx_dir), "--no-verify", "--json")
+    assert code == 0
+    summary = json.loads(out)
+    assert summary["source"] == str(tiny_idx_dir) and summary["verified"] is False
+    assert summary["files"] == [str(tiny_idx_dir / f"{name}.gz") for name in FILE_NAMES]
+    assert summary["splits"]["train"]["images_shape"] == [300, 28, 28]
+    assert summary["splits"]["test"]["labels_shape"] == [100]
+    assert summary["splits"]["train"]["class_counts"] == dict.fromkeys(data.CLASS_NAMES, 30)
+
+
+def test_info_table(capsys: pytest.CaptureFixture[str], tiny_idx_dir: Path):
+    code, out, _ = run(capsys, "data", "info", "--dir", str(tiny_idx_dir), "--no-verify")
+    assert code == 0
+    assert f"source:   {tiny_idx_dir}" in out and "verified: no" in out
+    assert "Ankle boot" in out and "total" in out and "300" in out
+    assert "train: images (300, 28, 28) uint8" in out
+
+
+@needs_real_data
+def test_info_finds_and_verifies_the_real_data(capsys: pytest.CaptureFixture[str]):
+    code, out, _ = run(capsys, "data", "info", "--json")
+    summary = json.loads(out)
+    assert code == 0 and summary["source"] == str(REAL_DIR) and summary["verified"] is True
+    assert set(summary["splits"]["train"]["class_counts"].values()) == {6000}
+    assert set(summary["splits"]["test"]["class_counts"].values()) == {1000}
+
+
+def test_info_errors_are_one_line(capsys: pytest.CaptureFixture[str], tiny_idx_dir: Path,
+                                  tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    code, _, err = run(capsys, "data", "info", "--dir", str(tiny_idx_dir))
+    assert_one_line_error(code, err, "checksum mismatch")
+    code, _, err = run(capsys, "data", "info", "--dir", str(tmp_path / "nothing-here"))
+    assert_one_line_error(code, err, "file not found")
+    monkeypatch.setattr(data, "DEBIAN_DIR", tmp_path / "no-debian")
+    code, _, err = run(capsys, "data", "info")  # never downloads
+    assert_one_line_error(code, err, "run `fashionlab data fetch`")
+
+
+# --- fetch --------------------------------------------------------------------------------------
+
+
+@needs_real_data
+def test_fetch_copies_the_real_data_then_info_reads_it(capsys: pytest.CaptureFixture[str],
+                                                       tmp_path: Path):
+    target = tmp_path / "fm"
+    code, out, _ = run(capsys, "data", "fetch", "--dir", str(target), "--json")
+    assert code == 0
+    assert json.loads(out) == {"directory": str(target),
+                               "files": [str(target / name) for name in FILE_NAMES]}
+    assert sorted(p.name for p in target.iterdir()) == sorted(FILE_NAMES)
+
+    code, out, _ = run(capsys, "data", "info", "--dir", str(target), "--json")
+    summary = json.loads(out)
+    assert code == 0 and summary["verified"] is True and summary["source"] == str(target)
+
+
+def test_fetch_into_the_cache(capsys: pytest.CaptureFixture[str], tiny_idx_dir: Path,
+                              isolated_data_env: Path, monkeypatch: pytest.MonkeyPatch):
+    sums = {}
+    for name in FILE_NAMES:
+        raw = gzip.decompress((tiny_idx_dir / f"{name}.gz").read_bytes())
+        sums[name] = FileChecksum(data._sha256(raw), len(raw))
+    monkeypatch.setattr(data, "FASHION_MNIST_CHECKSUMS", sums)
+    monkeypatch.setattr(data, "DEBIAN_DIR", tiny_idx_dir)
+    code, out, _ = run(capsys, "data", "fetch")
+    assert code == 0 and f"verified in {isolated_data_env}" in out
+    assert all((isolated_data_env / name).is_file() for name in FILE_NAMES)
+
+
+def test_fetch_into_an_unwritable_place(capsys: pytest.CaptureFixture[str], tmp_path: Path):
+    (tmp_path / "a-file").write_text("")
+    code, _, err = run(capsys, "data", "fetch", "--dir", str(tmp_path / "a-file" / "fm"))
+    assert_one_line_error(code, err, "is not writable")
+
+
+# --- show ---------------------------------------------------------------------------------------
+
+
+def test_show_writes_a_png(capsys: pytest.CaptureFixture[str], tiny_idx_dir: Path,
+                           tmp_path: Path):
+    out_file = tmp_path / "figures" / "samples.png"
+    code, out, _ = run(capsys, "data", "show", "--out", str(out_file), "--per-class", "5",
+                       "--split", "test", "--dir", str(tiny_idx_dir), "--no-verify")
+    assert code == 0 and str(out_file) in out
+    with Image.open(out_file) as image:
+        assert image.format == "PNG" and image.width > 200 and image.height > 300
+
+
+@needs_real_data
+def test_show_the_real_data(capsys: pytest.CaptureFixture[str], tmp_path: Path):
+    code, _, _ = run(capsys, "data", "show", "--out", str(tmp_path / "real.png"))
+    assert code == 0 and (tmp_path / "real.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_show_bad_arguments(capsys: pytest.CaptureFixture[str], tiny_idx_dir: Path,
+                            tmp_path: Path):
+    code, _, err = run(capsys, "data", "show", "--out", str(tmp_path / "x.png"),
+                       "--per-class", "0", "--dir", str(tiny_idx_dir), "--no-verify")
+    assert code == 2 and "Traceback" not in err and "per-class" in err
+    (tmp_path / "a-file").write_text("")
+    code, _, err = run(capsys, "data", "show", "--out", str(tmp_path / "a-file" / "x.png"),
+                       "--dir", str(tiny_idx_dir), "--no-verify")
+    assert_one_line_error(code, err, "cannot write")
+
+
+# --- the figure ---------------------------------------------------------------------------------
+
+
+def test_sample_grid_rows_are_classes_and_missing_cells_blank():
+    import matplotlib.pyplot as plt  # only to check that no pyplot figure is created
+
+    labels = np.array([0, 0, 0, 1, 2], dtype=np.uint8)
+    images = np.stack([np.full((28, 28), 10 * i, np.uint8) for i in range(5)])
+    figure = sample_grid(images, labels, per_class=2, class_names=("a", "b", "c"))
+    assert plt.get_fignums() == []
+    (ax,) = figure.axes
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["a", "b", "c"]
+    mosaic = np.asarray(ax.images[0].get_array(), dtype=float)
+    cells = [[mosaic[2 + r * 30 + 14, 2 + c * 30 + 14] for c in range(2)] for r in range(3)]
+    assert cells[0] == [0, 10] and cells[1][0] == 30 and cells[2][0] == 40  # first per class
+    assert np.isnan(cells[1][1]) and np.isnan(cells[2][1])  # classes 1, 2 have one image each
+    with pytest.raises(ValueError, match="per_class"):
+        sample_grid(images, labels, per_class=0)

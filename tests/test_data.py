@@ -1,0 +1,383 @@
+"""fashionlab.data: the IDX reader and writer, loading, locating, verification, tensors."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import struct
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fashionlab import data
+from fashionlab.data import (
+    CLASS_NAMES,
+    FASHION_MNIST_CHECKSUMS,
+    FILE_NAMES,
+    FileChecksum,
+    load_fashion_mnist,
+    load_idx_dataset,
+    parse_idx,
+    read_idx,
+    write_idx,
+)
+from fashionlab.errors import DataError
+
+REAL_DIR = Path("/usr/share/datasets/fashion-mnist")
+needs_real_data = pytest.mark.skipif(
+    not all((REAL_DIR / f"{name}.gz").is_file() for name in FILE_NAMES),
+    reason=f"the Debian package dataset-fashion-mnist is not installed ({REAL_DIR})")
+
+
+def slow_read_idx(raw: bytes) -> np.ndarray:
+    """The reference: the IDX format read field by field with struct, one value at a time."""
+    formats = {0x08: "B", 0x09: "b", 0x0B: "h", 0x0C: "i", 0x0D: "f", 0x0E: "d"}
+    zero, code, n_dims = struct.unpack_from(">HBB", raw)
+    assert zero == 0
+    shape = struct.unpack_from(f">{n_dims}I", raw, 4)
+    values = struct.unpack_from(f">{int(np.prod(shape))}{formats[code]}", raw, 4 + 4 * n_dims)
+    return np.array(values).reshape(shape)
+
+
+def checksums_of(directory: Path) -> dict[str, FileChecksum]:
+    table = {}
+    for name in FILE_NAMES:
+        raw = gzip.decompress((directory / f"{name}.gz").read_bytes())
+        table[name] = FileChecksum(data._sha256(raw), len(raw))
+    return table
+
+
+def assert_one_line_naming(error: pytest.ExceptionInfo[DataError], path: Path, fragment: str):
+    message = str(error.value)
+    assert "\n" not in message
+    assert str(path) in message, message
+    assert fragment in message, message
+
+
+# --- IDX reader and writer -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["u1", "i1", "i2", "i4", "f4", "f8"])
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+def test_write_read_round_trip_matches_reference(tmp_path: Path, dtype: str, suffix: str):
+    rng = np.random.default_rng(1)
+    array = (rng.standard_normal((5, 3, 4)) * 100).astype(dtype)
+    path = tmp_path / f"array-idx3{suffix}"
+    write_idx(path, array)
+
+    loaded = read_idx(path)
+    assert loaded.dtype == np.dtype(dtype) and loaded.dtype.isnative
+    np.testing.assert_array_equal(loaded, array)
+    raw = gzip.decompress(path.read_bytes()) if suffix else path.read_bytes()
+    np.testing.assert_array_equal(slow_read_idx(raw), array)
+    assert (path.read_bytes()[:2] == b"\x1f\x8b") == bool(suffix)
+
+
+def test_multibyte_values_are_big_endian_on_disk(tmp_path: Path):
+    write_idx(tmp_path / "x", np.array([258, -2], dtype=np.int16))
+    assert (tmp_path / "x").read_bytes() == bytes([0, 0, 0x0B, 1, 0, 0, 0, 2, 1, 2, 0xFF, 0xFE])
+
+
+def test_write_idx_rejects_what_idx_cannot_hold(tmp_path: Path):
+    with pytest.raises(ValueError, match="dtype"):
+        write_idx(tmp_path / "x", np.zeros(3, dtype=np.uint16))
+    with pytest.raises(ValueError, match="dimensions"):
+        write_idx(tmp_path / "x", np.array(3, dtype=np.uint8))
+
+
+@pytest.mark.parametrize(("raw", "fragment"), [
+    (b"\x00\x00", "less than the IDX header"),
+    (b"\x01\x00\x08\x01\x00\x00\x00\x01\x07", "not an IDX file"),
+    (b"\x00\x00\x0a\x01\x00\x00\x00\x01\x07", "unknown IDX dtype code 0x0a"),
+    (b"\x00\x00\x08\x00", "has 0 dimensions"),
+    (b"\x00\x00\x08\x02\x00\x00\x00\x01", "less than its 12-byte header"),
+    (b"\x00\x00\x08\x01\x00\x00\x00\x03\x07\x07", "truncated"),
+    (b"\x00\x00\x08\x01\x00\x00\x00\x01\x07\x07", "trailing bytes"),
+])
+def test_parse_idx_rejects_malformed_bytes(raw: bytes, fragment: str):
+    with pytest.raises(DataError, match=fragment):
+        parse_idx(raw, source="some-file")
+
+
+def test_parse_idx_checks_the_number_of_dimensions():
+    raw = b"\x00\x00\x08\x02\x00\x00\x00\x01\x00\x00\x00\x01\x07"
+    assert parse_idx(raw, source="f", ndim=2).shape == (1, 1)
+    with pytest.raises(DataError, match="has 2 dimensions, expected 3"):
+        parse_idx(raw, source="f", ndim=3)
+
+
+# --- Loading a dataset directory and its bad inputs -----------------------------------------
+
+
+def test_tiny_dataset_loads(tiny_idx_dir: Path):
+    dataset = load_idx_dataset(tiny_idx_dir)
+    assert dataset.train.images.shape == (300, 28, 28) and dataset.test.images.shape == (100, 28, 28)
+    assert dataset.train.images.dtype == np.uint8 and dataset.train.labels.dtype == np.uint8
+    assert dataset.train.class_counts().tolist() == [30] * 10
+    assert dataset.test.class_counts().tolist() == [10] * 10
+    assert len(dataset.train) == 300
+    assert dataset.source == tiny_idx_dir and not dataset.verified
+    assert dataset.class_names == CLASS_NAMES
+    assert dataset.files == tuple(tiny_idx_dir / f"{name}.gz" for name in FILE_NAMES)
+    assert dataset.train.images.flags.writeable  # torch.from_numpy needs it
+
+
+def test_raw_file_is_preferred_over_gz(tiny_idx_dir: Path):
+    gz = tiny_idx_dir / f"{data.TEST_LABELS}.gz"
+    (tiny_idx_dir / data.TEST_LABELS).write_bytes(gzip.decompress(gz.read_bytes()))
+    dataset = load_idx_dataset(tiny_idx_dir)
+    assert dataset.files[3] == tiny_idx_dir / data.TEST_LABELS
+
+
+def _corrupt(directory: Path, name: str, transform) -> Path:
+    """Rewrite one tiny file (stored .gz) through `transform(decompressed bytes) -> bytes`."""
+    path = directory / f"{name}.gz"
+    path.write_bytes(gzip.compress(transform(gzip.decompress(path.read_bytes()))))
+    return path
+
+
+def _rewrite(directory: Path, name: str, array: np.ndarray) -> Path:
+    path = directory / f"{name}.gz"
+    write_idx(path, array)
+    return path
+
+
+BAD_INPUTS = {
+    "wrong magic": lambda d: (
+        _corrupt(d, data.TRAIN_IMAGES, lambda b: b"\x08" + b[1:]), "not an IDX file"),
+    "wrong dtype code": lambda d: (
+        _corrupt(d, data.TRAIN_LABELS, lambda b: b[:2] + b"\x07" + b[3:]), "dtype code 0x07"),
+    "truncated": lambda d: (_corrupt(d, data.TEST_IMAGES, lambda b: b[:-1]), "truncated"),
+    "trailing bytes": lambda d: (_corrupt(d, data.TEST_IMAGES, lambda b: b + b"\0"), "trailing"),
+    "wrong dimensions": lambda d: (
+        _rewrite(d, data.TRAIN_IMAGES, np.zeros((300, 784), np.uint8)), "expected 3"),
+    "not uint8": lambda d: (
+        _rewrite(d, data.TRAIN_IMAGES, np.zeros((300, 28, 28), np.int16)), "expected uint8"),
+    "not 28x28": lambda d: (
+        _rewrite(d, data.TEST_IMAGES, np.zeros((100, 32, 32), np.uint8)), "expected 28x28"),
+    "label count": lambda d: (
+        _rewrite(d, data.TRAIN_LABELS, np.zeros(299, np.uint8)), "299 labels, but"),
+    "label value": lambda d: (
+        _rewrite(d, data.TEST_LABELS, np.array([0] * 99 + [10], np.uint8)),
+        "label 10 at index 99 is out of range 0..9"),
+    "gz not gzip": lambda d: (
+        _write(d / f"{data.TRAIN_LABELS}.gz", b"\x00\x00\x08\x01plain"), "not gzip data"),
+    "gzip truncated": lambda d: (
+        _write(d / f"{data.TRAIN_IMAGES}.gz",
+               (d / f"{data.TRAIN_IMAGES}.gz").read_bytes()[:-100]), "gzip data is truncated"),
+    "gzip corrupt": lambda d: (
+        _write(d / f"{data.TRAIN_LABELS}.gz", b"\x1f\x8b\x08\x00garbage-garbage"), "corrupt gzip"),
+    "missing file": lambda d: (
+        _unlink(d / f"{data.TEST_LABELS}.gz"), "file not found"),
+}
+
+
+def _write(path: Path, raw: bytes) -> Path:
+    path.write_bytes(raw)
+    return path
+
+
+def _unlink(path: Path) -> Path:
+    path.unlink()
+    return path.with_suffix("")  # the message names the file without its .gz
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_a_one_line_error_naming_the_file(tiny_idx_dir: Path, case: str):
+    path, fragment = BAD_INPUTS[case](tiny_idx_dir)
+    with pytest.raises(DataError) as error:
+        load_idx_dataset(tiny_idx_dir)
+    assert_one_line_naming(error, path, fragment)
+
+
+def test_checksum_mismatch_names_the_file(tiny_idx_dir: Path):
+    checksums = checksums_of(tiny_idx_dir)
+    path = _corrupt(tiny_idx_dir, data.TRAIN_IMAGES, lambda b: b[:-1] + bytes([b[-1] ^ 1]))
+    with pytest.raises(DataError) as error:
+        load_idx_dataset(tiny_idx_dir, checksums=checksums)
+    assert_one_line_naming(error, path, "checksum mismatch: SHA-256")
+
+
+def test_other_idx_datasets_load_without_fashion_checksums(tiny_idx_dir: Path):
+    digits = tuple(str(d) for d in range(10))  # MNIST: same layout, other bytes
+    dataset = load_idx_dataset(tiny_idx_dir, class_names=digits)
+    assert dataset.class_names == digits and not dataset.verified
+    assert load_fashion_mnist(tiny_idx_dir, verify=False).train.images.shape == (300, 28, 28)
+    with pytest.raises(DataError, match="checksum mismatch"):
+        load_fashion_mnist(tiny_idx_dir)  # verify=True: these are not Fashion-MNIST's bytes
+
+
+# --- Verification memo -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def count_hashing(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    real = data._sha256
+
+    def counting(raw: bytes | bytearray) -> str:
+        calls.append(len(raw))
+        return real(raw)
+
+    monkeypatch.setattr(data, "_sha256", counting)
+    return calls
+
+
+def test_verification_is_remembered_until_the_file_changes(tiny_idx_dir: Path,
+                                                           isolated_data_env: Path,
+                                                           count_hashing: list[int]):
+    checksums = checksums_of(tiny_idx_dir)
+    count_hashing.clear()
+    assert load_idx_dataset(tiny_idx_dir, checksums=checksums).verified
+    assert len(count_hashing) == 4
+    assert (isolated_data_env / "verified.json").is_file()
+
+    assert load_idx_dataset(tiny_idx_dir, checksums=checksums).verified
+    assert len(count_hashing) == 4  # remembered: nothing hashed
+
+    touched = tiny_idx_dir / f"{data.TEST_LABELS}.gz"
+    stat = touched.stat()
+    time_ns = stat.st_mtime_ns + 1_000_000
+    os.utime(touched, ns=(time_ns, time_ns))
+    assert load_idx_dataset(tiny_idx_dir, checksums=checksums).verified
+    assert len(count_hashing) == 5  # only the changed file again
+
+
+def test_unreadable_memo_only_means_hashing_again(tiny_idx_dir: Path, isolated_data_env: Path):
+    (isolated_data_env / "verified.json").write_text("{not json")
+    assert load_idx_dataset(tiny_idx_dir, checksums=checksums_of(tiny_idx_dir)).verified
+
+
+def test_unwritable_cache_still_loads_a_read_only_directory(tiny_idx_dir: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch):
+    # A cache path below a regular file cannot be created, even by root.
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("FASHIONLAB_CACHE", str(tmp_path / "a-file" / "cache"))
+    monkeypatch.setattr(data, "DEBIAN_DIR", tiny_idx_dir)
+    dataset = load_fashion_mnist(checksums=checksums_of(tiny_idx_dir))
+    assert dataset.verified and dataset.source == tiny_idx_dir
+
+
+# --- Where the files are found ---------------------------------------------------------------
+
+
+def test_cache_dir_resolution(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    monkeypatch.setenv("FASHIONLAB_CACHE", str(tmp_path / "explicit"))
+    assert data.cache_dir() == tmp_path / "explicit"
+    monkeypatch.delenv("FASHIONLAB_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert data.cache_dir() == tmp_path / "xdg" / "fashionlab"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert data.cache_dir() == tmp_path / "home" / ".cache" / "fashionlab"
+
+
+def test_search_order(tiny_idx_dir: Path, tmp_path: Path, isolated_data_env: Path,
+                      monkeypatch: pytest.MonkeyPatch):
+    places = {name: tmp_path / name for name in ("explicit", "env", "debian")}
+    places["cache"] = isolated_data_env
+    for place in places.values():
+        shutil.copytree(tiny_idx_dir, place, dirs_exist_ok=True)
+    monkeypatch.setattr(data, "DEBIAN_DIR", places["debian"])
+    monkeypatch.setenv("FASHIONLAB_DATA", str(places["env"]))
+
+    def source(*args: object) -> Path:
+        return load_fashion_mnist(*args, verify=False, download=False).source
+
+    assert source(places["explicit"]) == places["explicit"]
+    assert source() == places["env"]
+    monkeypatch.delenv("FASHIONLAB_DATA")
+    assert source() == places["cache"]
+    (places["cache"] / f"{data.TEST_LABELS}.gz").unlink()  # an incomplete cache is passed over
+    assert source() == places["debian"]
+    shutil.rmtree(places["debian"])
+    with pytest.raises(DataError, match="not found .* run `fashionlab data fetch`"):
+        source()
+
+
+def test_explicit_directory_missing_files_is_an_error(tmp_path: Path):
+    with pytest.raises(DataError) as error:
+        load_fashion_mnist(tmp_path, download=False)
+    assert_one_line_naming(error, tmp_path / data.TRAIN_IMAGES, "file not found")
+
+
+# --- Arrays for training ----------------------------------------------------------------------
+
+
+def test_normalize_and_to_tensors(tiny_idx_dir: Path):
+    import torch
+
+    split = load_idx_dataset(tiny_idx_dir).train
+    floats = data.normalize(split.images)
+    assert floats.dtype == np.float32 and floats.min() >= 0 and floats.max() <= 1
+    assert floats.max() == 1.0 or split.images.max() < 255
+
+    x, y = data.to_tensors(split, "cpu")
+    assert x.dtype == torch.float32 and x.shape == (300, 28, 28) and x.device.type == "cpu"
+    assert y.dtype == torch.int64 and y.shape == (300,)
+    np.testing.assert_array_equal(x.numpy(), floats)  # same float32 division, same bits
+    np.testing.assert_array_equal(y.numpy(), split.labels)
+
+    read_only = data.Split(split.images.copy(), split.labels.copy())
+    read_only.images.flags.writeable = False
+    read_only.labels.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x2, y2 = data.to_tensors(read_only)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
+# --- The real Fashion-MNIST (Debian's dataset-fashion-mnist) --------------------------------
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory: pytest.TempPathFactory) -> tuple[data.Dataset, Path]:
+    """The real data loaded once, verified, with its own cache directory."""
+    cache = tmp_path_factory.mktemp("real-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FASHIONLAB_CACHE", str(cache))
+        patch.setattr(data, "DEBIAN_DIR", REAL_DIR)
+        return load_fashion_mnist(download=False), cache
+
+
+@needs_real_data
+def test_real_data_shapes_counts_and_checksums(real: tuple[data.Dataset, Path]):
+    dataset, _ = real
+    assert dataset.verified and dataset.source == REAL_DIR
+    assert dataset.train.images.shape == (60000, 28, 28)
+    assert dataset.test.images.shape == (10000, 28, 28)
+    assert dataset.train.class_counts().tolist() == [6000] * 10
+    assert dataset.test.class_counts().tolist() == [1000] * 10
+    assert dataset.train.images.max() == 255 and dataset.train.images.min() == 0
+
+
+@needs_real_data
+def test_real_data_second_load_uses_remembered_verification(
+        real: tuple[data.Dataset, Path], monkeypatch: pytest.MonkeyPatch,
+        count_hashing: list[int]):
+    _, cache = real
+    monkeypatch.setenv("FASHIONLAB_CACHE", str(cache))
+    again = load_fashion_mnist(download=False)
+    assert again.verified and count_hashing == []
+
+
+@needs_real_data
+def test_real_data_fetched_into_the_cache_loads_fast(monkeypatch: pytest.MonkeyPatch,
+                                                     isolated_data_env: Path,
+                                                     count_hashing: list[int]):
+    monkeypatch.setattr(data, "DEBIAN_DIR", REAL_DIR)
+    assert data.fetch_fashion_mnist(progress=False) == isolated_data_env
+    for name in FILE_NAMES:  # decompressed copies, so loading skips gunzip
+        assert (isolated_data_env / name).stat().st_size == FASHION_MNIST_CHECKSUMS[name].size
+    hashed = len(count_hashing)
+
+    start = time.perf_counter()
+    dataset = load_fashion_mnist(download=False)
+    seconds = time.perf_counter() - start
+    assert dataset.source == isolated_data_env and dataset.verified
+    assert len(count_hashing) == hashed  # fetch remembered what it verified
+    assert seconds < 1.0, f"loading the verified 60k images took {seconds:.2f} s"

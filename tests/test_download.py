@@ -1,0 +1,259 @@
+"""Fetching: mirrors tried in turn, retries and time-outs, atomic installs, copies from Debian.
+
+A local HTTP server (127.0.0.1, a free port) serves the tiny synthetic dataset; each first path
+segment picks a behaviour, so one server plays every kind of mirror.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from fashionlab import data
+from fashionlab.data import FILE_NAMES, FileChecksum, fetch_fashion_mnist, load_fashion_mnist
+from fashionlab.errors import DataError
+
+
+class Mirror(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        mode, _, file = self.path.strip("/").partition("/")
+        self.server.requests[mode] += 1
+        self.server.behaviours[mode](self, file)
+
+    def send_body(self, body: bytes, *, length: int | None = None,
+                  content_type: str = "application/gzip") -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body) if length is None else length))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass  # keep pytest's output clean
+
+
+class QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # a client that timed out and hung up is what some tests want
+
+
+@pytest.fixture
+def tiny_gz(tiny_idx_dir: Path) -> dict[str, bytes]:
+    """The tiny dataset's .gz files as served: name (no .gz) -> bytes."""
+    return {name: (tiny_idx_dir / f"{name}.gz").read_bytes() for name in FILE_NAMES}
+
+
+@pytest.fixture
+def sums(tiny_gz: dict[str, bytes]) -> dict[str, FileChecksum]:
+    """The checksum table of the tiny dataset, injected in place of Fashion-MNIST's."""
+    table = {}
+    for name, body in tiny_gz.items():
+        raw = gzip.decompress(body)
+        table[name] = FileChecksum(data._sha256(raw), len(raw))
+    return table
+
+
+@pytest.fixture
+def server(tiny_gz: dict[str, bytes]) -> Iterator[ThreadingHTTPServer]:
+    flaky_seen: Counter[str] = Counter()
+
+    def good(h: Mirror, file: str) -> None:
+        h.send_body(tiny_gz[file.removesuffix(".gz")])
+
+    def flaky(h: Mirror, file: str) -> None:  # a 503 first, then the file
+        flaky_seen[file] += 1
+        if flaky_seen[file] == 1:
+            h.send_error(503)
+        else:
+            good(h, file)
+
+    behaviours: dict[str, Callable[[Mirror, str], None]] = {
+        "good": good,
+        "flaky": flaky,
+        "html": lambda h, f: h.send_body(b"<!DOCTYPE html><html>moved</html>",
+                                         content_type="text/html"),
+        "missing": lambda h, f: h.send_error(404),
+        "short": lambda h, f: h.send_body(tiny_gz[f.removesuffix(".gz")][:-20]),
+        "wrong": lambda h, f: h.send_body(gzip.compress(b"\0\0\x08\x01\0\0\0\x01\x07")),
+        # Promises the whole file, sends half, hangs up.
+        "cut": lambda h, f: h.send_body(tiny_gz[f.removesuffix(".gz")][:500],
+                                        length=len(tiny_gz[f.removesuffix(".gz")])),
+        "slow": lambda h, f: (time.sleep(1.0), good(h, f)),
+    }
+    httpd = QuietServer(("127.0.0.1", 0), Mirror)
+    httpd.behaviours, httpd.requests = behaviours, Counter()
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.01,), daemon=True)
+    thread.start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def url(server: ThreadingHTTPServer, mode: str) -> str:
+    return f"http://127.0.0.1:{server.server_address[1]}/{mode}/"
+
+
+@pytest.fixture
+def no_debian(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Debian's directory pointed at an empty one, so fetching must download."""
+    empty = tmp_path / "no-debian"
+    empty.mkdir()
+    monkeypatch.setattr(data, "DEBIAN_DIR", empty)
+    return empty
+
+
+FAST = {"retries": 1, "backoff": 0.0, "timeout": 5.0, "progress": False}
+
+
+def assert_installed(cache: Path, tiny_gz: dict[str, bytes]) -> None:
+    """Exactly the four decompressed files (and the memo): no temporary leftovers."""
+    assert sorted(p.name for p in cache.iterdir()) == sorted([*FILE_NAMES, "verified.json"])
+    for name, body in tiny_gz.items():
+        assert (cache / name).read_bytes() == gzip.decompress(body)
+
+
+@pytest.mark.parametrize("broken", ["html", "missing", "short", "wrong"])
+def test_broken_mirror_then_good(server: ThreadingHTTPServer, sums: dict[str, FileChecksum],
+                                 tiny_gz: dict[str, bytes], isolated_data_env: Path,
+                                 no_debian: Path, broken: str):
+    mirrors = [url(server, broken), url(server, "good")]
+    assert fetch_fashion_mnist(mirrors=mirrors, checksums=sums, **FAST) == isolated_data_env
+    assert_installed(isolated_data_env, tiny_gz)
+    # Wrong content is not transient: one request per file, no retries.
+    assert server.requests == {broken: 4, "good": 4}
+
+
+def test_every_mirror_failing_is_one_line_listing_each(server: ThreadingHTTPServer,
+                                                       sums: dict[str, FileChecksum],
+                                                       isolated_data_env: Path,
+                                                       no_debian: Path):
+    mirrors = [url(server, mode) for mode in ("html", "missing", "short", "wrong")]
+    with pytest.raises(DataError) as error:
+        fetch_fashion_mnist(mirrors=mirrors, checksums=sums, **FAST)
+    message = str(error.value)
+    assert "\n" not in message and f"could not download {data.TRAIN_IMAGES}.gz" in message
+    for mirror, reason in zip(mirrors, ("HTML page", "HTTP 404", "gzip data is truncated",
+                                        "checksum mismatch")):
+        assert f"{mirror}{data.TRAIN_IMAGES}.gz: " in message and reason in message, message
+    assert list(isolated_data_env.iterdir()) == []
+
+
+def test_interrupted_transfer_is_retried_and_leaves_nothing(server: ThreadingHTTPServer,
+                                                            sums: dict[str, FileChecksum],
+                                                            isolated_data_env: Path,
+                                                            no_debian: Path):
+    with pytest.raises(DataError, match="transfer cut short at 500 of"):
+        fetch_fashion_mnist(mirrors=[url(server, "cut")], checksums=sums, **FAST)
+    assert server.requests["cut"] == 2  # the first try and one retry
+    assert list(isolated_data_env.iterdir()) == []
+
+
+def test_transient_server_error_is_retried(server: ThreadingHTTPServer,
+                                           sums: dict[str, FileChecksum],
+                                           tiny_gz: dict[str, bytes], isolated_data_env: Path,
+                                           no_debian: Path):
+    fetch_fashion_mnist(mirrors=[url(server, "flaky")], checksums=sums, **FAST)
+    assert_installed(isolated_data_env, tiny_gz)
+    assert server.requests["flaky"] == 8  # a 503, then the file, for each of the four
+
+
+def test_time_outs_are_bounded(server: ThreadingHTTPServer, sums: dict[str, FileChecksum],
+                               isolated_data_env: Path, no_debian: Path):
+    start = time.perf_counter()
+    with pytest.raises(DataError, match="timed out after 0.1 s"):
+        fetch_fashion_mnist(mirrors=[url(server, "slow")], checksums=sums,
+                            **{**FAST, "timeout": 0.1})
+    assert time.perf_counter() - start < 1.0
+    assert server.requests["slow"] == 2
+
+
+def test_mirrors_from_the_environment(server: ThreadingHTTPServer,
+                                      sums: dict[str, FileChecksum], tiny_gz: dict[str, bytes],
+                                      isolated_data_env: Path, no_debian: Path,
+                                      monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("FASHIONLAB_MIRRORS", f"{url(server, 'missing')}, {url(server, 'good')}")
+    fetch_fashion_mnist(checksums=sums, **{**FAST, "progress": True})
+    assert_installed(isolated_data_env, tiny_gz)
+    assert server.requests == {"missing": 4, "good": 4}
+
+
+def test_load_downloads_when_nothing_is_local(server: ThreadingHTTPServer,
+                                              sums: dict[str, FileChecksum],
+                                              isolated_data_env: Path, no_debian: Path):
+    with pytest.raises(DataError, match="run `fashionlab data fetch`"):
+        load_fashion_mnist(download=False, checksums=sums)
+    dataset = load_fashion_mnist(mirrors=[url(server, "good")], checksums=sums)
+    assert dataset.source == isolated_data_env and dataset.verified
+    assert dataset.train.images.shape == (300, 28, 28)
+
+
+def test_unwritable_cache_is_a_one_line_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              sums: dict[str, FileChecksum], no_debian: Path):
+    (tmp_path / "a-file").write_text("")
+    cache = tmp_path / "a-file" / "cache"  # below a regular file: not creatable, even by root
+    monkeypatch.setenv("FASHIONLAB_CACHE", str(cache))
+    for call in (lambda: fetch_fashion_mnist(checksums=sums, **FAST),
+                 lambda: load_fashion_mnist(checksums=sums)):
+        with pytest.raises(DataError) as error:
+            call()
+        message = str(error.value)
+        assert "\n" not in message
+        assert message.startswith(f"cache directory {cache} is not writable"), message
+
+
+def test_fetch_copies_decompressed_from_debian(tiny_idx_dir: Path, sums: dict[str, FileChecksum],
+                                               tiny_gz: dict[str, bytes],
+                                               isolated_data_env: Path,
+                                               monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(data, "DEBIAN_DIR", tiny_idx_dir)  # mirrors: a closed port (conftest)
+    fetch_fashion_mnist(checksums=sums, **FAST)
+    assert_installed(isolated_data_env, tiny_gz)
+
+    before = {name: (isolated_data_env / name).stat().st_mtime_ns for name in FILE_NAMES}
+    hashed: list[int] = []
+    monkeypatch.setattr(data, "_sha256", lambda raw: hashed.append(1) or "unused")
+    fetch_fashion_mnist(checksums=sums, **FAST)  # everything in place and remembered
+    assert hashed == []
+    assert before == {name: (isolated_data_env / name).stat().st_mtime_ns for name in FILE_NAMES}
+
+
+def test_fetch_replaces_a_damaged_cached_file(tiny_idx_dir: Path, sums: dict[str, FileChecksum],
+                                              tiny_gz: dict[str, bytes], isolated_data_env: Path,
+                                              monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(data, "DEBIAN_DIR", tiny_idx_dir)
+    (isolated_data_env / f"{data.TRAIN_LABELS}.gz").write_bytes(b"not gzip")
+    fetch_fashion_mnist(checksums=sums, **FAST)
+    assert_installed(isolated_data_env, tiny_gz)
+
+
+def test_damaged_debian_copy_falls_back_to_download(server: ThreadingHTTPServer,
+                                                    tiny_idx_dir: Path,
+                                                    sums: dict[str, FileChecksum],
+                                                    tiny_gz: dict[str, bytes],
+                                                    isolated_data_env: Path,
+                                                    monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(data, "DEBIAN_DIR", tiny_idx_dir)
+    (tiny_idx_dir / f"{data.TEST_IMAGES}.gz").write_bytes(gzip.compress(b"other bytes"))
+    fetch_fashion_mnist(mirrors=[url(server, "good")], checksums=sums, **FAST)
+    assert_installed(isolated_data_env, tiny_gz)
+    assert server.requests == {"good": 1}
+
+
+def test_fetch_into_a_named_directory(tiny_idx_dir: Path, sums: dict[str, FileChecksum],
+                                      tiny_gz: dict[str, bytes], tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(data, "DEBIAN_DIR", tiny_idx_dir)
+    target = tmp_path / "elsewhere" / "fm"
+    assert fetch_fashion_mnist(target, checksums=sums, **FAST) == target
+    assert sorted(os.listdir(target)) == sorted(FILE_NAMES)
+    assert load_fashion_mnist(target, checksums=sums).verified
