@@ -6,7 +6,10 @@ global figure state is created or leaked and no display is needed. Save with `fi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+
+from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 import matplotlib
 import numpy as np
@@ -15,7 +18,7 @@ from matplotlib.figure import Figure
 
 from fashionlab.data import CLASS_NAMES
 
-__all__ = ["sample_grid"]
+__all__ = ["learning_curves", "sample_grid"]
 
 
 def sample_grid(
@@ -55,3 +58,51 @@ def sample_grid(
     if title:
         ax.set_title(title)
     return figure
+
+
+class _Warning(Protocol):
+    epoch: int | None  # the overfitting warning's epoch (1-based), None when it did not fire
+    best_epoch: int | None
+
+
+def learning_curves(
+    curves: Mapping[str, np.ndarray], *, title: str, warning: _Warning | None = None
+) -> Figure:
+    """Loss and accuracy per epoch, as in the seed study: training as dots, validation as a
+    line, each the mean across folds with a +/- 1 std band, the warning epoch marked in red.
+
+    curves: "loss", "accuracy", "val_loss", "val_accuracy" -> (n_models, epochs), NaN where a
+    model did not train that epoch (early stopping).
+    """
+    figure = Figure(figsize=(10, 3.8), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, 2)
+    n_models = len(curves["loss"])
+    for ax, metric in zip(axes, ("loss", "accuracy")):
+        for name, style in ((metric, "train"), (f"val_{metric}", "validation")):
+            values = np.asarray(curves[name], dtype=np.float64)
+            if values.size == 0 or np.isnan(values).all():
+                continue
+            epochs = np.arange(1, values.shape[1] + 1)
+            with warnings.catch_warnings():  # all-NaN epochs (every fold stopped) stay NaN
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean, std = np.nanmean(values, axis=0), np.nanstd(values, axis=0)
+            color = "tab:blue" if style == "train" else "tab:orange"
+            if style == "train":
+                ax.plot(epochs, mean, "o", markersize=3, color=color, label="training")
+            else:
+                ax.plot(epochs, mean, "-", color=color, label="validation")
+            if n_models > 1:
+                ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.2,
+                                linewidth=0)
+        if warning is not None and warning.epoch is not None:
+            ax.axvline(warning.epoch, color="red", linestyle="--", linewidth=1,
+                       label=f"overfitting warning (epoch {warning.epoch})")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    band = f", mean \u00b1 1 std of {n_models} folds" if n_models > 1 else ""
+    figure.suptitle(f"{title}{band}")
+    return figure
+

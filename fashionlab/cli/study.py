@@ -1,0 +1,68 @@
+"""`fashionlab study`: run (or resume) a study."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fashionlab.cli import app
+from fashionlab.config import load_study, quick_variant
+from fashionlab.store import DEFAULT_RUN_DIR
+
+RunDir = Annotated[Path, typer.Option("--run-dir", help="Where runs, the store and outputs live.")]
+StoreUrl = Annotated[Optional[str], typer.Option(
+    "--store", help="Database URL of the store (default: SQLite file in the run directory; "
+    "env FASHIONLAB_STORE).")]
+
+
+@app.command()
+def study(
+    file: Annotated[str, typer.Argument(help="A study file, or a bundled study's name.")] = "seed",
+    quick: Annotated[bool, typer.Option(help="Fewer samples and epochs: a try-out in a minute."
+                                        )] = False,
+    seed: Annotated[Optional[int], typer.Option(help="Override the study's seed.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    fresh: Annotated[bool, typer.Option(help="Start a new run instead of resuming.")] = False,
+    run_dir: RunDir = DEFAULT_RUN_DIR,
+    store: StoreUrl = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+) -> None:
+    """Run a study: cross-validate its candidates, retrain and test the best, train its final
+    models; store every epoch and write the table, figures and report.
+
+    A study stopped at any moment (Ctrl-C, kill) resumes where it stopped when run again.
+
+    Example: fashionlab study                 (the bundled seed study)
+
+    Example: fashionlab study my-study.toml --quick
+    """
+    import dataclasses
+    import json
+
+    from fashionlab.results import display_rows, summary, table_rows
+    from fashionlab.study import run_study
+
+    spec = load_study(file)
+    if quick:
+        spec = quick_variant(spec)
+    if seed is not None:
+        spec = dataclasses.replace(spec, seed=seed)
+    result = run_study(spec, run_dir=run_dir, store_url=store, device=device, fresh=fresh,
+                       progress=not json_output)
+    if json_output:
+        typer.echo(json.dumps(summary(result), indent=2))
+        return
+    table = Table(title=f"{spec.name}: run {result.run.id}")
+    from fashionlab.results import HEADERS
+
+    for header in HEADERS:
+        table.add_column(header, overflow="fold")
+    for cells in display_rows(table_rows(result)):
+        table.add_row(*cells)
+    console = Console()
+    console.print(table)
+    console.print(f"wall time {result.wall_seconds / 60:.1f} min; results in {result.output_dir}")

@@ -1,0 +1,363 @@
+"""Study configuration: frozen dataclasses, read from and written to TOML.
+
+A study file states a whole experiment declaratively: the data, the cross-validation protocol,
+the overfitting warning, the candidate models, the retrain-and-test step, the models trained on
+all data (the CNN of the seed study), and optionally a search space. Validation happens here,
+once, with errors that name the file and the field:
+
+    seed.toml: candidates[2].layers[0].dropout: must be < 1 (got 1.0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import tomli_w
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic.dataclasses import dataclass
+
+from fashionlab.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+_STRICT = ConfigDict(extra="forbid")
+
+PositiveInt = Annotated[int, Field(gt=0)]
+Rate = Annotated[float, Field(ge=0.0, lt=1.0)]
+NonNegative = Annotated[float, Field(ge=0.0)]
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+
+
+@dataclass(frozen=True, config=_STRICT)
+class DenseLayer:
+    units: PositiveInt  # hidden units, ReLU activation
+    l2: NonNegative = 0.0  # adds l2 * sum(W**2) of this layer's kernel to the loss (Keras L2)
+    dropout: Rate = 0.0  # dropout rate applied after the activation
+
+
+@dataclass(frozen=True, config=_STRICT)
+class ConvLayer:
+    filters: PositiveInt  # output channels
+    kernel: PositiveInt = 3  # square kernel size
+    padding: Literal["valid", "same"] = "valid"
+    batch_norm: bool = False  # BatchNorm after the convolution, before the activation
+    pool: PositiveInt = 1  # max-pool size after the activation (1 = no pooling)
+    l2: NonNegative = 0.0  # L2 on the kernel, as for dense layers
+
+
+@dataclass(frozen=True, config=_STRICT)
+class ModelSpec:
+    """Optional conv stack -> flatten -> dropout -> hidden dense layers -> Dense(10)."""
+
+    conv: tuple[ConvLayer, ...] = ()  # convolution blocks, applied first
+    dropout: Rate = 0.0  # dropout on the flattened features (the seed CNN uses 0.3)
+    layers: tuple[DenseLayer, ...] = ()  # hidden dense layers
+    n_classes: PositiveInt = 10  # output units (softmax)
+
+    @property
+    def kind(self) -> Literal["conv", "dense"]:
+        return "conv" if self.conv else "dense"
+
+    def shape_key(self) -> tuple[Any, ...]:
+        """What must be equal for two models to be trained as one stacked model.
+
+        Regularisation rates (L2, dropout) may differ between stacked members; layer sizes,
+        kernels, padding, pooling and batch norm may not.
+        """
+        conv = tuple((c.filters, c.kernel, c.padding, c.batch_norm, c.pool) for c in self.conv)
+        return (conv, tuple(layer.units for layer in self.layers), self.n_classes)
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclass(frozen=True, config=_STRICT)
+class EarlyStopping:
+    """Stop a model when the monitored metric stops improving; its result is its best epoch."""
+
+    monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
+    patience: PositiveInt = 10  # epochs without improvement before stopping
+    min_delta: NonNegative = 0.0  # the improvement that counts
+    relative: bool = False  # min_delta as a fraction of the best value (0.02 = the 2% rule)
+    restore_best: bool = True  # keep the weights of the best epoch, not the last
+
+
+@dataclass(frozen=True, config=_STRICT)
+class Augment:
+    """Data augmentation applied to training batches (never to validation or test data)."""
+
+    crop: Annotated[int, Field(ge=0, le=8)] = 0  # pad by this many pixels, then random 28x28 crop
+    flip: bool = False  # random horizontal flips
+
+
+@dataclass(frozen=True, config=_STRICT)
+class TrainSpec:
+    epochs: PositiveInt = 40
+    batch_size: PositiveInt = 128
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    learning_rate: Annotated[float, Field(gt=0.0)] = 1e-3
+    beta1: Rate = 0.9  # Adam's first-moment decay
+    beta2: Rate = 0.999  # Adam's second-moment decay
+    eps: Annotated[float, Field(gt=0.0)] = 1e-7  # Keras' default, not PyTorch's 1e-8
+    momentum: Rate = 0.9  # SGD only
+    weight_decay: NonNegative = 0.0  # decoupled weight decay on kernels (adamw, sgd)
+    schedule: Literal["constant", "onecycle"] = "constant"  # onecycle peaks at learning_rate
+    label_smoothing: Rate = 0.0
+    augment: Augment = Augment()
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast for matrix products and convs
+    early_stopping: EarlyStopping | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Study
+
+
+@dataclass(frozen=True, config=_STRICT)
+class DataSpec:
+    directory: str | None = None  # IDX files; None: FASHIONLAB_DATA, the cache, Debian, download
+    verify: bool = True  # check the Fashion-MNIST checksums (turn off for other IDX datasets)
+    train_limit: PositiveInt | None = None  # use only the first N training samples
+    test_limit: PositiveInt | None = None  # use only the first N test samples
+
+
+@dataclass(frozen=True, config=_STRICT)
+class CVSpec:
+    n_splits: Annotated[int, Field(ge=2)] = 5
+    strategy: Literal["contiguous", "shuffled", "stratified"] = "contiguous"
+    repeats: PositiveInt = 1  # repeated k-fold: each repeat reshuffles (seeded); not contiguous
+
+    @model_validator(mode="after")
+    def _repeats_need_shuffling(self) -> CVSpec:
+        if self.repeats > 1 and self.strategy == "contiguous":
+            raise ValueError("repeats > 1 needs strategy 'shuffled' or 'stratified'")
+        return self
+
+
+@dataclass(frozen=True, config=_STRICT)
+class WarningRule:
+    """The overfitting warning: the first epoch i such that none of the next `patience` epochs
+    has a mean val_loss below (1 - min_delta) * val_loss[i]."""
+
+    patience: PositiveInt = 10
+    min_delta: Rate = 0.02
+
+
+@dataclass(frozen=True, config=_STRICT)
+class Candidate:
+    name: str
+    model: ModelSpec
+    train: TrainSpec
+
+
+@dataclass(frozen=True, config=_STRICT)
+class RetrainSpec:
+    """Retrain the best candidate on all training data and evaluate it on the test set."""
+
+    enabled: bool = True
+    # "warning": as many epochs as the best candidate's warning epoch (or its best epoch);
+    # an integer: exactly that many.
+    epochs: PositiveInt | Literal["warning"] = "warning"
+
+
+@dataclass(frozen=True, config=_STRICT)
+class StudySpec:
+    name: str
+    seed: int = 0
+    data: DataSpec = DataSpec()
+    cv: CVSpec = CVSpec()
+    warning: WarningRule = WarningRule()
+    candidates: tuple[Candidate, ...] = ()  # compared by cross-validation
+    retrain: RetrainSpec = RetrainSpec()
+    final: tuple[Candidate, ...] = ()  # trained on all training data, validated on the test set
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> StudySpec:
+        names = [c.name for c in self.candidates + self.final]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"model names must be unique (repeated: {', '.join(duplicates)})")
+        if not self.candidates and not self.final:
+            raise ValueError("a study needs at least one entry in [[candidates]] or [[final]]")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """A short hash of the resolved configuration: equal configs, equal fingerprints."""
+        text = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------------------------
+# Reading study files
+#
+# The file format is flatter than the dataclasses: a candidate states its model fields
+# (`layers`, `conv`, `dropout`) directly and its training overrides in a `train` table, and a
+# top-level [train] table holds the defaults every model starts from.
+
+_MODEL_KEYS = {f.name for f in dataclasses.fields(ModelSpec)}
+_ENTRY_KEYS = _MODEL_KEYS | {"name", "train"}
+
+
+def _resolve_entry(entry: Any, defaults: Mapping[str, Any], where: str) -> dict[str, Any]:
+    if not isinstance(entry, Mapping):
+        raise _FieldError(where, "must be a table")
+    unknown = sorted(set(entry) - _ENTRY_KEYS)
+    if unknown:
+        raise _FieldError(
+            where, f"unknown key '{unknown[0]}' (expected one of: {', '.join(sorted(_ENTRY_KEYS))})"
+        )
+    if "name" not in entry:
+        raise _FieldError(where, "missing key 'name'")
+    overrides = entry.get("train", {})
+    if not isinstance(overrides, Mapping):
+        raise _FieldError(f"{where}.train", "must be a table")
+    train = {**defaults, **overrides}
+    if isinstance(defaults.get("augment"), Mapping) and isinstance(overrides.get("augment"), Mapping):
+        train["augment"] = {**defaults["augment"], **overrides["augment"]}
+    model = {k: v for k, v in entry.items() if k in _MODEL_KEYS}
+    return {"name": entry["name"], "model": model, "train": train}
+
+
+class _FieldError(Exception):
+    def __init__(self, where: str, message: str) -> None:
+        super().__init__(f"{where}: {message}")
+
+
+def _format_location(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts[-1 if parts else 0 :] = [f"{parts[-1] if parts else ''}[{item}]"]
+        elif item in ("function-after", "literal['warning']", "int", "constrained-int"):
+            continue  # pydantic's names for union branches and validators, not fields
+        else:
+            parts.append(str(item))
+    return ".".join(parts) or "(top level)"
+
+
+def _format_validation_error(error: ValidationError) -> str:
+    first = error.errors()[0]
+    loc = tuple(first["loc"])
+    # A candidate's model fields live at the entry's top level in the file.
+    if len(loc) >= 3 and loc[0] in ("candidates", "final") and loc[2] == "model":
+        loc = loc[:2] + loc[3:]
+    message = first["msg"]
+    if first["type"] == "unexpected_keyword_argument":
+        message = f"unknown key '{loc[-1]}'"
+        loc = loc[:-1]
+    elif first["type"] == "missing":
+        message = f"missing key '{loc[-1]}'"
+        loc = loc[:-1]
+    elif "input" in first and first["type"] not in ("value_error", "assertion_error"):
+        message = f"{message[0].lower()}{message[1:]} (got {first['input']!r})"
+    elif first["type"] == "value_error":
+        message = message.removeprefix("Value error, ")
+    return f"{_format_location(loc)}: {message}"
+
+
+_STUDY_ADAPTER = TypeAdapter(StudySpec)
+
+
+def study_from_dict(raw: Mapping[str, Any], *, source: str = "study") -> StudySpec:
+    """Validate a study given as a (TOML-shaped) mapping; errors name `source` and the field."""
+    try:
+        data = dict(raw)
+        defaults = data.pop("train", {})
+        if not isinstance(defaults, Mapping):
+            raise _FieldError("train", "must be a table")
+        for section in ("candidates", "final"):
+            entries = data.get(section, [])
+            if not isinstance(entries, list):
+                raise _FieldError(section, "must be an array of tables ([[%s]])" % section)
+            data[section] = [
+                _resolve_entry(entry, defaults, f"{section}[{i}]") for i, entry in enumerate(entries)
+            ]
+        return _STUDY_ADAPTER.validate_python(data)
+    except _FieldError as error:
+        raise ConfigError(f"{source}: {error}") from None
+    except ValidationError as error:
+        raise ConfigError(f"{source}: {_format_validation_error(error)}") from None
+
+
+def bundled_studies() -> list[str]:
+    """Names of the studies that ship with fashionlab (`fashionlab study NAME`)."""
+    folder = resources.files("fashionlab") / "studies"
+    return sorted(p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def load_study(name_or_path: str | Path = "seed") -> StudySpec:
+    """Read a study file, or a bundled study by name (e.g. "seed")."""
+    path = Path(name_or_path)
+    if path.suffix != ".toml" and not path.exists():
+        bundled = resources.files("fashionlab") / "studies" / f"{name_or_path}.toml"
+        if not bundled.is_file():
+            raise ConfigError(
+                f"{name_or_path}: no such study file, and no bundled study of that name "
+                f"(bundled: {', '.join(bundled_studies())})"
+            )
+        text, source = bundled.read_text(encoding="utf-8"), f"{name_or_path}.toml"
+    else:
+        try:
+            text, source = path.read_text(encoding="utf-8"), str(path)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such study file") from None
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"{path}: cannot read ({error})") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{source}: not valid TOML ({error})") from None
+    return study_from_dict(raw, source=source)
+
+
+def study_to_toml(spec: StudySpec) -> str:
+    """The resolved study as TOML (every default written out); reads back to an equal spec."""
+
+    def clean(value: Any) -> Any:  # TOML has no null: omit None fields
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items() if v is not None}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    raw = clean(spec.to_dict())
+    for section in ("candidates", "final"):
+        raw[section] = [{"name": e["name"], **e["model"], "train": e["train"]} for e in raw[section]]
+    return tomli_w.dumps(raw)
+
+
+def quick_variant(spec: StudySpec) -> StudySpec:
+    """A small version of a study for trying things: fewer samples and epochs, same shape."""
+    replace = dataclasses.replace
+
+    def shorten(candidate: Candidate, epochs: int) -> Candidate:
+        train = replace(candidate.train, epochs=min(candidate.train.epochs, epochs))
+        return replace(candidate, train=train)
+
+    return replace(
+        spec,
+        name=f"{spec.name}-quick",
+        data=replace(spec.data, train_limit=min(spec.data.train_limit or 10**9, 6000),
+                     test_limit=min(spec.data.test_limit or 10**9, 2000)),
+        warning=replace(spec.warning, patience=min(spec.warning.patience, 3)),
+        candidates=tuple(shorten(c, 8) for c in spec.candidates),
+        retrain=replace(spec.retrain, epochs=spec.retrain.epochs
+                        if spec.retrain.epochs == "warning" else min(spec.retrain.epochs, 8)),
+        final=tuple(shorten(c, 3) for c in spec.final),
+    )

@@ -1,0 +1,303 @@
+"""Networks built from a `ModelSpec`.
+
+`StackedNet` holds M independent networks of one shape (the folds of a candidate, or several
+candidates that differ only in L2 and dropout) and evaluates them as one model: dense layers
+are batched matrix products over weights (M, in, out), convolutions are grouped convolutions
+with one group per member. Member m computes exactly what it would compute alone.
+
+`build_module` gives the same architecture as a plain `nn.Sequential` of standard layers, for
+inference and export; `StackedNet.member_state_dict` fills it with one member's weights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fashionlab.config import ModelSpec
+from fashionlab.rng import MemberGenerators
+
+IMAGE_SIZE = 28  # Fashion-MNIST images are 28 x 28, one channel
+
+
+def conv_output_size(spec: ModelSpec, size: int = IMAGE_SIZE) -> tuple[int, int]:
+    """(channels, side) of the conv stack's output for a square input of `size` pixels."""
+    channels = 1
+    for layer in spec.conv:
+        if layer.padding == "valid":
+            size = size - layer.kernel + 1
+        size = size // layer.pool
+        channels = layer.filters
+        if size < 1:
+            raise ValueError(f"the conv stack shrinks a {IMAGE_SIZE}x{IMAGE_SIZE} image to nothing")
+    return channels, size
+
+
+def flat_features(spec: ModelSpec) -> int:
+    """Number of features entering the dense layers."""
+    if not spec.conv:
+        return IMAGE_SIZE * IMAGE_SIZE
+    channels, side = conv_output_size(spec)
+    return channels * side * side
+
+
+def forward_flops(spec: ModelSpec) -> int:
+    """Multiply-add FLOPs (2 per MAC) of one image's forward pass; training is ~3x this."""
+    flops, channels, size = 0, 1, IMAGE_SIZE
+    for layer in spec.conv:
+        out = size - layer.kernel + 1 if layer.padding == "valid" else size
+        flops += 2 * out * out * layer.filters * channels * layer.kernel**2
+        channels, size = layer.filters, out // layer.pool
+    width = flat_features(spec)
+    for units in [layer.units for layer in spec.layers] + [spec.n_classes]:
+        flops += 2 * width * units
+        width = units
+    return flops
+
+
+def _glorot_uniform(
+    generators: MemberGenerators, shape: tuple[int, ...], fan_in: int, fan_out: int
+) -> torch.Tensor:
+    """Keras' default kernel initialiser, drawn per member: (M, *shape)."""
+    limit = math.sqrt(6.0 / (fan_in + fan_out))
+    return (generators.rand(*shape) * 2.0 - 1.0) * limit
+
+
+def _dropout(
+    h: torch.Tensor, rates: Sequence[float], generators: MemberGenerators | None
+) -> torch.Tensor:
+    """Inverted dropout on h (M, B, ...) with a rate and a random stream per member.
+
+    Only members with a non-zero rate draw masks, so a member's stream does not depend on the
+    rates of the members it is stacked with. `generators` None means evaluation: no dropout.
+    """
+    active = [m for m, rate in enumerate(rates) if rate > 0]
+    if generators is None or not active:
+        return h
+    rate = h.new_tensor([rates[m] for m in active]).view(-1, *([1] * (h.dim() - 1)))
+    keep = generators.rand(*h.shape[1:], members=active) >= rate  # (A, B, ...)
+    scale = keep.to(h.dtype) / (1.0 - rate)
+    if len(active) < len(rates):
+        full = h.new_ones(h.shape)
+        full[active] = scale
+        scale = full
+    return h * scale
+
+
+class StackedNet(nn.Module):
+    """M networks of one shape, trained and evaluated as one.
+
+    Input (M, B, 28, 28): member m's batch of B images. Output (M, B, n_classes) logits.
+    """
+
+    def __init__(self, specs: Sequence[ModelSpec], generators: MemberGenerators) -> None:
+        super().__init__()
+        if not specs or len({s.shape_key() for s in specs}) != 1:
+            raise ValueError("stacked members must share one architecture shape")
+        if len(specs) != len(generators):
+            raise ValueError("one generator per member is needed")
+        self.specs = list(specs)
+        self.n_members = M = len(specs)
+        shape = specs[0]
+        device = generators.device
+
+        self.conv_weights, self.conv_biases = nn.ParameterList(), nn.ParameterList()
+        self.norms = nn.ModuleList()
+        channels = 1
+        for layer in shape.conv:
+            k, out = layer.kernel, layer.filters
+            # (M, out, in, k, k) drawn per member, stored as (M*out, in, k, k) for groups=M.
+            w = _glorot_uniform(generators, (out, channels, k, k), channels * k * k, out * k * k)
+            self.conv_weights.append(nn.Parameter(w.reshape(M * out, channels, k, k)))
+            self.conv_biases.append(nn.Parameter(torch.zeros(M * out, device=device)))
+            self.norms.append(
+                nn.BatchNorm2d(M * out, device=device) if layer.batch_norm else nn.Identity()
+            )
+            channels = out
+
+        self.dense_weights, self.dense_biases = nn.ParameterList(), nn.ParameterList()
+        width = flat_features(shape)
+        for units in [layer.units for layer in shape.layers] + [shape.n_classes]:
+            w = _glorot_uniform(generators, (width, units), width, units)  # (M, in, out)
+            self.dense_weights.append(nn.Parameter(w))
+            self.dense_biases.append(nn.Parameter(torch.zeros(M, units, device=device)))
+            width = units
+
+    # ---- forward ------------------------------------------------------------------------
+
+    def forward(
+        self, x: torch.Tensor, generators: MemberGenerators | None = None
+    ) -> torch.Tensor:
+        """x (M, B, 28, 28) -> logits (M, B, n_classes). Dropout only when generators are given."""
+        M, B = x.shape[:2]
+        shape = self.specs[0]
+        if shape.conv:
+            h = x.transpose(0, 1)  # (B, M, 28, 28): member m is channel group m
+            if x.is_contiguous(memory_format=torch.contiguous_format) and x.device.type == "cpu":
+                h = h.contiguous(memory_format=torch.channels_last)
+            for i, layer in enumerate(shape.conv):
+                h = F.conv2d(
+                    h, self.conv_weights[i], self.conv_biases[i],
+                    padding=0 if layer.padding == "valid" else "same", groups=M,
+                )
+                h = self.norms[i](h)
+                if layer.pool > 1:
+                    # max-pool before ReLU: identical result (both are monotone), 4x less ReLU work
+                    h = F.max_pool2d(h, layer.pool)
+                h = F.relu(h)
+            h = h.reshape(B, M, -1).transpose(0, 1)  # (M, B, C*H*W), C-major like nn.Flatten
+            h = _dropout(h, [s.dropout for s in self.specs], generators)
+        else:
+            h = x.reshape(M, B, -1)  # (M, B, 784)
+        for i, _ in enumerate(shape.layers):
+            h = F.relu(torch.baddbmm(self.dense_biases[i].unsqueeze(1), h, self.dense_weights[i]))
+            h = _dropout(h, [s.layers[i].dropout for s in self.specs], generators)
+        return torch.baddbmm(self.dense_biases[-1].unsqueeze(1), h, self.dense_weights[-1])
+
+    def l2_penalty(self) -> torch.Tensor:
+        """(M,): sum over layers of l2 * sum(W**2) of the kernel, per member (Keras' L2)."""
+        M = self.n_members
+        penalty = self.dense_weights[0].new_zeros(M)
+        kernels = [(w.view(M, -1), [s.conv[i].l2 for s in self.specs])
+                   for i, w in enumerate(self.conv_weights)]
+        kernels += [(w, [s.layers[i].l2 for s in self.specs])
+                    for i, w in enumerate(self.dense_weights[:-1])]
+        for weight, coefficients in kernels:
+            if any(coefficients):
+                c = weight.new_tensor(coefficients)
+                penalty = penalty + c * weight.pow(2).flatten(1).sum(1)
+        return penalty
+
+    def kernel_parameters(self) -> list[nn.Parameter]:
+        """Convolution and dense kernels: the parameters weight decay applies to."""
+        return [*self.conv_weights, *self.dense_weights]
+
+    # ---- members ------------------------------------------------------------------------
+
+    def member_state_dict(self, m: int) -> dict[str, torch.Tensor]:
+        """Member m's weights, keyed like `build_module(spec).state_dict()`."""
+        M = self.n_members
+        state: dict[str, torch.Tensor] = {}
+        names = _plain_layer_names(self.specs[m])
+        for i, (w, b) in enumerate(zip(self.conv_weights, self.conv_biases)):
+            prefix = names["conv"][i]
+            state[f"{prefix}.weight"] = w.detach().unflatten(0, (M, -1))[m].clone()
+            state[f"{prefix}.bias"] = b.detach().view(M, -1)[m].clone()
+            norm = self.norms[i]
+            if isinstance(norm, nn.BatchNorm2d):
+                bn = names["norm"][i]
+                for key in ("weight", "bias", "running_mean", "running_var"):
+                    state[f"{bn}.{key}"] = getattr(norm, key).detach().view(M, -1)[m].clone()
+                state[f"{bn}.num_batches_tracked"] = norm.num_batches_tracked.detach().clone()
+        for i, (w, b) in enumerate(zip(self.dense_weights, self.dense_biases)):
+            prefix = names["dense"][i]
+            state[f"{prefix}.weight"] = w.detach()[m].t().contiguous()  # nn.Linear is (out, in)
+            state[f"{prefix}.bias"] = b.detach()[m].clone()
+        return state
+
+    def load_member_state_dict(self, m: int, state: dict[str, torch.Tensor]) -> None:
+        """Set member m's weights from a `member_state_dict` (used to restore best weights)."""
+        M = self.n_members
+        names = _plain_layer_names(self.specs[m])
+        with torch.no_grad():
+            for i, (w, b) in enumerate(zip(self.conv_weights, self.conv_biases)):
+                prefix = names["conv"][i]
+                w.unflatten(0, (M, -1))[m].copy_(state[f"{prefix}.weight"])
+                b.view(M, -1)[m].copy_(state[f"{prefix}.bias"])
+                norm = self.norms[i]
+                if isinstance(norm, nn.BatchNorm2d):
+                    bn = names["norm"][i]
+                    for key in ("weight", "bias", "running_mean", "running_var"):
+                        getattr(norm, key).view(M, -1)[m].copy_(state[f"{bn}.{key}"])
+            for i, (w, b) in enumerate(zip(self.dense_weights, self.dense_biases)):
+                prefix = names["dense"][i]
+                w[m].copy_(state[f"{prefix}.weight"].t())
+                b[m].copy_(state[f"{prefix}.bias"])
+
+    def select(self, keep: Sequence[int]) -> StackedNet:
+        """A new stack of the members in `keep`, in that order, with their current weights."""
+        index = torch.as_tensor(list(keep), dtype=torch.long, device=self.dense_weights[0].device)
+        subset = StackedNet.__new__(StackedNet)
+        nn.Module.__init__(subset)
+        subset.specs = [self.specs[i] for i in keep]
+        subset.n_members = len(keep)
+        subset.conv_weights = nn.ParameterList(
+            [nn.Parameter(select_members(w, index, self.n_members)) for w in self.conv_weights])
+        subset.conv_biases = nn.ParameterList(
+            [nn.Parameter(select_members(b, index, self.n_members)) for b in self.conv_biases])
+        subset.norms = nn.ModuleList()
+        for norm in self.norms:
+            if isinstance(norm, nn.BatchNorm2d):
+                new = nn.BatchNorm2d(len(keep) * norm.num_features // self.n_members,
+                                     device=index.device)
+                new.load_state_dict({k: select_members(v, index, self.n_members) if v.dim() else v
+                                     for k, v in norm.state_dict().items()})
+                subset.norms.append(new)
+            else:
+                subset.norms.append(nn.Identity())
+        subset.dense_weights = nn.ParameterList(
+            [nn.Parameter(w.detach()[index].clone()) for w in self.dense_weights])
+        subset.dense_biases = nn.ParameterList(
+            [nn.Parameter(b.detach()[index].clone()) for b in self.dense_biases])
+        subset.train(self.training)
+        return subset
+
+
+def select_members(t: torch.Tensor, index: torch.Tensor, n_members: int) -> torch.Tensor:
+    """Rows of a member-major tensor (M*k, ...) or (M, ...) belonging to the members in index."""
+    return t.detach().unflatten(0, (n_members, -1))[index].flatten(0, 1).clone()
+
+
+def _plain_layer_names(spec: ModelSpec) -> dict[str, list[str]]:
+    """Names of the parametrised layers of `build_module(spec)` in its state_dict."""
+    names: dict[str, list[str]] = {"conv": [], "norm": [], "dense": []}
+    index = 0
+    for layer in spec.conv:
+        names["conv"].append(str(index))
+        index += 1
+        if layer.batch_norm:
+            names["norm"].append(str(index))
+            index += 1
+        else:
+            names["norm"].append("")
+        index += 2 if layer.pool > 1 else 1  # pool, relu
+    if spec.conv:
+        index += 1  # flatten
+        index += 1 if spec.dropout > 0 else 0
+    else:
+        index += 1  # flatten
+    for layer in spec.layers:
+        names["dense"].append(str(index))
+        index += 2 + (1 if layer.dropout > 0 else 0)  # linear, relu, dropout
+    names["dense"].append(str(index))
+    return names
+
+
+def build_module(spec: ModelSpec) -> nn.Sequential:
+    """The architecture as plain PyTorch layers: (B, 1, 28, 28) -> (B, n_classes) logits."""
+    layers: list[nn.Module] = []
+    channels = 1
+    for layer in spec.conv:
+        padding = 0 if layer.padding == "valid" else layer.kernel // 2
+        layers.append(nn.Conv2d(channels, layer.filters, layer.kernel, padding=padding))
+        if layer.batch_norm:
+            layers.append(nn.BatchNorm2d(layer.filters))
+        if layer.pool > 1:
+            layers.append(nn.MaxPool2d(layer.pool))
+        layers.append(nn.ReLU())
+        channels = layer.filters
+    layers.append(nn.Flatten())
+    if spec.conv and spec.dropout > 0:
+        layers.append(nn.Dropout(spec.dropout))
+    width = flat_features(spec)
+    for layer in spec.layers:
+        layers += [nn.Linear(width, layer.units), nn.ReLU()]
+        if layer.dropout > 0:
+            layers.append(nn.Dropout(layer.dropout))
+        width = layer.units
+    layers.append(nn.Linear(width, spec.n_classes))
+    return nn.Sequential(*layers)

@@ -1,0 +1,69 @@
+"""Progress display for long work: one bar per stack of models being trained."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.progress import Progress as RichProgress
+
+from fashionlab.train import EpochMetrics
+
+
+class Progress:
+    """Bars on stderr while training; does nothing when disabled (library use, tests)."""
+
+    def __init__(self, *, enabled: bool = True, console: Console | None = None) -> None:
+        self.enabled = enabled
+        self._bars = RichProgress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("epochs"),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console or Console(stderr=True),
+            disable=not enabled,
+        )
+
+    def __enter__(self) -> Progress:
+        self._bars.__enter__()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        self._bars.__exit__(kind, error, trace)
+
+    def add_stack(self, label: str, epochs: int, n_models: int) -> TaskID:
+        return self._bars.add_task(label, total=epochs, status="")
+
+    def update_stack(self, task: TaskID, epoch: int, metrics: Mapping[str, EpochMetrics]) -> None:
+        accuracies = [m.val_accuracy for m in metrics.values() if math.isfinite(m.val_accuracy)]
+        status = ""
+        if accuracies:
+            status = f"val_acc {sum(accuracies) / len(accuracies):.4f}"
+            if len(accuracies) > 1:
+                status += f" (mean of {len(accuracies)})"
+        elif metrics:
+            status = f"acc {sum(m.accuracy for m in metrics.values()) / len(metrics):.4f}"
+        self._bars.update(task, completed=epoch, status=status)
+
+    def finish_stack(self, task: TaskID) -> None:
+        total: Any = self._bars.tasks[self._bars.task_ids.index(task)].total
+        self._bars.update(task, completed=total)
+
+    def log(self, message: str) -> None:
+        if self.enabled:
+            self._bars.console.print(message)

@@ -1,0 +1,433 @@
+"""The experiment store: every run, model and epoch, in SQLite by default or any SQL database.
+
+One database holds many runs (studies and searches). A run records its resolved config, seed,
+package versions, code revision and machine; a model (one fold of a candidate, a retrained or
+final model, a search trial's fold) records its status and outcome; an epoch row records the
+metrics of one finished epoch, committed as soon as the epoch ends. Rows are keyed so that
+writing the same epoch twice (after a resume) replaces it: nothing is stored twice.
+
+Tables are prefixed `fl_` so that Optuna's tables can live in the same database. Schema changes
+go through the numbered migrations at the bottom; `Store` applies the missing ones on open.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import SQLAlchemyError
+
+from fashionlab.errors import StoreError
+
+DEFAULT_RUN_DIR = Path("fashionlab-runs")
+DB_NAME = "fashionlab.db"
+
+metadata = sa.MetaData()
+
+schema = sa.Table(
+    "fl_schema", metadata,
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("applied", sa.String(40), nullable=False),
+)
+
+runs = sa.Table(
+    "fl_runs", metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("kind", sa.String(16), nullable=False),  # study | search
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("fingerprint", sa.String(32), nullable=False),  # hash of the resolved config
+    sa.Column("status", sa.String(16), nullable=False),  # running | finished | failed
+    sa.Column("seed", sa.BigInteger, nullable=False),
+    sa.Column("config", sa.Text, nullable=False),  # JSON of the resolved config
+    sa.Column("environment", sa.Text, nullable=False),  # JSON: versions, revision, machine
+    sa.Column("started", sa.Float, nullable=False),  # unix seconds
+    sa.Column("heartbeat", sa.Float, nullable=False),  # last sign of life of a running run
+    sa.Column("finished", sa.Float),
+    sa.Column("host", sa.String(200)),
+    sa.Column("pid", sa.Integer),
+    sa.Column("summary", sa.Text),  # JSON written when the run ends: the results table
+    sa.Column("output_dir", sa.Text),  # where its files (table, figures, report) are
+)
+
+models = sa.Table(
+    "fl_models", metadata,
+    sa.Column("run_id", sa.String(64), sa.ForeignKey("fl_runs.id"), primary_key=True),
+    sa.Column("key", sa.String(300), primary_key=True),  # e.g. "dense(64)/fold-3"
+    sa.Column("candidate", sa.String(200), nullable=False),
+    sa.Column("role", sa.String(16), nullable=False),  # cv | retrain | final | trial
+    sa.Column("repeat", sa.Integer),
+    sa.Column("fold", sa.Integer),
+    sa.Column("status", sa.String(16), nullable=False),  # pending|running|finished|stopped|failed
+    sa.Column("message", sa.Text),
+    sa.Column("epochs_planned", sa.Integer, nullable=False),
+    sa.Column("best_epoch", sa.Integer),
+    sa.Column("n_train", sa.Integer),
+    sa.Column("n_val", sa.Integer),
+    sa.Column("seed", sa.BigInteger),
+    sa.Column("test_loss", sa.Float),
+    sa.Column("test_accuracy", sa.Float),
+    sa.Column("seconds", sa.Float),
+)
+
+epochs = sa.Table(
+    "fl_epochs", metadata,
+    sa.Column("run_id", sa.String(64), primary_key=True),
+    sa.Column("key", sa.String(300), primary_key=True),
+    sa.Column("epoch", sa.Integer, primary_key=True),  # 1-based
+    sa.Column("loss", sa.Float),
+    sa.Column("accuracy", sa.Float),
+    sa.Column("val_loss", sa.Float),
+    sa.Column("val_accuracy", sa.Float),
+    sa.Column("seconds", sa.Float),
+    sa.ForeignKeyConstraint(["run_id", "key"], ["fl_models.run_id", "fl_models.key"]),
+)
+
+MODEL_FIELDS = ("candidate", "role", "repeat", "fold", "status", "message", "epochs_planned",
+                "best_epoch", "n_train", "n_val", "seed", "test_loss", "test_accuracy", "seconds")
+EPOCH_FIELDS = ("loss", "accuracy", "val_loss", "val_accuracy", "seconds")
+
+STALE_AFTER = 15 * 60  # seconds without a heartbeat before a running run counts as interrupted
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    id: str
+    kind: str
+    name: str
+    fingerprint: str
+    status: str  # as stored: running | finished | failed
+    seed: int
+    config: dict[str, Any]
+    environment: dict[str, Any]
+    started: float
+    heartbeat: float
+    finished: float | None
+    host: str | None
+    pid: int | None
+    summary: dict[str, Any] | None
+    output_dir: str | None
+
+    @property
+    def state(self) -> str:
+        """running, finished, failed, or interrupted (running, but its process is gone)."""
+        if self.status != "running":
+            return self.status
+        if self.host == socket.gethostname() and self.pid is not None:
+            return "running" if _process_alive(self.pid) else "interrupted"
+        return "running" if time.time() - self.heartbeat < STALE_AFTER else "interrupted"
+
+    @property
+    def duration(self) -> float:
+        return (self.finished or self.heartbeat) - self.started
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    run_id: str
+    key: str
+    candidate: str
+    role: str
+    repeat: int | None
+    fold: int | None
+    status: str
+    message: str | None
+    epochs_planned: int
+    best_epoch: int | None
+    n_train: int | None
+    n_val: int | None
+    seed: int | None
+    test_loss: float | None
+    test_accuracy: float | None
+    seconds: float | None
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    key: str
+    epoch: int
+    loss: float
+    accuracy: float
+    val_loss: float
+    val_accuracy: float
+    seconds: float
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _none_if_nan(value: float | None) -> float | None:
+    # NaN is not portable across databases (PostgreSQL accepts it, SQLite stores NULL); store
+    # NULL and read it back as NaN.
+    return None if value is None or value != value else float(value)
+
+
+def _nan_if_none(value: float | None) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def default_url(run_dir: str | Path = DEFAULT_RUN_DIR) -> str:
+    return f"sqlite:///{Path(run_dir).resolve() / DB_NAME}"
+
+
+class Store:
+    """Access to the experiment store. `Store(url)` with any SQLAlchemy URL, or
+    `Store.open(run_dir, url)` for the default layout (a SQLite file in the run directory)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        try:
+            if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+                Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            self.engine = sa.create_engine(url, future=True)
+            if self.engine.dialect.name == "sqlite":
+                sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+            migrate(self.engine)
+        except (SQLAlchemyError, OSError) as error:
+            raise StoreError(f"cannot open the store {_safe_url(url)}: {_first_line(error)}") \
+                from None
+
+    @classmethod
+    def open(cls, run_dir: str | Path = DEFAULT_RUN_DIR, url: str | None = None) -> Store:
+        return cls(url or os.environ.get("FASHIONLAB_STORE") or default_url(run_dir))
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def _begin(self) -> Any:
+        return self.engine.begin()
+
+    # ---- runs -----------------------------------------------------------------------------
+
+    def create_run(
+        self, *, kind: str, name: str, fingerprint: str, seed: int, config: dict[str, Any],
+        environment: dict[str, Any], output_root: str | Path | None = None,
+    ) -> RunRecord:
+        """A new run, status running; its files go to output_root/<run id> when given."""
+        now = time.time()
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        run_id = f"{stamp}-{_slug(name)}-{fingerprint[:6]}"
+        with self._begin() as conn:
+            taken = {r[0] for r in conn.execute(
+                sa.select(runs.c.id).where(runs.c.id.like(f"{run_id}%")))}
+            suffix = 2
+            base = run_id
+            while run_id in taken:
+                run_id, suffix = f"{base}-{suffix}", suffix + 1
+            conn.execute(runs.insert().values(
+                id=run_id, kind=kind, name=name, fingerprint=fingerprint, status="running",
+                seed=seed, config=json.dumps(config), environment=json.dumps(environment),
+                started=now, heartbeat=now, host=socket.gethostname(), pid=os.getpid(),
+                output_dir=str(Path(output_root).resolve() / run_id) if output_root else None,
+            ))
+        return self.run(run_id)
+
+    def claim_run(self, run_id: str) -> RunRecord:
+        """Mark an existing run as running in this process (resuming it)."""
+        with self._begin() as conn:
+            conn.execute(runs.update().where(runs.c.id == run_id).values(
+                status="running", heartbeat=time.time(), host=socket.gethostname(),
+                pid=os.getpid(), finished=None))
+        return self.run(run_id)
+
+    def heartbeat(self, run_id: str) -> None:
+        with self._begin() as conn:
+            conn.execute(runs.update().where(runs.c.id == run_id).values(heartbeat=time.time()))
+
+    def end_run(self, run_id: str, status: str, summary: dict[str, Any] | None = None) -> None:
+        now = time.time()
+        with self._begin() as conn:
+            values: dict[str, Any] = {"status": status, "finished": now, "heartbeat": now}
+            if summary is not None:
+                values["summary"] = json.dumps(summary, default=_json_default)
+            conn.execute(runs.update().where(runs.c.id == run_id).values(**values))
+
+    def run(self, run_id: str) -> RunRecord:
+        """The run with this id, or a unique id prefix; StoreError when there is none."""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(runs).where(runs.c.id == run_id)).first()
+            if row is None:
+                matches = conn.execute(
+                    sa.select(runs).where(runs.c.id.like(f"{_escape_like(run_id)}%", escape="\\"))
+                ).all()
+                if len(matches) > 1:
+                    raise StoreError(f"run id '{run_id}' is ambiguous ({len(matches)} runs match)")
+                row = matches[0] if matches else None
+        if row is None:
+            raise StoreError(f"no run '{run_id}' in {_safe_url(self.url)} "
+                             "(`fashionlab runs list` shows the runs)")
+        return _run_record(row)
+
+    def runs(self, *, kind: str | None = None, name: str | None = None,
+             fingerprint: str | None = None) -> list[RunRecord]:
+        """Runs, newest first, optionally filtered."""
+        query = sa.select(runs).order_by(runs.c.started.desc(), runs.c.id.desc())
+        if kind is not None:
+            query = query.where(runs.c.kind == kind)
+        if name is not None:
+            query = query.where(runs.c.name == name)
+        if fingerprint is not None:
+            query = query.where(runs.c.fingerprint == fingerprint)
+        with self.engine.connect() as conn:
+            return [_run_record(row) for row in conn.execute(query)]
+
+    def delete_run(self, run_id: str) -> None:
+        run_id = self.run(run_id).id
+        with self._begin() as conn:
+            conn.execute(epochs.delete().where(epochs.c.run_id == run_id))
+            conn.execute(models.delete().where(models.c.run_id == run_id))
+            conn.execute(runs.delete().where(runs.c.id == run_id))
+
+    # ---- models and epochs ----------------------------------------------------------------
+
+    def register_models(self, run_id: str, rows: Iterable[dict[str, Any]]) -> None:
+        """Insert the planned models of a run (status pending) unless they already exist."""
+        with self._begin() as conn:
+            existing = {r[0] for r in conn.execute(
+                sa.select(models.c.key).where(models.c.run_id == run_id))}
+            new = [{"run_id": run_id, "status": "pending", **row}
+                   for row in rows if row["key"] not in existing]
+            if new:
+                conn.execute(models.insert(), new)
+
+    def update_model(self, run_id: str, key: str, **values: Any) -> None:
+        unknown = set(values) - set(MODEL_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown model fields: {sorted(unknown)}")
+        values = {k: _none_if_nan(v) if isinstance(v, float) else v for k, v in values.items()}
+        with self._begin() as conn:
+            conn.execute(models.update().where(
+                (models.c.run_id == run_id) & (models.c.key == key)).values(**values))
+
+    def record_epochs(
+        self, run_id: str, rows: Sequence[tuple[str, int, Sequence[float]]],
+        model_updates: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        """Write epoch rows (key, epoch, (loss, accuracy, val_loss, val_accuracy, seconds)) and
+        model status changes in one transaction; an existing (key, epoch) row is replaced."""
+        with self._begin() as conn:
+            for key, epoch, values in rows:
+                conn.execute(epochs.delete().where(
+                    (epochs.c.run_id == run_id) & (epochs.c.key == key)
+                    & (epochs.c.epoch == epoch)))
+            if rows:
+                conn.execute(epochs.insert(), [
+                    {"run_id": run_id, "key": key, "epoch": epoch,
+                     **{f: _none_if_nan(v) for f, v in zip(EPOCH_FIELDS, values, strict=True)}}
+                    for key, epoch, values in rows
+                ])
+            for key, update in (model_updates or {}).items():
+                update = {k: _none_if_nan(v) if isinstance(v, float) else v
+                          for k, v in update.items()}
+                conn.execute(models.update().where(
+                    (models.c.run_id == run_id) & (models.c.key == key)).values(**update))
+            conn.execute(runs.update().where(runs.c.id == run_id).values(heartbeat=time.time()))
+
+    def models(self, run_id: str) -> list[ModelRecord]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(models).where(models.c.run_id == run_id)
+                                .order_by(models.c.candidate, models.c.repeat, models.c.fold))
+            return [ModelRecord(**row._mapping) for row in rows]
+
+    def epochs(self, run_id: str, key: str | None = None) -> list[EpochRecord]:
+        query = sa.select(epochs).where(epochs.c.run_id == run_id)
+        if key is not None:
+            query = query.where(epochs.c.key == key)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query.order_by(epochs.c.key, epochs.c.epoch))
+            return [EpochRecord(row.key, row.epoch, *(_nan_if_none(getattr(row, f))
+                                                      for f in EPOCH_FIELDS)) for row in rows]
+
+    def histories(self, run_id: str) -> dict[str, list[EpochRecord]]:
+        out: dict[str, list[EpochRecord]] = {}
+        for record in self.epochs(run_id):
+            out.setdefault(record.key, []).append(record)
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Migrations: append, never edit. Each takes a connection inside a transaction.
+
+
+def _migration_1(conn: sa.Connection) -> None:
+    for table in (runs, models, epochs):
+        table.create(conn, checkfirst=True)
+
+
+MIGRATIONS = [_migration_1]
+
+
+def migrate(engine: sa.Engine) -> int:
+    """Apply the missing migrations; returns the schema version."""
+    with engine.begin() as conn:
+        schema.create(conn, checkfirst=True)
+        current = conn.execute(sa.select(sa.func.max(schema.c.version))).scalar() or 0
+        if current > len(MIGRATIONS):
+            raise StoreError(f"the store's schema (version {current}) is newer than this "
+                             f"fashionlab (version {len(MIGRATIONS)}); upgrade fashionlab")
+        for version in range(current + 1, len(MIGRATIONS) + 1):
+            MIGRATIONS[version - 1](conn)
+            conn.execute(schema.insert().values(
+                version=version, applied=datetime.now(timezone.utc).isoformat()))
+        return len(MIGRATIONS)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")  # readers (runs list, report) never block a run
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def _run_record(row: Any) -> RunRecord:
+    data = dict(row._mapping)
+    data["config"] = json.loads(data["config"])
+    data["environment"] = json.loads(data["environment"])
+    data["summary"] = json.loads(data["summary"]) if data["summary"] else None
+    return RunRecord(**data)
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, float):
+        return None
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _slug(name: str) -> str:
+    keep = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in name.lower())
+    return "-".join(part for part in keep.split("-") if part)[:40] or "run"
+
+
+def _escape_like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _safe_url(url: str) -> str:
+    try:
+        return sa.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - any unparsable URL is shown as given
+        return url
+
+
+def _first_line(error: BaseException) -> str:
+    return str(getattr(error, "orig", None) or error).strip().splitlines()[0]

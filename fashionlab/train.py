@@ -1,0 +1,325 @@
+"""Training many models at once: one `StackTrainer` trains a stack of members epoch by epoch.
+
+The data lives on the device as tensors; a batch is an index slice of each member's per-epoch
+permutation of its own training rows, gathered as (M, B, 28, 28). There is no DataLoader, no
+per-sample Python and no host synchronisation inside an epoch: per-member sums of loss and
+correct predictions stay on the device and are read once at the end of the epoch.
+
+Reported metrics follow Keras: the training loss and accuracy of an epoch are running means
+over its batches (computed before each update), and loss and val_loss include the L2 penalty.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fashionlab.config import ModelSpec, TrainSpec
+from fashionlab.models import StackedNet, select_members
+from fashionlab.rng import MemberGenerators
+
+EVAL_CHUNK = 2000  # validation images per member per forward pass: bounds memory, not results
+
+
+@dataclass(frozen=True)
+class Member:
+    """One model of a stack: its architecture, its data and its random stream."""
+
+    key: str  # unique within a study, e.g. "dense(64)/fold-3"
+    model: ModelSpec
+    train_index: np.ndarray  # rows of the training tensors this model learns from
+    val_index: np.ndarray | None  # rows of the validation tensors it is scored on; None: none
+    seed: int  # seeds its initial weights, shuffles, dropout masks and augmentation
+
+
+@dataclass(frozen=True)
+class Tensors:
+    """The data on the device: images (N, 28, 28) float32 in [0, 1], labels (N,) int64."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor  # may be the training tensors themselves (cross-validation)
+    y_val: torch.Tensor
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    loss: float
+    accuracy: float
+    val_loss: float  # nan when the member has no validation data
+    val_accuracy: float
+    seconds: float  # wall time of the epoch for the whole stack
+
+    def get(self, name: str) -> float:
+        return float(getattr(self, name))
+
+
+def stack_key(member: Member, train: TrainSpec) -> tuple[Any, ...]:
+    """Members with equal keys can be trained as one stack."""
+    n_val = None if member.val_index is None else len(member.val_index)
+    return (member.model.shape_key(), train, len(member.train_index), n_val)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class StackTrainer:
+    """Trains M members of one shape and one training spec together, one epoch per call.
+
+    Members can be dropped between epochs (early stopping, a diverged loss); the others carry
+    on exactly as if they had been trained alone.
+    """
+
+    def __init__(
+        self, members: Sequence[Member], train: TrainSpec, data: Tensors, device: torch.device
+    ) -> None:
+        if len({stack_key(m, train) for m in members}) != 1:
+            raise ValueError("members of a stack need one shape, one train size and one val size")
+        self.train_spec = train
+        self.data = data
+        self.device = device
+        self.members = list(members)
+        self.keys = [m.key for m in members]
+        self.epoch = 0  # completed epochs
+        self.n_train = len(members[0].train_index)
+        self.steps_per_epoch = math.ceil(self.n_train / train.batch_size)
+
+        self.generators = MemberGenerators([m.seed for m in members], device)
+        self.net = StackedNet([m.model for m in members], self.generators)
+        self.train_index = self._index([m.train_index for m in members])
+        self.val_index = (
+            None if members[0].val_index is None else self._index([m.val_index for m in members])
+        )
+        self.optimizer = self._make_optimizer()
+        self.scheduler = self._make_scheduler()
+
+    def _index(self, rows: Sequence[np.ndarray | None]) -> torch.Tensor:
+        return torch.as_tensor(np.stack(rows), dtype=torch.long, device=self.device)
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        spec = self.train_spec
+        kernels = {id(p) for p in self.net.kernel_parameters()}
+        # Decoupled weight decay (nanoGPT's habit) applies to kernels only, never to biases or
+        # batch-norm scales; the Keras-style L2 penalty is part of the loss instead.
+        groups = [
+            {"params": [p for p in self.net.parameters() if id(p) in kernels],
+             "weight_decay": spec.weight_decay},
+            {"params": [p for p in self.net.parameters() if id(p) not in kernels],
+             "weight_decay": 0.0},
+        ]
+        if spec.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=spec.learning_rate, momentum=spec.momentum,
+                                   nesterov=spec.momentum > 0)
+        adam = torch.optim.AdamW if spec.optimizer == "adamw" else torch.optim.Adam
+        return adam(groups, lr=spec.learning_rate, betas=(spec.beta1, spec.beta2), eps=spec.eps)
+
+    def _make_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler | None:
+        spec = self.train_spec
+        if spec.schedule != "onecycle":
+            return None
+        return torch.optim.lr_scheduler.OneCycleLR(
+            self.optimizer, max_lr=spec.learning_rate,
+            total_steps=spec.epochs * self.steps_per_epoch,
+        )
+
+    # ---- one epoch ----------------------------------------------------------------------
+
+    def run_epoch(self) -> dict[str, EpochMetrics]:
+        """Train every active member for one epoch and score it; returns metrics by key."""
+        start = time.perf_counter()
+        spec, data, net = self.train_spec, self.data, self.net
+        M, B = len(self.keys), spec.batch_size
+        net.train()
+        order = self.train_index.gather(1, self.generators.randperm(self.n_train))  # (M, n)
+        loss_sum = torch.zeros(M, device=self.device)
+        correct = torch.zeros(M, device=self.device)
+        for first in range(0, self.n_train, B):
+            rows = order[:, first : first + B]  # (M, b): the last batch may be partial
+            x, y = data.x_train[rows], data.y_train[rows]  # (M, b, 28, 28), (M, b)
+            if spec.augment.crop or spec.augment.flip:
+                x = augment(x, spec.augment.crop, spec.augment.flip, self.generators)
+            with autocast(self.device, spec.precision):
+                logits = net(x, self.generators)  # (M, b, 10)
+            per_member = F.cross_entropy(
+                logits.float().flatten(0, 1), y.flatten(), reduction="none",
+                label_smoothing=spec.label_smoothing,
+            ).view(M, -1).mean(1) + net.l2_penalty()  # (M,)
+            self.optimizer.zero_grad(set_to_none=True)
+            # Members share no parameters: the gradient of the sum w.r.t. member m's weights
+            # is the gradient of member m's own loss.
+            per_member.sum().backward()
+            self.optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
+            with torch.no_grad():
+                loss_sum += per_member.detach() * rows.shape[1]
+                correct += (logits.argmax(-1) == y).sum(1)
+        self.epoch += 1
+
+        train_loss = (loss_sum / self.n_train).tolist()  # the epoch's one host sync
+        train_acc = (correct / self.n_train).tolist()
+        if self.val_index is None:
+            val_loss = val_acc = [math.nan] * M
+        else:
+            val_loss, val_acc = self.evaluate(data.x_val, data.y_val, self.val_index)
+        seconds = time.perf_counter() - start
+        return {
+            key: EpochMetrics(train_loss[m], train_acc[m], val_loss[m], val_acc[m], seconds)
+            for m, key in enumerate(self.keys)
+        }
+
+    @torch.no_grad()
+    def evaluate(
+        self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor
+    ) -> tuple[list[float], list[float]]:
+        """Loss (with the L2 penalty, as Keras reports it) and accuracy per member on the rows
+        index (M, n) of x and y; no dropout, batch norm in inference mode."""
+        net = self.net
+        net.eval()
+        M, n = index.shape
+        loss_sum = torch.zeros(M, device=self.device)
+        correct = torch.zeros(M, device=self.device)
+        for first in range(0, n, EVAL_CHUNK):
+            rows = index[:, first : first + EVAL_CHUNK]
+            with autocast(self.device, self.train_spec.precision):
+                logits = net(x[rows]).float()
+            target = y[rows]
+            loss_sum += F.cross_entropy(
+                logits.flatten(0, 1), target.flatten(), reduction="none"
+            ).view(M, -1).sum(1)
+            correct += (logits.argmax(-1) == target).sum(1)
+        loss = loss_sum / n + net.l2_penalty()
+        return loss.tolist(), (correct / n).tolist()
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (M, N, n_classes) of every member on the same images x (N, 28, 28)."""
+        self.net.eval()
+        out = []
+        for first in range(0, len(x), EVAL_CHUNK):
+            chunk = x[first : first + EVAL_CHUNK].expand(len(self.keys), -1, -1, -1)
+            with autocast(self.device, self.train_spec.precision):
+                out.append(self.net(chunk).float().softmax(-1))
+        return torch.cat(out, dim=1)
+
+    # ---- members ------------------------------------------------------------------------
+
+    def drop(self, keys: Sequence[str]) -> None:
+        """Stop training the given members; the others continue unchanged."""
+        keep = [m for m, key in enumerate(self.keys) if key not in set(keys)]
+        if not keep:  # the stack is done; nothing left to train
+            self.keys, self.members = [], []
+        elif len(keep) < len(self.keys):
+            self._select(keep)
+
+    def _select(self, keep: list[int]) -> None:
+        M = len(self.keys)
+        index = torch.as_tensor(keep, dtype=torch.long, device=self.device)
+        old_params = list(self.net.parameters())
+        old_optimizer, old_scheduler = self.optimizer, self.scheduler
+        self.net = self.net.select(keep)
+        self.generators = self.generators.select(keep)
+        self.train_index = self.train_index[index]
+        self.val_index = None if self.val_index is None else self.val_index[index]
+        self.keys = [self.keys[m] for m in keep]
+        self.members = [self.members[m] for m in keep]
+        self.optimizer = self._make_optimizer()
+        self.scheduler = self._make_scheduler()
+        for new_group, old_group in zip(self.optimizer.param_groups, old_optimizer.param_groups):
+            new_group.update({k: v for k, v in old_group.items() if k != "params"})
+        for old, new in zip(old_params, self.net.parameters(), strict=True):
+            state = old_optimizer.state.get(old)
+            if state:
+                self.optimizer.state[new] = {
+                    k: select_members(v, index, M) if torch.is_tensor(v) and v.dim() else v
+                    for k, v in state.items()
+                }
+        if old_scheduler is not None and self.scheduler is not None:
+            self.scheduler.load_state_dict(old_scheduler.state_dict())
+
+    def member_state_dict(self, key: str) -> dict[str, torch.Tensor]:
+        return self.net.member_state_dict(self.keys.index(key))
+
+    def load_member_state_dict(self, key: str, state: dict[str, torch.Tensor]) -> None:
+        self.net.load_member_state_dict(self.keys.index(key), state)
+
+    # ---- checkpoints --------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue bit-identically: weights, optimiser, RNG, epoch."""
+        return {
+            "epoch": self.epoch,
+            "keys": list(self.keys),
+            "net": self.net.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "generators": self.generators.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["keys"] != self.keys:
+            missing = set(state["keys"]) - set(self.keys)
+            if missing:
+                raise ValueError(f"checkpoint has members this stack lacks: {sorted(missing)}")
+            self._select([self.keys.index(k) for k in state["keys"]])
+        self.net.load_state_dict(state["net"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.generators.set_state(state["generators"])
+        self.epoch = state["epoch"]
+
+
+def augment(
+    x: torch.Tensor, crop: int, flip: bool, generators: MemberGenerators
+) -> torch.Tensor:
+    """Random crops (pad by `crop`, then a random 28x28 window) and horizontal flips, drawn
+    per member and per image: x (M, b, 28, 28) -> (M, b, 28, 28)."""
+    M, b, h, w = x.shape
+    if crop:
+        padded = F.pad(x, (crop, crop, crop, crop))
+        offsets = (generators.rand(b, 2) * (2 * crop + 1)).long()  # (M, b, 2)
+        rows = offsets[..., 0, None] + torch.arange(h, device=x.device)  # (M, b, h)
+        cols = offsets[..., 1, None] + torch.arange(w, device=x.device)  # (M, b, w)
+        m_idx = torch.arange(M, device=x.device).view(M, 1, 1, 1)
+        b_idx = torch.arange(b, device=x.device).view(1, b, 1, 1)
+        x = padded[m_idx, b_idx, rows[..., :, None], cols[..., None, :]]
+    if flip:
+        flips = generators.rand(b) < 0.5  # (M, b)
+        x = torch.where(flips[..., None, None], x.flip(-1), x)
+    return x
+
+
+def iterate_epochs(trainer: StackTrainer, epochs: int) -> Iterator[dict[str, EpochMetrics]]:
+    """Run the trainer until `epochs` epochs are complete (or no member is left)."""
+    while trainer.epoch < epochs and trainer.keys:
+        yield trainer.run_epoch()
+
+
+def resolve_device(name: str | None = None) -> torch.device:
+    """"auto"/None: CUDA when present, else the CPU; otherwise the named device."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        from fashionlab.errors import ConfigError
+
+        raise ConfigError(f"--device: unknown device '{name}' (use auto, cpu, cuda, cuda:N)") \
+            from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from fashionlab.errors import ConfigError
+
+        raise ConfigError("--device: CUDA was asked for, but no CUDA device is available")
+    return device
