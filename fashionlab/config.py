@@ -284,7 +284,7 @@ def study_from_dict(raw: Mapping[str, Any], *, source: str = "study") -> StudySp
         for section in ("candidates", "final"):
             entries = data.get(section, [])
             if not isinstance(entries, list):
-                raise _FieldError(section, "must be an array of tables ([[%s]])" % section)
+                raise _FieldError(section, f"must be an array of tables ([[{section}]])")
             data[section] = [
                 _resolve_entry(entry, defaults, f"{section}[{i}]") for i, entry in enumerate(entries)
             ]

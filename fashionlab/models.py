@@ -113,7 +113,10 @@ class StackedNet(nn.Module):
             # (M, out, in, k, k) drawn per member, stored as (M*out, in, k, k) for groups=M.
             w = _glorot_uniform(generators, (out, channels, k, k), channels * k * k, out * k * k)
             self.conv_weights.append(nn.Parameter(w.reshape(M * out, channels, k, k)))
-            self.conv_biases.append(nn.Parameter(torch.zeros(M * out, device=device)))
+            # No bias before batch norm: it would be cancelled, and Adam would turn its zero
+            # gradient's rounding noise into random drifts of the running mean.
+            n_bias = 0 if layer.batch_norm else M * out
+            self.conv_biases.append(nn.Parameter(torch.zeros(n_bias, device=device)))
             self.norms.append(
                 nn.BatchNorm2d(M * out, device=device) if layer.batch_norm else nn.Identity()
             )
@@ -140,8 +143,9 @@ class StackedNet(nn.Module):
             if x.is_contiguous(memory_format=torch.contiguous_format) and x.device.type == "cpu":
                 h = h.contiguous(memory_format=torch.channels_last)
             for i, layer in enumerate(shape.conv):
+                bias = self.conv_biases[i]
                 h = F.conv2d(
-                    h, self.conv_weights[i], self.conv_biases[i],
+                    h, self.conv_weights[i], bias if bias.numel() else None,
                     padding=0 if layer.padding == "valid" else "same", groups=M,
                 )
                 h = self.norms[i](h)
@@ -186,7 +190,8 @@ class StackedNet(nn.Module):
         for i, (w, b) in enumerate(zip(self.conv_weights, self.conv_biases)):
             prefix = names["conv"][i]
             state[f"{prefix}.weight"] = w.detach().unflatten(0, (M, -1))[m].clone()
-            state[f"{prefix}.bias"] = b.detach().view(M, -1)[m].clone()
+            if b.numel():
+                state[f"{prefix}.bias"] = b.detach().view(M, -1)[m].clone()
             norm = self.norms[i]
             if isinstance(norm, nn.BatchNorm2d):
                 bn = names["norm"][i]
@@ -207,7 +212,8 @@ class StackedNet(nn.Module):
             for i, (w, b) in enumerate(zip(self.conv_weights, self.conv_biases)):
                 prefix = names["conv"][i]
                 w.unflatten(0, (M, -1))[m].copy_(state[f"{prefix}.weight"])
-                b.view(M, -1)[m].copy_(state[f"{prefix}.bias"])
+                if b.numel():
+                    b.view(M, -1)[m].copy_(state[f"{prefix}.bias"])
                 norm = self.norms[i]
                 if isinstance(norm, nn.BatchNorm2d):
                     bn = names["norm"][i]
@@ -228,7 +234,8 @@ class StackedNet(nn.Module):
         subset.conv_weights = nn.ParameterList(
             [nn.Parameter(select_members(w, index, self.n_members)) for w in self.conv_weights])
         subset.conv_biases = nn.ParameterList(
-            [nn.Parameter(select_members(b, index, self.n_members)) for b in self.conv_biases])
+            [nn.Parameter(select_members(b, index, self.n_members) if b.numel() else b.detach())
+             for b in self.conv_biases])
         subset.norms = nn.ModuleList()
         for norm in self.norms:
             if isinstance(norm, nn.BatchNorm2d):
@@ -283,7 +290,8 @@ def build_module(spec: ModelSpec) -> nn.Sequential:
     channels = 1
     for layer in spec.conv:
         padding = 0 if layer.padding == "valid" else layer.kernel // 2
-        layers.append(nn.Conv2d(channels, layer.filters, layer.kernel, padding=padding))
+        layers.append(nn.Conv2d(channels, layer.filters, layer.kernel, padding=padding,
+                                bias=not layer.batch_norm))
         if layer.batch_norm:
             layers.append(nn.BatchNorm2d(layer.filters))
         if layer.pool > 1:

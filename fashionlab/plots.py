@@ -7,7 +7,6 @@ global figure state is created or leaked and no display is needed. Save with `fi
 from __future__ import annotations
 
 import warnings
-
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 

@@ -38,7 +38,7 @@ class Progress:
             disable=not enabled,
         )
 
-    def __enter__(self) -> Progress:
+    def __enter__(self) -> Progress:  # noqa: PYI034 - a final class
         self._bars.__enter__()
         return self
 

@@ -15,6 +15,7 @@ import numpy as np
 from fashionlab import plots
 from fashionlab.config import study_to_toml
 from fashionlab.data import Dataset
+from fashionlab.serialize import jsonable
 from fashionlab.stats import Comparison, summarize
 from fashionlab.study import CandidateResult, StudyResult
 
@@ -111,6 +112,10 @@ def _pct(value: float) -> str:
     return "-" if not math.isfinite(value) else f"{value * 100:.2f}"
 
 
+LEGEND = ("val_loss and val accuracy: mean ± std across folds at the epoch shown; "
+          "95% CI of the mean from Student's t. vs best: corrected resampled t-test "
+          "(Nadeau & Bengio) on the paired folds, Holm-adjusted p.")
+
 HEADERS = ("model", "epoch", "val_loss", "val acc %", "95% CI", "vs best", "test acc %",
            "epochs trained")
 
@@ -135,9 +140,7 @@ def to_markdown(result: StudyResult) -> str:
              "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
               for cells in display_rows(rows)]
-    lines += ["", "val_loss and val accuracy: mean ± std across folds at the epoch shown; "
-              "95% CI of the mean from Student's t. vs best: corrected resampled t-test "
-              "(Nadeau & Bengio) on the paired folds, Holm-adjusted p."]
+    lines += ["", LEGEND]
     notes = [f"- {r.model}: {r.note}" for r in rows if r.note and r.kind != "baseline"]
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
@@ -150,23 +153,6 @@ def to_csv(result: StudyResult) -> str:
     for row in table_rows(result):
         writer.writerow({f: getattr(row, f) for f in fields})
     return buffer.getvalue()
-
-
-def _clean(value: Any) -> Any:
-    """JSON-ready: numpy to Python, NaN to None."""
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _clean(value.tolist())
-    if isinstance(value, (np.floating, float)):
-        return None if not math.isfinite(float(value)) else float(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 def summary(result: StudyResult) -> dict[str, Any]:
@@ -183,7 +169,7 @@ def summary(result: StudyResult) -> dict[str, Any]:
         }
 
     retrain = result.retrain
-    return _clean({
+    return jsonable({
         "study": result.spec.name, "run_id": result.run.id, "seed": result.spec.seed,
         "wall_seconds": result.wall_seconds, "n_train": result.n_train, "n_val": result.n_val,
         "best": result.best,

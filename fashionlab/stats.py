@@ -103,7 +103,8 @@ def summarize(values: Sequence[float] | np.ndarray, *, confidence: float = 0.95)
     if n == 1:
         return Summary(n=1, mean=mean, std=0.0, sem=nan, ci_low=nan, ci_high=nan,
                        confidence=confidence)
-    std = float(np.std(array, ddof=1))
+    with np.errstate(invalid="ignore"):  # an infinite score (a diverged model): std is NaN
+        std = float(np.std(array, ddof=1))
     sem = std / math.sqrt(n)
     half_width = float(sps.t.ppf((1.0 + confidence) / 2.0, n - 1)) * sem
     return Summary(n=n, mean=mean, std=std, sem=sem, ci_low=mean - half_width,

@@ -13,6 +13,7 @@ go through the numbered migrations at the bottom; `Store` applies the missing on
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import time
@@ -26,6 +27,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 
 from fashionlab.errors import StoreError
+from fashionlab.serialize import jsonable
 
 DEFAULT_RUN_DIR = Path("fashionlab-runs")
 DB_NAME = "fashionlab.db"
@@ -173,7 +175,7 @@ def _process_alive(pid: int) -> bool:
 def _none_if_nan(value: float | None) -> float | None:
     # NaN is not portable across databases (PostgreSQL accepts it, SQLite stores NULL); store
     # NULL and read it back as NaN.
-    return None if value is None or value != value else float(value)
+    return None if value is None or math.isnan(value) else float(value)
 
 
 def _nan_if_none(value: float | None) -> float:
@@ -193,7 +195,11 @@ class Store:
         try:
             if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
                 Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-            self.engine = sa.create_engine(url, future=True)
+            # An in-memory SQLite database lives in one connection: share it (tests).
+            in_memory = url in ("sqlite://", "sqlite:///:memory:")
+            self.engine = sa.create_engine(
+                url, poolclass=sa.pool.StaticPool if in_memory else None,
+                connect_args={"check_same_thread": False} if in_memory else {})
             if self.engine.dialect.name == "sqlite":
                 sa.event.listen(self.engine, "connect", _sqlite_pragmas)
             migrate(self.engine)
@@ -230,7 +236,8 @@ class Store:
                 run_id, suffix = f"{base}-{suffix}", suffix + 1
             conn.execute(runs.insert().values(
                 id=run_id, kind=kind, name=name, fingerprint=fingerprint, status="running",
-                seed=seed, config=json.dumps(config), environment=json.dumps(environment),
+                seed=seed, config=json.dumps(jsonable(config)),
+                environment=json.dumps(jsonable(environment)),
                 started=now, heartbeat=now, host=socket.gethostname(), pid=os.getpid(),
                 output_dir=str(Path(output_root).resolve() / run_id) if output_root else None,
             ))
@@ -253,7 +260,7 @@ class Store:
         with self._begin() as conn:
             values: dict[str, Any] = {"status": status, "finished": now, "heartbeat": now}
             if summary is not None:
-                values["summary"] = json.dumps(summary, default=_json_default)
+                values["summary"] = json.dumps(jsonable(summary), allow_nan=False)
             conn.execute(runs.update().where(runs.c.id == run_id).values(**values))
 
     def run(self, run_id: str) -> RunRecord:
@@ -403,14 +410,6 @@ def _run_record(row: Any) -> RunRecord:
     data["environment"] = json.loads(data["environment"])
     data["summary"] = json.loads(data["summary"]) if data["summary"] else None
     return RunRecord(**data)
-
-
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "item"):
-        return value.item()
-    if isinstance(value, float):
-        return None
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def _slug(name: str) -> str:

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,7 +70,8 @@ class CandidateResult:
 
     @property
     def mean_curves(self) -> dict[str, np.ndarray]:
-        with np.errstate(all="ignore"):
+        with warnings.catch_warnings():  # epochs no model reached stay NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
             return {k: np.nanmean(v, axis=0) if v.size else v for k, v in self.curves.items()}
 
 
@@ -281,7 +283,8 @@ class _Runner:
                    role: str) -> CandidateResult:
         epochs = candidate.train.epochs
         curves = {metric: mean_curves(results, metric, epochs) for metric in METRICS}
-        with np.errstate(all="ignore"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a diverged model's NaN epochs
             # Epochs every model reached: with early stopping, later means would mix fewer folds.
             reached = min(len(r.history) for r in results)
             mean_val_loss = np.nanmean(curves["val_loss"][:, :reached], axis=0) \

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -14,7 +15,7 @@ from fashionlab.config import load_study, quick_variant
 from fashionlab.store import DEFAULT_RUN_DIR
 
 RunDir = Annotated[Path, typer.Option("--run-dir", help="Where runs, the store and outputs live.")]
-StoreUrl = Annotated[Optional[str], typer.Option(
+StoreUrl = Annotated[str | None, typer.Option(
     "--store", help="Database URL of the store (default: SQLite file in the run directory; "
     "env FASHIONLAB_STORE).")]
 
@@ -24,7 +25,7 @@ def study(
     file: Annotated[str, typer.Argument(help="A study file, or a bundled study's name.")] = "seed",
     quick: Annotated[bool, typer.Option(help="Fewer samples and epochs: a try-out in a minute."
                                         )] = False,
-    seed: Annotated[Optional[int], typer.Option(help="Override the study's seed.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Override the study's seed.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     fresh: Annotated[bool, typer.Option(help="Start a new run instead of resuming.")] = False,
     run_dir: RunDir = DEFAULT_RUN_DIR,
@@ -63,6 +64,7 @@ def study(
         table.add_column(header, overflow="fold")
     for cells in display_rows(table_rows(result)):
         table.add_row(*cells)
-    console = Console()
+    # Off a terminal (logs, CI) there is no width to respect: do not fold the table.
+    console = Console() if sys.stdout.isatty() else Console(width=160)
     console.print(table)
     console.print(f"wall time {result.wall_seconds / 60:.1f} min; results in {result.output_dir}")

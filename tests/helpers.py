@@ -1,0 +1,75 @@
+"""Helpers shared by the tests (plain functions; fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fashionlab.cli import main
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """Run `fashionlab ARGS` in this process: (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    out, err = capsys.readouterr()
+    return exit_info.value.code or 0, out, err
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    """A user error: exit code 2, exactly one line on stderr, no traceback."""
+    assert code == 2, (code, err)
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+
+
+def tiny_study_toml(data_dir: Path, *, name: str = "tiny", epochs: int = 4, folds: int = 3,
+                    extra: str = "", candidates: str | None = None, final: bool = True) -> str:
+    """A small study over the tiny synthetic dataset: trains in seconds."""
+    if candidates is None:
+        candidates = """
+[[candidates]]
+name = "small"
+layers = [{ units = 16 }]
+
+[[candidates]]
+name = "small L2"
+layers = [{ units = 16, l2 = 0.001 }]
+
+[[candidates]]
+name = "two layers"
+layers = [{ units = 16, dropout = 0.2 }, { units = 8, dropout = 0.1 }]
+"""
+    finals = """
+[[final]]
+name = "cnn"
+conv = [{ filters = 4, pool = 2 }, { filters = 8, pool = 2 }]
+dropout = 0.2
+layers = [{ units = 16 }]
+train = { epochs = 2 }
+""" if final else ""
+    return f"""
+name = "{name}"
+seed = 3
+
+[data]
+directory = "{data_dir}"
+verify = false
+
+[train]
+epochs = {epochs}
+batch_size = 32
+
+[cv]
+n_splits = {folds}
+
+[warning]
+patience = 2
+min_delta = 0.02
+{extra}
+{candidates}
+{finals}
+"""

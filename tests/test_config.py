@@ -1,0 +1,116 @@
+"""Study files: the bundled studies, TOML round trips, and clear errors for bad files."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import assert_one_line_error, run_cli
+
+from fashionlab.config import (
+    bundled_studies,
+    load_study,
+    quick_variant,
+    study_from_dict,
+    study_to_toml,
+)
+from fashionlab.cv import make_folds
+from fashionlab.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def test_seed_study_states_the_original_protocol():
+    spec = load_study("seed")
+    assert [c.name for c in spec.candidates] == [
+        "dense(64)", "dense(64) L2", "dense(64) dropout", "dense(256) dropout",
+        "dense(64)x2 dropout", "dense(256)x2 dropout"]
+    train = spec.candidates[0].train
+    assert (train.epochs, train.batch_size, train.optimizer, train.learning_rate, train.eps) == (
+        40, 128, "adam", 1e-3, 1e-7)
+    assert spec.candidates[1].model.layers[0].l2 == 0.001
+    assert spec.candidates[3].model.layers[0].dropout == 0.4
+    assert (spec.cv.n_splits, spec.cv.strategy) == (5, "contiguous")
+    assert (spec.warning.patience, spec.warning.min_delta) == (10, 0.02)
+    cnn = spec.final[0]
+    assert [c.filters for c in cnn.model.conv] == [32, 64, 64]
+    assert cnn.model.dropout == 0.3 and cnn.train.epochs == 30
+    assert "seed" in bundled_studies()
+
+
+def test_every_bundled_study_loads_and_round_trips():
+    for name in bundled_studies():
+        spec = load_study(name)
+        assert study_from_dict(tomllib.loads(study_to_toml(spec))) == spec
+        assert quick_variant(spec).name.endswith("-quick")
+
+
+def test_fingerprint_changes_with_any_setting():
+    spec = load_study("seed")
+    other = study_from_dict({**tomllib.loads(study_to_toml(spec)), "seed": 1})
+    assert spec.fingerprint() == load_study("seed").fingerprint()
+    assert other.fingerprint() != spec.fingerprint()
+
+
+def test_entry_train_table_overrides_the_defaults():
+    spec = study_from_dict({
+        "name": "x", "train": {"epochs": 7, "learning_rate": 0.01},
+        "candidates": [{"name": "a", "layers": [{"units": 3}], "train": {"epochs": 2}}],
+    })
+    assert spec.candidates[0].train.epochs == 2
+    assert spec.candidates[0].train.learning_rate == 0.01
+
+
+BAD_STUDIES = [
+    ('name = "x"\n[[candidates]]\nname = "a"\nunits = 3', "candidates[0]: unknown key 'units'"),
+    ('name = "x"\nbogus = 1\n[[candidates]]\nname = "a"', "unknown key 'bogus'"),
+    ('name = "x"\n[[candidates]]\nname = "a"\nlayers = [{ units = -4 }]',
+     "candidates[0].layers[0].units"),
+    ('name = "x"\n[[candidates]]\nname = "a"\nlayers = [{ units = 4, dropout = 1.0 }]',
+     "candidates[0].layers[0].dropout"),
+    ('name = "x"\n[cv]\nn_splits = 0\n[[candidates]]\nname = "a"', "cv.n_splits"),
+    ('name = "x"\n[train]\noptimizer = "rmsprop"\n[[candidates]]\nname = "a"',
+     "candidates[0].train.optimizer"),
+    ('name = "x"\n[[candidates]]\nname = "a"\n[[candidates]]\nname = "a"', "unique"),
+    ('name = "x"', "at least one"),
+    ('name = "x"\n[[candidates]]\nlayers = []', "candidates[0]: missing key 'name'"),
+    ('name = "x"\n[cv]\nrepeats = 3\n[[candidates]]\nname = "a"', "cv: repeats > 1"),
+    ('name = "x\n', "not valid TOML"),
+]
+
+
+@pytest.mark.parametrize(("text", "fragment"), BAD_STUDIES)
+def test_bad_study_files_name_the_file_and_field(tmp_path: Path, text: str, fragment: str):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as error:
+        load_study(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: ") and fragment in message, message
+    assert "\n" not in message
+
+
+def test_more_folds_than_samples_is_rejected():
+    spec = study_from_dict({"name": "x", "cv": {"n_splits": 10},
+                            "candidates": [{"name": "a"}]})
+    with pytest.raises(ConfigError, match="cv.n_splits: 10 folds need at least 10 samples"):
+        make_folds(5, spec.cv, seed=0)
+
+
+def test_missing_study_file_and_unknown_bundled_name():
+    with pytest.raises(ConfigError, match="no such study file"):
+        load_study("does-not-exist.toml")
+    with pytest.raises(ConfigError, match="bundled: .*seed"):
+        load_study("no-such-study")
+
+
+def test_cli_reports_a_bad_study_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    path = tmp_path / "bad.toml"
+    path.write_text('name = "x"\n[[candidates]]\nname = "a"\nlayers = [{ units = 0 }]')
+    code, _, err = run_cli(capsys, "study", str(path), "--run-dir", str(tmp_path / "runs"))
+    assert_one_line_error(code, err, str(path), "candidates[0].layers[0].units")
+    assert not (tmp_path / "runs").exists()  # nothing half-written

@@ -1,0 +1,109 @@
+"""Stacked networks against plain PyTorch layers, the L2 penalty, dropout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fashionlab.config import ConvLayer, DenseLayer, ModelSpec
+from fashionlab.models import StackedNet, build_module, flat_features, forward_flops
+from fashionlab.rng import MemberGenerators
+
+DENSE = ModelSpec(layers=(DenseLayer(32, l2=0.01, dropout=0.3), DenseLayer(16)))
+CONV = ModelSpec(conv=(ConvLayer(4, pool=2, batch_norm=True), ConvLayer(6, kernel=3, l2=0.02),
+                       ConvLayer(5, padding="same", pool=2)),
+                 dropout=0.25, layers=(DenseLayer(12, l2=0.001),))
+
+
+def _stack(spec: ModelSpec, n: int, seeds: list[int] | None = None) -> StackedNet:
+    generators = MemberGenerators(seeds or list(range(n)), torch.device("cpu"))
+    return StackedNet([spec] * n, generators)
+
+
+@pytest.mark.parametrize("spec", [DENSE, CONV], ids=["dense", "conv"])
+def test_each_member_computes_what_the_plain_module_computes(spec: ModelSpec):
+    stack = _stack(spec, 3).eval()
+    x = torch.rand(3, 7, 28, 28)  # (M, B, 28, 28): each member its own batch
+    out = stack(x)
+    assert out.shape == (3, 7, 10)
+    for m in range(3):
+        plain = build_module(spec).eval()
+        plain.load_state_dict(stack.member_state_dict(m))
+        torch.testing.assert_close(out[m], plain(x[m].unsqueeze(1)), rtol=1e-5, atol=1e-5)
+
+
+def test_members_do_not_depend_on_their_stack_mates():
+    # Member with seed 5 gets the same initial weights alone and in a stack.
+    alone = _stack(DENSE, 1, [5]).member_state_dict(0)
+    stacked = _stack(DENSE, 3, [1, 5, 9]).member_state_dict(1)
+    for key in alone:
+        assert torch.equal(alone[key], stacked[key]), key
+
+
+def test_glorot_uniform_limits_and_zero_biases():
+    state = _stack(DENSE, 1).member_state_dict(0)
+    first = next(k for k in state if k.endswith("weight"))
+    limit = (6 / (784 + 32)) ** 0.5
+    assert state[first].abs().max() <= limit
+    assert state[first].abs().max() > 0.9 * limit
+    assert all(not state[k].any() for k in state if k.endswith("bias"))
+
+
+@pytest.mark.parametrize("spec", [DENSE, CONV], ids=["dense", "conv"])
+def test_l2_penalty_equals_the_explicit_sum(spec: ModelSpec):
+    stack = _stack(spec, 2)
+    for m in range(2):
+        state = stack.member_state_dict(m)
+        plain = build_module(spec)
+        plain.load_state_dict(state)
+        coefficients = [c.l2 for c in spec.conv] + [d.l2 for d in spec.layers]
+        kernels = [layer.weight for layer in plain
+                   if isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear))][:-1]
+        explicit = sum(c * (w**2).sum() for c, w in zip(coefficients, kernels))
+        torch.testing.assert_close(stack.l2_penalty()[m], explicit)
+
+
+def test_dropout_is_active_in_training_and_off_in_evaluation():
+    spec = ModelSpec(layers=(DenseLayer(64, dropout=0.5),))
+    stack = _stack(spec, 1)
+    x = torch.rand(1, 16, 28, 28)
+    generators = MemberGenerators([0], torch.device("cpu"))
+    train_a, train_b = stack(x, generators), stack(x, generators)
+    assert not torch.allclose(train_a, train_b)  # new masks each call
+    torch.testing.assert_close(stack.eval()(x), stack(x))  # no generators: deterministic
+
+
+def test_dropout_masks_are_inverted_and_have_the_right_rate():
+    from fashionlab.models import _dropout
+
+    h = torch.ones(2, 2000, 50)
+    out = _dropout(h, [0.0, 0.4], MemberGenerators([0, 1], torch.device("cpu")))
+    assert torch.equal(out[0], h[0])  # rate 0: untouched
+    kept = out[1] != 0
+    assert abs(kept.float().mean().item() - 0.6) < 0.01
+    torch.testing.assert_close(out[1][kept], torch.full_like(out[1][kept], 1 / 0.6))
+
+
+def test_select_keeps_members_and_their_weights():
+    stack = _stack(CONV, 3)
+    subset = stack.select([2, 0])
+    for new, old in ((0, 2), (1, 0)):
+        a, b = subset.member_state_dict(new), stack.member_state_dict(old)
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+
+
+def test_shapes_and_flops():
+    assert flat_features(DENSE) == 784
+    seed_cnn = ModelSpec(conv=(ConvLayer(32, pool=2), ConvLayer(64, pool=2), ConvLayer(64)),
+                         dropout=0.3, layers=(DenseLayer(64),))
+    assert flat_features(seed_cnn) == 3 * 3 * 64
+    assert forward_flops(ModelSpec(layers=(DenseLayer(64),))) == 2 * (784 * 64 + 64 * 10)
+    params = sum(p.numel() for p in build_module(seed_cnn).parameters())
+    assert params == 93322  # the seed CNN's parameter count as Keras reports it
+
+
+def test_members_of_different_shapes_cannot_stack():
+    generators = MemberGenerators([0, 1], torch.device("cpu"))
+    with pytest.raises(ValueError, match="one architecture shape"):
+        StackedNet([DENSE, ModelSpec(layers=(DenseLayer(8),))], generators)

@@ -1,0 +1,190 @@
+"""Studies end to end on the tiny dataset: results, files, store rows, resume after a kill."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from helpers import run_cli, tiny_study_toml
+
+from fashionlab.config import load_study
+from fashionlab.store import Store
+from fashionlab.study import run_study
+
+
+@pytest.fixture
+def study_file(tiny_idx_dir: Path, tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(tiny_study_toml(tiny_idx_dir))
+    return path
+
+
+def _epoch_rows(run_dir: Path, run_id: str) -> dict[tuple[str, int], tuple[float, ...]]:
+    store = Store.open(run_dir)
+    rows = {(e.key, e.epoch): tuple(None if math.isnan(v) else v  # NaN == NaN here
+                                    for v in (e.loss, e.accuracy, e.val_loss, e.val_accuracy))
+            for e in store.epochs(run_id)}
+    assert len(rows) == len(store.epochs(run_id))  # no duplicates
+    store.close()
+    return rows
+
+
+def test_a_study_runs_end_to_end(study_file: Path, tmp_path: Path):
+    spec = load_study(study_file)
+    result = run_study(spec, run_dir=tmp_path / "runs", progress=False)
+
+    assert [c.name for c in result.candidates] == ["small", "small L2", "two layers"]
+    for candidate in result.candidates:
+        assert candidate.curves["val_loss"].shape == (3, 4)  # 3 folds x 4 epochs
+        assert len(candidate.val_accuracy) == 3
+        assert not math.isnan(candidate.val_accuracy.mean())
+    assert result.best in {"small", "small L2", "two layers"}
+    assert {c.name for c in result.comparisons} == {"small", "small L2", "two layers"}
+    assert result.retrain is not None and 0 <= result.retrain.test_accuracy <= 1
+    assert result.final[0].name == "cnn" and result.final[0].curves["val_loss"].shape == (1, 2)
+
+    out = result.output_dir
+    for name in ("results.md", "results.csv", "results.json", "study.toml",
+                 "figures/samples.png", "figures/curves-small.png", "figures/curves-cnn.png",
+                 f"models/{result.best.replace(' ', '_')}/model.safetensors",
+                 "models/cnn/model.json"):
+        assert (out / name).is_file(), name
+    table = (out / "results.md").read_text()
+    assert "random guess" in table and "(retrained)" in table and "± " in table
+    assert not (out / "checkpoints").exists()
+
+    store = Store.open(tmp_path / "runs")
+    run = store.run(result.run.id)
+    assert run.state == "finished" and run.summary["best"] == result.best
+    assert run.config["name"] == "tiny" and run.environment["versions"]["torch"]
+    assert run.environment["machine"]["cores"] >= 1
+    models = store.models(run.id)
+    assert len(models) == 3 * 3 + 2  # folds, the retrained best, the CNN
+    assert all(m.status == "finished" for m in models)
+    epochs = store.epochs(run.id)
+    assert len(epochs) == 3 * 3 * 4 + result.retrain.epochs + 2
+
+
+def test_same_seed_same_numbers(study_file: Path, tmp_path: Path):
+    spec = load_study(study_file)
+    a = run_study(spec, run_dir=tmp_path / "a", progress=False)
+    b = run_study(spec, run_dir=tmp_path / "b", progress=False)
+    assert _epoch_rows(tmp_path / "a", a.run.id) == _epoch_rows(tmp_path / "b", b.run.id)
+
+
+def test_a_finished_study_is_not_rerun_unless_fresh(study_file: Path, tmp_path: Path):
+    spec = load_study(study_file)
+    first = run_study(spec, run_dir=tmp_path, progress=False)
+    second = run_study(spec, run_dir=tmp_path, progress=False, fresh=True)
+    assert second.run.id != first.run.id
+
+
+_KILLER = textwrap.dedent("""
+    import os, signal, sys
+    from fashionlab.config import load_study
+    from fashionlab.store import Store
+    from fashionlab.study import run_study
+
+    study, run_dir, mode, target_key, target_epoch = sys.argv[1:6]
+    target_epoch = int(target_epoch)
+
+    def after_epoch(key, epoch):
+        if mode == "after-commit" and key == target_key and epoch == target_epoch:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    if mode == "before-commit":  # die with the checkpoint written but the epoch not stored
+        record = Store.record_epochs
+        calls = {"n": 0}
+        def dying_record(self, run_id, rows, updates=None):
+            calls["n"] += 1
+            if calls["n"] == target_epoch:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return record(self, run_id, rows, updates)
+        Store.record_epochs = dying_record
+
+    run_study(load_study(study), run_dir=run_dir, progress=False, after_epoch=after_epoch)
+""")
+
+
+@pytest.mark.parametrize("mode", ["after-commit", "before-commit"])
+def test_a_killed_study_resumes_to_the_uninterrupted_numbers(
+        study_file: Path, tmp_path: Path, mode: str):
+    spec = load_study(study_file)
+    reference = run_study(spec, run_dir=tmp_path / "reference", progress=False)
+    expected = _epoch_rows(tmp_path / "reference", reference.run.id)
+
+    rng = random.Random()  # a different moment each time; printed on failure
+    key, epoch = rng.choice(sorted(expected))
+    if mode == "before-commit":
+        epoch = rng.randint(1, 12)
+    script = tmp_path / "killer.py"
+    script.write_text(_KILLER)
+    run_dir = tmp_path / "interrupted"
+    killed = subprocess.run([sys.executable, str(script), str(study_file), str(run_dir), mode,
+                             key, str(epoch)], capture_output=True, text=True, timeout=300,
+                            check=False)
+    assert killed.returncode == -signal.SIGKILL, (key, epoch, killed.stderr[-2000:])
+
+    store = Store.open(run_dir)
+    (interrupted,) = store.runs()
+    assert interrupted.state == "interrupted"
+    stored_before = _epoch_rows(run_dir, interrupted.id)
+    store.close()
+
+    resumed = run_study(spec, run_dir=run_dir, progress=False)
+    assert resumed.run.id == interrupted.id  # the same run, continued
+    rows = _epoch_rows(run_dir, resumed.run.id)
+    assert rows == expected, (mode, key, epoch)
+    for k, values in stored_before.items():  # what was stored before the kill is untouched
+        assert rows[k] == values
+    assert resumed.best == reference.best
+    assert resumed.retrain.test_accuracy == reference.retrain.test_accuracy
+
+
+def test_a_diverging_candidate_is_reported_and_the_study_goes_on(tiny_idx_dir: Path,
+                                                                  tmp_path: Path):
+    candidates = """
+[[candidates]]
+name = "fine"
+layers = [{ units = 16 }]
+
+[[candidates]]
+name = "exploding"
+layers = [{ units = 16, l2 = 1e38 }]
+"""
+    path = tmp_path / "nan.toml"
+    path.write_text(tiny_study_toml(tiny_idx_dir, candidates=candidates, final=False))
+    result = run_study(load_study(path), run_dir=tmp_path / "runs", progress=False)
+    exploding = next(c for c in result.candidates if c.name == "exploding")
+    assert exploding.failed and "diverged" in exploding.failures[0]
+    assert result.best == "fine" and result.retrain is not None
+    assert "diverged" in (result.output_dir / "results.md").read_text()
+
+
+def test_the_study_command_writes_the_table(study_file: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]):
+    code, out, err = run_cli(capsys, "study", str(study_file), "--run-dir", str(tmp_path),
+                             "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["best"] in {"small", "small L2", "two layers"}
+    assert summary["table"][0]["model"] == "random guess"
+    code, out, err = run_cli(capsys, "study", str(study_file), "--run-dir", str(tmp_path),
+                             "--fresh")
+    assert code == 0 and "random guess" in out and "(retrained)" in out
+
+
+def test_quick_variant_of_the_seed_study_is_small():
+    from fashionlab.config import quick_variant
+
+    quick = quick_variant(load_study("seed"))
+    assert quick.data.train_limit <= 6000 and all(c.train.epochs <= 8 for c in quick.candidates)
+    assert os.environ.get("FASHIONLAB_DATA") is None

@@ -1,0 +1,186 @@
+"""The stack trainer: it learns, it is reproducible, stacking changes nothing, checkpoints
+continue bit-identically, and a diverging member stops alone."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fashionlab.config import Augment, ConvLayer, DenseLayer, EarlyStopping, ModelSpec, TrainSpec
+from fashionlab.cv import train_members
+from fashionlab.data import load_fashion_mnist, to_tensors
+from fashionlab.train import Member, StackTrainer, Tensors
+
+CPU = torch.device("cpu")
+DENSE = ModelSpec(layers=(DenseLayer(24, l2=0.001, dropout=0.2),))
+CONV = ModelSpec(conv=(ConvLayer(4, pool=2, batch_norm=True),), dropout=0.2,
+                 layers=(DenseLayer(16),))
+TRAIN = TrainSpec(epochs=4, batch_size=32)
+
+
+@pytest.fixture
+def tiny(tiny_idx_dir: Path) -> Tensors:
+    dataset = load_fashion_mnist(tiny_idx_dir, verify=False)
+    x, y = to_tensors(dataset.train)
+    x_test, y_test = to_tensors(dataset.test)
+    return Tensors(x, y, x_test, y_test)
+
+
+def _members(spec: ModelSpec, seeds: list[int], n: int = 300) -> list[Member]:
+    # Three "folds": each member validates on its own third of the training set.
+    out = []
+    for i, seed in enumerate(seeds):
+        val = np.arange(i % 3 * 100, i % 3 * 100 + 100)
+        out.append(Member(f"m{seed}", spec, np.setdiff1d(np.arange(n), val), val, seed))
+    return out
+
+
+def _cv_data(t: Tensors) -> Tensors:
+    return Tensors(t.x_train, t.y_train, t.x_train, t.y_train)
+
+
+def _histories(trainer: StackTrainer, epochs: int) -> dict[str, list[tuple[float, ...]]]:
+    out: dict[str, list[tuple[float, ...]]] = {k: [] for k in trainer.keys}
+    for _ in range(epochs):
+        for key, m in trainer.run_epoch().items():
+            out[key].append((m.loss, m.accuracy, m.val_loss, m.val_accuracy))
+    return out
+
+
+@pytest.mark.parametrize("spec", [DENSE, CONV], ids=["dense", "conv"])
+def test_a_model_learns_an_easy_problem(tiny: Tensors, spec: ModelSpec):
+    member = Member("m", spec, np.arange(300), np.arange(100), seed=0)
+    trainer = StackTrainer([member], dataclasses.replace(TRAIN, learning_rate=3e-3), tiny, CPU)
+    history = [trainer.run_epoch()["m"] for _ in range(8)]
+    assert history[-1].val_accuracy >= 0.9
+    assert history[-1].loss < history[0].loss
+
+
+def test_same_seed_gives_identical_histories(tiny: Tensors):
+    runs = [_histories(StackTrainer(_members(DENSE, [1, 2]), TRAIN, _cv_data(tiny), CPU), 3)
+            for _ in range(2)]
+    assert runs[0] == runs[1]
+    other = _histories(StackTrainer(_members(DENSE, [1, 3]), TRAIN, _cv_data(tiny), CPU), 3)
+    assert other["m1"] == runs[0]["m1"] and other["m3"] != runs[0]["m2"]
+
+
+@pytest.mark.parametrize("spec", [DENSE, CONV], ids=["dense", "conv"])
+def test_stacked_training_equals_training_one_at_a_time(tiny: Tensors, spec: ModelSpec):
+    seeds = [4, 5, 6]
+    stacked = _histories(StackTrainer(_members(spec, seeds), TRAIN, _cv_data(tiny), CPU), 4)
+    for member in _members(spec, seeds):
+        alone = _histories(StackTrainer([member], TRAIN, _cv_data(tiny), CPU), 4)[member.key]
+        np.testing.assert_allclose(stacked[member.key], alone, rtol=2e-4, atol=2e-5)
+
+
+def test_stacks_of_different_regularisation_match_their_members_alone(tiny: Tensors):
+    variants = [ModelSpec(layers=(DenseLayer(24, l2=l2, dropout=p),))
+                for l2, p in ((0.0, 0.0), (0.01, 0.0), (0.0, 0.4))]
+    members = [Member(f"v{i}", spec, np.arange(200), np.arange(200, 300), seed=9)
+               for i, spec in enumerate(variants)]
+    stacked = _histories(StackTrainer(members, TRAIN, _cv_data(tiny), CPU), 3)
+    for member in members:
+        alone = _histories(StackTrainer([member], TRAIN, _cv_data(tiny), CPU), 3)[member.key]
+        np.testing.assert_allclose(stacked[member.key], alone, rtol=2e-4, atol=2e-5)
+
+
+def test_dropping_a_member_leaves_the_others_unchanged(tiny: Tensors):
+    spec = dataclasses.replace(TRAIN, optimizer="adamw", weight_decay=0.01, schedule="onecycle")
+    full = _histories(StackTrainer(_members(CONV, [1, 2, 3]), spec, _cv_data(tiny), CPU), 4)
+    trainer = StackTrainer(_members(CONV, [1, 2, 3]), spec, _cv_data(tiny), CPU)
+    first = _histories(trainer, 2)
+    trainer.drop(["m2"])
+    rest = _histories(trainer, 2)
+    for key in ("m1", "m3"):
+        assert first[key] + rest[key] == full[key]
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_checkpoint_continues_bit_identically(tiny: Tensors, optimizer: str):
+    spec = dataclasses.replace(TRAIN, optimizer=optimizer, schedule="onecycle",
+                               augment=Augment(crop=2, flip=True), learning_rate=0.01)
+    reference = _histories(StackTrainer(_members(CONV, [1, 2]), spec, _cv_data(tiny), CPU), 4)
+    trainer = StackTrainer(_members(CONV, [1, 2]), spec, _cv_data(tiny), CPU)
+    first = _histories(trainer, 2)
+    saved = io.BytesIO()
+    torch.save(trainer.state_dict(), saved)  # as a checkpoint file would hold it
+    trainer.run_epoch()  # moves on; the restored copy must not see this
+    saved.seek(0)
+    state = torch.load(saved, weights_only=True)
+    resumed = StackTrainer(_members(CONV, [1, 2]), spec, _cv_data(tiny), CPU)
+    resumed.load_state_dict(state)
+    rest = _histories(resumed, 2)
+    for key in reference:
+        assert first[key] + rest[key] == reference[key]
+
+
+def test_a_diverging_member_stops_with_a_message_and_the_others_finish(tiny: Tensors):
+    good = Member("good", DENSE, np.arange(200), np.arange(200, 300), seed=1)
+    bad = Member("bad", ModelSpec(layers=(DenseLayer(24, l2=1e38),)), np.arange(200),
+                 np.arange(200, 300), seed=2)
+    results = train_members([good, bad], TRAIN, _cv_data(tiny), CPU)
+    assert results["bad"].status == "failed"
+    assert "diverged" in results["bad"].message and "epoch 1" in results["bad"].message
+    assert results["good"].status == "finished" and len(results["good"].history) == 4
+    assert math.isfinite(results["good"].history[-1].val_loss)
+
+
+def test_early_stopping_restores_the_best_weights(tiny: Tensors):
+    # Improvements under 0.05 do not count, so training stops once the curve flattens.
+    spec = dataclasses.replace(TRAIN, epochs=40, learning_rate=0.01,
+                               early_stopping=EarlyStopping(patience=2, min_delta=0.05))
+    member = Member("m", DENSE, np.arange(200), np.arange(200, 300), seed=1)
+    result = train_members([member], spec, _cv_data(tiny), CPU, keep_weights=True)["m"]
+    assert result.status == "stopped" and len(result.history) < 40
+    assert len(result.history) == result.best_epoch + 2  # patience 2 after the best
+    best = result.history[result.best_epoch - 1].val_loss
+    assert all(m.val_loss > best - 0.05 for m in result.history[result.best_epoch:])
+    scorer = StackTrainer([member], spec, _cv_data(tiny), CPU)
+    scorer.load_member_state_dict("m", result.weights)
+    loss, _ = scorer.evaluate(tiny.x_train, tiny.y_train, torch.arange(200, 300).unsqueeze(0))
+    assert loss[0] == pytest.approx(best, rel=1e-5)  # the best epoch's weights, not the last
+    assert loss[0] != pytest.approx(result.history[-1].val_loss, rel=1e-5)
+
+
+def test_train_members_resumes_from_its_checkpoint(tiny: Tensors, tmp_path: Path):
+    spec = dataclasses.replace(TRAIN, epochs=5,
+                               early_stopping=EarlyStopping(patience=2, restore_best=True))
+    reference = train_members(_members(DENSE, [1, 2]), spec, _cv_data(tiny), CPU)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_at_3(epoch: int, metrics: dict, results: dict) -> None:
+        if epoch == 3:
+            raise Interrupt
+
+    checkpoint = tmp_path / "stack.pt"
+    with pytest.raises(Interrupt):
+        train_members(_members(DENSE, [1, 2]), spec, _cv_data(tiny), CPU,
+                      checkpoint=checkpoint, on_epoch=stop_at_3)
+    resumed = train_members(_members(DENSE, [1, 2]), spec, _cv_data(tiny), CPU,
+                            checkpoint=checkpoint)
+    for key, result in reference.items():
+        assert resumed[key].history == [dataclasses.replace(m, seconds=r.seconds)
+                                        for m, r in zip(result.history, resumed[key].history)]
+        assert (resumed[key].status, resumed[key].best_epoch) == (result.status,
+                                                                  result.best_epoch)
+
+
+def test_augmentation_keeps_shapes_and_moves_pixels():
+    from fashionlab.rng import MemberGenerators
+    from fashionlab.train import augment
+
+    x = torch.zeros(2, 5, 28, 28)
+    x[:, :, 10:18, 4:8] = 1.0
+    out = augment(x, crop=3, flip=True, generators=MemberGenerators([0, 1], CPU))
+    assert out.shape == x.shape
+    assert not torch.equal(out, x)
+    # A crop shifts the item by at most 3 pixels and never invents brightness.
+    assert out.sum() <= x.sum() and out.max() == 1.0
