@@ -1,0 +1,276 @@
+"""Speed of fashionlab against a plain PyTorch loop and Keras, on the seed study's models.
+
+What it proves: for each model of the seed study, seconds per fold-epoch (training + validation,
+48k + 12k for the dense candidates, 60k + 10k test for the CNN), samples per second, the
+arithmetic rate achieved against the matrix-product peak measured in the same run, peak memory,
+and the ratios against the two references timed in the same run; then the whole study's wall
+time, extrapolated from those epochs, and measured for real with --full.
+
+    python benchmarks/bench_speed.py                    # 3 epochs per model, all references
+    python benchmarks/bench_speed.py --epochs 5 --refs torch --models dense64,cnn
+    python benchmarks/bench_speed.py --full             # also the whole study, for real (~40 min)
+
+Each implementation runs in its own process (peak memory is per process), one after another:
+nothing else should run on the machine meanwhile. The first epoch of each is dropped (warm-up,
+Keras' tracing). Results are printed, and written as JSON and Markdown with the machine, the
+versions and the date under benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+KERAS_PYTHON = ROOT / ".venv-keras" / "bin" / "python"
+MODELS = ("dense64", "dense64_l2", "dense64_drop", "dense256_drop", "dense64x2_drop",
+          "dense256x2_drop", "cnn")
+# The seed study's names for the reference scripts' model names.
+SEED_NAMES = {"dense64": "dense(64)", "dense64_l2": "dense(64) L2",
+              "dense64_drop": "dense(64) dropout", "dense256_drop": "dense(256) dropout",
+              "dense64x2_drop": "dense(64)x2 dropout", "dense256x2_drop": "dense(256)x2 dropout",
+              "cnn": "cnn"}
+
+
+# ---- measured inside a worker process -------------------------------------------------------
+
+
+def matmul_peak(dtype_name: str, size: int = 1024, repeats: int = 20) -> float:
+    """GFLOP/s of one square matrix product, best of `repeats` (the hardware's practical peak)."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def fashionlab_epochs(model: str, epochs: int, precision: str | None) -> dict:
+    """Time `epochs` epochs of fashionlab on one model, as the study trains it: the 5 folds of a
+    dense candidate as one stack, the CNN alone on all 60k with the test set as validation."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from fashionlab.config import load_study
+    from fashionlab.cv import make_folds
+    from fashionlab.data import load_fashion_mnist, to_tensors
+    from fashionlab.models import forward_flops
+    from fashionlab.train import Member, StackTrainer, Tensors
+
+    spec = load_study("seed")
+    candidate = next(c for c in spec.candidates + spec.final if c.name == SEED_NAMES[model])
+    if precision is not None:
+        candidate = dataclasses.replace(
+            candidate, train=dataclasses.replace(candidate.train, precision=precision))
+    dataset = load_fashion_mnist()
+    x, y = to_tensors(dataset.train)
+    if model == "cnn":
+        x_test, y_test = to_tensors(dataset.test)
+        data = Tensors(x, y, x_test, y_test)
+        members = [Member("cnn", candidate.model, np.arange(60000), np.arange(10000), 0)]
+    else:
+        data = Tensors(x, y, x, y)
+        members = [Member(f"fold-{f.index}", candidate.model, f.train_index, f.val_index, f.index)
+                   for f in make_folds(60000, spec.cv, seed=0)]
+    trainer = StackTrainer(members, candidate.train, data, torch.device("cpu"))
+    seconds, accuracy = [], []
+    for _ in range(epochs):
+        metrics = trainer.run_epoch()
+        seconds.append(next(iter(metrics.values())).seconds / len(members))
+        accuracy.append(float(np.mean([m.val_accuracy for m in metrics.values()])))
+    n_train, n_val = len(members[0].train_index), len(members[0].val_index)
+    flops = forward_flops(candidate.model)
+    return {
+        "impl": "fashionlab", "model": model, "seconds_per_epoch": seconds,
+        "stacked_models": len(members), "train_samples": n_train, "val_samples": n_val,
+        "val_accuracy": accuracy, "precision": candidate.train.precision,
+        # Training costs ~3x the forward pass (forward, input and weight gradients).
+        "flops_per_epoch": flops * (3 * n_train + n_val),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+# ---- the driver -------------------------------------------------------------------------------
+
+
+def _run_json(command: list[str], timeout: float = 7200) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out.json"
+        done = subprocess.run([*command, "--json", str(out)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=timeout, check=False)
+        if done.returncode != 0 or not out.exists():
+            raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+        return json.loads(out.read_text())
+
+
+def _steady(seconds: list[float]) -> float:
+    rest = seconds[1:] or seconds  # the first epoch warms up (allocations, Keras' tracing)
+    return sum(rest) / len(rest)
+
+
+def _full_study(python: Path, args: list[str], env: dict | None = None) -> dict:
+    """Run a whole study in a child process; wall time and the child's peak memory."""
+    start = time.perf_counter()
+    done = subprocess.run([str(python), *args], cwd=ROOT, capture_output=True, text=True,
+                          check=False, env=env)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"{args} failed:\n{done.stderr[-3000:]}")
+    return {"wall_seconds": wall, "stdout_tail": done.stdout[-3000:]}
+
+
+FULL_FASHIONLAB = """
+import resource, sys, json, time
+from fashionlab.config import load_study
+from fashionlab.study import run_study
+start = time.perf_counter()
+result = run_study(load_study("seed"), run_dir=sys.argv[1], fresh=True, progress=False)
+print(json.dumps({"wall_seconds": time.perf_counter() - start,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "test_accuracy": result.retrain.test_accuracy,
+                  "cnn_val_accuracy": float(result.final[0].val_accuracy[0]),
+                  "cv": {c.name: float(c.val_accuracy.mean()) for c in result.candidates}}))
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per model (first dropped)")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--refs", default="torch,keras", help="torch, keras, or none")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                        help="override the study's precision for fashionlab")
+    parser.add_argument("--full", action="store_true", help="also run the whole study for real")
+    parser.add_argument("--json", type=Path, help=argparse.SUPPRESS)  # worker output
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:  # inside a child process
+        if args.worker == "peak":
+            record = {"fp32": matmul_peak("float32"), "bf16": matmul_peak("bfloat16")}
+        else:
+            record = fashionlab_epochs(args.worker, args.epochs, args.precision)
+        args.json.write_text(json.dumps(record))
+        return
+
+    models = [m for m in args.models.split(",") if m]
+    refs = [r for r in args.refs.split(",") if r and r != "none"]
+    me = [sys.executable, str(Path(__file__).resolve())]
+    peak = _run_json([*me, "--worker", "peak"])
+    print(f"matrix-product peak: {peak['fp32']:.0f} GFLOP/s fp32, {peak['bf16']:.0f} bf16")
+    rows = {}
+    for model in models:
+        precision = ["--precision", args.precision] if args.precision else []
+        row = {"fashionlab": _run_json([*me, "--worker", model, "--epochs", str(args.epochs),
+                                        *precision])}
+        epochs = ["--model", model, "--epochs", str(args.epochs)]
+        if "torch" in refs:
+            row["torch-plain"] = _run_json([sys.executable, "benchmarks/reference_torch.py",
+                                            *epochs])
+        if "keras" in refs:
+            row["keras"] = _run_json([str(KERAS_PYTHON), "benchmarks/reference_keras.py", *epochs])
+        rows[model] = row
+        _print_row(model, row, peak)
+
+    report = _report(rows, peak, refs, args)
+    if args.full:
+        with tempfile.TemporaryDirectory() as tmp:
+            full = {"fashionlab": json.loads(_full_study(
+                Path(sys.executable), ["-c", FULL_FASHIONLAB, tmp])["stdout_tail"])}
+            if "keras" in refs:
+                full["keras"] = _run_json([str(KERAS_PYTHON), "benchmarks/reference_keras.py",
+                                           "--study"], timeout=4 * 3600)
+        report["full"] = full
+        print(json.dumps(full, indent=2)[:3000])
+    _write(report)
+
+
+def _print_row(model: str, row: dict, peak: dict) -> None:
+    ours = row["fashionlab"]
+    s = _steady(ours["seconds_per_epoch"])
+    gflops = ours["flops_per_epoch"] / s / 1e9
+    reference_peak = peak["bf16"] if ours["precision"] == "bf16" else peak["fp32"]
+    line = (f"{model:16s} fashionlab {s:6.3f} s/epoch  "
+            f"{(ours['train_samples'] + ours['val_samples']) / s:8.0f} samples/s  "
+            f"{gflops:5.0f} GFLOP/s ({100 * gflops / reference_peak:3.0f}% of {ours['precision']} "
+            f"peak)  {ours['peak_rss_mb']:5.0f} MB")
+    for name in ("torch-plain", "keras"):
+        if name in row:
+            other = _steady(row[name]["seconds_per_epoch"])
+            line += f" | {name} {other:6.3f} s ({other / s:4.1f}x)"
+    print(line, flush=True)
+
+
+def _report(rows: dict, peak: dict, refs: list[str], args: argparse.Namespace) -> dict:
+    """Per-model table plus the whole study extrapolated from the measured epochs."""
+    from fashionlab import __version__
+
+    def study_seconds(impl: str) -> float | None:
+        if any(impl not in row for row in rows.values()) or set(rows) != set(MODELS):
+            return None
+        cv = sum(40 * 5 * _steady(rows[m][impl]["seconds_per_epoch"]) for m in MODELS[:-1])
+        # The retrain: 20 epochs of the best candidate on 60k (1.25x a 48k fold-epoch).
+        retrain = 20 * 1.25 * _steady(rows["dense256_drop"][impl]["seconds_per_epoch"])
+        return cv + retrain + 30 * _steady(rows["cnn"][impl]["seconds_per_epoch"])
+
+    import torch
+
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "platform": platform.platform()},
+        "versions": {"fashionlab": __version__, "torch": torch.__version__,
+                     "python": platform.python_version()},
+        "epochs_timed": args.epochs, "peak_gflops": peak, "models": rows,
+        "study_extrapolated_seconds": {impl: study_seconds(impl)
+                                       for impl in ["fashionlab", *_ref_names(refs)]},
+    }
+
+
+def _ref_names(refs: list[str]) -> list[str]:
+    return [{"torch": "torch-plain", "keras": "keras"}[r] for r in refs]
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _write(report: dict) -> None:
+    out_dir = ROOT / "benchmarks" / "results"
+    out_dir.mkdir(exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M")
+    (out_dir / f"speed-{stamp}.json").write_text(json.dumps(report, indent=2) + "\n")
+    extrapolated = report["study_extrapolated_seconds"]
+    if extrapolated.get("fashionlab"):
+        parts = [f"{impl} {sec / 60:.1f} min" for impl, sec in extrapolated.items() if sec]
+        print("whole study, extrapolated from epochs: " + ", ".join(parts))
+        if extrapolated.get("keras"):
+            print(f"  fashionlab is {extrapolated['keras'] / extrapolated['fashionlab']:.1f}x "
+                  "faster than Keras")
+    print(f"written: {out_dir / f'speed-{stamp}.json'}")
+
+
+if __name__ == "__main__":
+    main()
