@@ -118,7 +118,9 @@ class TrainSpec:
     schedule: Literal["constant", "onecycle"] = "constant"  # onecycle peaks at learning_rate
     label_smoothing: Rate = 0.0
     augment: Augment = Augment()
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast for matrix products and convs
+    # bf16: autocast matrix products and convolutions to bfloat16 (weights, loss and optimiser
+    # stay fp32); auto: bf16 where the device computes it natively, else fp32.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     early_stopping: EarlyStopping | None = None
 
 

@@ -68,6 +68,34 @@ def stack_key(member: Member, train: TrainSpec) -> tuple[Any, ...]:
     return (member.model.shape_key(), train, len(member.train_index), n_val)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether the device computes bfloat16 matrix products natively (fast, not emulated)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line for line in cpuinfo if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" -> "bf16" where native, else "fp32"; other values unchanged."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
+def gather(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x[rows] for rows (M, b): (M, b, *x.shape[1:]). index_select on a flat view is several
+    times faster than advanced indexing on the CPU, with identical results."""
+    flat = x.view(len(x), -1).index_select(0, rows.flatten())
+    return flat.view(*rows.shape, *x.shape[1:])
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -87,8 +115,15 @@ class StackTrainer:
         if len({stack_key(m, train) for m in members}) != 1:
             raise ValueError("members of a stack need one shape, one train size and one val size")
         self.train_spec = train
-        self.data = data
         self.device = device
+        self.precision = resolve_precision(train.precision, device)
+        if self.precision == "bf16":
+            # Autocast would round every gathered batch to bfloat16 anyway: round the images
+            # once, and gather half the bytes.
+            x_train = data.x_train.bfloat16()
+            x_val = x_train if data.x_val is data.x_train else data.x_val.bfloat16()
+            data = Tensors(x_train, data.y_train, x_val, data.y_val)
+        self.data = data
         self.members = list(members)
         self.keys = [m.key for m in members]
         self.epoch = 0  # completed epochs
@@ -122,7 +157,9 @@ class StackTrainer:
             return torch.optim.SGD(groups, lr=spec.learning_rate, momentum=spec.momentum,
                                    nesterov=spec.momentum > 0)
         adam = torch.optim.AdamW if spec.optimizer == "adamw" else torch.optim.Adam
-        return adam(groups, lr=spec.learning_rate, betas=(spec.beta1, spec.beta2), eps=spec.eps)
+        # The fused kernel updates all parameters in one pass: same arithmetic, less overhead.
+        return adam(groups, lr=spec.learning_rate, betas=(spec.beta1, spec.beta2), eps=spec.eps,
+                    fused=True)
 
     def _make_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler | None:
         spec = self.train_spec
@@ -146,10 +183,10 @@ class StackTrainer:
         correct = torch.zeros(M, device=self.device)
         for first in range(0, self.n_train, B):
             rows = order[:, first : first + B]  # (M, b): the last batch may be partial
-            x, y = data.x_train[rows], data.y_train[rows]  # (M, b, 28, 28), (M, b)
+            x, y = gather(data.x_train, rows), data.y_train[rows]  # (M, b, 28, 28), (M, b)
             if spec.augment.crop or spec.augment.flip:
                 x = augment(x, spec.augment.crop, spec.augment.flip, self.generators)
-            with autocast(self.device, spec.precision):
+            with autocast(self.device, self.precision):
                 logits = net(x, self.generators)  # (M, b, 10)
             per_member = F.cross_entropy(
                 logits.float().flatten(0, 1), y.flatten(), reduction="none",
@@ -192,8 +229,8 @@ class StackTrainer:
         correct = torch.zeros(M, device=self.device)
         for first in range(0, n, EVAL_CHUNK):
             rows = index[:, first : first + EVAL_CHUNK]
-            with autocast(self.device, self.train_spec.precision):
-                logits = net(x[rows]).float()
+            with autocast(self.device, self.precision):
+                logits = net(gather(x, rows)).float()
             target = y[rows]
             loss_sum += F.cross_entropy(
                 logits.flatten(0, 1), target.flatten(), reduction="none"
@@ -209,7 +246,7 @@ class StackTrainer:
         out = []
         for first in range(0, len(x), EVAL_CHUNK):
             chunk = x[first : first + EVAL_CHUNK].expand(len(self.keys), -1, -1, -1)
-            with autocast(self.device, self.train_spec.precision):
+            with autocast(self.device, self.precision):
                 out.append(self.net(chunk).float().softmax(-1))
         return torch.cat(out, dim=1)
 
