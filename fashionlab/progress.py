@@ -51,13 +51,14 @@ class Progress:
 
     def update_stack(self, task: TaskID, epoch: int, metrics: Mapping[str, EpochMetrics]) -> None:
         accuracies = [m.val_accuracy for m in metrics.values() if math.isfinite(m.val_accuracy)]
-        status = ""
         if accuracies:
-            status = f"val_acc {sum(accuracies) / len(accuracies):.4f}"
-            if len(accuracies) > 1:
-                status += f" (mean of {len(accuracies)})"
-        elif metrics:
-            status = f"acc {sum(m.accuracy for m in metrics.values()) / len(metrics):.4f}"
+            self.set_stack(task, epoch, sum(accuracies) / len(accuracies))
+        elif metrics:  # no validation data (a retrain): show the training accuracy
+            accuracy = sum(m.accuracy for m in metrics.values()) / len(metrics)
+            self._bars.update(task, completed=epoch, status=f"acc {accuracy:.4f}")
+
+    def set_stack(self, task: TaskID, epoch: int, val_accuracy: float) -> None:
+        status = f"val_acc {val_accuracy:.4f}" if math.isfinite(val_accuracy) else ""
         self._bars.update(task, completed=epoch, status=status)
 
     def finish_stack(self, task: TaskID) -> None:

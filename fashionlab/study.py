@@ -38,7 +38,8 @@ from fashionlab.data import Dataset, Split, load_fashion_mnist, to_tensors
 from fashionlab.errors import ConfigError
 from fashionlab.progress import Progress
 from fashionlab.provenance import environment
-from fashionlab.store import DEFAULT_RUN_DIR, RunRecord, Store
+from fashionlab.runner import mean_val_accuracy, run_in_workers, train_stack, worker_devices
+from fashionlab.store import DEFAULT_RUN_DIR, ModelRecord, RunRecord, Store
 from fashionlab.train import EpochMetrics, Member, Tensors, resolve_device, stack_key
 
 METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
@@ -124,11 +125,15 @@ def run_study(
     progress: bool = True,
     dataset: Dataset | None = None,
     after_epoch: Callable[[str, int], None] | None = None,
+    workers: int = 1,
 ) -> StudyResult:
     """Run (or resume) a study and return its results; files go under run_dir/<run id>/.
 
-    The latest unfinished run of the identical resolved config is resumed unless `fresh`.
+    The latest run of the identical resolved config is continued unless `fresh`: an
+    interrupted one resumes, a finished one is read back from the store without training.
     `after_epoch(key, epoch)` is called after each stored epoch (tests use it to interrupt).
+    `workers` > 1 trains independent cross-validation stacks in that many processes, each
+    with its share of the CPU threads, or GPUs round-robin when the device is CUDA.
     """
     started = time.perf_counter()
     torch_device = resolve_device(device)
@@ -140,7 +145,7 @@ def run_study(
     output_dir = Path(run.output_dir or run_dir / run.id)
     x_train, y_train = to_tensors(dataset.train, torch_device)
     x_test, y_test = to_tensors(dataset.test, torch_device)
-    runner = _Runner(store, run, spec, output_dir, torch_device, progress, after_epoch)
+    runner = _Runner(store, run, spec, output_dir, torch_device, progress, after_epoch, workers)
     result = StudyResult(run, spec, output_dir, n_train=len(folds[0].train_index),
                          n_val=len(folds[0].val_index))
     try:
@@ -167,6 +172,9 @@ def run_study(
 
     write_outputs(result, dataset)
     store.end_run(run.id, "finished", summary(result))
+    from fashionlab.report import write_report  # the report reads the finished run back
+
+    write_report(store, run.id, device=torch_device)
     shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
     result.run = store.run(run.id)
     store.close()
@@ -180,7 +188,9 @@ def _start_run(store: Store, spec: StudySpec, run_dir: Path, device: str, fresh:
             if run.state == "running":
                 raise ConfigError(f"run {run.id} of this study is still running "
                                   f"(pid {run.pid} on {run.host}); wait for it or pass --fresh")
-            if run.state == "interrupted":
+            # An interrupted run continues; a finished one is shown again from the store
+            # (every model is read back, nothing retrains).
+            if run.state in ("interrupted", "finished"):
                 return store.claim_run(run.id)
     return store.create_run(kind="study", name=spec.name, fingerprint=fingerprint,
                             seed=spec.seed, config=spec.to_dict(),
@@ -192,13 +202,17 @@ class _Runner:
 
     def __init__(self, store: Store, run: RunRecord, spec: StudySpec, output_dir: Path,
                  device: torch.device, show: bool,
-                 after_epoch: Callable[[str, int], None] | None) -> None:
+                 after_epoch: Callable[[str, int], None] | None, workers: int = 1) -> None:
         self.store, self.run, self.spec, self.device = store, run, spec, device
         self.output_dir = output_dir
         self.progress = Progress(enabled=show)
         self.after_epoch = after_epoch
-        self.done = {m.key: m for m in store.models(run.id) if m.status != "pending"
-                     and m.status != "running"}
+        self.workers = workers
+        self.done = self._finished_models()
+
+    def _finished_models(self) -> dict[str, ModelRecord]:
+        return {m.key: m for m in self.store.models(self.run.id)
+                if m.status in ("finished", "stopped", "failed")}
 
     def _register(self, members: Sequence[Member], candidate: dict[str, Candidate], role: str,
                   folds: dict[str, Fold | None]) -> None:
@@ -218,36 +232,18 @@ class _Runner:
         """Train one stack, or read it back from the store when it finished earlier."""
         if all(m.key in self.done for m in members) and not keep_weights:
             return {m.key: self._stored_result(m.key) for m in members}
-        train = candidate.train
-        digest = hashlib.sha256("\n".join(m.key for m in members).encode()).hexdigest()[:16]
-        checkpoint = self.output_dir / "checkpoints" / f"{digest}.pt"
-        stored_upto = {k: len(v) for k, v in self.store.histories(self.run.id).items()
-                       if k in {m.key for m in members}}
-        task = self.progress.add_stack(label, train.epochs, len(members))
-
-        def on_epoch(epoch: int, metrics: dict[str, EpochMetrics],
-                     results: dict[str, MemberResult]) -> None:
-            rows, updates = [], {}
-            for key, result in results.items():
-                for e in range(stored_upto.get(key, 0) + 1, len(result.history) + 1):
-                    m = result.history[e - 1]
-                    rows.append((key, e, (m.loss, m.accuracy, m.val_loss, m.val_accuracy,
-                                          m.seconds)))
-                stored_upto[key] = len(result.history)
-                status = result.status or ("running" if result.history else "pending")
-                updates[key] = {"status": status, "message": result.message,
-                                "best_epoch": result.best_epoch,
-                                "seconds": float(sum(h.seconds for h in result.history))}
-            self.store.record_epochs(self.run.id, rows, updates)
-            self.progress.update_stack(task, epoch, metrics)
-            if self.after_epoch is not None:
-                for key in metrics:
-                    self.after_epoch(key, epoch)
-
-        results = train_members(members, train, data, self.device, checkpoint=checkpoint,
-                                keep_weights=keep_weights, on_epoch=on_epoch)
+        task = self.progress.add_stack(label, candidate.train.epochs, len(members))
+        results = train_stack(
+            self.store, self.run.id, members, candidate.train, data, self.device,
+            checkpoint=self._checkpoint(members), keep_weights=keep_weights,
+            on_progress=lambda epoch, metrics: self.progress.update_stack(task, epoch, metrics),
+            after_epoch=self.after_epoch)
         self.progress.finish_stack(task)
         return results
+
+    def _checkpoint(self, members: Sequence[Member]) -> Path:
+        digest = hashlib.sha256("\n".join(m.key for m in members).encode()).hexdigest()[:16]
+        return self.output_dir / "checkpoints" / f"{digest}.pt"
 
     def _stored_result(self, key: str) -> MemberResult:
         record = self.done[key]
@@ -260,22 +256,22 @@ class _Runner:
 
     def cross_validate(self, candidates: Sequence[Candidate], folds: list[Fold],
                        data: Tensors) -> list[CandidateResult]:
-        members: dict[str, Member] = {}
-        owner: dict[str, Candidate] = {}
-        fold_of: dict[str, Fold | None] = {}
-        for candidate in candidates:
-            for fold in folds:
-                key = f"{candidate.name}/{fold.name}"
-                seed = member_seed(self.spec.seed, "cv", fold.repeat, fold.index)
-                members[key] = Member(key, candidate.model, fold.train_index, fold.val_index, seed)
-                owner[key], fold_of[key] = candidate, fold
+        members, owner, fold_of = cv_members(self.spec, folds)
         self._register(list(members.values()), owner, "cv", fold_of)
-
+        stacks = plan_stacks(list(members.values()), owner)
+        todo = [s for s in stacks if not all(m.key in self.done for m in s)]
+        if self.workers > 1 and len(todo) > 1:
+            devices = worker_devices(self.workers, self.device)
+            jobs = [(_train_cv_stack_in_worker,
+                     (self.store.url, self.run.id, self.spec, tuple(m.key for m in stack),
+                      self._checkpoint(stack), devices[i % len(devices)], _label(stack, owner)),
+                     _label(stack, owner), owner[stack[0].key].train.epochs)
+                    for i, stack in enumerate(todo)]
+            run_in_workers(jobs, workers=self.workers, progress=self.progress)
+            self.done = self._finished_models()
         results: dict[str, MemberResult] = {}
-        for stack in _plan_stacks(list(members.values()), owner):
-            names = list(dict.fromkeys(owner[m.key].name for m in stack))
-            label = f"{' · '.join(names)}  ({len(stack)} models)"
-            results.update(self._train(stack, owner[stack[0].key], data, label))
+        for stack in stacks:
+            results.update(self._train(stack, owner[stack[0].key], data, _label(stack, owner)))
         return [self._summarize(c, [results[f"{c.name}/{f.name}"] for f in folds], "cv")
                 for c in candidates]
 
@@ -393,7 +389,26 @@ class _Runner:
         }
 
 
-def _plan_stacks(members: list[Member], owner: dict[str, Candidate]) -> list[list[Member]]:
+def cv_members(
+    spec: StudySpec, folds: Sequence[Fold]
+) -> tuple[dict[str, Member], dict[str, Candidate], dict[str, Fold | None]]:
+    """Every (candidate, fold) model of a study's cross-validation, keyed "<candidate>/<fold>".
+
+    Seeds depend on the fold only: all candidates of a fold share initial draws and shuffles
+    (common random numbers for their paired comparison)."""
+    members: dict[str, Member] = {}
+    owner: dict[str, Candidate] = {}
+    fold_of: dict[str, Fold | None] = {}
+    for candidate in spec.candidates:
+        for fold in folds:
+            key = f"{candidate.name}/{fold.name}"
+            seed = member_seed(spec.seed, "cv", fold.repeat, fold.index)
+            members[key] = Member(key, candidate.model, fold.train_index, fold.val_index, seed)
+            owner[key], fold_of[key] = candidate, fold
+    return members, owner, fold_of
+
+
+def plan_stacks(members: list[Member], owner: dict[str, Candidate]) -> list[list[Member]]:
     """Group members that can train as one stack, in a deterministic order, capped in size."""
     groups: dict[Any, list[Member]] = {}
     for member in members:
@@ -403,6 +418,30 @@ def _plan_stacks(members: list[Member], owner: dict[str, Candidate]) -> list[lis
         cap = MAX_STACK[group[0].model.kind]
         stacks += [group[i : i + cap] for i in range(0, len(group), cap)]
     return stacks
+
+
+def _label(stack: Sequence[Member], owner: dict[str, Candidate]) -> str:
+    names = list(dict.fromkeys(owner[m.key].name for m in stack))
+    return f"{' · '.join(names)}  ({len(stack)} models)"
+
+
+def _train_cv_stack_in_worker(store_url: str, run_id: str, spec: StudySpec,
+                              keys: tuple[str, ...], checkpoint: Path, device: str, label: str,
+                              events: Any) -> None:
+    """A worker process's job: train one cross-validation stack of a run into the store."""
+    torch_device = torch.device(device)
+    dataset = load_data(spec)
+    folds = make_folds(len(dataset.train), spec.cv, seed=spec.seed, labels=dataset.train.labels)
+    members, owner, _ = cv_members(spec, folds)
+    x, y = to_tensors(dataset.train, torch_device)
+    store = Store(store_url)
+    try:
+        train_stack(store, run_id, [members[k] for k in keys], owner[keys[0]].train,
+                    Tensors(x, y, x, y), torch_device, checkpoint=checkpoint,
+                    on_progress=lambda epoch, metrics: events.put(
+                        (label, epoch, mean_val_accuracy(metrics))))
+    finally:
+        store.close()
 
 
 def _safe_name(name: str) -> str:

@@ -80,11 +80,27 @@ def test_same_seed_same_numbers(study_file: Path, tmp_path: Path):
     assert _epoch_rows(tmp_path / "a", a.run.id) == _epoch_rows(tmp_path / "b", b.run.id)
 
 
+def test_workers_train_stacks_in_parallel_processes_with_the_same_numbers(
+        study_file: Path, tmp_path: Path):
+    spec = load_study(study_file)
+    one = run_study(spec, run_dir=tmp_path / "one", progress=False)
+    two = run_study(spec, run_dir=tmp_path / "two", progress=False, workers=2)
+    assert _epoch_rows(tmp_path / "two", two.run.id) == _epoch_rows(tmp_path / "one", one.run.id)
+    assert two.best == one.best
+
+
 def test_a_finished_study_is_not_rerun_unless_fresh(study_file: Path, tmp_path: Path):
     spec = load_study(study_file)
     first = run_study(spec, run_dir=tmp_path, progress=False)
-    second = run_study(spec, run_dir=tmp_path, progress=False, fresh=True)
-    assert second.run.id != first.run.id
+    epochs = Store.open(tmp_path).epochs(first.run.id)
+    again = run_study(spec, run_dir=tmp_path, progress=False)
+    assert again.run.id == first.run.id and again.best == first.best
+    assert again.retrain.test_accuracy == first.retrain.test_accuracy
+    # Nothing retrained: every row, its timing included, is as it was (repr: NaN equals NaN).
+    assert repr(Store.open(tmp_path).epochs(first.run.id)) == repr(epochs)
+    assert again.wall_seconds < first.wall_seconds
+    fresh = run_study(spec, run_dir=tmp_path, progress=False, fresh=True)
+    assert fresh.run.id != first.run.id
 
 
 _KILLER = textwrap.dedent("""

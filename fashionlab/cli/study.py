@@ -28,6 +28,9 @@ def study(
     seed: Annotated[int | None, typer.Option(help="Override the study's seed.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     fresh: Annotated[bool, typer.Option(help="Start a new run instead of resuming.")] = False,
+    workers: Annotated[int, typer.Option(
+        min=1, help="Processes training independent stacks in parallel (big machines, GPUs)."
+    )] = 1,
     run_dir: RunDir = DEFAULT_RUN_DIR,
     store: StoreUrl = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
@@ -53,7 +56,7 @@ def study(
     if seed is not None:
         spec = dataclasses.replace(spec, seed=seed)
     result = run_study(spec, run_dir=run_dir, store_url=store, device=device, fresh=fresh,
-                       progress=not json_output)
+                       progress=not json_output, workers=workers)
     if json_output:
         typer.echo(json.dumps(summary(result), indent=2))
         return

@@ -1,0 +1,133 @@
+"""Training stacks of a run, in this process or in worker processes, storing every epoch.
+
+`train_stack` is the one place where training meets the store: after each epoch (and its
+checkpoint) it writes the epoch rows and the models' status in one transaction. With workers,
+independent stacks train in parallel processes (each with its share of the CPU threads, or its
+own GPU) and report progress to the parent through a queue.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fashionlab.config import TrainSpec
+from fashionlab.cv import MemberResult, train_members
+from fashionlab.progress import Progress
+from fashionlab.store import Store
+from fashionlab.train import EpochMetrics, Member, Tensors
+
+ProgressCallback = Callable[[int, dict[str, EpochMetrics]], None]
+
+
+def train_stack(
+    store: Store,
+    run_id: str,
+    members: Sequence[Member],
+    train: TrainSpec,
+    data: Tensors,
+    device: torch.device,
+    *,
+    checkpoint: Path,
+    keep_weights: bool = False,
+    on_progress: ProgressCallback | None = None,
+    after_epoch: Callable[[str, int], None] | None = None,
+) -> dict[str, MemberResult]:
+    """Train (or continue) one stack; every finished epoch is committed to the store."""
+    keys = {m.key for m in members}
+    stored_upto = {k: len(v) for k, v in store.histories(run_id).items() if k in keys}
+
+    def on_epoch(epoch: int, metrics: dict[str, EpochMetrics],
+                 results: dict[str, MemberResult]) -> None:
+        rows, updates = [], {}
+        for key, result in results.items():
+            # Rows after what the store holds: normally this epoch; after a resume, any epoch
+            # the checkpoint has and the store missed. Rewriting one is harmless (replaced).
+            for e in range(stored_upto.get(key, 0) + 1, len(result.history) + 1):
+                m = result.history[e - 1]
+                rows.append((key, e, (m.loss, m.accuracy, m.val_loss, m.val_accuracy,
+                                      m.seconds)))
+            stored_upto[key] = len(result.history)
+            status = result.status or ("running" if result.history else "pending")
+            updates[key] = {"status": status, "message": result.message,
+                            "best_epoch": result.best_epoch,
+                            "seconds": float(sum(h.seconds for h in result.history))}
+        store.record_epochs(run_id, rows, updates)
+        if on_progress is not None:
+            on_progress(epoch, metrics)
+        if after_epoch is not None:
+            for key in metrics:
+                after_epoch(key, epoch)
+
+    return train_members(members, train, data, device, checkpoint=checkpoint,
+                         keep_weights=keep_weights, on_epoch=on_epoch)
+
+
+def mean_val_accuracy(metrics: dict[str, EpochMetrics]) -> float:
+    values = [m.val_accuracy for m in metrics.values() if math.isfinite(m.val_accuracy)]
+    return sum(values) / len(values) if values else math.nan
+
+
+# --------------------------------------------------------------------------------------------
+# Worker processes
+
+
+def worker_devices(workers: int, device: torch.device) -> list[str]:
+    """The device of each worker: GPUs round-robin when the run uses CUDA, else the CPU."""
+    if device.type == "cuda" and device.index is None:
+        count = torch.cuda.device_count()
+        return [f"cuda:{i % count}" for i in range(workers)]
+    return [str(device)] * workers
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def run_in_workers(
+    jobs: Sequence[tuple[Callable[..., None], tuple[Any, ...], str, int]],
+    *,
+    workers: int,
+    progress: Progress,
+) -> None:
+    """Run `fn(*args, events)` for each (fn, args, label, epochs) in `workers` processes.
+
+    `events` is a queue on which a job puts (label, epoch, mean val accuracy); the parent turns
+    them into progress bars. The first failing job's exception is raised here.
+    """
+    context = get_context("spawn")  # CUDA and torch's thread pools do not survive fork
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with context.Manager() as manager, ProcessPoolExecutor(
+        max_workers=workers, mp_context=context, initializer=_init_worker, initargs=(threads,)
+    ) as pool:
+        events = manager.Queue()
+        tasks = {}
+        pending: set[Future[None]] = set()
+        for fn, args, label, epochs in jobs:
+            tasks[label] = progress.add_stack(label, epochs, 0)
+            pending.add(pool.submit(fn, *args, events))
+        while pending:
+            done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            _drain(events, progress, tasks)
+            for future in done:
+                future.result()  # re-raise a worker's error
+        _drain(events, progress, tasks)
+        for task in tasks.values():
+            progress.finish_stack(task)
+
+
+def _drain(events: Any, progress: Progress, tasks: dict[str, Any]) -> None:
+    while True:
+        try:
+            label, epoch, accuracy = events.get_nowait()
+        except queue.Empty:
+            return
+        progress.set_stack(tasks[label], epoch, accuracy)
