@@ -21,12 +21,11 @@ import time
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # silence the C++ start-up INFO lines
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from keras import layers, regularizers  # noqa: E402
-
-import _protocol as P  # noqa: E402
+import _protocol as P
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import layers, regularizers
 
 
 def build(model_name: str) -> keras.Sequential:

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import time
 
+import _protocol as P
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-
-import _protocol as P
 
 
 def glorot(module: nn.Module) -> None:

@@ -32,7 +32,6 @@ from fashionlab.cv import (
     mean_curves,
     member_seed,
     overfitting_warning,
-    train_members,
 )
 from fashionlab.data import Dataset, Split, load_fashion_mnist, to_tensors
 from fashionlab.errors import ConfigError
