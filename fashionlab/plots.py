@@ -105,3 +105,159 @@ def learning_curves(
     figure.suptitle(f"{title}{band}")
     return figure
 
+
+# --------------------------------------------------------------------------------------------
+# A tested model: confusion matrix, per-class scores, its mistakes. A search: its history.
+
+__all__ += ["confusion_matrix", "misclassified_grid", "param_importances", "per_class_bars",
+            "search_history"]
+
+
+def confusion_matrix(
+    matrix: np.ndarray, *, class_names: Sequence[str] = CLASS_NAMES, title: str | None = None
+) -> Figure:
+    """Counts of (true, predicted) pairs: rows are the true class, columns the predicted one.
+
+    matrix: (n_classes, n_classes) counts. Cells are shaded by the fraction of their row (the
+    true class), so a class's errors stand out whatever its size; every cell shows its count.
+    """
+    counts = np.asarray(matrix)
+    n = len(class_names)
+    if counts.shape != (n, n):
+        raise ValueError(f"matrix must be {n}x{n} for {n} class names, got {counts.shape}")
+    totals = counts.sum(axis=1, keepdims=True)
+    fraction = counts / np.maximum(totals, 1)  # (n, n) row-normalised
+    figure = Figure(figsize=(1.6 + 0.42 * n, 1.2 + 0.42 * n), layout="constrained")
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    ax.imshow(fraction, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    for i in range(n):
+        for j in range(n):
+            if counts[i, j]:
+                ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize=7,
+                        color="white" if fraction[i, j] > 0.5 else "black")
+    ax.set_xticks(np.arange(n), labels=list(class_names), rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(np.arange(n), labels=list(class_names), fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if title:
+        ax.set_title(title)
+    return figure
+
+
+def per_class_bars(
+    scores: Mapping[str, Sequence[float]], *, class_names: Sequence[str] = CLASS_NAMES,
+    title: str | None = None,
+) -> Figure:
+    """Grouped horizontal bars, one group per class: e.g. {"precision": p, "recall": r}, each
+    (n_classes,) fractions in [0, 1]; a NaN score draws no bar."""
+    n, names = len(class_names), list(scores)
+    figure = Figure(figsize=(7, 0.8 + 0.28 * n * max(1, len(names)) ** 0.5),
+                    layout="constrained")
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    height = 0.8 / max(1, len(names))
+    rows = np.arange(n)
+    for k, name in enumerate(names):
+        values = np.asarray(scores[name], dtype=np.float64)
+        if values.shape != (n,):
+            raise ValueError(f"scores[{name!r}] must have {n} values, got {values.shape}")
+        ax.barh(rows - 0.4 + height * (k + 0.5), np.nan_to_num(values * 100), height=height,
+                label=name)
+    ax.set_yticks(rows, labels=list(class_names), fontsize=8)
+    ax.invert_yaxis()  # the first class on top, as in the confusion matrix
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("%")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    if title:
+        ax.set_title(title)
+    return figure
+
+
+def misclassified_grid(
+    images: np.ndarray,
+    true: Sequence[int] | np.ndarray,
+    predicted: Sequence[int] | np.ndarray,
+    *,
+    class_names: Sequence[str] = CLASS_NAMES,
+    confidence: Sequence[float] | np.ndarray | None = None,
+    columns: int = 8,
+    title: str | None = None,
+) -> Figure:
+    """Images with their true and predicted labels, in the order given (pass the mistakes).
+
+    images: (N, H, W) uint8; true, predicted: (N,) class indices; confidence: (N,) probability
+    of the predicted class, shown when given. An empty selection gives a figure that says so.
+    """
+    n = len(images)
+    columns = max(1, min(columns, n))
+    rows = max(1, -(-n // columns))
+    # One mosaic drawn by a single imshow (an Axes per image is many times slower), with
+    # room above each image for its two label lines. NaN = blank.
+    (height, width), pad, label = images.shape[1:] or (28, 28), 3, 9
+    cell_h, cell_w = height + label + pad, width + pad
+    mosaic = np.full((rows * cell_h, columns * cell_w - pad), np.nan, np.float32)
+    inches = 1.45 * columns
+    figure = Figure(figsize=(inches, inches * mosaic.shape[0] / mosaic.shape[1]
+                             + (0.4 if title else 0.1)), layout="constrained")
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    ax.set_axis_off()
+    if n == 0:
+        ax.text(0.5, 0.5, "no misclassified images", ha="center", va="center")
+        return figure
+    for i in range(n):
+        top, left = (i // columns) * cell_h + label, (i % columns) * cell_w
+        mosaic[top:top + height, left:left + width] = images[i]
+        text = f"true: {class_names[int(true[i])]}\npred: {class_names[int(predicted[i])]}"
+        if confidence is not None:
+            text += f" ({float(confidence[i]) * 100:.0f}%)"
+        ax.text(left + width / 2 - 0.5, top - 1.5, text, ha="center", va="bottom", fontsize=7,
+                color="darkred", linespacing=1.1)
+    cmap = matplotlib.colormaps["gray"].with_extremes(bad="white")
+    ax.imshow(mosaic, cmap=cmap, vmin=0, vmax=255, interpolation="nearest")
+    if title:
+        ax.set_title(title)
+    return figure
+
+
+def search_history(
+    values: Sequence[float | None] | np.ndarray, *, direction: str = "maximize",
+    title: str = "optimisation history",
+) -> Figure:
+    """Each trial's value as a dot (in trial order) and the best value so far as a line;
+    None or NaN (a pruned or failed trial) draws nothing."""
+    y = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+    trials = np.arange(len(y))
+    figure = Figure(figsize=(8, 3.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    ax.plot(trials, y, "o", markersize=4, color="tab:blue", label="trial")
+    if np.isfinite(y).any():
+        signed = np.where(np.isnan(y), -np.inf, y if direction == "maximize" else -y)
+        best = np.maximum.accumulate(signed)
+        best = np.where(np.isinf(best), np.nan, best if direction == "maximize" else -best)
+        ax.plot(trials, best, "-", color="tab:red", label="best so far")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("value")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    return figure
+
+
+def param_importances(importances: Mapping[str, float], *, title: str = "parameter importances"
+                      ) -> Figure:
+    """Horizontal bars of each parameter's importance, the largest on top."""
+    ranked = sorted(importances.items(), key=lambda item: -float(item[1]))
+    figure = Figure(figsize=(7, 0.9 + 0.35 * max(1, len(ranked))), layout="constrained")
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    ax.barh(np.arange(len(ranked)), [float(v) for _, v in ranked], color="tab:blue")
+    ax.set_yticks(np.arange(len(ranked)), labels=[str(k) for k, _ in ranked], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("importance")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title(title)
+    return figure

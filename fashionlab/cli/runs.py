@@ -1,0 +1,278 @@
+"""`fashionlab runs ...` and `fashionlab report`: browse the stored runs, write a run's report.
+Thin over fashionlab.runs and fashionlab.report."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from fashionlab.cli import app
+from fashionlab.cli.study import RunDir, StoreUrl
+from fashionlab.errors import FashionlabError
+from fashionlab.store import DEFAULT_RUN_DIR, Store
+
+runs_app = typer.Typer(
+    help="List, show, compare, export and delete the runs in the store.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+
+RunId = Annotated[str, typer.Argument(help="A run id, or a unique prefix of one.",
+                                      show_default=False)]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+STATE_STYLE = {"finished": "green", "running": "cyan", "interrupted": "yellow", "failed": "red"}
+
+
+class ExportFormat(str, Enum):
+    csv = "csv"
+    json = "json"
+
+
+@contextmanager
+def _store(run_dir: Path, url: str | None) -> Iterator[Store]:
+    store = Store.open(run_dir, url)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def _console() -> Console:
+    # Off a terminal (logs, pipes) there is no width to respect: do not fold the tables.
+    return Console(highlight=False) if sys.stdout.isatty() else Console(width=160,
+                                                                        highlight=False)
+
+
+def _state(state: str) -> Text:
+    return Text(state, style=STATE_STYLE.get(state, ""))
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def _percent(value: Any) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value * 100:.2f}"
+
+
+def _local(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(seconds))
+
+
+@runs_app.command("list")
+def list_(
+    kind: Annotated[str | None, typer.Option(help="Only runs of this kind: study or search.",
+                                             show_default=False)] = None,
+    run_dir: RunDir = DEFAULT_RUN_DIR,
+    store: StoreUrl = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List the runs, newest first: id, study, start, status, best score and duration.
+
+    A run whose process is gone before it finished shows as interrupted (run the same study
+    again to resume it).
+
+    Example: fashionlab runs list --run-dir /data/runs
+    """
+    from fashionlab.runs import list_runs
+
+    with _store(run_dir, store) as opened:
+        runs = list_runs(opened, kind=kind)
+    if as_json:
+        typer.echo(json.dumps([r.to_dict() for r in runs], indent=2))
+        return
+    if not runs:
+        typer.echo("no runs yet (`fashionlab study` starts one)")
+        return
+    table = Table()
+    for column in ("id", "study", "started", "status", "best score", "duration"):
+        table.add_column(column, overflow="fold")
+    for r in runs:
+        best = "-" if r.best_score is None else f"{r.best_score * 100:.2f}% {r.best}"
+        table.add_row(Text(r.id), Text(r.study), _local(r.started), _state(r.status),
+                      Text(best), _duration(r.duration))
+    _console().print(table)
+    typer.echo("best score: the best candidate's mean validation accuracy across folds")
+
+
+@runs_app.command()
+def show(run: RunId, run_dir: RunDir = DEFAULT_RUN_DIR, store: StoreUrl = None,
+         as_json: JsonOption = False) -> None:
+    """Show one run: its status, seed, machine, models, results table and files.
+
+    Example: fashionlab runs show 20250101-120000-seed
+    """
+    from fashionlab.results import HEADERS, display_rows
+    from fashionlab.runs import describe_run, summary_rows
+
+    with _store(run_dir, store) as opened:
+        info = describe_run(opened, run)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    console = _console()
+    machine = info["environment"].get("machine") or {}
+    lines = [
+        ("run", Text(info["id"])), ("study", Text(info["study"])),
+        ("status", _state(info["status"])), ("seed", Text(str(info["seed"]))),
+        ("started", Text(_local(info["started"]))), ("duration", Text(_duration(info["duration"]))),
+        ("machine", Text(", ".join(str(machine[k]) for k in ("hostname", "cpu", "accelerator",
+                                                              "device") if machine.get(k)))),
+        ("models", Text(f"{info['models']['total']} ("
+                        + ", ".join(f"{n} {s}" for s, n in info["models"]["by_status"].items())
+                        + f"), {info['models']['epochs_stored']} epochs stored")),
+        ("output", Text(str(info["output_dir"] or "-"))),
+    ]
+    for label, value in lines:
+        console.print(Text(f"{label:>9}: ", style="bold") + value)
+    if info["table"]:
+        table = Table(title="results")
+        for header in HEADERS:
+            table.add_column(header, overflow="fold")
+        for cells in display_rows(summary_rows({"table": info["table"]})):
+            table.add_row(*(Text(c) for c in cells))
+        console.print(table)
+    for name, accuracy in info["tests"].items():
+        console.print(Text(f"test accuracy {_percent(accuracy)}%: {name}"))
+    if info["files"]:
+        console.print(Text("files: " + ", ".join(info["files"])))
+
+
+@runs_app.command()
+def compare(a: RunId, b: RunId, run_dir: RunDir = DEFAULT_RUN_DIR, store: StoreUrl = None,
+            as_json: JsonOption = False) -> None:
+    """Compare two finished studies side by side, candidate by candidate.
+
+    Where both runs used the same folds (same [cv], [data] and seed), each candidate found in
+    both gets the corrected resampled t-test of run b against run a (Holm-adjusted);
+    otherwise the table says 'folds differ'.
+
+    Example: fashionlab runs compare 20250101-120000-seed 20250102-090000-seed
+    """
+    from fashionlab.runs import compare_runs
+
+    with _store(run_dir, store) as opened:
+        result = compare_runs(opened, a, b)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    console = _console()
+    console.print(Text(f"a: {result.a.id} ({result.a.study}, {result.a.status})"))
+    console.print(Text(f"b: {result.b.id} ({result.b.study}, {result.b.status})"))
+    console.print(Text("folds match: paired tests" if result.folds_match else
+                       f"{result.reason}: no paired tests"))
+    table = Table(title="mean validation accuracy % across folds")
+    for column in ("candidate", "a", "b", "b - a (points)", "t", "p (Holm)", "verdict"):
+        table.add_column(column, overflow="fold")
+    for c in result.candidates:
+        table.add_row(
+            Text(c.name), "-" if c.a is None else c.a.format(digits=2),
+            "-" if c.b is None else c.b.format(digits=2),
+            "-" if math.isnan(c.difference) else f"{c.difference * 100:+.2f}",
+            "-" if math.isnan(c.t) else f"{c.t:.3f}",
+            "-" if math.isnan(c.p_holm) else f"{c.p_holm:.3g}", Text(c.verdict))
+    console.print(table)
+    if result.tests:
+        tests = Table(title="test accuracy %")
+        for column in ("model", "a", "b"):
+            tests.add_column(column)
+        for name, (in_a, in_b) in result.tests.items():
+            tests.add_row(Text(name), _percent(in_a), _percent(in_b))
+        console.print(tests)
+
+
+@runs_app.command()
+def export(
+    run: RunId,
+    format: Annotated[ExportFormat, typer.Option("--format", help="csv or json.")] = (
+        ExportFormat.csv),
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="Write to this file instead of standard output.", show_default=False)
+    ] = None,
+    run_dir: RunDir = DEFAULT_RUN_DIR,
+    store: StoreUrl = None,
+) -> None:
+    """Export every stored epoch of a run as CSV or JSON.
+
+    One row per epoch: run, key, candidate, role, repeat, fold, epoch, loss, accuracy,
+    val_loss, val_accuracy, seconds.
+
+    Example: fashionlab runs export 20250101-120000-seed --format csv --out epochs.csv
+    """
+    from fashionlab.runs import export_run
+
+    with _store(run_dir, store) as opened:
+        text = export_run(opened, run, format.value)
+    if out is None:
+        typer.echo(text, nl=False)
+        return
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+    except OSError as error:
+        raise FashionlabError(f"{out}: cannot write ({error.strerror or error})") from None
+    typer.echo(f"wrote {out}", err=True)
+
+
+@runs_app.command()
+def delete(
+    run: RunId,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    run_dir: RunDir = DEFAULT_RUN_DIR,
+    store: StoreUrl = None,
+) -> None:
+    """Delete a run: its rows in the store and its output directory.
+
+    The output directory holds the run's models, figures and report. Asks first unless
+    --yes; a running run is refused.
+
+    Example: fashionlab runs delete 20250101-120000-seed --yes
+    """
+    from fashionlab.runs import delete_run
+
+    with _store(run_dir, store) as opened:
+        record = opened.run(run)
+        if not yes:
+            where = f" and {record.output_dir}" if record.output_dir else ""
+            typer.confirm(f"Delete run {record.id} ({record.name}, {record.state}){where}?",
+                          abort=True)
+        delete_run(opened, record.id)
+    typer.echo(f"deleted run {record.id}")
+
+
+@app.command()
+def report(
+    run: RunId,
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="Where to write the HTML file (default: report.html in the run's "
+        "output directory).", show_default=False)] = None,
+    device: Annotated[str, typer.Option(help="Where the tested models run: cpu, cuda, ...")] = (
+        "cpu"),
+    run_dir: RunDir = DEFAULT_RUN_DIR,
+    store: StoreUrl = None,
+) -> None:
+    """Write a run's report: one self-contained HTML file, to open or send.
+
+    It holds the summary, the results table with the paired tests, the learning curves, and
+    for the tested models their confusion matrix, per-class scores and misclassified images.
+    Every study writes it at the end; this writes it again for any run, finished or not.
+
+    Example: fashionlab report 20250101-120000-seed --out seed-report.html
+    """
+    from fashionlab.report import write_report
+
+    with _store(run_dir, store) as opened:
+        path = write_report(opened, run, out, device=device)
+    typer.echo(f"wrote {path}")

@@ -1,0 +1,167 @@
+"""A trained model on a labelled split: accuracy, loss, confusion matrix, per-class scores.
+
+    ev = evaluate(load_model("runs/<id>/models/cnn"), dataset.test)
+    ev.accuracy, ev.confusion            # (n_classes, n_classes) counts, rows = true class
+    ev.precision, ev.recall, ev.f1       # (n_classes,) each
+    ev.misclassified()                   # indices of the errors, most confident first
+
+Inference runs in batches under torch.inference_mode, with no dropout and batch norm in
+inference mode. The images go in as the model expects them: uint8 pixels / 255, (B, 1, 28, 28).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fashionlab.artifacts import SavedModel
+from fashionlab.data import Split
+from fashionlab.errors import DataError
+
+__all__ = ["Evaluation", "evaluate"]
+
+
+@dataclass(frozen=True, eq=False)
+class Evaluation:
+    """How a model did on one split. Per-class arrays are indexed by class.
+
+    precision  correct / predicted as the class; NaN for a class never predicted
+    recall     correct / truly of the class (the per-class accuracy); NaN for an absent class
+    f1         2 * precision * recall / (precision + recall); 0 when both are 0, NaN when
+               either is NaN
+    """
+
+    class_names: tuple[str, ...]
+    n: int  # images scored
+    accuracy: float  # fraction correct
+    loss: float  # mean cross-entropy (no regularisation term)
+    confusion: np.ndarray  # (n_classes, n_classes) int64 counts, rows = true, columns = predicted
+    labels: np.ndarray  # (n,) int64 true classes
+    predictions: np.ndarray  # (n,) int64 predicted classes
+    confidence: np.ndarray  # (n,) float32 probability of the predicted class
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def support(self) -> np.ndarray:
+        """(n_classes,) images of each true class."""
+        return self.confusion.sum(axis=1)
+
+    @property
+    def recall(self) -> np.ndarray:
+        return _ratio(np.diag(self.confusion), self.confusion.sum(axis=1))
+
+    @property
+    def per_class_accuracy(self) -> np.ndarray:
+        """Fraction of each class's images classified correctly (the recall)."""
+        return self.recall
+
+    @property
+    def precision(self) -> np.ndarray:
+        return _ratio(np.diag(self.confusion), self.confusion.sum(axis=0))
+
+    @property
+    def f1(self) -> np.ndarray:
+        p, r = self.precision, self.recall
+        with np.errstate(invalid="ignore", divide="ignore"):
+            f1 = np.where(p + r > 0, 2 * p * r / (p + r), 0.0)
+        return np.where(np.isnan(p) | np.isnan(r), np.nan, f1)
+
+    def misclassified(self, limit: int | None = None) -> np.ndarray:
+        """Indices of the wrongly classified images, the most confident mistakes first."""
+        wrong = np.flatnonzero(self.predictions != self.labels)
+        order = np.argsort(-self.confidence[wrong], kind="stable")
+        return wrong[order][:limit]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The scores as plain JSON-ready values (NaN as None); no per-image arrays."""
+        def clean(values: np.ndarray) -> list[float | None]:
+            return [None if math.isnan(v) else float(v) for v in values]
+
+        return {
+            "n": self.n, "accuracy": self.accuracy, "loss": self.loss,
+            "class_names": list(self.class_names),
+            "confusion": self.confusion.tolist(),
+            "per_class": {
+                "support": self.support.tolist(), "accuracy": clean(self.per_class_accuracy),
+                "precision": clean(self.precision), "recall": clean(self.recall),
+                "f1": clean(self.f1),
+            },
+        }
+
+
+def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, numerator / np.maximum(denominator, 1), np.nan)
+
+
+def evaluate(
+    model: SavedModel | nn.Module,
+    split: Split,
+    class_names: Sequence[str] | None = None,
+    device: str | torch.device = "cpu",
+    *,
+    batch_size: int = 1000,
+) -> Evaluation:
+    """Score `model` on every image of `split`.
+
+    model: a SavedModel (from `load_model`) or a module mapping (B, 1, 28, 28) float32 in
+    [0, 1] to (B, n_classes) logits; it is moved to `device`. class_names: defaults to the saved
+    model's. Labels outside the model's classes raise DataError.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    module = model.module if isinstance(model, SavedModel) else model
+    if class_names is None:
+        if not isinstance(model, SavedModel):
+            raise ValueError("class_names are needed for a plain module")
+        class_names = model.class_names
+    class_names = tuple(class_names)
+    n_classes = len(class_names)
+    labels = np.array(split.labels, dtype=np.int64)  # (n,) a writable copy, for torch
+    if labels.size and int(labels.max()) >= n_classes:
+        raise DataError(f"labels go up to {int(labels.max())} but the model knows "
+                        f"{n_classes} classes")
+    device = torch.device(device)
+    module = module.to(device)
+    was_training = module.training
+    module.eval()
+    loss_sum = 0.0
+    predictions, confidence = [], []
+    try:
+        with torch.inference_mode():
+            for first in range(0, len(labels), batch_size):
+                images = np.array(split.images[first:first + batch_size])  # (B, 28, 28) copy
+                # (B, 1, 28, 28) float32 in [0, 1]
+                x = torch.from_numpy(images).to(device).float().div_(255).unsqueeze(1)
+                y = torch.from_numpy(labels[first:first + batch_size]).to(device)  # (B,)
+                logits = module(x).float()  # (B, n_outputs)
+                if logits.shape[-1] != n_classes:
+                    raise DataError(f"the model has {logits.shape[-1]} outputs but "
+                                    f"{n_classes} class names")
+                loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+                top, predicted = logits.softmax(-1).max(-1)  # (B,), (B,)
+                predictions.append(predicted.cpu().numpy())
+                confidence.append(top.cpu().numpy())
+    finally:
+        module.train(was_training)
+    n = len(labels)
+    predicted = np.concatenate(predictions).astype(np.int64) if n else np.zeros(0, np.int64)
+    top = np.concatenate(confidence).astype(np.float32) if n else np.zeros(0, np.float32)
+    confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(confusion, (labels, predicted), 1)
+    return Evaluation(
+        class_names=class_names, n=n,
+        accuracy=float((predicted == labels).mean()) if n else math.nan,
+        loss=loss_sum / n if n else math.nan, confusion=confusion, labels=labels,
+        predictions=predicted, confidence=top,
+    )

@@ -1,0 +1,391 @@
+"""The HTML report of a run: one self-contained file that shows what happened at a glance.
+
+`write_report(store, run_id)` builds it for any stored run, finished or not, from what the store
+holds (the run's config, environment and summary, every epoch) and from the model files of the
+run: the retrained best and the final models are tested again on the run's test split for their
+confusion matrix, per-class scores and misclassified images. Figures are PNGs embedded as data
+URIs, styles are inline, and nothing is fetched from anywhere: the file can be mailed. Every
+string that comes from a user (study, candidate and file names) is escaped by the template.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from fashionlab import plots
+from fashionlab.errors import FashionlabError
+from fashionlab.store import EpochRecord, RunRecord, Store
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["ReportError", "render_report", "write_report"]
+
+REPORT_NAME = "report.html"
+DPI = 100  # figures are embedded: small enough to keep the report light
+MISCLASSIFIED = 32  # mistakes shown per tested model
+TOP_TRIALS = 10
+METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
+
+
+class ReportError(FashionlabError):
+    """A report cannot be written (no place to put it, an unwritable path)."""
+
+
+def write_report(store: Store, run_id: str, path: str | Path | None = None, *,
+                 device: str | torch.device = "cpu") -> Path:
+    """Write the run's report (default: `<run output dir>/report.html`) and return its path.
+
+    `device` runs the tested models' inference: cpu, cuda, cuda:N or auto.
+    """
+    run = store.run(run_id)
+    if path is None:
+        if not run.output_dir:
+            raise ReportError(f"run {run.id} has no output directory; give the report a path")
+        path = Path(run.output_dir) / REPORT_NAME
+    path = Path(path)
+    html = render_report(store, run.id, device=device)
+    # Written whole under a temporary name, then renamed: a reader never sees half a report.
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging.write_text(html, encoding="utf-8")
+        os.replace(staging, path)
+    except OSError as error:
+        staging.unlink(missing_ok=True)
+        raise ReportError(f"{path}: cannot write the report ({error.strerror or error})") \
+            from None
+    return path
+
+
+def render_report(store: Store, run_id: str, *, device: str | torch.device = "cpu") -> str:
+    """The report of a run as an HTML string."""
+    import jinja2
+
+    run = store.run(run_id)
+    context: dict[str, Any] = {"run": _run_info(run), "facts": _facts(run)}
+    if run.kind == "search":
+        context["search"] = _search_section(run.summary or {})
+    else:
+        context.update(_study_sections(store, run, device))
+    environment = jinja2.Environment(
+        loader=jinja2.PackageLoader("fashionlab", "templates"),
+        autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    return environment.get_template("report.html.j2").render(**context)
+
+
+# --------------------------------------------------------------------------------------------
+# The run and its facts
+
+
+def _when(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def _run_info(run: RunRecord) -> dict[str, Any]:
+    notices = {
+        "running": "This run is still running: the report shows the epochs stored so far.",
+        "interrupted": "This run was interrupted: run the same command again to resume it. "
+                       "The report shows the epochs stored so far.",
+        "failed": "This run failed.",
+    }
+    return {"id": run.id, "name": run.name, "kind": run.kind, "state": run.state,
+            "notice": notices.get(run.state), "generated": _when(time.time())}
+
+
+def _facts(run: RunRecord) -> list[tuple[str, str]]:
+    config, env, summary = run.config, run.environment, run.summary or {}
+    data = config.get("data") or {}
+    cv, rule = config.get("cv") or {}, config.get("warning") or {}
+    machine, versions = env.get("machine") or {}, env.get("versions") or {}
+    facts = []
+    if data or summary.get("n_train"):
+        source = data.get("directory") or "found automatically (see `fashionlab data info`)"
+        parts = [str(source), "checksums verified" if data.get("verify", True)
+                 else "checksums not checked"]
+        if data.get("train_limit") or data.get("test_limit"):
+            parts.append(f"first {data.get('train_limit') or 'all'} training and "
+                         f"{data.get('test_limit') or 'all'} test images")
+        if summary.get("n_train"):
+            parts.append(f"each fold trains on {summary['n_train']} and validates on "
+                         f"{summary.get('n_val')} images")
+        facts.append(("dataset", "; ".join(parts)))
+    if cv:
+        protocol = f"{cv.get('n_splits')}-fold cross-validation ({cv.get('strategy')}"
+        protocol += f", {cv['repeats']} repeats)" if (cv.get("repeats") or 1) > 1 else ")"
+        if rule:
+            protocol += (f"; overfitting warning: patience {rule.get('patience')}, "
+                         f"min_delta {rule.get('min_delta')}")
+        retrain = config.get("retrain") or {}
+        if retrain.get("enabled", False):
+            epochs = retrain.get("epochs")
+            protocol += "; the best is retrained on all training images for " + (
+                "its warning epoch" if epochs == "warning" else f"{epochs} epochs")
+        facts.append(("protocol", protocol))
+    facts += [
+        ("seed", str(run.seed)),
+        ("started", _when(run.started)),
+        ("finished", _when(run.finished) if run.state == "finished" else run.state),
+        ("wall time", _duration(summary.get("wall_seconds", run.duration))),
+        ("machine", ", ".join(f"{k} {v}" for k, v in machine.items() if v is not None)),
+        ("versions", ", ".join(f"{k} {v}" for k, v in versions.items() if v is not None)),
+        ("code revision", str(env.get("revision") or "-")),
+        ("output directory", str(run.output_dir or "-")),
+    ]
+    return facts
+
+
+# --------------------------------------------------------------------------------------------
+# A study
+
+
+def _study_sections(store: Store, run: RunRecord, device: str | torch.device
+                    ) -> dict[str, Any]:
+    summary = run.summary
+    histories = store.histories(run.id)
+    planned = {m.key: m.epochs_planned for m in store.models(run.id)}
+    entries = _curve_entries(store, run)
+    return {
+        "table": None if summary is None else _results_table(summary),
+        "comparisons": [] if summary is None else _comparison_rows(summary),
+        "curves": [_curve_figure(entry, histories, planned)
+                   for entry in entries if entry["role"] == "cv"],
+        "final_curves": [_curve_figure(entry, histories, planned)
+                         for entry in entries if entry["role"] == "final"],
+        "tested": _tested_models(run, device),
+        "finished": summary is not None,
+    }
+
+
+def _results_table(summary: Mapping[str, Any]) -> dict[str, Any]:
+    from fashionlab.results import HEADERS, LEGEND, display_rows
+    from fashionlab.runs import summary_rows
+
+    rows = summary_rows(summary)
+    return {
+        "headers": HEADERS, "legend": LEGEND,
+        "rows": [{"cells": cells, "kind": row.kind, "best": row.vs_best == "best"}
+                 for row, cells in zip(rows, display_rows(rows))],
+        "notes": [(row.model, row.note) for row in rows if row.note and row.kind != "baseline"],
+    }
+
+
+def _number(value: Any, spec: str, scale: float = 1.0) -> str:
+    """A stored number as text; None (a NaN in the store) and non-finite values as "-"."""
+    if not _finite(value):
+        return "-"
+    return format(value * scale, spec)
+
+
+def _comparison_rows(summary: Mapping[str, Any]) -> list[dict[str, str]]:
+    rows = []
+    for c in summary.get("comparisons") or []:
+        if c.get("is_best"):
+            verdict = "best"
+        elif c.get("not_worse") is None:
+            verdict = f"not compared: {c.get('reason')}"
+        else:
+            verdict = "not worse" if c["not_worse"] else "worse"
+        rows.append({
+            "name": c["name"],
+            "mean": _number((c.get("summary") or {}).get("mean"), ".2f", 100),
+            "difference": "-" if c.get("is_best") else _number(
+                c.get("mean_difference"), "+.2f", 100),
+            "t": _number(c.get("t"), ".3f"), "p": _number(c.get("p_value"), ".3g"),
+            "p_holm": _number(c.get("p_holm"), ".3g"), "verdict": verdict,
+        })
+    return rows
+
+
+def _curve_entries(store: Store, run: RunRecord) -> list[dict[str, Any]]:
+    """The candidates and final models with their model keys and warning, in study order."""
+    from fashionlab.cv import OverfitWarning
+
+    if run.summary is not None:
+        return [{"name": c["name"], "role": role, "keys": list(c.get("keys") or []),
+                 "warning": OverfitWarning(c.get("warning_epoch"), c.get("best_epoch"))}
+                for role, group in (("cv", "candidates"), ("final", "final"))
+                for c in run.summary.get(group) or []]
+    # Not finished: what the store holds, in the order of the study file.
+    order = [c.get("name") for c in (run.config.get("candidates") or [])
+             + (run.config.get("final") or [])]
+    entries: dict[tuple[str, str], dict[str, Any]] = {}
+    for model in store.models(run.id):
+        if model.role in ("cv", "final"):
+            entry = entries.setdefault((model.role, model.candidate), {
+                "name": model.candidate, "role": model.role, "keys": [], "warning": None})
+            entry["keys"].append(model.key)
+    rank = {name: i for i, name in enumerate(order)}
+    return sorted(entries.values(), key=lambda e: rank.get(e["name"], len(rank)))
+
+
+def _curve_figure(entry: Mapping[str, Any], histories: Mapping[str, list[EpochRecord]],
+                  planned: Mapping[str, int]) -> dict[str, Any]:
+    keys = entry["keys"]
+    epochs = max([planned.get(k, 0) for k in keys]
+                 + [len(histories.get(k, [])) for k in keys] + [1])
+    curves = {metric: np.full((len(keys), epochs), np.nan) for metric in METRICS}
+    for i, key in enumerate(keys):
+        for record in histories.get(key, []):
+            if record.epoch <= epochs:
+                for metric in METRICS:
+                    curves[metric][i, record.epoch - 1] = getattr(record, metric)
+    stored = sum(len(histories.get(k, [])) for k in keys)
+    figure = plots.learning_curves(curves, title=entry["name"], warning=entry["warning"])
+    warning = entry["warning"]
+    caption = f"{len(keys)} model(s), {stored} epoch(s) stored"
+    if warning is not None:
+        caption += (f"; overfitting warning at epoch {warning.epoch}" if warning.epoch
+                    else "; no overfitting warning")
+    return {"name": entry["name"], "image": _png(figure), "caption": caption}
+
+
+def _tested_models(run: RunRecord, device: str | torch.device) -> list[dict[str, Any]]:
+    if run.summary is None or not run.output_dir:
+        return []
+    from fashionlab.study import _safe_name
+    from fashionlab.train import resolve_device
+
+    device = resolve_device(str(device))
+    models = []
+    retrain = run.summary.get("retrain")
+    if retrain and retrain.get("model_dir"):
+        models.append((f"{retrain['candidate']} (retrained on all training images)",
+                       Path(retrain["model_dir"])))
+    for final in run.summary.get("final") or []:
+        models.append((f"{final['name']} (final model)",
+                       Path(run.output_dir) / "models" / _safe_name(final["name"])))
+    test: Any = None  # the split, loaded once, or the message saying why it could not be
+    sections = []
+    for title, directory in models:
+        section: dict[str, Any] = {"title": title, "path": str(directory), "missing": None}
+        sections.append(section)
+        if not (directory / "model.safetensors").is_file():
+            section["missing"] = f"the model files are not in {directory}"
+            continue
+        if test is None:
+            test = _test_split(run.config)
+        if isinstance(test, str):
+            section["missing"] = f"the test images cannot be loaded: {test}"
+            continue
+        try:
+            section.update(_tested_model(directory, test, device))
+        except FashionlabError as error:
+            section["missing"] = str(error)
+    return sections
+
+
+def _test_split(config: Mapping[str, Any]) -> Any:
+    """The run's test split, or the reason it cannot be loaded (a string)."""
+    from fashionlab.data import Split, load_fashion_mnist
+
+    data = config.get("data") or {}
+    try:
+        dataset = load_fashion_mnist(data.get("directory"), download=False,
+                                     verify=bool(data.get("verify", True)))
+    except FashionlabError as error:
+        return str(error)
+    limit = data.get("test_limit")
+    if limit is None:
+        return dataset.test
+    return Split(dataset.test.images[:limit], dataset.test.labels[:limit])
+
+
+def _tested_model(directory: Path, test: Any, device: torch.device) -> dict[str, Any]:
+    from fashionlab.artifacts import load_model
+    from fashionlab.evaluate import evaluate
+
+    model = load_model(directory, device)
+    result = evaluate(model, test, model.class_names, device)
+    names = result.class_names
+    wrong = result.misclassified(MISCLASSIFIED)
+    per_class = [
+        {"name": name, "support": int(result.support[c]),
+         **{metric: _number(float(values[c]), ".1f", 100) for metric, values in (
+             ("recall", result.recall), ("precision", result.precision), ("f1", result.f1))}}
+        for c, name in enumerate(names)
+    ]
+    return {
+        "n": result.n, "accuracy": _number(result.accuracy, ".2f", 100),
+        "loss": _number(result.loss, ".4f"),
+        "errors": int((result.predictions != result.labels).sum()),
+        "per_class": per_class,
+        "confusion": _png(plots.confusion_matrix(result.confusion, class_names=names)),
+        "bars": _png(plots.per_class_bars(
+            {"precision": result.precision, "recall (= class accuracy)": result.recall},
+            class_names=names)),
+        "misclassified": _png(plots.misclassified_grid(
+            test.images[wrong], result.labels[wrong], result.predictions[wrong],
+            class_names=names, confidence=result.confidence[wrong])) if len(wrong) else None,
+        "shown": len(wrong),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# A search (its summary: "trials", "importances", "history", "direction" when present)
+
+
+def _search_section(summary: Mapping[str, Any]) -> dict[str, Any]:
+    direction = summary.get("direction", "maximize")
+    trials = [t for t in summary.get("trials") or [] if isinstance(t, Mapping)]
+    history = summary.get("history")
+    if history is None and trials:
+        history = [t.get("value") for t in sorted(trials, key=lambda t: t.get("number", 0))]
+    importances = summary.get("importances") or {}
+    scored = [t for t in trials if _finite(t.get("value"))]
+    scored.sort(key=lambda t: t["value"], reverse=direction != "minimize")
+    params = list(dict.fromkeys(p for t in trials for p in (t.get("params") or {})))
+    return {
+        "direction": direction,
+        "n_trials": len(trials),
+        "history": _png(plots.search_history(history, direction=direction)) if history else None,
+        "importances": _png(plots.param_importances(importances)) if importances else None,
+        "importance_rows": [(str(k), _number(float(v), ".3f")) for k, v in
+                            sorted(importances.items(), key=lambda kv: -float(kv[1]))],
+        "params": params,
+        "top": [{"number": str(t.get("number", "-")), "value": _number(t["value"], ".4g"),
+                 "state": str(t.get("state", "-")),
+                 "params": [_param(t.get("params", {}).get(p)) for p in params]}
+                for t in scored[:TOP_TRIALS]],
+    }
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
+def _param(value: Any) -> str:
+    if value is None:
+        return "-"
+    return format(value, ".4g") if isinstance(value, float) else str(value)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _png(figure: Figure) -> str:
+    """A figure as a PNG data URI."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=DPI)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")

@@ -1,0 +1,323 @@
+"""The stored runs: list, describe, compare, export and delete them.
+
+    list_runs(store)                 one RunOverview per run, newest first
+    describe_run(store, run_id)      everything about one run, JSON-ready
+    compare_runs(store, a, b)        side by side; a paired test where the folds match
+    epoch_rows(store, run_id)        every stored epoch as a flat row; export_run as CSV or JSON
+    delete_run(store, run_id)        its rows in the store and its output directory
+
+A run id may be given as a unique prefix; an unknown one raises StoreError.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import shutil
+import time
+import warnings
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fashionlab import stats
+from fashionlab.errors import FashionlabError
+from fashionlab.serialize import jsonable
+from fashionlab.store import EPOCH_FIELDS, RunRecord, Store
+
+if TYPE_CHECKING:
+    from fashionlab.results import Row
+
+__all__ = [
+    "CandidateComparison",
+    "RunComparison",
+    "RunError",
+    "RunOverview",
+    "compare_runs",
+    "delete_run",
+    "describe_run",
+    "epoch_rows",
+    "export_run",
+    "list_runs",
+    "overview",
+    "summary_rows",
+]
+
+EXPORT_FIELDS = ("run", "key", "candidate", "role", "repeat", "fold", "epoch", *EPOCH_FIELDS)
+
+
+class RunError(FashionlabError):
+    """A run cannot be compared or deleted in its present state."""
+
+
+@dataclass(frozen=True)
+class RunOverview:
+    """One line of `runs list`."""
+
+    id: str
+    kind: str  # study | search
+    study: str  # the study's (or search's) name
+    started: float  # unix seconds
+    status: str  # running | finished | failed | interrupted
+    best: str | None  # the best candidate (or trial)
+    best_score: float | None  # its score: mean validation accuracy across folds for a study
+    duration: float  # seconds, up to now for a run that has not ended
+    output_dir: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return jsonable(asdict(self)) | {"started_utc": _utc(self.started)}
+
+
+def _utc(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def _mean(values: Any) -> float:
+    array = np.array([math.nan if v is None else v for v in values or []], dtype=np.float64)
+    if not np.isfinite(array).any():
+        return math.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(np.nanmean(array))
+
+
+def overview(run: RunRecord) -> RunOverview:
+    summary = run.summary or {}
+    best, score = summary.get("best"), None
+    if run.kind == "study":
+        for candidate in summary.get("candidates") or []:
+            if candidate.get("name") == best:
+                score = _mean(candidate.get("val_accuracy"))
+    elif isinstance(summary.get("best_value"), (int, float)):
+        score = float(summary["best_value"])
+    return RunOverview(
+        id=run.id, kind=run.kind, study=run.name, started=run.started, status=run.state,
+        best=None if best is None else str(best),
+        best_score=None if score is None or math.isnan(score) else score,
+        duration=run.duration if run.state != "running" else time.time() - run.started,
+        output_dir=run.output_dir,
+    )
+
+
+def list_runs(store: Store, *, kind: str | None = None, name: str | None = None
+              ) -> list[RunOverview]:
+    """Every run (or those of a kind or name), newest first."""
+    return [overview(run) for run in store.runs(kind=kind, name=name)]
+
+
+def summary_rows(summary: Mapping[str, Any]) -> list[Row]:
+    """The results table stored in a study's summary, as rows (NaN where the JSON has null)."""
+    from fashionlab.results import Row  # here: results loads torch, which `runs list` needs not
+
+    fields = set(Row.__dataclass_fields__)
+    return [Row(**{k: math.nan if v is None else v for k, v in row.items() if k in fields})
+            for row in summary.get("table") or []]
+
+
+def describe_run(store: Store, run_id: str) -> dict[str, Any]:
+    """A run's overview, config, environment, model progress, results table and files."""
+    run = store.run(run_id)
+    models = store.models(run.id)
+    output = Path(run.output_dir) if run.output_dir else None
+    files = sorted(str(p.relative_to(output)) for p in output.rglob("*")
+                   if p.is_file()) if output and output.is_dir() else []
+    summary = run.summary or {}
+    return jsonable({
+        **overview(run).to_dict(),
+        "seed": run.seed, "fingerprint": run.fingerprint, "host": run.host, "pid": run.pid,
+        "finished": run.finished,
+        "models": {"total": len(models), "by_status": dict(Counter(m.status for m in models)),
+                   "epochs_stored": len(store.epochs(run.id))},
+        "table": [asdict(row) for row in summary_rows(summary)],
+        "tests": _test_accuracies(summary),
+        "files": files,
+        "config": run.config, "environment": run.environment,
+    })
+
+
+def _test_accuracies(summary: Mapping[str, Any]) -> dict[str, float | None]:
+    """Test accuracy of the retrained best and of each final model."""
+    out: dict[str, float | None] = {}
+    retrain = summary.get("retrain")
+    if retrain:
+        out[f"{retrain.get('candidate')} (retrained)"] = retrain.get("test_accuracy")
+    for final in summary.get("final") or []:
+        out[final.get("name")] = final.get("test_accuracy")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Comparing two runs
+
+
+@dataclass(frozen=True)
+class CandidateComparison:
+    """One candidate's mean validation accuracy in run a and run b, and b - a, paired."""
+
+    name: str
+    a: stats.Summary | None  # None: not in run a
+    b: stats.Summary | None
+    difference: float  # mean over folds of b - a (NaN when not in both)
+    t: float  # corrected resampled t-test of b against a; NaN when not paired
+    p_value: float
+    p_holm: float  # Holm-adjusted across the candidates tested
+    verdict: str  # "a better (p=...)", "b better (p=...)", "no significant difference (p=...)",
+    #               "folds differ", "only in a", "only in b", or why no test ran
+
+
+@dataclass(frozen=True)
+class RunComparison:
+    a: RunOverview
+    b: RunOverview
+    folds_match: bool  # same cv, data and seed: fold j is the same split in both runs
+    reason: str | None  # why the folds do not match
+    candidates: list[CandidateComparison]
+    tests: dict[str, tuple[float | None, float | None]]  # test accuracy of a model in a and b
+
+    def to_dict(self) -> dict[str, Any]:
+        return jsonable({"a": self.a.to_dict(), "b": self.b.to_dict(),
+                         "folds_match": self.folds_match, "reason": self.reason,
+                         "candidates": [asdict(c) for c in self.candidates],
+                         "tests": {k: list(v) for k, v in self.tests.items()}})
+
+
+def _folds_differ(a: RunRecord, b: RunRecord) -> str | None:
+    for field in ("cv", "data"):
+        if a.config.get(field) != b.config.get(field):
+            return f"folds differ ([{field}] is not the same)"
+    if a.seed != b.seed:
+        return f"folds differ (seed {a.seed} vs {b.seed})"
+    return None
+
+
+def compare_runs(store: Store, a: str, b: str, *, alpha: float = 0.05) -> RunComparison:
+    """Compare the candidates of two finished studies by their per-fold validation accuracy.
+
+    Where the folds match (the runs' [cv], [data] and seed are equal, so fold j holds the same
+    images in both), a candidate present in both gets the corrected resampled t-test of its b
+    scores against its a scores, Holm-adjusted across the candidates; elsewhere 'folds differ'.
+    """
+    run_a, run_b = store.run(a), store.run(b)
+    for run in (run_a, run_b):
+        if run.summary is None or run.kind != "study":
+            raise RunError(f"run {run.id} is {run.state if run.summary is None else 'a search'}"
+                           ": only finished studies can be compared")
+    reason = _folds_differ(run_a, run_b)
+    summary_a, summary_b = run_a.summary or {}, run_b.summary or {}
+    scores_a = {c["name"]: c for c in summary_a.get("candidates") or []}
+    scores_b = {c["name"]: c for c in summary_b.get("candidates") or []}
+    names = list(dict.fromkeys([*scores_a, *scores_b]))
+    n_train, n_val = summary_a.get("n_train"), summary_a.get("n_val")
+
+    def values(candidate: Mapping[str, Any] | None) -> np.ndarray | None:
+        if candidate is None:
+            return None
+        return np.array([math.nan if v is None else v for v in candidate["val_accuracy"]],
+                        dtype=np.float64)
+
+    tests: dict[str, stats.PairedTest] = {}
+    untested: dict[str, str] = {}
+    for name in names:
+        va, vb = values(scores_a.get(name)), values(scores_b.get(name))
+        if va is None or vb is None:
+            untested[name] = "only in a" if vb is None else "only in b"
+        elif reason is not None:
+            untested[name] = "folds differ"
+        elif not n_train or not n_val:
+            untested[name] = "fold sizes unknown"
+        else:
+            try:
+                tests[name] = stats.corrected_resampled_ttest(vb, va, n_train=n_train,
+                                                              n_test=n_val)
+            except ValueError as error:
+                untested[name] = str(error)
+    adjusted = dict(zip(tests, stats.holm([t.p_value for t in tests.values()]).tolist()))
+    rows = []
+    for name in names:
+        va, vb = values(scores_a.get(name)), values(scores_b.get(name))
+        in_a = None if va is None else stats.summarize(va)
+        in_b = None if vb is None else stats.summarize(vb)
+        difference = math.nan if in_a is None or in_b is None else in_b.mean - in_a.mean
+        test = tests.get(name)
+        if test is None:
+            rows.append(CandidateComparison(name, in_a, in_b, difference, math.nan,
+                                            math.nan, math.nan, untested[name]))
+            continue
+        p = adjusted[name]
+        if p < alpha:
+            verdict = f"{'b' if test.mean_difference > 0 else 'a'} better (p={p:.3g})"
+        else:
+            verdict = f"no significant difference (p={p:.3g})"
+        rows.append(CandidateComparison(name, in_a, in_b, test.mean_difference,
+                                        test.t, test.p_value, p, verdict))
+    tests_a, tests_b = _test_accuracies(summary_a), _test_accuracies(summary_b)
+    return RunComparison(
+        a=overview(run_a), b=overview(run_b), folds_match=reason is None, reason=reason,
+        candidates=rows,
+        tests={k: (tests_a.get(k), tests_b.get(k)) for k in dict.fromkeys([*tests_a, *tests_b])},
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Export and delete
+
+
+def epoch_rows(store: Store, run_id: str) -> list[dict[str, Any]]:
+    """Every stored epoch of a run: run, key, candidate, role, repeat, fold, epoch, metrics."""
+    run = store.run(run_id)
+    models = {m.key: m for m in store.models(run.id)}
+    rows = []
+    for record in store.epochs(run.id):
+        model = models.get(record.key)
+        rows.append({
+            "run": run.id, "key": record.key,
+            "candidate": model.candidate if model else None,
+            "role": model.role if model else None,
+            "repeat": model.repeat if model else None, "fold": model.fold if model else None,
+            "epoch": record.epoch, **{f: getattr(record, f) for f in EPOCH_FIELDS},
+        })
+    return rows
+
+
+def export_run(store: Store, run_id: str, format: str = "csv") -> str:
+    """A run's epochs as CSV (one row each; empty cells for missing values) or JSON (a list)."""
+    rows = epoch_rows(store, run_id)
+    if format == "json":
+        return json.dumps(jsonable(rows), indent=2, allow_nan=False) + "\n"
+    if format != "csv":
+        raise ValueError(f"format must be csv or json, got {format!r}")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=EXPORT_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if v is None or (isinstance(v, float) and math.isnan(v)) else v
+                         for k, v in row.items()})
+    return buffer.getvalue()
+
+
+def delete_run(store: Store, run_id: str) -> RunRecord:
+    """Delete a run's output directory and its rows in the store; returns what was deleted.
+
+    A running run is refused. The directory is removed only when it is the run's own
+    (named after the run id), so a store pointing elsewhere never deletes unrelated files.
+    """
+    run = store.run(run_id)
+    if run.state == "running":
+        raise RunError(f"run {run.id} is running (pid {run.pid} on {run.host}); "
+                       "stop it before deleting it")
+    if run.output_dir:
+        directory = Path(run.output_dir)
+        if directory.name == run.id and directory.is_dir():
+            try:
+                shutil.rmtree(directory)
+            except OSError as error:
+                raise RunError(f"{directory}: cannot delete ({error.strerror or error})") \
+                    from None
+    store.delete_run(run.id)
+    return run

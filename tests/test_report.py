@@ -1,0 +1,290 @@
+"""The HTML report: written by every study, self-contained, escaped, complete; tolerant of
+unfinished runs, missing model files and searches; opened in headless Chromium."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import shutil
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+from conftest import SEED, _tiny_split  # the bytes of the tiny_idx_dir fixture
+from helpers import assert_one_line_error, run_cli, tiny_study_toml
+from PIL import Image
+
+from fashionlab import store as store_module
+from fashionlab.config import load_study
+from fashionlab.data import FILE_NAMES, write_idx
+from fashionlab.report import ReportError, render_report, write_report
+from fashionlab.store import Store
+from fashionlab.study import StudyResult, run_study
+
+EVIL = "<script>alert(1)</script>"
+STUDY_NAME = "tiny <script>alert('study')</script>"
+CANDIDATES = f"""
+[[candidates]]
+name = "small"
+layers = [{{ units = 16 }}]
+
+[[candidates]]
+name = "{EVIL}"
+layers = [{{ units = 16, l2 = 0.001 }}]
+"""
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> StudyResult:
+    """One tiny study (two candidates, one named like a script, and a CNN), run once."""
+    root = tmp_path_factory.mktemp("report")
+    data = root / "tiny-idx"
+    data.mkdir()
+    rng = np.random.default_rng(SEED)
+    for name, array in zip(FILE_NAMES, (*_tiny_split(rng, 300), *_tiny_split(rng, 100))):
+        write_idx(data / f"{name}.gz", array)
+    path = root / "study.toml"
+    toml = tiny_study_toml(data, epochs=3, candidates=CANDIDATES)
+    path.write_text(toml.replace('name = "tiny"', f'name = "{STUDY_NAME}"', 1))
+    with pytest.MonkeyPatch.context() as env:  # the autouse fixtures are per test
+        env.setenv("FASHIONLAB_CACHE", str(root / "cache"))
+        env.setenv("FASHIONLAB_MIRRORS", "http://127.0.0.1:9/")
+        env.delenv("FASHIONLAB_DATA", raising=False)
+        return run_study(load_study(path), run_dir=root / "runs", progress=False)
+
+
+def _run_dir(study: StudyResult) -> Path:
+    return study.output_dir.parent
+
+
+def _images(html: str) -> list[bytes]:
+    return [base64.b64decode(uri) for uri in re.findall(r'src="data:image/png;base64,([^"]+)"',
+                                                        html)]
+
+
+class _Tables(HTMLParser):
+    """The cell texts of every table row, by table id."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: dict[str, list[list[str]]] = {}
+        self._table: str | None = None
+        self._cell: list[str] | None = None
+        self._in_body = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "table":
+            self._table = dict(attrs).get("id") or f"table-{len(self.tables)}"
+            self.tables[self._table] = []
+        elif tag == "tbody":
+            self._in_body = True
+        elif tag == "tr" and self._in_body and self._table:
+            self.tables[self._table].append([])
+        elif tag == "td" and self._in_body:
+            self._cell = []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "td" and self._cell is not None and self._table:
+            self.tables[self._table][-1].append("".join(self._cell).strip())
+            self._cell = None
+        elif tag == "tbody":
+            self._in_body = False
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def _tables(html: str) -> dict[str, list[list[str]]]:
+    parser = _Tables()
+    parser.feed(html)
+    return parser.tables
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def test_every_study_leaves_a_self_contained_report(study: StudyResult):
+    path = study.output_dir / "report.html"
+    html = path.read_text()
+    assert path.stat().st_size < 2_000_000
+    assert study.run.id in html
+    # Nothing to fetch: every src is a data URI, and no link, script, style sheet or frame.
+    assert re.findall(r'\b(?:src|href)="(?!data:image/png;base64,)', html) == []
+    assert not re.search(r"<(script|link|iframe|object|embed)\b", html, re.IGNORECASE)
+    assert "http://" not in html and "https://" not in html
+    # Curves of 2 candidates and the CNN; for the retrained best and the CNN a confusion
+    # matrix, per-class bars and (where it erred) a grid of mistakes.
+    images = _images(html)
+    assert len(images) >= 3 + 2 * 2
+    for image in images:
+        assert image.startswith(PNG)
+        with Image.open(io.BytesIO(image)) as png:
+            png.verify()
+
+
+def test_user_strings_render_as_text(study: StudyResult):
+    html = (study.output_dir / "report.html").read_text()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "tiny &lt;script&gt;alert(&#39;study&#39;)&lt;/script&gt;" in html
+    assert "<script" not in html.lower()
+
+
+def test_the_report_holds_the_summary_table_tests_and_tested_models(study: StudyResult):
+    html = (study.output_dir / "report.html").read_text()
+    summary = study.run.summary
+    tables = _tables(html)
+    rows = tables["results"]
+    assert [r[0] for r in rows] == [row["model"] for row in summary["table"]]
+    assert rows[0][0] == "random guess"
+    assert any("±" in cell for row in rows for cell in row)
+    verdicts = {r[0]: r[-1] for r in tables["comparisons"]}
+    assert set(verdicts) == {"small", EVIL} and "best" in verdicts.values()
+    for fact in ("3-fold cross-validation", "seed", "torch", "wall time", "machine",
+                 "overfitting warning: patience 2"):
+        assert fact in html, fact
+    # The retrained best and the CNN, tested on the 100 test images.
+    assert html.count("Test accuracy <strong>") == 2
+    per_class = [t for name, t in tables.items() if name.startswith("table-")]
+    assert len(per_class) == 2 and all(len(t) == 10 for t in per_class)
+    assert per_class[0][0][0] == "T-shirt/top" and per_class[0][0][1] == "10"
+    assert "Learning curves" in html and "Final models" in html
+
+
+def test_a_missing_model_is_said_not_failed(study: StudyResult, tmp_path: Path):
+    cnn = study.output_dir / "models" / "cnn"
+    moved = tmp_path / "cnn"
+    shutil.move(cnn, moved)
+    try:
+        store = Store.open(_run_dir(study))
+        html = render_report(store, study.run.id)
+        store.close()
+    finally:
+        shutil.move(moved, cnn)
+    assert f"Not tested: the model files are not in {cnn}" in html
+    assert html.count("Test accuracy <strong>") == 1
+
+
+def test_the_cli_writes_a_report_anywhere_and_names_an_unknown_run(
+        study: StudyResult, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    out = tmp_path / "sub" / "mine.html"
+    code, stdout, _ = run_cli(capsys, "report", study.run.id[:15], "--out", str(out),
+                              "--run-dir", str(_run_dir(study)))
+    assert code == 0 and str(out) in stdout
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in out.read_text()
+
+    code, _, err = run_cli(capsys, "report", "no-such-run", "--run-dir", str(_run_dir(study)))
+    assert_one_line_error(code, err, "no run 'no-such-run'")
+
+
+def test_an_interrupted_run_reports_what_is_stored(tmp_path: Path):
+    store = Store.open(tmp_path)
+    run = store.create_run(kind="study", name="half done", fingerprint="f" * 32, seed=1,
+                           config={"candidates": [{"name": "b"}, {"name": "a"}]},
+                           environment={}, output_root=tmp_path)
+    store.register_models(run.id, [
+        {"key": f"{name}/fold-{fold}", "candidate": name, "role": "cv", "fold": fold,
+         "epochs_planned": 5} for name in ("a", "b") for fold in (0, 1)])
+    store.record_epochs(run.id, [(f"{name}/fold-{fold}", epoch, (1.0 / epoch, 0.5, 1.1, 0.4, 0.1))
+                                 for name in ("a", "b") for fold in (0, 1) for epoch in (1, 2)])
+    with store.engine.begin() as conn:  # its process on another machine, silent for an hour
+        conn.execute(sa.update(store_module.runs).values(host="elsewhere",
+                                                         heartbeat=time.time() - 3600))
+    path = write_report(store, run.id)
+    html = path.read_text()
+    assert path == tmp_path / run.id / "report.html"
+    assert "interrupted" in html and "run the same command again" in html
+    assert "no results table yet" in html
+    assert len(_images(html)) == 2  # the stored curves of b and a
+    assert html.index("learning curves of b") < html.index("learning curves of a")
+    assert "2 model(s), 4 epoch(s) stored" in html
+
+
+def test_a_search_report_shows_history_importances_and_top_trials(tmp_path: Path):
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    trials = [{"number": i, "value": None if i == 3 else 0.8 + 0.01 * (i % 5),
+               "params": {"lr": 10.0 ** -(i % 4), EVIL: i}, "state": "PRUNED" if i == 3
+               else "COMPLETE"} for i in range(14)]
+    run = store.create_run(kind="search", name=f"search {EVIL}", fingerprint="s" * 32, seed=0,
+                           config={}, environment={})
+    store.end_run(run.id, "finished", {"trials": trials, "importances": {"lr": 0.7, EVIL: 0.3}})
+    with pytest.raises(ReportError, match="has no output directory"):
+        write_report(store, run.id)
+    html = write_report(store, run.id, tmp_path / "search.html").read_text()
+    tables = _tables(html)
+    assert len(tables["trials"]) == 10
+    assert float(tables["trials"][0][1]) == pytest.approx(0.84)
+    assert [r[0] for r in tables["importances"]] == ["lr", EVIL]
+    assert len(_images(html)) == 2
+    assert "<script" not in html.lower()
+
+
+def test_the_report_in_chromium(study: StudyResult, tmp_path: Path):
+    """Headless Chromium opens the report from disk: every image loads, no console errors, no
+    dialog (the script-like names stay text), the table has its rows; a screenshot is saved."""
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(chromium).exists():
+        pytest.fail("Chromium is not installed: run `bash scripts/system-deps.sh all` "
+                    "(installs Debian's chromium package)")
+    from playwright.sync_api import sync_playwright
+
+    errors: list[str] = []
+    dialogs: list[str] = []
+    requests: list[str] = []
+    screenshot = tmp_path / "report.png"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=[
+            "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto((study.output_dir / "report.html").as_uri(), wait_until="load")
+            images = page.evaluate(
+                "Array.from(document.images, i => [i.complete, i.naturalWidth, i.naturalHeight])")
+            names = page.locator("#results tbody tr td:first-child").all_inner_texts()
+            title = page.locator("h1").inner_text()
+            page.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            browser.close()
+
+    assert errors == [] and dialogs == []
+    assert all(url.startswith(("file:", "data:")) for url in requests), requests
+    assert len(images) >= 7 and all(done and w > 0 and h > 0 for done, w, h in images), images
+    assert names == [row["model"] for row in study.run.summary["table"]]
+    assert EVIL in names and title == STUDY_NAME
+    assert screenshot.read_bytes().startswith(PNG)
+    with Image.open(screenshot) as png:
+        assert png.width == 1280 and png.height > 900
+
+
+def test_the_report_figures_draw_from_plain_arrays():
+    from fashionlab import plots
+
+    rng = np.random.default_rng(0)
+    figures = [
+        plots.confusion_matrix(rng.integers(0, 20, size=(10, 10))),
+        plots.per_class_bars({"precision": rng.random(10), "recall": np.full(10, np.nan)}),
+        plots.misclassified_grid(rng.integers(0, 256, (11, 28, 28), dtype=np.uint8),
+                                 np.arange(11) % 10, (np.arange(11) + 1) % 10,
+                                 confidence=rng.random(11)),
+        plots.misclassified_grid(np.zeros((0, 28, 28), np.uint8), [], []),
+        plots.search_history([0.5, None, 0.7, float("nan")], direction="minimize"),
+        plots.param_importances({"lr": 0.7, "units": 0.3}),
+    ]
+    for figure in figures:
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=40)
+        assert buffer.getvalue().startswith(PNG)
+    with pytest.raises(ValueError, match="10x10"):
+        plots.confusion_matrix(np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="must have 10 values"):
+        plots.per_class_bars({"recall": [0.5]})

@@ -1,0 +1,300 @@
+"""The runs browser: list (with running and interrupted runs), show, compare with the paired
+test where folds match, export as CSV and JSON, delete after asking; unknown ids."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+from conftest import SEED, _tiny_split  # the bytes of the tiny_idx_dir fixture
+from helpers import assert_one_line_error, run_cli, tiny_study_toml
+
+from fashionlab import stats
+from fashionlab import store as store_module
+from fashionlab.config import load_study
+from fashionlab.data import FILE_NAMES, write_idx
+from fashionlab.runs import (
+    EXPORT_FIELDS,
+    RunError,
+    compare_runs,
+    delete_run,
+    epoch_rows,
+    export_run,
+    list_runs,
+)
+from fashionlab.serialize import jsonable
+from fashionlab.store import Store
+from fashionlab.study import StudyResult, run_study
+
+CANDIDATES = """
+[[candidates]]
+name = "small"
+layers = [{ units = 16 }]
+
+[[candidates]]
+name = "wide"
+layers = [{ units = 32 }]
+"""
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, StudyResult]:
+    """Three tiny studies in one run directory: a; b, which differs only in its learning rate
+    (same folds); c, which differs only in its seed (other folds)."""
+    root = tmp_path_factory.mktemp("runs")
+    data = root / "tiny-idx"
+    data.mkdir()
+    rng = np.random.default_rng(SEED)
+    for name, array in zip(FILE_NAMES, (*_tiny_split(rng, 300), *_tiny_split(rng, 100))):
+        write_idx(data / f"{name}.gz", array)
+    path_a, path_b = root / "a.toml", root / "b.toml"
+    path_a.write_text(tiny_study_toml(data, epochs=3, candidates=CANDIDATES, final=False))
+    path_b.write_text(path_a.read_text().replace("batch_size = 32\n",
+                                                 "batch_size = 32\nlearning_rate = 0.01\n"))
+    spec_a = load_study(path_a)
+    specs = {"a": spec_a, "b": load_study(path_b), "c": dataclasses.replace(spec_a, seed=4)}
+    assert specs["b"].candidates[0].train.learning_rate == 0.01
+    with pytest.MonkeyPatch.context() as env:  # the autouse fixtures are per test
+        env.setenv("FASHIONLAB_CACHE", str(root / "cache"))
+        env.setenv("FASHIONLAB_MIRRORS", "http://127.0.0.1:9/")
+        return {key: run_study(spec, run_dir=root / "runs", progress=False)
+                for key, spec in specs.items()}
+
+
+def _run_dir(runs: dict[str, StudyResult]) -> str:
+    return str(runs["a"].output_dir.parent)
+
+
+def _fake_run(store: Store, name: str, *, summary: dict | None = None, output_root=None,
+              host: str | None = None, stale: bool = False) -> str:
+    run = store.create_run(kind="study", name=name, fingerprint="0" * 32, seed=0,
+                           config={"cv": {"n_splits": 3}, "data": {}}, environment={},
+                           output_root=output_root)
+    if summary is not None:
+        store.end_run(run.id, "finished", summary)
+    if host is not None:
+        with store.engine.begin() as conn:
+            conn.execute(sa.update(store_module.runs).where(store_module.runs.c.id == run.id)
+                         .values(host=host, heartbeat=time.time() - (3600 if stale else 0)))
+    return run.id
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def test_list_newest_first_with_the_best_score(runs: dict[str, StudyResult],
+                                               capsys: pytest.CaptureFixture[str]):
+    store = Store.open(_run_dir(runs))
+    listed = list_runs(store)
+    store.close()
+    assert [r.id for r in listed] == [runs[k].run.id for k in ("c", "b", "a")]
+    for overview in listed:
+        result = next(r for r in runs.values() if r.run.id == overview.id)
+        best = next(c for c in result.candidates if c.name == result.best)
+        assert overview.status == "finished" and overview.study == "tiny"
+        assert overview.best == result.best
+        assert overview.best_score == pytest.approx(float(np.mean(best.val_accuracy)))
+        assert overview.duration > 0
+
+    code, out, _ = run_cli(capsys, "runs", "list", "--run-dir", _run_dir(runs))
+    assert code == 0
+    for header in ("id", "study", "started", "status", "best score", "duration"):
+        assert header in out
+    assert all(runs[k].run.id in out for k in "abc") and out.count("finished") == 3
+    code, out, _ = run_cli(capsys, "runs", "list", "--json", "--run-dir", _run_dir(runs))
+    assert [r["id"] for r in json.loads(out)] == [r.id for r in listed]
+
+
+def test_running_and_interrupted_runs_show_as_such(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]):
+    store = Store.open(tmp_path)
+    running = _fake_run(store, "alive")  # this process: alive
+    interrupted = _fake_run(store, "gone", host="elsewhere", stale=True)
+    elsewhere = _fake_run(store, "far away", host="elsewhere")  # a fresh heartbeat
+    states = {r.id: r.status for r in list_runs(store)}
+    store.close()
+    assert states == {running: "running", interrupted: "interrupted", elsewhere: "running"}
+
+    code, out, _ = run_cli(capsys, "runs", "list", "--json", "--run-dir", str(tmp_path))
+    assert {r["id"]: r["status"] for r in json.loads(out)} == states
+    code, out, _ = run_cli(capsys, "runs", "list", "--run-dir", str(tmp_path))
+    assert out.count("interrupted") == 1 and out.count("running") == 2
+    code, out, _ = run_cli(capsys, "runs", "show", interrupted, "--run-dir", str(tmp_path))
+    assert code == 0 and "interrupted" in out
+
+
+def test_show_a_run(runs: dict[str, StudyResult], capsys: pytest.CaptureFixture[str]):
+    a = runs["a"]
+    code, out, _ = run_cli(capsys, "runs", "show", a.run.id, "--run-dir", _run_dir(runs))
+    assert code == 0
+    for text in (a.run.id, "finished", "random guess", "small", "wide", "(retrained)",
+                 "test accuracy", "report.html"):
+        assert text in out, text
+    code, out, _ = run_cli(capsys, "runs", "show", a.run.id, "--json", "--run-dir",
+                           _run_dir(runs))
+    info = json.loads(out)
+    assert info["id"] == a.run.id and info["seed"] == 3
+    assert info["models"] == {"total": 2 * 3 + 1, "by_status": {"finished": 7},
+                              "epochs_stored": 2 * 3 * 3 + a.retrain.epochs}
+    assert [row["model"] for row in info["table"]][:3] == ["random guess", "small", "wide"]
+    assert "report.html" in info["files"] and info["config"]["name"] == "tiny"
+
+
+def test_unknown_run_ids_are_one_line_errors(runs: dict[str, StudyResult],
+                                             capsys: pytest.CaptureFixture[str]):
+    for args in (["show", "nope"], ["compare", runs["a"].run.id, "nope"],
+                 ["export", "nope"], ["delete", "nope", "--yes"]):
+        code, _, err = run_cli(capsys, "runs", *args, "--run-dir", _run_dir(runs))
+        assert_one_line_error(code, err, "no run 'nope'", "fashionlab runs list")
+
+
+def test_compare_pairs_the_folds_when_they_match(runs: dict[str, StudyResult],
+                                                 capsys: pytest.CaptureFixture[str]):
+    a, b = runs["a"], runs["b"]
+    store = Store.open(_run_dir(runs))
+    result = compare_runs(store, a.run.id, b.run.id)
+    store.close()
+    assert result.folds_match and result.reason is None
+    assert [c.name for c in result.candidates] == ["small", "wide"]
+    # The reference: the paired test of b's per-fold scores against a's, Holm across both.
+    by_name = {c.name: c for c in a.candidates}, {c.name: c for c in b.candidates}
+    expected = {name: stats.corrected_resampled_ttest(
+        by_name[1][name].val_accuracy, by_name[0][name].val_accuracy,
+        n_train=a.n_train, n_test=a.n_val) for name in ("small", "wide")}
+    holm = stats.holm([expected[n].p_value for n in ("small", "wide")])
+    for candidate, p_holm in zip(result.candidates, holm):
+        test = expected[candidate.name]
+        assert candidate.t == pytest.approx(test.t, nan_ok=True)
+        assert candidate.p_value == pytest.approx(test.p_value)
+        assert candidate.p_holm == pytest.approx(p_holm)
+        assert candidate.difference == pytest.approx(test.mean_difference)
+        assert candidate.a.mean == pytest.approx(np.mean(by_name[0][candidate.name].val_accuracy))
+        assert candidate.verdict.endswith(f"(p={p_holm:.3g})")
+    assert set(result.tests) == {f"{a.best} (retrained)", f"{b.best} (retrained)"}
+
+    code, out, _ = run_cli(capsys, "runs", "compare", a.run.id, b.run.id, "--run-dir",
+                           _run_dir(runs))
+    assert code == 0 and "folds match" in out and "small" in out and "test accuracy" in out
+    code, out, _ = run_cli(capsys, "runs", "compare", a.run.id, b.run.id, "--json",
+                           "--run-dir", _run_dir(runs))
+    data = json.loads(out)
+    assert data["folds_match"] and data["candidates"][0]["p_holm"] == pytest.approx(holm[0])
+
+
+def test_compare_says_when_folds_differ(runs: dict[str, StudyResult],
+                                        capsys: pytest.CaptureFixture[str]):
+    code, out, _ = run_cli(capsys, "runs", "compare", runs["a"].run.id, runs["c"].run.id,
+                           "--json", "--run-dir", _run_dir(runs))
+    data = json.loads(out)
+    assert code == 0 and not data["folds_match"] and data["reason"] == "folds differ (seed 3 vs 4)"
+    assert [c["verdict"] for c in data["candidates"]] == ["folds differ"] * 2
+    assert all(c["p_value"] is None and c["a"]["n"] == 3 for c in data["candidates"])
+
+
+def test_compare_candidates_in_one_run_only_and_unfinished_runs(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture):
+    store = Store.open(tmp_path)
+    values = {"x": [0.80, 0.82, 0.81], "y": [0.70, 0.71, 0.69], "z": [0.5, 0.5, 0.5]}
+
+    def summary(names: str, shift: float) -> dict:
+        return {"n_train": 200, "n_val": 100, "candidates": [
+            {"name": n, "val_accuracy": [v + shift for v in values[n]]} for n in names]}
+
+    a = _fake_run(store, "s", summary=summary("xy", 0.0))
+    b = _fake_run(store, "s", summary=summary("xz", 0.05))
+    result = compare_runs(store, a, b)
+    verdicts = {c.name: c.verdict for c in result.candidates}
+    assert verdicts["y"] == "only in a" and verdicts["z"] == "only in b"
+    # A constant difference of 5 points on every fold: infinitely significant.
+    assert verdicts["x"] == "b better (p=0)" and result.candidates[0].difference == \
+        pytest.approx(0.05)
+    assert math.isnan(result.candidates[1].t)
+
+    unfinished = _fake_run(store, "s")
+    with pytest.raises(RunError, match=f"run {unfinished} is running"):
+        compare_runs(store, a, unfinished)
+    store.close()
+    code, _, err = run_cli(capsys, "runs", "compare", a, unfinished, "--run-dir", str(tmp_path))
+    assert_one_line_error(code, err, "only finished studies can be compared")
+
+
+def test_export_every_epoch_as_csv_and_json(runs: dict[str, StudyResult], tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]):
+    a = runs["a"]
+    store = Store.open(_run_dir(runs))
+    stored = store.epochs(a.run.id)
+    rows = epoch_rows(store, a.run.id)
+    assert json.loads(export_run(store, a.run.id, "json")) == jsonable(rows)  # NaN: null
+    store.close()
+    assert len(rows) == len(stored) == 2 * 3 * 3 + a.retrain.epochs
+
+    code, out, _ = run_cli(capsys, "runs", "export", a.run.id, "--run-dir", _run_dir(runs))
+    table = list(csv.DictReader(io.StringIO(out)))
+    assert code == 0 and tuple(table[0]) == EXPORT_FIELDS and len(table) == len(stored)
+    first = next(r for r in table if r["key"] == "small/fold-1" and r["epoch"] == "2")
+    record = next(e for e in stored if e.key == "small/fold-1" and e.epoch == 2)
+    assert first["run"] == a.run.id and first["candidate"] == "small"
+    assert first["role"] == "cv" and first["fold"] == "1"
+    assert float(first["val_accuracy"]) == record.val_accuracy
+    retrain = next(r for r in table if r["role"] == "retrain")
+    assert retrain["fold"] == "" and retrain["val_loss"] == ""  # no validation: empty cells
+
+    out_file = tmp_path / "epochs.json"
+    code, _, err = run_cli(capsys, "runs", "export", a.run.id[:18], "--format", "json",
+                           "--out", str(out_file), "--run-dir", _run_dir(runs))
+    data = json.loads(out_file.read_text())
+    assert code == 0 and str(out_file) in err and len(data) == len(stored)
+    assert next(r for r in data if r["role"] == "retrain")["val_loss"] is None
+
+
+def test_delete_asks_first(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                           monkeypatch: pytest.MonkeyPatch):
+    store = Store.open(tmp_path)
+    summary = {"candidates": []}
+    keep, gone, quick = (_fake_run(store, name, summary=summary, output_root=tmp_path)
+                         for name in ("keep", "gone", "quick"))
+    for run_id in (keep, gone, quick):
+        (tmp_path / run_id / "models").mkdir(parents=True)
+        (tmp_path / run_id / "report.html").write_text("x")
+    running = _fake_run(store, "running", output_root=tmp_path)
+    store.close()
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("n\n"))
+    code, out, _ = run_cli(capsys, "runs", "delete", keep, "--run-dir", str(tmp_path))
+    assert code == 1 and f"Delete run {keep}" in out and (tmp_path / keep).is_dir()
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\n"))
+    code, out, _ = run_cli(capsys, "runs", "delete", gone, "--run-dir", str(tmp_path))
+    assert code == 0 and f"deleted run {gone}" in out
+    code, out, _ = run_cli(capsys, "runs", "delete", quick, "--yes", "--run-dir", str(tmp_path))
+    assert code == 0
+
+    assert not (tmp_path / gone).exists() and not (tmp_path / quick).exists()
+    store = Store.open(tmp_path)
+    assert {r.id for r in store.runs()} == {keep, running}
+    assert (tmp_path / "fashionlab.db").is_file()
+    with pytest.raises(RunError, match="is running"):
+        delete_run(store, running)
+    store.close()
+    code, _, err = run_cli(capsys, "runs", "delete", running, "--yes", "--run-dir",
+                           str(tmp_path))
+    assert_one_line_error(code, err, f"run {running} is running")
+
+
+def test_delete_leaves_a_directory_that_is_not_the_runs_own(tmp_path: Path):
+    store = Store.open(tmp_path / "runs")
+    run_id = _fake_run(store, "odd", summary={"candidates": []})
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    with store.engine.begin() as conn:
+        conn.execute(sa.update(store_module.runs).values(output_dir=str(precious)))
+    delete_run(store, run_id)
+    assert precious.is_dir() and store.runs() == []
+    store.close()
