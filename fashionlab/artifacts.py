@@ -80,7 +80,12 @@ def save_model(
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> SavedModel:
-    """Read a model directory written by `save_model`."""
+    """Read a model directory written by `save_model`.
+
+    Every problem (a missing or malformed file, weights that do not fit the spec, a pickle
+    in place of the safetensors file) raises ModelFileError naming the file. Nothing is
+    unpickled: safetensors holds raw tensors only.
+    """
     directory = Path(directory)
     spec_path, weights_path = directory / SPEC_FILE, directory / WEIGHTS_FILE
     if not directory.is_dir():
@@ -88,18 +93,77 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Sav
     for path in (spec_path, weights_path):
         if not path.is_file():
             raise ModelFileError(f"{path}: file not found")
-    try:
-        description = json.loads(spec_path.read_text())
-        spec = TypeAdapter(ModelSpec).validate_python(description["spec"])
-        class_names = tuple(description["class_names"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValidationError) as error:
-        raise ModelFileError(f"{spec_path}: not a valid model description ({error})") from None
+    spec, class_names, description = _read_description(spec_path)
     module = build_module(spec)
-    try:
-        state = load_file(str(weights_path), device=str(device))
-        module.load_state_dict(state)
-    except (SafetensorError, RuntimeError, OSError) as error:
-        message = str(error).strip().splitlines()[0]
-        raise ModelFileError(f"{weights_path}: weights do not fit the spec ({message})") from None
+    _load_weights(module, weights_path, device)
     module.to(device).eval()
-    return SavedModel(module, spec, class_names, description.get("metadata", {}), directory)
+    metadata = description.get("metadata") or {}
+    return SavedModel(module, spec, class_names, metadata, directory)
+
+
+def _read_description(path: Path) -> tuple[ModelSpec, tuple[str, ...], dict[str, Any]]:
+    def invalid(problem: str) -> ModelFileError:
+        return ModelFileError(f"{path}: not a valid model description ({problem})")
+
+    try:
+        description = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise invalid("not UTF-8 text") from None
+    except json.JSONDecodeError as error:
+        raise invalid(f"not JSON: {error}") from None
+    except OSError as error:
+        raise ModelFileError(f"{path}: cannot read ({error.strerror or error})") from None
+    if not isinstance(description, dict):
+        raise invalid(f"a JSON {type(description).__name__}, expected an object")
+    version = description.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise invalid("no integer 'format_version'")
+    if version > FORMAT_VERSION:
+        raise ModelFileError(f"{path}: written in model format {version} by a newer fashionlab; "
+                             f"this one reads format {FORMAT_VERSION} (upgrade fashionlab)")
+    for key in ("spec", "class_names"):
+        if key not in description:
+            raise invalid(f"missing key '{key}'")
+    try:
+        spec = TypeAdapter(ModelSpec).validate_python(description["spec"])
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(["spec", *(str(part) for part in first["loc"])])
+        raise invalid(f"{where}: {first['msg']}") from None
+    names = description["class_names"]
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise invalid("'class_names' must be a list of strings")
+    if len(names) != spec.n_classes:
+        raise invalid(f"{len(names)} class names for a model with {spec.n_classes} outputs")
+    if not isinstance(description.get("metadata", {}), dict):
+        raise invalid("'metadata' must be an object")
+    return spec, tuple(names), description
+
+
+def _load_weights(module: nn.Module, path: Path, device: str | torch.device) -> None:
+    """Fill `module` from a safetensors file, checking names, shapes and values first."""
+    try:
+        state = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as error:
+        head = path.read_bytes()[:4] if path.is_file() else b""
+        if head[:2] == b"PK" or head[:1] == b"\x80":  # a zip (torch.save) or a raw pickle
+            raise ModelFileError(f"{path}: a pickle (torch.save) file, not safetensors; "
+                                 "fashionlab loads only safetensors and never unpickles") from None
+        message = str(error).strip().splitlines()[0]
+        raise ModelFileError(f"{path}: not a valid safetensors file ({message})") from None
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        problems = ([f"missing {', '.join(missing[:3])}"] if missing else []) + (
+            [f"unexpected {', '.join(unexpected[:3])}"] if unexpected else [])
+        raise ModelFileError(f"{path}: weights do not fit the spec in model.json "
+                             f"({'; '.join(problems)})")
+    for key, tensor in expected.items():
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise ModelFileError(f"{path}: weights do not fit the spec in model.json ({key} has "
+                                 f"shape {tuple(state[key].shape)}, the spec needs "
+                                 f"{tuple(tensor.shape)})")
+        if state[key].is_floating_point() and not torch.isfinite(state[key]).all():
+            raise ModelFileError(f"{path}: {key} holds NaN or infinite values")
+    module.load_state_dict(state)

@@ -1,0 +1,193 @@
+"""`fashionlab evaluate`, `predict` and `export`: use a trained model. Thin over the library."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from fashionlab.cli import app
+
+if TYPE_CHECKING:
+    from fashionlab.predict import FilePredictions
+
+ModelDir = Annotated[Path, typer.Argument(
+    help="A model directory (model.safetensors + model.json), e.g. "
+    "fashionlab-runs/<run id>/models/cnn.", show_default=False)]
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{100 * value:.1f}"
+
+
+@app.command()
+def evaluate(
+    model: ModelDir,
+    directory: Annotated[Path | None, typer.Option(
+        "--dir", help="Read the IDX files from this directory instead of searching for them.",
+        show_default=False)] = None,
+    verify: Annotated[bool, typer.Option(
+        "--verify/--no-verify",
+        help="Check the Fashion-MNIST checksums; --no-verify for other IDX datasets.")] = True,
+    device: DeviceOption = "auto",
+    as_json: JsonOption = False,
+) -> None:
+    """Score a trained model on the test set: accuracy, per-class scores, confusion matrix.
+
+    Prints the accuracy and loss, precision, recall and F1 of each class, and the confusion
+    matrix (rows: true class, columns: predicted).
+
+    Example: fashionlab evaluate fashionlab-runs/<run id>/models/cnn --json
+    """
+    from fashionlab.artifacts import load_model
+    from fashionlab.data import load_fashion_mnist
+    from fashionlab.evaluate import evaluate as score
+    from fashionlab.train import resolve_device
+
+    target = resolve_device(device)
+    saved = load_model(model, target)
+    dataset = load_fashion_mnist(directory, verify=verify)
+    result = score(saved, dataset.test, device=target)
+    if as_json:
+        typer.echo(json.dumps({"model": str(model), "data": str(dataset.source),
+                               "split": "test", **result.to_dict()}, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    console.print(f"{model} on {dataset.source} (test, {result.n} images)", soft_wrap=True)
+    console.print(f"accuracy {100 * result.accuracy:.2f}%   loss {result.loss:.4f}")
+    scores = Table(title="per class (%)")
+    for column in ("class", "name", "images", "precision", "recall", "F1"):
+        scores.add_column(column, justify="left" if column == "name" else "right")
+    for i, name in enumerate(result.class_names):
+        scores.add_row(str(i), name, str(result.support[i]), _percent(result.precision[i]),
+                       _percent(result.recall[i]), _percent(result.f1[i]))
+    console.print(scores)
+    confusion = Table(title="confusion matrix (rows: true, columns: predicted)")
+    confusion.add_column("true")
+    for i in range(result.n_classes):
+        confusion.add_column(str(i), justify="right")
+    for i, name in enumerate(result.class_names):
+        confusion.add_row(f"{i} {name}", *(str(n) for n in result.confusion[i]))
+    console.print(confusion)
+
+
+@app.command()
+def predict(
+    model: ModelDir,
+    images: Annotated[list[Path], typer.Argument(
+        help="Photos (PNG, JPEG, ...), IDX files or .npy arrays.", show_default=False)],
+    top: Annotated[int, typer.Option(help="How many classes to show per image.", min=1)] = 3,
+    invert: Annotated[bool | None, typer.Option(
+        "--invert/--no-invert", help="Force inverting photos (or not); by default a photo is "
+        "inverted when its background is light.", show_default=False)] = None,
+    preview: Annotated[Path | None, typer.Option(
+        help="Write what the model sees (the 28x28 inputs, up to 100) to this PNG file.",
+        show_default=False)] = None,
+    device: DeviceOption = "auto",
+    as_json: JsonOption = False,
+) -> None:
+    """Predict the top classes of your own images, with their probabilities.
+
+    Photos are made to look like Fashion-MNIST: grayscale, inverted when the background is
+    light, cropped to the item, padded to a square, resized to 28x28, scaled to [0, 1].
+    A file that cannot be read is reported on stderr (error: FILE: problem) while the others
+    are still predicted; the exit status is then 1 (2 when the model cannot be loaded).
+
+    Example: fashionlab predict fashionlab-runs/<run id>/models/cnn shirt.jpg boots.png --json
+    """
+    import numpy as np
+
+    from fashionlab.artifacts import load_model
+    from fashionlab.predict import predict_files
+    from fashionlab.predict import preview as preview_grid
+    from fashionlab.train import resolve_device
+
+    saved = load_model(model, resolve_device(device))
+    results = predict_files(saved, images, top, invert=invert)
+    if preview is not None:
+        seen = [r.images for r in results if r.images is not None]
+        if seen:
+            preview_grid(np.concatenate(seen)).save(preview)
+    if as_json:
+        rows = [{"file": str(r.path), "kind": r.kind, "index": i, "top": p.to_dict()}
+                for r in results for i, p in enumerate(r.predictions)]
+        errors = [{"file": str(r.path), "error": r.error} for r in results if r.error]
+        typer.echo(json.dumps({"model": str(model), "top_k": min(top, len(saved.class_names)),
+                               "predictions": rows, "errors": errors}, indent=2))
+    else:
+        _print_predictions(results, top)
+    failed = [r for r in results if r.error]
+    for result in failed:
+        typer.secho(f"error: {result.error}", fg="red", err=True)
+    if failed:
+        raise typer.Exit(1)
+
+
+def _print_predictions(results: list[FilePredictions], top: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table()
+    table.add_column("file", overflow="fold")
+    table.add_column("#", justify="right")
+    k = max((len(p.labels) for r in results for p in r.predictions), default=min(top, 3))
+    for rank in range(1, k + 1):
+        table.add_column(f"top {rank}")
+    for result in results:
+        for i, prediction in enumerate(result.predictions):
+            cells = [f"{name} {p:.3f}" for name, p in
+                     zip(prediction.classes, prediction.probabilities)]
+            index = str(i) if result.kind != "photo" else ""
+            table.add_row(str(result.path), index, *cells)
+    if table.row_count:
+        Console(highlight=False).print(table)
+
+
+class ExportFormat(str, Enum):
+    onnx = "onnx"
+
+
+@app.command()
+def export(
+    model: ModelDir,
+    file_format: Annotated[ExportFormat, typer.Option(
+        "--format", help="The file format.")] = ExportFormat.onnx,
+    out: Annotated[Path | None, typer.Option(
+        help="The file to write (default: model.onnx in the model directory).",
+        show_default=False)] = None,
+    opset: Annotated[int, typer.Option(help="The ONNX opset version.", min=7)] = 18,
+    as_json: JsonOption = False,
+) -> None:
+    """Export a trained model to ONNX, checked against PyTorch with onnxruntime.
+
+    The batch dimension is dynamic: input `image` (batch, 1, 28, 28) float32 in [0, 1],
+    output `logits` (batch, 10); the class names are in the file's metadata. The file is run
+    with onnxruntime and must match PyTorch within 1e-5, or nothing is written.
+
+    Example: fashionlab export fashionlab-runs/<run id>/models/cnn --format onnx --out cnn.onnx
+    """
+    from fashionlab.artifacts import load_model
+    from fashionlab.export import export_onnx, verify_onnx
+
+    saved = load_model(model)
+    start = time.perf_counter()
+    path = export_onnx(saved, out if out is not None else model / "model.onnx", opset=opset)
+    seconds = time.perf_counter() - start
+    difference = verify_onnx(saved, path)
+    summary = {"model": str(model), "format": file_format.value, "path": str(path), "opset": opset,
+               "bytes": path.stat().st_size, "max_abs_diff": difference, "seconds": seconds}
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        typer.echo(f"wrote {path} ({summary['bytes'] / 1e6:.2f} MB, opset {opset}) in "
+                   f"{seconds:.1f} s; onnxruntime vs PyTorch: max |diff| {difference:.2g}")

@@ -1,0 +1,145 @@
+"""Export a trained model to ONNX, checked against PyTorch with onnxruntime.
+
+    export_onnx(load_model("runs/<id>/models/cnn"), "cnn.onnx")
+
+The ONNX graph has one input, `image` (batch, 1, 28, 28) float32 in [0, 1] (a light item on
+black, as `fashionlab.predict` prepares it), and one output, `logits` (batch, n_classes); the
+batch dimension is dynamic. Softmax of the logits gives the class probabilities. The class
+names, preprocessing and architecture are stored in the file's metadata (`class_names`,
+`preprocessing` and `spec`, as JSON strings).
+
+Needs the optional packages onnx, onnxscript and onnxruntime (`pip install 'fashionlab[onnx]'`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fashionlab.artifacts import PREPROCESSING, SavedModel
+from fashionlab.errors import FashionlabError
+
+__all__ = ["DEFAULT_OPSET", "TOLERANCE", "ExportError", "export_onnx", "verify_onnx"]
+
+DEFAULT_OPSET = 18  # the ONNX opset torch's exporter targets natively
+TOLERANCE = 1e-5  # largest absolute difference allowed between ONNX and PyTorch logits
+VERIFY_BATCHES = (1, 7, 64)  # batch sizes checked: a single image, an odd size, a larger one
+INPUT_NAME, OUTPUT_NAME = "image", "logits"
+
+
+class ExportError(FashionlabError):
+    """The model cannot be exported, or the exported file does not compute what PyTorch does."""
+
+
+def _require_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as error:
+        raise ExportError(f"ONNX export needs the optional packages onnx, onnxscript and "
+                          f"onnxruntime ({error}); install them with "
+                          "pip install 'fashionlab[onnx]'") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence the exporter's progress lines and deprecation chatter; errors still raise."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def export_onnx(saved_model: SavedModel, path: str | Path, *, opset: int = DEFAULT_OPSET,
+                verify: bool = True) -> Path:
+    """Write `saved_model` as an ONNX file with a dynamic batch dimension; returns the path.
+
+    With `verify` (the default), onnxruntime runs the file on random images of several batch
+    sizes before it takes its final name; an output further than TOLERANCE from PyTorch's
+    raises ExportError and leaves nothing at `path`.
+    """
+    _require_onnx()
+    path = Path(path)
+    if path.is_dir():
+        raise ExportError(f"{path}: is a directory; name the .onnx file to write")
+    if not path.parent.is_dir():
+        raise ExportError(f"{path.parent}: directory not found")
+    module = copy.deepcopy(saved_model.module).to("cpu").eval()  # the graph is device-free
+    example = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))  # (B, 1, 28, 28)
+    batch = torch.export.Dim("batch", min=1)
+    try:
+        with _quiet_exporter():
+            program = torch.onnx.export(
+                module, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                dynamic_shapes=({0: batch},), opset_version=opset, dynamo=True,
+                verbose=False)
+    except Exception as error:  # noqa: BLE001 - the exporter raises many types: all "cannot"
+        raise ExportError(f"{saved_model.path}: ONNX export failed ({_first_line(error)})") \
+            from None
+    program.model.metadata_props.update({
+        "class_names": json.dumps(list(saved_model.class_names)),
+        "preprocessing": json.dumps(PREPROCESSING),
+        "spec": json.dumps(asdict(saved_model.spec)),
+        "producer": "fashionlab",
+    })
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # renamed once verified
+    try:
+        with _quiet_exporter():
+            program.save(staging, external_data=False)  # one self-contained file
+        if verify:
+            verify_onnx(saved_model, staging)
+        os.replace(staging, path)
+    finally:
+        Path(staging).unlink(missing_ok=True)
+    return path
+
+
+def verify_onnx(saved_model: SavedModel, path: str | Path, *, tolerance: float = TOLERANCE,
+                seed: int = 0) -> float:
+    """Run an ONNX file and the PyTorch model on the same random images; returns the largest
+    absolute difference of their logits, or raises ExportError above `tolerance`."""
+    _require_onnx()
+    import onnxruntime
+
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as error:  # noqa: BLE001 - onnxruntime raises its own types (Fail, ...)
+        raise ExportError(f"{path}: onnxruntime cannot load it ({_first_line(error)})") from None
+    # PyTorch on the CPU in float32 is the reference (a GPU's TF32 would blur the comparison).
+    module = copy.deepcopy(saved_model.module).to("cpu").eval()
+    generator = torch.Generator().manual_seed(seed)
+    largest = 0.0
+    for size in VERIFY_BATCHES:
+        x = torch.rand(size, 1, 28, 28, generator=generator)  # (B, 1, 28, 28) in [0, 1]
+        with torch.inference_mode():
+            expected = module(x).numpy()  # (B, n_classes)
+        (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})
+        if got.shape != expected.shape:
+            raise ExportError(f"{path}: outputs of shape {got.shape} for a batch of {size}, "
+                              f"PyTorch gives {expected.shape}")
+        largest = max(largest, float(np.abs(got - expected).max()))
+    if not largest <= tolerance:
+        raise ExportError(f"{path}: ONNX and PyTorch outputs differ by up to {largest:.3g} "
+                          f"(allowed {tolerance:g})")
+    return largest

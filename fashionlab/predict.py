@@ -1,0 +1,375 @@
+"""Predict on your own images: photos, IDX files and .npy arrays -> top-k classes.
+
+    items = load_images(["shirt.jpg", "t10k-images-idx3-ubyte", "batch.npy"])
+    for result in predict_files(load_model("runs/<id>/models/cnn"), paths):
+        result.error or result.predictions[0].classes   # ("Shirt", "T-shirt/top", "Pullover")
+
+Every input becomes what the models were trained on: (N, 28, 28) float32 in [0, 1], a light
+item on a black background. A photo goes through the steps that made Fashion-MNIST from
+Zalando's product photos (trim to the item, longest side to 28 pixels, centre, negate):
+
+  1. EXIF orientation applied; transparency composited onto white (a product-photo background);
+     converted to grayscale.
+  2. The background level is the median of the outer 2% of the picture. Light (> 127): the
+     picture is inverted, so the item becomes light on dark.
+  3. The background level (plus its noise) becomes 0; the item's bounding box is the region
+     brighter than that by 5% of full scale (after a 3x3 median filter against specks).
+     A picture that is already 28x28 is taken as it is after step 2 (a Fashion-MNIST image
+     saved as PNG comes back unchanged).
+  4. The box is padded to a square with the item centred (Fashion-MNIST items touch two
+     opposite edges and are centred along the other axis), resized to 28x28 with a Lanczos
+     filter (which averages over the pixels it reduces), and scaled so its brightest pixel
+     is 1 (92% of Fashion-MNIST images have a pixel at 255).
+
+IDX files (raw or .gz) and .npy arrays are taken as they are: (28, 28), (N, 28, 28), (N, 784)
+or (N, 1, 28, 28), uint8 0-255 or float 0-1. Arrays are never unpickled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from fashionlab.errors import FashionlabError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from fashionlab.artifacts import SavedModel
+
+__all__ = [
+    "FilePredictions",
+    "ImageFileError",
+    "Item",
+    "Prediction",
+    "load_image",
+    "load_images",
+    "predict",
+    "predict_files",
+    "preprocess_photo",
+    "preview",
+]
+
+SIDE = 28  # model input is SIDE x SIDE
+WORKING_SIDE = 512  # photos are first reduced to at most this: plenty for a 28x28 result
+BORDER = 0.02  # the outer 2% of each side is where the background level is read
+TRIM = 0.05 * 255  # pixels this much above the background belong to the item (Fashion-MNIST's 5%)
+MIN_CONTRAST = 8.0  # an item fainter than this (0-255) is not stretched: a blank picture stays dark
+PREDICT_BATCH = 1024  # images per forward pass
+
+Kind = Literal["photo", "idx", "npy"]
+_NPY_MAGIC = b"\x93NUMPY"
+# PNG, JPEG, GIF, BMP, TIFF (both byte orders), WebP: a file starting so is a damaged image.
+_IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
+
+
+class ImageFileError(FashionlabError):
+    """An input file cannot be read as an image, IDX file or .npy array."""
+
+
+@dataclass(frozen=True, eq=False)
+class Item:
+    """One input file, loaded: `images` or `error`, never both."""
+
+    path: Path
+    kind: Kind | None  # None when the file could not be read
+    images: np.ndarray | None  # (N, 28, 28) float32 in [0, 1], light item on black
+    error: str | None  # one line naming the file and the problem
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The top-k classes of one image, most probable first."""
+
+    labels: tuple[int, ...]  # class indices
+    classes: tuple[str, ...]  # their names
+    probabilities: tuple[float, ...]  # softmax probabilities, descending; sum <= 1
+
+    def to_dict(self) -> list[dict[str, object]]:
+        return [{"label": label, "class": name, "probability": p}
+                for label, name, p in zip(self.labels, self.classes, self.probabilities)]
+
+
+@dataclass(frozen=True, eq=False)
+class FilePredictions:
+    """The predictions for the images of one file, or why there are none."""
+
+    path: Path
+    kind: Kind | None  # "photo" (one image), "idx" or "npy" (one or more); None: unreadable
+    predictions: tuple[Prediction, ...]  # one per image in the file
+    images: np.ndarray | None  # (N, 28, 28) float32: what the model saw
+    error: str | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_images(paths: Iterable[str | Path], *, invert: bool | None = None) -> list[Item]:
+    """Load every file; a file that cannot be read gives an Item with its error, not a raise.
+
+    invert: for photos, None decides from the background; True or False forces it.
+    """
+    items = []
+    for path in map(Path, paths):
+        try:
+            kind, images = _load(path, invert)
+        except ImageFileError as error:
+            items.append(Item(path, None, None, str(error)))
+        else:
+            items.append(Item(path, kind, images, None))
+    return items
+
+
+def load_image(path: str | Path, *, invert: bool | None = None) -> np.ndarray:
+    """One file -> (N, 28, 28) float32 in [0, 1]; raises ImageFileError naming the file."""
+    return _load(Path(path), invert)[1]
+
+
+def _load(path: Path, invert: bool | None) -> tuple[Kind, np.ndarray]:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except FileNotFoundError:
+        raise ImageFileError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise ImageFileError(f"{path}: is a directory, not an image file") from None
+    except OSError as error:
+        raise ImageFileError(f"{path}: cannot read ({error.strerror or error})") from None
+    name = path.name.lower()
+    if head.startswith(_NPY_MAGIC) or name.endswith((".npy", ".npz")):
+        return "npy", _load_npy(path, head)
+    if head[:2] == b"\x00\x00" or name.endswith(".gz"):  # IDX, raw or gzip-compressed
+        return "idx", _load_idx(path)
+    return "photo", _load_photo(path, invert)[None]
+
+
+def _load_npy(path: Path, head: bytes) -> np.ndarray:
+    if head.startswith(b"PK"):
+        raise ImageFileError(f"{path}: an .npz archive; save one array with numpy.save")
+    if not head.startswith(_NPY_MAGIC):
+        raise ImageFileError(f"{path}: not a valid .npy file (no NumPy header)")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except ValueError as error:
+        reason = ("holds Python objects, which are never unpickled"
+                  if "allow_pickle" in str(error) else f"not a valid .npy file ({error})")
+        raise ImageFileError(f"{path}: {reason}") from None
+    except (OSError, EOFError) as error:
+        raise ImageFileError(f"{path}: not a valid .npy file ({_first_line(error)})") from None
+    return _as_images(array, path)
+
+
+def _load_idx(path: Path) -> np.ndarray:
+    from fashionlab.data import read_idx
+
+    try:
+        array = read_idx(path)
+    except FashionlabError as error:  # read_idx's messages already name the file
+        raise ImageFileError(str(error)) from None
+    return _as_images(array, path)
+
+
+def _as_images(array: np.ndarray, source: Path) -> np.ndarray:
+    """An array of pixels -> (N, 28, 28) float32 in [0, 1], or an error naming `source`."""
+    shape = array.shape
+    if shape == (SIDE, SIDE) or shape == (SIDE * SIDE,):
+        array = array.reshape(1, SIDE, SIDE)
+    elif array.ndim == 2 and shape[1] == SIDE * SIDE:
+        array = array.reshape(-1, SIDE, SIDE)
+    elif array.ndim == 4 and shape[1:] == (1, SIDE, SIDE):
+        array = array[:, 0]
+    elif not (array.ndim == 3 and shape[1:] == (SIDE, SIDE)):
+        raise ImageFileError(f"{source}: an array of shape {shape}; expected (28, 28), "
+                             "(N, 28, 28), (N, 784) or (N, 1, 28, 28)")
+    if len(array) == 0:
+        raise ImageFileError(f"{source}: holds no images (shape {shape})")
+    kind = array.dtype.kind
+    if kind in "iu":
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high > 255:
+            raise ImageFileError(f"{source}: integer pixels must lie in 0..255 "
+                                 f"(found {low}..{high})")
+        return array.astype(np.float32) / np.float32(255)
+    if kind == "f":
+        array = array.astype(np.float32)
+        if not np.isfinite(array).all():
+            raise ImageFileError(f"{source}: holds NaN or infinite values")
+        low, high = float(array.min()), float(array.max())
+        if low < 0 or high > 1 + 1e-6:
+            raise ImageFileError(f"{source}: float pixels must lie in [0, 1] (found "
+                                 f"{low:g}..{high:g}); divide 0-255 pixels by 255")
+        return np.clip(array, 0, 1)
+    raise ImageFileError(f"{source}: holds {array.dtype} values; expected uint8 0-255 "
+                         "or float 0-1")
+
+
+def _load_photo(path: Path, invert: bool | None) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.draft("L", (WORKING_SIDE, WORKING_SIDE))  # JPEG: decode at a reduced size
+            image.load()
+    except UnidentifiedImageError:
+        with open(path, "rb") as f:
+            head = f.read(8)
+        if any(head.startswith(magic) for magic in _IMAGE_MAGIC):
+            raise ImageFileError(f"{path}: corrupt or truncated image (its header names an "
+                                 "image format, but the data cannot be decoded)") from None
+        raise ImageFileError(f"{path}: not an image, IDX or .npy file "
+                             "(no image format recognised)") from None
+    except Image.DecompressionBombError as error:
+        raise ImageFileError(f"{path}: too large to decode safely ({error})") from None
+    except (OSError, SyntaxError, ValueError) as error:  # Pillow's truncated or corrupt data
+        raise ImageFileError(f"{path}: corrupt or truncated image ({_first_line(error)})") \
+            from None
+    try:
+        return preprocess_photo(image, invert=invert)
+    except (OSError, ValueError) as error:  # a mode Pillow cannot convert to grayscale
+        raise ImageFileError(f"{path}: cannot convert its {image.mode} pixels to grayscale "
+                             f"({_first_line(error)})") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# Photos
+
+
+def preprocess_photo(image: Image.Image, *, invert: bool | None = None) -> np.ndarray:
+    """A picture of any size and mode -> (28, 28) float32 in [0, 1], light item on black.
+
+    invert: None decides from the background (light background: invert); True or False forces.
+    """
+    from PIL import Image, ImageFilter, ImageOps
+
+    image = ImageOps.exif_transpose(image)
+    gray = _grayscale(image)  # (H, W) float32 in 0..255
+    background = float(np.median(_border(gray)))
+    if invert is None:
+        invert = background > 127
+    if invert:
+        gray = 255 - gray
+        background = 255 - background
+    if gray.shape == (SIDE, SIDE):  # already Fashion-MNIST's size (a dataset image saved as PNG)
+        return gray / np.float32(255)
+    # The background and its noise (a robust spread of the border) become 0.
+    border = _border(gray)
+    noise = 1.4826 * float(np.median(np.abs(border - background)))
+    item = np.clip(gray - (background + 3 * noise), 0, None)  # (H, W) >= 0
+    mask_image = Image.fromarray(np.minimum(item, 255).astype(np.uint8)).filter(
+        ImageFilter.MedianFilter(3))
+    rows, cols = np.nonzero(np.asarray(mask_image) > TRIM)
+    if rows.size:
+        item = item[rows.min():rows.max() + 1, cols.min():cols.max() + 1]  # (h, w)
+    h, w = item.shape
+    side = max(h, w)
+    square = np.zeros((side, side), dtype=np.float32)  # (side, side): item centred on black
+    top, left = (side - h) // 2, (side - w) // 2
+    square[top:top + h, left:left + w] = item
+    small = np.asarray(Image.fromarray(square).resize(
+        (SIDE, SIDE), Image.Resampling.LANCZOS), dtype=np.float32)  # (28, 28)
+    small = np.clip(small, 0, None)  # Lanczos rings slightly below 0 next to edges
+    peak = float(small.max())
+    small = small / peak if peak >= MIN_CONTRAST else small / 255
+    return np.clip(small, 0, 1).astype(np.float32)
+
+
+def _grayscale(image: Image.Image) -> np.ndarray:
+    """(H, W) float32 luma in 0..255; large pictures reduced to WORKING_SIDE first."""
+    from PIL import Image
+
+    if image.mode.startswith("I") or image.mode == "F":  # 16/32-bit integer or float pixels
+        gray = np.asarray(image, dtype=np.float32)
+        high = float(gray.max()) if gray.size else 0.0
+        scale = 255 / 65535 if high > 255 else 255.0 if image.mode == "F" and high <= 1 else 1.0
+        image = Image.fromarray(np.clip(gray * scale, 0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    image = image.convert("L")
+    if max(image.size) > WORKING_SIDE:
+        image = image.copy()
+        image.thumbnail((WORKING_SIDE, WORKING_SIDE), Image.Resampling.LANCZOS)
+    return np.asarray(image, dtype=np.float32)
+
+
+def _border(gray: np.ndarray) -> np.ndarray:
+    """The pixels of the outer BORDER fraction of each side (at least one pixel), flattened."""
+    h, w = gray.shape
+    dy, dx = max(1, round(BORDER * h)), max(1, round(BORDER * w))
+    return np.concatenate([gray[:dy].ravel(), gray[-dy:].ravel(),
+                           gray[dy:-dy, :dx].ravel(), gray[dy:-dy, -dx:].ravel()])
+
+
+def preview(images: np.ndarray, *, columns: int = 10, scale: int = 4,
+            limit: int = 100) -> Image.Image:
+    """What the model sees: the first `limit` images (N, 28, 28) in [0, 1] as a grayscale grid."""
+    from PIL import Image
+
+    images = images[:limit]
+    n = len(images)
+    columns = max(1, min(columns, n))
+    rows = -(-n // columns)
+    grid = np.zeros((rows * (SIDE + 2), columns * (SIDE + 2)), dtype=np.uint8)
+    grid[:] = 64  # a grey frame around each image shows where one ends
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        grid[r * (SIDE + 2) + 1:r * (SIDE + 2) + 1 + SIDE,
+             c * (SIDE + 2) + 1:c * (SIDE + 2) + 1 + SIDE] = np.round(image * 255)
+    picture = Image.fromarray(grid)
+    return picture.resize((picture.width * scale, picture.height * scale),
+                          Image.Resampling.NEAREST)
+
+
+# --------------------------------------------------------------------------------------------
+# Predicting
+
+
+def predict(saved_model: SavedModel, images: np.ndarray, top_k: int = 3) -> list[Prediction]:
+    """The top_k classes of each image: images (N, 28, 28) or (28, 28) float32 in [0, 1]."""
+    import torch
+
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}")
+    images = np.asarray(images, dtype=np.float32)
+    if images.shape == (SIDE, SIDE):
+        images = images[None]
+    if images.ndim != 3 or images.shape[1:] != (SIDE, SIDE):
+        raise ValueError(f"images must be (N, 28, 28) or (28, 28), got {images.shape}")
+    names = saved_model.class_names
+    k = min(top_k, len(names))
+    module = saved_model.module
+    device = next(module.parameters()).device
+    predictions: list[Prediction] = []
+    with torch.inference_mode():
+        for first in range(0, len(images), PREDICT_BATCH):
+            x = torch.from_numpy(np.ascontiguousarray(images[first:first + PREDICT_BATCH]))
+            x = x.to(device).unsqueeze(1)  # (B, 1, 28, 28)
+            probabilities = module(x).float().softmax(-1)  # (B, n_classes)
+            top = probabilities.topk(k, dim=-1)
+            for p, labels in zip(top.values.cpu().tolist(), top.indices.cpu().tolist()):
+                predictions.append(Prediction(tuple(labels), tuple(names[i] for i in labels),
+                                              tuple(p)))
+    return predictions
+
+
+def predict_files(saved_model: SavedModel, paths: Sequence[str | Path], top_k: int = 3, *,
+                  invert: bool | None = None) -> list[FilePredictions]:
+    """Load and predict every file; unreadable files carry their error, the others go on."""
+    results = []
+    for item in load_images(paths, invert=invert):
+        if item.images is None:
+            results.append(FilePredictions(item.path, None, (), None, item.error))
+        else:
+            results.append(FilePredictions(item.path, item.kind, tuple(
+                predict(saved_model, item.images, top_k)), item.images))
+    return results

@@ -1,0 +1,262 @@
+"""Model directories: round trip, no unpickling, every broken file's one-line error, and
+`fashionlab evaluate` on a saved model end to end."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import assert_one_line_error, run_cli
+from safetensors.torch import load_file, save_file
+
+from fashionlab.artifacts import (
+    FORMAT_VERSION,
+    PREPROCESSING,
+    SPEC_FILE,
+    WEIGHTS_FILE,
+    ModelFileError,
+    load_model,
+    save_model,
+)
+from fashionlab.config import ConvLayer, DenseLayer, ModelSpec
+from fashionlab.data import CLASS_NAMES, read_idx
+from fashionlab.models import build_module
+
+DENSE = ModelSpec(layers=(DenseLayer(16, dropout=0.2), DenseLayer(8)))
+CONV_BN = ModelSpec(conv=(ConvLayer(4, batch_norm=True, pool=2), ConvLayer(6, padding="same")),
+                    dropout=0.25, layers=(DenseLayer(12),))
+METADATA = {"study": "unit", "epochs": 3, "test_accuracy": 0.5}
+
+
+def _trained_state(spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """Weights with non-trivial batch-norm statistics (a few forward passes in train mode)."""
+    module = build_module(spec).train()
+    with torch.no_grad():
+        for _ in range(3):
+            module(torch.rand(16, 1, 28, 28) * 2)
+    return module.state_dict()
+
+
+def _save(directory: Path, spec: ModelSpec = CONV_BN) -> Path:
+    return save_model(directory, spec=spec, state=_trained_state(spec), class_names=CLASS_NAMES,
+                      metadata=METADATA)
+
+
+# --- round trip ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", [DENSE, CONV_BN], ids=["dense", "conv-bn"])
+def test_round_trip_gives_the_same_model(tmp_path: Path, spec: ModelSpec):
+    state = _trained_state(spec)
+    directory = save_model(tmp_path / "m", spec=spec, state=state, class_names=CLASS_NAMES,
+                           metadata=METADATA)
+    assert sorted(p.name for p in directory.iterdir()) == [SPEC_FILE, WEIGHTS_FILE]
+    saved = load_model(directory)
+    assert saved.spec == spec and saved.class_names == CLASS_NAMES
+    assert saved.metadata == METADATA and saved.path == directory
+    assert not saved.module.training
+    for key, tensor in saved.module.state_dict().items():
+        assert torch.equal(tensor, state[key]), key
+    original = build_module(spec).eval()
+    original.load_state_dict(state)
+    x = torch.rand(5, 1, 28, 28)
+    assert torch.equal(saved.module(x), original(x))
+    description = json.loads((directory / SPEC_FILE).read_text())
+    assert description["format_version"] == FORMAT_VERSION
+    assert description["preprocessing"] == PREPROCESSING
+
+
+def test_saving_again_replaces_the_directory(tmp_path: Path):
+    directory = _save(tmp_path / "m")
+    (directory / "stale.onnx").write_bytes(b"old export")
+    _save(directory, DENSE)
+    assert sorted(p.name for p in directory.iterdir()) == [SPEC_FILE, WEIGHTS_FILE]
+    assert load_model(directory).spec == DENSE
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no staging directory left behind
+
+
+def test_loading_never_unpickles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    directory = _save(tmp_path / "m")
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("unpickling attempted")
+
+    for name in ("load", "loads"):
+        monkeypatch.setattr(pickle, name, forbidden)
+    monkeypatch.setattr(pickle, "Unpickler", forbidden)
+    monkeypatch.setattr(torch, "load", forbidden)
+    saved = load_model(directory)
+    assert saved.module(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+class _Payload:
+    """Unpickling this creates a file: proof that a pickle was executed."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Callable[..., object], tuple[object, ...]]:
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("writer", ["pickle", "torch.save"])
+def test_a_pickle_posing_as_safetensors_is_refused_unopened(tmp_path: Path, writer: str):
+    directory = _save(tmp_path / "m")
+    marker = tmp_path / "pwned"
+    weights = directory / WEIGHTS_FILE
+    if writer == "pickle":
+        weights.write_bytes(pickle.dumps(_Payload(marker)))
+    else:
+        torch.save({"0.weight": _Payload(marker)}, weights)
+    with pytest.raises(ModelFileError, match="pickle .*never unpickles") as error:
+        load_model(directory)
+    assert str(error.value).startswith(f"{weights}: ") and "\n" not in str(error.value)
+    assert not marker.exists()
+
+
+# --- broken model directories ----------------------------------------------------------------
+
+
+def _edit_json(change: Callable[[dict], None]) -> Callable[[Path], None]:
+    def edit(directory: Path) -> None:
+        description = json.loads((directory / SPEC_FILE).read_text())
+        change(description)
+        (directory / SPEC_FILE).write_text(json.dumps(description))
+    return edit
+
+
+def _edit_weights(change: Callable[[dict], None]) -> Callable[[Path], None]:
+    def edit(directory: Path) -> None:
+        state = load_file(directory / WEIGHTS_FILE)
+        change(state)
+        save_file(state, directory / WEIGHTS_FILE)
+    return edit
+
+
+def _set_units(d: dict) -> None:
+    d["spec"]["layers"][0]["units"] = 13
+
+
+def _nan_weight(state: dict) -> None:
+    state["0.weight"][0, 0, 0, 0] = float("nan")
+
+
+BROKEN = {
+    "missing model.json": (lambda d: (d / SPEC_FILE).unlink(), SPEC_FILE, "file not found"),
+    "missing weights": (lambda d: (d / WEIGHTS_FILE).unlink(), WEIGHTS_FILE, "file not found"),
+    "json not utf-8": (lambda d: (d / SPEC_FILE).write_bytes(b"\xff\xfe{"), SPEC_FILE,
+                       "not UTF-8"),
+    "json syntax": (lambda d: (d / SPEC_FILE).write_text('{"spec": '), SPEC_FILE, "not JSON"),
+    "json list": (lambda d: (d / SPEC_FILE).write_text("[]"), SPEC_FILE, "expected an object"),
+    "no spec": (_edit_json(lambda d: d.pop("spec")), SPEC_FILE, "missing key 'spec'"),
+    "bad spec field": (_edit_json(lambda d: d["spec"].update(dropout=1.5)), SPEC_FILE,
+                       "spec.dropout"),
+    "class names": (_edit_json(lambda d: d.update(class_names=["a", "b"])), SPEC_FILE,
+                    "2 class names for a model with 10 outputs"),
+    "newer format": (_edit_json(lambda d: d.update(format_version=FORMAT_VERSION + 1)),
+                     SPEC_FILE, "newer fashionlab"),
+    "spec and weights disagree": (_edit_json(_set_units), WEIGHTS_FILE,
+                                  "the spec needs (13, "),
+    "missing tensor": (_edit_weights(lambda s: s.pop("0.weight")), WEIGHTS_FILE,
+                       "missing 0.weight"),
+    "extra tensor": (_edit_weights(lambda s: s.update(extra=torch.zeros(2))), WEIGHTS_FILE,
+                     "unexpected extra"),
+    "nan weights": (_edit_weights(_nan_weight), WEIGHTS_FILE, "NaN or infinite"),
+    "truncated weights": (lambda d: (d / WEIGHTS_FILE).write_bytes(
+        (d / WEIGHTS_FILE).read_bytes()[:200]), WEIGHTS_FILE, "not a valid safetensors file"),
+    "empty weights": (lambda d: (d / WEIGHTS_FILE).write_bytes(b""), WEIGHTS_FILE,
+                      "not a valid safetensors file"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_a_broken_model_directory_gives_one_line_naming_the_file(tmp_path: Path, case: str):
+    break_it, file_name, fragment = BROKEN[case]
+    directory = _save(tmp_path / "m")
+    break_it(directory)
+    with pytest.raises(ModelFileError) as error:
+        load_model(directory)
+    message = str(error.value)
+    assert message.startswith(f"{directory / file_name}: "), message
+    assert fragment in message and "\n" not in message, message
+
+
+def test_not_a_directory(tmp_path: Path):
+    with pytest.raises(ModelFileError, match="not a model directory"):
+        load_model(tmp_path / "nowhere")
+
+
+def test_the_commands_report_a_broken_model_as_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    directory = _save(tmp_path / "m")
+    (directory / WEIGHTS_FILE).write_bytes(pickle.dumps({"a": 1}))
+    image = tmp_path / "x.npy"
+    np.save(image, np.zeros((28, 28), np.uint8))
+    for args in (("predict", str(directory), str(image)), ("export", str(directory)),
+                 ("evaluate", str(directory))):
+        code, out, err = run_cli(capsys, *args)
+        assert_one_line_error(code, err, str(directory / WEIGHTS_FILE), "pickle")
+        assert out == ""
+
+
+# --- fashionlab evaluate ---------------------------------------------------------------------
+
+
+def _fit_tiny(directory: Path, tiny_idx_dir: Path) -> Path:
+    """A dense model fitted to the tiny synthetic training split (well under a second)."""
+    images = read_idx(tiny_idx_dir / "train-images-idx3-ubyte.gz")
+    labels = read_idx(tiny_idx_dir / "train-labels-idx1-ubyte.gz")
+    x = torch.from_numpy(images).float().div(255).unsqueeze(1)  # (300, 1, 28, 28)
+    y = torch.from_numpy(labels).long()  # (300,)
+    module = build_module(DENSE)
+    optimizer = torch.optim.Adam(module.parameters(), lr=3e-3)
+    for _ in range(60):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(module(x), y).backward()
+        optimizer.step()
+    return save_model(directory, spec=DENSE, state=module.state_dict(), class_names=CLASS_NAMES,
+                      metadata=METADATA)
+
+
+def test_evaluate_json(tmp_path: Path, tiny_idx_dir: Path, capsys: pytest.CaptureFixture[str]):
+    directory = _fit_tiny(tmp_path / "m", tiny_idx_dir)
+    code, out, err = run_cli(capsys, "evaluate", str(directory), "--dir", str(tiny_idx_dir),
+                             "--no-verify", "--device", "cpu", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["model"] == str(directory) and result["split"] == "test"
+    assert result["n"] == 100 and result["accuracy"] > 0.9
+    confusion = np.array(result["confusion"])
+    assert confusion.shape == (10, 10) and confusion.sum() == 100
+    assert confusion.sum(axis=1).tolist() == [10] * 10
+    assert np.trace(confusion) == round(result["accuracy"] * 100)
+    assert result["class_names"] == list(CLASS_NAMES)
+    assert set(result["per_class"]) >= {"precision", "recall", "f1", "support"}
+
+
+def test_evaluate_table(tmp_path: Path, tiny_idx_dir: Path, capsys: pytest.CaptureFixture[str]):
+    directory = _fit_tiny(tmp_path / "m", tiny_idx_dir)
+    code, out, err = run_cli(capsys, "evaluate", str(directory), "--dir", str(tiny_idx_dir),
+                             "--no-verify", "--device", "cpu")
+    assert code == 0, err
+    assert "accuracy" in out and "confusion matrix" in out and "precision" in out
+    for name in CLASS_NAMES:
+        assert name in out
+
+
+def test_evaluate_refuses_unverified_data_by_default(
+        tmp_path: Path, tiny_idx_dir: Path, capsys: pytest.CaptureFixture[str]):
+    directory = _fit_tiny(tmp_path / "m", tiny_idx_dir)
+    code, _, err = run_cli(capsys, "evaluate", str(directory), "--dir", str(tiny_idx_dir))
+    assert_one_line_error(code, err, "checksum")
+
+
+@pytest.mark.parametrize("command", ["evaluate", "predict", "export"])
+def test_help_has_an_example(capsys: pytest.CaptureFixture[str], command: str):
+    code, out, _ = run_cli(capsys, command, "--help")
+    assert code == 0 and f"Example: fashionlab {command} " in out

@@ -1,0 +1,127 @@
+"""ONNX export: onnxruntime's outputs against PyTorch's (dense, and conv with batch norm),
+the dynamic batch dimension, the metadata, failures, and `fashionlab export` end to end."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import assert_one_line_error, run_cli
+from pydantic import TypeAdapter
+
+from fashionlab.artifacts import SavedModel, load_model, save_model
+from fashionlab.config import ConvLayer, DenseLayer, ModelSpec
+from fashionlab.data import CLASS_NAMES
+from fashionlab.export import ExportError, export_onnx, verify_onnx
+from fashionlab.models import build_module
+
+onnx = pytest.importorskip("onnx")
+onnxruntime = pytest.importorskip("onnxruntime")
+
+DENSE = ModelSpec(layers=(DenseLayer(32, dropout=0.2), DenseLayer(16)))
+CONV_BN = ModelSpec(conv=(ConvLayer(8, batch_norm=True, pool=2),
+                          ConvLayer(8, padding="same", batch_norm=True, pool=2), ConvLayer(12)),
+                    dropout=0.3, layers=(DenseLayer(16),))
+
+
+def _saved(directory: Path, spec: ModelSpec) -> SavedModel:
+    """A model with random weights and batch-norm statistics far from their defaults."""
+    module = build_module(spec).train()
+    with torch.no_grad():
+        for _ in range(3):
+            module(torch.rand(32, 1, 28, 28) * 3 + 0.5)  # running mean/var move off 0/1
+    return load_model(save_model(directory, spec=spec, state=module.state_dict(),
+                                 class_names=CLASS_NAMES, metadata={"study": "export test"}))
+
+
+@pytest.mark.parametrize("spec", [DENSE, CONV_BN], ids=["dense", "conv-bn"])
+def test_onnx_matches_pytorch_within_1e_5(tmp_path: Path, spec: ModelSpec):
+    saved = _saved(tmp_path / "model", spec)
+    path = export_onnx(saved, tmp_path / "model.onnx")
+    assert path == tmp_path / "model.onnx"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model.onnx"]  # one file
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (image,), (logits,) = session.get_inputs(), session.get_outputs()
+    assert (image.name, logits.name) == ("image", "logits")
+    assert isinstance(image.shape[0], str) and image.shape[1:] == [1, 28, 28]  # dynamic batch
+    generator = torch.Generator().manual_seed(1)
+    for batch in (1, 5, 33):
+        x = torch.rand(batch, 1, 28, 28, generator=generator)
+        with torch.inference_mode():
+            expected = saved.module(x).numpy()  # (batch, 10)
+        (got,) = session.run(None, {"image": x.numpy()})
+        assert got.shape == (batch, 10)
+        assert np.abs(got - expected).max() <= 1e-5
+    assert verify_onnx(saved, path) <= 1e-5
+
+
+def test_the_file_carries_class_names_and_spec(tmp_path: Path):
+    saved = _saved(tmp_path / "model", CONV_BN)
+    proto = onnx.load(export_onnx(saved, tmp_path / "m.onnx"))
+    onnx.checker.check_model(proto)
+    metadata = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(metadata["class_names"]) == list(CLASS_NAMES)
+    assert TypeAdapter(ModelSpec).validate_json(metadata["spec"]) == CONV_BN
+    assert "preprocessing" in metadata
+
+
+def test_a_file_that_differs_from_pytorch_is_caught(tmp_path: Path):
+    first = _saved(tmp_path / "a", DENSE)
+    other = _saved(tmp_path / "b", DENSE)  # same shape, other weights
+    path = export_onnx(first, tmp_path / "a.onnx")
+    with pytest.raises(ExportError, match="differ by up to"):
+        verify_onnx(other, path)
+
+
+def test_a_failed_check_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import fashionlab.export
+
+    def fails(saved: SavedModel, path: Path) -> float:
+        raise ExportError(f"{path}: outputs differ")
+
+    monkeypatch.setattr(fashionlab.export, "verify_onnx", fails)
+    saved = _saved(tmp_path / "model", DENSE)
+    with pytest.raises(ExportError):
+        export_onnx(saved, tmp_path / "m.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_missing_onnx_packages_are_one_clear_error(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]):
+    saved = _saved(tmp_path / "model", DENSE)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now fails
+    with pytest.raises(ExportError, match=r"pip install 'fashionlab\[onnx\]'"):
+        export_onnx(saved, tmp_path / "m.onnx")
+    code, _, err = run_cli(capsys, "export", str(saved.path))
+    assert_one_line_error(code, err, "onnxruntime", "fashionlab[onnx]")
+
+
+def test_export_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    saved = _saved(tmp_path / "model", CONV_BN)
+    code, out, err = run_cli(capsys, "export", str(saved.path), "--format", "onnx", "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert set(summary) == {"model", "format", "path", "opset", "bytes", "max_abs_diff",
+                            "seconds"}
+    assert summary["path"] == str(saved.path / "model.onnx") and summary["format"] == "onnx"
+    assert summary["max_abs_diff"] <= 1e-5 and summary["bytes"] == (
+        saved.path / "model.onnx").stat().st_size
+    assert load_model(saved.path).spec == CONV_BN  # the directory still loads
+    code, out, _ = run_cli(capsys, "export", str(saved.path), "--out", str(tmp_path / "x.onnx"))
+    assert code == 0 and f"wrote {tmp_path / 'x.onnx'}" in out and "max |diff|" in out
+
+
+def test_export_command_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    saved = _saved(tmp_path / "model", DENSE)
+    code, _, err = run_cli(capsys, "export", str(saved.path), "--out",
+                           str(tmp_path / "no" / "such" / "dir.onnx"))
+    assert_one_line_error(code, err, str(tmp_path / "no" / "such"), "directory not found")
+    code, _, err = run_cli(capsys, "export", str(saved.path), "--out", str(tmp_path))
+    assert_one_line_error(code, err, "is a directory")
+    code, _, err = run_cli(capsys, "export", str(saved.path), "--format", "tflite")
+    assert code == 2 and "tflite" in err

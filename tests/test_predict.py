@@ -1,0 +1,421 @@
+"""Predicting on your own files: photo preprocessing, IDX and .npy inputs, per-file errors,
+and `fashionlab predict` end to end."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import assert_one_line_error, run_cli
+from PIL import Image, ImageDraw, ImageOps
+
+from fashionlab.artifacts import SavedModel, load_model, save_model
+from fashionlab.config import DenseLayer, ModelSpec
+from fashionlab.data import CLASS_NAMES, DEBIAN_DIR, read_idx, write_idx
+from fashionlab.models import build_module
+from fashionlab.predict import (
+    ImageFileError,
+    load_image,
+    load_images,
+    predict,
+    predict_files,
+    preprocess_photo,
+    preview,
+)
+
+needs_real_data = pytest.mark.skipif(
+    not (DEBIAN_DIR / "t10k-images-idx3-ubyte.gz").is_file(),
+    reason=f"the Debian package dataset-fashion-mnist is not installed ({DEBIAN_DIR})")
+
+
+# --- synthetic photos ------------------------------------------------------------------------
+
+
+def shirt_photo(size: tuple[int, int] = (300, 200), item: int = 40, background: int = 255,
+                mode: str = "RGB") -> Image.Image:
+    """A shirt-like polygon filling the middle of a (width, height) picture: wider than tall."""
+    w, h = size
+    image = Image.new(mode, size, (background,) * len(mode) if len(mode) > 1 else background)
+    outline = [(0.37, 0.2), (0.63, 0.2), (0.77, 0.4), (0.7, 0.5), (0.63, 0.42), (0.63, 0.85),
+               (0.37, 0.85), (0.37, 0.42), (0.3, 0.5), (0.23, 0.4)]
+    fill = (item, item, item + 20)[:len(mode)] if len(mode) > 1 else item
+    ImageDraw.Draw(image).polygon([(x * w, y * h) for x, y in outline], fill=fill)
+    return image
+
+
+def trousers_photo(size: tuple[int, int] = (150, 400)) -> Image.Image:
+    """Two dark legs on white: much taller than wide."""
+    w, h = size
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([0.3 * w, 0.1 * h, 0.7 * w, 0.3 * h], fill=(30, 30, 50))
+    draw.rectangle([0.3 * w, 0.3 * h, 0.48 * w, 0.9 * h], fill=(30, 30, 50))
+    draw.rectangle([0.52 * w, 0.3 * h, 0.7 * w, 0.9 * h], fill=(30, 30, 50))
+    return image
+
+
+def _extent(image: np.ndarray, axis: int) -> tuple[int, int]:
+    """First and last index along `axis` (0: rows, 1: columns) holding a lit pixel."""
+    lit = np.flatnonzero((image > 0.05).any(axis=1 - axis))
+    return int(lit[0]), int(lit[-1])
+
+
+# --- preprocessing ---------------------------------------------------------------------------
+
+
+def test_a_dark_item_on_a_light_background_is_inverted_and_padded_to_square():
+    out = preprocess_photo(shirt_photo())
+    assert out.shape == (28, 28) and out.dtype == np.float32
+    assert out.min() >= 0 and out.max() == 1
+    assert out[14, 14] > 0.9  # the item is bright
+    assert out[0, 0] == 0 and out[27, 27] == 0  # on black
+    # Wider than tall: the item spans all columns and is centred between empty rows.
+    assert _extent(out, 1) == (0, 27)
+    top, bottom = _extent(out, 0)
+    assert top > 1 and bottom < 26 and abs(top - (27 - bottom)) <= 1
+
+
+def test_a_light_item_on_a_dark_background_is_not_inverted():
+    light = shirt_photo()
+    out = preprocess_photo(ImageOps.invert(light))
+    assert out[14, 14] > 0.9 and out[0, 0] == 0
+    np.testing.assert_allclose(out, preprocess_photo(light), atol=0.02)
+
+
+def test_inversion_can_be_forced():
+    dark_background = ImageOps.invert(shirt_photo())
+    assert preprocess_photo(dark_background, invert=True)[14, 14] < 0.1
+
+
+def test_a_tall_item_spans_all_rows_and_is_centred_between_empty_columns():
+    out = preprocess_photo(trousers_photo())
+    assert _extent(out, 0) == (0, 27)
+    left, right = _extent(out, 1)
+    assert left > 3 and right < 24 and abs(left - (27 - right)) <= 1
+
+
+def test_transparency_is_a_white_background():
+    photo = shirt_photo()
+    rgba = photo.convert("RGBA")
+    alpha = np.where(np.asarray(photo.convert("L")) > 128, 0, 255).astype(np.uint8)
+    rgba.putalpha(Image.fromarray(alpha))  # background fully transparent, item opaque
+    buffer = io.BytesIO()
+    rgba.save(buffer, "PNG")
+    out = preprocess_photo(Image.open(buffer))
+    np.testing.assert_allclose(out, preprocess_photo(photo), atol=0.02)
+
+
+def test_exif_orientation_is_applied(tmp_path: Path):
+    upright = trousers_photo()
+    sideways = upright.transpose(Image.Transpose.ROTATE_90)  # as a camera stores it
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    path = tmp_path / "trousers.jpg"
+    sideways.save(path, exif=exif, quality=95)
+    out = load_image(path)[0]
+    assert _extent(out, 0) == (0, 27)  # tall again
+    np.testing.assert_allclose(out, preprocess_photo(upright), atol=0.06)
+
+
+def test_sixteen_bit_pictures():
+    eight = np.asarray(shirt_photo().convert("L"), dtype=np.uint16)
+    sixteen = Image.fromarray(eight * 257)  # (H, W) uint16: mode I;16
+    np.testing.assert_allclose(preprocess_photo(sixteen), preprocess_photo(
+        Image.fromarray(eight.astype(np.uint8))), atol=0.01)
+
+
+def test_a_blank_picture_stays_dark():
+    out = preprocess_photo(Image.new("RGB", (64, 48), (250, 250, 250)))
+    assert out.shape == (28, 28) and out.max() == 0
+
+
+@needs_real_data
+def test_a_fashion_mnist_image_saved_as_png_comes_back_unchanged(tmp_path: Path):
+    images = read_idx(DEBIAN_DIR / "t10k-images-idx3-ubyte.gz")[:5]  # (5, 28, 28) uint8
+    for i, image in enumerate(images):
+        for name, pixels in (("plain", image), ("inverted", 255 - image)):
+            path = tmp_path / f"{name}-{i}.png"
+            Image.fromarray(pixels).save(path)
+            np.testing.assert_array_equal(load_image(path)[0], image / np.float32(255))
+
+
+@needs_real_data
+def test_fashion_mnist_images_photographed_come_back_close(real_model: SavedModel):
+    """Reference check: each image as a product photo (negated, enlarged, off-centre on a
+    larger, noisy, light canvas, JPEG) is turned back into nearly the original."""
+    images = read_idx(DEBIAN_DIR / "t10k-images-idx3-ubyte.gz")[:40]  # (40, 28, 28) uint8
+    rng = np.random.default_rng(0)
+    recovered = []
+    for image in images:
+        scale = int(rng.integers(6, 14))
+        big = np.asarray(Image.fromarray(255 - image).resize(
+            (28 * scale, 28 * scale), Image.Resampling.BICUBIC), dtype=np.float32)
+        height, width = 28 * scale + rng.integers(20, 200, size=2)
+        paper = float(rng.integers(200, 250))
+        canvas = np.full((height, width), paper, dtype=np.float32)
+        top, left = rng.integers(0, height - 28 * scale + 1), rng.integers(0, width - 28 * scale + 1)
+        canvas[top:top + 28 * scale, left:left + 28 * scale] = big * paper / 255
+        canvas += rng.normal(0, 3, canvas.shape)
+        rgb = np.repeat(np.clip(canvas, 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
+        buffer = io.BytesIO()
+        Image.fromarray(rgb).save(buffer, "JPEG", quality=85)
+        recovered.append(preprocess_photo(Image.open(buffer)))
+    recovered = np.stack(recovered)
+    original = images / np.float32(255)
+    assert np.abs(recovered - original).mean() < 0.08
+    same = [a.labels[0] == b.labels[0] for a, b in
+            zip(predict(real_model, recovered), predict(real_model, original))]
+    assert np.mean(same) >= 0.85
+
+
+# --- a model trained on real data --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_model(tmp_path_factory: pytest.TempPathFactory) -> SavedModel:
+    """dense(64) fitted to 12,000 real training images for 3 epochs (about a second): ~80%."""
+    if not (DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"the Debian package dataset-fashion-mnist is not installed ({DEBIAN_DIR})")
+    torch.manual_seed(0)
+    images = read_idx(DEBIAN_DIR / "train-images-idx3-ubyte.gz")[:12000]
+    labels = read_idx(DEBIAN_DIR / "train-labels-idx1-ubyte.gz")[:12000]
+    x = torch.from_numpy(images).float().div(255).unsqueeze(1)  # (12000, 1, 28, 28)
+    y = torch.from_numpy(labels).long()  # (12000,)
+    spec = ModelSpec(layers=(DenseLayer(64),))
+    module = build_module(spec)
+    optimizer = torch.optim.Adam(module.parameters(), lr=2e-3)
+    for _ in range(3):
+        for batch in torch.randperm(len(x)).split(128):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(module(x[batch]), y[batch]).backward()
+            optimizer.step()
+    directory = save_model(tmp_path_factory.mktemp("model") / "dense", spec=spec,
+                           state=module.state_dict(), class_names=CLASS_NAMES,
+                           metadata={"study": "test"})
+    return load_model(directory)
+
+
+@pytest.fixture(scope="module")
+def test_images() -> tuple[np.ndarray, np.ndarray]:
+    """The first 20 real test images (20, 28, 28) uint8 and labels (20,)."""
+    if not (DEBIAN_DIR / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"the Debian package dataset-fashion-mnist is not installed ({DEBIAN_DIR})")
+    return (read_idx(DEBIAN_DIR / "t10k-images-idx3-ubyte.gz")[:20],
+            read_idx(DEBIAN_DIR / "t10k-labels-idx1-ubyte.gz")[:20])
+
+
+def _write_pngs(directory: Path, images: np.ndarray) -> list[Path]:
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(directory / f"item-{i:02d}.png")
+        Image.fromarray(image).save(paths[-1])
+    return paths
+
+
+def test_predictions_from_png_files_are_sensible(
+        tmp_path: Path, real_model: SavedModel, test_images: tuple[np.ndarray, np.ndarray]):
+    images, labels = test_images
+    results = predict_files(real_model, _write_pngs(tmp_path, images))
+    assert [r.kind for r in results] == ["photo"] * len(images)
+    correct = 0
+    for result, label in zip(results, labels):
+        assert result.error is None and len(result.predictions) == 1
+        prediction = result.predictions[0]
+        p = np.array(prediction.probabilities)
+        assert len(p) == 3 and (np.diff(p) <= 0).all() and p.sum() <= 1 + 1e-6 and p.min() >= 0
+        assert len(set(prediction.labels)) == 3
+        assert prediction.classes == tuple(CLASS_NAMES[i] for i in prediction.labels)
+        correct += prediction.labels[0] == label
+    assert correct >= 14  # of 20; the model scores ~80%
+
+
+def test_idx_npy_and_png_inputs_agree(
+        tmp_path: Path, real_model: SavedModel, test_images: tuple[np.ndarray, np.ndarray]):
+    images = test_images[0][:6]  # (6, 28, 28) uint8
+    np.save(tmp_path / "batch.npy", images)
+    np.save(tmp_path / "float.npy", images.reshape(6, 784) / np.float32(255))
+    np.save(tmp_path / "one.npy", images[0])
+    write_idx(tmp_path / "items-idx3-ubyte", images)
+    write_idx(tmp_path / "items-idx3-ubyte.gz", images)
+    write_idx(tmp_path / "one.idx", images[0])
+    pngs = _write_pngs(tmp_path, images)
+    names = ["batch.npy", "float.npy", "items-idx3-ubyte", "items-idx3-ubyte.gz"]
+    items = load_images([tmp_path / n for n in names] + [tmp_path / "one.npy",
+                                                          tmp_path / "one.idx", *pngs])
+    assert [i.kind for i in items] == ["npy", "npy", "idx", "idx", "npy", "idx"] + ["photo"] * 6
+    expected = images / np.float32(255)
+    for item in items[:4]:
+        assert item.error is None and item.images.dtype == np.float32
+        np.testing.assert_allclose(item.images, expected, atol=1e-7)
+    for item in items[4:6]:
+        np.testing.assert_allclose(item.images, expected[:1], atol=1e-7)
+    np.testing.assert_array_equal(np.concatenate([i.images for i in items[6:]]), expected)
+    by_array = predict(real_model, expected)
+    for result in predict_files(real_model, [tmp_path / n for n in names]):
+        assert [p.labels for p in result.predictions] == [p.labels for p in by_array]
+        np.testing.assert_allclose([p.probabilities for p in result.predictions],
+                                   [p.probabilities for p in by_array], atol=1e-6)
+
+
+def test_top_k():
+    module = build_module(ModelSpec()).eval()
+    model = SavedModel(module, ModelSpec(), CLASS_NAMES, {}, Path("."))
+    x = np.random.default_rng(0).random((4, 28, 28), dtype=np.float32)
+    assert [len(p.labels) for p in predict(model, x, top_k=1)] == [1] * 4
+    everything = predict(model, x, top_k=50)  # no more than there are classes
+    assert all(sorted(p.labels) == list(range(10)) for p in everything)
+    assert all(abs(sum(p.probabilities) - 1) < 1e-5 for p in everything)
+    assert len(predict(model, x[0])) == 1
+    with pytest.raises(ValueError, match="top_k"):
+        predict(model, x, top_k=0)
+
+
+# --- unreadable inputs ----------------------------------------------------------------------
+
+
+def _bad_files(directory: Path) -> dict[str, Path]:
+    jpeg = io.BytesIO()
+    shirt_photo().save(jpeg, "JPEG")
+    files = {
+        "text": ("notes.txt", b"not an image\n"),
+        "corrupt png": ("broken.png", b"\x89PNG\r\n\x1a\n" + bytes(64)),
+        "truncated jpeg": ("cut.jpg", jpeg.getvalue()[:len(jpeg.getvalue()) // 2]),
+        "empty": ("empty.png", b""),
+    }
+    paths = {}
+    for case, (name, payload) in files.items():
+        paths[case] = directory / name
+        paths[case].write_bytes(payload)
+    np.save(directory / "pixels-255.npy", np.full((2, 28, 28), 200.0, np.float32))
+    np.save(directory / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    np.save(directory / "shape.npy", np.zeros((3, 32, 32), np.uint8))
+    np.save(directory / "nan.npy", np.full((28, 28), np.nan, np.float32))
+    np.savez(directory / "archive.npz", a=np.zeros((28, 28)))
+    (directory / "fake.npy").write_bytes(b"plain text with the wrong name")
+    write_idx(directory / "wide-idx3-ubyte", np.zeros((2, 28, 30), np.uint8))
+    (directory / "short-idx3-ubyte").write_bytes(
+        (directory / "wide-idx3-ubyte").read_bytes()[:100])
+    for name in ("pixels-255.npy", "objects.npy", "shape.npy", "nan.npy", "archive.npz",
+                 "fake.npy", "wide-idx3-ubyte", "short-idx3-ubyte"):
+        paths[name] = directory / name
+    paths["missing"] = directory / "missing.png"
+    paths["directory"] = directory / "a-folder"
+    paths["directory"].mkdir()
+    return paths
+
+
+EXPECTED_ERRORS = {
+    "text": "not an image, IDX or .npy file",
+    "corrupt png": "corrupt or truncated image",
+    "truncated jpeg": "corrupt or truncated image",
+    "empty": "not an image, IDX or .npy file",
+    "pixels-255.npy": "float pixels must lie in [0, 1] (found 200..200)",
+    "objects.npy": "never unpickled",
+    "shape.npy": "shape (3, 32, 32)",
+    "nan.npy": "NaN",
+    "archive.npz": "an .npz archive",
+    "fake.npy": "not a valid .npy file (no NumPy header)",
+    "wide-idx3-ubyte": "shape (2, 28, 30)",
+    "short-idx3-ubyte": "truncated",
+    "missing": "file not found",
+    "directory": "is a directory",
+}
+
+
+def test_every_unreadable_file_gets_its_own_one_line_error(tmp_path: Path):
+    paths = _bad_files(tmp_path)
+    good = tmp_path / "good.png"
+    shirt_photo().save(good)
+    ordered = list(paths.values())
+    items = load_images([good, *ordered, good])
+    assert items[0].error is None and items[-1].error is None and items[0].kind == "photo"
+    for case, item in zip(paths, items[1:-1]):
+        assert item.images is None and item.kind is None
+        assert item.error.startswith(f"{paths[case]}: "), (case, item.error)
+        assert EXPECTED_ERRORS[case] in item.error and "\n" not in item.error, (case, item.error)
+    with pytest.raises(ImageFileError, match="not an image"):
+        load_image(paths["text"])
+
+
+def test_preview_grid():
+    picture = preview(np.ones((12, 28, 28), np.float32), columns=5, scale=2)
+    assert picture.size == (5 * 30 * 2, 3 * 30 * 2) and picture.mode == "L"
+
+
+# --- fashionlab predict ------------------------------------------------------------------------
+
+
+def test_predict_json(tmp_path: Path, real_model: SavedModel,
+                      test_images: tuple[np.ndarray, np.ndarray],
+                      capsys: pytest.CaptureFixture[str]):
+    images = test_images[0]
+    pngs = _write_pngs(tmp_path, images[:2])
+    np.save(tmp_path / "three.npy", images[2:5])
+    code, out, err = run_cli(capsys, "predict", str(real_model.path), *map(str, pngs),
+                             str(tmp_path / "three.npy"), "--device", "cpu", "--json")
+    assert code == 0 and err == ""
+    result = json.loads(out)
+    assert result["model"] == str(real_model.path) and result["top_k"] == 3
+    assert result["errors"] == []
+    rows = result["predictions"]
+    assert [(r["file"], r["kind"], r["index"]) for r in rows] == [
+        (str(pngs[0]), "photo", 0), (str(pngs[1]), "photo", 0),
+        *[(str(tmp_path / "three.npy"), "npy", i) for i in range(3)]]
+    for row in rows:
+        assert [set(t) for t in row["top"]] == [{"label", "class", "probability"}] * 3
+        assert all(t["class"] == CLASS_NAMES[t["label"]] for t in row["top"])
+        p = [t["probability"] for t in row["top"]]
+        assert p == sorted(p, reverse=True) and sum(p) <= 1 + 1e-6
+
+
+def test_predict_table_and_top(tmp_path: Path, real_model: SavedModel,
+                               test_images: tuple[np.ndarray, np.ndarray],
+                               capsys: pytest.CaptureFixture[str]):
+    png = _write_pngs(tmp_path, test_images[0][:1])[0]
+    code, out, _ = run_cli(capsys, "predict", str(real_model.path), str(png), "--top", "2",
+                           "--device", "cpu")
+    assert code == 0
+    assert png.name in out and "top 2" in out and "top 3" not in out
+    assert CLASS_NAMES[test_images[1][0]] in out
+
+
+def test_predict_reports_bad_files_and_exits_1(
+        tmp_path: Path, real_model: SavedModel, capsys: pytest.CaptureFixture[str]):
+    good = tmp_path / "shirt.jpg"
+    shirt_photo().save(good)
+    text, corrupt = tmp_path / "notes.txt", tmp_path / "broken.png"
+    text.write_text("hello\n")
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(40))
+    code, out, err = run_cli(capsys, "predict", str(real_model.path), str(text), str(good),
+                             str(corrupt), "--device", "cpu", "--json")
+    assert code == 1
+    result = json.loads(out)
+    assert [r["file"] for r in result["predictions"]] == [str(good)]
+    assert [e["file"] for e in result["errors"]] == [str(text), str(corrupt)]
+    lines = err.splitlines()
+    assert len(lines) == 2 and "Traceback" not in err
+    assert lines[0].startswith(f"error: {text}: ") and lines[1].startswith(f"error: {corrupt}: ")
+    code, out, err = run_cli(capsys, "predict", str(real_model.path), str(text), "--device", "cpu")
+    assert code == 1 and err.startswith(f"error: {text}: ") and err.count("\n") == 1
+
+
+def test_predict_preview_and_invert(tmp_path: Path, real_model: SavedModel,
+                                    capsys: pytest.CaptureFixture[str]):
+    photo = tmp_path / "shirt.png"
+    shirt_photo().save(photo)
+    np.save(tmp_path / "two.npy", np.zeros((2, 28, 28), np.uint8))
+    code, _, _ = run_cli(capsys, "predict", str(real_model.path), str(photo),
+                         str(tmp_path / "two.npy"), "--preview", str(tmp_path / "seen.png"),
+                         "--no-invert", "--device", "cpu")
+    assert code == 0
+    seen = Image.open(tmp_path / "seen.png")
+    assert seen.size == (3 * 30 * 4, 30 * 4)
+
+
+def test_predict_with_a_missing_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    code, _, err = run_cli(capsys, "predict", str(tmp_path / "nothing"), str(tmp_path / "x.png"))
+    assert_one_line_error(code, err, "not a model directory")
