@@ -170,9 +170,11 @@ class RetrainSpec:
     """Retrain the best candidate on all training data and evaluate it on the test set."""
 
     enabled: bool = True
-    # "warning": as many epochs as the best candidate's warning epoch (or its best epoch);
-    # an integer: exactly that many.
-    epochs: PositiveInt | Literal["warning"] = "warning"
+    # The CV-consensus epoch count, from the best candidate's mean val_loss curve across folds
+    # (over the epochs every fold reached, when early stopping ended folds at different times):
+    # "warning": the warning rule's epoch (the lowest mean val_loss when it never fires);
+    # "lowest": the epoch of the lowest mean val_loss; an integer: exactly that many epochs.
+    epochs: PositiveInt | Literal["warning", "lowest"] = "warning"
 
 
 @dataclass(frozen=True, config=_STRICT)

@@ -310,8 +310,9 @@ class _Runner:
         candidate = best.candidate
         setting = self.spec.retrain.epochs
         if setting == "warning":
-            epochs = int(np.median(best.result_epochs)) if candidate.train.early_stopping \
-                else best.warning.chosen_epoch or candidate.train.epochs
+            epochs = best.warning.chosen_epoch or candidate.train.epochs
+        elif setting == "lowest":
+            epochs = best.warning.best_epoch or candidate.train.epochs
         else:
             epochs = setting
         train = dataclasses.replace(candidate.train, epochs=epochs, early_stopping=None)
