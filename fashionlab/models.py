@@ -112,7 +112,8 @@ class StackedNet(nn.Module):
             k, out = layer.kernel, layer.filters
             # (M, out, in, k, k) drawn per member, stored as (M*out, in, k, k) for groups=M.
             w = _glorot_uniform(generators, (out, channels, k, k), channels * k * k, out * k * k)
-            self.conv_weights.append(nn.Parameter(w.reshape(M * out, channels, k, k)))
+            w = w.reshape(M * out, channels, k, k).contiguous(memory_format=torch.channels_last)
+            self.conv_weights.append(nn.Parameter(w))
             # No bias before batch norm: it would be cancelled, and Adam would turn its zero
             # gradient's rounding noise into random drifts of the running mean.
             n_bias = 0 if layer.batch_norm else M * out
@@ -140,14 +141,16 @@ class StackedNet(nn.Module):
         shape = self.specs[0]
         if shape.conv:
             h = x.transpose(0, 1)  # (B, M, 28, 28): member m is channel group m
-            if x.is_contiguous(memory_format=torch.contiguous_format) and x.device.type == "cpu":
-                h = h.contiguous(memory_format=torch.channels_last)
             for i, layer in enumerate(shape.conv):
                 bias = self.conv_biases[i]
                 h = F.conv2d(
                     h, self.conv_weights[i], bias if bias.numel() else None,
                     padding=0 if layer.padding == "valid" else "same", groups=M,
                 )
+                # Channels-last activations: oneDNN's fast layout on the CPU, and max-pooling
+                # is ~15x faster on it. With one input channel the layout is ambiguous and the
+                # first convolution answers in NCHW, so ask for it explicitly.
+                h = h.contiguous(memory_format=torch.channels_last)
                 h = self.norms[i](h)
                 if layer.pool > 1:
                     # max-pool before ReLU: identical result (both are monotone), 4x less ReLU work
@@ -166,7 +169,7 @@ class StackedNet(nn.Module):
         """(M,): sum over layers of l2 * sum(W**2) of the kernel, per member (Keras' L2)."""
         M = self.n_members
         penalty = self.dense_weights[0].new_zeros(M)
-        kernels = [(w.view(M, -1), [s.conv[i].l2 for s in self.specs])
+        kernels = [(w.reshape(M, -1), [s.conv[i].l2 for s in self.specs])
                    for i, w in enumerate(self.conv_weights)]
         kernels += [(w, [s.layers[i].l2 for s in self.specs])
                     for i, w in enumerate(self.dense_weights[:-1])]
