@@ -18,6 +18,7 @@ from fashionlab.data import Dataset
 from fashionlab.serialize import jsonable
 from fashionlab.stats import Comparison, summarize
 from fashionlab.study import CandidateResult, StudyResult
+from fashionlab.twins import TwinComparison
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,8 @@ def table_rows(result: StudyResult) -> list[Row]:
                 math.nan, math.nan, 0, "", math.nan, "-", "the starting point: 1 in 10")]
     comparisons = {c.name: c for c in result.comparisons}
     for candidate in result.candidates:
-        rows.append(_candidate_row(candidate, comparisons.get(candidate.name)))
+        rows.append(_candidate_row(candidate, comparisons.get(candidate.name),
+                                   result.twins.get(candidate.name), result.run.id))
     if result.retrain is not None:
         r = result.retrain
         rows.append(Row(f"{r.candidate} (retrained)", "retrain", str(r.epochs), math.nan, math.nan,
@@ -81,17 +83,37 @@ def table_rows(result: StudyResult) -> list[Row]:
     return rows
 
 
-def _candidate_row(candidate: CandidateResult, comparison: Comparison | None) -> Row:
+def _candidate_row(candidate: CandidateResult, comparison: Comparison | None,
+                   twin: TwinComparison | None = None, run_id: str = "") -> Row:
     loss, accuracy = summarize(candidate.val_loss), summarize(candidate.val_accuracy)
-    note = "; ".join(candidate.failures)
+    notes = list(candidate.failures)
     if candidate.role == "final":
-        note = note or "validated on the test set; test accuracy after the last epoch"
+        notes = notes or ["validated on the test set; test accuracy after the last epoch"]
+    trained = f"{candidate.trained_epochs}/{candidate.planned_epochs}"
+    if candidate.candidate.train.early_stopping is not None:
+        saved = 1 - candidate.trained_epochs / max(candidate.planned_epochs, 1)
+        trained += f" ({saved:.0%} saved)"
+        notes.append(_twin_note(candidate, twin, run_id))
     return Row(
         candidate.name, candidate.role, _epoch_label(candidate), loss.mean, loss.std,
         accuracy.mean, accuracy.std, accuracy.ci_low, accuracy.ci_high, accuracy.n,
-        _verdict(comparison), candidate.test_accuracy,
-        f"{candidate.trained_epochs}/{candidate.planned_epochs}", note,
+        _verdict(comparison), candidate.test_accuracy, trained, "; ".join(notes),
     )
+
+
+def _twin_note(candidate: CandidateResult, twin: TwinComparison | None, run_id: str) -> str:
+    """What early stopping cost against training every fold for all its epochs."""
+    if twin is None:
+        return ("early stopping: no full-length run of this candidate with the same folds and "
+                "seed in the store to compare with")
+    difference = summarize(twin.accuracy_difference)
+    where = "this run" if twin.twin_run == run_id else f"run {twin.twin_run}"
+    text = (f"early stopping vs all {twin.twin_epochs} epochs ({where}): "
+            f"{_pm(difference.mean, difference.std, difference.n, digits=2)} points of val "
+            f"accuracy")
+    if twin.test is not None:
+        text += f" (paired p={twin.test.p_value:.2g})"
+    return text + f", {twin.epochs_saved:.0%} of the fold-epochs saved"
 
 
 def _pm(mean: float, std: float, n: int, scale: float = 100.0, digits: int = 1) -> str:

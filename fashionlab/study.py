@@ -23,7 +23,7 @@ import torch
 
 from fashionlab import stats
 from fashionlab.artifacts import save_model
-from fashionlab.config import Candidate, StudySpec
+from fashionlab.config import Candidate, StudySpec, WarningRule
 from fashionlab.cv import (
     Fold,
     MemberResult,
@@ -40,6 +40,7 @@ from fashionlab.provenance import environment
 from fashionlab.runner import mean_val_accuracy, run_in_workers, train_stack, worker_devices
 from fashionlab.store import DEFAULT_RUN_DIR, ModelRecord, RunRecord, Store
 from fashionlab.train import EpochMetrics, Member, Tensors, resolve_device, stack_key
+from fashionlab.twins import TwinComparison, find_twins
 
 METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 MAX_STACK = {"dense": 32, "conv": 1}  # members per stack; grouped convolutions do not pay on CPU
@@ -97,6 +98,7 @@ class StudyResult:
     best: str | None = None
     retrain: RetrainResult | None = None
     final: list[CandidateResult] = field(default_factory=list)
+    twins: dict[str, TwinComparison] = field(default_factory=dict)  # early stopping vs full
     wall_seconds: float = 0.0
 
 
@@ -157,6 +159,10 @@ def run_study(
                     scored, n_train=result.n_train, n_test=result.n_val)
             if scored:
                 result.best = max(scored, key=lambda name: float(np.nanmean(scored[name])))
+            result.twins = find_twins(
+                store, spec, run.id,
+                [(c.candidate, c.val_accuracy, c.trained_epochs) for c in result.candidates],
+                fold_names=[f.name for f in folds], n_train=result.n_train, n_val=result.n_val)
             final_data = Tensors(x_train, y_train, x_test, y_test)
             if result.best is not None and spec.retrain.enabled:
                 best = next(c for c in result.candidates if c.name == result.best)
@@ -276,32 +282,7 @@ class _Runner:
 
     def _summarize(self, candidate: Candidate, results: list[MemberResult],
                    role: str) -> CandidateResult:
-        epochs = candidate.train.epochs
-        curves = {metric: mean_curves(results, metric, epochs) for metric in METRICS}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # a diverged model's NaN epochs
-            # Epochs every model reached: with early stopping, later means would mix fewer folds.
-            reached = min(len(r.history) for r in results)
-            mean_val_loss = np.nanmean(curves["val_loss"][:, :reached], axis=0) \
-                if reached else np.array([])
-        rule = self.spec.warning
-        warning = overfitting_warning(mean_val_loss, patience=rule.patience,
-                                      min_delta=rule.min_delta)
-        n = len(results)
-        if candidate.train.early_stopping is not None:
-            result_epochs = np.array([r.best_epoch or len(r.history) for r in results])
-        else:
-            result_epochs = np.full(n, warning.chosen_epoch or 0)
-        pick = np.clip(result_epochs - 1, 0, max(epochs - 1, 0))
-        rows = np.arange(n)
-        failures = [f"{r.key}: {r.message}" for r in results if r.status == "failed"]
-        return CandidateResult(
-            name=candidate.name, role=role, candidate=candidate, keys=[r.key for r in results],
-            curves=curves, warning=warning, result_epochs=result_epochs,
-            val_loss=curves["val_loss"][rows, pick], val_accuracy=curves["val_accuracy"][rows, pick],
-            trained_epochs=sum(len(r.history) for r in results), planned_epochs=n * epochs,
-            failures=failures,
-        )
+        return summarize_models(candidate, results, role, self.spec.warning)
 
     # ---- retrain and final models -------------------------------------------------------
 
@@ -387,6 +368,38 @@ class _Runner:
             "test_loss": test_loss, "test_accuracy": test_accuracy,
             **self.run.environment,
         }
+
+
+def summarize_models(candidate: Candidate, results: list[MemberResult], role: str,
+                     rule: WarningRule) -> CandidateResult:
+    """A candidate's models (its folds, or one final model) as a result: curves, the
+    overfitting warning on the mean val_loss curve, and each model's score at its result
+    epoch (early stopping's best epoch, else the warning epoch)."""
+    epochs = candidate.train.epochs
+    curves = {metric: mean_curves(results, metric, epochs) for metric in METRICS}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a diverged model's NaN epochs
+        # Epochs every model reached: with early stopping, later means would mix fewer folds.
+        reached = min(len(r.history) for r in results)
+        mean_val_loss = np.nanmean(curves["val_loss"][:, :reached], axis=0) \
+            if reached else np.array([])
+    warning = overfitting_warning(mean_val_loss, patience=rule.patience,
+                                  min_delta=rule.min_delta)
+    n = len(results)
+    if candidate.train.early_stopping is not None:
+        result_epochs = np.array([r.best_epoch or len(r.history) for r in results])
+    else:
+        result_epochs = np.full(n, warning.chosen_epoch or 0)
+    pick = np.clip(result_epochs - 1, 0, max(epochs - 1, 0))
+    rows = np.arange(n)
+    failures = [f"{r.key}: {r.message}" for r in results if r.status == "failed"]
+    return CandidateResult(
+        name=candidate.name, role=role, candidate=candidate, keys=[r.key for r in results],
+        curves=curves, warning=warning, result_epochs=result_epochs,
+        val_loss=curves["val_loss"][rows, pick], val_accuracy=curves["val_accuracy"][rows, pick],
+        trained_epochs=sum(len(r.history) for r in results), planned_epochs=n * epochs,
+        failures=failures,
+    )
 
 
 def cv_members(
