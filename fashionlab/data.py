@@ -1,4 +1,4 @@
-"""Fashion-MNIST on disk: the IDX format, finding, downloading and verifying the files, tensors.
+"""Fashion-MNIST on disk: finding, downloading and verifying the files, the splits, tensors.
 
 Where `load_fashion_mnist` looks, in order:
   1. an explicit directory (argument, else the FASHIONLAB_DATA environment variable);
@@ -8,20 +8,20 @@ Where `load_fashion_mnist` looks, in order:
 A location counts only when it holds all four files. Files are verified by the SHA-256 of their
 decompressed bytes, so any gzip encoding of the same data passes; a successful check is
 remembered in the cache (keyed by absolute path, size and mtime), so later loads skip hashing.
+
+The IDX format itself lives in `fashionlab.idx`; `parse_idx`, `read_idx` and `write_idx` are
+re-exported here.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
-import math
 import os
 import tempfile
 import time
 import urllib.error
 import urllib.request
-import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from http.client import HTTPException
@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, TypeAlias
 import numpy as np
 
 from fashionlab.errors import DataError
+from fashionlab.idx import gunzip, parse_idx, read_decompressed, read_idx, write_idx
 
 if TYPE_CHECKING:
     import torch
@@ -132,100 +133,7 @@ class Dataset:
 
 
 # ---------------------------------------------------------------------------------------------
-# IDX: 2 zero bytes, a dtype code, the number of dimensions, one big-endian uint32 per
-# dimension, then the data in C order, big-endian.
-
-_IDX_DTYPES: Mapping[int, np.dtype] = MappingProxyType({
-    0x08: np.dtype("u1"),
-    0x09: np.dtype("i1"),
-    0x0B: np.dtype(">i2"),
-    0x0C: np.dtype(">i4"),
-    0x0D: np.dtype(">f4"),
-    0x0E: np.dtype(">f8"),
-})  # fmt: skip
-
-
-def parse_idx(data: bytes | bytearray, *, source: PathLike, ndim: int | None = None) -> np.ndarray:
-    """Parse the bytes of an IDX file strictly; `source` names the file in errors.
-
-    Multi-byte data comes back in native byte order; the array shares `data`'s buffer otherwise.
-    """
-    if len(data) < 4:
-        raise DataError(f"{source}: truncated: {len(data)} bytes, less than the IDX header")
-    if data[0] != 0 or data[1] != 0:
-        raise DataError(
-            f"{source}: not an IDX file (magic number 0x{bytes(data[:4]).hex()} "
-            "does not start with two zero bytes)")
-    code, n_dims = data[2], data[3]
-    if code not in _IDX_DTYPES:
-        known = ", ".join(f"0x{c:02x} {d.name}" for c, d in _IDX_DTYPES.items())
-        raise DataError(f"{source}: unknown IDX dtype code 0x{code:02x} (known: {known})")
-    if n_dims == 0 or (ndim is not None and n_dims != ndim):
-        raise DataError(f"{source}: has {n_dims} dimensions, expected {ndim or 'at least 1'}")
-    header = 4 + 4 * n_dims
-    if len(data) < header:
-        raise DataError(f"{source}: truncated: {len(data)} bytes, less than its {header}-byte header")
-    shape = tuple(int(s) for s in np.frombuffer(data, dtype=">u4", count=n_dims, offset=4))
-    dtype = _IDX_DTYPES[code]
-    count = math.prod(shape)
-    expected, present = count * dtype.itemsize, len(data) - header
-    if present != expected:
-        problem = "truncated" if present < expected else "trailing bytes"
-        raise DataError(
-            f"{source}: {problem}: header declares shape {shape} of {dtype.name} "
-            f"({expected} bytes) but {present} bytes follow it")
-    array = np.frombuffer(data, dtype=dtype, count=count, offset=header).reshape(shape)
-    if dtype.byteorder == ">":
-        array = array.astype(dtype.newbyteorder("="))  # torch and arithmetic want native order
-    return array
-
-
-def read_idx(path: PathLike, *, ndim: int | None = None) -> np.ndarray:
-    """Read an IDX file, raw or gzip-compressed (name ending in .gz)."""
-    return parse_idx(_read_bytes(Path(path)), source=path, ndim=ndim)
-
-
-def write_idx(path: PathLike, array: np.ndarray) -> None:
-    """Write `array` as an IDX file, gzip-compressed when the name ends in .gz."""
-    array = np.asarray(array)
-    code = next((c for c, d in _IDX_DTYPES.items()
-                 if (d.kind, d.itemsize) == (array.dtype.kind, array.dtype.itemsize)), None)
-    if code is None:
-        raise ValueError(f"IDX cannot hold dtype {array.dtype}")
-    if not 1 <= array.ndim <= 255:
-        raise ValueError(f"IDX needs 1 to 255 dimensions, got {array.ndim}")
-    header = bytes([0, 0, code, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
-    payload = header + np.ascontiguousarray(array, dtype=_IDX_DTYPES[code]).tobytes()
-    if str(path).endswith(".gz"):
-        payload = gzip.compress(payload, mtime=0)  # mtime=0: same array, same bytes
-    Path(path).write_bytes(payload)
-
-
-def _read_bytes(path: Path) -> bytearray:
-    """The decompressed contents, in a writable buffer so arrays over it are writable."""
-    try:
-        with open(path, "rb") as f:
-            if not path.name.endswith(".gz"):
-                buffer = bytearray(os.fstat(f.fileno()).st_size)
-                f.readinto(buffer)
-                return buffer
-            raw = f.read()
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except OSError as error:
-        raise DataError(f"{path}: cannot read ({error.strerror or error})") from None
-    return bytearray(_gunzip(raw, source=path))
-
-
-def _gunzip(raw: bytes, *, source: PathLike) -> bytes:
-    if raw[:2] != b"\x1f\x8b":
-        raise DataError(f"{source}: not gzip data (starts with {raw[:8]!r})")
-    try:
-        return gzip.decompress(raw)
-    except EOFError:
-        raise DataError(f"{source}: gzip data is truncated") from None
-    except (OSError, zlib.error) as error:
-        raise DataError(f"{source}: corrupt gzip data ({error})") from None
+# Checksums.
 
 
 def _sha256(data: bytes | bytearray) -> str:
@@ -356,7 +264,7 @@ def load_idx_dataset(
     verified, new_entries, arrays = checksums is not None, {}, []
     for name, path, ndim in zip(FILE_NAMES, files, (3, 1, 3, 1)):
         stat = path.stat()
-        data = _read_bytes(path)
+        data = read_decompressed(path)
         arrays.append(parse_idx(data, source=path, ndim=ndim))
         expected = checksums.get(name) if checksums is not None else None
         if expected is None:
@@ -506,7 +414,7 @@ def _download(name: str, *, mirrors: Sequence[str], expected: FileChecksum, time
                 try:
                     body = _download_once(url, timeout=timeout, on_progress=lambda done, total,
                                           task=task: bar.update(task, completed=done, total=total))
-                    data = _gunzip(body, source=url)
+                    data = gunzip(body, source=url)
                     _check(data, expected, source=url)
                     return data
                 except _TransferError as error:
@@ -563,7 +471,7 @@ def fetch_fashion_mnist(
             if _remembered(memo, existing, stat, expected):
                 continue
             try:
-                digest = _check(_read_bytes(existing), expected, source=existing)
+                digest = _check(read_decompressed(existing), expected, source=existing)
                 new_entries.update(_memo_entry(existing, stat, digest))
                 continue
             except DataError:
@@ -572,7 +480,7 @@ def fetch_fashion_mnist(
         debian = _find_one(DEBIAN_DIR, name)
         if debian is not None and debian.parent.resolve() != target.resolve():
             try:
-                data = _read_bytes(debian)
+                data = read_decompressed(debian)
                 digest = _check(data, expected, source=debian)
             except DataError:
                 data = None  # a damaged system copy: download instead

@@ -165,7 +165,7 @@ def _load_npy(path: Path, head: bytes) -> np.ndarray:
 
 
 def _load_idx(path: Path) -> np.ndarray:
-    from fashionlab.data import read_idx
+    from fashionlab.idx import read_idx
 
     try:
         array = read_idx(path)

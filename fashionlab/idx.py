@@ -1,0 +1,123 @@
+"""The IDX file format: strict parsing, reading and writing, raw or gzip-compressed.
+
+An IDX file is 2 zero bytes, a dtype code, the number of dimensions, one big-endian uint32 per
+dimension, then the data in C order, big-endian. A name ending in .gz means gzip-compressed.
+Every malformed input is a one-line DataError naming the file.
+
+    >>> write_idx("labels-idx1-ubyte.gz", np.arange(10, dtype=np.uint8))
+    >>> read_idx("labels-idx1-ubyte.gz", ndim=1)
+    array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9], dtype=uint8)
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import zlib
+from collections.abc import Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import TypeAlias
+
+import numpy as np
+
+from fashionlab.errors import DataError
+
+__all__ = ["gunzip", "parse_idx", "read_decompressed", "read_idx", "write_idx"]
+
+PathLike: TypeAlias = "str | os.PathLike[str]"
+
+_IDX_DTYPES: Mapping[int, np.dtype] = MappingProxyType({
+    0x08: np.dtype("u1"),
+    0x09: np.dtype("i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+})  # fmt: skip
+
+
+def parse_idx(data: bytes | bytearray, *, source: PathLike, ndim: int | None = None) -> np.ndarray:
+    """Parse the bytes of an IDX file strictly; `source` names the file in errors.
+
+    Multi-byte data comes back in native byte order; the array shares `data`'s buffer otherwise.
+    """
+    if len(data) < 4:
+        raise DataError(f"{source}: truncated: {len(data)} bytes, less than the IDX header")
+    if data[0] != 0 or data[1] != 0:
+        raise DataError(
+            f"{source}: not an IDX file (magic number 0x{bytes(data[:4]).hex()} "
+            "does not start with two zero bytes)")
+    code, n_dims = data[2], data[3]
+    if code not in _IDX_DTYPES:
+        known = ", ".join(f"0x{c:02x} {d.name}" for c, d in _IDX_DTYPES.items())
+        raise DataError(f"{source}: unknown IDX dtype code 0x{code:02x} (known: {known})")
+    if n_dims == 0 or (ndim is not None and n_dims != ndim):
+        raise DataError(f"{source}: has {n_dims} dimensions, expected {ndim or 'at least 1'}")
+    header = 4 + 4 * n_dims
+    if len(data) < header:
+        raise DataError(f"{source}: truncated: {len(data)} bytes, less than its {header}-byte header")
+    shape = tuple(int(s) for s in np.frombuffer(data, dtype=">u4", count=n_dims, offset=4))
+    dtype = _IDX_DTYPES[code]
+    count = math.prod(shape)
+    expected, present = count * dtype.itemsize, len(data) - header
+    if present != expected:
+        problem = "truncated" if present < expected else "trailing bytes"
+        raise DataError(
+            f"{source}: {problem}: header declares shape {shape} of {dtype.name} "
+            f"({expected} bytes) but {present} bytes follow it")
+    array = np.frombuffer(data, dtype=dtype, count=count, offset=header).reshape(shape)
+    if dtype.byteorder == ">":
+        array = array.astype(dtype.newbyteorder("="))  # torch and arithmetic want native order
+    return array
+
+
+def read_idx(path: PathLike, *, ndim: int | None = None) -> np.ndarray:
+    """Read an IDX file, raw or gzip-compressed (name ending in .gz)."""
+    return parse_idx(read_decompressed(Path(path)), source=path, ndim=ndim)
+
+
+def write_idx(path: PathLike, array: np.ndarray) -> None:
+    """Write `array` as an IDX file, gzip-compressed when the name ends in .gz."""
+    array = np.asarray(array)
+    code = next((c for c, d in _IDX_DTYPES.items()
+                 if (d.kind, d.itemsize) == (array.dtype.kind, array.dtype.itemsize)), None)
+    if code is None:
+        raise ValueError(f"IDX cannot hold dtype {array.dtype}")
+    if not 1 <= array.ndim <= 255:
+        raise ValueError(f"IDX needs 1 to 255 dimensions, got {array.ndim}")
+    header = bytes([0, 0, code, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
+    payload = header + np.ascontiguousarray(array, dtype=_IDX_DTYPES[code]).tobytes()
+    if str(path).endswith(".gz"):
+        payload = gzip.compress(payload, mtime=0)  # mtime=0: same array, same bytes
+    Path(path).write_bytes(payload)
+
+
+def read_decompressed(path: Path) -> bytearray:
+    """The file's bytes, gunzipped when the name ends in .gz, in a writable buffer so that
+    arrays over it are writable. A missing or unreadable file is a DataError naming it."""
+    try:
+        with open(path, "rb") as f:
+            if not path.name.endswith(".gz"):
+                buffer = bytearray(os.fstat(f.fileno()).st_size)
+                f.readinto(buffer)
+                return buffer
+            raw = f.read()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except OSError as error:
+        raise DataError(f"{path}: cannot read ({error.strerror or error})") from None
+    return bytearray(gunzip(raw, source=path))
+
+
+def gunzip(raw: bytes, *, source: PathLike) -> bytes:
+    """Decompress gzip data; anything else, or a truncated or corrupt stream, is a DataError."""
+    if raw[:2] != b"\x1f\x8b":
+        raise DataError(f"{source}: not gzip data (starts with {raw[:8]!r})")
+    try:
+        return gzip.decompress(raw)
+    except EOFError:
+        raise DataError(f"{source}: gzip data is truncated") from None
+    except (OSError, zlib.error) as error:
+        raise DataError(f"{source}: corrupt gzip data ({error})") from None
