@@ -29,6 +29,10 @@ from fashionlab.config import (
 from fashionlab.cv import make_folds, overfitting_warning
 from fashionlab.data import CLASS_NAMES, load_fashion_mnist, load_idx_dataset
 from fashionlab.errors import ConfigError, DataError, FashionlabError, StoreError
+from fashionlab.evaluate import Evaluation, evaluate
+from fashionlab.export import export_onnx
+from fashionlab.predict import load_images, predict, predict_files
+from fashionlab.report import write_report
 from fashionlab.stats import compare_to_best, corrected_resampled_ttest, holm, summarize
 from fashionlab.store import Store
 from fashionlab.study import StudyResult, run_study
@@ -45,6 +49,7 @@ __all__ = [
     "DataSpec",
     "DenseLayer",
     "EarlyStopping",
+    "Evaluation",
     "FashionlabError",
     "ModelSpec",
     "SavedModel",
@@ -57,17 +62,23 @@ __all__ = [
     "bundled_studies",
     "compare_to_best",
     "corrected_resampled_ttest",
+    "evaluate",
+    "export_onnx",
     "holm",
     "load_fashion_mnist",
+    "load_images",
     "load_idx_dataset",
     "load_model",
     "load_study",
     "make_folds",
     "overfitting_warning",
+    "predict",
+    "predict_files",
     "quick_variant",
     "run_study",
     "save_model",
     "study_from_dict",
     "study_to_toml",
     "summarize",
+    "write_report",
 ]

@@ -196,13 +196,13 @@ def summary(result: StudyResult) -> dict[str, Any]:
         "wall_seconds": result.wall_seconds, "n_train": result.n_train, "n_val": result.n_val,
         "best": result.best,
         "candidates": [candidate(c) for c in result.candidates],
-        "comparisons": [vars(c) | {"summary": vars(c.summary)} for c in result.comparisons],
+        "comparisons": result.comparisons,
         "retrain": None if retrain is None else {
             "candidate": retrain.candidate, "epochs": retrain.epochs,
             "test_loss": retrain.test_loss, "test_accuracy": retrain.test_accuracy,
             "model_dir": retrain.model_dir},
         "final": [candidate(c) for c in result.final],
-        "table": [vars(r) for r in table_rows(result)],
+        "table": table_rows(result),
     })
 
 
