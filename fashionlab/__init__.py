@@ -4,40 +4,62 @@
     >>> spec = fl.load_study("seed")            # or a path to your own study file
     >>> result = fl.run_study(spec)             # resumes an interrupted run of the same study
     >>> result.best, result.retrain.test_accuracy
+
+Names load on first use (PEP 562), so that `import fashionlab` and the command line start
+without importing torch, matplotlib or Optuna until a command needs them.
 """
 
 from __future__ import annotations
 
-from fashionlab.artifacts import SavedModel, load_model, save_model
-from fashionlab.config import (
-    Candidate,
-    ConvLayer,
-    CVSpec,
-    DataSpec,
-    DenseLayer,
-    EarlyStopping,
-    ModelSpec,
-    StudySpec,
-    TrainSpec,
-    WarningRule,
-    bundled_studies,
-    load_study,
-    quick_variant,
-    study_from_dict,
-    study_to_toml,
-)
-from fashionlab.cv import make_folds, overfitting_warning
-from fashionlab.data import CLASS_NAMES, load_fashion_mnist, load_idx_dataset
-from fashionlab.errors import ConfigError, DataError, FashionlabError, StoreError
-from fashionlab.evaluate import Evaluation, evaluate
-from fashionlab.export import export_onnx
-from fashionlab.predict import load_images, predict, predict_files
-from fashionlab.report import write_report
-from fashionlab.stats import compare_to_best, corrected_resampled_ttest, holm, summarize
-from fashionlab.store import Store
-from fashionlab.study import StudyResult, run_study
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "CLASS_NAMES": "data",
+    "Candidate": "config",
+    "ConfigError": "errors",
+    "ConvLayer": "config",
+    "CVSpec": "config",
+    "DataError": "errors",
+    "DataSpec": "config",
+    "DenseLayer": "config",
+    "EarlyStopping": "config",
+    "Evaluation": "evaluate",
+    "FashionlabError": "errors",
+    "ModelSpec": "config",
+    "SavedModel": "artifacts",
+    "Store": "store",
+    "StoreError": "errors",
+    "StudyResult": "study",
+    "StudySpec": "config",
+    "TrainSpec": "config",
+    "WarningRule": "config",
+    "bundled_studies": "config",
+    "compare_to_best": "stats",
+    "corrected_resampled_ttest": "stats",
+    "evaluate": "evaluate",
+    "export_onnx": "export",
+    "holm": "stats",
+    "load_fashion_mnist": "data",
+    "load_idx_dataset": "data",
+    "load_images": "predict",
+    "load_model": "artifacts",
+    "load_study": "config",
+    "make_folds": "cv",
+    "overfitting_warning": "cv",
+    "predict": "predict",
+    "predict_files": "predict",
+    "quick_variant": "config",
+    "run_study": "study",
+    "save_model": "artifacts",
+    "study_from_dict": "config",
+    "study_to_toml": "config",
+    "summarize": "stats",
+    "write_report": "report",
+}
 
 __all__ = [
     "CLASS_NAMES",
@@ -66,8 +88,8 @@ __all__ = [
     "export_onnx",
     "holm",
     "load_fashion_mnist",
-    "load_images",
     "load_idx_dataset",
+    "load_images",
     "load_model",
     "load_study",
     "make_folds",
@@ -82,3 +104,47 @@ __all__ = [
     "summarize",
     "write_report",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fashionlab' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"fashionlab.{module}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
+
+
+if TYPE_CHECKING:  # static analysers and IDEs see the names directly
+    from fashionlab.artifacts import SavedModel, load_model, save_model
+    from fashionlab.config import (
+        Candidate,
+        ConvLayer,
+        CVSpec,
+        DataSpec,
+        DenseLayer,
+        EarlyStopping,
+        ModelSpec,
+        StudySpec,
+        TrainSpec,
+        WarningRule,
+        bundled_studies,
+        load_study,
+        quick_variant,
+        study_from_dict,
+        study_to_toml,
+    )
+    from fashionlab.cv import make_folds, overfitting_warning
+    from fashionlab.data import CLASS_NAMES, load_fashion_mnist, load_idx_dataset
+    from fashionlab.errors import ConfigError, DataError, FashionlabError, StoreError
+    from fashionlab.evaluate import Evaluation, evaluate
+    from fashionlab.export import export_onnx
+    from fashionlab.predict import load_images, predict, predict_files
+    from fashionlab.report import write_report
+    from fashionlab.stats import compare_to_best, corrected_resampled_ttest, holm, summarize
+    from fashionlab.store import Store
+    from fashionlab.study import StudyResult, run_study
