@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,6 +178,16 @@ def to_csv(result: StudyResult) -> str:
     return buffer.getvalue()
 
 
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory so far, in MB (None where the OS does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 / (1024 if sys.platform == "darwin" else 1)  # macOS counts bytes
+
+
 def summary(result: StudyResult) -> dict[str, Any]:
     """Everything the table shows plus per-fold values: stored with the run, written as JSON."""
     def candidate(c: CandidateResult) -> dict[str, Any]:
@@ -193,7 +204,7 @@ def summary(result: StudyResult) -> dict[str, Any]:
     retrain = result.retrain
     return jsonable({
         "study": result.spec.name, "run_id": result.run.id, "seed": result.spec.seed,
-        "wall_seconds": result.wall_seconds, "n_train": result.n_train, "n_val": result.n_val,
+        "wall_seconds": result.wall_seconds, "peak_rss_mb": peak_rss_mb(), "n_train": result.n_train, "n_val": result.n_val,
         "best": result.best,
         "candidates": [candidate(c) for c in result.candidates],
         "comparisons": result.comparisons,
