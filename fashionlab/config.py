@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import tomli_w
-from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import (
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.dataclasses import dataclass
 
 from fashionlab.errors import ConfigError
@@ -177,6 +184,77 @@ class RetrainSpec:
     epochs: PositiveInt | Literal["warning", "lowest"] = "warning"
 
 
+Scalar = int | float | str | bool
+
+
+@dataclass(frozen=True, config=_STRICT)
+class ParamSpec:
+    """One parameter of a search space: a range (`low`, `high`, `log`, `step`), a list of
+    `choices`, or a fixed `value` (a bare value in the file). Names and the values each
+    parameter takes are checked against fashionlab.search_space's vocabulary."""
+
+    low: int | float | None = None
+    high: int | float | None = None
+    log: bool = False  # sample on a log scale (needs low > 0)
+    step: int | float | None = None  # sample a grid low, low + step, ... <= high
+    choices: tuple[Scalar, ...] | None = None
+    value: Scalar | None = None  # fixed: not searched
+    shared: bool = False  # per-layer parameters: one value for every layer (units, not units_0..)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_value(cls, data: Any) -> Any:
+        return data if isinstance(data, Mapping) or dataclasses.is_dataclass(data) \
+            else {"value": data}
+
+
+@dataclass(frozen=True, config=_STRICT)
+class ReferenceSpec:
+    """A score the search's best is tested against: a published number, and/or a candidate of
+    a finished study in the same store with identical folds (same [cv], [data] and seed)."""
+
+    score: float | None = None  # e.g. 0.895: a one-sample test of the best's per-fold scores
+    label: str = "reference"  # how tables name it
+    study: str | None = None  # name of a finished study run in the store: a paired test
+    candidate: str | None = None  # that study's candidate (default: its best)
+
+
+@dataclass(frozen=True, config=_STRICT)
+class SearchSpec:
+    """An automated search (Optuna) over variations of one candidate, scored by its CV."""
+
+    base: str | None = None  # the candidate the search varies; None: the first candidate
+    space: dict[str, ParamSpec] = dataclasses.field(default_factory=dict)
+    n_trials: PositiveInt | None = None  # finished (complete + pruned) trials, all workers
+    timeout: Annotated[float, Field(gt=0.0)] | None = None  # seconds; per worker process
+    budget: PositiveInt | None = None  # fold-epochs: no trial starts once this many trained
+    sampler: Literal["tpe", "random", "grid", "cmaes"] = "tpe"
+    pruner: Literal["median", "wilcoxon", "none"] = "median"
+    objective: Literal["val_accuracy", "val_loss"] = "val_accuracy"
+    seed: int | None = None  # None: the study's seed
+    startup_trials: Annotated[int, Field(ge=0)] = 5  # random trials first (TPE); no pruning
+    warmup: Annotated[int, Field(ge=0)] = 5  # epochs (median) or folds (wilcoxon) never pruned
+    start_with_base: bool = True  # the first trial is the base candidate itself
+    top: PositiveInt = 10  # trials in the final table
+    reference: ReferenceSpec | None = None
+
+    @field_validator("space")
+    @classmethod
+    def _known_parameters(cls, space: dict[str, ParamSpec]) -> dict[str, ParamSpec]:
+        from fashionlab.search_space import check_space  # the vocabulary lives there
+
+        check_space(space)
+        return space
+
+    @model_validator(mode="after")
+    def _grid_needs_points(self) -> SearchSpec:
+        if self.sampler == "grid":
+            from fashionlab.search_space import check_grid
+
+            check_grid(self.space)
+        return self
+
+
 @dataclass(frozen=True, config=_STRICT)
 class StudySpec:
     name: str
@@ -187,6 +265,15 @@ class StudySpec:
     candidates: tuple[Candidate, ...] = ()  # compared by cross-validation
     retrain: RetrainSpec = RetrainSpec()
     final: tuple[Candidate, ...] = ()  # trained on all training data, validated on the test set
+    search: SearchSpec | None = None  # `fashionlab search`: an automated search over a candidate
+
+    @model_validator(mode="after")
+    def _search_fits_its_base(self) -> StudySpec:
+        if self.search is not None:
+            from fashionlab.search_space import check_base
+
+            check_base(self)
+        return self
 
     @model_validator(mode="after")
     def _names_unique(self) -> StudySpec:
@@ -243,6 +330,15 @@ class _FieldError(Exception):
         super().__init__(f"{where}: {message}")
 
 
+class FieldValueError(ValueError):
+    """Raised by a validator to point at a place below the field it validates, e.g. the
+    parameter `units` of `search.space`: path ("units",), message "low (512) must be ..."."""
+
+    def __init__(self, path: tuple[str | int, ...], message: str) -> None:
+        super().__init__(message)
+        self.path, self.message = path, message
+
+
 def _format_location(loc: tuple[Any, ...]) -> str:
     parts: list[str] = []
     for item in loc:
@@ -272,6 +368,9 @@ def _format_validation_error(error: ValidationError) -> str:
         message = f"{message[0].lower()}{message[1:]} (got {first['input']!r})"
     elif first["type"] == "value_error":
         message = message.removeprefix("Value error, ")
+        cause = (first.get("ctx") or {}).get("error")
+        if isinstance(cause, FieldValueError):
+            loc, message = loc + cause.path, cause.message
     return f"{_format_location(loc)}: {message}"
 
 
@@ -364,4 +463,11 @@ def quick_variant(spec: StudySpec) -> StudySpec:
         retrain=replace(spec.retrain, epochs=spec.retrain.epochs
                         if spec.retrain.epochs == "warning" else min(spec.retrain.epochs, 8)),
         final=tuple(shorten(c, 3) for c in spec.final),
+        search=None if spec.search is None else _quick_search(spec.search, epochs=8),
     )
+
+
+def _quick_search(search: SearchSpec, *, epochs: int) -> SearchSpec:
+    from fashionlab.search_space import quick_search
+
+    return quick_search(search, epochs=epochs)

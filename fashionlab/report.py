@@ -355,7 +355,15 @@ def _search_section(summary: Mapping[str, Any]) -> dict[str, Any]:
     scored = [t for t in trials if _finite(t.get("value"))]
     scored.sort(key=lambda t: t["value"], reverse=direction != "minimize")
     params = list(dict.fromkeys(p for t in trials for p in (t.get("params") or {})))
+    statistics = None
+    if summary.get("table"):  # a finished search: the top trials with their paired tests
+        from fashionlab.search_results import reference_lines, retrain_line, table_cells
+
+        headers, rows = table_cells(summary)
+        statistics = {"headers": headers, "rows": rows,
+                      "notes": reference_lines(summary) + [retrain_line(summary)]}
     return {
+        "statistics": statistics,
         "direction": direction,
         "n_trials": len(trials),
         "history": _png(plots.search_history(history, direction=direction)) if history else None,

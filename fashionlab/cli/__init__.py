@@ -20,7 +20,7 @@ app = typer.Typer(
 def _register_commands() -> None:
     # Each module adds its commands or sub-groups to `app`; imported here so that
     # `fashionlab --help` lists them all.
-    from fashionlab.cli import data, model, runs, study  # noqa: F401
+    from fashionlab.cli import data, model, runs, search, study  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> None:

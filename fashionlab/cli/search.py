@@ -1,0 +1,89 @@
+"""`fashionlab search`: run, resume or join a study's automated search."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fashionlab.cli import app
+from fashionlab.cli.study import RunDir, StoreUrl
+from fashionlab.config import load_study, quick_variant
+from fashionlab.store import DEFAULT_RUN_DIR
+
+
+@app.command()
+def search(
+    file: Annotated[str, typer.Argument(
+        help="A study file with a [search] table, or a bundled study's name.")] = "search",
+    n_trials: Annotated[int | None, typer.Option(
+        "--n-trials", min=1, help="Trials to finish, all workers together (overrides the file)."
+    )] = None,
+    timeout: Annotated[float | None, typer.Option(
+        min=0.0, help="Seconds after which this process starts no more trials.")] = None,
+    quick: Annotated[bool, typer.Option(help="Fewer samples, epochs and trials: a try-out."
+                                        )] = False,
+    finish: Annotated[bool, typer.Option(
+        help="Start no trial: retrain the best so far and write the results now.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    run_dir: RunDir = DEFAULT_RUN_DIR,
+    store: StoreUrl = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+) -> None:
+    """Search a candidate's configuration with Optuna, each trial scored by cross-validation;
+    then retrain the best on all training images, test it and write the table of the top
+    trials, the plots and the report.
+
+    The search lives in the store's database: run the same command again to resume it, or on
+    many machines with the same --store postgresql://... to share it.
+
+    Example: fashionlab search                       (the bundled dense search)
+
+    Example: fashionlab search my-study.toml --n-trials 40 --store postgresql://me@db/fl
+    """
+    import json
+
+    import optuna
+
+    from fashionlab.search import run_search
+    from fashionlab.search_results import reference_lines, retrain_line, table_cells
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the search shows its own progress
+    spec = load_study(file)
+    if quick:
+        spec = quick_variant(spec)
+    result = run_search(spec, run_dir=run_dir, store_url=store, n_trials=n_trials,
+                        timeout=timeout, device=device, progress=not json_output, finish=finish)
+    if json_output:
+        typer.echo(json.dumps({"run_id": result.run.id, "study_name": result.study_name,
+                               "storage": result.storage, "finished": result.finished,
+                               "stopped_by": result.stopped_by, "summary": result.summary},
+                              indent=2))
+        return
+    console = Console() if sys.stdout.isatty() else Console(width=160)
+    summary = result.summary
+    if summary is None:
+        console.print(f"stopped ({result.stopped_by}): {len(result.trials)} trial(s) so far. "
+                      "Run the same command to continue"
+                      + (" (other workers are still running trials; the last to finish "
+                         "writes the results)" if result.stopped_by == "others-running" else "")
+                      + ", or add --finish to write the results now.")
+    else:
+        headers, rows = table_cells(summary)
+        table = Table(title=f"{spec.name}: top trials of run {result.run.id}")
+        for header in headers:
+            table.add_column(header, overflow="fold")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+        for line in reference_lines(summary):
+            console.print(line)
+        if retrain_line(summary):
+            console.print(retrain_line(summary))
+        console.print(f"results in {result.output_dir}")
+    console.print(f"storage: {result.storage} (study {result.study_name}; "
+                  f"optuna-dashboard {result.storage})")
+

@@ -1,0 +1,560 @@
+"""Automated search (Optuna): each trial varies one candidate of a study, is scored by its
+cross-validation, and is pruned while it trains when it is clearly worse than the others.
+
+The Optuna study lives in the same database as the experiment store (the SQLite file of the
+run directory, or any database URL), next to a store run of kind "search" that holds every
+trial's fold models and epochs. Running the same command again resumes the search; any number
+of worker processes, on any number of machines, that run it against one database share it:
+
+- Trials start one at a time across all workers (a PostgreSQL advisory lock, a MySQL named
+  lock, or a lock file beside a SQLite database), so exactly `n_trials` trials finish
+  (complete or pruned) and no trial starts once `budget` fold-epochs are trained.
+- A trial whose worker died is failed and retried once with the same parameters: at once when
+  the worker ran on this machine (its process is gone), else when its heartbeat has been
+  silent for GRACE_PERIOD seconds. The retry keeps the trial's models (`trial-N/fold-i`) and
+  continues from their checkpoint when it runs where they were trained.
+- The worker that sees the search complete writes its results (`search_results`).
+
+Pruning: with the median pruner the folds of a trial train together as one stack and each
+epoch reports the mean over folds of each fold's best objective so far (monotone, and
+meaningful with early stopping); the Wilcoxon pruner trains the folds one after another and
+reports each fold's score (step = fold index), pruning a trial that is significantly worse than
+the best on the folds seen so far.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import functools
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import shutil
+import socket
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import optuna
+import sqlalchemy as sa
+import torch
+from optuna.trial import FrozenTrial, TrialState
+
+from fashionlab.config import Candidate, SearchSpec, StudySpec
+from fashionlab.cv import MemberResult, make_folds
+from fashionlab.data import Dataset, to_tensors
+from fashionlab.errors import ConfigError
+from fashionlab.progress import Progress
+from fashionlab.provenance import environment
+from fashionlab.rng import derive_seed
+from fashionlab.runner import train_stack
+from fashionlab.search_space import base_candidate, base_params, grid, grid_size, suggest
+from fashionlab.store import (
+    DEFAULT_RUN_DIR,
+    RunRecord,
+    Store,
+    _process_alive,
+    _safe_url,
+    default_url,
+)
+from fashionlab.study import cv_members, load_data, plan_stacks, summarize_models
+from fashionlab.train import EpochMetrics, Member, Tensors, resolve_device
+
+__all__ = ["SearchResult", "database_url", "open_storage", "run_search", "search_identity"]
+
+HEARTBEAT_INTERVAL = 20  # seconds between a running trial's signs of life in the database
+GRACE_PERIOD = 120  # a trial silent this long is failed and retried (once)
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+@dataclass
+class SearchResult:
+    run: RunRecord
+    spec: StudySpec
+    study_name: str  # the Optuna study (`optuna-dashboard <storage>` shows it)
+    storage: str  # its database URL, password hidden
+    output_dir: Path
+    trials: list[FrozenTrial]
+    finished: bool  # the search is complete and this process wrote its results
+    stopped_by: str  # n_trials, budget, timeout, grid, finish, or others-running
+    summary: dict[str, Any] | None = None  # what the run stores (search_results.summary)
+    wall_seconds: float = 0.0  # this process
+
+
+@dataclass(frozen=True)
+class Limits:
+    n_trials: int | None
+    budget: int | None  # fold-epochs
+    timeout: float | None  # seconds, this process
+
+
+def search_identity(spec: StudySpec) -> tuple[str, str]:
+    """(Optuna study name, fingerprint). Stopping rules and reporting settings are left out,
+    so that running the same search with a larger --n-trials continues it."""
+    assert spec.search is not None
+    key = dataclasses.replace(spec, search=dataclasses.replace(
+        spec.search, n_trials=None, timeout=None, budget=None, top=10, reference=None))
+    fingerprint = key.fingerprint()
+    return f"{spec.name}-{fingerprint}", fingerprint
+
+
+def database_url(url: str) -> str:
+    """The URL with a PostgreSQL driver that is installed: SQLAlchemy 2.1 reads a bare
+    `postgresql://` as psycopg 3, the `postgres` extra installs psycopg2."""
+    try:
+        parsed = sa.make_url(url)
+    except sa.exc.ArgumentError:
+        return url
+    if parsed.drivername == "postgresql" and importlib.util.find_spec("psycopg") is None \
+            and importlib.util.find_spec("psycopg2") is not None:
+        return parsed.set(drivername="postgresql+psycopg2").render_as_string(
+            hide_password=False)
+    return url
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    """Optuna's storage on the store's database, with heartbeats and one retry per lost trial."""
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith("sqlite"):
+        kwargs = {"connect_args": {"timeout": 60}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            database_url(url), engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_INTERVAL,
+            grace_period=GRACE_PERIOD,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                max_retry=1))
+
+
+def make_sampler(search: SearchSpec, base: Candidate, seed: int) -> optuna.samplers.BaseSampler:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if search.sampler == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        if search.sampler == "grid":
+            return optuna.samplers.GridSampler(grid(search, base), seed=seed)
+        if search.sampler == "cmaes":
+            return optuna.samplers.CmaEsSampler(
+                seed=seed, n_startup_trials=search.startup_trials,
+                warn_independent_sampling=False)
+        # multivariate + group: per-layer parameters exist only for some n_layers; the
+        # constant liar keeps parallel workers from sampling next to each other's trials.
+        return optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=search.startup_trials, multivariate=True, group=True,
+            constant_liar=True)
+
+
+def make_pruner(search: SearchSpec) -> optuna.pruners.BasePruner:
+    if search.pruner == "median":
+        # Steps are 1-based epochs: the earliest prune is at step n_warmup_steps.
+        return optuna.pruners.MedianPruner(n_startup_trials=search.startup_trials,
+                                           n_warmup_steps=search.warmup + 1)
+    if search.pruner == "wilcoxon":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.pruners.WilcoxonPruner(p_threshold=0.1,
+                                                 n_startup_steps=search.warmup + 1)
+    return optuna.pruners.NopPruner()
+
+
+class ClaimLock:
+    """One worker at a time may start a trial (or create or finish the search), whichever
+    machine it runs on: an advisory lock of the database server, or a lock file beside a
+    SQLite database. Re-entrant release: releasing a free lock does nothing."""
+
+    def __init__(self, url: str, name: str) -> None:
+        self.engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+        self.dialect = self.engine.dialect.name
+        self.key = derive_seed(0, "search", name)  # 63 bits: a PostgreSQL bigint
+        self.name = f"fashionlab-{hashlib.sha256(name.encode()).hexdigest()[:40]}"
+        database = sa.make_url(url).database if self.dialect == "sqlite" else None
+        self.path = Path(f"{database}.search-lock") if database else None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn: sa.Connection | None = None
+        self._file: IO[str] | None = None
+
+    def acquire(self) -> None:
+        if self._conn is not None or self._file is not None:
+            return
+        if self.dialect in ("postgresql", "mysql"):
+            conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            sql = "SELECT pg_advisory_lock(:key)" if self.dialect == "postgresql" \
+                else "SELECT GET_LOCK(:name, -1)"
+            conn.execute(sa.text(sql), {"key": self.key, "name": self.name})
+            self._conn = conn
+        elif self.path is not None:
+            self._file = open(self.path, "a")  # noqa: SIM115 - held until release()
+            fcntl.flock(self._file, fcntl.LOCK_EX)
+
+    def release(self) -> None:
+        if self._conn is not None:
+            sql = "SELECT pg_advisory_unlock(:key)" if self.dialect == "postgresql" \
+                else "SELECT RELEASE_LOCK(:name)"
+            self._conn.execute(sa.text(sql), {"key": self.key, "name": self.name})
+            self._conn.close()
+            self._conn = None
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> ClaimLock:  # noqa: PYI034 - a final class
+        self.acquire()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.release()
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def run_search(
+    spec: StudySpec,
+    *,
+    run_dir: str | Path = DEFAULT_RUN_DIR,
+    store_url: str | None = None,
+    n_trials: int | None = None,
+    timeout: float | None = None,
+    device: str | None = None,
+    progress: bool = True,
+    finish: bool = False,
+    dataset: Dataset | None = None,
+    after_epoch: Callable[[str, int], None] | None = None,
+) -> SearchResult:
+    """Run (or resume, or join) the study's search and return where it stands.
+
+    `n_trials` and `timeout` override the study file's. Trials start until `n_trials` have
+    finished across all workers, `budget` fold-epochs are trained or this process has run for
+    `timeout` seconds. The worker that sees the search complete retrains the best trial on all
+    training images, tests it, and writes the table of the top trials, the plots and the
+    report; `finish=True` does that now with the trials finished so far, starting none.
+    `after_epoch(key, epoch)` is called after each stored epoch (tests use it to interrupt).
+    """
+    started = time.perf_counter()
+    search = spec.search
+    if search is None:
+        raise ConfigError(f"study '{spec.name}' has no [search] table: add one to search it "
+                          "(see the README's Automated search)")
+    base = base_candidate(spec)
+    limits = _limits(search, base, n_trials, timeout)
+    torch_device = resolve_device(device)
+    run_dir = Path(run_dir)
+    url = database_url(store_url or os.environ.get("FASHIONLAB_STORE") or default_url(run_dir))
+    if url in ("sqlite://", "sqlite:///:memory:"):
+        raise ConfigError("--store: a search needs a database file or server, not memory")
+    study_name, fingerprint = search_identity(spec)
+    lock = ClaimLock(url, study_name)
+    with lock:  # workers starting together: one creates the tables, the run and the study
+        store = Store(url)
+        storage = open_storage(url)
+        run = next(iter(store.runs(kind="search", fingerprint=fingerprint)), None) or \
+            store.create_run(kind="search", name=spec.name, fingerprint=fingerprint,
+                             seed=spec.seed, config=spec.to_dict(),
+                             environment=environment(str(torch_device)), output_root=run_dir)
+        study = optuna.create_study(
+            study_name=study_name, storage=storage, load_if_exists=True,
+            direction="maximize" if search.objective == "val_accuracy" else "minimize",
+            pruner=make_pruner(search))
+        if search.start_with_base and search.sampler != "grid" and not study.get_trials():
+            study.enqueue_trial(base_params(search, base), user_attrs={"base": base.name})
+    dataset = dataset if dataset is not None else load_data(spec)
+    searcher = _Searcher(spec, store, run, study, lock, dataset, torch_device,
+                         Progress(enabled=progress), after_epoch)
+    try:
+        with searcher.progress:
+            stopped_by = "finish" if finish else searcher.loop(limits, started)
+            summary = None
+            if stopped_by in ("n_trials", "budget", "grid", "finish"):
+                with lock:
+                    summary = searcher.finish(stopped_by, time.perf_counter() - started)
+    except BaseException:
+        store.end_run(run.id, "running")  # resumable; `runs list` shows it interrupted
+        raise
+    finally:
+        storage.engine.dispose()
+        lock.engine.dispose()
+    result = SearchResult(
+        run=store.run(run.id), spec=spec, study_name=study_name, storage=_safe_url(store.url),
+        output_dir=searcher.output_dir, trials=study.get_trials(), finished=summary is not None,
+        stopped_by=stopped_by, summary=summary, wall_seconds=time.perf_counter() - started)
+    store.close()
+    return result
+
+
+def _limits(search: SearchSpec, base: Candidate, n_trials: int | None,
+            timeout: float | None) -> Limits:
+    n = n_trials or search.n_trials
+    if search.sampler == "grid":
+        size = grid_size(grid(search, base))
+        n = size if n is None else min(n, size)
+    limits = Limits(n, search.budget, timeout or search.timeout)
+    if limits.n_trials is None and limits.budget is None and limits.timeout is None:
+        raise ConfigError("search: no stopping rule: set n_trials, budget or timeout in "
+                          "[search], or pass --n-trials or --timeout")
+    return limits
+
+
+def fold_epochs(trials: Sequence[FrozenTrial]) -> int:
+    """Fold-epochs trained by the finished and running trials (a retried trial's count
+    continues the failed one's; the failed one is not counted)."""
+    return sum(int(t.user_attrs.get("fold_epochs", 0)) for t in trials
+               if t.state in (*FINISHED, TrialState.RUNNING))
+
+
+class _Searcher:
+    """One worker's part of a search: claims trials, trains them, reports and prunes."""
+
+    def __init__(self, spec: StudySpec, store: Store, run: RunRecord, study: optuna.Study,
+                 lock: ClaimLock, dataset: Dataset, device: torch.device, progress: Progress,
+                 after_epoch: Callable[[str, int], None] | None) -> None:
+        assert spec.search is not None
+        self.spec, self.search, self.base = spec, spec.search, base_candidate(spec)
+        self.store, self.run, self.study, self.lock = store, run, study, lock
+        self.device, self.progress, self.after_epoch = device, progress, after_epoch
+        self.dataset = dataset
+        self.output_dir = Path(run.output_dir or DEFAULT_RUN_DIR / run.id)
+        self.folds = make_folds(len(dataset.train), spec.cv, seed=spec.seed,
+                                labels=dataset.train.labels)
+        x, y = to_tensors(dataset.train, device)
+        self.data = Tensors(x, y, x, y)
+        self.maximize = self.search.objective == "val_accuracy"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.seed = self.search.seed if self.search.seed is not None else spec.seed
+
+    # ---- claiming trials ----------------------------------------------------------------
+
+    def loop(self, limits: Limits, started: float) -> str:
+        """Start trials until a stopping rule holds; returns which one."""
+        while True:
+            current: list[int] = []
+            try:
+                self.lock.acquire()
+                self._fail_lost_trials()
+                trials = self.study.get_trials(deepcopy=False)
+                if not any(t.state == TrialState.WAITING for t in trials):
+                    reason = self._stop_reason(trials, limits, started)
+                    if reason is not None:
+                        return reason
+                self.store.claim_run(self.run.id)
+                # Seeded per trial: draws depend on the trial's number and the history only,
+                # not on which worker runs it. The grid keeps one seed: it fixes the grid's order.
+                seed = self.seed if self.search.sampler == "grid" \
+                    else derive_seed(self.seed, "trial", len(trials))
+                self.study.sampler = make_sampler(self.search, self.base, seed % 2**32)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    self.study.optimize(functools.partial(self._objective, current=current),
+                                        n_trials=1, callbacks=[self._log_trial])
+            except KeyboardInterrupt:
+                self._retry_interrupted(current)
+                raise
+            finally:
+                self.lock.release()
+
+    def _stop_reason(self, trials: Sequence[FrozenTrial], limits: Limits,
+                     started: float) -> str | None:
+        running = sum(t.state == TrialState.RUNNING for t in trials)
+        finished = sum(t.state in FINISHED for t in trials)
+        if limits.n_trials is not None and finished + running >= limits.n_trials:
+            reason = "grid" if self.search.sampler == "grid" else "n_trials"
+        elif limits.budget is not None and fold_epochs(trials) >= limits.budget:
+            reason = "budget"
+        elif limits.timeout is not None and time.perf_counter() - started >= limits.timeout:
+            return "timeout"
+        else:
+            return None
+        return "others-running" if running else reason
+
+    def _fail_lost_trials(self) -> None:
+        """Fail (and retry once) the running trials whose worker is gone: on this machine
+        when its process no longer exists, elsewhere when its heartbeat is stale."""
+        host = socket.gethostname()
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            worker_host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
+            if worker_host != host or not pid.isdigit() or int(pid) == os.getpid() \
+                    or _process_alive(int(pid)):
+                continue
+            self.study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+            self.retry(self.study, self.study.get_trials(deepcopy=False)[trial.number])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(self.study)
+
+    def _retry_interrupted(self, current: list[int]) -> None:
+        """An interrupted trial (Ctrl-C) is retried once, like one whose worker died."""
+        if not current:
+            return
+        trial = self.study.get_trials(deepcopy=False)[current[0]]
+        if trial.state == TrialState.RUNNING:
+            self.study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+            trial = self.study.get_trials(deepcopy=False)[current[0]]
+        if trial.state == TrialState.FAIL:
+            self.retry(self.study, trial)
+
+    def _log_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        trials = study.get_trials(deepcopy=False)
+        pruned = sum(t.state == TrialState.PRUNED for t in trials)
+        line = f"trial {trial.number} {trial.state.name.lower()}"
+        if trial.state == TrialState.COMPLETE and trial.value is not None:
+            line += f": {trial.value:.4f}"
+        elif trial.user_attrs.get("stopped"):
+            line += f" ({trial.user_attrs['stopped']})"
+        try:
+            best = study.best_trial
+            line += f" · best {best.value:.4f} (trial {best.number})"
+        except ValueError:
+            pass
+        budget = f"/{self.search.budget}" if self.search.budget else ""
+        self.progress.log(f"{line} · {pruned} pruned · {fold_epochs(trials)}{budget} "
+                          "fold-epochs")
+
+    # ---- one trial ----------------------------------------------------------------------
+
+    def _objective(self, trial: optuna.Trial, current: list[int]) -> float:
+        self.lock.release()  # the trial exists: other workers may start theirs
+        current.append(trial.number)
+        # A retried trial keeps the models (and checkpoints) of the trial it retries.
+        name = str(trial.user_attrs.get("models") or f"trial-{trial.number}")
+        trial.set_user_attr("models", name)
+        trial.set_user_attr("worker", self.worker)
+        candidate = suggest(trial, self.search, self.base, name)
+        members, _, fold_of = cv_members(
+            dataclasses.replace(self.spec, candidates=(candidate,), search=None), self.folds)
+        ordered = list(members.values())
+        self.store.register_models(self.run.id, [{
+            "key": m.key, "candidate": name, "role": "trial", "repeat": fold.repeat,
+            "fold": fold.index, "epochs_planned": candidate.train.epochs,
+            "n_train": len(m.train_index), "n_val": len(fold.val_index), "seed": m.seed,
+        } for m in ordered if (fold := fold_of[m.key]) is not None])
+        stacks = [[m] for m in ordered] if self.search.pruner == "wilcoxon" \
+            else plan_stacks(ordered, {m.key: candidate for m in ordered})
+        watcher = _Watcher(self, trial, candidate)
+        try:
+            results: dict[str, MemberResult] = {}
+            for index, stack in enumerate(stacks):
+                results.update(watcher.train(stack, index))
+        except optuna.TrialPruned as pruned:
+            for m in ordered:
+                if m.key not in watcher.done:
+                    self.store.update_model(self.run.id, m.key, status="stopped",
+                                            message=f"trial {pruned}")
+            self._drop_checkpoints(stacks, trial.params)
+            raise
+        summary = summarize_models(candidate, [results[m.key] for m in ordered], "cv",
+                                   self.spec.warning)
+        scores = summary.val_accuracy if self.maximize else summary.val_loss
+        trial.set_user_attr("fold_scores", [float(v) for v in scores])
+        trial.set_user_attr("val_accuracy", [float(v) for v in summary.val_accuracy])
+        trial.set_user_attr("val_loss", [float(v) for v in summary.val_loss])
+        trial.set_user_attr("result_epochs", [int(e) for e in summary.result_epochs])
+        trial.set_user_attr("consensus_epoch", summary.warning.chosen_epoch)
+        trial.set_user_attr("fold_epochs", summary.trained_epochs)
+        self._drop_checkpoints(stacks, trial.params)
+        if not np.all(np.isfinite(scores)):
+            trial.set_user_attr("stopped", "a fold diverged")
+            raise optuna.TrialPruned("a fold diverged")
+        return float(np.mean(scores))
+
+    def checkpoint(self, stack: Sequence[Member], params: dict[str, Any]) -> Path:
+        text = json.dumps([[m.key for m in stack], params], sort_keys=True, default=str)
+        digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+        return self.output_dir / "checkpoints" / f"{digest}.pt"
+
+    def _drop_checkpoints(self, stacks: Sequence[Sequence[Member]],
+                          params: dict[str, Any]) -> None:
+        for stack in stacks:
+            self.checkpoint(stack, params).unlink(missing_ok=True)
+
+    def finish(self, stopped_by: str, seconds: float) -> dict[str, Any]:
+        from fashionlab.search_results import finish_search  # the end of a search: its own module
+
+        summary = finish_search(self, stopped_by, seconds)
+        shutil.rmtree(self.output_dir / "checkpoints", ignore_errors=True)
+        return summary
+
+
+@dataclass
+class _Watcher:
+    """Trains a trial's stacks, reports to the pruner, and counts fold-epochs."""
+
+    searcher: _Searcher
+    trial: optuna.Trial
+    candidate: Candidate
+    values: dict[str, list[float]] = field(default_factory=dict)  # objective per key and epoch
+    reported: int = 0  # epochs reported (median pruner)
+    done: set[str] = field(default_factory=set)  # keys trained to the end
+
+    @property
+    def metric(self) -> str:
+        return self.searcher.search.objective
+
+    def best_so_far(self, values: list[float], epochs: int) -> float:
+        seen = [v for v in values[:epochs] if math.isfinite(v)]
+        if not seen:
+            return math.nan
+        return max(seen) if self.searcher.maximize else min(seen)
+
+    def train(self, stack: list[Member], index: int) -> dict[str, MemberResult]:
+        s = self.searcher
+        epochs = self.candidate.train.epochs
+        label = f"trial {self.trial.number}" + (f" fold {index}" if len(stack) == 1 else "")
+        task = s.progress.add_stack(f"{label}  {_short(self.trial.params)}", epochs, len(stack))
+        watch_epochs = s.search.pruner == "median" and index == 0
+
+        def on_progress(epoch: int, metrics: dict[str, EpochMetrics]) -> None:
+            if not metrics and epoch:  # resumed from a checkpoint: the store has the epochs
+                for m in stack:
+                    self.values[m.key] = [getattr(e, self.metric)
+                                          for e in s.store.epochs(s.run.id, m.key)]
+            for key, m in metrics.items():
+                self.values.setdefault(key, []).append(m.get(self.metric))
+            self.trial.set_user_attr("fold_epochs", sum(len(v) for v in self.values.values()))
+            s.progress.update_stack(task, epoch, metrics)
+            bad = [m for m in metrics.values() if not math.isfinite(m.loss)]
+            if bad:
+                self.trial.set_user_attr("stopped", f"diverged at epoch {epoch}")
+                raise optuna.TrialPruned(f"diverged at epoch {epoch}")
+            if watch_epochs:
+                for step in range(self.reported + 1, epoch + 1):
+                    value = float(np.nanmean([self.best_so_far(self.values.get(m.key, []), step)
+                                              for m in stack]))
+                    if math.isfinite(value):
+                        self.trial.report(value, step)
+                    self.reported = step
+                if self.trial.should_prune():
+                    self.trial.set_user_attr("stopped", f"pruned at epoch {epoch}")
+                    raise optuna.TrialPruned(f"pruned at epoch {epoch}")
+
+        results = train_stack(s.store, s.run.id, stack, self.candidate.train, s.data, s.device,
+                              checkpoint=s.checkpoint(stack, self.trial.params),
+                              on_progress=on_progress, after_epoch=s.after_epoch)
+        s.progress.finish_stack(task)
+        self.done.update(m.key for m in stack)
+        if s.search.pruner == "wilcoxon":
+            for m in stack:
+                fold = summarize_models(self.candidate, [results[m.key]], "cv", s.spec.warning)
+                score = (fold.val_accuracy if s.maximize else fold.val_loss)[0]
+                if math.isfinite(score):
+                    self.trial.report(float(score), index)
+            if self.trial.should_prune():
+                self.trial.set_user_attr("stopped", f"pruned after fold {index}")
+                raise optuna.TrialPruned(f"pruned after fold {index}")
+        return results
+
+
+def _short(params: dict[str, Any], width: int = 70) -> str:
+    text = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in params.items())
+    return text if len(text) <= width else text[: width - 1] + "…"

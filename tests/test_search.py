@@ -1,0 +1,469 @@
+"""Automated search: space errors, samplers and pruners, a tiny search that finds the good
+region, pruning, resume after a kill, and two workers sharing a real PostgreSQL server."""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+import sqlalchemy as sa
+from helpers import assert_one_line_error, run_cli
+from optuna.trial import TrialState
+
+from fashionlab.config import load_study, quick_variant, study_from_dict
+from fashionlab.errors import ConfigError
+from fashionlab.search import (
+    database_url,
+    make_pruner,
+    make_sampler,
+    open_storage,
+    run_search,
+    search_identity,
+)
+from fashionlab.search_space import FixedParams, base_candidate, base_params, suggest
+from fashionlab.store import Store, default_url
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def search_toml(data_dir: Path, *, search: str, space: str, epochs: int = 3,
+                candidate: str = 'layers = [{ units = 16 }]', train: str = "") -> str:
+    return f"""
+name = "tiny-search"
+seed = 3
+
+[data]
+directory = "{data_dir}"
+verify = false
+
+[train]
+epochs = {epochs}
+batch_size = 32
+{train}
+
+[cv]
+n_splits = 3
+
+[warning]
+patience = 1
+min_delta = 0.02
+
+[[candidates]]
+name = "small"
+{candidate}
+
+[search]
+{search}
+
+[search.space]
+{space}
+"""
+
+
+def _load(text: str, tmp_path: Path, name: str = "search.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def _trials(run_dir: Path, spec_path: Path) -> list[optuna.trial.FrozenTrial]:
+    spec = load_study(spec_path)
+    storage = open_storage(default_url(run_dir))
+    study = optuna.load_study(study_name=search_identity(spec)[0], storage=storage)
+    trials = study.get_trials()
+    storage.engine.dispose()
+    return trials
+
+
+# --------------------------------------------------------------------------------------------
+# The space
+
+
+BASE = """
+name = "x"
+[[candidates]]
+name = "a"
+layers = [{ units = 64 }]
+"""
+
+
+@pytest.mark.parametrize(("space", "message"), [
+    ("units = { low = 512, high = 64 }", "search.space.units: low (512) must be below high (64)"),
+    ("depth = { low = 1, high = 3 }",
+     "search.space.depth: unknown parameter (expected one of: batch_size, conv_dropout, dropout,"),
+    ("units = { choices = [] }", "search.space.units: choices must not be empty"),
+    ("l2 = { low = 0.0, high = 0.01, log = true }",
+     "search.space.l2: a log scale needs low > 0 (got 0.0)"),
+    ("dropout = { low = 0.1, high = 1.0 }",
+     "search.space.dropout: values must lie in [0, 1) (got 1.0)"),
+    ("units = { low = 8.5, high = 64 }",
+     "search.space.units: values must be whole numbers (got 8.5)"),
+    ('optimizer = { choices = ["adam", "rmsprop"] }',
+     "search.space.optimizer: 'rmsprop' is not one of: adam, adamw, sgd"),
+    ("units = { low = 8 }", "search.space.units: a range needs both low and high"),
+    ("units = { low = 8, high = 64, choices = [8] }", "search.space.units: give one of"),
+    ("learning_rate = { low = 0.01, high = 0.1, shared = true }",
+     "search.space.learning_rate: shared applies to per-layer parameters only"),
+    ("units = { lo = 8, high = 64 }", "search.space.units: unknown key 'lo'"),
+    ("filters = { low = 8, high = 64 }",
+     "search.space.filters: the base candidate 'a' has no conv layers"),
+    ("patience = { low = 2, high = 5 }",
+     "search.space.patience: the base candidate 'a' does not stop early"),
+])
+def test_a_bad_space_is_one_line_naming_the_file_and_parameter(space: str, message: str):
+    raw = tomllib.loads(BASE + "[search.space]\n" + space)
+    with pytest.raises(ConfigError) as error:
+        study_from_dict(raw, source="my.toml")
+    assert str(error.value).startswith(f"my.toml: {message}"), str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_search_settings_are_checked_too():
+    for extra, message in [
+        ('base = "nope"', "my.toml: search.base: no candidate named 'nope' (candidates: a)"),
+        ('sampler = "grid"\n[search.space]\ndropout = { low = 0.1, high = 0.5 }',
+         "my.toml: search.space.dropout: the grid sampler needs choices or a step"),
+        ('sampler = "anneal"', "my.toml: search.sampler: input should be"),
+        ("n_trials = 0", "my.toml: search.n_trials: input should be greater than 0"),
+    ]:
+        with pytest.raises(ConfigError) as error:
+            study_from_dict(tomllib.loads(BASE + "[search]\n" + extra), source="my.toml")
+        assert str(error.value).startswith(message), str(error.value)
+
+
+def test_the_cli_says_a_bad_space_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    path = _load(BASE + "[search.space]\nunits = { low = 512, high = 64 }\n", tmp_path, "my.toml")
+    code, _, err = run_cli(capsys, "search", str(path), "--run-dir", str(tmp_path))
+    assert_one_line_error(code, err, f"{path}: search.space.units: low (512) must be below "
+                          "high (64)")
+    code, _, err = run_cli(capsys, "search", "seed", "--run-dir", str(tmp_path))
+    assert_one_line_error(code, err, "study 'seed' has no [search] table")
+
+
+def test_a_trial_draws_per_layer_or_shared_parameters_around_the_base():
+    spec = study_from_dict(tomllib.loads(BASE + """
+[search.space]
+n_layers = { low = 1, high = 3 }
+units = { low = 16, high = 256, log = true }
+dropout = { low = 0.0, high = 0.5, shared = true }
+learning_rate = { choices = [0.001, 0.01] }
+optimizer = "adamw"
+"""))
+    base = base_candidate(spec)
+    assert spec.search is not None
+    params = {"n_layers": 2, "units_0": 128, "units_1": 32, "dropout": 0.25,
+              "learning_rate": 0.01}
+    candidate = suggest(FixedParams(params), spec.search, base, "trial-7")
+    assert candidate.name == "trial-7"
+    assert [(layer.units, layer.dropout) for layer in candidate.model.layers] == [
+        (128, 0.25), (32, 0.25)]
+    assert candidate.train.learning_rate == 0.01 and candidate.train.optimizer == "adamw"
+    assert base_params(spec.search, base) == {"n_layers": 1, "units_0": 64, "dropout": 0.0,
+                                              "learning_rate": 0.001}
+
+
+def test_samplers_and_pruners_are_chosen_and_seeded():
+    spec = study_from_dict(tomllib.loads(BASE + """
+[search.space]
+units = { choices = [16, 32] }
+learning_rate = { low = 0.001, high = 0.1, log = true }
+"""))
+    assert spec.search is not None
+    base = base_candidate(spec)
+    kinds = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
+             "cmaes": optuna.samplers.CmaEsSampler}
+    for name, kind in kinds.items():
+        search = dataclasses.replace(spec.search, sampler=name)
+        assert isinstance(make_sampler(search, base, seed=1), kind)
+    grid = dataclasses.replace(spec.search, sampler="grid",
+                               space={"units": spec.search.space["units"]})
+    assert isinstance(make_sampler(grid, base, seed=1), optuna.samplers.GridSampler)
+    pruners = {"median": optuna.pruners.MedianPruner, "wilcoxon": optuna.pruners.WilcoxonPruner,
+               "none": optuna.pruners.NopPruner}
+    for name, kind in pruners.items():
+        search = dataclasses.replace(spec.search, pruner=name)
+        assert isinstance(make_pruner(search), kind)
+    a, b = (make_sampler(spec.search, base, seed=5) for _ in range(2))
+    study_a, study_b = (optuna.create_study(sampler=s) for s in (a, b))
+    draws = [[s.ask().suggest_float("x", 0, 1) for _ in range(3)] for s in (study_a, study_b)]
+    assert draws[0] == draws[1]
+
+
+def test_the_bundled_search_has_the_manual_studys_budget():
+    spec = load_study("search")
+    assert spec.search is not None
+    assert spec.search.budget == 6 * 5 * 40 and spec.cv.n_splits == 5
+    assert base_candidate(spec).name == "dense(256) dropout"
+    assert set(spec.search.space) >= {"n_layers", "units", "dropout", "l2", "learning_rate",
+                                      "batch_size"}
+    quick = quick_variant(spec)
+    assert quick.search is not None and quick.search.n_trials <= 6
+    assert (quick.search.budget or 0) <= 6 * 5 * 8 and quick.data.train_limit <= 6000
+
+
+# --------------------------------------------------------------------------------------------
+# Searching the tiny dataset
+
+
+def test_a_tiny_search_finds_the_good_learning_rates(tiny_idx_dir: Path, tmp_path: Path):
+    path = _load(search_toml(tiny_idx_dir, search="""
+n_trials = 8
+sampler = "tpe"
+startup_trials = 3
+warmup = 1
+[search.reference]
+score = 0.5
+""", space="learning_rate = { low = 1e-6, high = 0.05, log = true }"), tmp_path)
+    result = run_search(load_study(path), run_dir=tmp_path / "runs", progress=False)
+
+    assert result.finished and result.stopped_by == "n_trials"
+    trials = result.trials
+    assert sum(t.state in FINISHED for t in trials) == 8
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = max(complete, key=lambda t: t.value or 0)
+    worst = min(complete, key=lambda t: t.value or 0)
+    assert best.params["learning_rate"] >= 1e-3, best.params
+    assert (best.value or 0) >= 0.8 and (best.value or 0) - (worst.value or 0) >= 0.3
+    assert trials[0].params["learning_rate"] == 0.001  # the base candidate comes first
+    # Pruned trials are the hopeless ones: tiny learning rates.
+    for trial in trials:
+        if trial.state == TrialState.PRUNED:
+            assert trial.params["learning_rate"] < 1e-3, trial.params
+
+    summary = result.summary
+    assert summary is not None and summary["best_trial"] == best.number
+    assert summary["table"][0]["verdict"] == "best" and len(summary["table"]) == len(complete)
+    assert summary["reference"][0]["kind"] == "one-sample"
+    assert summary["retrain"]["trial"] == best.number
+    assert 0 <= summary["retrain"]["test_accuracy"] <= 1
+    out = result.output_dir
+    for name in ("results.md", "results.json", "study.toml", "report.html",
+                 "figures/search-history.png", "figures/search-importances.png",
+                 "figures/search-parallel.png", f"models/trial-{best.number}/model.safetensors"):
+        assert (out / name).is_file(), name
+    assert not (out / "checkpoints").exists()
+    assert f"| {best.number}" in (out / "results.md").read_text()
+    store = Store.open(tmp_path / "runs")
+    (run,) = store.runs(kind="search")
+    assert run.state == "finished" and run.summary["best"] == f"trial {best.number}"
+    trial_models = [m for m in store.models(run.id) if m.role == "trial"]
+    assert len(trial_models) == 3 * 8  # every trial's folds, pruned ones included
+    store.close()
+    # Running it again shows the finished search: nothing is trained.
+    again = run_search(load_study(path), run_dir=tmp_path / "runs", progress=False)
+    assert again.summary == summary and len(again.trials) == len(trials)
+
+
+def test_pruning_stops_a_hopeless_trial_early(tiny_idx_dir: Path, tmp_path: Path):
+    path = _load(search_toml(tiny_idx_dir, epochs=4, search="""
+n_trials = 3
+start_with_base = false
+startup_trials = 2
+warmup = 1
+""", space="learning_rate = { low = 1e-7, high = 0.1, log = true }"), tmp_path)
+    spec = load_study(path)
+    run_dir = tmp_path / "runs"
+    Store.open(run_dir).close()
+    storage = open_storage(default_url(run_dir))
+    study = optuna.create_study(study_name=search_identity(spec)[0], storage=storage,
+                                direction="maximize")
+    for lr in (0.01, 0.02, 1e-7):
+        study.enqueue_trial({"learning_rate": lr})
+    storage.engine.dispose()
+    result = run_search(spec, run_dir=run_dir, progress=False)
+    states = [t.state for t in result.trials]
+    assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED]
+    hopeless = result.trials[2]
+    assert hopeless.user_attrs["stopped"] == "pruned at epoch 2"
+    assert hopeless.user_attrs["fold_epochs"] == 3 * 2  # 3 folds stopped after 2 of 4 epochs
+
+
+def test_a_grid_with_the_wilcoxon_pruner_reports_per_fold(tiny_idx_dir: Path, tmp_path: Path):
+    path = _load(search_toml(tiny_idx_dir, search="""
+sampler = "grid"
+pruner = "wilcoxon"
+warmup = 1
+""", space="learning_rate = { choices = [0.001, 0.01, 0.05] }"), tmp_path)
+    result = run_search(load_study(path), run_dir=tmp_path / "runs", progress=False)
+    assert result.finished and result.stopped_by == "grid"  # n_trials: the grid's size
+    assert sorted(t.params["learning_rate"] for t in result.trials) == [0.001, 0.01, 0.05]
+    for trial in result.trials:
+        assert sorted(trial.intermediate_values) == [0, 1, 2]  # one report per fold
+        assert trial.intermediate_values[0] == trial.user_attrs["fold_scores"][0]
+
+
+_KILLER = textwrap.dedent("""
+    import os, signal, sys
+    from fashionlab.config import load_study
+    from fashionlab.search import run_search
+
+    study, run_dir, target_key, target_epoch = sys.argv[1:5]
+
+    def after_epoch(key, epoch):
+        if key == target_key and epoch == int(target_epoch):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    run_search(load_study(study), run_dir=run_dir, progress=False, after_epoch=after_epoch)
+""")
+
+
+def test_a_killed_search_resumes_with_no_lost_or_repeated_trial(tiny_idx_dir: Path,
+                                                                 tmp_path: Path):
+    path = _load(search_toml(tiny_idx_dir, search="""
+n_trials = 4
+pruner = "none"
+sampler = "random"
+""", space="learning_rate = { low = 1e-3, high = 0.1, log = true }"), tmp_path)
+    spec = load_study(path)
+    reference = run_search(spec, run_dir=tmp_path / "reference", progress=False)
+
+    script = tmp_path / "killer.py"
+    script.write_text(_KILLER)
+    run_dir = tmp_path / "interrupted"
+    killed = subprocess.run([sys.executable, str(script), str(path), str(run_dir),
+                             "trial-1/fold-1", "2"], capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    before = _trials(run_dir, path)
+    assert [t.state for t in before] == [TrialState.COMPLETE, TrialState.RUNNING]
+
+    resumed = run_search(spec, run_dir=run_dir, progress=False)
+    trials = resumed.trials
+    assert resumed.finished and sum(t.state in FINISHED for t in trials) == 4
+    assert [t.state for t in trials].count(TrialState.FAIL) == 1
+    assert trials[1].state == TrialState.FAIL  # the killed trial, failed ...
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == 1]
+    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE  # ... retried once
+    retry = retries[0]
+    assert retry.params == trials[1].params and retry.user_attrs["models"] == "trial-1"
+    # It continued from the checkpoint to the numbers the uninterrupted search has.
+    assert retry.value == reference.trials[1].value
+    assert retry.user_attrs["fold_scores"] == reference.trials[1].user_attrs["fold_scores"]
+
+    store = Store.open(run_dir)
+    (run,) = store.runs()
+    models = [m for m in store.models(run.id) if m.role == "trial"]
+    names = {m.candidate for m in models}
+    assert len(names) == 4 and len(models) == 4 * 3  # one set of folds per finished trial
+    assert all(m.status == "finished" for m in models)
+    epochs = store.epochs(run.id)
+    keys = [(e.key, e.epoch) for e in epochs]
+    assert len(keys) == len(set(keys)) == 4 * 3 * 3 + 3  # folds' epochs + the retrain's
+    store.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Many workers, one PostgreSQL database
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL server from Debian's binaries on 127.0.0.1 in a temporary directory, with
+    an empty database; stopped and removed afterwards. Missing binaries fail the test."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not found:
+        pytest.fail("PostgreSQL's server binaries are missing (no /usr/lib/postgresql/*/bin/"
+                    "initdb): install them with `bash scripts/system-deps.sh all`")
+    bin_dir = Path(found[-1]).parent
+    root = Path(tempfile.mkdtemp(prefix="fashionlab-pg-"))
+    as_owner: list[str] = []
+    if os.geteuid() == 0:  # the server refuses to run as root: run it as `postgres`
+        try:
+            owner = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.fail("no `postgres` system user to run the server as (Debian's postgresql "
+                        "package creates it)")
+        os.chown(root, owner.pw_uid, owner.pw_gid)
+        as_owner = ["runuser", "-u", "postgres", "--"]
+    data, port = root / "data", _free_port()
+
+    def run(*command: str) -> None:
+        done = subprocess.run([*as_owner, *command], capture_output=True, text=True,
+                              timeout=120, check=False)
+        if done.returncode != 0:
+            pytest.fail(f"{command[0]} failed: {done.stderr or done.stdout}")
+
+    run(str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
+        "-E", "UTF8", "--no-sync")
+    run(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-w", "-t", "60",
+        "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+    try:
+        engine = sa.create_engine(database_url(f"postgresql://postgres@127.0.0.1:{port}/postgres"),
+                                  isolation_level="AUTOCOMMIT")
+        with engine.connect() as conn:
+            conn.execute(sa.text("CREATE DATABASE fashionlab"))
+        engine.dispose()
+        yield f"postgresql://postgres@127.0.0.1:{port}/fashionlab"
+    finally:
+        subprocess.run([*as_owner, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate",
+                        "stop"], capture_output=True, timeout=120, check=False)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_two_workers_share_a_search_on_postgresql(postgres_url: str, tiny_idx_dir: Path,
+                                                 tmp_path: Path):
+    n_trials = 10
+    path = _load(search_toml(tiny_idx_dir, epochs=5, search=f"""
+n_trials = {n_trials}
+pruner = "none"
+""", space="""
+learning_rate = {{ low = 1e-3, high = 0.1, log = true }}
+units = {{ low = 64, high = 256 }}
+""".replace("{{", "{").replace("}}", "}")), tmp_path)
+    command = shutil.which("fashionlab", path=str(Path(sys.executable).parent))
+    base = [command] if command else [sys.executable, "-c",
+                                      "from fashionlab.cli import main; main()"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    workers = [subprocess.Popen([*base, "search", str(path), "--store", postgres_url,
+                                 "--run-dir", str(tmp_path / f"machine-{i}"), "--json"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env) for i in range(2)]
+    outputs = [w.communicate(timeout=600) for w in workers]
+    for worker, (out, err) in zip(workers, outputs):
+        assert worker.returncode == 0, err[-3000:]
+    reports = [json.loads(out) for out, _ in outputs]
+    assert sum(r["finished"] for r in reports) >= 1  # the last one wrote the results
+
+    spec = load_study(path)
+    storage = open_storage(postgres_url)
+    trials = optuna.load_study(study_name=search_identity(spec)[0], storage=storage).get_trials()
+    storage.engine.dispose()
+    assert [t.number for t in trials] == list(range(n_trials))  # each trial exactly once
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    workers_seen = {t.user_attrs["worker"] for t in trials}
+    assert len(workers_seen) == 2, workers_seen
+
+    store = Store(database_url(postgres_url))
+    (run,) = store.runs(kind="search")
+    assert run.state == "finished" and run.summary["finished_trials"] == list(range(n_trials))
+    models = [m for m in store.models(run.id) if m.role == "trial"]
+    assert len(models) == n_trials * 3
+    assert len({m.key for m in models}) == len(models)
+    epochs = [(e.key, e.epoch) for e in store.epochs(run.id) if not e.key.endswith("/retrain")]
+    assert len(epochs) == len(set(epochs)) == n_trials * 3 * 5
+    store.close()
