@@ -356,7 +356,7 @@ def _search_section(summary: Mapping[str, Any]) -> dict[str, Any]:
     scored.sort(key=lambda t: t["value"], reverse=direction != "minimize")
     params = list(dict.fromkeys(p for t in trials for p in (t.get("params") or {})))
     statistics = None
-    if summary.get("table"):  # a finished search: the top trials with their paired tests
+    if summary.get("top"):  # a finished search: the top trials with their paired tests
         from fashionlab.search_results import reference_lines, retrain_line, table_cells
 
         headers, rows = table_cells(summary)

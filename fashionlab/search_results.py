@@ -68,7 +68,7 @@ def finish_search(searcher: _Searcher, stopped_by: str, seconds: float) -> dict[
         "trials": [_trial_row(t) for t in trials],
         "history": [t.value if t.state == TrialState.COMPLETE else None for t in trials],
         "importances": importances(study),
-        "table": [], "reference": [], "retrain": None, "best": None, "best_value": None,
+        "top": [], "reference": [], "retrain": None, "best": None, "best_value": None,
     }
     if ranked:
         best = ranked[0]
@@ -77,7 +77,7 @@ def finish_search(searcher: _Searcher, stopped_by: str, seconds: float) -> dict[
         # The base candidate (trial 0) stays in the table: the search's gain over it, paired.
         shown = ranked[: s.search.top] + [t for t in ranked[s.search.top:]
                                           if t.user_attrs.get("base")]
-        summary["table"] = top_table(shown, n_train=n_train, n_val=n_val, maximize=s.maximize)
+        summary["top"] = top_table(shown, n_train=n_train, n_val=n_val, maximize=s.maximize)
         summary["reference"] = reference_tests(store, run, s, best, n_train=n_train,
                                                n_val=n_val)
         if s.spec.retrain.enabled:
@@ -321,7 +321,7 @@ def table_cells(summary: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]
     headers = ["trial", summary.get("objective", "score"), "95% CI", "vs best", "epoch",
                "fold-epochs", "parameters"]
     rows = []
-    for row in summary.get("table") or []:
+    for row in summary.get("top") or []:
         trial = str(row["trial"]) + (f" (base: {row['base']})" if row.get("base") else "")
         rows.append([trial, f"{number(row['mean'])} ± {number(row['std'])}",
                      f"[{number(row['ci_low'])}, {number(row['ci_high'])}]", row["verdict"],

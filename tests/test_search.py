@@ -26,6 +26,7 @@ from optuna.trial import TrialState
 
 from fashionlab.config import load_study, quick_variant, study_from_dict
 from fashionlab.errors import ConfigError
+from fashionlab.runs import describe_run
 from fashionlab.search import (
     database_url,
     make_pruner,
@@ -251,7 +252,7 @@ score = 0.5
 
     summary = result.summary
     assert summary is not None and summary["best_trial"] == best.number
-    assert summary["table"][0]["verdict"] == "best" and len(summary["table"]) == len(complete)
+    assert summary["top"][0]["verdict"] == "best" and len(summary["top"]) == len(complete)
     assert summary["reference"][0]["kind"] == "one-sample"
     assert summary["retrain"]["trial"] == best.number
     assert 0 <= summary["retrain"]["test_accuracy"] <= 1
@@ -267,6 +268,10 @@ score = 0.5
     assert run.state == "finished" and run.summary["best"] == f"trial {best.number}"
     trial_models = [m for m in store.models(run.id) if m.role == "trial"]
     assert len(trial_models) == 3 * 8  # every trial's folds, pruned ones included
+    store.close()
+    store = Store.open(tmp_path / "runs")
+    shown = describe_run(store, run.id)  # what `fashionlab runs show` prints
+    assert shown["kind"] == "search" and shown["table"] == []
     store.close()
     # Running it again shows the finished search: nothing is trained.
     again = run_search(load_study(path), run_dir=tmp_path / "runs", progress=False)
@@ -369,6 +374,26 @@ sampler = "random"
     keys = [(e.key, e.epoch) for e in epochs]
     assert len(keys) == len(set(keys)) == 4 * 3 * 3 + 3  # folds' epochs + the retrain's
     store.close()
+
+
+def test_an_interrupted_trial_is_retried_once_with_its_parameters(tiny_idx_dir: Path,
+                                                                   tmp_path: Path):
+    path = _load(search_toml(tiny_idx_dir, search="""
+n_trials = 3
+pruner = "none"
+""", space="learning_rate = { low = 1e-3, high = 0.1, log = true }"), tmp_path)
+
+    def interrupt(key: str, epoch: int) -> None:
+        if key == "trial-1/fold-0" and epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_search(load_study(path), run_dir=tmp_path, progress=False, after_epoch=interrupt)
+    result = run_search(load_study(path), run_dir=tmp_path, progress=False)
+    states = [t.state for t in result.trials]
+    assert states.count(TrialState.FAIL) == 1 and sum(s in FINISHED for s in states) == 3
+    (retry,) = [t for t in result.trials if t.system_attrs.get("failed_trial") == 1]
+    assert retry.params == result.trials[1].params and retry.user_attrs["models"] == "trial-1"
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fashionlab.cli import app
@@ -77,12 +78,11 @@ def search(
         for header in headers:
             table.add_column(header, overflow="fold")
         for row in rows:
-            table.add_row(*row)
+            table.add_row(*(escape(cell) for cell in row))
         console.print(table)
-        for line in reference_lines(summary):
-            console.print(line)
-        if retrain_line(summary):
-            console.print(retrain_line(summary))
+        for line in [*reference_lines(summary), retrain_line(summary)]:
+            if line:
+                console.print(line, markup=False)
         console.print(f"results in {result.output_dir}")
     console.print(f"storage: {result.storage} (study {result.study_name}; "
                   f"optuna-dashboard {result.storage})")
