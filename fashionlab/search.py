@@ -25,10 +25,8 @@ the best on the folds seen so far.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import functools
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -39,11 +37,10 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import optuna
-import sqlalchemy as sa
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
@@ -56,6 +53,7 @@ from fashionlab.provenance import environment
 from fashionlab.rng import derive_seed
 from fashionlab.runner import train_stack
 from fashionlab.search_space import base_candidate, base_params, grid, grid_size, suggest
+from fashionlab.search_storage import ClaimLock, database_url, open_storage
 from fashionlab.store import (
     DEFAULT_RUN_DIR,
     RunRecord,
@@ -67,10 +65,8 @@ from fashionlab.store import (
 from fashionlab.study import cv_members, load_data, plan_stacks, summarize_models
 from fashionlab.train import EpochMetrics, Member, Tensors, resolve_device
 
-__all__ = ["SearchResult", "database_url", "open_storage", "run_search", "search_identity"]
+__all__ = ["SearchResult", "make_pruner", "make_sampler", "run_search", "search_identity"]
 
-HEARTBEAT_INTERVAL = 20  # seconds between a running trial's signs of life in the database
-GRACE_PERIOD = 120  # a trial silent this long is failed and retried (once)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
@@ -105,34 +101,6 @@ def search_identity(spec: StudySpec) -> tuple[str, str]:
     return f"{spec.name}-{fingerprint}", fingerprint
 
 
-def database_url(url: str) -> str:
-    """The URL with a PostgreSQL driver that is installed: SQLAlchemy 2.1 reads a bare
-    `postgresql://` as psycopg 3, the `postgres` extra installs psycopg2."""
-    try:
-        parsed = sa.make_url(url)
-    except sa.exc.ArgumentError:
-        return url
-    if parsed.drivername == "postgresql" and importlib.util.find_spec("psycopg") is None \
-            and importlib.util.find_spec("psycopg2") is not None:
-        return parsed.set(drivername="postgresql+psycopg2").render_as_string(
-            hide_password=False)
-    return url
-
-
-def open_storage(url: str) -> optuna.storages.RDBStorage:
-    """Optuna's storage on the store's database, with heartbeats and one retry per lost trial."""
-    kwargs: dict[str, Any] = {"pool_pre_ping": True}
-    if url.startswith("sqlite"):
-        kwargs = {"connect_args": {"timeout": 60}}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(
-            database_url(url), engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_INTERVAL,
-            grace_period=GRACE_PERIOD,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                max_retry=1))
-
-
 def make_sampler(search: SearchSpec, base: Candidate, seed: int) -> optuna.samplers.BaseSampler:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -162,56 +130,6 @@ def make_pruner(search: SearchSpec) -> optuna.pruners.BasePruner:
             return optuna.pruners.WilcoxonPruner(p_threshold=0.1,
                                                  n_startup_steps=search.warmup + 1)
     return optuna.pruners.NopPruner()
-
-
-class ClaimLock:
-    """One worker at a time may start a trial (or create or finish the search), whichever
-    machine it runs on: an advisory lock of the database server, or a lock file beside a
-    SQLite database. Re-entrant release: releasing a free lock does nothing."""
-
-    def __init__(self, url: str, name: str) -> None:
-        self.engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
-        self.dialect = self.engine.dialect.name
-        self.key = derive_seed(0, "search", name)  # 63 bits: a PostgreSQL bigint
-        self.name = f"fashionlab-{hashlib.sha256(name.encode()).hexdigest()[:40]}"
-        database = sa.make_url(url).database if self.dialect == "sqlite" else None
-        self.path = Path(f"{database}.search-lock") if database else None
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn: sa.Connection | None = None
-        self._file: IO[str] | None = None
-
-    def acquire(self) -> None:
-        if self._conn is not None or self._file is not None:
-            return
-        if self.dialect in ("postgresql", "mysql"):
-            conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-            sql = "SELECT pg_advisory_lock(:key)" if self.dialect == "postgresql" \
-                else "SELECT GET_LOCK(:name, -1)"
-            conn.execute(sa.text(sql), {"key": self.key, "name": self.name})
-            self._conn = conn
-        elif self.path is not None:
-            self._file = open(self.path, "a")  # noqa: SIM115 - held until release()
-            fcntl.flock(self._file, fcntl.LOCK_EX)
-
-    def release(self) -> None:
-        if self._conn is not None:
-            sql = "SELECT pg_advisory_unlock(:key)" if self.dialect == "postgresql" \
-                else "SELECT RELEASE_LOCK(:name)"
-            self._conn.execute(sa.text(sql), {"key": self.key, "name": self.name})
-            self._conn.close()
-            self._conn = None
-        if self._file is not None:
-            fcntl.flock(self._file, fcntl.LOCK_UN)
-            self._file.close()
-            self._file = None
-
-    def __enter__(self) -> ClaimLock:  # noqa: PYI034 - a final class
-        self.acquire()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.release()
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,15 +27,9 @@ from optuna.trial import TrialState
 from fashionlab.config import load_study, quick_variant, study_from_dict
 from fashionlab.errors import ConfigError
 from fashionlab.runs import describe_run
-from fashionlab.search import (
-    database_url,
-    make_pruner,
-    make_sampler,
-    open_storage,
-    run_search,
-    search_identity,
-)
+from fashionlab.search import make_pruner, make_sampler, run_search, search_identity
 from fashionlab.search_space import FixedParams, base_candidate, base_params, suggest
+from fashionlab.search_storage import database_url, open_storage
 from fashionlab.store import Store, default_url
 
 if sys.version_info >= (3, 11):
