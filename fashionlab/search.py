@@ -53,13 +53,14 @@ from fashionlab.provenance import environment
 from fashionlab.rng import derive_seed
 from fashionlab.runner import train_stack
 from fashionlab.search_space import base_candidate, base_params, grid, grid_size, suggest
-from fashionlab.search_storage import ClaimLock, database_url, open_storage
+from fashionlab.search_storage import ClaimLock, open_storage
 from fashionlab.store import (
     DEFAULT_RUN_DIR,
     RunRecord,
     Store,
     _process_alive,
     _safe_url,
+    database_url,
     default_url,
 )
 from fashionlab.study import cv_members, load_data, plan_stacks, summarize_models

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import importlib.util
 import warnings
 from pathlib import Path
 from typing import IO, Any
@@ -19,25 +18,12 @@ import optuna
 import sqlalchemy as sa
 
 from fashionlab.rng import derive_seed
+from fashionlab.store import database_url
 
-__all__ = ["GRACE_PERIOD", "HEARTBEAT_INTERVAL", "ClaimLock", "database_url", "open_storage"]
+__all__ = ["GRACE_PERIOD", "HEARTBEAT_INTERVAL", "ClaimLock", "open_storage"]
 
 HEARTBEAT_INTERVAL = 20  # seconds between a running trial's signs of life in the database
 GRACE_PERIOD = 120  # a trial silent this long is failed and retried (once)
-
-
-def database_url(url: str) -> str:
-    """The URL with a PostgreSQL driver that is installed: SQLAlchemy 2.1 reads a bare
-    `postgresql://` as psycopg 3, the `postgres` extra installs psycopg2."""
-    try:
-        parsed = sa.make_url(url)
-    except sa.exc.ArgumentError:
-        return url
-    if parsed.drivername == "postgresql" and importlib.util.find_spec("psycopg") is None \
-            and importlib.util.find_spec("psycopg2") is not None:
-        return parsed.set(drivername="postgresql+psycopg2").render_as_string(
-            hide_password=False)
-    return url
 
 
 def open_storage(url: str) -> optuna.storages.RDBStorage:

@@ -12,6 +12,7 @@ go through the numbered migrations at the bottom; `Store` applies the missing on
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -182,6 +183,20 @@ def _nan_if_none(value: float | None) -> float:
     return float("nan") if value is None else float(value)
 
 
+def database_url(url: str) -> str:
+    """The URL with a PostgreSQL driver that is installed: SQLAlchemy 2.1 reads a bare
+    `postgresql://` as psycopg 3, the `postgres` extra installs psycopg2."""
+    try:
+        parsed = sa.make_url(url)
+    except sa.exc.ArgumentError:
+        return url
+    if parsed.drivername == "postgresql" and importlib.util.find_spec("psycopg") is None \
+            and importlib.util.find_spec("psycopg2") is not None:
+        return parsed.set(drivername="postgresql+psycopg2").render_as_string(
+            hide_password=False)
+    return url
+
+
 def default_url(run_dir: str | Path = DEFAULT_RUN_DIR) -> str:
     return f"sqlite:///{Path(run_dir).resolve() / DB_NAME}"
 
@@ -191,7 +206,7 @@ class Store:
     `Store.open(run_dir, url)` for the default layout (a SQLite file in the run directory)."""
 
     def __init__(self, url: str) -> None:
-        self.url = url
+        self.url = url = database_url(url)
         try:
             if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
                 Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -378,9 +393,26 @@ def _migration_1(conn: sa.Connection) -> None:
 MIGRATIONS = [_migration_1]
 
 
-def migrate(engine: sa.Engine) -> int:
-    """Apply the missing migrations; returns the schema version."""
+def migrate(engine: sa.Engine, attempts: int = 5) -> int:
+    """Apply the missing migrations; returns the schema version.
+
+    Workers on several machines may open a new store at the same moment: on PostgreSQL the
+    migration holds an advisory lock; elsewhere a migration that lost the race is retried (it
+    then finds the work done)."""
+    for attempt in range(attempts):
+        try:
+            return _migrate_once(engine)
+        except sa.exc.OperationalError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def _migrate_once(engine: sa.Engine) -> int:
     with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(7165734)"))  # fashionlab's key
         schema.create(conn, checkfirst=True)
         current = conn.execute(sa.select(sa.func.max(schema.c.version))).scalar() or 0
         if current > len(MIGRATIONS):

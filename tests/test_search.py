@@ -486,3 +486,21 @@ units = {{ low = 64, high = 256 }}
     epochs = [(e.key, e.epoch) for e in store.epochs(run.id) if not e.key.endswith("/retrain")]
     assert len(epochs) == len(set(epochs)) == n_trials * 3 * 5
     store.close()
+
+
+def test_a_study_and_the_runs_browser_use_a_postgresql_store(postgres_url: str,
+                                                             tiny_idx_dir: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]):
+    from helpers import run_cli, tiny_study_toml
+
+    from fashionlab.config import load_study
+    from fashionlab.study import run_study
+
+    path = tmp_path / "tiny.toml"
+    path.write_text(tiny_study_toml(tiny_idx_dir, name="on-postgres", epochs=2, final=False))
+    result = run_study(load_study(path), run_dir=tmp_path, store_url=postgres_url,
+                       progress=False)
+    code, out, err = run_cli(capsys, "runs", "list", "--store", postgres_url, "--json")
+    assert code == 0, err
+    assert result.run.id in {run["id"] for run in json.loads(out)}
+    assert not (tmp_path / "fashionlab.db").exists()  # nothing went to the default SQLite file

@@ -109,3 +109,29 @@ def test_an_unusable_store_url_is_a_clear_error(tmp_path):
     blocker.write_text("not a directory")
     with pytest.raises(StoreError, match="cannot open the store"):
         Store(f"sqlite:///{blocker / 'sub' / 'x.db'}")
+
+
+def test_a_bare_postgresql_url_gets_the_installed_driver():
+    from fashionlab.store import database_url
+
+    assert database_url("postgresql://me:pw@db:5432/fl") == \
+        "postgresql+psycopg2://me:pw@db:5432/fl"
+    assert database_url("postgresql+psycopg2://me@db/fl") == "postgresql+psycopg2://me@db/fl"
+    assert database_url("sqlite:///x.db") == "sqlite:///x.db"
+
+
+def test_a_migration_that_loses_a_race_is_retried(tmp_path, monkeypatch):
+    import fashionlab.store as store_module
+
+    calls = {"n": 0}
+    real = store_module._migrate_once
+
+    def racing(engine):
+        calls["n"] += 1
+        if calls["n"] == 1:  # another process created the tables between check and create
+            raise sa.exc.OperationalError("CREATE TABLE fl_runs", {}, Exception("exists"))
+        return real(engine)
+
+    monkeypatch.setattr(store_module, "_migrate_once", racing)
+    Store(f"sqlite:///{tmp_path / 'x.db'}").close()
+    assert calls["n"] == 2
