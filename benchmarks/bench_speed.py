@@ -244,9 +244,11 @@ def _report(rows: dict, peak: dict, refs: list[str], args: argparse.Namespace) -
 
     import torch
 
+    from fashionlab.provenance import cpu_model
+
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "platform": platform.platform()},
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform()},
         "versions": {"fashionlab": __version__, "torch": torch.__version__,
                      "python": platform.python_version()},
         "epochs_timed": args.epochs, "peak_gflops": peak, "models": rows,
@@ -257,16 +259,6 @@ def _report(rows: dict, peak: dict, refs: list[str], args: argparse.Namespace) -
 
 def _ref_names(refs: list[str]) -> list[str]:
     return [{"torch": "torch-plain", "keras": "keras"}[r] for r in refs]
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def _write(report: dict) -> None:

@@ -39,7 +39,8 @@ def code_revision() -> str | None:
     return commit + ("+dirty" if dirty else "")
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The processor's marketing name (Linux), else what the platform module says."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -62,7 +63,7 @@ def environment(device: str | None = None) -> dict[str, Any]:
         "revision": code_revision(),
         "machine": {
             "platform": platform.platform(),
-            "cpu": _cpu_model(),
+            "cpu": cpu_model(),
             "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "accelerator": accelerator,
