@@ -45,12 +45,12 @@ class Row:
 def _epoch_label(result: CandidateResult) -> str:
     if result.candidate.train.early_stopping is not None:
         e = result.result_epochs
-        return f"{int(np.median(e))} (early stopping, median)" if len(e) > 1 else f"{e[0]} (best)"
+        return f"{int(np.median(e))} (ES median)" if len(e) > 1 else f"{e[0]} (ES best)"
     if result.warning.fired:
         return f"{result.warning.epoch} (warning)"
     if result.warning.best_epoch is None:
         return "-"
-    return f"{result.warning.best_epoch} (no warning: lowest val_loss)"
+    return f"{result.warning.best_epoch} (no warning)"
 
 
 def _verdict(comparison: Comparison | None) -> str:
@@ -135,7 +135,9 @@ def _pct(value: float) -> str:
     return "-" if not math.isfinite(value) else f"{value * 100:.2f}"
 
 
-LEGEND = ("val_loss and val accuracy: mean ± std across folds at the epoch shown; "
+LEGEND = ("epoch: where each result is read: the overfitting warning's epoch; with no warning, "
+          "the epoch of the lowest mean val_loss; with early stopping (ES), each fold's best "
+          "epoch. val_loss and val accuracy: mean ± std across folds at that epoch; "
           "95% CI of the mean from Student's t. vs best: corrected resampled t-test "
           "(Nadeau & Bengio) on the paired folds, Holm-adjusted p.")
 

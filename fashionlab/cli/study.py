@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from fashionlab.cli import app
 from fashionlab.config import load_study, quick_variant
@@ -47,7 +48,7 @@ def study(
     import dataclasses
     import json
 
-    from fashionlab.results import display_rows, summary, table_rows
+    from fashionlab.results import HEADERS, LEGEND, display_rows, summary, table_rows
     from fashionlab.study import run_study
 
     spec = load_study(file)
@@ -60,14 +61,17 @@ def study(
     if json_output:
         typer.echo(json.dumps(summary(result), indent=2))
         return
+    rows = table_rows(result)
     table = Table(title=f"{spec.name}: run {result.run.id}")
-    from fashionlab.results import HEADERS
-
     for header in HEADERS:
         table.add_column(header, overflow="fold")
-    for cells in display_rows(table_rows(result)):
-        table.add_row(*cells)
+    for cells in display_rows(rows):
+        table.add_row(*(Text(cell) for cell in cells))  # names are text, never markup
     # Off a terminal (logs, CI) there is no width to respect: do not fold the table.
     console = Console() if sys.stdout.isatty() else Console(width=160)
     console.print(table)
+    console.print(Text(LEGEND, style="dim"))
+    for row in rows:
+        if row.note and row.kind != "baseline":
+            console.print(Text(f"- {row.model}: {row.note}"))
     console.print(f"wall time {result.wall_seconds / 60:.1f} min; results in {result.output_dir}")
