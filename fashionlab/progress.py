@@ -46,7 +46,7 @@ class Progress:
                  trace: TracebackType | None) -> None:
         self._bars.__exit__(kind, error, trace)
 
-    def add_stack(self, label: str, epochs: int, n_models: int) -> TaskID:
+    def add_stack(self, label: str, epochs: int) -> TaskID:
         return self._bars.add_task(label, total=epochs, status="")
 
     def update_stack(self, task: TaskID, epoch: int, metrics: Mapping[str, EpochMetrics]) -> None:

@@ -112,7 +112,7 @@ def run_in_workers(
         tasks = {}
         pending: set[Future[None]] = set()
         for fn, args, label, epochs in jobs:
-            tasks[label] = progress.add_stack(label, epochs, 0)
+            tasks[label] = progress.add_stack(label, epochs)
             pending.add(pool.submit(fn, *args, events))
         while pending:
             done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)

@@ -429,7 +429,7 @@ class _Watcher:
         s = self.searcher
         epochs = self.candidate.train.epochs
         label = f"trial {self.trial.number}" + (f" fold {index}" if len(stack) == 1 else "")
-        task = s.progress.add_stack(f"{label}  {_short(self.trial.params)}", epochs, len(stack))
+        task = s.progress.add_stack(f"{label}  {_short(self.trial.params)}", epochs)
         watch_epochs = s.search.pruner == "median" and index == 0
 
         def on_progress(epoch: int, metrics: dict[str, EpochMetrics]) -> None:

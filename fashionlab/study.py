@@ -237,7 +237,7 @@ class _Runner:
         """Train one stack, or read it back from the store when it finished earlier."""
         if all(m.key in self.done for m in members) and not keep_weights:
             return {m.key: self._stored_result(m.key) for m in members}
-        task = self.progress.add_stack(label, candidate.train.epochs, len(members))
+        task = self.progress.add_stack(label, candidate.train.epochs)
         results = train_stack(
             self.store, self.run.id, members, candidate.train, data, self.device,
             checkpoint=self._checkpoint(members), keep_weights=keep_weights,

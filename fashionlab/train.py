@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -239,17 +239,6 @@ class StackTrainer:
         loss = loss_sum / n + net.l2_penalty()
         return loss.tolist(), (correct / n).tolist()
 
-    @torch.no_grad()
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Class probabilities (M, N, n_classes) of every member on the same images x (N, 28, 28)."""
-        self.net.eval()
-        out = []
-        for first in range(0, len(x), EVAL_CHUNK):
-            chunk = x[first : first + EVAL_CHUNK].expand(len(self.keys), -1, -1, -1)
-            with autocast(self.device, self.precision):
-                out.append(self.net(chunk).float().softmax(-1))
-        return torch.cat(out, dim=1)
-
     # ---- members ------------------------------------------------------------------------
 
     def drop(self, keys: Sequence[str]) -> None:
@@ -336,12 +325,6 @@ def augment(
         flips = generators.rand(b) < 0.5  # (M, b)
         x = torch.where(flips[..., None, None], x.flip(-1), x)
     return x
-
-
-def iterate_epochs(trainer: StackTrainer, epochs: int) -> Iterator[dict[str, EpochMetrics]]:
-    """Run the trainer until `epochs` epochs are complete (or no member is left)."""
-    while trainer.epoch < epochs and trainer.keys:
-        yield trainer.run_epoch()
 
 
 def resolve_device(name: str | None = None) -> torch.device:

@@ -66,8 +66,13 @@ def tiny_idx_dir(tmp_path: Path) -> Path:
     Its checksums are not Fashion-MNIST's: load it with
     `load_fashion_mnist(tiny_idx_dir, verify=False)` or `load_idx_dataset(tiny_idx_dir)`.
     """
-    directory = tmp_path / "tiny-idx"
-    directory.mkdir()
+    return write_tiny_idx(tmp_path / "tiny-idx")
+
+
+def write_tiny_idx(directory: Path) -> Path:
+    """Write the tiny dataset of the `tiny_idx_dir` fixture into `directory` (for fixtures of
+    wider scope, which cannot use a function-scoped fixture); returns the directory."""
+    directory.mkdir(parents=True)
     rng = np.random.default_rng(SEED)
     train, test = _tiny_split(rng, 300), _tiny_split(rng, 100)
     for name, array in zip(FILE_NAMES, (*train, *test)):

@@ -14,13 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sqlalchemy as sa
-from conftest import SEED, _tiny_split  # the bytes of the tiny_idx_dir fixture
+from conftest import write_tiny_idx
 from helpers import assert_one_line_error, run_cli, tiny_study_toml
 from PIL import Image
 
 from fashionlab import store as store_module
 from fashionlab.config import load_study
-from fashionlab.data import FILE_NAMES, write_idx
 from fashionlab.report import ReportError, render_report, write_report
 from fashionlab.store import Store
 from fashionlab.study import StudyResult, run_study
@@ -43,11 +42,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def study(tmp_path_factory: pytest.TempPathFactory) -> StudyResult:
     """One tiny study (two candidates, one named like a script, and a CNN), run once."""
     root = tmp_path_factory.mktemp("report")
-    data = root / "tiny-idx"
-    data.mkdir()
-    rng = np.random.default_rng(SEED)
-    for name, array in zip(FILE_NAMES, (*_tiny_split(rng, 300), *_tiny_split(rng, 100))):
-        write_idx(data / f"{name}.gz", array)
+    data = write_tiny_idx(root / "tiny-idx")
     path = root / "study.toml"
     toml = tiny_study_toml(data, epochs=3, candidates=CANDIDATES)
     path.write_text(toml.replace('name = "tiny"', f'name = "{STUDY_NAME}"', 1))

@@ -14,13 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sqlalchemy as sa
-from conftest import SEED, _tiny_split  # the bytes of the tiny_idx_dir fixture
+from conftest import write_tiny_idx
 from helpers import assert_one_line_error, run_cli, tiny_study_toml
 
 from fashionlab import stats
 from fashionlab import store as store_module
 from fashionlab.config import load_study
-from fashionlab.data import FILE_NAMES, write_idx
 from fashionlab.runs import (
     EXPORT_FIELDS,
     RunError,
@@ -50,11 +49,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, StudyResult]:
     """Three tiny studies in one run directory: a; b, which differs only in its learning rate
     (same folds); c, which differs only in its seed (other folds)."""
     root = tmp_path_factory.mktemp("runs")
-    data = root / "tiny-idx"
-    data.mkdir()
-    rng = np.random.default_rng(SEED)
-    for name, array in zip(FILE_NAMES, (*_tiny_split(rng, 300), *_tiny_split(rng, 100))):
-        write_idx(data / f"{name}.gz", array)
+    data = write_tiny_idx(root / "tiny-idx")
     path_a, path_b = root / "a.toml", root / "b.toml"
     path_a.write_text(tiny_study_toml(data, epochs=3, candidates=CANDIDATES, final=False))
     path_b.write_text(path_a.read_text().replace("batch_size = 32\n",
