@@ -88,6 +88,18 @@ def _dropout(
     return h * scale
 
 
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    """t (N, C, H, W) with channels-last strides, even for C = 1.
+
+    `contiguous(memory_format=torch.channels_last)` leaves a one-channel tensor as it is (its
+    strides fit both layouts) and the convolution then picks NCHW, so copy into fresh NHWC
+    storage (a small copy: this is the network's input).
+    """
+    n, c, h, w = t.shape
+    nhwc = torch.empty((n, h, w, c), dtype=t.dtype, device=t.device)
+    return nhwc.copy_(t.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
 class StackedNet(nn.Module):
     """M networks of one shape, trained and evaluated as one.
 
@@ -140,7 +152,10 @@ class StackedNet(nn.Module):
         M, B = x.shape[:2]
         shape = self.specs[0]
         if shape.conv:
-            h = x.transpose(0, 1)  # (B, M, 28, 28): member m is channel group m
+            # (B, M, 28, 28): member m is channel group m, channels-last from the start so that
+            # oneDNN answers in channels-last too, forward and backward, instead of converting
+            # each activation and its gradient.
+            h = _channels_last(x.transpose(0, 1))
             for i, layer in enumerate(shape.conv):
                 bias = self.conv_biases[i]
                 h = F.conv2d(
@@ -148,8 +163,7 @@ class StackedNet(nn.Module):
                     padding=0 if layer.padding == "valid" else "same", groups=M,
                 )
                 # Channels-last activations: oneDNN's fast layout on the CPU, and max-pooling
-                # is ~15x faster on it. With one input channel the layout is ambiguous and the
-                # first convolution answers in NCHW, so ask for it explicitly.
+                # is ~15x faster on it (a no-op when the convolution already answered so).
                 h = h.contiguous(memory_format=torch.channels_last)
                 h = self.norms[i](h)
                 if layer.pool > 1:

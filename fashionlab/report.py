@@ -263,8 +263,8 @@ def _curve_figure(entry: Mapping[str, Any], histories: Mapping[str, list[EpochRe
 def _tested_models(run: RunRecord, device: str | torch.device) -> list[dict[str, Any]]:
     if run.summary is None or not run.output_dir:
         return []
+    from fashionlab.hardware import resolve_device
     from fashionlab.study import _safe_name
-    from fashionlab.train import resolve_device
 
     device = resolve_device(str(device))
     models = []

@@ -48,6 +48,7 @@ from fashionlab.config import Candidate, SearchSpec, StudySpec
 from fashionlab.cv import MemberResult, make_folds
 from fashionlab.data import Dataset, to_tensors
 from fashionlab.errors import ConfigError
+from fashionlab.hardware import resolve_device
 from fashionlab.progress import Progress
 from fashionlab.provenance import environment
 from fashionlab.rng import derive_seed
@@ -64,7 +65,7 @@ from fashionlab.store import (
     default_url,
 )
 from fashionlab.study import cv_members, load_data, plan_stacks, summarize_models
-from fashionlab.train import EpochMetrics, Member, Tensors, resolve_device
+from fashionlab.train import EpochMetrics, Member, Tensors
 
 __all__ = ["SearchResult", "make_pruner", "make_sampler", "run_search", "search_identity"]
 

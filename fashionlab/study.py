@@ -35,11 +35,12 @@ from fashionlab.cv import (
 )
 from fashionlab.data import Dataset, Split, load_fashion_mnist, to_tensors
 from fashionlab.errors import ConfigError
+from fashionlab.hardware import resolve_device
 from fashionlab.progress import Progress
 from fashionlab.provenance import environment
 from fashionlab.runner import mean_val_accuracy, run_in_workers, train_stack, worker_devices
 from fashionlab.store import DEFAULT_RUN_DIR, ModelRecord, RunRecord, Store
-from fashionlab.train import EpochMetrics, Member, Tensors, resolve_device, stack_key
+from fashionlab.train import EpochMetrics, Member, Tensors, stack_key
 from fashionlab.twins import TwinComparison, find_twins
 
 METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from fashionlab.config import ModelSpec, TrainSpec
+from fashionlab.hardware import keep_freed_memory, resolve_precision
 from fashionlab.models import StackedNet, select_members
 from fashionlab.rng import MemberGenerators
 
@@ -68,27 +69,6 @@ def stack_key(member: Member, train: TrainSpec) -> tuple[Any, ...]:
     return (member.model.shape_key(), train, len(member.train_index), n_val)
 
 
-def native_bf16(device: torch.device) -> bool:
-    """Whether the device computes bfloat16 matrix products natively (fast, not emulated)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            flags = next((line for line in cpuinfo if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" -> "bf16" where native, else "fp32"; other values unchanged."""
-    if precision == "auto":
-        return "bf16" if native_bf16(device) else "fp32"
-    return precision
-
-
 def gather(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """x[rows] for rows (M, b): (M, b, *x.shape[1:]). index_select on a flat view is several
     times faster than advanced indexing on the CPU, with identical results."""
@@ -116,6 +96,8 @@ class StackTrainer:
             raise ValueError("members of a stack need one shape, one train size and one val size")
         self.train_spec = train
         self.device = device
+        if device.type == "cpu":
+            keep_freed_memory()
         self.precision = resolve_precision(train.precision, device)
         if self.precision == "bf16":
             # Autocast would round every gathered batch to bfloat16 anyway: round the images
@@ -325,21 +307,3 @@ def augment(
         flips = generators.rand(b) < 0.5  # (M, b)
         x = torch.where(flips[..., None, None], x.flip(-1), x)
     return x
-
-
-def resolve_device(name: str | None = None) -> torch.device:
-    """"auto"/None: CUDA when present, else the CPU; otherwise the named device."""
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        from fashionlab.errors import ConfigError
-
-        raise ConfigError(f"--device: unknown device '{name}' (use auto, cpu, cuda, cuda:N)") \
-            from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        from fashionlab.errors import ConfigError
-
-        raise ConfigError("--device: CUDA was asked for, but no CUDA device is available")
-    return device

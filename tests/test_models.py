@@ -107,3 +107,22 @@ def test_members_of_different_shapes_cannot_stack():
     generators = MemberGenerators([0, 1], torch.device("cpu"))
     with pytest.raises(ValueError, match="one architecture shape"):
         StackedNet([DENSE, ModelSpec(layers=(DenseLayer(8),))], generators)
+
+
+@pytest.mark.parametrize("members", [1, 3])
+def test_convolutions_run_channels_last_from_the_first_layer(members: int):
+    """A one-channel input must reach oneDNN with channels-last strides; otherwise the first
+    convolution answers in NCHW and every activation and gradient is converted back and forth."""
+    stack = _stack(CONV, members)
+    outputs = []
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, output: outputs.append(output))
+    try:
+        stack(torch.rand(members, 5, 28, 28))
+    finally:
+        hook.remove()
+    first = stack.norms[0]  # the batch norm right after the first convolution
+    assert isinstance(first, torch.nn.BatchNorm2d)
+    convolved = next(o for o in outputs if o.shape[1] == members * 4)
+    assert convolved.is_contiguous(memory_format=torch.channels_last)
+    assert convolved.stride(1) == 1

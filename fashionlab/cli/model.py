@@ -49,7 +49,7 @@ def evaluate(
     from fashionlab.artifacts import load_model
     from fashionlab.data import load_fashion_mnist
     from fashionlab.evaluate import evaluate as score
-    from fashionlab.train import resolve_device
+    from fashionlab.hardware import resolve_device
 
     target = resolve_device(device)
     saved = load_model(model, target)
@@ -108,9 +108,9 @@ def predict(
     import numpy as np
 
     from fashionlab.artifacts import load_model
+    from fashionlab.hardware import resolve_device
     from fashionlab.predict import predict_files
     from fashionlab.predict import preview as preview_grid
-    from fashionlab.train import resolve_device
 
     saved = load_model(model, resolve_device(device))
     results = predict_files(saved, images, top, invert=invert)
