@@ -74,12 +74,18 @@ def _dropout(
 
     Only members with a non-zero rate draw masks, so a member's stream does not depend on the
     rates of the members it is stacked with. `generators` None means evaluation: no dropout.
+    A unit is dropped when a uniform 16-bit draw falls below rate * 65536: the dropped share
+    is the rate to within 2**-17, and survivors are scaled by exactly 1 / (1 - rate).
     """
     active = [m for m, rate in enumerate(rates) if rate > 0]
     if generators is None or not active:
         return h
-    rate = h.new_tensor([rates[m] for m in active]).view(-1, *([1] * (h.dim() - 1)))
-    keep = generators.rand(*h.shape[1:], members=active) >= rate  # (A, B, ...)
+    shape = (-1, *([1] * (h.dim() - 1)))
+    # int16 draws run from -32768; a threshold t keeps a draw d when d >= t.
+    thresholds = [min(round(rates[m] * 65536), 65535) - 32768 for m in active]
+    threshold = torch.tensor(thresholds, dtype=torch.int16, device=h.device).view(shape)
+    keep = generators.bits16(*h.shape[1:], members=active) >= threshold  # (A, B, ...)
+    rate = h.new_tensor([rates[m] for m in active]).view(shape)
     scale = keep.to(h.dtype) / (1.0 - rate)
     if len(active) < len(rates):
         full = h.new_ones(h.shape)

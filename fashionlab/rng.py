@@ -9,6 +9,7 @@ from its position in a stack), and nothing in training draws from the global gen
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 
 import torch
@@ -40,6 +41,17 @@ class MemberGenerators:
         return torch.stack(
             [torch.rand(shape, generator=self.generators[i], device=self.device) for i in indices]
         )
+
+    def bits16(self, *shape: int, members: Sequence[int] | None = None) -> torch.Tensor:
+        """Uniform 16-bit integers, int16 over all 65536 values, of shape (len(members), *shape),
+        member i from its own generator. Cut four to a 64-bit draw: ~3x cheaper per value
+        than `rand`, which matters for dropout masks, drawn anew at every step."""
+        indices = range(len(self.generators)) if members is None else members
+        n = math.prod(shape)
+        words = torch.empty((len(indices), -(-n // 4)), dtype=torch.int64, device=self.device)
+        for row, i in enumerate(indices):
+            words[row].random_(-(2**63), None, generator=self.generators[i])  # all 64 bits
+        return words.view(torch.int16)[:, :n].reshape(len(indices), *shape)
 
     def randperm(self, n: int) -> torch.Tensor:
         """(M, n): an independent permutation of range(n) per member."""
