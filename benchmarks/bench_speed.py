@@ -128,15 +128,51 @@ def _steady(seconds: list[float]) -> float:
     return sum(rest) / len(rest)
 
 
-def _full_study(python: Path, args: list[str], env: dict | None = None) -> dict:
-    """Run a whole study in a child process; wall time and the child's peak memory."""
+def _tree_pss_mb(root: int) -> float:
+    """Memory of a process and all its descendants: the sum of their proportional set sizes
+    (shared pages, such as the libraries every worker maps, counted once in all)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended meanwhile
+    tree, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in tree]
+        tree.update(children)
+        frontier += children
+    total_kb = 0
+    for pid in tree:
+        try:
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        total_kb += next((int(line.split()[1]) for line in rollup.splitlines()
+                          if line.startswith("Pss:")), 0)
+    return total_kb / 1024
+
+
+def _full_study(command: list[str], timeout: float = 4 * 3600) -> dict:
+    """Run a whole study in a child process: its wall time, its stdout, and the peak memory
+    of the child and its worker processes together (sampled every 0.5 s)."""
     start = time.perf_counter()
-    done = subprocess.run([str(python), *args], cwd=ROOT, capture_output=True, text=True,
-                          check=False, env=env)
-    wall = time.perf_counter() - start
-    if done.returncode != 0:
-        raise RuntimeError(f"{args} failed:\n{done.stderr[-3000:]}")
-    return {"wall_seconds": wall, "stdout_tail": done.stdout[-3000:]}
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        child = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=err, text=True)
+        peak = 0.0
+        while child.poll() is None:
+            peak = max(peak, _tree_pss_mb(child.pid))
+            if time.perf_counter() - start > timeout:
+                child.kill()
+            time.sleep(0.5)
+        wall = time.perf_counter() - start
+        out.seek(0)
+        err.seek(0)
+        if child.returncode != 0:
+            raise RuntimeError(f"{command} failed:\n{err.read()[-3000:]}")
+        return {"wall_seconds": wall, "peak_tree_pss_mb": peak, "stdout": out.read()}
 
 
 FULL_FASHIONLAB = """
@@ -145,7 +181,8 @@ from fashionlab.config import load_study
 from fashionlab.study import run_study
 start = time.perf_counter()
 result = run_study(load_study("seed"), run_dir=sys.argv[1], fresh=True, progress=False)
-print(json.dumps({"wall_seconds": time.perf_counter() - start,
+print(json.dumps({"study_seconds": time.perf_counter() - start,
+                  "workers": result.workers,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "test_accuracy": result.retrain.test_accuracy,
                   "cnn_val_accuracy": float(result.final[0].val_accuracy[0]),
@@ -200,14 +237,22 @@ def main() -> None:
 
     report = _report(rows, peak, refs, args)
     if args.full:
+        report["full"] = full = {}
         with tempfile.TemporaryDirectory() as tmp:
-            full = {"fashionlab": json.loads(_full_study(
-                Path(sys.executable), ["-c", FULL_FASHIONLAB, tmp])["stdout_tail"])}
+            run = _full_study([sys.executable, "-c", FULL_FASHIONLAB, tmp])
+            full["fashionlab"] = {**json.loads(run.pop("stdout")), **run}
             if "keras" in refs:
-                full["keras"] = _run_json([str(KERAS_PYTHON), "benchmarks/reference_keras.py",
-                                           "--study"], timeout=4 * 3600)
-        report["full"] = full
-        print(json.dumps(full, indent=2)[:3000])
+                out = Path(tmp) / "keras-study.json"
+                run = _full_study([str(KERAS_PYTHON), "benchmarks/reference_keras.py",
+                                   "--study", "--json", str(out)])
+                full["keras"] = {**json.loads(out.read_text()), **run}
+                full["keras"].pop("stdout")
+        for impl, record in full.items():
+            print(f"whole study, measured: {impl} {record['wall_seconds'] / 60:.1f} min, peak "
+                  f"memory {record['peak_tree_pss_mb'] / 1024:.2f} GB (all its processes)")
+        if "keras" in full:
+            print(f"  fashionlab is {full['keras']['wall_seconds'] / full['fashionlab']['wall_seconds']:.1f}x "
+                  "faster than Keras")
     _write(report)
 
 

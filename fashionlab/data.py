@@ -325,14 +325,21 @@ def normalize(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float32) / np.float32(255)
 
 
-def to_tensors(split: Split, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """(x float32 (N, 28, 28) in [0, 1], y int64 (N,)) on `device`."""
+def to_tensors(
+    split: Split, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x (N, 28, 28) in [0, 1], float32 unless `dtype` says otherwise; y int64 (N,)) on
+    `device`. A bfloat16 x is the float32 x rounded, built without holding both."""
     import torch  # here, so that `fashionlab data info` starts without loading torch
 
     # torch.from_numpy warns on read-only arrays (a Split built by hand may hold them).
     images, labels = (a if a.flags.writeable else a.copy() for a in (split.images, split.labels))
-    # Move uint8 (a quarter of the bytes of float32) and convert on the device.
-    x = torch.from_numpy(images).to(device).float().div_(255)  # (N, 28, 28)
+    x = torch.empty(images.shape, dtype=dtype or torch.float32, device=device)  # (N, 28, 28)
+    chunk = 8192
+    for first in range(0, len(images), chunk):
+        # Move uint8 (a quarter of the bytes of float32) and convert on the device.
+        pixels = torch.from_numpy(images[first : first + chunk]).to(device)
+        x[first : first + chunk] = pixels.float().div_(255)
     y = torch.from_numpy(labels).to(device).long()  # (N,)
     return x, y
 

@@ -161,7 +161,8 @@ def to_markdown(result: StudyResult) -> str:
              f"Run `{result.run.id}`, seed {result.spec.seed}, "
              f"{result.spec.cv.n_splits}-fold CV ({result.spec.cv.strategy}"
              + (f", {result.spec.cv.repeats} repeats" if result.spec.cv.repeats > 1 else "")
-             + f"), wall time {result.wall_seconds / 60:.1f} min.", "",
+             + f"), wall time {result.wall_seconds / 60:.1f} min"
+             + (f" ({result.workers} worker processes)." if result.workers > 1 else "."), "",
              "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
               for cells in display_rows(rows)]
@@ -180,13 +181,15 @@ def to_csv(result: StudyResult) -> str:
     return buffer.getvalue()
 
 
-def peak_rss_mb() -> float | None:
-    """This process's peak resident memory so far, in MB (None where the OS does not say)."""
+def peak_rss_mb(who: str = "self") -> float | None:
+    """Peak resident memory so far, in MB, of this process ("self") or of its largest finished
+    child ("children": the worker processes); None where the OS does not say."""
     try:
         import resource
     except ImportError:  # Windows
         return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    usage = resource.RUSAGE_SELF if who == "self" else resource.RUSAGE_CHILDREN
+    peak = resource.getrusage(usage).ru_maxrss
     return peak / 1024 / (1024 if sys.platform == "darwin" else 1)  # macOS counts bytes
 
 
@@ -206,7 +209,10 @@ def summary(result: StudyResult) -> dict[str, Any]:
     retrain = result.retrain
     return jsonable({
         "study": result.spec.name, "run_id": result.run.id, "seed": result.spec.seed,
-        "wall_seconds": result.wall_seconds, "peak_rss_mb": peak_rss_mb(), "n_train": result.n_train, "n_val": result.n_val,
+        "wall_seconds": result.wall_seconds, "workers": result.workers,
+        "peak_rss_mb": peak_rss_mb(),
+        "worker_peak_rss_mb": peak_rss_mb("children") if result.workers > 1 else None,
+        "n_train": result.n_train, "n_val": result.n_val,
         "best": result.best,
         "candidates": [candidate(c) for c in result.candidates],
         "comparisons": result.comparisons,

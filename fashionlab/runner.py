@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 import os
 import queue
+import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from multiprocessing import get_context
@@ -92,33 +94,92 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+class Stopped(Exception):
+    """Raised inside a job trained in this process when the parallel phase is abandoned."""
+
+
+WorkerJob = tuple[Callable[..., None], tuple[Any, ...], str, int]  # (fn, args, label, epochs)
+
+
 def run_in_workers(
-    jobs: Sequence[tuple[Callable[..., None], tuple[Any, ...], str, int]],
+    jobs: Sequence[WorkerJob],
     *,
     workers: int,
     progress: Progress,
+    run_here: Callable[[int, Any, Callable[[], None]], None] | None = None,
 ) -> None:
-    """Run `fn(*args, events)` for each (fn, args, label, epochs) in `workers` processes.
+    """Run `fn(*args, events)` for each (fn, args, label, epochs) of `jobs`, `workers` at a
+    time, in the order given; the first failing job's exception is raised here.
 
-    `events` is a queue on which a job puts (label, epoch, mean val accuracy); the parent turns
-    them into progress bars. The first failing job's exception is raised here.
+    With `run_here`, this process is one of the workers: a thread calls `run_here(i, events,
+    check)` for the jobs it takes (sharing the CPU threads like a worker), so one process
+    fewer loads torch and the data; `check()` raises `Stopped` once the others have failed.
+    A job puts (label, epoch, mean val accuracy) on `events`; the bars show them.
     """
     context = get_context("spawn")  # CUDA and torch's thread pools do not survive fork
     threads = max(1, (os.cpu_count() or 1) // workers)
+    processes = workers - 1 if run_here is not None else workers
+    todo = deque(range(len(jobs)))  # taken in order: the caller puts the longest first
+    lock = threading.Lock()
+    stop = threading.Event()
+    failures: list[BaseException] = []
+
+    def take() -> int | None:
+        with lock:
+            return todo.popleft() if todo else None
+
+    def check() -> None:
+        if stop.is_set():
+            raise Stopped
+
+    def work_here(events: Any) -> None:
+        assert run_here is not None
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            while not stop.is_set() and (index := take()) is not None:
+                run_here(index, events, check)
+        except Stopped:
+            pass
+        except BaseException as error:  # noqa: BLE001 (the parent's loop raises it)
+            failures.append(error)
+        finally:
+            torch.set_num_threads(previous)
+
     with context.Manager() as manager, ProcessPoolExecutor(
-        max_workers=workers, mp_context=context, initializer=_init_worker, initargs=(threads,)
+        max_workers=max(processes, 1), mp_context=context, initializer=_init_worker,
+        initargs=(threads,),
     ) as pool:
         events = manager.Queue()
-        tasks = {}
-        pending: set[Future[None]] = set()
-        for fn, args, label, epochs in jobs:
-            tasks[label] = progress.add_stack(label, epochs)
-            pending.add(pool.submit(fn, *args, events))
-        while pending:
-            done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-            _drain(events, progress, tasks)
-            for future in done:
-                future.result()  # re-raise a worker's error
+        tasks = {label: progress.add_stack(label, epochs) for _, _, label, epochs in jobs}
+        running: dict[Future[None], int] = {}
+
+        def refill() -> None:
+            while len(running) < processes and not stop.is_set() and (i := take()) is not None:
+                fn, args, _, _ = jobs[i]
+                running[pool.submit(fn, *args, events)] = i
+
+        refill()
+        here = None
+        if run_here is not None:
+            here = threading.Thread(target=work_here, args=(events,), name="fashionlab-job")
+            here.start()
+        try:
+            while running or (here is not None and here.is_alive()):
+                done, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
+                if not running:
+                    here.join(timeout=0.5)  # type: ignore[union-attr]
+                _drain(events, progress, tasks)
+                for future in done:
+                    del running[future]
+                    future.result()  # re-raise a worker's error
+                if failures:
+                    raise failures[0]
+                refill()
+        finally:
+            stop.set()  # on an error or Ctrl-C: the thread here stops after its epoch
+            if here is not None:
+                here.join()
         _drain(events, progress, tasks)
         for task in tasks.values():
             progress.finish_stack(task)

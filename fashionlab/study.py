@@ -10,20 +10,21 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import shutil
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from fashionlab import stats
 from fashionlab.artifacts import save_model
-from fashionlab.config import Candidate, StudySpec, WarningRule
+from fashionlab.config import Candidate, ModelSpec, StudySpec, WarningRule
 from fashionlab.cv import (
     Fold,
     MemberResult,
@@ -35,7 +36,8 @@ from fashionlab.cv import (
 )
 from fashionlab.data import Dataset, Split, load_fashion_mnist, to_tensors
 from fashionlab.errors import ConfigError
-from fashionlab.hardware import resolve_device
+from fashionlab.hardware import resolve_device, resolve_precision
+from fashionlab.models import forward_flops
 from fashionlab.progress import Progress
 from fashionlab.provenance import environment
 from fashionlab.runner import mean_val_accuracy, run_in_workers, train_stack, worker_devices
@@ -101,6 +103,7 @@ class StudyResult:
     final: list[CandidateResult] = field(default_factory=list)
     twins: dict[str, TwinComparison] = field(default_factory=dict)  # early stopping vs full
     wall_seconds: float = 0.0
+    workers: int = 1  # processes that trained it
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,15 +130,16 @@ def run_study(
     progress: bool = True,
     dataset: Dataset | None = None,
     after_epoch: Callable[[str, int], None] | None = None,
-    workers: int = 1,
+    workers: int | Literal["auto"] = "auto",
 ) -> StudyResult:
     """Run (or resume) a study and return its results; files go under run_dir/<run id>/.
 
     The latest run of the identical resolved config is continued unless `fresh`: an
     interrupted one resumes, a finished one is read back from the store without training.
     `after_epoch(key, epoch)` is called after each stored epoch (tests use it to interrupt).
-    `workers` > 1 trains independent cross-validation stacks in that many processes, each
-    with its share of the CPU threads, or GPUs round-robin when the device is CUDA.
+    `workers` > 1 trains the independent jobs (cross-validation stacks, final models) in that
+    many processes, each with its share of the CPU threads, or GPUs round-robin when the device
+    is CUDA; "auto" picks a number from the machine and the work (see `auto_workers`).
     """
     started = time.perf_counter()
     torch_device = resolve_device(device)
@@ -145,14 +149,22 @@ def run_study(
     folds = make_folds(len(dataset.train), spec.cv, seed=spec.seed, labels=dataset.train.labels)
     run = _start_run(store, spec, run_dir, str(torch_device), fresh)
     output_dir = Path(run.output_dir or run_dir / run.id)
-    x_train, y_train = to_tensors(dataset.train, torch_device)
-    x_test, y_test = to_tensors(dataset.test, torch_device)
-    runner = _Runner(store, run, spec, output_dir, torch_device, progress, after_epoch, workers)
+    runner = _Runner(store, run, spec, output_dir, torch_device, progress, after_epoch)
     result = StudyResult(run, spec, output_dir, n_train=len(folds[0].train_index),
                          n_val=len(folds[0].val_index))
     try:
         with runner.progress:
+            dtype = image_dtype(spec, torch_device)
+            x_train, y_train = to_tensors(dataset.train, torch_device, dtype)
+            x_test, y_test = to_tensors(dataset.test, torch_device, dtype)
             cv_data = Tensors(x_train, y_train, x_train, y_train)
+            final_data = Tensors(x_train, y_train, x_test, y_test)
+            jobs = runner.independent_jobs(folds)
+            if workers == "auto":
+                workers = 1 if after_epoch is not None else auto_workers(jobs, torch_device)
+            if workers > 1 and len(jobs) > 1:
+                runner.run_in_workers(jobs, workers, _JobInputs(dataset, cv_data, final_data))
+                result.workers = workers
             result.candidates = runner.cross_validate(spec.candidates, folds, cv_data)
             scored = {c.name: c.val_accuracy for c in result.candidates if not c.failed}
             if len(scored) >= 2 and len(folds) >= 2:
@@ -164,7 +176,6 @@ def run_study(
                 store, spec, run.id,
                 [(c.candidate, c.val_accuracy, c.trained_epochs) for c in result.candidates],
                 fold_names=[f.name for f in folds], n_train=result.n_train, n_val=result.n_val)
-            final_data = Tensors(x_train, y_train, x_test, y_test)
             if result.best is not None and spec.retrain.enabled:
                 best = next(c for c in result.candidates if c.name == result.best)
                 result.retrain = runner.retrain(best, final_data, dataset.class_names)
@@ -208,12 +219,12 @@ class _Runner:
 
     def __init__(self, store: Store, run: RunRecord, spec: StudySpec, output_dir: Path,
                  device: torch.device, show: bool,
-                 after_epoch: Callable[[str, int], None] | None, workers: int = 1) -> None:
+                 after_epoch: Callable[[str, int], None] | None, events: Any = None) -> None:
         self.store, self.run, self.spec, self.device = store, run, spec, device
         self.output_dir = output_dir
         self.progress = Progress(enabled=show)
         self.after_epoch = after_epoch
-        self.workers = workers
+        self.events = events  # in a worker process: a queue to the parent's progress bars
         self.done = self._finished_models()
 
     def _finished_models(self) -> dict[str, ModelRecord]:
@@ -238,13 +249,22 @@ class _Runner:
         """Train one stack, or read it back from the store when it finished earlier."""
         if all(m.key in self.done for m in members) and not keep_weights:
             return {m.key: self._stored_result(m.key) for m in members}
-        task = self.progress.add_stack(label, candidate.train.epochs)
+        if self.events is not None:
+            events = self.events
+
+            def on_progress(epoch: int, metrics: dict[str, EpochMetrics]) -> None:
+                events.put((label, epoch, mean_val_accuracy(metrics)))
+        else:
+            task = self.progress.add_stack(label, candidate.train.epochs)
+
+            def on_progress(epoch: int, metrics: dict[str, EpochMetrics]) -> None:
+                self.progress.update_stack(task, epoch, metrics)
         results = train_stack(
             self.store, self.run.id, members, candidate.train, data, self.device,
             checkpoint=self._checkpoint(members), keep_weights=keep_weights,
-            on_progress=lambda epoch, metrics: self.progress.update_stack(task, epoch, metrics),
-            after_epoch=self.after_epoch)
-        self.progress.finish_stack(task)
+            on_progress=on_progress, after_epoch=self.after_epoch)
+        if self.events is None:
+            self.progress.finish_stack(task)
         return results
 
     def _checkpoint(self, members: Sequence[Member]) -> Path:
@@ -258,6 +278,50 @@ class _Runner:
         return MemberResult(key, history, record.status, record.best_epoch,  # type: ignore[arg-type]
                             record.message)
 
+    # ---- parallel jobs ------------------------------------------------------------------
+
+    def independent_jobs(self, folds: list[Fold]) -> list[Job]:
+        """What can train in any order, in any process: the cross-validation stacks and the
+        final models not finished yet, largest first (so that the longest job starts first)."""
+        members, owner, fold_of = cv_members(self.spec, folds)
+        self._register(list(members.values()), owner, "cv", fold_of)
+        jobs = []
+        for stack in plan_stacks(list(members.values()), owner):
+            if not all(m.key in self.done for m in stack):
+                train = owner[stack[0].key].train
+                flops = training_flops(stack[0].model, len(stack[0].train_index),
+                                       train.epochs) * len(stack)
+                jobs.append(Job("cv", tuple(m.key for m in stack), _label(stack, owner),
+                                train.epochs, flops))
+        for candidate in self.spec.final:
+            key = f"{candidate.name}/final"
+            if key not in self.done:
+                n_train = len(folds[0].train_index) + len(folds[0].val_index)
+                flops = training_flops(candidate.model, n_train, candidate.train.epochs)
+                jobs.append(Job("final", (candidate.name,), _final_label(candidate, n_train),
+                                candidate.train.epochs, flops))
+        return sorted(jobs, key=lambda job: -job.flops)
+
+    def run_in_workers(self, jobs: Sequence[Job], workers: int, inputs: _JobInputs) -> None:
+        """Train `jobs` `workers` at a time: this process takes jobs too (on the CPU), the
+        others run in worker processes. The results land in the store, where the steps of the
+        study read them back."""
+        devices = worker_devices(workers, self.device)
+        here = self.device.type == "cpu"  # a GPU each: every worker is a process
+
+        def run_here(index: int, events: Any, check: Callable[[], None]) -> None:
+            runner = _Runner(self.store, self.run, self.spec, self.output_dir, self.device,
+                             show=False, after_epoch=lambda key, epoch: check(), events=events)
+            _run_job(runner, jobs[index], inputs)
+
+        run_in_workers(
+            [(_run_job_in_worker,
+              (self.store.url, self.run.id, self.spec, self.output_dir, job,
+               devices[i % len(devices)]), job.label, job.epochs)
+             for i, job in enumerate(jobs)],
+            workers=workers, progress=self.progress, run_here=run_here if here else None)
+        self.done = self._finished_models()
+
     # ---- cross-validation ---------------------------------------------------------------
 
     def cross_validate(self, candidates: Sequence[Candidate], folds: list[Fold],
@@ -265,16 +329,6 @@ class _Runner:
         members, owner, fold_of = cv_members(self.spec, folds)
         self._register(list(members.values()), owner, "cv", fold_of)
         stacks = plan_stacks(list(members.values()), owner)
-        todo = [s for s in stacks if not all(m.key in self.done for m in s)]
-        if self.workers > 1 and len(todo) > 1:
-            devices = worker_devices(self.workers, self.device)
-            jobs = [(_train_cv_stack_in_worker,
-                     (self.store.url, self.run.id, self.spec, tuple(m.key for m in stack),
-                      self._checkpoint(stack), devices[i % len(devices)], _label(stack, owner)),
-                     _label(stack, owner), owner[stack[0].key].train.epochs)
-                    for i, stack in enumerate(todo)]
-            run_in_workers(jobs, workers=self.workers, progress=self.progress)
-            self.done = self._finished_models()
         results: dict[str, MemberResult] = {}
         for stack in stacks:
             results.update(self._train(stack, owner[stack[0].key], data, _label(stack, owner)))
@@ -331,8 +385,8 @@ class _Runner:
             result = self._stored_result(key)
             test_loss, test_accuracy = record.test_loss, record.test_accuracy
         else:
-            result = self._train([member], candidate, data, f"{candidate.name} on all "
-                                 f"{len(data.x_train)}, test set as validation",
+            result = self._train([member], candidate, data,
+                                 _final_label(candidate, len(data.x_train)),
                                  keep_weights=True)[key]
             test_loss, test_accuracy = self._test(candidate, result, data)
             if result.weights is not None:
@@ -439,21 +493,87 @@ def _label(stack: Sequence[Member], owner: dict[str, Candidate]) -> str:
     return f"{' · '.join(names)}  ({len(stack)} models)"
 
 
-def _train_cv_stack_in_worker(store_url: str, run_id: str, spec: StudySpec,
-                              keys: tuple[str, ...], checkpoint: Path, device: str, label: str,
-                              events: Any) -> None:
-    """A worker process's job: train one cross-validation stack of a run into the store."""
+def _final_label(candidate: Candidate, n_train: int) -> str:
+    return f"{candidate.name} on all {n_train}, test set as validation"
+
+
+@dataclass(frozen=True)
+class Job:
+    """A unit of work that needs nothing from the others: a CV stack or a final model."""
+
+    kind: Literal["cv", "final"]
+    names: tuple[str, ...]  # the stack's member keys, or the final candidate's name
+    label: str
+    epochs: int
+    flops: float  # training arithmetic, an estimate of its duration
+
+
+def training_flops(model: ModelSpec, n_train: int, epochs: int) -> float:
+    """Arithmetic of training one model: forward and backward (~3x the forward pass)."""
+    return 3.0 * forward_flops(model) * n_train * epochs
+
+
+# Process start-up (interpreter, torch, the data) costs seconds: below this much arithmetic
+# (~20 s at 200 GFLOP/s) the work stays in this process.
+MIN_PARALLEL_FLOPS = 4e12
+
+
+def auto_workers(jobs: Sequence[Job], device: torch.device) -> int:
+    """How many workers pay for `jobs`: one per GPU; on the CPU one per core (this process
+    being one of them), up to the number of jobs. Small layers use two threads poorly: on the
+    seed study, two one-thread workers train ~30% more per second than one with two threads."""
+    if len(jobs) < 2 or sum(job.flops for job in jobs) < MIN_PARALLEL_FLOPS:
+        return 1
+    if device.type == "cuda":
+        return min(len(jobs), torch.cuda.device_count()) if device.index is None else 1
+    return min(len(jobs), os.cpu_count() or 1)
+
+
+def image_dtype(spec: StudySpec, device: torch.device) -> torch.dtype:
+    """bfloat16 when every model of the study trains in it (the images are then rounded to it
+    anyway: holding them so takes half the memory), else float32."""
+    precisions = {resolve_precision(c.train.precision, device)
+                  for c in (*spec.candidates, *spec.final)}
+    return torch.bfloat16 if precisions == {"bf16"} else torch.float32
+
+
+@dataclass(frozen=True)
+class _JobInputs:
+    dataset: Dataset
+    cv_data: Tensors  # the training images, validated on themselves (folds)
+    final_data: Tensors  # the training images, validated on the test set
+
+
+def _run_job(runner: _Runner, job: Job, inputs: _JobInputs) -> None:
+    """Train one job into the store (and its model files) as the study's steps would."""
+    spec = runner.spec
+    if job.kind == "cv":
+        folds = make_folds(len(inputs.dataset.train), spec.cv, seed=spec.seed,
+                           labels=inputs.dataset.train.labels)
+        members, owner, _ = cv_members(spec, folds)
+        runner._train([members[k] for k in job.names], owner[job.names[0]], inputs.cv_data,
+                      job.label)
+    else:
+        candidate = next(c for c in spec.final if c.name == job.names[0])
+        runner.train_final(candidate, inputs.final_data, inputs.dataset.class_names)
+
+
+def _run_job_in_worker(store_url: str, run_id: str, spec: StudySpec, output_dir: Path,
+                       job: Job, device: str, events: Any) -> None:
+    """A worker process's job: load the data, train the job, report epochs on `events`."""
     torch_device = torch.device(device)
     dataset = load_data(spec)
-    folds = make_folds(len(dataset.train), spec.cv, seed=spec.seed, labels=dataset.train.labels)
-    members, owner, _ = cv_members(spec, folds)
-    x, y = to_tensors(dataset.train, torch_device)
+    dtype = image_dtype(spec, torch_device)
+    x_train, y_train = to_tensors(dataset.train, torch_device, dtype)
+    x_test, y_test = (to_tensors(dataset.test, torch_device, dtype) if job.kind == "final"
+                      else (x_train[:0], y_train[:0]))
+    inputs = _JobInputs(dataset, Tensors(x_train, y_train, x_train, y_train),
+                        Tensors(x_train, y_train, x_test, y_test))
     store = Store(store_url)
     try:
-        train_stack(store, run_id, [members[k] for k in keys], owner[keys[0]].train,
-                    Tensors(x, y, x, y), torch_device, checkpoint=checkpoint,
-                    on_progress=lambda epoch, metrics: events.put(
-                        (label, epoch, mean_val_accuracy(metrics))))
+        runner = _Runner(store, store.run(run_id), spec, output_dir, torch_device, show=False,
+                         after_epoch=None, events=events)
+        _run_job(runner, job, inputs)
     finally:
         store.close()
 

@@ -73,3 +73,16 @@ min_delta = 0.02
 {candidates}
 {finals}
 """
+
+
+def record_job(path: str, name: str, events) -> None:
+    """A job for run_in_workers tests: note which process ran it, report one epoch."""
+    import os
+    import time
+
+    if name == "fails":
+        raise RuntimeError("this job fails")
+    time.sleep(0.3)
+    with open(path, "a") as out:
+        out.write(f"{name} {os.getpid()}\n")
+    events.put((name, 1, 0.5))

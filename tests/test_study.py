@@ -13,11 +13,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import run_cli, tiny_study_toml
 
 from fashionlab.config import load_study
+from fashionlab.cv import make_folds
 from fashionlab.store import Store
-from fashionlab.study import run_study
+from fashionlab.study import MIN_PARALLEL_FLOPS, Job, _Runner, auto_workers, load_data, run_study
 
 
 @pytest.fixture
@@ -87,6 +89,43 @@ def test_workers_train_stacks_in_parallel_processes_with_the_same_numbers(
     two = run_study(spec, run_dir=tmp_path / "two", progress=False, workers=2)
     assert _epoch_rows(tmp_path / "two", two.run.id) == _epoch_rows(tmp_path / "one", one.run.id)
     assert two.best == one.best
+    # The final CNN trained in a worker too: same test score, its model saved by the worker.
+    assert two.final[0].test_accuracy == one.final[0].test_accuracy
+    assert (two.output_dir / "models" / "cnn" / "model.safetensors").exists()
+
+
+def _job(flops: float) -> Job:
+    return Job("cv", ("a/fold-0",), "a", 4, flops)
+
+
+def test_auto_workers_start_processes_only_for_big_independent_work():
+    cpu = torch.device("cpu")
+    big = MIN_PARALLEL_FLOPS
+    assert auto_workers([_job(big)], cpu) == 1  # one job: nothing to run beside it
+    assert auto_workers([_job(big / 10)] * 3, cpu) == 1  # too small to pay for start-up
+    cores = os.cpu_count() or 1
+    assert auto_workers([_job(big)] * 3, cpu) == min(3, cores)
+    assert auto_workers([_job(big)] * (cores + 5), cpu) == cores
+
+
+def test_independent_jobs_are_the_cv_stacks_and_final_models_largest_first(
+        study_file: Path, tmp_path: Path):
+    spec = load_study(study_file)
+    result = run_study(spec, run_dir=tmp_path, progress=False, workers=1)
+    store = Store.open(tmp_path)
+    runner = _Runner(store, result.run, spec, result.output_dir, torch.device("cpu"),
+                     show=False, after_epoch=None)
+    assert runner.independent_jobs(make_folds(len(load_data(spec).train), spec.cv, seed=spec.seed)) == []
+    fresh = store.create_run(kind="study", name=spec.name, fingerprint="x", seed=0,
+                             config={}, environment={}, output_root=tmp_path)
+    runner = _Runner(store, fresh, spec, tmp_path / fresh.id, torch.device("cpu"),
+                     show=False, after_epoch=None)
+    jobs = runner.independent_jobs(make_folds(len(load_data(spec).train), spec.cv, seed=spec.seed))
+    assert {job.kind for job in jobs} == {"cv", "final"}
+    assert [job.flops for job in jobs] == sorted((job.flops for job in jobs), reverse=True)
+    cv_keys = [key for job in jobs if job.kind == "cv" for key in job.names]
+    assert sorted(cv_keys) == sorted(k for c in result.candidates for k in c.keys)
+    store.close()
 
 
 def test_a_finished_study_is_not_rerun_unless_fresh(study_file: Path, tmp_path: Path):

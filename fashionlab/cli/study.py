@@ -13,6 +13,7 @@ from rich.text import Text
 
 from fashionlab.cli import app
 from fashionlab.config import load_study, quick_variant
+from fashionlab.errors import ConfigError
 from fashionlab.store import DEFAULT_RUN_DIR
 
 RunDir = Annotated[Path, typer.Option("--run-dir", help="Where runs, the store and outputs live.")]
@@ -29,9 +30,10 @@ def study(
     seed: Annotated[int | None, typer.Option(help="Override the study's seed.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     fresh: Annotated[bool, typer.Option(help="Start a new run instead of resuming.")] = False,
-    workers: Annotated[int, typer.Option(
-        min=1, help="Processes training independent stacks in parallel (big machines, GPUs)."
-    )] = 1,
+    workers: Annotated[str, typer.Option(
+        help="Processes training independent jobs in parallel: a number, or auto (one per "
+        "CPU core or GPU, when the study is big enough to pay for starting them)."
+    )] = "auto",
     run_dir: RunDir = DEFAULT_RUN_DIR,
     store: StoreUrl = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
@@ -51,13 +53,16 @@ def study(
     from fashionlab.results import HEADERS, LEGEND, display_rows, summary, table_rows
     from fashionlab.study import run_study
 
+    if workers != "auto" and not (workers.isdigit() and int(workers) >= 1):
+        raise ConfigError(f"--workers: expected a positive number or auto, got '{workers}'")
     spec = load_study(file)
     if quick:
         spec = quick_variant(spec)
     if seed is not None:
         spec = dataclasses.replace(spec, seed=seed)
     result = run_study(spec, run_dir=run_dir, store_url=store, device=device, fresh=fresh,
-                       progress=not json_output, workers=workers)
+                       progress=not json_output,
+                       workers=workers if workers == "auto" else int(workers))
     if json_output:
         typer.echo(json.dumps(summary(result), indent=2))
         return
@@ -74,4 +79,6 @@ def study(
     for row in rows:
         if row.note and row.kind != "baseline":
             console.print(Text(f"- {row.model}: {row.note}"))
-    console.print(f"wall time {result.wall_seconds / 60:.1f} min; results in {result.output_dir}")
+    workers = f" ({result.workers} worker processes)" if result.workers > 1 else ""
+    console.print(f"wall time {result.wall_seconds / 60:.1f} min{workers}; "
+                  f"results in {result.output_dir}")
