@@ -15,9 +15,9 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-from scipy import stats as sps
 
 __all__ = [
     "Comparison",
@@ -33,6 +33,14 @@ __all__ = [
 # variation between folds; treating them as variation would turn a constant difference into an
 # arbitrary, huge but finite t.
 _ROUNDING_ULPS = 8.0
+
+
+def _student_t() -> Any:
+    """scipy's Student t, imported on first use: scipy.stats costs ~60 MB and half a second,
+    which the worker processes of a study, training only, never need."""
+    from scipy import stats
+
+    return stats.t
 
 
 def _as_1d(values: Sequence[float] | np.ndarray, *, name: str) -> np.ndarray:
@@ -106,7 +114,7 @@ def summarize(values: Sequence[float] | np.ndarray, *, confidence: float = 0.95)
     with np.errstate(invalid="ignore"):  # an infinite score (a diverged model): std is NaN
         std = float(np.std(array, ddof=1))
     sem = std / math.sqrt(n)
-    half_width = float(sps.t.ppf((1.0 + confidence) / 2.0, n - 1)) * sem
+    half_width = float(_student_t().ppf((1.0 + confidence) / 2.0, n - 1)) * sem
     return Summary(n=n, mean=mean, std=std, sem=sem, ci_low=mean - half_width,
                    ci_high=mean + half_width, confidence=confidence)
 
@@ -173,7 +181,7 @@ def corrected_resampled_ttest(
         return PairedTest(mean_difference=mean, t=math.copysign(math.inf, mean), df=df,
                           p_value=0.0, n=n)
     t = mean / math.sqrt((1.0 / n + n_test / n_train) * var)
-    p_value = float(2.0 * sps.t.sf(abs(t), df))
+    p_value = float(2.0 * _student_t().sf(abs(t), df))
     return PairedTest(mean_difference=mean, t=t, df=df, p_value=p_value, n=n)
 
 

@@ -567,6 +567,10 @@ def _run_job_in_worker(store_url: str, run_id: str, spec: StudySpec, output_dir:
     x_train, y_train = to_tensors(dataset.train, torch_device, dtype)
     x_test, y_test = (to_tensors(dataset.test, torch_device, dtype) if job.kind == "final"
                       else (x_train[:0], y_train[:0]))
+    # The images live in the tensors now; a worker keeps only the labels (for the folds).
+    no_images = np.empty((0, *dataset.train.images.shape[1:]), dtype=np.uint8)
+    dataset = dataclasses.replace(dataset, train=Split(no_images, dataset.train.labels),
+                                  test=Split(no_images, dataset.test.labels))
     inputs = _JobInputs(dataset, Tensors(x_train, y_train, x_train, y_train),
                         Tensors(x_train, y_train, x_test, y_test))
     store = Store(store_url)
