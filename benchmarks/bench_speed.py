@@ -177,7 +177,8 @@ import resource, sys, json, time
 from fashionlab.config import load_study
 from fashionlab.study import run_study
 start = time.perf_counter()
-result = run_study(load_study("seed"), run_dir=sys.argv[1], fresh=True, progress=False)
+result = run_study(load_study("seed"), run_dir=sys.argv[1], fresh=True, progress=False,
+                   workers="auto")  # as `fashionlab study` runs it
 print(json.dumps({"study_seconds": time.perf_counter() - start,
                   "workers": result.workers,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

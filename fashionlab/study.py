@@ -130,7 +130,7 @@ def run_study(
     progress: bool = True,
     dataset: Dataset | None = None,
     after_epoch: Callable[[str, int], None] | None = None,
-    workers: int | Literal["auto"] = "auto",
+    workers: int | Literal["auto"] = 1,
 ) -> StudyResult:
     """Run (or resume) a study and return its results; files go under run_dir/<run id>/.
 
@@ -139,7 +139,9 @@ def run_study(
     `after_epoch(key, epoch)` is called after each stored epoch (tests use it to interrupt).
     `workers` > 1 trains the independent jobs (cross-validation stacks, final models) in that
     many processes, each with its share of the CPU threads, or GPUs round-robin when the device
-    is CUDA; "auto" picks a number from the machine and the work (see `auto_workers`).
+    is CUDA; "auto" (the command line's default) picks a number from the machine and the work
+    (see `auto_workers`). Workers start by the spawn method, which re-imports the calling
+    script: a script asking for workers needs the usual `if __name__ == "__main__":` guard.
     """
     started = time.perf_counter()
     torch_device = resolve_device(device)
