@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_cli, tiny_study_toml
+from helpers import assert_one_line_error, run_cli, tiny_study_toml
 
 from fashionlab.config import load_study
 from fashionlab.cv import make_folds
@@ -243,3 +243,12 @@ def test_quick_variant_of_the_seed_study_is_small():
     quick = quick_variant(load_study("seed"))
     assert quick.data.train_limit <= 6000 and all(c.train.epochs <= 8 for c in quick.candidates)
     assert os.environ.get("FASHIONLAB_DATA") is None
+
+
+@pytest.mark.parametrize("value", ["0", "two", "-1"])
+def test_workers_must_be_a_positive_number_or_auto(capsys: pytest.CaptureFixture[str],
+                                                   study_file: Path, tmp_path: Path, value: str):
+    code, _, err = run_cli(capsys, "study", str(study_file), "--run-dir", str(tmp_path),
+                           "--workers", value)
+    assert_one_line_error(code, err, "--workers", f"'{value}'")
+    assert not (tmp_path / "fashionlab.db").exists()  # nothing started
