@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import shutil
 import time
 import warnings
@@ -24,7 +23,7 @@ import torch
 
 from fashionlab import stats
 from fashionlab.artifacts import save_model
-from fashionlab.config import Candidate, ModelSpec, StudySpec, WarningRule
+from fashionlab.config import Candidate, StudySpec, WarningRule
 from fashionlab.cv import (
     Fold,
     MemberResult,
@@ -36,11 +35,19 @@ from fashionlab.cv import (
 )
 from fashionlab.data import Dataset, Split, load_fashion_mnist, to_tensors
 from fashionlab.errors import ConfigError
-from fashionlab.hardware import resolve_device, resolve_precision
-from fashionlab.models import forward_flops
+from fashionlab.hardware import resolve_device
 from fashionlab.progress import Progress
 from fashionlab.provenance import environment
-from fashionlab.runner import mean_val_accuracy, run_in_workers, train_stack, worker_devices
+from fashionlab.runner import (
+    Job,
+    auto_workers,
+    image_dtype,
+    mean_val_accuracy,
+    run_in_workers,
+    train_stack,
+    training_flops,
+    worker_devices,
+)
 from fashionlab.store import DEFAULT_RUN_DIR, ModelRecord, RunRecord, Store
 from fashionlab.train import EpochMetrics, Member, Tensors, stack_key
 from fashionlab.twins import TwinComparison, find_twins
@@ -497,46 +504,6 @@ def _label(stack: Sequence[Member], owner: dict[str, Candidate]) -> str:
 
 def _final_label(candidate: Candidate, n_train: int) -> str:
     return f"{candidate.name} on all {n_train}, test set as validation"
-
-
-@dataclass(frozen=True)
-class Job:
-    """A unit of work that needs nothing from the others: a CV stack or a final model."""
-
-    kind: Literal["cv", "final"]
-    names: tuple[str, ...]  # the stack's member keys, or the final candidate's name
-    label: str
-    epochs: int
-    flops: float  # training arithmetic, an estimate of its duration
-
-
-def training_flops(model: ModelSpec, n_train: int, epochs: int) -> float:
-    """Arithmetic of training one model: forward and backward (~3x the forward pass)."""
-    return 3.0 * forward_flops(model) * n_train * epochs
-
-
-# Process start-up (interpreter, torch, the data) costs seconds: below this much arithmetic
-# (~20 s at 200 GFLOP/s) the work stays in this process.
-MIN_PARALLEL_FLOPS = 4e12
-
-
-def auto_workers(jobs: Sequence[Job], device: torch.device) -> int:
-    """How many workers pay for `jobs`: one per GPU; on the CPU one per core (this process
-    being one of them), up to the number of jobs. Small layers use two threads poorly: on 2
-    cores the seed study takes 9.4 min in one process, 6.8 min with two one-thread workers."""
-    if len(jobs) < 2 or sum(job.flops for job in jobs) < MIN_PARALLEL_FLOPS:
-        return 1
-    if device.type == "cuda":
-        return min(len(jobs), torch.cuda.device_count()) if device.index is None else 1
-    return min(len(jobs), os.cpu_count() or 1)
-
-
-def image_dtype(spec: StudySpec, device: torch.device) -> torch.dtype:
-    """bfloat16 when every model of the study trains in it (the images are then rounded to it
-    anyway: holding them so takes half the memory), else float32."""
-    precisions = {resolve_precision(c.train.precision, device)
-                  for c in (*spec.candidates, *spec.final)}
-    return torch.bfloat16 if precisions == {"bf16"} else torch.float32
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,9 @@ from helpers import assert_one_line_error, run_cli, tiny_study_toml
 
 from fashionlab.config import load_study
 from fashionlab.cv import make_folds
+from fashionlab.runner import MIN_PARALLEL_FLOPS, Job, auto_workers
 from fashionlab.store import Store
-from fashionlab.study import MIN_PARALLEL_FLOPS, Job, _Runner, auto_workers, load_data, run_study
+from fashionlab.study import _Runner, load_data, run_study
 
 
 @pytest.fixture
