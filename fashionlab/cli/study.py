@@ -46,6 +46,8 @@ def study(
     Example: fashionlab study                 (the bundled seed study)
 
     Example: fashionlab study my-study.toml --quick
+
+    Example: fashionlab study seed --workers 1   (everything in this one process)
     """
     import dataclasses
     import json
