@@ -70,7 +70,7 @@ def _page_faults_of_training_steps(mode: str) -> int:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_training_steps_reuse_freed_memory_without_page_faults():
-    # Each process starts with glibc's defaults: the setting cannot be undone in this one.
-    default, kept = _page_faults_of_training_steps("default"), _page_faults_of_training_steps("keep")
-    assert kept < 100  # measured here: 0-1 kept, 10,000-45,000 by default
-    assert default > 1_000
+    # A fresh process: the setting cannot be undone in this one. With glibc's defaults the same
+    # steps usually take 10,000-45,000 faults here, but not always (its thresholds adapt), so
+    # only the setting's side is asserted.
+    assert _page_faults_of_training_steps("keep") < 100  # measured here: 0-1
