@@ -27,8 +27,10 @@ def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
 
 
 def tiny_study_toml(data_dir: Path, *, name: str = "tiny", epochs: int = 4, folds: int = 3,
-                    extra: str = "", candidates: str | None = None, final: bool = True) -> str:
-    """A small study over the tiny synthetic dataset: trains in seconds."""
+                    extra: str = "", candidates: str | None = None, final: bool = True,
+                    train: str = "", patience: int = 2) -> str:
+    """A small study over the tiny synthetic dataset: trains in seconds. `train` adds lines to
+    the [train] table, `extra` whole tables."""
     if candidates is None:
         candidates = """
 [[candidates]]
@@ -62,12 +64,13 @@ verify = false
 [train]
 epochs = {epochs}
 batch_size = 32
+{train}
 
 [cv]
 n_splits = {folds}
 
 [warning]
-patience = 2
+patience = {patience}
 min_delta = 0.02
 {extra}
 {candidates}

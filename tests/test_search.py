@@ -21,7 +21,7 @@ from pathlib import Path
 import optuna
 import pytest
 import sqlalchemy as sa
-from helpers import assert_one_line_error, run_cli
+from helpers import assert_one_line_error, run_cli, tiny_study_toml
 from optuna.trial import TrialState
 
 from fashionlab.config import load_study, quick_variant, study_from_dict
@@ -42,36 +42,10 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 def search_toml(data_dir: Path, *, search: str, space: str, epochs: int = 3,
                 candidate: str = 'layers = [{ units = 16 }]', train: str = "") -> str:
-    return f"""
-name = "tiny-search"
-seed = 3
-
-[data]
-directory = "{data_dir}"
-verify = false
-
-[train]
-epochs = {epochs}
-batch_size = 32
-{train}
-
-[cv]
-n_splits = 3
-
-[warning]
-patience = 1
-min_delta = 0.02
-
-[[candidates]]
-name = "small"
-{candidate}
-
-[search]
-{search}
-
-[search.space]
-{space}
-"""
+    return tiny_study_toml(
+        data_dir, name="tiny-search", epochs=epochs, train=train, patience=1, final=False,
+        candidates=f'[[candidates]]\nname = "small"\n{candidate}\n',
+        extra=f"[search]\n{search}\n\n[search.space]\n{space}\n")
 
 
 def _load(text: str, tmp_path: Path, name: str = "search.toml") -> Path:
