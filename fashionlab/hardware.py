@@ -4,7 +4,7 @@ keeps the CPU from re-zeroing memory at every training step."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import sys
 
 import torch
@@ -32,6 +32,7 @@ def resolve_device(name: str | None = None) -> torch.device:
     return device
 
 
+@functools.cache  # reads /proc/cpuinfo; asked for every stack trained
 def native_bf16(device: torch.device) -> bool:
     """Whether the device computes bfloat16 matrix products natively (fast, not emulated)."""
     if device.type == "cuda":
@@ -53,6 +54,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+@functools.cache  # a process-wide setting: once is enough
 def keep_freed_memory() -> bool:
     """Let freed CPU tensors' memory be reused by the next step instead of returning it to the
     kernel; returns whether the setting took effect (glibc only).
@@ -65,13 +67,9 @@ def keep_freed_memory() -> bool:
     """
     if not sys.platform.startswith("linux"):
         return False
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (e.g. musl has no mallopt)
+        mallopt = ctypes.CDLL(None).mallopt  # the C library this process already runs on
+    except (OSError, AttributeError):  # a C library without mallopt
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, _KEEP_BELOW) and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
