@@ -126,8 +126,6 @@ def image_dtype(spec: StudySpec, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if precisions == {"bf16"} else torch.float32
 
 
-
-
 def worker_devices(workers: int, device: torch.device) -> list[str]:
     """The device of each worker: GPUs round-robin when the run uses CUDA, else the CPU."""
     if device.type == "cuda" and device.index is None:

@@ -172,7 +172,8 @@ def run_study(
             if workers == "auto":
                 workers = 1 if after_epoch is not None else auto_workers(jobs, torch_device)
             if workers > 1 and len(jobs) > 1:
-                runner.run_in_workers(jobs, workers, _JobInputs(dataset, cv_data, final_data))
+                runner.run_in_workers(
+                    jobs, workers, _JobInputs(folds, dataset.class_names, cv_data, final_data))
                 result.workers = workers
             result.candidates = runner.cross_validate(spec.candidates, folds, cv_data)
             scored = {c.name: c.val_accuracy for c in result.candidates if not c.failed}
@@ -508,7 +509,8 @@ def _final_label(candidate: Candidate, n_train: int) -> str:
 
 @dataclass(frozen=True)
 class _JobInputs:
-    dataset: Dataset
+    folds: list[Fold]
+    class_names: tuple[str, ...]
     cv_data: Tensors  # the training images, validated on themselves (folds)
     final_data: Tensors  # the training images, validated on the test set
 
@@ -517,14 +519,12 @@ def _run_job(runner: _Runner, job: Job, inputs: _JobInputs) -> None:
     """Train one job into the store (and its model files) as the study's steps would."""
     spec = runner.spec
     if job.kind == "cv":
-        folds = make_folds(len(inputs.dataset.train), spec.cv, seed=spec.seed,
-                           labels=inputs.dataset.train.labels)
-        members, owner, _ = cv_members(spec, folds)
+        members, owner, _ = cv_members(spec, inputs.folds)
         runner._train([members[k] for k in job.names], owner[job.names[0]], inputs.cv_data,
                       job.label)
     else:
         candidate = next(c for c in spec.final if c.name == job.names[0])
-        runner.train_final(candidate, inputs.final_data, inputs.dataset.class_names)
+        runner.train_final(candidate, inputs.final_data, inputs.class_names)
 
 
 def _run_job_in_worker(store_url: str, run_id: str, spec: StudySpec, output_dir: Path,
@@ -536,12 +536,10 @@ def _run_job_in_worker(store_url: str, run_id: str, spec: StudySpec, output_dir:
     x_train, y_train = to_tensors(dataset.train, torch_device, dtype)
     x_test, y_test = (to_tensors(dataset.test, torch_device, dtype) if job.kind == "final"
                       else (x_train[:0], y_train[:0]))
-    # The images live in the tensors now; a worker keeps only the labels (for the folds).
-    no_images = np.empty((0, *dataset.train.images.shape[1:]), dtype=np.uint8)
-    dataset = dataclasses.replace(dataset, train=Split(no_images, dataset.train.labels),
-                                  test=Split(no_images, dataset.test.labels))
-    inputs = _JobInputs(dataset, Tensors(x_train, y_train, x_train, y_train),
+    folds = make_folds(len(dataset.train), spec.cv, seed=spec.seed, labels=dataset.train.labels)
+    inputs = _JobInputs(folds, dataset.class_names, Tensors(x_train, y_train, x_train, y_train),
                         Tensors(x_train, y_train, x_test, y_test))
+    del dataset  # the images live in the tensors now: no second copy while training
     store = Store(store_url)
     try:
         runner = _Runner(store, store.run(run_id), spec, output_dir, torch_device, show=False,
