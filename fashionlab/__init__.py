@@ -33,7 +33,7 @@ _EXPORTS = {
     "SavedModel": "artifacts",
     "Store": "store",
     "StoreError": "errors",
-    "StudyResult": "study",
+    "StudyResult": "results",
     "StudySpec": "config",
     "TrainSpec": "config",
     "WarningRule": "config",
@@ -145,6 +145,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the names directly
     from fashionlab.export import export_onnx
     from fashionlab.predict import load_images, predict, predict_files
     from fashionlab.report import write_report
+    from fashionlab.results import StudyResult
     from fashionlab.stats import compare_to_best, corrected_resampled_ttest, holm, summarize
     from fashionlab.store import Store
-    from fashionlab.study import StudyResult, run_study
+    from fashionlab.study import run_study

@@ -30,7 +30,8 @@ from pydantic import (
 )
 from pydantic.dataclasses import dataclass
 
-from fashionlab.errors import ConfigError
+from fashionlab.errors import ConfigError, FieldValueError
+from fashionlab.vocabulary import check_base, check_grid, check_space
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -191,7 +192,7 @@ Scalar = int | float | str | bool
 class ParamSpec:
     """One parameter of a search space: a range (`low`, `high`, `log`, `step`), a list of
     `choices`, or a fixed `value` (a bare value in the file). Names and the values each
-    parameter takes are checked against fashionlab.search_space's vocabulary."""
+    parameter takes are checked against fashionlab.vocabulary."""
 
     low: int | float | None = None
     high: int | float | None = None
@@ -241,16 +242,12 @@ class SearchSpec:
     @field_validator("space")
     @classmethod
     def _known_parameters(cls, space: dict[str, ParamSpec]) -> dict[str, ParamSpec]:
-        from fashionlab.search_space import check_space  # the vocabulary lives there
-
         check_space(space)
         return space
 
     @model_validator(mode="after")
     def _grid_needs_points(self) -> SearchSpec:
         if self.sampler == "grid":
-            from fashionlab.search_space import check_grid
-
             check_grid(self.space)
         return self
 
@@ -269,10 +266,15 @@ class StudySpec:
 
     @model_validator(mode="after")
     def _search_fits_its_base(self) -> StudySpec:
-        if self.search is not None:
-            from fashionlab.search_space import check_base
-
-            check_base(self)
+        if self.search is None:
+            return self
+        names = [c.name for c in self.candidates]
+        if self.search.base is not None and self.search.base not in names:
+            raise FieldValueError(("search", "base"), f"no candidate named {self.search.base!r} "
+                                  f"(candidates: {', '.join(names) or 'none'})")
+        if not names:
+            raise FieldValueError(("search",), "a search varies a candidate: add [[candidates]]")
+        check_base(self.search.space, base_candidate(self))
         return self
 
     @model_validator(mode="after")
@@ -328,15 +330,6 @@ def _resolve_entry(entry: Any, defaults: Mapping[str, Any], where: str) -> dict[
 class _FieldError(Exception):
     def __init__(self, where: str, message: str) -> None:
         super().__init__(f"{where}: {message}")
-
-
-class FieldValueError(ValueError):
-    """Raised by a validator to point at a place below the field it validates, e.g. the
-    parameter `units` of `search.space`: path ("units",), message "low (512) must be ..."."""
-
-    def __init__(self, path: tuple[str | int, ...], message: str) -> None:
-        super().__init__(message)
-        self.path, self.message = path, message
 
 
 def _format_location(loc: tuple[Any, ...]) -> str:
@@ -468,6 +461,28 @@ def quick_variant(spec: StudySpec) -> StudySpec:
 
 
 def _quick_search(search: SearchSpec, *, epochs: int) -> SearchSpec:
-    from fashionlab.search_space import quick_search
+    """A small version of a search (for `--quick`): at most 6 trials, `epochs` epochs."""
+    space = dict(search.space)
+    spec = space.get("epochs")
+    if spec is not None:
+        if spec.choices is not None:
+            short = tuple(c for c in spec.choices if isinstance(c, int) and c <= epochs)
+            space["epochs"] = dataclasses.replace(spec, choices=short or (epochs,))
+        elif spec.value is not None:
+            space["epochs"] = ParamSpec(value=min(int(spec.value), epochs))
+        elif spec.low is not None and spec.high is not None:
+            high = min(int(spec.high), epochs)
+            space["epochs"] = ParamSpec(value=high) if spec.low >= high else \
+                dataclasses.replace(spec, high=high)
+    trials = min(search.n_trials or 6, 6)
+    return dataclasses.replace(
+        search, space=space, n_trials=trials, startup_trials=min(search.startup_trials, 2),
+        warmup=min(search.warmup, 2),
+        budget=None if search.budget is None else min(search.budget, trials * 5 * epochs))
 
-    return quick_search(search, epochs=epochs)
+
+def base_candidate(spec: StudySpec) -> Candidate:
+    """The candidate a study's search varies: `[search] base`, else the first candidate."""
+    search = spec.search
+    name = search.base if search is not None and search.base else spec.candidates[0].name
+    return next(c for c in spec.candidates if c.name == name)

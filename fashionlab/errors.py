@@ -17,3 +17,12 @@ class ConfigError(FashionlabError):
 
 class StoreError(FashionlabError):
     """The experiment store cannot be opened, or a requested run does not exist."""
+
+
+class FieldValueError(ValueError):
+    """Raised by a config validator to point at a place below the field it validates, e.g. the
+    parameter `units` of `search.space`: path ("units",), message "low (512) must be ..."."""
+
+    def __init__(self, path: tuple[str | int, ...], message: str) -> None:
+        super().__init__(message)
+        self.path, self.message = path, message

@@ -28,6 +28,7 @@ import torch
 
 from fashionlab.artifacts import PREPROCESSING, SavedModel
 from fashionlab.errors import FashionlabError
+from fashionlab.text import first_line
 
 __all__ = ["DEFAULT_OPSET", "TOLERANCE", "ExportError", "export_onnx", "verify_onnx"]
 
@@ -50,11 +51,6 @@ def _require_onnx() -> None:
         raise ExportError(f"ONNX export needs the optional packages onnx, onnxscript and "
                           f"onnxruntime ({error}); install them with "
                           "pip install 'fashionlab[onnx]'") from None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 @contextlib.contextmanager
@@ -95,7 +91,7 @@ def export_onnx(saved_model: SavedModel, path: str | Path, *, opset: int = DEFAU
                 dynamic_shapes=({0: batch},), opset_version=opset, dynamo=True,
                 verbose=False)
     except Exception as error:  # noqa: BLE001 - the exporter raises many types: all "cannot"
-        raise ExportError(f"{saved_model.path}: ONNX export failed ({_first_line(error)})") \
+        raise ExportError(f"{saved_model.path}: ONNX export failed ({first_line(error)})") \
             from None
     program.model.metadata_props.update({
         "class_names": json.dumps(list(saved_model.class_names)),
@@ -125,7 +121,7 @@ def verify_onnx(saved_model: SavedModel, path: str | Path, *, tolerance: float =
     try:
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as error:  # noqa: BLE001 - onnxruntime raises its own types (Fail, ...)
-        raise ExportError(f"{path}: onnxruntime cannot load it ({_first_line(error)})") from None
+        raise ExportError(f"{path}: onnxruntime cannot load it ({first_line(error)})") from None
     # PyTorch on the CPU in float32 is the reference (a GPU's TF32 would blur the comparison).
     module = copy.deepcopy(saved_model.module).to("cpu").eval()
     generator = torch.Generator().manual_seed(seed)

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from fashionlab.errors import FashionlabError
+from fashionlab.text import first_line
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -160,7 +161,7 @@ def _load_npy(path: Path, head: bytes) -> np.ndarray:
                   if "allow_pickle" in str(error) else f"not a valid .npy file ({error})")
         raise ImageFileError(f"{path}: {reason}") from None
     except (OSError, EOFError) as error:
-        raise ImageFileError(f"{path}: not a valid .npy file ({_first_line(error)})") from None
+        raise ImageFileError(f"{path}: not a valid .npy file ({first_line(error)})") from None
     return _as_images(array, path)
 
 
@@ -226,18 +227,13 @@ def _load_photo(path: Path, invert: bool | None) -> np.ndarray:
     except Image.DecompressionBombError as error:
         raise ImageFileError(f"{path}: too large to decode safely ({error})") from None
     except (OSError, SyntaxError, ValueError) as error:  # Pillow's truncated or corrupt data
-        raise ImageFileError(f"{path}: corrupt or truncated image ({_first_line(error)})") \
+        raise ImageFileError(f"{path}: corrupt or truncated image ({first_line(error)})") \
             from None
     try:
         return preprocess_photo(image, invert=invert)
     except (OSError, ValueError) as error:  # a mode Pillow cannot convert to grayscale
         raise ImageFileError(f"{path}: cannot convert its {image.mode} pixels to grayscale "
-                             f"({_first_line(error)})") from None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+                             f"({first_line(error)})") from None
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,11 +1,21 @@
-"""Progress display for long work: one bar per stack of models being trained."""
+"""Progress of long work: the one protocol by which training reports what it does, and the
+reporters that show it.
+
+Training calls a `Reporter`: `start` when a stack of models begins (or is queued), `epoch`
+after each stored epoch, `finish` when it ends, `log` for a line of text. A stack is named by
+its label. `Bars` draws rich progress bars; `Silent` shows nothing (library use); a worker
+process reports through a `QueueReporter`, whose calls `forward` replays on the parent's
+reporter; tests record or interrupt through the same protocol.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping
+import queue
+from collections.abc import Iterator, Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 from rich.console import Console
 from rich.progress import (
@@ -20,12 +30,55 @@ from rich.progress import Progress as RichProgress
 
 from fashionlab.train import EpochMetrics
 
+__all__ = ["Bars", "QueueReporter", "Reporter", "Silent", "forward", "mean_val_accuracy",
+           "reporting"]
 
-class Progress:
-    """Bars on stderr while training; does nothing when disabled (library use, tests)."""
 
-    def __init__(self, *, enabled: bool = True, console: Console | None = None) -> None:
-        self.enabled = enabled
+class Reporter(Protocol):
+    """What training tells about its progress. Implementations must be cheap: `epoch` runs
+    after every epoch of every stack."""
+
+    def start(self, label: str, epochs: int) -> None:
+        """A stack of models named `label` will train `epochs` epochs (again: no-op)."""
+
+    def epoch(self, label: str, epoch: int, metrics: Mapping[str, EpochMetrics]) -> None:
+        """Epoch `epoch` (1-based) of the stack is stored; `metrics` per model key (empty when
+        the stack resumed from a checkpoint at that epoch)."""
+
+    def finish(self, label: str) -> None:
+        """The stack is done."""
+
+    def log(self, message: str) -> None:
+        """A line of text for the person watching."""
+
+
+def mean_val_accuracy(metrics: Mapping[str, EpochMetrics]) -> float:
+    """The mean validation accuracy over a stack's models (NaN when none validates)."""
+    values = [m.val_accuracy for m in metrics.values() if math.isfinite(m.val_accuracy)]
+    return sum(values) / len(values) if values else math.nan
+
+
+class Silent:
+    """Shows nothing."""
+
+    def start(self, label: str, epochs: int) -> None:
+        pass
+
+    def epoch(self, label: str, epoch: int, metrics: Mapping[str, EpochMetrics]) -> None:
+        pass
+
+    def finish(self, label: str) -> None:
+        pass
+
+    def log(self, message: str) -> None:
+        pass
+
+
+class Bars:
+    """One rich progress bar per stack, on stderr: epochs done, mean val accuracy, times.
+    A context manager: the bars are drawn between enter and exit."""
+
+    def __init__(self, *, console: Console | None = None) -> None:
         self._bars = RichProgress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -35,10 +88,10 @@ class Progress:
             TimeElapsedColumn(),
             TimeRemainingColumn(),
             console=console or Console(stderr=True),
-            disable=not enabled,
         )
+        self._tasks: dict[str, TaskID] = {}
 
-    def __enter__(self) -> Progress:  # noqa: PYI034 - a final class
+    def __enter__(self) -> Bars:  # noqa: PYI034 - a final class
         self._bars.__enter__()
         return self
 
@@ -46,25 +99,71 @@ class Progress:
                  trace: TracebackType | None) -> None:
         self._bars.__exit__(kind, error, trace)
 
-    def add_stack(self, label: str, epochs: int) -> TaskID:
-        return self._bars.add_task(label, total=epochs, status="")
+    def start(self, label: str, epochs: int) -> None:
+        if label not in self._tasks:
+            self._tasks[label] = self._bars.add_task(label, total=epochs, status="")
 
-    def update_stack(self, task: TaskID, epoch: int, metrics: Mapping[str, EpochMetrics]) -> None:
-        accuracies = [m.val_accuracy for m in metrics.values() if math.isfinite(m.val_accuracy)]
-        if accuracies:
-            self.set_stack(task, epoch, sum(accuracies) / len(accuracies))
+    def epoch(self, label: str, epoch: int, metrics: Mapping[str, EpochMetrics]) -> None:
+        task = self._tasks.get(label)
+        if task is None:
+            return
+        accuracy = mean_val_accuracy(metrics)
+        if math.isfinite(accuracy):
+            status = f"val_acc {accuracy:.4f}"
         elif metrics:  # no validation data (a retrain): show the training accuracy
-            accuracy = sum(m.accuracy for m in metrics.values()) / len(metrics)
-            self._bars.update(task, completed=epoch, status=f"acc {accuracy:.4f}")
-
-    def set_stack(self, task: TaskID, epoch: int, val_accuracy: float) -> None:
-        status = f"val_acc {val_accuracy:.4f}" if math.isfinite(val_accuracy) else ""
+            status = f"acc {sum(m.accuracy for m in metrics.values()) / len(metrics):.4f}"
+        else:  # resumed from a checkpoint: only the epoch is known
+            status = ""
         self._bars.update(task, completed=epoch, status=status)
 
-    def finish_stack(self, task: TaskID) -> None:
-        total: Any = self._bars.tasks[self._bars.task_ids.index(task)].total
-        self._bars.update(task, completed=total)
+    def finish(self, label: str) -> None:
+        task = self._tasks.get(label)
+        if task is not None:
+            total: Any = self._bars.tasks[self._bars.task_ids.index(task)].total
+            self._bars.update(task, completed=total)
 
     def log(self, message: str) -> None:
-        if self.enabled:
-            self._bars.console.print(message)
+        self._bars.console.print(message, markup=False)
+
+
+class QueueReporter:
+    """A reporter in a worker process: every call goes on a queue to the parent process,
+    where `forward` replays it on the parent's reporter."""
+
+    def __init__(self, events: Any) -> None:
+        self.events = events  # a multiprocessing (manager) queue
+
+    def start(self, label: str, epochs: int) -> None:
+        self.events.put(("start", label, epochs))
+
+    def epoch(self, label: str, epoch: int, metrics: Mapping[str, EpochMetrics]) -> None:
+        self.events.put(("epoch", label, epoch, dict(metrics)))
+
+    def finish(self, label: str) -> None:
+        self.events.put(("finish", label))
+
+    def log(self, message: str) -> None:
+        self.events.put(("log", message))
+
+
+def forward(events: Any, reporter: Reporter) -> None:
+    """Replay on `reporter` the calls waiting on a `QueueReporter`'s queue (without waiting)."""
+    while True:
+        try:
+            name, *args = events.get_nowait()
+        except queue.Empty:
+            return
+        getattr(reporter, name)(*args)
+
+
+@contextlib.contextmanager
+def reporting(progress: bool | Reporter) -> Iterator[Reporter]:
+    """The reporter a library call uses: bars drawn for its duration (True), none (False), or
+    the caller's own reporter."""
+    if progress is True:
+        with Bars() as bars:
+            yield bars
+    elif progress is False:
+        yield Silent()
+    else:
+        yield progress

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import io
-import math
 import os
 import time
 from collections.abc import Mapping
@@ -23,8 +22,19 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from fashionlab import plots
+from fashionlab.data import Split, load_fashion_mnist
 from fashionlab.errors import FashionlabError
-from fashionlab.store import EpochRecord, RunRecord, Store
+from fashionlab.store import METRICS, EpochRecord, RunRecord, Store
+from fashionlab.tables import (
+    HEADERS,
+    LEGEND,
+    display_rows,
+    reference_lines,
+    retrain_line,
+    rows_from_summary,
+    trial_cells,
+)
+from fashionlab.text import duration, finite, number, safe_name, verdict
 
 if TYPE_CHECKING:
     import torch
@@ -35,7 +45,6 @@ REPORT_NAME = "report.html"
 DPI = 100  # figures are embedded: small enough to keep the report light
 MISCLASSIFIED = 32  # mistakes shown per tested model
 TOP_TRIALS = 10
-METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 
 
 class ReportError(FashionlabError):
@@ -94,14 +103,6 @@ def _when(seconds: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
 
 
-def _duration(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "-"
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
-
-
 def _run_info(run: RunRecord) -> dict[str, Any]:
     notices = {
         "running": "This run is still running: the report shows the epochs stored so far.",
@@ -146,7 +147,7 @@ def _facts(run: RunRecord) -> list[tuple[str, str]]:
         ("seed", str(run.seed)),
         ("started", _when(run.started)),
         ("finished", _when(run.finished) if run.state == "finished" else run.state),
-        ("wall time", _duration(summary.get("wall_seconds", run.duration))),
+        ("wall time", duration(summary.get("wall_seconds", run.duration))),
         ("machine", ", ".join(f"{k} {v}" for k, v in machine.items() if v is not None)),
         ("versions", ", ".join(f"{k} {v}" for k, v in versions.items() if v is not None)),
         ("code revision", str(env.get("revision") or "-")),
@@ -178,10 +179,7 @@ def _study_sections(store: Store, run: RunRecord, device: str | torch.device
 
 
 def _results_table(summary: Mapping[str, Any]) -> dict[str, Any]:
-    from fashionlab.results import HEADERS, LEGEND, display_rows
-    from fashionlab.runs import summary_rows
-
-    rows = summary_rows(summary)
+    rows = rows_from_summary(summary)
     return {
         "headers": HEADERS, "legend": LEGEND,
         "rows": [{"cells": cells, "kind": row.kind, "best": row.vs_best == "best"}
@@ -190,36 +188,25 @@ def _results_table(summary: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _number(value: Any, spec: str, scale: float = 1.0) -> str:
-    """A stored number as text; None (a NaN in the store) and non-finite values as "-"."""
-    if not _finite(value):
-        return "-"
-    return format(value * scale, spec)
-
-
 def _comparison_rows(summary: Mapping[str, Any]) -> list[dict[str, str]]:
     rows = []
     for c in summary.get("comparisons") or []:
-        if c.get("is_best"):
-            verdict = "best"
-        elif c.get("not_worse") is None:
-            verdict = f"not compared: {c.get('reason')}"
-        else:
-            verdict = "not worse" if c["not_worse"] else "worse"
         rows.append({
             "name": c["name"],
-            "mean": _number((c.get("summary") or {}).get("mean"), ".2f", 100),
-            "difference": "-" if c.get("is_best") else _number(
+            "mean": number((c.get("summary") or {}).get("mean"), ".2f", 100),
+            "difference": "-" if c.get("is_best") else number(
                 c.get("mean_difference"), "+.2f", 100),
-            "t": _number(c.get("t"), ".3f"), "p": _number(c.get("p_value"), ".3g"),
-            "p_holm": _number(c.get("p_holm"), ".3g"), "verdict": verdict,
+            "t": number(c.get("t"), ".3f"), "p": number(c.get("p_value"), ".3g"),
+            "p_holm": number(c.get("p_holm"), ".3g"),
+            "verdict": verdict(is_best=bool(c.get("is_best")), not_worse=c.get("not_worse"),
+                               p_holm=c.get("p_holm"), reason=c.get("reason")),
         })
     return rows
 
 
 def _curve_entries(store: Store, run: RunRecord) -> list[dict[str, Any]]:
     """The candidates and final models with their model keys and warning, in study order."""
-    from fashionlab.cv import OverfitWarning
+    from fashionlab.cv import OverfitWarning  # torch (cv trains): not loaded for a search
 
     if run.summary is not None:
         return [{"name": c["name"], "role": role, "keys": list(c.get("keys") or []),
@@ -263,8 +250,7 @@ def _curve_figure(entry: Mapping[str, Any], histories: Mapping[str, list[EpochRe
 def _tested_models(run: RunRecord, device: str | torch.device) -> list[dict[str, Any]]:
     if run.summary is None or not run.output_dir:
         return []
-    from fashionlab.hardware import resolve_device
-    from fashionlab.study import _safe_name
+    from fashionlab.hardware import resolve_device  # torch: only once models are tested
 
     device = resolve_device(str(device))
     models = []
@@ -273,8 +259,10 @@ def _tested_models(run: RunRecord, device: str | torch.device) -> list[dict[str,
         models.append((f"{retrain['candidate']} (retrained on all training images)",
                        Path(retrain["model_dir"])))
     for final in run.summary.get("final") or []:
-        models.append((f"{final['name']} (final model)",
-                       Path(run.output_dir) / "models" / _safe_name(final["name"])))
+        # Summaries written before final models recorded their directory: the same rule.
+        directory = final.get("model_dir") or Path(run.output_dir) / "models" / safe_name(
+            final["name"])
+        models.append((f"{final['name']} (final model)", Path(directory)))
     test: Any = None  # the split, loaded once, or the message saying why it could not be
     sections = []
     for title, directory in models:
@@ -297,8 +285,6 @@ def _tested_models(run: RunRecord, device: str | torch.device) -> list[dict[str,
 
 def _test_split(config: Mapping[str, Any]) -> Any:
     """The run's test split, or the reason it cannot be loaded (a string)."""
-    from fashionlab.data import Split, load_fashion_mnist
-
     data = config.get("data") or {}
     try:
         dataset = load_fashion_mnist(data.get("directory"), download=False,
@@ -312,6 +298,7 @@ def _test_split(config: Mapping[str, Any]) -> Any:
 
 
 def _tested_model(directory: Path, test: Any, device: torch.device) -> dict[str, Any]:
+    # torch: only a report that tests models loads it
     from fashionlab.artifacts import load_model
     from fashionlab.evaluate import evaluate
 
@@ -321,13 +308,13 @@ def _tested_model(directory: Path, test: Any, device: torch.device) -> dict[str,
     wrong = result.misclassified(MISCLASSIFIED)
     per_class = [
         {"name": name, "support": int(result.support[c]),
-         **{metric: _number(float(values[c]), ".1f", 100) for metric, values in (
+         **{metric: number(float(values[c]), ".1f", 100) for metric, values in (
              ("recall", result.recall), ("precision", result.precision), ("f1", result.f1))}}
         for c, name in enumerate(names)
     ]
     return {
-        "n": result.n, "accuracy": _number(result.accuracy, ".2f", 100),
-        "loss": _number(result.loss, ".4f"),
+        "n": result.n, "accuracy": number(result.accuracy, ".2f", 100),
+        "loss": number(result.loss, ".4f"),
         "errors": int((result.predictions != result.labels).sum()),
         "per_class": per_class,
         "confusion": _png(plots.confusion_matrix(result.confusion, class_names=names)),
@@ -352,14 +339,12 @@ def _search_section(summary: Mapping[str, Any]) -> dict[str, Any]:
     if history is None and trials:
         history = [t.get("value") for t in sorted(trials, key=lambda t: t.get("number", 0))]
     importances = summary.get("importances") or {}
-    scored = [t for t in trials if _finite(t.get("value"))]
+    scored = [t for t in trials if finite(t.get("value"))]
     scored.sort(key=lambda t: t["value"], reverse=direction != "minimize")
     params = list(dict.fromkeys(p for t in trials for p in (t.get("params") or {})))
     statistics = None
     if summary.get("top"):  # a finished search: the top trials with their paired tests
-        from fashionlab.search_results import reference_lines, retrain_line, table_cells
-
-        headers, rows = table_cells(summary)
+        headers, rows = trial_cells(summary)
         statistics = {"headers": headers, "rows": rows,
                       "notes": reference_lines(summary) + [retrain_line(summary)]}
     return {
@@ -368,19 +353,14 @@ def _search_section(summary: Mapping[str, Any]) -> dict[str, Any]:
         "n_trials": len(trials),
         "history": _png(plots.search_history(history, direction=direction)) if history else None,
         "importances": _png(plots.param_importances(importances)) if importances else None,
-        "importance_rows": [(str(k), _number(float(v), ".3f")) for k, v in
+        "importance_rows": [(str(k), number(float(v), ".3f")) for k, v in
                             sorted(importances.items(), key=lambda kv: -float(kv[1]))],
         "params": params,
-        "top": [{"number": str(t.get("number", "-")), "value": _number(t["value"], ".4g"),
+        "top": [{"number": str(t.get("number", "-")), "value": number(t["value"], ".4g"),
                  "state": str(t.get("state", "-")),
                  "params": [_param(t.get("params", {}).get(p)) for p in params]}
                 for t in scored[:TOP_TRIALS]],
     }
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) \
-        and math.isfinite(value)
 
 
 def _param(value: Any) -> str:

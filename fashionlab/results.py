@@ -1,45 +1,46 @@
-"""A study's results as a table (terminal, Markdown, CSV, JSON) and figures on disk."""
+"""A study's results: what `run_study` returns, its table rows, the summary stored with the
+run, and the files it leaves (the table as Markdown, CSV and JSON, the figures)."""
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fashionlab import plots
-from fashionlab.config import study_to_toml
+from fashionlab import plots, text
+from fashionlab.config import StudySpec, study_to_toml
 from fashionlab.data import Dataset
 from fashionlab.serialize import jsonable
 from fashionlab.stats import Comparison, summarize
-from fashionlab.study import CandidateResult, StudyResult
+from fashionlab.steps import CandidateResult, RetrainResult
+from fashionlab.store import RunRecord
+from fashionlab.tables import HEADERS, LEGEND, Row, display_rows, markdown_table, rows_to_csv
 from fashionlab.twins import TwinComparison
 
+__all__ = ["StudyResult", "peak_rss_mb", "summary", "table_rows", "to_csv", "to_markdown",
+           "write_outputs"]
 
-@dataclass(frozen=True)
-class Row:
-    """One line of the results table; numbers are fractions (accuracy 0.883), NaN if absent."""
 
-    model: str
-    kind: str  # baseline | cv | retrain | final
-    epoch: str  # where the result is read: "15 (warning)", "23 (lowest val_loss)", "20"
-    val_loss_mean: float
-    val_loss_std: float
-    val_accuracy_mean: float
-    val_accuracy_std: float
-    ci_low: float  # 95% confidence interval of the mean val accuracy
-    ci_high: float
-    n: int  # models behind the numbers (folds)
-    vs_best: str  # "best", "not worse (p=0.41)", "worse (p=0.003)", ""
-    test_accuracy: float
-    epochs_trained: str  # "200/200", or fewer with early stopping
-    note: str
+@dataclass
+class StudyResult:
+    run: RunRecord
+    spec: StudySpec
+    output_dir: Path
+    n_train: int  # training samples in a CV fold (for the corrected t-test)
+    n_val: int  # validation samples in a CV fold
+    candidates: list[CandidateResult] = field(default_factory=list)
+    comparisons: list[Comparison] = field(default_factory=list)
+    best: str | None = None
+    retrain: RetrainResult | None = None
+    final: list[CandidateResult] = field(default_factory=list)
+    twins: dict[str, TwinComparison] = field(default_factory=dict)  # early stopping vs full
+    wall_seconds: float = 0.0
+    workers: int = 1  # processes that trained it
 
 
 def _epoch_label(result: CandidateResult) -> str:
@@ -56,12 +57,8 @@ def _epoch_label(result: CandidateResult) -> str:
 def _verdict(comparison: Comparison | None) -> str:
     if comparison is None:
         return ""
-    if comparison.is_best:
-        return "best"
-    if comparison.not_worse is None:
-        return f"not compared ({comparison.reason})"
-    word = "not worse" if comparison.not_worse else "worse"
-    return f"{word} (p={comparison.p_holm:.3g})"
+    return text.verdict(is_best=comparison.is_best, not_worse=comparison.not_worse,
+                        p_holm=comparison.p_holm, reason=comparison.reason)
 
 
 def table_rows(result: StudyResult) -> list[Row]:
@@ -109,76 +106,29 @@ def _twin_note(candidate: CandidateResult, twin: TwinComparison | None, run_id: 
                 "seed in the store to compare with")
     difference = summarize(twin.accuracy_difference)
     where = "this run" if twin.twin_run == run_id else f"run {twin.twin_run}"
-    text = (f"early stopping vs all {twin.twin_epochs} epochs ({where}): "
-            f"{_pm(difference.mean, difference.std, difference.n, digits=2)} points of val "
-            f"accuracy")
+    note = (f"early stopping vs all {twin.twin_epochs} epochs ({where}): "
+            f"{text.plus_minus(difference.mean, difference.std, difference.n, digits=2)} "
+            "points of val accuracy")
     if twin.test is not None:
-        text += f" (paired p={twin.test.p_value:.2g})"
-    return text + f", {twin.epochs_saved:.0%} of the fold-epochs saved"
-
-
-def _pm(mean: float, std: float, n: int, scale: float = 100.0, digits: int = 1) -> str:
-    if not math.isfinite(mean):
-        return "-"
-    if n <= 1:
-        return f"{mean * scale:.{digits}f}"
-    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
-
-
-def _ci(row: Row) -> str:
-    if not math.isfinite(row.ci_low):
-        return "-"
-    return f"[{row.ci_low * 100:.1f}, {row.ci_high * 100:.1f}]"
-
-
-def _pct(value: float) -> str:
-    return "-" if not math.isfinite(value) else f"{value * 100:.2f}"
-
-
-LEGEND = ("epoch: where each result is read: the overfitting warning's epoch; with no warning, "
-          "the epoch of the lowest mean val_loss; with early stopping (ES), each fold's best "
-          "epoch. val_loss and val accuracy: mean ± std across folds at that epoch; "
-          "95% CI of the mean from Student's t. vs best: corrected resampled t-test "
-          "(Nadeau & Bengio) on the paired folds, Holm-adjusted p.")
-
-HEADERS = ("model", "epoch", "val_loss", "val acc %", "95% CI", "vs best", "test acc %",
-           "epochs trained")
-
-
-def display_rows(rows: list[Row]) -> list[tuple[str, ...]]:
-    """The table's cells as text: mean ± std across folds, accuracies in percent."""
-    return [
-        (r.model, r.epoch, _pm(r.val_loss_mean, r.val_loss_std, r.n, 1.0, 3),
-         _pm(r.val_accuracy_mean, r.val_accuracy_std, r.n), _ci(r), r.vs_best,
-         _pct(r.test_accuracy), r.epochs_trained)
-        for r in rows
-    ]
+        note += f" (paired p={twin.test.p_value:.2g})"
+    return note + f", {twin.epochs_saved:.0%} of the fold-epochs saved"
 
 
 def to_markdown(result: StudyResult) -> str:
     rows = table_rows(result)
+    cv = result.spec.cv
     lines = [f"# {result.spec.name}: results", "",
-             f"Run `{result.run.id}`, seed {result.spec.seed}, "
-             f"{result.spec.cv.n_splits}-fold CV ({result.spec.cv.strategy}"
-             + (f", {result.spec.cv.repeats} repeats" if result.spec.cv.repeats > 1 else "")
-             + f"), wall time {result.wall_seconds / 60:.1f} min"
+             f"Run `{result.run.id}`, seed {result.spec.seed}, {cv.n_splits}-fold CV "
+             f"({cv.strategy}" + (f", {cv.repeats} repeats" if cv.repeats > 1 else "")
+             + f"), wall time {text.duration(result.wall_seconds)}"
              + (f" ({result.workers} worker processes)." if result.workers > 1 else "."), "",
-             "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
-              for cells in display_rows(rows)]
-    lines += ["", LEGEND]
+             *markdown_table(HEADERS, display_rows(rows)), "", LEGEND]
     notes = [f"- {r.model}: {r.note}" for r in rows if r.note and r.kind != "baseline"]
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
 def to_csv(result: StudyResult) -> str:
-    buffer = io.StringIO()
-    fields = list(Row.__dataclass_fields__)
-    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
-    for row in table_rows(result):
-        writer.writerow({f: getattr(row, f) for f in fields})
-    return buffer.getvalue()
+    return rows_to_csv(table_rows(result))
 
 
 def peak_rss_mb(who: str = "self") -> float | None:
@@ -204,6 +154,7 @@ def summary(result: StudyResult) -> dict[str, Any]:
             "planned_epochs": c.planned_epochs, "failures": c.failures,
             "test_loss": c.test_loss, "test_accuracy": c.test_accuracy,
             "mean_curves": c.mean_curves,
+            **({"model_dir": c.model_dir} if c.model_dir is not None else {}),
         }
 
     retrain = result.retrain
@@ -240,7 +191,7 @@ def write_outputs(result: StudyResult, dataset: Dataset) -> dict[str, Path]:
     written["study"].write_text(study_to_toml(result.spec))
     for c in result.candidates + result.final:
         figure = plots.learning_curves(c.curves, title=c.name, warning=c.warning)
-        path = figures / f"curves-{_file_name(c.name)}.png"
+        path = figures / f"curves-{text.safe_name(c.name)}.png"
         figure.savefig(path, dpi=110)
         written[f"curves:{c.name}"] = path
     grid = plots.sample_grid(dataset.train.images, dataset.train.labels,
@@ -248,7 +199,3 @@ def write_outputs(result: StudyResult, dataset: Dataset) -> dict[str, Path]:
     grid.savefig(figures / "samples.png", dpi=110)
     written["samples"] = figures / "samples.png"
     return written
-
-
-def _file_name(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name).strip("_")

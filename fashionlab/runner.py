@@ -4,14 +4,13 @@
 checkpoint) it writes the epoch rows and the models' status in one transaction. With workers,
 independent jobs (a cross-validation stack, a final model) train side by side, this process
 taking jobs too, the others in worker processes (each with its share of the CPU threads, or its
-own GPU) that report progress through a queue; `auto_workers` decides how many pay.
+own GPU) that report progress through a queue (`progress.QueueReporter`); `auto_workers`
+decides how many pay.
 """
 
 from __future__ import annotations
 
-import math
 import os
-import queue
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -27,11 +26,11 @@ from fashionlab.config import ModelSpec, StudySpec, TrainSpec
 from fashionlab.cv import MemberResult, train_members
 from fashionlab.hardware import resolve_precision
 from fashionlab.models import forward_flops
-from fashionlab.progress import Progress
+from fashionlab.progress import QueueReporter, Reporter, forward
 from fashionlab.store import Store
 from fashionlab.train import EpochMetrics, Member, Tensors
 
-ProgressCallback = Callable[[int, dict[str, EpochMetrics]], None]
+EpochHook = Callable[[int, dict[str, EpochMetrics]], None]
 
 
 def train_stack(
@@ -43,16 +42,19 @@ def train_stack(
     device: torch.device,
     *,
     checkpoint: Path,
+    label: str,
+    reporter: Reporter,
     keep_weights: bool = False,
-    on_progress: ProgressCallback | None = None,
-    after_epoch: Callable[[str, int], None] | None = None,
+    on_epoch: EpochHook | None = None,
 ) -> dict[str, MemberResult]:
-    """Train (or continue) one stack; every finished epoch is committed to the store."""
+    """Train (or continue) one stack; every finished epoch is committed to the store, then
+    `on_epoch(epoch, metrics)` runs (a search's pruner may raise there) and the reporter hears
+    of it under `label`."""
     keys = {m.key for m in members}
     stored_upto = {k: len(v) for k, v in store.histories(run_id).items() if k in keys}
 
-    def on_epoch(epoch: int, metrics: dict[str, EpochMetrics],
-                 results: dict[str, MemberResult]) -> None:
+    def after_epoch(epoch: int, metrics: dict[str, EpochMetrics],
+                    results: dict[str, MemberResult]) -> None:
         rows, updates = [], {}
         for key, result in results.items():
             # Rows after what the store holds: normally this epoch; after a resume, any epoch
@@ -67,19 +69,15 @@ def train_stack(
                             "best_epoch": result.best_epoch,
                             "seconds": float(sum(h.seconds for h in result.history))}
         store.record_epochs(run_id, rows, updates)
-        if on_progress is not None:
-            on_progress(epoch, metrics)
-        if after_epoch is not None:
-            for key in metrics:
-                after_epoch(key, epoch)
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+        reporter.epoch(label, epoch, metrics)
 
-    return train_members(members, train, data, device, checkpoint=checkpoint,
-                         keep_weights=keep_weights, on_epoch=on_epoch)
-
-
-def mean_val_accuracy(metrics: dict[str, EpochMetrics]) -> float:
-    values = [m.val_accuracy for m in metrics.values() if math.isfinite(m.val_accuracy)]
-    return sum(values) / len(values) if values else math.nan
+    reporter.start(label, train.epochs)
+    results = train_members(members, train, data, device, checkpoint=checkpoint,
+                            keep_weights=keep_weights, on_epoch=after_epoch)
+    reporter.finish(label)
+    return results
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,16 +147,17 @@ def run_in_workers(
     jobs: Sequence[WorkerJob],
     *,
     workers: int,
-    progress: Progress,
-    run_here: Callable[[int, Any, Callable[[], None]], None] | None = None,
+    reporter: Reporter,
+    run_here: Callable[[int, Reporter, Callable[[], None]], None] | None = None,
 ) -> None:
-    """Run `fn(*args, events)` for each (fn, args, label, epochs) of `jobs`, `workers` at a
+    """Run `fn(*args, reporter)` for each (fn, args, label, epochs) of `jobs`, `workers` at a
     time, in the order given; the first failing job's exception is raised here.
 
-    With `run_here`, this process is one of the workers: a thread calls `run_here(i, events,
-    check)` for the jobs it takes (sharing the CPU threads like a worker), so one process
-    fewer loads torch and the data; `check()` raises `Stopped` once the others have failed.
-    A job puts (label, epoch, mean val accuracy) on `events`; the bars show them.
+    Jobs report through a `QueueReporter` whose calls this process replays on `reporter`
+    (only the main thread touches it). With `run_here`, this process is one of the workers:
+    a thread calls `run_here(i, reporter, check)` for the jobs it takes (sharing the CPU
+    threads like a worker), so one process fewer loads torch and the data; `check()` raises
+    `Stopped` once the others have failed.
     """
     context = get_context("spawn")  # CUDA and torch's thread pools do not survive fork
     threads = max(1, (os.cpu_count() or 1) // workers)
@@ -176,13 +175,13 @@ def run_in_workers(
         if stop.is_set():
             raise Stopped
 
-    def work_here(events: Any) -> None:
+    def work_here(queued: Reporter) -> None:
         assert run_here is not None
         previous = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
             while not stop.is_set() and (index := take()) is not None:
-                run_here(index, events, check)
+                run_here(index, queued, check)
         except Stopped:
             pass
         except BaseException as error:  # noqa: BLE001 (the parent's loop raises it)
@@ -195,25 +194,27 @@ def run_in_workers(
         initargs=(threads,),
     ) as pool:
         events = manager.Queue()
-        tasks = {label: progress.add_stack(label, epochs) for _, _, label, epochs in jobs}
+        queued = QueueReporter(events)
+        for _, _, label, epochs in jobs:  # every job shows from the start, queued or not
+            reporter.start(label, epochs)
         running: dict[Future[None], int] = {}
 
         def refill() -> None:
             while len(running) < processes and not stop.is_set() and (i := take()) is not None:
                 fn, args, _, _ = jobs[i]
-                running[pool.submit(fn, *args, events)] = i
+                running[pool.submit(fn, *args, queued)] = i
 
         refill()
         here = None
         if run_here is not None:
-            here = threading.Thread(target=work_here, args=(events,), name="fashionlab-job")
+            here = threading.Thread(target=work_here, args=(queued,), name="fashionlab-job")
             here.start()
         try:
             while running or (here is not None and here.is_alive()):
                 done, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
                 if not running:
                     here.join(timeout=0.5)  # type: ignore[union-attr]
-                _drain(events, progress, tasks)
+                forward(events, reporter)
                 for future in done:
                     del running[future]
                     future.result()  # re-raise a worker's error
@@ -224,15 +225,6 @@ def run_in_workers(
             stop.set()  # on an error or Ctrl-C: the thread here stops after its epoch
             if here is not None:
                 here.join()
-        _drain(events, progress, tasks)
-        for task in tasks.values():
-            progress.finish_stack(task)
-
-
-def _drain(events: Any, progress: Progress, tasks: dict[str, Any]) -> None:
-    while True:
-        try:
-            label, epoch, accuracy = events.get_nowait()
-        except queue.Empty:
-            return
-        progress.set_stack(tasks[label], epoch, accuracy)
+        forward(events, reporter)
+        for _, _, label, _ in jobs:
+            reporter.finish(label)

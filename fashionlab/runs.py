@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -30,9 +30,7 @@ from fashionlab import stats
 from fashionlab.errors import FashionlabError
 from fashionlab.serialize import jsonable
 from fashionlab.store import EPOCH_FIELDS, RunRecord, Store
-
-if TYPE_CHECKING:
-    from fashionlab.results import Row
+from fashionlab.tables import rows_from_summary
 
 __all__ = [
     "CandidateComparison",
@@ -46,7 +44,6 @@ __all__ = [
     "export_run",
     "list_runs",
     "overview",
-    "summary_rows",
 ]
 
 EXPORT_FIELDS = ("run", "key", "candidate", "role", "repeat", "fold", "epoch", *EPOCH_FIELDS)
@@ -111,15 +108,6 @@ def list_runs(store: Store, *, kind: str | None = None, name: str | None = None
     return [overview(run) for run in store.runs(kind=kind, name=name)]
 
 
-def summary_rows(summary: Mapping[str, Any]) -> list[Row]:
-    """The results table stored in a study's summary, as rows (NaN where the JSON has null)."""
-    from fashionlab.results import Row  # here: results loads torch, which `runs list` needs not
-
-    fields = set(Row.__dataclass_fields__)
-    return [Row(**{k: math.nan if v is None else v for k, v in row.items() if k in fields})
-            for row in summary.get("table") or []]
-
-
 def describe_run(store: Store, run_id: str) -> dict[str, Any]:
     """A run's overview, config, environment, model progress, results table and files."""
     run = store.run(run_id)
@@ -134,7 +122,7 @@ def describe_run(store: Store, run_id: str) -> dict[str, Any]:
         "finished": run.finished,
         "models": {"total": len(models), "by_status": dict(Counter(m.status for m in models)),
                    "epochs_stored": len(store.epochs(run.id))},
-        "table": [asdict(row) for row in summary_rows(summary)],
+        "table": [asdict(row) for row in rows_from_summary(summary)],
         "tests": _test_accuracies(summary),
         "files": files,
         "config": run.config, "environment": run.environment,

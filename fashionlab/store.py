@@ -29,6 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from fashionlab.errors import StoreError
 from fashionlab.serialize import jsonable
+from fashionlab.text import first_line
 
 DEFAULT_RUN_DIR = Path("fashionlab-runs")
 DB_NAME = "fashionlab.db"
@@ -95,7 +96,8 @@ epochs = sa.Table(
 
 MODEL_FIELDS = ("candidate", "role", "repeat", "fold", "status", "message", "epochs_planned",
                 "best_epoch", "n_train", "n_val", "seed", "test_loss", "test_accuracy", "seconds")
-EPOCH_FIELDS = ("loss", "accuracy", "val_loss", "val_accuracy", "seconds")
+METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")  # of an epoch, as training reports
+EPOCH_FIELDS = (*METRICS, "seconds")
 
 STALE_AFTER = 15 * 60  # seconds without a heartbeat before a running run counts as interrupted
 
@@ -219,7 +221,7 @@ class Store:
                 sa.event.listen(self.engine, "connect", _sqlite_pragmas)
             migrate(self.engine)
         except (SQLAlchemyError, OSError) as error:
-            raise StoreError(f"cannot open the store {_safe_url(url)}: {_first_line(error)}") \
+            raise StoreError(f"cannot open the store {safe_url(url)}: {first_line(error)}") \
                 from None
 
     @classmethod
@@ -290,7 +292,7 @@ class Store:
                     raise StoreError(f"run id '{run_id}' is ambiguous ({len(matches)} runs match)")
                 row = matches[0] if matches else None
         if row is None:
-            raise StoreError(f"no run '{run_id}' in {_safe_url(self.url)} "
+            raise StoreError(f"no run '{run_id}' in {safe_url(self.url)} "
                              "(`fashionlab runs list` shows the runs)")
         return _run_record(row)
 
@@ -453,12 +455,9 @@ def _escape_like(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-def _safe_url(url: str) -> str:
+def safe_url(url: str) -> str:
+    """A database URL fit to show: its password hidden."""
     try:
         return sa.make_url(url).render_as_string(hide_password=True)
     except Exception:  # noqa: BLE001 - any unparsable URL is shown as given
         return url
-
-
-def _first_line(error: BaseException) -> str:
-    return str(getattr(error, "orig", None) or error).strip().splitlines()[0]

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from fashionlab.cli import main
+from fashionlab.progress import Silent
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -78,7 +79,7 @@ min_delta = 0.02
 """
 
 
-def record_job(path: str, name: str, events) -> None:
+def record_job(path: str, name: str, reporter) -> None:
     """A job for run_in_workers tests: note which process ran it, report one epoch."""
     import os
     import time
@@ -88,4 +89,35 @@ def record_job(path: str, name: str, events) -> None:
     time.sleep(0.3)
     with open(path, "a") as out:
         out.write(f"{name} {os.getpid()}\n")
-    events.put((name, 1, 0.5))
+    reporter.epoch(name, 1, {})
+
+
+class OnEpoch(Silent):
+    """A reporter that calls `hook(key, epoch)` after each stored epoch of each model, the way
+    tests interrupt or kill a run at a chosen moment."""
+
+    def __init__(self, hook) -> None:
+        self.hook = hook
+
+    def epoch(self, label, epoch, metrics) -> None:
+        for key in metrics:
+            self.hook(key, epoch)
+
+
+class Recorder(Silent):
+    """A reporter that records every call: (name, args...)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def start(self, label, epochs) -> None:
+        self.calls.append(("start", label, epochs))
+
+    def epoch(self, label, epoch, metrics) -> None:
+        self.calls.append(("epoch", label, epoch, sorted(metrics)))
+
+    def finish(self, label) -> None:
+        self.calls.append(("finish", label))
+
+    def log(self, message) -> None:
+        self.calls.append(("log", message))

@@ -21,8 +21,9 @@ from PIL import Image
 from fashionlab import store as store_module
 from fashionlab.config import load_study
 from fashionlab.report import ReportError, render_report, write_report
+from fashionlab.results import StudyResult
 from fashionlab.store import Store
-from fashionlab.study import StudyResult, run_study
+from fashionlab.study import run_study
 
 EVIL = "<script>alert(1)</script>"
 STUDY_NAME = "tiny <script>alert('study')</script>"

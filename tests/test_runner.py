@@ -6,9 +6,9 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import record_job
+from helpers import Recorder, record_job
 
-from fashionlab.progress import Progress
+from fashionlab.progress import Silent
 from fashionlab.runner import Stopped, run_in_workers
 
 
@@ -20,13 +20,13 @@ def test_every_job_runs_once_here_or_in_a_worker(tmp_path: Path):
     log = tmp_path / "log"
     here: list[str] = []
 
-    def run_here(index: int, events, check) -> None:
+    def run_here(index: int, reporter, check) -> None:
         check()
         here.append(f"job{index}")
-        record_job(str(log), f"job{index}", events)
+        record_job(str(log), f"job{index}", reporter)
 
     run_in_workers(_jobs(log, [f"job{i}" for i in range(5)]), workers=2,
-                   progress=Progress(enabled=False), run_here=run_here)
+                   reporter=Silent(), run_here=run_here)
     ran = dict(line.split() for line in log.read_text().splitlines())
     assert sorted(ran) == [f"job{i}" for i in range(5)]  # each exactly once (dict: no repeats)
     assert here and all(ran[name] == str(os.getpid()) for name in here)
@@ -37,17 +37,33 @@ def test_a_failing_worker_job_stops_the_work_here(tmp_path: Path):
     log = tmp_path / "log"
     checks: list[bool] = []
 
-    def run_here(index: int, events, check) -> None:
+    def run_here(index: int, reporter, check) -> None:
         for _ in range(100):  # a long job, checking between its "epochs"
             try:
                 check()
             except Stopped:
                 checks.append(True)
                 raise
-            record_job(str(log), "long", events)  # the label of the job taken here
+            record_job(str(log), "long", reporter)  # the label of the job taken here
 
     with pytest.raises(RuntimeError, match="this job fails"):
         run_in_workers(_jobs(log, ["fails", "long"]), workers=2,
-                       progress=Progress(enabled=False), run_here=run_here)
+                       reporter=Silent(), run_here=run_here)
     assert checks == [True]  # the job here noticed and stopped early
     assert len(log.read_text().splitlines()) < 100
+
+
+def test_worker_jobs_report_through_the_callers_reporter(tmp_path: Path):
+    recorder = Recorder()
+
+    def run_here(index: int, reporter, check) -> None:
+        record_job(str(tmp_path / "log"), f"job{index}", reporter)
+
+    names = [f"job{i}" for i in range(4)]
+    run_in_workers(_jobs(tmp_path / "log", names), workers=2, reporter=recorder,
+                   run_here=run_here)
+    # Every job is announced first, reports its epoch (from a worker or from here, through
+    # the queue), and is finished at the end: all on the caller's reporter, in this thread.
+    assert [c for c in recorder.calls if c[0] == "start"] == [("start", n, 1) for n in names]
+    assert sorted(c[1] for c in recorder.calls if c[0] == "epoch") == names
+    assert [c for c in recorder.calls if c[0] == "finish"] == [("finish", n) for n in names]

@@ -20,6 +20,7 @@ from helpers import assert_one_line_error, run_cli, tiny_study_toml
 from fashionlab import stats
 from fashionlab import store as store_module
 from fashionlab.config import load_study
+from fashionlab.results import StudyResult
 from fashionlab.runs import (
     EXPORT_FIELDS,
     RunError,
@@ -31,7 +32,7 @@ from fashionlab.runs import (
 )
 from fashionlab.serialize import jsonable
 from fashionlab.store import Store
-from fashionlab.study import StudyResult, run_study
+from fashionlab.study import run_study
 
 CANDIDATES = """
 [[candidates]]

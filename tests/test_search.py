@@ -21,16 +21,16 @@ from pathlib import Path
 import optuna
 import pytest
 import sqlalchemy as sa
-from helpers import assert_one_line_error, run_cli, tiny_study_toml
+from helpers import OnEpoch, assert_one_line_error, run_cli, tiny_study_toml
 from optuna.trial import TrialState
 
-from fashionlab.config import load_study, quick_variant, study_from_dict
+from fashionlab.config import base_candidate, load_study, quick_variant, study_from_dict
 from fashionlab.errors import ConfigError
 from fashionlab.runs import describe_run
 from fashionlab.search import make_pruner, make_sampler, run_search, search_identity
-from fashionlab.search_space import FixedParams, base_candidate, base_params, suggest
-from fashionlab.search_storage import database_url, open_storage
-from fashionlab.store import Store, default_url
+from fashionlab.search.space import FixedParams, base_params, suggest
+from fashionlab.search.storage import open_storage
+from fashionlab.store import Store, database_url, default_url
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -287,15 +287,17 @@ warmup = 1
 _KILLER = textwrap.dedent("""
     import os, signal, sys
     from fashionlab.config import load_study
+    from fashionlab.progress import Silent
     from fashionlab.search import run_search
 
     study, run_dir, target_key, target_epoch = sys.argv[1:5]
 
-    def after_epoch(key, epoch):
-        if key == target_key and epoch == int(target_epoch):
-            os.kill(os.getpid(), signal.SIGKILL)
+    class Killer(Silent):  # a progress reporter: it hears of each epoch once it is stored
+        def epoch(self, label, epoch, metrics):
+            if target_key in metrics and epoch == int(target_epoch):
+                os.kill(os.getpid(), signal.SIGKILL)
 
-    run_search(load_study(study), run_dir=run_dir, progress=False, after_epoch=after_epoch)
+    run_search(load_study(study), run_dir=run_dir, progress=Killer())
 """)
 
 
@@ -356,7 +358,7 @@ pruner = "none"
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_search(load_study(path), run_dir=tmp_path, progress=False, after_epoch=interrupt)
+        run_search(load_study(path), run_dir=tmp_path, progress=OnEpoch(interrupt))
     result = run_search(load_study(path), run_dir=tmp_path, progress=False)
     states = [t.state for t in result.trials]
     assert states.count(TrialState.FAIL) == 1 and sum(s in FINISHED for s in states) == 3

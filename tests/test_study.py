@@ -18,9 +18,11 @@ from helpers import assert_one_line_error, run_cli, tiny_study_toml
 
 from fashionlab.config import load_study
 from fashionlab.cv import make_folds
+from fashionlab.progress import Silent
 from fashionlab.runner import MIN_PARALLEL_FLOPS, Job, auto_workers
+from fashionlab.steps import RunContext, load_study_data
 from fashionlab.store import Store
-from fashionlab.study import _Runner, load_data, run_study
+from fashionlab.study import independent_jobs, run_study
 
 
 @pytest.fixture
@@ -114,14 +116,13 @@ def test_independent_jobs_are_the_cv_stacks_and_final_models_largest_first(
     spec = load_study(study_file)
     result = run_study(spec, run_dir=tmp_path, progress=False, workers=1)
     store = Store.open(tmp_path)
-    runner = _Runner(store, result.run, spec, result.output_dir, torch.device("cpu"),
-                     show=False, after_epoch=None)
-    assert runner.independent_jobs(make_folds(len(load_data(spec).train), spec.cv, seed=spec.seed)) == []
+    folds = make_folds(len(load_study_data(spec).train), spec.cv, seed=spec.seed)
+    ctx = RunContext(store, result.run, spec, result.output_dir, torch.device("cpu"), Silent())
+    assert independent_jobs(ctx, folds) == []
     fresh = store.create_run(kind="study", name=spec.name, fingerprint="x", seed=0,
                              config={}, environment={}, output_root=tmp_path)
-    runner = _Runner(store, fresh, spec, tmp_path / fresh.id, torch.device("cpu"),
-                     show=False, after_epoch=None)
-    jobs = runner.independent_jobs(make_folds(len(load_data(spec).train), spec.cv, seed=spec.seed))
+    ctx = RunContext(store, fresh, spec, tmp_path / fresh.id, torch.device("cpu"), Silent())
+    jobs = independent_jobs(ctx, folds)
     assert {job.kind for job in jobs} == {"cv", "final"}
     assert [job.flops for job in jobs] == sorted((job.flops for job in jobs), reverse=True)
     cv_keys = [key for job in jobs if job.kind == "cv" for key in job.names]
@@ -146,15 +147,17 @@ def test_a_finished_study_is_not_rerun_unless_fresh(study_file: Path, tmp_path: 
 _KILLER = textwrap.dedent("""
     import os, signal, sys
     from fashionlab.config import load_study
+    from fashionlab.progress import Silent
     from fashionlab.store import Store
     from fashionlab.study import run_study
 
     study, run_dir, mode, target_key, target_epoch = sys.argv[1:6]
     target_epoch = int(target_epoch)
 
-    def after_epoch(key, epoch):
-        if mode == "after-commit" and key == target_key and epoch == target_epoch:
-            os.kill(os.getpid(), signal.SIGKILL)
+    class Killer(Silent):  # a progress reporter: it hears of each epoch once it is stored
+        def epoch(self, label, epoch, metrics):
+            if mode == "after-commit" and target_key in metrics and epoch == target_epoch:
+                os.kill(os.getpid(), signal.SIGKILL)
 
     if mode == "before-commit":  # die with the checkpoint written but the epoch not stored
         record = Store.record_epochs
@@ -166,7 +169,7 @@ _KILLER = textwrap.dedent("""
             return record(self, run_id, rows, updates)
         Store.record_epochs = dying_record
 
-    run_study(load_study(study), run_dir=run_dir, progress=False, after_epoch=after_epoch)
+    run_study(load_study(study), run_dir=run_dir, progress=Killer())
 """)
 
 

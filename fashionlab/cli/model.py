@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from enum import Enum
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from fashionlab.cli import app
+from fashionlab.text import percent
 
 if TYPE_CHECKING:
     from fashionlab.predict import FilePredictions
@@ -21,10 +21,6 @@ ModelDir = Annotated[Path, typer.Argument(
     "fashionlab-runs/<run id>/models/cnn.", show_default=False)]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
-
-
-def _percent(value: float | None) -> str:
-    return "-" if value is None or math.isnan(value) else f"{100 * value:.1f}"
 
 
 @app.command()
@@ -69,8 +65,8 @@ def evaluate(
     for column in ("class", "name", "images", "precision", "recall", "F1"):
         scores.add_column(column, justify="left" if column == "name" else "right")
     for i, name in enumerate(result.class_names):
-        scores.add_row(str(i), name, str(result.support[i]), _percent(result.precision[i]),
-                       _percent(result.recall[i]), _percent(result.f1[i]))
+        scores.add_row(str(i), name, str(result.support[i]), percent(result.precision[i], 1),
+                       percent(result.recall[i], 1), percent(result.f1[i], 1))
     console.print(scores)
     confusion = Table(title="confusion matrix (rows: true, columns: predicted)")
     confusion.add_column("true")

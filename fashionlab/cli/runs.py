@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -22,6 +22,8 @@ from fashionlab.cli import app
 from fashionlab.cli.study import RunDir, StoreUrl
 from fashionlab.errors import FashionlabError
 from fashionlab.store import DEFAULT_RUN_DIR, Store
+from fashionlab.tables import HEADERS, display_rows, rows_from_summary
+from fashionlab.text import duration, percent
 
 runs_app = typer.Typer(
     help="List, show, compare, export and delete the runs in the store.", no_args_is_help=True)
@@ -55,16 +57,6 @@ def _console() -> Console:
 
 def _state(state: str) -> Text:
     return Text(state, style=STATE_STYLE.get(state, ""))
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
-
-
-def _percent(value: Any) -> str:
-    return "-" if value is None or not math.isfinite(value) else f"{value * 100:.2f}"
 
 
 def _local(seconds: float) -> str:
@@ -102,7 +94,7 @@ def list_(
     for r in runs:
         best = "-" if r.best_score is None else f"{r.best_score * 100:.2f}% {r.best}"
         table.add_row(Text(r.id), Text(r.study), _local(r.started), _state(r.status),
-                      Text(best), _duration(r.duration))
+                      Text(best), duration(r.duration))
     _console().print(table)
     typer.echo("best score: the best candidate's mean validation accuracy across folds")
 
@@ -114,8 +106,7 @@ def show(run: RunId, run_dir: RunDir = DEFAULT_RUN_DIR, store: StoreUrl = None,
 
     Example: fashionlab runs show 20250101-120000-seed
     """
-    from fashionlab.results import HEADERS, display_rows
-    from fashionlab.runs import describe_run, summary_rows
+    from fashionlab.runs import describe_run
 
     with _store(run_dir, store) as opened:
         info = describe_run(opened, run)
@@ -127,7 +118,7 @@ def show(run: RunId, run_dir: RunDir = DEFAULT_RUN_DIR, store: StoreUrl = None,
     lines = [
         ("run", Text(info["id"])), ("study", Text(info["study"])),
         ("status", _state(info["status"])), ("seed", Text(str(info["seed"]))),
-        ("started", Text(_local(info["started"]))), ("duration", Text(_duration(info["duration"]))),
+        ("started", Text(_local(info["started"]))), ("duration", Text(duration(info["duration"]))),
         ("machine", Text(", ".join(str(machine[k]) for k in ("hostname", "cpu", "accelerator",
                                                               "device") if machine.get(k)))),
         ("models", Text(f"{info['models']['total']} ("
@@ -141,11 +132,11 @@ def show(run: RunId, run_dir: RunDir = DEFAULT_RUN_DIR, store: StoreUrl = None,
         table = Table(title="results")
         for header in HEADERS:
             table.add_column(header, overflow="fold")
-        for cells in display_rows(summary_rows({"table": info["table"]})):
+        for cells in display_rows(rows_from_summary({"table": info["table"]})):
             table.add_row(*(Text(c) for c in cells))
         console.print(table)
     for name, accuracy in info["tests"].items():
-        console.print(Text(f"test accuracy {_percent(accuracy)}%: {name}"))
+        console.print(Text(f"test accuracy {percent(accuracy)}%: {name}"))
     if info["files"]:
         console.print(Text("files: " + ", ".join(info["files"])))
 
@@ -189,7 +180,7 @@ def compare(a: RunId, b: RunId, run_dir: RunDir = DEFAULT_RUN_DIR, store: StoreU
         for column in ("model", "a", "b"):
             tests.add_column(column)
         for name, (in_a, in_b) in result.tests.items():
-            tests.add_row(Text(name), _percent(in_a), _percent(in_b))
+            tests.add_row(Text(name), percent(in_a), percent(in_b))
         console.print(tests)
 
 

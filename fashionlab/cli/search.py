@@ -14,6 +14,7 @@ from fashionlab.cli import app
 from fashionlab.cli.study import RunDir, StoreUrl
 from fashionlab.config import load_study, quick_variant
 from fashionlab.store import DEFAULT_RUN_DIR
+from fashionlab.tables import reference_lines, retrain_line, trial_cells
 
 
 @app.command()
@@ -50,7 +51,6 @@ def search(
     import optuna
 
     from fashionlab.search import run_search
-    from fashionlab.search_results import reference_lines, retrain_line, table_cells
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the search shows its own progress
     spec = load_study(file)
@@ -73,7 +73,7 @@ def search(
                          "writes the results)" if result.stopped_by == "others-running" else "")
                       + ", or add --finish to write the results now.")
     else:
-        headers, rows = table_cells(summary)
+        headers, rows = trial_cells(summary)
         table = Table(title=f"{spec.name}: top trials of run {result.run.id}")
         for header in headers:
             table.add_column(header, overflow="fold")

@@ -15,6 +15,7 @@ from fashionlab.cli import app
 from fashionlab.config import load_study, quick_variant
 from fashionlab.errors import ConfigError
 from fashionlab.store import DEFAULT_RUN_DIR
+from fashionlab.tables import HEADERS, LEGEND, display_rows
 
 RunDir = Annotated[Path, typer.Option("--run-dir", help="Where runs, the store and outputs live.")]
 StoreUrl = Annotated[str | None, typer.Option(
@@ -52,7 +53,7 @@ def study(
     import dataclasses
     import json
 
-    from fashionlab.results import HEADERS, LEGEND, display_rows, summary, table_rows
+    from fashionlab.results import summary, table_rows  # torch: only once a study runs
     from fashionlab.study import run_study
 
     if workers != "auto" and not (workers.isdigit() and int(workers) >= 1):

@@ -26,50 +26,55 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 import math
 import os
 import shutil
 import socket
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import optuna
-import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from fashionlab.config import Candidate, SearchSpec, StudySpec
+from fashionlab.config import Candidate, SearchSpec, StudySpec, base_candidate
 from fashionlab.cv import MemberResult, make_folds
 from fashionlab.data import Dataset, to_tensors
 from fashionlab.errors import ConfigError
 from fashionlab.hardware import resolve_device
-from fashionlab.progress import Progress
+from fashionlab.progress import Reporter, reporting
 from fashionlab.provenance import environment
 from fashionlab.rng import derive_seed
 from fashionlab.runner import train_stack
-from fashionlab.search_space import base_candidate, base_params, grid, grid_size, suggest
-from fashionlab.search_storage import ClaimLock, open_storage
+from fashionlab.search.finish import FINISHED, SearchContext, finish_search, fold_epochs
+from fashionlab.search.space import base_params, grid, grid_size, suggest
+from fashionlab.search.storage import ClaimLock, open_storage
+from fashionlab.steps import (
+    RunContext,
+    checkpoint_path,
+    cv_members,
+    load_study_data,
+    plan_stacks,
+    register_models,
+    summarize_models,
+)
 from fashionlab.store import (
     DEFAULT_RUN_DIR,
     RunRecord,
     Store,
     _process_alive,
-    _safe_url,
     database_url,
     default_url,
+    safe_url,
 )
-from fashionlab.study import cv_members, load_data, plan_stacks, summarize_models
+from fashionlab.tables import params_text
 from fashionlab.train import EpochMetrics, Member, Tensors
 
 __all__ = ["SearchResult", "make_pruner", "make_sampler", "run_search", "search_identity"]
-
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 @dataclass
@@ -145,10 +150,9 @@ def run_search(
     n_trials: int | None = None,
     timeout: float | None = None,
     device: str | None = None,
-    progress: bool = True,
+    progress: bool | Reporter = True,
     finish: bool = False,
     dataset: Dataset | None = None,
-    after_epoch: Callable[[str, int], None] | None = None,
 ) -> SearchResult:
     """Run (or resume, or join) the study's search and return where it stands.
 
@@ -157,7 +161,7 @@ def run_search(
     `timeout` seconds. The worker that sees the search complete retrains the best trial on all
     training images, tests it, and writes the table of the top trials, the plots and the
     report; `finish=True` does that now with the trials finished so far, starting none.
-    `after_epoch(key, epoch)` is called after each stored epoch (tests use it to interrupt).
+    `progress`: bars on stderr (True), nothing (False), or your own `progress.Reporter`.
     """
     started = time.perf_counter()
     search = spec.search
@@ -186,11 +190,12 @@ def run_search(
             pruner=make_pruner(search))
         if search.start_with_base and search.sampler != "grid" and not study.get_trials():
             study.enqueue_trial(base_params(search, base), user_attrs={"base": base.name})
-    dataset = dataset if dataset is not None else load_data(spec)
-    searcher = _Searcher(spec, store, run, study, lock, dataset, torch_device,
-                         Progress(enabled=progress), after_epoch)
+    dataset = dataset if dataset is not None else load_study_data(spec)
+    output_dir = Path(run.output_dir or DEFAULT_RUN_DIR / run.id)
     try:
-        with searcher.progress:
+        with reporting(progress) as reporter:
+            ctx = RunContext(store, run, spec, output_dir, torch_device, reporter)
+            searcher = _Searcher(ctx, study, lock, dataset)
             stopped_by = "finish" if finish else searcher.loop(limits, started)
             summary = None
             if stopped_by in ("n_trials", "budget", "grid", "finish"):
@@ -203,8 +208,8 @@ def run_search(
         storage.engine.dispose()
         lock.engine.dispose()
     result = SearchResult(
-        run=store.run(run.id), spec=spec, study_name=study_name, storage=_safe_url(store.url),
-        output_dir=searcher.output_dir, trials=study.get_trials(), finished=summary is not None,
+        run=store.run(run.id), spec=spec, study_name=study_name, storage=safe_url(store.url),
+        output_dir=output_dir, trials=study.get_trials(), finished=summary is not None,
         stopped_by=stopped_by, summary=summary, wall_seconds=time.perf_counter() - started)
     store.close()
     return result
@@ -223,30 +228,21 @@ def _limits(search: SearchSpec, base: Candidate, n_trials: int | None,
     return limits
 
 
-def fold_epochs(trials: Sequence[FrozenTrial]) -> int:
-    """Fold-epochs trained by the finished and running trials (a retried trial's count
-    continues the failed one's; the failed one is not counted)."""
-    return sum(int(t.user_attrs.get("fold_epochs", 0)) for t in trials
-               if t.state in (*FINISHED, TrialState.RUNNING))
-
-
 class _Searcher:
     """One worker's part of a search: claims trials, trains them, reports and prunes."""
 
-    def __init__(self, spec: StudySpec, store: Store, run: RunRecord, study: optuna.Study,
-                 lock: ClaimLock, dataset: Dataset, device: torch.device, progress: Progress,
-                 after_epoch: Callable[[str, int], None] | None) -> None:
+    def __init__(self, ctx: RunContext, study: optuna.Study, lock: ClaimLock,
+                 dataset: Dataset) -> None:
+        spec = ctx.spec
         assert spec.search is not None
-        self.spec, self.search, self.base = spec, spec.search, base_candidate(spec)
-        self.store, self.run, self.study, self.lock = store, run, study, lock
-        self.device, self.progress, self.after_epoch = device, progress, after_epoch
-        self.dataset = dataset
-        self.output_dir = Path(run.output_dir or DEFAULT_RUN_DIR / run.id)
-        self.folds = make_folds(len(dataset.train), spec.cv, seed=spec.seed,
-                                labels=dataset.train.labels)
-        x, y = to_tensors(dataset.train, device)
-        self.data = Tensors(x, y, x, y)
-        self.maximize = self.search.objective == "val_accuracy"
+        self.ctx, self.spec, self.search, self.base = ctx, spec, spec.search, base_candidate(spec)
+        self.store, self.run, self.study, self.lock = ctx.store, ctx.run, study, lock
+        folds = make_folds(len(dataset.train), spec.cv, seed=spec.seed,
+                           labels=dataset.train.labels)
+        x, y = to_tensors(dataset.train, ctx.device)
+        self.finishing = SearchContext(ctx, study, folds, Tensors(x, y, x, y), dataset)
+        self.folds, self.data = folds, self.finishing.train
+        self.maximize = self.finishing.maximize
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
@@ -337,7 +333,7 @@ class _Searcher:
         except ValueError:
             pass
         budget = f"/{self.search.budget}" if self.search.budget else ""
-        self.progress.log(f"{line} · {pruned} pruned · {fold_epochs(trials)}{budget} "
+        self.ctx.reporter.log(f"{line} · {pruned} pruned · {fold_epochs(trials)}{budget} "
                           "fold-epochs")
 
     # ---- one trial ----------------------------------------------------------------------
@@ -350,14 +346,10 @@ class _Searcher:
         trial.set_user_attr("models", name)
         trial.set_user_attr("worker", self.worker)
         candidate = suggest(trial, self.search, self.base, name)
-        members, _, fold_of = cv_members(
+        members, owner, fold_of = cv_members(
             dataclasses.replace(self.spec, candidates=(candidate,), search=None), self.folds)
         ordered = list(members.values())
-        self.store.register_models(self.run.id, [{
-            "key": m.key, "candidate": name, "role": "trial", "repeat": fold.repeat,
-            "fold": fold.index, "epochs_planned": candidate.train.epochs,
-            "n_train": len(m.train_index), "n_val": len(fold.val_index), "seed": m.seed,
-        } for m in ordered if (fold := fold_of[m.key]) is not None])
+        register_models(self.ctx, ordered, owner, "trial", fold_of)
         stacks = [[m] for m in ordered] if self.search.pruner == "wilcoxon" \
             else plan_stacks(ordered, {m.key: candidate for m in ordered})
         watcher = _Watcher(self, trial, candidate)
@@ -388,9 +380,7 @@ class _Searcher:
         return float(np.mean(scores))
 
     def checkpoint(self, stack: Sequence[Member], params: dict[str, Any]) -> Path:
-        text = json.dumps([[m.key for m in stack], params], sort_keys=True, default=str)
-        digest = hashlib.sha256(text.encode()).hexdigest()[:16]
-        return self.output_dir / "checkpoints" / f"{digest}.pt"
+        return checkpoint_path(self.ctx.output_dir, stack, params)
 
     def _drop_checkpoints(self, stacks: Sequence[Sequence[Member]],
                           params: dict[str, Any]) -> None:
@@ -398,10 +388,8 @@ class _Searcher:
             self.checkpoint(stack, params).unlink(missing_ok=True)
 
     def finish(self, stopped_by: str, seconds: float) -> dict[str, Any]:
-        from fashionlab.search_results import finish_search  # the end of a search: its own module
-
-        summary = finish_search(self, stopped_by, seconds)
-        shutil.rmtree(self.output_dir / "checkpoints", ignore_errors=True)
+        summary = finish_search(self.finishing, stopped_by, seconds)
+        shutil.rmtree(self.ctx.output_dir / "checkpoints", ignore_errors=True)
         return summary
 
 
@@ -428,12 +416,10 @@ class _Watcher:
 
     def train(self, stack: list[Member], index: int) -> dict[str, MemberResult]:
         s = self.searcher
-        epochs = self.candidate.train.epochs
         label = f"trial {self.trial.number}" + (f" fold {index}" if len(stack) == 1 else "")
-        task = s.progress.add_stack(f"{label}  {_short(self.trial.params)}", epochs)
         watch_epochs = s.search.pruner == "median" and index == 0
 
-        def on_progress(epoch: int, metrics: dict[str, EpochMetrics]) -> None:
+        def on_epoch(epoch: int, metrics: dict[str, EpochMetrics]) -> None:
             if not metrics and epoch:  # resumed from a checkpoint: the store has the epochs
                 for m in stack:
                     self.values[m.key] = [getattr(e, self.metric)
@@ -441,7 +427,6 @@ class _Watcher:
             for key, m in metrics.items():
                 self.values.setdefault(key, []).append(m.get(self.metric))
             self.trial.set_user_attr("fold_epochs", sum(len(v) for v in self.values.values()))
-            s.progress.update_stack(task, epoch, metrics)
             bad = [m for m in metrics.values() if not math.isfinite(m.loss)]
             if bad:
                 self.trial.set_user_attr("stopped", f"diverged at epoch {epoch}")
@@ -457,10 +442,13 @@ class _Watcher:
                     self.trial.set_user_attr("stopped", f"pruned at epoch {epoch}")
                     raise optuna.TrialPruned(f"pruned at epoch {epoch}")
 
-        results = train_stack(s.store, s.run.id, stack, self.candidate.train, s.data, s.device,
-                              checkpoint=s.checkpoint(stack, self.trial.params),
-                              on_progress=on_progress, after_epoch=s.after_epoch)
-        s.progress.finish_stack(task)
+        # Always trained (continued from its checkpoint), never read back: the pruner must
+        # see the epochs of a retried trial's folds too.
+        results = train_stack(
+            s.store, s.run.id, stack, self.candidate.train, s.data, s.ctx.device,
+            checkpoint=s.checkpoint(stack, self.trial.params),
+            label=f"{label}  {params_text(self.trial.params, width=70)}",
+            reporter=s.ctx.reporter, on_epoch=on_epoch)
         self.done.update(m.key for m in stack)
         if s.search.pruner == "wilcoxon":
             for m in stack:
@@ -472,9 +460,3 @@ class _Watcher:
                 self.trial.set_user_attr("stopped", f"pruned after fold {index}")
                 raise optuna.TrialPruned(f"pruned after fold {index}")
         return results
-
-
-def _short(params: dict[str, Any], width: int = 70) -> str:
-    text = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                    for k, v in params.items())
-    return text if len(text) <= width else text[: width - 1] + "…"

@@ -15,40 +15,66 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from fashionlab import stats
-from fashionlab.config import study_to_toml
-from fashionlab.cv import MemberResult
-from fashionlab.search_space import FixedParams, suggest
+from fashionlab.config import base_candidate, study_to_toml
+from fashionlab.cv import Fold
+from fashionlab.data import Dataset, to_tensors
+from fashionlab.report import write_report
+from fashionlab.search.space import FixedParams, suggest
 from fashionlab.serialize import jsonable
+from fashionlab.steps import RunContext, retrain, stored_result, summarize_models
 from fashionlab.store import RunRecord, Store
-from fashionlab.study import summarize_models
-from fashionlab.train import EpochMetrics, Tensors
+from fashionlab.tables import search_markdown
+from fashionlab.text import verdict
+from fashionlab.train import Tensors
 
-if TYPE_CHECKING:
-    from fashionlab.search import _Searcher
+__all__ = ["FINISHED", "SearchContext", "finish_search", "fold_epochs", "importances",
+           "reference_tests", "retrain_best", "save_plots", "top_table"]
 
 ALPHA = 0.05
-TABLE_LEGEND = ("Mean ± std across folds at each fold's result epoch, 95% CI from Student's t; "
-                "vs best: corrected resampled t-test on the paired folds, Holm-adjusted p. "
-                "epoch: the CV-consensus epoch (the retraining length).")
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
-def finish_search(searcher: _Searcher, stopped_by: str, seconds: float) -> dict[str, Any]:
+@dataclass(frozen=True)
+class SearchContext:
+    """What finishing a search needs from the worker that finishes it."""
+
+    run: RunContext  # the store, the search's run, the study file, its output directory
+    study: optuna.Study
+    folds: list[Fold]  # every trial's folds
+    train: Tensors  # the training images, validated on themselves (the folds)
+    dataset: Dataset  # for the test split and the class names
+
+    @property
+    def maximize(self) -> bool:
+        return self.run.spec.search is None or self.run.spec.search.objective == "val_accuracy"
+
+
+def fold_epochs(trials: Sequence[FrozenTrial]) -> int:
+    """Fold-epochs trained by the finished and running trials (a retried trial's count
+    continues the failed one's; the failed one is not counted)."""
+    return sum(int(t.user_attrs.get("fold_epochs", 0)) for t in trials
+               if t.state in (*FINISHED, TrialState.RUNNING))
+
+
+def finish_search(s: SearchContext, stopped_by: str, seconds: float) -> dict[str, Any]:
     """Write the search's results and store them with its run; returns the summary. A search
     already finished with the same trials is read back, not retrained."""
-    s = searcher
-    store, run, study = s.store, s.store.run(s.run.id), s.study
+    store, study, spec = s.run.store, s.study, s.run.spec
+    search = spec.search
+    assert search is not None
+    run = store.run(s.run.run.id)
     trials = study.get_trials(deepcopy=False)
-    finished = sorted(t.number for t in trials if t.state in (TrialState.COMPLETE,
-                                                               TrialState.PRUNED))
+    finished = sorted(t.number for t in trials if t.state in FINISHED)
     if run.status == "finished" and run.summary and run.summary.get("finished_trials") == finished:
         return run.summary
     direction = "maximize" if s.maximize else "minimize"
@@ -57,13 +83,13 @@ def finish_search(searcher: _Searcher, stopped_by: str, seconds: float) -> dict[
     ranked = sorted(scored, key=lambda t: t.value or 0.0, reverse=s.maximize)
     n_train, n_val = len(s.folds[0].train_index), len(s.folds[0].val_index)
     summary: dict[str, Any] = {
-        "search": s.spec.name, "run_id": run.id, "study_name": study.study_name,
-        "objective": s.search.objective, "direction": direction, "seed": s.spec.seed,
+        "search": spec.name, "run_id": run.id, "study_name": study.study_name,
+        "objective": search.objective, "direction": direction, "seed": spec.seed,
         "n_train": n_train, "n_val": n_val, "stopped_by": stopped_by,
         "finished_trials": finished,
         "counts": {state.name.lower(): sum(t.state == state for t in trials)
                    for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)},
-        "fold_epochs": _fold_epochs(trials), "budget": s.search.budget,
+        "fold_epochs": fold_epochs(trials), "budget": search.budget,
         "wall_seconds": _span(trials) or seconds,
         "trials": [_trial_row(t) for t in trials],
         "history": [t.value if t.state == TrialState.COMPLETE else None for t in trials],
@@ -75,37 +101,29 @@ def finish_search(searcher: _Searcher, stopped_by: str, seconds: float) -> dict[
         summary.update(best=_label(best), best_trial=best.number, best_value=best.value,
                        best_params=best.params, best_fold_scores=best.user_attrs["fold_scores"])
         # The base candidate (trial 0) stays in the table: the search's gain over it, paired.
-        shown = ranked[: s.search.top] + [t for t in ranked[s.search.top:]
-                                          if t.user_attrs.get("base")]
+        shown = ranked[: search.top] + [t for t in ranked[search.top:]
+                                        if t.user_attrs.get("base")]
         summary["top"] = top_table(shown, n_train=n_train, n_val=n_val, maximize=s.maximize)
         summary["reference"] = reference_tests(store, run, s, best, n_train=n_train,
                                                n_val=n_val)
-        if s.spec.retrain.enabled:
+        if spec.retrain.enabled:
             summary["retrain"] = retrain_best(s, best)
-    output = s.output_dir
+    output = s.run.output_dir
     figures = output / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     summary["figures"] = [str(p) for p in save_plots(study, figures, has_importances=bool(
         summary["importances"]))]
     summary = jsonable(summary)
-    (output / "results.md").write_text(to_markdown(summary))
+    (output / "results.md").write_text(search_markdown(summary))
     (output / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (output / "study.toml").write_text(study_to_toml(s.spec))
+    (output / "study.toml").write_text(study_to_toml(spec))
     store.end_run(run.id, "finished", summary)
-    from fashionlab.report import write_report  # the report reads the finished run back
-
-    write_report(store, run.id, device=s.device)
+    write_report(store, run.id, device=s.run.device)  # the report reads the finished run back
     return summary
 
 
 def _label(trial: FrozenTrial) -> str:
     return f"trial {trial.number}"
-
-
-def _fold_epochs(trials: Sequence[FrozenTrial]) -> int:
-    from fashionlab.search import fold_epochs
-
-    return fold_epochs(trials)
 
 
 def _span(trials: Sequence[FrozenTrial]) -> float | None:
@@ -170,22 +188,20 @@ def top_table(trials: Sequence[FrozenTrial], *, n_train: int, n_val: int,
 def _verdict(comparison: stats.Comparison | None) -> str:
     if comparison is None:
         return ""
-    if comparison.is_best:
-        return "best"
-    if comparison.not_worse is None:
-        return "not compared"
-    return ("not worse" if comparison.not_worse else "worse") + f" (p={comparison.p_holm:.3g})"
+    return verdict(is_best=comparison.is_best, not_worse=comparison.not_worse,
+                   p_holm=comparison.p_holm, reason=comparison.reason)
 
 
-def reference_tests(store: Store, run: RunRecord, searcher: _Searcher, best: FrozenTrial, *,
-                    n_train: int, n_val: int) -> list[dict[str, Any]]:
+def reference_tests(store: Store, run: RunRecord, searcher: SearchContext, best: FrozenTrial,
+                    *, n_train: int, n_val: int) -> list[dict[str, Any]]:
     """The best trial against the study's reference: a published score (one-sample), and a
     candidate of a finished study in the store with identical folds (paired)."""
-    reference = searcher.search.reference
-    if reference is None:
+    search = searcher.run.spec.search
+    reference = None if search is None else search.reference
+    if search is None or reference is None:
         return []
     scores = np.asarray(best.user_attrs["fold_scores"], dtype=float)
-    metric, out = searcher.search.objective, []
+    metric, out = search.objective, []
     if reference.score is not None:
         test = stats.corrected_resampled_ttest(scores, np.full(len(scores), reference.score),
                                                n_train=n_train, n_test=n_val)
@@ -238,36 +254,22 @@ def _test_row(label: str, kind: str, score: float, test: stats.PairedTest, maxim
             "n": test.n, "significant": significant, "verdict": verdict, "test": note}
 
 
-def retrain_best(searcher: _Searcher, best: FrozenTrial) -> dict[str, Any]:
+def retrain_best(s: SearchContext, best: FrozenTrial) -> dict[str, Any]:
     """The best trial's candidate trained on all training images for its CV-consensus epoch
     (the study's [retrain] rule on its mean val_loss curve) and tested, by the study's own
-    retraining; its model is saved under models/<trial>."""
-    from fashionlab.data import to_tensors
-    from fashionlab.study import _Runner  # a study's retraining, reused as it is
-
-    s = searcher
+    retraining step; its model is saved under models/<trial>."""
+    spec, ctx = s.run.spec, s.run
+    assert spec.search is not None
     name = str(best.user_attrs.get("models") or _label(best))
-    candidate = suggest(FixedParams(best.params), s.search, s.base, name)
-    keys = [f"{name}/{fold.name}" for fold in s.folds]
-    results = [_stored_result(s.store, s.run.id, key) for key in keys]
-    result = summarize_models(candidate, results, "cv", s.spec.warning)
-    runner = _Runner(s.store, s.run, s.spec, s.output_dir, s.device, False, None)
-    runner.progress = s.progress
-    x_test, y_test = to_tensors(s.dataset.test, s.device)
-    data = Tensors(s.data.x_train, s.data.y_train, x_test, y_test)
-    retrained = runner.retrain(result, data, s.dataset.class_names)
+    candidate = suggest(FixedParams(best.params), spec.search, base_candidate(spec), name)
+    results = [stored_result(ctx.store, ctx.run.id, f"{name}/{fold.name}") for fold in s.folds]
+    result = summarize_models(candidate, results, "cv", spec.warning)
+    x_test, y_test = to_tensors(s.dataset.test, ctx.device)
+    data = Tensors(s.train.x_train, s.train.y_train, x_test, y_test)
+    retrained = retrain(ctx, result, data, s.dataset.class_names)
     return {"trial": best.number, "candidate": name, "epochs": retrained.epochs,
             "test_loss": retrained.test_loss, "test_accuracy": retrained.test_accuracy,
             "model_dir": str(retrained.model_dir)}
-
-
-def _stored_result(store: Store, run_id: str, key: str) -> MemberResult:
-    record = next(m for m in store.models(run_id) if m.key == key)
-    history = [EpochMetrics(e.loss, e.accuracy, e.val_loss, e.val_accuracy, e.seconds)
-               for e in store.epochs(run_id, key)]
-    status = record.status if record.status in ("finished", "stopped", "failed") else None
-    return MemberResult(key, history, status, record.best_epoch,  # type: ignore[arg-type]
-                        record.message)
 
 
 def save_plots(study: optuna.Study, folder: Path, *, has_importances: bool) -> list[Path]:
@@ -293,85 +295,3 @@ def save_plots(study: optuna.Study, folder: Path, *, has_importances: bool) -> l
         plt.close(figure)
         paths.append(path)
     return paths
-
-
-# --------------------------------------------------------------------------------------------
-# The table as text
-
-
-def _pct(value: Any, digits: int = 2) -> str:
-    return "-" if not isinstance(value, (int, float)) or not math.isfinite(value) \
-        else f"{value * 100:.{digits}f}"
-
-
-def _fmt(value: Any, spec: str) -> str:
-    """A stored number (None where JSON had no finite value: an infinite t) as text."""
-    return "-" if value is None else format(value, spec)
-
-
-def _params(params: Mapping[str, Any]) -> str:
-    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                     for k, v in params.items())
-
-
-def table_cells(summary: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Headers and cells of the top-trials table (accuracies in percent, losses as they are)."""
-    scale = summary.get("objective") != "val_loss"
-    number = (lambda v: _pct(v)) if scale else (lambda v: "-" if v is None else f"{v:.4f}")
-    headers = ["trial", summary.get("objective", "score"), "95% CI", "vs best", "epoch",
-               "fold-epochs", "parameters"]
-    rows = []
-    for row in summary.get("top") or []:
-        trial = str(row["trial"]) + (f" (base: {row['base']})" if row.get("base") else "")
-        rows.append([trial, f"{number(row['mean'])} ± {number(row['std'])}",
-                     f"[{number(row['ci_low'])}, {number(row['ci_high'])}]", row["verdict"],
-                     str(row.get("consensus_epoch") or "-"), str(row.get("fold_epochs") or "-"),
-                     _params(row["params"])])
-    return headers, rows
-
-
-def reference_lines(summary: Mapping[str, Any]) -> list[str]:
-    lines = []
-    scale = summary.get("objective") != "val_loss"
-    for ref in summary.get("reference") or []:
-        if ref.get("missing"):
-            lines.append(f"vs {ref['reference']}: not tested ({ref['missing']})")
-            continue
-        score = _pct(ref["score"]) if scale else f"{ref['score']:.4f}"
-        diff = f"{ref['difference'] * (100 if scale else 1):+.2f}{' points' if scale else ''}"
-        lines.append(f"vs {ref['reference']} ({score}): {diff}, t={_fmt(ref['t'], '.2f')}, "
-                     f"p={_fmt(ref['p_value'], '.3g')} ({ref['kind']}): {ref['verdict']} "
-                     f"at alpha {ALPHA}. Test: {ref['test']}.")
-    return lines
-
-
-def retrain_line(summary: Mapping[str, Any]) -> str:
-    retrain = summary.get("retrain")
-    if not retrain:
-        return ""
-    return (f"the best (trial {retrain['trial']}) retrained for {retrain['epochs']} epochs on "
-            f"all training images: test accuracy {_pct(retrain['test_accuracy'])}% "
-            f"({retrain['model_dir']})")
-
-
-def to_markdown(summary: Mapping[str, Any]) -> str:
-    counts = summary.get("counts") or {}
-    budget = f" of {summary['budget']}" if summary.get("budget") else ""
-    overview = (f"Run `{summary['run_id']}`, Optuna study `{summary['study_name']}`: "
-                f"{counts.get('complete', 0)} complete, {counts.get('pruned', 0)} pruned, "
-                f"{counts.get('fail', 0)} failed trials; {summary['fold_epochs']}{budget} "
-                f"fold-epochs; stopped by {summary['stopped_by']}; wall time "
-                f"{(summary.get('wall_seconds') or 0) / 60:.1f} min.")
-    lines = [f"# {summary['search']}: search results", "", overview, ""]
-    headers, rows = table_cells(summary)
-    if rows:
-        lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
-        lines += ["", TABLE_LEGEND, ""]
-    lines += [f"- {line}" for line in reference_lines(summary)]
-    if retrain_line(summary):
-        lines.append(f"- {retrain_line(summary)}")
-    if summary.get("importances"):
-        lines.append("- parameter importances (PED-ANOVA): " + ", ".join(
-            f"{k} {v:.2f}" for k, v in summary["importances"].items()))
-    return "\n".join(lines) + "\n"

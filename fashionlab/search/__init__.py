@@ -1,0 +1,34 @@
+"""Automated search (Optuna): each trial varies one candidate of a study, is scored by its
+cross-validation, and is pruned while it trains when it is clearly worse than the others.
+
+    loop      run_search: claim trials, train them, report to the pruner (one worker's part)
+    space     how a trial's drawn values become a candidate (and the grid of a grid search)
+    storage   Optuna's storage on the store's database; the lock the workers share
+    finish    the end of a search: the best retrained and tested, the table, plots, summary
+
+    >>> import fashionlab as fl
+    >>> from fashionlab.search import run_search
+    >>> result = run_search(fl.load_study("search"), n_trials=20)
+"""
+
+from __future__ import annotations
+
+from fashionlab.search.finish import SearchContext, finish_search, fold_epochs
+from fashionlab.search.loop import (
+    SearchResult,
+    make_pruner,
+    make_sampler,
+    run_search,
+    search_identity,
+)
+
+__all__ = [
+    "SearchContext",
+    "SearchResult",
+    "finish_search",
+    "fold_epochs",
+    "make_pruner",
+    "make_sampler",
+    "run_search",
+    "search_identity",
+]

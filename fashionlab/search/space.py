@@ -1,0 +1,174 @@
+"""How a trial's sampled values become a candidate (the parameters a space may name, and the
+values each may take, are `fashionlab.vocabulary`'s).
+
+A space maps parameter names to a range, a list of choices or a fixed value:
+
+    [search.space]
+    n_layers = { low = 1, high = 3 }
+    units = { low = 64, high = 1024, log = true }     # per hidden layer: units_0, units_1, ...
+    dropout = { low = 0.1, high = 0.6, shared = true } # one value for every layer: dropout
+    learning_rate = { low = 1e-4, high = 3e-3, log = true }
+    batch_size = { choices = [64, 128, 256] }
+    optimizer = "adam"                                 # fixed
+
+Parameters a trial does not sample keep the base candidate's values. Per-layer parameters of a
+layer the base does not have (n_layers above the base's count) start from its last layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from fashionlab.config import Candidate, DenseLayer, ParamSpec, SearchSpec
+from fashionlab.vocabulary import VOCABULARY
+
+
+class Suggester(Protocol):
+    """What an Optuna trial offers (a `FixedParams` offers the same for stored params)."""
+
+    def suggest_int(self, name: str, low: int, high: int, *, step: int = 1,
+                    log: bool = False) -> int: ...
+
+    def suggest_float(self, name: str, low: float, high: float, *, step: float | None = None,
+                      log: bool = False) -> float: ...
+
+    def suggest_categorical(self, name: str, choices: Any) -> Any: ...
+
+
+@dataclass(frozen=True)
+class FixedParams:
+    """Replays a trial's stored params (to rebuild the candidate it trained)."""
+
+    params: Mapping[str, Any]
+
+    def suggest_int(self, name: str, low: int, high: int, *, step: int = 1,
+                    log: bool = False) -> int:
+        return int(self.params[name])
+
+    def suggest_float(self, name: str, low: float, high: float, *, step: float | None = None,
+                      log: bool = False) -> float:
+        return float(self.params[name])
+
+    def suggest_categorical(self, name: str, choices: Any) -> Any:
+        return self.params[name]
+
+
+def _draw(trial: Suggester, name: str, spec: ParamSpec, kind: str, default: Any) -> Any:
+    if spec.value is not None:
+        return spec.value
+    if isinstance(trial, _BaseValues):
+        trial.recorded[name] = default
+        return default
+    if spec.choices is not None:
+        return trial.suggest_categorical(name, list(spec.choices))
+    assert spec.low is not None and spec.high is not None
+    if kind == "int":
+        return trial.suggest_int(name, int(spec.low), int(spec.high),
+                                 step=int(spec.step or 1), log=spec.log)
+    return trial.suggest_float(name, float(spec.low), float(spec.high),
+                               step=None if spec.step is None else float(spec.step),
+                               log=spec.log)
+
+
+def suggest(trial: Suggester, search: SearchSpec, base: Candidate, name: str) -> Candidate:
+    """The base candidate with every parameter of the space drawn by the trial."""
+    space = search.space
+
+    def draw(param: str, default: Any, label: str | None = None) -> Any:
+        if param not in space:
+            return default
+        return _draw(trial, label or param, space[param], VOCABULARY[param].kind, default)
+
+    def per_layer(param: str, i: int, default: Any) -> Any:
+        spec = space.get(param)
+        return draw(param, default, param if spec is None or spec.shared else f"{param}_{i}")
+
+    model, train = base.model, base.train
+    layers = []
+    template = model.layers[-1] if model.layers else DenseLayer(units=1)
+    for i in range(draw("n_layers", len(model.layers))):
+        layer = model.layers[i] if i < len(model.layers) else template
+        layers.append(DenseLayer(units=per_layer("units", i, layer.units),
+                                 l2=per_layer("l2", i, layer.l2),
+                                 dropout=per_layer("dropout", i, layer.dropout)))
+    conv = tuple(dataclasses.replace(c, filters=per_layer("filters", i, c.filters))
+                 for i, c in enumerate(model.conv))
+    model = dataclasses.replace(model, layers=tuple(layers), conv=conv,
+                                dropout=draw("conv_dropout", model.dropout))
+    stopping = train.early_stopping
+    if stopping is not None:
+        stopping = dataclasses.replace(stopping, patience=draw("patience", stopping.patience),
+                                       min_delta=draw("min_delta", stopping.min_delta))
+    train = dataclasses.replace(
+        train, learning_rate=draw("learning_rate", train.learning_rate),
+        batch_size=draw("batch_size", train.batch_size), epochs=draw("epochs", train.epochs),
+        weight_decay=draw("weight_decay", train.weight_decay),
+        label_smoothing=draw("label_smoothing", train.label_smoothing),
+        optimizer=draw("optimizer", train.optimizer), schedule=draw("schedule", train.schedule),
+        early_stopping=stopping)
+    return Candidate(name=name, model=model, train=train)
+
+
+def base_params(search: SearchSpec, base: Candidate) -> dict[str, Any]:
+    """The base candidate's own values of the sampled parameters (those inside the space):
+    enqueued as the first trial, so the search starts from what is known."""
+    values = _BaseValues()
+    suggest(values, search, base, base.name)
+    inside = {}
+    for label, value in values.recorded.items():
+        spec = search.space[label if label in search.space else label.rpartition("_")[0]]
+        if spec.choices is not None:
+            if value in spec.choices:
+                inside[label] = value
+        elif spec.low is not None and spec.high is not None and spec.low <= value <= spec.high:
+            on_step = spec.step is None or math.isclose(
+                (value - spec.low) / spec.step, round((value - spec.low) / spec.step))
+            if on_step:
+                inside[label] = value
+    return inside
+
+
+class _BaseValues(FixedParams):
+    """Answers every draw with the base candidate's value, and records it."""
+
+    def __init__(self) -> None:
+        super().__init__({})
+        object.__setattr__(self, "recorded", {})
+
+
+def grid(search: SearchSpec, base: Candidate) -> dict[str, list[Any]]:
+    """Every point of each sampled parameter, for the grid sampler (per-layer parameters for
+    as many layers as the space allows)."""
+    points: dict[str, list[Any]] = {}
+
+    def values(spec: ParamSpec, kind: str) -> list[Any]:
+        if spec.choices is not None:
+            return list(spec.choices)
+        assert spec.low is not None and spec.high is not None
+        step = spec.step or 1
+        count = math.floor((spec.high - spec.low) / step + 1e-9) + 1
+        out = [spec.low + i * step for i in range(count)]
+        return [int(v) for v in out] if kind == "int" else [float(v) for v in out]
+
+    layer_counts = {"dense": len(base.model.layers), "conv": len(base.model.conv)}
+    n_layers = search.space.get("n_layers")
+    if n_layers is not None and n_layers.value is None:
+        layer_counts["dense"] = max(values(n_layers, "int"))
+    for name, spec in search.space.items():
+        if spec.value is not None:
+            continue
+        param = VOCABULARY[name]
+        if param.layer is None or spec.shared:
+            points[name] = values(spec, param.kind)
+        else:
+            for i in range(layer_counts[param.layer]):
+                points[f"{name}_{i}"] = values(spec, param.kind)
+    return points
+
+
+def grid_size(points: Mapping[str, list[Any]]) -> int:
+    return math.prod(len(v) for v in points.values())

@@ -1,0 +1,379 @@
+"""The steps a study and a search share, as functions of a `RunContext`: lay out the models of
+a cross-validation, train a stack or read it back from the store, summarise a candidate's
+folds, retrain the best on all training images, train a final model, test kept weights, and
+name the files (checkpoints, model directories) these steps leave.
+
+Every step stores what it trains as it goes (`runner.train_stack`) and reuses what the store
+already holds, so calling it again after an interruption continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fashionlab.artifacts import save_model
+from fashionlab.config import Candidate, StudySpec, WarningRule
+from fashionlab.cv import (
+    Fold,
+    MemberResult,
+    OverfitWarning,
+    mean_curves,
+    member_seed,
+    overfitting_warning,
+)
+from fashionlab.data import Dataset, Split, load_fashion_mnist
+from fashionlab.progress import Reporter
+from fashionlab.runner import EpochHook, train_stack
+from fashionlab.store import METRICS, ModelRecord, RunRecord, Store
+from fashionlab.text import safe_name
+from fashionlab.train import EpochMetrics, Member, StackTrainer, Tensors, stack_key
+
+__all__ = [
+    "MAX_STACK",
+    "CandidateResult",
+    "RetrainResult",
+    "RunContext",
+    "checkpoint_path",
+    "cv_members",
+    "final_label",
+    "finished_models",
+    "load_study_data",
+    "model_dir",
+    "model_metadata",
+    "plan_stacks",
+    "register_models",
+    "retrain",
+    "stack_label",
+    "stored_result",
+    "summarize_models",
+    "test_weights",
+    "train_final",
+    "train_or_reuse",
+]
+
+MAX_STACK = {"dense": 32, "conv": 1}  # members per stack; grouped convolutions do not pay on CPU
+DONE = ("finished", "stopped", "failed")  # a model in one of these states trains no more
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Where a step stores and writes, and how it trains and reports."""
+
+    store: Store
+    run: RunRecord
+    spec: StudySpec
+    output_dir: Path  # the run's files: checkpoints/, models/, the tables
+    device: torch.device
+    reporter: Reporter
+
+
+@dataclass(frozen=True)
+class CandidateResult:
+    """A candidate's cross-validation (role "cv") or a final model's training (role "final")."""
+
+    name: str
+    role: str
+    candidate: Candidate
+    keys: list[str]  # its models: one per fold, or one
+    curves: dict[str, np.ndarray]  # metric -> (n_models, epochs), NaN after a model stopped
+    warning: OverfitWarning  # on the mean val_loss curve
+    result_epochs: np.ndarray  # (n_models,) 1-based epoch each model's result is read at
+    val_loss: np.ndarray  # (n_models,) at the result epoch
+    val_accuracy: np.ndarray  # (n_models,)
+    trained_epochs: int  # epochs trained, summed over models
+    planned_epochs: int  # epochs planned, summed over models
+    failures: list[str]  # messages of models that diverged
+    test_loss: float = float("nan")  # final models: after the last epoch, on the test set
+    test_accuracy: float = float("nan")
+    model_dir: Path | None = None  # final models: where the trained model is saved
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.failures)
+
+    @property
+    def mean_curves(self) -> dict[str, np.ndarray]:
+        with warnings.catch_warnings():  # epochs no model reached stay NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return {k: np.nanmean(v, axis=0) if v.size else v for k, v in self.curves.items()}
+
+
+@dataclass(frozen=True)
+class RetrainResult:
+    candidate: str
+    epochs: int
+    test_loss: float
+    test_accuracy: float
+    model_dir: Path
+    history: list[EpochMetrics]
+
+
+# --------------------------------------------------------------------------------------------
+# Laying out the models
+
+
+def load_study_data(spec: StudySpec) -> Dataset:
+    """The study's dataset, cut to its `[data]` limits (the first N images of each split)."""
+    dataset = load_fashion_mnist(spec.data.directory, verify=spec.data.verify)
+    limit_train, limit_test = spec.data.train_limit, spec.data.test_limit
+
+    def head(split: Split, n: int | None) -> Split:
+        return split if n is None else Split(split.images[:n], split.labels[:n])
+
+    return dataclasses.replace(dataset, train=head(dataset.train, limit_train),
+                               test=head(dataset.test, limit_test))
+
+
+def cv_members(
+    spec: StudySpec, folds: Sequence[Fold]
+) -> tuple[dict[str, Member], dict[str, Candidate], dict[str, Fold]]:
+    """Every (candidate, fold) model of a study's cross-validation, keyed "<candidate>/<fold>",
+    with the candidate and the fold of each.
+
+    Seeds depend on the fold only: all candidates of a fold share initial draws and shuffles
+    (common random numbers for their paired comparison)."""
+    members: dict[str, Member] = {}
+    owner: dict[str, Candidate] = {}
+    fold_of: dict[str, Fold] = {}
+    for candidate in spec.candidates:
+        for fold in folds:
+            key = f"{candidate.name}/{fold.name}"
+            seed = member_seed(spec.seed, "cv", fold.repeat, fold.index)
+            members[key] = Member(key, candidate.model, fold.train_index, fold.val_index, seed)
+            owner[key], fold_of[key] = candidate, fold
+    return members, owner, fold_of
+
+
+def plan_stacks(members: list[Member], owner: Mapping[str, Candidate]) -> list[list[Member]]:
+    """Group members that can train as one stack, in a deterministic order, capped in size."""
+    groups: dict[Any, list[Member]] = {}
+    for member in members:
+        groups.setdefault(stack_key(member, owner[member.key].train), []).append(member)
+    stacks = []
+    for group in groups.values():
+        cap = MAX_STACK[group[0].model.kind]
+        stacks += [group[i : i + cap] for i in range(0, len(group), cap)]
+    return stacks
+
+
+def stack_label(stack: Sequence[Member], owner: Mapping[str, Candidate]) -> str:
+    """How progress names a cross-validation stack: its candidates and size."""
+    names = list(dict.fromkeys(owner[m.key].name for m in stack))
+    return f"{' · '.join(names)}  ({len(stack)} models)"
+
+
+def final_label(candidate: Candidate, n_train: int) -> str:
+    """How progress names a final model's training."""
+    return f"{candidate.name} on all {n_train}, test set as validation"
+
+
+def checkpoint_path(output_dir: Path, members: Sequence[Member],
+                    params: Mapping[str, Any] | None = None) -> Path:
+    """Where a stack checkpoints: named by its member keys (and a search trial's parameters,
+    so that a retried trial with other parameters never loads another's state)."""
+    keys = [m.key for m in members]
+    text = "\n".join(keys) if params is None else \
+        json.dumps([keys, dict(params)], sort_keys=True, default=str)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return output_dir / "checkpoints" / f"{digest}.pt"
+
+
+def model_dir(output_dir: Path, name: str) -> Path:
+    """Where a retrained or final model of a run is saved."""
+    return output_dir / "models" / safe_name(name)
+
+
+# --------------------------------------------------------------------------------------------
+# The store's side
+
+
+def register_models(ctx: RunContext, members: Sequence[Member],
+                    candidate: Mapping[str, Candidate], role: str,
+                    folds: Mapping[str, Fold] | None = None) -> None:
+    """Record the models a step will train (pending), once: registering again changes
+    nothing."""
+    folds = folds or {}
+    rows = []
+    for m in members:
+        fold = folds.get(m.key)
+        rows.append({
+            "key": m.key, "candidate": candidate[m.key].name, "role": role,
+            "repeat": fold.repeat if fold else None, "fold": fold.index if fold else None,
+            "epochs_planned": candidate[m.key].train.epochs, "n_train": len(m.train_index),
+            "n_val": None if m.val_index is None else len(m.val_index), "seed": m.seed,
+        })
+    ctx.store.register_models(ctx.run.id, rows)
+
+
+def finished_models(store: Store, run_id: str) -> dict[str, ModelRecord]:
+    """The run's models that train no more (finished, stopped early, or failed)."""
+    return {m.key: m for m in store.models(run_id) if m.status in DONE}
+
+
+def stored_result(store: Store, run_id: str, key: str) -> MemberResult:
+    """A model's result as the store holds it: its epochs and, once done, its outcome."""
+    record = next((m for m in store.models(run_id) if m.key == key), None)
+    history = [EpochMetrics(e.loss, e.accuracy, e.val_loss, e.val_accuracy, e.seconds)
+               for e in store.epochs(run_id, key)]
+    if record is None:
+        return MemberResult(key, history)
+    status = record.status if record.status in DONE else None
+    return MemberResult(key, history, status, record.best_epoch,  # type: ignore[arg-type]
+                        record.message)
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+
+
+def train_or_reuse(ctx: RunContext, members: list[Member], candidate: Candidate, data: Tensors,
+                   label: str, *, keep_weights: bool = False, checkpoint: Path | None = None,
+                   on_epoch: EpochHook | None = None) -> dict[str, MemberResult]:
+    """Train one stack (continuing from its checkpoint), or read it back from the store when
+    every member finished earlier and no weights are wanted."""
+    if not keep_weights:
+        done = finished_models(ctx.store, ctx.run.id)
+        if all(m.key in done for m in members):
+            return {m.key: stored_result(ctx.store, ctx.run.id, m.key) for m in members}
+    return train_stack(
+        ctx.store, ctx.run.id, members, candidate.train, data, ctx.device,
+        checkpoint=checkpoint or checkpoint_path(ctx.output_dir, members), label=label,
+        reporter=ctx.reporter, keep_weights=keep_weights, on_epoch=on_epoch)
+
+
+def summarize_models(candidate: Candidate, results: list[MemberResult], role: str,
+                     rule: WarningRule) -> CandidateResult:
+    """A candidate's models (its folds, or one final model) as a result: curves, the
+    overfitting warning on the mean val_loss curve, and each model's score at its result
+    epoch (early stopping's best epoch, else the warning epoch)."""
+    epochs = candidate.train.epochs
+    curves = {metric: mean_curves(results, metric, epochs) for metric in METRICS}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a diverged model's NaN epochs
+        # Epochs every model reached: with early stopping, later means would mix fewer folds.
+        reached = min(len(r.history) for r in results)
+        mean_val_loss = np.nanmean(curves["val_loss"][:, :reached], axis=0) \
+            if reached else np.array([])
+    warning = overfitting_warning(mean_val_loss, patience=rule.patience,
+                                  min_delta=rule.min_delta)
+    n = len(results)
+    if candidate.train.early_stopping is not None:
+        result_epochs = np.array([r.best_epoch or len(r.history) for r in results])
+    else:
+        result_epochs = np.full(n, warning.chosen_epoch or 0)
+    pick = np.clip(result_epochs - 1, 0, max(epochs - 1, 0))
+    rows = np.arange(n)
+    failures = [f"{r.key}: {r.message}" for r in results if r.status == "failed"]
+    return CandidateResult(
+        name=candidate.name, role=role, candidate=candidate, keys=[r.key for r in results],
+        curves=curves, warning=warning, result_epochs=result_epochs,
+        val_loss=curves["val_loss"][rows, pick], val_accuracy=curves["val_accuracy"][rows, pick],
+        trained_epochs=sum(len(r.history) for r in results), planned_epochs=n * epochs,
+        failures=failures,
+    )
+
+
+def retrain(ctx: RunContext, best: CandidateResult, data: Tensors,
+            class_names: tuple[str, ...]) -> RetrainResult:
+    """Train the best candidate on all training images for its CV-consensus epoch count (the
+    study's `[retrain] epochs` rule on its mean val_loss curve), test it on `data`'s validation
+    split (the test set) and save it under models/<candidate>."""
+    candidate = best.candidate
+    setting = ctx.spec.retrain.epochs
+    if setting == "warning":
+        epochs = best.warning.chosen_epoch or candidate.train.epochs
+    elif setting == "lowest":
+        epochs = best.warning.best_epoch or candidate.train.epochs
+    else:
+        epochs = setting
+    train = dataclasses.replace(candidate.train, epochs=epochs, early_stopping=None)
+    retrained = dataclasses.replace(candidate, train=train)
+    key = f"{candidate.name}/retrain"
+    member = Member(key, candidate.model, np.arange(len(data.x_train)), None,
+                    member_seed(ctx.spec.seed, "retrain"))
+    register_models(ctx, [member], {key: retrained}, "retrain")
+    directory = model_dir(ctx.output_dir, candidate.name)
+    record = finished_models(ctx.store, ctx.run.id).get(key)
+    if record is not None and record.status == "finished" and directory.exists():
+        history = stored_result(ctx.store, ctx.run.id, key).history
+        return RetrainResult(candidate.name, epochs, record.test_loss or float("nan"),
+                             record.test_accuracy or float("nan"), directory, history)
+    result = train_or_reuse(ctx, [member], retrained, data, f"retrain {candidate.name} "
+                            f"on all {len(data.x_train)}", keep_weights=True)[key]
+    test_loss, test_accuracy = test_weights(retrained, result, data, ctx.device)
+    save_model(directory, spec=candidate.model, state=result.weights or {},
+               class_names=class_names, metadata=model_metadata(
+                   ctx, retrained, epochs, test_loss, test_accuracy, role="retrain"))
+    ctx.store.update_model(ctx.run.id, key, test_loss=test_loss, test_accuracy=test_accuracy)
+    return RetrainResult(candidate.name, epochs, test_loss, test_accuracy, directory,
+                         result.history)
+
+
+def train_final(ctx: RunContext, candidate: Candidate, data: Tensors,
+                class_names: tuple[str, ...]) -> CandidateResult:
+    """Train a final model on all training images, validated (and tested after its last
+    epoch) on `data`'s validation split, the test set; saved under models/<candidate>."""
+    key = f"{candidate.name}/final"
+    member = Member(key, candidate.model, np.arange(len(data.x_train)),
+                    np.arange(len(data.x_val)), member_seed(ctx.spec.seed, "final"))
+    register_models(ctx, [member], {key: candidate}, "final")
+    directory = model_dir(ctx.output_dir, candidate.name)
+    record = finished_models(ctx.store, ctx.run.id).get(key)
+    if record is not None and record.status != "failed" and directory.exists():
+        result = stored_result(ctx.store, ctx.run.id, key)
+        test_loss, test_accuracy = record.test_loss, record.test_accuracy
+    else:
+        result = train_or_reuse(ctx, [member], candidate, data,
+                                final_label(candidate, len(data.x_train)),
+                                keep_weights=True)[key]
+        test_loss, test_accuracy = test_weights(candidate, result, data, ctx.device)
+        if result.weights is not None:
+            save_model(directory, spec=candidate.model, state=result.weights,
+                       class_names=class_names, metadata=model_metadata(
+                           ctx, candidate, len(result.history), test_loss, test_accuracy,
+                           role="final"))
+        ctx.store.update_model(ctx.run.id, key, test_loss=test_loss,
+                               test_accuracy=test_accuracy)
+    summary = summarize_models(candidate, [result], "final", ctx.spec.warning)
+    return dataclasses.replace(summary, test_loss=_nan(test_loss),
+                               test_accuracy=_nan(test_accuracy), model_dir=directory)
+
+
+def test_weights(candidate: Candidate, result: MemberResult, data: Tensors,
+                 device: torch.device) -> tuple[float, float]:
+    """Loss and accuracy of a trained model's kept weights on `data`'s validation split
+    (NaN when it failed or kept none)."""
+    if result.weights is None or result.status == "failed":
+        return float("nan"), float("nan")
+    member = Member(result.key, candidate.model, np.arange(1), None, 0)
+    scorer = StackTrainer([member], candidate.train, data, device)
+    scorer.load_member_state_dict(result.key, result.weights)
+    index = torch.arange(len(data.x_val), device=device).unsqueeze(0)
+    loss, accuracy = scorer.evaluate(data.x_val, data.y_val, index)
+    return loss[0], accuracy[0]
+
+
+def model_metadata(ctx: RunContext, candidate: Candidate, epochs: int, test_loss: float,
+                   test_accuracy: float, *, role: str) -> dict[str, Any]:
+    """What a saved model's model.json records of how it was trained."""
+    return {
+        "study": ctx.spec.name, "run_id": ctx.run.id, "candidate": candidate.name,
+        "role": role, "epochs": epochs, "seed": ctx.spec.seed,
+        "train": dataclasses.asdict(candidate.train),
+        "test_loss": test_loss, "test_accuracy": test_accuracy,
+        **ctx.run.environment,
+    }
+
+
+def _nan(value: float | None) -> float:
+    return float("nan") if value is None else float(value)

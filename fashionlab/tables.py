@@ -1,0 +1,193 @@
+"""The results tables as text: one definition of their rows, headers, legends and cells, used
+by the terminal, Markdown, CSV, the HTML report and `fashionlab runs`.
+
+A study's table is a list of `Row`s (built from a finished study by `fashionlab.results`, or
+read back from a stored summary by `rows_from_summary`); a search's table is read from its
+stored summary. Torch-free: `runs show` and the report format tables without a training stack.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fashionlab import text
+
+__all__ = [
+    "HEADERS",
+    "LEGEND",
+    "SEARCH_LEGEND",
+    "Row",
+    "display_rows",
+    "markdown_table",
+    "params_text",
+    "reference_lines",
+    "retrain_line",
+    "rows_from_summary",
+    "rows_to_csv",
+    "search_markdown",
+    "trial_cells",
+]
+
+# --------------------------------------------------------------------------------------------
+# A study
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the results table; numbers are fractions (accuracy 0.883), NaN if absent."""
+
+    model: str
+    kind: str  # baseline | cv | retrain | final
+    epoch: str  # where the result is read: "15 (warning)", "23 (lowest val_loss)", "20"
+    val_loss_mean: float
+    val_loss_std: float
+    val_accuracy_mean: float
+    val_accuracy_std: float
+    ci_low: float  # 95% confidence interval of the mean val accuracy
+    ci_high: float
+    n: int  # models behind the numbers (folds)
+    vs_best: str  # "best", "not worse (p=0.41)", "worse (p=0.003)", ""
+    test_accuracy: float
+    epochs_trained: str  # "200/200", or fewer with early stopping
+    note: str
+
+
+LEGEND = ("epoch: where each result is read: the overfitting warning's epoch; with no warning, "
+          "the epoch of the lowest mean val_loss; with early stopping (ES), each fold's best "
+          "epoch. val_loss and val accuracy: mean ± std across folds at that epoch; "
+          "95% CI of the mean from Student's t. vs best: corrected resampled t-test "
+          "(Nadeau & Bengio) on the paired folds, Holm-adjusted p.")
+
+HEADERS = ("model", "epoch", "val_loss", "val acc %", "95% CI", "vs best", "test acc %",
+           "epochs trained")
+
+
+def _ci(row: Row) -> str:
+    if not text.finite(row.ci_low):
+        return "-"
+    return f"[{row.ci_low * 100:.1f}, {row.ci_high * 100:.1f}]"
+
+
+def display_rows(rows: Iterable[Row]) -> list[tuple[str, ...]]:
+    """The table's cells as text: mean ± std across folds, accuracies in percent."""
+    return [
+        (r.model, r.epoch, text.plus_minus(r.val_loss_mean, r.val_loss_std, r.n, 1.0, 3),
+         text.plus_minus(r.val_accuracy_mean, r.val_accuracy_std, r.n), _ci(r), r.vs_best,
+         text.percent(r.test_accuracy), r.epochs_trained)
+        for r in rows
+    ]
+
+
+def rows_from_summary(summary: Mapping[str, Any]) -> list[Row]:
+    """The results table stored in a study's summary, as rows (NaN where the JSON has null)."""
+    fields = set(Row.__dataclass_fields__)
+    return [Row(**{k: math.nan if v is None else v for k, v in row.items() if k in fields})
+            for row in summary.get("table") or []]
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    """A Markdown table's lines (pipes inside cells escaped)."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in rows]
+    return lines
+
+
+def rows_to_csv(rows: Iterable[Row]) -> str:
+    """Every field of every row, numbers unformatted (a spreadsheet formats them)."""
+    buffer = io.StringIO()
+    fields = list(Row.__dataclass_fields__)
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({f: getattr(row, f) for f in fields})
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------------------------
+# A search (its stored summary: "top", "reference", "retrain", "objective", ...)
+
+SEARCH_LEGEND = ("Mean ± std across folds at each fold's result epoch, 95% CI from Student's t; "
+                 "vs best: corrected resampled t-test on the paired folds, Holm-adjusted p. "
+                 "epoch: the CV-consensus epoch (the retraining length).")
+
+
+def params_text(params: Mapping[str, Any], width: int | None = None) -> str:
+    """A trial's parameters on one line ("units_0=402, dropout=0.225"), cut to `width`."""
+    line = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in params.items())
+    return line if width is None or len(line) <= width else line[: width - 1] + "…"
+
+
+def _score(summary: Mapping[str, Any]) -> Any:
+    """How the search's objective is shown: accuracies in percent, losses as they are."""
+    if summary.get("objective") == "val_loss":
+        return lambda v: text.number(v, ".4f")
+    return text.percent
+
+
+def trial_cells(summary: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Headers and cells of the top-trials table."""
+    score = _score(summary)
+    headers = ["trial", summary.get("objective", "score"), "95% CI", "vs best", "epoch",
+               "fold-epochs", "parameters"]
+    rows = []
+    for row in summary.get("top") or []:
+        trial = str(row["trial"]) + (f" (base: {row['base']})" if row.get("base") else "")
+        rows.append([trial, f"{score(row['mean'])} ± {score(row['std'])}",
+                     f"[{score(row['ci_low'])}, {score(row['ci_high'])}]", row["verdict"],
+                     str(row.get("consensus_epoch") or "-"), str(row.get("fold_epochs") or "-"),
+                     params_text(row["params"])])
+    return headers, rows
+
+
+def reference_lines(summary: Mapping[str, Any], alpha: float = 0.05) -> list[str]:
+    """The best trial against the search's references, one sentence each."""
+    lines = []
+    as_percent = summary.get("objective") != "val_loss"
+    score = _score(summary)
+    for ref in summary.get("reference") or []:
+        if ref.get("missing"):
+            lines.append(f"vs {ref['reference']}: not tested ({ref['missing']})")
+            continue
+        diff = text.number(ref["difference"], "+.2f", 100 if as_percent else 1)
+        lines.append(f"vs {ref['reference']} ({score(ref['score'])}): {diff}"
+                     f"{' points' if as_percent else ''}, t={text.number(ref['t'], '.2f')}, "
+                     f"p={text.number(ref['p_value'], '.3g')} ({ref['kind']}): "
+                     f"{ref['verdict']} at alpha {alpha}. Test: {ref['test']}.")
+    return lines
+
+
+def retrain_line(summary: Mapping[str, Any]) -> str:
+    retrain = summary.get("retrain")
+    if not retrain:
+        return ""
+    return (f"the best (trial {retrain['trial']}) retrained for {retrain['epochs']} epochs on "
+            f"all training images: test accuracy {text.percent(retrain['test_accuracy'])}% "
+            f"({retrain['model_dir']})")
+
+
+def search_markdown(summary: Mapping[str, Any]) -> str:
+    """A finished search's results.md."""
+    counts = summary.get("counts") or {}
+    budget = f" of {summary['budget']}" if summary.get("budget") else ""
+    overview = (f"Run `{summary['run_id']}`, Optuna study `{summary['study_name']}`: "
+                f"{counts.get('complete', 0)} complete, {counts.get('pruned', 0)} pruned, "
+                f"{counts.get('fail', 0)} failed trials; {summary['fold_epochs']}{budget} "
+                f"fold-epochs; stopped by {summary['stopped_by']}; wall time "
+                f"{text.duration(summary.get('wall_seconds') or 0)}.")
+    lines = [f"# {summary['search']}: search results", "", overview, ""]
+    headers, rows = trial_cells(summary)
+    if rows:
+        lines += [*markdown_table(headers, rows), "", SEARCH_LEGEND, ""]
+    lines += [f"- {line}" for line in reference_lines(summary)]
+    if retrain_line(summary):
+        lines.append(f"- {retrain_line(summary)}")
+    if summary.get("importances"):
+        lines.append("- parameter importances (PED-ANOVA): " + ", ".join(
+            f"{k} {v:.2f}" for k, v in summary["importances"].items()))
+    return "\n".join(lines) + "\n"

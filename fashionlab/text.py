@@ -1,0 +1,80 @@
+"""How fashionlab writes numbers, durations, verdicts, errors and names: one home for each.
+
+Torch-free and numpy-free, so that the command line's tables, the report and `runs` format
+their text without loading a training stack. Missing or non-finite numbers are shown as "-".
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+__all__ = [
+    "duration",
+    "finite",
+    "first_line",
+    "number",
+    "percent",
+    "plus_minus",
+    "safe_name",
+    "verdict",
+]
+
+
+def finite(value: Any) -> bool:
+    """A real, finite number (bools and None are not numbers here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
+def number(value: Any, spec: str, scale: float = 1.0) -> str:
+    """`value * scale` formatted with `spec` ("-" for None, NaN or infinity)."""
+    return format(value * scale, spec) if finite(value) else "-"
+
+
+def percent(value: Any, digits: int = 2) -> str:
+    """A fraction as a percentage without the sign: 0.8834 -> "88.34"."""
+    return number(value, f".{digits}f", 100.0)
+
+
+def plus_minus(mean: float, std: float, n: int, scale: float = 100.0, digits: int = 1) -> str:
+    """"mean ± std" of n values (just the mean when n <= 1), scaled: 0.883, 0.004 -> 88.3 ± 0.4."""
+    if not finite(mean):
+        return "-"
+    if n <= 1:
+        return f"{mean * scale:.{digits}f}"
+    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+
+
+def duration(seconds: float | None) -> str:
+    """Seconds as people read them: "42.0 s", "6.8 min", "2.5 h"."""
+    if not finite(seconds):
+        return "-"
+    assert seconds is not None
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def verdict(*, is_best: bool, not_worse: bool | None, p_holm: float | None,
+            reason: str | None = None) -> str:
+    """The one sentence that says how a candidate (or trial) fares against the best:
+    "best", "not worse (p=0.41)", "worse (p=0.003)" or "not compared (why)"."""
+    if is_best:
+        return "best"
+    if not_worse is None:
+        return f"not compared ({reason})" if reason else "not compared"
+    return f"{'not worse' if not_worse else 'worse'} (p={number(p_holm, '.3g')})"
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message cut to its first line (database drivers add pages of context;
+    SQLAlchemy wraps the driver's error as `orig`)."""
+    text = str(getattr(error, "orig", None) or error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def safe_name(name: str) -> str:
+    """A model or candidate name as a file or directory name: letters, digits and "-_."
+    kept, anything else (spaces, slashes, brackets) replaced by "_"."""
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
