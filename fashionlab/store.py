@@ -56,6 +56,10 @@ runs = sa.Table(
     sa.Column("finished", sa.Float),
     sa.Column("host", sa.String(200)),
     sa.Column("pid", sa.Integer),
+    # With the pid, who the process is (ProcessIdentity): a pid alone is reused by later
+    # processes and after a reboot. NULL where the machine has no /proc, or in older rows.
+    sa.Column("pid_start", sa.BigInteger),  # clock ticks from boot to the process's start
+    sa.Column("boot_id", sa.String(36)),  # the boot the process started in
     sa.Column("summary", sa.Text),  # JSON written when the run ends: the results table
     sa.Column("output_dir", sa.Text),  # where its files (table, figures, report) are
 )
@@ -117,14 +121,25 @@ class RunRecord:
     pid: int | None
     summary: dict[str, Any] | None
     output_dir: str | None
+    pid_start: int | None = None  # see ProcessIdentity.start_time
+    boot_id: str | None = None
 
     @property
     def state(self) -> str:
-        """running, finished, failed, or interrupted (running, but its process is gone)."""
+        """running, finished, failed, or interrupted (stored as running, its process gone).
+
+        On its own machine a run is running while its process is: the same pid, started at
+        the same moment of the same boot (`ProcessIdentity`), so neither a later process that
+        reuses the pid nor a reboot keeps it running. Where that cannot be told (a machine
+        without /proc, a row from an older fashionlab), a process with the pid must exist
+        and the heartbeat be under STALE_AFTER old; for a run of another machine, only the
+        heartbeat counts."""
         if self.status != "running":
             return self.status
         if self.host == socket.gethostname() and self.pid is not None:
-            return "running" if _process_alive(self.pid) else "interrupted"
+            alive = ProcessIdentity(self.pid, self.pid_start, self.boot_id)._liveness()
+            if alive is not None:
+                return "running" if alive else "interrupted"
         return "running" if time.time() - self.heartbeat < STALE_AFTER else "interrupted"
 
     @property
@@ -163,14 +178,94 @@ class EpochRecord:
     seconds: float
 
 
+@dataclass(frozen=True)
+class ProcessIdentity:
+    """A process of this machine, told apart from a later one that gets the same pid.
+
+    Linux numbers processes again after a reboot and reuses a pid once its process is gone:
+    the pid names a process only with when it started (`start_time`) and in which boot
+    (`boot_id`), both read from /proc. Without /proc (macOS, Windows) they are None and only
+    the pid is known.
+
+    >>> me = ProcessIdentity.current()
+    >>> me.alive()
+    True
+    """
+
+    pid: int
+    start_time: int | None = None  # clock ticks from boot to its start: /proc/<pid>/stat field 22
+    boot_id: str | None = None  # /proc/sys/kernel/random/boot_id when it started
+
+    @classmethod
+    def current(cls) -> ProcessIdentity:
+        """This process."""
+        return cls.of(os.getpid())
+
+    @classmethod
+    def of(cls, pid: int) -> ProcessIdentity:
+        """The process that has this pid now (its start time None when there is none)."""
+        return cls(pid, _start_time(pid), _boot_id())
+
+    def alive(self) -> bool:
+        """Whether this process still runs.
+
+        With a start time and boot id on a machine with /proc, only the very process counts:
+        another boot, or another process with the pid, is not it. Otherwise (no /proc, or an
+        identity recorded without them) any process with the pid counts, so pair the answer
+        with a sign of life such as a heartbeat."""
+        return self._liveness() is not False
+
+    def _liveness(self) -> bool | None:
+        """True: this very process runs; False: it is gone; None: a process with the pid runs,
+        and whether it is this one cannot be told."""
+        if self.pid <= 0 or not _pid_exists(self.pid):
+            return False
+        boot_id = _boot_id()
+        if boot_id is None or self.start_time is None or self.boot_id is None:
+            return None
+        if self.boot_id != boot_id:
+            return False
+        start_time = _start_time(self.pid)
+        if start_time is None:  # /proc hides other users' processes (mount option hidepid)
+            return None
+        return start_time == self.start_time
+
+
 def _process_alive(pid: int) -> bool:
+    # Kept for search.py, which still checks trial workers by pid alone; use ProcessIdentity.
+    return ProcessIdentity(pid).alive()
+
+
+def _pid_exists(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except PermissionError:  # it exists, owned by another user
         return True
+    except OSError:
+        return False
     return True
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _start_time(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so count the fields
+    # after its last ')'; there the state is field 3, and the start time is field 22.
+    try:
+        return int(stat[stat.rindex(")") + 1:].split()[22 - 3])
+    except (ValueError, IndexError):
+        return None
 
 
 def _none_if_nan(value: float | None) -> float | None:
@@ -238,7 +333,8 @@ class Store:
         self, *, kind: str, name: str, fingerprint: str, seed: int, config: dict[str, Any],
         environment: dict[str, Any], output_root: str | Path | None = None,
     ) -> RunRecord:
-        """A new run, status running; its files go to output_root/<run id> when given."""
+        """A new run, status running in this process; its files go to output_root/<run id>
+        when given."""
         now = time.time()
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         run_id = f"{stamp}-{_slug(name)}-{fingerprint[:6]}"
@@ -253,7 +349,7 @@ class Store:
                 id=run_id, kind=kind, name=name, fingerprint=fingerprint, status="running",
                 seed=seed, config=json.dumps(jsonable(config)),
                 environment=json.dumps(jsonable(environment)),
-                started=now, heartbeat=now, host=socket.gethostname(), pid=os.getpid(),
+                started=now, heartbeat=now, **_this_process(),
                 output_dir=str(Path(output_root).resolve() / run_id) if output_root else None,
             ))
         return self.run(run_id)
@@ -262,8 +358,7 @@ class Store:
         """Mark an existing run as running in this process (resuming it)."""
         with self._begin() as conn:
             conn.execute(runs.update().where(runs.c.id == run_id).values(
-                status="running", heartbeat=time.time(), host=socket.gethostname(),
-                pid=os.getpid(), finished=None))
+                status="running", heartbeat=time.time(), finished=None, **_this_process()))
         return self.run(run_id)
 
     def heartbeat(self, run_id: str) -> None:
@@ -390,15 +485,21 @@ def _migration_1(conn: sa.Connection) -> None:
         table.create(conn, checkfirst=True)
 
 
-MIGRATIONS = [_migration_1]
+def _migration_2(conn: sa.Connection) -> None:
+    # The identity of a run's process. Migration 1 creates the tables as defined today, so a
+    # new database has the columns already: add only the missing ones.
+    _add_columns(conn, runs, "pid_start", "boot_id")
+
+
+MIGRATIONS = [_migration_1, _migration_2]
 
 
 def migrate(engine: sa.Engine, attempts: int = 5) -> int:
     """Apply the missing migrations; returns the schema version.
 
     Workers on several machines may open a new store at the same moment: on PostgreSQL the
-    migration holds an advisory lock; elsewhere a migration that lost the race is retried (it
-    then finds the work done)."""
+    migration holds an advisory lock, on SQLite the write lock from its first statement;
+    elsewhere a migration that lost the race is retried (it then finds the work done)."""
     for attempt in range(attempts):
         try:
             return _migrate_once(engine)
@@ -413,16 +514,40 @@ def _migrate_once(engine: sa.Engine) -> int:
     with engine.begin() as conn:
         if engine.dialect.name == "postgresql":
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(7165734)"))  # fashionlab's key
+        elif engine.dialect.name == "sqlite":
+            # Python's sqlite3 starts a transaction only before a data change, leaving the
+            # version check and the DDL outside it: take the write lock first, so that a
+            # second process waits here and then finds the migrations applied.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
         schema.create(conn, checkfirst=True)
-        current = conn.execute(sa.select(sa.func.max(schema.c.version))).scalar() or 0
+        current = _schema_version(conn)
         if current > len(MIGRATIONS):
-            raise StoreError(f"the store's schema (version {current}) is newer than this "
-                             f"fashionlab (version {len(MIGRATIONS)}); upgrade fashionlab")
+            raise _newer_schema(current)
         for version in range(current + 1, len(MIGRATIONS) + 1):
             MIGRATIONS[version - 1](conn)
             conn.execute(schema.insert().values(
                 version=version, applied=datetime.now(timezone.utc).isoformat()))
         return len(MIGRATIONS)
+
+
+def _schema_version(conn: sa.Connection) -> int:
+    """The applied schema version; 0 for a new database."""
+    if not sa.inspect(conn).has_table(schema.name):
+        return 0
+    return conn.execute(sa.select(sa.func.max(schema.c.version))).scalar() or 0
+
+
+def _newer_schema(current: int) -> StoreError:
+    return StoreError(f"the store's schema (version {current}) is newer than this "
+                      f"fashionlab (version {len(MIGRATIONS)}); upgrade fashionlab")
+
+
+def _add_columns(conn: sa.Connection, table: sa.Table, *names: str) -> None:
+    present = {column["name"] for column in sa.inspect(conn).get_columns(table.name)}
+    for name in names:
+        if name not in present:
+            kind = table.c[name].type.compile(dialect=conn.dialect)
+            conn.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN {name} {kind}"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -434,6 +559,13 @@ def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def _this_process() -> dict[str, Any]:
+    """The columns of fl_runs that say which process runs a run: this one."""
+    me = ProcessIdentity.current()
+    return {"host": socket.gethostname(), "pid": me.pid, "pid_start": me.start_time,
+            "boot_id": me.boot_id}
 
 
 def _run_record(row: Any) -> RunRecord:
