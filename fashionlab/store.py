@@ -17,7 +17,9 @@ import json
 import math
 import os
 import socket
+import threading
 import time
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -101,7 +103,12 @@ MODEL_FIELDS = ("candidate", "role", "repeat", "fold", "status", "message", "epo
                 "best_epoch", "n_train", "n_val", "seed", "test_loss", "test_accuracy", "seconds")
 EPOCH_FIELDS = ("loss", "accuracy", "val_loss", "val_accuracy", "seconds")
 
-STALE_AFTER = 15 * 60  # seconds without a heartbeat before a running run counts as interrupted
+# A process that runs a run refreshes its heartbeat every HEARTBEAT_EVERY seconds (a thread of
+# the Store that created or claimed it) and at every epoch end. Where liveness rests on the
+# heartbeat (another machine, no /proc), a run is interrupted after STALE_AFTER seconds without
+# one: 15 missed beats, room for a database busy for a while or clocks a few minutes apart.
+HEARTBEAT_EVERY = 60.0
+STALE_AFTER = 15 * 60
 
 
 @dataclass(frozen=True)
@@ -302,14 +309,15 @@ class Store:
 
     def __init__(self, url: str) -> None:
         self.url = url = database_url(url)
+        self._beats: dict[str, threading.Event] = {}  # run id -> stops its heartbeat thread
         try:
             if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
                 Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
             # An in-memory SQLite database lives in one connection: share it (tests).
-            in_memory = url in ("sqlite://", "sqlite:///:memory:")
+            self._in_memory = url in ("sqlite://", "sqlite:///:memory:")
             self.engine = sa.create_engine(
-                url, poolclass=sa.pool.StaticPool if in_memory else None,
-                connect_args={"check_same_thread": False} if in_memory else {})
+                url, poolclass=sa.pool.StaticPool if self._in_memory else None,
+                connect_args={"check_same_thread": False} if self._in_memory else {})
             if self.engine.dialect.name == "sqlite":
                 sa.event.listen(self.engine, "connect", _sqlite_pragmas)
             migrate(self.engine)
@@ -322,10 +330,28 @@ class Store:
         return cls(url or os.environ.get("FASHIONLAB_STORE") or default_url(run_dir))
 
     def close(self) -> None:
+        for stop in self._beats.values():
+            stop.set()
+        self._beats.clear()
         self.engine.dispose()
 
     def _begin(self) -> Any:
         return self.engine.begin()
+
+    def _keep_alive(self, run_id: str) -> None:
+        """Refresh the run's heartbeat from a thread until end_run, delete_run or close: the
+        sign of life that other machines read (see RunRecord.state). Not for an in-memory
+        database, which no other process sees."""
+        if self._in_memory or run_id in self._beats:
+            return
+        stop = self._beats[run_id] = threading.Event()
+        threading.Thread(target=_beat, args=(weakref.ref(self), run_id, stop), daemon=True,
+                         name=f"fashionlab-heartbeat-{run_id}").start()
+
+    def _stop_beating(self, run_id: str) -> None:
+        stop = self._beats.pop(run_id, None)
+        if stop is not None:
+            stop.set()
 
     # ---- runs -----------------------------------------------------------------------------
 
@@ -334,7 +360,7 @@ class Store:
         environment: dict[str, Any], output_root: str | Path | None = None,
     ) -> RunRecord:
         """A new run, status running in this process; its files go to output_root/<run id>
-        when given."""
+        when given. Its heartbeat beats until end_run (or close)."""
         now = time.time()
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         run_id = f"{stamp}-{_slug(name)}-{fingerprint[:6]}"
@@ -352,13 +378,16 @@ class Store:
                 started=now, heartbeat=now, **_this_process(),
                 output_dir=str(Path(output_root).resolve() / run_id) if output_root else None,
             ))
+        self._keep_alive(run_id)
         return self.run(run_id)
 
     def claim_run(self, run_id: str) -> RunRecord:
-        """Mark an existing run as running in this process (resuming it)."""
+        """Mark an existing run as running in this process (resuming it); its heartbeat beats
+        until end_run (or close)."""
         with self._begin() as conn:
             conn.execute(runs.update().where(runs.c.id == run_id).values(
                 status="running", heartbeat=time.time(), finished=None, **_this_process()))
+        self._keep_alive(run_id)
         return self.run(run_id)
 
     def heartbeat(self, run_id: str) -> None:
@@ -366,6 +395,8 @@ class Store:
             conn.execute(runs.update().where(runs.c.id == run_id).values(heartbeat=time.time()))
 
     def end_run(self, run_id: str, status: str, summary: dict[str, Any] | None = None) -> None:
+        """This process stops running the run: finished, failed, or running (left to resume)."""
+        self._stop_beating(run_id)
         now = time.time()
         with self._begin() as conn:
             values: dict[str, Any] = {"status": status, "finished": now, "heartbeat": now}
@@ -404,6 +435,7 @@ class Store:
 
     def delete_run(self, run_id: str) -> None:
         run_id = self.run(run_id).id
+        self._stop_beating(run_id)
         with self._begin() as conn:
             conn.execute(epochs.delete().where(epochs.c.run_id == run_id))
             conn.execute(models.delete().where(models.c.run_id == run_id))
@@ -566,6 +598,20 @@ def _this_process() -> dict[str, Any]:
     me = ProcessIdentity.current()
     return {"host": socket.gethostname(), "pid": me.pid, "pid_start": me.start_time,
             "boot_id": me.boot_id}
+
+
+def _beat(store: weakref.ref[Store], run_id: str, stop: threading.Event) -> None:
+    """A heartbeat thread's loop: refresh the run's heartbeat every HEARTBEAT_EVERY seconds
+    until stopped or the store is gone."""
+    while not stop.wait(HEARTBEAT_EVERY):
+        alive = store()
+        if alive is None:
+            return
+        try:
+            alive.heartbeat(run_id)
+        except (StoreError, SQLAlchemyError):
+            pass  # the run's own next write reports what is wrong
+        del alive
 
 
 def _run_record(row: Any) -> RunRecord:

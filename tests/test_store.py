@@ -210,6 +210,23 @@ def test_a_run_elsewhere_is_running_while_its_heartbeat_is_fresh(store: Store):
     assert store.run(run.id).state == "interrupted"
 
 
+def test_a_running_run_keeps_its_heartbeat_fresh(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(store_module, "HEARTBEAT_EVERY", 0.05)
+    store = Store(f"sqlite:///{tmp_path / 'x.db'}")
+    run = _run(store)
+    _set(store, run.id, heartbeat=0.0)
+    deadline = time.time() + 10
+    while store.run(run.id).heartbeat == 0.0 and time.time() < deadline:
+        time.sleep(0.05)
+    assert store.run(run.id).heartbeat > time.time() - 10  # beating without any epoch
+    store.end_run(run.id, "finished")
+    time.sleep(0.2)  # a beat under way ends
+    _set(store, run.id, heartbeat=0.0)
+    time.sleep(0.3)
+    assert store.run(run.id).heartbeat == 0.0  # a run that ended beats no more
+    store.close()
+
+
 # --------------------------------------------------------------------------------------------
 # Upgrading a store of the previous schema
 
