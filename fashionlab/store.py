@@ -20,11 +20,13 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, unquote
 
 import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
@@ -305,29 +307,44 @@ def default_url(run_dir: str | Path = DEFAULT_RUN_DIR) -> str:
 
 class Store:
     """Access to the experiment store. `Store(url)` with any SQLAlchemy URL, or
-    `Store.open(run_dir, url)` for the default layout (a SQLite file in the run directory)."""
+    `Store.open(run_dir, url)` for the default layout (a SQLite file in the run directory).
 
-    def __init__(self, url: str) -> None:
+    A SQLite file that this user cannot write (the file or its folder), or any SQLite file
+    with `read_only=True`, opens in SQLite's read-only mode: everything reads, nothing is
+    written on open, and a write is a StoreError. A database server's own permissions decide
+    there. A write that fails (read-only, disk full, no permission) is a one-line StoreError.
+    """
+
+    def __init__(self, url: str, *, read_only: bool = False) -> None:
         self.url = url = database_url(url)
         self._beats: dict[str, threading.Event] = {}  # run id -> stops its heartbeat thread
         try:
-            if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
-                Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            engine_url = sa.make_url(url)
+            path = _sqlite_file(engine_url)
+            self.read_only = read_only or _read_only_url(engine_url) or (
+                path is not None and path.exists() and not _writable(path))
+            if path is not None and self.read_only:
+                engine_url = _sqlite_read_only_url(path)
+            elif path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
             # An in-memory SQLite database lives in one connection: share it (tests).
-            self._in_memory = url in ("sqlite://", "sqlite:///:memory:")
+            self._in_memory = engine_url.drivername.startswith("sqlite") and path is None
             self.engine = sa.create_engine(
-                url, poolclass=sa.pool.StaticPool if self._in_memory else None,
+                engine_url, poolclass=sa.pool.StaticPool if self._in_memory else None,
                 connect_args={"check_same_thread": False} if self._in_memory else {})
             if self.engine.dialect.name == "sqlite":
-                sa.event.listen(self.engine, "connect", _sqlite_pragmas)
-            migrate(self.engine)
+                sa.event.listen(self.engine, "connect",
+                                _sqlite_read_only_pragmas if self.read_only else _sqlite_pragmas)
+            migrate(self.engine, read_only=self.read_only)
         except (SQLAlchemyError, OSError) as error:
             raise StoreError(f"cannot open the store {_safe_url(url)}: {_first_line(error)}") \
                 from None
 
     @classmethod
-    def open(cls, run_dir: str | Path = DEFAULT_RUN_DIR, url: str | None = None) -> Store:
-        return cls(url or os.environ.get("FASHIONLAB_STORE") or default_url(run_dir))
+    def open(cls, run_dir: str | Path = DEFAULT_RUN_DIR, url: str | None = None, *,
+             read_only: bool = False) -> Store:
+        return cls(url or os.environ.get("FASHIONLAB_STORE") or default_url(run_dir),
+                   read_only=read_only)
 
     def close(self) -> None:
         for stop in self._beats.values():
@@ -335,8 +352,29 @@ class Store:
         self._beats.clear()
         self.engine.dispose()
 
-    def _begin(self) -> Any:
-        return self.engine.begin()
+    @contextmanager
+    def _begin(self) -> Iterator[sa.Connection]:
+        """A write transaction; one the database refuses is a StoreError naming the store."""
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except (sa.exc.OperationalError, sa.exc.InternalError, sa.exc.ProgrammingError,
+                OSError) as error:
+            reason = _first_line(error)
+            if isinstance(error, sa.exc.ProgrammingError) \
+                    and "permission denied" not in reason.lower():
+                raise  # a mistake in a statement, not the database's refusal
+            raise StoreError(f"cannot write to the store {_safe_url(self.url)}: {reason}"
+                             f"{_write_advice(reason, self.read_only)}") from None
+
+    @contextmanager
+    def _read(self) -> Iterator[sa.Connection]:
+        try:
+            with self.engine.connect() as conn:
+                yield conn
+        except (sa.exc.OperationalError, OSError) as error:
+            raise StoreError(f"cannot read the store {_safe_url(self.url)}: "
+                             f"{_first_line(error)}") from None
 
     def _keep_alive(self, run_id: str) -> None:
         """Refresh the run's heartbeat from a thread until end_run, delete_run or close: the
@@ -406,7 +444,7 @@ class Store:
 
     def run(self, run_id: str) -> RunRecord:
         """The run with this id, or a unique id prefix; StoreError when there is none."""
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             row = conn.execute(sa.select(runs).where(runs.c.id == run_id)).first()
             if row is None:
                 matches = conn.execute(
@@ -430,7 +468,7 @@ class Store:
             query = query.where(runs.c.name == name)
         if fingerprint is not None:
             query = query.where(runs.c.fingerprint == fingerprint)
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             return [_run_record(row) for row in conn.execute(query)]
 
     def delete_run(self, run_id: str) -> None:
@@ -487,7 +525,7 @@ class Store:
             conn.execute(runs.update().where(runs.c.id == run_id).values(heartbeat=time.time()))
 
     def models(self, run_id: str) -> list[ModelRecord]:
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             rows = conn.execute(sa.select(models).where(models.c.run_id == run_id)
                                 .order_by(models.c.candidate, models.c.repeat, models.c.fold))
             return [ModelRecord(**row._mapping) for row in rows]
@@ -496,7 +534,7 @@ class Store:
         query = sa.select(epochs).where(epochs.c.run_id == run_id)
         if key is not None:
             query = query.where(epochs.c.key == key)
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             rows = conn.execute(query.order_by(epochs.c.key, epochs.c.epoch))
             return [EpochRecord(row.key, row.epoch, *(_nan_if_none(getattr(row, f))
                                                       for f in EPOCH_FIELDS)) for row in rows]
@@ -526,12 +564,25 @@ def _migration_2(conn: sa.Connection) -> None:
 MIGRATIONS = [_migration_1, _migration_2]
 
 
-def migrate(engine: sa.Engine, attempts: int = 5) -> int:
+def migrate(engine: sa.Engine, attempts: int = 5, *, read_only: bool = False) -> int:
     """Apply the missing migrations; returns the schema version.
 
-    Workers on several machines may open a new store at the same moment: on PostgreSQL the
-    migration holds an advisory lock, on SQLite the write lock from its first statement;
-    elsewhere a migration that lost the race is retried (it then finds the work done)."""
+    A store whose schema is current is only read, so a read-only one opens; a read-only one
+    that needs a migration is a StoreError. Workers on several machines may open a new store
+    at the same moment: on PostgreSQL the migration holds an advisory lock, on SQLite the
+    write lock from its first statement; elsewhere a migration that lost the race is retried
+    (it then finds the work done)."""
+    with engine.connect() as conn:
+        current = _schema_version(conn)
+    if current == len(MIGRATIONS):
+        return current
+    if current > len(MIGRATIONS):
+        raise _newer_schema(current)
+    if read_only:
+        where = _sqlite_file(engine.url) or _safe_url(engine.url.render_as_string())
+        raise StoreError(f"the store {where} needs an upgrade (schema version {current} -> "
+                         f"{len(MIGRATIONS)}) but is read-only: open it once where it can be "
+                         "written")
     for attempt in range(attempts):
         try:
             return _migrate_once(engine)
@@ -591,6 +642,59 @@ def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def _sqlite_read_only_pragmas(dbapi_connection: Any, _: Any) -> None:
+    cursor = dbapi_connection.cursor()  # the journal mode is the writers' to choose
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def _sqlite_file(url: sa.URL) -> Path | None:
+    """The file of a SQLite URL (plain or `file:` URI form); None for another database or an
+    in-memory one."""
+    if not url.drivername.startswith("sqlite") or url.database in (None, "", ":memory:"):
+        return None
+    database = url.database
+    if url.query.get("uri") in ("true", "1") and database.startswith("file:"):
+        if url.query.get("mode") == "memory":
+            return None
+        database = unquote(database.removeprefix("file:"))
+    return Path(database)
+
+
+def _read_only_url(url: sa.URL) -> bool:
+    return url.drivername.startswith("sqlite") and url.query.get("uri") in ("true", "1") and (
+        url.query.get("mode") == "ro" or url.query.get("immutable") == "1")
+
+
+def _writable(path: Path) -> bool:
+    # SQLite writes next to the file too (its -wal, -shm or journal): the folder counts.
+    return os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)
+
+
+def _sqlite_read_only_url(path: Path) -> sa.URL:
+    """SQLite's read-only mode for this file. A WAL-mode file needs its -shm index, written
+    even by readers: in a folder we cannot write, where none exists (no process has the file
+    open), it is read as immutable, a copy that nobody writes."""
+    path = path.resolve()
+    shm = path.with_name(path.name + "-shm")
+    immutable = not os.access(path.parent, os.W_OK) and not shm.exists()
+    return sa.URL.create("sqlite", database=f"file:{quote(str(path))}",
+                         query={"uri": "true", **({"immutable": "1"} if immutable
+                                                  else {"mode": "ro"})})
+
+
+def _write_advice(reason: str, read_only: bool) -> str:
+    """What to do about a refused write, after its reason."""
+    reason = reason.lower()
+    if read_only or "readonly" in reason or "read-only" in reason or "permission" in reason:
+        return " (it is read-only here: run where it can be written, or on a writable copy)"
+    if "full" in reason or "no space" in reason:
+        return " (free some disk space and run again)"
+    if "locked" in reason:
+        return " (another process held it too long: run again)"
+    return ""
 
 
 def _this_process() -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """The experiment store on an in-memory database: runs, models, epochs, migrations; which
 runs are still running (a pid reused by another process or after a reboot does not count, also
-through the command line)."""
+through the command line); a store that can only be read."""
 
 from __future__ import annotations
 
@@ -300,6 +300,66 @@ def test_processes_opening_an_old_store_together_upgrade_it_once(tmp_path: Path)
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT version FROM fl_schema")).scalars().all() == [1, 2]
     engine.dispose()
+
+
+# --------------------------------------------------------------------------------------------
+# A store that can only be read
+
+
+def _finished_store(path: Path) -> str:
+    store = Store(f"sqlite:///{path}")
+    run = _run(store)
+    _models(store, run.id, "a/fold-0")
+    store.record_epochs(run.id, [("a/fold-0", 1, (1.0, 0.5, 1.1, 0.4, 0.1))],
+                        {"a/fold-0": {"status": "finished"}})
+    store.end_run(run.id, "finished", {"best": "a"})
+    store.close()
+    return run.id
+
+
+@pytest.mark.parametrize("how", ["read_only", "url"])
+def test_a_read_only_store_reads_and_refuses_writes_in_one_line(tmp_path: Path, how: str):
+    path = tmp_path / "runs" / "fashionlab.db"
+    run_id = _finished_store(path)
+    before = path.read_bytes()
+    # SQLite's own read-only mode: tests run as root, which file permissions do not stop.
+    store = Store(f"sqlite:///{path}", read_only=True) if how == "read_only" \
+        else Store(f"sqlite:///file:{path}?mode=ro&uri=true")
+    assert store.read_only
+    assert [r.id for r in store.runs()] == [run_id]
+    assert store.run(run_id).state == "finished" and store.run(run_id).summary == {"best": "a"}
+    assert [e.loss for e in store.histories(run_id)["a/fold-0"]] == [1.0]
+    assert [m.status for m in store.models(run_id)] == ["finished"]
+    for write in (lambda: store.claim_run(run_id), lambda: store.heartbeat(run_id),
+                  lambda: store.end_run(run_id, "failed"), lambda: _run(store),
+                  lambda: store.delete_run(run_id)):
+        with pytest.raises(StoreError) as error:
+            write()
+        message = str(error.value)
+        assert "\n" not in message and str(path) in message and "read-only" in message
+    store.close()
+    assert path.read_bytes() == before
+
+
+def test_a_store_this_user_cannot_write_opens_read_only(tmp_path: Path, monkeypatch):
+    path = tmp_path / "fashionlab.db"
+    run_id = _finished_store(path)
+    monkeypatch.setattr(os, "access", lambda p, mode, **_: mode != os.W_OK)
+    store = Store.open(tmp_path)
+    assert store.read_only and store.run(run_id).state == "finished"
+    with pytest.raises(StoreError, match="cannot write to the store .*read-only"):
+        store.claim_run(run_id)
+    store.close()
+
+
+def test_a_read_only_store_that_needs_an_upgrade_is_a_one_line_error(tmp_path: Path):
+    path = tmp_path / "old.db"
+    _version_1_store(path, 999999999)
+    with pytest.raises(StoreError) as error:
+        Store(f"sqlite:///{path}", read_only=True)
+    message = str(error.value)
+    assert "\n" not in message and str(path) in message and "needs an upgrade" in message
+    assert Store(f"sqlite:///{path}").run("old-finished").state == "finished"  # writable: fine
 
 
 # --------------------------------------------------------------------------------------------
