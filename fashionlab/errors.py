@@ -16,7 +16,7 @@ class ConfigError(FashionlabError):
 
 
 class StoreError(FashionlabError):
-    """The experiment store cannot be opened, or a requested run does not exist."""
+    """The experiment store cannot be opened or written, or a requested run does not exist."""
 
 
 class FieldValueError(ValueError):

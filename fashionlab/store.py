@@ -17,17 +17,22 @@ import json
 import math
 import os
 import socket
+import threading
 import time
-from collections.abc import Iterable, Sequence
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, unquote
 
 import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 
 from fashionlab.errors import StoreError
+from fashionlab.process import ProcessIdentity
 from fashionlab.serialize import jsonable
 from fashionlab.text import first_line
 
@@ -57,6 +62,10 @@ runs = sa.Table(
     sa.Column("finished", sa.Float),
     sa.Column("host", sa.String(200)),
     sa.Column("pid", sa.Integer),
+    # With the pid, who the process is (ProcessIdentity): a pid alone is reused by later
+    # processes and after a reboot. NULL where the machine has no /proc, or in older rows.
+    sa.Column("pid_start", sa.BigInteger),  # clock ticks from boot to the process's start
+    sa.Column("boot_id", sa.String(36)),  # the boot the process started in
     sa.Column("summary", sa.Text),  # JSON written when the run ends: the results table
     sa.Column("output_dir", sa.Text),  # where its files (table, figures, report) are
 )
@@ -99,7 +108,12 @@ MODEL_FIELDS = ("candidate", "role", "repeat", "fold", "status", "message", "epo
 METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")  # of an epoch, as training reports
 EPOCH_FIELDS = (*METRICS, "seconds")
 
-STALE_AFTER = 15 * 60  # seconds without a heartbeat before a running run counts as interrupted
+# A process that runs a run refreshes its heartbeat every HEARTBEAT_EVERY seconds (a thread of
+# the Store that created or claimed it) and at every epoch end. Where liveness rests on the
+# heartbeat (another machine, no /proc), a run is interrupted after STALE_AFTER seconds without
+# one: 15 missed beats, room for a database busy for a while or clocks a few minutes apart.
+HEARTBEAT_EVERY = 60.0
+STALE_AFTER = 15 * 60
 
 
 @dataclass(frozen=True)
@@ -119,14 +133,25 @@ class RunRecord:
     pid: int | None
     summary: dict[str, Any] | None
     output_dir: str | None
+    pid_start: int | None = None  # see ProcessIdentity.start_time
+    boot_id: str | None = None
 
     @property
     def state(self) -> str:
-        """running, finished, failed, or interrupted (running, but its process is gone)."""
+        """running, finished, failed, or interrupted (stored as running, its process gone).
+
+        On its own machine a run is running while its process is: the same pid, started at
+        the same moment of the same boot (`ProcessIdentity`), so neither a later process that
+        reuses the pid nor a reboot keeps it running. Where that cannot be told (a machine
+        without /proc, a row from an older fashionlab), a process with the pid must exist
+        and the heartbeat be under STALE_AFTER old; for a run of another machine, only the
+        heartbeat counts."""
         if self.status != "running":
             return self.status
         if self.host == socket.gethostname() and self.pid is not None:
-            return "running" if _process_alive(self.pid) else "interrupted"
+            alive = ProcessIdentity(self.pid, self.pid_start, self.boot_id).liveness()
+            if alive is not None:
+                return "running" if alive else "interrupted"
         return "running" if time.time() - self.heartbeat < STALE_AFTER else "interrupted"
 
     @property
@@ -165,16 +190,6 @@ class EpochRecord:
     seconds: float
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _none_if_nan(value: float | None) -> float | None:
     # NaN is not portable across databases (PostgreSQL accepts it, SQLite stores NULL); store
     # NULL and read it back as NaN.
@@ -205,34 +220,89 @@ def default_url(run_dir: str | Path = DEFAULT_RUN_DIR) -> str:
 
 class Store:
     """Access to the experiment store. `Store(url)` with any SQLAlchemy URL, or
-    `Store.open(run_dir, url)` for the default layout (a SQLite file in the run directory)."""
+    `Store.open(run_dir, url)` for the default layout (a SQLite file in the run directory).
 
-    def __init__(self, url: str) -> None:
+    A SQLite file that this user cannot write (the file or its folder), or any SQLite file
+    with `read_only=True`, opens in SQLite's read-only mode: everything reads, nothing is
+    written on open, and a write is a StoreError. A database server's own permissions decide
+    there. A write that fails (read-only, disk full, no permission) is a one-line StoreError.
+    """
+
+    def __init__(self, url: str, *, read_only: bool = False) -> None:
         self.url = url = database_url(url)
+        self._beats: dict[str, threading.Event] = {}  # run id -> stops its heartbeat thread
         try:
-            if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
-                Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            engine_url = sa.make_url(url)
+            path = _sqlite_file(engine_url)
+            self.read_only = read_only or _read_only_url(engine_url) or (
+                path is not None and path.exists() and not _writable(path))
+            if path is not None and self.read_only:
+                engine_url = _sqlite_read_only_url(path)
+            elif path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
             # An in-memory SQLite database lives in one connection: share it (tests).
-            in_memory = url in ("sqlite://", "sqlite:///:memory:")
+            self._in_memory = engine_url.drivername.startswith("sqlite") and path is None
             self.engine = sa.create_engine(
-                url, poolclass=sa.pool.StaticPool if in_memory else None,
-                connect_args={"check_same_thread": False} if in_memory else {})
+                engine_url, poolclass=sa.pool.StaticPool if self._in_memory else None,
+                connect_args={"check_same_thread": False} if self._in_memory else {})
             if self.engine.dialect.name == "sqlite":
-                sa.event.listen(self.engine, "connect", _sqlite_pragmas)
-            migrate(self.engine)
+                sa.event.listen(self.engine, "connect",
+                                _sqlite_read_only_pragmas if self.read_only else _sqlite_pragmas)
+            migrate(self.engine, read_only=self.read_only)
         except (SQLAlchemyError, OSError) as error:
             raise StoreError(f"cannot open the store {safe_url(url)}: {first_line(error)}") \
                 from None
 
     @classmethod
-    def open(cls, run_dir: str | Path = DEFAULT_RUN_DIR, url: str | None = None) -> Store:
-        return cls(url or os.environ.get("FASHIONLAB_STORE") or default_url(run_dir))
+    def open(cls, run_dir: str | Path = DEFAULT_RUN_DIR, url: str | None = None, *,
+             read_only: bool = False) -> Store:
+        return cls(url or os.environ.get("FASHIONLAB_STORE") or default_url(run_dir),
+                   read_only=read_only)
 
     def close(self) -> None:
+        for stop in self._beats.values():
+            stop.set()
+        self._beats.clear()
         self.engine.dispose()
 
-    def _begin(self) -> Any:
-        return self.engine.begin()
+    @contextmanager
+    def _begin(self) -> Iterator[sa.Connection]:
+        """A write transaction; one the database refuses is a StoreError naming the store."""
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except (sa.exc.OperationalError, sa.exc.InternalError, sa.exc.ProgrammingError,
+                OSError) as error:
+            reason = first_line(error)
+            if isinstance(error, sa.exc.ProgrammingError) \
+                    and "permission denied" not in reason.lower():
+                raise  # a mistake in a statement, not the database's refusal
+            raise StoreError(f"cannot write to the store {safe_url(self.url)}: {reason}"
+                             f"{_write_advice(reason, self.read_only)}") from None
+
+    @contextmanager
+    def _read(self) -> Iterator[sa.Connection]:
+        try:
+            with self.engine.connect() as conn:
+                yield conn
+        except (sa.exc.OperationalError, OSError) as error:
+            raise StoreError(f"cannot read the store {safe_url(self.url)}: "
+                             f"{first_line(error)}") from None
+
+    def _keep_alive(self, run_id: str) -> None:
+        """Refresh the run's heartbeat from a thread until end_run, delete_run or close: the
+        sign of life that other machines read (see RunRecord.state). Not for an in-memory
+        database, which no other process sees."""
+        if self._in_memory or run_id in self._beats:
+            return
+        stop = self._beats[run_id] = threading.Event()
+        threading.Thread(target=_beat, args=(weakref.ref(self), run_id, stop), daemon=True,
+                         name=f"fashionlab-heartbeat-{run_id}").start()
+
+    def _stop_beating(self, run_id: str) -> None:
+        stop = self._beats.pop(run_id, None)
+        if stop is not None:
+            stop.set()
 
     # ---- runs -----------------------------------------------------------------------------
 
@@ -240,7 +310,8 @@ class Store:
         self, *, kind: str, name: str, fingerprint: str, seed: int, config: dict[str, Any],
         environment: dict[str, Any], output_root: str | Path | None = None,
     ) -> RunRecord:
-        """A new run, status running; its files go to output_root/<run id> when given."""
+        """A new run, status running in this process; its files go to output_root/<run id>
+        when given. Its heartbeat beats until end_run (or close)."""
         now = time.time()
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         run_id = f"{stamp}-{_slug(name)}-{fingerprint[:6]}"
@@ -255,17 +326,19 @@ class Store:
                 id=run_id, kind=kind, name=name, fingerprint=fingerprint, status="running",
                 seed=seed, config=json.dumps(jsonable(config)),
                 environment=json.dumps(jsonable(environment)),
-                started=now, heartbeat=now, host=socket.gethostname(), pid=os.getpid(),
+                started=now, heartbeat=now, **_this_process(),
                 output_dir=str(Path(output_root).resolve() / run_id) if output_root else None,
             ))
+        self._keep_alive(run_id)
         return self.run(run_id)
 
     def claim_run(self, run_id: str) -> RunRecord:
-        """Mark an existing run as running in this process (resuming it)."""
+        """Mark an existing run as running in this process (resuming it); its heartbeat beats
+        until end_run (or close)."""
         with self._begin() as conn:
             conn.execute(runs.update().where(runs.c.id == run_id).values(
-                status="running", heartbeat=time.time(), host=socket.gethostname(),
-                pid=os.getpid(), finished=None))
+                status="running", heartbeat=time.time(), finished=None, **_this_process()))
+        self._keep_alive(run_id)
         return self.run(run_id)
 
     def heartbeat(self, run_id: str) -> None:
@@ -273,6 +346,8 @@ class Store:
             conn.execute(runs.update().where(runs.c.id == run_id).values(heartbeat=time.time()))
 
     def end_run(self, run_id: str, status: str, summary: dict[str, Any] | None = None) -> None:
+        """This process stops running the run: finished, failed, or running (left to resume)."""
+        self._stop_beating(run_id)
         now = time.time()
         with self._begin() as conn:
             values: dict[str, Any] = {"status": status, "finished": now, "heartbeat": now}
@@ -282,7 +357,7 @@ class Store:
 
     def run(self, run_id: str) -> RunRecord:
         """The run with this id, or a unique id prefix; StoreError when there is none."""
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             row = conn.execute(sa.select(runs).where(runs.c.id == run_id)).first()
             if row is None:
                 matches = conn.execute(
@@ -306,11 +381,12 @@ class Store:
             query = query.where(runs.c.name == name)
         if fingerprint is not None:
             query = query.where(runs.c.fingerprint == fingerprint)
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             return [_run_record(row) for row in conn.execute(query)]
 
     def delete_run(self, run_id: str) -> None:
         run_id = self.run(run_id).id
+        self._stop_beating(run_id)
         with self._begin() as conn:
             conn.execute(epochs.delete().where(epochs.c.run_id == run_id))
             conn.execute(models.delete().where(models.c.run_id == run_id))
@@ -362,7 +438,7 @@ class Store:
             conn.execute(runs.update().where(runs.c.id == run_id).values(heartbeat=time.time()))
 
     def models(self, run_id: str) -> list[ModelRecord]:
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             rows = conn.execute(sa.select(models).where(models.c.run_id == run_id)
                                 .order_by(models.c.candidate, models.c.repeat, models.c.fold))
             return [ModelRecord(**row._mapping) for row in rows]
@@ -371,7 +447,7 @@ class Store:
         query = sa.select(epochs).where(epochs.c.run_id == run_id)
         if key is not None:
             query = query.where(epochs.c.key == key)
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             rows = conn.execute(query.order_by(epochs.c.key, epochs.c.epoch))
             return [EpochRecord(row.key, row.epoch, *(_nan_if_none(getattr(row, f))
                                                       for f in EPOCH_FIELDS)) for row in rows]
@@ -392,15 +468,34 @@ def _migration_1(conn: sa.Connection) -> None:
         table.create(conn, checkfirst=True)
 
 
-MIGRATIONS = [_migration_1]
+def _migration_2(conn: sa.Connection) -> None:
+    # The identity of a run's process. Migration 1 creates the tables as defined today, so a
+    # new database has the columns already: add only the missing ones.
+    _add_columns(conn, runs, "pid_start", "boot_id")
 
 
-def migrate(engine: sa.Engine, attempts: int = 5) -> int:
+MIGRATIONS = [_migration_1, _migration_2]
+
+
+def migrate(engine: sa.Engine, attempts: int = 5, *, read_only: bool = False) -> int:
     """Apply the missing migrations; returns the schema version.
 
-    Workers on several machines may open a new store at the same moment: on PostgreSQL the
-    migration holds an advisory lock; elsewhere a migration that lost the race is retried (it
-    then finds the work done)."""
+    A store whose schema is current is only read, so a read-only one opens; a read-only one
+    that needs a migration is a StoreError. Workers on several machines may open a new store
+    at the same moment: on PostgreSQL the migration holds an advisory lock, on SQLite the
+    write lock from its first statement; elsewhere a migration that lost the race is retried
+    (it then finds the work done)."""
+    with engine.connect() as conn:
+        current = _schema_version(conn)
+    if current == len(MIGRATIONS):
+        return current
+    if current > len(MIGRATIONS):
+        raise _newer_schema(current)
+    if read_only:
+        where = _sqlite_file(engine.url) or safe_url(engine.url.render_as_string())
+        raise StoreError(f"the store {where} needs an upgrade (schema version {current} -> "
+                         f"{len(MIGRATIONS)}) but is read-only: open it once where it can be "
+                         "written")
     for attempt in range(attempts):
         try:
             return _migrate_once(engine)
@@ -415,16 +510,40 @@ def _migrate_once(engine: sa.Engine) -> int:
     with engine.begin() as conn:
         if engine.dialect.name == "postgresql":
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(7165734)"))  # fashionlab's key
+        elif engine.dialect.name == "sqlite":
+            # Python's sqlite3 starts a transaction only before a data change, leaving the
+            # version check and the DDL outside it: take the write lock first, so that a
+            # second process waits here and then finds the migrations applied.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
         schema.create(conn, checkfirst=True)
-        current = conn.execute(sa.select(sa.func.max(schema.c.version))).scalar() or 0
+        current = _schema_version(conn)
         if current > len(MIGRATIONS):
-            raise StoreError(f"the store's schema (version {current}) is newer than this "
-                             f"fashionlab (version {len(MIGRATIONS)}); upgrade fashionlab")
+            raise _newer_schema(current)
         for version in range(current + 1, len(MIGRATIONS) + 1):
             MIGRATIONS[version - 1](conn)
             conn.execute(schema.insert().values(
                 version=version, applied=datetime.now(timezone.utc).isoformat()))
         return len(MIGRATIONS)
+
+
+def _schema_version(conn: sa.Connection) -> int:
+    """The applied schema version; 0 for a new database."""
+    if not sa.inspect(conn).has_table(schema.name):
+        return 0
+    return conn.execute(sa.select(sa.func.max(schema.c.version))).scalar() or 0
+
+
+def _newer_schema(current: int) -> StoreError:
+    return StoreError(f"the store's schema (version {current}) is newer than this "
+                      f"fashionlab (version {len(MIGRATIONS)}); upgrade fashionlab")
+
+
+def _add_columns(conn: sa.Connection, table: sa.Table, *names: str) -> None:
+    present = {column["name"] for column in sa.inspect(conn).get_columns(table.name)}
+    for name in names:
+        if name not in present:
+            kind = table.c[name].type.compile(dialect=conn.dialect)
+            conn.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN {name} {kind}"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -436,6 +555,80 @@ def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def _sqlite_read_only_pragmas(dbapi_connection: Any, _: Any) -> None:
+    cursor = dbapi_connection.cursor()  # the journal mode is the writers' to choose
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def _sqlite_file(url: sa.URL) -> Path | None:
+    """The file of a SQLite URL (plain or `file:` URI form); None for another database or an
+    in-memory one."""
+    if not url.drivername.startswith("sqlite") or url.database in (None, "", ":memory:"):
+        return None
+    database = url.database
+    if url.query.get("uri") in ("true", "1") and database.startswith("file:"):
+        if url.query.get("mode") == "memory":
+            return None
+        database = unquote(database.removeprefix("file:"))
+    return Path(database)
+
+
+def _read_only_url(url: sa.URL) -> bool:
+    return url.drivername.startswith("sqlite") and url.query.get("uri") in ("true", "1") and (
+        url.query.get("mode") == "ro" or url.query.get("immutable") == "1")
+
+
+def _writable(path: Path) -> bool:
+    # SQLite writes next to the file too (its -wal, -shm or journal): the folder counts.
+    return os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)
+
+
+def _sqlite_read_only_url(path: Path) -> sa.URL:
+    """SQLite's read-only mode for this file. A WAL-mode file needs its -shm index, written
+    even by readers: in a folder we cannot write, where none exists (no process has the file
+    open), it is read as immutable, a copy that nobody writes."""
+    path = path.resolve()
+    shm = path.with_name(path.name + "-shm")
+    immutable = not os.access(path.parent, os.W_OK) and not shm.exists()
+    return sa.URL.create("sqlite", database=f"file:{quote(str(path))}",
+                         query={"uri": "true", **({"immutable": "1"} if immutable
+                                                  else {"mode": "ro"})})
+
+
+def _write_advice(reason: str, read_only: bool) -> str:
+    """What to do about a refused write, after its reason."""
+    reason = reason.lower()
+    if read_only or "readonly" in reason or "read-only" in reason or "permission" in reason:
+        return " (it is read-only here: run where it can be written, or on a writable copy)"
+    if "full" in reason or "no space" in reason:
+        return " (free some disk space and run again)"
+    if "locked" in reason:
+        return " (another process held it too long: run again)"
+    return ""
+
+
+def _this_process() -> dict[str, Any]:
+    """The columns of fl_runs that say which process runs a run: this one."""
+    me = ProcessIdentity.current()
+    return {"host": socket.gethostname(), "pid": me.pid, "pid_start": me.start_time,
+            "boot_id": me.boot_id}
+
+
+def _beat(store: weakref.ref[Store], run_id: str, stop: threading.Event) -> None:
+    """A heartbeat thread's loop: refresh the run's heartbeat every HEARTBEAT_EVERY seconds
+    until stopped or the store is gone."""
+    while not stop.wait(HEARTBEAT_EVERY):
+        alive = store()
+        if alive is None:
+            return
+        try:
+            alive.heartbeat(run_id)
+        except (StoreError, SQLAlchemyError):
+            pass  # the run's own next write reports what is wrong
+        del alive
 
 
 def _run_record(row: Any) -> RunRecord:

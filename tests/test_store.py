@@ -1,15 +1,29 @@
-"""The experiment store on an in-memory database: runs, models, epochs, migrations."""
+"""The experiment store on an in-memory database: runs, models, epochs, migrations; which
+runs are still running (a pid reused by another process or after a reboot does not count, also
+through the command line); a store that can only be read."""
 
 from __future__ import annotations
 
 import math
 import os
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from helpers import assert_one_line_error, run_cli, tiny_study_toml
 
+from fashionlab import store as store_module
 from fashionlab.errors import StoreError
+from fashionlab.process import ProcessIdentity
 from fashionlab.store import MIGRATIONS, Store, migrate
+
+# Where /proc is missing (macOS, Windows) a process is known by its pid only.
+needs_proc = pytest.mark.skipif(ProcessIdentity.current().start_time is None,
+                                reason="no /proc: processes are told apart by pid only")
 
 
 @pytest.fixture
@@ -135,3 +149,267 @@ def test_a_migration_that_loses_a_race_is_retried(tmp_path, monkeypatch):
     monkeypatch.setattr(store_module, "_migrate_once", racing)
     Store(f"sqlite:///{tmp_path / 'x.db'}").close()
     assert calls["n"] == 2
+
+
+# --------------------------------------------------------------------------------------------
+# Which runs are running
+
+
+def _set(store: Store, run_id: str, **values) -> None:
+    with store.engine.begin() as conn:
+        conn.execute(sa.update(store_module.runs).where(store_module.runs.c.id == run_id)
+                     .values(**values))
+
+
+def test_the_current_process_counts_as_running(store: Store):
+    me = ProcessIdentity.current()
+    assert me.pid == os.getpid() and me.alive()
+    run = _run(store)
+    assert (run.pid, run.pid_start, run.boot_id) == (me.pid, me.start_time, me.boot_id)
+    _set(store, run.id, heartbeat=time.time() - 10 * store_module.STALE_AFTER)
+    assert store.run(run.id).state == "running"  # on its machine, the process decides
+
+
+@needs_proc
+def test_a_live_pid_that_started_at_another_moment_is_interrupted(store: Store):
+    run = _run(store)
+    _set(store, run.id, pid_start=run.pid_start + 1)  # our pid, but not the run's process
+    assert store.run(run.id).state == "interrupted"
+    assert not ProcessIdentity(os.getpid(), run.pid_start + 1, run.boot_id).alive()
+
+
+@needs_proc
+def test_a_run_of_another_boot_is_interrupted(store: Store):
+    run = _run(store)
+    _set(store, run.id, boot_id=str(uuid.uuid4()))  # the same pid and start, before a reboot
+    assert store.run(run.id).state == "interrupted"
+
+
+def test_a_dead_pid_is_interrupted(store: Store):
+    run = _run(store)
+    _set(store, run.id, pid=999999999)
+    assert store.run(run.id).state == "interrupted"
+    assert not ProcessIdentity(999999999).alive()
+    assert not ProcessIdentity(999999999, 1, ProcessIdentity.current().boot_id).alive()
+
+
+def test_without_the_process_start_a_live_pid_needs_a_fresh_heartbeat(store: Store):
+    # As on a machine without /proc, or for a row written before the start was recorded.
+    run = _run(store)
+    _set(store, run.id, pid_start=None, boot_id=None)
+    assert store.run(run.id).state == "running"
+    _set(store, run.id, heartbeat=time.time() - store_module.STALE_AFTER - 1)
+    assert store.run(run.id).state == "interrupted"
+    assert ProcessIdentity(os.getpid()).alive()
+
+
+def test_a_run_elsewhere_is_running_while_its_heartbeat_is_fresh(store: Store):
+    run = _run(store)
+    _set(store, run.id, host="elsewhere", pid=1, pid_start=1, boot_id="another boot")
+    assert store.run(run.id).state == "running"
+    _set(store, run.id, heartbeat=time.time() - store_module.STALE_AFTER - 1)
+    assert store.run(run.id).state == "interrupted"
+
+
+def test_a_running_run_keeps_its_heartbeat_fresh(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(store_module, "HEARTBEAT_EVERY", 0.05)
+    store = Store(f"sqlite:///{tmp_path / 'x.db'}")
+    run = _run(store)
+    _set(store, run.id, heartbeat=0.0)
+    deadline = time.time() + 10
+    while store.run(run.id).heartbeat == 0.0 and time.time() < deadline:
+        time.sleep(0.05)
+    assert store.run(run.id).heartbeat > time.time() - 10  # beating without any epoch
+    store.end_run(run.id, "finished")
+    time.sleep(0.2)  # a beat under way ends
+    _set(store, run.id, heartbeat=0.0)
+    time.sleep(0.3)
+    assert store.run(run.id).heartbeat == 0.0  # a run that ended beats no more
+    store.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Upgrading a store of the previous schema
+
+
+def _version_1_store(path: Path, pid: int) -> None:
+    """A store as fashionlab's schema version 1 left it: fl_runs without the process's start
+    time and boot id, holding a finished run and a running one of process `pid`."""
+    engine = sa.create_engine(f"sqlite:///{path}")
+    with engine.begin() as conn:
+        conn.execute(sa.text("""CREATE TABLE fl_runs (
+            id VARCHAR(64) NOT NULL PRIMARY KEY, kind VARCHAR(16) NOT NULL,
+            name VARCHAR(200) NOT NULL, fingerprint VARCHAR(32) NOT NULL,
+            status VARCHAR(16) NOT NULL, seed BIGINT NOT NULL, config TEXT NOT NULL,
+            environment TEXT NOT NULL, started FLOAT NOT NULL, heartbeat FLOAT NOT NULL,
+            finished FLOAT, host VARCHAR(200), pid INTEGER, summary TEXT, output_dir TEXT)"""))
+        store_module.models.create(conn)
+        store_module.epochs.create(conn)
+        store_module.schema.create(conn)
+        conn.execute(sa.text("INSERT INTO fl_schema VALUES (1, '2025-01-01T00:00:00')"))
+        for run_id, status, finished, summary in (("old-finished", "finished", 2.0, '{"b": 1}'),
+                                                  ("old-running", "running", None, None)):
+            conn.execute(sa.text(
+                "INSERT INTO fl_runs VALUES (:id, 'study', 'old', 'f', :status, 7, '{}', '{}',"
+                " 1.0, :beat, :finished, :host, :pid, :summary, NULL)"),
+                {"id": run_id, "status": status, "beat": time.time(), "finished": finished,
+                 "host": os.uname().nodename, "pid": pid, "summary": summary})
+        conn.execute(sa.text("INSERT INTO fl_models (run_id, key, candidate, role, status, "
+                             "epochs_planned) VALUES ('old-finished', 'a/fold-0', 'a', 'cv', "
+                             "'finished', 1)"))
+        conn.execute(sa.text("INSERT INTO fl_epochs VALUES ('old-finished', 'a/fold-0', 1, "
+                             "1.0, 0.5, 1.1, 0.4, 0.1)"))
+    engine.dispose()
+
+
+def test_a_store_of_the_previous_schema_upgrades_on_open_and_its_runs_read(tmp_path: Path):
+    path = tmp_path / "old.db"
+    _version_1_store(path, os.getpid())
+    store = Store(f"sqlite:///{path}")
+    with store.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT max(version) FROM fl_schema")).scalar() == \
+            len(MIGRATIONS) == 2
+    finished = store.run("old-finished")
+    assert finished.state == "finished" and finished.summary == {"b": 1} and finished.seed == 7
+    assert [e.val_loss for e in store.histories("old-finished")["a/fold-0"]] == [1.1]
+    old = store.run("old-running")
+    assert (old.pid, old.pid_start, old.boot_id) == (os.getpid(), None, None)
+    assert old.state == "running"  # a live pid, a fresh heartbeat: nothing says otherwise
+    store.claim_run(old.id)  # a resume records the whole identity
+    assert store.run(old.id).pid_start == ProcessIdentity.current().start_time
+    store.close()
+
+
+def test_processes_opening_an_old_store_together_upgrade_it_once(tmp_path: Path):
+    path = tmp_path / "old.db"
+    _version_1_store(path, 999999999)
+    errors: list[BaseException] = []
+
+    def open_store() -> None:
+        try:
+            Store(f"sqlite:///{path}").close()
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=open_store) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    engine = sa.create_engine(f"sqlite:///{path}")
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT version FROM fl_schema")).scalars().all() == [1, 2]
+    engine.dispose()
+
+
+# --------------------------------------------------------------------------------------------
+# A store that can only be read
+
+
+def _finished_store(path: Path) -> str:
+    store = Store(f"sqlite:///{path}")
+    run = _run(store)
+    _models(store, run.id, "a/fold-0")
+    store.record_epochs(run.id, [("a/fold-0", 1, (1.0, 0.5, 1.1, 0.4, 0.1))],
+                        {"a/fold-0": {"status": "finished"}})
+    store.end_run(run.id, "finished", {"best": "a"})
+    store.close()
+    return run.id
+
+
+@pytest.mark.parametrize("how", ["read_only", "url"])
+def test_a_read_only_store_reads_and_refuses_writes_in_one_line(tmp_path: Path, how: str):
+    path = tmp_path / "runs" / "fashionlab.db"
+    run_id = _finished_store(path)
+    before = path.read_bytes()
+    # SQLite's own read-only mode: tests run as root, which file permissions do not stop.
+    store = Store(f"sqlite:///{path}", read_only=True) if how == "read_only" \
+        else Store(f"sqlite:///file:{path}?mode=ro&uri=true")
+    assert store.read_only
+    assert [r.id for r in store.runs()] == [run_id]
+    assert store.run(run_id).state == "finished" and store.run(run_id).summary == {"best": "a"}
+    assert [e.loss for e in store.histories(run_id)["a/fold-0"]] == [1.0]
+    assert [m.status for m in store.models(run_id)] == ["finished"]
+    for write in (lambda: store.claim_run(run_id), lambda: store.heartbeat(run_id),
+                  lambda: store.end_run(run_id, "failed"), lambda: _run(store),
+                  lambda: store.delete_run(run_id)):
+        with pytest.raises(StoreError) as error:
+            write()
+        message = str(error.value)
+        assert "\n" not in message and str(path) in message and "read-only" in message
+    store.close()
+    assert path.read_bytes() == before
+
+
+def test_a_store_this_user_cannot_write_opens_read_only(tmp_path: Path, monkeypatch):
+    path = tmp_path / "fashionlab.db"
+    run_id = _finished_store(path)
+    monkeypatch.setattr(os, "access", lambda p, mode, **_: mode != os.W_OK)
+    store = Store.open(tmp_path)
+    assert store.read_only and store.run(run_id).state == "finished"
+    with pytest.raises(StoreError, match="cannot write to the store .*read-only"):
+        store.claim_run(run_id)
+    store.close()
+
+
+def test_a_read_only_store_that_needs_an_upgrade_is_a_one_line_error(tmp_path: Path):
+    path = tmp_path / "old.db"
+    _version_1_store(path, 999999999)
+    with pytest.raises(StoreError) as error:
+        Store(f"sqlite:///{path}", read_only=True)
+    message = str(error.value)
+    assert "\n" not in message and str(path) in message and "needs an upgrade" in message
+    assert Store(f"sqlite:///{path}").run("old-finished").state == "finished"  # writable: fine
+
+
+# --------------------------------------------------------------------------------------------
+# Through the command line
+
+
+@needs_proc
+def test_a_run_whose_pid_was_reused_resumes_and_deletes_from_the_command_line(
+        tiny_idx_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    study = tmp_path / "tiny.toml"
+    study.write_text(tiny_study_toml(tiny_idx_dir, epochs=2, folds=2, final=False,
+                                     candidates='[[candidates]]\nname = "small"\n'
+                                                'layers = [{ units = 8 }]\n'))
+    run_dir = tmp_path / "runs"
+    code, _, err = run_cli(capsys, "study", str(study), "--run-dir", str(run_dir))
+    assert code == 0, err
+    store = Store.open(run_dir)
+    (run,) = store.runs()
+
+    other = subprocess.Popen(["sleep", "30"])  # an unrelated live process
+    try:
+        def crashed_with_pid_reused(start_offset: int) -> None:
+            """The row of a run that died, its pid now taken by `other`."""
+            taker = ProcessIdentity.of(other.pid)
+            _set(store, run.id, status="running", finished=None, heartbeat=time.time(),
+                 pid=taker.pid, pid_start=taker.start_time + start_offset,
+                 boot_id=taker.boot_id)
+
+        # The pid's own process, started when the row says: still running, refused.
+        crashed_with_pid_reused(0)
+        assert store.run(run.id).state == "running"
+        code, _, err = run_cli(capsys, "study", str(study), "--run-dir", str(run_dir))
+        assert_one_line_error(code, err, "still running")
+
+        # The pid reused by a process that started at another moment: resumed, no --fresh.
+        crashed_with_pid_reused(1)
+        assert store.run(run.id).state == "interrupted"
+        code, _, err = run_cli(capsys, "study", str(study), "--run-dir", str(run_dir))
+        assert code == 0, err
+        (resumed,) = store.runs()
+        assert resumed.id == run.id and resumed.state == "finished"
+        assert resumed.pid == os.getpid()  # claimed by this process
+
+        crashed_with_pid_reused(1)
+        code, out, err = run_cli(capsys, "runs", "delete", run.id, "--yes",
+                                 "--run-dir", str(run_dir))
+        assert code == 0 and f"deleted run {run.id}" in out, err
+        assert store.runs() == [] and not Path(run.output_dir).exists()
+    finally:
+        other.kill()
+        other.wait()
+        store.close()

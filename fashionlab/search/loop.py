@@ -46,6 +46,7 @@ from fashionlab.cv import MemberResult, make_folds
 from fashionlab.data import Dataset, to_tensors
 from fashionlab.errors import ConfigError
 from fashionlab.hardware import resolve_device
+from fashionlab.process import ProcessIdentity
 from fashionlab.progress import Reporter, reporting
 from fashionlab.provenance import environment
 from fashionlab.rng import derive_seed
@@ -66,7 +67,6 @@ from fashionlab.store import (
     DEFAULT_RUN_DIR,
     RunRecord,
     Store,
-    _process_alive,
     database_url,
     default_url,
     safe_url,
@@ -246,7 +246,8 @@ class _Searcher:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
-        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.identity = ProcessIdentity.current()
+        self.worker = f"{socket.gethostname()}:{self.identity.pid}"
         self.seed = self.search.seed if self.search.seed is not None else spec.seed
 
     # ---- claiming trials ----------------------------------------------------------------
@@ -299,8 +300,11 @@ class _Searcher:
         host = socket.gethostname()
         for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             worker_host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
-            if worker_host != host or not pid.isdigit() or int(pid) == os.getpid() \
-                    or _process_alive(int(pid)):
+            if worker_host != host or not pid.isdigit() or int(pid) == os.getpid():
+                continue
+            # Its pid with when it started: a later process given the same pid is not it.
+            identity = ProcessIdentity(*trial.user_attrs.get("worker_process") or [int(pid)])
+            if identity.alive():
                 continue
             self.study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
             self.retry(self.study, self.study.get_trials(deepcopy=False)[trial.number])
@@ -345,6 +349,7 @@ class _Searcher:
         name = str(trial.user_attrs.get("models") or f"trial-{trial.number}")
         trial.set_user_attr("models", name)
         trial.set_user_attr("worker", self.worker)
+        trial.set_user_attr("worker_process", list(dataclasses.astuple(self.identity)))
         candidate = suggest(trial, self.search, self.base, name)
         members, owner, fold_of = cv_members(
             dataclasses.replace(self.spec, candidates=(candidate,), search=None), self.folds)

@@ -1,0 +1,95 @@
+"""Which process is which: a pid with its start time and boot, so that a later process given
+the same pid (after the first exits, or after a reboot) is never mistaken for it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["ProcessIdentity"]
+
+
+@dataclass(frozen=True)
+class ProcessIdentity:
+    """A process of this machine, told apart from a later one that gets the same pid.
+
+    Linux numbers processes again after a reboot and reuses a pid once its process is gone:
+    the pid names a process only with when it started (`start_time`) and in which boot
+    (`boot_id`), both read from /proc. Without /proc (macOS, Windows) they are None and only
+    the pid is known.
+
+    >>> me = ProcessIdentity.current()
+    >>> me.alive()
+    True
+    """
+
+    pid: int
+    start_time: int | None = None  # clock ticks from boot to its start: /proc/<pid>/stat field 22
+    boot_id: str | None = None  # /proc/sys/kernel/random/boot_id when it started
+
+    @classmethod
+    def current(cls) -> ProcessIdentity:
+        """This process."""
+        return cls.of(os.getpid())
+
+    @classmethod
+    def of(cls, pid: int) -> ProcessIdentity:
+        """The process that has this pid now (its start time None when there is none)."""
+        return cls(pid, _start_time(pid), _boot_id())
+
+    def alive(self) -> bool:
+        """Whether this process still runs.
+
+        With a start time and boot id on a machine with /proc, only the very process counts:
+        another boot, or another process with the pid, is not it. Otherwise (no /proc, or an
+        identity recorded without them) any process with the pid counts, so pair the answer
+        with a sign of life such as a heartbeat."""
+        return self.liveness() is not False
+
+    def liveness(self) -> bool | None:
+        """True: this very process runs; False: it is gone; None: a process with the pid runs,
+        and whether it is this one cannot be told."""
+        if self.pid <= 0 or not _pid_exists(self.pid):
+            return False
+        boot_id = _boot_id()
+        if boot_id is None or self.start_time is None or self.boot_id is None:
+            return None
+        if self.boot_id != boot_id:
+            return False
+        start_time = _start_time(self.pid)
+        if start_time is None:  # /proc hides other users' processes (mount option hidepid)
+            return None
+        return start_time == self.start_time
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _start_time(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so count the fields
+    # after its last ')'; there the state is field 3, and the start time is field 22.
+    try:
+        return int(stat[stat.rindex(")") + 1:].split()[22 - 3])
+    except (ValueError, IndexError):
+        return None
