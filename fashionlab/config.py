@@ -14,7 +14,7 @@ import dataclasses
 import hashlib
 import json
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -43,6 +43,8 @@ PositiveInt = Annotated[int, Field(gt=0)]
 Rate = Annotated[float, Field(ge=0.0, lt=1.0)]
 NonNegative = Annotated[float, Field(ge=0.0)]
 
+IMAGE_SIZE = 28  # every model takes square one-channel images of this side (Fashion-MNIST's)
+
 
 # --------------------------------------------------------------------------------------------
 # Models
@@ -65,6 +67,21 @@ class ConvLayer:
     l2: NonNegative = 0.0  # L2 on the kernel, as for dense layers
 
 
+def conv_sides(conv: Sequence[ConvLayer], size: int = IMAGE_SIZE) -> list[tuple[int, int]]:
+    """(side after the convolution, side after the pooling) of each conv layer, for a square
+    input of `size` pixels; a side below 1 means nothing is left after that layer.
+
+    "valid" loses kernel - 1 pixels, "same" none (the kernel is odd: see ModelSpec); max-pooling
+    keeps whole windows only (floor), as torch's max_pool2d does.
+    """
+    sides = []
+    for layer in conv:
+        convolved = size - layer.kernel + 1 if layer.padding == "valid" else size
+        size = convolved // layer.pool
+        sides.append((convolved, size))
+    return sides
+
+
 @dataclass(frozen=True, config=_STRICT)
 class ModelSpec:
     """Optional conv stack -> flatten -> dropout -> hidden dense layers -> Dense(10)."""
@@ -73,6 +90,28 @@ class ModelSpec:
     dropout: Rate = 0.0  # dropout on the flattened features (the seed CNN uses 0.3)
     layers: tuple[DenseLayer, ...] = ()  # hidden dense layers
     n_classes: PositiveInt = 10  # output units (softmax)
+
+    @model_validator(mode="after")
+    def _fits_the_image(self) -> ModelSpec:
+        """Shape mistakes surface here, not as a traceback once a run has started."""
+        side = IMAGE_SIZE
+        for i, (layer, (convolved, pooled)) in enumerate(zip(self.conv, conv_sides(self.conv))):
+            if layer.padding == "same" and layer.kernel % 2 == 0:
+                # Training's padding="same" pads an even kernel unevenly (one pixel more on the
+                # right and bottom); build_module's nn.Conv2d, which predict and export use, pads
+                # kernel // 2 on both sides: a saved model would compute something else.
+                raise FieldValueError(("conv", i, "kernel"), f'padding "same" needs an odd '
+                                      f"kernel (got {layer.kernel})")
+            if convolved < 1:
+                raise FieldValueError(("conv", i), f"kernel {layer.kernel} is larger than its "
+                                      f"{side}x{side} input: nothing is left (use a kernel of "
+                                      f'at most {side}, or padding = "same")')
+            if pooled < 1:
+                raise FieldValueError(("conv", i), f"pool {layer.pool} is larger than the "
+                                      f"{convolved}x{convolved} feature map it gets ({side}x{side} "
+                                      f"in, kernel {layer.kernel}): nothing is left")
+            side = pooled
+        return self
 
     @property
     def kind(self) -> Literal["conv", "dense"]:
@@ -354,10 +393,15 @@ def _format_location(loc: tuple[Any, ...]) -> str:
 def _format_validation_error(error: ValidationError) -> str:
     first = error.errors()[0]
     loc = tuple(first["loc"])
+    message = first["msg"]
+    if first["type"] == "value_error":
+        message = message.removeprefix("Value error, ")
+        cause = (first.get("ctx") or {}).get("error")
+        if isinstance(cause, FieldValueError):
+            loc, message = loc + cause.path, cause.message
     # A candidate's model fields live at the entry's top level in the file.
     if len(loc) >= 3 and loc[0] in ("candidates", "final") and loc[2] == "model":
         loc = loc[:2] + loc[3:]
-    message = first["msg"]
     if first["type"] == "unexpected_keyword_argument":
         message = f"unknown key '{loc[-1]}'"
         loc = loc[:-1]
@@ -366,11 +410,6 @@ def _format_validation_error(error: ValidationError) -> str:
         loc = loc[:-1]
     elif "input" in first and first["type"] not in ("value_error", "assertion_error"):
         message = f"{message[0].lower()}{message[1:]} (got {first['input']!r})"
-    elif first["type"] == "value_error":
-        message = message.removeprefix("Value error, ")
-        cause = (first.get("ctx") or {}).get("error")
-        if isinstance(cause, FieldValueError):
-            loc, message = loc + cause.path, cause.message
     return f"{_format_location(loc)}: {message}"
 
 

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import assert_one_line_error, run_cli
+from helpers import assert_one_line_error, run_cli, tiny_study_toml
 
 from fashionlab.config import (
     bundled_studies,
@@ -114,3 +114,56 @@ def test_cli_reports_a_bad_study_in_one_line(tmp_path: Path, capsys: pytest.Capt
     code, _, err = run_cli(capsys, "study", str(path), "--run-dir", str(tmp_path / "runs"))
     assert_one_line_error(code, err, str(path), "candidates[0].layers[0].units")
     assert not (tmp_path / "runs").exists()  # nothing half-written
+
+
+# Mistakes that used to surface only once a run had started (a traceback, an interrupted run),
+# each with the whole message that now names it at load time.
+ENTRY = '[[candidates]]\nname = "a"\n'
+PRE_RUN_MISTAKES = [
+    (ENTRY + "conv = [{ filters = 8, kernel = 40 }]",
+     ('candidates[0].conv[0]: kernel 40 is larger than its 28x28 input: nothing is left (use a '
+      'kernel of at most 28, or padding = "same")')),
+    (ENTRY + "conv = [{ filters = 4, pool = 2 }, { filters = 4, pool = 2 }, "
+             "{ filters = 4, pool = 4 }]",  # 28 -> 26 -> 13 -> 11 -> 5 -> 3 -> 0
+     ("candidates[0].conv[2]: pool 4 is larger than the 3x3 feature map it gets (5x5 in, "
+      "kernel 3): nothing is left")),
+    ('[[final]]\nname = "f"\nconv = [{ filters = 4, pool = 32, padding = "same" }]',
+     ("final[0].conv[0]: pool 32 is larger than the 28x28 feature map it gets (28x28 in, "
+      "kernel 3): nothing is left")),
+    (ENTRY + 'conv = [{ filters = 4, kernel = 4, padding = "same" }]',
+     'candidates[0].conv[0].kernel: padding "same" needs an odd kernel (got 4)'),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), PRE_RUN_MISTAKES)
+def test_mistakes_that_training_would_hit_are_refused_at_load(text: str, message: str):
+    with pytest.raises(ConfigError) as error:
+        study_from_dict(tomllib.loads('name = "x"\n' + text), source="bad.toml")
+    assert str(error.value) == f"bad.toml: {message}"
+
+
+def test_the_largest_models_that_fit_are_accepted():
+    spec = study_from_dict(tomllib.loads('name = "x"\n[data]\ntrain_limit = 5\n' + ENTRY + """
+conv = [{ filters = 4, pool = 2 }, { filters = 4, kernel = 13 }]   # 28 -> 26 -> 13 -> 1
+[[final]]
+name = "f"
+conv = [{ filters = 4, kernel = 5, padding = "same", pool = 28 }]  # 28 -> 28 -> 1
+"""))
+    assert [c.name for c in spec.candidates + spec.final] == ["a", "f"]
+
+
+MISTAKES_FOR_THE_CLI = [
+    ("conv = [{ filters = 8, kernel = 40 }]", "candidates[0].conv[0]: kernel 40 is larger"),
+]
+
+
+@pytest.mark.parametrize(("line", "fragment"), MISTAKES_FOR_THE_CLI)
+def test_cli_refuses_a_mistake_before_creating_a_run(
+        line: str, fragment: str, tiny_idx_dir: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]):
+    path = tmp_path / "bad.toml"
+    path.write_text(tiny_study_toml(tiny_idx_dir, final=False, candidates=ENTRY + line))
+    runs = tmp_path / "runs"
+    code, _, err = run_cli(capsys, "study", str(path), "--run-dir", str(runs), "--workers", "1")
+    assert_one_line_error(code, err, f"{path}: {fragment}")
+    assert not runs.exists()  # no store, no run, nothing to resume or clean up
