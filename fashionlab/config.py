@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import sys
 from collections.abc import Mapping, Sequence
 from importlib import resources
@@ -23,6 +24,7 @@ import tomli_w
 from pydantic import (
     ConfigDict,
     Field,
+    Strict,
     TypeAdapter,
     ValidationError,
     field_validator,
@@ -39,9 +41,18 @@ else:  # pragma: no cover
 
 _STRICT = ConfigDict(extra="forbid")
 
-PositiveInt = Annotated[int, Field(gt=0)]
-Rate = Annotated[float, Field(ge=0.0, lt=1.0)]
-NonNegative = Annotated[float, Field(ge=0.0)]
+# Numbers and booleans are strict, field by field (a strict config would also refuse a TOML
+# array for a tuple and a table for a dataclass): TOML has real types, so "64" for a number,
+# 1.5 or true for an integer, 1 or "yes" for a boolean are mistakes to report, not values to
+# convert. An integer is a valid float (learning_rate = 1): nothing is lost, and TOML users
+# write it so. TOML's inf and nan are no valid setting of any number here.
+Int = Annotated[int, Strict()]
+Bool = Annotated[bool, Strict()]
+Float = Annotated[float, Strict(), Field(allow_inf_nan=False)]
+PositiveInt = Annotated[Int, Field(gt=0)]
+Positive = Annotated[Float, Field(gt=0.0)]
+Rate = Annotated[Float, Field(ge=0.0, lt=1.0)]
+NonNegative = Annotated[Float, Field(ge=0.0)]
 
 IMAGE_SIZE = 28  # every model takes square one-channel images of this side (Fashion-MNIST's)
 
@@ -62,7 +73,7 @@ class ConvLayer:
     filters: PositiveInt  # output channels
     kernel: PositiveInt = 3  # square kernel size
     padding: Literal["valid", "same"] = "valid"
-    batch_norm: bool = False  # BatchNorm after the convolution, before the activation
+    batch_norm: Bool = False  # BatchNorm after the convolution, before the activation
     pool: PositiveInt = 1  # max-pool size after the activation (1 = no pooling)
     l2: NonNegative = 0.0  # L2 on the kernel, as for dense layers
 
@@ -138,16 +149,16 @@ class EarlyStopping:
     monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
     patience: PositiveInt = 10  # epochs without improvement before stopping
     min_delta: NonNegative = 0.0  # the improvement that counts
-    relative: bool = False  # min_delta as a fraction of the best value (0.02 = the 2% rule)
-    restore_best: bool = True  # keep the weights of the best epoch, not the last
+    relative: Bool = False  # min_delta as a fraction of the best value (0.02 = the 2% rule)
+    restore_best: Bool = True  # keep the weights of the best epoch, not the last
 
 
 @dataclass(frozen=True, config=_STRICT)
 class Augment:
     """Data augmentation applied to training batches (never to validation or test data)."""
 
-    crop: Annotated[int, Field(ge=0, le=8)] = 0  # pad by this many pixels, then random 28x28 crop
-    flip: bool = False  # random horizontal flips
+    crop: Annotated[Int, Field(ge=0, le=8)] = 0  # pad by this many pixels, then random 28x28 crop
+    flip: Bool = False  # random horizontal flips
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -155,10 +166,10 @@ class TrainSpec:
     epochs: PositiveInt = 40
     batch_size: PositiveInt = 128
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    learning_rate: Annotated[float, Field(gt=0.0)] = 1e-3
+    learning_rate: Positive = 1e-3
     beta1: Rate = 0.9  # Adam's first-moment decay
     beta2: Rate = 0.999  # Adam's second-moment decay
-    eps: Annotated[float, Field(gt=0.0)] = 1e-7  # Keras' default, not PyTorch's 1e-8
+    eps: Positive = 1e-7  # Keras' default, not PyTorch's 1e-8
     momentum: Rate = 0.9  # SGD only
     weight_decay: NonNegative = 0.0  # decoupled weight decay on kernels (adamw, sgd)
     schedule: Literal["constant", "onecycle"] = "constant"  # onecycle peaks at learning_rate
@@ -177,14 +188,14 @@ class TrainSpec:
 @dataclass(frozen=True, config=_STRICT)
 class DataSpec:
     directory: str | None = None  # IDX files; None: FASHIONLAB_DATA, the cache, Debian, download
-    verify: bool = True  # check the Fashion-MNIST checksums (turn off for other IDX datasets)
+    verify: Bool = True  # check the Fashion-MNIST checksums (turn off for other IDX datasets)
     train_limit: PositiveInt | None = None  # use only the first N training samples
     test_limit: PositiveInt | None = None  # use only the first N test samples
 
 
 @dataclass(frozen=True, config=_STRICT)
 class CVSpec:
-    n_splits: Annotated[int, Field(ge=2)] = 5
+    n_splits: Annotated[Int, Field(ge=2)] = 5
     strategy: Literal["contiguous", "shuffled", "stratified"] = "contiguous"
     repeats: PositiveInt = 1  # repeated k-fold: each repeat reshuffles (seeded); not contiguous
 
@@ -215,7 +226,7 @@ class Candidate:
 class RetrainSpec:
     """Retrain the best candidate on all training data and evaluate it on the test set."""
 
-    enabled: bool = True
+    enabled: Bool = True
     # The CV-consensus epoch count, from the best candidate's mean val_loss curve across folds
     # (over the epochs every fold reached, when early stopping ended folds at different times):
     # "warning": the warning rule's epoch (the lowest mean val_loss when it never fires);
@@ -297,7 +308,7 @@ class SearchSpec:
 @dataclass(frozen=True, config=_STRICT)
 class StudySpec:
     name: str
-    seed: int = 0
+    seed: Int = 0
     data: DataSpec = DataSpec()
     cv: CVSpec = CVSpec()
     warning: WarningRule = WarningRule()
@@ -409,8 +420,25 @@ def _format_validation_error(error: ValidationError) -> str:
         message = f"missing key '{loc[-1]}'"
         loc = loc[:-1]
     elif "input" in first and first["type"] not in ("value_error", "assertion_error"):
-        message = f"{message[0].lower()}{message[1:]} (got {first['input']!r})"
+        if first["type"] == "literal_error":  # the options as the file spells strings
+            message = message.replace("'", '"')
+        message = f"{message[0].lower()}{message[1:]} (got {_as_toml(first['input'])})"
     return f"{_format_location(loc)}: {message}"
+
+
+def _as_toml(value: Any) -> str:
+    """A value as the file spells it (true, "64", nan), not as Python does (True, '64')."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a TOML basic string
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # nan, inf, -inf
+    if isinstance(value, (list, tuple)):
+        return f"[{', '.join(_as_toml(v) for v in value)}]"
+    if isinstance(value, Mapping):
+        return f"{{ {', '.join(f'{k} = {_as_toml(v)}' for k, v in value.items())} }}"
+    return repr(value)
 
 
 _STUDY_ADAPTER = TypeAdapter(StudySpec)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -152,8 +153,55 @@ conv = [{ filters = 4, kernel = 5, padding = "same", pool = 28 }]  # 28 -> 28 ->
     assert [c.name for c in spec.candidates + spec.final] == ["a", "f"]
 
 
+# TOML has types: a value of the wrong one is refused, never converted.
+STRICT_TYPES = [  # (line of the entry, field, what pydantic asks for, the value as written)
+    ('layers = [{ units = "64" }]', "layers[0].units", "a valid integer", '"64"'),
+    ("layers = [{ units = 64.0 }]", "layers[0].units", "a valid integer", "64.0"),
+    ("train = { epochs = 1.5 }", "train.epochs", "a valid integer", "1.5"),
+    ("train = { batch_size = true }", "train.batch_size", "a valid integer", "true"),
+    ('train = { learning_rate = "0.001" }', "train.learning_rate", "a valid number", '"0.001"'),
+    ("train = { learning_rate = true }", "train.learning_rate", "a valid number", "true"),
+    ("train = { learning_rate = inf }", "train.learning_rate", "a finite number", "inf"),
+    ("train = { weight_decay = nan }", "train.weight_decay", "a finite number", "nan"),
+    ("train = { augment = { flip = 1 } }", "train.augment.flip", "a valid boolean", "1"),
+    ('conv = [{ filters = 4, batch_norm = "true" }]', "conv[0].batch_norm", "a valid boolean",
+     '"true"'),
+    ("conv = [{ filters = 4, kernel = 3.0 }]", "conv[0].kernel", "a valid integer", "3.0"),
+]
+
+
+@pytest.mark.parametrize(("line", "field", "expected", "value"), STRICT_TYPES)
+def test_values_of_the_wrong_type_are_refused(line: str, field: str, expected: str, value: str):
+    with pytest.raises(ConfigError) as error:
+        study_from_dict(tomllib.loads(f'name = "x"\n{ENTRY}{line}'), source="bad.toml")
+    assert str(error.value) == (f"bad.toml: candidates[0].{field}: input should be {expected} "
+                                f"(got {value})")
+
+
+@pytest.mark.parametrize(("text", "field"), [
+    ('seed = "3"', "seed"), ('[cv]\nn_splits = "5"', "cv.n_splits"),
+    ('[data]\nverify = "yes"', "data.verify"), ("[data]\ntrain_limit = 100.0", "data.train_limit"),
+    ("[retrain]\nenabled = 0", "retrain.enabled"), ("[retrain]\nepochs = 3.0", "retrain.epochs"),
+    ('[warning]\npatience = "10"', "warning.patience"),
+])
+def test_study_level_values_of_the_wrong_type_are_refused(text: str, field: str):
+    with pytest.raises(ConfigError, match=rf"^bad\.toml: {re.escape(field)}: "):
+        study_from_dict(tomllib.loads(f'name = "x"\n{text}\n{ENTRY}'), source="bad.toml")
+
+
+def test_an_integer_is_a_valid_float():
+    # TOML users write learning_rate = 1; it is the float 1.0, with the fingerprint of 1.0.
+    text = 'name = "x"\n' + ENTRY + "layers = [{ units = 8, dropout = 0 }]\n"
+    spec = study_from_dict(tomllib.loads(text + "train = { learning_rate = 1 }"))
+    as_float = study_from_dict(tomllib.loads(text + "train = { learning_rate = 1.0 }"))
+    assert type(spec.candidates[0].train.learning_rate) is float
+    assert type(spec.candidates[0].model.layers[0].dropout) is float
+    assert spec == as_float and spec.fingerprint() == as_float.fingerprint()
+
+
 MISTAKES_FOR_THE_CLI = [
     ("conv = [{ filters = 8, kernel = 40 }]", "candidates[0].conv[0]: kernel 40 is larger"),
+    ('layers = [{ units = "64" }]', "candidates[0].layers[0].units: input should be a valid"),
 ]
 
 
