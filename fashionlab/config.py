@@ -55,6 +55,7 @@ Rate = Annotated[Float, Field(ge=0.0, lt=1.0)]
 NonNegative = Annotated[Float, Field(ge=0.0)]
 
 IMAGE_SIZE = 28  # every model takes square one-channel images of this side (Fashion-MNIST's)
+N_CLASSES = 10  # classes of a study's data: fashionlab.data.CLASS_NAMES, labels 0..9
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,7 +101,7 @@ class ModelSpec:
     conv: tuple[ConvLayer, ...] = ()  # convolution blocks, applied first
     dropout: Rate = 0.0  # dropout on the flattened features (the seed CNN uses 0.3)
     layers: tuple[DenseLayer, ...] = ()  # hidden dense layers
-    n_classes: PositiveInt = 10  # output units (softmax)
+    n_classes: PositiveInt = N_CLASSES  # output units (softmax)
 
     @model_validator(mode="after")
     def _fits_the_image(self) -> ModelSpec:
@@ -221,6 +222,20 @@ class Candidate:
     model: ModelSpec
     train: TrainSpec
 
+    @model_validator(mode="after")
+    def _fits_the_study(self) -> Candidate:
+        """What a model may be on its own (a saved one) but not in a study: checked here."""
+        model = self.model
+        if model.n_classes != N_CLASSES:
+            # Fewer outputs than labels fail in the loss; more give a model that cannot be
+            # loaded back with the data's class names.
+            raise FieldValueError(("model", "n_classes"), f"the data has {N_CLASSES} classes "
+                                  f"(got {model.n_classes})")
+        if model.dropout and not model.conv:
+            raise FieldValueError(("model", "dropout"), "drops flattened conv features, and "
+                                  "this model has no conv layers: set dropout on its layers")
+        return self
+
 
 @dataclass(frozen=True, config=_STRICT)
 class RetrainSpec:
@@ -232,6 +247,16 @@ class RetrainSpec:
     # "warning": the warning rule's epoch (the lowest mean val_loss when it never fires);
     # "lowest": the epoch of the lowest mean val_loss; an integer: exactly that many epochs.
     epochs: PositiveInt | Literal["warning", "lowest"] = "warning"
+
+    @field_validator("epochs", mode="before")
+    @classmethod
+    def _epochs_kind(cls, value: Any) -> Any:
+        # Said once here, instead of pydantic's first failed alternative ("a valid integer").
+        if value not in ("warning", "lowest") and (isinstance(value, bool)
+                                                   or not isinstance(value, int)):
+            raise ValueError(f'must be a number of epochs, "warning" or "lowest" '
+                             f"(got {_as_toml(value)})")
+        return value
 
 
 Scalar = int | float | str | bool
@@ -333,6 +358,15 @@ class StudySpec:
             raise ValueError(f"model names must be unique (repeated: {', '.join(duplicates)})")
         if not self.candidates and not self.final:
             raise ValueError("a study needs at least one entry in [[candidates]] or [[final]]")
+        return self
+
+    @model_validator(mode="after")
+    def _folds_fit_the_data(self) -> StudySpec:
+        limit = self.data.train_limit
+        if limit is not None and self.cv.n_splits > limit:
+            raise FieldValueError(("cv", "n_splits"), f"{self.cv.n_splits} folds need at least "
+                                  f"{self.cv.n_splits} training samples (data.train_limit is "
+                                  f"{limit})")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import pytest
 from helpers import assert_one_line_error, run_cli, tiny_study_toml
 
 from fashionlab.config import (
+    N_CLASSES,
     bundled_studies,
     load_study,
     quick_variant,
@@ -17,7 +18,9 @@ from fashionlab.config import (
     study_to_toml,
 )
 from fashionlab.cv import make_folds
+from fashionlab.data import CLASS_NAMES
 from fashionlab.errors import ConfigError
+from fashionlab.store import Store
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -133,6 +136,18 @@ PRE_RUN_MISTAKES = [
       "kernel 3): nothing is left")),
     (ENTRY + 'conv = [{ filters = 4, kernel = 4, padding = "same" }]',
      'candidates[0].conv[0].kernel: padding "same" needs an odd kernel (got 4)'),
+    (ENTRY + "layers = [{ units = 8 }]\ndropout = 0.3",
+     ("candidates[0].dropout: drops flattened conv features, and this model has no conv "
+      "layers: set dropout on its layers")),
+    (ENTRY + "n_classes = 5", "candidates[0].n_classes: the data has 10 classes (got 5)"),
+    ("[data]\ntrain_limit = 4\n[cv]\nn_splits = 5\n" + ENTRY,
+     "cv.n_splits: 5 folds need at least 5 training samples (data.train_limit is 4)"),
+    ('[train]\nearly_stopping = { monitor = "val_acc" }\n' + ENTRY,
+     ('candidates[0].train.early_stopping.monitor: input should be "val_loss" or '
+      '"val_accuracy" (got "val_acc")')),
+    ("[retrain]\nepochs = 0\n" + ENTRY, "retrain.epochs: input should be greater than 0 (got 0)"),
+    ('[retrain]\nepochs = "best"\n' + ENTRY,
+     'retrain.epochs: must be a number of epochs, "warning" or "lowest" (got "best")'),
 ]
 
 
@@ -199,9 +214,15 @@ def test_an_integer_is_a_valid_float():
     assert spec == as_float and spec.fingerprint() == as_float.fingerprint()
 
 
+def test_the_study_class_count_is_the_data_s():
+    assert N_CLASSES == len(CLASS_NAMES)
+
+
 MISTAKES_FOR_THE_CLI = [
     ("conv = [{ filters = 8, kernel = 40 }]", "candidates[0].conv[0]: kernel 40 is larger"),
     ('layers = [{ units = "64" }]', "candidates[0].layers[0].units: input should be a valid"),
+    ("train = { early_stopping = { monitor = \"val_acc\" } }",
+     "candidates[0].train.early_stopping.monitor"),
 ]
 
 
@@ -215,3 +236,18 @@ def test_cli_refuses_a_mistake_before_creating_a_run(
     code, _, err = run_cli(capsys, "study", str(path), "--run-dir", str(runs), "--workers", "1")
     assert_one_line_error(code, err, f"{path}: {fragment}")
     assert not runs.exists()  # no store, no run, nothing to resume or clean up
+
+
+def test_more_folds_than_the_data_holds_creates_no_run(tiny_idx_dir: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]):
+    # The tiny data holds 300 images: known once the files are read, still before any run.
+    path = tmp_path / "folds.toml"
+    path.write_text(tiny_study_toml(tiny_idx_dir, folds=301, final=False))
+    runs = tmp_path / "runs"
+    code, _, err = run_cli(capsys, "study", str(path), "--run-dir", str(runs), "--workers", "1")
+    assert_one_line_error(code, err, "cv.n_splits: 301 folds need at least 301 samples (got 300)")
+    store = Store.open(runs)
+    try:
+        assert store.runs() == []
+    finally:
+        store.close()
