@@ -13,8 +13,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -23,6 +24,7 @@ import tomli_w
 from pydantic import (
     ConfigDict,
     Field,
+    Strict,
     TypeAdapter,
     ValidationError,
     field_validator,
@@ -40,9 +42,21 @@ else:  # pragma: no cover
 
 _STRICT = ConfigDict(extra="forbid")
 
-PositiveInt = Annotated[int, Field(gt=0)]
-Rate = Annotated[float, Field(ge=0.0, lt=1.0)]
-NonNegative = Annotated[float, Field(ge=0.0)]
+# Numbers and booleans are strict, field by field (a strict config would also refuse a TOML
+# array for a tuple and a table for a dataclass): TOML has real types, so "64" for a number,
+# 1.5 or true for an integer, 1 or "yes" for a boolean are mistakes to report, not values to
+# convert. An integer is a valid float (learning_rate = 1): nothing is lost, and TOML users
+# write it so. TOML's inf and nan are no valid setting of any number here.
+Int = Annotated[int, Strict()]
+Bool = Annotated[bool, Strict()]
+Float = Annotated[float, Strict(), Field(allow_inf_nan=False)]
+PositiveInt = Annotated[Int, Field(gt=0)]
+Positive = Annotated[Float, Field(gt=0.0)]
+Rate = Annotated[Float, Field(ge=0.0, lt=1.0)]
+NonNegative = Annotated[Float, Field(ge=0.0)]
+
+IMAGE_SIZE = 28  # every model takes square one-channel images of this side (Fashion-MNIST's)
+N_CLASSES = 10  # classes of a study's data: fashionlab.data.CLASS_NAMES, labels 0..9
 
 
 # --------------------------------------------------------------------------------------------
@@ -61,9 +75,24 @@ class ConvLayer:
     filters: PositiveInt  # output channels
     kernel: PositiveInt = 3  # square kernel size
     padding: Literal["valid", "same"] = "valid"
-    batch_norm: bool = False  # BatchNorm after the convolution, before the activation
+    batch_norm: Bool = False  # BatchNorm after the convolution, before the activation
     pool: PositiveInt = 1  # max-pool size after the activation (1 = no pooling)
     l2: NonNegative = 0.0  # L2 on the kernel, as for dense layers
+
+
+def conv_sides(conv: Sequence[ConvLayer], size: int = IMAGE_SIZE) -> list[tuple[int, int]]:
+    """(side after the convolution, side after the pooling) of each conv layer, for a square
+    input of `size` pixels; a side below 1 means nothing is left after that layer.
+
+    "valid" loses kernel - 1 pixels, "same" none (the kernel is odd: see ModelSpec); max-pooling
+    keeps whole windows only (floor), as torch's max_pool2d does.
+    """
+    sides = []
+    for layer in conv:
+        convolved = size - layer.kernel + 1 if layer.padding == "valid" else size
+        size = convolved // layer.pool
+        sides.append((convolved, size))
+    return sides
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -73,7 +102,29 @@ class ModelSpec:
     conv: tuple[ConvLayer, ...] = ()  # convolution blocks, applied first
     dropout: Rate = 0.0  # dropout on the flattened features (the seed CNN uses 0.3)
     layers: tuple[DenseLayer, ...] = ()  # hidden dense layers
-    n_classes: PositiveInt = 10  # output units (softmax)
+    n_classes: PositiveInt = N_CLASSES  # output units (softmax)
+
+    @model_validator(mode="after")
+    def _fits_the_image(self) -> ModelSpec:
+        """Shape mistakes surface here, not as a traceback once a run has started."""
+        side = IMAGE_SIZE
+        for i, (layer, (convolved, pooled)) in enumerate(zip(self.conv, conv_sides(self.conv))):
+            if layer.padding == "same" and layer.kernel % 2 == 0:
+                # Training's padding="same" pads an even kernel unevenly (one pixel more on the
+                # right and bottom); build_module's nn.Conv2d, which predict and export use, pads
+                # kernel // 2 on both sides: a saved model would compute something else.
+                raise FieldValueError(("conv", i, "kernel"), f'padding "same" needs an odd '
+                                      f"kernel (got {layer.kernel})")
+            if convolved < 1:
+                raise FieldValueError(("conv", i), f"kernel {layer.kernel} is larger than its "
+                                      f"{side}x{side} input: nothing is left (use a kernel of "
+                                      f'at most {side}, or padding = "same")')
+            if pooled < 1:
+                raise FieldValueError(("conv", i), f"pool {layer.pool} is larger than the "
+                                      f"{convolved}x{convolved} feature map it gets ({side}x{side} "
+                                      f"in, kernel {layer.kernel}): nothing is left")
+            side = pooled
+        return self
 
     @property
     def kind(self) -> Literal["conv", "dense"]:
@@ -100,16 +151,16 @@ class EarlyStopping:
     monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
     patience: PositiveInt = 10  # epochs without improvement before stopping
     min_delta: NonNegative = 0.0  # the improvement that counts
-    relative: bool = False  # min_delta as a fraction of the best value (0.02 = the 2% rule)
-    restore_best: bool = True  # keep the weights of the best epoch, not the last
+    relative: Bool = False  # min_delta as a fraction of the best value (0.02 = the 2% rule)
+    restore_best: Bool = True  # keep the weights of the best epoch, not the last
 
 
 @dataclass(frozen=True, config=_STRICT)
 class Augment:
     """Data augmentation applied to training batches (never to validation or test data)."""
 
-    crop: Annotated[int, Field(ge=0, le=8)] = 0  # pad by this many pixels, then random 28x28 crop
-    flip: bool = False  # random horizontal flips
+    crop: Annotated[Int, Field(ge=0, le=8)] = 0  # pad by this many pixels, then random 28x28 crop
+    flip: Bool = False  # random horizontal flips
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -117,10 +168,10 @@ class TrainSpec:
     epochs: PositiveInt = 40
     batch_size: PositiveInt = 128
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    learning_rate: Annotated[float, Field(gt=0.0)] = 1e-3
+    learning_rate: Positive = 1e-3
     beta1: Rate = 0.9  # Adam's first-moment decay
     beta2: Rate = 0.999  # Adam's second-moment decay
-    eps: Annotated[float, Field(gt=0.0)] = 1e-7  # Keras' default, not PyTorch's 1e-8
+    eps: Positive = 1e-7  # Keras' default, not PyTorch's 1e-8
     momentum: Rate = 0.9  # SGD only
     weight_decay: NonNegative = 0.0  # decoupled weight decay on kernels (adamw, sgd)
     schedule: Literal["constant", "onecycle"] = "constant"  # onecycle peaks at learning_rate
@@ -139,14 +190,14 @@ class TrainSpec:
 @dataclass(frozen=True, config=_STRICT)
 class DataSpec:
     directory: str | None = None  # IDX files; None: FASHIONLAB_DATA, the cache, Debian, download
-    verify: bool = True  # check the Fashion-MNIST checksums (turn off for other IDX datasets)
+    verify: Bool = True  # check the Fashion-MNIST checksums (turn off for other IDX datasets)
     train_limit: PositiveInt | None = None  # use only the first N training samples
     test_limit: PositiveInt | None = None  # use only the first N test samples
 
 
 @dataclass(frozen=True, config=_STRICT)
 class CVSpec:
-    n_splits: Annotated[int, Field(ge=2)] = 5
+    n_splits: Annotated[Int, Field(ge=2)] = 5
     strategy: Literal["contiguous", "shuffled", "stratified"] = "contiguous"
     repeats: PositiveInt = 1  # repeated k-fold: each repeat reshuffles (seeded); not contiguous
 
@@ -172,17 +223,41 @@ class Candidate:
     model: ModelSpec
     train: TrainSpec
 
+    @model_validator(mode="after")
+    def _fits_the_study(self) -> Candidate:
+        """What a model may be on its own (a saved one) but not in a study: checked here."""
+        model = self.model
+        if model.n_classes != N_CLASSES:
+            # Fewer outputs than labels fail in the loss; more give a model that cannot be
+            # loaded back with the data's class names.
+            raise FieldValueError(("model", "n_classes"), f"the data has {N_CLASSES} classes "
+                                  f"(got {model.n_classes})")
+        if model.dropout and not model.conv:
+            raise FieldValueError(("model", "dropout"), "drops flattened conv features, and "
+                                  "this model has no conv layers: set dropout on its layers")
+        return self
+
 
 @dataclass(frozen=True, config=_STRICT)
 class RetrainSpec:
     """Retrain the best candidate on all training data and evaluate it on the test set."""
 
-    enabled: bool = True
+    enabled: Bool = True
     # The CV-consensus epoch count, from the best candidate's mean val_loss curve across folds
     # (over the epochs every fold reached, when early stopping ended folds at different times):
     # "warning": the warning rule's epoch (the lowest mean val_loss when it never fires);
     # "lowest": the epoch of the lowest mean val_loss; an integer: exactly that many epochs.
     epochs: PositiveInt | Literal["warning", "lowest"] = "warning"
+
+    @field_validator("epochs", mode="before")
+    @classmethod
+    def _epochs_kind(cls, value: Any) -> Any:
+        # Said once here, instead of pydantic's first failed alternative ("a valid integer").
+        if value not in ("warning", "lowest") and (isinstance(value, bool)
+                                                   or not isinstance(value, int)):
+            raise ValueError(f'must be a number of epochs, "warning" or "lowest" '
+                             f"(got {_as_toml(value)})")
+        return value
 
 
 Scalar = int | float | str | bool
@@ -255,7 +330,7 @@ class SearchSpec:
 @dataclass(frozen=True, config=_STRICT)
 class StudySpec:
     name: str
-    seed: int = 0
+    seed: Int = 0
     data: DataSpec = DataSpec()
     cv: CVSpec = CVSpec()
     warning: WarningRule = WarningRule()
@@ -285,6 +360,15 @@ class StudySpec:
             raise ValueError(f"model names must be unique (repeated: {', '.join(duplicates)})")
         if not self.candidates and not self.final:
             raise ValueError("a study needs at least one entry in [[candidates]] or [[final]]")
+        return self
+
+    @model_validator(mode="after")
+    def _folds_fit_the_data(self) -> StudySpec:
+        limit = self.data.train_limit
+        if limit is not None and self.cv.n_splits > limit:
+            raise FieldValueError(("cv", "n_splits"), f"{self.cv.n_splits} folds need at least "
+                                  f"{self.cv.n_splits} training samples (data.train_limit is "
+                                  f"{limit})")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -347,10 +431,15 @@ def _format_location(loc: tuple[Any, ...]) -> str:
 def _format_validation_error(error: ValidationError) -> str:
     first = error.errors()[0]
     loc = tuple(first["loc"])
+    message = first["msg"]
+    if first["type"] == "value_error":
+        message = message.removeprefix("Value error, ")
+        cause = (first.get("ctx") or {}).get("error")
+        if isinstance(cause, FieldValueError):
+            loc, message = loc + cause.path, cause.message
     # A candidate's model fields live at the entry's top level in the file.
     if len(loc) >= 3 and loc[0] in ("candidates", "final") and loc[2] == "model":
         loc = loc[:2] + loc[3:]
-    message = first["msg"]
     if first["type"] == "unexpected_keyword_argument":
         message = f"unknown key '{loc[-1]}'"
         loc = loc[:-1]
@@ -358,13 +447,25 @@ def _format_validation_error(error: ValidationError) -> str:
         message = f"missing key '{loc[-1]}'"
         loc = loc[:-1]
     elif "input" in first and first["type"] not in ("value_error", "assertion_error"):
-        message = f"{message[0].lower()}{message[1:]} (got {first['input']!r})"
-    elif first["type"] == "value_error":
-        message = message.removeprefix("Value error, ")
-        cause = (first.get("ctx") or {}).get("error")
-        if isinstance(cause, FieldValueError):
-            loc, message = loc + cause.path, cause.message
+        if first["type"] == "literal_error":  # the options as the file spells strings
+            message = message.replace("'", '"')
+        message = f"{message[0].lower()}{message[1:]} (got {_as_toml(first['input'])})"
     return f"{_format_location(loc)}: {message}"
+
+
+def _as_toml(value: Any) -> str:
+    """A value as the file spells it (true, "64", nan), not as Python does (True, '64')."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a TOML basic string
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # nan, inf, -inf
+    if isinstance(value, (list, tuple)):
+        return f"[{', '.join(_as_toml(v) for v in value)}]"
+    if isinstance(value, Mapping):
+        return f"{{ {', '.join(f'{k} = {_as_toml(v)}' for k, v in value.items())} }}"
+    return repr(value)
 
 
 _STUDY_ADAPTER = TypeAdapter(StudySpec)

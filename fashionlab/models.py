@@ -18,23 +18,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fashionlab.config import ModelSpec
+from fashionlab.config import IMAGE_SIZE, ModelSpec, conv_sides
 from fashionlab.rng import MemberGenerators
-
-IMAGE_SIZE = 28  # Fashion-MNIST images are 28 x 28, one channel
 
 
 def conv_output_size(spec: ModelSpec, size: int = IMAGE_SIZE) -> tuple[int, int]:
     """(channels, side) of the conv stack's output for a square input of `size` pixels."""
-    channels = 1
-    for layer in spec.conv:
-        if layer.padding == "valid":
-            size = size - layer.kernel + 1
-        size = size // layer.pool
-        channels = layer.filters
-        if size < 1:
-            raise ValueError(f"the conv stack shrinks a {IMAGE_SIZE}x{IMAGE_SIZE} image to nothing")
-    return channels, size
+    sides = conv_sides(spec.conv, size)
+    if any(pooled < 1 for _, pooled in sides):  # a spec validates this for 28x28 images
+        raise ValueError(f"the conv stack shrinks a {size}x{size} image to nothing")
+    return (spec.conv[-1].filters, sides[-1][1]) if spec.conv else (1, size)
 
 
 def flat_features(spec: ModelSpec) -> int:
@@ -47,11 +40,10 @@ def flat_features(spec: ModelSpec) -> int:
 
 def forward_flops(spec: ModelSpec) -> int:
     """Multiply-add FLOPs (2 per MAC) of one image's forward pass; training is ~3x this."""
-    flops, channels, size = 0, 1, IMAGE_SIZE
-    for layer in spec.conv:
-        out = size - layer.kernel + 1 if layer.padding == "valid" else size
+    flops, channels = 0, 1
+    for layer, (out, _) in zip(spec.conv, conv_sides(spec.conv)):
         flops += 2 * out * out * layer.filters * channels * layer.kernel**2
-        channels, size = layer.filters, out // layer.pool
+        channels = layer.filters
     width = flat_features(spec)
     for units in [layer.units for layer in spec.layers] + [spec.n_classes]:
         flops += 2 * width * units

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import assert_one_line_error, run_cli
+from helpers import assert_one_line_error, run_cli, tiny_study_toml
 
 from fashionlab.config import (
+    N_CLASSES,
     bundled_studies,
     load_study,
     quick_variant,
@@ -16,7 +18,9 @@ from fashionlab.config import (
     study_to_toml,
 )
 from fashionlab.cv import make_folds
+from fashionlab.data import CLASS_NAMES
 from fashionlab.errors import ConfigError
+from fashionlab.store import Store
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -114,3 +118,136 @@ def test_cli_reports_a_bad_study_in_one_line(tmp_path: Path, capsys: pytest.Capt
     code, _, err = run_cli(capsys, "study", str(path), "--run-dir", str(tmp_path / "runs"))
     assert_one_line_error(code, err, str(path), "candidates[0].layers[0].units")
     assert not (tmp_path / "runs").exists()  # nothing half-written
+
+
+# Mistakes that used to surface only once a run had started (a traceback, an interrupted run),
+# each with the whole message that now names it at load time.
+ENTRY = '[[candidates]]\nname = "a"\n'
+PRE_RUN_MISTAKES = [
+    (ENTRY + "conv = [{ filters = 8, kernel = 40 }]",
+     ('candidates[0].conv[0]: kernel 40 is larger than its 28x28 input: nothing is left (use a '
+      'kernel of at most 28, or padding = "same")')),
+    (ENTRY + "conv = [{ filters = 4, pool = 2 }, { filters = 4, pool = 2 }, "
+             "{ filters = 4, pool = 4 }]",  # 28 -> 26 -> 13 -> 11 -> 5 -> 3 -> 0
+     ("candidates[0].conv[2]: pool 4 is larger than the 3x3 feature map it gets (5x5 in, "
+      "kernel 3): nothing is left")),
+    ('[[final]]\nname = "f"\nconv = [{ filters = 4, pool = 32, padding = "same" }]',
+     ("final[0].conv[0]: pool 32 is larger than the 28x28 feature map it gets (28x28 in, "
+      "kernel 3): nothing is left")),
+    (ENTRY + 'conv = [{ filters = 4, kernel = 4, padding = "same" }]',
+     'candidates[0].conv[0].kernel: padding "same" needs an odd kernel (got 4)'),
+    (ENTRY + "layers = [{ units = 8 }]\ndropout = 0.3",
+     ("candidates[0].dropout: drops flattened conv features, and this model has no conv "
+      "layers: set dropout on its layers")),
+    (ENTRY + "n_classes = 5", "candidates[0].n_classes: the data has 10 classes (got 5)"),
+    ("[data]\ntrain_limit = 4\n[cv]\nn_splits = 5\n" + ENTRY,
+     "cv.n_splits: 5 folds need at least 5 training samples (data.train_limit is 4)"),
+    ('[train]\nearly_stopping = { monitor = "val_acc" }\n' + ENTRY,
+     ('candidates[0].train.early_stopping.monitor: input should be "val_loss" or '
+      '"val_accuracy" (got "val_acc")')),
+    ("[retrain]\nepochs = 0\n" + ENTRY, "retrain.epochs: input should be greater than 0 (got 0)"),
+    ('[retrain]\nepochs = "best"\n' + ENTRY,
+     'retrain.epochs: must be a number of epochs, "warning" or "lowest" (got "best")'),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), PRE_RUN_MISTAKES)
+def test_mistakes_that_training_would_hit_are_refused_at_load(text: str, message: str):
+    with pytest.raises(ConfigError) as error:
+        study_from_dict(tomllib.loads('name = "x"\n' + text), source="bad.toml")
+    assert str(error.value) == f"bad.toml: {message}"
+
+
+def test_the_largest_models_that_fit_are_accepted():
+    spec = study_from_dict(tomllib.loads('name = "x"\n[data]\ntrain_limit = 5\n' + ENTRY + """
+conv = [{ filters = 4, pool = 2 }, { filters = 4, kernel = 13 }]   # 28 -> 26 -> 13 -> 1
+[[final]]
+name = "f"
+conv = [{ filters = 4, kernel = 5, padding = "same", pool = 28 }]  # 28 -> 28 -> 1
+"""))
+    assert [c.name for c in spec.candidates + spec.final] == ["a", "f"]
+
+
+# TOML has types: a value of the wrong one is refused, never converted.
+STRICT_TYPES = [  # (line of the entry, field, what pydantic asks for, the value as written)
+    ('layers = [{ units = "64" }]', "layers[0].units", "a valid integer", '"64"'),
+    ("layers = [{ units = 64.0 }]", "layers[0].units", "a valid integer", "64.0"),
+    ("train = { epochs = 1.5 }", "train.epochs", "a valid integer", "1.5"),
+    ("train = { batch_size = true }", "train.batch_size", "a valid integer", "true"),
+    ('train = { learning_rate = "0.001" }', "train.learning_rate", "a valid number", '"0.001"'),
+    ("train = { learning_rate = true }", "train.learning_rate", "a valid number", "true"),
+    ("train = { learning_rate = inf }", "train.learning_rate", "a finite number", "inf"),
+    ("train = { weight_decay = nan }", "train.weight_decay", "a finite number", "nan"),
+    ("train = { augment = { flip = 1 } }", "train.augment.flip", "a valid boolean", "1"),
+    ('conv = [{ filters = 4, batch_norm = "true" }]', "conv[0].batch_norm", "a valid boolean",
+     '"true"'),
+    ("conv = [{ filters = 4, kernel = 3.0 }]", "conv[0].kernel", "a valid integer", "3.0"),
+]
+
+
+@pytest.mark.parametrize(("line", "field", "expected", "value"), STRICT_TYPES)
+def test_values_of_the_wrong_type_are_refused(line: str, field: str, expected: str, value: str):
+    with pytest.raises(ConfigError) as error:
+        study_from_dict(tomllib.loads(f'name = "x"\n{ENTRY}{line}'), source="bad.toml")
+    assert str(error.value) == (f"bad.toml: candidates[0].{field}: input should be {expected} "
+                                f"(got {value})")
+
+
+@pytest.mark.parametrize(("text", "field"), [
+    ('seed = "3"', "seed"), ('[cv]\nn_splits = "5"', "cv.n_splits"),
+    ('[data]\nverify = "yes"', "data.verify"), ("[data]\ntrain_limit = 100.0", "data.train_limit"),
+    ("[retrain]\nenabled = 0", "retrain.enabled"), ("[retrain]\nepochs = 3.0", "retrain.epochs"),
+    ('[warning]\npatience = "10"', "warning.patience"),
+])
+def test_study_level_values_of_the_wrong_type_are_refused(text: str, field: str):
+    with pytest.raises(ConfigError, match=rf"^bad\.toml: {re.escape(field)}: "):
+        study_from_dict(tomllib.loads(f'name = "x"\n{text}\n{ENTRY}'), source="bad.toml")
+
+
+def test_an_integer_is_a_valid_float():
+    # TOML users write learning_rate = 1; it is the float 1.0, with the fingerprint of 1.0.
+    text = 'name = "x"\n' + ENTRY + "layers = [{ units = 8, dropout = 0 }]\n"
+    spec = study_from_dict(tomllib.loads(text + "train = { learning_rate = 1 }"))
+    as_float = study_from_dict(tomllib.loads(text + "train = { learning_rate = 1.0 }"))
+    assert type(spec.candidates[0].train.learning_rate) is float
+    assert type(spec.candidates[0].model.layers[0].dropout) is float
+    assert spec == as_float and spec.fingerprint() == as_float.fingerprint()
+
+
+def test_the_study_class_count_is_the_data_s():
+    assert N_CLASSES == len(CLASS_NAMES)
+
+
+MISTAKES_FOR_THE_CLI = [
+    ("conv = [{ filters = 8, kernel = 40 }]", "candidates[0].conv[0]: kernel 40 is larger"),
+    ('layers = [{ units = "64" }]', "candidates[0].layers[0].units: input should be a valid"),
+    ("train = { early_stopping = { monitor = \"val_acc\" } }",
+     "candidates[0].train.early_stopping.monitor"),
+]
+
+
+@pytest.mark.parametrize(("line", "fragment"), MISTAKES_FOR_THE_CLI)
+def test_cli_refuses_a_mistake_before_creating_a_run(
+        line: str, fragment: str, tiny_idx_dir: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]):
+    path = tmp_path / "bad.toml"
+    path.write_text(tiny_study_toml(tiny_idx_dir, final=False, candidates=ENTRY + line))
+    runs = tmp_path / "runs"
+    code, _, err = run_cli(capsys, "study", str(path), "--run-dir", str(runs), "--workers", "1")
+    assert_one_line_error(code, err, f"{path}: {fragment}")
+    assert not runs.exists()  # no store, no run, nothing to resume or clean up
+
+
+def test_more_folds_than_the_data_holds_creates_no_run(tiny_idx_dir: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]):
+    # The tiny data holds 300 images: known once the files are read, still before any run.
+    path = tmp_path / "folds.toml"
+    path.write_text(tiny_study_toml(tiny_idx_dir, folds=301, final=False))
+    runs = tmp_path / "runs"
+    code, _, err = run_cli(capsys, "study", str(path), "--run-dir", str(runs), "--workers", "1")
+    assert_one_line_error(code, err, "cv.n_splits: 301 folds need at least 301 samples (got 300)")
+    store = Store.open(runs)
+    try:
+        assert store.runs() == []
+    finally:
+        store.close()

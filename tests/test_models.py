@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
+from pydantic import ValidationError
 
 from fashionlab.config import ConvLayer, DenseLayer, ModelSpec
-from fashionlab.models import StackedNet, build_module, flat_features, forward_flops
+from fashionlab.models import (
+    StackedNet,
+    build_module,
+    conv_output_size,
+    flat_features,
+    forward_flops,
+)
 from fashionlab.rng import MemberGenerators
 
 DENSE = ModelSpec(layers=(DenseLayer(32, l2=0.01, dropout=0.3), DenseLayer(16)))
@@ -101,6 +109,38 @@ def test_shapes_and_flops():
     assert forward_flops(ModelSpec(layers=(DenseLayer(64),))) == 2 * (784 * 64 + 64 * 10)
     params = sum(p.numel() for p in build_module(seed_cnn).parameters())
     assert params == 93322  # the seed CNN's parameter count as Keras reports it
+    # 28 -> 26 (pool 13) -> 11 (pool 5) -> 3: multiply-adds of each convolution, then dense.
+    assert forward_flops(seed_cnn) == 2 * (26 * 26 * 32 * 9 + 11 * 11 * 64 * 32 * 9
+                                           + 3 * 3 * 64 * 64 * 9 + 576 * 64 + 64 * 10)
+
+
+@pytest.mark.parametrize("padding", ["valid", "same"])
+def test_a_spec_is_accepted_exactly_when_torch_can_run_it(padding: str):
+    """The config's torch-free shape arithmetic against torch's own convolution and pooling:
+    a layer the spec refuses leaves nothing in torch, one it accepts has torch's output size."""
+    x = torch.rand(1, 1, 28, 28)
+    for kernel in (1, 3, 5, 27, 29):  # odd: padding "same" refuses even kernels
+        for pool in (1, 2, 3, 14, 28, 29):
+            try:
+                h = F.max_pool2d(F.conv2d(x, torch.rand(2, 1, kernel, kernel),
+                                          padding=0 if padding == "valid" else "same"), pool)
+                side = h.shape[-1]
+            except RuntimeError:  # torch: the kernel or the pool is larger than its input
+                side = 0
+            layer = ConvLayer(2, kernel=kernel, padding=padding, pool=pool)
+            if side < 1:
+                with pytest.raises(ValidationError, match="nothing is left"):
+                    ModelSpec(conv=(layer,))
+                continue
+            spec = ModelSpec(conv=(layer,))
+            assert conv_output_size(spec) == (2, side), (kernel, pool)
+            assert build_module(spec)(x).shape == (1, 10)
+
+
+def test_same_padding_refuses_even_kernels():
+    # torch pads an even kernel one pixel more on one side; the exported module could not.
+    with pytest.raises(ValidationError, match='padding "same" needs an odd kernel'):
+        ModelSpec(conv=(ConvLayer(4, kernel=4, padding="same"),))
 
 
 def test_members_of_different_shapes_cannot_stack():
