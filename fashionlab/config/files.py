@@ -1,0 +1,219 @@
+"""Study files: TOML read into a `StudySpec` (with one-line errors naming the file and the
+field), written back with every default resolved, the bundled studies, and the quick variant.
+
+    seed.toml: candidates[2].layers[0].dropout: must be < 1 (got 1.0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+from pydantic import TypeAdapter, ValidationError
+
+from fashionlab.config.specs import (
+    Candidate,
+    ModelSpec,
+    ParamSpec,
+    SearchSpec,
+    StudySpec,
+    toml_value,
+)
+from fashionlab.errors import ConfigError, FieldValueError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+# --------------------------------------------------------------------------------------------
+# Reading study files
+#
+# The file format is flatter than the dataclasses: a candidate states its model fields
+# (`layers`, `conv`, `dropout`) directly and its training overrides in a `train` table, and a
+# top-level [train] table holds the defaults every model starts from.
+
+_MODEL_KEYS = {f.name for f in dataclasses.fields(ModelSpec)}
+_ENTRY_KEYS = _MODEL_KEYS | {"name", "train"}
+
+
+def _resolve_entry(entry: Any, defaults: Mapping[str, Any], where: str) -> dict[str, Any]:
+    if not isinstance(entry, Mapping):
+        raise _FieldError(where, "must be a table")
+    unknown = sorted(set(entry) - _ENTRY_KEYS)
+    if unknown:
+        raise _FieldError(
+            where, f"unknown key '{unknown[0]}' (expected one of: {', '.join(sorted(_ENTRY_KEYS))})"
+        )
+    if "name" not in entry:
+        raise _FieldError(where, "missing key 'name'")
+    overrides = entry.get("train", {})
+    if not isinstance(overrides, Mapping):
+        raise _FieldError(f"{where}.train", "must be a table")
+    train = {**defaults, **overrides}
+    if isinstance(defaults.get("augment"), Mapping) and isinstance(overrides.get("augment"), Mapping):
+        train["augment"] = {**defaults["augment"], **overrides["augment"]}
+    model = {k: v for k, v in entry.items() if k in _MODEL_KEYS}
+    return {"name": entry["name"], "model": model, "train": train}
+
+
+class _FieldError(Exception):
+    def __init__(self, where: str, message: str) -> None:
+        super().__init__(f"{where}: {message}")
+
+
+def _format_location(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts[-1 if parts else 0 :] = [f"{parts[-1] if parts else ''}[{item}]"]
+        elif item in ("function-after", "literal['warning']", "int", "constrained-int"):
+            continue  # pydantic's names for union branches and validators, not fields
+        else:
+            parts.append(str(item))
+    return ".".join(parts) or "(top level)"
+
+
+def _format_validation_error(error: ValidationError) -> str:
+    first = error.errors()[0]
+    loc = tuple(first["loc"])
+    message = first["msg"]
+    if first["type"] == "value_error":
+        message = message.removeprefix("Value error, ")
+        cause = (first.get("ctx") or {}).get("error")
+        if isinstance(cause, FieldValueError):
+            loc, message = loc + cause.path, cause.message
+    # A candidate's model fields live at the entry's top level in the file.
+    if len(loc) >= 3 and loc[0] in ("candidates", "final") and loc[2] == "model":
+        loc = loc[:2] + loc[3:]
+    if first["type"] == "unexpected_keyword_argument":
+        message = f"unknown key '{loc[-1]}'"
+        loc = loc[:-1]
+    elif first["type"] == "missing":
+        message = f"missing key '{loc[-1]}'"
+        loc = loc[:-1]
+    elif "input" in first and first["type"] not in ("value_error", "assertion_error"):
+        if first["type"] == "literal_error":  # the options as the file spells strings
+            message = message.replace("'", '"')
+        message = f"{message[0].lower()}{message[1:]} (got {toml_value(first['input'])})"
+    return f"{_format_location(loc)}: {message}"
+
+
+_STUDY_ADAPTER = TypeAdapter(StudySpec)
+
+
+def study_from_dict(raw: Mapping[str, Any], *, source: str = "study") -> StudySpec:
+    """Validate a study given as a (TOML-shaped) mapping; errors name `source` and the field."""
+    try:
+        data = dict(raw)
+        defaults = data.pop("train", {})
+        if not isinstance(defaults, Mapping):
+            raise _FieldError("train", "must be a table")
+        for section in ("candidates", "final"):
+            entries = data.get(section, [])
+            if not isinstance(entries, list):
+                raise _FieldError(section, f"must be an array of tables ([[{section}]])")
+            data[section] = [
+                _resolve_entry(entry, defaults, f"{section}[{i}]") for i, entry in enumerate(entries)
+            ]
+        return _STUDY_ADAPTER.validate_python(data)
+    except _FieldError as error:
+        raise ConfigError(f"{source}: {error}") from None
+    except ValidationError as error:
+        raise ConfigError(f"{source}: {_format_validation_error(error)}") from None
+
+
+def bundled_studies() -> list[str]:
+    """Names of the studies that ship with fashionlab (`fashionlab study NAME`)."""
+    folder = resources.files("fashionlab") / "studies"
+    return sorted(p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def load_study(name_or_path: str | Path = "seed") -> StudySpec:
+    """Read a study file, or a bundled study by name (e.g. "seed")."""
+    path = Path(name_or_path)
+    if path.suffix != ".toml" and not path.exists():
+        bundled = resources.files("fashionlab") / "studies" / f"{name_or_path}.toml"
+        if not bundled.is_file():
+            raise ConfigError(
+                f"{name_or_path}: no such study file, and no bundled study of that name "
+                f"(bundled: {', '.join(bundled_studies())})"
+            )
+        text, source = bundled.read_text(encoding="utf-8"), f"{name_or_path}.toml"
+    else:
+        try:
+            text, source = path.read_text(encoding="utf-8"), str(path)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such study file") from None
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"{path}: cannot read ({error})") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{source}: not valid TOML ({error})") from None
+    return study_from_dict(raw, source=source)
+
+
+def study_to_toml(spec: StudySpec) -> str:
+    """The resolved study as TOML (every default written out); reads back to an equal spec."""
+
+    def clean(value: Any) -> Any:  # TOML has no null: omit None fields
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items() if v is not None}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    raw = clean(spec.to_dict())
+    for section in ("candidates", "final"):
+        raw[section] = [{"name": e["name"], **e["model"], "train": e["train"]} for e in raw[section]]
+    return tomli_w.dumps(raw)
+
+
+def quick_variant(spec: StudySpec) -> StudySpec:
+    """A small version of a study for trying things: fewer samples and epochs, same shape."""
+    replace = dataclasses.replace
+
+    def shorten(candidate: Candidate, epochs: int) -> Candidate:
+        train = replace(candidate.train, epochs=min(candidate.train.epochs, epochs))
+        return replace(candidate, train=train)
+
+    return replace(
+        spec,
+        name=f"{spec.name}-quick",
+        data=replace(spec.data, train_limit=min(spec.data.train_limit or 10**9, 6000),
+                     test_limit=min(spec.data.test_limit or 10**9, 2000)),
+        warning=replace(spec.warning, patience=min(spec.warning.patience, 3)),
+        candidates=tuple(shorten(c, 8) for c in spec.candidates),
+        retrain=replace(spec.retrain, epochs=spec.retrain.epochs
+                        if spec.retrain.epochs == "warning" else min(spec.retrain.epochs, 8)),
+        final=tuple(shorten(c, 3) for c in spec.final),
+        search=None if spec.search is None else _quick_search(spec.search, epochs=8),
+    )
+
+
+def _quick_search(search: SearchSpec, *, epochs: int) -> SearchSpec:
+    """A small version of a search (for `--quick`): at most 6 trials, `epochs` epochs."""
+    space = dict(search.space)
+    spec = space.get("epochs")
+    if spec is not None:
+        if spec.choices is not None:
+            short = tuple(c for c in spec.choices if isinstance(c, int) and c <= epochs)
+            space["epochs"] = dataclasses.replace(spec, choices=short or (epochs,))
+        elif spec.value is not None:
+            space["epochs"] = ParamSpec(value=min(int(spec.value), epochs))
+        elif spec.low is not None and spec.high is not None:
+            high = min(int(spec.high), epochs)
+            space["epochs"] = ParamSpec(value=high) if spec.low >= high else \
+                dataclasses.replace(spec, high=high)
+    trials = min(search.n_trials or 6, 6)
+    return dataclasses.replace(
+        search, space=space, n_trials=trials, startup_trials=min(search.startup_trials, 2),
+        warmup=min(search.warmup, 2),
+        budget=None if search.budget is None else min(search.budget, trials * 5 * epochs))
