@@ -17,3 +17,7 @@ class ConfigError(FashionlabError):
 
 class StoreError(FashionlabError):
     """The experiment store cannot be opened, or a requested run does not exist."""
+
+
+class CheckpointError(FashionlabError):
+    """A checkpoint cannot be written (a full disk, a read-only folder); the run can resume."""
