@@ -179,7 +179,8 @@ def _check_header(path: Path, expected: dict[str, tuple[int, ...]]) -> None:
     header is read lazily (and checked against the file's size), the tensors are not."""
     try:
         with safe_open(str(path), framework="pt") as file:
-            shapes = {name: tuple(file.get_slice(name).get_shape()) for name in file.keys()}
+            names = file.keys()  # a safetensors file is not iterable itself
+            shapes = {name: tuple(file.get_slice(name).get_shape()) for name in names}
     except (SafetensorError, OSError, ValueError) as error:
         raise _unreadable(path, error) from None
     missing = [k for k in expected if k not in shapes]

@@ -406,7 +406,9 @@ def _restore_unchecked(
 # payload (32 bytes) | payload (torch.save of the state, read back with weights_only=True).
 
 CHECKPOINT_MAGIC = b"FLCKPT\x00\x01"  # "fashionlab checkpoint", format 1
-_HEADER_SIZE = len(CHECKPOINT_MAGIC) + 8 + 32
+_LENGTH = slice(8, 16)  # bytes of the header holding the payload's length
+_DIGEST = slice(16, 48)  # and its SHA-256
+_HEADER_SIZE = 48
 
 
 class DamagedCheckpoint(Exception):
@@ -490,13 +492,13 @@ def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str,
         raise DamagedCheckpoint("not a fashionlab checkpoint")
     if len(data) < _HEADER_SIZE:
         raise DamagedCheckpoint(f"truncated: {len(data)} bytes, less than its header")
-    length = int.from_bytes(data[8:16], "little")
+    length = int.from_bytes(data[_LENGTH], "little")
     payload = memoryview(data)[_HEADER_SIZE:]
     if len(payload) != length:
         raise DamagedCheckpoint(f"truncated: {len(payload)} of {length} bytes"
                                 if len(payload) < length else
                                 f"{len(payload) - length} bytes more than written")
-    if hashlib.sha256(payload).digest() != data[16:_HEADER_SIZE]:
+    if hashlib.sha256(payload).digest() != data[_DIGEST]:
         raise DamagedCheckpoint("checksum mismatch: its contents changed after writing")
     return _unpickle(payload, device)
 

@@ -193,8 +193,8 @@ def test_the_caller_can_show_the_report_itself(tiny: Tensors, tmp_path: Path,
         resumed = train_members(_members(), TRAIN, tiny, CPU, checkpoint=checkpoint,
                                 on_damaged=shown.append)
     assert _numbers(resumed) == reference
-    assert shown == [f"checkpoint {checkpoint} is damaged (empty file): resuming from "
-                     "stack.prev.pt (epoch 2)"]
+    assert shown == [(f"checkpoint {checkpoint} is damaged (empty file): resuming from "
+                      "stack.prev.pt (epoch 2)")]
 
 
 def test_another_stacks_checkpoint_is_not_used(tiny: Tensors, tmp_path: Path,
