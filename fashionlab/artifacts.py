@@ -3,11 +3,15 @@
 A model directory holds:
     model.safetensors   the weights, keyed like `build_module(spec).state_dict()`
     model.json          the architecture, class names, preprocessing and training metadata
+
+Loading checks the spec against the safetensors header (names and shapes) before it allocates
+anything, so a damaged or edited model.json is refused in one line instead of exhausting memory.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass
@@ -16,7 +20,7 @@ from typing import Any
 
 import torch
 from pydantic import TypeAdapter, ValidationError
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -27,6 +31,11 @@ from fashionlab.models import build_module
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "model.json"
+
+# The bundled studies' models hold 0.05M to 0.43M parameters, a search's largest (3 x 1024
+# units) 2.9M. A spec asking for more than 100M (400 MB of float32) is damaged or edited, not
+# a Fashion-MNIST model: refused before anything is allocated.
+MAX_PARAMETERS = 100_000_000
 
 # How raw pixels become model input; stated in the file so that users of the model know.
 PREPROCESSING = {
@@ -94,6 +103,10 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Sav
         if not path.is_file():
             raise ModelFileError(f"{path}: file not found")
     spec, class_names, description = _read_description(spec_path)
+    # Names and shapes first, from the spec alone and the file's header: a spec that does not
+    # fit the weights (units = 2,000,000) would otherwise allocate gigabytes before failing.
+    expected = _expected_shapes(spec, spec_path)
+    _check_header(weights_path, expected)
     module = build_module(spec)
     _load_weights(module, weights_path, device)
     module.to(device).eval()
@@ -140,30 +153,69 @@ def _read_description(path: Path) -> tuple[ModelSpec, tuple[str, ...], dict[str,
     return spec, tuple(names), description
 
 
-def _load_weights(module: nn.Module, path: Path, device: str | torch.device) -> None:
-    """Fill `module` from a safetensors file, checking names, shapes and values first."""
+def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of `build_module(spec).state_dict()`, built on the meta
+    device: nothing is allocated, however large the spec. ValueError for an impossible spec."""
+    with torch.device("meta"):
+        module = build_module(spec)
+    return {name: tuple(tensor.shape) for name, tensor in module.state_dict().items()}
+
+
+def _expected_shapes(spec: ModelSpec, path: Path) -> dict[str, tuple[int, ...]]:
     try:
-        state = load_file(str(path), device=str(device))
+        shapes = expected_shapes(spec)
+    except ValueError as error:  # e.g. a conv stack that shrinks the image to nothing
+        raise ModelFileError(f"{path}: not a valid model description ({error})") from None
+    n_parameters = sum(math.prod(shape) for shape in shapes.values())
+    if n_parameters > MAX_PARAMETERS:
+        raise ModelFileError(f"{path}: the spec describes {n_parameters:,} parameters, more "
+                             f"than the {MAX_PARAMETERS:,} fashionlab loads (a damaged or "
+                             "edited file?)")
+    return shapes
+
+
+def _check_header(path: Path, expected: dict[str, tuple[int, ...]]) -> None:
+    """Compare the tensor names and shapes in a safetensors header with `expected`; the
+    header is read lazily (and checked against the file's size), the tensors are not."""
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            names = file.keys()  # a safetensors file is not iterable itself
+            shapes = {name: tuple(file.get_slice(name).get_shape()) for name in names}
     except (SafetensorError, OSError, ValueError) as error:
-        head = path.read_bytes()[:4] if path.is_file() else b""
-        if head[:2] == b"PK" or head[:1] == b"\x80":  # a zip (torch.save) or a raw pickle
-            raise ModelFileError(f"{path}: a pickle (torch.save) file, not safetensors; "
-                                 "fashionlab loads only safetensors and never unpickles") from None
-        message = str(error).strip().splitlines()[0]
-        raise ModelFileError(f"{path}: not a valid safetensors file ({message})") from None
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
+        raise _unreadable(path, error) from None
+    missing = [k for k in expected if k not in shapes]
+    unexpected = [k for k in shapes if k not in expected]
     if missing or unexpected:
         problems = ([f"missing {', '.join(missing[:3])}"] if missing else []) + (
             [f"unexpected {', '.join(unexpected[:3])}"] if unexpected else [])
         raise ModelFileError(f"{path}: weights do not fit the spec in model.json "
                              f"({'; '.join(problems)})")
-    for key, tensor in expected.items():
-        if tuple(state[key].shape) != tuple(tensor.shape):
+    for key, shape in expected.items():
+        if shapes[key] != shape:
             raise ModelFileError(f"{path}: weights do not fit the spec in model.json ({key} has "
-                                 f"shape {tuple(state[key].shape)}, the spec needs "
-                                 f"{tuple(tensor.shape)})")
-        if state[key].is_floating_point() and not torch.isfinite(state[key]).all():
+                                 f"shape {shapes[key]}, the spec needs {shape})")
+
+
+def _unreadable(path: Path, error: Exception) -> ModelFileError:
+    try:
+        with path.open("rb") as file:
+            head = file.read(4)  # not read_bytes(): the file may be huge
+    except OSError:
+        head = b""
+    if head[:2] == b"PK" or head[:1] == b"\x80":  # a zip (torch.save) or a raw pickle
+        return ModelFileError(f"{path}: a pickle (torch.save) file, not safetensors; "
+                              "fashionlab loads only safetensors and never unpickles")
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ModelFileError(f"{path}: not a valid safetensors file ({message})")
+
+
+def _load_weights(module: nn.Module, path: Path, device: str | torch.device) -> None:
+    """Fill `module` from a safetensors file whose header `_check_header` accepted."""
+    try:
+        state = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise _unreadable(path, error) from None
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise ModelFileError(f"{path}: {key} holds NaN or infinite values")
     module.load_state_dict(state)

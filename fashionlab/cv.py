@@ -5,12 +5,22 @@ The warning is the seed study's rule, computed on the mean val_loss curve across
 first epoch i such that none of the next `patience` epochs has val_loss below
 (1 - min_delta) * val_loss[i]. Early stopping is the same idea applied per model while it
 trains, with the best epoch as the model's result.
+
+A checkpoint is written durably (fsync, rename, fsync of the folder) with a SHA-256 of its
+contents, and the previous one is kept beside it (`x.pt`, `x.prev.pt`): a damaged or missing
+newest file costs the epochs since the one before, or at worst the stack's training so far,
+never the run. Training is deterministic, so the epochs trained again give the same numbers.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
+import io
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +30,7 @@ import numpy as np
 import torch
 
 from fashionlab.config import CVSpec, EarlyStopping, TrainSpec
-from fashionlab.errors import ConfigError
+from fashionlab.errors import CheckpointError, ConfigError
 from fashionlab.rng import derive_seed
 from fashionlab.train import EpochMetrics, Member, StackTrainer, Tensors
 
@@ -184,6 +194,15 @@ class MemberResult:
 EpochCallback = Callable[[int, dict[str, EpochMetrics], dict[str, MemberResult]], None]
 
 
+# A stack's whole training state: trainer, results, early stoppers, best weights by key.
+_StackState = tuple[StackTrainer, dict[str, MemberResult], dict[str, EarlyStopper],
+                    dict[str, dict[str, torch.Tensor]]]
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was damaged or missing; training went back to an earlier state."""
+
+
 def train_members(
     members: Sequence[Member],
     train: TrainSpec,
@@ -193,27 +212,32 @@ def train_members(
     checkpoint: Path | None = None,
     keep_weights: bool = False,
     on_epoch: EpochCallback | None = None,
+    on_damaged: Callable[[str], None] | None = None,
 ) -> dict[str, MemberResult]:
     """Train a stack of members for `train.epochs` epochs, with early stopping when the spec
     asks for it, and return each member's history and outcome.
 
     A member whose loss becomes NaN or infinite is stopped with a message; the others go on.
-    With `checkpoint`, the state after every epoch is written there atomically, and a run that
-    finds one continues from it, ending with exactly the numbers of an uninterrupted run.
-    `on_epoch(epoch, metrics, results)` is called after each epoch's checkpoint (to store rows,
-    show progress or prune); it may raise to abandon the stack.
+    With `checkpoint`, the state after every epoch is written there atomically and durably,
+    and a run that finds one continues from it, ending with exactly the numbers of an
+    uninterrupted run. A damaged or missing checkpoint is not fatal: training continues from
+    the previous one (or from the start), and `on_damaged(line)` is told in one line (without
+    it, a CheckpointWarning is issued). A checkpoint that cannot be written (a full disk)
+    raises CheckpointError. `on_epoch(epoch, metrics, results)` is called after each epoch's
+    checkpoint (to store rows, show progress or prune); it may raise to abandon the stack.
+    After a fallback it may see an epoch again, with the same numbers as the first time.
     """
-    trainer = StackTrainer(members, train, data, device)
-    results = {m.key: MemberResult(m.key) for m in members}
-    stoppers = {m.key: EarlyStopper(train.early_stopping) for m in members} \
-        if train.early_stopping else {}
-    best_weights: dict[str, dict[str, torch.Tensor]] = {}
 
-    if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
-        _restore(state, trainer, results, stoppers, best_weights)
-        if on_epoch is not None and trainer.epoch:
-            on_epoch(trainer.epoch, {}, results)  # let the caller store what it may have missed
+    def start() -> _StackState:
+        stoppers = {m.key: EarlyStopper(train.early_stopping) for m in members} \
+            if train.early_stopping else {}
+        return (StackTrainer(members, train, data, device),
+                {m.key: MemberResult(m.key) for m in members}, stoppers, {})
+
+    trainer, results, stoppers, best_weights = (
+        start() if checkpoint is None else _resume(checkpoint, device, start, on_damaged))
+    if on_epoch is not None and trainer.epoch:
+        on_epoch(trainer.epoch, {}, results)  # let the caller store what it may have missed
 
     while trainer.keys:
         if trainer.epoch >= train.epochs:
@@ -256,6 +280,44 @@ def train_members(
     return results
 
 
+def _resume(
+    checkpoint: Path,
+    device: torch.device,
+    start: Callable[[], _StackState],
+    on_damaged: Callable[[str], None] | None,
+) -> _StackState:
+    """The state of the newest checkpoint generation that verifies and fits the stack, else a
+    fresh start; each damaged or missing generation passed over is reported in one line."""
+    with contextlib.suppress(OSError):  # a killed process's half-written file
+        _temporary(checkpoint).unlink(missing_ok=True)
+    stack = start()
+    problems: list[str] = []
+    resumed_from: Path | None = None
+    for path in (checkpoint, previous_checkpoint(checkpoint)):
+        try:
+            _restore(read_checkpoint(path, device), *stack)
+        except FileNotFoundError:
+            if path == checkpoint and previous_checkpoint(checkpoint).exists():
+                problems.append(f"checkpoint {path} is missing")
+            continue
+        except DamagedCheckpoint as damage:
+            problems.append(f"checkpoint {path} is damaged ({damage})")
+            with contextlib.suppress(OSError):  # else the next save keeps it as the previous
+                path.unlink()
+            stack = start()  # undo a partial restore
+            continue
+        resumed_from = path
+        break
+    outcome = ("training the stack again from its first epoch" if resumed_from is None
+               else f"resuming from {resumed_from.name} (epoch {stack[0].epoch})")
+    for problem in problems:
+        if on_damaged is None:
+            warnings.warn(f"{problem}: {outcome}", CheckpointWarning, stacklevel=3)
+        else:
+            on_damaged(f"{problem}: {outcome}")
+    return stack
+
+
 def _finish(
     result: MemberResult,
     status: Status,
@@ -296,13 +358,26 @@ def _save(
         "stoppers": {key: s.state_dict() for key, s in stoppers.items()},
         "best_weights": best_weights,
     }
-    tmp = path.with_name(path.name + ".tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint, never half of one
+    write_checkpoint(path, state)
 
 
 def _restore(
+    state: dict[str, Any],
+    trainer: StackTrainer,
+    results: dict[str, MemberResult],
+    stoppers: dict[str, EarlyStopper],
+    best_weights: dict[str, dict[str, torch.Tensor]],
+) -> None:
+    try:
+        _restore_unchecked(state, trainer, results, stoppers, best_weights)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
+        # The checksum held, so the file is what some fashionlab wrote, but not for this
+        # stack (another stack's file under this name, or an incompatible version).
+        message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        raise DamagedCheckpoint(f"does not fit this stack: {message[:200]}") from None
+
+
+def _restore_unchecked(
     state: dict[str, Any],
     trainer: StackTrainer,
     results: dict[str, MemberResult],
@@ -322,6 +397,127 @@ def _restore(
         trainer.epoch = state["epoch"]
     else:
         trainer.load_state_dict(state["trainer"])
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint files
+#
+# A file is: 8 bytes CHECKPOINT_MAGIC | payload length (u64, little-endian) | SHA-256 of the
+# payload (32 bytes) | payload (torch.save of the state, read back with weights_only=True).
+
+CHECKPOINT_MAGIC = b"FLCKPT\x00\x01"  # "fashionlab checkpoint", format 1
+_LENGTH = slice(8, 16)  # bytes of the header holding the payload's length
+_DIGEST = slice(16, 48)  # and its SHA-256
+_HEADER_SIZE = 48
+
+
+class DamagedCheckpoint(Exception):
+    """A checkpoint file that cannot be used; the message says why, in a few words."""
+
+
+def previous_checkpoint(path: Path) -> Path:
+    """The generation before `path`, kept in case the newest is damaged: x.pt -> x.prev.pt."""
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
+
+
+def write_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write `state` to `path` so that a crash or power cut at any moment leaves a complete
+    checkpoint under `path` or under `previous_checkpoint(path)`, never only half of one.
+
+    Any OSError (a full disk) removes the temporary file and raises CheckpointError.
+    """
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getbuffer()
+    header = (CHECKPOINT_MAGIC + len(payload).to_bytes(8, "little")
+              + hashlib.sha256(payload).digest())
+    tmp, previous = _temporary(path), previous_checkpoint(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as file:
+            file.write(header)
+            file.write(payload)
+            file.flush()
+            # Without it the rename can reach the disk before the data: after a power cut the
+            # name would point at an empty or partial file.
+            os.fsync(file.fileno())
+        if path.exists():
+            os.replace(path, previous)
+        os.replace(tmp, path)
+        _fsync_directory(path.parent)  # the renames themselves survive a power cut
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        full = error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+        advice = "free some space" if full else "fix this"
+        raise CheckpointError(
+            f"{path}: cannot write the checkpoint ({error.strerror or error}); {advice} and "
+            "run the same command again: it resumes") from None
+
+
+def _fsync_directory(directory: Path) -> None:
+    if os.name == "nt":  # Windows cannot open a folder; NTFS journals renames itself
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as error:
+        # Some file systems (network or FUSE mounts) cannot sync a folder: the rename is done
+        # and nothing more can be asked of them.
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """The verified state in a checkpoint file. FileNotFoundError when there is none;
+    DamagedCheckpoint when it is empty, truncated, altered or not a checkpoint at all."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise
+    except OSError as error:
+        raise DamagedCheckpoint(f"cannot read: {error.strerror or error}") from None
+    if not data:
+        raise DamagedCheckpoint("empty file")
+    if data[:2] == b"PK":
+        # Written by fashionlab before checksums (a bare torch.save zip): still resumable.
+        return _unpickle(data, device)
+    if data[: len(CHECKPOINT_MAGIC)] != CHECKPOINT_MAGIC:
+        raise DamagedCheckpoint("not a fashionlab checkpoint")
+    if len(data) < _HEADER_SIZE:
+        raise DamagedCheckpoint(f"truncated: {len(data)} bytes, less than its header")
+    length = int.from_bytes(data[_LENGTH], "little")
+    payload = memoryview(data)[_HEADER_SIZE:]
+    if len(payload) != length:
+        raise DamagedCheckpoint(f"truncated: {len(payload)} of {length} bytes"
+                                if len(payload) < length else
+                                f"{len(payload) - length} bytes more than written")
+    if hashlib.sha256(payload).digest() != data[_DIGEST]:
+        raise DamagedCheckpoint("checksum mismatch: its contents changed after writing")
+    return _unpickle(payload, device)
+
+
+def _unpickle(data: bytes | memoryview, device: torch.device | str) -> dict[str, Any]:
+    try:
+        state = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+    except Exception as error:  # noqa: BLE001 (the unpickler raises many kinds; all mean damage)
+        message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        raise DamagedCheckpoint(f"unreadable: {message[:200]}") from None
+    if not isinstance(state, dict):
+        raise DamagedCheckpoint(f"holds a {type(state).__name__}, not a checkpoint")
+    return state
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint, its previous generation and any temporary file it left."""
+    for file in (path, previous_checkpoint(path), _temporary(path)):
+        file.unlink(missing_ok=True)
 
 
 def mean_curves(

@@ -26,3 +26,7 @@ class FieldValueError(ValueError):
     def __init__(self, path: tuple[str | int, ...], message: str) -> None:
         super().__init__(message)
         self.path, self.message = path, message
+
+
+class CheckpointError(FashionlabError):
+    """A checkpoint cannot be written (a full disk, a read-only folder); the run can resume."""

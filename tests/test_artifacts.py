@@ -14,12 +14,15 @@ import torch
 from helpers import assert_one_line_error, run_cli
 from safetensors.torch import load_file, save_file
 
+from fashionlab import artifacts
 from fashionlab.artifacts import (
     FORMAT_VERSION,
+    MAX_PARAMETERS,
     PREPROCESSING,
     SPEC_FILE,
     WEIGHTS_FILE,
     ModelFileError,
+    expected_shapes,
     load_model,
     save_model,
 )
@@ -171,6 +174,8 @@ BROKEN = {
         (d / WEIGHTS_FILE).read_bytes()[:200]), WEIGHTS_FILE, "not a valid safetensors file"),
     "empty weights": (lambda d: (d / WEIGHTS_FILE).write_bytes(b""), WEIGHTS_FILE,
                       "not a valid safetensors file"),
+    "conv stack shrinks to nothing": (_edit_json(lambda d: d["spec"]["conv"][0].update(
+        kernel=40)), SPEC_FILE, "shrinks a 28x28 image to nothing"),
 }
 
 
@@ -189,6 +194,96 @@ def test_a_broken_model_directory_gives_one_line_naming_the_file(tmp_path: Path,
 def test_not_a_directory(tmp_path: Path):
     with pytest.raises(ModelFileError, match="not a model directory"):
         load_model(tmp_path / "nowhere")
+
+
+# --- the spec meets the weights' header before anything is allocated ---------------------------
+
+
+@pytest.mark.parametrize("spec", [DENSE, CONV_BN], ids=["dense", "conv-bn"])
+def test_expected_shapes_are_the_built_modules(spec: ModelSpec):
+    assert expected_shapes(spec) == {k: tuple(v.shape)
+                                     for k, v in build_module(spec).state_dict().items()}
+
+
+@pytest.fixture
+def nothing_allocated(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Fail the test if `load_model` builds a module anywhere but on the meta device, or reads
+    the tensors; returns the devices it built modules on."""
+    built: list[str] = []
+    real_build = artifacts.build_module
+
+    def meta_only(spec: ModelSpec) -> torch.nn.Sequential:
+        device = torch.empty(0).device.type  # where a module built now would live
+        if device != "meta":
+            raise AssertionError(f"a real module would be built on {device}, before the "
+                                 "spec was checked against the weights")
+        built.append(device)
+        return real_build(spec)
+
+    def no_tensors(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the tensors were read before the spec was checked")
+
+    monkeypatch.setattr(artifacts, "build_module", meta_only)
+    monkeypatch.setattr(artifacts, "load_file", no_tensors)
+    return built
+
+
+@pytest.mark.parametrize("units", [2_000_000, 1e9])
+def test_a_huge_spec_is_refused_before_anything_is_allocated(
+        tmp_path: Path, nothing_allocated: list[str], units: float):
+    directory = _save(tmp_path / "m", DENSE)
+    _edit_json(lambda d: d["spec"]["layers"][0].update(units=units))(directory)
+    with pytest.raises(ModelFileError) as error:
+        load_model(directory)
+    message = str(error.value)
+    assert message.startswith(f"{directory / SPEC_FILE}: the spec describes ")
+    assert f"more than the {MAX_PARAMETERS:,} fashionlab loads" in message
+    assert "\n" not in message
+    assert nothing_allocated == ["meta"]
+
+
+def _edit_header(change: Callable[[dict], None]) -> Callable[[Path], None]:
+    """Change the JSON header of model.safetensors, keeping its data bytes."""
+    def edit(directory: Path) -> None:
+        raw = (directory / WEIGHTS_FILE).read_bytes()
+        size = int.from_bytes(raw[:8], "little")  # u64 little-endian, then the JSON header
+        header = json.loads(raw[8:8 + size])
+        change(header)
+        text = json.dumps(header).encode()
+        (directory / WEIGHTS_FILE).write_bytes(len(text).to_bytes(8, "little") + text
+                                               + raw[8 + size:])
+    return edit
+
+
+def _shape(name: str, shape: list[int]) -> Callable[[dict], None]:
+    return lambda header: header[name].update(shape=shape)
+
+
+HEADER_CASES = {
+    # The header's shape agrees with its data, not with the spec.
+    "wrong shape": (_edit_weights(lambda s: s.update({"1.weight": torch.zeros(17, 784)})),
+                    "1.weight has shape (17, 784), the spec needs (16, 784)"),
+    "renamed tensor": (_edit_header(lambda h: h.update({"9.weight": h.pop("1.weight")})),
+                       "missing 1.weight; unexpected 9.weight"),
+    # The header claims more than its data: safetensors' own check of the header refuses it.
+    "huge shape, small data": (_edit_header(_shape("1.weight", [2_000_000, 784])),
+                               "not a valid safetensors file"),
+    "data cut short": (lambda d: (d / WEIGHTS_FILE).write_bytes(
+        (d / WEIGHTS_FILE).read_bytes()[:-100]), "not a valid safetensors file"),
+}
+
+
+@pytest.mark.parametrize("case", list(HEADER_CASES))
+def test_weights_that_do_not_fit_are_refused_from_the_header(
+        tmp_path: Path, nothing_allocated: list[str], case: str):
+    break_it, fragment = HEADER_CASES[case]
+    directory = _save(tmp_path / "m", DENSE)
+    break_it(directory)  # with safetensors' own load_file, not the one load_model would use
+    with pytest.raises(ModelFileError) as error:
+        load_model(directory)
+    message = str(error.value)
+    assert message.startswith(f"{directory / WEIGHTS_FILE}: ") and fragment in message, message
+    assert "\n" not in message and nothing_allocated == ["meta"]
 
 
 def test_the_commands_report_a_broken_model_as_one_line(
