@@ -136,7 +136,8 @@ class Dataset:
 # Checksums.
 
 
-def _sha256(data: bytes | bytearray) -> str:
+def sha256(data: bytes | bytearray) -> str:
+    """The hex SHA-256 of (decompressed) file contents, as the checksum tables hold it."""
     return hashlib.sha256(data).hexdigest()
 
 
@@ -145,7 +146,7 @@ def _check(data: bytes | bytearray, expected: FileChecksum, *, source: PathLike)
     if len(data) != expected.size:
         raise DataError(f"{source}: checksum mismatch: decompresses to {len(data)} bytes, "
                         f"expected {expected.size}")
-    digest = _sha256(data)
+    digest = sha256(data)
     if digest != expected.sha256:
         raise DataError(f"{source}: checksum mismatch: SHA-256 {digest}, expected {expected.sha256}")
     return digest

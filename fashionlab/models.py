@@ -59,7 +59,7 @@ def _glorot_uniform(
     return (generators.rand(*shape) * 2.0 - 1.0) * limit
 
 
-def _dropout(
+def dropout(
     h: torch.Tensor, rates: Sequence[float], generators: MemberGenerators | None
 ) -> torch.Tensor:
     """Inverted dropout on h (M, B, ...) with a rate and a random stream per member.
@@ -169,12 +169,12 @@ class StackedNet(nn.Module):
                     h = F.max_pool2d(h, layer.pool)
                 h = F.relu(h)
             h = h.reshape(B, M, -1).transpose(0, 1)  # (M, B, C*H*W), C-major like nn.Flatten
-            h = _dropout(h, [s.dropout for s in self.specs], generators)
+            h = dropout(h, [s.dropout for s in self.specs], generators)
         else:
             h = x.reshape(M, B, -1)  # (M, B, 784)
         for i, _ in enumerate(shape.layers):
             h = F.relu(torch.baddbmm(self.dense_biases[i].unsqueeze(1), h, self.dense_weights[i]))
-            h = _dropout(h, [s.layers[i].dropout for s in self.specs], generators)
+            h = dropout(h, [s.layers[i].dropout for s in self.specs], generators)
         return torch.baddbmm(self.dense_biases[-1].unsqueeze(1), h, self.dense_weights[-1])
 
     def l2_penalty(self) -> torch.Tensor:

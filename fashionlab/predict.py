@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from fashionlab.errors import FashionlabError
+from fashionlab.idx import read_idx
 from fashionlab.text import first_line
 
 if TYPE_CHECKING:
@@ -166,8 +167,6 @@ def _load_npy(path: Path, head: bytes) -> np.ndarray:
 
 
 def _load_idx(path: Path) -> np.ndarray:
-    from fashionlab.idx import read_idx
-
     try:
         array = read_idx(path)
     except FashionlabError as error:  # read_idx's messages already name the file

@@ -75,7 +75,8 @@ def train_stack(
 
     reporter.start(label, train.epochs)
     results = train_members(members, train, data, device, checkpoint=checkpoint,
-                            keep_weights=keep_weights, on_epoch=after_epoch)
+                            keep_weights=keep_weights, on_epoch=after_epoch,
+                            on_damaged=reporter.log)
     reporter.finish(label)
     return results
 

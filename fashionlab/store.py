@@ -498,7 +498,7 @@ def migrate(engine: sa.Engine, attempts: int = 5, *, read_only: bool = False) ->
                          "written")
     for attempt in range(attempts):
         try:
-            return _migrate_once(engine)
+            return migrate_once(engine)
         except sa.exc.OperationalError:
             if attempt == attempts - 1:
                 raise
@@ -506,7 +506,9 @@ def migrate(engine: sa.Engine, attempts: int = 5, *, read_only: bool = False) ->
     raise AssertionError("unreachable")
 
 
-def _migrate_once(engine: sa.Engine) -> int:
+def migrate_once(engine: sa.Engine) -> int:
+    """Apply the missing migrations in one transaction; returns the schema version. `migrate`
+    retries it when a concurrent first open wins the race."""
     with engine.begin() as conn:
         if engine.dialect.name == "postgresql":
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(7165734)"))  # fashionlab's key

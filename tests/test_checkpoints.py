@@ -16,21 +16,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import assert_one_line_error, run_cli, tiny_study_toml
+from helpers import OnEpoch, Recorder, assert_one_line_error, run_cli, tiny_study_toml
 
-from fashionlab.config import DenseLayer, EarlyStopping, ModelSpec, TrainSpec
-from fashionlab.cv import (
-    CheckpointWarning,
+from fashionlab.checkpoints import (
     DamagedCheckpoint,
-    MemberResult,
     previous_checkpoint,
     read_checkpoint,
     remove_checkpoint,
-    train_members,
     write_checkpoint,
 )
+from fashionlab.config import DenseLayer, EarlyStopping, ModelSpec, TrainSpec
+from fashionlab.cv import CheckpointWarning, MemberResult, train_members
 from fashionlab.data import load_fashion_mnist, to_tensors
 from fashionlab.errors import CheckpointError
+from fashionlab.progress import Silent
 from fashionlab.runner import train_stack
 from fashionlab.store import Store
 from fashionlab.train import Member, Tensors
@@ -245,7 +244,8 @@ def test_the_store_gets_one_row_per_epoch_with_the_uninterrupted_numbers(
                 for e in store.epochs(run_id)]
 
     store, run_id = fresh_store()
-    train_stack(store, run_id, _members(), TRAIN, tiny, CPU, checkpoint=tmp_path / "ref.pt")
+    train_stack(store, run_id, _members(), TRAIN, tiny, CPU, checkpoint=tmp_path / "ref.pt",
+                label="stack", reporter=Silent())
     expected = rows(store, run_id)
     expected_models = [(m.key, m.status, m.best_epoch) for m in store.models(run_id)]
 
@@ -260,11 +260,15 @@ def test_the_store_gets_one_row_per_epoch_with_the_uninterrupted_numbers(
 
         with pytest.raises(Interrupt):
             train_stack(store, run_id, _members(), TRAIN, tiny, CPU, checkpoint=checkpoint,
-                        after_epoch=after_epoch)
+                        label="stack", reporter=OnEpoch(after_epoch))
         assert len(rows(store, run_id)) == 2 * 4
         damage(checkpoint)
-        with pytest.warns(CheckpointWarning):
-            train_stack(store, run_id, _members(), TRAIN, tiny, CPU, checkpoint=checkpoint)
+        recorder = Recorder()  # the damage is told on the run's reporter, in one line
+        train_stack(store, run_id, _members(), TRAIN, tiny, CPU, checkpoint=checkpoint,
+                    label="stack", reporter=recorder)
+        lines = [c[1] for c in recorder.calls if c[0] == "log"]
+        assert lines and all("\n" not in line for line in lines)
+        assert "damaged" in lines[0]
         assert rows(store, run_id) == expected
         assert [(m.key, m.status, m.best_epoch) for m in store.models(run_id)] == \
             expected_models

@@ -106,7 +106,7 @@ def test_fetch_into_the_cache(capsys: pytest.CaptureFixture[str], tiny_idx_dir: 
     sums = {}
     for name in FILE_NAMES:
         raw = gzip.decompress((tiny_idx_dir / f"{name}.gz").read_bytes())
-        sums[name] = FileChecksum(data._sha256(raw), len(raw))
+        sums[name] = FileChecksum(data.sha256(raw), len(raw))
     monkeypatch.setattr(data, "FASHION_MNIST_CHECKSUMS", sums)
     monkeypatch.setattr(data, "DEBIAN_DIR", tiny_idx_dir)
     code, out, _ = run(capsys, "data", "fetch")

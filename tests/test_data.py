@@ -34,7 +34,7 @@ def checksums_of(directory: Path) -> dict[str, FileChecksum]:
     table = {}
     for name in FILE_NAMES:
         raw = gzip.decompress((directory / f"{name}.gz").read_bytes())
-        table[name] = FileChecksum(data._sha256(raw), len(raw))
+        table[name] = FileChecksum(data.sha256(raw), len(raw))
     return table
 
 
@@ -158,13 +158,13 @@ def test_other_idx_datasets_load_without_fashion_checksums(tiny_idx_dir: Path):
 @pytest.fixture
 def count_hashing(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
-    real = data._sha256
+    real = data.sha256
 
     def counting(raw: bytes | bytearray) -> str:
         calls.append(len(raw))
         return real(raw)
 
-    monkeypatch.setattr(data, "_sha256", counting)
+    monkeypatch.setattr(data, "sha256", counting)
     return calls
 
 

@@ -59,7 +59,7 @@ def sums(tiny_gz: dict[str, bytes]) -> dict[str, FileChecksum]:
     table = {}
     for name, body in tiny_gz.items():
         raw = gzip.decompress(body)
-        table[name] = FileChecksum(data._sha256(raw), len(raw))
+        table[name] = FileChecksum(data.sha256(raw), len(raw))
     return table
 
 
@@ -221,7 +221,7 @@ def test_fetch_copies_decompressed_from_debian(tiny_idx_dir: Path, sums: dict[st
 
     before = {name: (isolated_data_env / name).stat().st_mtime_ns for name in FILE_NAMES}
     hashed: list[int] = []
-    monkeypatch.setattr(data, "_sha256", lambda raw: hashed.append(1) or "unused")
+    monkeypatch.setattr(data, "sha256", lambda raw: hashed.append(1) or "unused")
     fetch_fashion_mnist(checksums=sums, **FAST)  # everything in place and remembered
     assert hashed == []
     assert before == {name: (isolated_data_env / name).stat().st_mtime_ns for name in FILE_NAMES}

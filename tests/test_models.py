@@ -82,10 +82,10 @@ def test_dropout_is_active_in_training_and_off_in_evaluation():
 
 
 def test_dropout_masks_are_inverted_and_have_the_right_rate():
-    from fashionlab.models import _dropout
+    from fashionlab.models import dropout
 
     h = torch.ones(2, 2000, 50)
-    out = _dropout(h, [0.0, 0.4], MemberGenerators([0, 1], torch.device("cpu")))
+    out = dropout(h, [0.0, 0.4], MemberGenerators([0, 1], torch.device("cpu")))
     assert torch.equal(out[0], h[0])  # rate 0: untouched
     kept = out[1] != 0
     assert abs(kept.float().mean().item() - 0.6) < 0.01

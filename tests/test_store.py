@@ -138,7 +138,7 @@ def test_a_migration_that_loses_a_race_is_retried(tmp_path, monkeypatch):
     import fashionlab.store as store_module
 
     calls = {"n": 0}
-    real = store_module._migrate_once
+    real = store_module.migrate_once
 
     def racing(engine):
         calls["n"] += 1
@@ -146,7 +146,7 @@ def test_a_migration_that_loses_a_race_is_retried(tmp_path, monkeypatch):
             raise sa.exc.OperationalError("CREATE TABLE fl_runs", {}, Exception("exists"))
         return real(engine)
 
-    monkeypatch.setattr(store_module, "_migrate_once", racing)
+    monkeypatch.setattr(store_module, "migrate_once", racing)
     Store(f"sqlite:///{tmp_path / 'x.db'}").close()
     assert calls["n"] == 2
 

@@ -123,7 +123,7 @@ def show(
 
     Example: fashionlab data show --out samples.png --per-class 10 --split test
     """
-    from fashionlab.plots import sample_grid
+    from fashionlab.plots import sample_grid  # matplotlib: only for this command
 
     dataset = data.load_fashion_mnist(directory, verify=verify)
     part = dataset.train if split is SplitName.train else dataset.test

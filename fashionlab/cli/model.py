@@ -42,6 +42,7 @@ def evaluate(
 
     Example: fashionlab evaluate fashionlab-runs/<run id>/models/cnn --json
     """
+    # torch: loaded when a command runs, so that `fashionlab --help` stays instant
     from fashionlab.artifacts import load_model
     from fashionlab.data import load_fashion_mnist
     from fashionlab.evaluate import evaluate as score
@@ -101,6 +102,7 @@ def predict(
 
     Example: fashionlab predict fashionlab-runs/<run id>/models/cnn shirt.jpg boots.png --json
     """
+    # torch: loaded when a command runs, so that `fashionlab --help` stays instant
     import numpy as np
 
     from fashionlab.artifacts import load_model
@@ -172,6 +174,7 @@ def export(
 
     Example: fashionlab export fashionlab-runs/<run id>/models/cnn --format onnx --out cnn.onnx
     """
+    # torch and onnx: loaded when the command runs
     from fashionlab.artifacts import load_model
     from fashionlab.export import export_onnx, verify_onnx
 

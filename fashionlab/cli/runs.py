@@ -78,7 +78,7 @@ def list_(
 
     Example: fashionlab runs list --run-dir /data/runs
     """
-    from fashionlab.runs import list_runs
+    from fashionlab.runs import list_runs  # numpy and scipy: when the command runs
 
     with _store(run_dir, store) as opened:
         runs = list_runs(opened, kind=kind)
@@ -106,7 +106,7 @@ def show(run: RunId, run_dir: RunDir = DEFAULT_RUN_DIR, store: StoreUrl = None,
 
     Example: fashionlab runs show 20250101-120000-seed
     """
-    from fashionlab.runs import describe_run
+    from fashionlab.runs import describe_run  # numpy and scipy: when the command runs
 
     with _store(run_dir, store) as opened:
         info = describe_run(opened, run)
@@ -152,7 +152,7 @@ def compare(a: RunId, b: RunId, run_dir: RunDir = DEFAULT_RUN_DIR, store: StoreU
 
     Example: fashionlab runs compare 20250101-120000-seed 20250102-090000-seed
     """
-    from fashionlab.runs import compare_runs
+    from fashionlab.runs import compare_runs  # numpy and scipy: when the command runs
 
     with _store(run_dir, store) as opened:
         result = compare_runs(opened, a, b)
@@ -202,7 +202,7 @@ def export(
 
     Example: fashionlab runs export 20250101-120000-seed --format csv --out epochs.csv
     """
-    from fashionlab.runs import export_run
+    from fashionlab.runs import export_run  # numpy and scipy: when the command runs
 
     with _store(run_dir, store) as opened:
         text = export_run(opened, run, format.value)
@@ -231,7 +231,7 @@ def delete(
 
     Example: fashionlab runs delete 20250101-120000-seed --yes
     """
-    from fashionlab.runs import delete_run
+    from fashionlab.runs import delete_run  # numpy and scipy: when the command runs
 
     with _store(run_dir, store) as opened:
         record = opened.run(run)
@@ -262,7 +262,7 @@ def report(
 
     Example: fashionlab report 20250101-120000-seed --out seed-report.html
     """
-    from fashionlab.report import write_report
+    from fashionlab.report import write_report  # matplotlib and torch: when it runs
 
     with _store(run_dir, store) as opened:
         path = write_report(opened, run, out, device=device)

@@ -50,7 +50,7 @@ def search(
 
     import optuna
 
-    from fashionlab.search import run_search
+    from fashionlab.search import run_search  # torch and Optuna: when the command runs
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the search shows its own progress
     spec = load_study(file)

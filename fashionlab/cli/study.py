@@ -54,7 +54,7 @@ def study(
     import json
 
     from fashionlab.results import summary, table_rows  # torch: only once a study runs
-    from fashionlab.study import run_study
+    from fashionlab.study import run_study  # (torch too)
 
     if workers != "auto" and not (workers.isdigit() and int(workers) >= 1):
         raise ConfigError(f"--workers: expected a positive number or auto, got '{workers}'")

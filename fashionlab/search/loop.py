@@ -41,6 +41,7 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from fashionlab.checkpoints import remove_checkpoint
 from fashionlab.config import Candidate, SearchSpec, StudySpec, base_candidate
 from fashionlab.cv import MemberResult, make_folds
 from fashionlab.data import Dataset, to_tensors
@@ -390,7 +391,7 @@ class _Searcher:
     def _drop_checkpoints(self, stacks: Sequence[Sequence[Member]],
                           params: dict[str, Any]) -> None:
         for stack in stacks:
-            self.checkpoint(stack, params).unlink(missing_ok=True)
+            remove_checkpoint(self.checkpoint(stack, params))
 
     def finish(self, stopped_by: str, seconds: float) -> dict[str, Any]:
         summary = finish_search(self.finishing, stopped_by, seconds)
@@ -426,9 +427,9 @@ class _Watcher:
 
         def on_epoch(epoch: int, metrics: dict[str, EpochMetrics]) -> None:
             if not metrics and epoch:  # resumed from a checkpoint: the store has the epochs
-                for m in stack:
-                    self.values[m.key] = [getattr(e, self.metric)
-                                          for e in s.store.epochs(s.run.id, m.key)]
+                for m in stack:  # (the store may hold more epochs than the checkpoint)
+                    self.values[m.key] = [getattr(e, self.metric) for e in
+                                          s.store.epochs(s.run.id, m.key)][:epoch]
             for key, m in metrics.items():
                 self.values.setdefault(key, []).append(m.get(self.metric))
             self.trial.set_user_attr("fold_epochs", sum(len(v) for v in self.values.values()))
