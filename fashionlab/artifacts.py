@@ -142,7 +142,7 @@ def _read_description(path: Path) -> tuple[ModelSpec, tuple[str, ...], dict[str,
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(["spec", *(str(part) for part in first["loc"])])
-        raise invalid(f"{where}: {first['msg']}") from None
+        raise invalid(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
     names = description["class_names"]
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise invalid("'class_names' must be a list of strings")

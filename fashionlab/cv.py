@@ -35,6 +35,7 @@ from fashionlab.checkpoints import (
 from fashionlab.config import CVSpec, EarlyStopping, TrainSpec
 from fashionlab.errors import ConfigError
 from fashionlab.rng import derive_seed
+from fashionlab.text import first_line
 from fashionlab.train import EpochMetrics, Member, StackTrainer, Tensors
 
 # --------------------------------------------------------------------------------------------
@@ -372,39 +373,26 @@ def _restore(
     best_weights: dict[str, dict[str, torch.Tensor]],
 ) -> None:
     try:
-        _restore_unchecked(state, trainer, results, stoppers, best_weights)
+        for key, saved in state["results"].items():
+            result = results[key]
+            result.history = [EpochMetrics(*row) for row in saved["history"]]
+            result.status, result.best_epoch = saved["status"], saved["best_epoch"]
+            result.message, result.weights = saved["message"], saved["weights"]
+        for key, saved in state["stoppers"].items():
+            stoppers[key].load_state_dict(saved)
+        best_weights.update(state["best_weights"])
+        if state["trainer"] is None:
+            trainer.drop(list(trainer.keys))
+            trainer.epoch = state["epoch"]
+        else:
+            trainer.load_state_dict(state["trainer"])
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
         # The checksum held, so the file is what some fashionlab wrote, but not for this
         # stack (another stack's file under this name, or an incompatible version).
-        message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-        raise DamagedCheckpoint(f"does not fit this stack: {message[:200]}") from None
+        raise DamagedCheckpoint(f"does not fit this stack: {first_line(error)[:200]}") \
+            from None
 
 
-def _restore_unchecked(
-    state: dict[str, Any],
-    trainer: StackTrainer,
-    results: dict[str, MemberResult],
-    stoppers: dict[str, EarlyStopper],
-    best_weights: dict[str, dict[str, torch.Tensor]],
-) -> None:
-    for key, saved in state["results"].items():
-        result = results[key]
-        result.history = [EpochMetrics(*row) for row in saved["history"]]
-        result.status, result.best_epoch = saved["status"], saved["best_epoch"]
-        result.message, result.weights = saved["message"], saved["weights"]
-    for key, saved in state["stoppers"].items():
-        stoppers[key].load_state_dict(saved)
-    best_weights.update(state["best_weights"])
-    if state["trainer"] is None:
-        trainer.drop(list(trainer.keys))
-        trainer.epoch = state["epoch"]
-    else:
-        trainer.load_state_dict(state["trainer"])
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoint files
-#
 def mean_curves(
     results: Sequence[MemberResult], metric: str, epochs: int
 ) -> np.ndarray:

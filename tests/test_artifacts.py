@@ -175,7 +175,7 @@ BROKEN = {
     "empty weights": (lambda d: (d / WEIGHTS_FILE).write_bytes(b""), WEIGHTS_FILE,
                       "not a valid safetensors file"),
     "conv stack shrinks to nothing": (_edit_json(lambda d: d["spec"]["conv"][0].update(
-        kernel=40)), SPEC_FILE, "shrinks a 28x28 image to nothing"),
+        kernel=40)), SPEC_FILE, "spec: kernel 40 is larger than its 28x28 input"),
 }
 
 
@@ -228,9 +228,9 @@ def nothing_allocated(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return built
 
 
-@pytest.mark.parametrize("units", [2_000_000, 1e9])
+@pytest.mark.parametrize("units", [2_000_000, 10**9])
 def test_a_huge_spec_is_refused_before_anything_is_allocated(
-        tmp_path: Path, nothing_allocated: list[str], units: float):
+        tmp_path: Path, nothing_allocated: list[str], units: int):
     directory = _save(tmp_path / "m", DENSE)
     _edit_json(lambda d: d["spec"]["layers"][0].update(units=units))(directory)
     with pytest.raises(ModelFileError) as error:
@@ -240,6 +240,16 @@ def test_a_huge_spec_is_refused_before_anything_is_allocated(
     assert f"more than the {MAX_PARAMETERS:,} fashionlab loads" in message
     assert "\n" not in message
     assert nothing_allocated == ["meta"]
+
+
+def test_units_written_as_a_float_are_refused_as_the_wrong_type(tmp_path: Path,
+                                                              nothing_allocated: list[str]):
+    directory = _save(tmp_path / "m", DENSE)
+    _edit_json(lambda d: d["spec"]["layers"][0].update(units=1e9))(directory)
+    with pytest.raises(ModelFileError, match=r"spec\.layers\.0\.units: Input should be a valid "
+                       "integer"):
+        load_model(directory)
+    assert nothing_allocated == []
 
 
 def _edit_header(change: Callable[[dict], None]) -> Callable[[Path], None]:
