@@ -3,11 +3,44 @@ the same pid (after the first exits, or after a reboot) is never mistaken for it
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ProcessIdentity"]
+__all__ = ["ProcessIdentity", "die_with_parent"]
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent: int, *, poll: float = 0.5) -> None:
+    """Make this (worker) process end as soon as `parent` does, whatever ends the parent: a
+    kill -9 gives it no chance to stop its workers, and a worker left running would go on
+    training and writing to the store of a run that others may resume.
+
+    On Linux the kernel sends SIGKILL at the parent's death (prctl PR_SET_PDEATHSIG); on
+    every system a daemon thread also checks every `poll` seconds that the parent is still
+    this process's parent, and exits at once when it is not (or already was not).
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):  # a C library without prctl: the thread remains
+            pass
+    if os.getppid() != parent:  # the parent died before the setting took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll)
+        os._exit(1)  # no cleanup: nothing more may be written for a run nobody owns
+
+    threading.Thread(target=watch, name="fashionlab-parent-watch", daemon=True).start()
 
 
 @dataclass(frozen=True)

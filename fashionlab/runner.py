@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
-from multiprocessing import get_context
+from multiprocessing import active_children, get_context
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +26,7 @@ from fashionlab.config import ModelSpec, StudySpec, TrainSpec
 from fashionlab.cv import MemberResult, train_members
 from fashionlab.hardware import resolve_precision
 from fashionlab.models import forward_flops
+from fashionlab.process import die_with_parent
 from fashionlab.progress import QueueReporter, Reporter, forward
 from fashionlab.store import Store
 from fashionlab.train import EpochMetrics, Member, Tensors
@@ -133,8 +134,21 @@ def worker_devices(workers: int, device: torch.device) -> list[str]:
     return [str(device)] * workers
 
 
-def _init_worker(threads: int) -> None:
+_reporter: Reporter | None = None  # in a worker process: its queue to the parent
+
+
+def _init_worker(threads: int, events: Any, parent: int) -> None:
+    """Start of a worker process: its threads, its reporter, and its death with the parent."""
+    global _reporter
+    die_with_parent(parent)
     torch.set_num_threads(threads)
+    _reporter = QueueReporter(events)
+
+
+def _call(fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+    """A job in a worker process: `fn(*args, reporter)`, reporting to the parent."""
+    assert _reporter is not None
+    fn(*args, _reporter)
 
 
 class Stopped(Exception):
@@ -190,12 +204,14 @@ def run_in_workers(
         finally:
             torch.set_num_threads(previous)
 
-    with context.Manager() as manager, ProcessPoolExecutor(
+    # A queue inherited by the workers at their start (no manager process to outlive us).
+    events = context.Queue()
+    queued = QueueReporter(events)
+    before = set(active_children())
+    with ProcessPoolExecutor(
         max_workers=max(processes, 1), mp_context=context, initializer=_init_worker,
-        initargs=(threads,),
+        initargs=(threads, events, os.getpid()),
     ) as pool:
-        events = manager.Queue()
-        queued = QueueReporter(events)
         for _, _, label, epochs in jobs:  # every job shows from the start, queued or not
             reporter.start(label, epochs)
         running: dict[Future[None], int] = {}
@@ -203,7 +219,7 @@ def run_in_workers(
         def refill() -> None:
             while len(running) < processes and not stop.is_set() and (i := take()) is not None:
                 fn, args, _, _ = jobs[i]
-                running[pool.submit(fn, *args, queued)] = i
+                running[pool.submit(_call, fn, args)] = i
 
         refill()
         here = None
@@ -222,8 +238,15 @@ def run_in_workers(
                 if failures:
                     raise failures[0]
                 refill()
+        except BaseException:
+            # An error, Ctrl-C or SIGTERM: the workers stop now, not after their jobs (a
+            # worker's unfinished epoch is lost; its stored epochs and checkpoint remain).
+            for child in set(active_children()) - before:
+                child.kill()
+            events.cancel_join_thread()  # a killed writer may hold the queue's lock
+            raise
         finally:
-            stop.set()  # on an error or Ctrl-C: the thread here stops after its epoch
+            stop.set()  # the thread here stops after its epoch
             if here is not None:
                 here.join()
         forward(events, reporter)

@@ -293,7 +293,8 @@ def delete_run(store: Store, run_id: str) -> RunRecord:
     """Delete a run's output directory and its rows in the store; returns what was deleted.
 
     A running run is refused. The directory is removed only when it is the run's own
-    (named after the run id), so a store pointing elsewhere never deletes unrelated files.
+    (named after the run id), so a store pointing elsewhere never deletes unrelated files. A
+    search's Optuna study (its trials) is deleted with it.
     """
     run = store.run(run_id)
     if run.state == "running":
@@ -308,4 +309,8 @@ def delete_run(store: Store, run_id: str) -> RunRecord:
                 raise RunError(f"{directory}: cannot delete ({error.strerror or error})") \
                     from None
     store.delete_run(run.id)
+    if run.kind == "search":  # its trials live in the same database, in Optuna's tables
+        from fashionlab.search.storage import delete_study, study_name  # Optuna: heavy
+
+        delete_study(store.url, study_name(run.name, run.fingerprint))
     return run

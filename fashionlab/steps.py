@@ -200,11 +200,14 @@ def model_dir(output_dir: Path, name: str) -> Path:
 def register_models(ctx: RunContext, members: Sequence[Member],
                     candidate: Mapping[str, Candidate], role: str,
                     folds: Mapping[str, Fold] | None = None) -> None:
-    """Record the models a step will train (pending), once: registering again changes
+    """Record the models a step will train (pending), once: registering again writes
     nothing."""
     folds = folds or {}
+    known = {m.key for m in ctx.store.models(ctx.run.id)}
     rows = []
     for m in members:
+        if m.key in known:
+            continue
         fold = folds.get(m.key)
         rows.append({
             "key": m.key, "candidate": candidate[m.key].name, "role": role,
@@ -212,7 +215,8 @@ def register_models(ctx: RunContext, members: Sequence[Member],
             "epochs_planned": candidate[m.key].train.epochs, "n_train": len(m.train_index),
             "n_val": None if m.val_index is None else len(m.val_index), "seed": m.seed,
         })
-    ctx.store.register_models(ctx.run.id, rows)
+    if rows:
+        ctx.store.register_models(ctx.run.id, rows)
 
 
 def finished_models(store: Store, run_id: str) -> dict[str, ModelRecord]:

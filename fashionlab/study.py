@@ -90,6 +90,7 @@ def run_study(
     dataset = dataset if dataset is not None else load_study_data(spec)
     folds = make_folds(len(dataset.train), spec.cv, seed=spec.seed, labels=dataset.train.labels)
     run = _start_run(store, spec, run_dir, str(torch_device), fresh)
+    shown = run.status == "finished"  # read back from the store: nothing is written
     output_dir = Path(run.output_dir or run_dir / run.id)
     result = StudyResult(run, spec, output_dir, n_train=len(folds[0].train_index),
                          n_val=len(folds[0].val_index))
@@ -125,8 +126,15 @@ def run_study(
             result.final = [train_final(ctx, c, final_data, dataset.class_names)
                             for c in spec.final]
     except BaseException:
-        store.end_run(run.id, "running")  # keeps it resumable; `runs list` shows it interrupted
+        if not shown:
+            store.end_run(run.id, "running")  # resumable; `runs list` shows it interrupted
         raise
+    if shown:
+        stored = run.summary or {}
+        result.wall_seconds = float(stored.get("wall_seconds") or 0.0)
+        result.workers = int(stored.get("workers") or 1)
+        store.close()
+        return result
     result.wall_seconds = time.perf_counter() - started
     write_outputs(result, dataset)
     store.end_run(run.id, "finished", summary(result))
@@ -144,9 +152,12 @@ def _start_run(store: Store, spec: StudySpec, run_dir: Path, device: str, fresh:
             if run.state == "running":
                 raise ConfigError(f"run {run.id} of this study is still running "
                                   f"(pid {run.pid} on {run.host}); wait for it or pass --fresh")
-            # An interrupted run continues; a finished one is shown again from the store
-            # (every model is read back, nothing retrains).
-            if run.state in ("interrupted", "finished"):
+            # A finished run is shown again from the store: every model is read back, nothing
+            # retrains and nothing is written (a read-only store will do). An interrupted
+            # one continues.
+            if run.state == "finished":
+                return run
+            if run.state == "interrupted":
                 return store.claim_run(run.id)
     return store.create_run(kind="study", name=spec.name, fingerprint=fingerprint,
                             seed=spec.seed, config=spec.to_dict(),

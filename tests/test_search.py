@@ -370,6 +370,45 @@ pruner = "none"
 # Many workers, one PostgreSQL database
 
 
+def test_a_deleted_search_runs_again_from_scratch(tiny_idx_dir: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]):
+    path = _load(search_toml(tiny_idx_dir, search="n_trials = 2\npruner = \"none\"",
+                             space="learning_rate = { low = 1e-3, high = 0.1, log = true }"),
+                 tmp_path)
+    run_dir = tmp_path / "runs"
+    first = run_search(load_study(path), run_dir=run_dir, progress=False)
+    code, _, err = run_cli(capsys, "runs", "delete", first.run.id, "--yes",
+                           "--run-dir", str(run_dir))
+    assert code == 0, err
+    with pytest.raises(KeyError):  # its trials went with it
+        optuna.load_study(study_name=first.study_name,
+                          storage=f"sqlite:///{run_dir / 'fashionlab.db'}")
+    again = run_search(load_study(path), run_dir=run_dir, progress=False)
+    assert again.finished and again.run.id != first.run.id
+    assert [t.params for t in again.trials] == [t.params for t in first.trials]
+    assert again.summary["best_value"] == first.summary["best_value"]
+
+
+def test_search_fresh_starts_again_and_orphan_trials_are_refused(
+        tiny_idx_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    path = _load(search_toml(tiny_idx_dir, search="n_trials = 2\npruner = \"none\"",
+                             space="learning_rate = { low = 1e-3, high = 0.1, log = true }"),
+                 tmp_path)
+    run_dir = tmp_path / "runs"
+    first = run_search(load_study(path), run_dir=run_dir, progress=False)
+    store = Store.open(run_dir)
+    store.delete_run(first.run.id)  # the store forgets the run, Optuna keeps its trials
+    store.close()
+    code, _, err = run_cli(capsys, "search", str(path), "--run-dir", str(run_dir))
+    assert_one_line_error(code, err, "2 trial(s) but no fashionlab run", "--fresh")
+    code, _, err = run_cli(capsys, "search", str(path), "--run-dir", str(run_dir), "--fresh",
+                           "--json")
+    assert code == 0, err
+    (run,) = Store.open(run_dir).runs(kind="search")
+    assert run.id != first.run.id and run.state == "finished"
+    assert len(_trials(run_dir, path)) == 2
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

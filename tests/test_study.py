@@ -134,12 +134,15 @@ def test_a_finished_study_is_not_rerun_unless_fresh(study_file: Path, tmp_path: 
     spec = load_study(study_file)
     first = run_study(spec, run_dir=tmp_path, progress=False)
     epochs = Store.open(tmp_path).epochs(first.run.id)
+    stored = Store.open(tmp_path).run(first.run.id)
     again = run_study(spec, run_dir=tmp_path, progress=False)
     assert again.run.id == first.run.id and again.best == first.best
     assert again.retrain.test_accuracy == first.retrain.test_accuracy
-    # Nothing retrained: every row, its timing included, is as it was (repr: NaN equals NaN).
+    # Nothing retrained: every row, its timing included, is as it was (repr: NaN equals NaN),
+    # and the run itself was not written to (shown, not claimed).
     assert repr(Store.open(tmp_path).epochs(first.run.id)) == repr(epochs)
-    assert again.wall_seconds < first.wall_seconds
+    assert Store.open(tmp_path).run(first.run.id) == stored
+    assert again.wall_seconds == first.wall_seconds  # the run's, not the showing's
     fresh = run_study(spec, run_dir=tmp_path, progress=False, fresh=True)
     assert fresh.run.id != first.run.id
 

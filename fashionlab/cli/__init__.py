@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+from collections.abc import Iterator
+from types import FrameType
 
 import typer
 
@@ -17,6 +21,29 @@ app = typer.Typer(
     rich_markup_mode="markdown",  # docstrings reflow as paragraphs; [brackets] stay text
 )
 
+# SIGTERM (docker stop, systemd, schedulers) and SIGHUP (a closed terminal) stop a command the
+# way Ctrl-C does: the library's cleanup runs (workers stopped, the run left resumable).
+_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP")
+                      if hasattr(signal, name))
+_received: list[int] = []
+
+
+def _stop(signum: int, frame: FrameType | None) -> None:
+    _received.append(signum)
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def resumable(how: str) -> Iterator[None]:
+    """Around a long command: when it is stopped (Ctrl-C, SIGTERM, SIGHUP), one line saying
+    how to go on, and the exit status of the signal (128 + its number)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        signum = _received[-1] if _received else signal.SIGINT
+        typer.secho(f"stopped by {signal.Signals(signum).name}: {how}", fg="yellow", err=True)
+        raise typer.Exit(128 + signum) from None
+
 
 def _register_commands() -> None:
     # Each module adds its commands or sub-groups to `app`; imported here so that
@@ -27,6 +54,8 @@ def _register_commands() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script; user-fixable errors exit 2 with one line."""
     _register_commands()
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, _stop)
     try:
         app(args=argv, prog_name="fashionlab")
     except FashionlabError as error:

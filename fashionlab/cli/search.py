@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from fashionlab.cli import app
+from fashionlab.cli import app, resumable
 from fashionlab.cli.study import RunDir, StoreUrl
 from fashionlab.config import load_study, quick_variant
 from fashionlab.store import DEFAULT_RUN_DIR
@@ -30,6 +30,8 @@ def search(
                                         )] = False,
     finish: Annotated[bool, typer.Option(
         help="Start no trial: retrain the best so far and write the results now.")] = False,
+    fresh: Annotated[bool, typer.Option(
+        help="Delete this search's earlier trials and results, and start again.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     run_dir: RunDir = DEFAULT_RUN_DIR,
     store: StoreUrl = None,
@@ -56,8 +58,11 @@ def search(
     spec = load_study(file)
     if quick:
         spec = quick_variant(spec)
-    result = run_search(spec, run_dir=run_dir, store_url=store, n_trials=n_trials,
-                        timeout=timeout, device=device, progress=not json_output, finish=finish)
+    with resumable("finished trials are kept and the interrupted one is retried: run the "
+                   "same command again to go on"):
+        result = run_search(spec, run_dir=run_dir, store_url=store, n_trials=n_trials,
+                            timeout=timeout, device=device, progress=not json_output,
+                            finish=finish, fresh=fresh)
     if json_output:
         typer.echo(json.dumps({"run_id": result.run.id, "study_name": result.study_name,
                                "storage": result.storage, "finished": result.finished,

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from fashionlab.cli import app
+from fashionlab.cli import app, resumable
 from fashionlab.config import load_study, quick_variant
 from fashionlab.errors import ConfigError
 from fashionlab.store import DEFAULT_RUN_DIR
@@ -63,9 +63,10 @@ def study(
         spec = quick_variant(spec)
     if seed is not None:
         spec = dataclasses.replace(spec, seed=seed)
-    result = run_study(spec, run_dir=run_dir, store_url=store, device=device, fresh=fresh,
-                       progress=not json_output,
-                       workers=workers if workers == "auto" else int(workers))
+    with resumable("the run is kept; run the same command again to resume it"):
+        result = run_study(spec, run_dir=run_dir, store_url=store, device=device, fresh=fresh,
+                           progress=not json_output,
+                           workers=workers if workers == "auto" else int(workers))
     if json_output:
         typer.echo(json.dumps(summary(result), indent=2))
         return

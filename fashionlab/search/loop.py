@@ -52,9 +52,10 @@ from fashionlab.progress import Reporter, reporting
 from fashionlab.provenance import environment
 from fashionlab.rng import derive_seed
 from fashionlab.runner import train_stack
+from fashionlab.runs import delete_run
 from fashionlab.search.finish import FINISHED, SearchContext, finish_search, fold_epochs
 from fashionlab.search.space import base_params, grid, grid_size, suggest
-from fashionlab.search.storage import ClaimLock, open_storage
+from fashionlab.search.storage import ClaimLock, delete_study, open_storage, study_name
 from fashionlab.steps import (
     RunContext,
     checkpoint_path,
@@ -106,7 +107,7 @@ def search_identity(spec: StudySpec) -> tuple[str, str]:
     key = dataclasses.replace(spec, search=dataclasses.replace(
         spec.search, n_trials=None, timeout=None, budget=None, top=10, reference=None))
     fingerprint = key.fingerprint()
-    return f"{spec.name}-{fingerprint}", fingerprint
+    return study_name(spec.name, fingerprint), fingerprint
 
 
 def make_sampler(search: SearchSpec, base: Candidate, seed: int) -> optuna.samplers.BaseSampler:
@@ -153,6 +154,7 @@ def run_search(
     device: str | None = None,
     progress: bool | Reporter = True,
     finish: bool = False,
+    fresh: bool = False,
     dataset: Dataset | None = None,
 ) -> SearchResult:
     """Run (or resume, or join) the study's search and return where it stands.
@@ -163,6 +165,7 @@ def run_search(
     training images, tests it, and writes the table of the top trials, the plots and the
     report; `finish=True` does that now with the trials finished so far, starting none.
     `progress`: bars on stderr (True), nothing (False), or your own `progress.Reporter`.
+    `fresh=True` deletes this search's earlier runs and trials first and starts again.
     """
     started = time.perf_counter()
     search = spec.search
@@ -180,11 +183,16 @@ def run_search(
     lock = ClaimLock(url, study_name)
     with lock:  # workers starting together: one creates the tables, the run and the study
         store = Store(url)
+        if fresh:
+            _forget(store, study_name, fingerprint)
         storage = open_storage(url)
-        run = next(iter(store.runs(kind="search", fingerprint=fingerprint)), None) or \
-            store.create_run(kind="search", name=spec.name, fingerprint=fingerprint,
-                             seed=spec.seed, config=spec.to_dict(),
-                             environment=environment(str(torch_device)), output_root=run_dir)
+        run = next(iter(store.runs(kind="search", fingerprint=fingerprint)), None)
+        if run is None:
+            _refuse_orphan_trials(storage, study_name, safe_url(url))
+            run = store.create_run(kind="search", name=spec.name, fingerprint=fingerprint,
+                                   seed=spec.seed, config=spec.to_dict(),
+                                   environment=environment(str(torch_device)),
+                                   output_root=run_dir)
         study = optuna.create_study(
             study_name=study_name, storage=storage, load_if_exists=True,
             direction="maximize" if search.objective == "val_accuracy" else "minimize",
@@ -214,6 +222,26 @@ def run_search(
         stopped_by=stopped_by, summary=summary, wall_seconds=time.perf_counter() - started)
     store.close()
     return result
+
+
+def _forget(store: Store, name: str, fingerprint: str) -> None:
+    """`--fresh`: delete the earlier runs of this search (store rows, files, Optuna study)."""
+    for run in store.runs(kind="search", fingerprint=fingerprint):
+        delete_run(store, run.id)  # refuses a run that is still running
+    delete_study(store.url, name)
+
+
+def _refuse_orphan_trials(storage: optuna.storages.RDBStorage, name: str, where: str) -> None:
+    """Trials whose fashionlab run is gone (deleted by hand, or by an older `runs delete`)
+    cannot be resumed: their models and epochs are not in the store any more."""
+    try:
+        trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+    except KeyError:
+        return
+    if trials:
+        raise ConfigError(f"the Optuna study {name} in {where} has {len(trials)} trial(s) but "
+                          "no fashionlab run any more: run the search with --fresh to start "
+                          "it again")
 
 
 def _limits(search: SearchSpec, base: Candidate, n_trials: int | None,

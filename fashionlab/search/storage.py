@@ -20,10 +20,30 @@ import sqlalchemy as sa
 from fashionlab.rng import derive_seed
 from fashionlab.store import database_url
 
-__all__ = ["GRACE_PERIOD", "HEARTBEAT_INTERVAL", "ClaimLock", "open_storage"]
+__all__ = ["GRACE_PERIOD", "HEARTBEAT_INTERVAL", "ClaimLock", "delete_study", "open_storage",
+           "study_name"]
 
 HEARTBEAT_INTERVAL = 20  # seconds between a running trial's signs of life in the database
 GRACE_PERIOD = 120  # a trial silent this long is failed and retried (once)
+
+
+def study_name(search: str, fingerprint: str) -> str:
+    """The Optuna study of a search: named after the search and the fingerprint of what it
+    searches, the same as its store run's (`RunRecord.name`, `RunRecord.fingerprint`)."""
+    return f"{search}-{fingerprint}"
+
+
+def delete_study(url: str, name: str) -> bool:
+    """Delete an Optuna study and its trials from the store's database; False when there was
+    none of that name."""
+    storage = open_storage(url)
+    try:
+        optuna.delete_study(study_name=name, storage=storage)
+    except KeyError:
+        return False
+    finally:
+        storage.engine.dispose()
+    return True
 
 
 def open_storage(url: str) -> optuna.storages.RDBStorage:
