@@ -30,3 +30,7 @@ class FieldValueError(ValueError):
 
 class CheckpointError(FashionlabError):
     """A checkpoint cannot be written (a full disk, a read-only folder); the run can resume."""
+
+
+class OutputError(FashionlabError):
+    """A run's files (tables, figures) cannot be written: a full disk, no permission."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +23,7 @@ from matplotlib.figure import Figure
 from fashionlab import plots
 from fashionlab.data import Split, load_fashion_mnist
 from fashionlab.errors import FashionlabError
+from fashionlab.serialize import write_text_atomic
 from fashionlab.store import METRICS, EpochRecord, RunRecord, Store
 from fashionlab.tables import (
     HEADERS,
@@ -64,14 +64,10 @@ def write_report(store: Store, run_id: str, path: str | Path | None = None, *,
         path = Path(run.output_dir) / REPORT_NAME
     path = Path(path)
     html = render_report(store, run.id, device=device)
-    # Written whole under a temporary name, then renamed: a reader never sees half a report.
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    try:  # a reader never sees half a report
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging.write_text(html, encoding="utf-8")
-        os.replace(staging, path)
+        write_text_atomic(path, html)
     except OSError as error:
-        staging.unlink(missing_ok=True)
         raise ReportError(f"{path}: cannot write the report ({error.strerror or error})") \
             from None
     return path

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,8 @@ import numpy as np
 from fashionlab import plots, text
 from fashionlab.config import StudySpec, study_to_toml
 from fashionlab.data import Dataset
-from fashionlab.serialize import jsonable
+from fashionlab.errors import OutputError
+from fashionlab.serialize import jsonable, write_text_atomic
 from fashionlab.stats import Comparison, summarize
 from fashionlab.steps import CandidateResult, RetrainResult
 from fashionlab.store import RunRecord
@@ -41,6 +43,7 @@ class StudyResult:
     twins: dict[str, TwinComparison] = field(default_factory=dict)  # early stopping vs full
     wall_seconds: float = 0.0
     workers: int = 1  # processes that trained it
+    threads: int = 0  # CPU threads each job trained with (0: not recorded)
 
 
 def _epoch_label(result: CandidateResult) -> str:
@@ -161,6 +164,7 @@ def summary(result: StudyResult) -> dict[str, Any]:
     return jsonable({
         "study": result.spec.name, "run_id": result.run.id, "seed": result.spec.seed,
         "wall_seconds": result.wall_seconds, "workers": result.workers,
+        "threads": result.threads,
         "peak_rss_mb": peak_rss_mb(),
         "worker_peak_rss_mb": peak_rss_mb("children") if result.workers > 1 else None,
         "n_train": result.n_train, "n_val": result.n_val,
@@ -177,25 +181,43 @@ def summary(result: StudyResult) -> dict[str, Any]:
 
 
 def write_outputs(result: StudyResult, dataset: Dataset) -> dict[str, Path]:
-    """Write the table (md, csv, json), the resolved study file and the figures."""
+    """Write the table (md, csv, json), the resolved study file and the figures, each file
+    whole or not at all. OutputError (one line) when the disk is full or not writable: the
+    results stay in the store, and the same command writes them once it can."""
     out = result.output_dir
     figures = out / "figures"
-    figures.mkdir(parents=True, exist_ok=True)
     written = {
         "markdown": out / "results.md", "csv": out / "results.csv",
         "json": out / "results.json", "study": out / "study.toml",
     }
-    written["markdown"].write_text(to_markdown(result))
-    written["csv"].write_text(to_csv(result))
-    written["json"].write_text(json.dumps(summary(result), indent=2) + "\n")
-    written["study"].write_text(study_to_toml(result.spec))
-    for c in result.candidates + result.final:
-        figure = plots.learning_curves(c.curves, title=c.name, warning=c.warning)
-        path = figures / f"curves-{text.safe_name(c.name)}.png"
-        figure.savefig(path, dpi=110)
-        written[f"curves:{c.name}"] = path
-    grid = plots.sample_grid(dataset.train.images, dataset.train.labels,
-                             class_names=dataset.class_names, per_class=1)
-    grid.savefig(figures / "samples.png", dpi=110)
-    written["samples"] = figures / "samples.png"
+    contents = {"markdown": to_markdown(result), "csv": to_csv(result),
+                "json": json.dumps(summary(result), indent=2) + "\n",
+                "study": study_to_toml(result.spec)}
+    try:
+        figures.mkdir(parents=True, exist_ok=True)
+        for name, content in contents.items():
+            write_text_atomic(written[name], content)
+        for c in result.candidates + result.final:
+            figure = plots.learning_curves(c.curves, title=c.name, warning=c.warning)
+            path = figures / f"curves-{text.safe_name(c.name)}.png"
+            _save_figure(figure, path)
+            written[f"curves:{c.name}"] = path
+        grid = plots.sample_grid(dataset.train.images, dataset.train.labels,
+                                 class_names=dataset.class_names, per_class=1)
+        _save_figure(grid, figures / "samples.png")
+        written["samples"] = figures / "samples.png"
+    except OSError as error:
+        where = error.filename or out
+        raise OutputError(f"{where}: cannot write the run's results ({error.strerror or error}); "
+                          "free some space or fix the permissions and run the same command "
+                          "again: the results are kept in the store") from None
     return written
+
+
+def _save_figure(figure: Any, path: Path) -> None:
+    staging = path.with_name(f".{path.name}.tmp")
+    try:
+        figure.savefig(staging, dpi=110, format="png")
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)

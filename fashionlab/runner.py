@@ -24,7 +24,7 @@ import torch
 
 from fashionlab.config import ModelSpec, StudySpec, TrainSpec
 from fashionlab.cv import MemberResult, train_members
-from fashionlab.hardware import resolve_precision
+from fashionlab.hardware import CpuShare, resolve_precision
 from fashionlab.models import forward_flops
 from fashionlab.process import die_with_parent
 from fashionlab.progress import QueueReporter, Reporter, forward
@@ -74,10 +74,26 @@ def train_stack(
             on_epoch(epoch, metrics)
         reporter.epoch(label, epoch, metrics)
 
+    # Dense stacks give the same numbers on any number of threads (tested), so from their
+    # second epoch on they use the cores other processes leave free; a convolution's result
+    # depends on its thread count (oneDNN picks kernels by it): a conv stack keeps its count.
+    threads = torch.get_num_threads()
+    share = CpuShare(os.cpu_count() or 1) if device.type == "cpu" and all(
+        m.model.kind == "dense" for m in members) else None
+
+    def adapt(epoch: int, metrics: dict[str, EpochMetrics],
+              results: dict[str, MemberResult]) -> None:
+        after_epoch(epoch, metrics, results)
+        if share is not None:
+            torch.set_num_threads(share.threads())
+
     reporter.start(label, train.epochs)
-    results = train_members(members, train, data, device, checkpoint=checkpoint,
-                            keep_weights=keep_weights, on_epoch=after_epoch,
-                            on_damaged=reporter.log)
+    try:
+        results = train_members(members, train, data, device, checkpoint=checkpoint,
+                                keep_weights=keep_weights, on_epoch=adapt,
+                                on_damaged=reporter.log)
+    finally:
+        torch.set_num_threads(threads)
     reporter.finish(label)
     return results
 
@@ -126,6 +142,11 @@ def image_dtype(spec: StudySpec, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if precisions == {"bf16"} else torch.float32
 
 
+def threads_per_job(workers: int) -> int:
+    """The CPU threads each of `workers` parallel jobs trains with: its share of the cores."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
 def worker_devices(workers: int, device: torch.device) -> list[str]:
     """The device of each worker: GPUs round-robin when the run uses CUDA, else the CPU."""
     if device.type == "cuda" and device.index is None:
@@ -163,6 +184,7 @@ def run_in_workers(
     *,
     workers: int,
     reporter: Reporter,
+    threads: int | None = None,
     run_here: Callable[[int, Reporter, Callable[[], None]], None] | None = None,
 ) -> None:
     """Run `fn(*args, reporter)` for each (fn, args, label, epochs) of `jobs`, `workers` at a
@@ -172,10 +194,11 @@ def run_in_workers(
     (only the main thread touches it). With `run_here`, this process is one of the workers:
     a thread calls `run_here(i, reporter, check)` for the jobs it takes (sharing the CPU
     threads like a worker), so one process fewer loads torch and the data; `check()` raises
-    `Stopped` once the others have failed.
+    `Stopped` once the others have failed. Every job trains with `threads` threads (default:
+    its share of the cores).
     """
     context = get_context("spawn")  # CUDA and torch's thread pools do not survive fork
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = threads or threads_per_job(workers)
     processes = workers - 1 if run_here is not None else workers
     todo = deque(range(len(jobs)))  # taken in order: the caller puts the longest first
     lock = threading.Lock()

@@ -1,9 +1,11 @@
-"""JSON-ready values: numpy to Python, NaN and infinities to null, paths to strings."""
+"""JSON-ready values (numpy to Python, NaN and infinities to null, paths to strings), and text
+files written whole or not at all."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -29,3 +31,15 @@ def jsonable(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return jsonable(dataclasses.asdict(value))
     return value
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file whole or not at all: under a temporary name, then renamed, so that a
+    full disk or a kill never leaves half a file under `path`. OSError when it cannot."""
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        staging.write_text(text, encoding="utf-8")
+        os.replace(staging, path)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise

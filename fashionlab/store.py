@@ -53,7 +53,7 @@ runs = sa.Table(
     sa.Column("kind", sa.String(16), nullable=False),  # study | search
     sa.Column("name", sa.String(200), nullable=False),
     sa.Column("fingerprint", sa.String(32), nullable=False),  # hash of the resolved config
-    sa.Column("status", sa.String(16), nullable=False),  # running | finished | failed
+    sa.Column("status", sa.String(16), nullable=False),  # running|finished|failed|interrupted
     sa.Column("seed", sa.BigInteger, nullable=False),
     sa.Column("config", sa.Text, nullable=False),  # JSON of the resolved config
     sa.Column("environment", sa.Text, nullable=False),  # JSON: versions, revision, machine
@@ -122,7 +122,7 @@ class RunRecord:
     kind: str
     name: str
     fingerprint: str
-    status: str  # as stored: running | finished | failed
+    status: str  # as stored: running | finished | failed | interrupted
     seed: int
     config: dict[str, Any]
     environment: dict[str, Any]
@@ -346,7 +346,8 @@ class Store:
             conn.execute(runs.update().where(runs.c.id == run_id).values(heartbeat=time.time()))
 
     def end_run(self, run_id: str, status: str, summary: dict[str, Any] | None = None) -> None:
-        """This process stops running the run: finished, failed, or running (left to resume)."""
+        """This process stops running the run: finished, failed, or interrupted (left to
+        resume, by this process too)."""
         self._stop_beating(run_id)
         now = time.time()
         with self._begin() as conn:

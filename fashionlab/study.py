@@ -36,6 +36,7 @@ from fashionlab.runner import (
     auto_workers,
     image_dtype,
     run_in_workers,
+    threads_per_job,
     training_flops,
     worker_devices,
 )
@@ -71,6 +72,7 @@ def run_study(
     progress: bool | Reporter = True,
     dataset: Dataset | None = None,
     workers: int | Literal["auto"] = 1,
+    threads: int | None = None,
 ) -> StudyResult:
     """Run (or resume) a study and return its results; files go under run_dir/<run id>/.
 
@@ -82,9 +84,14 @@ def run_study(
     is CUDA; "auto" (the command line's default) picks a number from the machine and the work
     (see `auto_workers`). Workers start by the spawn method, which re-imports the calling
     script: a script asking for workers needs the usual `if __name__ == "__main__":` guard.
+    `threads`: the CPU threads each job trains with (default: its share of the cores). A
+    convolution's numbers depend on it on most CPUs (oneDNN picks its kernels by the thread
+    count); dense models give the same numbers whatever it is.
     """
     started = time.perf_counter()
     torch_device = resolve_device(device)
+    if threads is not None and threads < 1:
+        raise ConfigError(f"threads: expected a positive number, got {threads}")
     run_dir = Path(run_dir)
     store = Store.open(run_dir, store_url)
     dataset = dataset if dataset is not None else load_study_data(spec)
@@ -94,6 +101,7 @@ def run_study(
     output_dir = Path(run.output_dir or run_dir / run.id)
     result = StudyResult(run, spec, output_dir, n_train=len(folds[0].train_index),
                          n_val=len(folds[0].val_index))
+    threads_before = torch.get_num_threads()
     try:
         with reporting(progress) as reporter:
             ctx = RunContext(store, run, spec, output_dir, torch_device, reporter)
@@ -105,10 +113,14 @@ def run_study(
             jobs = independent_jobs(ctx, folds)
             if workers == "auto":
                 workers = auto_workers(jobs, torch_device)
-            if workers > 1 and len(jobs) > 1:
-                _train_in_workers(ctx, jobs, workers,
+            parallel = workers > 1 and len(jobs) > 1
+            result.threads = threads or (threads_per_job(workers) if parallel
+                                         else torch.get_num_threads())
+            if parallel:
+                _train_in_workers(ctx, jobs, workers, result.threads,
                                   _JobInputs(folds, dataset.class_names, cv_data, final_data))
                 result.workers = workers
+            torch.set_num_threads(result.threads)
             result.candidates = cross_validate(ctx, folds, cv_data)
             scored = {c.name: c.val_accuracy for c in result.candidates if not c.failed}
             if len(scored) >= 2 and len(folds) >= 2:
@@ -125,19 +137,23 @@ def run_study(
                 result.retrain = retrain(ctx, best, final_data, dataset.class_names)
             result.final = [train_final(ctx, c, final_data, dataset.class_names)
                             for c in spec.final]
+        if not shown:
+            result.wall_seconds = time.perf_counter() - started
+            write_outputs(result, dataset)
+            store.end_run(run.id, "finished", summary(result))
     except BaseException:
         if not shown:
-            store.end_run(run.id, "running")  # resumable; `runs list` shows it interrupted
+            store.end_run(run.id, "interrupted")  # resumable, even from this process
         raise
+    finally:
+        torch.set_num_threads(threads_before)
     if shown:
         stored = run.summary or {}
         result.wall_seconds = float(stored.get("wall_seconds") or 0.0)
         result.workers = int(stored.get("workers") or 1)
+        result.threads = int(stored.get("threads") or 0)
         store.close()
         return result
-    result.wall_seconds = time.perf_counter() - started
-    write_outputs(result, dataset)
-    store.end_run(run.id, "finished", summary(result))
     write_report(store, run.id, device=torch_device)  # the report reads the finished run back
     shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
     result.run = store.run(run.id)
@@ -212,7 +228,7 @@ class _JobInputs:
     final_data: Tensors  # the training images, validated on the test set
 
 
-def _train_in_workers(ctx: RunContext, jobs: Sequence[Job], workers: int,
+def _train_in_workers(ctx: RunContext, jobs: Sequence[Job], workers: int, threads: int,
                       inputs: _JobInputs) -> None:
     """Train `jobs` `workers` at a time: this process takes jobs too (on the CPU), the others
     run in worker processes. The results land in the store, where the study's steps read
@@ -229,7 +245,8 @@ def _train_in_workers(ctx: RunContext, jobs: Sequence[Job], workers: int,
           (ctx.store.url, ctx.run.id, ctx.spec, ctx.output_dir, job, devices[i % len(devices)]),
           job.label, job.epochs)
          for i, job in enumerate(jobs)],
-        workers=workers, reporter=ctx.reporter, run_here=run_here if here else None)
+        workers=workers, reporter=ctx.reporter, threads=threads,
+        run_here=run_here if here else None)
 
 
 class _Checked:

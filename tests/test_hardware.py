@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fashionlab.errors import ConfigError
-from fashionlab.hardware import resolve_device, resolve_precision
+from fashionlab.hardware import CpuShare, resolve_device, resolve_precision
 
 
 def test_auto_device_is_the_cpu_without_cuda():
@@ -74,3 +74,29 @@ def test_training_steps_reuse_freed_memory_without_page_faults():
     # steps usually take 10,000-45,000 faults here, but not always (its thresholds adapt), so
     # only the setting's side is asserted.
     assert _page_faults_of_training_steps("keep") < 100  # measured here: 0-1
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="measures through /proc/stat")
+def test_cpu_share_leaves_the_cores_another_process_keeps_busy():
+    cores = os.cpu_count() or 1
+    share, probe = CpuShare(cores), CpuShare(cores)
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                for _ in range(cores)]
+    try:
+        import time
+
+        time.sleep(1.0)
+        busy = probe.others()
+        threads = share.threads()
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+    assert busy is not None and busy >= 0.6 * cores  # every core taken by a spinner
+    assert threads == 1  # never fewer than one
+
+
+def test_cpu_share_never_exceeds_its_share():
+    share = CpuShare(1)
+    assert share.threads() == 1
+    assert CpuShare(0).share == 1

@@ -88,13 +88,30 @@ def test_same_seed_same_numbers(study_file: Path, tmp_path: Path):
 def test_workers_train_stacks_in_parallel_processes_with_the_same_numbers(
         study_file: Path, tmp_path: Path):
     spec = load_study(study_file)
-    one = run_study(spec, run_dir=tmp_path / "one", progress=False)
+    # The same threads per job (a convolution's numbers depend on them): one each.
+    one = run_study(spec, run_dir=tmp_path / "one", progress=False, threads=1)
     two = run_study(spec, run_dir=tmp_path / "two", progress=False, workers=2)
+    assert two.threads == one.threads == 1
     assert _epoch_rows(tmp_path / "two", two.run.id) == _epoch_rows(tmp_path / "one", one.run.id)
     assert two.best == one.best
     # The final CNN trained in a worker too: same test score, its model saved by the worker.
     assert two.final[0].test_accuracy == one.final[0].test_accuracy
     assert (two.output_dir / "models" / "cnn" / "model.safetensors").exists()
+
+
+def test_dense_models_give_the_same_numbers_on_any_number_of_threads(tiny_idx_dir: Path,
+                                                                     tmp_path: Path):
+    # What lets a dense stack follow the free cores epoch by epoch (hardware.CpuShare).
+    path = tmp_path / "dense.toml"
+    path.write_text(tiny_study_toml(tiny_idx_dir, final=False))
+    spec = load_study(path)
+    rows = []
+    for threads in (1, 2, 3):
+        result = run_study(spec, run_dir=tmp_path / f"t{threads}", progress=False,
+                           threads=threads)
+        assert result.threads == threads
+        rows.append(_epoch_rows(tmp_path / f"t{threads}", result.run.id))
+    assert rows[0] == rows[1] == rows[2]
 
 
 def _job(flops: float) -> Job:
@@ -259,3 +276,31 @@ def test_workers_must_be_a_positive_number_or_auto(capsys: pytest.CaptureFixture
                            "--workers", value)
     assert_one_line_error(code, err, "--workers", f"'{value}'")
     assert not (tmp_path / "fashionlab.db").exists()  # nothing started
+
+
+def test_a_full_disk_while_writing_the_results_is_one_line_and_resumable(
+        study_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch):
+    import errno
+
+    import fashionlab.results as results_module
+
+    real = results_module.write_text_atomic
+
+    def full(path: Path, text: str) -> None:
+        if path.name == "results.json":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, text)
+
+    monkeypatch.setattr(results_module, "write_text_atomic", full)
+    code, _, err = run_cli(capsys, "study", str(study_file), "--run-dir", str(tmp_path),
+                           "--json")  # no progress bars on stderr
+    assert_one_line_error(code, err, "results.json: cannot write the run's results",
+                          "No space left on device", "run the same command again")
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+    (run,) = Store.open(tmp_path).runs()
+    assert run.state == "interrupted"  # resumable, from this very process too
+    monkeypatch.setattr(results_module, "write_text_atomic", real)
+    again = run_study(load_study(study_file), run_dir=tmp_path, progress=False)
+    assert again.run.id == run.id and again.run.state == "finished"
+    assert (again.output_dir / "results.json").exists()

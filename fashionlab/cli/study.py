@@ -35,6 +35,9 @@ def study(
         help="Processes training independent jobs in parallel: a number, or auto (one per "
         "CPU core or GPU, when the study is big enough to pay for starting them)."
     )] = "auto",
+    threads: Annotated[int | None, typer.Option(
+        min=1, help="CPU threads per job (default: its share of the cores). A CNN's numbers "
+        "depend on it; dense models' do not.", show_default=False)] = None,
     run_dir: RunDir = DEFAULT_RUN_DIR,
     store: StoreUrl = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
@@ -66,7 +69,8 @@ def study(
     with resumable("the run is kept; run the same command again to resume it"):
         result = run_study(spec, run_dir=run_dir, store_url=store, device=device, fresh=fresh,
                            progress=not json_output,
-                           workers=workers if workers == "auto" else int(workers))
+                           workers=workers if workers == "auto" else int(workers),
+                           threads=threads)
     if json_output:
         typer.echo(json.dumps(summary(result), indent=2))
         return

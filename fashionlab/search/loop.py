@@ -211,7 +211,7 @@ def run_search(
                 with lock:
                     summary = searcher.finish(stopped_by, time.perf_counter() - started)
     except BaseException:
-        store.end_run(run.id, "running")  # resumable; `runs list` shows it interrupted
+        store.end_run(run.id, "interrupted")  # resumable, even from this process
         raise
     finally:
         storage.engine.dispose()
@@ -233,9 +233,11 @@ def _forget(store: Store, name: str, fingerprint: str) -> None:
 
 def _refuse_orphan_trials(storage: optuna.storages.RDBStorage, name: str, where: str) -> None:
     """Trials whose fashionlab run is gone (deleted by hand, or by an older `runs delete`)
-    cannot be resumed: their models and epochs are not in the store any more."""
+    cannot be resumed: their models and epochs are not in the store any more. (Trials only
+    enqueued, not started, need nothing from the store.)"""
     try:
-        trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+        trials = [t for t in optuna.load_study(study_name=name, storage=storage).get_trials(
+            deepcopy=False) if t.state != TrialState.WAITING]
     except KeyError:
         return
     if trials:
