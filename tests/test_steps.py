@@ -1,0 +1,86 @@
+"""The steps a study and a search share (fashionlab.steps), on the tiny dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from helpers import Recorder, tiny_study_toml
+
+from fashionlab.config import load_study
+from fashionlab.cv import make_folds
+from fashionlab.steps import (
+    RunContext,
+    checkpoint_path,
+    cv_members,
+    finished_models,
+    load_study_data,
+    model_dir,
+    plan_stacks,
+    register_models,
+    stack_label,
+    stored_result,
+    summarize_models,
+    train_or_reuse,
+)
+from fashionlab.store import Store
+from fashionlab.train import Member, Tensors
+
+
+def _context(tiny_idx_dir: Path, tmp_path: Path) -> tuple[RunContext, list, Tensors]:
+    path = tmp_path / "tiny.toml"
+    path.write_text(tiny_study_toml(tiny_idx_dir, epochs=3, final=False))
+    spec = load_study(path)
+    store = Store("sqlite://")
+    run = store.create_run(kind="study", name=spec.name, fingerprint="f", seed=spec.seed,
+                           config=spec.to_dict(), environment={}, output_root=tmp_path)
+    dataset = load_study_data(spec)
+    folds = make_folds(len(dataset.train), spec.cv, seed=spec.seed)
+    x = torch.as_tensor(dataset.train.images, dtype=torch.float32) / 255
+    y = torch.as_tensor(dataset.train.labels, dtype=torch.int64)
+    ctx = RunContext(store, run, spec, tmp_path / run.id, torch.device("cpu"), Recorder())
+    return ctx, folds, Tensors(x, y, x, y)
+
+
+def test_a_stack_is_trained_once_then_read_back(tiny_idx_dir: Path, tmp_path: Path):
+    ctx, folds, data = _context(tiny_idx_dir, tmp_path)
+    members, owner, fold_of = cv_members(ctx.spec, folds)
+    register_models(ctx, list(members.values()), owner, "cv", fold_of)
+    register_models(ctx, list(members.values()), owner, "cv", fold_of)  # nothing twice
+    assert len(ctx.store.models(ctx.run.id)) == len(members)
+    stack = plan_stacks(list(members.values()), owner)[0]
+    label = stack_label(stack, owner)
+    trained = train_or_reuse(ctx, stack, owner[stack[0].key], data, label)
+    assert set(finished_models(ctx.store, ctx.run.id)) == {m.key for m in stack}
+    calls = len(ctx.reporter.calls)
+    again = train_or_reuse(ctx, stack, owner[stack[0].key], data, label)
+    assert len(ctx.reporter.calls) == calls  # read back from the store: nothing trained
+    for member in stack:
+        assert [m.val_loss for m in again[member.key].history] == \
+            [m.val_loss for m in trained[member.key].history]
+    # The reporter heard of the stack: started, 3 epochs with every member's metrics, done.
+    assert ctx.reporter.calls[0] == ("start", label, 3)
+    epochs = [c for c in ctx.reporter.calls if c[0] == "epoch"]
+    assert [c[2] for c in epochs] == [1, 2, 3]
+    assert all(c[3] == sorted(m.key for m in stack) for c in epochs)
+    summary = summarize_models(owner[stack[0].key], [again[m.key] for m in stack[:len(folds)]],
+                               "cv", ctx.spec.warning)
+    assert summary.val_accuracy.shape == (len(folds),)
+    assert np.isfinite(summary.val_accuracy).all()
+
+
+def test_a_model_the_store_does_not_know_reads_back_empty(tiny_idx_dir: Path, tmp_path: Path):
+    ctx, _, _ = _context(tiny_idx_dir, tmp_path)
+    result = stored_result(ctx.store, ctx.run.id, "nobody/fold-0")
+    assert result.history == [] and result.status is None
+
+
+def test_file_names_of_a_run(tmp_path: Path):
+    member = Member("dense(64)/fold-0", None, np.arange(2), None, 0)  # type: ignore[arg-type]
+    assert checkpoint_path(tmp_path, [member]).parent == tmp_path / "checkpoints"
+    assert checkpoint_path(tmp_path, [member]) != checkpoint_path(tmp_path, [member], {"a": 1})
+    assert checkpoint_path(tmp_path, [member], {"a": 1}) == \
+        checkpoint_path(tmp_path, [member], {"a": 1})
+    assert model_dir(tmp_path, "dense(256)x2 dropout") == \
+        tmp_path / "models" / "dense_256_x2_dropout"

@@ -1,0 +1,81 @@
+"""The results tables as text (fashionlab.tables): rows, cells, Markdown, CSV, a search's."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import math
+
+from fashionlab.tables import (
+    HEADERS,
+    Row,
+    display_rows,
+    markdown_table,
+    params_text,
+    reference_lines,
+    retrain_line,
+    rows_from_summary,
+    rows_to_csv,
+    search_markdown,
+    trial_cells,
+)
+
+ROW = Row("dense(64)", "cv", "18 (warning)", 0.3291, 0.0112, 0.8834, 0.0041, 0.878, 0.888, 5,
+          "not worse (p=0.106)", math.nan, "200/200", "")
+
+
+def test_cells_show_mean_std_and_ci_in_percent():
+    (cells,) = display_rows([ROW])
+    assert len(cells) == len(HEADERS)
+    assert cells == ("dense(64)", "18 (warning)", "0.329 ± 0.011", "88.3 ± 0.4",
+                     "[87.8, 88.8]", "not worse (p=0.106)", "-", "200/200")
+
+
+def test_rows_survive_the_stored_summary():
+    stored = {"table": [{k: (None if isinstance(v, float) and math.isnan(v) else v)
+                         for k, v in dataclasses.asdict(ROW).items()}]}
+    (row,) = rows_from_summary(stored)
+    assert display_rows([row]) == display_rows([ROW])
+    assert rows_from_summary({}) == []
+
+
+def test_markdown_escapes_pipes_and_csv_keeps_every_field():
+    lines = markdown_table(["a", "b"], [["x|y", "z"]])
+    assert lines == ["| a | b |", "|---|---|", "| x\\|y | z |"]
+    (parsed,) = csv.DictReader(io.StringIO(rows_to_csv([ROW])))
+    assert parsed["model"] == "dense(64)" and float(parsed["val_accuracy_mean"]) == 0.8834
+
+
+SEARCH = {
+    "search": "s", "run_id": "r", "study_name": "s-abc", "objective": "val_accuracy",
+    "counts": {"complete": 2, "pruned": 1, "fail": 0}, "fold_epochs": 30, "budget": 60,
+    "stopped_by": "n_trials", "wall_seconds": 90.0,
+    "top": [{"trial": 3, "base": None, "mean": 0.9, "std": 0.01, "ci_low": 0.88,
+             "ci_high": 0.92, "verdict": "best", "consensus_epoch": 7, "fold_epochs": 15,
+             "params": {"units_0": 402, "dropout": 0.2251}}],
+    "reference": [{"reference": "published", "kind": "one-sample", "score": 0.895,
+                   "difference": 0.005, "t": 1.2, "p_value": 0.3, "verdict":
+                   "not significantly different", "test": "corrected t-test"},
+                  {"reference": "seed", "missing": "no run"}],
+    "retrain": {"trial": 3, "epochs": 7, "test_accuracy": 0.8985, "model_dir": "m/trial-3"},
+}
+
+
+def test_a_search_table_and_its_lines():
+    headers, (cells,) = trial_cells(SEARCH)
+    assert headers[1] == "val_accuracy"
+    assert cells[:4] == ["3", "90.00 ± 1.00", "[88.00, 92.00]", "best"]
+    assert cells[-1] == "units_0=402, dropout=0.225"
+    first, missing = reference_lines(SEARCH)
+    assert first.startswith("vs published (89.50): +0.50 points, t=1.20, p=0.3")
+    assert missing == "vs seed: not tested (no run)"
+    assert "test accuracy 89.85%" in retrain_line(SEARCH)
+    assert "wall time 90.0 s" in search_markdown(SEARCH)
+    loss = {**SEARCH, "objective": "val_loss"}
+    assert trial_cells(loss)[1][0][1] == "0.9000 ± 0.0100"
+
+
+def test_params_text_is_cut_to_a_width():
+    assert params_text({"a": 1, "b": 0.123456}) == "a=1, b=0.123"
+    assert params_text({"a": "x" * 100}, width=10) == "a=xxxxxxx…"
