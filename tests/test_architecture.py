@@ -186,3 +186,14 @@ def test_the_checks_see_what_they_check():
 ])
 def test_cycle_finder(edges: dict[str, set[str]], expected: list[list[str]]):
     assert _cycles(edges) == expected
+
+
+def test_public_functions_named_like_their_modules_stay_functions():
+    import fashionlab as fl
+    import fashionlab.evaluate
+    import fashionlab.predict
+    from fashionlab.evaluate import Evaluation
+
+    assert callable(fl.evaluate) and fl.evaluate.__module__ == "fashionlab.evaluate"
+    assert callable(fl.predict) and fl.predict.__module__ == "fashionlab.predict"
+    assert fl.Evaluation is Evaluation
