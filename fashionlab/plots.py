@@ -6,6 +6,8 @@ global figure state is created or leaked and no display is needed. Save with `fi
 
 from __future__ import annotations
 
+import base64
+import io
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Protocol
@@ -17,7 +19,14 @@ from matplotlib.figure import Figure
 
 from fashionlab.data import CLASS_NAMES
 
-__all__ = ["learning_curves", "sample_grid"]
+__all__ = ["learning_curves", "png_data_uri", "sample_grid"]
+
+
+def png_data_uri(figure: Figure, *, dpi: float = 100) -> str:
+    """A figure as a PNG data URI ("data:image/png;base64,..."), for an HTML page or notebook."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def sample_grid(

@@ -10,15 +10,12 @@ string that comes from a user (study, candidate and file names) is escaped by th
 
 from __future__ import annotations
 
-import base64
-import io
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from matplotlib.figure import Figure
 
 from fashionlab import plots
 from fashionlab.data import Split, load_fashion_mnist
@@ -240,7 +237,8 @@ def _curve_figure(entry: Mapping[str, Any], histories: Mapping[str, list[EpochRe
     if warning is not None:
         caption += (f"; overfitting warning at epoch {warning.epoch}" if warning.epoch
                     else "; no overfitting warning")
-    return {"name": entry["name"], "image": _png(figure), "caption": caption}
+    return {"name": entry["name"], "image": plots.png_data_uri(figure, dpi=DPI),
+            "caption": caption}
 
 
 def _tested_models(run: RunRecord, device: str | torch.device) -> list[dict[str, Any]]:
@@ -313,13 +311,15 @@ def _tested_model(directory: Path, test: Any, device: torch.device) -> dict[str,
         "loss": number(result.loss, ".4f"),
         "errors": int((result.predictions != result.labels).sum()),
         "per_class": per_class,
-        "confusion": _png(plots.confusion_matrix(result.confusion, class_names=names)),
-        "bars": _png(plots.per_class_bars(
+        "confusion": plots.png_data_uri(
+            plots.confusion_matrix(result.confusion, class_names=names), dpi=DPI),
+        "bars": plots.png_data_uri(plots.per_class_bars(
             {"precision": result.precision, "recall (= class accuracy)": result.recall},
-            class_names=names)),
-        "misclassified": _png(plots.misclassified_grid(
+            class_names=names), dpi=DPI),
+        "misclassified": plots.png_data_uri(plots.misclassified_grid(
             test.images[wrong], result.labels[wrong], result.predictions[wrong],
-            class_names=names, confidence=result.confidence[wrong])) if len(wrong) else None,
+            class_names=names, confidence=result.confidence[wrong]), dpi=DPI)
+        if len(wrong) else None,
         "shown": len(wrong),
     }
 
@@ -347,8 +347,10 @@ def _search_section(summary: Mapping[str, Any]) -> dict[str, Any]:
         "statistics": statistics,
         "direction": direction,
         "n_trials": len(trials),
-        "history": _png(plots.search_history(history, direction=direction)) if history else None,
-        "importances": _png(plots.param_importances(importances)) if importances else None,
+        "history": plots.png_data_uri(plots.search_history(history, direction=direction),
+                                      dpi=DPI) if history else None,
+        "importances": plots.png_data_uri(plots.param_importances(importances), dpi=DPI)
+        if importances else None,
         "importance_rows": [(str(k), number(float(v), ".3f")) for k, v in
                             sorted(importances.items(), key=lambda kv: -float(kv[1]))],
         "params": params,
@@ -364,12 +366,3 @@ def _param(value: Any) -> str:
         return "-"
     return format(value, ".4g") if isinstance(value, float) else str(value)
 
-
-# --------------------------------------------------------------------------------------------
-
-
-def _png(figure: Figure) -> str:
-    """A figure as a PNG data URI."""
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=DPI)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")

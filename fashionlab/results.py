@@ -1,5 +1,6 @@
 """A study's results: what `run_study` returns, its table rows, the summary stored with the
-run, and the files it leaves (the table as Markdown, CSV and JSON, the figures)."""
+run, the files it leaves (the table as Markdown, CSV and JSON, the figures), and how it shows
+itself in a notebook (`notebook`)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fashionlab import plots, text
+from fashionlab import notebook, plots, text
 from fashionlab.config import StudySpec, study_to_toml
 from fashionlab.data import Dataset
 from fashionlab.errors import OutputError
@@ -23,6 +24,10 @@ from fashionlab.steps import CandidateResult, RetrainResult
 from fashionlab.store import RunRecord
 from fashionlab.tables import HEADERS, LEGEND, Row, display_rows, markdown_table, rows_to_csv
 from fashionlab.twins import TwinComparison
+
+if TYPE_CHECKING:
+    import pandas
+    from matplotlib.figure import Figure
 
 __all__ = ["StudyResult", "peak_rss_mb", "summary", "table_rows", "to_csv", "to_markdown",
            "write_outputs"]
@@ -44,6 +49,35 @@ class StudyResult:
     wall_seconds: float = 0.0
     workers: int = 1  # processes that trained it
     threads: int = 0  # CPU threads each job trained with (0: not recorded)
+
+    def _repr_html_(self) -> str:
+        """Jupyter shows the results table and every model's learning curves."""
+        return notebook.study_html(title=f"{self.spec.name}: results", overview=_overview(self),
+                                   rows=table_rows(self), best=self.best,
+                                   models=_curve_models(self))
+
+    def figure(self, name: str) -> Figure:
+        """The learning curves of a candidate, a final model or the retrained best, by the
+        name its table row has ("cnn", "dense(64) (retrained)"); ValueError listing the names
+        when there is none."""
+        return notebook.curves_figure(_curve_models(self), name)
+
+    def to_frame(self) -> pandas.DataFrame:
+        """The results table as a pandas DataFrame (`table_rows`: one row per line, numbers as
+        fractions); ImportError when pandas is not installed (`pip install pandas`)."""
+        return notebook.rows_frame(table_rows(self))
+
+
+def _curve_models(result: StudyResult) -> list[notebook.Curves]:
+    models: list[notebook.Curves] = list(result.candidates)
+    if result.retrain is not None:
+        models.append(notebook.retrain_curves(_retrained_name(result.retrain),
+                                              result.retrain.history))
+    return models + list(result.final)
+
+
+def _retrained_name(retrain: RetrainResult) -> str:
+    return f"{retrain.candidate} (retrained)"
 
 
 def _epoch_label(result: CandidateResult) -> str:
@@ -74,7 +108,7 @@ def table_rows(result: StudyResult) -> list[Row]:
                                    result.twins.get(candidate.name), result.run.id))
     if result.retrain is not None:
         r = result.retrain
-        rows.append(Row(f"{r.candidate} (retrained)", "retrain", str(r.epochs), math.nan, math.nan,
+        rows.append(Row(_retrained_name(r), "retrain", str(r.epochs), math.nan, math.nan,
                         math.nan, math.nan, math.nan, math.nan, 1, "", r.test_accuracy,
                         f"{len(r.history)}/{r.epochs}",
                         f"best candidate, trained on all {result.n_train + result.n_val}, "
@@ -117,14 +151,17 @@ def _twin_note(candidate: CandidateResult, twin: TwinComparison | None, run_id: 
     return note + f", {twin.epochs_saved:.0%} of the fold-epochs saved"
 
 
+def _overview(result: StudyResult) -> str:
+    cv = result.spec.cv
+    return (f"Run `{result.run.id}`, seed {result.spec.seed}, {cv.n_splits}-fold CV "
+            f"({cv.strategy}" + (f", {cv.repeats} repeats" if cv.repeats > 1 else "")
+            + f"), wall time {text.duration(result.wall_seconds)}"
+            + (f" ({result.workers} worker processes)." if result.workers > 1 else "."))
+
+
 def to_markdown(result: StudyResult) -> str:
     rows = table_rows(result)
-    cv = result.spec.cv
-    lines = [f"# {result.spec.name}: results", "",
-             f"Run `{result.run.id}`, seed {result.spec.seed}, {cv.n_splits}-fold CV "
-             f"({cv.strategy}" + (f", {cv.repeats} repeats" if cv.repeats > 1 else "")
-             + f"), wall time {text.duration(result.wall_seconds)}"
-             + (f" ({result.workers} worker processes)." if result.workers > 1 else "."), "",
+    lines = [f"# {result.spec.name}: results", "", _overview(result), "",
              *markdown_table(HEADERS, display_rows(rows)), "", LEGEND]
     notes = [f"- {r.model}: {r.note}" for r in rows if r.note and r.kind != "baseline"]
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"

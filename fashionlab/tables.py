@@ -30,6 +30,7 @@ __all__ = [
     "rows_from_summary",
     "rows_to_csv",
     "search_markdown",
+    "search_overview",
     "trial_cells",
 ]
 
@@ -171,16 +172,20 @@ def retrain_line(summary: Mapping[str, Any]) -> str:
             f"({retrain['model_dir']})")
 
 
-def search_markdown(summary: Mapping[str, Any]) -> str:
-    """A finished search's results.md."""
+def search_overview(summary: Mapping[str, Any]) -> str:
+    """A finished search in one sentence (Markdown: the run and Optuna study as `code`)."""
     counts = summary.get("counts") or {}
     budget = f" of {summary['budget']}" if summary.get("budget") else ""
-    overview = (f"Run `{summary['run_id']}`, Optuna study `{summary['study_name']}`: "
-                f"{counts.get('complete', 0)} complete, {counts.get('pruned', 0)} pruned, "
-                f"{counts.get('fail', 0)} failed trials; {summary['fold_epochs']}{budget} "
-                f"fold-epochs; stopped by {summary['stopped_by']}; wall time "
-                f"{text.duration(summary.get('wall_seconds') or 0)}.")
-    lines = [f"# {summary['search']}: search results", "", overview, ""]
+    return (f"Run `{summary['run_id']}`, Optuna study `{summary['study_name']}`: "
+            f"{counts.get('complete', 0)} complete, {counts.get('pruned', 0)} pruned, "
+            f"{counts.get('fail', 0)} failed trials; {summary['fold_epochs']}{budget} "
+            f"fold-epochs; stopped by {summary['stopped_by']}; wall time "
+            f"{text.duration(summary.get('wall_seconds') or 0)}.")
+
+
+def search_markdown(summary: Mapping[str, Any]) -> str:
+    """A finished search's results.md."""
+    lines = [f"# {summary['search']}: search results", "", search_overview(summary), ""]
     headers, rows = trial_cells(summary)
     if rows:
         lines += [*markdown_table(headers, rows), "", SEARCH_LEGEND, ""]

@@ -24,6 +24,7 @@ the best on the folds seen so far.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
@@ -41,6 +42,7 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from fashionlab import notebook
 from fashionlab.checkpoints import remove_checkpoint
 from fashionlab.config import Candidate, SearchSpec, StudySpec, base_candidate
 from fashionlab.cv import MemberResult, make_folds
@@ -91,6 +93,17 @@ class SearchResult:
     stopped_by: str  # n_trials, budget, timeout, grid, finish, or others-running
     summary: dict[str, Any] | None = None  # what the run stores (search_results.summary)
     wall_seconds: float = 0.0  # this process
+
+    def _repr_html_(self) -> str:
+        """Jupyter shows the top trials with their uncertainty, the references, the retrained
+        best and the search's plots; an unfinished search says how far it got."""
+        states = collections.Counter(t.state.name.lower() for t in self.trials)
+        status = (f"Run `{self.run.id}`, Optuna study `{self.study_name}`: "
+                  + (", ".join(f"{n} {state}" for state, n in sorted(states.items()))
+                     or "no trials")
+                  + f"; stopped by {self.stopped_by}, not finished: run it again to continue, "
+                  "or with finish=True to write the results of the trials so far.")
+        return notebook.search_html(self.summary, name=self.spec.name, status=status)
 
 
 @dataclass(frozen=True)
