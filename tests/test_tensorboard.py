@@ -13,24 +13,24 @@ from helpers import OnEpoch, run_cli, tiny_study_toml
 
 pytest.importorskip("tensorboard")
 
-from tensorboard.backend.event_processing.event_accumulator import (  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import (
     EventAccumulator,
 )
-from tensorboard.backend.event_processing.event_file_loader import (  # noqa: E402
+from tensorboard.backend.event_processing.event_file_loader import (
     LegacyEventFileLoader,
 )
-from tensorboard.plugins.hparams import plugin_data_pb2  # noqa: E402
+from tensorboard.plugins.hparams import plugin_data_pb2
 
-from fashionlab.config import load_study  # noqa: E402
-from fashionlab.integrations.tensorboard import (  # noqa: E402
+from fashionlab.config import load_study
+from fashionlab.integrations.tensorboard import (
     TensorBoard,
     export_run_to_tensorboard,
     model_logdir,
     tensorboard_dir,
 )
-from fashionlab.search import run_search  # noqa: E402
-from fashionlab.store import METRICS, Store  # noqa: E402
-from fashionlab.study import run_study  # noqa: E402
+from fashionlab.search import run_search
+from fashionlab.store import METRICS, Store
+from fashionlab.study import run_study
 
 
 @pytest.fixture
