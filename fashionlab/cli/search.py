@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from fashionlab.cli import app, resumable
-from fashionlab.cli.study import RunDir, StoreUrl
+from fashionlab.cli.study import RunDir, StoreUrl, Tensorboard
 from fashionlab.config import load_study, quick_variant
 from fashionlab.store import DEFAULT_RUN_DIR
 from fashionlab.tables import reference_lines, retrain_line, trial_cells
@@ -35,6 +35,7 @@ def search(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     run_dir: RunDir = DEFAULT_RUN_DIR,
     store: StoreUrl = None,
+    tensorboard: Tensorboard = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
 ) -> None:
     """Search a candidate's configuration with Optuna, each trial scored by cross-validation;
@@ -52,6 +53,7 @@ def search(
 
     import optuna
 
+    from fashionlab.integrations.tensorboard import tensorboard_progress  # (torch too)
     from fashionlab.search import run_search  # torch and Optuna: when the command runs
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the search shows its own progress
@@ -59,9 +61,11 @@ def search(
     if quick:
         spec = quick_variant(spec)
     with resumable("finished trials are kept and the interrupted one is retried: run the "
-                   "same command again to go on"):
+                   "same command again to go on"), \
+            tensorboard_progress(not json_output, tensorboard=tensorboard, run_dir=run_dir,
+                                 store_url=store) as progress:
         result = run_search(spec, run_dir=run_dir, store_url=store, n_trials=n_trials,
-                            timeout=timeout, device=device, progress=not json_output,
+                            timeout=timeout, device=device, progress=progress,
                             finish=finish, fresh=fresh)
     if json_output:
         typer.echo(json.dumps({"run_id": result.run.id, "study_name": result.study_name,

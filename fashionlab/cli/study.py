@@ -21,6 +21,9 @@ RunDir = Annotated[Path, typer.Option("--run-dir", help="Where runs, the store a
 StoreUrl = Annotated[str | None, typer.Option(
     "--store", help="Database URL of the store (default: SQLite file in the run directory; "
     "env FASHIONLAB_STORE).")]
+Tensorboard = Annotated[bool, typer.Option(
+    help="Write TensorBoard event files under the run's directory as epochs finish "
+    "(the tensorboard extra); view with: tensorboard --logdir RUN_DIR.")]
 
 
 @app.command()
@@ -40,6 +43,7 @@ def study(
         "depend on it; dense models' do not.", show_default=False)] = None,
     run_dir: RunDir = DEFAULT_RUN_DIR,
     store: StoreUrl = None,
+    tensorboard: Tensorboard = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
 ) -> None:
     """Run a study: cross-validate its candidates, retrain and test the best, train its final
@@ -56,7 +60,9 @@ def study(
     import dataclasses
     import json
 
-    from fashionlab.results import summary, table_rows  # torch: only once a study runs
+    # torch: only once a study runs
+    from fashionlab.integrations.tensorboard import tensorboard_progress
+    from fashionlab.results import summary, table_rows
     from fashionlab.study import run_study  # (torch too)
 
     if workers != "auto" and not (workers.isdigit() and int(workers) >= 1):
@@ -66,9 +72,11 @@ def study(
         spec = quick_variant(spec)
     if seed is not None:
         spec = dataclasses.replace(spec, seed=seed)
-    with resumable("the run is kept; run the same command again to resume it"):
+    with resumable("the run is kept; run the same command again to resume it"), \
+            tensorboard_progress(not json_output, tensorboard=tensorboard, run_dir=run_dir,
+                                 store_url=store) as progress:
         result = run_study(spec, run_dir=run_dir, store_url=store, device=device, fresh=fresh,
-                           progress=not json_output,
+                           progress=progress,
                            workers=workers if workers == "auto" else int(workers),
                            threads=threads)
     if json_output:

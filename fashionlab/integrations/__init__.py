@@ -1,0 +1,1 @@
+"""Connections to other tools: TensorBoard event files of a run (`tensorboard`)."""

@@ -1,0 +1,312 @@
+"""TensorBoard event files for fashionlab runs: every model's curves, written as its epochs
+are stored, and each candidate's hyperparameters and scores in the HParams view.
+
+Layout, under a run's output directory (run_dir/<run id>/tensorboard/):
+
+    <candidate>/fold-<i>/   one model: scalars loss, accuracy, val_loss, val_accuracy, step =
+                            epoch (1-based); likewise <candidate>/retrain, <candidate>/final,
+                            trial-<n>/fold-<i>
+    <candidate>/            its HParams entry: the candidate's resolved config flattened
+                            ("train.learning_rate", "model.layers.0.units") and the study's
+                            numbers for it ("hparam/val_accuracy" ...), once the run finished
+
+so `tensorboard --logdir fashionlab-runs` shows every run. What an event file already holds is
+read back before anything is written to it: a run killed and resumed, or exported again,
+writes no step twice. `TensorBoard` does it live as a progress reporter (`tensorboard_progress`
+puts it in front of the bars); `export_run_to_tensorboard` does it after the fact.
+
+Needs the `tensorboard` extra (pip install 'fashionlab[tensorboard]').
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import socket
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from fashionlab.errors import ConfigError
+from fashionlab.progress import Reporter, reporting
+from fashionlab.store import DEFAULT_RUN_DIR, METRICS, RunRecord, Store
+from fashionlab.text import safe_name
+from fashionlab.train import EpochMetrics
+
+try:  # the optional extra: without it, a one-line error when TensorBoard is asked for
+    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams
+    INSTALLED = True
+except ImportError:
+    INSTALLED = False
+
+__all__ = ["HPARAMS_TAG", "INSTALLED", "TensorBoard", "export_run_to_tensorboard", "model_logdir",
+           "tensorboard_dir", "tensorboard_progress", "written_steps"]
+
+HPARAMS_TAG = "_hparams_/session_start_info"  # the HParams plugin's tag of one entry
+
+
+def _require() -> None:
+    if not INSTALLED:
+        raise ConfigError("TensorBoard is not installed: pip install 'fashionlab[tensorboard]'")
+
+
+def tensorboard_dir(run: RunRecord, run_dir: str | Path = DEFAULT_RUN_DIR) -> Path:
+    """Where a run's event files go: <its output directory>/tensorboard."""
+    return Path(run.output_dir or Path(run_dir) / run.id) / "tensorboard"
+
+
+def model_logdir(logdir: str | Path, key: str) -> Path:
+    """A model's event directory: its key, each part a safe file name ("dense(64)/fold-3" ->
+    logdir/dense_64_/fold-3)."""
+    return Path(logdir, *(safe_name(part) for part in key.split("/")))
+
+
+def written_steps(directory: Path) -> set[tuple[str, int]]:
+    """(tag, step) of every value the event files directly in `directory` hold (a file cut
+    short by a kill reads up to its last whole record)."""
+    steps: set[tuple[str, int]] = set()
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        for event in LegacyEventFileLoader(str(path)).Load():
+            steps.update((value.tag, event.step) for value in event.summary.value)
+    return steps
+
+
+class _Writer:
+    """One event directory: what it holds (read back once), and a writer opened when the
+    first new value comes."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.written = written_steps(directory) if directory.is_dir() else set()
+        self.writer: SummaryWriter | None = None
+
+    def open(self) -> SummaryWriter:
+        if self.writer is None:
+            self.writer = SummaryWriter(str(self.directory))
+        return self.writer
+
+    def scalars(self, step: int, values: Mapping[str, float | None]) -> None:
+        for tag, value in values.items():
+            if value is None or not math.isfinite(value) or (tag, step) in self.written:
+                continue  # a retrain has no validation; a diverged epoch has no number
+            self.open().add_scalar(tag, value, step)
+            self.written.add((tag, step))
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+class _RunWriter:
+    """The event files of one run."""
+
+    def __init__(self, store: Store, run: RunRecord, logdir: Path) -> None:
+        self.store, self.run, self.logdir = store, run, logdir
+        self.writers: dict[Path, _Writer] = {}
+        self.keys: set[str] = set()
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Read the run's model keys again (a retrain or final model registers later)."""
+        self.keys = {m.key for m in self.store.models(self.run.id)}
+
+    def writer(self, directory: Path) -> _Writer:
+        if directory not in self.writers:
+            self.writers[directory] = _Writer(directory)
+        return self.writers[directory]
+
+    def epochs(self, keys: Iterable[str]) -> None:
+        """Write the epochs the store holds for these models and their files do not."""
+        for key in keys:
+            writer = self.writer(model_logdir(self.logdir, key))
+            for record in self.store.epochs(self.run.id, key):
+                writer.scalars(record.epoch, {m: getattr(record, m) for m in METRICS})
+            writer.flush()
+
+    def hparams(self) -> None:
+        """One HParams entry per candidate (or trial) of a finished run, from its summary."""
+        run = self.store.run(self.run.id)
+        for name, params, scores in _entries(run):
+            writer = self.writer(model_logdir(self.logdir, name))
+            if any(tag == HPARAMS_TAG for tag, _ in writer.written):
+                continue
+            metrics = {f"hparam/{k}": v for k, v in scores.items()
+                       if v is not None and math.isfinite(v)}
+            for summary in hparams(params, metrics):
+                writer.open().file_writer.add_summary(summary)
+            writer.written.add((HPARAMS_TAG, 0))
+            writer.scalars(0, metrics)
+            writer.flush()
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+        self.writers.clear()
+
+
+def export_run_to_tensorboard(store: Store, run_id: str,
+                              logdir: str | Path | None = None) -> Path:
+    """Write a run's curves (every model, every stored epoch) and, once it finished, its
+    HParams entries; values already in the event files are not written again. Returns the
+    directory (default: the run's tensorboard/ directory)."""
+    _require()
+    run = store.run(run_id)
+    target = Path(logdir) if logdir is not None else tensorboard_dir(run)
+    writer = _RunWriter(store, run, target)
+    try:
+        writer.epochs(sorted(writer.keys))
+        if run.status == "finished":
+            writer.hparams()
+    finally:
+        writer.close()
+    return target
+
+
+class TensorBoard:
+    """A progress reporter that writes each stack's stored epochs to TensorBoard event files
+    as they come, then passes every call on to `then` (default: nothing shown).
+
+    It learns the run from the store: the run this process is running that holds the models
+    it hears of. A context manager: on exit it writes the HParams entries of the runs it
+    wrote for that finished, and closes its files.
+
+        with TensorBoard(run_dir="fashionlab-runs") as board:
+            run_study(spec, run_dir="fashionlab-runs", progress=board)
+    """
+
+    def __init__(self, *, run_dir: str | Path = DEFAULT_RUN_DIR, store_url: str | None = None,
+                 then: Reporter | None = None) -> None:
+        _require()
+        self.run_dir = Path(run_dir)
+        self.store_url = store_url
+        self.then = then
+        self._store: Store | None = None
+        self._runs: dict[str, _RunWriter] = {}  # run id -> its writer
+
+    def __enter__(self) -> TensorBoard:  # noqa: PYI034 - a final class
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Write the HParams entries of the finished runs it saw; close every file."""
+        for writer in self._runs.values():
+            if self._store is not None and self._store.run(writer.run.id).status == "finished":
+                writer.refresh()
+                writer.epochs(sorted(writer.keys))  # any epoch a stack read back from the store
+                writer.hparams()
+            writer.close()
+        self._runs.clear()
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    def _run_of(self, key: str) -> _RunWriter | None:
+        for writer in self._runs.values():
+            if key not in writer.keys:
+                writer.refresh()
+            if key in writer.keys:
+                return writer
+        if self._store is None:
+            self._store = Store.open(self.run_dir, self.store_url, read_only=True)
+        host, pid = socket.gethostname(), os.getpid()
+        for run in self._store.runs():
+            if run.id in self._runs or run.status != "running" or (run.host, run.pid) != (
+                    host, pid):
+                continue
+            writer = _RunWriter(self._store, run, tensorboard_dir(run, self.run_dir))
+            if key in writer.keys:
+                self._runs[run.id] = writer
+                return writer
+        return None  # not a stored model (a test's own label): nothing to write
+
+    def start(self, label: str, epochs: int) -> None:
+        if self.then is not None:
+            self.then.start(label, epochs)
+
+    def epoch(self, label: str, epoch: int, metrics: Mapping[str, EpochMetrics]) -> None:
+        for key in metrics:  # empty after a resume from a checkpoint: written with the next
+            writer = self._run_of(key)
+            if writer is not None:
+                writer.epochs(metrics)
+                break
+        if self.then is not None:
+            self.then.epoch(label, epoch, metrics)
+
+    def finish(self, label: str) -> None:
+        if self.then is not None:
+            self.then.finish(label)
+
+    def log(self, message: str) -> None:
+        if self.then is not None:
+            self.then.log(message)
+
+
+@contextlib.contextmanager
+def tensorboard_progress(progress: bool | Reporter, *, tensorboard: bool = True,
+                         run_dir: str | Path = DEFAULT_RUN_DIR,
+                         store_url: str | None = None) -> Iterator[Reporter]:
+    """The reporter for a study or search: `progress` as `run_study` takes it (bars, nothing,
+    your reporter), with a `TensorBoard` in front when `tensorboard` is true."""
+    with reporting(progress) as shown:
+        if not tensorboard:
+            yield shown
+            return
+        with TensorBoard(run_dir=run_dir, store_url=store_url, then=shown) as board:
+            yield board
+
+
+def _flat(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """A nested config as (dotted name, value): dicts by key, lists by index."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            yield from _flat(v, f"{prefix}{k}.")
+    elif isinstance(value, (list, tuple)):
+        if not value:
+            yield prefix[:-1], "[]"
+        for i, v in enumerate(value):
+            yield from _flat(v, f"{prefix}{i}.")
+    elif value is None or not isinstance(value, (bool, int, float, str)):
+        yield prefix[:-1], str(value)
+    else:
+        yield prefix[:-1], value
+
+
+def _mean(values: Any) -> float | None:
+    numbers = [float(v) for v in values or () if v is not None and math.isfinite(float(v))]
+    return sum(numbers) / len(numbers) if numbers else None
+
+
+def _entries(run: RunRecord) -> list[tuple[str, dict[str, Any], dict[str, float | None]]]:
+    """(name, flattened config, scores) per candidate of a finished study, per trial of a
+    finished search; empty before the run finished."""
+    summary = run.summary or {}
+    if run.kind == "search":
+        objective = summary.get("objective", "value")
+        return [(f"trial-{t['number']}", {"state": t["state"], **dict(_flat(t["params"]))},
+                 {objective: t["value"]}) for t in summary.get("trials", [])]
+    configs = {c["name"]: c for c in (*run.config.get("candidates", []),
+                                      *(run.config.get("final") or []))}
+    retrain = summary.get("retrain") or {}
+    entries = []
+    for c in (*summary.get("candidates", []), *summary.get("final", [])):
+        config = {k: v for k, v in configs.get(c["name"], {}).items() if k != "name"}
+        scores = {"val_accuracy": _mean(c.get("val_accuracy")),
+                  "val_loss": _mean(c.get("val_loss")),
+                  "warning_epoch": c.get("warning_epoch"),
+                  "test_accuracy": retrain.get("test_accuracy")
+                  if retrain.get("candidate") == c["name"] else c.get("test_accuracy")}
+        entries.append((c["name"], {"role": c["role"], **dict(_flat(config))},
+                        {k: None if v is None else float(v) for k, v in scores.items()}))
+    return entries

@@ -1,0 +1,180 @@
+"""TensorBoard event files, read back with TensorBoard's own readers: one scalar per epoch per
+metric of every model, equal to the store's; an HParams entry per candidate (or trial); a run
+interrupted and resumed, or exported again, writes no step twice."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from helpers import OnEpoch, run_cli, tiny_study_toml
+
+pytest.importorskip("tensorboard")
+
+from tensorboard.backend.event_processing.event_accumulator import (
+    EventAccumulator,
+)
+from tensorboard.backend.event_processing.event_file_loader import (
+    LegacyEventFileLoader,
+)
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from fashionlab.config import load_study
+from fashionlab.integrations.tensorboard import (
+    TensorBoard,
+    export_run_to_tensorboard,
+    model_logdir,
+    tensorboard_dir,
+)
+from fashionlab.search import run_search
+from fashionlab.store import METRICS, Store
+from fashionlab.study import run_study
+
+
+@pytest.fixture
+def study_file(tiny_idx_dir: Path, tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(tiny_study_toml(tiny_idx_dir, epochs=4, folds=2))
+    return path
+
+
+def _step_counts(directory: Path) -> Counter[tuple[str, int]]:
+    """How many times each (tag, step) is in the directory's event files (all of them)."""
+    counts: Counter[tuple[str, int]] = Counter()
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        for event in LegacyEventFileLoader(str(path)).Load():
+            counts.update((value.tag, event.step) for value in event.summary.value)
+    return counts
+
+
+def _assert_curves_match_the_store(run_dir: Path, run_id: str, logdir: Path | None = None):
+    store = Store.open(run_dir, read_only=True)
+    run = store.run(run_id)
+    logdir = logdir or tensorboard_dir(run)
+    models = store.models(run_id)
+    assert models
+    for model in models:
+        directory = model_logdir(logdir, model.key)
+        counts = _step_counts(directory)
+        assert counts and max(counts.values()) == 1, (model.key, counts)  # no step twice
+        board = EventAccumulator(str(directory), size_guidance={"scalars": 0})
+        board.Reload()
+        records = store.epochs(run_id, model.key)
+        assert records, model.key
+        for metric in METRICS:
+            stored = [(r.epoch, getattr(r, metric)) for r in records
+                      if math.isfinite(getattr(r, metric))]
+            if not stored:  # a retrain has no validation split
+                assert metric not in board.Tags()["scalars"], (model.key, metric)
+                continue
+            written = [(e.step, e.value) for e in board.Scalars(metric)]
+            assert [s for s, _ in written] == [e for e, _ in stored], (model.key, metric)
+            assert [v for _, v in written] == pytest.approx([v for _, v in stored], rel=1e-6)
+    store.close()
+    return run, models
+
+
+def _hparams(directory: Path) -> tuple[dict[str, object], dict[str, float]]:
+    """The HParams entry in `directory`: (hyperparameters, metric values)."""
+    board = EventAccumulator(directory.as_posix(), size_guidance={"scalars": 0})
+    board.Reload()
+    content = board.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    start = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
+    params = {name: value.WhichOneof("kind") and getattr(value, value.WhichOneof("kind"))
+              for name, value in start.hparams.items()}
+    metrics = {tag: board.Scalars(tag)[-1].value for tag in board.Tags()["scalars"]}
+    return params, metrics
+
+
+def test_the_study_command_writes_every_models_curves_and_the_hparams(
+        study_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    run_dir = tmp_path / "runs"
+    code, _, err = run_cli(capsys, "study", str(study_file), "--run-dir", str(run_dir),
+                           "--workers", "1", "--tensorboard", "--json")
+    assert code == 0, err
+    store = Store.open(run_dir, read_only=True)
+    (run,) = store.runs()
+    store.close()
+    run, models = _assert_curves_match_the_store(run_dir, run.id)
+    assert {m.role for m in models} == {"cv", "retrain", "final"}
+    summary = run.summary
+    logdir = tensorboard_dir(run)
+    assert logdir.parent == run_dir.resolve() / run.id
+    for candidate in summary["candidates"]:
+        params, metrics = _hparams(model_logdir(logdir, candidate["name"]))
+        config = next(c for c in run.config["candidates"] if c["name"] == candidate["name"])
+        assert params["train.learning_rate"] == pytest.approx(config["train"]["learning_rate"])
+        assert params["model.layers.0.units"] == config["model"]["layers"][0]["units"]
+        assert params["role"] == "cv"
+        folds = candidate["val_accuracy"]
+        assert metrics["hparam/val_accuracy"] == pytest.approx(sum(folds) / len(folds))
+        if candidate["warning_epoch"] is not None:
+            assert metrics["hparam/warning_epoch"] == candidate["warning_epoch"]
+    best = summary["retrain"]
+    _, metrics = _hparams(model_logdir(logdir, best["candidate"]))
+    assert metrics["hparam/test_accuracy"] == pytest.approx(best["test_accuracy"])
+    params, metrics = _hparams(model_logdir(logdir, "cnn"))  # a final model: its test score
+    assert params["role"] == "final" and params["model.conv.0.filters"] == 4
+    assert metrics["hparam/test_accuracy"] == pytest.approx(summary["final"][0]["test_accuracy"])
+
+
+def test_an_interrupted_and_resumed_study_writes_no_step_twice(study_file: Path,
+                                                               tmp_path: Path):
+    run_dir, spec = tmp_path / "runs", load_study(study_file)
+
+    def stop(key: str, epoch: int) -> None:
+        if key == "small L2/fold-1" and epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt), TensorBoard(run_dir=run_dir,
+                                                       then=OnEpoch(stop)) as board:
+        run_study(spec, run_dir=run_dir, progress=board)
+    store = Store.open(run_dir, read_only=True)
+    (run,) = store.runs()
+    assert run.status == "interrupted"
+    directory = model_logdir(tensorboard_dir(run), "small L2/fold-1")
+    assert {s for (tag, s) in _step_counts(directory) if tag == "loss"} == {1, 2}
+
+    with TensorBoard(run_dir=run_dir) as board:
+        result = run_study(spec, run_dir=run_dir, progress=board)
+    assert result.run.id == run.id and store.run(run.id).status == "finished"
+    store.close()
+    assert len(list(directory.glob("events.out.tfevents.*"))) == 2  # one per process
+    _assert_curves_match_the_store(run_dir, run.id)  # every step once, equal to the store's
+
+
+def test_export_after_the_fact_writes_the_same_and_nothing_twice(study_file: Path,
+                                                                 tmp_path: Path):
+    run_dir = tmp_path / "runs"
+    result = run_study(load_study(study_file), run_dir=run_dir, progress=False)
+    store = Store.open(run_dir)
+    logdir = tmp_path / "board"
+    assert export_run_to_tensorboard(store, result.run.id, logdir) == logdir
+    export_run_to_tensorboard(store, result.run.id, logdir)  # again: nothing new
+    store.close()
+    _assert_curves_match_the_store(run_dir, result.run.id, logdir)
+    params, metrics = _hparams(model_logdir(logdir, "small"))
+    assert params["train.batch_size"] == 32
+    assert "hparam/val_accuracy" in metrics
+    assert _step_counts(model_logdir(logdir, "small"))[("_hparams_/session_start_info", 0)] == 1
+
+
+def test_a_search_writes_each_trials_folds_and_params(tiny_idx_dir: Path, tmp_path: Path):
+    path = tmp_path / "search.toml"
+    path.write_text(tiny_study_toml(
+        tiny_idx_dir, name="tiny-search", epochs=2, patience=1, final=False, folds=2,
+        candidates='[[candidates]]\nname = "small"\nlayers = [{ units = 16 }]\n',
+        extra='[search]\nn_trials = 2\npruner = "none"\n\n[search.space]\n'
+              'learning_rate = { low = 1e-3, high = 0.1, log = true }\n'))
+    run_dir = tmp_path / "runs"
+    with TensorBoard(run_dir=run_dir) as board:
+        result = run_search(load_study(path), run_dir=run_dir, progress=board)
+    assert result.finished
+    run, models = _assert_curves_match_the_store(run_dir, result.run.id)
+    assert {m.key for m in models} >= {"trial-0/fold-0", "trial-1/fold-1"}
+    for trial in result.trials:
+        params, metrics = _hparams(model_logdir(tensorboard_dir(run), f"trial-{trial.number}"))
+        assert params["learning_rate"] == pytest.approx(trial.params["learning_rate"])
+        assert metrics["hparam/val_accuracy"] == pytest.approx(trial.value)
