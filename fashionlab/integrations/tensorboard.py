@@ -256,15 +256,15 @@ class TensorBoard:
 @contextlib.contextmanager
 def tensorboard_progress(progress: bool | Reporter, *, tensorboard: bool = True,
                          run_dir: str | Path = DEFAULT_RUN_DIR,
-                         store_url: str | None = None) -> Iterator[Reporter]:
-    """The reporter for a study or search: `progress` as `run_study` takes it (bars, nothing,
-    your reporter), with a `TensorBoard` in front when `tensorboard` is true."""
-    with reporting(progress) as shown:
-        if not tensorboard:
-            yield shown
-            return
-        with TensorBoard(run_dir=run_dir, store_url=store_url, then=shown) as board:
-            yield board
+                         store_url: str | None = None) -> Iterator[bool | Reporter]:
+    """The `progress` argument for a study or search: as given (bars, nothing, your reporter),
+    with a `TensorBoard` in front when `tensorboard` is true."""
+    if not tensorboard:
+        yield progress
+        return
+    with reporting(progress) as shown, \
+            TensorBoard(run_dir=run_dir, store_url=store_url, then=shown) as board:
+        yield board
 
 
 def _flat(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
