@@ -21,6 +21,9 @@ RunDir = Annotated[Path, typer.Option("--run-dir", help="Where runs, the store a
 StoreUrl = Annotated[str | None, typer.Option(
     "--store", help="Database URL of the store (default: SQLite file in the run directory; "
     "env FASHIONLAB_STORE).")]
+Quiet = Annotated[bool, typer.Option(
+    "--quiet", "-q", help="No progress: only the results and errors. (Progress goes to "
+    "stderr: bars on a terminal, one line per epoch of each stack otherwise.)")]
 
 
 @app.command()
@@ -41,6 +44,7 @@ def study(
     run_dir: RunDir = DEFAULT_RUN_DIR,
     store: StoreUrl = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Run a study: cross-validate its candidates, retrain and test the best, train its final
     models; store every epoch and write the table, figures and report.
@@ -68,7 +72,7 @@ def study(
         spec = dataclasses.replace(spec, seed=seed)
     with resumable("the run is kept; run the same command again to resume it"):
         result = run_study(spec, run_dir=run_dir, store_url=store, device=device, fresh=fresh,
-                           progress=not json_output,
+                           progress=not (json_output or quiet),
                            workers=workers if workers == "auto" else int(workers),
                            threads=threads)
     if json_output:
