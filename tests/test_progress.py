@@ -81,8 +81,8 @@ def test_progress_true_draws_bars_only_where_they_can_be_drawn():
         assert reporter is mine
 
 
-def _study(path: Path, run_dir: Path, *options: str) -> str:
-    """`fashionlab study` in a child process, stdout and stderr into one pipe, as `> log 2>&1`
+def _command(*args: str) -> str:
+    """`fashionlab ARGS` in a child process, stdout and stderr into one pipe, as `> log 2>&1`
     or CI would take them: the combined output, in order."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE")}
@@ -90,8 +90,7 @@ def _study(path: Path, run_dir: Path, *options: str) -> str:
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
         [root, *filter(None, [env.get("PYTHONPATH")])]))
     done = subprocess.run(
-        [sys.executable, "-c", "from fashionlab.cli import main; main()", "study", str(path),
-         "--run-dir", str(run_dir), "--workers", "1", *options],
+        [sys.executable, "-c", "from fashionlab.cli import main; main()", *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, timeout=300,
         check=False)
     assert done.returncode == 0, done.stdout
@@ -102,7 +101,7 @@ def test_a_study_off_a_terminal_logs_each_epoch_of_each_stack_before_the_table(
         tiny_idx_dir: Path, tmp_path: Path):
     path = tmp_path / "tiny.toml"
     path.write_text(tiny_study_toml(tiny_idx_dir, epochs=3))
-    output = _study(path, tmp_path / "runs")
+    output = _command("study", str(path), "--run-dir", str(tmp_path / "runs"), "--workers", "1")
     lines = output.splitlines()
     table = next(i for i, line in enumerate(lines) if "tiny: run " in line)
     epochs: dict[str, list[int]] = {}
@@ -123,6 +122,31 @@ def test_a_study_off_a_terminal_logs_each_epoch_of_each_stack_before_the_table(
     assert "val_acc " in output and "  acc " in output  # the retrain has no validation
     assert any("wall time" in line for line in lines[table:])
 
-    quiet = _study(path, tmp_path / "runs-quiet", "--quiet")
+    quiet = _command("study", str(path), "--run-dir", str(tmp_path / "runs-quiet"),
+                     "--workers", "1", "--quiet")
     assert not any(EPOCH_LINE.match(line) for line in quiet.splitlines()), quiet
     assert "tiny: run " in quiet and "wall time" in quiet
+
+
+def test_a_search_off_a_terminal_logs_its_trials_epochs_unless_quiet(tiny_idx_dir: Path,
+                                                                     tmp_path: Path):
+    path = tmp_path / "search.toml"
+    path.write_text(tiny_study_toml(
+        tiny_idx_dir, name="tiny-search", epochs=2, final=False,
+        candidates='[[candidates]]\nname = "small"\nlayers = [{ units = 16 }]\n',
+        extra='[search]\nn_trials = 1\npruner = "none"\n\n[search.space]\n'
+              'learning_rate = { low = 1e-3, high = 0.1, log = true }\n'))
+    output = _command("search", str(path), "--run-dir", str(tmp_path / "runs"))
+    lines = output.splitlines()
+    table = next(i for i, line in enumerate(lines) if "top trials of run" in line)
+    logged = [(i, m["label"], int(m["epoch"])) for i, line in enumerate(lines)
+              if (m := EPOCH_LINE.match(line))]
+    assert [(label.split()[0:2], epoch) for _, label, epoch in logged] == [
+        (["trial", "0"], 1), (["trial", "0"], 2), (["retrain", "trial-0"], 1),
+        (["retrain", "trial-0"], 2)], output
+    assert all(i < table for i, _, _ in logged)
+    assert any(line.startswith("trial 0 complete") for line in lines[:table])  # its log line
+    quiet = _command("search", str(path), "--run-dir", str(tmp_path / "runs"), "--fresh",
+                     "--quiet")
+    assert not any(EPOCH_LINE.match(line) for line in quiet.splitlines()), quiet
+    assert "top trials of run" in quiet
