@@ -3,9 +3,10 @@ reporters that show it.
 
 Training calls a `Reporter`: `start` when a stack of models begins (or is queued), `epoch`
 after each stored epoch, `finish` when it ends, `log` for a line of text. A stack is named by
-its label. `Bars` draws rich progress bars; `Silent` shows nothing (library use); a worker
-process reports through a `QueueReporter`, whose calls `forward` replays on the parent's
-reporter; tests record or interrupt through the same protocol.
+its label. `Bars` draws rich progress bars (a terminal, a notebook); `Lines` writes one plain
+line per epoch (a log file, a pipe, CI); `Silent` shows nothing; a worker process reports
+through a `QueueReporter`, whose calls `forward` replays on the parent's reporter; tests
+record or interrupt through the same protocol.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from __future__ import annotations
 import contextlib
 import math
 import queue
-from collections.abc import Iterator, Mapping
+import sys
+from collections.abc import Iterable, Iterator, Mapping
 from types import TracebackType
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
 from rich.console import Console
 from rich.progress import (
@@ -28,10 +30,11 @@ from rich.progress import (
 )
 from rich.progress import Progress as RichProgress
 
+from fashionlab.text import duration, number
 from fashionlab.train import EpochMetrics
 
-__all__ = ["Bars", "QueueReporter", "Reporter", "Silent", "forward", "mean_val_accuracy",
-           "reporting"]
+__all__ = ["Bars", "Lines", "QueueReporter", "Reporter", "Silent", "forward", "interactive",
+           "mean_val_accuracy", "reporting"]
 
 
 class Reporter(Protocol):
@@ -52,10 +55,14 @@ class Reporter(Protocol):
         """A line of text for the person watching."""
 
 
+def _mean(values: Iterable[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
 def mean_val_accuracy(metrics: Mapping[str, EpochMetrics]) -> float:
     """The mean validation accuracy over a stack's models (NaN when none validates)."""
-    values = [m.val_accuracy for m in metrics.values() if math.isfinite(m.val_accuracy)]
-    return sum(values) / len(values) if values else math.nan
+    return _mean(m.val_accuracy for m in metrics.values())
 
 
 class Silent:
@@ -126,6 +133,52 @@ class Bars:
         self._bars.console.print(message, markup=False)
 
 
+class Lines:
+    """One plain line per finished epoch of each stack, the way Keras' `verbose=2` logs, for
+    output that is not a terminal (a file, a pipe, CI); each line is flushed as written:
+
+        small · small L2  (6 models)  epoch 3/40  loss 0.4123  val_loss 0.3987  val_acc 0.8612  1.3 s
+
+    The numbers are means over the stack's models (a diverged model's NaN left out); without
+    validation data (a retrain) `acc` replaces `val_loss` and `val_acc`; the time is the
+    epoch's, for the whole stack. A stack resumed from a checkpoint writes
+    `LABEL  resumed at epoch N/M`."""
+
+    def __init__(self, stream: IO[str] | None = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self._epochs: dict[str, int] = {}
+
+    def start(self, label: str, epochs: int) -> None:
+        self._epochs.setdefault(label, epochs)
+
+    def epoch(self, label: str, epoch: int, metrics: Mapping[str, EpochMetrics]) -> None:
+        total = self._epochs.get(label)
+        of = f"{epoch}/{total}" if total else f"{epoch}"
+        if not metrics:
+            self._write(f"{label}  resumed at epoch {of}")
+            return
+        values = list(metrics.values())
+        parts = [f"{label}  epoch {of}", f"loss {number(_mean(m.loss for m in values), '.4f')}"]
+        val_accuracy = mean_val_accuracy(metrics)
+        if math.isfinite(val_accuracy):
+            parts += [f"val_loss {number(_mean(m.val_loss for m in values), '.4f')}",
+                      f"val_acc {val_accuracy:.4f}"]
+        else:
+            parts.append(f"acc {number(_mean(m.accuracy for m in values), '.4f')}")
+        parts.append(duration(max(m.seconds for m in values)))
+        self._write("  ".join(parts))
+
+    def finish(self, label: str) -> None:
+        self._epochs.pop(label, None)
+
+    def log(self, message: str) -> None:
+        self._write(message)
+
+    def _write(self, line: str) -> None:
+        self.stream.write(line + "\n")
+        self.stream.flush()  # a log read while the run goes on (tail -f, CI) is up to date
+
+
 class QueueReporter:
     """A reporter in a worker process: every call goes on a queue to the parent process,
     where `forward` replays it on the parent's reporter."""
@@ -156,13 +209,22 @@ def forward(events: Any, reporter: Reporter) -> None:
         getattr(reporter, name)(*args)
 
 
+def interactive(console: Console | None = None) -> bool:
+    """Whether progress can be drawn as live bars: stderr is a terminal (not a dumb one) or
+    the process is a Jupyter kernel."""
+    console = console or Console(stderr=True)
+    return console.is_interactive or console.is_jupyter
+
+
 @contextlib.contextmanager
 def reporting(progress: bool | Reporter) -> Iterator[Reporter]:
-    """The reporter a library call uses: bars drawn for its duration (True), none (False), or
-    the caller's own reporter."""
-    if progress is True:
+    """The reporter a library call uses: progress on stderr for its duration (True): bars when
+    they can be drawn (`interactive`), else `Lines`; none (False); or the caller's own."""
+    if progress is True and interactive():
         with Bars() as bars:
             yield bars
+    elif progress is True:
+        yield Lines(sys.stderr)
     elif progress is False:
         yield Silent()
     else:

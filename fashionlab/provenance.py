@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -10,6 +11,13 @@ from functools import cache
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from fashionlab import __version__
 
 _PACKAGES = ("fashionlab", "torch", "numpy", "scipy", "optuna", "matplotlib")
 
@@ -23,20 +31,73 @@ def _version(package: str) -> str | None:
 
 @cache
 def code_revision() -> str | None:
-    """The git commit of the fashionlab source (with '+dirty' for local changes), if any."""
-    source = Path(__file__).resolve().parent.parent
+    """The code this process runs: the git commit of the fashionlab source checkout (with
+    '+dirty' for local changes) when the package is one; else the installed version and the
+    commit it was installed from, if recorded (`installed_revision`); None when neither."""
+    package = Path(__file__).resolve().parent
+    return checkout_revision(package) or installed_revision(_distribution())
+
+
+def checkout_revision(package: Path) -> str | None:
+    """The git commit of the fashionlab checkout holding the package directory `package`
+    (with '+dirty' for local changes to tracked files), or None when it is not in one.
+
+    A checkout is a git work tree whose top directory holds both `package` and the project's
+    own pyproject.toml (name = "fashionlab"). An installed package inside some other git
+    repository (a virtualenv in another project) is not one: that repository's commit says
+    nothing about this code."""
+    root = package.parent
+    if not _is_fashionlab_project(root / "pyproject.toml"):
+        return None
     try:
-        commit = subprocess.run(
-            ["git", "-C", str(source), "rev-parse", "HEAD"],
-            capture_output=True, text=True, timeout=5, check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=5, check=True,
-        ).stdout.strip()
+        top, commit, dirty = (subprocess.run(
+            ["git", "-C", str(root), *command], capture_output=True, text=True, timeout=5,
+            check=True).stdout.strip() for command in (
+                ["rev-parse", "--show-toplevel"], ["rev-parse", "HEAD"],
+                ["status", "--porcelain", "--untracked-files=no"]))
     except (OSError, subprocess.SubprocessError):
         return None
+    if Path(top).resolve() != root.resolve():
+        return None  # the project's files inside another repository (an unpacked sdist)
     return commit + ("+dirty" if dirty else "")
+
+
+def installed_revision(distribution: metadata.Distribution | None) -> str | None:
+    """An installed fashionlab: "fashionlab VERSION", plus " from commit SHA" when pip recorded
+    the commit it was installed from (direct_url.json, PEP 610: `pip install git+https://...`);
+    None without a distribution."""
+    if distribution is None:
+        return None
+    text = f"fashionlab {distribution.version}"
+    try:
+        commit = json.loads(distribution.read_text("direct_url.json") or "{}").get(
+            "vcs_info", {}).get("commit_id")
+    except (ValueError, AttributeError):  # not JSON, or not the JSON PEP 610 describes
+        commit = None
+    return f"{text} from commit {commit}" if isinstance(commit, str) and commit else text
+
+
+def _distribution() -> metadata.Distribution | None:
+    try:
+        return metadata.distribution("fashionlab")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _is_fashionlab_project(pyproject: Path) -> bool:
+    try:
+        project = tomllib.loads(pyproject.read_text()).get("project", {})
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return False
+    return isinstance(project, dict) and project.get("name") == "fashionlab"
+
+
+def version_line() -> str:
+    """What `fashionlab --version` prints: the package's version, the installed metadata's
+    (they differ in a checkout whose installation is out of date) and the code revision."""
+    installed = _version("fashionlab")
+    return (f"fashionlab {__version__} (installed metadata: {installed or 'none'}; "
+            f"revision: {code_revision() or 'unknown'})")
 
 
 def cpu_model() -> str:

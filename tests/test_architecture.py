@@ -169,6 +169,26 @@ def test_imports_inside_functions_say_why():
     assert silent == []
 
 
+# Standard modules that exist on one family of systems only (Unix or Windows).
+PLATFORM_ONLY = {"fcntl", "resource", "termios", "tty", "pty", "pwd", "grp", "posix", "syslog",
+                 "msvcrt", "winreg", "winsound", "_winapi"}
+
+
+def test_nothing_platform_only_is_imported_at_module_level():
+    """The package imports on Linux, macOS and Windows: a Unix- or Windows-only module is
+    imported inside the function that needs it, behind a check of the platform."""
+    found = []
+    for name, path in MODULES.items():
+        for node, in_function in _walk(ast.parse(path.read_text())):
+            if in_function or not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) \
+                else [node.module or ""]
+            found += [f"{name}:{node.lineno} imports {m}" for m in modules
+                      if m.split(".")[0] in PLATFORM_ONLY]
+    assert found == []
+
+
 def test_the_checks_see_what_they_check():
     # Guards against a vacuous pass: the graph is the package's, with known edges in it.
     found = imports()

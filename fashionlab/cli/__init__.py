@@ -7,10 +7,12 @@ import signal
 import sys
 from collections.abc import Iterator
 from types import FrameType
+from typing import Annotated
 
 import typer
 
 from fashionlab.errors import FashionlabError
+from fashionlab.provenance import version_line
 
 app = typer.Typer(
     name="fashionlab",
@@ -20,6 +22,24 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     rich_markup_mode="markdown",  # docstrings reflow as paragraphs; [brackets] stay text
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(version_line())
+        raise typer.Exit
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option(
+        "--version", is_eager=True, callback=_print_version,
+        help="Print the version (the package's, its installed metadata's) and the code "
+        "revision, and exit.")] = False,
+) -> None:
+    # No docstring: the app's help stays the one given to typer.Typer above.
+    pass
+
 
 # SIGTERM (docker stop, systemd, schedulers) and SIGHUP (a closed terminal) stop a command the
 # way Ctrl-C does: the library's cleanup runs (workers stopped, the run left resumable).

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 ModelDir = Annotated[Path, typer.Argument(
     help="A model directory (model.safetensors + model.json), e.g. "
-    "fashionlab-runs/<run id>/models/cnn.", show_default=False)]
+    "fashionlab-runs/RUN_ID/models/cnn.", show_default=False)]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
@@ -40,7 +40,7 @@ def evaluate(
     Prints the accuracy and loss, precision, recall and F1 of each class, and the confusion
     matrix (rows: true class, columns: predicted).
 
-    Example: fashionlab evaluate fashionlab-runs/<run id>/models/cnn --json
+    Example: fashionlab evaluate fashionlab-runs/RUN_ID/models/cnn --json
     """
     # torch: loaded when a command runs, so that `fashionlab --help` stays instant
     from fashionlab.artifacts import load_model
@@ -100,7 +100,7 @@ def predict(
     A file that cannot be read is reported on stderr (error: FILE: problem) while the others
     are still predicted; the exit status is then 1 (2 when the model cannot be loaded).
 
-    Example: fashionlab predict fashionlab-runs/<run id>/models/cnn shirt.jpg boots.png --json
+    Example: fashionlab predict fashionlab-runs/RUN_ID/models/cnn shirt.jpg boots.png --json
     """
     # torch: loaded when a command runs, so that `fashionlab --help` stays instant
     import numpy as np
@@ -172,7 +172,7 @@ def export(
     output `logits` (batch, 10); the class names are in the file's metadata. The file is run
     with onnxruntime and must match PyTorch within 1e-5, or nothing is written.
 
-    Example: fashionlab export fashionlab-runs/<run id>/models/cnn --format onnx --out cnn.onnx
+    Example: fashionlab export fashionlab-runs/RUN_ID/models/cnn --format onnx --out cnn.onnx
     """
     # torch and onnx: loaded when the command runs
     from fashionlab.artifacts import load_model

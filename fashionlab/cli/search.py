@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from fashionlab.cli import app, resumable
-from fashionlab.cli.study import RunDir, StoreUrl, Tensorboard
+from fashionlab.cli.study import Quiet, RunDir, StoreUrl, Tensorboard
 from fashionlab.config import load_study, quick_variant
 from fashionlab.store import DEFAULT_RUN_DIR
 from fashionlab.tables import reference_lines, retrain_line, trial_cells
@@ -37,6 +37,7 @@ def search(
     store: StoreUrl = None,
     tensorboard: Tensorboard = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Search a candidate's configuration with Optuna, each trial scored by cross-validation;
     then retrain the best on all training images, test it and write the table of the top
@@ -62,8 +63,8 @@ def search(
         spec = quick_variant(spec)
     with resumable("finished trials are kept and the interrupted one is retried: run the "
                    "same command again to go on"), \
-            tensorboard_progress(not json_output, tensorboard=tensorboard, run_dir=run_dir,
-                                 store_url=store) as progress:
+            tensorboard_progress(not (json_output or quiet), tensorboard=tensorboard,
+                                 run_dir=run_dir, store_url=store) as progress:
         result = run_search(spec, run_dir=run_dir, store_url=store, n_trials=n_trials,
                             timeout=timeout, device=device, progress=progress,
                             finish=finish, fresh=fresh)

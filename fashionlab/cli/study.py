@@ -24,6 +24,9 @@ StoreUrl = Annotated[str | None, typer.Option(
 Tensorboard = Annotated[bool, typer.Option(
     help="Write TensorBoard event files under the run's directory as epochs finish "
     "(the tensorboard extra); view with: tensorboard --logdir RUN_DIR.")]
+Quiet = Annotated[bool, typer.Option(
+    "--quiet", "-q", help="No progress: only the results and errors. (Progress goes to "
+    "stderr: bars on a terminal, one line per epoch of each stack otherwise.)")]
 
 
 @app.command()
@@ -45,6 +48,7 @@ def study(
     store: StoreUrl = None,
     tensorboard: Tensorboard = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Run a study: cross-validate its candidates, retrain and test the best, train its final
     models; store every epoch and write the table, figures and report.
@@ -73,8 +77,8 @@ def study(
     if seed is not None:
         spec = dataclasses.replace(spec, seed=seed)
     with resumable("the run is kept; run the same command again to resume it"), \
-            tensorboard_progress(not json_output, tensorboard=tensorboard, run_dir=run_dir,
-                                 store_url=store) as progress:
+            tensorboard_progress(not (json_output or quiet), tensorboard=tensorboard,
+                                 run_dir=run_dir, store_url=store) as progress:
         result = run_study(spec, run_dir=run_dir, store_url=store, device=device, fresh=fresh,
                            progress=progress,
                            workers=workers if workers == "auto" else int(workers),

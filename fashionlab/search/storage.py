@@ -8,14 +8,14 @@ same machine notices a dead process at once (fashionlab.search).
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import warnings
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import optuna
 import sqlalchemy as sa
+from filelock import FileLock
 
 from fashionlab.rng import derive_seed
 from fashionlab.store import database_url
@@ -63,7 +63,8 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
 class ClaimLock:
     """One worker at a time may start a trial (or create or finish the search), whichever
     machine it runs on: an advisory lock of the database server, or a lock file beside a
-    SQLite database. Re-entrant release: releasing a free lock does nothing."""
+    SQLite database (the `filelock` library: flock on Unix, msvcrt on Windows). Re-entrant
+    release: releasing a free lock does nothing."""
 
     def __init__(self, url: str, name: str) -> None:
         self.engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
@@ -75,7 +76,7 @@ class ClaimLock:
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._conn: sa.Connection | None = None
-        self._file: IO[str] | None = None
+        self._file: FileLock | None = None
 
     def acquire(self) -> None:
         if self._conn is not None or self._file is not None:
@@ -87,8 +88,10 @@ class ClaimLock:
             conn.execute(sa.text(sql), {"key": self.key, "name": self.name})
             self._conn = conn
         elif self.path is not None:
-            self._file = open(self.path, "a")  # noqa: SIM115 - held until release()
-            fcntl.flock(self._file, fcntl.LOCK_EX)
+            # Not thread-local: whichever thread of this process releases it, it is released.
+            lock = FileLock(self.path, timeout=-1, thread_local=False)
+            lock.acquire()
+            self._file = lock
 
     def release(self) -> None:
         if self._conn is not None:
@@ -98,8 +101,7 @@ class ClaimLock:
             self._conn.close()
             self._conn = None
         if self._file is not None:
-            fcntl.flock(self._file, fcntl.LOCK_UN)
-            self._file.close()
+            self._file.release(force=True)
             self._file = None
 
     def __enter__(self) -> ClaimLock:  # noqa: PYI034 - a final class

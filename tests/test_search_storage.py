@@ -1,0 +1,50 @@
+"""The search's lock beside a SQLite database: one holder at a time, across processes and
+threads, on any OS (the `filelock` library)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from fashionlab.search.storage import ClaimLock
+
+
+def test_the_lock_file_admits_one_holder_at_a_time(tmp_path: Path):
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    first, second = ClaimLock(url, "s"), ClaimLock(url, "s")
+    assert first.path == tmp_path / "store.db.search-lock"
+    first.acquire()
+    first.acquire()  # held already: nothing more
+    waiter = threading.Thread(target=second.acquire)
+    waiter.start()
+    waiter.join(timeout=0.5)
+    assert waiter.is_alive()  # the second waits while the first holds it
+    releaser = threading.Thread(target=first.release)  # any thread may release it
+    releaser.start()
+    releaser.join()
+    waiter.join(timeout=10)
+    assert not waiter.is_alive()
+    second.release()
+    second.release()  # free already: nothing happens
+    with first:
+        pass
+
+
+def test_another_process_waits_for_the_lock(tmp_path: Path):
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    script = ("import sys, time; from fashionlab.search.storage import ClaimLock\n"
+              "lock = ClaimLock(sys.argv[1], 's'); print('ready', flush=True)\n"
+              "start = time.monotonic()\n"
+              "with lock: print(time.monotonic() - start)\n")
+    with ClaimLock(url, "s"):
+        other = subprocess.Popen([sys.executable, "-c", script, url], stdout=subprocess.PIPE,
+                                 text=True)
+        assert other.stdout is not None
+        assert other.stdout.readline() == "ready\n"  # imports done: it asks for the lock now
+        time.sleep(1.0)
+    waited = float(other.communicate(timeout=60)[0])
+    assert other.returncode == 0
+    assert waited > 0.5  # it could not take the lock until it was released here
