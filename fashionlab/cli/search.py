@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from fashionlab.cli import app, resumable
-from fashionlab.cli.study import RunDir, StoreUrl
+from fashionlab.cli.study import MlflowUri, RunDir, StoreUrl
 from fashionlab.config import load_study, quick_variant
 from fashionlab.store import DEFAULT_RUN_DIR
 from fashionlab.tables import reference_lines, retrain_line, trial_cells
@@ -36,6 +36,7 @@ def search(
     run_dir: RunDir = DEFAULT_RUN_DIR,
     store: StoreUrl = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+    mlflow: MlflowUri = None,
 ) -> None:
     """Search a candidate's configuration with Optuna, each trial scored by cross-validation;
     then retrain the best on all training images, test it and write the table of the top
@@ -47,11 +48,14 @@ def search(
     Example: fashionlab search                       (the bundled dense search)
 
     Example: fashionlab search my-study.toml --n-trials 40 --store postgresql://me@db/fl
+
+    Example: fashionlab search --mlflow sqlite:///mlflow.db
     """
     import json
 
     import optuna
 
+    from fashionlab.integrations.mlflow import logging_to_mlflow  # optional MLflow, torch
     from fashionlab.search import run_search  # torch and Optuna: when the command runs
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the search shows its own progress
@@ -59,9 +63,11 @@ def search(
     if quick:
         spec = quick_variant(spec)
     with resumable("finished trials are kept and the interrupted one is retried: run the "
-                   "same command again to go on"):
+                   "same command again to go on"), \
+            logging_to_mlflow(mlflow, spec, kind="search", run_dir=run_dir, store_url=store,
+                              progress=not json_output) as progress:
         result = run_search(spec, run_dir=run_dir, store_url=store, n_trials=n_trials,
-                            timeout=timeout, device=device, progress=not json_output,
+                            timeout=timeout, device=device, progress=progress,
                             finish=finish, fresh=fresh)
     if json_output:
         typer.echo(json.dumps({"run_id": result.run.id, "study_name": result.study_name,

@@ -21,6 +21,10 @@ RunDir = Annotated[Path, typer.Option("--run-dir", help="Where runs, the store a
 StoreUrl = Annotated[str | None, typer.Option(
     "--store", help="Database URL of the store (default: SQLite file in the run directory; "
     "env FASHIONLAB_STORE).")]
+MlflowUri = Annotated[str | None, typer.Option(
+    "--mlflow", envvar="FASHIONLAB_MLFLOW", show_default=False,
+    help="Log every epoch live to this MLflow tracking URI, then the results and files "
+    "(needs `pip install 'fashionlab[mlflow]'`).")]
 
 
 @app.command()
@@ -41,6 +45,7 @@ def study(
     run_dir: RunDir = DEFAULT_RUN_DIR,
     store: StoreUrl = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+    mlflow: MlflowUri = None,
 ) -> None:
     """Run a study: cross-validate its candidates, retrain and test the best, train its final
     models; store every epoch and write the table, figures and report.
@@ -52,10 +57,13 @@ def study(
     Example: fashionlab study my-study.toml --quick
 
     Example: fashionlab study seed --workers 1   (everything in this one process)
+
+    Example: fashionlab study seed --mlflow sqlite:///mlflow.db
     """
     import dataclasses
     import json
 
+    from fashionlab.integrations.mlflow import logging_to_mlflow  # optional MLflow, torch
     from fashionlab.results import summary, table_rows  # torch: only once a study runs
     from fashionlab.study import run_study  # (torch too)
 
@@ -66,9 +74,11 @@ def study(
         spec = quick_variant(spec)
     if seed is not None:
         spec = dataclasses.replace(spec, seed=seed)
-    with resumable("the run is kept; run the same command again to resume it"):
+    with resumable("the run is kept; run the same command again to resume it"), \
+            logging_to_mlflow(mlflow, spec, run_dir=run_dir, store_url=store,
+                              progress=not json_output) as progress:
         result = run_study(spec, run_dir=run_dir, store_url=store, device=device, fresh=fresh,
-                           progress=not json_output,
+                           progress=progress,
                            workers=workers if workers == "auto" else int(workers),
                            threads=threads)
     if json_output:
