@@ -12,6 +12,7 @@ import pytest
 
 pytest.importorskip("mlflow")
 
+from conftest import write_tiny_idx
 from helpers import OnEpoch, Recorder, run_cli, tiny_study_toml
 from mlflow import MlflowClient
 
@@ -32,9 +33,21 @@ from fashionlab.study import run_study
 
 @pytest.fixture
 def tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A SQLite tracking URI in the test's folder (artifacts go to ./mlruns there)."""
+    """A SQLite tracking URI in the test's folder (artifacts go to ./mlruns there); MLflow's
+    usage telemetry off, as on any machine without the internet."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A finished tiny study, shared by the export tests: (run directory, run id)."""
+    root = tmp_path_factory.mktemp("finished")
+    path = root / "tiny.toml"
+    path.write_text(tiny_study_toml(write_tiny_idx(root / "tiny-idx"), epochs=3, folds=2))
+    result = run_study(load_study(path), run_dir=root / "runs", progress=False)
+    return root / "runs", result.run.id
 
 
 def _study(tiny_idx_dir: Path, tmp_path: Path, **options) -> Path:
@@ -70,30 +83,29 @@ def _check_models_match_the_store(client: MlflowClient, store: Store, run_id: st
 
 
 def test_a_study_exported_has_its_parent_candidates_and_models(
-        tiny_idx_dir: Path, tmp_path: Path, tracking: str):
-    spec = load_study(_study(tiny_idx_dir, tmp_path))
-    result = run_study(spec, run_dir=tmp_path / "runs", progress=False)
-    store = Store.open(tmp_path / "runs")
+        finished: tuple[Path, str], tracking: str):
+    store = Store.open(finished[0])
+    run = store.run(finished[1])
 
-    parent_id = export_run_to_mlflow(store, result.run.id, tracking)
+    parent_id = export_run_to_mlflow(store, run.id, tracking)
 
     client = MlflowClient(tracking_uri=tracking)
-    runs = _runs(client, result.run.id)
+    runs = _runs(client, run.id)
     parent = runs["run"]
     assert parent.info.run_id == parent_id and parent.info.status == "FINISHED"
     assert PARENT not in parent.data.tags
     tags = parent.data.tags
-    assert tags["fashionlab.seed"] == str(spec.seed)
-    assert tags["fashionlab.fingerprint"] == result.run.fingerprint
-    assert tags["mlflow.source.git.commit"] == result.run.environment["revision"]
-    assert client.get_experiment(parent.info.experiment_id).name == spec.name
+    assert tags["fashionlab.seed"] == str(run.seed) == "3"
+    assert tags["fashionlab.fingerprint"] == run.fingerprint
+    assert tags["mlflow.source.git.commit"] == run.environment["revision"]
+    assert client.get_experiment(parent.info.experiment_id).name == run.name
     assert parent.data.params["cv.n_splits"] == "2"
     # A candidate: its config, mean curves, summary metrics and verdict.
     candidate = runs["candidate:small"]
     assert candidate.data.tags[PARENT] == parent_id
     assert candidate.data.params["model.layers.0.units"] == "16"
     assert candidate.data.params["train.epochs"] == "3"
-    summary = next(c for c in result.run.summary["candidates"] if c["name"] == "small")
+    summary = next(c for c in run.summary["candidates"] if c["name"] == "small")
     curve = client.get_metric_history(candidate.info.run_id, "val_accuracy")
     assert [m.value for m in sorted(curve, key=lambda m: m.step)] == pytest.approx(
         summary["mean_curves"]["val_accuracy"])
@@ -106,38 +118,37 @@ def test_a_study_exported_has_its_parent_candidates_and_models(
     fold = runs["model:small/fold-1"]
     assert fold.data.tags[PARENT] == candidate.info.run_id
     assert fold.data.params["fold"] == "1" and fold.info.status == "FINISHED"
-    best = result.best
+    best = run.summary["best"]
     retrain = runs[f"model:{best}/retrain"]
     assert retrain.data.tags[PARENT] == runs[f"candidate:{best}"].info.run_id
     assert retrain.data.metrics["test_accuracy"] == pytest.approx(
-        result.run.summary["retrain"]["test_accuracy"])
+        run.summary["retrain"]["test_accuracy"])
     assert runs["model:cnn/final"].data.tags[PARENT] == runs["candidate:cnn"].info.run_id
-    _check_models_match_the_store(client, store, result.run.id)
+    _check_models_match_the_store(client, store, run.id)
     # The files: report, results, figures, model directories.
     artifacts = {a.path for a in client.list_artifacts(parent_id)}
     assert {"report.html", "results.md", "results.csv", "results.json", "figures",
             "models"} <= artifacts
     models = {a.path for a in client.list_artifacts(parent_id, "models")}
-    assert f"models/{Path(result.run.summary['retrain']['model_dir']).name}" in models
+    assert f"models/{Path(run.summary['retrain']['model_dir']).name}" in models
     assert "models/cnn" in models
     store.close()
 
 
-def test_exporting_twice_leaves_one_copy(tiny_idx_dir: Path, tmp_path: Path, tracking: str):
-    spec = load_study(_study(tiny_idx_dir, tmp_path, final=False))
-    result = run_study(spec, run_dir=tmp_path / "runs", progress=False)
-    store = Store.open(tmp_path / "runs")
+def test_exporting_twice_leaves_one_copy(finished: tuple[Path, str], tracking: str):
+    store = Store.open(finished[0])
+    run_id = finished[1]
     client = MlflowClient(tracking_uri=tracking)
 
-    first = export_run_to_mlflow(store, result.run.id, tracking)
-    before = {part: run.info.run_id for part, run in _runs(client, result.run.id).items()}
-    second = export_run_to_mlflow(store, result.run.id, tracking)
+    first = export_run_to_mlflow(store, run_id, tracking)
+    before = {part: run.info.run_id for part, run in _runs(client, run_id).items()}
+    second = export_run_to_mlflow(store, run_id, tracking)
 
     assert first == second
-    assert {part: run.info.run_id for part, run in _runs(client, result.run.id).items()} \
-        == before
-    _check_models_match_the_store(client, store, result.run.id)
-    candidate = _runs(client, result.run.id)["candidate:small"].info.run_id
+    assert {part: run.info.run_id for part, run in _runs(client, run_id).items()} == before
+    assert len([part for part in before if part == "run"]) == 1
+    _check_models_match_the_store(client, store, run_id)
+    candidate = _runs(client, run_id)["candidate:small"].info.run_id
     assert len(client.get_metric_history(candidate, "val_accuracy")) == 3
     store.close()
 
@@ -240,8 +251,7 @@ def test_the_command_line_exports_and_logs_live(tiny_idx_dir: Path, tmp_path: Pa
 
 
 def test_an_mlflow_failure_does_not_stop_training(tiny_idx_dir: Path, tmp_path: Path,
-                                                  monkeypatch):
-    monkeypatch.chdir(tmp_path)
+                                                  tracking: str):
     spec = load_study(_study(tiny_idx_dir, tmp_path, final=False))
     recorder = Recorder()
     with logging_to_mlflow("nosuchscheme://nowhere", spec, run_dir=tmp_path / "runs",
