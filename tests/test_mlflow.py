@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("mlflow")
 
 from conftest import write_tiny_idx
-from helpers import OnEpoch, Recorder, run_cli, tiny_study_toml
+from helpers import OnEpoch, Recorder, assert_one_line_error, run_cli, tiny_study_toml
 from mlflow import MlflowClient
 
 from fashionlab.config import load_study
@@ -273,3 +273,18 @@ def test_flatten_and_tee():
     tee.log("hi")
     assert one.calls == two.calls == [("start", "s", 3), ("epoch", "s", 1, []),
                                       ("finish", "s"), ("log", "hi")]
+
+
+def test_without_mlflow_installed_the_error_is_one_line(tiny_idx_dir: Path, tmp_path: Path,
+                                                        monkeypatch, capsys):
+    import fashionlab.integrations.mlflow as integration  # to stand in for a missing MLflow
+
+    monkeypatch.setattr(integration, "MlflowClient", None)
+    store = Store.open(tmp_path / "runs")
+    with pytest.raises(integration.MlflowError, match=r"pip install 'fashionlab\[mlflow\]'"):
+        export_run_to_mlflow(store, "any", "sqlite:///x.db")
+    store.close()
+    code, _, err = run_cli(capsys, "study", str(_study(tiny_idx_dir, tmp_path)), "--mlflow",
+                           "sqlite:///x.db", "--run-dir", str(tmp_path / "runs"))
+    assert_one_line_error(code, err, "MLflow is not installed")
+    assert not Store.open(tmp_path / "runs").runs()  # it stopped before training
