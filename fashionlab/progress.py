@@ -229,3 +229,27 @@ def reporting(progress: bool | Reporter) -> Iterator[Reporter]:
         yield Silent()
     else:
         yield progress
+
+
+class Tee:
+    """Every call on each of several reporters, in the order given: bars on the screen and a
+    live log elsewhere (`fashionlab.integrations.mlflow`) from one run."""
+
+    def __init__(self, *reporters: Reporter) -> None:
+        self.reporters = reporters
+
+    def start(self, label: str, epochs: int) -> None:
+        for reporter in self.reporters:
+            reporter.start(label, epochs)
+
+    def epoch(self, label: str, epoch: int, metrics: Mapping[str, EpochMetrics]) -> None:
+        for reporter in self.reporters:
+            reporter.epoch(label, epoch, metrics)
+
+    def finish(self, label: str) -> None:
+        for reporter in self.reporters:
+            reporter.finish(label)
+
+    def log(self, message: str) -> None:
+        for reporter in self.reporters:
+            reporter.log(message)

@@ -40,6 +40,10 @@ class ExportFormat(str, Enum):
     json = "json"
 
 
+class Destination(str, Enum):
+    mlflow = "mlflow"
+
+
 @contextmanager
 def _store(run_dir: Path, url: str | None) -> Iterator[Store]:
     store = Store.open(run_dir, url)
@@ -192,18 +196,33 @@ def export(
     out: Annotated[Path | None, typer.Option(
         "--out", help="Write to this file instead of standard output.", show_default=False)
     ] = None,
+    to: Annotated[tuple[Destination, str] | None, typer.Option(
+        "--to", metavar="mlflow URI", show_default=False,
+        help="Send the run to an MLflow tracking URI instead: a parent run, nested runs per "
+        "candidate (or trial) and model, metrics, files. Again later: brings it up to date.")
+    ] = None,
     run_dir: RunDir = DEFAULT_RUN_DIR,
     store: StoreUrl = None,
 ) -> None:
-    """Export every stored epoch of a run as CSV or JSON.
+    """Export every stored epoch of a run as CSV or JSON, or send the run to MLflow.
 
     One row per epoch: run, key, candidate, role, repeat, fold, epoch, loss, accuracy,
     val_loss, val_accuracy, seconds.
 
     Example: fashionlab runs export 20250101-120000-seed --format csv --out epochs.csv
+
+    Example: fashionlab runs export 20250101-120000-seed --to mlflow sqlite:///mlflow.db
     """
     from fashionlab.runs import export_run  # numpy and scipy: when the command runs
 
+    if to is not None:
+        from fashionlab.integrations.mlflow import export_run_to_mlflow  # optional MLflow
+
+        with _store(run_dir, store) as opened:
+            record = opened.run(run)
+            parent = export_run_to_mlflow(opened, record.id, to[1])
+        typer.echo(f"sent run {record.id} to mlflow {to[1]} (parent run {parent})")
+        return
     with _store(run_dir, store) as opened:
         text = export_run(opened, run, format.value)
     if out is None:

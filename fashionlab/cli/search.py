@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from fashionlab.cli import app, resumable
-from fashionlab.cli.study import Quiet, RunDir, StoreUrl, Tensorboard
+from fashionlab.cli.study import MlflowUri, Quiet, RunDir, StoreUrl, Tensorboard
 from fashionlab.config import load_study, quick_variant
 from fashionlab.store import DEFAULT_RUN_DIR
 from fashionlab.tables import reference_lines, retrain_line, trial_cells
@@ -38,6 +38,7 @@ def search(
     tensorboard: Tensorboard = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
     quiet: Quiet = False,
+    mlflow: MlflowUri = None,
 ) -> None:
     """Search a candidate's configuration with Optuna, each trial scored by cross-validation;
     then retrain the best on all training images, test it and write the table of the top
@@ -49,12 +50,16 @@ def search(
     Example: fashionlab search                       (the bundled dense search)
 
     Example: fashionlab search my-study.toml --n-trials 40 --store postgresql://me@db/fl
+
+    Example: fashionlab search --mlflow sqlite:///mlflow.db
     """
     import json
 
     import optuna
 
-    from fashionlab.integrations.tensorboard import tensorboard_progress  # (torch too)
+    # torch (and the optional MLflow): only once a search runs
+    from fashionlab.integrations.mlflow import logging_to_mlflow
+    from fashionlab.integrations.tensorboard import tensorboard_progress
     from fashionlab.search import run_search  # torch and Optuna: when the command runs
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the search shows its own progress
@@ -64,7 +69,9 @@ def search(
     with resumable("finished trials are kept and the interrupted one is retried: run the "
                    "same command again to go on"), \
             tensorboard_progress(not (json_output or quiet), tensorboard=tensorboard,
-                                 run_dir=run_dir, store_url=store) as progress:
+                                 run_dir=run_dir, store_url=store) as shown, \
+            logging_to_mlflow(mlflow, spec, kind="search", run_dir=run_dir, store_url=store,
+                              progress=shown) as progress:
         result = run_search(spec, run_dir=run_dir, store_url=store, n_trials=n_trials,
                             timeout=timeout, device=device, progress=progress,
                             finish=finish, fresh=fresh)

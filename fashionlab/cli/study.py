@@ -27,6 +27,10 @@ Tensorboard = Annotated[bool, typer.Option(
 Quiet = Annotated[bool, typer.Option(
     "--quiet", "-q", help="No progress: only the results and errors. (Progress goes to "
     "stderr: bars on a terminal, one line per epoch of each stack otherwise.)")]
+MlflowUri = Annotated[str | None, typer.Option(
+    "--mlflow", envvar="FASHIONLAB_MLFLOW", show_default=False,
+    help="Log every epoch live to this MLflow tracking URI, then the results and files "
+    "(needs `pip install 'fashionlab[mlflow]'`).")]
 
 
 @app.command()
@@ -49,6 +53,7 @@ def study(
     tensorboard: Tensorboard = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
     quiet: Quiet = False,
+    mlflow: MlflowUri = None,
 ) -> None:
     """Run a study: cross-validate its candidates, retrain and test the best, train its final
     models; store every epoch and write the table, figures and report.
@@ -60,11 +65,14 @@ def study(
     Example: fashionlab study my-study.toml --quick
 
     Example: fashionlab study seed --workers 1   (everything in this one process)
+
+    Example: fashionlab study seed --mlflow sqlite:///mlflow.db
     """
     import dataclasses
     import json
 
-    # torch: only once a study runs
+    # torch (and the optional MLflow): only once a study runs
+    from fashionlab.integrations.mlflow import logging_to_mlflow
     from fashionlab.integrations.tensorboard import tensorboard_progress
     from fashionlab.results import summary, table_rows
     from fashionlab.study import run_study  # (torch too)
@@ -78,7 +86,9 @@ def study(
         spec = dataclasses.replace(spec, seed=seed)
     with resumable("the run is kept; run the same command again to resume it"), \
             tensorboard_progress(not (json_output or quiet), tensorboard=tensorboard,
-                                 run_dir=run_dir, store_url=store) as progress:
+                                 run_dir=run_dir, store_url=store) as shown, \
+            logging_to_mlflow(mlflow, spec, run_dir=run_dir, store_url=store,
+                              progress=shown) as progress:
         result = run_study(spec, run_dir=run_dir, store_url=store, device=device, fresh=fresh,
                            progress=progress,
                            workers=workers if workers == "auto" else int(workers),

@@ -1,1 +1,3 @@
-"""Connections to other tools: TensorBoard event files of a run (`tensorboard`)."""
+"""Integrations: fashionlab runs seen in other tools (MLflow, TensorBoard). Each lives in its
+own module, imported only when used (`pip install 'fashionlab[mlflow]'` or
+`'fashionlab[tensorboard]'`), so that importing this package pulls in none of them."""

@@ -1,0 +1,495 @@
+"""MLflow: a fashionlab run sent to any MLflow tracking URI, after the fact or live.
+
+Layout in the experiment named after the study: one parent MLflow run per fashionlab run (a
+study or a search), tagged `fashionlab.run_id`; under it one nested run per candidate (a
+search: per trial), and under that one per model (a fold, the retrained model, a final model)
+with its stored epochs as metrics, step = epoch. Every MLflow run says which part of the
+fashionlab run it holds (tag `fashionlab.part`).
+
+The store is the truth. An export finds the MLflow runs it made before by those tags and logs
+only the metric steps MLflow does not have yet: exporting again, or logging live through a
+study that is killed and resumed, never duplicates a run or a value.
+
+    export_run_to_mlflow(store, run_id, "sqlite:///mlflow.db")   # after the fact
+
+    with logging_to_mlflow("sqlite:///mlflow.db", spec) as progress:   # while it trains
+        run_study(spec, progress=progress)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import optuna
+from optuna.trial import FrozenTrial
+
+try:  # an optional extra: `pip install 'fashionlab[mlflow]'`; checked where it is used
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.exceptions import MlflowException
+except ImportError:
+    MlflowClient = None  # type: ignore[assignment,misc]
+
+    class MlflowException(Exception):  # type: ignore[no-redef]
+        """Stands for MLflow's own, which nothing raises without MLflow."""
+
+from fashionlab.config import StudySpec
+from fashionlab.errors import FashionlabError
+from fashionlab.progress import Reporter, Tee, reporting
+from fashionlab.search import search_identity
+from fashionlab.search.storage import open_storage, study_name
+from fashionlab.store import DEFAULT_RUN_DIR, METRICS, ModelRecord, RunRecord, Store
+from fashionlab.text import first_line
+from fashionlab.train import EpochMetrics
+
+__all__ = ["MlflowError", "MlflowExport", "MlflowReporter", "export_run_to_mlflow",
+           "logging_to_mlflow", "require_mlflow"]
+
+TAG_RUN = "fashionlab.run_id"  # on every MLflow run of a fashionlab run
+TAG_PART = "fashionlab.part"  # "run", "candidate:<name>" or "model:<key>"
+PARENT = "mlflow.parentRunId"
+MAX_PARAM = 6000  # characters of a parameter value (MLflow's limit)
+MAX_METRICS, MAX_TAGS = 1000, 100  # per log_batch call (MLflow's limits)
+
+RUN_STATUS = {"running": "RUNNING", "finished": "FINISHED", "failed": "FAILED",
+              "interrupted": "KILLED"}
+MODEL_STATUS = {"pending": "SCHEDULED", "running": "RUNNING", "finished": "FINISHED",
+                "stopped": "FINISHED", "failed": "FAILED"}
+TRIAL_STATUS = {"waiting": "SCHEDULED", "running": "RUNNING", "complete": "FINISHED",
+                "pruned": "FINISHED", "fail": "FAILED"}
+ENDED = {"FINISHED", "FAILED", "KILLED"}
+
+
+class MlflowError(FashionlabError):
+    """MLflow is not installed, or its tracking server or store refused or was unreachable."""
+
+
+def require_mlflow() -> None:
+    """MlflowError unless MLflow is installed."""
+    if MlflowClient is None:
+        raise MlflowError("MLflow is not installed: pip install 'fashionlab[mlflow]'")
+
+
+def export_run_to_mlflow(store: Store, run_id: str, tracking_uri: str, *,
+                         experiment: str | None = None, artifacts: bool = True) -> str:
+    """Send a stored run to MLflow, or bring what was sent before up to date; returns the
+    parent MLflow run's id.
+
+    `experiment`: the MLflow experiment (default: the study's name; created when missing).
+    `artifacts`: also upload the run's files (report.html, results.*, figures/, models/).
+    MlflowError (one line) when MLflow refuses or is not installed."""
+    require_mlflow()
+    try:
+        return MlflowExport(store, run_id, tracking_uri, experiment=experiment).sync(
+            artifacts=artifacts)
+    except MlflowException as error:
+        raise MlflowError(f"mlflow {tracking_uri}: {first_line(error)}") from None
+
+
+class MlflowExport:
+    """One fashionlab run as sent to one tracking URI by this process: the MLflow run ids of its
+    parts and the metric steps each holds, read from MLflow once, so that each `sync` logs
+    only what is new."""
+
+    def __init__(self, store: Store, run_id: str, tracking_uri: str, *,
+                 experiment: str | None = None) -> None:
+        self.store = store
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.record = store.run(run_id)
+        self.experiment_id = self._experiment(experiment or self.record.name)
+        self.ids: dict[str, str] = {}  # part -> MLflow run id
+        self.params: dict[str, set[str]] = {}  # MLflow run id -> parameter names logged
+        self.status: dict[str, str] = {}  # MLflow run id -> its status
+        self.steps: dict[tuple[str, str], set[int]] = {}  # (MLflow run id, metric) -> steps
+        self.created: set[str] = set()  # MLflow runs this object created: no history to read
+        self.models: dict[str, ModelRecord] = {}
+        self._find_existing()
+
+    # ---- whole run -------------------------------------------------------------------------
+
+    def sync(self, *, artifacts: bool = True) -> str:
+        """Everything the store holds of the run; returns the parent MLflow run's id."""
+        record = self.record = self.store.run(self.record.id)
+        parent = self.parent()
+        self.sync_models(m.key for m in self.store.models(record.id))
+        summary = record.summary or {}
+        if record.kind == "search":
+            for candidate, trial in self._trials().items():
+                self._log_trial(self.group(candidate), trial)
+        else:
+            rows = {row["model"]: row for row in summary.get("table") or []}
+            for c in [*(summary.get("candidates") or []), *(summary.get("final") or [])]:
+                self._log_candidate(self.group(c["name"]), c, rows.get(c["name"]))
+        self._log(parent, _run_metrics(record))
+        if artifacts and record.output_dir and Path(record.output_dir).is_dir():
+            self._upload(parent, Path(record.output_dir))
+        self._set_status(parent, RUN_STATUS.get(record.state, "RUNNING"),
+                         record.finished if record.state != "running" else None)
+        return parent
+
+    def sync_models(self, keys: Iterable[str]) -> None:
+        """These models' stored epochs, parameters and outcome (a key the store does not have
+        is skipped)."""
+        keys = list(keys)
+        if keys:
+            self.models = {m.key: m for m in self.store.models(self.record.id)}
+        for key in keys:
+            if key in self.models:
+                self._sync_model(self.models[key])
+
+    def _sync_model(self, model: ModelRecord) -> None:
+        key = model.key
+        run_id = self.model(model)
+        values = [(metric, e.epoch, getattr(e, metric))
+                  for e in self.store.epochs(self.record.id, key) for metric in METRICS]
+        values += [("test_loss", 0, model.test_loss), ("test_accuracy", 0, model.test_accuracy)]
+        self._log(run_id, values, params={
+            "key": model.key, "role": model.role, "repeat": model.repeat, "fold": model.fold,
+            "seed": model.seed, "epochs_planned": model.epochs_planned,
+            "n_train": model.n_train, "n_val": model.n_val},
+            tags={"fashionlab.status": model.status, "fashionlab.role": model.role,
+                  **({"fashionlab.message": model.message} if model.message else {})})
+        status = MODEL_STATUS.get(model.status, "RUNNING")
+        if status in ("RUNNING", "SCHEDULED") and self.record.state != "running":
+            status = "KILLED"  # the run stopped while this model trained
+        self._set_status(run_id, status, None)
+
+    # ---- the MLflow runs ---------------------------------------------------------------------
+
+    def parent(self) -> str:
+        """The parent MLflow run (made when missing), its tags and parameters up to date."""
+        r = self.record
+        config = {k: v for k, v in r.config.items()
+                  if r.kind == "search" or k not in ("candidates", "final")}  # those: nested
+        run_id = self._ensure("run", r.id, None, start=r.started)
+        environment = r.environment
+        revision = environment.get("revision")
+        machine = environment.get("machine") or {}
+        versions = environment.get("versions") or {}
+        self._log(run_id, [], params=flatten(config), tags={
+            "fashionlab.kind": r.kind, "fashionlab.study": r.name, "fashionlab.seed": r.seed,
+            "fashionlab.fingerprint": r.fingerprint, "fashionlab.status": r.state,
+            **({"fashionlab.revision": revision, "mlflow.source.git.commit": revision}
+               if revision else {}),
+            **{f"fashionlab.machine.{k}": v for k, v in machine.items() if v is not None},
+            **{f"fashionlab.version.{k}": v for k, v in versions.items() if v is not None},
+            **({"fashionlab.output_dir": r.output_dir} if r.output_dir else {})})
+        return run_id
+
+    def group(self, candidate: str) -> str:
+        """The nested run of a candidate (a search: of a trial), under the parent."""
+        part = f"candidate:{candidate}"
+        if part in self.ids:
+            return self.ids[part]
+        run_id = self._ensure(part, candidate, self.parent())
+        config = next((c for c in [*self.record.config.get("candidates", []),
+                                   *self.record.config.get("final", [])]
+                       if c.get("name") == candidate), None)
+        if self.record.kind == "study" and config is not None:
+            self._log(run_id, [], params=flatten({k: v for k, v in config.items()
+                                                  if k != "name"}))
+        return run_id
+
+    def model(self, model: ModelRecord) -> str:
+        """The nested run of one model, under its candidate's."""
+        return self._ensure(f"model:{model.key}", model.key, self.group(model.candidate))
+
+    # ---- what a run holds ----------------------------------------------------------------------
+
+    def _log_candidate(self, run_id: str, c: Mapping[str, Any],
+                       row: Mapping[str, Any] | None) -> None:
+        values = [(metric, epoch, value)
+                  for metric, curve in (c.get("mean_curves") or {}).items()
+                  for epoch, value in enumerate(curve, start=1)]
+        tags = {"fashionlab.role": c.get("role")}
+        if row is not None:
+            values += [(name, 0, row.get(name)) for name in (
+                "val_accuracy_mean", "val_accuracy_std", "val_loss_mean", "test_accuracy")]
+            values += [("val_accuracy_ci_low", 0, row.get("ci_low")),
+                       ("val_accuracy_ci_high", 0, row.get("ci_high"))]
+            tags.update({"fashionlab.verdict": row.get("vs_best") or "",
+                         "fashionlab.epoch": row.get("epoch")})
+            if row.get("note"):
+                tags["fashionlab.note"] = row["note"]
+        values += [("warning_epoch", 0, c.get("warning_epoch")),
+                   ("best_epoch", 0, c.get("best_epoch"))]
+        self._log(run_id, values, tags=tags)
+        self._set_status(run_id, "FAILED" if c.get("failures") else "FINISHED", None)
+
+    def _trials(self) -> dict[str, FrozenTrial]:
+        """A search's Optuna trials by the candidate name of their models (a retried trial
+        shares its models with the trial it retries: the later one counts)."""
+        r = self.record
+        storage = open_storage(self.store.url)
+        try:
+            study = optuna.load_study(study_name=study_name(r.name, r.fingerprint),
+                                      storage=storage)
+            trials = study.get_trials(deepcopy=False)
+        except KeyError:  # no Optuna study (deleted): the models alone are exported
+            return {}
+        finally:
+            storage.engine.dispose()
+        return {str(t.user_attrs.get("models") or f"trial-{t.number}"): t for t in trials}
+
+    def _log_trial(self, run_id: str, trial: FrozenTrial) -> None:
+        state = trial.state.name.lower()
+        values = [("intermediate_value", step, value)
+                  for step, value in trial.intermediate_values.items()]
+        values.append(("value", 0, trial.value))
+        self._log(run_id, values, params=trial.params, tags={
+            "fashionlab.trial": trial.number, "fashionlab.state": state,
+            **({"fashionlab.base": trial.user_attrs["base"]} if "base" in trial.user_attrs
+               else {})})
+        status = TRIAL_STATUS.get(state, "RUNNING")
+        if status in ("RUNNING", "SCHEDULED") and self.record.state != "running":
+            status = "KILLED"
+        end = trial.datetime_complete.timestamp() if trial.datetime_complete else None
+        self._set_status(run_id, status, end)
+
+    def _upload(self, run_id: str, out: Path) -> None:
+        for path in sorted(out.iterdir()):
+            if path.is_file() and (path.name.startswith("results.")
+                                   or path.name in ("report.html", "study.toml")):
+                self.client.log_artifact(run_id, str(path))
+        if (out / "figures").is_dir():
+            self.client.log_artifacts(run_id, str(out / "figures"), "figures")
+        if (out / "models").is_dir():
+            for model_dir in sorted(p for p in (out / "models").iterdir() if p.is_dir()):
+                self.client.log_artifacts(run_id, str(model_dir), f"models/{model_dir.name}")
+
+    # ---- MLflow calls --------------------------------------------------------------------------
+
+    def _experiment(self, name: str) -> str:
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is None:
+            return self.client.create_experiment(name)
+        if experiment.lifecycle_stage == "deleted":
+            self.client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+
+    def _find_existing(self) -> None:
+        """The MLflow runs an earlier export or process made of this run (the oldest of each
+        part, should two processes have raced to make one)."""
+        token = None
+        while True:
+            page = self.client.search_runs(
+                [self.experiment_id], filter_string=f"tags.`{TAG_RUN}` = '{self.record.id}'",
+                max_results=1000, order_by=["attributes.start_time ASC"], page_token=token)
+            for run in page:
+                part = run.data.tags.get(TAG_PART)
+                if part is not None and part not in self.ids:
+                    self.ids[part] = run.info.run_id
+                    self.params[run.info.run_id] = set(run.data.params)
+                    self.status[run.info.run_id] = run.info.status
+            token = page.token
+            if not token:
+                return
+
+    def _ensure(self, part: str, name: str, parent: str | None, *,
+                start: float | None = None) -> str:
+        if part in self.ids:
+            return self.ids[part]
+        tags = {TAG_RUN: self.record.id, TAG_PART: part, **({PARENT: parent} if parent else {})}
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags,
+                                     start_time=int((start or time.time()) * 1000))
+        run_id = self.ids[part] = run.info.run_id
+        self.params[run_id] = set()
+        self.status[run_id] = run.info.status
+        self.created.add(run_id)
+        return run_id
+
+    def _steps(self, run_id: str, metric: str) -> set[int]:
+        steps = self.steps.get((run_id, metric))
+        if steps is None:
+            steps = set() if run_id in self.created else {
+                m.step for m in self.client.get_metric_history(run_id, metric)}
+            self.steps[(run_id, metric)] = steps
+        return steps
+
+    def _log(self, run_id: str, values: Iterable[tuple[str, int, Any]], *,
+             params: Mapping[str, Any] | None = None,
+             tags: Mapping[str, Any] | None = None) -> None:
+        """Log the metric steps MLflow does not have (NaN and None are left out), the
+        parameters not logged yet (MLflow's are immutable) and the tags."""
+        now = int(time.time() * 1000)
+        metrics, seen = [], set()
+        for metric, step, value in values:
+            if value is None or not math.isfinite(float(value)) or (metric, step) in seen \
+                    or step in self._steps(run_id, metric):
+                continue
+            seen.add((metric, step))
+            metrics.append(Metric(metric, float(value), now, int(step)))
+        known = self.params[run_id]
+        new_params = [Param(k, _text(v)) for k, v in (params or {}).items() if k not in known]
+        run_tags = [RunTag(k, _text(v)) for k, v in (tags or {}).items() if v is not None]
+        for i in range(0, len(metrics), MAX_METRICS):
+            self.client.log_batch(run_id, metrics=metrics[i:i + MAX_METRICS])
+        entries: list[Param | RunTag] = [*new_params, *run_tags]
+        for i in range(0, len(entries), MAX_TAGS):
+            batch = entries[i:i + MAX_TAGS]
+            self.client.log_batch(run_id, params=[e for e in batch if isinstance(e, Param)],
+                                  tags=[e for e in batch if isinstance(e, RunTag)])
+        for metric in metrics:
+            self.steps[(run_id, metric.key)].add(metric.step)
+        known.update(p.key for p in new_params)
+
+    def _set_status(self, run_id: str, status: str, end: float | None) -> None:
+        if self.status.get(run_id) == status:
+            return
+        if status in ENDED:
+            self.client.set_terminated(run_id, status,
+                                       int((end or time.time()) * 1000))
+        else:
+            self.client.update_run(run_id, status=status)
+        self.status[run_id] = status
+
+
+def _run_metrics(record: RunRecord) -> list[tuple[str, int, Any]]:
+    """The parent run's summary metrics (none before the run has a summary)."""
+    s = record.summary or {}
+    retrain = s.get("retrain") or {}
+    values: list[tuple[str, int, Any]] = [("wall_seconds", 0, s.get("wall_seconds")),
+                                          ("retrain_test_accuracy", 0,
+                                           retrain.get("test_accuracy"))]
+    if record.kind == "search":
+        values.append(("best_value", 0, s.get("best_value")))
+    else:
+        best = next((row for row in s.get("table") or [] if row.get("model") == s.get("best")),
+                    None)
+        if best is not None:
+            values.append(("best_val_accuracy_mean", 0, best.get("val_accuracy_mean")))
+    return values
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, str]:
+    """A config as MLflow parameters: nested keys joined by dots, list items by index
+    (`model.layers.0.units`), values as JSON text."""
+    if isinstance(value, Mapping) and value:
+        out: dict[str, str] = {}
+        for key, item in value.items():
+            out.update(flatten(item, f"{prefix}{key}."))
+        return out
+    if isinstance(value, (list, tuple)) and value and any(
+            isinstance(v, (Mapping, list, tuple)) for v in value):
+        out = {}
+        for i, item in enumerate(value):
+            out.update(flatten(item, f"{prefix}{i}."))
+        return out
+    return {prefix.rstrip("."): _text(value)}
+
+
+def _text(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text[:MAX_PARAM]
+
+
+# --------------------------------------------------------------------------------------------
+# Live: while a study or search trains
+
+
+class MlflowReporter:
+    """A progress reporter that sends each stored epoch to MLflow as training reports it.
+
+    It exports what the store holds of the reported stack's models, the store being the truth:
+    only the steps MLflow does not have are logged, so a study killed and resumed with live
+    logging has each epoch once. The run is the newest of its kind and fingerprint in the
+    store, found at the first report (the study or search has made it by then). An MLflow
+    failure does not stop training: it is told once on `log` and live logging stops (`runs
+    export --to mlflow` sends the run later)."""
+
+    def __init__(self, tracking_uri: str, *, kind: Literal["study", "search"], fingerprint: str,
+                 run_dir: str | Path = DEFAULT_RUN_DIR, store_url: str | None = None,
+                 experiment: str | None = None,
+                 log: Callable[[str], None] | None = None) -> None:
+        self.tracking_uri, self.kind, self.fingerprint = tracking_uri, kind, fingerprint
+        self.run_dir, self.store_url, self.experiment = run_dir, store_url, experiment
+        self.say = log or (lambda message: print(message, file=sys.stderr))
+        self.store: Store | None = None
+        self.export: MlflowExport | None = None
+        self.stacks: dict[str, set[str]] = {}  # label -> model keys heard of
+        self.failed = False
+
+    def start(self, label: str, epochs: int) -> None:
+        pass
+
+    def epoch(self, label: str, epoch: int, metrics: Mapping[str, EpochMetrics]) -> None:
+        self.stacks.setdefault(label, set()).update(metrics)
+        self._safely(lambda export: export.sync_models(metrics))
+
+    def finish(self, label: str) -> None:
+        keys = sorted(self.stacks.pop(label, ()))
+        self._safely(lambda export: export.sync_models(keys))
+
+    def log(self, message: str) -> None:
+        pass
+
+    def complete(self) -> str | None:
+        """The full export at the end (summary metrics, artifacts); the parent run's id, or
+        None when MLflow failed."""
+        return self._safely(lambda export: export.sync(artifacts=True))
+
+    def interrupted(self) -> None:
+        """The run stopped: the statuses in MLflow follow the store's (when this reporter
+        heard of the run at all)."""
+        if self.export is not None:
+            self._safely(lambda export: export.sync(artifacts=False))
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+
+    def _safely(self, action: Callable[[MlflowExport], Any]) -> Any:
+        if self.failed:
+            return None
+        try:
+            if self.export is None:
+                self.store = self.store or Store.open(self.run_dir, self.store_url)
+                runs = self.store.runs(kind=self.kind, fingerprint=self.fingerprint)
+                if not runs:
+                    return None
+                self.export = MlflowExport(self.store, runs[0].id, self.tracking_uri,
+                                           experiment=self.experiment)
+            return action(self.export)
+        except Exception as error:  # noqa: BLE001 - training goes on whatever MLflow does
+            self.failed = True
+            self.say(f"mlflow: cannot log to {self.tracking_uri} ({first_line(error)}); "
+                     "training goes on, and `fashionlab runs export RUN --to mlflow URI` "
+                     "sends the run later")
+            return None
+
+
+@contextlib.contextmanager
+def logging_to_mlflow(
+    tracking_uri: str | None, spec: StudySpec, *, kind: Literal["study", "search"] = "study",
+    run_dir: str | Path = DEFAULT_RUN_DIR, store_url: str | None = None,
+    progress: bool | Reporter = True, experiment: str | None = None,
+) -> Iterator[bool | Reporter]:
+    """The `progress` to give `run_study(spec, ...)` (kind "study") or `run_search` (kind
+    "search"), with the same `run_dir` and `store_url`, so that it logs to MLflow live: the
+    given progress (bars, silence, your reporter) and an `MlflowReporter`. When the run ends
+    the whole run is exported once (summary metrics, artifacts); when it stops, the MLflow
+    statuses follow the store's. With no `tracking_uri`, `progress` unchanged."""
+    if tracking_uri is None:
+        yield progress
+        return
+    require_mlflow()  # before training, not after it
+    fingerprint = spec.fingerprint() if kind == "study" else search_identity(spec)[1]
+    with reporting(progress) as display:
+        live = MlflowReporter(tracking_uri, kind=kind, fingerprint=fingerprint, run_dir=run_dir,
+                              store_url=store_url, experiment=experiment, log=display.log)
+        try:
+            yield Tee(live, display)
+        except BaseException:
+            live.interrupted()
+            raise
+        else:
+            live.complete()
+        finally:
+            live.close()

@@ -1,0 +1,290 @@
+"""MLflow: a run exported after the fact and logged live, read back with the real MLflow
+client from a SQLite tracking store in a temp folder: one parent per run, nested candidate and
+model runs, each model's metric history one value per epoch equal to the store's, nothing
+duplicated by a second export or by an interrupted and resumed study."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("mlflow")
+
+from conftest import write_tiny_idx
+from helpers import OnEpoch, Recorder, assert_one_line_error, run_cli, tiny_study_toml
+from mlflow import MlflowClient
+
+from fashionlab.config import load_study
+from fashionlab.integrations.mlflow import (
+    PARENT,
+    TAG_PART,
+    TAG_RUN,
+    export_run_to_mlflow,
+    flatten,
+    logging_to_mlflow,
+)
+from fashionlab.progress import Silent, Tee
+from fashionlab.search import run_search
+from fashionlab.store import METRICS, Store
+from fashionlab.study import run_study
+
+
+@pytest.fixture
+def tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A SQLite tracking URI in the test's folder (artifacts go to ./mlruns there); MLflow's
+    usage telemetry off, as on any machine without the internet."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A finished tiny study, shared by the export tests: (run directory, run id)."""
+    root = tmp_path_factory.mktemp("finished")
+    path = root / "tiny.toml"
+    path.write_text(tiny_study_toml(write_tiny_idx(root / "tiny-idx"), epochs=3, folds=2))
+    result = run_study(load_study(path), run_dir=root / "runs", progress=False)
+    return root / "runs", result.run.id
+
+
+def _study(tiny_idx_dir: Path, tmp_path: Path, **options) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(tiny_study_toml(tiny_idx_dir, epochs=3, folds=2, **options))
+    return path
+
+
+def _runs(client: MlflowClient, run_id: str) -> dict[str, object]:
+    """The MLflow runs of a fashionlab run, by part; fails on a part made twice."""
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, filter_string=f"tags.`{TAG_RUN}` = '{run_id}'",
+                              max_results=1000)
+    parts = [r.data.tags[TAG_PART] for r in runs]
+    assert len(parts) == len(set(parts)), sorted(parts)
+    return {r.data.tags[TAG_PART]: r for r in runs}
+
+
+def _check_models_match_the_store(client: MlflowClient, store: Store, run_id: str) -> None:
+    runs = _runs(client, run_id)
+    histories = store.histories(run_id)
+    assert histories
+    for key, epochs in histories.items():
+        mlflow_run = runs[f"model:{key}"]
+        for metric in METRICS:
+            stored = {e.epoch: getattr(e, metric) for e in epochs
+                      if math.isfinite(getattr(e, metric))}
+            logged = client.get_metric_history(mlflow_run.info.run_id, metric)
+            steps = [m.step for m in logged]
+            assert sorted(steps) == sorted(stored), (key, metric, steps)  # one per epoch
+            for m in logged:
+                assert m.value == pytest.approx(stored[m.step], rel=1e-6), (key, metric)
+
+
+def test_a_study_exported_has_its_parent_candidates_and_models(
+        finished: tuple[Path, str], tracking: str):
+    store = Store.open(finished[0])
+    run = store.run(finished[1])
+
+    parent_id = export_run_to_mlflow(store, run.id, tracking)
+
+    client = MlflowClient(tracking_uri=tracking)
+    runs = _runs(client, run.id)
+    parent = runs["run"]
+    assert parent.info.run_id == parent_id and parent.info.status == "FINISHED"
+    assert PARENT not in parent.data.tags
+    tags = parent.data.tags
+    assert tags["fashionlab.seed"] == str(run.seed) == "3"
+    assert tags["fashionlab.fingerprint"] == run.fingerprint
+    assert tags["mlflow.source.git.commit"] == run.environment["revision"]
+    assert client.get_experiment(parent.info.experiment_id).name == run.name
+    assert parent.data.params["cv.n_splits"] == "2"
+    # A candidate: its config, mean curves, summary metrics and verdict.
+    candidate = runs["candidate:small"]
+    assert candidate.data.tags[PARENT] == parent_id
+    assert candidate.data.params["model.layers.0.units"] == "16"
+    assert candidate.data.params["train.epochs"] == "3"
+    summary = next(c for c in run.summary["candidates"] if c["name"] == "small")
+    curve = client.get_metric_history(candidate.info.run_id, "val_accuracy")
+    assert [m.value for m in sorted(curve, key=lambda m: m.step)] == pytest.approx(
+        summary["mean_curves"]["val_accuracy"])
+    assert candidate.data.metrics["val_accuracy_mean"] == pytest.approx(
+        sum(summary["val_accuracy"]) / 2)
+    for name in ("val_accuracy_std", "val_accuracy_ci_low", "val_accuracy_ci_high"):
+        assert name in candidate.data.metrics
+    assert candidate.data.tags["fashionlab.verdict"]
+    # Folds under their candidate; the retrained and final models under theirs.
+    fold = runs["model:small/fold-1"]
+    assert fold.data.tags[PARENT] == candidate.info.run_id
+    assert fold.data.params["fold"] == "1" and fold.info.status == "FINISHED"
+    best = run.summary["best"]
+    retrain = runs[f"model:{best}/retrain"]
+    assert retrain.data.tags[PARENT] == runs[f"candidate:{best}"].info.run_id
+    assert retrain.data.metrics["test_accuracy"] == pytest.approx(
+        run.summary["retrain"]["test_accuracy"])
+    assert runs["model:cnn/final"].data.tags[PARENT] == runs["candidate:cnn"].info.run_id
+    _check_models_match_the_store(client, store, run.id)
+    # The files: report, results, figures, model directories.
+    artifacts = {a.path for a in client.list_artifacts(parent_id)}
+    assert {"report.html", "results.md", "results.csv", "results.json", "figures",
+            "models"} <= artifacts
+    models = {a.path for a in client.list_artifacts(parent_id, "models")}
+    assert f"models/{Path(run.summary['retrain']['model_dir']).name}" in models
+    assert "models/cnn" in models
+    store.close()
+
+
+def test_exporting_twice_leaves_one_copy(finished: tuple[Path, str], tracking: str):
+    store = Store.open(finished[0])
+    run_id = finished[1]
+    client = MlflowClient(tracking_uri=tracking)
+
+    first = export_run_to_mlflow(store, run_id, tracking)
+    before = {part: run.info.run_id for part, run in _runs(client, run_id).items()}
+    second = export_run_to_mlflow(store, run_id, tracking)
+
+    assert first == second
+    assert {part: run.info.run_id for part, run in _runs(client, run_id).items()} == before
+    assert len([part for part in before if part == "run"]) == 1
+    _check_models_match_the_store(client, store, run_id)
+    candidate = _runs(client, run_id)["candidate:small"].info.run_id
+    assert len(client.get_metric_history(candidate, "val_accuracy")) == 3
+    store.close()
+
+
+def test_live_logging_through_an_interrupted_and_resumed_study(
+        tiny_idx_dir: Path, tmp_path: Path, tracking: str):
+    spec = load_study(_study(tiny_idx_dir, tmp_path, final=False))
+    run_dir = tmp_path / "runs"
+
+    def stop(key: str, epoch: int) -> None:
+        if key == "small L2/fold-0" and epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt), logging_to_mlflow(
+            tracking, spec, run_dir=run_dir, progress=OnEpoch(stop)) as progress:
+        run_study(spec, run_dir=run_dir, progress=progress)
+    store = Store.open(run_dir)
+    stopped = store.runs()[0]
+    client = MlflowClient(tracking_uri=tracking)
+    runs = _runs(client, stopped.id)
+    assert runs["run"].info.status == "KILLED"
+    assert "model:small L2/fold-0" in runs  # logged while it trained
+    _check_models_match_the_store(client, store, stopped.id)
+
+    recorder = Recorder()
+    with logging_to_mlflow(tracking, spec, run_dir=run_dir, progress=recorder) as progress:
+        result = run_study(spec, run_dir=run_dir, progress=progress)
+
+    assert result.run.id == stopped.id and result.run.status == "finished"
+    assert any(call[0] == "epoch" for call in recorder.calls)  # the caller's reporter too
+    runs = _runs(client, result.run.id)
+    assert runs["run"].info.status == "FINISHED"
+    assert all(r.info.status == "FINISHED" for part, r in runs.items()
+               if part.startswith("model:"))
+    _check_models_match_the_store(client, store, result.run.id)
+    assert {a.path for a in client.list_artifacts(runs["run"].info.run_id)} >= {
+        "report.html", "results.json"}
+    store.close()
+
+
+def test_a_search_exports_its_trials(tiny_idx_dir: Path, tmp_path: Path, tracking: str):
+    path = tmp_path / "search.toml"
+    path.write_text(tiny_study_toml(
+        tiny_idx_dir, name="tiny-search", epochs=3, folds=2, patience=1, final=False,
+        candidates='[[candidates]]\nname = "small"\nlayers = [{ units = 16 }]\n',
+        extra='[search]\nn_trials = 3\nsampler = "random"\npruner = "median"\n\n'
+              '[search.space]\nunits = { low = 8, high = 32 }\n'))
+    spec = load_study(path)
+    with logging_to_mlflow(tracking, spec, kind="search", run_dir=tmp_path / "runs",
+                           progress=False) as progress:
+        result = run_search(spec, run_dir=tmp_path / "runs", progress=progress)
+    store = Store.open(tmp_path / "runs")
+    client = MlflowClient(tracking_uri=tracking)
+    export_run_to_mlflow(store, result.run.id, tracking)  # again: nothing doubles
+
+    runs = _runs(client, result.run.id)
+    parent = runs["run"].info.run_id
+    for trial in result.trials:
+        run = runs[f"candidate:trial-{trial.number}"]
+        assert run.data.tags[PARENT] == parent
+        assert run.data.tags["fashionlab.state"] == "complete"
+        assert run.data.params == {k: str(v) for k, v in trial.params.items()}
+        assert run.data.metrics["value"] == pytest.approx(trial.value)
+        steps = [m.step for m in client.get_metric_history(run.info.run_id,
+                                                           "intermediate_value")]
+        assert sorted(steps) == sorted(trial.intermediate_values)
+        assert runs[f"model:trial-{trial.number}/fold-1"].data.tags[PARENT] == run.info.run_id
+    best = result.summary["best_trial"]
+    assert runs[f"model:trial-{best}/retrain"].data.tags[PARENT] \
+        == runs[f"candidate:trial-{best}"].info.run_id
+    assert runs["run"].data.metrics["best_value"] == pytest.approx(result.summary["best_value"])
+    _check_models_match_the_store(client, store, result.run.id)
+    store.close()
+
+
+def test_the_command_line_exports_and_logs_live(tiny_idx_dir: Path, tmp_path: Path,
+                                                tracking: str, capsys, monkeypatch):
+    path = _study(tiny_idx_dir, tmp_path, final=False)
+    monkeypatch.setenv("FASHIONLAB_MLFLOW", tracking)
+    code, out, err = run_cli(capsys, "study", str(path), "--run-dir", str(tmp_path / "runs"),
+                             "--workers", "1", "--json")
+    assert code == 0, err
+    monkeypatch.delenv("FASHIONLAB_MLFLOW")
+    store = Store.open(tmp_path / "runs")
+    run_id = store.runs()[0].id
+    client = MlflowClient(tracking_uri=tracking)
+    assert _runs(client, run_id)["run"].info.status == "FINISHED"
+    _check_models_match_the_store(client, store, run_id)
+
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    code, out, err = run_cli(capsys, "runs", "export", run_id[:12], "--to", "mlflow", other,
+                             "--run-dir", str(tmp_path / "runs"))
+    assert code == 0, err
+    assert "mlflow" in out and run_id in out
+    _check_models_match_the_store(MlflowClient(tracking_uri=other), store, run_id)
+    code, out, err = run_cli(capsys, "runs", "export", run_id, "--to", "wandb", other,
+                             "--run-dir", str(tmp_path / "runs"))
+    assert code == 2 and "mlflow" in err
+    store.close()
+
+
+def test_an_mlflow_failure_does_not_stop_training(tiny_idx_dir: Path, tmp_path: Path,
+                                                  tracking: str):
+    spec = load_study(_study(tiny_idx_dir, tmp_path, final=False))
+    recorder = Recorder()
+    with logging_to_mlflow("nosuchscheme://nowhere", spec, run_dir=tmp_path / "runs",
+                           progress=recorder) as progress:
+        result = run_study(spec, run_dir=tmp_path / "runs", progress=progress)
+    assert result.run.status == "finished"
+    messages = [call[1] for call in recorder.calls if call[0] == "log"]
+    assert len([m for m in messages if m.startswith("mlflow: cannot log")]) == 1
+
+
+def test_flatten_and_tee():
+    assert flatten({"a": {"b": 1, "c": [{"d": 2}], "e": [1, 2], "f": None}, "g": "x"}) == {
+        "a.b": "1", "a.c.0.d": "2", "a.e": "[1, 2]", "a.f": "null", "g": "x"}
+    one, two = Recorder(), Recorder()
+    tee = Tee(one, Silent(), two)
+    tee.start("s", 3)
+    tee.epoch("s", 1, {})
+    tee.finish("s")
+    tee.log("hi")
+    assert one.calls == two.calls == [("start", "s", 3), ("epoch", "s", 1, []),
+                                      ("finish", "s"), ("log", "hi")]
+
+
+def test_without_mlflow_installed_the_error_is_one_line(tiny_idx_dir: Path, tmp_path: Path,
+                                                        monkeypatch, capsys):
+    import fashionlab.integrations.mlflow as integration  # to stand in for a missing MLflow
+
+    monkeypatch.setattr(integration, "MlflowClient", None)
+    store = Store.open(tmp_path / "runs")
+    with pytest.raises(integration.MlflowError, match=r"pip install 'fashionlab\[mlflow\]'"):
+        export_run_to_mlflow(store, "any", "sqlite:///x.db")
+    store.close()
+    code, _, err = run_cli(capsys, "study", str(_study(tiny_idx_dir, tmp_path)), "--mlflow",
+                           "sqlite:///x.db", "--run-dir", str(tmp_path / "runs"))
+    assert_one_line_error(code, err, "MLflow is not installed")
+    assert not Store.open(tmp_path / "runs").runs()  # it stopped before training
