@@ -308,7 +308,10 @@ def retrain(ctx: RunContext, best: CandidateResult, data: Tensors,
     register_models(ctx, [member], {key: retrained}, "retrain")
     directory = model_dir(ctx.output_dir, candidate.name)
     record = finished_models(ctx.store, ctx.run.id).get(key)
-    if record is not None and record.status == "finished" and directory.exists():
+    # Done only once its test scores are stored, the last write of this step: a kill after
+    # the model was saved but before the scores were stored trains it again (same numbers).
+    if record is not None and record.status == "finished" and directory.exists() \
+            and record.test_accuracy is not None:
         history = stored_result(ctx.store, ctx.run.id, key).history
         return RetrainResult(candidate.name, epochs, record.test_loss or float("nan"),
                              record.test_accuracy or float("nan"), directory, history)
@@ -333,7 +336,8 @@ def train_final(ctx: RunContext, candidate: Candidate, data: Tensors,
     register_models(ctx, [member], {key: candidate}, "final")
     directory = model_dir(ctx.output_dir, candidate.name)
     record = finished_models(ctx.store, ctx.run.id).get(key)
-    if record is not None and record.status != "failed" and directory.exists():
+    if record is not None and record.status != "failed" and directory.exists() \
+            and record.test_accuracy is not None:  # (its last write: see `retrain`)
         result = stored_result(ctx.store, ctx.run.id, key)
         test_loss, test_accuracy = record.test_loss, record.test_accuracy
     else:

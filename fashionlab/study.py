@@ -110,15 +110,19 @@ def run_study(
             x_test, y_test = to_tensors(dataset.test, torch_device, dtype)
             cv_data = Tensors(x_train, y_train, x_train, y_train)
             final_data = Tensors(x_train, y_train, x_test, y_test)
-            jobs = independent_jobs(ctx, folds)
+            # Planned from the whole study, not from what is left: a resumed run trains with
+            # the threads per job of the first start (a CNN's numbers depend on them).
+            planned = independent_jobs(ctx, folds, pending_only=False)
             if workers == "auto":
-                workers = auto_workers(jobs, torch_device)
-            parallel = workers > 1 and len(jobs) > 1
+                workers = auto_workers(planned, torch_device)
+            parallel = workers > 1 and len(planned) > 1
             result.threads = threads or (threads_per_job(workers) if parallel
                                          else torch.get_num_threads())
-            if parallel:
+            jobs = independent_jobs(ctx, folds)
+            if parallel and len(jobs) > 1:
                 _train_in_workers(ctx, jobs, workers, result.threads,
                                   _JobInputs(folds, dataset.class_names, cv_data, final_data))
+            if parallel:
                 result.workers = workers
             torch.set_num_threads(result.threads)
             result.candidates = cross_validate(ctx, folds, cv_data)
@@ -193,12 +197,14 @@ def cross_validate(ctx: RunContext, folds: list[Fold], data: Tensors) -> list[Ca
                              ctx.spec.warning) for c in ctx.spec.candidates]
 
 
-def independent_jobs(ctx: RunContext, folds: list[Fold]) -> list[Job]:
+def independent_jobs(ctx: RunContext, folds: list[Fold], *,
+                     pending_only: bool = True) -> list[Job]:
     """What can train in any order, in any process: the cross-validation stacks and the final
-    models not finished yet, largest first (so that the longest job starts first)."""
+    models (those not finished yet, unless `pending_only` is false), largest first (so that
+    the longest job starts first)."""
     members, owner, fold_of = cv_members(ctx.spec, folds)
     register_models(ctx, list(members.values()), owner, "cv", fold_of)
-    done = finished_models(ctx.store, ctx.run.id)
+    done = finished_models(ctx.store, ctx.run.id) if pending_only else {}
     jobs = []
     for stack in plan_stacks(list(members.values()), owner):
         if not all(m.key in done for m in stack):

@@ -304,3 +304,24 @@ def test_a_full_disk_while_writing_the_results_is_one_line_and_resumable(
     again = run_study(load_study(study_file), run_dir=tmp_path, progress=False)
     assert again.run.id == run.id and again.run.state == "finished"
     assert (again.output_dir / "results.json").exists()
+
+
+def test_a_model_saved_but_not_scored_before_a_kill_is_trained_again(study_file: Path,
+                                                                       tmp_path: Path):
+    # The window between saving a final (or retrained) model and storing its test scores.
+    import sqlalchemy as sa
+
+    from fashionlab import store as store_module
+
+    spec = load_study(study_file)
+    first = run_study(spec, run_dir=tmp_path, progress=False)
+    store = Store.open(tmp_path)
+    with store.engine.begin() as conn:
+        conn.execute(sa.update(store_module.models).values(test_loss=None, test_accuracy=None))
+        conn.execute(sa.update(store_module.runs).values(status="interrupted"))
+    store.close()
+    again = run_study(spec, run_dir=tmp_path, progress=False)
+    assert again.run.id == first.run.id
+    assert again.final[0].test_accuracy == first.final[0].test_accuracy
+    assert again.retrain.test_accuracy == first.retrain.test_accuracy
+    assert not math.isnan(again.final[0].test_accuracy)
