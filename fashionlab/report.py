@@ -36,7 +36,7 @@ from fashionlab.text import duration, finite, number, safe_name, verdict
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ReportError", "render_report", "write_report"]
+__all__ = ["REPORT_NAME", "ReportError", "render_report", "write_report"]
 
 REPORT_NAME = "report.html"
 DPI = 100  # figures are embedded: small enough to keep the report light

@@ -10,6 +10,7 @@ independent ones over worker processes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import time
@@ -29,7 +30,7 @@ from fashionlab.errors import ConfigError
 from fashionlab.hardware import resolve_device
 from fashionlab.progress import Reporter, reporting
 from fashionlab.provenance import environment
-from fashionlab.report import write_report
+from fashionlab.report import REPORT_NAME, ReportError, write_report
 from fashionlab.results import StudyResult, summary, write_outputs
 from fashionlab.runner import (
     Job,
@@ -156,6 +157,7 @@ def run_study(
         result.wall_seconds = float(stored.get("wall_seconds") or 0.0)
         result.workers = int(stored.get("workers") or 1)
         result.threads = int(stored.get("threads") or 0)
+        _tidy(store, run.id, output_dir, torch_device)
         store.close()
         return result
     write_report(store, run.id, device=torch_device)  # the report reads the finished run back
@@ -163,6 +165,16 @@ def run_study(
     result.run = store.run(run.id)
     store.close()
     return result
+
+
+def _tidy(store: Store, run_id: str, output_dir: Path, device: torch.device) -> None:
+    """What a run killed just after it finished may lack: its report, and the removal of its
+    checkpoints. Best effort, where the directory can be written; the store is only read."""
+    with contextlib.suppress(OSError):
+        shutil.rmtree(output_dir / "checkpoints")
+    if not (output_dir / REPORT_NAME).exists():
+        with contextlib.suppress(ReportError):
+            write_report(store, run_id, device=device)
 
 
 def _start_run(store: Store, spec: StudySpec, run_dir: Path, device: str, fresh: bool) -> RunRecord:

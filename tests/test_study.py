@@ -325,3 +325,17 @@ def test_a_model_saved_but_not_scored_before_a_kill_is_trained_again(study_file:
     assert again.final[0].test_accuracy == first.final[0].test_accuracy
     assert again.retrain.test_accuracy == first.retrain.test_accuracy
     assert not math.isnan(again.final[0].test_accuracy)
+
+
+def test_a_run_killed_just_after_it_finished_is_tidied_when_shown(study_file: Path,
+                                                                   tmp_path: Path):
+    spec = load_study(study_file)
+    first = run_study(spec, run_dir=tmp_path, progress=False)
+    (first.output_dir / "report.html").unlink()  # killed before the report and the clean-up
+    (first.output_dir / "checkpoints").mkdir()
+    (first.output_dir / "checkpoints" / "x.pt").write_bytes(b"left over")
+    stored = Store.open(tmp_path).run(first.run.id)
+    run_study(spec, run_dir=tmp_path, progress=False)
+    assert (first.output_dir / "report.html").exists()
+    assert not (first.output_dir / "checkpoints").exists()
+    assert Store.open(tmp_path).run(first.run.id) == stored  # the store only read
