@@ -20,8 +20,9 @@ import numpy as np
 from fashionlab import plots
 from fashionlab.data import Split, load_fashion_mnist
 from fashionlab.errors import FashionlabError
+from fashionlab.schema import METRICS
 from fashionlab.serialize import write_text_atomic
-from fashionlab.store import METRICS, EpochRecord, RunRecord, Store
+from fashionlab.store import EpochRecord, RunRecord, Store
 from fashionlab.tables import (
     HEADERS,
     LEGEND,

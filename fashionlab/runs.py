@@ -28,8 +28,9 @@ import numpy as np
 
 from fashionlab import stats
 from fashionlab.errors import FashionlabError
+from fashionlab.schema import EPOCH_FIELDS
 from fashionlab.serialize import jsonable
-from fashionlab.store import EPOCH_FIELDS, RunRecord, Store
+from fashionlab.store import RunRecord, Store
 from fashionlab.tables import rows_from_summary
 
 __all__ = [

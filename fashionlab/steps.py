@@ -34,7 +34,8 @@ from fashionlab.cv import (
 from fashionlab.data import Dataset, Split, load_fashion_mnist
 from fashionlab.progress import Reporter
 from fashionlab.runner import EpochHook, train_stack
-from fashionlab.store import METRICS, ModelRecord, RunRecord, Store
+from fashionlab.schema import METRICS
+from fashionlab.store import ModelRecord, RunRecord, Store
 from fashionlab.text import safe_name
 from fashionlab.train import EpochMetrics, Member, StackTrainer, Tensors, stack_key
 

@@ -26,8 +26,9 @@ from fashionlab.integrations.mlflow import (
     logging_to_mlflow,
 )
 from fashionlab.progress import Silent, Tee
+from fashionlab.schema import METRICS
 from fashionlab.search import run_search
-from fashionlab.store import METRICS, Store
+from fashionlab.store import Store
 from fashionlab.study import run_study
 
 

@@ -18,7 +18,7 @@ from conftest import write_tiny_idx
 from helpers import assert_one_line_error, run_cli, tiny_study_toml
 from PIL import Image
 
-from fashionlab import store as store_module
+from fashionlab import schema as schema_module
 from fashionlab.config import load_study
 from fashionlab.report import ReportError, render_report, write_report
 from fashionlab.results import StudyResult
@@ -189,7 +189,7 @@ def test_an_interrupted_run_reports_what_is_stored(tmp_path: Path):
     store.record_epochs(run.id, [(f"{name}/fold-{fold}", epoch, (1.0 / epoch, 0.5, 1.1, 0.4, 0.1))
                                  for name in ("a", "b") for fold in (0, 1) for epoch in (1, 2)])
     with store.engine.begin() as conn:  # its process on another machine, silent for an hour
-        conn.execute(sa.update(store_module.runs).values(host="elsewhere",
+        conn.execute(sa.update(schema_module.runs).values(host="elsewhere",
                                                          heartbeat=time.time() - 3600))
     path = write_report(store, run.id)
     html = path.read_text()

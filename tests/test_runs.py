@@ -17,8 +17,8 @@ import sqlalchemy as sa
 from conftest import write_tiny_idx
 from helpers import assert_one_line_error, run_cli, tiny_study_toml
 
+from fashionlab import schema as schema_module
 from fashionlab import stats
-from fashionlab import store as store_module
 from fashionlab.config import load_study
 from fashionlab.results import StudyResult
 from fashionlab.runs import (
@@ -78,7 +78,7 @@ def _fake_run(store: Store, name: str, *, summary: dict | None = None, output_ro
         store.end_run(run.id, "finished", summary)
     if host is not None:
         with store.engine.begin() as conn:
-            conn.execute(sa.update(store_module.runs).where(store_module.runs.c.id == run.id)
+            conn.execute(sa.update(schema_module.runs).where(schema_module.runs.c.id == run.id)
                          .values(host=host, heartbeat=time.time() - (3600 if stale else 0)))
     return run.id
 
@@ -290,7 +290,7 @@ def test_delete_leaves_a_directory_that_is_not_the_runs_own(tmp_path: Path):
     precious = tmp_path / "precious"
     precious.mkdir()
     with store.engine.begin() as conn:
-        conn.execute(sa.update(store_module.runs).values(output_dir=str(precious)))
+        conn.execute(sa.update(schema_module.runs).values(output_dir=str(precious)))
     delete_run(store, run_id)
     assert precious.is_dir() and store.runs() == []
     store.close()

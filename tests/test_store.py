@@ -16,10 +16,12 @@ import pytest
 import sqlalchemy as sa
 from helpers import assert_one_line_error, run_cli, tiny_study_toml
 
+from fashionlab import schema as schema_module
 from fashionlab import store as store_module
 from fashionlab.errors import StoreError
 from fashionlab.process import ProcessIdentity
-from fashionlab.store import MIGRATIONS, Store, migrate
+from fashionlab.schema import MIGRATIONS, migrate
+from fashionlab.store import Store
 
 # Where /proc is missing (macOS, Windows) a process is known by its pid only.
 needs_proc = pytest.mark.skipif(ProcessIdentity.current().start_time is None,
@@ -135,10 +137,8 @@ def test_a_bare_postgresql_url_gets_the_installed_driver():
 
 
 def test_a_migration_that_loses_a_race_is_retried(tmp_path, monkeypatch):
-    import fashionlab.store as store_module
-
     calls = {"n": 0}
-    real = store_module.migrate_once
+    real = schema_module.migrate_once
 
     def racing(engine):
         calls["n"] += 1
@@ -146,7 +146,7 @@ def test_a_migration_that_loses_a_race_is_retried(tmp_path, monkeypatch):
             raise sa.exc.OperationalError("CREATE TABLE fl_runs", {}, Exception("exists"))
         return real(engine)
 
-    monkeypatch.setattr(store_module, "migrate_once", racing)
+    monkeypatch.setattr(schema_module, "migrate_once", racing)
     Store(f"sqlite:///{tmp_path / 'x.db'}").close()
     assert calls["n"] == 2
 
@@ -157,7 +157,7 @@ def test_a_migration_that_loses_a_race_is_retried(tmp_path, monkeypatch):
 
 def _set(store: Store, run_id: str, **values) -> None:
     with store.engine.begin() as conn:
-        conn.execute(sa.update(store_module.runs).where(store_module.runs.c.id == run_id)
+        conn.execute(sa.update(schema_module.runs).where(schema_module.runs.c.id == run_id)
                      .values(**values))
 
 
@@ -243,9 +243,9 @@ def _version_1_store(path: Path, pid: int) -> None:
             status VARCHAR(16) NOT NULL, seed BIGINT NOT NULL, config TEXT NOT NULL,
             environment TEXT NOT NULL, started FLOAT NOT NULL, heartbeat FLOAT NOT NULL,
             finished FLOAT, host VARCHAR(200), pid INTEGER, summary TEXT, output_dir TEXT)"""))
-        store_module.models.create(conn)
-        store_module.epochs.create(conn)
-        store_module.schema.create(conn)
+        schema_module.models.create(conn)
+        schema_module.epochs.create(conn)
+        schema_module.schema.create(conn)
         conn.execute(sa.text("INSERT INTO fl_schema VALUES (1, '2025-01-01T00:00:00')"))
         for run_id, status, finished, summary in (("old-finished", "finished", 2.0, '{"b": 1}'),
                                                   ("old-running", "running", None, None)):

@@ -311,14 +311,14 @@ def test_a_model_saved_but_not_scored_before_a_kill_is_trained_again(study_file:
     # The window between saving a final (or retrained) model and storing its test scores.
     import sqlalchemy as sa
 
-    from fashionlab import store as store_module
+    from fashionlab import schema as schema_module
 
     spec = load_study(study_file)
     first = run_study(spec, run_dir=tmp_path, progress=False)
     store = Store.open(tmp_path)
     with store.engine.begin() as conn:
-        conn.execute(sa.update(store_module.models).values(test_loss=None, test_accuracy=None))
-        conn.execute(sa.update(store_module.runs).values(status="interrupted"))
+        conn.execute(sa.update(schema_module.models).values(test_loss=None, test_accuracy=None))
+        conn.execute(sa.update(schema_module.runs).values(status="interrupted"))
     store.close()
     again = run_study(spec, run_dir=tmp_path, progress=False)
     assert again.run.id == first.run.id

@@ -28,8 +28,9 @@ from fashionlab.integrations.tensorboard import (
     model_logdir,
     tensorboard_dir,
 )
+from fashionlab.schema import METRICS
 from fashionlab.search import run_search
-from fashionlab.store import METRICS, Store
+from fashionlab.store import Store
 from fashionlab.study import run_study
 
 

@@ -43,9 +43,10 @@ except ImportError:
 from fashionlab.config import StudySpec
 from fashionlab.errors import FashionlabError
 from fashionlab.progress import Reporter, Tee, reporting
+from fashionlab.schema import METRICS
 from fashionlab.search import search_identity
 from fashionlab.search.storage import open_storage, study_name
-from fashionlab.store import DEFAULT_RUN_DIR, METRICS, ModelRecord, RunRecord, Store
+from fashionlab.store import DEFAULT_RUN_DIR, ModelRecord, RunRecord, Store
 from fashionlab.text import first_line
 from fashionlab.train import EpochMetrics
 

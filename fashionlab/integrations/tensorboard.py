@@ -31,7 +31,8 @@ from typing import Any
 
 from fashionlab.errors import ConfigError
 from fashionlab.progress import Reporter, reporting
-from fashionlab.store import DEFAULT_RUN_DIR, METRICS, RunRecord, Store
+from fashionlab.schema import METRICS
+from fashionlab.store import DEFAULT_RUN_DIR, RunRecord, Store
 from fashionlab.text import safe_name
 from fashionlab.train import EpochMetrics
 

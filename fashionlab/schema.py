@@ -1,0 +1,176 @@
+"""The experiment store's tables and their numbered migrations.
+
+Tables are prefixed `fl_` so that Optuna's tables can live in the same database. Schema changes
+go through the migrations at the bottom, appended and never edited; `migrate` applies the
+missing ones when a `Store` opens the database.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+
+import sqlalchemy as sa
+
+from fashionlab.errors import StoreError
+
+__all__ = ["EPOCH_FIELDS", "METRICS", "MIGRATIONS", "MODEL_FIELDS", "epochs", "metadata",
+           "migrate", "migrate_once", "models", "runs", "schema"]
+
+metadata = sa.MetaData()
+
+schema = sa.Table(
+    "fl_schema", metadata,
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("applied", sa.String(40), nullable=False),
+)
+
+runs = sa.Table(
+    "fl_runs", metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("kind", sa.String(16), nullable=False),  # study | search
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("fingerprint", sa.String(32), nullable=False),  # hash of the resolved config
+    sa.Column("status", sa.String(16), nullable=False),  # running|finished|failed|interrupted
+    sa.Column("seed", sa.BigInteger, nullable=False),
+    sa.Column("config", sa.Text, nullable=False),  # JSON of the resolved config
+    sa.Column("environment", sa.Text, nullable=False),  # JSON: versions, revision, machine
+    sa.Column("started", sa.Float, nullable=False),  # unix seconds
+    sa.Column("heartbeat", sa.Float, nullable=False),  # last sign of life of a running run
+    sa.Column("finished", sa.Float),
+    sa.Column("host", sa.String(200)),
+    sa.Column("pid", sa.Integer),
+    # With the pid, who the process is (ProcessIdentity): a pid alone is reused by later
+    # processes and after a reboot. NULL where the machine has no /proc, or in older rows.
+    sa.Column("pid_start", sa.BigInteger),  # clock ticks from boot to the process's start
+    sa.Column("boot_id", sa.String(36)),  # the boot the process started in
+    sa.Column("summary", sa.Text),  # JSON written when the run ends: the results table
+    sa.Column("output_dir", sa.Text),  # where its files (table, figures, report) are
+)
+
+models = sa.Table(
+    "fl_models", metadata,
+    sa.Column("run_id", sa.String(64), sa.ForeignKey("fl_runs.id"), primary_key=True),
+    sa.Column("key", sa.String(300), primary_key=True),  # e.g. "dense(64)/fold-3"
+    sa.Column("candidate", sa.String(200), nullable=False),
+    sa.Column("role", sa.String(16), nullable=False),  # cv | retrain | final | trial
+    sa.Column("repeat", sa.Integer),
+    sa.Column("fold", sa.Integer),
+    sa.Column("status", sa.String(16), nullable=False),  # pending|running|finished|stopped|failed
+    sa.Column("message", sa.Text),
+    sa.Column("epochs_planned", sa.Integer, nullable=False),
+    sa.Column("best_epoch", sa.Integer),
+    sa.Column("n_train", sa.Integer),
+    sa.Column("n_val", sa.Integer),
+    sa.Column("seed", sa.BigInteger),
+    sa.Column("test_loss", sa.Float),
+    sa.Column("test_accuracy", sa.Float),
+    sa.Column("seconds", sa.Float),
+)
+
+epochs = sa.Table(
+    "fl_epochs", metadata,
+    sa.Column("run_id", sa.String(64), primary_key=True),
+    sa.Column("key", sa.String(300), primary_key=True),
+    sa.Column("epoch", sa.Integer, primary_key=True),  # 1-based
+    sa.Column("loss", sa.Float),
+    sa.Column("accuracy", sa.Float),
+    sa.Column("val_loss", sa.Float),
+    sa.Column("val_accuracy", sa.Float),
+    sa.Column("seconds", sa.Float),
+    sa.ForeignKeyConstraint(["run_id", "key"], ["fl_models.run_id", "fl_models.key"]),
+)
+
+MODEL_FIELDS = ("candidate", "role", "repeat", "fold", "status", "message", "epochs_planned",
+                "best_epoch", "n_train", "n_val", "seed", "test_loss", "test_accuracy", "seconds")
+METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")  # of an epoch, as training reports
+EPOCH_FIELDS = (*METRICS, "seconds")
+
+
+# --------------------------------------------------------------------------------------------
+# Migrations: append, never edit. Each takes a connection inside a transaction.
+
+
+def _migration_1(conn: sa.Connection) -> None:
+    for table in (runs, models, epochs):
+        table.create(conn, checkfirst=True)
+
+
+def _migration_2(conn: sa.Connection) -> None:
+    # The identity of a run's process. Migration 1 creates the tables as defined today, so a
+    # new database has the columns already: add only the missing ones.
+    _add_columns(conn, runs, "pid_start", "boot_id")
+
+
+MIGRATIONS = [_migration_1, _migration_2]
+
+
+def migrate(engine: sa.Engine, attempts: int = 5, *, read_only: bool = False,
+            where: str = "") -> int:
+    """Apply the missing migrations; returns the schema version.
+
+    A store whose schema is current is only read, so a read-only one opens; a read-only one
+    that needs a migration is a StoreError. Workers on several machines may open a new store
+    at the same moment: on PostgreSQL the migration holds an advisory lock, on SQLite the
+    write lock from its first statement; elsewhere a migration that lost the race is retried
+    (it then finds the work done). `where` names the store in errors."""
+    with engine.connect() as conn:
+        current = _schema_version(conn)
+    if current == len(MIGRATIONS):
+        return current
+    if current > len(MIGRATIONS):
+        raise _newer_schema(current)
+    if read_only:
+        raise StoreError(f"the store {where} needs an upgrade (schema version {current} -> "
+                         f"{len(MIGRATIONS)}) but is read-only: open it once where it can be "
+                         "written")
+    for attempt in range(attempts):
+        try:
+            return migrate_once(engine)
+        except sa.exc.OperationalError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def migrate_once(engine: sa.Engine) -> int:
+    """Apply the missing migrations in one transaction; returns the schema version. `migrate`
+    retries it when a concurrent first open wins the race."""
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(7165734)"))  # fashionlab's key
+        elif engine.dialect.name == "sqlite":
+            # Python's sqlite3 starts a transaction only before a data change, leaving the
+            # version check and the DDL outside it: take the write lock first, so that a
+            # second process waits here and then finds the migrations applied.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        schema.create(conn, checkfirst=True)
+        current = _schema_version(conn)
+        if current > len(MIGRATIONS):
+            raise _newer_schema(current)
+        for version in range(current + 1, len(MIGRATIONS) + 1):
+            MIGRATIONS[version - 1](conn)
+            conn.execute(schema.insert().values(
+                version=version, applied=datetime.now(timezone.utc).isoformat()))
+        return len(MIGRATIONS)
+
+
+def _schema_version(conn: sa.Connection) -> int:
+    """The applied schema version; 0 for a new database."""
+    if not sa.inspect(conn).has_table(schema.name):
+        return 0
+    return conn.execute(sa.select(sa.func.max(schema.c.version))).scalar() or 0
+
+
+def _newer_schema(current: int) -> StoreError:
+    return StoreError(f"the store's schema (version {current}) is newer than this "
+                      f"fashionlab (version {len(MIGRATIONS)}); upgrade fashionlab")
+
+
+def _add_columns(conn: sa.Connection, table: sa.Table, *names: str) -> None:
+    present = {column["name"] for column in sa.inspect(conn).get_columns(table.name)}
+    for name in names:
+        if name not in present:
+            kind = table.c[name].type.compile(dialect=conn.dialect)
+            conn.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN {name} {kind}"))
