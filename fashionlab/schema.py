@@ -114,20 +114,20 @@ def migrate(engine: sa.Engine, attempts: int = 5, *, read_only: bool = False,
     at the same moment: on PostgreSQL the migration holds an advisory lock, on SQLite the
     write lock from its first statement; elsewhere a migration that lost the race is retried
     (it then finds the work done). `where` names the store in errors."""
-    with engine.connect() as conn:
-        current = _schema_version(conn)
-    if current == len(MIGRATIONS):
-        return current
-    if current > len(MIGRATIONS):
-        raise _newer_schema(current)
-    if read_only:
-        raise StoreError(f"the store {where} needs an upgrade (schema version {current} -> "
-                         f"{len(MIGRATIONS)}) but is read-only: open it once where it can be "
-                         "written")
     for attempt in range(attempts):
         try:
+            with engine.connect() as conn:
+                current = _schema_version(conn)
+            if current == len(MIGRATIONS):
+                return current
+            if current > len(MIGRATIONS):
+                raise _newer_schema(current)
+            if read_only:
+                raise StoreError(f"the store {where} needs an upgrade (schema version "
+                                 f"{current} -> {len(MIGRATIONS)}) but is read-only: open it "
+                                 "once where it can be written")
             return migrate_once(engine)
-        except sa.exc.OperationalError:
+        except sa.exc.OperationalError:  # a concurrent open holds the database: try again
             if attempt == attempts - 1:
                 raise
             time.sleep(0.2 * (attempt + 1))

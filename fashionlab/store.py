@@ -398,8 +398,10 @@ class Store:
 
 def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")  # readers (runs list, report) never block a run
+    # The timeout first: switching a database to WAL takes a lock, and without a timeout a
+    # process opening it while another does is refused at once ("database is locked").
     cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA journal_mode=WAL")  # readers (runs list, report) never block a run
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
 
