@@ -121,3 +121,12 @@ class Recorder(Silent):
 
     def log(self, message) -> None:
         self.calls.append(("log", message))
+
+
+def tiny_search_toml(data_dir: Path, *, n_trials: int) -> str:
+    """A search over the learning rate of one small candidate, 2 folds of 2 epochs: seconds."""
+    return tiny_study_toml(
+        data_dir, name="tiny-search", epochs=2, patience=1, final=False, folds=2,
+        candidates='[[candidates]]\nname = "small"\nlayers = [{ units = 16 }]\n',
+        extra=f'[search]\nn_trials = {n_trials}\npruner = "none"\n\n[search.space]\n'
+              'learning_rate = { low = 1e-3, high = 0.1, log = true }\n')

@@ -10,7 +10,7 @@ from typing import Any
 from wsgiref.util import setup_testing_defaults
 
 import pytest
-from helpers import tiny_study_toml
+from helpers import tiny_search_toml
 from optuna.trial import TrialState
 
 from fashionlab.config import load_study
@@ -33,11 +33,7 @@ def _get(app: Any, path: str) -> dict[str, Any]:
 
 def test_optuna_dashboard_shows_a_search_as_it_is_stored(tiny_idx_dir: Path, tmp_path: Path):
     path = tmp_path / "search.toml"
-    path.write_text(tiny_study_toml(
-        tiny_idx_dir, name="tiny-search", epochs=2, patience=1, final=False, folds=2,
-        candidates='[[candidates]]\nname = "small"\nlayers = [{ units = 16 }]\n',
-        extra='[search]\nn_trials = 3\npruner = "none"\n\n[search.space]\n'
-              'learning_rate = { low = 1e-3, high = 0.1, log = true }\n'))
+    path.write_text(tiny_search_toml(tiny_idx_dir, n_trials=3))
     run_dir = tmp_path / "runs"
     result = run_search(load_study(path), run_dir=run_dir, progress=False)
     assert result.finished

@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from helpers import OnEpoch, run_cli, tiny_study_toml
+from helpers import OnEpoch, run_cli, tiny_search_toml, tiny_study_toml
 
 pytest.importorskip("tensorboard")
 
@@ -164,11 +164,7 @@ def test_export_after_the_fact_writes_the_same_and_nothing_twice(study_file: Pat
 
 def test_a_search_writes_each_trials_folds_and_params(tiny_idx_dir: Path, tmp_path: Path):
     path = tmp_path / "search.toml"
-    path.write_text(tiny_study_toml(
-        tiny_idx_dir, name="tiny-search", epochs=2, patience=1, final=False, folds=2,
-        candidates='[[candidates]]\nname = "small"\nlayers = [{ units = 16 }]\n',
-        extra='[search]\nn_trials = 2\npruner = "none"\n\n[search.space]\n'
-              'learning_rate = { low = 1e-3, high = 0.1, log = true }\n'))
+    path.write_text(tiny_search_toml(tiny_idx_dir, n_trials=2))
     run_dir = tmp_path / "runs"
     with TensorBoard(run_dir=run_dir) as board:
         result = run_search(load_study(path), run_dir=run_dir, progress=board)
