@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,3 +44,21 @@ def write_text_atomic(path: Path, text: str) -> None:
     except BaseException:
         staging.unlink(missing_ok=True)
         raise
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as dotted names and leaf values, the way tracking tools take parameters
+    (`model.layers.0.units`): mappings by key, lists holding mappings or lists by index; a
+    list of plain values, an empty mapping or list, and any other value stay one leaf."""
+    if isinstance(value, Mapping) and value:
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(flatten(item, f"{prefix}{key}."))
+        return out
+    if isinstance(value, (list, tuple)) and any(isinstance(v, (Mapping, list, tuple))
+                                                for v in value):
+        out = {}
+        for i, item in enumerate(value):
+            out.update(flatten(item, f"{prefix}{i}."))
+        return out
+    return {prefix.rstrip("."): value}

@@ -46,6 +46,7 @@ from fashionlab.progress import Reporter, Tee, reporting
 from fashionlab.schema import METRICS
 from fashionlab.search import search_identity
 from fashionlab.search.storage import open_storage, study_name
+from fashionlab.serialize import flatten as flatten_config
 from fashionlab.store import DEFAULT_RUN_DIR, ModelRecord, RunRecord, Store
 from fashionlab.text import first_line
 from fashionlab.train import EpochMetrics
@@ -369,21 +370,9 @@ def _run_metrics(record: RunRecord) -> list[tuple[str, int, Any]]:
     return values
 
 
-def flatten(value: Any, prefix: str = "") -> dict[str, str]:
-    """A config as MLflow parameters: nested keys joined by dots, list items by index
-    (`model.layers.0.units`), values as JSON text."""
-    if isinstance(value, Mapping) and value:
-        out: dict[str, str] = {}
-        for key, item in value.items():
-            out.update(flatten(item, f"{prefix}{key}."))
-        return out
-    if isinstance(value, (list, tuple)) and value and any(
-            isinstance(v, (Mapping, list, tuple)) for v in value):
-        out = {}
-        for i, item in enumerate(value):
-            out.update(flatten(item, f"{prefix}{i}."))
-        return out
-    return {prefix.rstrip("."): _text(value)}
+def flatten(value: Any) -> dict[str, str]:
+    """A config as MLflow parameters: `serialize.flatten`'s dotted names, values as text."""
+    return {name: _text(leaf) for name, leaf in flatten_config(value).items()}
 
 
 def _text(value: Any) -> str:

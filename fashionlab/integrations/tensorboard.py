@@ -32,6 +32,7 @@ from typing import Any
 from fashionlab.errors import ConfigError
 from fashionlab.progress import Reporter, reporting
 from fashionlab.schema import METRICS
+from fashionlab.serialize import flatten
 from fashionlab.store import DEFAULT_RUN_DIR, RunRecord, Store
 from fashionlab.text import safe_name
 from fashionlab.train import EpochMetrics
@@ -268,20 +269,11 @@ def tensorboard_progress(progress: bool | Reporter, *, tensorboard: bool = True,
         yield board
 
 
-def _flat(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """A nested config as (dotted name, value): dicts by key, lists by index."""
-    if isinstance(value, Mapping):
-        for k, v in value.items():
-            yield from _flat(v, f"{prefix}{k}.")
-    elif isinstance(value, (list, tuple)):
-        if not value:
-            yield prefix[:-1], "[]"
-        for i, v in enumerate(value):
-            yield from _flat(v, f"{prefix}{i}.")
-    elif value is None or not isinstance(value, (bool, int, float, str)):
-        yield prefix[:-1], str(value)
-    else:
-        yield prefix[:-1], value
+def _hparams(value: Any) -> dict[str, Any]:
+    """A config as HParams: `serialize.flatten`'s dotted names; values TensorBoard cannot
+    show as they are (None, lists) as text."""
+    return {name: leaf if isinstance(leaf, (bool, int, float, str)) else str(leaf)
+            for name, leaf in flatten(value).items()}
 
 
 def _mean(values: Any) -> float | None:
@@ -295,7 +287,7 @@ def _entries(run: RunRecord) -> list[tuple[str, dict[str, Any], dict[str, float 
     summary = run.summary or {}
     if run.kind == "search":
         objective = summary.get("objective", "value")
-        return [(f"trial-{t['number']}", {"state": t["state"], **dict(_flat(t["params"]))},
+        return [(f"trial-{t['number']}", {"state": t["state"], **_hparams(t["params"])},
                  {objective: t["value"]}) for t in summary.get("trials", [])]
     configs = {c["name"]: c for c in (*run.config.get("candidates", []),
                                       *(run.config.get("final") or []))}
@@ -308,6 +300,6 @@ def _entries(run: RunRecord) -> list[tuple[str, dict[str, Any], dict[str, float 
                   "warning_epoch": c.get("warning_epoch"),
                   "test_accuracy": retrain.get("test_accuracy")
                   if retrain.get("candidate") == c["name"] else c.get("test_accuracy")}
-        entries.append((c["name"], {"role": c["role"], **dict(_flat(config))},
+        entries.append((c["name"], {"role": c["role"], **_hparams(config)},
                         {k: None if v is None else float(v) for k, v in scores.items()}))
     return entries
