@@ -62,7 +62,7 @@ __all__ = [
     "train_or_reuse",
 ]
 
-MAX_STACK = {"dense": 32, "conv": 1}  # members per stack; grouped convolutions do not pay on CPU
+MAX_STACK = {"dense": 32, "conv": 1}  # members per stack; a CNN trains alone (see models)
 DONE = ("finished", "stopped", "failed")  # a model in one of these states trains no more
 
 

@@ -28,13 +28,13 @@ def _stack(spec: ModelSpec, n: int, seeds: list[int] | None = None) -> StackedNe
     return StackedNet([spec] * n, generators)
 
 
-@pytest.mark.parametrize("spec", [DENSE, CONV], ids=["dense", "conv"])
-def test_each_member_computes_what_the_plain_module_computes(spec: ModelSpec):
-    stack = _stack(spec, 3).eval()
-    x = torch.rand(3, 7, 28, 28)  # (M, B, 28, 28): each member its own batch
+@pytest.mark.parametrize(("spec", "n"), [(DENSE, 3), (CONV, 1)], ids=["dense", "conv"])
+def test_each_member_computes_what_the_plain_module_computes(spec: ModelSpec, n: int):
+    stack = _stack(spec, n).eval()
+    x = torch.rand(n, 7, 28, 28)  # (M, B, 28, 28): each member its own batch
     out = stack(x)
-    assert out.shape == (3, 7, 10)
-    for m in range(3):
+    assert out.shape == (n, 7, 10)
+    for m in range(n):
         plain = build_module(spec).eval()
         plain.load_state_dict(stack.member_state_dict(m))
         torch.testing.assert_close(out[m], plain(x[m].unsqueeze(1)), rtol=1e-5, atol=1e-5)
@@ -57,10 +57,10 @@ def test_glorot_uniform_limits_and_zero_biases():
     assert all(not state[k].any() for k in state if k.endswith("bias"))
 
 
-@pytest.mark.parametrize("spec", [DENSE, CONV], ids=["dense", "conv"])
-def test_l2_penalty_equals_the_explicit_sum(spec: ModelSpec):
-    stack = _stack(spec, 2)
-    for m in range(2):
+@pytest.mark.parametrize(("spec", "n"), [(DENSE, 2), (CONV, 1)], ids=["dense", "conv"])
+def test_l2_penalty_equals_the_explicit_sum(spec: ModelSpec, n: int):
+    stack = _stack(spec, n)
+    for m in range(n):
         state = stack.member_state_dict(m)
         plain = build_module(spec)
         plain.load_state_dict(state)
@@ -93,12 +93,24 @@ def test_dropout_masks_are_inverted_and_have_the_right_rate():
 
 
 def test_select_keeps_members_and_their_weights():
-    stack = _stack(CONV, 3)
+    stack = _stack(DENSE, 3)
     subset = stack.select([2, 0])
     for new, old in ((0, 2), (1, 0)):
         a, b = subset.member_state_dict(new), stack.member_state_dict(old)
         for key in a:
             assert torch.equal(a[key], b[key]), key
+
+
+def test_a_convolutional_network_trains_alone():
+    with pytest.raises(ValueError, match="trains alone"):
+        _stack(CONV, 2)
+    stack = _stack(CONV, 1)
+    copy = stack.select([0])
+    a, b = copy.member_state_dict(0), stack.member_state_dict(0)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert copy.conv_weights[0] is not stack.conv_weights[0]  # its own parameters
+    with pytest.raises(ValueError, match="one member"):
+        stack.select([1])
 
 
 def test_shapes_and_flops():
@@ -149,10 +161,10 @@ def test_members_of_different_shapes_cannot_stack():
         StackedNet([DENSE, ModelSpec(layers=(DenseLayer(8),))], generators)
 
 
-@pytest.mark.parametrize("members", [1, 3])
-def test_convolutions_run_channels_last_from_the_first_layer(members: int):
+def test_convolutions_run_channels_last_from_the_first_layer():
     """A one-channel input must reach oneDNN with channels-last strides; otherwise the first
     convolution answers in NCHW and every activation and gradient is converted back and forth."""
+    members = 1
     stack = _stack(CONV, members)
     outputs = []
     hook = torch.nn.modules.module.register_module_forward_hook(
