@@ -26,7 +26,7 @@ from torch import nn
 
 from fashionlab.config import ModelSpec
 from fashionlab.errors import FashionlabError
-from fashionlab.models import build_module
+from fashionlab.models import build_module, inference_module
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -51,7 +51,9 @@ class ModelFileError(FashionlabError):
 
 @dataclass(frozen=True)
 class SavedModel:
-    module: nn.Module  # in eval mode: (B, 1, 28, 28) float32 in [0, 1] -> (B, n_classes) logits
+    # In eval mode, with the spec's test-time augmentation: (B, 1, 28, 28) float32 in [0, 1]
+    # -> (B, n_classes) logits.
+    module: nn.Module
     spec: ModelSpec
     class_names: tuple[str, ...]
     metadata: dict[str, Any]  # study, candidate, epochs, seed, test accuracy, versions, ...
@@ -109,7 +111,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Sav
     _check_header(weights_path, expected)
     module = build_module(spec)
     _load_weights(module, weights_path, device)
-    module.to(device).eval()
+    module = inference_module(spec, module).to(device).eval()
     metadata = description.get("metadata") or {}
     return SavedModel(module, spec, class_names, metadata, directory)
 

@@ -182,6 +182,14 @@ class StackedNet(nn.Module):
             h = dropout(h, [s.layers[i].dropout for s in self.specs], generators)
         return torch.baddbmm(self.dense_biases[-1].unsqueeze(1), h, self.dense_weights[-1])
 
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for scoring, x (M, B, 28, 28) -> (M, B, n_classes): the mean over the
+        model's test-time views (its spec's `tta`), never with dropout."""
+        logits = self(x)
+        if self.specs[0].tta == "flip":  # tta is part of the shape key: one for the stack
+            logits = (logits + self(x.flip(-1))) / 2
+        return logits
+
     def l2_penalty(self) -> torch.Tensor:
         """(M,): sum over layers of l2 * sum(W**2) of the kernel, per member (Keras' L2)."""
         M = self.n_members
@@ -293,8 +301,27 @@ def _plain_layer_names(spec: ModelSpec) -> dict[str, list[str]]:
     return names
 
 
+class FlipAveraged(nn.Module):
+    """A network scored with flip test-time augmentation: the mean of the logits of each
+    image and of its mirror image (B, 1, 28, 28) -> (B, n_classes)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.net(x) + self.net(x.flip(-1))) / 2
+
+
+def inference_module(spec: ModelSpec, module: nn.Module) -> nn.Module:
+    """`module` (a `build_module(spec)` holding its weights) as the model is used and scored:
+    wrapped in its test-time augmentation, if the spec has one."""
+    return FlipAveraged(module) if spec.tta == "flip" else module
+
+
 def build_module(spec: ModelSpec) -> nn.Sequential:
-    """The architecture as plain PyTorch layers: (B, 1, 28, 28) -> (B, n_classes) logits."""
+    """The architecture as plain PyTorch layers: (B, 1, 28, 28) -> (B, n_classes) logits,
+    without test-time augmentation (see `inference_module`)."""
     layers: list[nn.Module] = []
     channels = 1
     for layer in spec.conv:

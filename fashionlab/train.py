@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from fashionlab.config import ModelSpec, TrainSpec
 from fashionlab.hardware import keep_freed_memory, resolve_precision
@@ -120,6 +121,13 @@ class StackTrainer:
         )
         self.optimizer = self._make_optimizer()
         self.scheduler = self._make_scheduler()
+        self.ema = self._make_ema(self.net)
+
+    @property
+    def scored_net(self) -> StackedNet:
+        """The weights that are validated, tested and saved: the moving average when the
+        training spec keeps one, else the trained weights themselves."""
+        return self.net if self.ema is None else self.ema.module
 
     def _index(self, rows: Sequence[np.ndarray | None]) -> torch.Tensor:
         return torch.as_tensor(np.stack(rows), dtype=torch.long, device=self.device)
@@ -142,6 +150,14 @@ class StackTrainer:
         # The fused kernel updates all parameters in one pass: same arithmetic, less overhead.
         return adam(groups, lr=spec.learning_rate, betas=(spec.beta1, spec.beta2), eps=spec.eps,
                     fused=True)
+
+    def _make_ema(self, net: StackedNet) -> AveragedModel | None:
+        if not self.train_spec.ema:
+            return None
+        # use_buffers: the batch-norm statistics are averaged too, so the averaged weights are
+        # scored with statistics that belong to them.
+        return AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(self.train_spec.ema),
+                             use_buffers=True)
 
     def _make_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler | None:
         spec = self.train_spec
@@ -181,6 +197,8 @@ class StackTrainer:
             self.optimizer.step()
             if self.scheduler is not None:
                 self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update_parameters(net)
             with torch.no_grad():
                 loss_sum += per_member.detach() * rows.shape[1]
                 correct += (logits.argmax(-1) == y).sum(1)
@@ -203,8 +221,9 @@ class StackTrainer:
         self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor
     ) -> tuple[list[float], list[float]]:
         """Loss (with the L2 penalty, as Keras reports it) and accuracy per member on the rows
-        index (M, n) of x and y; no dropout, batch norm in inference mode."""
-        net = self.net
+        index (M, n) of x and y; no dropout, batch norm in inference mode, the scored weights
+        and the model's test-time augmentation."""
+        net = self.scored_net
         net.eval()
         M, n = index.shape
         loss_sum = torch.zeros(M, device=self.device)
@@ -212,7 +231,7 @@ class StackTrainer:
         for first in range(0, n, EVAL_CHUNK):
             rows = index[:, first : first + EVAL_CHUNK]
             with autocast(self.device, self.precision):
-                logits = net(gather(x, rows)).float()
+                logits = net.infer(gather(x, rows)).float()
             target = y[rows]
             loss_sum += F.cross_entropy(
                 logits.flatten(0, 1), target.flatten(), reduction="none"
@@ -235,8 +254,11 @@ class StackTrainer:
         M = len(self.keys)
         index = torch.as_tensor(keep, dtype=torch.long, device=self.device)
         old_params = list(self.net.parameters())
-        old_optimizer, old_scheduler = self.optimizer, self.scheduler
+        old_optimizer, old_scheduler, old_ema = self.optimizer, self.scheduler, self.ema
         self.net = self.net.select(keep)
+        if old_ema is not None:
+            self.ema = self._make_ema(old_ema.module.select(keep))
+            self.ema.n_averaged.copy_(old_ema.n_averaged)
         self.generators = self.generators.select(keep)
         self.train_index = self.train_index[index]
         self.val_index = None if self.val_index is None else self.val_index[index]
@@ -257,10 +279,12 @@ class StackTrainer:
             self.scheduler.load_state_dict(old_scheduler.state_dict())
 
     def member_state_dict(self, key: str) -> dict[str, torch.Tensor]:
-        return self.net.member_state_dict(self.keys.index(key))
+        """A member's scored weights, keyed like `build_module(spec).state_dict()`."""
+        return self.scored_net.member_state_dict(self.keys.index(key))
 
     def load_member_state_dict(self, key: str, state: dict[str, torch.Tensor]) -> None:
-        self.net.load_member_state_dict(self.keys.index(key), state)
+        """Set a member's scored weights (early stopping's restore of its best epoch)."""
+        self.scored_net.load_member_state_dict(self.keys.index(key), state)
 
     # ---- checkpoints --------------------------------------------------------------------
 
@@ -273,6 +297,7 @@ class StackTrainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "generators": self.generators.get_state(),
+            "ema": None if self.ema is None else self.ema.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -286,6 +311,8 @@ class StackTrainer:
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.generators.set_state(state["generators"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         self.epoch = state["epoch"]
 
 

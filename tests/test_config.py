@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from helpers import assert_one_line_error, run_cli, tiny_study_toml
 
 from fashionlab.config import (
     N_CLASSES,
+    ModelSpec,
     bundled_studies,
     load_study,
     quick_variant,
@@ -51,6 +53,27 @@ def test_every_bundled_study_loads_and_round_trips():
         spec = load_study(name)
         assert study_from_dict(tomllib.loads(study_to_toml(spec))) == spec
         assert quick_variant(spec).name.endswith("-quick")
+
+
+def test_settings_added_later_keep_a_study_fingerprint_at_their_old_meaning():
+    """A study stored before `tta` and `ema` existed keeps its fingerprint (its runs resume
+    and compare as the same study); setting either changes it."""
+    import hashlib
+    import json
+
+    spec = load_study("seed")
+    old = spec.to_dict()
+    for candidate in old["candidates"] + old["final"]:
+        del candidate["model"]["tta"], candidate["train"]["ema"]
+    text = json.dumps(old, sort_keys=True, default=str)
+    assert spec.fingerprint() == hashlib.sha256(text.encode()).hexdigest()[:12]
+    first = spec.candidates[0]
+    for changed in (dataclasses.replace(first.model, tta="flip"),
+                    dataclasses.replace(first.train, ema=0.99)):
+        field = "model" if isinstance(changed, ModelSpec) else "train"
+        other = dataclasses.replace(spec, candidates=(dataclasses.replace(first, **{field: changed}),
+                                                      *spec.candidates[1:]))
+        assert other.fingerprint() != spec.fingerprint()
 
 
 def test_fingerprint_changes_with_any_setting():

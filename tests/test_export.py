@@ -3,6 +3,7 @@ the dynamic batch dimension, the metadata, failures, and `fashionlab export` end
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -38,7 +39,8 @@ def _saved(directory: Path, spec: ModelSpec) -> SavedModel:
                                  class_names=CLASS_NAMES, metadata={"study": "export test"}))
 
 
-@pytest.mark.parametrize("spec", [DENSE, CONV_BN], ids=["dense", "conv-bn"])
+@pytest.mark.parametrize("spec", [DENSE, CONV_BN, dataclasses.replace(CONV_BN, tta="flip")],
+                         ids=["dense", "conv-bn", "conv-bn-tta"])
 def test_onnx_matches_pytorch_within_1e_5(tmp_path: Path, spec: ModelSpec):
     saved = _saved(tmp_path / "model", spec)
     path = export_onnx(saved, tmp_path / "model.onnx")
@@ -125,3 +127,21 @@ def test_export_command_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert_one_line_error(code, err, "is a directory")
     code, _, err = run_cli(capsys, "export", str(saved.path), "--format", "tflite")
     assert code == 2 and "tflite" in err
+
+
+def test_the_export_carries_the_test_time_augmentation(tmp_path: Path):
+    """A model scored with flip TTA is exported with it: the file's logits are the mean over
+    the image and its mirror image, not the plain network's."""
+    spec = dataclasses.replace(CONV_BN, tta="flip")
+    saved = _saved(tmp_path / "model", spec)
+    path = export_onnx(saved, tmp_path / "model.onnx")
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    (got,) = session.run(None, {"image": x.numpy()})
+    plain = build_module(spec).eval()
+    plain.load_state_dict(saved.module.net.state_dict())
+    with torch.inference_mode():
+        averaged = ((plain(x) + plain(x.flip(-1))) / 2).numpy()
+        unaugmented = plain(x).numpy()
+    assert np.abs(got - averaged).max() <= 1e-5
+    assert np.abs(got - unaugmented).max() > 1e-3

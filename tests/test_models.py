@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +16,7 @@ from fashionlab.models import (
     conv_output_size,
     flat_features,
     forward_flops,
+    inference_module,
 )
 from fashionlab.rng import MemberGenerators
 
@@ -178,3 +181,24 @@ def test_convolutions_run_channels_last_from_the_first_layer():
     convolved = next(o for o in outputs if o.shape[1] == members * 4)
     assert convolved.is_contiguous(memory_format=torch.channels_last)
     assert convolved.stride(1) == 1
+
+
+def test_flip_tta_logits_are_the_mean_over_the_two_views():
+    spec = dataclasses.replace(CONV, tta="flip")
+    stack = _stack(spec, 1).eval()
+    x = torch.rand(1, 6, 28, 28)
+    plain = build_module(spec).eval()
+    plain.load_state_dict(stack.member_state_dict(0))
+    views = plain(x[0].unsqueeze(1)), plain(x[0].flip(-1).unsqueeze(1))
+    torch.testing.assert_close(stack.infer(x)[0], (views[0] + views[1]) / 2, rtol=1e-5,
+                               atol=1e-5)
+    tta = inference_module(spec, plain)
+    torch.testing.assert_close(tta(x[0].unsqueeze(1)), (views[0] + views[1]) / 2)
+    assert not torch.allclose(stack.infer(x), stack(x))  # the views do differ
+    # Without tta, scoring is the plain forward pass and the plain module is used as it is.
+    torch.testing.assert_close(_stack(CONV, 1).eval().infer(x), _stack(CONV, 1).eval()(x))
+    assert inference_module(CONV, plain) is plain
+
+
+def test_tta_is_part_of_the_stacking_shape():
+    assert dataclasses.replace(DENSE, tta="flip").shape_key() != DENSE.shape_key()

@@ -105,12 +105,13 @@ def test_dropping_a_member_leaves_the_others_unchanged(tiny: Tensors):
         assert first[key] + rest[key] == full[key]
 
 
-@pytest.mark.parametrize(("optimizer", "model", "seeds"),
-                         [("adam", CONV, [1]), ("sgd", CONV, [2]), ("adam", DENSE, [1, 2])],
-                         ids=["conv-adam", "conv-sgd", "dense-adam"])
+@pytest.mark.parametrize(("optimizer", "model", "seeds", "ema"),
+                         [("adam", CONV, [1], 0.0), ("sgd", CONV, [2], 0.0),
+                          ("adam", DENSE, [1, 2], 0.0), ("adam", CONV, [1], 0.9)],
+                         ids=["conv-adam", "conv-sgd", "dense-adam", "conv-ema"])
 def test_checkpoint_continues_bit_identically(tiny: Tensors, optimizer: str, model: ModelSpec,
-                                              seeds: list[int]):
-    spec = dataclasses.replace(TRAIN, optimizer=optimizer, schedule="onecycle",
+                                              seeds: list[int], ema: float):
+    spec = dataclasses.replace(TRAIN, optimizer=optimizer, schedule="onecycle", ema=ema,
                                augment=Augment(crop=2, flip=True), learning_rate=0.01)
     reference = _histories(StackTrainer(_members(model, seeds), spec, _cv_data(tiny), CPU), 4)
     trainer = StackTrainer(_members(model, seeds), spec, _cv_data(tiny), CPU)
@@ -191,3 +192,48 @@ def test_augmentation_keeps_shapes_and_moves_pixels():
     assert not torch.equal(out, x)
     # A crop shifts the item by at most 3 pixels and never invents brightness.
     assert out.sum() <= x.sum() and out.max() == 1.0
+
+
+def _parameters(net: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in net.parameters()]
+
+
+@pytest.mark.parametrize("model", [DENSE, CONV], ids=["dense", "conv"])
+def test_ema_weights_follow_the_formula(tiny: Tensors, model: ModelSpec):
+    """After every step w_avg <- d * w_avg + (1 - d) * w, starting from the first step's w;
+    the averaged weights are the ones scored and saved."""
+    decay = 0.8
+    seeds = [1, 2] if model is DENSE else [1]
+    trainer = StackTrainer(_members(model, seeds), dataclasses.replace(TRAIN, ema=decay),
+                           _cv_data(tiny), CPU)
+    expected: list[torch.Tensor] = []
+
+    def average(optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        weights = _parameters(trainer.net)
+        if not expected:
+            expected.extend(weights)
+        else:
+            for avg, w in zip(expected, weights):
+                avg.mul_(decay).add_(w, alpha=1 - decay)
+
+    trainer.optimizer.register_step_post_hook(average)
+    trainer.run_epoch()
+    assert trainer.ema is not None and trainer.scored_net is trainer.ema.module
+    for got, want in zip(_parameters(trainer.ema.module), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(a, b) for a, b in zip(expected, _parameters(trainer.net)))
+    key = trainer.keys[0]
+    saved = trainer.member_state_dict(key)
+    assert torch.equal(next(iter(saved.values())),
+                       next(iter(trainer.ema.module.member_state_dict(0).values())))
+
+
+def test_ema_survives_dropping_a_member(tiny: Tensors):
+    spec = dataclasses.replace(TRAIN, ema=0.9)
+    full = _histories(StackTrainer(_members(DENSE, [1, 2, 3]), spec, _cv_data(tiny), CPU), 3)
+    trainer = StackTrainer(_members(DENSE, [1, 2, 3]), spec, _cv_data(tiny), CPU)
+    first = _histories(trainer, 1)
+    trainer.drop(["m2"])
+    rest = _histories(trainer, 2)
+    for key in ("m1", "m3"):
+        np.testing.assert_allclose(first[key] + rest[key], full[key], rtol=1e-6, atol=1e-7)

@@ -88,6 +88,9 @@ class ModelSpec:
     dropout: Rate = 0.0  # dropout on the flattened features (the seed CNN uses 0.3)
     layers: tuple[DenseLayer, ...] = ()  # hidden dense layers
     n_classes: PositiveInt = N_CLASSES  # output units (softmax)
+    # Test-time augmentation, wherever the model is scored or used (validation, test, evaluate,
+    # predict, export): "flip" averages the logits of each image and its mirror image.
+    tta: Literal["none", "flip"] = "none"
 
     @model_validator(mode="after")
     def _fits_the_image(self) -> ModelSpec:
@@ -122,7 +125,7 @@ class ModelSpec:
         kernels, padding, pooling and batch norm may not.
         """
         conv = tuple((c.filters, c.kernel, c.padding, c.batch_norm, c.pool) for c in self.conv)
-        return (conv, tuple(layer.units for layer in self.layers), self.n_classes)
+        return (conv, tuple(layer.units for layer in self.layers), self.n_classes, self.tta)
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,6 +169,10 @@ class TrainSpec:
     # stay fp32); auto: bf16 where the device computes it natively, else fp32.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     early_stopping: EarlyStopping | None = None
+    # An exponential moving average of the weights (and batch-norm statistics), updated after
+    # every step with this decay: w_avg <- decay * w_avg + (1 - decay) * w. The averaged weights
+    # are the ones validated, tested and saved. 0: off.
+    ema: Rate = 0.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,8 +368,23 @@ class StudySpec:
 
     def fingerprint(self) -> str:
         """A short hash of the resolved configuration: equal configs, equal fingerprints."""
-        text = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        text = json.dumps(_without_later_defaults(self.to_dict()), sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+# Settings added after studies were first stored, with the value that means "as before". At that
+# value they are left out of the fingerprint, so a study written before them keeps its
+# fingerprint: its stored runs still resume, and compare as the same study.
+LATER_DEFAULTS: dict[str, Any] = {"tta": "none", "ema": 0.0}
+
+
+def _without_later_defaults(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _without_later_defaults(item) for key, item in value.items()
+                if not (key in LATER_DEFAULTS and item == LATER_DEFAULTS[key])}
+    if isinstance(value, (list, tuple)):
+        return [_without_later_defaults(item) for item in value]
+    return value
 
 
 def base_candidate(spec: StudySpec) -> Candidate:
