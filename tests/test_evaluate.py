@@ -135,3 +135,27 @@ def test_bad_input():
         evaluate(module, Split(bad.images, np.array([0, 1], np.uint8)), ("a", "b", "c"))
     with pytest.raises(ValueError, match="class_names"):
         evaluate(module, _random_split(2))
+
+
+def test_the_study_and_evaluate_score_a_tta_model_alike(tmp_path: Path):
+    """A model with flip test-time augmentation: the test score a study records (the trainer's
+    `evaluate`) and `fashionlab evaluate` on the saved model are the same number, and both
+    differ from the plain network's."""
+    from fashionlab.config import TrainSpec
+    from fashionlab.data import to_tensors
+    from fashionlab.train import Member, StackTrainer, Tensors
+
+    spec = ModelSpec(layers=(DenseLayer(units=12),), tta="flip")
+    split = _random_split(64, seed=3)
+    x, y = to_tensors(split)
+    member = Member("m", spec, np.arange(1), None, 0)
+    trainer = StackTrainer([member], TrainSpec(precision="fp32"), Tensors(x, y, x, y),
+                           torch.device("cpu"))
+    loss, accuracy = trainer.evaluate(x, y, torch.arange(64).unsqueeze(0))
+    saved = load_model(save_model(tmp_path / "m", spec=spec, state=trainer.member_state_dict("m"),
+                                  class_names=CLASS_NAMES, metadata={}))
+    result = evaluate(saved, split, CLASS_NAMES)
+    assert result.loss == pytest.approx(loss[0], rel=1e-5)
+    assert result.accuracy == pytest.approx(accuracy[0])
+    plain = evaluate(saved.module.net, split, CLASS_NAMES)
+    assert plain.loss != pytest.approx(result.loss, rel=1e-5)
