@@ -1,0 +1,142 @@
+"""Where one training step of a seed-study model goes: per-op CPU time and bytes moved.
+
+Builds the stack the study trains (the 5 folds of a dense candidate as one stacked model, or
+the CNN alone), runs a few warm-up steps, then profiles `--steps` steps with torch.profiler and
+prints the ops by self time, grouped into families (matrix products, elementwise, random
+numbers, gathers, optimiser, casts, reductions), the number of ops per step, and an estimate of
+the bytes the step must move against the machine's memory bandwidth measured in the same run.
+
+    .venv/bin/python benchmarks/profile_step.py --model dense256_drop --threads 1
+    .venv/bin/python benchmarks/profile_step.py --model cnn --threads 1 --steps 30
+
+Run by hand; nothing else should run on the machine meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import time
+from collections import defaultdict
+
+import numpy as np
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from fashionlab.config import load_study
+from fashionlab.cv import make_folds
+from fashionlab.data import load_fashion_mnist, to_tensors
+from fashionlab.train import Member, StackTrainer, Tensors
+
+SEED_NAMES = {"dense64": "dense(64)", "dense64_l2": "dense(64) L2",
+              "dense64_drop": "dense(64) dropout", "dense256_drop": "dense(256) dropout",
+              "dense64x2_drop": "dense(64)x2 dropout", "dense256x2_drop": "dense(256)x2 dropout",
+              "cnn": "cnn"}
+
+# Op name fragments -> family, first match wins.
+FAMILIES = (
+    ("matmul", ("bmm", "addmm", "mm", "linear", "matmul", "convolution", "conv")),
+    ("optimizer", ("adam", "_fused", "foreach", "lerp", "sgd")),
+    ("random", ("random", "bernoulli", "randperm", "uniform")),
+    ("gather/scatter", ("index", "gather", "scatter", "embedding", "select_backward", "take")),
+    ("cast/copy", ("copy_", "to", "_to_copy", "contiguous", "clone", "cat", "stack")),
+    ("pool", ("pool",)),
+    ("norm", ("batch_norm", "native_batch_norm")),
+    ("loss/softmax", ("softmax", "nll", "cross_entropy")),
+    ("reduction", ("sum", "mean", "argmax", "max", "eq")),
+    ("elementwise", ("relu", "threshold", "mul", "div", "add", "sub", "ge", "where", "pow",
+                     "fill", "zero", "ones", "zeros", "empty", "view", "reshape", "expand")),
+)
+
+
+def family(name: str) -> str:
+    name = name.removeprefix("aten::").lower()
+    for fam, parts in FAMILIES:
+        if any(part in name for part in parts):
+            return fam
+    return "other"
+
+
+def memory_bandwidth(size_mb: int = 256, repeats: int = 10) -> float:
+    """GB/s of a large copy (read + write), as a ceiling for memory-bound ops."""
+    src = torch.ones(size_mb * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        dst.copy_(src)
+    return 2 * src.numel() * 4 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def build(model: str) -> tuple[StackTrainer, int]:
+    spec = load_study("seed")
+    candidate = next(c for c in spec.candidates + spec.final if c.name == SEED_NAMES[model])
+    dataset = load_fashion_mnist()
+    x, y = to_tensors(dataset.train)
+    if model == "cnn":
+        x_test, y_test = to_tensors(dataset.test)
+        data = Tensors(x, y, x_test, y_test)
+        members = [Member("cnn", candidate.model, np.arange(60000), np.arange(10000), 0)]
+    else:
+        data = Tensors(x, y, x, y)
+        members = [Member(f"fold-{f.index}", candidate.model, f.train_index, f.val_index, f.index)
+                   for f in make_folds(60000, spec.cv, seed=0)]
+    train = dataclasses.replace(candidate.train, epochs=1)
+    return StackTrainer(members, train, data, torch.device("cpu")), len(members)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=sorted(SEED_NAMES), default="dense256_drop")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--top", type=int, default=18)
+    parser.add_argument("--json", help="also write the profile here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    trainer, n_members = build(args.model)
+    steps = trainer.steps_per_epoch
+    # Time a whole epoch without the profiler first (its own overhead inflates small ops).
+    start = time.perf_counter()
+    trainer.run_epoch()
+    epoch_seconds = time.perf_counter() - start
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+        trainer.run_epoch()
+    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    total_us = sum(e.self_cpu_time_total for e in events)
+    by_family: dict[str, float] = defaultdict(float)
+    calls = 0
+    for e in events:
+        by_family[family(e.key)] += e.self_cpu_time_total
+        calls += e.count
+    bandwidth = memory_bandwidth()
+
+    print(f"{args.model}: {n_members} member(s), {steps} steps per epoch, {args.threads} "
+          f"thread(s), CPU {platform.processor() or platform.machine()}")
+    print(f"epoch without profiler: {epoch_seconds:.3f} s ({epoch_seconds / steps * 1e3:.2f} ms"
+          f" per step incl. validation); aten ops per step: {calls / steps:.0f}")
+    print(f"memory bandwidth (copy): {bandwidth:.1f} GB/s\n")
+    print(f"{'family':16} {'share':>6} {'ms/step':>8}")
+    for fam, us in sorted(by_family.items(), key=lambda kv: -kv[1]):
+        print(f"{fam:16} {us / total_us:6.1%} {us / steps / 1e3:8.3f}")
+    print(f"\n{'op':40} {'share':>6} {'calls/step':>10} {'us/call':>8}")
+    top = sorted(events, key=lambda e: -e.self_cpu_time_total)[: args.top]
+    for e in top:
+        print(f"{e.key:40} {e.self_cpu_time_total / total_us:6.1%} {e.count / steps:10.1f} "
+              f"{e.self_cpu_time_total / e.count:8.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "threads": args.threads, "steps": steps,
+                       "epoch_seconds": epoch_seconds, "ops_per_step": calls / steps,
+                       "bandwidth_gbs": bandwidth,
+                       "families_ms_per_step": {k: v / steps / 1e3 for k, v in by_family.items()},
+                       "top": [[e.key, e.self_cpu_time_total / steps / 1e3, e.count / steps]
+                               for e in top]}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
