@@ -34,6 +34,7 @@ from fashionlab.config import (
 from fashionlab.cv import MemberResult
 from fashionlab.errors import ConfigError
 from fashionlab.models import forward_flops
+from fashionlab.runner import training_flops
 from fashionlab.runs import describe_run
 from fashionlab.search import (
     consensus_scores,
@@ -197,6 +198,12 @@ def test_the_bundled_search_has_the_manual_studys_budget():
     spec = load_study("search")
     assert spec.search is not None
     assert spec.search.budget == 6 * 5 * 40 and spec.cv.n_splits == 5
+    # Its TFLOP budget is the seed study's cross-validation arithmetic (39 TFLOP), rounded up.
+    seed = load_study("seed")
+    manual = sum(spec.cv.n_splits * training_flops(c.model, 48_000, c.train.epochs)
+                 for c in seed.candidates) / 1e12
+    assert manual <= (spec.search.budget_tflop or 0) < manual + 1
+    assert spec.search.pruner == "median-compute"
     assert base_candidate(spec).name == "dense(256) dropout"
     assert set(spec.search.space) >= {"n_layers", "units", "dropout", "l2", "learning_rate",
                                       "batch_size"}
