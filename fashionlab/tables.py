@@ -32,6 +32,7 @@ __all__ = [
     "search_markdown",
     "search_overview",
     "spent_line",
+    "spent_note",
     "trial_cells",
 ]
 
@@ -192,6 +193,11 @@ def spent_line(spent: Mapping[str, Any]) -> str:
         parts.append(f"{text.number(spent['tflop'], '.3g')}"
                      f"{of('budget_tflop', lambda v: text.number(v, '.3g'))} TFLOP")
     return ", ".join(parts)
+
+
+def spent_note(summary: Mapping[str, Any]) -> str:
+    """A finished search's cost and why it stopped, on one line (the command, the report)."""
+    return f"spent: {spent_line(summary)}; stopped by {summary.get('stopped_by', '-')}"
 
 
 def search_overview(summary: Mapping[str, Any]) -> str:

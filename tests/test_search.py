@@ -333,6 +333,9 @@ warmup = 1
     assert {row["tflop"] for row in summary["trials"]} >= {t.user_attrs["tflop"]
                                                           for t in trials}
     assert "/0.0005 TFLOP" in (result.output_dir / "results.md").read_text()
+    report = (result.output_dir / "report.html").read_text()
+    assert "TFLOP; stopped by budget_tflop" in report
+    assert "Every fold read at the CV-consensus epoch" in report
     # The command line says what was spent (the finished search, read back).
     code, out, err = run_cli(capsys, "search", str(path), "--run-dir", str(tmp_path / "runs"))
     assert code == 0, err

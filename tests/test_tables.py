@@ -19,6 +19,7 @@ from fashionlab.tables import (
     rows_to_csv,
     search_markdown,
     spent_line,
+    spent_note,
     trial_cells,
 )
 
@@ -84,6 +85,8 @@ def test_what_a_search_spent_is_shown_against_its_budgets():
              "tflop": 3.21, "budget_tflop": 50.0}
     assert spent_line(spent) == "412/1200 fold-epochs, 6.1 min of training, 3.21/50 TFLOP"
     assert spent_line({"fold_epochs": 7}) == "7 fold-epochs"
+    assert spent_note({**spent, "stopped_by": "budget_tflop"}).endswith(
+        "3.21/50 TFLOP; stopped by budget_tflop")
     headers, (cells,) = trial_cells({**SEARCH, "top": [{**SEARCH["top"][0], "tflop": 0.0123}]})
     assert cells[headers.index("TFLOP")] == "0.0123"
 
