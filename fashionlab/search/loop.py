@@ -21,7 +21,7 @@ Pruning: with the median pruners the folds of a trial train together as one stac
 epoch reports the mean over folds of each fold's best objective so far (monotone, and
 meaningful with early stopping); "median" compares trials at equal epochs, "median-compute" at
 equal training FLOP (fashionlab.search.cost). The Wilcoxon pruner trains the folds one after
-another and reports each fold's score at its own best epoch (step = fold index), pruning a
+another and reports each fold's score read on that fold alone (step = fold index), pruning a
 trial that is significantly worse than the best on the folds seen so far. These reports only
 steer pruning: a finished trial is scored with every fold read at its CV-consensus epoch
 (fashionlab.search.finish.consensus_scores).
