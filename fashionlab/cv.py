@@ -32,7 +32,7 @@ from fashionlab.checkpoints import (
     temporary_path,
     write_checkpoint,
 )
-from fashionlab.config import CVSpec, EarlyStopping, TrainSpec
+from fashionlab.config import CVSpec, EarlyStopping, TrainSpec, WarningRule
 from fashionlab.errors import ConfigError
 from fashionlab.rng import derive_seed
 from fashionlab.text import first_line
@@ -402,6 +402,19 @@ def mean_curves(
         values = [m.get(metric) for m in result.history[:epochs]]
         curves[i, : len(values)] = values
     return curves
+
+
+def consensus_warning(results: Sequence[MemberResult], rule: WarningRule) -> OverfitWarning:
+    """The warning rule on the mean val_loss curve across `results` (a candidate's folds),
+    over the epochs every one of them reached: with early stopping, later means would mix
+    fewer folds. Its `chosen_epoch` is the CV-consensus epoch, one epoch for all folds, which
+    every fold has trained (a fold that stopped earlier shortens the curve)."""
+    reached = min((len(r.history) for r in results), default=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a diverged model's NaN epochs
+        mean_val_loss = np.nanmean(mean_curves(results, "val_loss", reached), axis=0) \
+            if reached else np.array([])
+    return overfitting_warning(mean_val_loss, patience=rule.patience, min_delta=rule.min_delta)
 
 
 def member_seed(seed: int, *keys: str | int) -> int:

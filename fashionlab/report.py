@@ -26,10 +26,12 @@ from fashionlab.store import EpochRecord, RunRecord, Store
 from fashionlab.tables import (
     HEADERS,
     LEGEND,
+    SEARCH_LEGEND,
     display_rows,
     reference_lines,
     retrain_line,
     rows_from_summary,
+    spent_note,
     trial_cells,
 )
 from fashionlab.text import duration, finite, number, safe_name, verdict
@@ -342,8 +344,9 @@ def _search_section(summary: Mapping[str, Any]) -> dict[str, Any]:
     statistics = None
     if summary.get("top"):  # a finished search: the top trials with their paired tests
         headers, rows = trial_cells(summary)
-        statistics = {"headers": headers, "rows": rows,
-                      "notes": reference_lines(summary) + [retrain_line(summary)]}
+        statistics = {"headers": headers, "rows": rows, "legend": SEARCH_LEGEND,
+                      "notes": [spent_note(summary), *reference_lines(summary),
+                                retrain_line(summary)]}
     return {
         "statistics": statistics,
         "direction": direction,

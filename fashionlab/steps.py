@@ -27,9 +27,9 @@ from fashionlab.cv import (
     Fold,
     MemberResult,
     OverfitWarning,
+    consensus_warning,
     mean_curves,
     member_seed,
-    overfitting_warning,
 )
 from fashionlab.data import Dataset, Split, load_fashion_mnist
 from fashionlab.progress import Reporter
@@ -263,14 +263,7 @@ def summarize_models(candidate: Candidate, results: list[MemberResult], role: st
     epoch (early stopping's best epoch, else the warning epoch)."""
     epochs = candidate.train.epochs
     curves = {metric: mean_curves(results, metric, epochs) for metric in METRICS}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a diverged model's NaN epochs
-        # Epochs every model reached: with early stopping, later means would mix fewer folds.
-        reached = min(len(r.history) for r in results)
-        mean_val_loss = np.nanmean(curves["val_loss"][:, :reached], axis=0) \
-            if reached else np.array([])
-    warning = overfitting_warning(mean_val_loss, patience=rule.patience,
-                                  min_delta=rule.min_delta)
+    warning = consensus_warning(results, rule)
     n = len(results)
     if candidate.train.early_stopping is not None:
         result_epochs = np.array([r.best_epoch or len(r.history) for r in results])

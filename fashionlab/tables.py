@@ -31,6 +31,8 @@ __all__ = [
     "rows_to_csv",
     "search_markdown",
     "search_overview",
+    "spent_line",
+    "spent_note",
     "trial_cells",
 ]
 
@@ -112,9 +114,11 @@ def rows_to_csv(rows: Iterable[Row]) -> str:
 # --------------------------------------------------------------------------------------------
 # A search (its stored summary: "top", "reference", "retrain", "objective", ...)
 
-SEARCH_LEGEND = ("Mean ± std across folds at each fold's result epoch, 95% CI from Student's t; "
-                 "vs best: corrected resampled t-test on the paired folds, Holm-adjusted p. "
-                 "epoch: the CV-consensus epoch (the retraining length).")
+SEARCH_LEGEND = ("Every fold read at the CV-consensus epoch (epoch: one epoch for all folds, the "
+                 "[warning] rule on the mean val_loss curve over the epochs every fold reached; "
+                 "the retraining length), the reference study's candidate too. Mean ± std "
+                 "across folds, 95% CI from Student's t; vs best: corrected resampled t-test on "
+                 "the paired folds, Holm-adjusted p. TFLOP: estimated training arithmetic.")
 
 
 def params_text(params: Mapping[str, Any], width: int | None = None) -> str:
@@ -135,14 +139,14 @@ def trial_cells(summary: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]
     """Headers and cells of the top-trials table."""
     score = _score(summary)
     headers = ["trial", summary.get("objective", "score"), "95% CI", "vs best", "epoch",
-               "fold-epochs", "parameters"]
+               "fold-epochs", "TFLOP", "parameters"]
     rows = []
     for row in summary.get("top") or []:
         trial = str(row["trial"]) + (f" (base: {row['base']})" if row.get("base") else "")
         rows.append([trial, f"{score(row['mean'])} ± {score(row['std'])}",
                      f"[{score(row['ci_low'])}, {score(row['ci_high'])}]", row["verdict"],
                      str(row.get("consensus_epoch") or "-"), str(row.get("fold_epochs") or "-"),
-                     params_text(row["params"])])
+                     text.number(row.get("tflop"), ".3g"), params_text(row["params"])])
     return headers, rows
 
 
@@ -156,7 +160,8 @@ def reference_lines(summary: Mapping[str, Any], alpha: float = 0.05) -> list[str
             lines.append(f"vs {ref['reference']}: not tested ({ref['missing']})")
             continue
         diff = text.number(ref["difference"], "+.2f", 100 if as_percent else 1)
-        lines.append(f"vs {ref['reference']} ({score(ref['score'])}): {diff}"
+        read = f" at its CV-consensus epoch {ref['epoch']}" if ref.get("epoch") else ""
+        lines.append(f"vs {ref['reference']} ({score(ref['score'])}{read}): {diff}"
                      f"{' points' if as_percent else ''}, t={text.number(ref['t'], '.2f')}, "
                      f"p={text.number(ref['p_value'], '.3g')} ({ref['kind']}): "
                      f"{ref['verdict']} at alpha {alpha}. Test: {ref['test']}.")
@@ -172,14 +177,36 @@ def retrain_line(summary: Mapping[str, Any]) -> str:
             f"({retrain['model_dir']})")
 
 
+def spent_line(spent: Mapping[str, Any]) -> str:
+    """What a search's trials spent, each against its budget where it has one:
+    "412/1200 fold-epochs, 6.1 min of training, 3.2/50 TFLOP" (`spent` holds fold_epochs,
+    train_seconds, tflop and budget, budget_seconds, budget_tflop, as its summary does)."""
+    def of(key: str, form: Any) -> str:
+        limit = spent.get(key)
+        return f"/{form(limit)}" if limit else ""
+
+    parts = [f"{spent.get('fold_epochs', 0)}{of('budget', str)} fold-epochs"]
+    if spent.get("train_seconds") is not None:
+        parts.append(f"{text.duration(spent['train_seconds'])}"
+                     f"{of('budget_seconds', text.duration)} of training")
+    if spent.get("tflop") is not None:
+        parts.append(f"{text.number(spent['tflop'], '.3g')}"
+                     f"{of('budget_tflop', lambda v: text.number(v, '.3g'))} TFLOP")
+    return ", ".join(parts)
+
+
+def spent_note(summary: Mapping[str, Any]) -> str:
+    """A finished search's cost and why it stopped, on one line (the command, the report)."""
+    return f"spent: {spent_line(summary)}; stopped by {summary.get('stopped_by', '-')}"
+
+
 def search_overview(summary: Mapping[str, Any]) -> str:
     """A finished search in one sentence (Markdown: the run and Optuna study as `code`)."""
     counts = summary.get("counts") or {}
-    budget = f" of {summary['budget']}" if summary.get("budget") else ""
     return (f"Run `{summary['run_id']}`, Optuna study `{summary['study_name']}`: "
             f"{counts.get('complete', 0)} complete, {counts.get('pruned', 0)} pruned, "
-            f"{counts.get('fail', 0)} failed trials; {summary['fold_epochs']}{budget} "
-            f"fold-epochs; stopped by {summary['stopped_by']}; wall time "
+            f"{counts.get('fail', 0)} failed trials; {spent_line(summary)}; stopped by "
+            f"{summary['stopped_by']}; wall time "
             f"{text.duration(summary.get('wall_seconds') or 0)}.")
 
 

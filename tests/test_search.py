@@ -24,13 +24,30 @@ import sqlalchemy as sa
 from helpers import OnEpoch, assert_one_line_error, run_cli, tiny_study_toml
 from optuna.trial import TrialState
 
-from fashionlab.config import base_candidate, load_study, quick_variant, study_from_dict
+from fashionlab.config import (
+    WarningRule,
+    base_candidate,
+    load_study,
+    quick_variant,
+    study_from_dict,
+)
+from fashionlab.cv import MemberResult
 from fashionlab.errors import ConfigError
+from fashionlab.models import forward_flops
+from fashionlab.runner import training_flops
 from fashionlab.runs import describe_run
-from fashionlab.search import make_pruner, make_sampler, run_search, search_identity
+from fashionlab.search import (
+    consensus_scores,
+    make_pruner,
+    make_sampler,
+    run_search,
+    search_identity,
+)
 from fashionlab.search.space import FixedParams, base_params, suggest
 from fashionlab.search.storage import open_storage
 from fashionlab.store import Store, database_url, default_url
+from fashionlab.study import run_study
+from fashionlab.train import EpochMetrics
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -181,6 +198,12 @@ def test_the_bundled_search_has_the_manual_studys_budget():
     spec = load_study("search")
     assert spec.search is not None
     assert spec.search.budget == 6 * 5 * 40 and spec.cv.n_splits == 5
+    # Its TFLOP budget is the seed study's cross-validation arithmetic (39 TFLOP), rounded up.
+    seed = load_study("seed")
+    manual = sum(spec.cv.n_splits * training_flops(c.model, 48_000, c.train.epochs)
+                 for c in seed.candidates) / 1e12
+    assert manual <= (spec.search.budget_tflop or 0) < manual + 1
+    assert spec.search.pruner == "median-compute"
     assert base_candidate(spec).name == "dense(256) dropout"
     assert set(spec.search.space) >= {"n_layers", "units", "dropout", "l2", "learning_rate",
                                       "batch_size"}
@@ -268,6 +291,126 @@ warmup = 1
     hopeless = result.trials[2]
     assert hopeless.user_attrs["stopped"] == "pruned at epoch 2"
     assert hopeless.user_attrs["fold_epochs"] == 3 * 2  # 3 folds stopped after 2 of 4 epochs
+
+
+def test_a_compute_budget_stops_the_search_and_every_trial_states_its_cost(
+        tiny_idx_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    # One fold-epoch of dense(16) on 200 images: 3 x forward_flops x 200 = 1.5e-5 TFLOP.
+    path = _load(search_toml(tiny_idx_dir, search="""
+n_trials = 20
+budget_tflop = 5e-4
+sampler = "random"
+pruner = "median-compute"
+startup_trials = 1
+warmup = 1
+""", space="units = { low = 8, high = 64 }\nlearning_rate = { low = 1e-3, high = 0.05 }"),
+        tmp_path)
+    spec = load_study(path)
+    assert spec.search is not None
+    result = run_search(spec, run_dir=tmp_path / "runs", progress=False)
+    assert result.finished and result.stopped_by == "budget_tflop"
+    trials = [t for t in result.trials if t.state in FINISHED]
+    assert 2 <= len(trials) < 20
+    # No trial starts once the budget is spent: the last one started below it.
+    assert sum(t.user_attrs["tflop"] for t in trials[:-1]) < 5e-4
+    assert sum(t.user_attrs["tflop"] for t in trials) >= 5e-4
+    base = base_candidate(spec)
+    for trial in trials:
+        model = suggest(FixedParams(trial.params), spec.search, base, "t").model
+        expected = trial.user_attrs["fold_epochs"] * 3 * forward_flops(model) * 200 / 1e12
+        assert trial.user_attrs["tflop"] == pytest.approx(expected)
+        assert trial.user_attrs["train_seconds"] > 0
+        # The equal-compute pruner's reports: the TFLOP trained up to each epoch.
+        steps = trial.user_attrs["step_tflop"]
+        assert steps == pytest.approx([3 * forward_flops(model) * 200 / 1e12 * 3 * e
+                                       for e in range(1, len(steps) + 1)])
+    summary = result.summary
+    assert summary is not None and summary["budget_tflop"] == 5e-4
+    assert summary["tflop"] == pytest.approx(sum(t.user_attrs["tflop"] for t in trials))
+    assert summary["fold_epochs"] == sum(t.user_attrs["fold_epochs"] for t in trials)
+    assert summary["train_seconds"] == pytest.approx(
+        sum(t.user_attrs["train_seconds"] for t in trials))
+    assert {row["tflop"] for row in summary["trials"]} >= {t.user_attrs["tflop"]
+                                                          for t in trials}
+    assert "/0.0005 TFLOP" in (result.output_dir / "results.md").read_text()
+    report = (result.output_dir / "report.html").read_text()
+    assert "TFLOP; stopped by budget_tflop" in report
+    assert "Every fold read at the CV-consensus epoch" in report
+    # The command line says what was spent (the finished search, read back).
+    code, out, err = run_cli(capsys, "search", str(path), "--run-dir", str(tmp_path / "runs"))
+    assert code == 0, err
+    assert "TFLOP; stopped by budget_tflop" in out and "of training" in out
+
+
+def test_a_seconds_budget_starts_no_trial_once_spent(tiny_idx_dir: Path, tmp_path: Path):
+    path = _load(search_toml(tiny_idx_dir, search="n_trials = 5\nbudget_seconds = 0.001",
+                             space="learning_rate = { low = 1e-3, high = 0.1, log = true }"),
+                 tmp_path)
+    result = run_search(load_study(path), run_dir=tmp_path / "runs", progress=False)
+    assert result.stopped_by == "budget_seconds" and len(result.trials) == 1
+    assert result.summary is not None and result.summary["train_seconds"] >= 0.001
+
+
+def _history(val_loss: list[float], val_accuracy: list[float]) -> list[EpochMetrics]:
+    return [EpochMetrics(0.0, 0.0, loss, acc, 1.0) for loss, acc in zip(val_loss, val_accuracy)]
+
+
+def test_consensus_scores_read_every_fold_at_one_epoch():
+    # Fold a is best at epoch 2, fold b at 3; the mean val_loss curve is 1.0, 0.65, 0.5, 0.8:
+    # with patience 1 the warning fires at epoch 3, which both folds are read at.
+    a = MemberResult("a", _history([1.0, 0.5, 0.6, 0.7], [0.1, 0.8, 0.7, 0.6]))
+    b = MemberResult("b", _history([1.0, 0.8, 0.4, 0.9], [0.2, 0.5, 0.9, 0.4]))
+    read = consensus_scores([a, b], WarningRule(patience=1, min_delta=0.0))
+    assert read.epoch == 3
+    assert list(read.val_accuracy) == [0.7, 0.9] and list(read.val_loss) == [0.6, 0.4]
+    # A fold stopped early (a after 3 epochs): the consensus lies within the epochs every
+    # fold reached (1.0, 0.65, 0.5: no warning, the lowest mean is epoch 3); no fold is read
+    # past its last epoch.
+    a.history = a.history[:3]
+    assert consensus_scores([a, b], WarningRule(patience=1, min_delta=0.0)).epoch == 3
+    a.history = a.history[:2]
+    read = consensus_scores([a, b], WarningRule(patience=1, min_delta=0.0))
+    assert read.epoch == 2 and list(read.val_accuracy) == [0.8, 0.5]
+
+
+def test_trials_and_the_reference_candidate_are_read_by_one_rule(tiny_idx_dir: Path,
+                                                                  tmp_path: Path):
+    """The base trial is the reference study's candidate (same folds, seeds and training): read
+    by the same rule, its fold scores are the reference's, though the reference study read
+    each fold at its own early-stopping epoch."""
+    train = ('learning_rate = 0.003\n'
+             'early_stopping = { monitor = "val_loss", patience = 1, min_delta = 0.03 }')
+    candidate = '[[candidates]]\nname = "small"\nlayers = [{ units = 16 }]\n'
+    reference = tmp_path / "reference.toml"
+    reference.write_text(tiny_study_toml(tiny_idx_dir, name="tiny-ref", epochs=8, train=train,
+                                         patience=1, final=False, candidates=candidate))
+    run_dir = tmp_path / "runs"
+    study = run_study(load_study(reference), run_dir=run_dir, progress=False)
+    (theirs,) = [c for c in study.candidates if c.name == "small"]
+    assert len(set(theirs.result_epochs)) > 1  # the folds stopped at different epochs
+    path = _load(search_toml(tiny_idx_dir, epochs=8, train=train, search="""
+n_trials = 2
+pruner = "none"
+objective = "val_loss"
+[search.reference]
+study = "tiny-ref"
+candidate = "small"
+""", space="learning_rate = { low = 1e-3, high = 0.05, log = true }"), tmp_path)
+    result = run_search(load_study(path), run_dir=run_dir, progress=False)
+    summary = result.summary
+    assert summary is not None and summary["score_rule"] == "cv-consensus epoch"
+    (row,) = summary["reference"]
+    assert row["kind"] == "paired" and row["reference"] == f"small (run {study.run.id})"
+    base = result.trials[0]
+    assert base.user_attrs["base"] == "small"
+    assert row["fold_scores"] == base.user_attrs["fold_scores"]
+    assert row["epoch"] == base.user_attrs["consensus_epoch"]
+    assert row["score"] == pytest.approx(sum(row["fold_scores"]) / 3)
+    # Not the study's own reading (each fold at its best epoch, chosen on that fold).
+    assert row["fold_scores"] != pytest.approx(list(theirs.val_loss))
+    text = (result.output_dir / "results.md").read_text()
+    assert f"at its CV-consensus epoch {row['epoch']})" in text
+    assert "Every fold read at the CV-consensus epoch" in text
 
 
 def test_a_grid_with_the_wilcoxon_pruner_reports_per_fold(tiny_idx_dir: Path, tmp_path: Path):

@@ -18,6 +18,8 @@ from fashionlab.tables import (
     rows_from_summary,
     rows_to_csv,
     search_markdown,
+    spent_line,
+    spent_note,
     trial_cells,
 )
 
@@ -72,8 +74,21 @@ def test_a_search_table_and_its_lines():
     assert missing == "vs seed: not tested (no run)"
     assert "test accuracy 89.85%" in retrain_line(SEARCH)
     assert "wall time 90.0 s" in search_markdown(SEARCH)
+    assert "30/60 fold-epochs" in search_markdown(SEARCH)  # a summary without compute counts
+    assert "read at the CV-consensus epoch" in search_markdown(SEARCH)
     loss = {**SEARCH, "objective": "val_loss"}
     assert trial_cells(loss)[1][0][1] == "0.9000 ± 0.0100"
+
+
+def test_what_a_search_spent_is_shown_against_its_budgets():
+    spent = {"fold_epochs": 412, "budget": 1200, "train_seconds": 366.0, "budget_seconds": None,
+             "tflop": 3.21, "budget_tflop": 50.0}
+    assert spent_line(spent) == "412/1200 fold-epochs, 6.1 min of training, 3.21/50 TFLOP"
+    assert spent_line({"fold_epochs": 7}) == "7 fold-epochs"
+    assert spent_note({**spent, "stopped_by": "budget_tflop"}).endswith(
+        "3.21/50 TFLOP; stopped by budget_tflop")
+    headers, (cells,) = trial_cells({**SEARCH, "top": [{**SEARCH["top"][0], "tflop": 0.0123}]})
+    assert cells[headers.index("TFLOP")] == "0.0123"
 
 
 def test_params_text_is_cut_to_a_width():

@@ -14,7 +14,7 @@ from fashionlab.cli import app, resumable
 from fashionlab.cli.study import MlflowUri, Quiet, RunDir, StoreUrl, Tensorboard
 from fashionlab.config import load_study, quick_variant
 from fashionlab.store import DEFAULT_RUN_DIR
-from fashionlab.tables import reference_lines, retrain_line, trial_cells
+from fashionlab.tables import reference_lines, retrain_line, spent_note, trial_cells
 
 
 @app.command()
@@ -97,6 +97,7 @@ def search(
         for row in rows:
             table.add_row(*(escape(cell) for cell in row))
         console.print(table)
+        console.print(spent_note(summary), markup=False)
         for line in [*reference_lines(summary), retrain_line(summary)]:
             if line:
                 console.print(line, markup=False)

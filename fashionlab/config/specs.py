@@ -295,9 +295,13 @@ class SearchSpec:
     space: dict[str, ParamSpec] = dataclasses.field(default_factory=dict)
     n_trials: PositiveInt | None = None  # finished (complete + pruned) trials, all workers
     timeout: Annotated[float, Field(gt=0.0)] | None = None  # seconds; per worker process
-    budget: PositiveInt | None = None  # fold-epochs: no trial starts once this many trained
+    # Budgets: no trial starts once any one is spent (by the finished and running trials).
+    budget: PositiveInt | None = None  # fold-epochs (one epoch of one fold's model)
+    budget_seconds: Positive | None = None  # wall seconds of training, all workers summed
+    budget_tflop: Positive | None = None  # estimated training arithmetic, 1e12 FLOP
     sampler: Literal["tpe", "random", "grid", "cmaes"] = "tpe"
-    pruner: Literal["median", "wilcoxon", "none"] = "median"
+    # median-compute: the median rule with trials compared at equal training FLOP, not epochs
+    pruner: Literal["median", "median-compute", "wilcoxon", "none"] = "median"
     objective: Literal["val_accuracy", "val_loss"] = "val_accuracy"
     seed: int | None = None  # None: the study's seed
     startup_trials: Annotated[int, Field(ge=0)] = 5  # random trials first (TPE); no pruning

@@ -4,6 +4,7 @@ cross-validation, and is pruned while it trains when it is clearly worse than th
     loop      run_search: claim trials, train them, report to the pruner (one worker's part)
     space     how a trial's drawn values become a candidate (and the grid of a grid search)
     storage   Optuna's storage on the store's database; the lock the workers share
+    cost      what trials spend (fold-epochs, seconds, TFLOP), budgets, equal-compute pruning
     finish    the end of a search: the best retrained and tested, the table, plots, summary
 
     >>> import fashionlab as fl
@@ -13,7 +14,8 @@ cross-validation, and is pruned while it trains when it is clearly worse than th
 
 from __future__ import annotations
 
-from fashionlab.search.finish import SearchContext, finish_search, fold_epochs
+from fashionlab.search.cost import EqualComputePruner, Spent, fold_epochs, spent
+from fashionlab.search.finish import SearchContext, consensus_scores, finish_search
 from fashionlab.search.loop import (
     SearchResult,
     make_pruner,
@@ -23,12 +25,16 @@ from fashionlab.search.loop import (
 )
 
 __all__ = [
+    "EqualComputePruner",
     "SearchContext",
     "SearchResult",
+    "Spent",
+    "consensus_scores",
     "finish_search",
     "fold_epochs",
     "make_pruner",
     "make_sampler",
     "run_search",
     "search_identity",
+    "spent",
 ]

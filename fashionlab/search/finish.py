@@ -8,6 +8,15 @@ are compared with the best by the corrected resampled t-test (Nadeau & Bengio), 
 across the table. The best trial's score is read after choosing it among many: the table's
 mean is optimistic by the selection, and the retrained model's test accuracy is the number to
 quote as an estimate of performance on new images.
+
+One scoring rule for every side of a comparison (`consensus_scores`): a candidate's folds are
+all read at its CV-consensus epoch, the study's [warning] rule on the mean val_loss curve over
+the epochs every fold reached (the epoch the best is retrained for). That is how a study reads
+a candidate without early stopping, and how the search reads its trials and re-reads the
+reference study's candidate from its stored epochs. Each fold's own lowest-val_loss epoch
+(early stopping's result) would choose the epoch on the very fold it scores, a reading that
+favours early-stopped trials over a reference read at one epoch. No fold is read past its
+last epoch: the consensus epoch lies within the epochs every fold trained.
 """
 
 from __future__ import annotations
@@ -25,10 +34,11 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from fashionlab import stats
-from fashionlab.config import base_candidate, study_to_toml
-from fashionlab.cv import Fold
+from fashionlab.config import WarningRule, base_candidate, study_to_toml
+from fashionlab.cv import Fold, MemberResult, consensus_warning, mean_curves
 from fashionlab.data import Dataset, to_tensors
 from fashionlab.report import write_report
+from fashionlab.search.cost import spent, spent_summary
 from fashionlab.search.space import FixedParams, suggest
 from fashionlab.serialize import jsonable
 from fashionlab.steps import RunContext, retrain, stored_result, summarize_models
@@ -37,11 +47,13 @@ from fashionlab.tables import search_markdown
 from fashionlab.text import verdict
 from fashionlab.train import Tensors
 
-__all__ = ["FINISHED", "SearchContext", "finish_search", "fold_epochs", "importances",
-           "reference_tests", "retrain_best", "save_plots", "top_table"]
+__all__ = ["FINISHED", "SCORE_RULE", "ConsensusScores", "SearchContext", "consensus_scores",
+           "finish_search", "importances", "reference_tests", "retrain_best", "save_plots",
+           "top_table"]
 
 ALPHA = 0.05
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+SCORE_RULE = "cv-consensus epoch"  # the stored name of the rule scores are read by
 
 
 @dataclass(frozen=True)
@@ -59,11 +71,28 @@ class SearchContext:
         return self.run.spec.search is None or self.run.spec.search.objective == "val_accuracy"
 
 
-def fold_epochs(trials: Sequence[FrozenTrial]) -> int:
-    """Fold-epochs trained by the finished and running trials (a retried trial's count
-    continues the failed one's; the failed one is not counted)."""
-    return sum(int(t.user_attrs.get("fold_epochs", 0)) for t in trials
-               if t.state in (*FINISHED, TrialState.RUNNING))
+@dataclass(frozen=True)
+class ConsensusScores:
+    """A candidate's folds read at one epoch, its CV-consensus epoch."""
+
+    epoch: int | None  # 1-based; None when no fold has a finite val_loss
+    val_loss: np.ndarray  # (n_folds,)
+    val_accuracy: np.ndarray  # (n_folds,)
+
+    def of(self, metric: str) -> np.ndarray:
+        return self.val_accuracy if metric == "val_accuracy" else self.val_loss
+
+
+def consensus_scores(results: Sequence[MemberResult], rule: WarningRule) -> ConsensusScores:
+    """Every fold read at the CV-consensus epoch (`cv.consensus_warning`: `rule` on the mean
+    val_loss curve over the epochs every fold reached), the rule a search scores its trials
+    and its reference by. NaN where a fold's value there is not finite."""
+    epoch = consensus_warning(results, rule).chosen_epoch
+    if epoch is None:
+        nan = np.full(len(results), np.nan)
+        return ConsensusScores(None, nan, nan.copy())
+    return ConsensusScores(epoch, mean_curves(results, "val_loss", epoch)[:, -1],
+                           mean_curves(results, "val_accuracy", epoch)[:, -1])
 
 
 def finish_search(s: SearchContext, stopped_by: str, seconds: float) -> dict[str, Any]:
@@ -82,14 +111,15 @@ def finish_search(s: SearchContext, stopped_by: str, seconds: float) -> dict[str
         "fold_scores") and t.value is not None and math.isfinite(t.value)]
     ranked = sorted(scored, key=lambda t: t.value or 0.0, reverse=s.maximize)
     n_train, n_val = len(s.folds[0].train_index), len(s.folds[0].val_index)
+    used = spent(trials)
     summary: dict[str, Any] = {
         "search": spec.name, "run_id": run.id, "study_name": study.study_name,
         "objective": search.objective, "direction": direction, "seed": spec.seed,
         "n_train": n_train, "n_val": n_val, "stopped_by": stopped_by,
-        "finished_trials": finished,
+        "finished_trials": finished, "score_rule": SCORE_RULE,
         "counts": {state.name.lower(): sum(t.state == state for t in trials)
                    for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)},
-        "fold_epochs": fold_epochs(trials), "budget": search.budget,
+        **spent_summary(search, used),
         "wall_seconds": _span(trials) or seconds,
         "trials": [_trial_row(t) for t in trials],
         "history": [t.value if t.state == TrialState.COMPLETE else None for t in trials],
@@ -137,6 +167,8 @@ def _trial_row(trial: FrozenTrial) -> dict[str, Any]:
     return {"number": trial.number, "state": trial.state.name.lower(), "value": trial.value,
             "params": trial.params, "models": trial.user_attrs.get("models"),
             "fold_epochs": trial.user_attrs.get("fold_epochs"),
+            "train_seconds": trial.user_attrs.get("train_seconds"),
+            "tflop": trial.user_attrs.get("tflop"),
             "stopped": trial.user_attrs.get("stopped"), "retry_of": retry_of,
             "seconds": trial.duration.total_seconds() if trial.duration else None}
 
@@ -177,6 +209,7 @@ def top_table(trials: Sequence[FrozenTrial], *, n_train: int, n_val: int,
             "n": summary.n, "fold_scores": scores[name],
             "consensus_epoch": trial.user_attrs.get("consensus_epoch"),
             "fold_epochs": trial.user_attrs.get("fold_epochs"),
+            "tflop": trial.user_attrs.get("tflop"),
             "difference": None if comparison is None else comparison.mean_difference,
             "p_value": None if comparison is None else comparison.p_value,
             "p_holm": None if comparison is None else comparison.p_holm,
@@ -222,12 +255,23 @@ def reference_tests(store: Store, run: RunRecord, searcher: SearchContext, best:
             out.append({"reference": f"{reference.study}: {name}", "kind": "paired",
                         "missing": f"run {other.id} has no candidate {name!r}"})
             return out
-        theirs = np.array([math.nan if v is None else v for v in candidate[metric]], dtype=float)
+        keys = list(candidate.get("keys") or [])
+        if len(keys) != len(scores):
+            out.append({"reference": f"{reference.study}: {name}", "kind": "paired",
+                        "missing": f"run {other.id} stores {len(keys)} fold model(s) of {name!r}"
+                                   f", the search has {len(scores)} folds"})
+            return out
+        # Re-read from its stored epochs by the rule the trials are scored by, not taken
+        # from its summary (which its own study's rule, e.g. early stopping's, produced).
+        read = consensus_scores([stored_result(store, other.id, key) for key in keys],
+                                searcher.run.spec.warning)
+        theirs = read.of(metric)
         test = stats.corrected_resampled_ttest(scores, theirs, n_train=n_train, n_test=n_val)
-        out.append(_test_row(f"{name} (run {other.id})", "paired", float(np.nanmean(theirs)),
-                             test, searcher.maximize, note=(
-                                 "corrected resampled t-test (Nadeau & Bengio) on the paired "
-                                 "folds: same images, same seeds")))
+        row = _test_row(f"{name} (run {other.id})", "paired", float(np.nanmean(theirs)), test,
+                        searcher.maximize, note=(
+                            "corrected resampled t-test (Nadeau & Bengio) on the paired folds: "
+                            "same images, same seeds, both read at their CV-consensus epoch"))
+        out.append({**row, "epoch": read.epoch, "fold_scores": theirs})
     return out
 
 

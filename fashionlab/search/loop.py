@@ -8,18 +8,23 @@ of worker processes, on any number of machines, that run it against one database
 
 - Trials start one at a time across all workers (a PostgreSQL advisory lock, a MySQL named
   lock, or a lock file beside a SQLite database), so exactly `n_trials` trials finish
-  (complete or pruned) and no trial starts once `budget` fold-epochs are trained.
+  (complete or pruned) and no trial starts once a budget is spent: `budget` fold-epochs,
+  `budget_seconds` of training or `budget_tflop` of estimated training arithmetic
+  (fashionlab.search.cost).
 - A trial whose worker died is failed and retried once with the same parameters: at once when
   the worker ran on this machine (its process is gone), else when its heartbeat has been
   silent for GRACE_PERIOD seconds. The retry keeps the trial's models (`trial-N/fold-i`) and
   continues from their checkpoint when it runs where they were trained.
 - The worker that sees the search complete writes its results (`search_results`).
 
-Pruning: with the median pruner the folds of a trial train together as one stack and each
+Pruning: with the median pruners the folds of a trial train together as one stack and each
 epoch reports the mean over folds of each fold's best objective so far (monotone, and
-meaningful with early stopping); the Wilcoxon pruner trains the folds one after another and
-reports each fold's score (step = fold index), pruning a trial that is significantly worse than
-the best on the folds seen so far.
+meaningful with early stopping); "median" compares trials at equal epochs, "median-compute" at
+equal training FLOP (fashionlab.search.cost). The Wilcoxon pruner trains the folds one after
+another and reports each fold's score read on that fold alone (step = fold index), pruning a
+trial that is significantly worse than the best on the folds seen so far. These reports only
+steer pruning: a finished trial is scored with every fold read at its CV-consensus epoch
+(fashionlab.search.finish.consensus_scores).
 """
 
 from __future__ import annotations
@@ -53,9 +58,24 @@ from fashionlab.process import ProcessIdentity
 from fashionlab.progress import Reporter, reporting
 from fashionlab.provenance import environment
 from fashionlab.rng import derive_seed
-from fashionlab.runner import train_stack
+from fashionlab.runner import train_stack, training_flops
 from fashionlab.runs import delete_run
-from fashionlab.search.finish import FINISHED, SearchContext, finish_search, fold_epochs
+from fashionlab.search.cost import (
+    FOLD_EPOCHS,
+    SECONDS,
+    STEP_TFLOP,
+    TFLOP,
+    EqualComputePruner,
+    spent,
+    spent_budget,
+    spent_summary,
+)
+from fashionlab.search.finish import (
+    FINISHED,
+    SearchContext,
+    consensus_scores,
+    finish_search,
+)
 from fashionlab.search.space import base_params, grid, grid_size, suggest
 from fashionlab.search.storage import ClaimLock, delete_study, open_storage, study_name
 from fashionlab.steps import (
@@ -75,7 +95,7 @@ from fashionlab.store import (
     default_url,
     safe_url,
 )
-from fashionlab.tables import params_text
+from fashionlab.tables import params_text, spent_line
 from fashionlab.train import EpochMetrics, Member, Tensors
 
 __all__ = ["SearchResult", "make_pruner", "make_sampler", "run_search", "search_identity"]
@@ -90,7 +110,8 @@ class SearchResult:
     output_dir: Path
     trials: list[FrozenTrial]
     finished: bool  # the search is complete and this process wrote its results
-    stopped_by: str  # n_trials, budget, timeout, grid, finish, or others-running
+    # n_trials, budget, budget_seconds, budget_tflop, timeout, grid, finish, others-running
+    stopped_by: str
     summary: dict[str, Any] | None = None  # what the run stores (search_results.summary)
     wall_seconds: float = 0.0  # this process
 
@@ -109,7 +130,6 @@ class SearchResult:
 @dataclass(frozen=True)
 class Limits:
     n_trials: int | None
-    budget: int | None  # fold-epochs
     timeout: float | None  # seconds, this process
 
 
@@ -118,7 +138,8 @@ def search_identity(spec: StudySpec) -> tuple[str, str]:
     so that running the same search with a larger --n-trials continues it."""
     assert spec.search is not None
     key = dataclasses.replace(spec, search=dataclasses.replace(
-        spec.search, n_trials=None, timeout=None, budget=None, top=10, reference=None))
+        spec.search, n_trials=None, timeout=None, budget=None, budget_seconds=None,
+        budget_tflop=None, top=10, reference=None))
     fingerprint = key.fingerprint()
     return study_name(spec.name, fingerprint), fingerprint
 
@@ -146,6 +167,9 @@ def make_pruner(search: SearchSpec) -> optuna.pruners.BasePruner:
         # Steps are 1-based epochs: the earliest prune is at step n_warmup_steps.
         return optuna.pruners.MedianPruner(n_startup_trials=search.startup_trials,
                                            n_warmup_steps=search.warmup + 1)
+    if search.pruner == "median-compute":
+        return EqualComputePruner(n_startup_trials=search.startup_trials,
+                                  n_warmup_steps=search.warmup + 1)
     if search.pruner == "wilcoxon":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -173,8 +197,9 @@ def run_search(
     """Run (or resume, or join) the study's search and return where it stands.
 
     `n_trials` and `timeout` override the study file's. Trials start until `n_trials` have
-    finished across all workers, `budget` fold-epochs are trained or this process has run for
-    `timeout` seconds. The worker that sees the search complete retrains the best trial on all
+    finished across all workers, a budget is spent (`budget` fold-epochs, `budget_seconds` of
+    training, `budget_tflop` of training arithmetic) or this process has run for `timeout`
+    seconds. The worker that sees the search complete retrains the best trial on all
     training images, tests it, and writes the table of the top trials, the plots and the
     report; `finish=True` does that now with the trials finished so far, starting none.
     `progress`: bars on stderr (True), nothing (False), or your own `progress.Reporter`.
@@ -220,7 +245,8 @@ def run_search(
             searcher = _Searcher(ctx, study, lock, dataset)
             stopped_by = "finish" if finish else searcher.loop(limits, started)
             summary = None
-            if stopped_by in ("n_trials", "budget", "grid", "finish"):
+            if stopped_by in ("n_trials", "budget", "budget_seconds", "budget_tflop", "grid",
+                              "finish"):
                 with lock:
                     summary = searcher.finish(stopped_by, time.perf_counter() - started)
     except BaseException:
@@ -265,10 +291,11 @@ def _limits(search: SearchSpec, base: Candidate, n_trials: int | None,
     if search.sampler == "grid":
         size = grid_size(grid(search, base))
         n = size if n is None else min(n, size)
-    limits = Limits(n, search.budget, timeout or search.timeout)
-    if limits.n_trials is None and limits.budget is None and limits.timeout is None:
-        raise ConfigError("search: no stopping rule: set n_trials, budget or timeout in "
-                          "[search], or pass --n-trials or --timeout")
+    limits = Limits(n, timeout or search.timeout)
+    budgets = (search.budget, search.budget_seconds, search.budget_tflop)
+    if limits.n_trials is None and limits.timeout is None and all(b is None for b in budgets):
+        raise ConfigError("search: no stopping rule: set n_trials, budget, budget_seconds, "
+                          "budget_tflop or timeout in [search], or pass --n-trials or --timeout")
     return limits
 
 
@@ -328,10 +355,11 @@ class _Searcher:
                      started: float) -> str | None:
         running = sum(t.state == TrialState.RUNNING for t in trials)
         finished = sum(t.state in FINISHED for t in trials)
+        budget = spent_budget(self.search, spent(trials))
         if limits.n_trials is not None and finished + running >= limits.n_trials:
             reason = "grid" if self.search.sampler == "grid" else "n_trials"
-        elif limits.budget is not None and fold_epochs(trials) >= limits.budget:
-            reason = "budget"
+        elif budget is not None:
+            reason = budget
         elif limits.timeout is not None and time.perf_counter() - started >= limits.timeout:
             return "timeout"
         else:
@@ -380,9 +408,8 @@ class _Searcher:
             line += f" · best {best.value:.4f} (trial {best.number})"
         except ValueError:
             pass
-        budget = f"/{self.search.budget}" if self.search.budget else ""
-        self.ctx.reporter.log(f"{line} · {pruned} pruned · {fold_epochs(trials)}{budget} "
-                          "fold-epochs")
+        self.ctx.reporter.log(f"{line} · {pruned} pruned · "
+                              f"{spent_line(spent_summary(self.search, spent(trials)))}")
 
     # ---- one trial ----------------------------------------------------------------------
 
@@ -413,15 +440,14 @@ class _Searcher:
                                             message=f"trial {pruned}")
             self._drop_checkpoints(stacks, trial.params)
             raise
-        summary = summarize_models(candidate, [results[m.key] for m in ordered], "cv",
-                                   self.spec.warning)
-        scores = summary.val_accuracy if self.maximize else summary.val_loss
+        # Every fold read at the CV-consensus epoch, as the reference is (see finish).
+        read = consensus_scores([results[m.key] for m in ordered], self.spec.warning)
+        scores = read.of(self.search.objective)
         trial.set_user_attr("fold_scores", [float(v) for v in scores])
-        trial.set_user_attr("val_accuracy", [float(v) for v in summary.val_accuracy])
-        trial.set_user_attr("val_loss", [float(v) for v in summary.val_loss])
-        trial.set_user_attr("result_epochs", [int(e) for e in summary.result_epochs])
-        trial.set_user_attr("consensus_epoch", summary.warning.chosen_epoch)
-        trial.set_user_attr("fold_epochs", summary.trained_epochs)
+        trial.set_user_attr("val_accuracy", [float(v) for v in read.val_accuracy])
+        trial.set_user_attr("val_loss", [float(v) for v in read.val_loss])
+        trial.set_user_attr("consensus_epoch", read.epoch)
+        trial.set_user_attr(FOLD_EPOCHS, sum(len(results[m.key].history) for m in ordered))
         self._drop_checkpoints(stacks, trial.params)
         if not np.all(np.isfinite(scores)):
             trial.set_user_attr("stopped", "a fold diverged")
@@ -444,13 +470,17 @@ class _Searcher:
 
 @dataclass
 class _Watcher:
-    """Trains a trial's stacks, reports to the pruner, and counts fold-epochs."""
+    """Trains a trial's stacks, reports to the pruner, and counts what the trial costs."""
 
     searcher: _Searcher
     trial: optuna.Trial
     candidate: Candidate
     values: dict[str, list[float]] = field(default_factory=dict)  # objective per key and epoch
-    reported: int = 0  # epochs reported (median pruner)
+    seconds: dict[str, list[float]] = field(default_factory=dict)  # its stack's epoch seconds
+    stacks: list[list[str]] = field(default_factory=list)  # the keys of each stack so far
+    tflop: dict[str, float] = field(default_factory=dict)  # per key: TFLOP of one epoch
+    reported: int = 0  # epochs reported (median pruners)
+    step_tflop: list[float] = field(default_factory=list)  # TFLOP trained up to each report
     done: set[str] = field(default_factory=set)  # keys trained to the end
 
     @property
@@ -463,19 +493,37 @@ class _Watcher:
             return math.nan
         return max(seen) if self.searcher.maximize else min(seen)
 
+    def trained_tflop(self, epochs: int | None = None) -> float:
+        """TFLOP of the epochs trained so far (the first `epochs` of each fold)."""
+        return sum(self.tflop[key] * len(v[:epochs]) for key, v in self.values.items())
+
+    def count(self) -> None:
+        """Store the trial's cost so far (read by the budgets: fashionlab.search.cost)."""
+        # A stack's epoch is timed once for all its folds: its longest-trained fold has all.
+        seconds = sum(max((sum(self.seconds.get(k, [])) for k in keys), default=0.0)
+                      for keys in self.stacks)
+        self.trial.set_user_attr(FOLD_EPOCHS, sum(len(v) for v in self.values.values()))
+        self.trial.set_user_attr(SECONDS, seconds)
+        self.trial.set_user_attr(TFLOP, self.trained_tflop())
+
     def train(self, stack: list[Member], index: int) -> dict[str, MemberResult]:
         s = self.searcher
         label = f"trial {self.trial.number}" + (f" fold {index}" if len(stack) == 1 else "")
-        watch_epochs = s.search.pruner == "median" and index == 0
+        watch_epochs = s.search.pruner in ("median", "median-compute") and index == 0
+        self.stacks.append([m.key for m in stack])
+        for m in stack:  # per fold-epoch: forward and backward over the fold's images
+            self.tflop[m.key] = training_flops(m.model, len(m.train_index), 1) / 1e12
 
         def on_epoch(epoch: int, metrics: dict[str, EpochMetrics]) -> None:
             if not metrics and epoch:  # resumed from a checkpoint: the store has the epochs
                 for m in stack:  # (the store may hold more epochs than the checkpoint)
-                    self.values[m.key] = [getattr(e, self.metric) for e in
-                                          s.store.epochs(s.run.id, m.key)][:epoch]
+                    rows = s.store.epochs(s.run.id, m.key)[:epoch]
+                    self.values[m.key] = [getattr(e, self.metric) for e in rows]
+                    self.seconds[m.key] = [e.seconds for e in rows]
             for key, m in metrics.items():
                 self.values.setdefault(key, []).append(m.get(self.metric))
-            self.trial.set_user_attr("fold_epochs", sum(len(v) for v in self.values.values()))
+                self.seconds.setdefault(key, []).append(m.seconds)
+            self.count()
             bad = [m for m in metrics.values() if not math.isfinite(m.loss)]
             if bad:
                 self.trial.set_user_attr("stopped", f"diverged at epoch {epoch}")
@@ -484,9 +532,12 @@ class _Watcher:
                 for step in range(self.reported + 1, epoch + 1):
                     value = float(np.nanmean([self.best_so_far(self.values.get(m.key, []), step)
                                               for m in stack]))
+                    self.step_tflop.append(self.trained_tflop(step))
                     if math.isfinite(value):
                         self.trial.report(value, step)
                     self.reported = step
+                # Steps are epochs; the equal-compute pruner reads each one's cost here.
+                self.trial.set_user_attr(STEP_TFLOP, self.step_tflop)
                 if self.trial.should_prune():
                     self.trial.set_user_attr("stopped", f"pruned at epoch {epoch}")
                     raise optuna.TrialPruned(f"pruned at epoch {epoch}")
