@@ -25,7 +25,7 @@ class Param:
     minimum: float | None = None  # smallest value allowed
     below: float | None = None  # values must be below this (rates: 1)
     layer: Literal["dense", "conv"] | None = None  # sampled per layer of that kind
-    options: tuple[str, ...] = ()  # the values a "choice" parameter takes
+    options: tuple[str | bool, ...] = ()  # the values a "choice" parameter takes
     early_stopping: bool = False  # needs the base to stop early
     positive: bool = False  # values must be above 0
 
@@ -46,6 +46,10 @@ VOCABULARY: dict[str, Param] = {
     "schedule": Param("choice", options=("constant", "onecycle")),
     "filters": Param("int", 1, layer="conv"),  # channels of each conv layer of the base
     "conv_dropout": Param("float", 0.0, 1.0),  # dropout on the flattened conv features
+    "crop": Param("int", 0, 9),  # augmentation: random crops of the image padded by this
+    "flip": Param("choice", options=(False, True)),  # augmentation: random horizontal flips
+    "ema": Param("float", 0.0, 1.0),  # decay of the moving average of the weights; 0: off
+    "tta": Param("choice", options=("none", "flip")),  # test-time augmentation
 }
 
 
@@ -86,7 +90,7 @@ def _check_param(param: Param, spec: Any) -> None:
         return
     if param.kind == "choice":
         raise ValueError(f"takes choices or a value, not a range (one of: "
-                         f"{', '.join(param.options)})")
+                         f"{_options(param)})")
     if spec.low is None or spec.high is None:
         raise ValueError("a range needs both low and high")
     for value in (spec.low, spec.high):
@@ -104,14 +108,24 @@ def _check_param(param: Param, spec: Any) -> None:
             raise ValueError(f"step must be positive (got {spec.step})")
 
 
+def _spelled(value: Any) -> str:
+    """A value as a study file spells it (true, not True)."""
+    return ("true" if value else "false") if isinstance(value, bool) else repr(value)
+
+
+def _options(param: Param) -> str:
+    return ", ".join(o if isinstance(o, str) else _spelled(o) for o in param.options)
+
+
 def _whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_value(param: Param, value: Any) -> None:
     if param.kind == "choice":
-        if value not in param.options:
-            raise ValueError(f"{value!r} is not one of: {', '.join(param.options)}")
+        # `in` would take 1 for true: a choice must match in type as well as value.
+        if not any(value == o and type(value) is type(o) for o in param.options):
+            raise ValueError(f"{_spelled(value)} is not one of: {_options(param)}")
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"values must be numbers (got {value!r})")  # noqa: TRY004 - a config error

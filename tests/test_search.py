@@ -95,7 +95,8 @@ layers = [{ units = 64 }]
 @pytest.mark.parametrize(("space", "message"), [
     ("units = { low = 512, high = 64 }", "search.space.units: low (512) must be below high (64)"),
     ("depth = { low = 1, high = 3 }",
-     "search.space.depth: unknown parameter (expected one of: batch_size, conv_dropout, dropout,"),
+     ("search.space.depth: unknown parameter (expected one of: batch_size, conv_dropout, crop, "
+     "dropout,")),
     ("units = { choices = [] }", "search.space.units: choices must not be empty"),
     ("l2 = { low = 0.0, high = 0.01, log = true }",
      "search.space.l2: a log scale needs low > 0 (got 0.0)"),
@@ -114,6 +115,12 @@ layers = [{ units = 64 }]
      "search.space.filters: the base candidate 'a' has no conv layers"),
     ("patience = { low = 2, high = 5 }",
      "search.space.patience: the base candidate 'a' does not stop early"),
+    ("flip = { choices = [1, 0] }", "search.space.flip: 1 is not one of: false, true"),
+    ("flip = { low = 0, high = 1 }",
+     "search.space.flip: takes choices or a value, not a range (one of: false, true)"),
+    ("crop = { low = 0, high = 9 }", "search.space.crop: values must lie in [0, 9) (got 9)"),
+    ('tta = { choices = ["flip", "crops"] }',
+     "search.space.tta: 'crops' is not one of: none, flip"),
 ])
 def test_a_bad_space_is_one_line_naming_the_file_and_parameter(space: str, message: str):
     raw = tomllib.loads(BASE + "[search.space]\n" + space)
@@ -165,6 +172,24 @@ optimizer = "adamw"
     assert candidate.train.learning_rate == 0.01 and candidate.train.optimizer == "adamw"
     assert base_params(spec.search, base) == {"n_layers": 1, "units_0": 64, "dropout": 0.0,
                                               "learning_rate": 0.001}
+
+
+def test_a_trial_draws_augmentation_ema_and_tta():
+    spec = study_from_dict(tomllib.loads(BASE + """
+[search.space]
+crop = { low = 0, high = 3 }
+flip = { choices = [false, true] }
+ema = { choices = [0.0, 0.99] }
+tta = { choices = ["none", "flip"] }
+"""))
+    base = base_candidate(spec)
+    assert spec.search is not None
+    params = {"crop": 2, "flip": True, "ema": 0.99, "tta": "flip"}
+    candidate = suggest(FixedParams(params), spec.search, base, "t")
+    assert (candidate.train.augment.crop, candidate.train.augment.flip) == (2, True)
+    assert (candidate.train.ema, candidate.model.tta) == (0.99, "flip")
+    assert base_params(spec.search, base) == {"crop": 0, "flip": False, "ema": 0.0,
+                                              "tta": "none"}
 
 
 def test_samplers_and_pruners_are_chosen_and_seeded():

@@ -98,7 +98,8 @@ def suggest(trial: Suggester, search: SearchSpec, base: Candidate, name: str) ->
     conv = tuple(dataclasses.replace(c, filters=per_layer("filters", i, c.filters))
                  for i, c in enumerate(model.conv))
     model = dataclasses.replace(model, layers=tuple(layers), conv=conv,
-                                dropout=draw("conv_dropout", model.dropout))
+                                dropout=draw("conv_dropout", model.dropout),
+                                tta=draw("tta", model.tta))
     stopping = train.early_stopping
     if stopping is not None:
         stopping = dataclasses.replace(stopping, patience=draw("patience", stopping.patience),
@@ -109,7 +110,9 @@ def suggest(trial: Suggester, search: SearchSpec, base: Candidate, name: str) ->
         weight_decay=draw("weight_decay", train.weight_decay),
         label_smoothing=draw("label_smoothing", train.label_smoothing),
         optimizer=draw("optimizer", train.optimizer), schedule=draw("schedule", train.schedule),
-        early_stopping=stopping)
+        augment=dataclasses.replace(train.augment, crop=draw("crop", train.augment.crop),
+                                    flip=draw("flip", train.augment.flip)),
+        ema=draw("ema", train.ema), early_stopping=stopping)
     return Candidate(name=name, model=model, train=train)
 
 
