@@ -65,9 +65,9 @@ def train_stack(
     if shared:
         # The database's checkpoint is the one whose epochs are stored: a file left here by
         # an earlier claim of this machine may be older.
-        data = fetch_checkpoint(store, run_id, checkpoint.name)
-        if data is not None:
-            install_checkpoint(checkpoint, data)
+        stored = fetch_checkpoint(store, run_id, checkpoint.name)
+        if stored is not None:
+            install_checkpoint(checkpoint, stored)
     host = socket.gethostname()
 
     def after_epoch(epoch: int, metrics: dict[str, EpochMetrics],
