@@ -8,6 +8,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -236,6 +237,16 @@ def test_two_processes_share_a_study_on_postgresql(postgres_url: str, reference,
     assert _rows(postgres_url) == expected_rows  # the numbers of one process, exactly
     assert count == len(expected_rows)  # one row per (model, epoch)
     assert _results_csv(*run_dirs) == expected_csv
+
+    # `runs show` says which machine trained which model (here one machine; then the CNN's
+    # row as if another one had trained it).
+    run_id = outputs[0].get("run_id") or outputs[0]["run"]
+    shown, _ = _finish(_cli("runs", "show", run_id, "--store", postgres_url))
+    assert f"trained: on {socket.gethostname()}" in shown
+    with _engine(postgres_url).begin() as conn:
+        conn.execute(sa.text("UPDATE fl_models SET host = 'machine-b' WHERE key = 'cnn/final'"))
+    shown, _ = _finish(_cli("runs", "show", run_id, "--store", postgres_url))
+    assert "trained: on machine-b: cnn/final" in shown.replace("\n", " "), shown
 
 
 def test_a_killed_machines_job_is_taken_over_after_the_grace_period(
