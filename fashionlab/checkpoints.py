@@ -22,8 +22,8 @@ import torch
 from fashionlab.errors import CheckpointError
 from fashionlab.text import first_line
 
-__all__ = ["CHECKPOINT_MAGIC", "DamagedCheckpoint", "previous_checkpoint", "read_checkpoint",
-           "remove_checkpoint", "temporary_path", "write_checkpoint"]
+__all__ = ["CHECKPOINT_MAGIC", "DamagedCheckpoint", "install_checkpoint", "previous_checkpoint",
+           "read_checkpoint", "remove_checkpoint", "temporary_path", "write_checkpoint"]
 
 # A file is: 8 bytes CHECKPOINT_MAGIC | payload length (u64, little-endian) | SHA-256 of the
 # payload (32 bytes) | payload (torch.save of the state, read back with weights_only=True).
@@ -59,12 +59,22 @@ def write_checkpoint(path: Path, state: dict[str, Any]) -> None:
     payload = buffer.getbuffer()
     header = (CHECKPOINT_MAGIC + len(payload).to_bytes(8, "little")
               + hashlib.sha256(payload).digest())
+    _write_durably(path, (header, payload))
+
+
+def install_checkpoint(path: Path, data: bytes) -> None:
+    """Put a checkpoint file's bytes (as `read_bytes` gave them elsewhere: a stack continued
+    on another machine) under `path`, as durably as `write_checkpoint` does. They are verified
+    when read, like any checkpoint."""
+    _write_durably(path, (data,))
+
+
+def _write_durably(path: Path, chunks: tuple[bytes | memoryview, ...]) -> None:
     tmp, previous = temporary_path(path), previous_checkpoint(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as file:
-            file.write(header)
-            file.write(payload)
+            file.writelines(chunks)
             file.flush()
             # Without it the rename can reach the disk before the data: after a power cut the
             # name would point at an empty or partial file.

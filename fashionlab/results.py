@@ -49,6 +49,10 @@ class StudyResult:
     wall_seconds: float = 0.0
     workers: int = 1  # processes that trained it
     threads: int = 0  # CPU threads each job trained with (0: not recorded)
+    # A run trained by several processes (README: Many machines): the jobs this one trained,
+    # and who writes the results when it is not this one (then the fields above stay empty).
+    trained_here: list[str] = field(default_factory=list)
+    results_by: str | None = None  # "<host> pid <pid>"
 
     def _repr_html_(self) -> str:
         """Jupyter shows the results table and every model's learning curves."""

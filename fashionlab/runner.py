@@ -11,6 +11,7 @@ decides how many pay.
 from __future__ import annotations
 
 import os
+import socket
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -22,9 +23,11 @@ from typing import Any, Literal
 
 import torch
 
+from fashionlab.checkpoints import install_checkpoint
 from fashionlab.config import ModelSpec, StudySpec, TrainSpec
 from fashionlab.cv import MemberResult, train_members
 from fashionlab.hardware import CpuShare, resolve_precision
+from fashionlab.jobs import Claim, fetch_checkpoint
 from fashionlab.models import forward_flops
 from fashionlab.process import die_with_parent
 from fashionlab.progress import QueueReporter, Reporter, forward
@@ -47,12 +50,25 @@ def train_stack(
     reporter: Reporter,
     keep_weights: bool = False,
     on_epoch: EpochHook | None = None,
+    claim: Claim | None = None,
 ) -> dict[str, MemberResult]:
     """Train (or continue) one stack; every finished epoch is committed to the store, then
     `on_epoch(epoch, metrics)` runs (a search's pruner may raise there) and the reporter hears
-    of it under `label`."""
+    of it under `label`.
+
+    With the `claim` of a shared run's job, every epoch is stored only while the claim holds
+    (else `ClaimLost`), and where the claim shares checkpoints through the database the
+    stack continues from the stored one and stores its own with each epoch."""
     keys = {m.key for m in members}
     stored_upto = {k: len(v) for k, v in store.histories(run_id).items() if k in keys}
+    shared = claim is not None and claim.shares_checkpoints
+    if shared:
+        # The database's checkpoint is the one whose epochs are stored: a file left here by
+        # an earlier claim of this machine may be older.
+        stored = fetch_checkpoint(store, run_id, checkpoint.name)
+        if stored is not None:
+            install_checkpoint(checkpoint, stored)
+    host = socket.gethostname()
 
     def after_epoch(epoch: int, metrics: dict[str, EpochMetrics],
                     results: dict[str, MemberResult]) -> None:
@@ -68,8 +84,18 @@ def train_stack(
             status = result.status or ("running" if result.history else "pending")
             updates[key] = {"status": status, "message": result.message,
                             "best_epoch": result.best_epoch,
-                            "seconds": float(sum(h.seconds for h in result.history))}
-        store.record_epochs(run_id, rows, updates)
+                            "seconds": float(sum(h.seconds for h in result.history)),
+                            "host": host}
+        within = None
+        if claim is not None:
+            # The checkpoint of this epoch was written just before (train_members saves it
+            # first): stored with the epoch's rows, the two never disagree.
+            saved = (checkpoint.name, epoch, checkpoint.read_bytes()) if shared and rows \
+                else None
+
+            def within(conn: Any) -> None:
+                claim.keep(conn, saved)
+        store.record_epochs(run_id, rows, updates, within=within)
         if on_epoch is not None:
             on_epoch(epoch, metrics)
         reporter.epoch(label, epoch, metrics)

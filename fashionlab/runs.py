@@ -19,7 +19,7 @@ import shutil
 import time
 import warnings
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from fashionlab import stats
 from fashionlab.errors import FashionlabError
 from fashionlab.schema import EPOCH_FIELDS
 from fashionlab.serialize import jsonable
-from fashionlab.store import RunRecord, Store
+from fashionlab.store import ModelRecord, RunRecord, Store
 from fashionlab.tables import rows_from_summary
 
 __all__ = [
@@ -123,11 +123,22 @@ def describe_run(store: Store, run_id: str) -> dict[str, Any]:
         "finished": run.finished,
         "models": {"total": len(models), "by_status": dict(Counter(m.status for m in models)),
                    "epochs_stored": len(store.epochs(run.id))},
+        # Which machine trained which model (a run shared by several: README, Many machines).
+        "hosts": _by_host(models),
         "table": [asdict(row) for row in rows_from_summary(summary)],
         "tests": _test_accuracies(summary),
         "files": files,
         "config": run.config, "environment": run.environment,
     })
+
+
+def _by_host(models: Sequence[ModelRecord]) -> dict[str, list[str]]:
+    """The keys of the models each machine trained ("?" where it was not recorded)."""
+    hosts: dict[str, list[str]] = {}
+    for model in models:
+        if model.status != "pending":
+            hosts.setdefault(model.host or "?", []).append(model.key)
+    return hosts
 
 
 def _test_accuracies(summary: Mapping[str, Any]) -> dict[str, float | None]:

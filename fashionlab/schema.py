@@ -14,8 +14,8 @@ import sqlalchemy as sa
 
 from fashionlab.errors import StoreError
 
-__all__ = ["EPOCH_FIELDS", "METRICS", "MIGRATIONS", "MODEL_FIELDS", "epochs", "metadata",
-           "migrate", "migrate_once", "models", "runs", "schema"]
+__all__ = ["EPOCH_FIELDS", "METRICS", "MIGRATIONS", "MODEL_FIELDS", "checkpoints", "epochs",
+           "jobs", "metadata", "migrate", "migrate_once", "models", "runs", "schema"]
 
 metadata = sa.MetaData()
 
@@ -66,6 +66,7 @@ models = sa.Table(
     sa.Column("test_loss", sa.Float),
     sa.Column("test_accuracy", sa.Float),
     sa.Column("seconds", sa.Float),
+    sa.Column("host", sa.String(200)),  # the machine that trained it (its last epoch)
 )
 
 epochs = sa.Table(
@@ -81,8 +82,38 @@ epochs = sa.Table(
     sa.ForeignKeyConstraint(["run_id", "key"], ["fl_models.run_id", "fl_models.key"]),
 )
 
+# The jobs of a study (a cross-validation stack, a final model, the retrain, the writing of the
+# outputs), claimed one at a time by the processes that train the run, on any machine.
+jobs = sa.Table(
+    "fl_jobs", metadata,
+    sa.Column("run_id", sa.String(64), sa.ForeignKey("fl_runs.id"), primary_key=True),
+    sa.Column("key", sa.String(320), primary_key=True),  # "cv:<first member>", "final:<name>"
+    sa.Column("label", sa.Text, nullable=False),  # as progress names it
+    sa.Column("position", sa.Integer, nullable=False),  # claimed in this order: longest first
+    sa.Column("threads", sa.Integer),  # CPU threads it trains with, whoever trains it
+    sa.Column("status", sa.String(16), nullable=False),  # pending | claimed | done
+    sa.Column("token", sa.Integer, nullable=False),  # claims so far: a stale claim's is lower
+    sa.Column("claimed_by", sa.String(300)),  # "<host> pid <pid>" of the fashionlab command
+    sa.Column("host", sa.String(200)),  # the process holding the claim (a worker's own pid)
+    sa.Column("pid", sa.Integer),
+    sa.Column("pid_start", sa.BigInteger),
+    sa.Column("boot_id", sa.String(36)),
+    sa.Column("heartbeat", sa.Float),  # last sign of life of the claim
+)
+
+# The newest checkpoint of a stack trained by a shared run, replaced with every epoch in the
+# transaction that stores the epoch, so that any machine can continue the stack.
+checkpoints = sa.Table(
+    "fl_checkpoints", metadata,
+    sa.Column("run_id", sa.String(64), sa.ForeignKey("fl_runs.id"), primary_key=True),
+    sa.Column("name", sa.String(64), primary_key=True),  # the checkpoint file's name
+    sa.Column("epoch", sa.Integer, nullable=False),
+    sa.Column("data", sa.LargeBinary, nullable=False),  # the file's bytes, header included
+)
+
 MODEL_FIELDS = ("candidate", "role", "repeat", "fold", "status", "message", "epochs_planned",
-                "best_epoch", "n_train", "n_val", "seed", "test_loss", "test_accuracy", "seconds")
+                "best_epoch", "n_train", "n_val", "seed", "test_loss", "test_accuracy", "seconds",
+                "host")
 METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")  # of an epoch, as training reports
 EPOCH_FIELDS = (*METRICS, "seconds")
 
@@ -102,7 +133,19 @@ def _migration_2(conn: sa.Connection) -> None:
     _add_columns(conn, runs, "pid_start", "boot_id")
 
 
-MIGRATIONS = [_migration_1, _migration_2]
+def _migration_3(conn: sa.Connection) -> None:
+    # Jobs claimed by the processes (on any machine) that train one study together, the
+    # checkpoints they share, and which machine trained each model.
+    _add_columns(conn, models, "host")
+    for table in (jobs, checkpoints):
+        table.create(conn, checkfirst=True)
+    if conn.dialect.name == "postgresql":
+        # Stored as is: weights do not compress, and trying (pglz) halved the write speed of
+        # a 16 MB checkpoint (benchmarks/bench_shared_checkpoints.py: 0.52 s -> 0.35 s).
+        conn.execute(sa.text("ALTER TABLE fl_checkpoints ALTER COLUMN data SET STORAGE EXTERNAL"))
+
+
+MIGRATIONS = [_migration_1, _migration_2, _migration_3]
 
 
 def migrate(engine: sa.Engine, attempts: int = 5, *, read_only: bool = False,

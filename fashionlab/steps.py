@@ -32,6 +32,7 @@ from fashionlab.cv import (
     member_seed,
 )
 from fashionlab.data import Dataset, Split, load_fashion_mnist
+from fashionlab.jobs import Claim
 from fashionlab.progress import Reporter
 from fashionlab.runner import EpochHook, train_stack
 from fashionlab.schema import METRICS
@@ -76,6 +77,7 @@ class RunContext:
     output_dir: Path  # the run's files: checkpoints/, models/, the tables
     device: torch.device
     reporter: Reporter
+    claim: Claim | None = None  # a shared run's job being trained: its epochs are stored under it
 
 
 @dataclass(frozen=True)
@@ -253,7 +255,7 @@ def train_or_reuse(ctx: RunContext, members: list[Member], candidate: Candidate,
     return train_stack(
         ctx.store, ctx.run.id, members, candidate.train, data, ctx.device,
         checkpoint=checkpoint or checkpoint_path(ctx.output_dir, members), label=label,
-        reporter=ctx.reporter, keep_weights=keep_weights, on_epoch=on_epoch)
+        reporter=ctx.reporter, keep_weights=keep_weights, on_epoch=on_epoch, claim=ctx.claim)
 
 
 def summarize_models(candidate: Candidate, results: list[MemberResult], role: str,

@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -33,7 +33,16 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from fashionlab.errors import StoreError
 from fashionlab.process import ProcessIdentity
-from fashionlab.schema import EPOCH_FIELDS, MODEL_FIELDS, epochs, migrate, models, runs
+from fashionlab.schema import (
+    EPOCH_FIELDS,
+    MODEL_FIELDS,
+    checkpoints,
+    epochs,
+    jobs,
+    migrate,
+    models,
+    runs,
+)
 from fashionlab.serialize import jsonable
 from fashionlab.text import first_line
 
@@ -80,11 +89,9 @@ class RunRecord:
         heartbeat counts."""
         if self.status != "running":
             return self.status
-        if self.host == socket.gethostname() and self.pid is not None:
-            alive = ProcessIdentity(self.pid, self.pid_start, self.boot_id).liveness()
-            if alive is not None:
-                return "running" if alive else "interrupted"
-        return "running" if time.time() - self.heartbeat < STALE_AFTER else "interrupted"
+        silent = gone(self.host, self.pid, self.pid_start, self.boot_id, self.heartbeat,
+                      STALE_AFTER)
+        return "interrupted" if silent else "running"
 
     @property
     def duration(self) -> float:
@@ -109,6 +116,7 @@ class ModelRecord:
     test_loss: float | None
     test_accuracy: float | None
     seconds: float | None
+    host: str | None = None  # the machine that trained it last (None: not recorded)
 
 
 @dataclass(frozen=True)
@@ -120,6 +128,25 @@ class EpochRecord:
     val_loss: float
     val_accuracy: float
     seconds: float
+
+
+def gone(host: str | None, pid: int | None, pid_start: int | None, boot_id: str | None,
+         heartbeat: float, after: float) -> bool:
+    """Whether the process that wrote a row (a run's, a job claim's) is gone: on this machine,
+    when that very process no longer runs (`ProcessIdentity`); elsewhere, or where that cannot
+    be told, when its heartbeat is `after` seconds old."""
+    if host == socket.gethostname() and pid is not None:
+        alive = ProcessIdentity(pid, pid_start, boot_id).liveness()
+        if alive is not None:
+            return not alive
+    return time.time() - heartbeat >= after
+
+
+def this_process() -> dict[str, Any]:
+    """The columns (of fl_runs, fl_jobs) that say which process holds a row: this one."""
+    me = ProcessIdentity.current()
+    return {"host": socket.gethostname(), "pid": me.pid, "pid_start": me.start_time,
+            "boot_id": me.boot_id}
 
 
 def _none_if_nan(value: float | None) -> float | None:
@@ -198,11 +225,26 @@ class Store:
         self._beats.clear()
         self.engine.dispose()
 
+    @property
+    def in_memory(self) -> bool:
+        """An in-memory SQLite database: one connection, which no other process sees."""
+        return self._in_memory
+
+    @property
+    def shared(self) -> bool:
+        """Whether other machines may use this store (a database server, not a SQLite file)."""
+        return self.engine.dialect.name != "sqlite"
+
     @contextmanager
-    def _begin(self) -> Iterator[sa.Connection]:
-        """A write transaction; one the database refuses is a StoreError naming the store."""
+    def transaction(self, *, exclusive: bool = False) -> Iterator[sa.Connection]:
+        """A write transaction; one the database refuses is a StoreError naming the store.
+        `exclusive` takes SQLite's write lock from the start, so that what the transaction
+        reads cannot change before it writes (a server database locks the rows it selects
+        FOR UPDATE instead)."""
         try:
             with self.engine.begin() as conn:
+                if exclusive and self.engine.dialect.name == "sqlite":
+                    conn.exec_driver_sql("BEGIN IMMEDIATE")
                 yield conn
         except (sa.exc.OperationalError, sa.exc.InternalError, sa.exc.ProgrammingError,
                 OSError) as error:
@@ -214,7 +256,8 @@ class Store:
                              f"{_write_advice(reason, self.read_only)}") from None
 
     @contextmanager
-    def _read(self) -> Iterator[sa.Connection]:
+    def reading(self) -> Iterator[sa.Connection]:
+        """A connection to read with; a database that cannot be read is a StoreError."""
         try:
             with self.engine.connect() as conn:
                 yield conn
@@ -248,7 +291,7 @@ class Store:
         now = time.time()
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         run_id = f"{stamp}-{_slug(name)}-{fingerprint[:6]}"
-        with self._begin() as conn:
+        with self.transaction() as conn:
             taken = {r[0] for r in conn.execute(
                 sa.select(runs.c.id).where(runs.c.id.like(f"{run_id}%")))}
             suffix = 2
@@ -259,7 +302,7 @@ class Store:
                 id=run_id, kind=kind, name=name, fingerprint=fingerprint, status="running",
                 seed=seed, config=json.dumps(jsonable(config)),
                 environment=json.dumps(jsonable(environment)),
-                started=now, heartbeat=now, **_this_process(),
+                started=now, heartbeat=now, **this_process(),
                 output_dir=str(Path(output_root).resolve() / run_id) if output_root else None,
             ))
         self._keep_alive(run_id)
@@ -268,30 +311,41 @@ class Store:
     def claim_run(self, run_id: str) -> RunRecord:
         """Mark an existing run as running in this process (resuming it); its heartbeat beats
         until end_run (or close)."""
-        with self._begin() as conn:
+        with self.transaction() as conn:
             conn.execute(runs.update().where(runs.c.id == run_id).values(
-                status="running", heartbeat=time.time(), finished=None, **_this_process()))
+                status="running", heartbeat=time.time(), finished=None, **this_process()))
+        self._keep_alive(run_id)
+        return self.run(run_id)
+
+    def join_run(self, run_id: str) -> RunRecord:
+        """Take part in a run that another process runs (a study trained by several machines):
+        its row stays the other's, and this process's heartbeat keeps it alive too, until
+        close."""
         self._keep_alive(run_id)
         return self.run(run_id)
 
     def heartbeat(self, run_id: str) -> None:
-        with self._begin() as conn:
+        with self.transaction() as conn:
             conn.execute(runs.update().where(runs.c.id == run_id).values(heartbeat=time.time()))
 
-    def end_run(self, run_id: str, status: str, summary: dict[str, Any] | None = None) -> None:
+    def end_run(self, run_id: str, status: str, summary: dict[str, Any] | None = None, *,
+                output_dir: str | Path | None = None) -> None:
         """This process stops running the run: finished, failed, or interrupted (left to
-        resume, by this process too)."""
+        resume, by this process too). `output_dir`: where its files are now (a run trained
+        by several machines ends with the outputs of the one that wrote them)."""
         self._stop_beating(run_id)
         now = time.time()
-        with self._begin() as conn:
+        with self.transaction() as conn:
             values: dict[str, Any] = {"status": status, "finished": now, "heartbeat": now}
             if summary is not None:
                 values["summary"] = json.dumps(jsonable(summary), allow_nan=False)
+            if output_dir is not None:
+                values["output_dir"] = str(Path(output_dir).resolve())
             conn.execute(runs.update().where(runs.c.id == run_id).values(**values))
 
     def run(self, run_id: str) -> RunRecord:
         """The run with this id, or a unique id prefix; StoreError when there is none."""
-        with self._read() as conn:
+        with self.reading() as conn:
             row = conn.execute(sa.select(runs).where(runs.c.id == run_id)).first()
             if row is None:
                 matches = conn.execute(
@@ -315,14 +369,16 @@ class Store:
             query = query.where(runs.c.name == name)
         if fingerprint is not None:
             query = query.where(runs.c.fingerprint == fingerprint)
-        with self._read() as conn:
+        with self.reading() as conn:
             return [_run_record(row) for row in conn.execute(query)]
 
     def delete_run(self, run_id: str) -> None:
         run_id = self.run(run_id).id
         self._stop_beating(run_id)
-        with self._begin() as conn:
+        with self.transaction() as conn:
             conn.execute(epochs.delete().where(epochs.c.run_id == run_id))
+            conn.execute(jobs.delete().where(jobs.c.run_id == run_id))
+            conn.execute(checkpoints.delete().where(checkpoints.c.run_id == run_id))
             conn.execute(models.delete().where(models.c.run_id == run_id))
             conn.execute(runs.delete().where(runs.c.id == run_id))
 
@@ -330,30 +386,42 @@ class Store:
 
     def register_models(self, run_id: str, rows: Iterable[dict[str, Any]]) -> None:
         """Insert the planned models of a run (status pending) unless they already exist."""
-        with self._begin() as conn:
-            existing = {r[0] for r in conn.execute(
-                sa.select(models.c.key).where(models.c.run_id == run_id))}
-            new = [{"run_id": run_id, "status": "pending", **row}
-                   for row in rows if row["key"] not in existing]
-            if new:
-                conn.execute(models.insert(), new)
+        rows = list(rows)
+        for attempt in range(2):
+            try:
+                with self.transaction(exclusive=True) as conn:
+                    existing = {r[0] for r in conn.execute(
+                        sa.select(models.c.key).where(models.c.run_id == run_id))}
+                    new = [{"run_id": run_id, "status": "pending", **row}
+                           for row in rows if row["key"] not in existing]
+                    if new:
+                        conn.execute(models.insert(), new)
+                return
+            except sa.exc.IntegrityError:
+                # Another process of a shared run inserted them at the same moment: the
+                # second attempt finds them.
+                if attempt:
+                    raise
 
     def update_model(self, run_id: str, key: str, **values: Any) -> None:
         unknown = set(values) - set(MODEL_FIELDS)
         if unknown:
             raise ValueError(f"unknown model fields: {sorted(unknown)}")
         values = {k: _none_if_nan(v) if isinstance(v, float) else v for k, v in values.items()}
-        with self._begin() as conn:
+        with self.transaction() as conn:
             conn.execute(models.update().where(
                 (models.c.run_id == run_id) & (models.c.key == key)).values(**values))
 
     def record_epochs(
         self, run_id: str, rows: Sequence[tuple[str, int, Sequence[float]]],
         model_updates: dict[str, dict[str, Any]] | None = None,
+        *, within: Callable[[sa.Connection], None] | None = None,
     ) -> None:
         """Write epoch rows (key, epoch, (loss, accuracy, val_loss, val_accuracy, seconds)) and
-        model status changes in one transaction; an existing (key, epoch) row is replaced."""
-        with self._begin() as conn:
+        model status changes in one transaction; an existing (key, epoch) row is replaced.
+        `within(conn)` runs last in the same transaction (a job's claim checked, its
+        checkpoint stored): whatever it raises undoes the whole."""
+        with self.transaction() as conn:
             for key, epoch, values in rows:
                 conn.execute(epochs.delete().where(
                     (epochs.c.run_id == run_id) & (epochs.c.key == key)
@@ -370,9 +438,11 @@ class Store:
                 conn.execute(models.update().where(
                     (models.c.run_id == run_id) & (models.c.key == key)).values(**update))
             conn.execute(runs.update().where(runs.c.id == run_id).values(heartbeat=time.time()))
+            if within is not None:
+                within(conn)
 
     def models(self, run_id: str) -> list[ModelRecord]:
-        with self._read() as conn:
+        with self.reading() as conn:
             rows = conn.execute(sa.select(models).where(models.c.run_id == run_id)
                                 .order_by(models.c.candidate, models.c.repeat, models.c.fold))
             return [ModelRecord(**row._mapping) for row in rows]
@@ -381,7 +451,7 @@ class Store:
         query = sa.select(epochs).where(epochs.c.run_id == run_id)
         if key is not None:
             query = query.where(epochs.c.key == key)
-        with self._read() as conn:
+        with self.reading() as conn:
             rows = conn.execute(query.order_by(epochs.c.key, epochs.c.epoch))
             return [EpochRecord(row.key, row.epoch, *(_nan_if_none(getattr(row, f))
                                                       for f in EPOCH_FIELDS)) for row in rows]
@@ -457,13 +527,6 @@ def _write_advice(reason: str, read_only: bool) -> str:
     if "locked" in reason:
         return " (another process held it too long: run again)"
     return ""
-
-
-def _this_process() -> dict[str, Any]:
-    """The columns of fl_runs that say which process runs a run: this one."""
-    me = ProcessIdentity.current()
-    return {"host": socket.gethostname(), "pid": me.pid, "pid_start": me.start_time,
-            "boot_id": me.boot_id}
 
 
 def _beat(store: weakref.ref[Store], run_id: str, stop: threading.Event) -> None:

@@ -1,14 +1,25 @@
-"""Shared fixtures: fixed seeds, an isolated data environment, a tiny synthetic IDX dataset."""
+"""Shared fixtures: fixed seeds, an isolated data environment, a tiny synthetic IDX dataset, a
+PostgreSQL server."""
 
 from __future__ import annotations
 
+import glob
+import os
+import pwd
 import random
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import sqlalchemy as sa
 
 from fashionlab.data import CLASS_NAMES, FILE_NAMES, write_idx
+from fashionlab.store import database_url
 
 SEED = 0
 
@@ -78,3 +89,53 @@ def write_tiny_idx(directory: Path) -> Path:
     for name, array in zip(FILE_NAMES, (*train, *test)):
         write_idx(directory / f"{name}.gz", array)
     return directory
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL server from Debian's binaries on 127.0.0.1 in a temporary directory, with
+    an empty database; stopped and removed afterwards. Missing binaries fail the test."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not found:
+        pytest.fail("PostgreSQL's server binaries are missing (no /usr/lib/postgresql/*/bin/"
+                    "initdb): install them with `bash scripts/system-deps.sh all`")
+    bin_dir = Path(found[-1]).parent
+    root = Path(tempfile.mkdtemp(prefix="fashionlab-pg-"))
+    as_owner: list[str] = []
+    if os.geteuid() == 0:  # the server refuses to run as root: run it as `postgres`
+        try:
+            owner = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.fail("no `postgres` system user to run the server as (Debian's postgresql "
+                        "package creates it)")
+        os.chown(root, owner.pw_uid, owner.pw_gid)
+        as_owner = ["runuser", "-u", "postgres", "--"]
+    data, port = root / "data", _free_port()
+
+    def run(*command: str) -> None:
+        done = subprocess.run([*as_owner, *command], capture_output=True, text=True,
+                              timeout=120, check=False)
+        if done.returncode != 0:
+            pytest.fail(f"{command[0]} failed: {done.stderr or done.stdout}")
+
+    run(str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
+        "-E", "UTF8", "--no-sync")
+    run(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-w", "-t", "60",
+        "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+    try:
+        engine = sa.create_engine(database_url(f"postgresql://postgres@127.0.0.1:{port}/postgres"),
+                                  isolation_level="AUTOCOMMIT")
+        with engine.connect() as conn:
+            conn.execute(sa.text("CREATE DATABASE fashionlab"))
+        engine.dispose()
+        yield f"postgresql://postgres@127.0.0.1:{port}/fashionlab"
+    finally:
+        subprocess.run([*as_owner, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate",
+                        "stop"], capture_output=True, timeout=120, check=False)
+        shutil.rmtree(root, ignore_errors=True)

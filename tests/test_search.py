@@ -4,23 +4,17 @@ region, pruning, resume after a kill, and two workers sharing a real PostgreSQL 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
-import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
 import pytest
-import sqlalchemy as sa
 from helpers import OnEpoch, assert_one_line_error, run_cli, tiny_study_toml
 from optuna.trial import TrialState
 
@@ -575,56 +569,6 @@ def test_search_fresh_starts_again_and_orphan_trials_are_refused(
     (run,) = Store.open(run_dir).runs(kind="search")
     assert run.id != first.run.id and run.state == "finished"
     assert len(_trials(run_dir, path)) == 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def postgres_url() -> Iterator[str]:
-    """A PostgreSQL server from Debian's binaries on 127.0.0.1 in a temporary directory, with
-    an empty database; stopped and removed afterwards. Missing binaries fail the test."""
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    if not found:
-        pytest.fail("PostgreSQL's server binaries are missing (no /usr/lib/postgresql/*/bin/"
-                    "initdb): install them with `bash scripts/system-deps.sh all`")
-    bin_dir = Path(found[-1]).parent
-    root = Path(tempfile.mkdtemp(prefix="fashionlab-pg-"))
-    as_owner: list[str] = []
-    if os.geteuid() == 0:  # the server refuses to run as root: run it as `postgres`
-        try:
-            owner = pwd.getpwnam("postgres")
-        except KeyError:
-            pytest.fail("no `postgres` system user to run the server as (Debian's postgresql "
-                        "package creates it)")
-        os.chown(root, owner.pw_uid, owner.pw_gid)
-        as_owner = ["runuser", "-u", "postgres", "--"]
-    data, port = root / "data", _free_port()
-
-    def run(*command: str) -> None:
-        done = subprocess.run([*as_owner, *command], capture_output=True, text=True,
-                              timeout=120, check=False)
-        if done.returncode != 0:
-            pytest.fail(f"{command[0]} failed: {done.stderr or done.stdout}")
-
-    run(str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
-        "-E", "UTF8", "--no-sync")
-    run(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-w", "-t", "60",
-        "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
-    try:
-        engine = sa.create_engine(database_url(f"postgresql://postgres@127.0.0.1:{port}/postgres"),
-                                  isolation_level="AUTOCOMMIT")
-        with engine.connect() as conn:
-            conn.execute(sa.text("CREATE DATABASE fashionlab"))
-        engine.dispose()
-        yield f"postgresql://postgres@127.0.0.1:{port}/fashionlab"
-    finally:
-        subprocess.run([*as_owner, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate",
-                        "stop"], capture_output=True, timeout=120, check=False)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_two_workers_share_a_search_on_postgresql(postgres_url: str, tiny_idx_dir: Path,

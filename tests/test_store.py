@@ -234,7 +234,8 @@ def test_a_running_run_keeps_its_heartbeat_fresh(tmp_path: Path, monkeypatch):
 
 def _version_1_store(path: Path, pid: int) -> None:
     """A store as fashionlab's schema version 1 left it: fl_runs without the process's start
-    time and boot id, holding a finished run and a running one of process `pid`."""
+    time and boot id, fl_models without the host, no jobs; holding a finished run and a
+    running one of process `pid`."""
     engine = sa.create_engine(f"sqlite:///{path}")
     with engine.begin() as conn:
         conn.execute(sa.text("""CREATE TABLE fl_runs (
@@ -244,6 +245,7 @@ def _version_1_store(path: Path, pid: int) -> None:
             environment TEXT NOT NULL, started FLOAT NOT NULL, heartbeat FLOAT NOT NULL,
             finished FLOAT, host VARCHAR(200), pid INTEGER, summary TEXT, output_dir TEXT)"""))
         schema_module.models.create(conn)
+        conn.execute(sa.text("ALTER TABLE fl_models DROP COLUMN host"))  # added by version 3
         schema_module.epochs.create(conn)
         schema_module.schema.create(conn)
         conn.execute(sa.text("INSERT INTO fl_schema VALUES (1, '2025-01-01T00:00:00')"))
@@ -268,7 +270,10 @@ def test_a_store_of_the_previous_schema_upgrades_on_open_and_its_runs_read(tmp_p
     store = Store(f"sqlite:///{path}")
     with store.engine.connect() as conn:
         assert conn.execute(sa.text("SELECT max(version) FROM fl_schema")).scalar() == \
-            len(MIGRATIONS) == 2
+            len(MIGRATIONS) == 3
+        tables = set(sa.inspect(conn).get_table_names())
+    assert {"fl_jobs", "fl_checkpoints"} <= tables
+    assert [m.host for m in store.models("old-finished")] == [None]  # not recorded then
     finished = store.run("old-finished")
     assert finished.state == "finished" and finished.summary == {"b": 1} and finished.seed == 7
     assert [e.val_loss for e in store.histories("old-finished")["a/fold-0"]] == [1.1]
@@ -299,7 +304,7 @@ def test_processes_opening_an_old_store_together_upgrade_it_once(tmp_path: Path)
     assert errors == []
     engine = sa.create_engine(f"sqlite:///{path}")
     with engine.connect() as conn:
-        assert conn.execute(sa.text("SELECT version FROM fl_schema")).scalars().all() == [1, 2]
+        assert conn.execute(sa.text("SELECT version FROM fl_schema")).scalars().all() == [1, 2, 3]
     engine.dispose()
 
 
@@ -389,11 +394,13 @@ def test_a_run_whose_pid_was_reused_resumes_and_deletes_from_the_command_line(
                  pid=taker.pid, pid_start=taker.start_time + start_offset,
                  boot_id=taker.boot_id)
 
-        # The pid's own process, started when the row says: still running, refused.
+        # The pid's own process, started when the row says: still running, refused (a SQLite
+        # store is one machine's: the second process says who trains it and how to share).
         crashed_with_pid_reused(0)
         assert store.run(run.id).state == "running"
         code, _, err = run_cli(capsys, "study", str(study), "--run-dir", str(run_dir))
-        assert_one_line_error(code, err, "still running")
+        assert_one_line_error(code, err, "being trained by another process",
+                              f"pid {other.pid} on", "--store postgresql://")
 
         # The pid reused by a process that started at another moment: resumed, no --fresh.
         crashed_with_pid_reused(1)

@@ -182,11 +182,11 @@ _KILLER = textwrap.dedent("""
     if mode == "before-commit":  # die with the checkpoint written but the epoch not stored
         record = Store.record_epochs
         calls = {"n": 0}
-        def dying_record(self, run_id, rows, updates=None):
+        def dying_record(self, run_id, rows, updates=None, **options):
             calls["n"] += 1
             if calls["n"] == target_epoch:
                 os.kill(os.getpid(), signal.SIGKILL)
-            return record(self, run_id, rows, updates)
+            return record(self, run_id, rows, updates, **options)
         Store.record_epochs = dying_record
 
     run_study(load_study(study), run_dir=run_dir, progress=Killer())

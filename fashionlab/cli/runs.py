@@ -130,6 +130,11 @@ def show(run: RunId, run_dir: RunDir = DEFAULT_RUN_DIR, store: StoreUrl = None,
                         + f"), {info['models']['epochs_stored']} epochs stored")),
         ("output", Text(str(info["output_dir"] or "-"))),
     ]
+    if len(info["hosts"]) > 1:  # a run trained by several machines: which trained what
+        lines += [("trained", Text(f"on {host}: {', '.join(keys)}"))
+                  for host, keys in info["hosts"].items()]
+    elif info["hosts"]:
+        lines.append(("trained", Text(f"on {next(iter(info['hosts']))}")))
     for label, value in lines:
         console.print(Text(f"{label:>9}: ", style="bold") + value)
     if info["table"]:

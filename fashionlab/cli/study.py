@@ -59,6 +59,8 @@ def study(
     models; store every epoch and write the table, figures and report.
 
     A study stopped at any moment (Ctrl-C, kill) resumes where it stopped when run again.
+    The same command on several machines with one --store postgresql://... trains one run
+    together: each claims jobs from the database; the last writes the results.
 
     Example: fashionlab study                 (the bundled seed study)
 
@@ -93,6 +95,16 @@ def study(
                            progress=progress,
                            workers=workers if workers == "auto" else int(workers),
                            threads=threads)
+    if result.results_by is not None:  # a run shared with other processes, which finish it
+        if json_output:
+            typer.echo(json.dumps({"run": result.run.id, "trained": result.trained_here,
+                                   "results_by": result.results_by}, indent=2))
+            return
+        trained = "; ".join(result.trained_here) or "nothing (the others had every job)"
+        typer.echo(f"run {result.run.id}: this process trained {trained}. The results are "
+                   f"written by {result.results_by}: `fashionlab runs show {result.run.id}` "
+                   "with the same --store shows them and where they are.")
+        return
     if json_output:
         typer.echo(json.dumps(summary(result), indent=2))
         return
