@@ -29,6 +29,7 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 KERAS_PYTHON = ROOT / ".venv-keras" / "bin" / "python"
@@ -60,9 +61,10 @@ def matmul_peak(dtype_name: str, size: int = 1024, repeats: int = 20) -> float:
     return 2 * size**3 / best / 1e9
 
 
-def fashionlab_epochs(model: str, epochs: int, precision: str | None) -> dict:
-    """Time `epochs` epochs of fashionlab on one model, as the study trains it: the 5 folds of a
-    dense candidate as one stack, the CNN alone on all 60k with the test set as validation."""
+def seed_stack(model: str, precision: str | None = None) -> tuple[Any, Any]:
+    """(StackTrainer, candidate) for one seed-study model, as the study trains it: the 5 folds
+    of a dense candidate as one stack, the CNN alone on all 60k with the test set as
+    validation. `precision` overrides the candidate's."""
     import dataclasses
 
     import numpy as np
@@ -71,7 +73,6 @@ def fashionlab_epochs(model: str, epochs: int, precision: str | None) -> dict:
     from fashionlab.config import load_study
     from fashionlab.cv import make_folds
     from fashionlab.data import load_fashion_mnist, to_tensors
-    from fashionlab.models import forward_flops
     from fashionlab.train import Member, StackTrainer, Tensors
 
     spec = load_study("seed")
@@ -92,7 +93,17 @@ def fashionlab_epochs(model: str, epochs: int, precision: str | None) -> dict:
     if model == "dense64_group":  # as the study trains them: 3 candidates x 5 folds, one stack
         members = [dataclasses.replace(m, key=f"{c.name}/{m.key}", model=c.model)
                    for c in spec.candidates[:3] for m in members]
-    trainer = StackTrainer(members, candidate.train, data, torch.device("cpu"))
+    return StackTrainer(members, candidate.train, data, torch.device("cpu")), candidate
+
+
+def fashionlab_epochs(model: str, epochs: int, precision: str | None) -> dict:
+    """Time `epochs` epochs of fashionlab on one model, as the study trains it (`seed_stack`)."""
+    import numpy as np
+
+    from fashionlab.models import forward_flops
+
+    trainer, candidate = seed_stack(model, precision)
+    members = trainer.members
     seconds, accuracy = [], []
     for _ in range(epochs):
         metrics = trainer.run_epoch()

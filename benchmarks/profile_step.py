@@ -15,25 +15,14 @@ Run by hand; nothing else should run on the machine meanwhile.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import time
 from collections import defaultdict
 
-import numpy as np
 import torch
+from bench_speed import SEED_NAMES, seed_stack  # the stack the study trains, built one way
 from torch.profiler import ProfilerActivity, profile
-
-from fashionlab.config import load_study
-from fashionlab.cv import make_folds
-from fashionlab.data import load_fashion_mnist, to_tensors
-from fashionlab.train import Member, StackTrainer, Tensors
-
-SEED_NAMES = {"dense64": "dense(64)", "dense64_l2": "dense(64) L2",
-              "dense64_drop": "dense(64) dropout", "dense256_drop": "dense(256) dropout",
-              "dense64x2_drop": "dense(64)x2 dropout", "dense256x2_drop": "dense(256)x2 dropout",
-              "cnn": "cnn"}
 
 # Op name fragments -> family, first match wins.
 FAMILIES = (
@@ -70,23 +59,6 @@ def memory_bandwidth(size_mb: int = 256, repeats: int = 10) -> float:
     return 2 * src.numel() * 4 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def build(model: str) -> tuple[StackTrainer, int]:
-    spec = load_study("seed")
-    candidate = next(c for c in spec.candidates + spec.final if c.name == SEED_NAMES[model])
-    dataset = load_fashion_mnist()
-    x, y = to_tensors(dataset.train)
-    if model == "cnn":
-        x_test, y_test = to_tensors(dataset.test)
-        data = Tensors(x, y, x_test, y_test)
-        members = [Member("cnn", candidate.model, np.arange(60000), np.arange(10000), 0)]
-    else:
-        data = Tensors(x, y, x, y)
-        members = [Member(f"fold-{f.index}", candidate.model, f.train_index, f.val_index, f.index)
-                   for f in make_folds(60000, spec.cv, seed=0)]
-    train = dataclasses.replace(candidate.train, epochs=1)
-    return StackTrainer(members, train, data, torch.device("cpu")), len(members)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=sorted(SEED_NAMES), default="dense256_drop")
@@ -97,7 +69,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    trainer, n_members = build(args.model)
+    trainer, _ = seed_stack(args.model)
+    n_members = len(trainer.members)
     steps = trainer.steps_per_epoch
     # Time a whole epoch without the profiler first (its own overhead inflates small ops).
     start = time.perf_counter()
