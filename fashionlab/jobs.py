@@ -109,25 +109,13 @@ def register_jobs(store: Store, run_id: str, planned: Sequence[tuple[str, str]],
     """Record a run's jobs, (key, label) in the order to claim them, pending, unless they
     exist already (another process registered them); returns the threads per job recorded
     with them, the first registration's."""
-    for attempt in range(2):
-        try:
-            with store.transaction(exclusive=True) as conn:
-                existing = {r.key: r for r in conn.execute(
-                    sa.select(jobs.c.key, jobs.c.threads, jobs.c.position)
-                    .where(jobs.c.run_id == run_id))}
-                start = max((r.position for r in existing.values()), default=-1) + 1
-                new = [{"run_id": run_id, "key": key, "label": label, "position": start + i,
-                        "threads": threads, "status": "pending", "token": 0}
-                       for i, (key, label) in enumerate(
-                           k for k in planned if k[0] not in existing)]
-                if new:
-                    conn.execute(jobs.insert(), new)
-            break
-        except sa.exc.IntegrityError:
-            # Another process registered them at the same moment: the second attempt finds
-            # them (and their threads).
-            if attempt:
-                raise
+    def new_rows(existing: dict[str, Any]) -> list[dict[str, Any]]:
+        start = max((r.position for r in existing.values()), default=-1) + 1
+        return [{"run_id": run_id, "key": key, "label": label, "position": start + i,
+                 "threads": threads, "status": "pending", "token": 0}
+                for i, (key, label) in enumerate(k for k in planned if k[0] not in existing)]
+
+    existing = store.insert_missing(jobs, run_id, new_rows)
     recorded = [r.threads for r in existing.values() if r.threads]
     return recorded[0] if recorded else threads
 

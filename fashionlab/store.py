@@ -384,24 +384,34 @@ class Store:
 
     # ---- models and epochs ----------------------------------------------------------------
 
+    def insert_missing(
+        self, table: sa.Table, run_id: str,
+        new_rows: Callable[[dict[str, sa.Row[Any]]], list[dict[str, Any]]],
+    ) -> dict[str, sa.Row[Any]]:
+        """Insert `new_rows(existing)` into a run's rows of `table` (keyed by `key`), in one
+        exclusive transaction; returns the rows that existed, by key. Another process of a
+        shared run inserting the same rows at the same moment fails this one's insert: the
+        second attempt finds them."""
+        def insert() -> dict[str, sa.Row[Any]]:
+            with self.transaction(exclusive=True) as conn:
+                existing = {r.key: r for r in conn.execute(
+                    sa.select(table).where(table.c.run_id == run_id))}
+                new = new_rows(existing)
+                if new:
+                    conn.execute(table.insert(), new)
+            return existing
+
+        try:
+            return insert()
+        except sa.exc.IntegrityError:
+            return insert()
+
     def register_models(self, run_id: str, rows: Iterable[dict[str, Any]]) -> None:
         """Insert the planned models of a run (status pending) unless they already exist."""
         rows = list(rows)
-        for attempt in range(2):
-            try:
-                with self.transaction(exclusive=True) as conn:
-                    existing = {r[0] for r in conn.execute(
-                        sa.select(models.c.key).where(models.c.run_id == run_id))}
-                    new = [{"run_id": run_id, "status": "pending", **row}
-                           for row in rows if row["key"] not in existing]
-                    if new:
-                        conn.execute(models.insert(), new)
-                return
-            except sa.exc.IntegrityError:
-                # Another process of a shared run inserted them at the same moment: the
-                # second attempt finds them.
-                if attempt:
-                    raise
+        self.insert_missing(models, run_id, lambda existing: [
+            {"run_id": run_id, "status": "pending", **row}
+            for row in rows if row["key"] not in existing])
 
     def update_model(self, run_id: str, key: str, **values: Any) -> None:
         unknown = set(values) - set(MODEL_FIELDS)
