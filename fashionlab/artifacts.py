@@ -10,13 +10,14 @@ anything, so a damaged or edited model.json is refused in one line instead of ex
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from pydantic import TypeAdapter, ValidationError
@@ -27,6 +28,7 @@ from torch import nn
 from fashionlab.config import ModelSpec
 from fashionlab.errors import FashionlabError
 from fashionlab.models import build_module, inference_module
+from fashionlab.vocabulary import TestTimeAugmentation
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -90,10 +92,13 @@ def save_model(
     return directory
 
 
-def load_model(directory: str | Path, device: str | torch.device = "cpu") -> SavedModel:
+def load_model(directory: str | Path, device: str | torch.device = "cpu",
+               tta: str | None = None) -> SavedModel:
     """Read a model directory written by `save_model`.
 
-    Every problem (a missing or malformed file, weights that do not fit the spec, a pickle
+    `tta` scores the model with other test-time views than the ones it was trained with
+    (`ModelSpec.tta`: "none", "flip", "flip-shift"); the weights are the same, and the
+    returned spec says which views are used. Every problem (a missing or malformed file, weights that do not fit the spec, a pickle
     in place of the safetensors file) raises ModelFileError naming the file. Nothing is
     unpickled: safetensors holds raw tensors only.
     """
@@ -105,6 +110,10 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Sav
         if not path.is_file():
             raise ModelFileError(f"{path}: file not found")
     spec, class_names, description = _read_description(spec_path)
+    if tta is not None:
+        if tta not in get_args(TestTimeAugmentation):
+            raise ValueError(f"tta must be one of {get_args(TestTimeAugmentation)}, not {tta!r}")
+        spec = dataclasses.replace(spec, tta=tta)
     # Names and shapes first, from the spec alone and the file's header: a spec that does not
     # fit the weights (units = 2,000,000) would otherwise allocate gigabytes before failing.
     expected = _expected_shapes(spec, spec_path)

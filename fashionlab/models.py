@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -185,10 +185,7 @@ class StackedNet(nn.Module):
     def infer(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for scoring, x (M, B, 28, 28) -> (M, B, n_classes): the mean over the
         model's test-time views (its spec's `tta`), never with dropout."""
-        logits = self(x)
-        if self.specs[0].tta == "flip":  # tta is part of the shape key: one for the stack
-            logits = (logits + self(x.flip(-1))) / 2
-        return logits
+        return mean_over_views(self, x, self.specs[0].tta)  # tta is part of the shape key
 
     def l2_penalty(self) -> torch.Tensor:
         """(M,): sum over layers of l2 * sum(W**2) of the kernel, per member (Keras' L2)."""
@@ -301,22 +298,51 @@ def _plain_layer_names(spec: ModelSpec) -> dict[str, list[str]]:
     return names
 
 
-class FlipAveraged(nn.Module):
-    """A network scored with flip test-time augmentation: the mean of the logits of each
-    image and of its mirror image (B, 1, 28, 28) -> (B, n_classes)."""
+# One-pixel moves of "flip-shift" TTA, (rows, columns): up, down, left, right.
+TTA_SHIFTS = ((-1, 0), (1, 0), (0, -1), (0, 1))
 
-    def __init__(self, net: nn.Module) -> None:
+
+def tta_views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
+    """The test-time views of images x (..., H, W), the image itself first: its mirror image
+    for "flip"; for "flip-shift" also the image moved by one pixel in each direction (the
+    pixel moved in is background, 0), each with its mirror image."""
+    views = [x]
+    if tta == "flip-shift":
+        h, w = x.shape[-2:]
+        padded = F.pad(x, (1, 1, 1, 1))
+        views += [padded[..., 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] for dy, dx in TTA_SHIFTS]
+    if tta in ("flip", "flip-shift"):
+        views += [view.flip(-1) for view in views]
+    return views
+
+
+def mean_over_views(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                    tta: str) -> torch.Tensor:
+    """The mean of net's logits over the test-time views of x (net(x) itself without TTA).
+    One forward pass per view: the same batch shapes, so the same numbers, as without TTA."""
+    first, *others = tta_views(x, tta)
+    logits = net(first)
+    for view in others:
+        logits = logits + net(view)
+    return logits / (1 + len(others)) if others else logits
+
+
+class ViewAveraged(nn.Module):
+    """A network scored with test-time augmentation: the mean of its logits over the views of
+    `tta_views`, (B, 1, 28, 28) -> (B, n_classes)."""
+
+    def __init__(self, net: nn.Module, tta: str) -> None:
         super().__init__()
-        self.net = net
+        self.net, self.tta = net, tta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.net(x) + self.net(x.flip(-1))) / 2
+        return mean_over_views(self.net, x, self.tta)
 
 
 def inference_module(spec: ModelSpec, module: nn.Module) -> nn.Module:
     """`module` (a `build_module(spec)` holding its weights) as the model is used and scored:
     wrapped in its test-time augmentation, if the spec has one."""
-    return FlipAveraged(module) if spec.tta == "flip" else module
+    return module if spec.tta == "none" else ViewAveraged(module, spec.tta)
 
 
 def build_module(spec: ModelSpec) -> nn.Sequential:

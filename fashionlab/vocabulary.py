@@ -12,11 +12,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from fashionlab.errors import FieldValueError
 
-__all__ = ["VOCABULARY", "Param", "check_base", "check_grid", "check_space"]
+__all__ = ["VOCABULARY", "Param", "TestTimeAugmentation", "check_base", "check_grid",
+           "check_space"]
+
+# A model's test-time augmentation (`ModelSpec.tta`), named once for the spec and the search.
+TestTimeAugmentation = Literal["none", "flip", "flip-shift"]
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,7 @@ VOCABULARY: dict[str, Param] = {
     "crop": Param("int", 0, 9),  # augmentation: random crops of the image padded by this
     "flip": Param("choice", options=(False, True)),  # augmentation: random horizontal flips
     "ema": Param("float", 0.0, 1.0),  # decay of the moving average of the weights; 0: off
-    "tta": Param("choice", options=("none", "flip")),  # test-time augmentation
+    "tta": Param("choice", options=get_args(TestTimeAugmentation)),  # test-time augmentation
 }
 
 

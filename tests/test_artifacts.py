@@ -344,6 +344,32 @@ def test_evaluate_json(tmp_path: Path, tiny_idx_dir: Path, capsys: pytest.Captur
     assert set(result["per_class"]) >= {"precision", "recall", "f1", "support"}
 
 
+def test_evaluate_with_other_test_time_views(
+        tmp_path: Path, tiny_idx_dir: Path, capsys: pytest.CaptureFixture[str]):
+    """`--tta` scores the same weights with other views: the JSON says which, the numbers are
+    the library's for a model loaded with that `tta`, and they differ from the model's own."""
+    from fashionlab.data import load_fashion_mnist
+    from fashionlab.evaluate import evaluate
+
+    directory = _fit_tiny(tmp_path / "m", tiny_idx_dir)  # trained without tta
+    results = {}
+    for views in ("none", "flip-shift"):
+        code, out, err = run_cli(capsys, "evaluate", str(directory), "--dir", str(tiny_idx_dir),
+                                 "--no-verify", "--device", "cpu", "--tta", views, "--json")
+        assert code == 0, err
+        results[views] = json.loads(out)
+        assert results[views]["tta"] == views
+    saved = load_model(directory, tta="flip-shift")
+    assert saved.spec.tta == "flip-shift" and load_model(directory).spec.tta == "none"
+    expected = evaluate(saved, load_fashion_mnist(tiny_idx_dir, verify=False).test, CLASS_NAMES)
+    assert results["flip-shift"]["loss"] == pytest.approx(expected.loss, rel=1e-6)
+    assert results["flip-shift"]["loss"] != pytest.approx(results["none"]["loss"], rel=1e-4)
+    with pytest.raises(ValueError, match="tta"):
+        load_model(directory, tta="crops")
+    code, _, err = run_cli(capsys, "evaluate", str(directory), "--tta", "crops")
+    assert code == 2 and "crops" in err
+
+
 def test_evaluate_table(tmp_path: Path, tiny_idx_dir: Path, capsys: pytest.CaptureFixture[str]):
     directory = _fit_tiny(tmp_path / "m", tiny_idx_dir)
     code, out, err = run_cli(capsys, "evaluate", str(directory), "--dir", str(tiny_idx_dir),

@@ -39,8 +39,9 @@ def _saved(directory: Path, spec: ModelSpec) -> SavedModel:
                                  class_names=CLASS_NAMES, metadata={"study": "export test"}))
 
 
-@pytest.mark.parametrize("spec", [DENSE, CONV_BN, dataclasses.replace(CONV_BN, tta="flip")],
-                         ids=["dense", "conv-bn", "conv-bn-tta"])
+@pytest.mark.parametrize("spec", [DENSE, CONV_BN, dataclasses.replace(CONV_BN, tta="flip"),
+                                  dataclasses.replace(CONV_BN, tta="flip-shift")],
+                         ids=["dense", "conv-bn", "conv-bn-flip", "conv-bn-flip-shift"])
 def test_onnx_matches_pytorch_within_1e_5(tmp_path: Path, spec: ModelSpec):
     saved = _saved(tmp_path / "model", spec)
     path = export_onnx(saved, tmp_path / "model.onnx")

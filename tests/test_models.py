@@ -200,5 +200,36 @@ def test_flip_tta_logits_are_the_mean_over_the_two_views():
     assert inference_module(CONV, plain) is plain
 
 
+def _moved(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """x (..., H, W) moved by one pixel, built another way than `tta_views`: rolled, and the
+    row or column that wrapped around set to background."""
+    moved = torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
+    if dy:
+        moved[..., 0 if dy > 0 else -1, :] = 0
+    if dx:
+        moved[..., :, 0 if dx > 0 else -1] = 0
+    return moved
+
+
+def test_flip_shift_tta_logits_are_the_mean_over_ten_views():
+    spec = dataclasses.replace(CONV, tta="flip-shift")
+    stack = _stack(spec, 1).eval()
+    plain = build_module(spec).eval()
+    plain.load_state_dict(stack.member_state_dict(0))
+    x = torch.rand(1, 6, 28, 28)
+    images = x[0].unsqueeze(1)  # (6, 1, 28, 28)
+    moves = [images] + [_moved(images, dy, dx) for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1))]
+    views = [plain(v) for v in moves] + [plain(v.flip(-1)) for v in moves]
+    expected = torch.stack(views).mean(0)
+    torch.testing.assert_close(stack.infer(x)[0], expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(inference_module(spec, plain)(images), expected, rtol=1e-5,
+                               atol=1e-5)
+    # More views than flip alone: a different score.
+    flip_only = (views[0] + views[5]) / 2
+    assert not torch.allclose(stack.infer(x)[0], flip_only, atol=1e-4)
+
+
 def test_tta_is_part_of_the_stacking_shape():
     assert dataclasses.replace(DENSE, tta="flip").shape_key() != DENSE.shape_key()
+    assert (dataclasses.replace(DENSE, tta="flip").shape_key()
+            != dataclasses.replace(DENSE, tta="flip-shift").shape_key())

@@ -114,7 +114,7 @@ layers = [{ units = 64 }]
      "search.space.flip: takes choices or a value, not a range (one of: false, true)"),
     ("crop = { low = 0, high = 9 }", "search.space.crop: values must lie in [0, 9) (got 9)"),
     ('tta = { choices = ["flip", "crops"] }',
-     "search.space.tta: 'crops' is not one of: none, flip"),
+     "search.space.tta: 'crops' is not one of: none, flip, flip-shift"),
 ])
 def test_a_bad_space_is_one_line_naming_the_file_and_parameter(space: str, message: str):
     raw = tomllib.loads(BASE + "[search.space]\n" + space)

@@ -23,6 +23,22 @@ DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
 
+class Views(str, Enum):
+    none = "none"
+    flip = "flip"
+    flip_shift = "flip-shift"
+
+
+TtaOption = Annotated[Views | None, typer.Option(
+    "--tta", help="Test-time views instead of the model's own: none, flip (the image and its "
+    "mirror image) or flip-shift (also moved by one pixel each way: 10 views).",
+    show_default=False)]
+
+
+def _views(tta: Views | None) -> str | None:
+    return None if tta is None else tta.value
+
+
 @app.command()
 def evaluate(
     model: ModelDir,
@@ -33,6 +49,7 @@ def evaluate(
         "--verify/--no-verify",
         help="Check the Fashion-MNIST checksums; --no-verify for other IDX datasets.")] = True,
     device: DeviceOption = "auto",
+    tta: TtaOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Score a trained model on the test set: accuracy, per-class scores, confusion matrix.
@@ -40,7 +57,7 @@ def evaluate(
     Prints the accuracy and loss, precision, recall and F1 of each class, and the confusion
     matrix (rows: true class, columns: predicted).
 
-    Example: fashionlab evaluate fashionlab-runs/RUN_ID/models/cnn --json
+    Example: fashionlab evaluate fashionlab-runs/RUN_ID/models/fast-cnn --tta flip-shift --json
     """
     # torch: loaded when a command runs, so that `fashionlab --help` stays instant
     from fashionlab.artifacts import load_model
@@ -49,18 +66,21 @@ def evaluate(
     from fashionlab.hardware import resolve_device
 
     target = resolve_device(device)
-    saved = load_model(model, target)
+    saved = load_model(model, target, tta=_views(tta))
     dataset = load_fashion_mnist(directory, verify=verify)
     result = score(saved, dataset.test, device=target)
     if as_json:
         typer.echo(json.dumps({"model": str(model), "data": str(dataset.source),
-                               "split": "test", **result.to_dict()}, indent=2))
+                               "split": "test", "tta": saved.spec.tta, **result.to_dict()},
+                              indent=2))
         return
     from rich.console import Console
     from rich.table import Table
 
     console = Console(highlight=False)
-    console.print(f"{model} on {dataset.source} (test, {result.n} images)", soft_wrap=True)
+    views = "" if saved.spec.tta == "none" else f", tta {saved.spec.tta}"
+    console.print(f"{model} on {dataset.source} (test, {result.n} images{views})",
+                  soft_wrap=True)
     console.print(f"accuracy {100 * result.accuracy:.2f}%   loss {result.loss:.4f}")
     scores = Table(title="per class (%)")
     for column in ("class", "name", "images", "precision", "recall", "F1"):
@@ -91,6 +111,7 @@ def predict(
         help="Write what the model sees (the 28x28 inputs, up to 100) to this PNG file.",
         show_default=False)] = None,
     device: DeviceOption = "auto",
+    tta: TtaOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Predict the top classes of your own images, with their probabilities.
@@ -110,7 +131,7 @@ def predict(
     from fashionlab.predict import predict_files
     from fashionlab.predict import preview as preview_grid
 
-    saved = load_model(model, resolve_device(device))
+    saved = load_model(model, resolve_device(device), tta=_views(tta))
     results = predict_files(saved, images, top, invert=invert)
     if preview is not None:
         seen = [r.images for r in results if r.images is not None]
@@ -164,6 +185,7 @@ def export(
         help="The file to write (default: model.onnx in the model directory).",
         show_default=False)] = None,
     opset: Annotated[int, typer.Option(help="The ONNX opset version.", min=7)] = 18,
+    tta: TtaOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Export a trained model to ONNX, checked against PyTorch with onnxruntime.
@@ -178,7 +200,7 @@ def export(
     from fashionlab.artifacts import load_model
     from fashionlab.export import export_onnx, verify_onnx
 
-    saved = load_model(model)
+    saved = load_model(model, tta=_views(tta))
     start = time.perf_counter()
     path = export_onnx(saved, out if out is not None else model / "model.onnx", opset=opset)
     seconds = time.perf_counter() - start
