@@ -360,7 +360,11 @@ def test_weights(candidate: Candidate, result: MemberResult, data: Tensors,
     if result.weights is None or result.status == "failed":
         return float("nan"), float("nan")
     member = Member(result.key, candidate.model, np.arange(1), None, 0)
-    scorer = StackTrainer([member], candidate.train, data, device)
+    # A scorer only: the kept weights are loaded as they are (no moving average to build),
+    # and the training images are not needed (nor converted to the training precision).
+    train = dataclasses.replace(candidate.train, ema=0.0)
+    scoring = Tensors(data.x_val, data.y_val, data.x_val, data.y_val)
+    scorer = StackTrainer([member], train, scoring, device)
     scorer.load_member_state_dict(result.key, result.weights)
     index = torch.arange(len(data.x_val), device=device).unsqueeze(0)
     loss, accuracy = scorer.evaluate(data.x_val, data.y_val, index)
