@@ -1,9 +1,10 @@
 """Automated search (Optuna): each trial varies one candidate of a study, is scored by its
 cross-validation, and is pruned while it trains when it is clearly worse than the others.
 
-    loop      run_search: claim trials, train them, report to the pruner (one worker's part)
-    space     how a trial's drawn values become a candidate (and the grid of a grid search)
-    storage   Optuna's storage on the store's database; the lock the workers share
+    loop      run_search: claim trials and run them until a stopping rule holds (one worker's part)
+    trial     one trial: its folds trained, reported to the pruner, counted and scored
+    space     how a trial's drawn values become a candidate; the sampler (and a grid search's grid)
+    storage   the search's Optuna study name, its storage on the store's database; the lock
     cost      what trials spend (fold-epochs, seconds, TFLOP), budgets, equal-compute pruning
     finish    the end of a search: the best retrained and tested, the table, plots, summary
 
@@ -16,13 +17,10 @@ from __future__ import annotations
 
 from fashionlab.search.cost import EqualComputePruner, Spent, fold_epochs, spent
 from fashionlab.search.finish import SearchContext, consensus_scores, finish_search
-from fashionlab.search.loop import (
-    SearchResult,
-    make_pruner,
-    make_sampler,
-    run_search,
-    search_identity,
-)
+from fashionlab.search.loop import SearchResult, run_search
+from fashionlab.search.space import make_sampler
+from fashionlab.search.storage import search_identity
+from fashionlab.search.trial import make_pruner
 
 __all__ = [
     "EqualComputePruner",

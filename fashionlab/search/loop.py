@@ -17,14 +17,8 @@ of worker processes, on any number of machines, that run it against one database
   continues from their checkpoint when it runs where they were trained.
 - The worker that sees the search complete writes its results (`search_results`).
 
-Pruning: with the median pruners the folds of a trial train together as one stack and each
-epoch reports the mean over folds of each fold's best objective so far (monotone, and
-meaningful with early stopping); "median" compares trials at equal epochs, "median-compute" at
-equal training FLOP (fashionlab.search.cost). The Wilcoxon pruner trains the folds one after
-another and reports each fold's score read on that fold alone (step = fold index), pruning a
-trial that is significantly worse than the best on the folds seen so far. These reports only
-steer pruning: a finished trial is scored with every fold read at its CV-consensus epoch
-(fashionlab.search.finish.consensus_scores).
+Training one trial (its folds, the reports that steer pruning, its cost and score) is
+fashionlab.search.trial.
 """
 
 from __future__ import annotations
@@ -32,25 +26,22 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import math
 import os
 import shutil
 import socket
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from fashionlab import notebook
-from fashionlab.checkpoints import remove_checkpoint
 from fashionlab.config import Candidate, SearchSpec, StudySpec, base_candidate
-from fashionlab.cv import MemberResult, make_folds
+from fashionlab.cv import make_folds
 from fashionlab.data import Dataset, to_tensors
 from fashionlab.errors import ConfigError
 from fashionlab.hardware import resolve_device
@@ -58,35 +49,13 @@ from fashionlab.process import ProcessIdentity
 from fashionlab.progress import Reporter, reporting
 from fashionlab.provenance import environment
 from fashionlab.rng import derive_seed
-from fashionlab.runner import train_stack, training_flops
 from fashionlab.runs import delete_run
-from fashionlab.search.cost import (
-    FOLD_EPOCHS,
-    SECONDS,
-    STEP_TFLOP,
-    TFLOP,
-    EqualComputePruner,
-    spent,
-    spent_budget,
-    spent_summary,
-)
-from fashionlab.search.finish import (
-    FINISHED,
-    SearchContext,
-    consensus_scores,
-    finish_search,
-)
-from fashionlab.search.space import base_params, grid, grid_size, suggest
-from fashionlab.search.storage import ClaimLock, delete_study, open_storage, study_name
-from fashionlab.steps import (
-    RunContext,
-    checkpoint_path,
-    cv_members,
-    load_study_data,
-    plan_stacks,
-    register_models,
-    summarize_models,
-)
+from fashionlab.search.cost import spent, spent_budget, spent_summary
+from fashionlab.search.finish import FINISHED, SearchContext, finish_search
+from fashionlab.search.space import base_params, grid, grid_size, make_sampler
+from fashionlab.search.storage import ClaimLock, delete_study, open_storage, search_identity
+from fashionlab.search.trial import TrialContext, make_pruner, train_trial
+from fashionlab.steps import RunContext, load_study_data
 from fashionlab.store import (
     DEFAULT_RUN_DIR,
     RunRecord,
@@ -95,10 +64,10 @@ from fashionlab.store import (
     default_url,
     safe_url,
 )
-from fashionlab.tables import params_text, spent_line
-from fashionlab.train import EpochMetrics, Member, Tensors
+from fashionlab.tables import spent_line
+from fashionlab.train import Tensors
 
-__all__ = ["SearchResult", "make_pruner", "make_sampler", "run_search", "search_identity"]
+__all__ = ["SearchResult", "run_search"]
 
 
 @dataclass
@@ -131,51 +100,6 @@ class SearchResult:
 class Limits:
     n_trials: int | None
     timeout: float | None  # seconds, this process
-
-
-def search_identity(spec: StudySpec) -> tuple[str, str]:
-    """(Optuna study name, fingerprint). Stopping rules and reporting settings are left out,
-    so that running the same search with a larger --n-trials continues it."""
-    assert spec.search is not None
-    key = dataclasses.replace(spec, search=dataclasses.replace(
-        spec.search, n_trials=None, timeout=None, budget=None, budget_seconds=None,
-        budget_tflop=None, top=10, reference=None))
-    fingerprint = key.fingerprint()
-    return study_name(spec.name, fingerprint), fingerprint
-
-
-def make_sampler(search: SearchSpec, base: Candidate, seed: int) -> optuna.samplers.BaseSampler:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        if search.sampler == "random":
-            return optuna.samplers.RandomSampler(seed=seed)
-        if search.sampler == "grid":
-            return optuna.samplers.GridSampler(grid(search, base), seed=seed)
-        if search.sampler == "cmaes":
-            return optuna.samplers.CmaEsSampler(
-                seed=seed, n_startup_trials=search.startup_trials,
-                warn_independent_sampling=False)
-        # multivariate + group: per-layer parameters exist only for some n_layers; the
-        # constant liar keeps parallel workers from sampling next to each other's trials.
-        return optuna.samplers.TPESampler(
-            seed=seed, n_startup_trials=search.startup_trials, multivariate=True, group=True,
-            constant_liar=True)
-
-
-def make_pruner(search: SearchSpec) -> optuna.pruners.BasePruner:
-    if search.pruner == "median":
-        # Steps are 1-based epochs: the earliest prune is at step n_warmup_steps.
-        return optuna.pruners.MedianPruner(n_startup_trials=search.startup_trials,
-                                           n_warmup_steps=search.warmup + 1)
-    if search.pruner == "median-compute":
-        return EqualComputePruner(n_startup_trials=search.startup_trials,
-                                  n_warmup_steps=search.warmup + 1)
-    if search.pruner == "wilcoxon":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.pruners.WilcoxonPruner(p_threshold=0.1,
-                                                 n_startup_steps=search.warmup + 1)
-    return optuna.pruners.NopPruner()
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,8 +236,8 @@ class _Searcher:
                            labels=dataset.train.labels)
         x, y = to_tensors(dataset.train, ctx.device)
         self.finishing = SearchContext(ctx, study, folds, Tensors(x, y, x, y), dataset)
-        self.folds, self.data = folds, self.finishing.train
-        self.maximize = self.finishing.maximize
+        self.trials = TrialContext(ctx, self.base, folds, self.finishing.train,
+                                   self.finishing.maximize)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
@@ -421,142 +345,9 @@ class _Searcher:
         trial.set_user_attr("models", name)
         trial.set_user_attr("worker", self.worker)
         trial.set_user_attr("worker_process", list(dataclasses.astuple(self.identity)))
-        candidate = suggest(trial, self.search, self.base, name)
-        members, owner, fold_of = cv_members(
-            dataclasses.replace(self.spec, candidates=(candidate,), search=None), self.folds)
-        ordered = list(members.values())
-        register_models(self.ctx, ordered, owner, "trial", fold_of)
-        stacks = [[m] for m in ordered] if self.search.pruner == "wilcoxon" \
-            else plan_stacks(ordered, {m.key: candidate for m in ordered})
-        watcher = _Watcher(self, trial, candidate)
-        try:
-            results: dict[str, MemberResult] = {}
-            for index, stack in enumerate(stacks):
-                results.update(watcher.train(stack, index))
-        except optuna.TrialPruned as pruned:
-            for m in ordered:
-                if m.key not in watcher.done:
-                    self.store.update_model(self.run.id, m.key, status="stopped",
-                                            message=f"trial {pruned}")
-            self._drop_checkpoints(stacks, trial.params)
-            raise
-        # Every fold read at the CV-consensus epoch, as the reference is (see finish).
-        read = consensus_scores([results[m.key] for m in ordered], self.spec.warning)
-        scores = read.of(self.search.objective)
-        trial.set_user_attr("fold_scores", [float(v) for v in scores])
-        trial.set_user_attr("val_accuracy", [float(v) for v in read.val_accuracy])
-        trial.set_user_attr("val_loss", [float(v) for v in read.val_loss])
-        trial.set_user_attr("consensus_epoch", read.epoch)
-        trial.set_user_attr(FOLD_EPOCHS, sum(len(results[m.key].history) for m in ordered))
-        self._drop_checkpoints(stacks, trial.params)
-        if not np.all(np.isfinite(scores)):
-            trial.set_user_attr("stopped", "a fold diverged")
-            raise optuna.TrialPruned("a fold diverged")
-        return float(np.mean(scores))
-
-    def checkpoint(self, stack: Sequence[Member], params: dict[str, Any]) -> Path:
-        return checkpoint_path(self.ctx.output_dir, stack, params)
-
-    def _drop_checkpoints(self, stacks: Sequence[Sequence[Member]],
-                          params: dict[str, Any]) -> None:
-        for stack in stacks:
-            remove_checkpoint(self.checkpoint(stack, params))
+        return train_trial(self.trials, trial, name)
 
     def finish(self, stopped_by: str, seconds: float) -> dict[str, Any]:
         summary = finish_search(self.finishing, stopped_by, seconds)
         shutil.rmtree(self.ctx.output_dir / "checkpoints", ignore_errors=True)
         return summary
-
-
-@dataclass
-class _Watcher:
-    """Trains a trial's stacks, reports to the pruner, and counts what the trial costs."""
-
-    searcher: _Searcher
-    trial: optuna.Trial
-    candidate: Candidate
-    values: dict[str, list[float]] = field(default_factory=dict)  # objective per key and epoch
-    seconds: dict[str, list[float]] = field(default_factory=dict)  # its stack's epoch seconds
-    stacks: list[list[str]] = field(default_factory=list)  # the keys of each stack so far
-    tflop: dict[str, float] = field(default_factory=dict)  # per key: TFLOP of one epoch
-    reported: int = 0  # epochs reported (median pruners)
-    step_tflop: list[float] = field(default_factory=list)  # TFLOP trained up to each report
-    done: set[str] = field(default_factory=set)  # keys trained to the end
-
-    @property
-    def metric(self) -> str:
-        return self.searcher.search.objective
-
-    def best_so_far(self, values: list[float], epochs: int) -> float:
-        seen = [v for v in values[:epochs] if math.isfinite(v)]
-        if not seen:
-            return math.nan
-        return max(seen) if self.searcher.maximize else min(seen)
-
-    def trained_tflop(self, epochs: int | None = None) -> float:
-        """TFLOP of the epochs trained so far (the first `epochs` of each fold)."""
-        return sum(self.tflop[key] * len(v[:epochs]) for key, v in self.values.items())
-
-    def count(self) -> None:
-        """Store the trial's cost so far (read by the budgets: fashionlab.search.cost)."""
-        # A stack's epoch is timed once for all its folds: its longest-trained fold has all.
-        seconds = sum(max((sum(self.seconds.get(k, [])) for k in keys), default=0.0)
-                      for keys in self.stacks)
-        self.trial.set_user_attr(FOLD_EPOCHS, sum(len(v) for v in self.values.values()))
-        self.trial.set_user_attr(SECONDS, seconds)
-        self.trial.set_user_attr(TFLOP, self.trained_tflop())
-
-    def train(self, stack: list[Member], index: int) -> dict[str, MemberResult]:
-        s = self.searcher
-        label = f"trial {self.trial.number}" + (f" fold {index}" if len(stack) == 1 else "")
-        watch_epochs = s.search.pruner in ("median", "median-compute") and index == 0
-        self.stacks.append([m.key for m in stack])
-        for m in stack:  # per fold-epoch: forward and backward over the fold's images
-            self.tflop[m.key] = training_flops(m.model, len(m.train_index), 1) / 1e12
-
-        def on_epoch(epoch: int, metrics: dict[str, EpochMetrics]) -> None:
-            if not metrics and epoch:  # resumed from a checkpoint: the store has the epochs
-                for m in stack:  # (the store may hold more epochs than the checkpoint)
-                    rows = s.store.epochs(s.run.id, m.key)[:epoch]
-                    self.values[m.key] = [getattr(e, self.metric) for e in rows]
-                    self.seconds[m.key] = [e.seconds for e in rows]
-            for key, m in metrics.items():
-                self.values.setdefault(key, []).append(m.get(self.metric))
-                self.seconds.setdefault(key, []).append(m.seconds)
-            self.count()
-            bad = [m for m in metrics.values() if not math.isfinite(m.loss)]
-            if bad:
-                self.trial.set_user_attr("stopped", f"diverged at epoch {epoch}")
-                raise optuna.TrialPruned(f"diverged at epoch {epoch}")
-            if watch_epochs:
-                for step in range(self.reported + 1, epoch + 1):
-                    value = float(np.nanmean([self.best_so_far(self.values.get(m.key, []), step)
-                                              for m in stack]))
-                    self.step_tflop.append(self.trained_tflop(step))
-                    if math.isfinite(value):
-                        self.trial.report(value, step)
-                    self.reported = step
-                # Steps are epochs; the equal-compute pruner reads each one's cost here.
-                self.trial.set_user_attr(STEP_TFLOP, self.step_tflop)
-                if self.trial.should_prune():
-                    self.trial.set_user_attr("stopped", f"pruned at epoch {epoch}")
-                    raise optuna.TrialPruned(f"pruned at epoch {epoch}")
-
-        # Always trained (continued from its checkpoint), never read back: the pruner must
-        # see the epochs of a retried trial's folds too.
-        results = train_stack(
-            s.store, s.run.id, stack, self.candidate.train, s.data, s.ctx.device,
-            checkpoint=s.checkpoint(stack, self.trial.params),
-            label=f"{label}  {params_text(self.trial.params, width=70)}",
-            reporter=s.ctx.reporter, on_epoch=on_epoch)
-        self.done.update(m.key for m in stack)
-        if s.search.pruner == "wilcoxon":
-            for m in stack:
-                fold = summarize_models(self.candidate, [results[m.key]], "cv", s.spec.warning)
-                score = (fold.val_accuracy if s.maximize else fold.val_loss)[0]
-                if math.isfinite(score):
-                    self.trial.report(float(score), index)
-            if self.trial.should_prune():
-                self.trial.set_user_attr("stopped", f"pruned after fold {index}")
-                raise optuna.TrialPruned(f"pruned after fold {index}")
-        return results

@@ -1,5 +1,5 @@
 """How a trial's sampled values become a candidate (the parameters a space may name, and the
-values each may take, are `fashionlab.vocabulary`'s).
+values each may take, are `fashionlab.vocabulary`'s), and the Optuna sampler that draws them.
 
 A space maps parameter names to a range, a list of choices or a fixed value:
 
@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+import optuna
 
 from fashionlab.config import Candidate, DenseLayer, ParamSpec, SearchSpec
 from fashionlab.vocabulary import VOCABULARY
@@ -175,3 +178,21 @@ def grid(search: SearchSpec, base: Candidate) -> dict[str, list[Any]]:
 
 def grid_size(points: Mapping[str, list[Any]]) -> int:
     return math.prod(len(v) for v in points.values())
+
+
+def make_sampler(search: SearchSpec, base: Candidate, seed: int) -> optuna.samplers.BaseSampler:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if search.sampler == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        if search.sampler == "grid":
+            return optuna.samplers.GridSampler(grid(search, base), seed=seed)
+        if search.sampler == "cmaes":
+            return optuna.samplers.CmaEsSampler(
+                seed=seed, n_startup_trials=search.startup_trials,
+                warn_independent_sampling=False)
+        # multivariate + group: per-layer parameters exist only for some n_layers; the
+        # constant liar keeps parallel workers from sampling next to each other's trials.
+        return optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=search.startup_trials, multivariate=True, group=True,
+            constant_liar=True)

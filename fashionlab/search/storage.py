@@ -1,6 +1,6 @@
-"""Where a search lives: Optuna's storage on the experiment store's database, and the lock by
-which the workers sharing it take turns to start trials (`ClaimLock`, at home in
-`fashionlab.jobs`, which a study's processes share too).
+"""Where a search lives: its Optuna study (named by `search_identity`), Optuna's storage on the
+experiment store's database, and the lock by which the workers sharing it take turns to start
+trials (`ClaimLock`, at home in `fashionlab.jobs`, which a study's processes share too).
 
 A lost trial (its worker killed, its machine gone) is failed once its heartbeat has been
 silent for GRACE_PERIOD seconds and retried once with the same parameters; a worker on the
@@ -9,16 +9,18 @@ same machine notices a dead process at once (fashionlab.search).
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any
 
 import optuna
 
+from fashionlab.config import StudySpec
 from fashionlab.jobs import ClaimLock
 from fashionlab.store import database_url
 
 __all__ = ["GRACE_PERIOD", "HEARTBEAT_INTERVAL", "ClaimLock", "delete_study", "open_storage",
-           "study_name"]
+           "search_identity", "study_name"]
 
 HEARTBEAT_INTERVAL = 20  # seconds between a running trial's signs of life in the database
 GRACE_PERIOD = 120  # a trial silent this long is failed and retried (once)
@@ -28,6 +30,17 @@ def study_name(search: str, fingerprint: str) -> str:
     """The Optuna study of a search: named after the search and the fingerprint of what it
     searches, the same as its store run's (`RunRecord.name`, `RunRecord.fingerprint`)."""
     return f"{search}-{fingerprint}"
+
+
+def search_identity(spec: StudySpec) -> tuple[str, str]:
+    """(Optuna study name, fingerprint). Stopping rules and reporting settings are left out,
+    so that running the same search with a larger --n-trials continues it."""
+    assert spec.search is not None
+    key = dataclasses.replace(spec, search=dataclasses.replace(
+        spec.search, n_trials=None, timeout=None, budget=None, budget_seconds=None,
+        budget_tflop=None, top=10, reference=None))
+    fingerprint = key.fingerprint()
+    return study_name(spec.name, fingerprint), fingerprint
 
 
 def delete_study(url: str, name: str) -> bool:
