@@ -212,7 +212,8 @@ def test_a_run_elsewhere_is_running_while_its_heartbeat_is_fresh(store: Store):
 
 
 def test_a_running_run_keeps_its_heartbeat_fresh(tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(store_module, "HEARTBEAT_EVERY", 0.05)
+    # The Store's heartbeat thread reads the interval where the Store is defined.
+    monkeypatch.setattr("fashionlab.store.store.HEARTBEAT_EVERY", 0.05)
     store = Store(f"sqlite:///{tmp_path / 'x.db'}")
     run = _run(store)
     _set(store, run.id, heartbeat=0.0)

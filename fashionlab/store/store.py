@@ -1,10 +1,6 @@
-"""The experiment store: every run, model and epoch, in SQLite by default or any SQL database.
-
-One database holds many runs (studies and searches). A run records its resolved config, seed,
-package versions, code revision and machine; a model (one fold of a candidate, a retrained or
-final model, a search trial's fold) records its status and outcome; an epoch row records the
-metrics of one finished epoch, committed as soon as the epoch ends. Rows are keyed so that
-writing the same epoch twice (after a resume) replaces it: nothing is stored twice.
+"""`Store`, access to the experiment store: runs, their models and their epochs written and
+read, each write in a transaction whose refusal is a one-line StoreError, and a heartbeat thread
+that keeps alive a run this process runs.
 
 The tables and their numbered migrations are `fashionlab.schema`'s; `Store` applies the missing
 migrations when it opens a database.
@@ -12,27 +8,22 @@ migrations when it opens a database.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
-import socket
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote
 
 import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 
 from fashionlab.errors import StoreError
-from fashionlab.process import ProcessIdentity
 from fashionlab.schema import (
     EPOCH_FIELDS,
     MODEL_FIELDS,
@@ -44,109 +35,26 @@ from fashionlab.schema import (
     runs,
 )
 from fashionlab.serialize import jsonable
+from fashionlab.store.engine import (
+    DEFAULT_RUN_DIR,
+    database_url,
+    default_url,
+    read_only_url,
+    safe_url,
+    sqlite_file,
+    sqlite_pragmas,
+    sqlite_read_only_pragmas,
+    sqlite_read_only_url,
+    writable,
+)
+from fashionlab.store.records import (
+    HEARTBEAT_EVERY,
+    EpochRecord,
+    ModelRecord,
+    RunRecord,
+    this_process,
+)
 from fashionlab.text import first_line
-
-DEFAULT_RUN_DIR = Path("fashionlab-runs")
-DB_NAME = "fashionlab.db"
-
-# A process that runs a run refreshes its heartbeat every HEARTBEAT_EVERY seconds (a thread of
-# the Store that created or claimed it) and at every epoch end. Where liveness rests on the
-# heartbeat (another machine, no /proc), a run is interrupted after STALE_AFTER seconds without
-# one: 15 missed beats, room for a database busy for a while or clocks a few minutes apart.
-HEARTBEAT_EVERY = 60.0
-STALE_AFTER = 15 * 60
-
-
-@dataclass(frozen=True)
-class RunRecord:
-    id: str
-    kind: str
-    name: str
-    fingerprint: str
-    status: str  # as stored: running | finished | failed | interrupted
-    seed: int
-    config: dict[str, Any]
-    environment: dict[str, Any]
-    started: float
-    heartbeat: float
-    finished: float | None
-    host: str | None
-    pid: int | None
-    summary: dict[str, Any] | None
-    output_dir: str | None
-    pid_start: int | None = None  # see ProcessIdentity.start_time
-    boot_id: str | None = None
-
-    @property
-    def state(self) -> str:
-        """running, finished, failed, or interrupted (stored as running, its process gone).
-
-        On its own machine a run is running while its process is: the same pid, started at
-        the same moment of the same boot (`ProcessIdentity`), so neither a later process that
-        reuses the pid nor a reboot keeps it running. Where that cannot be told (a machine
-        without /proc, a row from an older fashionlab), a process with the pid must exist
-        and the heartbeat be under STALE_AFTER old; for a run of another machine, only the
-        heartbeat counts."""
-        if self.status != "running":
-            return self.status
-        silent = gone(self.host, self.pid, self.pid_start, self.boot_id, self.heartbeat,
-                      STALE_AFTER)
-        return "interrupted" if silent else "running"
-
-    @property
-    def duration(self) -> float:
-        return (self.finished or self.heartbeat) - self.started
-
-
-@dataclass(frozen=True)
-class ModelRecord:
-    run_id: str
-    key: str
-    candidate: str
-    role: str
-    repeat: int | None
-    fold: int | None
-    status: str
-    message: str | None
-    epochs_planned: int
-    best_epoch: int | None
-    n_train: int | None
-    n_val: int | None
-    seed: int | None
-    test_loss: float | None
-    test_accuracy: float | None
-    seconds: float | None
-    host: str | None = None  # the machine that trained it last (None: not recorded)
-
-
-@dataclass(frozen=True)
-class EpochRecord:
-    key: str
-    epoch: int
-    loss: float
-    accuracy: float
-    val_loss: float
-    val_accuracy: float
-    seconds: float
-
-
-def gone(host: str | None, pid: int | None, pid_start: int | None, boot_id: str | None,
-         heartbeat: float, after: float) -> bool:
-    """Whether the process that wrote a row (a run's, a job claim's) is gone: on this machine,
-    when that very process no longer runs (`ProcessIdentity`); elsewhere, or where that cannot
-    be told, when its heartbeat is `after` seconds old."""
-    if host == socket.gethostname() and pid is not None:
-        alive = ProcessIdentity(pid, pid_start, boot_id).liveness()
-        if alive is not None:
-            return not alive
-    return time.time() - heartbeat >= after
-
-
-def this_process() -> dict[str, Any]:
-    """The columns (of fl_runs, fl_jobs) that say which process holds a row: this one."""
-    me = ProcessIdentity.current()
-    return {"host": socket.gethostname(), "pid": me.pid, "pid_start": me.start_time,
-            "boot_id": me.boot_id}
 
 
 def _none_if_nan(value: float | None) -> float | None:
@@ -157,24 +65,6 @@ def _none_if_nan(value: float | None) -> float | None:
 
 def _nan_if_none(value: float | None) -> float:
     return float("nan") if value is None else float(value)
-
-
-def database_url(url: str) -> str:
-    """The URL with a PostgreSQL driver that is installed: SQLAlchemy 2.1 reads a bare
-    `postgresql://` as psycopg 3, the `postgres` extra installs psycopg2."""
-    try:
-        parsed = sa.make_url(url)
-    except sa.exc.ArgumentError:
-        return url
-    if parsed.drivername == "postgresql" and importlib.util.find_spec("psycopg") is None \
-            and importlib.util.find_spec("psycopg2") is not None:
-        return parsed.set(drivername="postgresql+psycopg2").render_as_string(
-            hide_password=False)
-    return url
-
-
-def default_url(run_dir: str | Path = DEFAULT_RUN_DIR) -> str:
-    return f"sqlite:///{Path(run_dir).resolve() / DB_NAME}"
 
 
 class Store:
@@ -192,11 +82,11 @@ class Store:
         self._beats: dict[str, threading.Event] = {}  # run id -> stops its heartbeat thread
         try:
             engine_url = sa.make_url(url)
-            path = _sqlite_file(engine_url)
-            self.read_only = read_only or _read_only_url(engine_url) or (
-                path is not None and path.exists() and not _writable(path))
+            path = sqlite_file(engine_url)
+            self.read_only = read_only or read_only_url(engine_url) or (
+                path is not None and path.exists() and not writable(path))
             if path is not None and self.read_only:
-                engine_url = _sqlite_read_only_url(path)
+                engine_url = sqlite_read_only_url(path)
             elif path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
             # An in-memory SQLite database lives in one connection: share it (tests).
@@ -206,7 +96,7 @@ class Store:
                 connect_args={"check_same_thread": False} if self._in_memory else {})
             if self.engine.dialect.name == "sqlite":
                 sa.event.listen(self.engine, "connect",
-                                _sqlite_read_only_pragmas if self.read_only else _sqlite_pragmas)
+                                sqlite_read_only_pragmas if self.read_only else sqlite_pragmas)
             migrate(self.engine, read_only=self.read_only,
                     where=str(path) if path is not None else safe_url(url))
         except (SQLAlchemyError, OSError) as error:
@@ -476,57 +366,6 @@ class Store:
 # --------------------------------------------------------------------------------------------
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    # The timeout first: switching a database to WAL takes a lock, and without a timeout a
-    # process opening it while another does is refused at once ("database is locked").
-    cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.execute("PRAGMA journal_mode=WAL")  # readers (runs list, report) never block a run
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.close()
-
-
-def _sqlite_read_only_pragmas(dbapi_connection: Any, _: Any) -> None:
-    cursor = dbapi_connection.cursor()  # the journal mode is the writers' to choose
-    cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.close()
-
-
-def _sqlite_file(url: sa.URL) -> Path | None:
-    """The file of a SQLite URL (plain or `file:` URI form); None for another database or an
-    in-memory one."""
-    if not url.drivername.startswith("sqlite") or url.database in (None, "", ":memory:"):
-        return None
-    database = url.database
-    if url.query.get("uri") in ("true", "1") and database.startswith("file:"):
-        if url.query.get("mode") == "memory":
-            return None
-        database = unquote(database.removeprefix("file:"))
-    return Path(database)
-
-
-def _read_only_url(url: sa.URL) -> bool:
-    return url.drivername.startswith("sqlite") and url.query.get("uri") in ("true", "1") and (
-        url.query.get("mode") == "ro" or url.query.get("immutable") == "1")
-
-
-def _writable(path: Path) -> bool:
-    # SQLite writes next to the file too (its -wal, -shm or journal): the folder counts.
-    return os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)
-
-
-def _sqlite_read_only_url(path: Path) -> sa.URL:
-    """SQLite's read-only mode for this file. A WAL-mode file needs its -shm index, written
-    even by readers: in a folder we cannot write, where none exists (no process has the file
-    open), it is read as immutable, a copy that nobody writes."""
-    path = path.resolve()
-    shm = path.with_name(path.name + "-shm")
-    immutable = not os.access(path.parent, os.W_OK) and not shm.exists()
-    return sa.URL.create("sqlite", database=f"file:{quote(str(path))}",
-                         query={"uri": "true", **({"immutable": "1"} if immutable
-                                                  else {"mode": "ro"})})
-
-
 def _write_advice(reason: str, read_only: bool) -> str:
     """What to do about a refused write, after its reason."""
     reason = reason.lower()
@@ -568,11 +407,3 @@ def _slug(name: str) -> str:
 
 def _escape_like(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-
-
-def safe_url(url: str) -> str:
-    """A database URL fit to show: its password hidden."""
-    try:
-        return sa.make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - any unparsable URL is shown as given
-        return url

@@ -1,0 +1,104 @@
+"""Where a store's database is and how it is opened: its URL (a PostgreSQL driver that is
+installed, the SQLite file of a run directory, a password hidden when shown), SQLite's read-only
+mode for a file this user cannot write, and the pragmas of each SQLite connection."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote
+
+import sqlalchemy as sa
+
+DEFAULT_RUN_DIR = Path("fashionlab-runs")
+DB_NAME = "fashionlab.db"
+
+
+def database_url(url: str) -> str:
+    """The URL with a PostgreSQL driver that is installed: SQLAlchemy 2.1 reads a bare
+    `postgresql://` as psycopg 3, the `postgres` extra installs psycopg2."""
+    try:
+        parsed = sa.make_url(url)
+    except sa.exc.ArgumentError:
+        return url
+    if parsed.drivername == "postgresql" and importlib.util.find_spec("psycopg") is None \
+            and importlib.util.find_spec("psycopg2") is not None:
+        return parsed.set(drivername="postgresql+psycopg2").render_as_string(
+            hide_password=False)
+    return url
+
+
+def default_url(run_dir: str | Path = DEFAULT_RUN_DIR) -> str:
+    return f"sqlite:///{Path(run_dir).resolve() / DB_NAME}"
+
+
+def safe_url(url: str) -> str:
+    """A database URL fit to show: its password hidden."""
+    try:
+        return sa.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - any unparsable URL is shown as given
+        return url
+
+
+# --------------------------------------------------------------------------------------------
+# SQLite
+
+
+def sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
+    """The settings of each connection to a SQLite file that is written (an engine's
+    "connect" listener)."""
+    cursor = dbapi_connection.cursor()
+    # The timeout first: switching a database to WAL takes a lock, and without a timeout a
+    # process opening it while another does is refused at once ("database is locked").
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA journal_mode=WAL")  # readers (runs list, report) never block a run
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def sqlite_read_only_pragmas(dbapi_connection: Any, _: Any) -> None:
+    """The settings of each connection to a SQLite file opened read-only (an engine's
+    "connect" listener)."""
+    cursor = dbapi_connection.cursor()  # the journal mode is the writers' to choose
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def sqlite_file(url: sa.URL) -> Path | None:
+    """The file of a SQLite URL (plain or `file:` URI form); None for another database or an
+    in-memory one."""
+    if not url.drivername.startswith("sqlite") or url.database in (None, "", ":memory:"):
+        return None
+    database = url.database
+    if url.query.get("uri") in ("true", "1") and database.startswith("file:"):
+        if url.query.get("mode") == "memory":
+            return None
+        database = unquote(database.removeprefix("file:"))
+    return Path(database)
+
+
+def read_only_url(url: sa.URL) -> bool:
+    """Whether a SQLite URL (`file:` URI form) asks for read-only: `mode=ro` or
+    `immutable=1`."""
+    return url.drivername.startswith("sqlite") and url.query.get("uri") in ("true", "1") and (
+        url.query.get("mode") == "ro" or url.query.get("immutable") == "1")
+
+
+def writable(path: Path) -> bool:
+    """Whether this user can write a SQLite file."""
+    # SQLite writes next to the file too (its -wal, -shm or journal): the folder counts.
+    return os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)
+
+
+def sqlite_read_only_url(path: Path) -> sa.URL:
+    """SQLite's read-only mode for this file. A WAL-mode file needs its -shm index, written
+    even by readers: in a folder we cannot write, where none exists (no process has the file
+    open), it is read as immutable, a copy that nobody writes."""
+    path = path.resolve()
+    shm = path.with_name(path.name + "-shm")
+    immutable = not os.access(path.parent, os.W_OK) and not shm.exists()
+    return sa.URL.create("sqlite", database=f"file:{quote(str(path))}",
+                         query={"uri": "true", **({"immutable": "1"} if immutable
+                                                  else {"mode": "ro"})})

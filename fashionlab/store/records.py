@@ -1,0 +1,110 @@
+"""What the store's rows read as (a run, a model, an epoch), and whether the process that holds a
+row (a run's, a job claim's) still runs."""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from fashionlab.process import ProcessIdentity
+
+# A process that runs a run refreshes its heartbeat every HEARTBEAT_EVERY seconds (a thread of
+# the Store that created or claimed it) and at every epoch end. Where liveness rests on the
+# heartbeat (another machine, no /proc), a run is interrupted after STALE_AFTER seconds without
+# one: 15 missed beats, room for a database busy for a while or clocks a few minutes apart.
+HEARTBEAT_EVERY = 60.0
+STALE_AFTER = 15 * 60
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    id: str
+    kind: str
+    name: str
+    fingerprint: str
+    status: str  # as stored: running | finished | failed | interrupted
+    seed: int
+    config: dict[str, Any]
+    environment: dict[str, Any]
+    started: float
+    heartbeat: float
+    finished: float | None
+    host: str | None
+    pid: int | None
+    summary: dict[str, Any] | None
+    output_dir: str | None
+    pid_start: int | None = None  # see ProcessIdentity.start_time
+    boot_id: str | None = None
+
+    @property
+    def state(self) -> str:
+        """running, finished, failed, or interrupted (stored as running, its process gone).
+
+        On its own machine a run is running while its process is: the same pid, started at
+        the same moment of the same boot (`ProcessIdentity`), so neither a later process that
+        reuses the pid nor a reboot keeps it running. Where that cannot be told (a machine
+        without /proc, a row from an older fashionlab), a process with the pid must exist
+        and the heartbeat be under STALE_AFTER old; for a run of another machine, only the
+        heartbeat counts."""
+        if self.status != "running":
+            return self.status
+        silent = gone(self.host, self.pid, self.pid_start, self.boot_id, self.heartbeat,
+                      STALE_AFTER)
+        return "interrupted" if silent else "running"
+
+    @property
+    def duration(self) -> float:
+        return (self.finished or self.heartbeat) - self.started
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    run_id: str
+    key: str
+    candidate: str
+    role: str
+    repeat: int | None
+    fold: int | None
+    status: str
+    message: str | None
+    epochs_planned: int
+    best_epoch: int | None
+    n_train: int | None
+    n_val: int | None
+    seed: int | None
+    test_loss: float | None
+    test_accuracy: float | None
+    seconds: float | None
+    host: str | None = None  # the machine that trained it last (None: not recorded)
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    key: str
+    epoch: int
+    loss: float
+    accuracy: float
+    val_loss: float
+    val_accuracy: float
+    seconds: float
+
+
+def gone(host: str | None, pid: int | None, pid_start: int | None, boot_id: str | None,
+         heartbeat: float, after: float) -> bool:
+    """Whether the process that wrote a row (a run's, a job claim's) is gone: on this machine,
+    when that very process no longer runs (`ProcessIdentity`); elsewhere, or where that cannot
+    be told, when its heartbeat is `after` seconds old."""
+    if host == socket.gethostname() and pid is not None:
+        alive = ProcessIdentity(pid, pid_start, boot_id).liveness()
+        if alive is not None:
+            return not alive
+    return time.time() - heartbeat >= after
+
+
+def this_process() -> dict[str, Any]:
+    """The columns (of fl_runs, fl_jobs) that say which process holds a row: this one."""
+    me = ProcessIdentity.current()
+    return {"host": socket.gethostname(), "pid": me.pid, "pid_start": me.start_time,
+            "boot_id": me.boot_id}
