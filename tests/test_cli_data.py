@@ -13,6 +13,7 @@ from PIL import Image
 from fashionlab import data
 from fashionlab.cli import main
 from fashionlab.data import FILE_NAMES, FileChecksum
+from fashionlab.data import fetch as fetch_module
 from fashionlab.plots import sample_grid
 
 REAL_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -78,7 +79,7 @@ def test_info_errors_are_one_line(capsys: pytest.CaptureFixture[str], tiny_idx_d
     assert_one_line_error(code, err, "checksum mismatch")
     code, _, err = run(capsys, "data", "info", "--dir", str(tmp_path / "nothing-here"))
     assert_one_line_error(code, err, "file not found")
-    monkeypatch.setattr(data, "DEBIAN_DIR", tmp_path / "no-debian")
+    monkeypatch.setattr(fetch_module, "DEBIAN_DIR", tmp_path / "no-debian")
     code, _, err = run(capsys, "data", "info")  # never downloads
     assert_one_line_error(code, err, "run `fashionlab data fetch`")
 
@@ -107,8 +108,8 @@ def test_fetch_into_the_cache(capsys: pytest.CaptureFixture[str], tiny_idx_dir: 
     for name in FILE_NAMES:
         raw = gzip.decompress((tiny_idx_dir / f"{name}.gz").read_bytes())
         sums[name] = FileChecksum(data.sha256(raw), len(raw))
-    monkeypatch.setattr(data, "FASHION_MNIST_CHECKSUMS", sums)
-    monkeypatch.setattr(data, "DEBIAN_DIR", tiny_idx_dir)
+    monkeypatch.setattr(fetch_module, "FASHION_MNIST_CHECKSUMS", sums)
+    monkeypatch.setattr(fetch_module, "DEBIAN_DIR", tiny_idx_dir)
     code, out, _ = run(capsys, "data", "fetch")
     assert code == 0 and f"verified in {isolated_data_env}" in out
     assert all((isolated_data_env / name).is_file() for name in FILE_NAMES)

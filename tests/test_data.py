@@ -21,6 +21,8 @@ from fashionlab.data import (
     load_fashion_mnist,
     load_idx_dataset,
 )
+from fashionlab.data import fetch as fetch_module
+from fashionlab.data import files as files_module
 from fashionlab.errors import DataError
 from fashionlab.idx import write_idx
 
@@ -164,7 +166,7 @@ def count_hashing(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         calls.append(len(raw))
         return real(raw)
 
-    monkeypatch.setattr(data, "sha256", counting)
+    monkeypatch.setattr(files_module, "sha256", counting)
     return calls
 
 
@@ -198,7 +200,7 @@ def test_unwritable_cache_still_loads_a_read_only_directory(tiny_idx_dir: Path, 
     # A cache path below a regular file cannot be created, even by root.
     (tmp_path / "a-file").write_text("")
     monkeypatch.setenv("FASHIONLAB_CACHE", str(tmp_path / "a-file" / "cache"))
-    monkeypatch.setattr(data, "DEBIAN_DIR", tiny_idx_dir)
+    monkeypatch.setattr(fetch_module, "DEBIAN_DIR", tiny_idx_dir)
     dataset = load_fashion_mnist(checksums=checksums_of(tiny_idx_dir))
     assert dataset.verified and dataset.source == tiny_idx_dir
 
@@ -223,7 +225,7 @@ def test_search_order(tiny_idx_dir: Path, tmp_path: Path, isolated_data_env: Pat
     places["cache"] = isolated_data_env
     for place in places.values():
         shutil.copytree(tiny_idx_dir, place, dirs_exist_ok=True)
-    monkeypatch.setattr(data, "DEBIAN_DIR", places["debian"])
+    monkeypatch.setattr(fetch_module, "DEBIAN_DIR", places["debian"])
     monkeypatch.setenv("FASHIONLAB_DATA", str(places["env"]))
 
     def source(*args: object) -> Path:
@@ -281,7 +283,7 @@ def real(tmp_path_factory: pytest.TempPathFactory) -> tuple[data.Dataset, Path]:
     cache = tmp_path_factory.mktemp("real-cache")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FASHIONLAB_CACHE", str(cache))
-        patch.setattr(data, "DEBIAN_DIR", REAL_DIR)
+        patch.setattr(fetch_module, "DEBIAN_DIR", REAL_DIR)
         return load_fashion_mnist(download=False), cache
 
 
@@ -310,7 +312,7 @@ def test_real_data_second_load_uses_remembered_verification(
 def test_real_data_fetched_into_the_cache_loads_fast(monkeypatch: pytest.MonkeyPatch,
                                                      isolated_data_env: Path,
                                                      count_hashing: list[int]):
-    monkeypatch.setattr(data, "DEBIAN_DIR", REAL_DIR)
+    monkeypatch.setattr(fetch_module, "DEBIAN_DIR", REAL_DIR)
     assert data.fetch_fashion_mnist(progress=False) == isolated_data_env
     for name in FILE_NAMES:  # decompressed copies, so loading skips gunzip
         assert (isolated_data_env / name).stat().st_size == FASHION_MNIST_CHECKSUMS[name].size

@@ -19,6 +19,8 @@ import pytest
 
 from fashionlab import data
 from fashionlab.data import FILE_NAMES, FileChecksum, fetch_fashion_mnist, load_fashion_mnist
+from fashionlab.data import fetch as fetch_module
+from fashionlab.data import files as files_module
 from fashionlab.errors import DataError
 
 
@@ -108,7 +110,7 @@ def no_debian(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Debian's directory pointed at an empty one, so fetching must download."""
     empty = tmp_path / "no-debian"
     empty.mkdir()
-    monkeypatch.setattr(data, "DEBIAN_DIR", empty)
+    monkeypatch.setattr(fetch_module, "DEBIAN_DIR", empty)
     return empty
 
 
@@ -215,13 +217,14 @@ def test_fetch_copies_decompressed_from_debian(tiny_idx_dir: Path, sums: dict[st
                                                tiny_gz: dict[str, bytes],
                                                isolated_data_env: Path,
                                                monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(data, "DEBIAN_DIR", tiny_idx_dir)  # mirrors: a closed port (conftest)
+    # mirrors: a closed port (conftest)
+    monkeypatch.setattr(fetch_module, "DEBIAN_DIR", tiny_idx_dir)
     fetch_fashion_mnist(checksums=sums, **FAST)
     assert_installed(isolated_data_env, tiny_gz)
 
     before = {name: (isolated_data_env / name).stat().st_mtime_ns for name in FILE_NAMES}
     hashed: list[int] = []
-    monkeypatch.setattr(data, "sha256", lambda raw: hashed.append(1) or "unused")
+    monkeypatch.setattr(files_module, "sha256", lambda raw: hashed.append(1) or "unused")
     fetch_fashion_mnist(checksums=sums, **FAST)  # everything in place and remembered
     assert hashed == []
     assert before == {name: (isolated_data_env / name).stat().st_mtime_ns for name in FILE_NAMES}
@@ -230,7 +233,7 @@ def test_fetch_copies_decompressed_from_debian(tiny_idx_dir: Path, sums: dict[st
 def test_fetch_replaces_a_damaged_cached_file(tiny_idx_dir: Path, sums: dict[str, FileChecksum],
                                               tiny_gz: dict[str, bytes], isolated_data_env: Path,
                                               monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(data, "DEBIAN_DIR", tiny_idx_dir)
+    monkeypatch.setattr(fetch_module, "DEBIAN_DIR", tiny_idx_dir)
     (isolated_data_env / f"{data.TRAIN_LABELS}.gz").write_bytes(b"not gzip")
     fetch_fashion_mnist(checksums=sums, **FAST)
     assert_installed(isolated_data_env, tiny_gz)
@@ -242,7 +245,7 @@ def test_damaged_debian_copy_falls_back_to_download(server: ThreadingHTTPServer,
                                                     tiny_gz: dict[str, bytes],
                                                     isolated_data_env: Path,
                                                     monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(data, "DEBIAN_DIR", tiny_idx_dir)
+    monkeypatch.setattr(fetch_module, "DEBIAN_DIR", tiny_idx_dir)
     (tiny_idx_dir / f"{data.TEST_IMAGES}.gz").write_bytes(gzip.compress(b"other bytes"))
     fetch_fashion_mnist(mirrors=[url(server, "good")], checksums=sums, **FAST)
     assert_installed(isolated_data_env, tiny_gz)
@@ -252,7 +255,7 @@ def test_damaged_debian_copy_falls_back_to_download(server: ThreadingHTTPServer,
 def test_fetch_into_a_named_directory(tiny_idx_dir: Path, sums: dict[str, FileChecksum],
                                       tiny_gz: dict[str, bytes], tmp_path: Path,
                                       monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(data, "DEBIAN_DIR", tiny_idx_dir)
+    monkeypatch.setattr(fetch_module, "DEBIAN_DIR", tiny_idx_dir)
     target = tmp_path / "elsewhere" / "fm"
     assert fetch_fashion_mnist(target, checksums=sums, **FAST) == target
     assert sorted(os.listdir(target)) == sorted(FILE_NAMES)

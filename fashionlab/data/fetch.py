@@ -1,4 +1,4 @@
-"""Fashion-MNIST on disk: finding, downloading and verifying the files, the splits, tensors.
+"""Fashion-MNIST itself: finding its files, fetching them when missing, and loading them.
 
 Where `load_fashion_mnist` looks, in order:
   1. an explicit directory (argument, else the FASHIONLAB_DATA environment variable);
@@ -8,90 +8,63 @@ Where `load_fashion_mnist` looks, in order:
 A location counts only when it holds all four files. Files are verified by the SHA-256 of their
 decompressed bytes, so any gzip encoding of the same data passes; a successful check is
 remembered in the cache (keyed by absolute path, size and mtime), so later loads skip hashing.
-
-The IDX format itself lives in `fashionlab.idx`; `parse_idx`, `read_idx` and `write_idx` are
-re-exported here.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, TypeAlias
 
-import numpy as np
-
+from fashionlab.data.dataset import Dataset, load_idx_dataset
+from fashionlab.data.files import (
+    FILE_NAMES,
+    TEST_IMAGES,
+    TEST_LABELS,
+    TRAIN_IMAGES,
+    TRAIN_LABELS,
+    FileChecksum,
+    PathLike,
+    cache_dir,
+    check,
+    find_one,
+    memo_entry,
+    read_memo,
+    remember,
+    remembered,
+    write_atomic,
+)
 from fashionlab.errors import DataError
-from fashionlab.idx import gunzip, parse_idx, read_decompressed, read_idx, write_idx
-
-if TYPE_CHECKING:
-    import torch
+from fashionlab.idx import gunzip, read_decompressed
 
 __all__ = [
-    "CLASS_NAMES",
+    "DATA_ENV",
     "DEBIAN_DIR",
     "DEFAULT_MIRRORS",
     "FASHION_MNIST_CHECKSUMS",
-    "FILE_NAMES",
-    "Dataset",
-    "FileChecksum",
-    "Split",
-    "cache_dir",
+    "MIRRORS_ENV",
     "fetch_fashion_mnist",
     "load_fashion_mnist",
-    "load_idx_dataset",
     "locate_fashion_mnist",
-    "normalize",
-    "parse_idx",
-    "read_idx",
-    "to_tensors",
-    "write_idx",
 ]
 
-PathLike: TypeAlias = "str | os.PathLike[str]"
-
-CLASS_NAMES: tuple[str, ...] = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)  # fmt: skip
-IMAGE_SHAPE = (28, 28)
-
-TRAIN_IMAGES = "train-images-idx3-ubyte"
-TRAIN_LABELS = "train-labels-idx1-ubyte"
-TEST_IMAGES = "t10k-images-idx3-ubyte"
-TEST_LABELS = "t10k-labels-idx1-ubyte"
-FILE_NAMES: tuple[str, ...] = (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS)
-
 DATA_ENV = "FASHIONLAB_DATA"
-CACHE_ENV = "FASHIONLAB_CACHE"
 MIRRORS_ENV = "FASHIONLAB_MIRRORS"  # comma- or space-separated base URLs
 
-# Read at call time, so tests can monkeypatch it.
+# Read at call time, so tests can monkeypatch it (here, as fashionlab.data.fetch.DEBIAN_DIR:
+# the package's re-export is a separate name that nothing reads).
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_MIRRORS: tuple[str, ...] = (
     "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
     "https://storage.googleapis.com/tensorflow/tf-keras-datasets/",
     "https://github.com/zalandoresearch/fashion-mnist/raw/master/data/fashion/",
 )
-
-
-@dataclass(frozen=True)
-class FileChecksum:
-    """What a file must decompress to."""
-
-    sha256: str  # hex digest of the decompressed bytes
-    size: int  # decompressed size in bytes
-
 
 FASHION_MNIST_CHECKSUMS: Mapping[str, FileChecksum] = MappingProxyType({
     TRAIN_IMAGES: FileChecksum(
@@ -105,72 +78,8 @@ FASHION_MNIST_CHECKSUMS: Mapping[str, FileChecksum] = MappingProxyType({
 })  # fmt: skip
 
 
-@dataclass(frozen=True, eq=False)
-class Split:
-    """One split. Arrays compare by identity (eq=False): element-wise == is not a bool."""
-
-    images: np.ndarray  # (N, 28, 28) uint8, 0 = background
-    labels: np.ndarray  # (N,) uint8 class indices
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def class_counts(self, n_classes: int = len(CLASS_NAMES)) -> np.ndarray:
-        """Images per class, (n_classes,) int64."""
-        return np.bincount(self.labels, minlength=n_classes)
-
-
-@dataclass(frozen=True, eq=False)
-class Dataset:
-    """Train and test splits with where they came from."""
-
-    train: Split
-    test: Split
-    source: Path  # directory the files were read from
-    verified: bool  # every file matched its SHA-256 (checked now, or remembered)
-    class_names: tuple[str, ...] = CLASS_NAMES
-    files: tuple[Path, ...] = ()  # the files read, in FILE_NAMES order
-
-
 # ---------------------------------------------------------------------------------------------
-# Checksums.
-
-
-def sha256(data: bytes | bytearray) -> str:
-    """The hex SHA-256 of (decompressed) file contents, as the checksum tables hold it."""
-    return hashlib.sha256(data).hexdigest()
-
-
-def _check(data: bytes | bytearray, expected: FileChecksum, *, source: PathLike) -> str:
-    """Raise unless `data` is what `expected` describes; return its digest."""
-    if len(data) != expected.size:
-        raise DataError(f"{source}: checksum mismatch: decompresses to {len(data)} bytes, "
-                        f"expected {expected.size}")
-    digest = sha256(data)
-    if digest != expected.sha256:
-        raise DataError(f"{source}: checksum mismatch: SHA-256 {digest}, expected {expected.sha256}")
-    return digest
-
-
-# ---------------------------------------------------------------------------------------------
-# Locations and the verification memo.
-
-
-def cache_dir() -> Path:
-    """The user cache: FASHIONLAB_CACHE, else $XDG_CACHE_HOME/fashionlab, else ~/.cache/fashionlab."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
-    return base / "fashionlab"
-
-
-def _find_one(directory: Path, name: str) -> Path | None:
-    # The raw file wins: it loads without decompressing.
-    for candidate in (directory / name, directory / f"{name}.gz"):
-        if candidate.is_file():
-            return candidate
-    return None
+# Locating and loading.
 
 
 def locate_fashion_mnist(directory: PathLike | None = None) -> Path | None:
@@ -183,118 +92,9 @@ def locate_fashion_mnist(directory: PathLike | None = None) -> Path | None:
     if explicit:
         return Path(explicit).expanduser()
     for candidate in (cache_dir(), DEBIAN_DIR):
-        if all(_find_one(candidate, name) for name in FILE_NAMES):
+        if all(find_one(candidate, name) for name in FILE_NAMES):
             return candidate
     return None
-
-
-_MEMO_NAME = "verified.json"
-
-
-def _read_memo() -> dict[str, dict[str, object]]:
-    try:
-        files = json.loads((cache_dir() / _MEMO_NAME).read_text()).get("files")
-    except (OSError, ValueError, AttributeError):
-        return {}
-    return files if isinstance(files, dict) else {}
-
-
-def _remembered(memo: Mapping[str, object], path: Path, stat: os.stat_result,
-                expected: FileChecksum) -> bool:
-    entry = memo.get(str(path.resolve()))
-    return entry == {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": expected.sha256}
-
-
-def _memo_entry(path: Path, stat: os.stat_result, digest: str) -> dict[str, dict[str, object]]:
-    return {str(path.resolve()): {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                                  "sha256": digest}}
-
-
-def _remember(new: Mapping[str, dict[str, object]]) -> None:
-    """Add verified files to the memo; an unwritable cache only means hashing again next time."""
-    if not new:
-        return
-    files = {path: entry for path, entry in {**_read_memo(), **new}.items()
-             if os.path.exists(path)}
-    try:
-        _write_atomic(cache_dir(), _MEMO_NAME, json.dumps({"files": files}, indent=1).encode())
-    except OSError:
-        pass
-
-
-def _write_atomic(directory: Path, name: str, data: bytes | bytearray) -> Path:
-    """Write under a temporary name in `directory`, then rename: readers never see a partial file."""
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, directory / name)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return directory / name
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading.
-
-
-def load_idx_dataset(
-    directory: PathLike,
-    *,
-    checksums: Mapping[str, FileChecksum] | None = None,
-    class_names: Sequence[str] = CLASS_NAMES,
-) -> Dataset:
-    """Load the four Fashion-MNIST-named IDX files in `directory` (raw or .gz).
-
-    Any dataset with the same layout loads (MNIST digits, say). With `checksums`, every file
-    must match its entry; without, only the format, counts and label range are checked.
-    """
-    directory = Path(directory).expanduser()
-    files = []
-    for name in FILE_NAMES:
-        found = _find_one(directory, name)
-        if found is None:
-            raise DataError(f"{directory / name}[.gz]: file not found")
-        files.append(found)
-    memo = _read_memo() if checksums is not None else {}
-    verified, new_entries, arrays = checksums is not None, {}, []
-    for name, path, ndim in zip(FILE_NAMES, files, (3, 1, 3, 1)):
-        stat = path.stat()
-        data = read_decompressed(path)
-        arrays.append(parse_idx(data, source=path, ndim=ndim))
-        expected = checksums.get(name) if checksums is not None else None
-        if expected is None:
-            verified = False
-        elif not _remembered(memo, path, stat, expected):
-            new_entries.update(_memo_entry(path, stat, _check(data, expected, source=path)))
-    _remember(new_entries)
-    n_classes = len(class_names)
-    train = _split(*arrays[:2], *files[:2], n_classes=n_classes)
-    test = _split(*arrays[2:], *files[2:], n_classes=n_classes)
-    return Dataset(train, test, directory, verified, tuple(class_names), tuple(files))
-
-
-def _split(images: np.ndarray, labels: np.ndarray, images_path: Path, labels_path: Path, *,
-           n_classes: int) -> Split:
-    for array, path in ((images, images_path), (labels, labels_path)):
-        if array.dtype != np.uint8:
-            raise DataError(f"{path}: holds {array.dtype.name}, expected uint8 (IDX code 0x08)")
-    if images.shape[1:] != IMAGE_SHAPE:
-        raise DataError(f"{images_path}: images are {images.shape[1]}x{images.shape[2]}, "
-                        f"expected {IMAGE_SHAPE[0]}x{IMAGE_SHAPE[1]}")
-    if len(labels) != len(images):
-        raise DataError(f"{labels_path}: {len(labels)} labels, but {images_path.name} "
-                        f"has {len(images)} images")
-    bad = np.flatnonzero(labels >= n_classes)
-    if bad.size:
-        raise DataError(f"{labels_path}: label {labels[bad[0]]} at index {bad[0]} is out of "
-                        f"range 0..{n_classes - 1} ({bad.size} such labels)")
-    return Split(images, labels)
 
 
 def load_fashion_mnist(
@@ -319,30 +119,6 @@ def load_fashion_mnist(
                             "run `fashionlab data fetch` or set FASHIONLAB_DATA")
         found = fetch_fashion_mnist(mirrors=mirrors, checksums=checksums)
     return load_idx_dataset(found, checksums=checksums if verify else None)
-
-
-def normalize(images: np.ndarray) -> np.ndarray:
-    """uint8 pixels -> float32 in [0, 1]."""
-    return images.astype(np.float32) / np.float32(255)
-
-
-def to_tensors(
-    split: Split, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x (N, 28, 28) in [0, 1], float32 unless `dtype` says otherwise; y int64 (N,)) on
-    `device`. A bfloat16 x is the float32 x rounded, built without holding both."""
-    import torch  # here, so that `fashionlab data info` starts without loading torch
-
-    # torch.from_numpy warns on read-only arrays (a Split built by hand may hold them).
-    images, labels = (a if a.flags.writeable else a.copy() for a in (split.images, split.labels))
-    x = torch.empty(images.shape, dtype=dtype or torch.float32, device=device)  # (N, 28, 28)
-    chunk = 8192
-    for first in range(0, len(images), chunk):
-        # Move uint8 (a quarter of the bytes of float32) and convert on the device.
-        pixels = torch.from_numpy(images[first : first + chunk]).to(device)
-        x[first : first + chunk] = pixels.float().div_(255)
-    y = torch.from_numpy(labels).to(device).long()  # (N,)
-    return x, y
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,7 +199,7 @@ def _download(name: str, *, mirrors: Sequence[str], expected: FileChecksum, time
                     body = _download_once(url, timeout=timeout, on_progress=lambda done, total,
                                           task=task: bar.update(task, completed=done, total=total))
                     data = gunzip(body, source=url)
-                    _check(data, expected, source=url)
+                    check(data, expected, source=url)
                     return data
                 except _TransferError as error:
                     reason = str(error)
@@ -470,26 +246,26 @@ def fetch_fashion_mnist(
     checksums = FASHION_MNIST_CHECKSUMS if checksums is None else checksums
     target = Path(directory).expanduser() if directory is not None else cache_dir()
     _ensure_writable(target, what="directory" if directory is not None else "cache directory")
-    memo, new_entries = _read_memo(), {}
+    memo, new_entries = read_memo(), {}
     for name in FILE_NAMES:
         expected = checksums[name]
-        existing = _find_one(target, name)
+        existing = find_one(target, name)
         if existing is not None:
             stat = existing.stat()
-            if _remembered(memo, existing, stat, expected):
+            if remembered(memo, existing, stat, expected):
                 continue
             try:
-                digest = _check(read_decompressed(existing), expected, source=existing)
-                new_entries.update(_memo_entry(existing, stat, digest))
+                digest = check(read_decompressed(existing), expected, source=existing)
+                new_entries.update(memo_entry(existing, stat, digest))
                 continue
             except DataError:
                 pass  # replaced below
         data = None
-        debian = _find_one(DEBIAN_DIR, name)
+        debian = find_one(DEBIAN_DIR, name)
         if debian is not None and debian.parent.resolve() != target.resolve():
             try:
                 data = read_decompressed(debian)
-                digest = _check(data, expected, source=debian)
+                digest = check(data, expected, source=debian)
             except DataError:
                 data = None  # a damaged system copy: download instead
         if data is None:
@@ -497,11 +273,11 @@ def fetch_fashion_mnist(
                              timeout=timeout, retries=retries, backoff=backoff, progress=progress)
             digest = expected.sha256
         try:
-            final = _write_atomic(target, name, data)
+            final = write_atomic(target, name, data)
         except OSError as error:
             raise DataError(f"{target / name}: cannot write ({error.strerror or error})") from None
         if existing is not None and existing != final:
             existing.unlink(missing_ok=True)  # a damaged .gz would otherwise linger beside it
-        new_entries.update(_memo_entry(final, final.stat(), digest))
-    _remember(new_entries)
+        new_entries.update(memo_entry(final, final.stat(), digest))
+    remember(new_entries)
     return target

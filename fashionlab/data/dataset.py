@@ -1,0 +1,153 @@
+"""The dataset in memory: the splits and their class names, loading a directory of IDX files
+into them, and tensors for training."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from fashionlab.data.files import (
+    FILE_NAMES,
+    FileChecksum,
+    PathLike,
+    check,
+    find_one,
+    memo_entry,
+    read_memo,
+    remember,
+    remembered,
+)
+from fashionlab.errors import DataError
+from fashionlab.idx import parse_idx, read_decompressed
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "CLASS_NAMES",
+    "IMAGE_SHAPE",
+    "Dataset",
+    "Split",
+    "load_idx_dataset",
+    "normalize",
+    "to_tensors",
+]
+
+CLASS_NAMES: tuple[str, ...] = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+IMAGE_SHAPE = (28, 28)
+
+
+@dataclass(frozen=True, eq=False)
+class Split:
+    """One split. Arrays compare by identity (eq=False): element-wise == is not a bool."""
+
+    images: np.ndarray  # (N, 28, 28) uint8, 0 = background
+    labels: np.ndarray  # (N,) uint8 class indices
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def class_counts(self, n_classes: int = len(CLASS_NAMES)) -> np.ndarray:
+        """Images per class, (n_classes,) int64."""
+        return np.bincount(self.labels, minlength=n_classes)
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """Train and test splits with where they came from."""
+
+    train: Split
+    test: Split
+    source: Path  # directory the files were read from
+    verified: bool  # every file matched its SHA-256 (checked now, or remembered)
+    class_names: tuple[str, ...] = CLASS_NAMES
+    files: tuple[Path, ...] = ()  # the files read, in FILE_NAMES order
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading.
+
+
+def load_idx_dataset(
+    directory: PathLike,
+    *,
+    checksums: Mapping[str, FileChecksum] | None = None,
+    class_names: Sequence[str] = CLASS_NAMES,
+) -> Dataset:
+    """Load the four Fashion-MNIST-named IDX files in `directory` (raw or .gz).
+
+    Any dataset with the same layout loads (MNIST digits, say). With `checksums`, every file
+    must match its entry; without, only the format, counts and label range are checked.
+    """
+    directory = Path(directory).expanduser()
+    files = []
+    for name in FILE_NAMES:
+        found = find_one(directory, name)
+        if found is None:
+            raise DataError(f"{directory / name}[.gz]: file not found")
+        files.append(found)
+    memo = read_memo() if checksums is not None else {}
+    verified, new_entries, arrays = checksums is not None, {}, []
+    for name, path, ndim in zip(FILE_NAMES, files, (3, 1, 3, 1)):
+        stat = path.stat()
+        data = read_decompressed(path)
+        arrays.append(parse_idx(data, source=path, ndim=ndim))
+        expected = checksums.get(name) if checksums is not None else None
+        if expected is None:
+            verified = False
+        elif not remembered(memo, path, stat, expected):
+            new_entries.update(memo_entry(path, stat, check(data, expected, source=path)))
+    remember(new_entries)
+    n_classes = len(class_names)
+    train = _split(*arrays[:2], *files[:2], n_classes=n_classes)
+    test = _split(*arrays[2:], *files[2:], n_classes=n_classes)
+    return Dataset(train, test, directory, verified, tuple(class_names), tuple(files))
+
+
+def _split(images: np.ndarray, labels: np.ndarray, images_path: Path, labels_path: Path, *,
+           n_classes: int) -> Split:
+    for array, path in ((images, images_path), (labels, labels_path)):
+        if array.dtype != np.uint8:
+            raise DataError(f"{path}: holds {array.dtype.name}, expected uint8 (IDX code 0x08)")
+    if images.shape[1:] != IMAGE_SHAPE:
+        raise DataError(f"{images_path}: images are {images.shape[1]}x{images.shape[2]}, "
+                        f"expected {IMAGE_SHAPE[0]}x{IMAGE_SHAPE[1]}")
+    if len(labels) != len(images):
+        raise DataError(f"{labels_path}: {len(labels)} labels, but {images_path.name} "
+                        f"has {len(images)} images")
+    bad = np.flatnonzero(labels >= n_classes)
+    if bad.size:
+        raise DataError(f"{labels_path}: label {labels[bad[0]]} at index {bad[0]} is out of "
+                        f"range 0..{n_classes - 1} ({bad.size} such labels)")
+    return Split(images, labels)
+
+
+def normalize(images: np.ndarray) -> np.ndarray:
+    """uint8 pixels -> float32 in [0, 1]."""
+    return images.astype(np.float32) / np.float32(255)
+
+
+def to_tensors(
+    split: Split, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x (N, 28, 28) in [0, 1], float32 unless `dtype` says otherwise; y int64 (N,)) on
+    `device`. A bfloat16 x is the float32 x rounded, built without holding both."""
+    import torch  # here, so that `fashionlab data info` starts without loading torch
+
+    # torch.from_numpy warns on read-only arrays (a Split built by hand may hold them).
+    images, labels = (a if a.flags.writeable else a.copy() for a in (split.images, split.labels))
+    x = torch.empty(images.shape, dtype=dtype or torch.float32, device=device)  # (N, 28, 28)
+    chunk = 8192
+    for first in range(0, len(images), chunk):
+        # Move uint8 (a quarter of the bytes of float32) and convert on the device.
+        pixels = torch.from_numpy(images[first : first + chunk]).to(device)
+        x[first : first + chunk] = pixels.float().div_(255)
+    y = torch.from_numpy(labels).to(device).long()  # (N,)
+    return x, y
