@@ -278,7 +278,8 @@ def test_flatten_and_tee():
 
 def test_without_mlflow_installed_the_error_is_one_line(tiny_idx_dir: Path, tmp_path: Path,
                                                         monkeypatch, capsys):
-    import fashionlab.integrations.mlflow as integration  # to stand in for a missing MLflow
+    # to stand in for a missing MLflow, where require_mlflow looks it up
+    import fashionlab.integrations.mlflow.export as integration
 
     monkeypatch.setattr(integration, "MlflowClient", None)
     store = Store.open(tmp_path / "runs")

@@ -1,31 +1,16 @@
-"""MLflow: a fashionlab run sent to any MLflow tracking URI, after the fact or live.
-
-Layout in the experiment named after the study: one parent MLflow run per fashionlab run (a
-study or a search), tagged `fashionlab.run_id`; under it one nested run per candidate (a
-search: per trial), and under that one per model (a fold, the retrained model, a final model)
-with its stored epochs as metrics, step = epoch. Every MLflow run says which part of the
-fashionlab run it holds (tag `fashionlab.part`).
-
-The store is the truth. An export finds the MLflow runs it made before by those tags and logs
-only the metric steps MLflow does not have yet: exporting again, or logging live through a
-study that is killed and resumed, never duplicates a run or a value.
-
-    export_run_to_mlflow(store, run_id, "sqlite:///mlflow.db")   # after the fact
-
-    with logging_to_mlflow("sqlite:///mlflow.db", spec) as progress:   # while it trains
-        run_study(spec, progress=progress)
-"""
+"""After the fact: a stored run sent to an MLflow tracking URI, or what was sent before brought
+up to date (`export_run_to_mlflow`); `MlflowExport` keeps, for one run and one URI, the MLflow
+run ids of its parts and the metric steps each holds, so that each sync logs only what is new.
+The layout it makes in MLflow is described in `fashionlab.integrations.mlflow`."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial
@@ -40,19 +25,15 @@ except ImportError:
     class MlflowException(Exception):  # type: ignore[no-redef]
         """Stands for MLflow's own, which nothing raises without MLflow."""
 
-from fashionlab.config import StudySpec
 from fashionlab.errors import FashionlabError
-from fashionlab.progress import Reporter, Tee, reporting
 from fashionlab.schema import METRICS
-from fashionlab.search import search_identity
 from fashionlab.search.storage import open_storage, study_name
 from fashionlab.serialize import flatten as flatten_config
-from fashionlab.store import DEFAULT_RUN_DIR, ModelRecord, RunRecord, Store
+from fashionlab.store import ModelRecord, RunRecord, Store
 from fashionlab.text import first_line
-from fashionlab.train import EpochMetrics
 
-__all__ = ["MlflowError", "MlflowExport", "MlflowReporter", "export_run_to_mlflow",
-           "logging_to_mlflow", "require_mlflow"]
+__all__ = ["PARENT", "TAG_PART", "TAG_RUN", "MlflowError", "MlflowExport", "export_run_to_mlflow",
+           "flatten", "require_mlflow"]
 
 TAG_RUN = "fashionlab.run_id"  # on every MLflow run of a fashionlab run
 TAG_PART = "fashionlab.part"  # "run", "candidate:<name>" or "model:<key>"
@@ -378,108 +359,3 @@ def flatten(value: Any) -> dict[str, str]:
 def _text(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value)
     return text[:MAX_PARAM]
-
-
-# --------------------------------------------------------------------------------------------
-# Live: while a study or search trains
-
-
-class MlflowReporter:
-    """A progress reporter that sends each stored epoch to MLflow as training reports it.
-
-    It exports what the store holds of the reported stack's models, the store being the truth:
-    only the steps MLflow does not have are logged, so a study killed and resumed with live
-    logging has each epoch once. The run is the newest of its kind and fingerprint in the
-    store, found at the first report (the study or search has made it by then). An MLflow
-    failure does not stop training: it is told once on `log` and live logging stops (`runs
-    export --to mlflow` sends the run later)."""
-
-    def __init__(self, tracking_uri: str, *, kind: Literal["study", "search"], fingerprint: str,
-                 run_dir: str | Path = DEFAULT_RUN_DIR, store_url: str | None = None,
-                 experiment: str | None = None,
-                 log: Callable[[str], None] | None = None) -> None:
-        self.tracking_uri, self.kind, self.fingerprint = tracking_uri, kind, fingerprint
-        self.run_dir, self.store_url, self.experiment = run_dir, store_url, experiment
-        self.say = log or (lambda message: print(message, file=sys.stderr))
-        self.store: Store | None = None
-        self.export: MlflowExport | None = None
-        self.stacks: dict[str, set[str]] = {}  # label -> model keys heard of
-        self.failed = False
-
-    def start(self, label: str, epochs: int) -> None:
-        pass
-
-    def epoch(self, label: str, epoch: int, metrics: Mapping[str, EpochMetrics]) -> None:
-        self.stacks.setdefault(label, set()).update(metrics)
-        self._safely(lambda export: export.sync_models(metrics))
-
-    def finish(self, label: str) -> None:
-        keys = sorted(self.stacks.pop(label, ()))
-        self._safely(lambda export: export.sync_models(keys))
-
-    def log(self, message: str) -> None:
-        pass
-
-    def complete(self) -> str | None:
-        """The full export at the end (summary metrics, artifacts); the parent run's id, or
-        None when MLflow failed."""
-        return self._safely(lambda export: export.sync(artifacts=True))
-
-    def interrupted(self) -> None:
-        """The run stopped: the statuses in MLflow follow the store's (when this reporter
-        heard of the run at all)."""
-        if self.export is not None:
-            self._safely(lambda export: export.sync(artifacts=False))
-
-    def close(self) -> None:
-        if self.store is not None:
-            self.store.close()
-
-    def _safely(self, action: Callable[[MlflowExport], Any]) -> Any:
-        if self.failed:
-            return None
-        try:
-            if self.export is None:
-                self.store = self.store or Store.open(self.run_dir, self.store_url)
-                runs = self.store.runs(kind=self.kind, fingerprint=self.fingerprint)
-                if not runs:
-                    return None
-                self.export = MlflowExport(self.store, runs[0].id, self.tracking_uri,
-                                           experiment=self.experiment)
-            return action(self.export)
-        except Exception as error:  # noqa: BLE001 - training goes on whatever MLflow does
-            self.failed = True
-            self.say(f"mlflow: cannot log to {self.tracking_uri} ({first_line(error)}); "
-                     "training goes on, and `fashionlab runs export RUN --to mlflow URI` "
-                     "sends the run later")
-            return None
-
-
-@contextlib.contextmanager
-def logging_to_mlflow(
-    tracking_uri: str | None, spec: StudySpec, *, kind: Literal["study", "search"] = "study",
-    run_dir: str | Path = DEFAULT_RUN_DIR, store_url: str | None = None,
-    progress: bool | Reporter = True, experiment: str | None = None,
-) -> Iterator[bool | Reporter]:
-    """The `progress` to give `run_study(spec, ...)` (kind "study") or `run_search` (kind
-    "search"), with the same `run_dir` and `store_url`, so that it logs to MLflow live: the
-    given progress (bars, silence, your reporter) and an `MlflowReporter`. When the run ends
-    the whole run is exported once (summary metrics, artifacts); when it stops, the MLflow
-    statuses follow the store's. With no `tracking_uri`, `progress` unchanged."""
-    if tracking_uri is None:
-        yield progress
-        return
-    require_mlflow()  # before training, not after it
-    fingerprint = spec.fingerprint() if kind == "study" else search_identity(spec)[1]
-    with reporting(progress) as display:
-        live = MlflowReporter(tracking_uri, kind=kind, fingerprint=fingerprint, run_dir=run_dir,
-                              store_url=store_url, experiment=experiment, log=display.log)
-        try:
-            yield Tee(live, display)
-        except BaseException:
-            live.interrupted()
-            raise
-        else:
-            live.complete()
-        finally:
-            live.close()
