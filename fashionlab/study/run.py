@@ -1,0 +1,230 @@
+"""run_study: start, continue or join the run, train its jobs, read the cross-validation
+back, retrain the best and test it, train the final models, write the outputs and the report.
+
+The jobs themselves (what each process claims and trains, here or in worker processes) are
+`fashionlab.study.jobs`'; the cross-validation read back is `fashionlab.study.selection`'.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import shutil
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from fashionlab.config import StudySpec
+from fashionlab.cv import make_folds
+from fashionlab.data import Dataset, to_tensors
+from fashionlab.errors import ConfigError, StoreError
+from fashionlab.hardware import resolve_device
+from fashionlab.jobs import (
+    Claim,
+    ClaimLock,
+    command_identity,
+    drop_checkpoints,
+    job_rows,
+    register_jobs,
+    release_claims,
+)
+from fashionlab.progress import Reporter, reporting
+from fashionlab.provenance import environment
+from fashionlab.report import REPORT_NAME, ReportError, write_report
+from fashionlab.results import StudyResult, summary, write_outputs
+from fashionlab.runner import auto_workers, image_dtype, threads_per_job
+from fashionlab.steps import RunContext, load_study_data, retrain, train_final
+from fashionlab.store import DEFAULT_RUN_DIR, RunRecord, Store
+from fashionlab.study.jobs import (
+    OUTPUTS,
+    JobInputs,
+    claim_outputs,
+    independent_jobs,
+    job_plan,
+    train_jobs,
+)
+from fashionlab.study.selection import cross_validated
+from fashionlab.train import Tensors
+from fashionlab.twins import find_twins
+
+__all__ = ["run_study"]
+
+
+def run_study(
+    spec: StudySpec,
+    *,
+    run_dir: str | Path = DEFAULT_RUN_DIR,
+    store_url: str | None = None,
+    device: str | None = None,
+    fresh: bool = False,
+    progress: bool | Reporter = True,
+    dataset: Dataset | None = None,
+    workers: int | Literal["auto"] = 1,
+    threads: int | None = None,
+) -> StudyResult:
+    """Run (or resume) a study and return its results; files go under run_dir/<run id>/.
+
+    The latest run of the identical resolved config is continued unless `fresh`: an
+    interrupted one resumes, a finished one is read back from the store without training.
+    `progress`: bars on stderr (True), nothing (False), or your own `progress.Reporter`.
+    `workers` > 1 trains the independent jobs (cross-validation stacks, final models) in that
+    many processes, each with its share of the CPU threads, or GPUs round-robin when the device
+    is CUDA; "auto" (the command line's default) picks a number from the machine and the work
+    (see `auto_workers`). Workers start by the spawn method, which re-imports the calling
+    script: a script asking for workers needs the usual `if __name__ == "__main__":` guard.
+    `threads`: the CPU threads each job trains with (default: its share of the cores). A
+    convolution's numbers depend on it on most CPUs (oneDNN picks its kernels by the thread
+    count); dense models give the same numbers whatever it is.
+    """
+    started = time.perf_counter()
+    torch_device = resolve_device(device)
+    if threads is not None and threads < 1:
+        raise ConfigError(f"threads: expected a positive number, got {threads}")
+    run_dir = Path(run_dir)
+    store = Store.open(run_dir, store_url)
+    dataset = dataset if dataset is not None else load_study_data(spec)
+    folds = make_folds(len(dataset.train), spec.cv, seed=spec.seed, labels=dataset.train.labels)
+    run, joined = _start_run(store, spec, run_dir, str(torch_device), fresh)
+    shown = run.status == "finished"  # read back from the store: nothing is written
+    # On a database server every process keeps its files (checkpoints, the models it trains,
+    # the outputs if it writes them) in its own run directory: another machine's may not
+    # exist here. A SQLite store has one machine, and the run's directory.
+    output_dir = (run_dir / run.id).resolve() if store.shared and not shown \
+        else Path(run.output_dir or run_dir / run.id)
+    result = StudyResult(run, spec, output_dir, n_train=len(folds[0].train_index),
+                         n_val=len(folds[0].val_index))
+    me = command_identity()
+    threads_before = torch.get_num_threads()
+    outputs: Claim | None = None
+    try:
+        with reporting(progress) as reporter:
+            ctx = RunContext(store, run, spec, output_dir, torch_device, reporter)
+            dtype = image_dtype(spec, torch_device)
+            x_train, y_train = to_tensors(dataset.train, torch_device, dtype)
+            x_test, y_test = to_tensors(dataset.test, torch_device, dtype)
+            cv_data = Tensors(x_train, y_train, x_train, y_train)
+            final_data = Tensors(x_train, y_train, x_test, y_test)
+            # Planned from the whole study, not from what is left: a resumed run trains with
+            # the threads per job of the first start (a CNN's numbers depend on them).
+            planned = independent_jobs(ctx, folds, pending_only=False)
+            if workers == "auto":
+                workers = auto_workers(planned, torch_device)
+            parallel = workers > 1 and len(planned) > 1
+            result.threads = threads or (threads_per_job(workers) if parallel
+                                         else torch.get_num_threads())
+            if parallel:
+                result.workers = workers
+            if not shown:
+                # Every process of the run, on any machine, trains each job with the threads
+                # its first registration planned: the numbers do not depend on who trains it.
+                result.threads = register_jobs(store, run.id, job_plan(spec, planned),
+                                               result.threads)
+                inputs = JobInputs(folds, dataset.class_names, cv_data, final_data)
+                train_jobs(ctx, planned, workers if parallel else 1, result.threads, inputs,
+                           me)
+                outputs = claim_outputs(ctx, me)
+                result.trained_here = [job.label for job in job_rows(store, run.id).values()
+                                       if job.claimed_by == me and job.key != OUTPUTS]
+                if outputs is None:  # another process writes the outputs
+                    result.results_by = job_rows(store, run.id)[OUTPUTS].claimed_by
+                    _leave(store, output_dir)
+                    return result
+                ctx = dataclasses.replace(ctx, claim=outputs)
+            torch.set_num_threads(result.threads)
+            result.candidates, result.comparisons, result.best = cross_validated(
+                ctx, folds, cv_data, result.n_train, result.n_val)
+            result.twins = find_twins(
+                store, spec, run.id,
+                [(c.candidate, c.val_accuracy, c.trained_epochs) for c in result.candidates],
+                fold_names=[f.name for f in folds], n_train=result.n_train, n_val=result.n_val)
+            if result.best is not None and spec.retrain.enabled:
+                best = next(c for c in result.candidates if c.name == result.best)
+                result.retrain = retrain(ctx, best, final_data, dataset.class_names)
+            result.final = [train_final(ctx, c, final_data, dataset.class_names)
+                            for c in spec.final]
+        if not shown:
+            result.wall_seconds = time.perf_counter() - started
+            write_outputs(result, dataset)
+            store.end_run(run.id, "finished", summary(result), output_dir=output_dir)
+    except BaseException:
+        if not shown:
+            # What this process (and its workers) held goes back at once to the others; the
+            # run stays resumable, even from this process.
+            with contextlib.suppress(StoreError):
+                release_claims(store, run.id, by=me)
+            if not joined:
+                store.end_run(run.id, "interrupted")
+        raise
+    finally:
+        torch.set_num_threads(threads_before)
+    if shown:
+        stored = run.summary or {}
+        result.wall_seconds = float(stored.get("wall_seconds") or 0.0)
+        result.workers = int(stored.get("workers") or 1)
+        result.threads = int(stored.get("threads") or 0)
+        _tidy(store, run.id, output_dir, torch_device)
+        store.close()
+        return result
+    write_report(store, run.id, device=torch_device)  # the report reads the finished run back
+    shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
+    drop_checkpoints(store, run.id)
+    if outputs is not None:
+        outputs.done()
+    result.run = store.run(run.id)
+    store.close()
+    return result
+
+
+def _leave(store: Store, output_dir: Path) -> None:
+    """A process of a shared run that does not write its outputs: its checkpoint files are
+    stored in the database (the writer removes them there), the models it saved stay."""
+    if store.shared:
+        shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
+    store.close()
+
+
+def _tidy(store: Store, run_id: str, output_dir: Path, device: torch.device) -> None:
+    """What a run killed just after it finished may lack: its report, and the removal of its
+    checkpoints. Best effort, where the directory can be written; the store is only read."""
+    with contextlib.suppress(OSError):
+        shutil.rmtree(output_dir / "checkpoints")
+    if not (output_dir / REPORT_NAME).exists():
+        with contextlib.suppress(ReportError):
+            write_report(store, run_id, device=device)
+
+
+def _start_run(store: Store, spec: StudySpec, run_dir: Path, device: str,
+               fresh: bool) -> tuple[RunRecord, bool]:
+    """The run to show, continue, join or start, and whether this process joined it (another
+    process runs it: its row stays theirs)."""
+    fingerprint = spec.fingerprint()
+    # One process at a time looks and creates, so that processes started together on several
+    # machines join one run instead of each creating its own.
+    lock = contextlib.nullcontext() if store.read_only else \
+        ClaimLock(store.url, fingerprint, kind="study")
+    with lock:
+        if not fresh:
+            for run in store.runs(kind="study", fingerprint=fingerprint):
+                if run.state == "running":
+                    if not store.shared:
+                        raise ConfigError(
+                            f"run {run.id} of this study is being trained by another process "
+                            f"(pid {run.pid} on {run.host}); to train it from several "
+                            "processes, run the same command on each with a database server "
+                            "store (--store postgresql://...; README: Many machines); or wait "
+                            "for it, or pass --fresh")
+                    return store.join_run(run.id), True
+                # A finished run is shown again from the store: every model is read back,
+                # nothing retrains and nothing is written (a read-only store will do). An
+                # interrupted one continues.
+                if run.state == "finished":
+                    return run, False
+                if run.state == "interrupted":
+                    if not store.shared:  # one machine, and its process is gone
+                        release_claims(store, run.id)
+                    return store.claim_run(run.id), False
+        return store.create_run(kind="study", name=spec.name, fingerprint=fingerprint,
+                                seed=spec.seed, config=spec.to_dict(),
+                                environment=environment(device), output_root=run_dir), False
