@@ -9,6 +9,7 @@ default; 50 for the long mode: `FASHIONLAB_FAULT_KILLS=50 make test ARGS=tests/f
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -84,7 +85,9 @@ def _assert_all_gone(pids: set[int], within: float = 5.0) -> None:
 
 def _rows(run_dir: Path) -> list[tuple[object, ...]]:
     """Every stored epoch (key, epoch, metrics); NaN as None so that rows compare."""
-    with sqlite3.connect(run_dir / "fashionlab.db") as db:
+    # closing(): sqlite3's own context manager commits but leaves the connection open, and its
+    # late close would delete the -shm file under a following rmtree of the run directory.
+    with contextlib.closing(sqlite3.connect(run_dir / "fashionlab.db")) as db:
         rows = db.execute("SELECT key, epoch, loss, accuracy, val_loss, val_accuracy "
                           "FROM fl_epochs ORDER BY key, epoch").fetchall()
     return [tuple(None if isinstance(v, float) and math.isnan(v) else v for v in row)
