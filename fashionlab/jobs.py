@@ -90,6 +90,12 @@ class JobRow:
     boot_id: str | None
     heartbeat: float | None
 
+    @property
+    def holder(self) -> dict[str, Any]:
+        """Which process holds the claim (the columns `store.this_process()` fills)."""
+        return {"host": self.host, "pid": self.pid, "pid_start": self.pid_start,
+                "boot_id": self.boot_id}
+
     def claimable(self, grace: float) -> bool:
         """Not done, and not claimed by a process that is alive."""
         if self.status == "pending":

@@ -237,6 +237,11 @@ def test_two_processes_share_a_study_on_postgresql(postgres_url: str, reference,
     assert _rows(postgres_url) == expected_rows  # the numbers of one process, exactly
     assert count == len(expected_rows)  # one row per (model, epoch)
     assert _results_csv(*run_dirs) == expected_csv
+    # Whichever process created the run, its row names the one that wrote the results (a
+    # creator that leaves first hands the row over: the run reads as running until the end).
+    with _engine(postgres_url).connect() as conn:
+        run_pid = conn.execute(sa.text("SELECT pid FROM fl_runs")).scalar()
+    assert run_pid == (a.pid if "candidates" in outputs[0] else b.pid)
 
     # `runs show` says which machine trained which model (here one machine; then the CNN's
     # row as if another one had trained it).

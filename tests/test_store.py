@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -421,3 +423,27 @@ def test_a_run_whose_pid_was_reused_resumes_and_deletes_from_the_command_line(
         other.kill()
         other.wait()
         store.close()
+
+
+@needs_proc
+def test_a_run_handed_over_reads_as_its_new_holder_does(store: Store):
+    """A process leaving a run that another goes on running (a shared study whose outputs
+    another process writes) hands the row over: the run is running while that process lives,
+    interrupted once it is gone, and a run that has ended is left as it is."""
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        identity = ProcessIdentity.of(holder.pid)
+        run = _run(store)
+        store.hand_over_run(run.id, {"host": socket.gethostname(), "pid": identity.pid,
+                                     "pid_start": identity.start_time,
+                                     "boot_id": identity.boot_id})
+        handed = store.run(run.id)
+        assert (handed.pid, handed.pid_start) == (holder.pid, identity.start_time)
+        assert handed.state == "running"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert store.run(run.id).state == "interrupted"  # its holder is gone, not this process
+    store.end_run(run.id, "finished")
+    store.hand_over_run(run.id, {"host": "elsewhere", "pid": 1, "pid_start": 1, "boot_id": "x"})
+    assert store.run(run.id).status == "finished" and store.run(run.id).pid == holder.pid

@@ -14,7 +14,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -213,6 +213,18 @@ class Store:
         close."""
         self._keep_alive(run_id)
         return self.run(run_id)
+
+    def hand_over_run(self, run_id: str, holder: Mapping[str, Any]) -> None:
+        """Leave a running run to another process that goes on running it (a study trained by
+        several processes, whose outputs another one writes): the row then names that process
+        (`holder`: its host, pid, pid_start and boot_id, as `this_process()` gives them), so
+        the run reads as running while that process lives, not while this one did. A run that
+        has ended meanwhile is left as it is."""
+        self._stop_beating(run_id)
+        with self.transaction() as conn:
+            conn.execute(runs.update().where(runs.c.id == run_id, runs.c.status == "running")
+                         .values(**{k: holder[k] for k in ("host", "pid", "pid_start",
+                                                            "boot_id")}))
 
     def heartbeat(self, run_id: str) -> None:
         with self.transaction() as conn:

@@ -128,7 +128,12 @@ def run_study(
                 result.trained_here = [job.label for job in job_rows(store, run.id).values()
                                        if job.claimed_by == me and job.key != OUTPUTS]
                 if outputs is None:  # another process writes the outputs
-                    result.results_by = job_rows(store, run.id)[OUTPUTS].claimed_by
+                    writer = job_rows(store, run.id)[OUTPUTS]
+                    result.results_by = writer.claimed_by
+                    if not joined and writer.status == "claimed":
+                        # The run's row named this process: from now on it names the writer,
+                        # so that the run reads as running (`runs list`) until it finishes.
+                        store.hand_over_run(run.id, writer.holder)
                     _leave(store, output_dir)
                     return result
                 ctx = dataclasses.replace(ctx, claim=outputs)
