@@ -6,12 +6,13 @@ import json
 import time
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, get_args
 
 import typer
 
 from fashionlab.cli import app
 from fashionlab.text import percent
+from fashionlab.vocabulary import TestTimeAugmentation
 
 if TYPE_CHECKING:
     from fashionlab.predict import FilePredictions
@@ -23,10 +24,8 @@ DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
 
-class Views(str, Enum):
-    none = "none"
-    flip = "flip"
-    flip_shift = "flip-shift"
+# The choices of --tta: the spec's test-time augmentations, named once (vocabulary).
+Views = Enum("Views", {view: view for view in get_args(TestTimeAugmentation)}, type=str)
 
 
 TtaOption = Annotated[Views | None, typer.Option(
