@@ -417,6 +417,28 @@ def consensus_warning(results: Sequence[MemberResult], rule: WarningRule) -> Ove
     return overfitting_warning(mean_val_loss, patience=rule.patience, min_delta=rule.min_delta)
 
 
+def runs_to_schedule_end(train: TrainSpec) -> bool:
+    """Whether a model trained this way is read at the end of its learning-rate schedule: a
+    schedule planned over `train.epochs` (one-cycle warms up, then anneals to ~0 at its last
+    epoch). An earlier epoch is a model still at a high learning rate, and retraining it for
+    that many epochs would run another, compressed schedule; the overfitting warning, made for
+    constant learning rates, fires on such a schedule's high-rate plateau (its val_loss stalls
+    there before the annealing brings it down)."""
+    return train.schedule == "onecycle"
+
+
+def consensus_epoch(results: Sequence[MemberResult], train: TrainSpec,
+                    rule: WarningRule) -> int | None:
+    """The CV-consensus epoch, one epoch for all of a candidate's folds (`results`), which
+    every fold has trained: the end of its learning-rate schedule when it has one
+    (`runs_to_schedule_end`; the last epoch every fold reached), else the warning rule's epoch
+    on the mean val_loss curve (`consensus_warning`; the lowest when it never fires). None
+    when no fold trained an epoch (or, for the warning, none has a finite val_loss)."""
+    if runs_to_schedule_end(train):
+        return min((len(r.history) for r in results), default=0) or None
+    return consensus_warning(results, rule).chosen_epoch
+
+
 def member_seed(seed: int, *keys: str | int) -> int:
     """Seeds of trained models: every candidate sees the same seed in the same fold, so paired
     comparisons between candidates share initial draws and shuffles (common random numbers)."""

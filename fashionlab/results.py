@@ -16,6 +16,7 @@ import numpy as np
 
 from fashionlab import notebook, plots, text
 from fashionlab.config import StudySpec, study_to_toml
+from fashionlab.cv import runs_to_schedule_end
 from fashionlab.data import Dataset
 from fashionlab.errors import OutputError
 from fashionlab.serialize import jsonable, write_text_atomic
@@ -88,6 +89,9 @@ def _epoch_label(result: CandidateResult) -> str:
     if result.candidate.train.early_stopping is not None:
         e = result.result_epochs
         return f"{int(np.median(e))} (ES median)" if len(e) > 1 else f"{e[0]} (ES best)"
+    if runs_to_schedule_end(result.candidate.train):
+        epoch = int(result.result_epochs[0]) if len(result.result_epochs) else 0
+        return f"{epoch} (schedule end)" if epoch else "-"
     if result.warning.fired:
         return f"{result.warning.epoch} (warning)"
     if result.warning.best_epoch is None:

@@ -27,9 +27,11 @@ from fashionlab.cv import (
     Fold,
     MemberResult,
     OverfitWarning,
+    consensus_epoch,
     consensus_warning,
     mean_curves,
     member_seed,
+    runs_to_schedule_end,
 )
 from fashionlab.data import Dataset, Split, load_fashion_mnist
 from fashionlab.jobs import Claim
@@ -262,7 +264,8 @@ def summarize_models(candidate: Candidate, results: list[MemberResult], role: st
                      rule: WarningRule) -> CandidateResult:
     """A candidate's models (its folds, or one final model) as a result: curves, the
     overfitting warning on the mean val_loss curve, and each model's score at its result
-    epoch (early stopping's best epoch, else the warning epoch)."""
+    epoch (early stopping's best epoch, else the CV-consensus epoch: the warning epoch, or the
+    end of the learning-rate schedule for a schedule planned over the epochs)."""
     epochs = candidate.train.epochs
     curves = {metric: mean_curves(results, metric, epochs) for metric in METRICS}
     warning = consensus_warning(results, rule)
@@ -270,7 +273,7 @@ def summarize_models(candidate: Candidate, results: list[MemberResult], role: st
     if candidate.train.early_stopping is not None:
         result_epochs = np.array([r.best_epoch or len(r.history) for r in results])
     else:
-        result_epochs = np.full(n, warning.chosen_epoch or 0)
+        result_epochs = np.full(n, consensus_epoch(results, candidate.train, rule) or 0)
     pick = np.clip(result_epochs - 1, 0, max(epochs - 1, 0))
     rows = np.arange(n)
     failures = [f"{r.key}: {r.message}" for r in results if r.status == "failed"]
@@ -286,11 +289,14 @@ def summarize_models(candidate: Candidate, results: list[MemberResult], role: st
 def retrain(ctx: RunContext, best: CandidateResult, data: Tensors,
             class_names: tuple[str, ...]) -> RetrainResult:
     """Train the best candidate on all training images for its CV-consensus epoch count (the
-    study's `[retrain] epochs` rule on its mean val_loss curve), test it on `data`'s validation
-    split (the test set) and save it under models/<candidate>."""
+    study's `[retrain] epochs` rule on its mean val_loss curve; a learning-rate schedule
+    planned over the epochs runs whole, as it was read), test it on `data`'s validation split
+    (the test set) and save it under models/<candidate>."""
     candidate = best.candidate
     setting = ctx.spec.retrain.epochs
-    if setting == "warning":
+    if setting in ("warning", "lowest") and runs_to_schedule_end(candidate.train):
+        epochs = candidate.train.epochs  # the whole schedule, the length it was read at
+    elif setting == "warning":
         epochs = best.warning.chosen_epoch or candidate.train.epochs
     elif setting == "lowest":
         epochs = best.warning.best_epoch or candidate.train.epochs

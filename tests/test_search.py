@@ -19,6 +19,7 @@ from helpers import OnEpoch, assert_one_line_error, run_cli, tiny_study_toml
 from optuna.trial import TrialState
 
 from fashionlab.config import (
+    TrainSpec,
     WarningRule,
     base_candidate,
     load_study,
@@ -379,17 +380,31 @@ def test_consensus_scores_read_every_fold_at_one_epoch():
     # with patience 1 the warning fires at epoch 3, which both folds are read at.
     a = MemberResult("a", _history([1.0, 0.5, 0.6, 0.7], [0.1, 0.8, 0.7, 0.6]))
     b = MemberResult("b", _history([1.0, 0.8, 0.4, 0.9], [0.2, 0.5, 0.9, 0.4]))
-    read = consensus_scores([a, b], WarningRule(patience=1, min_delta=0.0))
+    train, rule = TrainSpec(), WarningRule(patience=1, min_delta=0.0)
+    read = consensus_scores([a, b], train, rule)
     assert read.epoch == 3
     assert list(read.val_accuracy) == [0.7, 0.9] and list(read.val_loss) == [0.6, 0.4]
     # A fold stopped early (a after 3 epochs): the consensus lies within the epochs every
     # fold reached (1.0, 0.65, 0.5: no warning, the lowest mean is epoch 3); no fold is read
     # past its last epoch.
     a.history = a.history[:3]
-    assert consensus_scores([a, b], WarningRule(patience=1, min_delta=0.0)).epoch == 3
+    assert consensus_scores([a, b], train, rule).epoch == 3
     a.history = a.history[:2]
-    read = consensus_scores([a, b], WarningRule(patience=1, min_delta=0.0))
+    read = consensus_scores([a, b], train, rule)
     assert read.epoch == 2 and list(read.val_accuracy) == [0.8, 0.5]
+
+
+def test_a_one_cycle_trial_is_read_at_the_end_of_its_schedule():
+    # The same folds trained with a one-cycle schedule: read at their last epoch (4), not at
+    # the warning's epoch 3 or the lowest val_loss; a fold that ended early (a, after 3 epochs)
+    # shortens it to the last epoch every fold reached.
+    a = MemberResult("a", _history([1.0, 0.5, 0.6, 0.7], [0.1, 0.8, 0.7, 0.6]))
+    b = MemberResult("b", _history([1.0, 0.8, 0.4, 0.9], [0.2, 0.5, 0.9, 0.4]))
+    train, rule = TrainSpec(schedule="onecycle"), WarningRule(patience=1, min_delta=0.0)
+    read = consensus_scores([a, b], train, rule)
+    assert read.epoch == 4 and list(read.val_accuracy) == [0.6, 0.4]
+    a.history = a.history[:3]
+    assert consensus_scores([a, b], train, rule).epoch == 3
 
 
 def test_trials_and_the_reference_candidate_are_read_by_one_rule(tiny_idx_dir: Path,

@@ -339,3 +339,29 @@ def test_a_run_killed_just_after_it_finished_is_tidied_when_shown(study_file: Pa
     assert (first.output_dir / "report.html").exists()
     assert not (first.output_dir / "checkpoints").exists()
     assert Store.open(tmp_path).run(first.run.id) == stored  # the store only read
+
+
+def test_a_one_cycle_candidate_is_read_and_retrained_at_the_end_of_its_schedule(
+        tiny_idx_dir: Path, tmp_path: Path):
+    """The warning (made for a constant learning rate) does not choose the epoch of a
+    schedule planned over the epochs: its folds are read at the schedule's last epoch, and the
+    best is retrained for the whole schedule, not for a compressed one."""
+    candidates = """
+[[candidates]]
+name = "one-cycle"
+layers = [{ units = 16 }]
+train = { optimizer = "adamw", learning_rate = 0.01, schedule = "onecycle" }
+"""
+    path = tmp_path / "onecycle.toml"
+    # A warning that fires early (a val_loss that does not halve in the next 2 epochs).
+    path.write_text(tiny_study_toml(tiny_idx_dir, candidates=candidates, final=False,
+                                    epochs=6, patience=2).replace("min_delta = 0.02",
+                                                                  "min_delta = 0.5"))
+    result = run_study(load_study(path), run_dir=tmp_path / "runs", progress=False)
+    (candidate,) = result.candidates
+    assert candidate.warning.fired and candidate.warning.epoch < 6  # what it would read
+    assert list(candidate.result_epochs) == [6, 6, 6]
+    assert list(candidate.val_accuracy) == list(candidate.curves["val_accuracy"][:, -1])
+    assert result.retrain is not None and result.retrain.epochs == 6
+    assert len(result.retrain.history) == 6
+    assert "6 (schedule end)" in (result.output_dir / "results.md").read_text()

@@ -11,7 +11,8 @@ quote as an estimate of performance on new images.
 
 One scoring rule for every side of a comparison (`consensus_scores`): a candidate's folds are
 all read at its CV-consensus epoch, the study's [warning] rule on the mean val_loss curve over
-the epochs every fold reached (the epoch the best is retrained for). That is how a study reads
+the epochs every fold reached (the epoch the best is retrained for), or the end of its
+learning-rate schedule when the schedule is planned over its epochs. That is how a study reads
 a candidate without early stopping, and how the search reads its trials and re-reads the
 reference study's candidate from its stored epochs. Each fold's own lowest-val_loss epoch
 (early stopping's result) would choose the epoch on the very fold it scores, a reading that
@@ -32,10 +33,17 @@ from typing import Any
 import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
+from pydantic import TypeAdapter, ValidationError
 
 from fashionlab import stats
-from fashionlab.config import WarningRule, base_candidate, study_to_toml
-from fashionlab.cv import Fold, MemberResult, consensus_warning, mean_curves
+from fashionlab.config import (
+    StudySpec,
+    TrainSpec,
+    WarningRule,
+    base_candidate,
+    study_to_toml,
+)
+from fashionlab.cv import Fold, MemberResult, consensus_epoch, mean_curves
 from fashionlab.data import Dataset, to_tensors
 from fashionlab.report import write_report
 from fashionlab.search.cost import spent, spent_summary
@@ -83,11 +91,13 @@ class ConsensusScores:
         return self.val_accuracy if metric == "val_accuracy" else self.val_loss
 
 
-def consensus_scores(results: Sequence[MemberResult], rule: WarningRule) -> ConsensusScores:
-    """Every fold read at the CV-consensus epoch (`cv.consensus_warning`: `rule` on the mean
-    val_loss curve over the epochs every fold reached), the rule a search scores its trials
-    and its reference by. NaN where a fold's value there is not finite."""
-    epoch = consensus_warning(results, rule).chosen_epoch
+def consensus_scores(results: Sequence[MemberResult], train: TrainSpec,
+                     rule: WarningRule) -> ConsensusScores:
+    """Every fold read at the CV-consensus epoch (`cv.consensus_epoch`: `rule` on the mean
+    val_loss curve over the epochs every fold reached, or the end of a learning-rate schedule
+    planned over `train.epochs`), the rule a search scores its trials and its reference by.
+    NaN where a fold's value there is not finite."""
+    epoch = consensus_epoch(results, train, rule)
     if epoch is None:
         nan = np.full(len(results), np.nan)
         return ConsensusScores(None, nan, nan.copy())
@@ -264,7 +274,7 @@ def reference_tests(store: Store, run: RunRecord, searcher: SearchContext, best:
         # Re-read from its stored epochs by the rule the trials are scored by, not taken
         # from its summary (which its own study's rule, e.g. early stopping's, produced).
         read = consensus_scores([stored_result(store, other.id, key) for key in keys],
-                                searcher.run.spec.warning)
+                                _candidate_train(other, name), searcher.run.spec.warning)
         theirs = read.of(metric)
         test = stats.corrected_resampled_ttest(scores, theirs, n_train=n_train, n_test=n_val)
         row = _test_row(f"{name} (run {other.id})", "paired", float(np.nanmean(theirs)), test,
@@ -273,6 +283,16 @@ def reference_tests(store: Store, run: RunRecord, searcher: SearchContext, best:
                             "same images, same seeds, both read at their CV-consensus epoch"))
         out.append({**row, "epoch": read.epoch, "fold_scores": theirs})
     return out
+
+
+def _candidate_train(run: RunRecord, name: str) -> TrainSpec:
+    """How the candidate `name` of a stored study run was trained (its resolved config); the
+    defaults (a constant learning rate) for a run written by another version of the config."""
+    try:
+        spec = TypeAdapter(StudySpec).validate_python(run.config)
+    except ValidationError:
+        return TrainSpec()
+    return next((c.train for c in spec.candidates if c.name == name), TrainSpec())
 
 
 def _reference_run(store: Store, run: RunRecord, name: str) -> RunRecord | str:

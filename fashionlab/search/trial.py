@@ -118,7 +118,8 @@ def train_trial(context: TrialContext, trial: optuna.Trial, name: str) -> float:
         _drop_checkpoints(context, stacks, trial.params)
         raise
     # Every fold read at the CV-consensus epoch, as the reference is (see finish).
-    read = consensus_scores([results[m.key] for m in ordered], context.spec.warning)
+    read = consensus_scores([results[m.key] for m in ordered], candidate.train,
+                            context.spec.warning)
     scores = read.of(context.search.objective)
     trial.set_user_attr("fold_scores", [float(v) for v in scores])
     trial.set_user_attr("val_accuracy", [float(v) for v in read.val_accuracy])
