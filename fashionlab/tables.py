@@ -61,10 +61,11 @@ class Row:
 
 
 LEGEND = ("epoch: where each result is read: the overfitting warning's epoch; with no warning, "
-          "the epoch of the lowest mean val_loss; with early stopping (ES), each fold's best "
-          "epoch. val_loss and val accuracy: mean ± std across folds at that epoch; "
-          "95% CI of the mean from Student's t. vs best: corrected resampled t-test "
-          "(Nadeau & Bengio) on the paired folds, Holm-adjusted p.")
+          "the epoch of the lowest mean val_loss; with a one-cycle schedule, its last epoch "
+          "(schedule end); with early stopping (ES), each fold's best epoch. val_loss and val "
+          "accuracy: mean ± std across folds at that epoch; 95% CI of the mean from Student's "
+          "t. vs best: corrected resampled t-test (Nadeau & Bengio) on the paired folds, "
+          "Holm-adjusted p.")
 
 HEADERS = ("model", "epoch", "val_loss", "val acc %", "95% CI", "vs best", "test acc %",
            "epochs trained")
