@@ -447,6 +447,36 @@ candidate = "small"
     assert "Every fold read at the CV-consensus epoch" in text
 
 
+def test_a_one_cycle_reference_is_read_at_the_end_of_its_schedule(tiny_idx_dir: Path,
+                                                                  tmp_path: Path):
+    """The reference study's candidate is re-read by how it was trained: a one-cycle schedule at
+    its last epoch, as the base trial (the same candidate) is, not at the warning's epoch."""
+    train = 'optimizer = "adamw"\nlearning_rate = 0.01\nschedule = "onecycle"'
+    early_warning = ("min_delta = 0.02", "min_delta = 0.5")  # fires within the 6 epochs
+    candidate = '[[candidates]]\nname = "small"\nlayers = [{ units = 16 }]\n'
+    reference = tmp_path / "reference.toml"
+    reference.write_text(tiny_study_toml(
+        tiny_idx_dir, name="tiny-ref", epochs=6, train=train, patience=2, final=False,
+        candidates=candidate).replace(*early_warning))
+    run_dir = tmp_path / "runs"
+    study = run_study(load_study(reference), run_dir=run_dir, progress=False)
+    assert study.candidates[0].warning.epoch < 6
+    path = _load(search_toml(tiny_idx_dir, epochs=6, train=train, search="""
+n_trials = 1
+pruner = "none"
+[search.reference]
+study = "tiny-ref"
+candidate = "small"
+""", space="learning_rate = { low = 1e-3, high = 0.05, log = true }").replace(*early_warning),
+                 tmp_path)
+    result = run_search(load_study(path), run_dir=run_dir, progress=False)
+    (row,) = result.summary["reference"]
+    base = result.trials[0]
+    assert row["epoch"] == base.user_attrs["consensus_epoch"] == 6
+    assert row["fold_scores"] == base.user_attrs["fold_scores"]
+    assert row["fold_scores"] == pytest.approx(list(study.candidates[0].val_accuracy))
+
+
 def test_a_grid_with_the_wilcoxon_pruner_reports_per_fold(tiny_idx_dir: Path, tmp_path: Path):
     path = _load(search_toml(tiny_idx_dir, search="""
 sampler = "grid"
