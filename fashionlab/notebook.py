@@ -51,6 +51,7 @@ class Curves(Protocol):
     name: str
     curves: dict[str, np.ndarray]  # metric -> (n_models, epochs)
     warning: Any  # the overfitting warning: .epoch, .best_epoch
+    schedule_end: int | None  # the epoch it is read at, when that ends its schedule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +59,7 @@ class _Retrained:
     name: str
     curves: dict[str, np.ndarray]
     warning: None = None
+    schedule_end: None = None
 
 
 def retrain_curves(name: str, history: Sequence[EpochMetrics]) -> Curves:
@@ -71,7 +73,8 @@ def curves_figure(models: Sequence[Curves], name: str) -> Figure:
     """The learning curves of the model called `name`; ValueError listing the names if none."""
     for model in models:
         if model.name == name:
-            return plots.learning_curves(model.curves, title=model.name, warning=model.warning)
+            return plots.learning_curves(model.curves, title=model.name, warning=model.warning,
+                                         schedule_end=model.schedule_end)
     names = ", ".join(repr(m.name) for m in models) or "none"
     raise ValueError(f"no learning curves for {name!r}; this result has: {names}")
 
@@ -130,9 +133,9 @@ def study_html(*, title: str, overview: str, rows: Sequence[Row], best: str | No
         parts.append("<ul>" + "".join(f"<li>{_text(n)}</li>" for n in notes) + "</ul>")
     if models:
         parts.append(_gallery(
-            _image(plots.png_data_uri(plots.learning_curves(m.curves, title=m.name,
-                                                            warning=m.warning), dpi=CURVES_DPI),
-                   f"learning curves of {m.name}", 550)
+            _image(plots.png_data_uri(plots.learning_curves(
+                m.curves, title=m.name, warning=m.warning, schedule_end=m.schedule_end),
+                dpi=CURVES_DPI), f"learning curves of {m.name}", 550)
             for m in models))
     return "<div>" + "".join(parts) + "</div>"
 

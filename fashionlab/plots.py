@@ -74,10 +74,14 @@ class _Warning(Protocol):
 
 
 def learning_curves(
-    curves: Mapping[str, np.ndarray], *, title: str, warning: _Warning | None = None
+    curves: Mapping[str, np.ndarray], *, title: str, warning: _Warning | None = None,
+    schedule_end: int | None = None,
 ) -> Figure:
     """Loss and accuracy per epoch, as in the seed study: training as dots, validation as a
     line, each the mean across folds with a +/- 1 std band, the warning epoch marked in red.
+    A model read at the end of its learning-rate schedule (`schedule_end`, its epoch) has that
+    epoch marked instead: the warning, made for constant rates, fires on such a schedule's
+    high-rate plateau and is not where it is read.
 
     curves: "loss", "accuracy", "val_loss", "val_accuracy" -> (n_models, epochs), NaN where a
     model did not train that epoch (early stopping).
@@ -103,7 +107,10 @@ def learning_curves(
             if n_models > 1:
                 ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.2,
                                 linewidth=0)
-        if warning is not None and warning.epoch is not None:
+        if schedule_end is not None:
+            ax.axvline(schedule_end, color="green", linestyle="--", linewidth=1,
+                       label=f"read at the schedule's end (epoch {schedule_end})")
+        elif warning is not None and warning.epoch is not None:
             ax.axvline(warning.epoch, color="red", linestyle="--", linewidth=1,
                        label=f"overfitting warning (epoch {warning.epoch})")
         ax.set_xlabel("epoch")

@@ -206,7 +206,8 @@ def _curve_entries(store: Store, run: RunRecord) -> list[dict[str, Any]]:
 
     if run.summary is not None:
         return [{"name": c["name"], "role": role, "keys": list(c.get("keys") or []),
-                 "warning": OverfitWarning(c.get("warning_epoch"), c.get("best_epoch"))}
+                 "warning": OverfitWarning(c.get("warning_epoch"), c.get("best_epoch")),
+                 "schedule_end": c.get("schedule_end")}
                 for role, group in (("cv", "candidates"), ("final", "final"))
                 for c in run.summary.get(group) or []]
     # Not finished: what the store holds, in the order of the study file.
@@ -216,7 +217,8 @@ def _curve_entries(store: Store, run: RunRecord) -> list[dict[str, Any]]:
     for model in store.models(run.id):
         if model.role in ("cv", "final"):
             entry = entries.setdefault((model.role, model.candidate), {
-                "name": model.candidate, "role": model.role, "keys": [], "warning": None})
+                "name": model.candidate, "role": model.role, "keys": [], "warning": None,
+                "schedule_end": None})
             entry["keys"].append(model.key)
     rank = {name: i for i, name in enumerate(order)}
     return sorted(entries.values(), key=lambda e: rank.get(e["name"], len(rank)))
@@ -234,10 +236,13 @@ def _curve_figure(entry: Mapping[str, Any], histories: Mapping[str, list[EpochRe
                 for metric in METRICS:
                     curves[metric][i, record.epoch - 1] = getattr(record, metric)
     stored = sum(len(histories.get(k, [])) for k in keys)
-    figure = plots.learning_curves(curves, title=entry["name"], warning=entry["warning"])
+    figure = plots.learning_curves(curves, title=entry["name"], warning=entry["warning"],
+                                   schedule_end=entry["schedule_end"])
     warning = entry["warning"]
     caption = f"{len(keys)} model(s), {stored} epoch(s) stored"
-    if warning is not None:
+    if entry["schedule_end"] is not None:
+        caption += f"; read at the end of its schedule, epoch {entry['schedule_end']}"
+    elif warning is not None:
         caption += (f"; overfitting warning at epoch {warning.epoch}" if warning.epoch
                     else "; no overfitting warning")
     return {"name": entry["name"], "image": plots.png_data_uri(figure, dpi=DPI),

@@ -16,7 +16,6 @@ import numpy as np
 
 from fashionlab import notebook, plots, text
 from fashionlab.config import StudySpec, study_to_toml
-from fashionlab.cv import runs_to_schedule_end
 from fashionlab.data import Dataset
 from fashionlab.errors import OutputError
 from fashionlab.serialize import jsonable, write_text_atomic
@@ -89,9 +88,8 @@ def _epoch_label(result: CandidateResult) -> str:
     if result.candidate.train.early_stopping is not None:
         e = result.result_epochs
         return f"{int(np.median(e))} (ES median)" if len(e) > 1 else f"{e[0]} (ES best)"
-    if runs_to_schedule_end(result.candidate.train):
-        epoch = int(result.result_epochs[0]) if len(result.result_epochs) else 0
-        return f"{epoch} (schedule end)" if epoch else "-"
+    if result.schedule_end is not None:
+        return f"{result.schedule_end} (schedule end)"
     if result.warning.fired:
         return f"{result.warning.epoch} (warning)"
     if result.warning.best_epoch is None:
@@ -197,6 +195,7 @@ def summary(result: StudyResult) -> dict[str, Any]:
         return {
             "name": c.name, "role": c.role, "keys": c.keys,
             "warning_epoch": c.warning.epoch, "best_epoch": c.warning.best_epoch,
+            "schedule_end": c.schedule_end,
             "result_epochs": c.result_epochs, "val_loss": c.val_loss,
             "val_accuracy": c.val_accuracy, "trained_epochs": c.trained_epochs,
             "planned_epochs": c.planned_epochs, "failures": c.failures,
@@ -243,7 +242,8 @@ def write_outputs(result: StudyResult, dataset: Dataset) -> dict[str, Path]:
         for name, content in contents.items():
             write_text_atomic(written[name], content)
         for c in result.candidates + result.final:
-            figure = plots.learning_curves(c.curves, title=c.name, warning=c.warning)
+            figure = plots.learning_curves(c.curves, title=c.name, warning=c.warning,
+                                           schedule_end=c.schedule_end)
             path = figures / f"curves-{text.safe_name(c.name)}.png"
             _save_figure(figure, path)
             written[f"curves:{c.name}"] = path

@@ -107,6 +107,16 @@ class CandidateResult:
         return bool(self.failures)
 
     @property
+    def schedule_end(self) -> int | None:
+        """The epoch its folds are read at when that is the end of a learning-rate schedule
+        (`cv.runs_to_schedule_end`, without early stopping); None when read otherwise."""
+        train = self.candidate.train
+        if train.early_stopping is not None or not runs_to_schedule_end(train) \
+                or not len(self.result_epochs) or not self.result_epochs[0]:
+            return None
+        return int(self.result_epochs[0])
+
+    @property
     def mean_curves(self) -> dict[str, np.ndarray]:
         with warnings.catch_warnings():  # epochs no model reached stay NaN
             warnings.simplefilter("ignore", RuntimeWarning)

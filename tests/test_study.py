@@ -365,3 +365,13 @@ train = { optimizer = "adamw", learning_rate = 0.01, schedule = "onecycle" }
     assert result.retrain is not None and result.retrain.epochs == 6
     assert len(result.retrain.history) == 6
     assert "6 (schedule end)" in (result.output_dir / "results.md").read_text()
+    # Its curves mark the epoch it is read at, not the warning; so do the report and the JSON.
+    assert candidate.schedule_end == 6
+    figure = result.figure("one-cycle")
+    labels = [text.get_text() for ax in figure.axes for text in ax.get_legend().get_texts()]
+    assert "read at the schedule's end (epoch 6)" in labels
+    assert not any("overfitting warning" in label for label in labels)
+    summary = json.loads((result.output_dir / "results.json").read_text())
+    assert summary["candidates"][0]["schedule_end"] == 6
+    assert "read at the end of its schedule, epoch 6" in \
+        (result.output_dir / "report.html").read_text()
