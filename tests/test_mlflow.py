@@ -6,6 +6,7 @@ duplicated by a second export or by an interrupted and resumed study."""
 from __future__ import annotations
 
 import math
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -21,11 +22,13 @@ from fashionlab.integrations.mlflow import (
     PARENT,
     TAG_PART,
     TAG_RUN,
+    TAG_STARTED,
     export_run_to_mlflow,
     flatten,
     logging_to_mlflow,
 )
 from fashionlab.progress import Silent, Tee
+from fashionlab.runs import delete_run
 from fashionlab.schema import METRICS
 from fashionlab.search import run_search
 from fashionlab.store import Store
@@ -151,6 +154,38 @@ def test_exporting_twice_leaves_one_copy(finished: tuple[Path, str], tracking: s
     _check_models_match_the_store(client, store, run_id)
     candidate = _runs(client, run_id)["candidate:small"].info.run_id
     assert len(client.get_metric_history(candidate, "val_accuracy")) == 3
+    store.close()
+
+
+def test_a_run_deleted_and_started_again_with_its_id_gets_its_own_mlflow_runs(
+        tiny_idx_dir: Path, tmp_path: Path, tracking: str, monkeypatch: pytest.MonkeyPatch):
+    """Run ids name the second they start in: a run deleted and started again within that
+    second has the same id. Its export is its own, not merged into the deleted run's."""
+    import fashionlab.store.store as store_module
+
+    class Frozen(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime(2026, 1, 2, 3, 4, 5, tzinfo=tz)
+
+    monkeypatch.setattr(store_module, "datetime", Frozen)
+    spec = load_study(_study(tiny_idx_dir, tmp_path, final=False))
+    run_dir = tmp_path / "runs"
+    first = run_study(spec, run_dir=run_dir, progress=False).run
+    store = Store.open(run_dir)
+    first_parent = export_run_to_mlflow(store, first.id, tracking)
+    delete_run(store, first.id)
+    second = run_study(spec, run_dir=run_dir, progress=False).run
+    assert second.id == first.id and second.started != first.started
+    second_parent = export_run_to_mlflow(store, second.id, tracking)
+
+    client = MlflowClient(tracking_uri=tracking)
+    assert second_parent != first_parent
+    parents = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                 filter_string=f"tags.`{TAG_PART}` = 'run'")
+    assert {p.info.run_id for p in parents} == {first_parent, second_parent}
+    assert {p.data.tags[TAG_STARTED] for p in parents} == {
+        f"{first.started:.6f}", f"{second.started:.6f}"}
     store.close()
 
 

@@ -32,11 +32,14 @@ from fashionlab.serialize import flatten as flatten_config
 from fashionlab.store import ModelRecord, RunRecord, Store
 from fashionlab.text import first_line
 
-__all__ = ["PARENT", "TAG_PART", "TAG_RUN", "MlflowError", "MlflowExport", "export_run_to_mlflow",
-           "flatten", "require_mlflow"]
+__all__ = ["PARENT", "TAG_PART", "TAG_RUN", "TAG_STARTED", "MlflowError", "MlflowExport",
+           "export_run_to_mlflow", "flatten", "require_mlflow"]
 
 TAG_RUN = "fashionlab.run_id"  # on every MLflow run of a fashionlab run
 TAG_PART = "fashionlab.part"  # "run", "candidate:<name>" or "model:<key>"
+# When the run started: run ids name the second, so a run deleted and started again within it
+# gets the same id; its MLflow runs are told apart from the deleted one's by this.
+TAG_STARTED = "fashionlab.run_started"
 PARENT = "mlflow.parentRunId"
 MAX_PARAM = 6000  # characters of a parameter value (MLflow's limit)
 MAX_METRICS, MAX_TAGS = 1000, 100  # per log_batch call (MLflow's limits)
@@ -257,6 +260,10 @@ class MlflowExport:
             self.client.restore_experiment(experiment.experiment_id)
         return experiment.experiment_id
 
+    @property
+    def _started(self) -> str:
+        return f"{self.record.started:.6f}"
+
     def _find_existing(self) -> None:
         """The MLflow runs an earlier export or process made of this run (the oldest of each
         part, should two processes have raced to make one)."""
@@ -267,6 +274,9 @@ class MlflowExport:
                 max_results=1000, order_by=["attributes.start_time ASC"], page_token=token)
             for run in page:
                 part = run.data.tags.get(TAG_PART)
+                started = run.data.tags.get(TAG_STARTED)
+                if started is not None and started != self._started:
+                    continue  # a deleted run's, which had the same id
                 if part is not None and part not in self.ids:
                     self.ids[part] = run.info.run_id
                     self.params[run.info.run_id] = set(run.data.params)
@@ -279,7 +289,8 @@ class MlflowExport:
                 start: float | None = None) -> str:
         if part in self.ids:
             return self.ids[part]
-        tags = {TAG_RUN: self.record.id, TAG_PART: part, **({PARENT: parent} if parent else {})}
+        tags = {TAG_RUN: self.record.id, TAG_STARTED: self._started, TAG_PART: part,
+                **({PARENT: parent} if parent else {})}
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags,
                                      start_time=int((start or time.time()) * 1000))
         run_id = self.ids[part] = run.info.run_id
