@@ -4,7 +4,9 @@ members to completion with checkpoints.
 The warning is the seed study's rule, computed on the mean val_loss curve across folds: the
 first epoch i such that none of the next `patience` epochs has val_loss below
 (1 - min_delta) * val_loss[i]. Early stopping is the same idea applied per model while it
-trains, with the best epoch as the model's result.
+trains, with the best epoch as the model's result. The CV-consensus epoch, one epoch for all
+of a candidate's folds, is the warning's, or the last epoch of a learning-rate schedule planned
+over the epochs (one-cycle), where the warning does not apply.
 
 A checkpoint is written durably (fsync, rename, fsync of the folder) with a SHA-256 of its
 contents, and the previous one is kept beside it (`x.pt`, `x.prev.pt`): a damaged or missing
