@@ -430,15 +430,15 @@ def runs_to_schedule_end(train: TrainSpec) -> bool:
 
 
 def consensus_epoch(results: Sequence[MemberResult], train: TrainSpec,
-                    rule: WarningRule) -> int | None:
+                    warning: OverfitWarning) -> int | None:
     """The CV-consensus epoch, one epoch for all of a candidate's folds (`results`), which
     every fold has trained: the end of its learning-rate schedule when it has one
-    (`runs_to_schedule_end`; the last epoch every fold reached), else the warning rule's epoch
-    on the mean val_loss curve (`consensus_warning`; the lowest when it never fires). None
-    when no fold trained an epoch (or, for the warning, none has a finite val_loss)."""
+    (`runs_to_schedule_end`; the last epoch every fold reached), else the epoch of `warning`,
+    their `consensus_warning` (the lowest mean val_loss when it never fires). None when no
+    fold trained an epoch (or, for the warning, none has a finite val_loss)."""
     if runs_to_schedule_end(train):
         return min((len(r.history) for r in results), default=0) or None
-    return consensus_warning(results, rule).chosen_epoch
+    return warning.chosen_epoch
 
 
 def member_seed(seed: int, *keys: str | int) -> int:

@@ -283,7 +283,7 @@ def summarize_models(candidate: Candidate, results: list[MemberResult], role: st
     if candidate.train.early_stopping is not None:
         result_epochs = np.array([r.best_epoch or len(r.history) for r in results])
     else:
-        result_epochs = np.full(n, consensus_epoch(results, candidate.train, rule) or 0)
+        result_epochs = np.full(n, consensus_epoch(results, candidate.train, warning) or 0)
     pick = np.clip(result_epochs - 1, 0, max(epochs - 1, 0))
     rows = np.arange(n)
     failures = [f"{r.key}: {r.message}" for r in results if r.status == "failed"]

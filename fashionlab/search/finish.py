@@ -43,7 +43,7 @@ from fashionlab.config import (
     base_candidate,
     study_to_toml,
 )
-from fashionlab.cv import Fold, MemberResult, consensus_epoch, mean_curves
+from fashionlab.cv import Fold, MemberResult, consensus_epoch, consensus_warning, mean_curves
 from fashionlab.data import Dataset, to_tensors
 from fashionlab.report import write_report
 from fashionlab.search.cost import spent, spent_summary
@@ -97,7 +97,7 @@ def consensus_scores(results: Sequence[MemberResult], train: TrainSpec,
     val_loss curve over the epochs every fold reached, or the end of a learning-rate schedule
     planned over `train.epochs`), the rule a search scores its trials and its reference by.
     NaN where a fold's value there is not finite."""
-    epoch = consensus_epoch(results, train, rule)
+    epoch = consensus_epoch(results, train, consensus_warning(results, rule))
     if epoch is None:
         nan = np.full(len(results), np.nan)
         return ConsensusScores(None, nan, nan.copy())
