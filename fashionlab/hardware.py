@@ -78,6 +78,22 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, _KEEP_BELOW) and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
+def release_freed_memory() -> bool:
+    """Give the memory this process has freed back to the kernel (glibc's `malloc_trim`);
+    returns whether it could. Between jobs, not steps: `keep_freed_memory` keeps a finished
+    stack's blocks in the heap, where the next job (another model, other sizes) may never
+    reuse them."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # a C library without malloc_trim
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+    return True
+
+
 class CpuShare:
     """The CPU threads a stack trains with, following the cores other processes leave free.
 

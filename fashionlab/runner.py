@@ -26,7 +26,7 @@ import torch
 from fashionlab.checkpoints import install_checkpoint
 from fashionlab.config import ModelSpec, StudySpec, TrainSpec
 from fashionlab.cv import MemberResult, train_members
-from fashionlab.hardware import CpuShare, resolve_precision
+from fashionlab.hardware import CpuShare, release_freed_memory, resolve_precision
 from fashionlab.jobs import Claim, fetch_checkpoint
 from fashionlab.models import forward_flops
 from fashionlab.process import die_with_parent
@@ -120,6 +120,7 @@ def train_stack(
                                 on_damaged=reporter.log)
     finally:
         torch.set_num_threads(threads)
+        release_freed_memory()  # the stack's activations, optimiser state and scratch
     reporter.finish(label)
     return results
 

@@ -77,6 +77,30 @@ def test_training_steps_reuse_freed_memory_without_page_faults():
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="measures through /proc/stat")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_memory_kept_for_reuse_goes_back_to_the_kernel_between_jobs():
+    # In a subprocess: the setting and the measure are process-wide.
+    script = """
+import os, sys
+from fashionlab.hardware import keep_freed_memory, release_freed_memory
+def resident():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+assert keep_freed_memory()
+blocks = [bytearray(2**20) for _ in range(256)]  # 256 MB of heap blocks, touched
+held = resident()
+del blocks
+kept = resident()  # freed, but kept in the heap for the next step
+assert release_freed_memory()
+print(held, kept, resident())
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          check=True)
+    held, kept, released = map(float, done.stdout.split())
+    assert kept > held - 32  # keep_freed_memory: the blocks stay resident once freed
+    assert released < kept - 200  # and go back when asked
+
+
 def test_cpu_share_leaves_the_cores_another_process_keeps_busy():
     cores = os.cpu_count() or 1
     share, probe = CpuShare(cores), CpuShare(cores)

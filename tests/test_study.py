@@ -99,6 +99,31 @@ def test_workers_train_stacks_in_parallel_processes_with_the_same_numbers(
     assert (two.output_dir / "models" / "cnn" / "model.safetensors").exists()
 
 
+def test_workers_train_on_the_dataset_the_caller_gave(study_file: Path, tiny_idx_dir: Path,
+                                                     tmp_path: Path):
+    # Worker processes map the calling process's images (shared memory) instead of loading
+    # the study's files again: with the files gone, a two-worker run still trains, on the
+    # very data given, and gives the numbers of a run in one process.
+    spec = load_study(study_file)
+    dataset = load_study_data(spec)
+    tiny_idx_dir.rename(tmp_path / "elsewhere")
+    one = run_study(spec, run_dir=tmp_path / "one", progress=False, threads=1, dataset=dataset)
+    two = run_study(spec, run_dir=tmp_path / "two", progress=False, workers=2, dataset=dataset)
+    assert two.workers == 2 and two.threads == one.threads == 1
+    assert _epoch_rows(tmp_path / "two", two.run.id) == _epoch_rows(tmp_path / "one", one.run.id)
+    assert two.final[0].test_accuracy == one.final[0].test_accuracy
+
+
+def test_a_worker_process_does_not_load_the_figures():
+    # A worker unpickles its job function from fashionlab.study.jobs, which imports the
+    # package first: matplotlib (~30 MB a process) stays out until results are drawn.
+    script = ("import sys, fashionlab.study.jobs\n"
+              "assert 'matplotlib' not in sys.modules, 'matplotlib loaded'\n"
+              "from fashionlab.study import run_study\n"
+              "assert 'matplotlib' in sys.modules, 'run_study without its figures?'\n")
+    subprocess.run([sys.executable, "-c", script], check=True)
+
+
 def test_dense_models_give_the_same_numbers_on_any_number_of_threads(tiny_idx_dir: Path,
                                                                      tmp_path: Path):
     # What lets a dense stack follow the free cores epoch by epoch (hardware.CpuShare).

@@ -22,10 +22,21 @@ Each imports only the ones listed before it.
 
 from __future__ import annotations
 
-from fashionlab.results import StudyResult
-from fashionlab.study.jobs import OUTPUTS, RETRAIN, independent_jobs, job_key
-from fashionlab.study.run import run_study
-from fashionlab.study.selection import cross_validate
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Names load on first use (PEP 562): a worker process unpickles its job function from
+# `fashionlab.study.jobs`, which imports this package first; importing `run` here would load
+# the results' figures (matplotlib, ~30 MB) into every worker.
+_EXPORTS = {
+    "OUTPUTS": "jobs",
+    "RETRAIN": "jobs",
+    "StudyResult": "run",
+    "cross_validate": "selection",
+    "independent_jobs": "jobs",
+    "job_key": "jobs",
+    "run_study": "run",
+}
 
 __all__ = [
     "OUTPUTS",
@@ -36,3 +47,23 @@ __all__ = [
     "job_key",
     "run_study",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fashionlab.study' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"fashionlab.study.{module}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
+
+
+if TYPE_CHECKING:  # static analysers and IDEs see the names directly
+    from fashionlab.results import StudyResult
+    from fashionlab.study.jobs import OUTPUTS, RETRAIN, independent_jobs, job_key
+    from fashionlab.study.run import run_study
+    from fashionlab.study.selection import cross_validate

@@ -207,6 +207,16 @@ def _train_in_workers(ctx: RunContext, jobs: Sequence[Job], workers: int, thread
     study's steps read them back."""
     devices = worker_devices(workers, ctx.device)
     here = ctx.device.type == "cpu"  # a GPU each: every worker is a process
+    shared = None
+    if here:
+        # The workers map this process's images instead of loading their own copy: ~110 MB
+        # less per worker (bfloat16), and no decompression at each job's start. The tensors
+        # move to shared memory in place (same values), and travel to the workers as file
+        # descriptors, which die with the processes that hold them.
+        for data in (inputs.cv_data, inputs.final_data):
+            for field in dataclasses.fields(data):
+                getattr(data, field.name).share_memory_()  # a no-op when already shared
+        shared = inputs
 
     def run_here(index: int, reporter: Reporter, check: Any) -> None:
         _claim_and_run(dataclasses.replace(ctx, reporter=_Checked(reporter, check)),
@@ -215,7 +225,7 @@ def _train_in_workers(ctx: RunContext, jobs: Sequence[Job], workers: int, thread
     run_in_workers(
         [(_run_job_in_worker,
           (ctx.store.url, ctx.run.id, ctx.spec, ctx.output_dir, job, devices[i % len(devices)],
-           me),
+           me, shared),
           job.label, job.epochs)
          for i, job in enumerate(jobs)],
         workers=workers, reporter=ctx.reporter, threads=threads,
@@ -255,21 +265,29 @@ def _run_job(ctx: RunContext, job: Job, inputs: JobInputs) -> None:
 
 
 def _run_job_in_worker(store_url: str, run_id: str, spec: StudySpec, output_dir: Path,
-                       job: Job, device: str, me: str, reporter: Reporter) -> None:
-    """A worker process's job: load the data, train the job, report through `reporter`."""
+                       job: Job, device: str, me: str, inputs: JobInputs | None,
+                       reporter: Reporter) -> None:
+    """A worker process's job: train it on `inputs` (the parent's, in shared memory) or on
+    the data loaded here (a GPU worker), report through `reporter`."""
     torch_device = torch.device(device)
-    dataset = load_study_data(spec)
-    dtype = image_dtype(spec, torch_device)
-    x_train, y_train = to_tensors(dataset.train, torch_device, dtype)
-    x_test, y_test = (to_tensors(dataset.test, torch_device, dtype) if job.kind == "final"
-                      else (x_train[:0], y_train[:0]))
-    folds = make_folds(len(dataset.train), spec.cv, seed=spec.seed, labels=dataset.train.labels)
-    inputs = JobInputs(folds, dataset.class_names, Tensors(x_train, y_train, x_train, y_train),
-                       Tensors(x_train, y_train, x_test, y_test))
-    del dataset  # the images live in the tensors now: no second copy while training
+    if inputs is None:
+        inputs = _load_inputs(spec, job, torch_device)
     store = Store(store_url)
     try:
         ctx = RunContext(store, store.run(run_id), spec, output_dir, torch_device, reporter)
         _claim_and_run(ctx, job, inputs, me)
     finally:
         store.close()
+
+
+def _load_inputs(spec: StudySpec, job: Job, device: torch.device) -> JobInputs:
+    """A job's inputs loaded in this process, on `device`: the test images only for a final
+    model."""
+    dataset = load_study_data(spec)
+    dtype = image_dtype(spec, device)
+    x_train, y_train = to_tensors(dataset.train, device, dtype)
+    x_test, y_test = (to_tensors(dataset.test, device, dtype) if job.kind == "final"
+                      else (x_train[:0], y_train[:0]))
+    folds = make_folds(len(dataset.train), spec.cv, seed=spec.seed, labels=dataset.train.labels)
+    return JobInputs(folds, dataset.class_names, Tensors(x_train, y_train, x_train, y_train),
+                     Tensors(x_train, y_train, x_test, y_test))

@@ -20,7 +20,7 @@ from fashionlab.config import StudySpec
 from fashionlab.cv import make_folds
 from fashionlab.data import Dataset, to_tensors
 from fashionlab.errors import ConfigError, StoreError
-from fashionlab.hardware import resolve_device
+from fashionlab.hardware import release_freed_memory, resolve_device
 from fashionlab.jobs import (
     Claim,
     ClaimLock,
@@ -106,6 +106,7 @@ def run_study(
             x_test, y_test = to_tensors(dataset.test, torch_device, dtype)
             cv_data = Tensors(x_train, y_train, x_train, y_train)
             final_data = Tensors(x_train, y_train, x_test, y_test)
+            release_freed_memory()  # the decompressed files and conversion buffers
             # Planned from the whole study, not from what is left: a resumed run trains with
             # the threads per job of the first start (a CNN's numbers depend on them).
             planned = independent_jobs(ctx, folds, pending_only=False)
