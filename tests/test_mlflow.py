@@ -6,6 +6,8 @@ duplicated by a second export or by an interrupted and resumed study."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -325,3 +327,17 @@ def test_without_mlflow_installed_the_error_is_one_line(tiny_idx_dir: Path, tmp_
                            "sqlite:///x.db", "--run-dir", str(tmp_path / "runs"))
     assert_one_line_error(code, err, "MLflow is not installed")
     assert not Store.open(tmp_path / "runs").runs()  # it stopped before training
+
+
+def test_without_a_tracking_uri_mlflow_is_not_imported():
+    # Every study and search passes through logging_to_mlflow: without a URI it must not
+    # cost them MLflow's import (~80 MB and a second).
+    script = ("import sys\n"
+              "from fashionlab.config import load_study\n"
+              "from fashionlab.integrations.mlflow import logging_to_mlflow\n"
+              "with logging_to_mlflow(None, load_study('seed'), progress=False) as progress:\n"
+              "    assert progress is False\n"
+              "assert 'mlflow' not in sys.modules and 'optuna' not in sys.modules\n"
+              "from fashionlab.integrations.mlflow import export_run_to_mlflow\n"
+              "assert 'mlflow' in sys.modules\n")
+    subprocess.run([sys.executable, "-c", script], check=True)

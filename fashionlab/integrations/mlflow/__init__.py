@@ -23,18 +23,24 @@ live imports export.
 
 from __future__ import annotations
 
-from fashionlab.integrations.mlflow.export import (
-    PARENT,
-    TAG_PART,
-    TAG_RUN,
-    TAG_STARTED,
-    MlflowError,
-    MlflowExport,
-    export_run_to_mlflow,
-    flatten,
-    require_mlflow,
-)
-from fashionlab.integrations.mlflow.live import MlflowReporter, logging_to_mlflow
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Names load on first use (PEP 562): `logging_to_mlflow`, which every study and search passes
+# through, must not import MLflow when no tracking URI is given.
+_EXPORTS = {
+    "PARENT": "export",
+    "TAG_PART": "export",
+    "TAG_RUN": "export",
+    "TAG_STARTED": "export",
+    "MlflowError": "export",
+    "MlflowExport": "export",
+    "MlflowReporter": "live",
+    "export_run_to_mlflow": "export",
+    "flatten": "export",
+    "logging_to_mlflow": "live",
+    "require_mlflow": "export",
+}
 
 __all__ = [
     "PARENT",
@@ -49,3 +55,31 @@ __all__ = [
     "logging_to_mlflow",
     "require_mlflow",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
+
+
+if TYPE_CHECKING:  # static analysers and IDEs see the names directly
+    from fashionlab.integrations.mlflow.export import (
+        PARENT,
+        TAG_PART,
+        TAG_RUN,
+        TAG_STARTED,
+        MlflowError,
+        MlflowExport,
+        export_run_to_mlflow,
+        flatten,
+        require_mlflow,
+    )
+    from fashionlab.integrations.mlflow.live import MlflowReporter, logging_to_mlflow

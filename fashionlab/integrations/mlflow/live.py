@@ -8,15 +8,18 @@ import contextlib
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from fashionlab.config import StudySpec
-from fashionlab.integrations.mlflow.export import MlflowExport, require_mlflow
 from fashionlab.progress import Reporter, Tee, reporting
-from fashionlab.search import search_identity
 from fashionlab.store import DEFAULT_RUN_DIR, Store
 from fashionlab.text import first_line
 from fashionlab.train import EpochMetrics
+
+# MLflow (~80 MB and a second to import) and Optuna load only once a tracking URI is given:
+# every `fashionlab study` passes through `logging_to_mlflow`.
+if TYPE_CHECKING:
+    from fashionlab.integrations.mlflow.export import MlflowExport
 
 __all__ = ["MlflowReporter", "logging_to_mlflow"]
 
@@ -77,6 +80,9 @@ class MlflowReporter:
             return None
         try:
             if self.export is None:
+                # MLflow itself: imported once there is something to log
+                from fashionlab.integrations.mlflow.export import MlflowExport
+
                 self.store = self.store or Store.open(self.run_dir, self.store_url)
                 runs = self.store.runs(kind=self.kind, fingerprint=self.fingerprint)
                 if not runs:
@@ -106,6 +112,10 @@ def logging_to_mlflow(
     if tracking_uri is None:
         yield progress
         return
+    # MLflow and Optuna: only now that a tracking URI is given
+    from fashionlab.integrations.mlflow.export import require_mlflow
+    from fashionlab.search import search_identity
+
     require_mlflow()  # before training, not after it
     fingerprint = spec.fingerprint() if kind == "study" else search_identity(spec)[1]
     with reporting(progress) as display:
