@@ -61,7 +61,7 @@ WORKING_SIDE = 512  # photos are first reduced to at most this: plenty for a 28x
 BORDER = 0.02  # the outer 2% of each side is where the background level is read
 TRIM = 0.05 * 255  # pixels this much above the background belong to the item (Fashion-MNIST's 5%)
 MIN_CONTRAST = 8.0  # an item fainter than this (0-255) is not stretched: a blank picture stays dark
-PREDICT_BATCH = 1024  # images per forward pass
+PREDICT_BATCH = 256  # images per forward pass: a CNN's activations stay small (see `evaluate`)
 
 Kind = Literal["photo", "idx", "npy"]
 _NPY_MAGIC = b"\x93NUMPY"
