@@ -11,10 +11,11 @@ without importing torch, matplotlib or Optuna until a command needs them.
 
 from __future__ import annotations
 
-import importlib
 import sys
 import types
 from typing import TYPE_CHECKING, Any
+
+from fashionlab.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -108,17 +109,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'fashionlab' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"fashionlab.{module}"), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 class _Package(types.ModuleType):

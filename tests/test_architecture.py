@@ -5,6 +5,9 @@ inside a function says why it is there (keeping torch, matplotlib or scipy off s
 from __future__ import annotations
 
 import ast
+import importlib
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,3 +220,26 @@ def test_public_functions_named_like_their_modules_stay_functions():
     assert callable(fl.evaluate) and fl.evaluate.__module__ == "fashionlab.evaluate"
     assert callable(fl.predict) and fl.predict.__module__ == "fashionlab.predict"
     assert fl.Evaluation is Evaluation
+
+
+LAZY_PACKAGES = ("fashionlab", "fashionlab.study", "fashionlab.integrations.mlflow")
+
+
+@pytest.mark.parametrize("package", LAZY_PACKAGES)
+def test_lazy_packages_give_every_name_they_list(package: str):
+    module = importlib.import_module(package)
+    for name in module.__all__:
+        value = getattr(module, name)
+        assert getattr(module, name) is value  # bound on first use
+    assert set(module.__all__) <= set(dir(module))
+    with pytest.raises(AttributeError, match="no_such_name"):
+        module.no_such_name  # noqa: B018 (the lookup is the test)
+
+
+def test_importing_the_lazy_packages_loads_nothing_heavy():
+    script = ("import sys\n"
+              f"for package in {LAZY_PACKAGES!r}:\n"
+              "    __import__(package)\n"
+              "heavy = {'torch', 'matplotlib', 'optuna', 'mlflow'} & set(sys.modules)\n"
+              "assert not heavy, heavy\n")
+    subprocess.run([sys.executable, "-c", script], check=True)

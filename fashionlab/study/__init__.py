@@ -22,8 +22,9 @@ Each imports only the ones listed before it.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from fashionlab.lazy import lazy_exports
 
 # Names load on first use (PEP 562): a worker process unpickles its job function from
 # `fashionlab.study.jobs`, which imports this package first; importing `run` here would load
@@ -49,17 +50,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'fashionlab.study' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"fashionlab.study.{module}"), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 if TYPE_CHECKING:  # static analysers and IDEs see the names directly
