@@ -29,8 +29,10 @@ if TYPE_CHECKING:
     import pandas
     from matplotlib.figure import Figure
 
-__all__ = ["StudyResult", "peak_rss_mb", "summary", "table_rows", "to_csv", "to_markdown",
-           "write_outputs"]
+__all__ = ["SAMPLES_PER_CLASS", "StudyResult", "peak_rss_mb", "summary", "table_rows", "to_csv",
+           "to_markdown", "write_outputs"]
+
+SAMPLES_PER_CLASS = 1  # training images of each class in the run's figures/samples.png
 
 
 @dataclass
@@ -248,7 +250,7 @@ def write_outputs(result: StudyResult, dataset: Dataset) -> dict[str, Path]:
             _save_figure(figure, path)
             written[f"curves:{c.name}"] = path
         grid = plots.sample_grid(dataset.train.images, dataset.train.labels,
-                                 class_names=dataset.class_names, per_class=1)
+                                 class_names=dataset.class_names, per_class=SAMPLES_PER_CLASS)
         _save_figure(grid, figures / "samples.png")
         written["samples"] = figures / "samples.png"
     except OSError as error:

@@ -18,6 +18,7 @@ from fashionlab.data import (
     FASHION_MNIST_CHECKSUMS,
     FILE_NAMES,
     FileChecksum,
+    Split,
     load_fashion_mnist,
     load_idx_dataset,
 )
@@ -324,3 +325,21 @@ def test_real_data_fetched_into_the_cache_loads_fast(monkeypatch: pytest.MonkeyP
     assert dataset.source == isolated_data_env and dataset.verified
     assert len(count_hashing) == hashed  # fetch remembered what it verified
     assert seconds < 1.0, f"loading the verified 60k images took {seconds:.2f} s"
+
+
+def test_first_per_class_keeps_the_first_images_of_each_class_as_a_copy():
+    images = np.arange(10 * 2 * 2, dtype=np.uint8).reshape(10, 2, 2)
+    split = Split(images, np.array([3, 1, 3, 0, 1, 2, 0, 0, 9, 1], dtype=np.uint8))
+    first = split.first_per_class(1)
+    assert first.labels.tolist() == [3, 1, 0, 2, 9]  # in their order in the split
+    assert np.array_equal(first.images, images[[0, 1, 3, 5, 8]])
+    assert split.first_per_class(2).labels.tolist() == [3, 1, 3, 0, 1, 2, 0, 9]
+    assert len(split.first_per_class(0)) == 0
+    # A copy: holding it does not hold the whole split's array.
+    assert not np.shares_memory(first.images, images)
+    # The figure of samples shows the same images from it as from the whole split.
+    from fashionlab import plots  # matplotlib: this test only
+    whole = plots.sample_grid(split.images, split.labels, per_class=1)
+    kept = plots.sample_grid(first.images, first.labels, per_class=1)
+    mosaics = [np.ma.getdata(f.axes[0].images[0].get_array()) for f in (whole, kept)]
+    assert np.array_equal(*mosaics, equal_nan=True)  # NaN: blank cells

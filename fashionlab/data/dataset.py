@@ -58,6 +58,14 @@ class Split:
         """Images per class, (n_classes,) int64."""
         return np.bincount(self.labels, minlength=n_classes)
 
+    def first_per_class(self, n: int) -> Split:
+        """A copy of the first `n` images of each class, in their order here: what a figure
+        of samples shows, without holding the whole split."""
+        keep = np.sort(np.concatenate(
+            [np.flatnonzero(self.labels == c)[:n] for c in np.unique(self.labels)]
+            or [np.zeros(0, np.int64)]))
+        return Split(self.images[keep], self.labels[keep])  # fancy indexing: copies
+
 
 @dataclass(frozen=True, eq=False)
 class Dataset:

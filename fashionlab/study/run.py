@@ -33,7 +33,7 @@ from fashionlab.jobs import (
 from fashionlab.progress import Reporter, reporting
 from fashionlab.provenance import environment
 from fashionlab.report import REPORT_NAME, ReportError, write_report
-from fashionlab.results import StudyResult, summary, write_outputs
+from fashionlab.results import SAMPLES_PER_CLASS, StudyResult, summary, write_outputs
 from fashionlab.runner import auto_workers, image_dtype, threads_per_job
 from fashionlab.steps import RunContext, load_study_data, retrain, train_final
 from fashionlab.store import DEFAULT_RUN_DIR, RunRecord, Store
@@ -106,6 +106,11 @@ def run_study(
             x_test, y_test = to_tensors(dataset.test, torch_device, dtype)
             cv_data = Tensors(x_train, y_train, x_train, y_train)
             final_data = Tensors(x_train, y_train, x_test, y_test)
+            # The images live in the tensors now: of the arrays, keep only what the figure of
+            # samples shows (the whole splits are 55 MB, held for the run's length otherwise).
+            dataset = dataclasses.replace(
+                dataset, train=dataset.train.first_per_class(SAMPLES_PER_CLASS),
+                test=dataset.test.first_per_class(0))  # copies: a view would keep it all
             release_freed_memory()  # the decompressed files and conversion buffers
             # Planned from the whole study, not from what is left: a resumed run trains with
             # the threads per job of the first start (a CNN's numbers depend on them).
