@@ -186,21 +186,23 @@ class StackTrainer:
                 x = augment(x, spec.augment.crop, spec.augment.flip, self.generators)
             with autocast(self.device, self.precision):
                 logits = net(x, self.generators)  # (M, b, 10)
-            per_member = F.cross_entropy(
+            data_loss = F.cross_entropy(
                 logits.float().flatten(0, 1), y.flatten(), reduction="none",
                 label_smoothing=spec.label_smoothing,
-            ).view(M, -1).mean(1) + net.l2_penalty()  # (M,)
+            ).view(M, -1).mean(1)  # (M,)
+            per_member = data_loss.detach() + net.l2_penalty()  # the loss Keras reports
             self.optimizer.zero_grad(set_to_none=True)
             # Members share no parameters: the gradient of the sum w.r.t. member m's weights
             # is the gradient of member m's own loss.
-            per_member.sum().backward()
+            data_loss.sum().backward()
+            net.add_l2_gradient()
             self.optimizer.step()
             if self.scheduler is not None:
                 self.scheduler.step()
             if self.ema is not None:
                 self.ema.update_parameters(net)
             with torch.no_grad():
-                loss_sum += per_member.detach() * rows.shape[1]
+                loss_sum += per_member * rows.shape[1]
                 correct += (logits.argmax(-1) == y).sum(1)
         self.epoch += 1
 

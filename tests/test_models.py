@@ -74,6 +74,37 @@ def test_l2_penalty_equals_the_explicit_sum(spec: ModelSpec, n: int):
         torch.testing.assert_close(stack.l2_penalty()[m], explicit)
 
 
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+def test_l2_gradient_by_hand_equals_autograd_of_the_penalty_bit_for_bit(kind: str):
+    # A stack whose members differ in L2 (one without), as the seed study stacks candidates.
+    if kind == "dense":
+        specs = [dataclasses.replace(DENSE, layers=(DenseLayer(32, l2=l2), DenseLayer(16)))
+                 for l2 in (0.01, 0.0, 0.001)]
+    else:
+        specs = [CONV]
+    x, y = torch.rand(len(specs), 9, 28, 28), torch.randint(0, 10, (len(specs), 9))
+
+    def gradients(by_hand: bool) -> list[torch.Tensor]:
+        stack = StackedNet(specs, MemberGenerators(list(range(len(specs))), torch.device("cpu")))
+        data_loss = F.cross_entropy(stack(x).flatten(0, 1), y.flatten())
+        if by_hand:
+            data_loss.backward()
+            stack.add_l2_gradient()
+        else:  # the penalty as part of the loss, as Keras (and autograd) take it
+            penalty = sum(
+                spec.layers[i].l2 * stack.dense_weights[i][m].pow(2).sum()
+                for m, spec in enumerate(specs) for i in range(len(spec.layers))
+            ) + sum(layer.l2 * w.pow(2).sum() for layer, w in zip(specs[0].conv,
+                                                                   stack.conv_weights))
+            (data_loss + penalty).backward()
+        return [p.grad for p in stack.kernel_parameters()]
+
+    by_hand, autograd = gradients(True), gradients(False)
+    assert any(not torch.equal(g, 0 * g) for g in by_hand)
+    for a, b in zip(by_hand, autograd, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_dropout_is_active_in_training_and_off_in_evaluation():
     spec = ModelSpec(layers=(DenseLayer(64, dropout=0.5),))
     stack = _stack(spec, 1)
