@@ -23,6 +23,9 @@ from fashionlab.runner import MIN_PARALLEL_FLOPS, Job, auto_workers
 from fashionlab.steps import RunContext, load_study_data
 from fashionlab.store import Store
 from fashionlab.study import independent_jobs, run_study
+from fashionlab.study import jobs as study_jobs
+from fashionlab.study.jobs import JobInputs
+from fashionlab.train import Tensors
 
 
 @pytest.fixture
@@ -112,6 +115,23 @@ def test_workers_train_on_the_dataset_the_caller_gave(study_file: Path, tiny_idx
     assert two.workers == 2 and two.threads == one.threads == 1
     assert _epoch_rows(tmp_path / "two", two.run.id) == _epoch_rows(tmp_path / "one", one.run.id)
     assert two.final[0].test_accuracy == one.final[0].test_accuracy
+
+
+def test_workers_get_each_image_tensor_once_on_their_own_device():
+    # The parent shares its tensors (in place on the CPU); a GPU worker copies them to its
+    # own device, once per distinct tensor: the final models' training images are the
+    # cross-validation's ("meta" stands in for a GPU here).
+    x, y, x_test, y_test = torch.rand(6, 28, 28), torch.arange(6), torch.rand(2, 28, 28), \
+        torch.arange(2)
+    inputs = JobInputs([], ("a",), Tensors(x, y, x, y), Tensors(x, y, x_test, y_test))
+    shared = study_jobs._in_shared_memory(inputs)
+    assert shared.cv_data.x_train is x and shared.final_data.x_val is x_test
+    assert x.is_shared() and y_test.is_shared()
+    moved = study_jobs._on_device(shared, torch.device("meta"))
+    assert {t.device.type for data in (moved.cv_data, moved.final_data)
+            for t in vars(data).values()} == {"meta"}
+    assert moved.cv_data.x_train is moved.cv_data.x_val is moved.final_data.x_train
+    assert moved.final_data.x_val is not moved.final_data.x_train
 
 
 def test_a_worker_process_does_not_load_the_figures():

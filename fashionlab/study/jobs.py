@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,18 +17,16 @@ from typing import Any
 import torch
 
 from fashionlab.config import StudySpec
-from fashionlab.cv import Fold, make_folds
-from fashionlab.data import to_tensors
+from fashionlab.cv import Fold
 from fashionlab.errors import StoreError
 from fashionlab.jobs import Claim, ClaimLost, claim_grace, claim_job, job_rows, reopen_job
 from fashionlab.progress import Reporter
-from fashionlab.runner import Job, image_dtype, run_in_workers, training_flops, worker_devices
+from fashionlab.runner import Job, run_in_workers, training_flops, worker_devices
 from fashionlab.steps import (
     RunContext,
     cv_members,
     final_label,
     finished_models,
-    load_study_data,
     plan_stacks,
     register_models,
     retrain,
@@ -190,8 +188,8 @@ def _retrain_job(ctx: RunContext, inputs: JobInputs) -> None:
 
 @dataclass(frozen=True)
 class JobInputs:
-    """What a job trains on, loaded once by each process: the folds, the class names, the
-    images as tensors."""
+    """What a job trains on: the folds, the class names, the images as tensors. Loaded once
+    by each process of a run; its workers map their parent's (`_in_shared_memory`)."""
 
     folds: list[Fold]
     class_names: tuple[str, ...]
@@ -207,16 +205,7 @@ def _train_in_workers(ctx: RunContext, jobs: Sequence[Job], workers: int, thread
     study's steps read them back."""
     devices = worker_devices(workers, ctx.device)
     here = ctx.device.type == "cpu"  # a GPU each: every worker is a process
-    shared = None
-    if here:
-        # The workers map this process's images instead of loading their own copy: ~110 MB
-        # less per worker (bfloat16), and no decompression at each job's start. The tensors
-        # move to shared memory in place (same values), and travel to the workers as file
-        # descriptors, which die with the processes that hold them.
-        for data in (inputs.cv_data, inputs.final_data):
-            for field in dataclasses.fields(data):
-                getattr(data, field.name).share_memory_()  # a no-op when already shared
-        shared = inputs
+    shared = _in_shared_memory(inputs)
 
     def run_here(index: int, reporter: Reporter, check: Any) -> None:
         _claim_and_run(dataclasses.replace(ctx, reporter=_Checked(reporter, check)),
@@ -265,13 +254,12 @@ def _run_job(ctx: RunContext, job: Job, inputs: JobInputs) -> None:
 
 
 def _run_job_in_worker(store_url: str, run_id: str, spec: StudySpec, output_dir: Path,
-                       job: Job, device: str, me: str, inputs: JobInputs | None,
+                       job: Job, device: str, me: str, inputs: JobInputs,
                        reporter: Reporter) -> None:
-    """A worker process's job: train it on `inputs` (the parent's, in shared memory) or on
-    the data loaded here (a GPU worker), report through `reporter`."""
+    """A worker process's job: train it on `inputs` (the parent's, in shared memory; copied
+    to this worker's GPU if it has one), report through `reporter`."""
     torch_device = torch.device(device)
-    if inputs is None:
-        inputs = _load_inputs(spec, job, torch_device)
+    inputs = _on_device(inputs, torch_device)
     store = Store(store_url)
     try:
         ctx = RunContext(store, store.run(run_id), spec, output_dir, torch_device, reporter)
@@ -280,14 +268,31 @@ def _run_job_in_worker(store_url: str, run_id: str, spec: StudySpec, output_dir:
         store.close()
 
 
-def _load_inputs(spec: StudySpec, job: Job, device: torch.device) -> JobInputs:
-    """A job's inputs loaded in this process, on `device`: the test images only for a final
-    model."""
-    dataset = load_study_data(spec)
-    dtype = image_dtype(spec, device)
-    x_train, y_train = to_tensors(dataset.train, device, dtype)
-    x_test, y_test = (to_tensors(dataset.test, device, dtype) if job.kind == "final"
-                      else (x_train[:0], y_train[:0]))
-    folds = make_folds(len(dataset.train), spec.cv, seed=spec.seed, labels=dataset.train.labels)
-    return JobInputs(folds, dataset.class_names, Tensors(x_train, y_train, x_train, y_train),
-                     Tensors(x_train, y_train, x_test, y_test))
+def _in_shared_memory(inputs: JobInputs) -> JobInputs:
+    """`inputs` with their tensors in shared memory, for the workers to map instead of loading
+    their own copy (~110 MB less per worker in bfloat16, no decompression at each job's start,
+    and the very data this process was given). CPU tensors move in place (same values, same
+    objects); a GPU's are copied to the host once each. They travel to the workers as file
+    descriptors, which die with the processes that hold them."""
+    return _map_tensors(inputs, lambda t: t.cpu().share_memory_())  # share_: no-op if shared
+
+
+def _on_device(inputs: JobInputs, device: torch.device) -> JobInputs:
+    """`inputs` on `device` (a GPU worker's own GPU; on the CPU, the same tensors)."""
+    return _map_tensors(inputs, lambda t: t.to(device))
+
+
+def _map_tensors(inputs: JobInputs, fn: Callable[[torch.Tensor], torch.Tensor]) -> JobInputs:
+    """`inputs` with `fn` applied once to each distinct tensor: the final models' training
+    images are the cross-validation's, and stay one tensor."""
+    done: dict[int, torch.Tensor] = {}
+
+    def once(tensors: Tensors) -> Tensors:
+        fields = [getattr(tensors, f.name) for f in dataclasses.fields(tensors)]
+        for t in fields:
+            if id(t) not in done:
+                done[id(t)] = fn(t)
+        return Tensors(*(done[id(t)] for t in fields))
+
+    return dataclasses.replace(inputs, cv_data=once(inputs.cv_data),
+                               final_data=once(inputs.final_data))
