@@ -215,7 +215,7 @@ class StackedNet(nn.Module):
 
         By hand rather than through autograd: autograd's penalty makes ~5 passes over every
         member's kernel (square, sum, and back), which cost a stack of the seed study's three
-        dense(64) candidates ~15% of its step for the one candidate with L2; this is one
+        dense(64) candidates ~8% of its epoch for the one candidate with L2; this is one
         product and one sum over the kernels that have an L2 coefficient. Same numbers:
         l2 * (2 * W) rounds once, like autograd's, and is added to the data's gradient.
         """
