@@ -9,6 +9,7 @@ import functools
 import os
 import sys
 import time
+from typing import Any
 
 import torch
 
@@ -68,13 +69,9 @@ def keep_freed_memory() -> bool:
     the seed CNN, ~370k page faults per epoch, and 18-22 ms per training step instead of 15.9.
     Raising the mmap and trim thresholds keeps those blocks in the heap instead.
     """
-    if not sys.platform.startswith("linux"):
+    mallopt = _libc_function("mallopt", [ctypes.c_int, ctypes.c_int])
+    if mallopt is None:
         return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt  # the C library this process already runs on
-    except (OSError, AttributeError):  # a C library without mallopt
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, _KEEP_BELOW) and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
@@ -83,15 +80,24 @@ def release_freed_memory() -> bool:
     returns whether it could. Between jobs, not steps: `keep_freed_memory` keeps a finished
     stack's blocks in the heap, where the next job (another model, other sizes) may never
     reuse them."""
-    if not sys.platform.startswith("linux"):
+    malloc_trim = _libc_function("malloc_trim", [ctypes.c_size_t])
+    if malloc_trim is None:
         return False
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # a C library without malloc_trim
-        return False
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    trim(0)
+    malloc_trim(0)
     return True
+
+
+def _libc_function(name: str, argtypes: list[Any]) -> Any | None:
+    """glibc's function `name` (returning an int) from the C library this process already
+    runs on; None off Linux or in a C library without it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        return None
+    function.argtypes, function.restype = argtypes, ctypes.c_int
+    return function
 
 
 class CpuShare:
