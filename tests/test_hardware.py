@@ -76,7 +76,6 @@ def test_training_steps_reuse_freed_memory_without_page_faults():
     assert _page_faults_of_training_steps("keep") < 100  # measured here: 0-1
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="measures through /proc/stat")
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_memory_kept_for_reuse_goes_back_to_the_kernel_between_jobs():
     # In a subprocess: the setting and the measure are process-wide.
@@ -101,6 +100,7 @@ print(held, kept, resident())
     assert released < kept - 200  # and go back when asked
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="measures through /proc/stat")
 def test_cpu_share_leaves_the_cores_another_process_keeps_busy():
     cores = os.cpu_count() or 1
     share, probe = CpuShare(cores), CpuShare(cores)
