@@ -4,7 +4,7 @@
     describe_run(store, run_id)      everything about one run, JSON-ready
     compare_runs(store, a, b)        side by side; a paired test where the folds match
     epoch_rows(store, run_id)        every stored epoch as a flat row; export_run as CSV or JSON
-    delete_run(store, run_id)        its rows in the store and its output directory
+    delete_run(store, run_id)        its rows in the store, then its output directory
 
 A run id may be given as a unique prefix; an unknown one raises StoreError.
 """
@@ -301,28 +301,39 @@ def export_run(store: Store, run_id: str, format: str = "csv") -> str:
     return buffer.getvalue()
 
 
-def delete_run(store: Store, run_id: str) -> RunRecord:
-    """Delete a run's output directory and its rows in the store; returns what was deleted.
+def run_output_dir(run: RunRecord, run_dir: Path | None = None) -> Path | None:
+    """The folder of a run's files: `run_dir/<run id>` when a run directory is given, else the
+    one the store recorded (None when it recorded none)."""
+    if run_dir is not None:
+        return Path(run_dir) / run.id
+    return Path(run.output_dir) if run.output_dir else None
 
-    A running run is refused. The directory is removed only when it is the run's own
-    (named after the run id), so a store pointing elsewhere never deletes unrelated files. A
-    search's Optuna study (its trials) is deleted with it.
+
+def delete_run(store: Store, run_id: str, *, run_dir: Path | None = None) -> RunRecord:
+    """Delete a run's rows in the store and its output directory; returns what was deleted.
+
+    A running run is refused. The rows go first: a store that cannot be written (read-only,
+    unreachable) fails before any file is touched, and a process killed in between leaves
+    files without a run, never a run without its files. The directory is removed only when it
+    is the run's own (named after the run id), so a store pointing elsewhere never deletes
+    unrelated files; with `run_dir` it is `run_dir/<run id>`, whatever path the store recorded
+    (a copied run directory's store still names the original's folder). A search's Optuna
+    study (its trials) is deleted with it.
     """
     run = store.run(run_id)
     if run.state == "running":
         raise RunError(f"run {run.id} is running (pid {run.pid} on {run.host}); "
                        "stop it before deleting it")
-    if run.output_dir:
-        directory = Path(run.output_dir)
-        if directory.name == run.id and directory.is_dir():
-            try:
-                shutil.rmtree(directory)
-            except OSError as error:
-                raise RunError(f"{directory}: cannot delete ({error.strerror or error})") \
-                    from None
     store.delete_run(run.id)
     if run.kind == "search":  # its trials live in the same database, in Optuna's tables
         from fashionlab.search.storage import delete_study, study_name  # Optuna: heavy
 
         delete_study(store.url, study_name(run.name, run.fingerprint))
+    directory = run_output_dir(run, run_dir)
+    if directory is not None and directory.name == run.id and directory.is_dir():
+        try:
+            shutil.rmtree(directory)
+        except OSError as error:
+            raise RunError(f"{directory}: the run is deleted from the store, but its "
+                           f"files are not ({error.strerror or error})") from None
     return run

@@ -8,6 +8,7 @@ import dataclasses
 import io
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from helpers import assert_one_line_error, run_cli, tiny_study_toml
 from fashionlab import schema as schema_module
 from fashionlab import stats
 from fashionlab.config import load_study
+from fashionlab.errors import StoreError
 from fashionlab.results import StudyResult
 from fashionlab.runs import (
     EXPORT_FIELDS,
@@ -293,4 +295,48 @@ def test_delete_leaves_a_directory_that_is_not_the_runs_own(tmp_path: Path):
         conn.execute(sa.update(schema_module.runs).values(output_dir=str(precious)))
     delete_run(store, run_id)
     assert precious.is_dir() and store.runs() == []
+    store.close()
+
+
+def test_delete_touches_no_file_when_the_store_cannot_be_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    store = Store.open(tmp_path)
+    run_id = _fake_run(store, "kept", summary={"candidates": []}, output_root=tmp_path)
+    (tmp_path / run_id).mkdir(exist_ok=True)
+    (tmp_path / run_id / "report.html").write_text("results")
+
+    def read_only(self: Store, run_id: str) -> None:
+        raise StoreError("cannot write to the store: attempt to write a readonly database")
+
+    monkeypatch.setattr(Store, "delete_run", read_only)
+    with pytest.raises(StoreError, match="readonly"):
+        delete_run(store, run_id)
+    assert (tmp_path / run_id / "report.html").read_text() == "results"
+    monkeypatch.undo()
+    assert [r.id for r in store.runs()] == [run_id]
+    store.close()
+
+
+def test_delete_in_a_copied_run_directory_deletes_the_copys_folder(tmp_path: Path):
+    original, copy = tmp_path / "a", tmp_path / "b"
+    store = Store.open(original)
+    run_id = _fake_run(store, "copied", summary={"candidates": []}, output_root=original)
+    (original / run_id).mkdir(exist_ok=True)
+    store.close()
+    shutil.copytree(original, copy)  # its store still records a/<run id> as the run's folder
+    copied = Store.open(copy)
+    delete_run(copied, run_id, run_dir=copy)
+    assert copied.runs() == []
+    copied.close()
+    assert not (copy / run_id).exists() and (original / run_id).is_dir()
+
+
+def test_an_empty_run_id_matches_no_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    store = Store.open(tmp_path)
+    run_id = _fake_run(store, "only", summary={"candidates": []})
+    store.close()
+    code, _, err = run_cli(capsys, "runs", "delete", "", "--yes", "--run-dir", str(tmp_path))
+    assert_one_line_error(code, err, "the run id is empty")
+    store = Store.open(tmp_path)
+    assert [r.id for r in store.runs()] == [run_id]
     store.close()

@@ -255,15 +255,16 @@ def delete(
 
     Example: fashionlab runs delete 20250101-120000-seed --yes
     """
-    from fashionlab.runs import delete_run  # numpy and scipy: when the command runs
+    from fashionlab.runs import delete_run, run_output_dir  # numpy and scipy: when it runs
 
     with _store(run_dir, store) as opened:
         record = opened.run(run)
         if not yes:
-            where = f" and {record.output_dir}" if record.output_dir else ""
+            folder = run_output_dir(record, run_dir)
+            where = f" and {folder}" if folder is not None and folder.is_dir() else ""
             typer.confirm(f"Delete run {record.id} ({record.name}, {record.state}){where}?",
                           abort=True)
-        delete_run(opened, record.id)
+        delete_run(opened, record.id, run_dir=run_dir)
     typer.echo(f"deleted run {record.id}")
 
 

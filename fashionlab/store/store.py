@@ -247,6 +247,8 @@ class Store:
 
     def run(self, run_id: str) -> RunRecord:
         """The run with this id, or a unique id prefix; StoreError when there is none."""
+        if not run_id.strip():  # an empty prefix would match every run (the only one, or all)
+            raise StoreError("the run id is empty (`fashionlab runs list` shows the runs)")
         with self.reading() as conn:
             row = conn.execute(sa.select(runs).where(runs.c.id == run_id)).first()
             if row is None:
