@@ -55,16 +55,26 @@ def _require_onnx() -> None:
 
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
-    """Silence the exporter's progress lines and deprecation chatter; errors still raise."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """Silence the exporter's progress lines and deprecation chatter; errors still raise. (An
+    opset it cannot convert to is logged with a traceback by onnxscript, then the file is
+    written at its native opset: `export_onnx` checks the opset instead.)"""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL if logger.name == "onnxscript" else logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _newest_opset() -> int:
+    import onnx
+
+    return onnx.defs.onnx_opset_version()
 
 
 def export_onnx(saved_model: SavedModel, path: str | Path, *, opset: int = DEFAULT_OPSET,
@@ -93,6 +103,11 @@ def export_onnx(saved_model: SavedModel, path: str | Path, *, opset: int = DEFAU
     except Exception as error:  # noqa: BLE001 - the exporter raises many types: all "cannot"
         raise ExportError(f"{saved_model.path}: ONNX export failed ({first_line(error)})") \
             from None
+    written = program.model.opset_imports.get("", opset)
+    if written != opset:  # the exporter fell back to its own opset instead of failing
+        raise ExportError(f"--opset {opset}: the exporter cannot write this model at opset "
+                          f"{opset} (it can at {DEFAULT_OPSET}; ONNX opsets run 1-"
+                          f"{_newest_opset()})")
     program.model.metadata_props.update({
         "class_names": json.dumps(list(saved_model.class_names)),
         "preprocessing": json.dumps(PREPROCESSING),
@@ -106,6 +121,8 @@ def export_onnx(saved_model: SavedModel, path: str | Path, *, opset: int = DEFAU
         if verify:
             verify_onnx(saved_model, staging)
         os.replace(staging, path)
+    except OSError as error:  # a read-only or full place
+        raise ExportError(f"{path}: cannot write ({error.strerror or error})") from None
     finally:
         Path(staging).unlink(missing_ok=True)
     return path

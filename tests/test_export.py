@@ -128,6 +128,26 @@ def test_export_command_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert_one_line_error(code, err, "is a directory")
     code, _, err = run_cli(capsys, "export", str(saved.path), "--format", "tflite")
     assert code == 2 and "tflite" in err
+    # An opset the exporter cannot convert to: it would fall back to its own, silently.
+    code, _, err = run_cli(capsys, "export", str(saved.path), "--out",
+                           str(tmp_path / "old.onnx"), "--opset", "7")
+    assert_one_line_error(code, err, "--opset 7", "cannot write this model at opset 7")
+    assert not (tmp_path / "old.onnx").exists()
+
+
+def test_a_place_that_cannot_be_written_is_one_error(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch):
+    import errno
+    import os
+
+    def read_only(source: Path, target: Path) -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(target))
+
+    saved = _saved(tmp_path / "model", DENSE)
+    monkeypatch.setattr("fashionlab.export.os.replace", read_only)
+    with pytest.raises(ExportError, match="m.onnx: cannot write .Read-only file system"):
+        export_onnx(saved, tmp_path / "m.onnx", verify=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
 def test_the_export_carries_the_test_time_augmentation(tmp_path: Path):
