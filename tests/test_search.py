@@ -132,6 +132,7 @@ def test_search_settings_are_checked_too():
          "my.toml: search.space.dropout: the grid sampler needs choices or a step"),
         ('sampler = "anneal"', "my.toml: search.sampler: input should be"),
         ("n_trials = 0", "my.toml: search.n_trials: input should be greater than 0"),
+        ("seed = 9223372036854775808", "my.toml: search.seed: input should be less than"),
     ]:
         with pytest.raises(ConfigError) as error:
             study_from_dict(tomllib.loads(BASE + "[search]\n" + extra), source="my.toml")

@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from fashionlab.cli import app, resumable
-from fashionlab.config import load_study, quick_variant
+from fashionlab.config import SEED_RANGE, load_study, quick_variant
 from fashionlab.errors import ConfigError
 from fashionlab.store import DEFAULT_RUN_DIR
 from fashionlab.tables import HEADERS, LEGEND, display_rows
@@ -38,7 +38,8 @@ def study(
     file: Annotated[str, typer.Argument(help="A study file, or a bundled study's name.")] = "seed",
     quick: Annotated[bool, typer.Option(help="Fewer samples and epochs: a try-out in a minute."
                                         )] = False,
-    seed: Annotated[int | None, typer.Option(help="Override the study's seed.")] = None,
+    seed: Annotated[int | None, typer.Option(
+        help="Override the study's seed.", min=SEED_RANGE[0], max=SEED_RANGE[1])] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     fresh: Annotated[bool, typer.Option(help="Start a new run instead of resuming.")] = False,
     workers: Annotated[str, typer.Option(

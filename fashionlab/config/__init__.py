@@ -23,6 +23,7 @@ from fashionlab.config.files import (
 from fashionlab.config.specs import (
     IMAGE_SIZE,
     N_CLASSES,
+    SEED_RANGE,
     Augment,
     Candidate,
     ConvLayer,
@@ -46,6 +47,7 @@ from fashionlab.config.specs import (
 __all__ = [
     "IMAGE_SIZE",
     "N_CLASSES",
+    "SEED_RANGE",
     "Augment",
     "CVSpec",
     "Candidate",

@@ -36,6 +36,9 @@ Int = Annotated[int, Strict()]
 Bool = Annotated[bool, Strict()]
 Float = Annotated[float, Strict(), Field(allow_inf_nan=False)]
 PositiveInt = Annotated[Int, Field(gt=0)]
+# A seed is stored as a 64-bit signed integer (the store's INTEGER column).
+SEED_RANGE = (-(2**63), 2**63 - 1)
+Seed = Annotated[Int, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1])]
 Positive = Annotated[Float, Field(gt=0.0)]
 Rate = Annotated[Float, Field(ge=0.0, lt=1.0)]
 NonNegative = Annotated[Float, Field(ge=0.0)]
@@ -305,7 +308,7 @@ class SearchSpec:
     # median-compute: the median rule with trials compared at equal training FLOP, not epochs
     pruner: Literal["median", "median-compute", "wilcoxon", "none"] = "median"
     objective: Literal["val_accuracy", "val_loss"] = "val_accuracy"
-    seed: int | None = None  # None: the study's seed
+    seed: Seed | None = None  # None: the study's seed
     startup_trials: Annotated[int, Field(ge=0)] = 5  # random trials first (TPE); no pruning
     warmup: Annotated[int, Field(ge=0)] = 5  # epochs (median) or folds (wilcoxon) never pruned
     start_with_base: bool = True  # the first trial is the base candidate itself
@@ -328,7 +331,7 @@ class SearchSpec:
 @dataclass(frozen=True, config=_STRICT)
 class StudySpec:
     name: str
-    seed: Int = 0
+    seed: Seed = 0
     data: DataSpec = DataSpec()
     cv: CVSpec = CVSpec()
     warning: WarningRule = WarningRule()
