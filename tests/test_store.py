@@ -129,6 +129,12 @@ def test_an_unusable_store_url_is_a_clear_error(tmp_path):
         Store(f"sqlite:///{blocker / 'sub' / 'x.db'}")
 
 
+def test_a_url_whose_driver_is_not_installed_is_a_clear_error():
+    # mysqlclient (MySQLdb) is not among fashionlab's dependencies
+    with pytest.raises(StoreError, match="its database driver is not installed .No module"):
+        Store("mysql+mysqldb://someone@localhost/db")
+
+
 def test_a_bare_postgresql_url_gets_the_installed_driver():
     from fashionlab.store import database_url
 

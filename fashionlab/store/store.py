@@ -99,6 +99,9 @@ class Store:
                                 sqlite_read_only_pragmas if self.read_only else sqlite_pragmas)
             migrate(self.engine, read_only=self.read_only,
                     where=str(path) if path is not None else safe_url(url))
+        except ImportError as error:  # a URL whose database driver is not installed
+            raise StoreError(f"cannot open the store {safe_url(url)}: its database driver is "
+                             f"not installed ({first_line(error)})") from None
         except (SQLAlchemyError, OSError) as error:
             raise StoreError(f"cannot open the store {safe_url(url)}: {first_line(error)}") \
                 from None
