@@ -541,6 +541,10 @@ sampler = "random"
     # It continued from the checkpoint to the numbers the uninterrupted search has.
     assert retry.value == reference.trials[1].value
     assert retry.user_attrs["fold_scores"] == reference.trials[1].user_attrs["fold_scores"]
+    # And the trials after it are the ones the uninterrupted search drew, with its scores.
+    finished = [t for t in trials if t.state in FINISHED]
+    assert [(t.params, t.value) for t in finished] == \
+        [(t.params, t.value) for t in reference.trials]
 
     store = Store.open(run_dir)
     (run,) = store.runs()

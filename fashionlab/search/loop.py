@@ -70,6 +70,17 @@ from fashionlab.train import Tensors
 __all__ = ["SearchResult", "run_search"]
 
 
+def drawn_before(trials: Sequence[FrozenTrial]) -> int:
+    """How many trials were drawn before the next one: a failed trial and its retry (the same
+    parameters under a new number) count once, so a search interrupted and resumed draws the
+    same trials as one never interrupted."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retried = {optuna.storages.RetryFailedTrialCallback.retried_trial_number(t)
+                   for t in trials} - {None}
+    return len(trials) - len(retried)
+
+
 @dataclass
 class SearchResult:
     run: RunRecord
@@ -260,10 +271,11 @@ class _Searcher:
                     if reason is not None:
                         return reason
                 self.store.claim_run(self.run.id)
-                # Seeded per trial: draws depend on the trial's number and the history only,
-                # not on which worker runs it. The grid keeps one seed: it fixes the grid's order.
+                # Seeded per trial: draws depend on how many trials were drawn before and the
+                # history only, not on which worker runs it. The grid keeps one seed: it fixes
+                # the grid's order.
                 seed = self.seed if self.search.sampler == "grid" \
-                    else derive_seed(self.seed, "trial", len(trials))
+                    else derive_seed(self.seed, "trial", drawn_before(trials))
                 self.study.sampler = make_sampler(self.search, self.base, seed % 2**32)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
