@@ -273,7 +273,11 @@ class ClaimLock:
         elif self.path is not None:
             # Not thread-local: whichever thread of this process releases it, it is released.
             lock = FileLock(self.path, timeout=-1, thread_local=False)
-            lock.acquire()
+            try:
+                lock.acquire()
+            except OSError as error:  # a read-only run directory, a full disk
+                raise StoreError(f"{self.path}: cannot create the lock file beside the store "
+                                 f"({error.strerror or error})") from None
             self._file = lock
 
     def release(self) -> None:

@@ -9,6 +9,9 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
+from fashionlab.errors import StoreError
 from fashionlab.search.storage import ClaimLock
 
 
@@ -48,3 +51,10 @@ def test_another_process_waits_for_the_lock(tmp_path: Path):
     waited = float(other.communicate(timeout=60)[0])
     assert other.returncode == 0
     assert waited > 0.5  # it could not take the lock until it was released here
+
+
+def test_a_lock_file_that_cannot_be_created_is_a_store_error(tmp_path: Path):
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    (tmp_path / "store.db.search-lock").mkdir()  # stands for a read-only run directory
+    with pytest.raises(StoreError, match="store.db.search-lock: cannot create the lock file"):
+        ClaimLock(url, "s").acquire()
