@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from fashionlab.errors import FashionlabError
+from fashionlab.errors import FashionlabError, OutputError
 from fashionlab.idx import read_idx
 from fashionlab.text import first_line
 
@@ -48,12 +48,14 @@ __all__ = [
     "ImageFileError",
     "Item",
     "Prediction",
+    "check_preview_path",
     "load_image",
     "load_images",
     "predict",
     "predict_files",
     "preprocess_photo",
     "preview",
+    "write_preview",
 ]
 
 SIDE = 28  # model input is SIDE x SIDE
@@ -303,6 +305,28 @@ def _border(gray: np.ndarray) -> np.ndarray:
     dy, dx = max(1, round(BORDER * h)), max(1, round(BORDER * w))
     return np.concatenate([gray[:dy].ravel(), gray[-dy:].ravel(),
                            gray[dy:-dy, :dx].ravel(), gray[dy:-dy, -dx:].ravel()])
+
+
+def check_preview_path(path: Path) -> Path:
+    """`path` if a preview can be written there (an image format by its ending, an existing
+    folder), else OutputError: checked before predicting, not after."""
+    from PIL import Image
+
+    if path.is_dir():
+        raise OutputError(f"{path}: is a directory; name the .png file to write")
+    if path.suffix.lower() not in Image.registered_extensions():
+        raise OutputError(f"{path}: not an image file name (use .png)")
+    if not path.parent.is_dir():
+        raise OutputError(f"{path.parent}: directory not found")
+    return path
+
+
+def write_preview(images: np.ndarray, path: Path) -> None:
+    """`preview(images)` saved to `path`; OutputError (one line) where it cannot be written."""
+    try:
+        preview(images).save(check_preview_path(path))
+    except OSError as error:
+        raise OutputError(f"{path}: cannot write ({error.strerror or error})") from None
 
 
 def preview(images: np.ndarray, *, columns: int = 10, scale: int = 4,

@@ -416,6 +416,19 @@ def test_predict_preview_and_invert(tmp_path: Path, real_model: SavedModel,
     assert seen.size == (3 * 30 * 4, 30 * 4)
 
 
+def test_a_preview_that_cannot_be_written_is_refused_before_predicting(
+        tmp_path: Path, real_model: SavedModel, capsys: pytest.CaptureFixture[str]):
+    photo = tmp_path / "shirt.png"
+    shirt_photo().save(photo)
+    for target, problem in ((tmp_path, "is a directory"),
+                            (tmp_path / "seen.txt", "not an image file name"),
+                            (tmp_path / "no" / "seen.png", "directory not found")):
+        code, out, err = run_cli(capsys, "predict", str(real_model.path), str(photo),
+                                 "--preview", str(target), "--device", "cpu")
+        assert_one_line_error(code, err, problem)
+        assert out == ""  # refused before any prediction
+
+
 def test_predict_with_a_missing_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     code, _, err = run_cli(capsys, "predict", str(tmp_path / "nothing"), str(tmp_path / "x.png"))
     assert_one_line_error(code, err, "not a model directory")

@@ -127,15 +127,16 @@ def predict(
 
     from fashionlab.artifacts import load_model
     from fashionlab.hardware import resolve_device
-    from fashionlab.predict import predict_files
-    from fashionlab.predict import preview as preview_grid
+    from fashionlab.predict import check_preview_path, predict_files, write_preview
 
+    if preview is not None:
+        check_preview_path(preview)
     saved = load_model(model, resolve_device(device), tta=_views(tta))
     results = predict_files(saved, images, top, invert=invert)
     if preview is not None:
         seen = [r.images for r in results if r.images is not None]
         if seen:
-            preview_grid(np.concatenate(seen)).save(preview)
+            write_preview(np.concatenate(seen), preview)
     if as_json:
         rows = [{"file": str(r.path), "kind": r.kind, "index": i, "top": p.to_dict()}
                 for r in results for i, p in enumerate(r.predictions)]
