@@ -16,6 +16,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import active_children, get_context
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch
 from fashionlab.checkpoints import install_checkpoint
 from fashionlab.config import ModelSpec, StudySpec, TrainSpec
 from fashionlab.cv import MemberResult, train_members
+from fashionlab.errors import FashionlabError
 from fashionlab.hardware import CpuShare, release_freed_memory, resolve_precision
 from fashionlab.jobs import Claim, fetch_checkpoint
 from fashionlab.models import forward_flops
@@ -203,6 +205,10 @@ class Stopped(Exception):
     """Raised inside a job trained in this process when the parallel phase is abandoned."""
 
 
+class WorkerDied(FashionlabError):
+    """A worker process ended without a word (SIGKILL, the out-of-memory killer)."""
+
+
 WorkerJob = tuple[Callable[..., None], tuple[Any, ...], str, int]  # (fn, args, label, epochs)
 
 
@@ -284,7 +290,13 @@ def run_in_workers(
                 forward(events, reporter)
                 for future in done:
                     del running[future]
-                    future.result()  # re-raise a worker's error
+                    try:
+                        future.result()  # re-raise a worker's error
+                    except BrokenProcessPool:
+                        raise WorkerDied(
+                            "a worker process died (killed, or out of memory); the stored "
+                            "epochs and checkpoints are kept: run the same command again to "
+                            "resume") from None
                 if failures:
                     raise failures[0]
                 refill()

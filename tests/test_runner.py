@@ -9,7 +9,7 @@ import pytest
 from helpers import Recorder, record_job
 
 from fashionlab.progress import Silent
-from fashionlab.runner import Stopped, run_in_workers
+from fashionlab.runner import Stopped, WorkerDied, run_in_workers
 
 
 def _jobs(path: Path, names: list[str]) -> list:
@@ -51,6 +51,11 @@ def test_a_failing_worker_job_stops_the_work_here(tmp_path: Path):
                        reporter=Silent(), run_here=run_here)
     assert checks == [True]  # the job here noticed and stopped early
     assert len(log.read_text().splitlines()) < 100
+
+
+def test_a_worker_killed_outright_is_one_error_not_a_broken_pool(tmp_path: Path):
+    with pytest.raises(WorkerDied, match="a worker process died .* run the same command again"):
+        run_in_workers(_jobs(tmp_path / "log", ["dies"]), workers=1, reporter=Silent())
 
 
 def test_worker_jobs_report_through_the_callers_reporter(tmp_path: Path):
