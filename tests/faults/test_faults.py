@@ -162,7 +162,8 @@ def test_sigkill_at_random_moments_always_resumes_to_the_same_numbers(reference,
 def test_sigterm_stops_the_study_like_ctrl_c(reference, tmp_path):
     data, tmp, duration, expected = reference
     run_dir = tmp_path / "terminated"
-    status, children, err = _kill_at(_study(tmp, data, run_dir), 0.6 * duration,
+    # Halfway: late enough to be past start-up, early enough not to land in the exit itself.
+    status, children, err = _kill_at(_study(tmp, data, run_dir), 0.5 * duration,
                                      signal.SIGTERM)
     assert status == 128 + signal.SIGTERM, err[-2000:]
     assert err.strip().splitlines()[-1] == ("stopped by SIGTERM: the run is kept; run the "
