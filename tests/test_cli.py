@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import re
+import signal
+import subprocess
+import sys
 from importlib import metadata
 
 import pytest
@@ -53,3 +56,53 @@ def test_version_prints_the_package_and_installed_versions(capsys: pytest.Captur
     assert out.startswith(f"fashionlab {fashionlab.__version__} ")
     assert f"installed metadata: {metadata.version('fashionlab')}" in out
     assert out.count("\n") == 1
+
+
+def _signal_itself(where: str, *args: str,
+                   signum: int = signal.SIGTERM) -> subprocess.CompletedProcess:
+    """Run `fashionlab ARGS` in a fresh interpreter that sends itself `signum` at `where`:
+    "imports" (while the commands are imported), "reading" (while the study command reads its
+    file, before any run exists) or "teardown" (after the command, while the interpreter exits)."""
+    script = f"""
+import atexit, os, sys, time
+import fashionlab.cli as cli
+import fashionlab.cli.study as study_cli
+
+def signal_itself(*args, **kwargs):
+    os.kill(os.getpid(), {int(signum)})
+    time.sleep(5)  # the handler interrupts this
+
+where = {where!r}
+if where == "imports":
+    cli._register_commands = signal_itself
+elif where == "reading":
+    study_cli.load_study = signal_itself
+else:
+    atexit.register(signal_itself)
+cli.main({list(args)!r})
+"""
+    return subprocess.run([sys.executable, "-c", script], check=False, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("where", ["imports", "reading"])
+def test_a_stop_before_the_command_starts_is_one_line_with_the_signals_status(where, tmp_path):
+    done = _signal_itself(where, "study", "--run-dir", str(tmp_path / "runs"))
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr
+    assert done.stderr == "stopped by SIGTERM\n"
+    assert not (tmp_path / "runs").exists()  # nothing was created
+
+
+def test_ctrl_c_while_reading_the_study_is_one_line_too(tmp_path):
+    done = _signal_itself("reading", "study", "--run-dir", str(tmp_path / "runs"),
+                          signum=signal.SIGINT)
+    assert done.returncode == 128 + signal.SIGINT, done.stderr
+    assert done.stderr == "stopped by SIGINT\n"
+
+
+def test_a_stop_while_the_interpreter_exits_ends_it_the_default_way():
+    # Not a KeyboardInterrupt raised in some finaliser ("Exception ignored in ..."), exit 0.
+    done = _signal_itself("teardown", "--version")
+    assert done.returncode == -signal.SIGTERM, done.stderr
+    assert done.stdout.startswith("fashionlab ")
+    assert done.stderr == ""

@@ -46,11 +46,20 @@ def _options(
 _STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP")
                       if hasattr(signal, name))
 _received: list[int] = []
+_announced: list[bool] = []  # a stop already said in one line (by `resumable`)
 
 
 def _stop(signum: int, frame: FrameType | None) -> None:
     _received.append(signum)
     raise KeyboardInterrupt
+
+
+def _announce_stop(how: str) -> int:
+    """Say in one line what stopped the command; returns its exit status (128 + number)."""
+    signum = _received[-1] if _received else signal.SIGINT
+    typer.secho(f"stopped by {signal.Signals(signum).name}{how}", fg="yellow", err=True)
+    _announced.append(True)
+    return 128 + signum
 
 
 @contextlib.contextmanager
@@ -60,9 +69,7 @@ def resumable(how: str) -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt:
-        signum = _received[-1] if _received else signal.SIGINT
-        typer.secho(f"stopped by {signal.Signals(signum).name}: {how}", fg="yellow", err=True)
-        raise typer.Exit(128 + signum) from None
+        raise typer.Exit(_announce_stop(f": {how}")) from None
 
 
 def _register_commands() -> None:
@@ -73,11 +80,25 @@ def _register_commands() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script; user-fixable errors exit 2 with one line."""
-    _register_commands()
+    # First of all, so that a stop during the imports or while a command reads its input
+    # is said in one line too, not as a traceback or a silent exit.
     for signum in _STOP_SIGNALS:
         signal.signal(signum, _stop)
     try:
+        _register_commands()
         app(args=argv, prog_name="fashionlab")
     except FashionlabError as error:
         typer.secho(f"error: {error}", fg="red", err=True)
         sys.exit(2)
+    except KeyboardInterrupt:  # during the imports, before the command started
+        sys.exit(_announce_stop(""))
+    except SystemExit as exit:
+        # typer turns a KeyboardInterrupt outside `resumable` into a silent exit 130.
+        if exit.code == 130 and not _announced:
+            sys.exit(_announce_stop(""))
+        raise
+    finally:
+        # The command is over: a stop that arrives while the interpreter shuts down ends it
+        # the default way, not with a KeyboardInterrupt in some finaliser.
+        for signum in _STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
