@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass
@@ -26,17 +25,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fashionlab.config import ModelSpec
-from fashionlab.errors import FashionlabError
+from fashionlab.errors import FashionlabError, FieldValueError
 from fashionlab.models import build_module, inference_module
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "model.json"
-
-# The bundled studies' models hold 0.05M to 0.43M parameters, a search's largest (3 x 1024
-# units) 2.9M. A spec asking for more than 100M (400 MB of float32) is damaged or edited, not
-# a Fashion-MNIST model: refused before anything is allocated.
-MAX_PARAMETERS = 100_000_000
 
 # How raw pixels become model input; stated in the file so that users of the model know.
 PREPROCESSING = {
@@ -150,8 +144,11 @@ def _read_description(path: Path) -> tuple[ModelSpec, tuple[str, ...], dict[str,
         spec = TypeAdapter(ModelSpec).validate_python(description["spec"])
     except ValidationError as error:
         first = error.errors()[0]
-        where = ".".join(["spec", *(str(part) for part in first["loc"])])
-        raise invalid(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
+        loc, message = tuple(first["loc"]), first["msg"].removeprefix("Value error, ")
+        cause = (first.get("ctx") or {}).get("error")
+        if isinstance(cause, FieldValueError):  # a place below the field: the layer at fault
+            loc, message = loc + cause.path, cause.message
+        raise invalid(f"{'.'.join(['spec', *map(str, loc)])}: {message}") from None
     names = description["class_names"]
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise invalid("'class_names' must be a list of strings")
@@ -175,11 +172,6 @@ def _expected_shapes(spec: ModelSpec, path: Path) -> dict[str, tuple[int, ...]]:
         shapes = expected_shapes(spec)
     except ValueError as error:  # e.g. a conv stack that shrinks the image to nothing
         raise ModelFileError(f"{path}: not a valid model description ({error})") from None
-    n_parameters = sum(math.prod(shape) for shape in shapes.values())
-    if n_parameters > MAX_PARAMETERS:
-        raise ModelFileError(f"{path}: the spec describes {n_parameters:,} parameters, more "
-                             f"than the {MAX_PARAMETERS:,} fashionlab loads (a damaged or "
-                             "edited file?)")
     return shapes
 
 

@@ -17,7 +17,6 @@ from safetensors.torch import load_file, save_file
 from fashionlab import artifacts
 from fashionlab.artifacts import (
     FORMAT_VERSION,
-    MAX_PARAMETERS,
     PREPROCESSING,
     SPEC_FILE,
     WEIGHTS_FILE,
@@ -26,7 +25,7 @@ from fashionlab.artifacts import (
     load_model,
     save_model,
 )
-from fashionlab.config import ConvLayer, DenseLayer, ModelSpec
+from fashionlab.config import MAX_PARAMETERS, ConvLayer, DenseLayer, ModelSpec
 from fashionlab.data import CLASS_NAMES, read_idx
 from fashionlab.models import build_module
 
@@ -175,7 +174,7 @@ BROKEN = {
     "empty weights": (lambda d: (d / WEIGHTS_FILE).write_bytes(b""), WEIGHTS_FILE,
                       "not a valid safetensors file"),
     "conv stack shrinks to nothing": (_edit_json(lambda d: d["spec"]["conv"][0].update(
-        kernel=40)), SPEC_FILE, "spec: kernel 40 is larger than its 28x28 input"),
+        kernel=40)), SPEC_FILE, "spec.conv.0: kernel 40 is larger than its 28x28 input"),
 }
 
 
@@ -236,10 +235,11 @@ def test_a_huge_spec_is_refused_before_anything_is_allocated(
     with pytest.raises(ModelFileError) as error:
         load_model(directory)
     message = str(error.value)
-    assert message.startswith(f"{directory / SPEC_FILE}: the spec describes ")
-    assert f"more than the {MAX_PARAMETERS:,} fashionlab loads" in message
+    assert message.startswith(f"{directory / SPEC_FILE}: not a valid model description "
+                              "(spec.layers.0.units: the model would have ")
+    assert f"more than the {MAX_PARAMETERS:,} fashionlab trains" in message
     assert "\n" not in message
-    assert nothing_allocated == ["meta"]
+    assert nothing_allocated == []  # refused while reading the spec, before any module
 
 
 def test_units_written_as_a_float_are_refused_as_the_wrong_type(tmp_path: Path,

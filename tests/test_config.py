@@ -12,6 +12,8 @@ from helpers import assert_one_line_error, run_cli, tiny_study_toml
 
 from fashionlab.config import (
     N_CLASSES,
+    ConvLayer,
+    DenseLayer,
     ModelSpec,
     bundled_studies,
     load_study,
@@ -19,6 +21,7 @@ from fashionlab.config import (
     study_from_dict,
     study_to_toml,
 )
+from fashionlab.config.specs import layer_parameters
 from fashionlab.cv import make_folds
 from fashionlab.data import CLASS_NAMES
 from fashionlab.errors import ConfigError
@@ -171,6 +174,13 @@ PRE_RUN_MISTAKES = [
     ("[retrain]\nepochs = 0\n" + ENTRY, "retrain.epochs: input should be greater than 0 (got 0)"),
     ('[retrain]\nepochs = "best"\n' + ENTRY,
      'retrain.epochs: must be a number of epochs, "warning" or "lowest" (got "best")'),
+    (ENTRY + "layers = [{ units = 64 }, { units = 100000000 }]",  # a typo, or a few zeros too many
+     ("candidates[0].layers[1].units: the model would have 7,500,050,250 parameters, more than "
+      "the 100,000,000 fashionlab trains (6,500,000,000 in this layer)")),
+    (('[[final]]\nname = "f"\nconv = [{ filters = 32, padding = "same" }]\n'
+      "layers = [{ units = 4096 }]"),  # 28 x 28 x 32 features into 4096 units
+     ("final[0].layers[0].units: the model would have 102,805,834 parameters, more than the "
+      "100,000,000 fashionlab trains (102,764,544 in this layer)")),
 ]
 
 
@@ -189,6 +199,21 @@ name = "f"
 conv = [{ filters = 4, kernel = 5, padding = "same", pool = 28 }]  # 28 -> 28 -> 1
 """))
     assert [c.name for c in spec.candidates + spec.final] == ["a", "f"]
+
+
+@pytest.mark.parametrize("study", ["seed", "fast-cnn"])
+def test_a_models_parameters_are_counted_as_torch_counts_them(study: str):
+    from fashionlab.models import build_module
+
+    for candidate in load_study(study).candidates + load_study(study).final:
+        module = build_module(candidate.model)
+        counts = layer_parameters(candidate.model)
+        assert sum(counts.values()) == sum(p.numel() for p in module.parameters())
+    bn = ModelSpec(conv=(ConvLayer(8, batch_norm=True, pool=2), ConvLayer(4, kernel=5)),
+                   layers=(DenseLayer(16),))
+    assert sum(layer_parameters(bn).values()) == sum(
+        p.numel() for p in build_module(bn).parameters())
+    assert sum(layer_parameters(ModelSpec(n_classes=10)).values()) == 7850  # 784 x 10 + 10
 
 
 # TOML has types: a value of the wrong one is refused, never converted.

@@ -38,7 +38,7 @@ from fashionlab.search import (
     run_search,
     search_identity,
 )
-from fashionlab.search.space import FixedParams, base_params, suggest
+from fashionlab.search.space import FixedParams, base_params, check_largest_model, suggest
 from fashionlab.search.storage import open_storage
 from fashionlab.store import Store, database_url, default_url
 from fashionlab.study import run_study
@@ -146,6 +146,30 @@ def test_the_cli_says_a_bad_space_in_one_line(tmp_path: Path, capsys: pytest.Cap
                           "high (64)")
     code, _, err = run_cli(capsys, "search", "seed", "--run-dir", str(tmp_path))
     assert_one_line_error(code, err, "study 'seed' has no [search] table")
+
+
+@pytest.mark.parametrize(("space", "message"), [
+    ("units = { low = 64, high = 200000000 }",
+     ("its largest draw (units_0 = 200000000) is too large: layers.0.units: the model would "
+      "have 159,000,000,010 parameters, more than the 100,000,000 fashionlab trains")),
+    ("n_layers = { low = 1, high = 12 }\nunits = { choices = [256, 4096] }",  # 11 x 4096^2
+     "its largest draw (n_layers = 12, units_0 = 4096, units_1 = 4096, units_2 = 4096, "),
+])
+def test_a_space_that_draws_too_large_a_model_is_refused_before_anything_is_created(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], space: str, message: str):
+    path = _load(BASE + f"[search.space]\n{space}\n", tmp_path, "my.toml")
+    code, _, err = run_cli(capsys, "search", str(path), "--run-dir", str(tmp_path / "runs"))
+    assert_one_line_error(code, err, f"study 'x': search.space: {message}")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_largest_space_that_fits_is_accepted():
+    spec = study_from_dict(tomllib.loads(BASE + """
+[search.space]
+n_layers = { low = 1, high = 3 }
+units = { low = 64, high = 4096, log = true }
+"""))
+    check_largest_model(spec.name, spec.search, base_candidate(spec))  # 4096 x 4096 x 2 + ...
 
 
 def test_a_trial_draws_per_layer_or_shared_parameters_around_the_base():

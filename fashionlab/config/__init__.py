@@ -22,6 +22,7 @@ from fashionlab.config.files import (
 )
 from fashionlab.config.specs import (
     IMAGE_SIZE,
+    MAX_PARAMETERS,
     N_CLASSES,
     SEED_RANGE,
     Augment,
@@ -46,6 +47,7 @@ from fashionlab.config.specs import (
 
 __all__ = [
     "IMAGE_SIZE",
+    "MAX_PARAMETERS",
     "N_CLASSES",
     "SEED_RANGE",
     "Augment",

@@ -45,6 +45,10 @@ NonNegative = Annotated[Float, Field(ge=0.0)]
 
 IMAGE_SIZE = 28  # every model takes square one-channel images of this side (Fashion-MNIST's)
 N_CLASSES = 10  # classes of a study's data: fashionlab.data.CLASS_NAMES, labels 0..9
+# The most parameters a model may have (~400 MB of float32 weights, ~1.6 GB to train with
+# Adam): far beyond anything that pays on 28x28 images, and a typo (units = 100000000) is
+# refused when the file is read instead of failing to allocate once the run has started.
+MAX_PARAMETERS = 100_000_000
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,6 +121,12 @@ class ModelSpec:
                                       f"{convolved}x{convolved} feature map it gets ({side}x{side} "
                                       f"in, kernel {layer.kernel}): nothing is left")
             side = pooled
+        counts = layer_parameters(self)
+        if sum(counts.values()) > MAX_PARAMETERS:
+            largest = max(counts, key=counts.__getitem__)
+            raise FieldValueError(largest, f"the model would have {sum(counts.values()):,} "
+                                  f"parameters, more than the {MAX_PARAMETERS:,} fashionlab "
+                                  f"trains ({counts[largest]:,} in this layer)")
         return self
 
     @property
@@ -131,6 +141,25 @@ class ModelSpec:
         """
         conv = tuple((c.filters, c.kernel, c.padding, c.batch_norm, c.pool) for c in self.conv)
         return (conv, tuple(layer.units for layer in self.layers), self.n_classes, self.tta)
+
+
+def layer_parameters(spec: ModelSpec) -> dict[tuple[str | int, ...], int]:
+    """Trainable parameters of each layer of `spec`, keyed by the field that sizes it
+    (("conv", i, "filters"), ("layers", i, "units"), ("n_classes",)); their sum is the count of
+    `models.build_module(spec).parameters()`, computed without torch."""
+    counts: dict[tuple[str | int, ...], int] = {}
+    channels, side = 1, IMAGE_SIZE
+    for i, (layer, (_, side)) in enumerate(zip(spec.conv, conv_sides(spec.conv))):
+        # A kernel, then a bias, or batch norm's scale and shift instead of it.
+        extra = 2 * layer.filters if layer.batch_norm else layer.filters
+        counts[("conv", i, "filters")] = layer.filters * channels * layer.kernel**2 + extra
+        channels = layer.filters
+    width = channels * side * side
+    for i, layer in enumerate(spec.layers):
+        counts[("layers", i, "units")] = (width + 1) * layer.units
+        width = layer.units
+    counts[("n_classes",)] = (width + 1) * spec.n_classes
+    return counts
 
 
 # --------------------------------------------------------------------------------------------

@@ -52,7 +52,13 @@ from fashionlab.rng import derive_seed
 from fashionlab.runs import delete_run
 from fashionlab.search.cost import spent, spent_budget, spent_summary
 from fashionlab.search.finish import FINISHED, SearchContext, finish_search
-from fashionlab.search.space import base_params, grid, grid_size, make_sampler
+from fashionlab.search.space import (
+    base_params,
+    check_largest_model,
+    grid,
+    grid_size,
+    make_sampler,
+)
 from fashionlab.search.storage import ClaimLock, delete_study, open_storage, search_identity
 from fashionlab.search.trial import TrialContext, make_pruner, train_trial
 from fashionlab.steps import RunContext, load_study_data
@@ -146,6 +152,7 @@ def run_search(
         raise ConfigError(f"study '{spec.name}' has no [search] table: add one to search it "
                           "(see the README's Automated search)")
     base = base_candidate(spec)
+    check_largest_model(spec.name, search, base)
     limits = _limits(search, base, n_trials, timeout)
     torch_device = resolve_device(device)
     run_dir = Path(run_dir)

@@ -25,8 +25,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import optuna
+from pydantic import ValidationError
 
 from fashionlab.config import Candidate, DenseLayer, ParamSpec, SearchSpec
+from fashionlab.errors import ConfigError, FieldValueError
 from fashionlab.vocabulary import VOCABULARY
 
 
@@ -136,6 +138,49 @@ def base_params(search: SearchSpec, base: Candidate) -> dict[str, Any]:
             if on_step:
                 inside[label] = value
     return inside
+
+
+class _Largest:
+    """Answers every draw with the largest value it allows, and records it: the biggest model
+    the space can draw (more units, filters and layers never mean fewer parameters, for layers
+    wider than the classes)."""
+
+    def __init__(self) -> None:
+        self.recorded: dict[str, Any] = {}
+
+    def suggest_int(self, name: str, low: int, high: int, *, step: int = 1,
+                    log: bool = False) -> int:
+        self.recorded[name] = low + (high - low) // step * step
+        return self.recorded[name]
+
+    def suggest_float(self, name: str, low: float, high: float, *, step: float | None = None,
+                      log: bool = False) -> float:
+        self.recorded[name] = high
+        return high
+
+    def suggest_categorical(self, name: str, choices: Any) -> Any:
+        numbers = [c for c in choices if isinstance(c, int | float) and not isinstance(c, bool)]
+        self.recorded[name] = max(numbers) if len(numbers) == len(choices) else choices[0]
+        return self.recorded[name]
+
+
+def check_largest_model(study: str, search: SearchSpec, base: Candidate) -> None:
+    """Refuse, before the search starts, a space that can draw a model too large to train
+    (`config.MAX_PARAMETERS`): a trial would otherwise fail only once it is drawn. `study`:
+    the study's name, for the message."""
+    largest = _Largest()
+    try:
+        suggest(largest, search, base, base.name)
+    except ValidationError as error:
+        first = error.errors()[0]
+        cause = (first.get("ctx") or {}).get("error")
+        if not isinstance(cause, FieldValueError):
+            raise
+        sizes = ", ".join(f"{name} = {value}" for name, value in largest.recorded.items()
+                          if name.partition("_")[0] in ("n", "units", "filters"))
+        where = ".".join(str(part) for part in cause.path)
+        raise ConfigError(f"study '{study}': search.space: its largest draw ({sizes}) is too "
+                          f"large: {where}: {cause.message}") from None
 
 
 class _BaseValues(FixedParams):
