@@ -34,7 +34,7 @@ from fashionlab.tables import (
     spent_note,
     trial_cells,
 )
-from fashionlab.text import duration, finite, number, safe_name, verdict
+from fashionlab.text import finite, number, safe_name, verdict, wall_time
 
 if TYPE_CHECKING:
     import torch
@@ -143,7 +143,8 @@ def _facts(run: RunRecord) -> list[tuple[str, str]]:
         ("seed", str(run.seed)),
         ("started", _when(run.started)),
         ("finished", _when(run.finished) if run.state == "finished" else run.state),
-        ("wall time", duration(summary.get("wall_seconds", run.duration))),
+        ("wall time", wall_time(summary.get("wall_seconds", run.duration),
+                                bool(summary.get("resumed")))),
         ("machine", ", ".join(f"{k} {v}" for k, v in machine.items() if v is not None)),
         ("versions", ", ".join(f"{k} {v}" for k, v in versions.items() if v is not None)),
         ("code revision", str(env.get("revision") or "-")),

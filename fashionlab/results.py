@@ -48,7 +48,8 @@ class StudyResult:
     retrain: RetrainResult | None = None
     final: list[CandidateResult] = field(default_factory=list)
     twins: dict[str, TwinComparison] = field(default_factory=dict)  # early stopping vs full
-    wall_seconds: float = 0.0
+    wall_seconds: float = 0.0  # of the process that finished it
+    resumed: bool = False  # an interrupted run continued: wall_seconds leaves out the earlier
     workers: int = 1  # processes that trained it
     threads: int = 0  # CPU threads each job trained with (0: not recorded)
     # A run trained by several processes (README: Many machines): the jobs this one trained,
@@ -163,7 +164,7 @@ def _overview(result: StudyResult) -> str:
     cv = result.spec.cv
     return (f"Run `{result.run.id}`, seed {result.spec.seed}, {cv.n_splits}-fold CV "
             f"({cv.strategy}" + (f", {cv.repeats} repeats" if cv.repeats > 1 else "")
-            + f"), wall time {text.duration(result.wall_seconds)}"
+            + f"), wall time {text.wall_time(result.wall_seconds, result.resumed)}"
             + (f" ({result.workers} worker processes)." if result.workers > 1 else "."))
 
 
@@ -209,7 +210,8 @@ def summary(result: StudyResult) -> dict[str, Any]:
     retrain = result.retrain
     return jsonable({
         "study": result.spec.name, "run_id": result.run.id, "seed": result.spec.seed,
-        "wall_seconds": result.wall_seconds, "workers": result.workers,
+        "wall_seconds": result.wall_seconds, "resumed": result.resumed,
+        "workers": result.workers,
         "threads": result.threads,
         "peak_rss_mb": peak_rss_mb(),
         "worker_peak_rss_mb": peak_rss_mb("children") if result.workers > 1 else None,

@@ -56,6 +56,12 @@ def duration(seconds: float | None) -> str:
     return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
+def wall_time(seconds: float | None, resumed: bool) -> str:
+    """A study run's wall time; after a resume, only the last process's is known."""
+    return duration(seconds) + (" in the process that resumed the run (the earlier "
+                                "processes not counted)" if resumed else "")
+
+
 def verdict(*, is_best: bool, not_worse: bool | None, p_holm: float | None,
             reason: str | None = None) -> str:
     """The one sentence that says how a candidate (or trial) fares against the best:

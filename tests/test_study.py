@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_one_line_error, run_cli, tiny_study_toml
+from helpers import OnEpoch, assert_one_line_error, run_cli, tiny_study_toml
 
 from fashionlab.config import load_study
 from fashionlab.cv import make_folds
@@ -271,6 +271,29 @@ def test_a_killed_study_resumes_to_the_uninterrupted_numbers(
         assert rows[k] == values
     assert resumed.best == reference.best
     assert resumed.retrain.test_accuracy == reference.retrain.test_accuracy
+
+
+def test_a_resumed_run_says_its_wall_time_is_the_last_processs_only(
+        study_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    def stop(key: str, epoch: int) -> None:
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    spec = load_study(study_file)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(spec, run_dir=tmp_path, progress=OnEpoch(stop))
+    code, out, err = run_cli(capsys, "study", str(study_file), "--run-dir", str(tmp_path), "-q")
+    assert code == 0, err
+    note = "in the process that resumed the run (the earlier processes not counted)"
+    assert note in out.replace("\n", " ")
+    (run,) = Store.open(tmp_path).runs()
+    assert run.summary["resumed"] is True
+    assert note in (tmp_path / run.id / "report.html").read_text()
+    shown = run_study(spec, run_dir=tmp_path, progress=False)  # read back: still says so
+    assert shown.resumed and note in (tmp_path / run.id / "results.md").read_text()
+
+    fresh = run_study(spec, run_dir=tmp_path / "fresh", progress=False)
+    assert not fresh.resumed and "resumed" not in (fresh.output_dir / "results.md").read_text()
 
 
 def test_a_diverging_candidate_is_reported_and_the_study_goes_on(tiny_idx_dir: Path,

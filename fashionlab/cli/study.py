@@ -16,6 +16,7 @@ from fashionlab.config import SEED_RANGE, load_study, quick_variant
 from fashionlab.errors import ConfigError
 from fashionlab.store import DEFAULT_RUN_DIR
 from fashionlab.tables import HEADERS, LEGEND, display_rows
+from fashionlab.text import wall_time
 
 RunDir = Annotated[Path, typer.Option("--run-dir", help="Where runs, the store and outputs live.")]
 StoreUrl = Annotated[str | None, typer.Option(
@@ -123,5 +124,5 @@ def study(
         if row.note and row.kind != "baseline":
             console.print(Text(f"- {row.model}: {row.note}"))
     workers = f" ({result.workers} worker processes)" if result.workers > 1 else ""
-    console.print(f"wall time {result.wall_seconds / 60:.1f} min{workers}; "
+    console.print(f"wall time {wall_time(result.wall_seconds, result.resumed)}{workers}; "
                   f"results in {result.output_dir}")

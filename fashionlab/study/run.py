@@ -86,7 +86,7 @@ def run_study(
     store = Store.open(run_dir, store_url)
     dataset = dataset if dataset is not None else load_study_data(spec)
     folds = make_folds(len(dataset.train), spec.cv, seed=spec.seed, labels=dataset.train.labels)
-    run, joined = _start_run(store, spec, run_dir, str(torch_device), fresh)
+    run, joined, resumed = _start_run(store, spec, run_dir, str(torch_device), fresh)
     shown = run.status == "finished"  # read back from the store: nothing is written
     # On a database server every process keeps its files (checkpoints, the models it trains,
     # the outputs if it writes them) in its own run directory: another machine's may not
@@ -94,7 +94,7 @@ def run_study(
     output_dir = (run_dir / run.id).resolve() if store.shared and not shown \
         else Path(run.output_dir or run_dir / run.id)
     result = StudyResult(run, spec, output_dir, n_train=len(folds[0].train_index),
-                         n_val=len(folds[0].val_index))
+                         n_val=len(folds[0].val_index), resumed=resumed)
     me = command_identity()
     threads_before = torch.get_num_threads()
     outputs: Claim | None = None
@@ -173,6 +173,7 @@ def run_study(
     if shown:
         stored = run.summary or {}
         result.wall_seconds = float(stored.get("wall_seconds") or 0.0)
+        result.resumed = bool(stored.get("resumed"))
         result.workers = int(stored.get("workers") or 1)
         result.threads = int(stored.get("threads") or 0)
         _tidy(store, run.id, output_dir, torch_device)
@@ -207,9 +208,9 @@ def _tidy(store: Store, run_id: str, output_dir: Path, device: torch.device) -> 
 
 
 def _start_run(store: Store, spec: StudySpec, run_dir: Path, device: str,
-               fresh: bool) -> tuple[RunRecord, bool]:
-    """The run to show, continue, join or start, and whether this process joined it (another
-    process runs it: its row stays theirs)."""
+               fresh: bool) -> tuple[RunRecord, bool, bool]:
+    """The run to show, continue, join or start; whether this process joined it (another
+    process runs it: its row stays theirs), and whether it continues an interrupted one."""
     fingerprint = spec.fingerprint()
     # One process at a time looks and creates, so that processes started together on several
     # machines join one run instead of each creating its own.
@@ -226,16 +227,16 @@ def _start_run(store: Store, spec: StudySpec, run_dir: Path, device: str,
                             "processes, run the same command on each with a database server "
                             "store (--store postgresql://...; README: Many machines); or wait "
                             "for it, or pass --fresh")
-                    return store.join_run(run.id), True
+                    return store.join_run(run.id), True, False
                 # A finished run is shown again from the store: every model is read back,
                 # nothing retrains and nothing is written (a read-only store will do). An
                 # interrupted one continues.
                 if run.state == "finished":
-                    return run, False
+                    return run, False, False
                 if run.state == "interrupted":
                     if not store.shared:  # one machine, and its process is gone
                         release_claims(store, run.id)
-                    return store.claim_run(run.id), False
+                    return store.claim_run(run.id), False, True
         return store.create_run(kind="study", name=spec.name, fingerprint=fingerprint,
                                 seed=spec.seed, config=spec.to_dict(),
-                                environment=environment(device), output_root=run_dir), False
+                                environment=environment(device), output_root=run_dir), False, False
