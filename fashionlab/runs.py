@@ -49,6 +49,8 @@ __all__ = [
 
 EXPORT_FIELDS = ("run", "key", "candidate", "role", "repeat", "fold", "epoch", *EPOCH_FIELDS)
 
+RUN_KINDS = ("study", "search")  # what `fashionlab study` and `fashionlab search` store
+
 
 class RunError(FashionlabError):
     """A run cannot be compared or deleted in its present state."""
@@ -105,7 +107,9 @@ def overview(run: RunRecord) -> RunOverview:
 
 def list_runs(store: Store, *, kind: str | None = None, name: str | None = None
               ) -> list[RunOverview]:
-    """Every run (or those of a kind or name), newest first."""
+    """Every run (or those of a kind, study or search, or of a name), newest first."""
+    if kind not in (None, *RUN_KINDS):
+        raise FashionlabError(f"kind: expected {' or '.join(RUN_KINDS)} (got {kind!r})")
     return [overview(run) for run in store.runs(kind=kind, name=name)]
 
 

@@ -340,3 +340,30 @@ def test_an_empty_run_id_matches_no_run(tmp_path: Path, capsys: pytest.CaptureFi
     store = Store.open(tmp_path)
     assert [r.id for r in store.runs()] == [run_id]
     store.close()
+
+
+def test_a_run_directory_with_no_store_is_one_line_and_stays_uncreated(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    missing = tmp_path / "typo"
+    for args in (["runs", "list"], ["runs", "show", "x"], ["runs", "export", "x"],
+                 ["runs", "delete", "x", "--yes"], ["report", "x"]):
+        code, _, err = run_cli(capsys, *args, "--run-dir", str(missing))
+        assert_one_line_error(code, err, f"no store at {missing / 'fashionlab.db'}",
+                              "nothing has run there yet")
+    assert not missing.exists()
+
+
+def test_options_that_do_not_apply_are_refused(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]):
+    store = Store.open(tmp_path)
+    run_id = _fake_run(store, "only", summary={"candidates": []})
+    store.close()
+    code, _, err = run_cli(capsys, "runs", "list", "--kind", "studies", "--run-dir",
+                           str(tmp_path))
+    assert_one_line_error(code, err, "kind: expected study or search (got 'studies')")
+    for extra in (["--format", "json"], ["--out", str(tmp_path / "e.csv")]):
+        code, _, err = run_cli(capsys, "runs", "export", run_id, "--to", "mlflow",
+                               f"sqlite:///{tmp_path / 'mlflow.db'}", *extra,
+                               "--run-dir", str(tmp_path))
+        assert_one_line_error(code, err, "--format and --out write the epochs to a file")
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "e.csv").exists()

@@ -533,6 +533,38 @@ _KILLER = textwrap.dedent("""
 """)
 
 
+def test_finish_writes_the_results_of_the_trials_so_far_and_refuses_none(
+        tiny_idx_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    path = _load(search_toml(tiny_idx_dir, search='n_trials = 4\npruner = "none"',
+                             space="learning_rate = { low = 1e-3, high = 0.1, log = true }"),
+                 tmp_path)
+    spec = load_study(path)
+    missing = tmp_path / "nothing-here"
+    code, _, err = run_cli(capsys, "search", str(path), "--finish", "--run-dir", str(missing))
+    assert_one_line_error(code, err, f"no store at {missing / 'fashionlab.db'}")
+    assert not missing.exists()
+
+    run_dir = tmp_path / "runs"
+    Store.open(run_dir).close()  # a store, but no trial of this search in it
+    code, _, err = run_cli(capsys, "search", str(path), "--finish", "--run-dir", str(run_dir))
+    assert_one_line_error(code, err, "search 'tiny-search' has no trial that ran to its end",
+                          "nothing to finish (run the search first)")
+    store = Store.open(run_dir)
+    assert store.runs() == []  # no empty result run
+    store.close()
+
+    def stop_in_the_second_trial(key: str, epoch: int) -> None:
+        if key.startswith("trial-1/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_search(spec, run_dir=run_dir, progress=OnEpoch(stop_in_the_second_trial))
+    finished = run_search(spec, run_dir=run_dir, progress=False, finish=True)
+    assert finished.finished and finished.stopped_by == "finish"
+    assert finished.summary["finished_trials"] == [0]
+    assert finished.summary["best"] == "trial 0"
+
+
 def test_a_killed_search_resumes_with_no_lost_or_repeated_trial(tiny_idx_dir: Path,
                                                                  tmp_path: Path):
     path = _load(search_toml(tiny_idx_dir, search="""

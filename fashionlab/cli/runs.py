@@ -46,7 +46,7 @@ class Destination(str, Enum):
 
 @contextmanager
 def _store(run_dir: Path, url: str | None) -> Iterator[Store]:
-    store = Store.open(run_dir, url)
+    store = Store.open(run_dir, url, create=False)  # a mistyped --run-dir creates nothing
     try:
         yield store
     finally:
@@ -196,8 +196,8 @@ def compare(a: RunId, b: RunId, run_dir: RunDir = DEFAULT_RUN_DIR, store: StoreU
 @runs_app.command()
 def export(
     run: RunId,
-    format: Annotated[ExportFormat, typer.Option("--format", help="csv or json.")] = (
-        ExportFormat.csv),
+    format: Annotated[ExportFormat | None, typer.Option(
+        "--format", help="csv or json.  [default: csv]", show_default=False)] = None,
     out: Annotated[Path | None, typer.Option(
         "--out", help="Write to this file instead of standard output.", show_default=False)
     ] = None,
@@ -221,6 +221,9 @@ def export(
     from fashionlab.runs import export_run  # numpy and scipy: when the command runs
 
     if to is not None:
+        if format is not None or out is not None:
+            raise FashionlabError("--format and --out write the epochs to a file; --to mlflow "
+                                  "sends the whole run instead: give one or the other")
         from fashionlab.integrations.mlflow import export_run_to_mlflow  # optional MLflow
 
         with _store(run_dir, store) as opened:
@@ -229,7 +232,7 @@ def export(
         typer.echo(f"sent run {record.id} to mlflow {to[1]} (parent run {parent})")
         return
     with _store(run_dir, store) as opened:
-        text = export_run(opened, run, format.value)
+        text = export_run(opened, run, (format or ExportFormat.csv).value)
     if out is None:
         typer.echo(text, nl=False)
         return

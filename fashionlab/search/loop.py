@@ -160,12 +160,17 @@ def run_search(
     if url in ("sqlite://", "sqlite:///:memory:"):
         raise ConfigError("--store: a search needs a database file or server, not memory")
     study_name, fingerprint = search_identity(spec)
+    if finish:  # nothing to finish in a store that is not there: create nothing
+        Store(url, create=False).close()
     lock = ClaimLock(url, study_name)
     with lock:  # workers starting together: one creates the tables, the run and the study
         store = Store(url)
         if fresh:
             _forget(store, study_name, fingerprint)
         storage = open_storage(url)
+        if finish and not _ended_trials(storage, study_name):
+            raise ConfigError(f"search '{spec.name}' has no trial that ran to its end in "
+                              f"{safe_url(url)}: nothing to finish (run the search first)")
         run = next(iter(store.runs(kind="search", fingerprint=fingerprint)), None)
         if run is None:
             _refuse_orphan_trials(storage, study_name, safe_url(url))
@@ -210,6 +215,15 @@ def _forget(store: Store, name: str, fingerprint: str) -> None:
     for run in store.runs(kind="search", fingerprint=fingerprint):
         delete_run(store, run.id)  # refuses a run that is still running
     delete_study(store.url, name)
+
+
+def _ended_trials(storage: optuna.storages.RDBStorage, name: str) -> list[FrozenTrial]:
+    """The trials of the Optuna study `name` that completed, were pruned or failed."""
+    try:
+        trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+    except KeyError:  # no such study
+        return []
+    return [t for t in trials if t.state in (*FINISHED, TrialState.FAIL)]
 
 
 def _refuse_orphan_trials(storage: optuna.storages.RDBStorage, name: str, where: str) -> None:

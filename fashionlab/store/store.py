@@ -75,14 +75,20 @@ class Store:
     with `read_only=True`, opens in SQLite's read-only mode: everything reads, nothing is
     written on open, and a write is a StoreError. A database server's own permissions decide
     there. A write that fails (read-only, disk full, no permission) is a one-line StoreError.
+    `create=False` (commands that only look) refuses a SQLite file that does not exist instead
+    of creating it, and its folder, where a mistyped path points.
     """
 
-    def __init__(self, url: str, *, read_only: bool = False) -> None:
+    def __init__(self, url: str, *, read_only: bool = False, create: bool = True) -> None:
         self.url = url = database_url(url)
         self._beats: dict[str, threading.Event] = {}  # run id -> stops its heartbeat thread
         try:
             engine_url = sa.make_url(url)
             path = sqlite_file(engine_url)
+            if path is not None and not create and not path.exists():
+                raise StoreError(f"no store at {path}: nothing has run there yet (`fashionlab "
+                                 "study` starts a run; --run-dir or --store names another "
+                                 "store)")
             self.read_only = read_only or read_only_url(engine_url) or (
                 path is not None and path.exists() and not writable(path))
             if path is not None and self.read_only:
@@ -108,9 +114,9 @@ class Store:
 
     @classmethod
     def open(cls, run_dir: str | Path = DEFAULT_RUN_DIR, url: str | None = None, *,
-             read_only: bool = False) -> Store:
+             read_only: bool = False, create: bool = True) -> Store:
         return cls(url or os.environ.get("FASHIONLAB_STORE") or default_url(run_dir),
-                   read_only=read_only)
+                   read_only=read_only, create=create)
 
     def close(self) -> None:
         for stop in self._beats.values():
