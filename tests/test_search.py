@@ -133,6 +133,13 @@ def test_search_settings_are_checked_too():
         ('sampler = "anneal"', "my.toml: search.sampler: input should be"),
         ("n_trials = 0", "my.toml: search.n_trials: input should be greater than 0"),
         ("seed = 9223372036854775808", "my.toml: search.seed: input should be less than"),
+        ("[search.reference]\nscore = 89.5",
+         ("my.toml: search.reference.score: an accuracy is a fraction in [0, 1], as the "
+          "objective val_accuracy is (got 89.5; for 89.5% write 0.895)")),
+        ('objective = "val_loss"\n[search.reference]\nscore = -0.3',
+         "my.toml: search.reference.score: a loss is not negative (got -0.3)"),
+        ("[search.reference]\nscore = nan",
+         "my.toml: search.reference.score: input should be a finite number"),
     ]:
         with pytest.raises(ConfigError) as error:
             study_from_dict(tomllib.loads(BASE + "[search]\n" + extra), source="my.toml")

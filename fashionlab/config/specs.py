@@ -315,7 +315,7 @@ class ReferenceSpec:
     """A score the search's best is tested against: a published number, and/or a candidate of
     a finished study in the same store with identical folds (same [cv], [data] and seed)."""
 
-    score: float | None = None  # e.g. 0.895: a one-sample test of the best's per-fold scores
+    score: Float | None = None  # e.g. 0.895: a one-sample test of the best's per-fold scores
     label: str = "reference"  # how tables name it
     study: str | None = None  # name of a finished study run in the store: a paired test
     candidate: str | None = None  # that study's candidate (default: its best)
@@ -354,6 +354,19 @@ class SearchSpec:
     def _grid_needs_points(self) -> SearchSpec:
         if self.sampler == "grid":
             check_grid(self.space)
+        return self
+
+    @model_validator(mode="after")
+    def _reference_is_a_score_of_the_objective(self) -> SearchSpec:
+        score = None if self.reference is None else self.reference.score
+        if score is None:
+            return self
+        if self.objective == "val_accuracy" and not 0.0 <= score <= 1.0:
+            raise FieldValueError(("reference", "score"), "an accuracy is a fraction in [0, 1], "
+                                  f"as the objective val_accuracy is (got {score}; for 89.5% "
+                                  "write 0.895)")
+        if self.objective == "val_loss" and score < 0.0:
+            raise FieldValueError(("reference", "score"), f"a loss is not negative (got {score})")
         return self
 
 
