@@ -16,7 +16,10 @@ from fashionlab.provenance import version_line
 
 app = typer.Typer(
     name="fashionlab",
-    help="Rigorous, fast deep-learning experiments on Fashion-MNIST.",
+    help="Rigorous, fast deep-learning experiments on Fashion-MNIST.\n\n"
+    "Example: fashionlab study   (the bundled seed study: 5-fold CV of six dense networks, "
+    "the best retrained and tested, a CNN)\n\n"
+    "Example: fashionlab study --help",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,

@@ -14,7 +14,8 @@ from fashionlab.cli import app
 from fashionlab.errors import FashionlabError
 
 data_app = typer.Typer(
-    help="Find, fetch, verify and look at the Fashion-MNIST files.", no_args_is_help=True)
+    help="Find, fetch, verify and look at the Fashion-MNIST files.\n\n"
+    "Example: fashionlab data info", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 

@@ -26,7 +26,8 @@ from fashionlab.tables import HEADERS, display_rows, rows_from_summary
 from fashionlab.text import duration, percent
 
 runs_app = typer.Typer(
-    help="List, show, compare, export and delete the runs in the store.", no_args_is_help=True)
+    help="List, show, compare, export and delete the runs in the store.\n\n"
+    "Example: fashionlab runs list", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
 
 RunId = Annotated[str, typer.Argument(help="A run id, or a unique prefix of one.",
