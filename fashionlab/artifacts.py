@@ -25,7 +25,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fashionlab.config import ModelSpec
-from fashionlab.errors import FashionlabError, FieldValueError
+from fashionlab.config.specs import first_problem
+from fashionlab.errors import FashionlabError
 from fashionlab.models import build_module, inference_module
 
 FORMAT_VERSION = 1
@@ -143,11 +144,7 @@ def _read_description(path: Path) -> tuple[ModelSpec, tuple[str, ...], dict[str,
     try:
         spec = TypeAdapter(ModelSpec).validate_python(description["spec"])
     except ValidationError as error:
-        first = error.errors()[0]
-        loc, message = tuple(first["loc"]), first["msg"].removeprefix("Value error, ")
-        cause = (first.get("ctx") or {}).get("error")
-        if isinstance(cause, FieldValueError):  # a place below the field: the layer at fault
-            loc, message = loc + cause.path, cause.message
+        loc, message, _ = first_problem(error)
         raise invalid(f"{'.'.join(['spec', *map(str, loc)])}: {message}") from None
     names = description["class_names"]
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):

@@ -22,9 +22,10 @@ from fashionlab.config.specs import (
     ParamSpec,
     SearchSpec,
     StudySpec,
+    first_problem,
     toml_value,
 )
-from fashionlab.errors import ConfigError, FieldValueError
+from fashionlab.errors import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -81,14 +82,7 @@ def _format_location(loc: tuple[Any, ...]) -> str:
 
 
 def _format_validation_error(error: ValidationError) -> str:
-    first = error.errors()[0]
-    loc = tuple(first["loc"])
-    message = first["msg"]
-    if first["type"] == "value_error":
-        message = message.removeprefix("Value error, ")
-        cause = (first.get("ctx") or {}).get("error")
-        if isinstance(cause, FieldValueError):
-            loc, message = loc + cause.path, cause.message
+    loc, message, first = first_problem(error)
     # A candidate's model fields live at the entry's top level in the file.
     if len(loc) >= 3 and loc[0] in ("candidates", "final") and loc[2] == "model":
         loc = loc[:2] + loc[3:]

@@ -17,6 +17,7 @@ from pydantic import (
     ConfigDict,
     Field,
     Strict,
+    ValidationError,
     field_validator,
     model_validator,
 )
@@ -49,6 +50,17 @@ N_CLASSES = 10  # classes of a study's data: fashionlab.data.CLASS_NAMES, labels
 # Adam): far beyond anything that pays on 28x28 images, and a typo (units = 100000000) is
 # refused when the file is read instead of failing to allocate once the run has started.
 MAX_PARAMETERS = 100_000_000
+
+
+def first_problem(error: ValidationError) -> tuple[tuple[str | int, ...], str, dict[str, Any]]:
+    """The first problem of a validation error: where (a `FieldValueError`'s path below the
+    field included), what (pydantic's "Value error, " prefix dropped), and pydantic's record."""
+    first = dict(error.errors()[0])
+    loc, message = tuple(first["loc"]), str(first["msg"]).removeprefix("Value error, ")
+    cause = (first.get("ctx") or {}).get("error")
+    if isinstance(cause, FieldValueError):
+        loc, message = loc + cause.path, cause.message
+    return loc, message, first
 
 
 # --------------------------------------------------------------------------------------------

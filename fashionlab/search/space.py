@@ -28,7 +28,8 @@ import optuna
 from pydantic import ValidationError
 
 from fashionlab.config import Candidate, DenseLayer, ParamSpec, SearchSpec
-from fashionlab.errors import ConfigError, FieldValueError
+from fashionlab.config.specs import first_problem
+from fashionlab.errors import ConfigError
 from fashionlab.vocabulary import VOCABULARY
 
 
@@ -172,15 +173,11 @@ def check_largest_model(study: str, search: SearchSpec, base: Candidate) -> None
     try:
         suggest(largest, search, base, base.name)
     except ValidationError as error:
-        first = error.errors()[0]
-        cause = (first.get("ctx") or {}).get("error")
-        if not isinstance(cause, FieldValueError):
-            raise
+        where, message, _ = first_problem(error)
         sizes = ", ".join(f"{name} = {value}" for name, value in largest.recorded.items()
                           if name.partition("_")[0] in ("n", "units", "filters"))
-        where = ".".join(str(part) for part in cause.path)
         raise ConfigError(f"study '{study}': search.space: its largest draw ({sizes}) is too "
-                          f"large: {where}: {cause.message}") from None
+                          f"large: {'.'.join(map(str, where))}: {message}") from None
 
 
 class _BaseValues(FixedParams):
