@@ -170,6 +170,21 @@ def test_a_space_that_draws_too_large_a_model_is_refused_before_anything_is_crea
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("space", [
+    ("units = { low = 8, high = 100000, step = 1 }\n"
+     "learning_rate = { low = 0.0001, high = 0.01, step = 0.0000001 }"),  # 1e5 x 1e5 points
+    "learning_rate = { low = 1e-3, high = 1e9, step = 1e-3 }",  # 1e12 values in one range
+])
+def test_a_grid_too_large_to_list_is_refused_before_anything_is_created(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], space: str):
+    path = _load(BASE + f'[search]\nsampler = "grid"\nn_trials = 2\n[search.space]\n{space}\n',
+                 tmp_path, "my.toml")
+    code, _, err = run_cli(capsys, "search", str(path), "--run-dir", str(tmp_path / "runs"))
+    assert_one_line_error(code, err, "search.space: the grid has ", "points, more than the "
+                          "100,000 the grid sampler lists")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_the_largest_space_that_fits_is_accepted():
     spec = study_from_dict(tomllib.loads(BASE + """
 [search.space]

@@ -32,6 +32,10 @@ from fashionlab.config.specs import first_problem
 from fashionlab.errors import ConfigError
 from fashionlab.vocabulary import VOCABULARY
 
+# The most combinations a grid may have: Optuna's GridSampler holds them all in memory (a few
+# hundred bytes each), and a grid that large is never run to its end anyway.
+MAX_GRID_POINTS = 100_000
+
 
 class Suggester(Protocol):
     """What an Optuna trial offers (a `FixedParams` offers the same for stored params)."""
@@ -190,7 +194,8 @@ class _BaseValues(FixedParams):
 
 def grid(search: SearchSpec, base: Candidate) -> dict[str, list[Any]]:
     """Every point of each sampled parameter, for the grid sampler (per-layer parameters for
-    as many layers as the space allows)."""
+    as many layers as the space allows). A grid of more than MAX_GRID_POINTS points is a
+    ConfigError: Optuna's grid sampler lists every combination in memory."""
     points: dict[str, list[Any]] = {}
 
     def values(spec: ParamSpec, kind: str) -> list[Any]:
@@ -199,6 +204,8 @@ def grid(search: SearchSpec, base: Candidate) -> dict[str, list[Any]]:
         assert spec.low is not None and spec.high is not None
         step = spec.step or 1
         count = math.floor((spec.high - spec.low) / step + 1e-9) + 1
+        if count > MAX_GRID_POINTS:
+            raise _too_large(count)
         out = [spec.low + i * step for i in range(count)]
         return [int(v) for v in out] if kind == "int" else [float(v) for v in out]
 
@@ -215,7 +222,15 @@ def grid(search: SearchSpec, base: Candidate) -> dict[str, list[Any]]:
         else:
             for i in range(layer_counts[param.layer]):
                 points[f"{name}_{i}"] = values(spec, param.kind)
+    if grid_size(points) > MAX_GRID_POINTS:
+        raise _too_large(grid_size(points))
     return points
+
+
+def _too_large(points: int) -> ConfigError:
+    return ConfigError(f"search.space: the grid has {points:,} points, more than the "
+                       f"{MAX_GRID_POINTS:,} the grid sampler lists: give fewer choices or "
+                       "larger steps, or sample it (sampler = \"tpe\" or \"random\")")
 
 
 def grid_size(points: Mapping[str, list[Any]]) -> int:
