@@ -15,7 +15,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from helpers import OnEpoch, assert_one_line_error, run_cli, tiny_study_toml
+from helpers import OnEpoch, assert_one_line_error, run_cli, tiny_search_toml, tiny_study_toml
 from optuna.trial import TrialState
 
 from fashionlab.config import (
@@ -183,6 +183,42 @@ def test_a_grid_too_large_to_list_is_refused_before_anything_is_created(
     assert_one_line_error(code, err, "search.space: the grid has ", "points, more than the "
                           "100,000 the grid sampler lists")
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    ({"n_trials": 0}, "n_trials (--n-trials): expected a positive whole number (got 0)"),
+    ({"n_trials": -2}, "n_trials (--n-trials): expected a positive whole number (got -2)"),
+    ({"timeout": 0}, "timeout (--timeout): expected a positive number of seconds (got 0)"),
+    ({"timeout": -5.0}, "timeout (--timeout): expected a positive number of seconds (got -5.0)"),
+    ({"timeout": float("nan")},
+     "timeout (--timeout): expected a positive number of seconds (got nan)"),
+])
+def test_zero_or_negative_limits_are_refused_not_replaced_by_the_files(
+        tmp_path: Path, arguments: dict, message: str):
+    spec = study_from_dict(tomllib.loads(BASE + "[search]\nn_trials = 3\ntimeout = 60\n"))
+    with pytest.raises(ConfigError) as error:
+        run_search(spec, run_dir=tmp_path / "runs", progress=False, **arguments)
+    assert str(error.value) == message
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_cli_says_a_zero_timeout_in_one_line(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]):
+    path = _load(BASE + "[search]\nn_trials = 3\n", tmp_path, "my.toml")
+    code, _, err = run_cli(capsys, "search", str(path), "--timeout", "0", "--run-dir",
+                           str(tmp_path / "runs"))
+    assert_one_line_error(code, err, "timeout (--timeout): expected a positive number")
+
+
+def test_a_search_without_progress_prints_nothing_not_even_optunas_lines(
+        tiny_idx_dir: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]):
+    path = _load(tiny_search_toml(tiny_idx_dir, n_trials=2), tmp_path)
+    before = optuna.logging.get_verbosity()
+    result = run_search(load_study(path), run_dir=tmp_path / "runs", progress=False)
+    assert result.finished
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""  # Optuna logs "A new study created ..." at INFO
+    assert optuna.logging.get_verbosity() == before
 
 
 def test_the_largest_space_that_fits_is_accepted():

@@ -18,6 +18,7 @@ from helpers import OnEpoch, assert_one_line_error, run_cli, tiny_study_toml
 
 from fashionlab.config import load_study
 from fashionlab.cv import make_folds
+from fashionlab.errors import ConfigError
 from fashionlab.progress import Silent
 from fashionlab.runner import MIN_PARALLEL_FLOPS, Job, auto_workers
 from fashionlab.steps import RunContext, load_study_data
@@ -443,3 +444,20 @@ train = { optimizer = "adamw", learning_rate = 0.01, schedule = "onecycle" }
     assert summary["candidates"][0]["schedule_end"] == 6
     assert "read at the end of its schedule, epoch 6" in \
         (result.output_dir / "report.html").read_text()
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    ({"workers": 0}, "workers: expected a positive whole number or \"auto\", got 0"),
+    ({"workers": 1.5}, "workers: expected a positive whole number or \"auto\", got 1.5"),
+    ({"workers": "two"}, "workers: expected a positive whole number or \"auto\", got 'two'"),
+    ({"threads": 0}, "threads: expected a positive whole number, got 0"),
+])
+def test_run_studys_arguments_are_checked_before_any_run_exists(
+        study_file: Path, tmp_path: Path, arguments: dict, message: str):
+    with pytest.raises(ConfigError) as error:
+        run_study(load_study(study_file), run_dir=tmp_path / "runs", progress=False,
+                  **arguments)
+    assert str(error.value) == message
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(ConfigError, match="spec: expected a StudySpec .*, got str"):
+        run_study(str(study_file), run_dir=tmp_path / "runs")  # type: ignore[arg-type]

@@ -22,10 +22,10 @@ def search(
     file: Annotated[str, typer.Argument(
         help="A study file with a [search] table, or a bundled study's name.")] = "search",
     n_trials: Annotated[int | None, typer.Option(
-        "--n-trials", min=1, help="Trials to finish, all workers together (overrides the file)."
+        "--n-trials", help="Trials to finish, all workers together (overrides the file)."
     )] = None,
     timeout: Annotated[float | None, typer.Option(
-        min=0.0, help="Seconds after which this process starts no more trials.")] = None,
+        help="Seconds after which this process starts no more trials.")] = None,
     quick: Annotated[bool, typer.Option(help="Fewer samples, epochs and trials: a try-out."
                                         )] = False,
     finish: Annotated[bool, typer.Option(

@@ -26,12 +26,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import math
 import os
 import shutil
 import socket
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,23 @@ class Limits:
 # --------------------------------------------------------------------------------------------
 
 
+def _silent_optuna(run: Callable[..., SearchResult]) -> Callable[..., SearchResult]:
+    """`progress=False` shows nothing: Optuna's own log lines (a study created, each trial
+    finished) are held back too, at ERROR for the call, then set back as they were."""
+    @functools.wraps(run)
+    def silent(*args: Any, **kwargs: Any) -> SearchResult:
+        if kwargs.get("progress", True) is not False:
+            return run(*args, **kwargs)
+        before = optuna.logging.get_verbosity()
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
+        try:
+            return run(*args, **kwargs)
+        finally:
+            optuna.logging.set_verbosity(before)
+    return silent
+
+
+@_silent_optuna
 def run_search(
     spec: StudySpec,
     *,
@@ -243,11 +261,19 @@ def _refuse_orphan_trials(storage: optuna.storages.RDBStorage, name: str, where:
 
 def _limits(search: SearchSpec, base: Candidate, n_trials: int | None,
             timeout: float | None) -> Limits:
-    n = n_trials or search.n_trials
+    if n_trials is not None and (not isinstance(n_trials, int) or isinstance(n_trials, bool)
+                                 or n_trials < 1):
+        raise ConfigError(f"n_trials (--n-trials): expected a positive whole number (got "
+                          f"{n_trials!r})")
+    if timeout is not None and (not isinstance(timeout, int | float) or isinstance(timeout, bool)
+                                or not math.isfinite(timeout) or timeout <= 0):
+        raise ConfigError(f"timeout (--timeout): expected a positive number of seconds (got "
+                          f"{timeout!r})")
+    n = search.n_trials if n_trials is None else n_trials
     if search.sampler == "grid":
         size = grid_size(grid(search, base))
         n = size if n is None else min(n, size)
-    limits = Limits(n, timeout or search.timeout)
+    limits = Limits(n, search.timeout if timeout is None else timeout)
     budgets = (search.budget, search.budget_seconds, search.budget_tflop)
     if limits.n_trials is None and limits.timeout is None and all(b is None for b in budgets):
         raise ConfigError("search: no stopping rule: set n_trials, budget, budget_seconds, "

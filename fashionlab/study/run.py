@@ -79,9 +79,17 @@ def run_study(
     count); dense models give the same numbers whatever it is.
     """
     started = time.perf_counter()
+    if not isinstance(spec, StudySpec):
+        raise ConfigError(f"spec: expected a StudySpec (from fashionlab.config.load_study), got "
+                          f"{type(spec).__name__}")
+    if workers != "auto" and (not isinstance(workers, int) or isinstance(workers, bool)
+                              or workers < 1):
+        raise ConfigError(f"workers: expected a positive whole number or \"auto\", got "
+                          f"{workers!r}")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
+                                or threads < 1):
+        raise ConfigError(f"threads: expected a positive whole number, got {threads!r}")
     torch_device = resolve_device(device)
-    if threads is not None and threads < 1:
-        raise ConfigError(f"threads: expected a positive number, got {threads}")
     run_dir = Path(run_dir)
     store = Store.open(run_dir, store_url)
     dataset = dataset if dataset is not None else load_study_data(spec)
