@@ -82,5 +82,7 @@ def first_line(error: BaseException) -> str:
 
 def safe_name(name: str) -> str:
     """A model or candidate name as a file or directory name: letters, digits and "-_."
-    kept, anything else (spaces, slashes, brackets) replaced by "_"."""
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+    kept, anything else (spaces, slashes, brackets) replaced by "_"; never "", "." or "..",
+    which name no new file."""
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+    return safe if safe.strip(".") else "_" * max(len(safe), 1)

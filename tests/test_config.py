@@ -184,6 +184,31 @@ PRE_RUN_MISTAKES = [
 ]
 
 
+NAME_MISTAKES = [
+    ('[[candidates]]\nname = ""\n', "candidates[0].name: a name must not be empty"),
+    ('[[final]]\nname = "   "\n', "final[0].name: a name must not be empty"),
+    ('[[final]]\nname = ".."\n',
+     "final[0].name: '..' cannot be a name: it means a folder, not a file"),
+    ('[[candidates]]\nname = "."\n',
+     "candidates[0].name: '.' cannot be a name: it means a folder, not a file"),
+    ('[[candidates]]\nname = "x y"\n[[final]]\nname = "x_y"\n',
+     "model names must differ as file names too: 'x y' and 'x_y' are all saved as 'x_y'"),
+    (('[[candidates]]\nname = "a/b"\n[[candidates]]\nname = "a:b"\n[[candidates]]\n'
+     'name = "a_b"\n'),
+     ("model names must differ as file names too: 'a/b' and 'a:b' and 'a_b' are all saved "
+     "as 'a_b'")),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), NAME_MISTAKES)
+def test_names_that_cannot_name_their_files_are_refused(text: str, message: str):
+    with pytest.raises(ConfigError) as error:
+        study_from_dict(tomllib.loads('name = "x"\n' + text), source="bad.toml")
+    assert str(error.value).endswith(message), str(error.value)
+    with pytest.raises(ConfigError, match="name: a name must not be empty"):
+        study_from_dict(tomllib.loads('name = ""\n[[final]]\nname = "f"\n'), source="b.toml")
+
+
 @pytest.mark.parametrize(("text", "message"), PRE_RUN_MISTAKES)
 def test_mistakes_that_training_would_hit_are_refused_at_load(text: str, message: str):
     with pytest.raises(ConfigError) as error:

@@ -175,3 +175,14 @@ def test_a_search_writes_each_trials_folds_and_params(tiny_idx_dir: Path, tmp_pa
         params, metrics = _hparams(model_logdir(tensorboard_dir(run), f"trial-{trial.number}"))
         assert params["learning_rate"] == pytest.approx(trial.params["learning_rate"])
         assert metrics["hparam/val_accuracy"] == pytest.approx(trial.value)
+
+
+def test_a_models_event_folder_stays_in_the_log_folder_whatever_its_name(tmp_path: Path):
+    logdir = tmp_path / "tensorboard"
+    for key, expected in [("../../../ESCAPED/fold-0", ".._.._.._ESCAPED/fold-0"),
+                          ("dense/8 ü/fold-1", "dense_8_ü/fold-1"),  # as its models' folder
+                          ("dense(64)/fold-3", "dense_64_/fold-3"), ("cnn", "cnn"),
+                          ("../final", "__/final")]:
+        directory = model_logdir(logdir, key)
+        assert directory == logdir / expected
+        assert directory.resolve().is_relative_to(logdir.resolve())

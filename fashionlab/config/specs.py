@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     ConfigDict,
     Field,
     Strict,
@@ -24,6 +25,7 @@ from pydantic import (
 from pydantic.dataclasses import dataclass
 
 from fashionlab.errors import FieldValueError
+from fashionlab.text import safe_name
 from fashionlab.vocabulary import TestTimeAugmentation, check_base, check_grid, check_space
 
 _STRICT = ConfigDict(extra="forbid")
@@ -37,6 +39,16 @@ Int = Annotated[int, Strict()]
 Bool = Annotated[bool, Strict()]
 Float = Annotated[float, Strict(), Field(allow_inf_nan=False)]
 PositiveInt = Annotated[Int, Field(gt=0)]
+def _a_name(value: str) -> str:
+    """A study or model name: it names files and folders too (`text.safe_name`)."""
+    if not value.strip():
+        raise ValueError("a name must not be empty")
+    if not value.strip("."):
+        raise ValueError(f"{value!r} cannot be a name: it means a folder, not a file")
+    return value
+
+
+Name = Annotated[str, AfterValidator(_a_name)]
 # A seed is stored as a 64-bit signed integer (the store's INTEGER column).
 SEED_RANGE = (-(2**63), 2**63 - 1)
 Seed = Annotated[Int, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1])]
@@ -257,7 +269,7 @@ class WarningRule:
 
 @dataclass(frozen=True, config=_STRICT)
 class Candidate:
-    name: str
+    name: Name
     model: ModelSpec
     train: TrainSpec
 
@@ -384,7 +396,7 @@ class SearchSpec:
 
 @dataclass(frozen=True, config=_STRICT)
 class StudySpec:
-    name: str
+    name: Name
     seed: Seed = 0
     data: DataSpec = DataSpec()
     cv: CVSpec = CVSpec()
@@ -413,6 +425,13 @@ class StudySpec:
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"model names must be unique (repeated: {', '.join(duplicates)})")
+        files: dict[str, list[str]] = {}
+        for name in dict.fromkeys(names):
+            files.setdefault(safe_name(name), []).append(name)
+        for file, same in files.items():
+            if len(same) > 1:  # their models, figures and logs would overwrite each other
+                raise ValueError(f"model names must differ as file names too: "
+                                 f"{' and '.join(map(repr, same))} are all saved as {file!r}")
         if not self.candidates and not self.final:
             raise ValueError("a study needs at least one entry in [[candidates]] or [[final]]")
         return self

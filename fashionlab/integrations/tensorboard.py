@@ -62,9 +62,11 @@ def tensorboard_dir(run: RunRecord, run_dir: str | Path = DEFAULT_RUN_DIR) -> Pa
 
 
 def model_logdir(logdir: str | Path, key: str) -> Path:
-    """A model's event directory: its key, each part a safe file name ("dense(64)/fold-3" ->
-    logdir/dense_64_/fold-3)."""
-    return Path(logdir, *(safe_name(part) for part in key.split("/")))
+    """A model's event directory: its candidate and its part, each a safe file name
+    ("dense(64)/fold-3" -> logdir/dense_64_/fold-3; a "/" inside the candidate's own name
+    stays in its folder's name, as in its models' folder)."""
+    candidate, _, part = key.rpartition("/")
+    return Path(logdir, *(safe_name(p) for p in (candidate, part) if p))
 
 
 def written_steps(directory: Path) -> set[tuple[str, int]]:
