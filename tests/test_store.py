@@ -453,3 +453,17 @@ def test_a_run_handed_over_reads_as_its_new_holder_does(store: Store):
     store.end_run(run.id, "finished")
     store.hand_over_run(run.id, {"host": "elsewhere", "pid": 1, "pid_start": 1, "boot_id": "x"})
     assert store.run(run.id).status == "finished" and store.run(run.id).pid == holder.pid
+
+
+@pytest.mark.parametrize("folder", ["x?1", "p%41x", "h#x", "sp ace ü"])
+def test_a_run_directory_holds_its_own_store_whatever_its_name(tmp_path: Path, folder: str):
+    run_dir = tmp_path / folder / "runs"
+    store = Store.open(run_dir)
+    store.create_run(kind="study", name="a", fingerprint="0" * 32, seed=0, config={},
+                     environment={})
+    store.close()
+    assert (run_dir / "fashionlab.db").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == [folder]  # not "x", "pAx" or "h"
+    other = Store.open(tmp_path / f"{folder}-other")  # a sibling sees none of its runs
+    assert other.runs() == []
+    other.close()

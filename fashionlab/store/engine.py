@@ -31,7 +31,12 @@ def database_url(url: str) -> str:
 
 
 def default_url(run_dir: str | Path = DEFAULT_RUN_DIR) -> str:
-    return f"sqlite:///{Path(run_dir).resolve() / DB_NAME}"
+    """The SQLite URL of the store in `run_dir`. A URL decodes "%XX" and ends its path at "?"
+    or "#": those are escaped, so that a folder named with them holds its own store."""
+    path = str(Path(run_dir).resolve() / DB_NAME)
+    for char, escaped in (("%", "%25"), ("?", "%3F"), ("#", "%23")):
+        path = path.replace(char, escaped)
+    return f"sqlite:///{path}"
 
 
 def safe_url(url: str) -> str:
