@@ -37,7 +37,7 @@ from filelock import FileLock
 from fashionlab.errors import ConfigError, StoreError
 from fashionlab.rng import derive_seed
 from fashionlab.schema import checkpoints, jobs
-from fashionlab.store import Store, gone, this_process
+from fashionlab.store import Store, gone, make_folder, this_process
 
 __all__ = ["DEFAULT_GRACE", "Claim", "ClaimLock", "ClaimLost", "JobRow", "claim_grace",
            "claim_job", "command_identity", "drop_checkpoints", "fetch_checkpoint", "job_rows",
@@ -257,7 +257,7 @@ class ClaimLock:
         database = sa.make_url(url).database if self.dialect == "sqlite" else None
         self.path = Path(f"{database}.{kind}-lock") if database else None
         if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_folder(self.path.parent)
         self._conn: sa.Connection | None = None
         self._file: FileLock | None = None
 

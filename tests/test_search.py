@@ -797,3 +797,15 @@ def test_a_study_and_the_runs_browser_use_a_postgresql_store(postgres_url: str,
     assert code == 0, err
     assert result.run.id in {run["id"] for run in json.loads(out)}
     assert not (tmp_path / "fashionlab.db").exists()  # nothing went to the default SQLite file
+
+
+def test_a_run_directory_that_is_a_file_is_one_line(tiny_idx_dir: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]):
+    path = _load(tiny_search_toml(tiny_idx_dir, n_trials=1), tmp_path)
+    (tmp_path / "afile").write_text("")
+    for command in ("search", "study"):
+        code, _, err = run_cli(capsys, command, str(path), "--run-dir", str(tmp_path / "afile"))
+        assert_one_line_error(code, err, f"{tmp_path / 'afile'}: is a file, not a folder")
+    code, _, err = run_cli(capsys, "search", str(path), "--run-dir",
+                           str(tmp_path / "afile" / "below"))
+    assert_one_line_error(code, err, f"{tmp_path / 'afile'}: is a file, not a folder")

@@ -16,7 +16,14 @@ migrations when it opens a database.
 
 from __future__ import annotations
 
-from fashionlab.store.engine import DB_NAME, DEFAULT_RUN_DIR, database_url, default_url, safe_url
+from fashionlab.store.engine import (
+    DB_NAME,
+    DEFAULT_RUN_DIR,
+    database_url,
+    default_url,
+    make_folder,
+    safe_url,
+)
 from fashionlab.store.records import (
     HEARTBEAT_EVERY,
     STALE_AFTER,
@@ -40,6 +47,7 @@ __all__ = [
     "database_url",
     "default_url",
     "gone",
+    "make_folder",
     "safe_url",
     "this_process",
 ]

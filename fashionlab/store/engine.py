@@ -12,6 +12,8 @@ from urllib.parse import quote, unquote
 
 import sqlalchemy as sa
 
+from fashionlab.errors import StoreError
+
 DEFAULT_RUN_DIR = Path("fashionlab-runs")
 DB_NAME = "fashionlab.db"
 
@@ -37,6 +39,21 @@ def default_url(run_dir: str | Path = DEFAULT_RUN_DIR) -> str:
     for char, escaped in (("%", "%25"), ("?", "%3F"), ("#", "%23")):
         path = path.replace(char, escaped)
     return f"sqlite:///{path}"
+
+
+def make_folder(folder: Path) -> None:
+    """Create `folder` (and its parents) for a store's files; a StoreError that says why not,
+    e.g. that a file holds the name of the folder (--run-dir given a file)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()),
+                        folder)
+        raise StoreError(f"{blocking}: is a file, not a folder: give a folder for the run "
+                         "directory") from None
+    except OSError as error:
+        raise StoreError(f"{folder}: cannot create the folder ({error.strerror or error})") \
+            from None
 
 
 def safe_url(url: str) -> str:

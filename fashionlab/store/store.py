@@ -39,6 +39,7 @@ from fashionlab.store.engine import (
     DEFAULT_RUN_DIR,
     database_url,
     default_url,
+    make_folder,
     read_only_url,
     safe_url,
     sqlite_file,
@@ -94,7 +95,7 @@ class Store:
             if path is not None and self.read_only:
                 engine_url = sqlite_read_only_url(path)
             elif path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
+                make_folder(path.parent)
             # An in-memory SQLite database lives in one connection: share it (tests).
             self._in_memory = engine_url.drivername.startswith("sqlite") and path is None
             self.engine = sa.create_engine(
