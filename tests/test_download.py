@@ -189,6 +189,21 @@ def test_mirrors_from_the_environment(server: ThreadingHTTPServer,
     assert server.requests == {"missing": 4, "good": 4}
 
 
+@pytest.mark.parametrize("mirror", ["mirror.example.org/fashion", "http://[::1",
+                                    "ftp://example.org/fashion", "https://"])
+def test_a_mirror_that_is_no_http_address_is_one_line_before_any_download(
+        sums: dict[str, FileChecksum], isolated_data_env: Path, no_debian: Path,
+        monkeypatch: pytest.MonkeyPatch, mirror: str):
+    monkeypatch.setenv("FASHIONLAB_MIRRORS", f"https://example.org/ok/ {mirror}")
+    with pytest.raises(DataError) as error:
+        fetch_fashion_mnist(checksums=sums, **FAST)
+    assert str(error.value) == (f"FASHIONLAB_MIRRORS: {mirror!r} is not an http:// or https:// "
+                                "address (e.g. https://example.org/fashion-mnist/)")
+    with pytest.raises(DataError, match=r"^mirrors: 'x' is not an http"):
+        fetch_fashion_mnist(mirrors=["x"], checksums=sums, **FAST)
+    assert not any(isolated_data_env.rglob("*.gz"))
+
+
 def test_load_downloads_when_nothing_is_local(server: ThreadingHTTPServer,
                                               sums: dict[str, FileChecksum],
                                               isolated_data_env: Path, no_debian: Path):

@@ -16,6 +16,7 @@ import os
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from http.client import HTTPException
@@ -132,10 +133,22 @@ class _TransferError(Exception):
 
 
 def _mirrors(mirrors: Sequence[str] | None) -> tuple[str, ...]:
-    if mirrors is not None:
-        return tuple(mirrors)
-    from_env = os.environ.get(MIRRORS_ENV, "").replace(",", " ").split()
-    return tuple(from_env) or DEFAULT_MIRRORS
+    """The mirrors to try, each checked to be an http(s) address: a DataError naming where
+    it came from (`mirrors`, or FASHIONLAB_MIRRORS) otherwise."""
+    source = "mirrors"
+    if mirrors is None:
+        mirrors = os.environ.get(MIRRORS_ENV, "").replace(",", " ").split() or DEFAULT_MIRRORS
+        source = MIRRORS_ENV
+    for base in mirrors:
+        try:
+            parts = urllib.parse.urlsplit(base)
+            valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+        except ValueError:  # e.g. "http://[::1": an address that does not parse
+            valid = False
+        if not valid:
+            raise DataError(f"{source}: {base!r} is not an http:// or https:// address "
+                            "(e.g. https://example.org/fashion-mnist/)")
+    return tuple(mirrors)
 
 
 def _download_once(url: str, *, timeout: float,
