@@ -287,6 +287,24 @@ def test_the_command_line_exports_and_logs_live(tiny_idx_dir: Path, tmp_path: Pa
     assert code == 2 and "mlflow" in err
     store.close()
 
+    # A tracking URI that cannot be used: one line, not a traceback.
+    (tmp_path / "afile").write_text("")
+    for uri, message in [("", "the MLflow tracking URI is empty"),
+                         (f"sqlite:///{tmp_path / 'afile' / 'm.db'}", "mlflow sqlite:///")]:
+        code, out, err = run_cli(capsys, "runs", "export", run_id, "--to", "mlflow", uri,
+                                 "--run-dir", str(tmp_path / "runs"))
+        assert_one_line_error(code, err, message)
+
+
+def test_a_quiet_study_still_says_that_mlflow_failed(tiny_idx_dir: Path, tmp_path: Path,
+                                                     capsys):
+    path = _study(tiny_idx_dir, tmp_path, final=False)
+    code, _, err = run_cli(capsys, "study", str(path), "--run-dir", str(tmp_path / "runs"),
+                             "--workers", "1", "-q", "--mlflow", "nosuchscheme://nowhere")
+    assert code == 0
+    assert err.startswith("mlflow: cannot log to nosuchscheme://nowhere (") and \
+        err.count("\n") == 1, err
+
 
 def test_an_mlflow_failure_does_not_stop_training(tiny_idx_dir: Path, tmp_path: Path,
                                                   tracking: str):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial
+from sqlalchemy.exc import SQLAlchemyError
 
 try:  # an optional extra: `pip install 'fashionlab[mlflow]'`; checked where it is used
     from mlflow import MlflowClient
@@ -57,10 +59,21 @@ class MlflowError(FashionlabError):
     """MLflow is not installed, or its tracking server or store refused or was unreachable."""
 
 
-def require_mlflow() -> None:
-    """MlflowError unless MLflow is installed."""
+# A tracking server that does not answer fails a command (or live logging) within a minute or
+# so, not after MLflow's default of 7 retries with exponential backoff and 120-s time-outs
+# (~4 minutes of silence for a server that is down). Your own settings of these win.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+def require_mlflow(tracking_uri: str | None = None) -> None:
+    """MlflowError unless MLflow is installed (and `tracking_uri`, when given, is not empty)."""
     if MlflowClient is None:
         raise MlflowError("MLflow is not installed: pip install 'fashionlab[mlflow]'")
+    if tracking_uri is not None and not tracking_uri.strip():
+        raise MlflowError("the MLflow tracking URI is empty (e.g. sqlite:///mlflow.db or "
+                          "http://host:5000)")
+    for name, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
 
 
 def export_run_to_mlflow(store: Store, run_id: str, tracking_uri: str, *,
@@ -70,12 +83,15 @@ def export_run_to_mlflow(store: Store, run_id: str, tracking_uri: str, *,
 
     `experiment`: the MLflow experiment (default: the study's name; created when missing).
     `artifacts`: also upload the run's files (report.html, results.*, figures/, models/).
-    MlflowError (one line) when MLflow refuses or is not installed."""
-    require_mlflow()
+    MlflowError (one line) when MLflow refuses, cannot be reached (its server, or the database
+    file of a database URI) or is not installed."""
+    require_mlflow(tracking_uri)
     try:
         return MlflowExport(store, run_id, tracking_uri, experiment=experiment).sync(
             artifacts=artifacts)
-    except MlflowException as error:
+    except FashionlabError:  # the store's own: already one line, and not MLflow's fault
+        raise
+    except (MlflowException, SQLAlchemyError, OSError) as error:  # OSError: requests' too
         raise MlflowError(f"mlflow {tracking_uri}: {first_line(error)}") from None
 
 

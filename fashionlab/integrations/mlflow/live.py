@@ -116,11 +116,13 @@ def logging_to_mlflow(
     from fashionlab.integrations.mlflow.export import require_mlflow
     from fashionlab.search import search_identity
 
-    require_mlflow()  # before training, not after it
+    require_mlflow(tracking_uri)  # before training, not after it
     fingerprint = spec.fingerprint() if kind == "study" else search_identity(spec)[1]
     with reporting(progress) as display:
+        # An MLflow failure is said even when nothing else is shown (`--quiet`): on stderr.
         live = MlflowReporter(tracking_uri, kind=kind, fingerprint=fingerprint, run_dir=run_dir,
-                              store_url=store_url, experiment=experiment, log=display.log)
+                              store_url=store_url, experiment=experiment,
+                              log=None if progress is False else display.log)
         try:
             yield Tee(live, display)
         except BaseException:
