@@ -805,7 +805,7 @@ def test_a_run_directory_that_is_a_file_is_one_line(tiny_idx_dir: Path, tmp_path
     (tmp_path / "afile").write_text("")
     for command in ("search", "study"):
         code, _, err = run_cli(capsys, command, str(path), "--run-dir", str(tmp_path / "afile"))
-        assert_one_line_error(code, err, f"{tmp_path / 'afile'}: is a file, not a folder")
+        assert_one_line_error(code, err, f"{tmp_path / 'afile'} is a file, not a folder")
     code, _, err = run_cli(capsys, "search", str(path), "--run-dir",
                            str(tmp_path / "afile" / "below"))
-    assert_one_line_error(code, err, f"{tmp_path / 'afile'}: is a file, not a folder")
+    assert_one_line_error(code, err, f"{tmp_path / 'afile'} is a file, not a folder")

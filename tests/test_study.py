@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -461,3 +462,30 @@ def test_run_studys_arguments_are_checked_before_any_run_exists(
     assert not (tmp_path / "runs").exists()
     with pytest.raises(ConfigError, match="spec: expected a StudySpec .*, got str"):
         run_study(str(study_file), run_dir=tmp_path / "runs")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("how", ["moved", "copied"])
+def test_a_run_directory_moved_or_copied_resumes_in_its_new_place(
+        study_file: Path, tmp_path: Path, how: str):
+    def stop(key: str, epoch: int) -> None:
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    spec = load_study(study_file)
+    old, new = tmp_path / "old", tmp_path / "new"
+    with pytest.raises(KeyboardInterrupt):
+        run_study(spec, run_dir=old, progress=OnEpoch(stop))
+    shutil.copytree(old, new) if how == "copied" else shutil.move(old, new)
+    before = sorted(p.relative_to(old) for p in old.rglob("*")) if how == "copied" else None
+
+    result = run_study(spec, run_dir=new, progress=False)
+    run_folder = new / result.run.id
+    assert result.output_dir == run_folder.resolve()
+    assert Path(result.run.output_dir) == run_folder.resolve()
+    assert (run_folder / "results.csv").is_file() and (run_folder / "report.html").is_file()
+    assert any((run_folder / "models").iterdir())
+    assert not (run_folder / "checkpoints").exists()
+    if how == "moved":
+        assert not old.exists()  # nothing written where the run used to be
+    else:
+        assert sorted(p.relative_to(old) for p in old.rglob("*")) == before  # untouched

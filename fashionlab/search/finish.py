@@ -157,7 +157,7 @@ def finish_search(s: SearchContext, stopped_by: str, seconds: float) -> dict[str
     (output / "results.md").write_text(search_markdown(summary))
     (output / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     (output / "study.toml").write_text(study_to_toml(spec))
-    store.end_run(run.id, "finished", summary)
+    store.end_run(run.id, "finished", summary, output_dir=output)  # where it is now
     write_report(store, run.id, device=s.run.device)  # the report reads the finished run back
     return summary
 

@@ -203,7 +203,9 @@ def run_search(
         if search.start_with_base and search.sampler != "grid" and not study.get_trials():
             study.enqueue_trial(base_params(search, base), user_attrs={"base": base.name})
     dataset = dataset if dataset is not None else load_study_data(spec)
-    output_dir = Path(run.output_dir or DEFAULT_RUN_DIR / run.id)
+    # <run dir>/<run id>, whatever the store recorded: a run directory moved or copied goes
+    # on in its new place (as a study does).
+    output_dir = (run_dir / run.id).resolve()
     try:
         with reporting(progress) as reporter:
             ctx = RunContext(store, run, spec, output_dir, torch_device, reporter)

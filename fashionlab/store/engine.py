@@ -49,8 +49,7 @@ def make_folder(folder: Path) -> None:
     except (FileExistsError, NotADirectoryError):
         blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()),
                         folder)
-        raise StoreError(f"{blocking}: is a file, not a folder: give a folder for the run "
-                         "directory") from None
+        raise StoreError(f"{blocking} is a file, not a folder") from None
     except OSError as error:
         raise StoreError(f"{folder}: cannot create the folder ({error.strerror or error})") \
             from None

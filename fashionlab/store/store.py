@@ -95,7 +95,11 @@ class Store:
             if path is not None and self.read_only:
                 engine_url = sqlite_read_only_url(path)
             elif path is not None:
-                make_folder(path.parent)
+                try:
+                    make_folder(path.parent)
+                except StoreError as error:
+                    raise StoreError(f"cannot open the store {safe_url(url)}: {error}") \
+                        from None
             # An in-memory SQLite database lives in one connection: share it (tests).
             self._in_memory = engine_url.drivername.startswith("sqlite") and path is None
             self.engine = sa.create_engine(

@@ -96,11 +96,14 @@ def run_study(
     folds = make_folds(len(dataset.train), spec.cv, seed=spec.seed, labels=dataset.train.labels)
     run, joined, resumed = _start_run(store, spec, run_dir, str(torch_device), fresh)
     shown = run.status == "finished"  # read back from the store: nothing is written
-    # On a database server every process keeps its files (checkpoints, the models it trains,
-    # the outputs if it writes them) in its own run directory: another machine's may not
-    # exist here. A SQLite store has one machine, and the run's directory.
-    output_dir = (run_dir / run.id).resolve() if store.shared and not shown \
-        else Path(run.output_dir or run_dir / run.id)
+    # A run's files live in <run dir>/<run id>, whatever folder the store recorded: on a
+    # database server every process keeps its files (checkpoints, the models it trains, the
+    # outputs if it writes them) in its own run directory, another machine's may not exist
+    # here; a run directory moved or copied resumes in its new place, not in the old one. A
+    # finished run shown from a store whose run directory is elsewhere: where it was written.
+    output_dir = (run_dir / run.id).resolve()
+    if shown and not output_dir.is_dir() and run.output_dir:
+        output_dir = Path(run.output_dir)
     result = StudyResult(run, spec, output_dir, n_train=len(folds[0].train_index),
                          n_val=len(folds[0].val_index), resumed=resumed)
     me = command_identity()
