@@ -692,6 +692,30 @@ pruner = "none"
     assert retry.params == result.trials[1].params and retry.user_attrs["models"] == "trial-1"
 
 
+def test_a_trial_interrupted_again_in_its_retry_is_retried_again(tiny_idx_dir: Path,
+                                                                  tmp_path: Path):
+    path = _load(search_toml(tiny_idx_dir, search="""
+n_trials = 3
+pruner = "none"
+sampler = "random"
+""", space="learning_rate = { low = 1e-3, high = 0.1, log = true }"), tmp_path)
+    reference = run_search(load_study(path), run_dir=tmp_path / "reference", progress=False)
+    for stop_at in (2, 3):  # in the trial, then in its retry (which goes on from epoch 2)
+        def interrupt(key: str, epoch: int, stop_at: int = stop_at) -> None:
+            if key == "trial-1/fold-0" and epoch == stop_at:
+                raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            run_search(load_study(path), run_dir=tmp_path / "runs", progress=OnEpoch(interrupt))
+    result = run_search(load_study(path), run_dir=tmp_path / "runs", progress=False)
+    states = [t.state for t in result.trials]
+    assert states.count(TrialState.FAIL) == 2 and sum(s in FINISHED for s in states) == 3
+    finished = [t for t in result.trials if t.state in FINISHED]
+    assert finished[1].user_attrs["models"] == "trial-1"  # the retry of a retry: its models
+    assert [(t.params, t.value) for t in finished] == \
+        [(t.params, t.value) for t in reference.trials]  # nothing lost, the same search
+
+
 # --------------------------------------------------------------------------------------------
 # Many workers, one PostgreSQL database
 

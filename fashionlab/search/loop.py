@@ -60,7 +60,13 @@ from fashionlab.search.space import (
     grid_size,
     make_sampler,
 )
-from fashionlab.search.storage import ClaimLock, delete_study, open_storage, search_identity
+from fashionlab.search.storage import (
+    MAX_RETRIES,
+    ClaimLock,
+    delete_study,
+    open_storage,
+    search_identity,
+)
 from fashionlab.search.trial import TrialContext, make_pruner, train_trial
 from fashionlab.steps import RunContext, load_study_data
 from fashionlab.store import (
@@ -78,14 +84,14 @@ __all__ = ["SearchResult", "run_search"]
 
 
 def drawn_before(trials: Sequence[FrozenTrial]) -> int:
-    """How many trials were drawn before the next one: a failed trial and its retry (the same
-    parameters under a new number) count once, so a search interrupted and resumed draws the
+    """How many trials were drawn before the next one: a failed trial and its retries (the same
+    parameters under new numbers) count once, so a search interrupted and resumed draws the
     same trials as one never interrupted."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retried = {optuna.storages.RetryFailedTrialCallback.retried_trial_number(t)
-                   for t in trials} - {None}
-    return len(trials) - len(retried)
+        # A retry of a retry names the first trial of its chain: count the trials no retry.
+        return sum(optuna.storages.RetryFailedTrialCallback.retried_trial_number(t) is None
+                   for t in trials)
 
 
 @dataclass
@@ -300,7 +306,8 @@ class _Searcher:
                                    self.finishing.maximize)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
+            self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(
+                max_retry=MAX_RETRIES)
         self.identity = ProcessIdentity.current()
         self.worker = f"{socket.gethostname()}:{self.identity.pid}"
         self.seed = self.search.seed if self.search.seed is not None else spec.seed

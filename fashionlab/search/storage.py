@@ -19,11 +19,15 @@ from fashionlab.config import StudySpec
 from fashionlab.jobs import ClaimLock
 from fashionlab.store import database_url
 
-__all__ = ["GRACE_PERIOD", "HEARTBEAT_INTERVAL", "ClaimLock", "delete_study", "open_storage",
+__all__ = ["GRACE_PERIOD", "HEARTBEAT_INTERVAL", "MAX_RETRIES", "ClaimLock", "delete_study", "open_storage",
            "search_identity", "study_name"]
 
 HEARTBEAT_INTERVAL = 20  # seconds between a running trial's signs of life in the database
-GRACE_PERIOD = 120  # a trial silent this long is failed and retried (once)
+GRACE_PERIOD = 120  # a trial silent this long is failed and retried
+# A trial lost (its process killed or stopped) is retried with its parameters, from its
+# checkpoints, up to this many times: a search stopped twice in one trial loses nothing, and
+# a trial that kills its process every time (out of memory) does not hold the search forever.
+MAX_RETRIES = 3
 
 
 def study_name(search: str, fingerprint: str) -> str:
@@ -57,7 +61,8 @@ def delete_study(url: str, name: str) -> bool:
 
 
 def open_storage(url: str) -> optuna.storages.RDBStorage:
-    """Optuna's storage on the store's database, with heartbeats and one retry per lost trial."""
+    """Optuna's storage on the store's database, with heartbeats and MAX_RETRIES retries of a
+    lost trial."""
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
         kwargs = {"connect_args": {"timeout": 60}}
@@ -67,4 +72,4 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
             database_url(url), engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_INTERVAL,
             grace_period=GRACE_PERIOD,
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                max_retry=1))
+                max_retry=MAX_RETRIES))
