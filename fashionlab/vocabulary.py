@@ -17,7 +17,7 @@ from typing import Any, Literal, get_args
 from fashionlab.errors import FieldValueError
 
 __all__ = ["VOCABULARY", "Param", "TestTimeAugmentation", "check_base", "check_grid",
-           "check_space"]
+           "check_space", "check_varies"]
 
 # A model's test-time augmentation (`ModelSpec.tta`), named once for the spec and the search.
 TestTimeAugmentation = Literal["none", "flip", "flip-shift"]
@@ -71,6 +71,15 @@ def check_space(space: Mapping[str, Any]) -> None:
             _check_param(param, spec)
         except ValueError as error:
             raise FieldValueError((name,), str(error)) from None
+
+
+def check_varies(space: Mapping[str, Any]) -> None:
+    """The space draws more than one candidate: otherwise every trial would train the same
+    one with the same seed, n_trials identical copies."""
+    if not any(spec.low is not None or len(set(spec.choices or ())) > 1
+               for spec in space.values()):
+        raise FieldValueError(("space",), "varies nothing: give at least one parameter a range "
+                              "or two choices (fixed values alone make every trial the same)")
 
 
 def _check_param(param: Param, spec: Any) -> None:

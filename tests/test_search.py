@@ -116,6 +116,9 @@ layers = [{ units = 64 }]
     ("crop = { low = 0, high = 9 }", "search.space.crop: values must lie in [0, 9) (got 9)"),
     ('tta = { choices = ["flip", "crops"] }',
      "search.space.tta: 'crops' is not one of: none, flip, flip-shift"),
+    ("units = { choices = [16, 16] }\noptimizer = \"adamw\"",
+     "search.space: varies nothing: give at least one parameter a range or two choices"),
+    ("", "search.space: varies nothing"),
 ])
 def test_a_bad_space_is_one_line_naming_the_file_and_parameter(space: str, message: str):
     raw = tomllib.loads(BASE + "[search.space]\n" + space)
@@ -138,9 +141,12 @@ def test_search_settings_are_checked_too():
           "objective val_accuracy is (got 89.5; for 89.5% write 0.895)")),
         ('objective = "val_loss"\n[search.reference]\nscore = -0.3',
          "my.toml: search.reference.score: a loss is not negative (got -0.3)"),
+        ("n_trials = 3", "my.toml: search.space: varies nothing"),  # no space at all
         ("[search.reference]\nscore = nan",
          "my.toml: search.reference.score: input should be a finite number"),
     ]:
+        if "[search.space]" not in extra and "varies nothing" not in message:
+            extra += "\n[search.space]\nlearning_rate = { low = 0.001, high = 0.01 }"
         with pytest.raises(ConfigError) as error:
             study_from_dict(tomllib.loads(BASE + "[search]\n" + extra), source="my.toml")
         assert str(error.value).startswith(message), str(error.value)
@@ -195,7 +201,8 @@ def test_a_grid_too_large_to_list_is_refused_before_anything_is_created(
 ])
 def test_zero_or_negative_limits_are_refused_not_replaced_by_the_files(
         tmp_path: Path, arguments: dict, message: str):
-    spec = study_from_dict(tomllib.loads(BASE + "[search]\nn_trials = 3\ntimeout = 60\n"))
+    spec = study_from_dict(tomllib.loads(BASE + "[search]\nn_trials = 3\ntimeout = 60\n"
+                                         "[search.space]\nunits = { low = 8, high = 64 }\n"))
     with pytest.raises(ConfigError) as error:
         run_search(spec, run_dir=tmp_path / "runs", progress=False, **arguments)
     assert str(error.value) == message
@@ -204,7 +211,8 @@ def test_zero_or_negative_limits_are_refused_not_replaced_by_the_files(
 
 def test_the_cli_says_a_zero_timeout_in_one_line(tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]):
-    path = _load(BASE + "[search]\nn_trials = 3\n", tmp_path, "my.toml")
+    path = _load(BASE + "[search]\nn_trials = 3\n[search.space]\nunits = { low = 8, high = 64 }\n",
+                 tmp_path, "my.toml")
     code, _, err = run_cli(capsys, "search", str(path), "--timeout", "0", "--run-dir",
                            str(tmp_path / "runs"))
     assert_one_line_error(code, err, "timeout (--timeout): expected a positive number")

@@ -31,7 +31,8 @@ CURVE = [0.5, 0.6, 0.7, 0.8, 0.85, 0.86]  # best so far, per epoch
 
 
 def _search(extra: str):
-    spec = study_from_dict(tomllib.loads(BASE + extra), source="my.toml")
+    space = "\n[search.space]\nlearning_rate = { low = 0.001, high = 0.01 }\n"
+    spec = study_from_dict(tomllib.loads(BASE + extra + space), source="my.toml")
     assert spec.search is not None
     return spec.search
 

@@ -26,7 +26,13 @@ from pydantic.dataclasses import dataclass
 
 from fashionlab.errors import FieldValueError
 from fashionlab.text import safe_name
-from fashionlab.vocabulary import TestTimeAugmentation, check_base, check_grid, check_space
+from fashionlab.vocabulary import (
+    TestTimeAugmentation,
+    check_base,
+    check_grid,
+    check_space,
+    check_varies,
+)
 
 _STRICT = ConfigDict(extra="forbid")
 
@@ -376,6 +382,7 @@ class SearchSpec:
 
     @model_validator(mode="after")
     def _grid_needs_points(self) -> SearchSpec:
+        check_varies(self.space)
         if self.sampler == "grid":
             check_grid(self.space)
         return self
