@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import OnEpoch, assert_one_line_error, run_cli, tiny_study_toml
+from helpers import OnEpoch, Recorder, assert_one_line_error, run_cli, tiny_study_toml
 
-from fashionlab.config import load_study
+from fashionlab.config import load_study, study_from_dict
 from fashionlab.cv import make_folds
 from fashionlab.errors import ConfigError
 from fashionlab.progress import Silent
@@ -28,6 +28,11 @@ from fashionlab.study import independent_jobs, run_study
 from fashionlab.study import jobs as study_jobs
 from fashionlab.study.jobs import JobInputs
 from fashionlab.train import Tensors
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 
 @pytest.fixture
@@ -213,7 +218,7 @@ def test_a_finished_study_is_not_rerun_unless_fresh(study_file: Path, tmp_path: 
 
 _KILLER = textwrap.dedent("""
     import os, signal, sys
-    from fashionlab.config import load_study
+    from fashionlab.config import load_study, study_from_dict
     from fashionlab.progress import Silent
     from fashionlab.store import Store
     from fashionlab.study import run_study
@@ -489,3 +494,26 @@ def test_a_run_directory_moved_or_copied_resumes_in_its_new_place(
         assert not old.exists()  # nothing written where the run used to be
     else:
         assert sorted(p.relative_to(old) for p in old.rglob("*")) == before  # untouched
+
+
+def test_a_study_changed_after_an_interruption_says_it_starts_a_new_run(
+        tiny_idx_dir: Path, tmp_path: Path):
+    def stop(key: str, epoch: int) -> None:
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    before = study_from_dict(tomllib.loads(tiny_study_toml(tiny_idx_dir, epochs=3)))
+    with pytest.raises(KeyboardInterrupt):
+        run_study(before, run_dir=tmp_path, progress=OnEpoch(stop))
+    (interrupted,) = Store.open(tmp_path).runs()
+    changed = study_from_dict(tomllib.loads(tiny_study_toml(tiny_idx_dir, epochs=4)))
+    recorder = Recorder()
+    result = run_study(changed, run_dir=tmp_path, progress=recorder)
+    logs = [call[1] for call in recorder.calls if call[0] == "log"]
+    assert logs[0] == (f"run {result.run.id} is a new run: the settings of study 'tiny' differ "
+                       f"from those of its interrupted run {interrupted.id}, which is left as "
+                       f"it is (the same settings resume it; `fashionlab runs delete "
+                       f"{interrupted.id}` removes it)")
+    recorder = Recorder()
+    run_study(changed, run_dir=tmp_path, progress=recorder)  # shown again: nothing to say
+    assert not any(call[0] == "log" and "new run" in call[1] for call in recorder.calls)

@@ -111,6 +111,8 @@ def run_study(
     outputs: Claim | None = None
     try:
         with reporting(progress) as reporter:
+            if not (shown or joined or resumed):
+                _say_what_it_does_not_resume(store, run, reporter)
             ctx = RunContext(store, run, spec, output_dir, torch_device, reporter)
             dtype = image_dtype(spec, torch_device)
             x_train, y_train = to_tensors(dataset.train, torch_device, dtype)
@@ -198,6 +200,19 @@ def run_study(
     result.run = store.run(run.id)
     store.close()
     return result
+
+
+def _say_what_it_does_not_resume(store: Store, run: RunRecord, reporter: Reporter) -> None:
+    """A new run of a study whose earlier run was interrupted: the study's settings changed
+    since (a run resumes only with the identical resolved config), and the user may have
+    expected a resume; say so, and that the earlier run stays."""
+    earlier = [r for r in store.runs(kind="study", name=run.name)
+               if r.fingerprint != run.fingerprint and r.state == "interrupted"]
+    if earlier:
+        reporter.log(f"run {run.id} is a new run: the settings of study '{run.name}' differ "
+                     f"from those of its interrupted run {earlier[0].id}, which is left as it "
+                     f"is (the same settings resume it; `fashionlab runs delete "
+                     f"{earlier[0].id}` removes it)")
 
 
 def _leave(store: Store, output_dir: Path) -> None:
