@@ -116,7 +116,8 @@ def learning_curves(
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # a run stopped before its first epoch: none
+            ax.legend(fontsize=8)
     band = f", mean \u00b1 1 std of {n_models} folds" if n_models > 1 else ""
     figure.suptitle(f"{title}{band}")
     return figure

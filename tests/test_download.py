@@ -182,10 +182,12 @@ def test_time_outs_are_bounded(server: ThreadingHTTPServer, sums: dict[str, File
 def test_mirrors_from_the_environment(server: ThreadingHTTPServer,
                                       sums: dict[str, FileChecksum], tiny_gz: dict[str, bytes],
                                       isolated_data_env: Path, no_debian: Path,
-                                      monkeypatch: pytest.MonkeyPatch):
+                                      monkeypatch: pytest.MonkeyPatch,
+                                      capfd: pytest.CaptureFixture[str]):
     monkeypatch.setenv("FASHIONLAB_MIRRORS", f"{url(server, 'missing')}, {url(server, 'good')}")
     fetch_fashion_mnist(checksums=sums, **{**FAST, "progress": True})
     assert_installed(isolated_data_env, tiny_gz)
+    assert capfd.readouterr().err == ""  # off a terminal, no bar: not even its empty lines
     assert server.requests == {"missing": 4, "good": 4}
 
 

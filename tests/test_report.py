@@ -284,3 +284,12 @@ def test_the_report_figures_draw_from_plain_arrays():
         plots.confusion_matrix(np.zeros((3, 3)))
     with pytest.raises(ValueError, match="must have 10 values"):
         plots.per_class_bars({"recall": [0.5]})
+
+
+def test_a_candidate_with_no_epoch_yet_is_drawn_without_a_warning(recwarn):
+    from fashionlab.plots import learning_curves
+
+    nothing = np.full((3, 5), np.nan)  # three folds registered, none trained an epoch
+    learning_curves({"loss": nothing, "accuracy": nothing, "val_loss": nothing,
+                     "val_accuracy": nothing}, title="not started")
+    assert [str(w.message) for w in recwarn] == []  # matplotlib: "No artists with labels ..."

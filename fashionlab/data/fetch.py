@@ -202,8 +202,10 @@ def _download(name: str, *, mirrors: Sequence[str], expected: FileChecksum, time
     failures = []
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                TransferSpeedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True,
-                  disable=not progress) as bar:
+    console = Console(stderr=True)
+    # Off a terminal a transient bar leaves only empty lines behind: none there.
+    with Progress(*columns, console=console, transient=True,
+                  disable=not progress or not console.is_terminal) as bar:
         for base in mirrors:
             url = f"{base.rstrip('/')}/{name}.gz"
             for attempt in range(retries + 1):
