@@ -118,7 +118,9 @@ def test_fetch_into_the_cache(capsys: pytest.CaptureFixture[str], tiny_idx_dir: 
 def test_fetch_into_an_unwritable_place(capsys: pytest.CaptureFixture[str], tmp_path: Path):
     (tmp_path / "a-file").write_text("")
     code, _, err = run(capsys, "data", "fetch", "--dir", str(tmp_path / "a-file" / "fm"))
-    assert_one_line_error(code, err, "is not writable")
+    assert_one_line_error(code, err, f"{tmp_path / 'a-file'} is a file, not a folder")
+    code, _, err = run(capsys, "data", "fetch", "--dir", str(tmp_path / "a-file"))
+    assert_one_line_error(code, err, f"{tmp_path / 'a-file'} is a file, not a folder")
 
 
 # --- show ---------------------------------------------------------------------------------------

@@ -227,7 +227,8 @@ def test_unwritable_cache_is_a_one_line_error(tmp_path: Path, monkeypatch: pytes
             call()
         message = str(error.value)
         assert "\n" not in message
-        assert message.startswith(f"cache directory {cache} is not writable"), message
+        assert message == (f"cache directory {cache}: {tmp_path / 'a-file'} is a file, not a "
+                           "folder"), message
 
 
 def test_fetch_copies_decompressed_from_debian(tiny_idx_dir: Path, sums: dict[str, FileChecksum],

@@ -133,7 +133,8 @@ def _split(images: np.ndarray, labels: np.ndarray, images_path: Path, labels_pat
     bad = np.flatnonzero(labels >= n_classes)
     if bad.size:
         raise DataError(f"{labels_path}: label {labels[bad[0]]} at index {bad[0]} is out of "
-                        f"range 0..{n_classes - 1} ({bad.size} such labels)")
+                        f"range 0..{n_classes - 1} ({bad.size} such "
+                        f"label{'s' if bad.size > 1 else ''})")
     return Split(images, labels)
 
 

@@ -231,6 +231,10 @@ def _download(name: str, *, mirrors: Sequence[str], expected: FileChecksum, time
 
 
 def _ensure_writable(directory: Path, *, what: str) -> None:
+    blocking = next((p for p in (directory, *directory.parents)
+                     if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise DataError(f"{what} {directory}: {blocking} is a file, not a folder")
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=directory):
