@@ -151,6 +151,20 @@ def test_show_bad_arguments(capsys: pytest.CaptureFixture[str], tiny_idx_dir: Pa
     code, _, err = run(capsys, "data", "show", "--out", str(tmp_path / "a-file" / "x.png"),
                        "--dir", str(tiny_idx_dir), "--no-verify")
     assert_one_line_error(code, err, "cannot write")
+    code, _, err = run(capsys, "data", "show", "--out", str(tmp_path / "grid.txt"),
+                       "--dir", str(tiny_idx_dir), "--no-verify")
+    assert_one_line_error(code, err, "grid.txt: name an image file ending in .png, .jpg")
+    assert not (tmp_path / "grid.txt").exists()
+
+
+def test_show_writes_the_format_its_name_says(capsys: pytest.CaptureFixture[str],
+                                              tiny_idx_dir: Path, tmp_path: Path):
+    for name, magic in [("g.jpg", b"\xff\xd8\xff"), ("g.PNG", b"\x89PNG"), ("g.pdf", b"%PDF"),
+                        ("g.svg", b"<?xml")]:
+        code, _, err = run(capsys, "data", "show", "--out", str(tmp_path / name),
+                           "--dir", str(tiny_idx_dir), "--no-verify", "--per-class", "2")
+        assert code == 0, err
+        assert (tmp_path / name).read_bytes().startswith(magic), name
 
 
 # --- the figure ---------------------------------------------------------------------------------

@@ -110,9 +110,13 @@ def fetch(
         typer.echo(f"  {path}")
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg")  # what matplotlib writes here
+
+
 @data_app.command()
 def show(
-    out: Annotated[Path, typer.Option("--out", help="PNG file to write.", show_default=False)],
+    out: Annotated[Path, typer.Option(
+        "--out", help="Image file to write: .png, .jpg, .pdf or .svg.", show_default=False)],
     per_class: Annotated[int, typer.Option(
         "--per-class", min=1, max=100, help="Images per class (one row per class).")] = 8,
     split: Annotated[SplitName, typer.Option("--split", help="Which split to draw from.")] = (
@@ -120,19 +124,22 @@ def show(
     directory: DirOption = None,
     verify: VerifyOption = True,
 ) -> None:
-    """Write a labelled grid of the first N images of each class as a PNG.
+    """Write a labelled grid of the first N images of each class as an image (PNG, ...).
 
     Example: fashionlab data show --out samples.png --per-class 10 --split test
     """
     from fashionlab.plots import sample_grid  # matplotlib: only for this command
 
+    if out.suffix.lower() not in IMAGE_SUFFIXES:  # checked before loading, not after drawing
+        raise FashionlabError(f"--out {out}: name an image file ending in "
+                              f"{', '.join(IMAGE_SUFFIXES)}")
     dataset = data.load_fashion_mnist(directory, verify=verify)
     part = dataset.train if split is SplitName.train else dataset.test
     figure = sample_grid(part.images, part.labels, per_class=per_class,
                          class_names=dataset.class_names, title=f"{split.value} split")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(out, format="png", dpi=100, bbox_inches="tight")
+        figure.savefig(out, dpi=100, bbox_inches="tight")  # the format its suffix names
     except OSError as error:
         raise FashionlabError(f"{out}: cannot write ({error.strerror or error})") from None
     typer.echo(f"wrote {out}")
