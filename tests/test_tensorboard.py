@@ -186,3 +186,20 @@ def test_a_models_event_folder_stays_in_the_log_folder_whatever_its_name(tmp_pat
         directory = model_logdir(logdir, key)
         assert directory == logdir / expected
         assert directory.resolve().is_relative_to(logdir.resolve())
+
+
+def test_tensorboard_on_a_finished_run_shown_again_writes_its_curves(
+        study_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    run_dir = tmp_path / "runs"
+    code, _, err = run_cli(capsys, "study", str(study_file), "--run-dir", str(run_dir),
+                           "--workers", "1", "--json")  # no --tensorboard: no event files
+    assert code == 0, err
+    store = Store.open(run_dir, read_only=True)
+    (run,) = store.runs()
+    store.close()
+    assert not tensorboard_dir(run).exists()
+    for _ in range(2):  # shown from the store, twice: every step once
+        code, _, err = run_cli(capsys, "study", str(study_file), "--run-dir", str(run_dir),
+                               "--workers", "1", "--tensorboard", "--json")
+        assert code == 0, err
+    _assert_curves_match_the_store(run_dir, run.id)

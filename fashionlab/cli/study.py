@@ -97,6 +97,17 @@ def study(
                            progress=progress,
                            workers=workers if workers == "auto" else int(workers),
                            threads=threads)
+    if tensorboard and not result.trained_here and result.results_by is None:
+        # A finished run shown from the store: no epoch was reported live, so its stored
+        # curves are written now (idempotent: what the event files hold is not written again).
+        from fashionlab.integrations.tensorboard import export_run_to_tensorboard
+        from fashionlab.store import Store
+
+        opened = Store.open(run_dir, store, read_only=True)
+        try:
+            export_run_to_tensorboard(opened, result.run.id)
+        finally:
+            opened.close()
     if result.results_by is not None:  # a run shared with other processes, which finish it
         if json_output:
             typer.echo(json.dumps({"run": result.run.id, "trained": result.trained_here,
