@@ -359,3 +359,16 @@ def test_without_a_tracking_uri_mlflow_is_not_imported():
               "from fashionlab.integrations.mlflow import export_run_to_mlflow\n"
               "assert 'mlflow' in sys.modules\n")
     subprocess.run([sys.executable, "-c", script], check=True)
+
+
+def test_the_command_prints_none_of_mlflows_info_lines(tiny_idx_dir: Path, tmp_path: Path):
+    # A fresh process: MLflow reads its logging level when it is imported.
+    path = _study(tiny_idx_dir, tmp_path, final=False)
+    script = ("import sys\nfrom fashionlab.cli import main\n"
+              "main(sys.argv[1:])\n")
+    done = subprocess.run(
+        [sys.executable, "-c", script, "study", str(path), "--run-dir", str(tmp_path / "runs"),
+         "--workers", "1", "-q", "--mlflow", f"sqlite:///{tmp_path / 'mlflow.db'}"],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr == ""  # was: "INFO mlflow.store.db.utils: Creating initial MLflow ..."

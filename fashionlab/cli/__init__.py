@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -87,6 +88,9 @@ def main(argv: list[str] | None = None) -> None:
     # is said in one line too, not as a traceback or a silent exit.
     for signum in _STOP_SIGNALS:
         signal.signal(signum, _stop)
+    # MLflow's INFO lines ("Creating initial MLflow database tables", ...) are not the
+    # command's output; its warnings and errors still show. Read when MLflow is imported.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     try:
         _register_commands()
         app(args=argv, prog_name="fashionlab")
