@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script; user-fixable errors exit 2 with one line."""
     # First of all, so that a stop during the imports or while a command reads its input
     # is said in one line too, not as a traceback or a silent exit.
+    _received.clear()  # what an earlier call in this process (a test, a notebook) heard
+    _announced.clear()
     for signum in _STOP_SIGNALS:
         signal.signal(signum, _stop)
     # MLflow's INFO lines ("Creating initial MLflow database tables", ...) are not the
