@@ -137,6 +137,19 @@ class RetrainResult:
 # Laying out the models
 
 
+def note_unresumed_run(store: Store, run: RunRecord, reporter: Reporter) -> None:
+    """For a run just created: when the study or search of that name has an interrupted run
+    of other settings (the file was edited since; only identical settings resume), say so,
+    and that the earlier run stays."""
+    earlier = [r for r in store.runs(kind=run.kind, name=run.name)
+               if r.fingerprint != run.fingerprint and r.state == "interrupted"]
+    if earlier:
+        reporter.log(f"run {run.id} is a new run: the settings of {run.kind} '{run.name}' "
+                     f"differ from those of its interrupted run {earlier[0].id}, which is left "
+                     f"as it is (the same settings resume it; `fashionlab runs delete "
+                     f"{earlier[0].id}` removes it)")
+
+
 def load_study_data(spec: StudySpec) -> Dataset:
     """The study's dataset, cut to its `[data]` limits (the first N images of each split)."""
     dataset = load_fashion_mnist(spec.data.directory, verify=spec.data.verify)

@@ -15,7 +15,14 @@ from pathlib import Path
 
 import optuna
 import pytest
-from helpers import OnEpoch, assert_one_line_error, run_cli, tiny_search_toml, tiny_study_toml
+from helpers import (
+    OnEpoch,
+    Recorder,
+    assert_one_line_error,
+    run_cli,
+    tiny_search_toml,
+    tiny_study_toml,
+)
 from optuna.trial import TrialState
 
 from fashionlab.config import (
@@ -722,6 +729,24 @@ sampler = "random"
     assert finished[1].user_attrs["models"] == "trial-1"  # the retry of a retry: its models
     assert [(t.params, t.value) for t in finished] == \
         [(t.params, t.value) for t in reference.trials]  # nothing lost, the same search
+
+
+def test_a_search_changed_after_an_interruption_says_it_starts_a_new_run(tiny_idx_dir: Path,
+                                                                         tmp_path: Path):
+    def stop(key: str, epoch: int) -> None:
+        if key.startswith("trial-1/"):
+            raise KeyboardInterrupt
+
+    path = _load(tiny_search_toml(tiny_idx_dir, n_trials=3), tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(load_study(path), run_dir=tmp_path / "runs", progress=OnEpoch(stop))
+    (interrupted,) = Store.open(tmp_path / "runs").runs()
+    path.write_text(path.read_text().replace("epochs = 2", "epochs = 3", 1))  # other settings
+    recorder = Recorder()
+    result = run_search(load_study(path), run_dir=tmp_path / "runs", progress=recorder)
+    logs = [call[1] for call in recorder.calls if call[0] == "log"]
+    assert (f"run {result.run.id} is a new run: the settings of search 'tiny-search' differ "
+            f"from those of its interrupted run {interrupted.id}") in logs[0]
 
 
 # --------------------------------------------------------------------------------------------

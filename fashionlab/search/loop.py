@@ -68,7 +68,7 @@ from fashionlab.search.storage import (
     search_identity,
 )
 from fashionlab.search.trial import TrialContext, make_pruner, train_trial
-from fashionlab.steps import RunContext, load_study_data
+from fashionlab.steps import RunContext, load_study_data, note_unresumed_run
 from fashionlab.store import (
     DEFAULT_RUN_DIR,
     RunRecord,
@@ -196,6 +196,7 @@ def run_search(
             raise ConfigError(f"search '{spec.name}' has no trial that ran to its end in "
                               f"{safe_url(url)}: nothing to finish (run the search first)")
         run = next(iter(store.runs(kind="search", fingerprint=fingerprint)), None)
+        created = run is None
         if run is None:
             _refuse_orphan_trials(storage, study_name, safe_url(url))
             run = store.create_run(kind="search", name=spec.name, fingerprint=fingerprint,
@@ -214,6 +215,8 @@ def run_search(
     output_dir = (run_dir / run.id).resolve()
     try:
         with reporting(progress) as reporter:
+            if created:
+                note_unresumed_run(store, run, reporter)
             ctx = RunContext(store, run, spec, output_dir, torch_device, reporter)
             searcher = _Searcher(ctx, study, lock, dataset)
             stopped_by = "finish" if finish else searcher.loop(limits, started)

@@ -35,7 +35,13 @@ from fashionlab.provenance import environment
 from fashionlab.report import REPORT_NAME, ReportError, write_report
 from fashionlab.results import SAMPLES_PER_CLASS, StudyResult, summary, write_outputs
 from fashionlab.runner import auto_workers, image_dtype, threads_per_job
-from fashionlab.steps import RunContext, load_study_data, retrain, train_final
+from fashionlab.steps import (
+    RunContext,
+    load_study_data,
+    note_unresumed_run,
+    retrain,
+    train_final,
+)
 from fashionlab.store import DEFAULT_RUN_DIR, RunRecord, Store
 from fashionlab.study.jobs import (
     OUTPUTS,
@@ -112,7 +118,7 @@ def run_study(
     try:
         with reporting(progress) as reporter:
             if not (shown or joined or resumed):
-                _say_what_it_does_not_resume(store, run, reporter)
+                note_unresumed_run(store, run, reporter)
             ctx = RunContext(store, run, spec, output_dir, torch_device, reporter)
             dtype = image_dtype(spec, torch_device)
             x_train, y_train = to_tensors(dataset.train, torch_device, dtype)
@@ -200,19 +206,6 @@ def run_study(
     result.run = store.run(run.id)
     store.close()
     return result
-
-
-def _say_what_it_does_not_resume(store: Store, run: RunRecord, reporter: Reporter) -> None:
-    """A new run of a study whose earlier run was interrupted: the study's settings changed
-    since (a run resumes only with the identical resolved config), and the user may have
-    expected a resume; say so, and that the earlier run stays."""
-    earlier = [r for r in store.runs(kind="study", name=run.name)
-               if r.fingerprint != run.fingerprint and r.state == "interrupted"]
-    if earlier:
-        reporter.log(f"run {run.id} is a new run: the settings of study '{run.name}' differ "
-                     f"from those of its interrupted run {earlier[0].id}, which is left as it "
-                     f"is (the same settings resume it; `fashionlab runs delete "
-                     f"{earlier[0].id}` removes it)")
 
 
 def _leave(store: Store, output_dir: Path) -> None:
