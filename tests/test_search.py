@@ -632,6 +632,13 @@ def test_finish_writes_the_results_of_the_trials_so_far_and_refuses_none(
 
     with pytest.raises(KeyboardInterrupt):
         run_search(spec, run_dir=run_dir, progress=OnEpoch(stop_in_the_second_trial))
+    holder = Store.open(run_dir)  # another process running the search: --finish waits for it
+    (running,) = holder.runs(kind="search")
+    holder.claim_run(running.id)
+    with pytest.raises(ConfigError, match=r"search 'tiny-search' is running \(pid \d+ on "):
+        run_search(spec, run_dir=run_dir, progress=False, finish=True)
+    holder.end_run(running.id, "interrupted")
+    holder.close()
     finished = run_search(spec, run_dir=run_dir, progress=False, finish=True)
     assert finished.finished and finished.stopped_by == "finish"
     assert finished.summary["finished_trials"] == [0]

@@ -196,6 +196,11 @@ def run_search(
             raise ConfigError(f"search '{spec.name}' has no trial that ran to its end in "
                               f"{safe_url(url)}: nothing to finish (run the search first)")
         run = next(iter(store.runs(kind="search", fingerprint=fingerprint)), None)
+        if finish and run is not None and run.state == "running":
+            # Its workers finish the search themselves, and would overwrite these results.
+            raise ConfigError(f"search '{spec.name}' is running (pid {run.pid} on {run.host}): "
+                              "it writes its results when it ends; stop it first to finish "
+                              "with the trials so far")
         created = run is None
         if run is None:
             _refuse_orphan_trials(storage, study_name, safe_url(url))
