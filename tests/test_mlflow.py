@@ -369,6 +369,7 @@ def test_the_command_prints_none_of_mlflows_info_lines(tiny_idx_dir: Path, tmp_p
     done = subprocess.run(
         [sys.executable, "-c", script, "study", str(path), "--run-dir", str(tmp_path / "runs"),
          "--workers", "1", "-q", "--mlflow", f"sqlite:///{tmp_path / 'mlflow.db'}"],
-        capture_output=True, text=True, timeout=300, check=False)
+        capture_output=True, text=True, timeout=300, check=False,
+        cwd=tmp_path)  # MLflow puts a SQLite URI's artifacts in ./mlruns
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stderr == ""  # was: "INFO mlflow.store.db.utils: Creating initial MLflow ..."
