@@ -73,6 +73,13 @@ def _load(text: str, tmp_path: Path, name: str = "search.toml") -> Path:
     return path
 
 
+def _learning_rate_search(data_dir: Path, tmp_path: Path, search: str) -> Path:
+    """A study file searching the learning rate alone, with these [search] settings."""
+    return _load(search_toml(data_dir, search=search,
+                             space="learning_rate = { low = 1e-3, high = 0.1, log = true }"),
+                 tmp_path)
+
+
 def _trials(run_dir: Path, spec_path: Path) -> list[optuna.trial.FrozenTrial]:
     spec = load_study(spec_path)
     storage = open_storage(default_url(run_dir))
@@ -461,9 +468,7 @@ warmup = 1
 
 
 def test_a_seconds_budget_starts_no_trial_once_spent(tiny_idx_dir: Path, tmp_path: Path):
-    path = _load(search_toml(tiny_idx_dir, search="n_trials = 5\nbudget_seconds = 0.001",
-                             space="learning_rate = { low = 1e-3, high = 0.1, log = true }"),
-                 tmp_path)
+    path = _learning_rate_search(tiny_idx_dir, tmp_path, "n_trials = 5\nbudget_seconds = 0.001")
     result = run_search(load_study(path), run_dir=tmp_path / "runs", progress=False)
     assert result.stopped_by == "budget_seconds" and len(result.trials) == 1
     assert result.summary is not None and result.summary["train_seconds"] >= 0.001
@@ -608,9 +613,7 @@ _KILLER = textwrap.dedent("""
 
 def test_finish_writes_the_results_of_the_trials_so_far_and_refuses_none(
         tiny_idx_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
-    path = _load(search_toml(tiny_idx_dir, search='n_trials = 4\npruner = "none"',
-                             space="learning_rate = { low = 1e-3, high = 0.1, log = true }"),
-                 tmp_path)
+    path = _learning_rate_search(tiny_idx_dir, tmp_path, 'n_trials = 4\npruner = "none"')
     spec = load_study(path)
     missing = tmp_path / "nothing-here"
     code, _, err = run_cli(capsys, "search", str(path), "--finish", "--run-dir", str(missing))
@@ -647,11 +650,11 @@ def test_finish_writes_the_results_of_the_trials_so_far_and_refuses_none(
 
 def test_a_killed_search_resumes_with_no_lost_or_repeated_trial(tiny_idx_dir: Path,
                                                                  tmp_path: Path):
-    path = _load(search_toml(tiny_idx_dir, search="""
+    path = _learning_rate_search(tiny_idx_dir, tmp_path, """
 n_trials = 4
 pruner = "none"
 sampler = "random"
-""", space="learning_rate = { low = 1e-3, high = 0.1, log = true }"), tmp_path)
+""")
     spec = load_study(path)
     reference = run_search(spec, run_dir=tmp_path / "reference", progress=False)
 
@@ -696,10 +699,10 @@ sampler = "random"
 
 def test_an_interrupted_trial_is_retried_once_with_its_parameters(tiny_idx_dir: Path,
                                                                    tmp_path: Path):
-    path = _load(search_toml(tiny_idx_dir, search="""
+    path = _learning_rate_search(tiny_idx_dir, tmp_path, """
 n_trials = 3
 pruner = "none"
-""", space="learning_rate = { low = 1e-3, high = 0.1, log = true }"), tmp_path)
+""")
 
     def interrupt(key: str, epoch: int) -> None:
         if key == "trial-1/fold-0" and epoch == 2:
@@ -716,11 +719,11 @@ pruner = "none"
 
 def test_a_trial_interrupted_again_in_its_retry_is_retried_again(tiny_idx_dir: Path,
                                                                   tmp_path: Path):
-    path = _load(search_toml(tiny_idx_dir, search="""
+    path = _learning_rate_search(tiny_idx_dir, tmp_path, """
 n_trials = 3
 pruner = "none"
 sampler = "random"
-""", space="learning_rate = { low = 1e-3, high = 0.1, log = true }"), tmp_path)
+""")
     reference = run_search(load_study(path), run_dir=tmp_path / "reference", progress=False)
     for stop_at in (2, 3):  # in the trial, then in its retry (which goes on from epoch 2)
         def interrupt(key: str, epoch: int, stop_at: int = stop_at) -> None:
@@ -762,9 +765,7 @@ def test_a_search_changed_after_an_interruption_says_it_starts_a_new_run(tiny_id
 
 def test_a_deleted_search_runs_again_from_scratch(tiny_idx_dir: Path, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]):
-    path = _load(search_toml(tiny_idx_dir, search="n_trials = 2\npruner = \"none\"",
-                             space="learning_rate = { low = 1e-3, high = 0.1, log = true }"),
-                 tmp_path)
+    path = _learning_rate_search(tiny_idx_dir, tmp_path, "n_trials = 2\npruner = \"none\"")
     run_dir = tmp_path / "runs"
     first = run_search(load_study(path), run_dir=run_dir, progress=False)
     code, _, err = run_cli(capsys, "runs", "delete", first.run.id, "--yes",
@@ -782,9 +783,7 @@ def test_a_deleted_search_runs_again_from_scratch(tiny_idx_dir: Path, tmp_path: 
 
 def test_search_fresh_starts_again_and_orphan_trials_are_refused(
         tiny_idx_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
-    path = _load(search_toml(tiny_idx_dir, search="n_trials = 2\npruner = \"none\"",
-                             space="learning_rate = { low = 1e-3, high = 0.1, log = true }"),
-                 tmp_path)
+    path = _learning_rate_search(tiny_idx_dir, tmp_path, "n_trials = 2\npruner = \"none\"")
     run_dir = tmp_path / "runs"
     first = run_search(load_study(path), run_dir=run_dir, progress=False)
     store = Store.open(run_dir)
