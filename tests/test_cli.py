@@ -10,7 +10,7 @@ from importlib import metadata
 
 import pytest
 import typer
-from helpers import run_cli
+from helpers import assert_one_line_error, run_cli
 
 import fashionlab
 from fashionlab.cli import app
@@ -54,6 +54,26 @@ def test_version_prints_the_package_and_installed_versions(capsys: pytest.Captur
     assert out.startswith(f"fashionlab {fashionlab.__version__} ")
     assert f"installed metadata: {metadata.version('fashionlab')}" in out
     assert out.count("\n") == 1
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (("study", "--bogus"), "No such option: --bogus (see 'fashionlab study --help')"),
+    (("runs", "show"), "Missing argument 'run'. (see 'fashionlab runs show --help')"),
+    (("data", "show", "--per-class", "0"), "'--per-class'"),
+    (("study", "a.toml", "b.toml"), "unexpected extra argument"),
+    (("nosuchcommand",), "No such command 'nosuchcommand'"),
+])
+def test_a_usage_error_is_one_line_naming_the_commands_help(
+        args, says, capsys: pytest.CaptureFixture[str]):
+    code, out, err = run_cli(capsys, *args)
+    assert_one_line_error(code, err, says)
+    assert out == "" and "╭" not in err  # no boxed panel
+
+
+def test_a_group_called_bare_prints_its_help_and_nothing_else(
+        capsys: pytest.CaptureFixture[str]):
+    code, out, err = run_cli(capsys, "runs")
+    assert code == 2 and "fashionlab runs list" in out and err == ""
 
 
 def _signal_itself(where: str, *args: str,

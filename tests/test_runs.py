@@ -266,8 +266,9 @@ def test_delete_asks_first(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     store.close()
 
     monkeypatch.setattr("sys.stdin", io.StringIO("n\n"))
-    code, out, _ = run_cli(capsys, "runs", "delete", keep, "--run-dir", str(tmp_path))
+    code, out, err = run_cli(capsys, "runs", "delete", keep, "--run-dir", str(tmp_path))
     assert code == 1 and f"Delete run {keep}" in out and (tmp_path / keep).is_dir()
+    assert err == "aborted\n"
     monkeypatch.setattr("sys.stdin", io.StringIO("y\n"))
     code, out, _ = run_cli(capsys, "runs", "delete", gone, "--run-dir", str(tmp_path))
     assert code == 0 and f"deleted run {gone}" in out

@@ -76,6 +76,15 @@ def resumable(how: str) -> Iterator[None]:
         raise typer.Exit(_announce_stop(f": {how}")) from None
 
 
+def _usage_error_line(error: typer.TyperException) -> str:
+    """A usage error as one line: what is wrong, and where the command's help is."""
+    message = " ".join(error.format_message().split())
+    context = getattr(error, "ctx", None)  # set on click's UsageError and its subclasses
+    if context is None:
+        return message
+    return f"{message} (see '{context.command_path} --help')"
+
+
 def _register_commands() -> None:
     # Each module adds its commands or sub-groups to `app`; imported here so that
     # `fashionlab --help` lists them all.
@@ -95,17 +104,27 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     try:
         _register_commands()
-        app(args=argv, prog_name="fashionlab")
+        # Not standalone: typer hands back usage errors (an unknown option, a missing or bad
+        # argument) to be said in one line like every other error, not as a boxed panel,
+        # and returns the status of a `typer.Exit` instead of exiting.
+        status = app(args=argv, prog_name="fashionlab", standalone_mode=False)
     except FashionlabError as error:
         typer.secho(f"error: {error}", fg="red", err=True)
         sys.exit(2)
+    except typer.TyperException as error:  # click's usage errors derive from it
+        if error.format_message().strip():  # blank: a group called bare, its help printed
+            typer.secho(f"error: {_usage_error_line(error)}", fg="red", err=True)
+        sys.exit(error.exit_code)
+    except typer.Abort:  # "no" (or end of input) at a confirmation prompt
+        typer.secho("aborted", fg="yellow", err=True)
+        sys.exit(1)
     except KeyboardInterrupt:  # during the imports, before the command started
         sys.exit(_announce_stop(""))
-    except SystemExit as exit:
-        # typer turns a KeyboardInterrupt outside `resumable` into a silent exit 130.
-        if exit.code == 130 and not _announced:
-            sys.exit(_announce_stop(""))
-        raise
+    else:
+        # typer turns a KeyboardInterrupt outside `resumable` into a silent status 130.
+        if status == 130 and not _announced:
+            status = _announce_stop("")
+        sys.exit(status if isinstance(status, int) else 0)
     finally:
         # The command is over: a stop that arrives while the interpreter shuts down ends it
         # the default way, not with a KeyboardInterrupt in some finaliser.
