@@ -197,6 +197,17 @@ NAME_MISTAKES = [
      'name = "a_b"\n'),
      ("model names must differ as file names too: 'a/b' and 'a:b' and 'a_b' are all saved "
      "as 'a_b'")),
+    ('[[candidates]]\nname = "line1\\nline2"\n',  # would split a row of results.md
+     (r"candidates[0].name: 'line1\nline2' contains a control character (a newline, a tab, an "
+     "escape): a name is one line of text")),
+    ('[[final]]\nname = "red \\u001b[31m"\n',  # would colour the terminal
+     (r"final[0].name: 'red \x1b[31m' contains a control character (a newline, a tab, an "
+     "escape): a name is one line of text")),
+    (f'[[candidates]]\nname = "{"L" * 101}"\n',
+     "candidates[0].name: a name of 101 characters is too long: at most 100"),
+    ('[[candidates]]\nname = "' + "\u4e2d" * 80 + '"\n',  # 3 bytes each in a file name
+     ("candidates[0].name: too long as a file name: 240 bytes in UTF-8, at most 200 (shorten "
+     "it)")),
 ]
 
 

@@ -323,6 +323,20 @@ layers = [{ units = 16, l2 = 1e38 }]
     assert "diverged" in (result.output_dir / "results.md").read_text()
 
 
+def test_the_longest_names_name_their_files(tiny_idx_dir: Path, tmp_path: Path):
+    longest = ("L" * 100, "\u00e9" * 100)  # 100 characters; 200 bytes as a file name
+    candidates = "".join(f'\n[[candidates]]\nname = "{name}"\nlayers = [{{ units = 8 }}]\n'
+                         for name in longest)
+    path = tmp_path / "long.toml"
+    path.write_text(tiny_study_toml(tiny_idx_dir, name="N" * 100, epochs=2, folds=2,
+                                    candidates=candidates, final=False))
+    result = run_study(load_study(path), run_dir=tmp_path / "runs", progress=False)
+    assert result.run.state == "finished"
+    assert {c.name for c in result.candidates} == set(longest)
+    figures = {p.name for p in (result.output_dir / "figures").iterdir()}
+    assert {f"curves-{name}.png" for name in longest} <= figures
+
+
 def test_the_study_command_writes_the_table(study_file: Path, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]):
     code, out, err = run_cli(capsys, "study", str(study_file), "--run-dir", str(tmp_path),

@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import unicodedata
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
@@ -45,12 +46,27 @@ Int = Annotated[int, Strict()]
 Bool = Annotated[bool, Strict()]
 Float = Annotated[float, Strict(), Field(allow_inf_nan=False)]
 PositiveInt = Annotated[Int, Field(gt=0)]
+# A name is shown in tables and names files (`text.safe_name`): file systems allow 255 bytes
+# a file name, and the longest one made of a name (".curves-NAME.png.tmp") adds 16.
+MAX_NAME_CHARACTERS = 100
+MAX_NAME_BYTES = 200  # of its file name in UTF-8 ("é" takes 2, most emoji 4)
+
+
 def _a_name(value: str) -> str:
     """A study or model name: it names files and folders too (`text.safe_name`)."""
     if not value.strip():
         raise ValueError("a name must not be empty")
     if not value.strip("."):
         raise ValueError(f"{value!r} cannot be a name: it means a folder, not a file")
+    if any(unicodedata.category(ch) == "Cc" for ch in value):
+        raise ValueError(f"{value!r} contains a control character (a newline, a tab, an "
+                         "escape): a name is one line of text")
+    if len(value) > MAX_NAME_CHARACTERS:
+        raise ValueError(f"a name of {len(value)} characters is too long: at most "
+                         f"{MAX_NAME_CHARACTERS}")
+    if (size := len(safe_name(value).encode())) > MAX_NAME_BYTES:
+        raise ValueError(f"too long as a file name: {size} bytes in UTF-8, at most "
+                         f"{MAX_NAME_BYTES} (shorten it)")
     return value
 
 
