@@ -170,9 +170,11 @@ def _overview(result: StudyResult) -> str:
 
 def to_markdown(result: StudyResult) -> str:
     rows = table_rows(result)
-    lines = [f"# {result.spec.name}: results", "", _overview(result), "",
-             *markdown_table(HEADERS, display_rows(rows)), "", LEGEND]
-    notes = [f"- {r.model}: {r.note}" for r in rows if r.note and r.kind != "baseline"]
+    cells = [(text.markdown_text(model), *rest) for model, *rest in display_rows(rows)]
+    lines = [f"# {text.markdown_text(result.spec.name)}: results", "", _overview(result), "",
+             *markdown_table(HEADERS, cells), "", LEGEND]
+    notes = [f"- {text.markdown_text(r.model)}: {r.note}" for r in rows
+             if r.note and r.kind != "baseline"]
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 

@@ -213,7 +213,8 @@ def search_overview(summary: Mapping[str, Any]) -> str:
 
 def search_markdown(summary: Mapping[str, Any]) -> str:
     """A finished search's results.md."""
-    lines = [f"# {summary['search']}: search results", "", search_overview(summary), ""]
+    lines = [f"# {text.markdown_text(summary['search'])}: search results", "",
+             search_overview(summary), ""]
     headers, rows = trial_cells(summary)
     if rows:
         lines += [*markdown_table(headers, rows), "", SEARCH_LEGEND, ""]

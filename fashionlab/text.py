@@ -7,6 +7,7 @@ their text without loading a training stack. Missing or non-finite numbers are s
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 __all__ = [
@@ -86,3 +87,12 @@ def safe_name(name: str) -> str:
     which name no new file."""
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
     return safe if safe.strip(".") else "_" * max(len(safe), 1)
+
+
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>&])")
+
+
+def markdown_text(name: str) -> str:
+    """A name as literal Markdown text: what would emphasise, link, quote code or open an HTML
+    tag is backslash-escaped (a table's pipes are escaped by the table)."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", name)

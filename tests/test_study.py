@@ -6,11 +6,13 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+from html import escape as html_escape
 from pathlib import Path
 
 import pytest
@@ -335,6 +337,36 @@ def test_the_longest_names_name_their_files(tiny_idx_dir: Path, tmp_path: Path):
     assert {c.name for c in result.candidates} == set(longest)
     figures = {p.name for p in (result.output_dir / "figures").iterdir()}
     assert {f"curves-{name}.png" for name in longest} <= figures
+
+
+def test_names_and_paths_are_printed_as_text_not_styles(
+        tiny_idx_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    path = tmp_path / "markup.toml"  # rich would read [/] as a closing tag, [v2] as a style
+    path.write_text(tiny_study_toml(tiny_idx_dir, name="markup [/] [bold]", epochs=1, folds=2,
+                                    final=False))
+    run_dir = tmp_path / "runs[v2]"
+    code, out, err = run_cli(capsys, "study", str(path), "--run-dir", str(run_dir), "-q")
+    assert code == 0, err
+    assert "markup [/] [bold]: run " in out and f"results in {run_dir}" in out
+
+
+def test_results_md_shows_names_as_written(tiny_idx_dir: Path, tmp_path: Path):
+    from markdown_it import MarkdownIt  # rich's Markdown parser
+
+    names = ["<script>alert(1)</script>", r"pipe | star * `tick` _u_ [l](x) x\|y"]
+    candidates = "".join(f"\n[[candidates]]\nname = '{name}'\nlayers = [{{ units = 8 }}]\n"
+                         for name in names)
+    path = tmp_path / "names.toml"
+    path.write_text(tiny_study_toml(tiny_idx_dir, name="a *b*", epochs=1, folds=2,
+                                    candidates=candidates, final=False))
+    result = run_study(load_study(path), run_dir=tmp_path / "runs", progress=False)
+    html = MarkdownIt("commonmark").enable("table").render(
+        (result.output_dir / "results.md").read_text())
+    assert "<h1>a *b*: results</h1>" in html
+    cells = re.findall(r"<td>(.*?)</td>", html)
+    for name in names:
+        assert html_escape(name, quote=False) in cells, (name, cells)
+    assert not re.search(r"<(script|em|a)\b", html) and html.count("<code>") == 1  # the run id
 
 
 def test_the_study_command_writes_the_table(study_file: Path, tmp_path: Path,

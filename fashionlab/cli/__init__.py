@@ -8,12 +8,15 @@ import signal
 import sys
 from collections.abc import Iterator
 from types import FrameType
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from fashionlab.errors import FashionlabError
 from fashionlab.provenance import version_line
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 app = typer.Typer(
     name="fashionlab",
@@ -83,6 +86,16 @@ def _usage_error_line(error: typer.TyperException) -> str:
     if context is None:
         return message
     return f"{message} (see '{context.command_path} --help')"
+
+
+def output_console(*, highlight: bool = False) -> Console:
+    """The console of a command's output (stdout). Markup off: names and paths are text, and
+    "[v2]" in a folder's name is no style. Off a terminal (logs, pipes) there is no width to
+    respect: tables are not folded."""
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 160, highlight=highlight,
+                   markup=False)
 
 
 def _register_commands() -> None:

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from fashionlab import data
-from fashionlab.cli import app
+from fashionlab.cli import app, output_console
 from fashionlab.errors import FashionlabError
 
 data_app = typer.Typer(
@@ -60,14 +60,13 @@ def info(directory: DirOption = None, verify: VerifyOption = True,
 
     Example: fashionlab data info --json
     """
-    from rich.console import Console
     from rich.table import Table
 
     summary = _summary(data.load_fashion_mnist(directory, download=False, verify=verify))
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
-    console = Console(highlight=False)
+    console = output_console()
     console.print(f"source:   {summary['source']}")
     for path in summary["files"]:
         console.print(f"          {path}")

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, get_args
 
 import typer
 
-from fashionlab.cli import app
+from fashionlab.cli import app, output_console
 from fashionlab.text import percent
 from fashionlab.vocabulary import TestTimeAugmentation
 
@@ -73,10 +73,9 @@ def evaluate(
                                "split": "test", "tta": saved.spec.tta, **result.to_dict()},
                               indent=2))
         return
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console(highlight=False)
+    console = output_console()
     views = "" if saved.spec.tta == "none" else f", tta {saved.spec.tta}"
     console.print(f"{model} on {dataset.source} (test, {result.n} images{views})",
                   soft_wrap=True)
@@ -153,7 +152,6 @@ def predict(
 
 
 def _print_predictions(results: list[FilePredictions], top: int) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table()
@@ -169,7 +167,7 @@ def _print_predictions(results: list[FilePredictions], top: int) -> None:
             index = str(i) if result.kind != "photo" else ""
             table.add_row(str(result.path), index, *cells)
     if table.row_count:
-        Console(highlight=False).print(table)
+        output_console().print(table)
 
 
 class ExportFormat(str, Enum):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,11 +13,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from fashionlab.cli import app
+from fashionlab.cli import app, output_console
 from fashionlab.cli.study import RunDir, StoreUrl
 from fashionlab.errors import FashionlabError
 from fashionlab.store import DEFAULT_RUN_DIR, Store
@@ -52,12 +50,6 @@ def _store(run_dir: Path, url: str | None) -> Iterator[Store]:
         yield store
     finally:
         store.close()
-
-
-def _console() -> Console:
-    # Off a terminal (logs, pipes) there is no width to respect: do not fold the tables.
-    return Console(highlight=False) if sys.stdout.isatty() else Console(width=160,
-                                                                        highlight=False)
 
 
 def _state(state: str) -> Text:
@@ -100,7 +92,7 @@ def list_(
         best = "-" if r.best_score is None else f"{r.best_score * 100:.2f}% {r.best}"
         table.add_row(Text(r.id), Text(r.study), _local(r.started), _state(r.status),
                       Text(best), duration(r.duration))
-    _console().print(table)
+    output_console().print(table)
     typer.echo("best score: the best candidate's mean validation accuracy across folds")
 
 
@@ -118,7 +110,7 @@ def show(run: RunId, run_dir: RunDir = DEFAULT_RUN_DIR, store: StoreUrl = None,
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
-    console = _console()
+    console = output_console()
     machine = info["environment"].get("machine") or {}
     lines = [
         ("run", Text(info["id"])), ("study", Text(info["study"])),
@@ -169,7 +161,7 @@ def compare(a: RunId, b: RunId, run_dir: RunDir = DEFAULT_RUN_DIR, store: StoreU
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
         return
-    console = _console()
+    console = output_console()
     console.print(Text(f"a: {result.a.id} ({result.a.study}, {result.a.status})"))
     console.print(Text(f"b: {result.b.id} ({result.b.study}, {result.b.status})"))
     console.print(Text("folds match: paired tests" if result.folds_match else

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
-from fashionlab.cli import app, resumable
+from fashionlab.cli import app, output_console, resumable
 from fashionlab.cli.study import MlflowUri, Quiet, RunDir, StoreUrl, Tensorboard
 from fashionlab.config import load_study, quick_variant
 from fashionlab.store import DEFAULT_RUN_DIR
@@ -83,7 +80,7 @@ def search(
                                "stopped_by": result.stopped_by, "summary": result.summary},
                               indent=2))
         return
-    console = Console() if sys.stdout.isatty() else Console(width=160)
+    console = output_console(highlight=True)
     summary = result.summary
     if summary is None:
         console.print(f"stopped ({result.stopped_by}): {len(result.trials)} trial(s) so far. "
@@ -97,12 +94,12 @@ def search(
         for header in headers:
             table.add_column(header, overflow="fold")
         for row in rows:
-            table.add_row(*(escape(cell) for cell in row))
+            table.add_row(*row)
         console.print(table)
-        console.print(spent_note(summary), markup=False)
+        console.print(spent_note(summary))
         for line in [*reference_lines(summary), retrain_line(summary)]:
             if line:
-                console.print(line, markup=False)
+                console.print(line)
         console.print(f"results in {result.output_dir}")
     console.print(f"storage: {result.storage} (study {result.study_name}; "
                   f"optuna-dashboard {result.storage})")

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from fashionlab.cli import app, resumable
+from fashionlab.cli import app, output_console, resumable
 from fashionlab.config import SEED_RANGE, load_study, quick_variant
 from fashionlab.errors import ConfigError
 from fashionlab.store import DEFAULT_RUN_DIR
@@ -128,7 +126,7 @@ def study(
     for cells in display_rows(rows):
         table.add_row(*(Text(cell) for cell in cells))  # names are text, never markup
     # Off a terminal (logs, CI) there is no width to respect: do not fold the table.
-    console = Console() if sys.stdout.isatty() else Console(width=160)
+    console = output_console(highlight=True)
     console.print(table)
     console.print(Text(LEGEND, style="dim"))
     for row in rows:
