@@ -104,7 +104,17 @@ BAD_STUDIES = [
      "candidates[0].layers[0].dropout"),
     ('name = "x"\n[cv]\nn_splits = 0\n[[candidates]]\nname = "a"', "cv.n_splits"),
     ('name = "x"\n[train]\noptimizer = "rmsprop"\n[[candidates]]\nname = "a"',
-     "candidates[0].train.optimizer"),
+     ': train.optimizer: input should be "adam", "adamw" or "sgd" (got "rmsprop")'),
+    ('name = "x"\n[train]\nepoch = 3\n[[final]]\nname = "a"', ": train: unknown key 'epoch'"),
+    # wrong even where no model uses it
+    ('name = "x"\n[train]\nepochs = "x"\n[[candidates]]\nname = "a"\ntrain = { epochs = 1 }',
+     ': train.epochs: input should be a valid integer (got "x")'),
+    ('name = "x"\n[[candidates]]\nname = "a"\ntrain = { epochs = 0 }',
+     "candidates[0].train.epochs: input should be greater than 0 (got 0)"),
+    ('name = "x"\n[train]\nearly_stopping = 3\n[[final]]\nname = "a"',
+     "train.early_stopping: input should be a table (got 3)"),  # not "an instance of ..."
+    ('name = "x"\n[[final]]\nname = "a"\nlayers = { units = 8 }',
+     "final[0].layers: input should be an array (got { units = 8 })"),  # not "a valid tuple"
     ('name = "x"\n[[candidates]]\nname = "a"\n[[candidates]]\nname = "a"', "unique"),
     ('name = "x"', "at least one"),
     ('name = "x"\n[[candidates]]\nlayers = []', "candidates[0]: missing key 'name'"),
@@ -138,6 +148,22 @@ def test_missing_study_file_and_unknown_bundled_name():
         load_study("no-such-study")
 
 
+def test_a_folder_named_like_a_bundled_study_does_not_hide_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "seed").mkdir()
+    (tmp_path / "mine").mkdir()
+    assert load_study("seed").name == "seed"
+    with pytest.raises(ConfigError, match="^mine: a folder, not a study file, and no bundled"):
+        load_study("mine")
+
+
+def test_a_byte_order_mark_is_no_error(tmp_path: Path):
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + b'name = "bom"\n[[final]]\nname = "f"\n')
+    assert load_study(path).name == "bom"
+
+
 def test_cli_reports_a_bad_study_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     path = tmp_path / "bad.toml"
     path.write_text('name = "x"\n[[candidates]]\nname = "a"\nlayers = [{ units = 0 }]')
@@ -169,7 +195,7 @@ PRE_RUN_MISTAKES = [
     ("[data]\ntrain_limit = 4\n[cv]\nn_splits = 5\n" + ENTRY,
      "cv.n_splits: 5 folds need at least 5 training samples (data.train_limit is 4)"),
     ('[train]\nearly_stopping = { monitor = "val_acc" }\n' + ENTRY,
-     ('candidates[0].train.early_stopping.monitor: input should be "val_loss" or '
+     ('train.early_stopping.monitor: input should be "val_loss" or '
       '"val_accuracy" (got "val_acc")')),
     ("[retrain]\nepochs = 0\n" + ENTRY, "retrain.epochs: input should be greater than 0 (got 0)"),
     ('[retrain]\nepochs = "best"\n' + ENTRY,

@@ -22,6 +22,7 @@ from fashionlab.config.specs import (
     ParamSpec,
     SearchSpec,
     StudySpec,
+    TrainSpec,
     first_problem,
     toml_value,
 )
@@ -81,8 +82,16 @@ def _format_location(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) or "(top level)"
 
 
-def _format_validation_error(error: ValidationError) -> str:
+# pydantic's words for a wrong type, in TOML's: a dataclass is a table, a tuple an array.
+_TOML_TYPES = {"dataclass_type": "a table", "dict_type": "a table", "model_type": "a table",
+               "tuple_type": "an array", "list_type": "an array"}
+
+
+def _format_validation_error(error: ValidationError, within: tuple[str, ...] = ()) -> str:
     loc, message, first = first_problem(error)
+    loc = within + loc
+    if first["type"] in _TOML_TYPES:
+        message = f"Input should be {_TOML_TYPES[first['type']]}"
     # A candidate's model fields live at the entry's top level in the file.
     if len(loc) >= 3 and loc[0] in ("candidates", "final") and loc[2] == "model":
         loc = loc[:2] + loc[3:]
@@ -100,6 +109,7 @@ def _format_validation_error(error: ValidationError) -> str:
 
 
 _STUDY_ADAPTER = TypeAdapter(StudySpec)
+_TRAIN_ADAPTER = TypeAdapter(TrainSpec)
 
 
 def study_from_dict(raw: Mapping[str, Any], *, source: str = "study") -> StudySpec:
@@ -109,6 +119,12 @@ def study_from_dict(raw: Mapping[str, Any], *, source: str = "study") -> StudySp
         defaults = data.pop("train", {})
         if not isinstance(defaults, Mapping):
             raise _FieldError("train", "must be a table")
+        # On its own first: a mistake there is the [train] table's, not the first model's that
+        # inherits it, and is one even where every model overrides that value.
+        try:
+            _TRAIN_ADAPTER.validate_python(dict(defaults))
+        except ValidationError as error:
+            raise ConfigError(f"{source}: {_format_validation_error(error, ('train',))}") from None
         for section in ("candidates", "final"):
             entries = data.get(section, [])
             if not isinstance(entries, list):
@@ -132,17 +148,19 @@ def bundled_studies() -> list[str]:
 def load_study(name_or_path: str | Path = "seed") -> StudySpec:
     """Read a study file, or a bundled study by name (e.g. "seed")."""
     path = Path(name_or_path)
-    if path.suffix != ".toml" and not path.exists():
+    # A name that is no file is a bundled study's: a folder called "seed" here hides nothing.
+    if path.suffix != ".toml" and not path.is_file():
         bundled = resources.files("fashionlab") / "studies" / f"{name_or_path}.toml"
         if not bundled.is_file():
+            what = "a folder, not a study file" if path.is_dir() else "no such study file"
             raise ConfigError(
-                f"{name_or_path}: no such study file, and no bundled study of that name "
+                f"{name_or_path}: {what}, and no bundled study of that name "
                 f"(bundled: {', '.join(bundled_studies())})"
             )
         text, source = bundled.read_text(encoding="utf-8"), f"{name_or_path}.toml"
     else:
-        try:
-            text, source = path.read_text(encoding="utf-8"), str(path)
+        try:  # utf-8-sig: a byte-order mark some Windows editors write is not a TOML error
+            text, source = path.read_text(encoding="utf-8-sig"), str(path)
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such study file") from None
         except (OSError, UnicodeDecodeError) as error:
