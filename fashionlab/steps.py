@@ -299,11 +299,16 @@ def summarize_models(candidate: Candidate, results: list[MemberResult], role: st
         result_epochs = np.full(n, consensus_epoch(results, candidate.train, warning) or 0)
     pick = np.clip(result_epochs - 1, 0, max(epochs - 1, 0))
     rows = np.arange(n)
+    scores = {metric: curves[metric][rows, pick] for metric in ("val_loss", "val_accuracy")}
+    for values in scores.values():
+        # Epoch 0: no epoch to read (no fold has a finite val_loss, or none trained one): no
+        # score, not the first epoch's accuracy of a model whose loss is already NaN.
+        values[result_epochs <= 0] = np.nan
     failures = [f"{r.key}: {r.message}" for r in results if r.status == "failed"]
     return CandidateResult(
         name=candidate.name, role=role, candidate=candidate, keys=[r.key for r in results],
         curves=curves, warning=warning, result_epochs=result_epochs,
-        val_loss=curves["val_loss"][rows, pick], val_accuracy=curves["val_accuracy"][rows, pick],
+        val_loss=scores["val_loss"], val_accuracy=scores["val_accuracy"],
         trained_epochs=sum(len(r.history) for r in results), planned_epochs=n * epochs,
         failures=failures,
     )

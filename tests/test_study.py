@@ -321,6 +321,12 @@ layers = [{ units = 16, l2 = 1e38 }]
     result = run_study(load_study(path), run_dir=tmp_path / "runs", progress=False)
     exploding = next(c for c in result.candidates if c.name == "exploding")
     assert exploding.failed and "diverged" in exploding.failures[0]
+    # no epoch with a finite val_loss: no score either (not epoch 1's accuracy, with a CI)
+    assert exploding.result_epochs.tolist() == [0, 0, 0]
+    assert all(math.isnan(v) for v in [*exploding.val_loss, *exploding.val_accuracy])
+    table = json.loads((result.output_dir / "results.json").read_text())["table"]
+    row = next(r for r in table if r["model"] == "exploding")
+    assert row["val_accuracy_mean"] is None and row["ci_low"] is None
     assert result.best == "fine" and result.retrain is not None
     assert "diverged" in (result.output_dir / "results.md").read_text()
 
