@@ -116,6 +116,7 @@ def _facts(run: RunRecord) -> list[tuple[str, str]]:
     cv, rule = config.get("cv") or {}, config.get("warning") or {}
     machine, versions = env.get("machine") or {}, env.get("versions") or {}
     facts = []
+    cross_validated = bool(config.get("candidates", True))
     if data or summary.get("n_train"):
         source = data.get("directory") or "found automatically (see `fashionlab data info`)"
         parts = [str(source), "checksums verified" if data.get("verify", True)
@@ -123,11 +124,14 @@ def _facts(run: RunRecord) -> list[tuple[str, str]]:
         if data.get("train_limit") or data.get("test_limit"):
             parts.append(f"first {data.get('train_limit') or 'all'} training and "
                          f"{data.get('test_limit') or 'all'} test images")
-        if summary.get("n_train"):
+        if summary.get("n_train") and cross_validated:
             parts.append(f"each fold trains on {summary['n_train']} and validates on "
                          f"{summary.get('n_val')} images")
         facts.append(("dataset", "; ".join(parts)))
-    if cv:
+    if not cross_validated:  # a study of final models only
+        facts.append(("protocol", ("no cross-validation: each model trains on all training "
+                                  "images, the test set as its validation")))
+    elif cv:
         protocol = f"{cv.get('n_splits')}-fold cross-validation ({cv.get('strategy')}"
         protocol += f", {cv['repeats']} repeats)" if (cv.get("repeats") or 1) > 1 else ")"
         if rule:
@@ -137,7 +141,9 @@ def _facts(run: RunRecord) -> list[tuple[str, str]]:
         if retrain.get("enabled", False):
             epochs = retrain.get("epochs")
             protocol += "; the best is retrained on all training images for " + (
-                "its warning epoch" if epochs == "warning" else f"{epochs} epochs")
+                "its warning epoch" if epochs == "warning"
+                else "its epoch of lowest mean val_loss" if epochs == "lowest"
+                else f"{epochs} epoch" + ("" if epochs == 1 else "s"))
         facts.append(("protocol", protocol))
     facts += [
         ("seed", str(run.seed)),

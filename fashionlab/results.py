@@ -162,9 +162,11 @@ def _twin_note(candidate: CandidateResult, twin: TwinComparison | None, run_id: 
 
 def _overview(result: StudyResult) -> str:
     cv = result.spec.cv
-    return (f"Run `{result.run.id}`, seed {result.spec.seed}, {cv.n_splits}-fold CV "
-            f"({cv.strategy}" + (f", {cv.repeats} repeats" if cv.repeats > 1 else "")
-            + f"), wall time {text.wall_time(result.wall_seconds, result.resumed)}"
+    protocol = (f"{cv.n_splits}-fold CV ({cv.strategy}"
+                + (f", {cv.repeats} repeats)" if cv.repeats > 1 else ")")
+                if result.spec.candidates else "no cross-validation (final models only)")
+    return (f"Run `{result.run.id}`, seed {result.spec.seed}, {protocol}, "
+            f"wall time {text.wall_time(result.wall_seconds, result.resumed)}"
             + (f" ({result.workers} worker processes)." if result.workers > 1 else "."))
 
 

@@ -201,6 +201,18 @@ def test_an_interrupted_run_reports_what_is_stored(tmp_path: Path):
     assert "2 model(s), 4 epoch(s) stored" in html
 
 
+def test_a_study_of_final_models_only_claims_no_cross_validation(tmp_path: Path):
+    data = write_tiny_idx(tmp_path / "tiny-idx")
+    path = tmp_path / "final.toml"
+    path.write_text(tiny_study_toml(data, epochs=1, candidates=""))
+    result = run_study(load_study(path), run_dir=tmp_path / "runs", progress=False)
+    markdown = (result.output_dir / "results.md").read_text()
+    assert "no cross-validation (final models only)" in markdown and "-fold CV" not in markdown
+    html = write_report(Store.open(tmp_path / "runs"), result.run.id).read_text()
+    assert "no cross-validation: each model trains on all training images" in html
+    assert not re.search("each fold trains|-fold cross|is retrained", html)
+
+
 def test_a_search_report_shows_history_importances_and_top_trials(tmp_path: Path):
     store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
     trials = [{"number": i, "value": None if i == 3 else 0.8 + 0.01 * (i % 5),
