@@ -89,6 +89,8 @@ def export_onnx(saved_model: SavedModel, path: str | Path, *, opset: int = DEFAU
     path = Path(path)
     if path.is_dir():
         raise ExportError(f"{path}: is a directory; name the .onnx file to write")
+    if path.suffix.lower() != ".onnx":  # and no model.safetensors or photo is overwritten
+        raise ExportError(f"{path}: an ONNX file's name ends in .onnx")
     if not path.parent.is_dir():
         raise ExportError(f"{path.parent}: directory not found")
     module = copy.deepcopy(saved_model.module).to("cpu").eval()  # the graph is device-free

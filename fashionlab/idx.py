@@ -24,7 +24,8 @@ import numpy as np
 
 from fashionlab.errors import DataError
 
-__all__ = ["gunzip", "parse_idx", "read_decompressed", "read_idx", "write_idx"]
+__all__ = ["gunzip", "looks_like_idx", "parse_idx", "read_decompressed", "read_idx",
+           "write_idx"]
 
 PathLike: TypeAlias = "str | os.PathLike[str]"
 
@@ -36,6 +37,13 @@ _IDX_DTYPES: Mapping[int, np.dtype] = MappingProxyType({
     0x0D: np.dtype(">f4"),
     0x0E: np.dtype(">f8"),
 })  # fmt: skip
+
+
+def looks_like_idx(head: bytes) -> bool:
+    """Whether a file's first 4 bytes are an IDX header: two zero bytes, a known dtype code and
+    at least one dimension. (Other formats start with two zero bytes too: AVIF, JPEG 2000,
+    ICO, TGA.)"""
+    return len(head) >= 4 and head[:2] == b"\0\0" and head[2] in _IDX_DTYPES and head[3] > 0
 
 
 def parse_idx(data: bytes | bytearray, *, source: PathLike, ndim: int | None = None) -> np.ndarray:

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from fashionlab.errors import FashionlabError, OutputError
-from fashionlab.idx import read_idx
+from fashionlab.idx import looks_like_idx, read_idx
 from fashionlab.text import first_line
 
 if TYPE_CHECKING:
@@ -147,7 +147,8 @@ def _load(path: Path, invert: bool | None) -> tuple[Kind, np.ndarray]:
     name = path.name.lower()
     if head.startswith(_NPY_MAGIC) or name.endswith((".npy", ".npz")):
         return "npy", _load_npy(path, head)
-    if head[:2] == b"\x00\x00" or name.endswith(".gz"):  # IDX, raw or gzip-compressed
+    if looks_like_idx(head) or name.endswith(".gz") or (
+            head[:2] == b"\0\0" and "idx" in name):  # IDX, raw or gzip-compressed
         return "idx", _load_idx(path)
     return "photo", _load_photo(path, invert)[None]
 
@@ -307,18 +308,29 @@ def _border(gray: np.ndarray) -> np.ndarray:
                            gray[dy:-dy, :dx].ravel(), gray[dy:-dy, -dx:].ravel()])
 
 
-def check_preview_path(path: Path) -> Path:
+def check_preview_path(path: Path, images: Sequence[str | Path] = ()) -> Path:
     """`path` if a preview can be written there (an image format by its ending, an existing
-    folder), else OutputError: checked before predicting, not after."""
+    folder, none of the `images` to predict), else OutputError: checked before predicting,
+    not after."""
     from PIL import Image
 
     if path.is_dir():
         raise OutputError(f"{path}: is a directory; name the .png file to write")
+    if any(_same_file(path, Path(image)) for image in images):
+        raise OutputError(f"{path}: is one of the images to predict; name another file for "
+                          "the preview")
     if path.suffix.lower() not in Image.registered_extensions():
         raise OutputError(f"{path}: not an image file name (use .png)")
     if not path.parent.is_dir():
         raise OutputError(f"{path.parent}: directory not found")
     return path
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+    except OSError:  # a symlink loop, a file that cannot be looked at: not the same
+        return False
 
 
 def write_preview(images: np.ndarray, path: Path) -> None:

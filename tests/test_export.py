@@ -126,6 +126,12 @@ def test_export_command_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert_one_line_error(code, err, str(tmp_path / "no" / "such"), "directory not found")
     code, _, err = run_cli(capsys, "export", str(saved.path), "--out", str(tmp_path))
     assert_one_line_error(code, err, "is a directory")
+    for target in (saved.path / "model.safetensors", saved.path / "model.json",
+                   tmp_path / "photo.png"):  # never written over with ONNX bytes
+        before = target.read_bytes() if target.exists() else None
+        code, _, err = run_cli(capsys, "export", str(saved.path), "--out", str(target))
+        assert_one_line_error(code, err, str(target), "an ONNX file's name ends in .onnx")
+        assert (target.read_bytes() if target.exists() else None) == before
     code, _, err = run_cli(capsys, "export", str(saved.path), "--format", "tflite")
     assert code == 2 and "tflite" in err
     # An opset the exporter cannot convert to: it would fall back to its own, silently.

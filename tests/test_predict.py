@@ -247,6 +247,14 @@ def test_idx_npy_and_png_inputs_agree(
     items = load_images([tmp_path / n for n in names] + [tmp_path / "one.npy",
                                                           tmp_path / "one.idx", *pngs])
     assert [i.kind for i in items] == ["npy", "npy", "idx", "idx", "npy", "idx"] + ["photo"] * 6
+    # Formats that start with two zero bytes too are photos, not broken IDX files.
+    photos = []
+    for suffix in (".avif", ".jp2", ".ico", ".tga"):
+        photos.append(tmp_path / f"item{suffix}")
+        Image.open(pngs[0]).convert("RGB").resize((56, 56)).save(photos[-1])
+        assert photos[-1].read_bytes()[:2] == b"\0\0"
+    for item in load_images(photos):
+        assert item.kind == "photo" and item.error is None, (item.path, item.error)
     expected = images / np.float32(255)
     for item in items[:4]:
         assert item.error is None and item.images.dtype == np.float32
@@ -420,7 +428,9 @@ def test_a_preview_that_cannot_be_written_is_refused_before_predicting(
         tmp_path: Path, real_model: SavedModel, capsys: pytest.CaptureFixture[str]):
     photo = tmp_path / "shirt.png"
     shirt_photo().save(photo)
-    for target, problem in ((tmp_path, "is a directory"),
+    for target, problem in ((photo, "is one of the images to predict"),
+                            (tmp_path / "." / "shirt.png", "is one of the images to predict"),
+                            (tmp_path, "is a directory"),
                             (tmp_path / "seen.txt", "not an image file name"),
                             (tmp_path / "no" / "seen.png", "directory not found")):
         code, out, err = run_cli(capsys, "predict", str(real_model.path), str(photo),

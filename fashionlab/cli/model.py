@@ -129,7 +129,7 @@ def predict(
     from fashionlab.predict import check_preview_path, predict_files, write_preview
 
     if preview is not None:
-        check_preview_path(preview)
+        check_preview_path(preview, images)
     saved = load_model(model, resolve_device(device), tta=_views(tta))
     results = predict_files(saved, images, top, invert=invert)
     if preview is not None:
