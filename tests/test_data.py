@@ -108,6 +108,9 @@ BAD_INPUTS = {
     "label value": lambda d: (
         _rewrite(d, data.TEST_LABELS, np.array([0] * 99 + [10], np.uint8)),
         "label 10 at index 99 is out of range 0..9"),
+    "no images": lambda d: (  # evaluate printed a NaN accuracy (and NaN in its JSON)
+        _rewrite(d, data.TEST_LABELS, np.zeros(0, np.uint8))
+        and _rewrite(d, data.TEST_IMAGES, np.zeros((0, 28, 28), np.uint8)), "holds no images"),
     "gz not gzip": lambda d: (
         _write(d / f"{data.TRAIN_LABELS}.gz", b"\x00\x00\x08\x01plain"), "not gzip data"),
     "gzip truncated": lambda d: (

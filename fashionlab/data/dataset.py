@@ -130,6 +130,8 @@ def _split(images: np.ndarray, labels: np.ndarray, images_path: Path, labels_pat
     if len(labels) != len(images):
         raise DataError(f"{labels_path}: {len(labels)} labels, but {images_path.name} "
                         f"has {len(images)} images")
+    if not len(images):  # nothing to train on or score: a NaN accuracy, or worse, later
+        raise DataError(f"{images_path}: holds no images")
     bad = np.flatnonzero(labels >= n_classes)
     if bad.size:
         raise DataError(f"{labels_path}: label {labels[bad[0]]} at index {bad[0]} is out of "
