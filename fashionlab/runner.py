@@ -33,6 +33,7 @@ from fashionlab.jobs import Claim, fetch_checkpoint
 from fashionlab.models import forward_flops
 from fashionlab.process import die_with_parent
 from fashionlab.progress import QueueReporter, Reporter, forward
+from fashionlab.stops import raise_if_stopped
 from fashionlab.store import Store
 from fashionlab.train import EpochMetrics, Member, Tensors
 
@@ -284,6 +285,7 @@ def run_in_workers(
             here.start()
         try:
             while running or (here is not None and here.is_alive()):
+                raise_if_stopped()  # a stop a finaliser swallowed
                 done, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
                 if not running:
                     here.join(timeout=0.5)  # type: ignore[union-attr]

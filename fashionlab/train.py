@@ -27,6 +27,7 @@ from fashionlab.config import ModelSpec, TrainSpec
 from fashionlab.hardware import keep_freed_memory, resolve_precision
 from fashionlab.models import StackedNet, select_members
 from fashionlab.rng import MemberGenerators
+from fashionlab.stops import raise_if_stopped
 
 EVAL_CHUNK = 512  # validation images per member per forward pass: cache-sized, results unchanged
 
@@ -180,6 +181,7 @@ class StackTrainer:
         loss_sum = torch.zeros(M, device=self.device)
         correct = torch.zeros(M, device=self.device)
         for first in range(0, self.n_train, B):
+            raise_if_stopped()  # a stop a finaliser swallowed
             rows = order[:, first : first + B]  # (M, b): the last batch may be partial
             x, y = gather(data.x_train, rows), data.y_train[rows]  # (M, b, 28, 28), (M, b)
             if spec.augment.crop or spec.augment.flip:

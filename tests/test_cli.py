@@ -7,13 +7,15 @@ import signal
 import subprocess
 import sys
 from importlib import metadata
+from pathlib import Path
 
 import pytest
 import typer
-from helpers import assert_one_line_error, run_cli
+from helpers import assert_one_line_error, run_cli, tiny_study_toml
 
 import fashionlab
 from fashionlab.cli import app
+from fashionlab.store import Store
 
 Group = typer.core.TyperGroup  # typer's own click (vendored since 0.2x)
 
@@ -80,7 +82,8 @@ def _signal_itself(where: str, *args: str,
                    signum: int = signal.SIGTERM) -> subprocess.CompletedProcess:
     """Run `fashionlab ARGS` in a fresh interpreter that sends itself `signum` at `where`:
     "imports" (while the commands are imported), "reading" (while the study command reads its
-    file, before any run exists) or "teardown" (after the command, while the interpreter exits)."""
+    file, before any run exists), "finaliser" (in a __del__, after the first stored epoch) or
+    "teardown" (after the command, while the interpreter exits)."""
     script = f"""
 import atexit, os, sys, time
 import fashionlab.cli as cli
@@ -91,7 +94,31 @@ def signal_itself(*args, **kwargs):
     time.sleep(5)  # the handler interrupts this
 
 where = {where!r}
-if where == "imports":
+if where == "finaliser":
+    # The handler's KeyboardInterrupt is raised inside a __del__, where Python prints
+    # "Exception ignored" and carries on.
+    # Once, in the main thread: after the first stored epoch (trained here) or the first
+    # events forwarded from the workers.
+    import fashionlab.runner, fashionlab.store
+
+    class Finalised:
+        def __del__(self):
+            os.kill(os.getpid(), {int(signum)})
+            time.sleep(1)  # the handler interrupts this
+
+    done = []
+
+    def then_stop(function):
+        def wrapped(*args, **kwargs):
+            function(*args, **kwargs)
+            if not done:
+                done.append(True)
+                Finalised()  # dropped at once
+        return wrapped
+
+    fashionlab.store.Store.record_epochs = then_stop(fashionlab.store.Store.record_epochs)
+    fashionlab.runner.forward = then_stop(fashionlab.runner.forward)
+elif where == "imports":
     cli._register_commands = signal_itself
 elif where == "reading":
     study_cli.load_study = signal_itself
@@ -116,6 +143,23 @@ def test_ctrl_c_while_reading_the_study_is_one_line_too(tmp_path):
                           signum=signal.SIGINT)
     assert done.returncode == 128 + signal.SIGINT, done.stderr
     assert done.stderr == "stopped by SIGINT\n"
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_that_a_finaliser_swallows_still_stops_the_study(
+        signum, workers, tiny_idx_dir: Path, tmp_path: Path):
+    study = tmp_path / "tiny.toml"
+    study.write_text(tiny_study_toml(tiny_idx_dir, epochs=30, final=False))
+    done = _signal_itself("finaliser", "study", str(study), "--run-dir", str(tmp_path),
+                          "--workers", workers, signum=signum)
+    name = signal.Signals(signum).name
+    assert done.returncode == 128 + signum, done.stderr
+    assert f"stopped by {name}: the run is kept" in done.stderr
+    store = Store.open(tmp_path, create=False)
+    (run,) = store.runs()
+    store.close()
+    assert run.state == "interrupted"  # not trained on to the end
 
 
 def test_a_stop_while_the_interpreter_exits_ends_it_the_default_way():

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from fashionlab import stops
 from fashionlab.errors import FashionlabError
 from fashionlab.provenance import version_line
 
@@ -50,20 +51,21 @@ def _options(
 
 # SIGTERM (docker stop, systemd, schedulers) and SIGHUP (a closed terminal) stop a command the
 # way Ctrl-C does: the library's cleanup runs (workers stopped, the run left resumable).
-_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP")
+# Ctrl-C's too: recorded (`stops.received`), a stop raised inside a finaliser, where Python
+# swallows it, is raised again by the training loop.
+_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
                       if hasattr(signal, name))
-_received: list[int] = []
 _announced: list[bool] = []  # a stop already said in one line (by `resumable`)
 
 
 def _stop(signum: int, frame: FrameType | None) -> None:
-    _received.append(signum)
+    stops.received.append(signum)
     raise KeyboardInterrupt
 
 
 def _announce_stop(how: str) -> int:
     """Say in one line what stopped the command; returns its exit status (128 + number)."""
-    signum = _received[-1] if _received else signal.SIGINT
+    signum = stops.received[-1] if stops.received else signal.SIGINT
     typer.secho(f"stopped by {signal.Signals(signum).name}{how}", fg="yellow", err=True)
     _announced.append(True)
     return 128 + signum
@@ -108,8 +110,9 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script; user-fixable errors exit 2 with one line."""
     # First of all, so that a stop during the imports or while a command reads its input
     # is said in one line too, not as a traceback or a silent exit.
-    _received.clear()  # what an earlier call in this process (a test, a notebook) heard
+    stops.received.clear()  # what an earlier call in this process (a test, a notebook) heard
     _announced.clear()
+    previous = {signum: signal.getsignal(signum) for signum in _STOP_SIGNALS}
     for signum in _STOP_SIGNALS:
         signal.signal(signum, _stop)
     # MLflow's INFO lines ("Creating initial MLflow database tables", ...) are not the
@@ -139,7 +142,9 @@ def main(argv: list[str] | None = None) -> None:
             status = _announce_stop("")
         sys.exit(status if isinstance(status, int) else 0)
     finally:
-        # The command is over: a stop that arrives while the interpreter shuts down ends it
-        # the default way, not with a KeyboardInterrupt in some finaliser.
-        for signum in _STOP_SIGNALS:
-            signal.signal(signum, signal.SIG_DFL)
+        # The command is over: the handlers it found are back (in a fresh process, SIGTERM's
+        # and SIGHUP's default: a stop while the interpreter shuts down ends it the default
+        # way, not with a KeyboardInterrupt in some finaliser).
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        stops.received.clear()  # the library, called next in this process, is not stopped
