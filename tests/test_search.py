@@ -46,7 +46,7 @@ from fashionlab.search import (
     search_identity,
 )
 from fashionlab.search.space import FixedParams, base_params, check_largest_model, suggest
-from fashionlab.search.storage import open_storage
+from fashionlab.search.storage import MAX_RETRIES, open_storage
 from fashionlab.store import Store, database_url, default_url
 from fashionlab.study import run_study
 from fashionlab.train import EpochMetrics
@@ -717,15 +717,16 @@ pruner = "none"
     assert retry.params == result.trials[1].params and retry.user_attrs["models"] == "trial-1"
 
 
-def test_a_trial_interrupted_again_in_its_retry_is_retried_again(tiny_idx_dir: Path,
-                                                                  tmp_path: Path):
-    path = _learning_rate_search(tiny_idx_dir, tmp_path, """
+def test_a_trial_stopped_again_in_every_retry_is_retried_every_time(tiny_idx_dir: Path,
+                                                                     tmp_path: Path):
+    path = _load(search_toml(tiny_idx_dir, epochs=6, search="""
 n_trials = 3
 pruner = "none"
 sampler = "random"
-""")
+""", space="learning_rate = { low = 1e-3, high = 0.1, log = true }"), tmp_path)
     reference = run_search(load_study(path), run_dir=tmp_path / "reference", progress=False)
-    for stop_at in (2, 3):  # in the trial, then in its retry (which goes on from epoch 2)
+    stops = range(1, MAX_RETRIES + 3)  # more stops than a crashing trial gets retries
+    for stop_at in stops:  # in the trial, then in each retry (which goes on from its epoch)
         def interrupt(key: str, epoch: int, stop_at: int = stop_at) -> None:
             if key == "trial-1/fold-0" and epoch == stop_at:
                 raise KeyboardInterrupt
@@ -734,9 +735,9 @@ sampler = "random"
             run_search(load_study(path), run_dir=tmp_path / "runs", progress=OnEpoch(interrupt))
     result = run_search(load_study(path), run_dir=tmp_path / "runs", progress=False)
     states = [t.state for t in result.trials]
-    assert states.count(TrialState.FAIL) == 2 and sum(s in FINISHED for s in states) == 3
+    assert states.count(TrialState.FAIL) == len(stops) and sum(s in FINISHED for s in states) == 3
     finished = [t for t in result.trials if t.state in FINISHED]
-    assert finished[1].user_attrs["models"] == "trial-1"  # the retry of a retry: its models
+    assert finished[1].user_attrs["models"] == "trial-1"  # the last retry: the trial's models
     assert [(t.params, t.value) for t in finished] == \
         [(t.params, t.value) for t in reference.trials]  # nothing lost, the same search
 

@@ -1,5 +1,5 @@
-"""The search's lock beside a SQLite database: one holder at a time, across processes and
-threads, on any OS (the `filelock` library)."""
+"""The search's storage: its lock beside a SQLite database (one holder at a time, across
+processes and threads, on any OS: the `filelock` library) and the retries of lost trials."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import threading
 import time
 from pathlib import Path
 
+import optuna
 import pytest
+from optuna.trial import TrialState
 
 from fashionlab.errors import StoreError
-from fashionlab.search.storage import ClaimLock
+from fashionlab.search.storage import MAX_RETRIES, ClaimLock, RetryLostTrial
 
 
 def test_the_lock_file_admits_one_holder_at_a_time(tmp_path: Path):
@@ -58,3 +60,28 @@ def test_a_lock_file_that_cannot_be_created_is_a_store_error(tmp_path: Path):
     (tmp_path / "store.db.search-lock").mkdir()  # stands for a read-only run directory
     with pytest.raises(StoreError, match="store.db.search-lock: cannot create the lock file"):
         ClaimLock(url, "s").acquire()
+
+
+def _retry_chain(study: optuna.Study, crashes: list[bool]) -> list[optuna.trial.FrozenTrial]:
+    """Fail the newest trial once per entry (True: its process died, False: the user stopped
+    it), retrying it each time as the search does; returns the study's trials."""
+    for crashed in crashes:
+        trial = study.ask()  # the waiting retry, if there is one
+        study.tell(trial, state=TrialState.FAIL)
+        RetryLostTrial(crashed=crashed)(study, study.get_trials(deepcopy=False)[trial.number])
+    return study.get_trials(deepcopy=False)
+
+
+def test_crashes_are_retried_max_retries_times_and_stops_always():
+    study = optuna.create_study()
+    study.enqueue_trial({"x": 1.0})
+    study.ask({"x": optuna.distributions.FloatDistribution(0, 2)})  # trial 0 runs ...
+    study.tell(0, state=TrialState.FAIL)  # ... and its process dies
+    RetryLostTrial()(study, study.get_trials(deepcopy=False)[0])
+    trials = _retry_chain(study, [False] * 5 + [True] * (MAX_RETRIES - 1))
+    waiting = [t for t in trials if t.state == TrialState.WAITING]
+    assert len(waiting) == 1 and waiting[0].params == {"x": 1.0}  # stops cost nothing
+    assert waiting[0].system_attrs["failed_trial"] == 0  # the chain's first trial
+    assert waiting[0].system_attrs["retry_history"] == list(range(len(trials) - 1))
+    trials = _retry_chain(study, [True])  # one crash more than MAX_RETRIES
+    assert not [t for t in trials if t.state == TrialState.WAITING]

@@ -11,10 +11,11 @@ of worker processes, on any number of machines, that run it against one database
   (complete or pruned) and no trial starts once a budget is spent: `budget` fold-epochs,
   `budget_seconds` of training or `budget_tflop` of estimated training arithmetic
   (fashionlab.search.cost).
-- A trial whose worker died is failed and retried once with the same parameters: at once when
-  the worker ran on this machine (its process is gone), else when its heartbeat has been
-  silent for GRACE_PERIOD seconds. The retry keeps the trial's models (`trial-N/fold-i`) and
-  continues from their checkpoint when it runs where they were trained.
+- A trial whose worker died is failed and retried with the same parameters (up to
+  MAX_RETRIES times; one the user stopped, every time): at once when the worker ran on this
+  machine (its process is gone), else when its heartbeat has been silent for GRACE_PERIOD
+  seconds. The retry keeps the trial's models (`trial-N/fold-i`) and continues from their
+  checkpoint when it runs where they were trained.
 - The worker that sees the search complete writes its results (`search_results`).
 
 Training one trial (its folds, the reports that steer pruning, its cost and score) is
@@ -61,8 +62,8 @@ from fashionlab.search.space import (
     make_sampler,
 )
 from fashionlab.search.storage import (
-    MAX_RETRIES,
     ClaimLock,
+    RetryLostTrial,
     delete_study,
     open_storage,
     search_identity,
@@ -312,10 +313,7 @@ class _Searcher:
         self.finishing = SearchContext(ctx, study, folds, Tensors(x, y, x, y), dataset)
         self.trials = TrialContext(ctx, self.base, folds, self.finishing.train,
                                    self.finishing.maximize)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(
-                max_retry=MAX_RETRIES)
+        self.retry = RetryLostTrial()
         self.identity = ProcessIdentity.current()
         self.worker = f"{socket.gethostname()}:{self.identity.pid}"
         self.seed = self.search.seed if self.search.seed is not None else spec.seed
@@ -367,7 +365,7 @@ class _Searcher:
         return "others-running" if running else reason
 
     def _fail_lost_trials(self) -> None:
-        """Fail (and retry once) the running trials whose worker is gone: on this machine
+        """Fail (and retry) the running trials whose worker is gone: on this machine
         when its process no longer exists, elsewhere when its heartbeat is stale."""
         host = socket.gethostname()
         for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -385,7 +383,7 @@ class _Searcher:
             optuna.storages.fail_stale_trials(self.study)
 
     def _retry_interrupted(self, current: list[int]) -> None:
-        """An interrupted trial (Ctrl-C) is retried once, like one whose worker died."""
+        """A trial the user stopped (Ctrl-C, SIGTERM) is retried, however often that happens."""
         if not current:
             return
         trial = self.study.get_trials(deepcopy=False)[current[0]]
@@ -393,7 +391,7 @@ class _Searcher:
             self.study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
             trial = self.study.get_trials(deepcopy=False)[current[0]]
         if trial.state == TrialState.FAIL:
-            self.retry(self.study, trial)
+            RetryLostTrial(crashed=False)(self.study, trial)
 
     def _log_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         trials = study.get_trials(deepcopy=False)

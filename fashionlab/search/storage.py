@@ -3,8 +3,8 @@ experiment store's database, and the lock by which the workers sharing it take t
 trials (`ClaimLock`, at home in `fashionlab.jobs`, which a study's processes share too).
 
 A lost trial (its worker killed, its machine gone) is failed once its heartbeat has been
-silent for GRACE_PERIOD seconds and retried once with the same parameters; a worker on the
-same machine notices a dead process at once (fashionlab.search).
+silent for GRACE_PERIOD seconds and retried with the same parameters (`RetryLostTrial`); a
+worker on the same machine notices a dead process at once (fashionlab.search).
 """
 
 from __future__ import annotations
@@ -19,15 +19,38 @@ from fashionlab.config import StudySpec
 from fashionlab.jobs import ClaimLock
 from fashionlab.store import database_url
 
-__all__ = ["GRACE_PERIOD", "HEARTBEAT_INTERVAL", "MAX_RETRIES", "ClaimLock", "delete_study", "open_storage",
-           "search_identity", "study_name"]
+__all__ = ["GRACE_PERIOD", "HEARTBEAT_INTERVAL", "MAX_RETRIES", "ClaimLock", "RetryLostTrial",
+           "delete_study", "open_storage", "search_identity", "study_name"]
 
 HEARTBEAT_INTERVAL = 20  # seconds between a running trial's signs of life in the database
 GRACE_PERIOD = 120  # a trial silent this long is failed and retried
-# A trial lost (its process killed or stopped) is retried with its parameters, from its
-# checkpoints, up to this many times: a search stopped twice in one trial loses nothing, and
-# a trial that kills its process every time (out of memory) does not hold the search forever.
+# A trial whose process died is retried with its parameters, from its checkpoints, up to this
+# many times: a trial that kills its process every time (out of memory) does not hold the
+# search forever. A trial the user stopped (Ctrl-C, SIGTERM) is retried every time.
 MAX_RETRIES = 3
+_CRASHES = "fashionlab:crashes"  # a trial's system attribute: crashes in its retry chain
+
+
+class RetryLostTrial:
+    """Retry a failed trial the way Optuna's `RetryHeartbeatStaleTrialCallback` does (a
+    waiting trial with its parameters and user attributes; `failed_trial` names the first of
+    its chain, `retry_history` lists them all), with MAX_RETRIES counting crashes only: a
+    trial whose process died or went silent is retried MAX_RETRIES times, a trial the user
+    stopped (`crashed=False`) every time, since stopping a search must not lose its trials."""
+
+    def __init__(self, *, crashed: bool = True) -> None:
+        self.crashed = crashed
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        crashes = int(trial.system_attrs.get(_CRASHES, 0)) + int(self.crashed)
+        if crashes > MAX_RETRIES:
+            return
+        history = [*trial.system_attrs.get("retry_history", []), trial.number]
+        study.add_trial(optuna.create_trial(
+            state=optuna.trial.TrialState.WAITING, params=trial.params,
+            distributions=trial.distributions, user_attrs=trial.user_attrs,
+            system_attrs={"failed_trial": trial.number, **trial.system_attrs,
+                          "retry_history": history, _CRASHES: crashes}))
 
 
 def study_name(search: str, fingerprint: str) -> str:
@@ -61,8 +84,8 @@ def delete_study(url: str, name: str) -> bool:
 
 
 def open_storage(url: str) -> optuna.storages.RDBStorage:
-    """Optuna's storage on the store's database, with heartbeats and MAX_RETRIES retries of a
-    lost trial."""
+    """Optuna's storage on the store's database, with heartbeats and retries of a lost
+    trial (`RetryLostTrial`)."""
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
         kwargs = {"connect_args": {"timeout": 60}}
@@ -71,5 +94,4 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
         return optuna.storages.RDBStorage(
             database_url(url), engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_INTERVAL,
             grace_period=GRACE_PERIOD,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                max_retry=MAX_RETRIES))
+            heartbeat_stale_trial_callback=RetryLostTrial())
