@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from fashionlab.config import ModelSpec
 from fashionlab.config.specs import first_problem
 from fashionlab.errors import FashionlabError
 from fashionlab.models import build_module, inference_module
+from fashionlab.serialize import staging_path
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -67,7 +68,9 @@ def save_model(
     """Write a model directory atomically (a half-written model never carries the final name)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    staging = staging_path(directory)
+    shutil.rmtree(staging, ignore_errors=True)  # this process's, from a save that failed
+    staging.mkdir()
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
               str(staging / WEIGHTS_FILE))
     description = {
@@ -78,11 +81,14 @@ def save_model(
         "metadata": metadata,
     }
     (staging / SPEC_FILE).write_text(json.dumps(description, indent=2, default=str) + "\n")
-    if directory.exists():
-        for child in directory.iterdir():
-            child.unlink()
-        directory.rmdir()
-    os.replace(staging, directory)
+    if directory.exists():  # the earlier save, out of the way in one rename, removed after
+        previous = staging_path(directory.with_name(f"{directory.name}.previous"))
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(directory, previous)
+        os.replace(staging, directory)
+        shutil.rmtree(previous, ignore_errors=True)
+    else:
+        os.replace(staging, directory)
     return directory
 
 

@@ -28,6 +28,7 @@ import torch
 
 from fashionlab.artifacts import PREPROCESSING, SavedModel
 from fashionlab.errors import FashionlabError
+from fashionlab.serialize import staging_path
 from fashionlab.text import first_line
 
 __all__ = ["DEFAULT_OPSET", "TOLERANCE", "ExportError", "export_onnx", "verify_onnx"]
@@ -116,7 +117,7 @@ def export_onnx(saved_model: SavedModel, path: str | Path, *, opset: int = DEFAU
         "spec": json.dumps(asdict(saved_model.spec)),
         "producer": "fashionlab",
     })
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # renamed once verified
+    staging = staging_path(path)  # renamed once verified
     try:
         with _quiet_exporter():
             program.save(staging, external_data=False)  # one self-contained file

@@ -1,16 +1,19 @@
 """Figures as pure functions: arrays in, a matplotlib Figure out.
 
 Figures are built on `matplotlib.figure.Figure` with an Agg canvas, never through pyplot, so no
-global figure state is created or leaked and no display is needed. Save with `fig.savefig(path)`.
+global figure state is created or leaked and no display is needed. Save with `save_figure`
+(whole or not at all) or `fig.savefig(path)`.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import os
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 import matplotlib
 import numpy as np
@@ -18,8 +21,20 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from fashionlab.data import CLASS_NAMES
+from fashionlab.serialize import staging_path
 
-__all__ = ["learning_curves", "png_data_uri", "sample_grid"]
+__all__ = ["learning_curves", "png_data_uri", "sample_grid", "save_figure"]
+
+
+def save_figure(figure: Figure, path: Path, **savefig: Any) -> None:
+    """`figure.savefig(path, **savefig)` whole or not at all: under the staging name, then
+    renamed (a kill never leaves half a PNG under `path`). OSError when it cannot."""
+    staging = staging_path(path)
+    try:
+        figure.savefig(staging, **{"format": path.suffix.lstrip(".") or "png", **savefig})
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
 
 
 def png_data_uri(figure: Figure, *, dpi: float = 100) -> str:

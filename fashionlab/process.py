@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ProcessIdentity", "die_with_parent"]
+__all__ = ["ProcessIdentity", "die_with_parent", "pid_exists"]
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -83,7 +83,7 @@ class ProcessIdentity:
     def liveness(self) -> bool | None:
         """True: this very process runs; False: it is gone; None: a process with the pid runs,
         and whether it is this one cannot be told."""
-        if self.pid <= 0 or not _pid_exists(self.pid):
+        if self.pid <= 0 or not pid_exists(self.pid):
             return False
         boot_id = _boot_id()
         if boot_id is None or self.start_time is None or self.boot_id is None:
@@ -96,7 +96,8 @@ class ProcessIdentity:
         return start_time == self.start_time
 
 
-def _pid_exists(pid: int) -> bool:
+def pid_exists(pid: int) -> bool:
+    """Whether a process with this pid runs on this machine (any user's)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -268,9 +267,4 @@ def write_outputs(result: StudyResult, dataset: Dataset) -> dict[str, Path]:
 
 
 def _save_figure(figure: Any, path: Path) -> None:
-    staging = path.with_name(f".{path.name}.tmp")
-    try:
-        figure.savefig(staging, dpi=110, format="png")
-        os.replace(staging, path)
-    finally:
-        staging.unlink(missing_ok=True)
+    plots.save_figure(figure, path, dpi=110)

@@ -1,16 +1,22 @@
-"""JSON-ready values (numpy to Python, NaN and infinities to null, paths to strings), and text
-files written whole or not at all."""
+"""JSON-ready values (numpy to Python, NaN and infinities to null, paths to strings), and
+files written whole or not at all: under a staging name first (`staging_path`), which names
+the writing process, so that what a killed process left is found and removed
+(`remove_stale_staging`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 import os
-from collections.abc import Mapping
+import re
+import shutil
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fashionlab.process import pid_exists
 
 
 def jsonable(value: Any) -> Any:
@@ -34,10 +40,44 @@ def jsonable(value: Any) -> Any:
     return value
 
 
+def staging_path(path: Path) -> Path:
+    """Where this process writes `path` (a file or a folder) before renaming it to `path`:
+    `.NAME.PID.tmp` beside it."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+_STAGING_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
+
+
+def remove_stale_staging(folder: Path, *, recursive: bool = False,
+                         names: Collection[str] | None = None) -> list[Path]:
+    """Remove what killed processes left half-written in `folder` (and below it, `recursive`):
+    files and folders named by `staging_path` (of `names` only, when given) whose process no
+    longer runs on this machine; those of a live process are being written. Best effort;
+    returns what was removed."""
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for path in sorted(folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp")):
+        match = _STAGING_NAME.match(path.name)
+        if match is None or (names is not None and match["name"] not in names) \
+                or pid_exists(int(match["pid"])):
+            continue
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except OSError:
+            continue
+        removed.append(path)
+    return removed
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a text file whole or not at all: under a temporary name, then renamed, so that a
     full disk or a kill never leaves half a file under `path`. OSError when it cannot."""
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    staging = staging_path(path)
     try:
         staging.write_text(text, encoding="utf-8")
         os.replace(staging, path)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from collections.abc import Callable
 from pathlib import Path
@@ -80,6 +81,9 @@ def test_saving_again_replaces_the_directory(tmp_path: Path):
     assert sorted(p.name for p in directory.iterdir()) == [SPEC_FILE, WEIGHTS_FILE]
     assert load_model(directory).spec == DENSE
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no staging directory left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert directory.stat().st_mode & 0o777 == 0o777 & ~umask  # as any folder made here
 
 
 def test_loading_never_unpickles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

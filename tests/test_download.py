@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import gzip
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -246,6 +248,21 @@ def test_fetch_copies_decompressed_from_debian(tiny_idx_dir: Path, sums: dict[st
     fetch_fashion_mnist(checksums=sums, **FAST)  # everything in place and remembered
     assert hashed == []
     assert before == {name: (isolated_data_env / name).stat().st_mtime_ns for name in FILE_NAMES}
+
+
+def test_fetch_removes_what_a_killed_fetch_left(tiny_idx_dir: Path,
+                                               sums: dict[str, FileChecksum],
+                                               isolated_data_env: Path,
+                                               monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(fetch_module, "DEBIAN_DIR", tiny_idx_dir)
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)
+    isolated_data_env.mkdir(parents=True, exist_ok=True)
+    left = isolated_data_env / f".{data.TRAIN_IMAGES}.{int(child.stdout)}.tmp"
+    left.write_bytes(b"half a download")
+    fetch_fashion_mnist(checksums=sums, **FAST)
+    assert not left.exists()
+    assert not list(isolated_data_env.glob(".*.tmp"))
 
 
 def test_fetch_replaces_a_damaged_cached_file(tiny_idx_dir: Path, sums: dict[str, FileChecksum],

@@ -389,9 +389,16 @@ score = 0.5
     shown = describe_run(store, run.id)  # what `fashionlab runs show` prints
     assert shown["kind"] == "search" and shown["table"] == []
     store.close()
-    # Running it again shows the finished search: nothing is trained.
+    # Running it again shows the finished search: nothing is trained. What a process killed
+    # after the search finished left undone is done: the report written, its half-written
+    # files removed.
+    (out / "report.html").unlink()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    (out / f".report.html.{dead}.tmp").write_text("<html>half")
     again = run_search(load_study(path), run_dir=tmp_path / "runs", progress=False)
     assert again.summary == summary and len(again.trials) == len(trials)
+    assert (out / "report.html").is_file() and not list(out.glob(".*.tmp"))
 
 
 def test_pruning_stops_a_hopeless_trial_early(tiny_idx_dir: Path, tmp_path: Path):

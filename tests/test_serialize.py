@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from fashionlab.serialize import flatten, jsonable, write_text_atomic
+from fashionlab.serialize import (
+    flatten,
+    jsonable,
+    remove_stale_staging,
+    staging_path,
+    write_text_atomic,
+)
 
 
 def test_jsonable_turns_numpy_and_non_finite_values_into_json():
@@ -32,3 +41,31 @@ def test_a_text_file_is_written_whole_or_not_at_all(tmp_path: Path,
         write_text_atomic(path, "second")
     assert path.read_text() == "first"
     assert [p.name for p in tmp_path.iterdir()] == ["results.md"]  # no temporary file left
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has ended."""
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)
+    return int(child.stdout)
+
+
+def test_what_a_killed_process_left_half_written_is_removed(tmp_path: Path):
+    dead, alive = _dead_pid(), os.getpid()
+    assert staging_path(tmp_path / "results.csv") == tmp_path / f".results.csv.{alive}.tmp"
+    left = [tmp_path / f".results.csv.{dead}.tmp", tmp_path / "models" / f".cnn.{dead}.tmp",
+            tmp_path / "figures" / f".curves-a.png.{dead}.tmp"]
+    kept = [tmp_path / f".report.html.{alive}.tmp",  # being written by a live process
+            tmp_path / ".notes.tmp", tmp_path / f"plain.{dead}.tmp"]  # not staging names
+    for path in left + kept:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("half") if "models" not in path.parts else path.mkdir()
+    (left[1] / "model.json").write_text("{}")
+    assert remove_stale_staging(tmp_path) == [left[0]]  # this folder only
+    assert remove_stale_staging(tmp_path, recursive=True) == sorted(left[1:])
+    assert all(p.exists() for p in kept) and not any(p.exists() for p in left)
+
+    other = tmp_path / f".user-file.{dead}.tmp"
+    other.write_text("mine")
+    assert remove_stale_staging(tmp_path, names={"train-images-idx3-ubyte"}) == []
+    assert other.exists()

@@ -375,6 +375,23 @@ def test_results_md_shows_names_as_written(tiny_idx_dir: Path, tmp_path: Path):
     assert not re.search(r"<(script|em|a)\b", html) and html.count("<code>") == 1  # the run id
 
 
+def test_what_a_killed_run_left_half_written_is_removed_when_it_runs_again(
+        tiny_idx_dir: Path, tmp_path: Path):
+    path = tmp_path / "tiny.toml"
+    path.write_text(tiny_study_toml(tiny_idx_dir, epochs=1, folds=2, final=False))
+    result = run_study(load_study(path), run_dir=tmp_path / "runs", progress=False)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    out = result.output_dir
+    left = [out / f".results.csv.{dead}.tmp", out / "figures" / f".samples.png.{dead}.tmp",
+            out / "models" / f".small.{dead}.tmp"]
+    for path_left in left[:2]:
+        path_left.write_text("half")
+    left[2].mkdir()
+    again = run_study(load_study(path), run_dir=tmp_path / "runs", progress=False)
+    assert again.run.id == result.run.id and not any(p.exists() for p in left)
+
+
 def test_the_study_command_writes_the_table(study_file: Path, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]):
     code, out, err = run_cli(capsys, "study", str(study_file), "--run-dir", str(tmp_path),

@@ -43,6 +43,7 @@ from fashionlab.data.files import (
 )
 from fashionlab.errors import DataError
 from fashionlab.idx import gunzip, read_decompressed
+from fashionlab.serialize import remove_stale_staging
 
 __all__ = [
     "DATA_ENV",
@@ -265,6 +266,8 @@ def fetch_fashion_mnist(
     checksums = FASHION_MNIST_CHECKSUMS if checksums is None else checksums
     target = Path(directory).expanduser() if directory is not None else cache_dir()
     _ensure_writable(target, what="directory" if directory is not None else "cache directory")
+    # Half-written copies of a fetch that was killed (a download is 30 MB): gone.
+    remove_stale_staging(target, names=FILE_NAMES)
     memo, new_entries = read_memo(), {}
     for name in FILE_NAMES:
         expected = checksums[name]

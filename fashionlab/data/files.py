@@ -6,13 +6,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeAlias
 
 from fashionlab.errors import DataError
+from fashionlab.serialize import staging_path
 
 __all__ = [
     "CACHE_ENV",
@@ -135,9 +135,9 @@ def remember(new: Mapping[str, dict[str, object]]) -> None:
 def write_atomic(directory: Path, name: str, data: bytes | bytearray) -> Path:
     """Write under a temporary name in `directory`, then rename: readers never see a partial file."""
     directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+    tmp = staging_path(directory / name)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

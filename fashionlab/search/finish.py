@@ -45,10 +45,11 @@ from fashionlab.config import (
 )
 from fashionlab.cv import Fold, MemberResult, consensus_epoch, consensus_warning, mean_curves
 from fashionlab.data import Dataset, to_tensors
-from fashionlab.report import write_report
+from fashionlab.plots import save_figure
+from fashionlab.report import REPORT_NAME, write_report
 from fashionlab.search.cost import spent, spent_summary
 from fashionlab.search.space import FixedParams, suggest
-from fashionlab.serialize import jsonable
+from fashionlab.serialize import jsonable, write_text_atomic
 from fashionlab.steps import RunContext, retrain, stored_result, summarize_models
 from fashionlab.store import RunRecord, Store
 from fashionlab.tables import search_markdown
@@ -115,6 +116,8 @@ def finish_search(s: SearchContext, stopped_by: str, seconds: float) -> dict[str
     trials = study.get_trials(deepcopy=False)
     finished = sorted(t.number for t in trials if t.state in FINISHED)
     if run.status == "finished" and run.summary and run.summary.get("finished_trials") == finished:
+        if not (s.run.output_dir / REPORT_NAME).exists():  # killed before it was written
+            write_report(store, run.id, device=s.run.device)
         return run.summary
     direction = "maximize" if s.maximize else "minimize"
     scored = [t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs.get(
@@ -154,9 +157,9 @@ def finish_search(s: SearchContext, stopped_by: str, seconds: float) -> dict[str
     summary["figures"] = [str(p) for p in save_plots(study, figures, has_importances=bool(
         summary["importances"]))]
     summary = jsonable(summary)
-    (output / "results.md").write_text(search_markdown(summary))
-    (output / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (output / "study.toml").write_text(study_to_toml(spec))
+    write_text_atomic(output / "results.md", search_markdown(summary))
+    write_text_atomic(output / "results.json", json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(output / "study.toml", study_to_toml(spec))
     store.end_run(run.id, "finished", summary, output_dir=output)  # where it is now
     write_report(store, run.id, device=s.run.device)  # the report reads the finished run back
     return summary
@@ -355,7 +358,7 @@ def save_plots(study: optuna.Study, folder: Path, *, has_importances: bool) -> l
             axes = plot(study)
         figure = np.ravel(axes)[0].figure
         path = folder / f"{name}.png"
-        figure.savefig(path, dpi=110, bbox_inches="tight")
+        save_figure(figure, path, dpi=110, bbox_inches="tight")
         plt.close(figure)
         paths.append(path)
     return paths

@@ -69,6 +69,7 @@ from fashionlab.search.storage import (
     search_identity,
 )
 from fashionlab.search.trial import TrialContext, make_pruner, train_trial
+from fashionlab.serialize import remove_stale_staging
 from fashionlab.steps import RunContext, load_study_data, note_unresumed_run
 from fashionlab.store import (
     DEFAULT_RUN_DIR,
@@ -219,6 +220,7 @@ def run_search(
     # <run dir>/<run id>, whatever the store recorded: a run directory moved or copied goes
     # on in its new place (as a study does).
     output_dir = (run_dir / run.id).resolve()
+    remove_stale_staging(output_dir, recursive=True)  # what a killed process left half-written
     try:
         with reporting(progress) as reporter:
             if created:

@@ -35,6 +35,7 @@ from fashionlab.provenance import environment
 from fashionlab.report import REPORT_NAME, ReportError, write_report
 from fashionlab.results import SAMPLES_PER_CLASS, StudyResult, summary, write_outputs
 from fashionlab.runner import auto_workers, image_dtype, threads_per_job
+from fashionlab.serialize import remove_stale_staging
 from fashionlab.steps import (
     RunContext,
     load_study_data,
@@ -110,6 +111,8 @@ def run_study(
     output_dir = (run_dir / run.id).resolve()
     if shown and not output_dir.is_dir() and run.output_dir:
         output_dir = Path(run.output_dir)
+    if not store.read_only:  # what a killed process of this run left half-written
+        remove_stale_staging(output_dir, recursive=True)
     result = StudyResult(run, spec, output_dir, n_train=len(folds[0].train_index),
                          n_val=len(folds[0].val_index), resumed=resumed)
     me = command_identity()
