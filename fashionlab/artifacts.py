@@ -27,6 +27,7 @@ from torch import nn
 from fashionlab.config import ModelSpec
 from fashionlab.config.specs import first_problem
 from fashionlab.errors import FashionlabError
+from fashionlab.hardware import resolve_device
 from fashionlab.models import build_module, inference_module
 from fashionlab.serialize import staging_path
 
@@ -104,6 +105,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu",
     Nothing is unpickled: safetensors holds raw tensors only.
     """
     directory = Path(directory)
+    device = resolve_device(str(device))  # "auto" as everywhere; no CUDA: one clear error
     spec_path, weights_path = directory / SPEC_FILE, directory / WEIGHTS_FILE
     if not directory.is_dir():
         raise ModelFileError(f"{directory}: not a model directory")
@@ -134,6 +136,8 @@ def _read_description(path: Path) -> tuple[ModelSpec, tuple[str, ...], dict[str,
         raise invalid("not UTF-8 text") from None
     except json.JSONDecodeError as error:
         raise invalid(f"not JSON: {error}") from None
+    except RecursionError:  # arrays nested thousands deep
+        raise invalid("nested too deeply") from None
     except OSError as error:
         raise ModelFileError(f"{path}: cannot read ({error.strerror or error})") from None
     if not isinstance(description, dict):
@@ -141,6 +145,8 @@ def _read_description(path: Path) -> tuple[ModelSpec, tuple[str, ...], dict[str,
     version = description.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool):
         raise invalid("no integer 'format_version'")
+    if version < 1:
+        raise invalid(f"format_version {version}: formats are numbered from 1")
     if version > FORMAT_VERSION:
         raise ModelFileError(f"{path}: written in model format {version} by a newer fashionlab; "
                              f"this one reads format {FORMAT_VERSION} (upgrade fashionlab)")

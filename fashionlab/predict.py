@@ -27,6 +27,8 @@ or (N, 1, 28, 28), uint8 0-255 or float 0-1. Arrays are never unpickled.
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,11 +115,15 @@ class FilePredictions:
 # Loading
 
 
-def load_images(paths: Iterable[str | Path], *, invert: bool | None = None) -> list[Item]:
-    """Load every file; a file that cannot be read gives an Item with its error, not a raise.
+def load_images(paths: str | Path | Iterable[str | Path], *,
+                invert: bool | None = None) -> list[Item]:
+    """Load every file (one path, or many); a file that cannot be read gives an Item with its
+    error, not a raise.
 
     invert: for photos, None decides from the background; True or False forces it.
     """
+    if isinstance(paths, (str, os.PathLike)):  # one file, not a string's characters
+        paths = [paths]
     items = []
     for path in map(Path, paths):
         try:
@@ -215,9 +221,13 @@ def _load_photo(path: Path, invert: bool | None) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
-            image.draft("L", (WORKING_SIDE, WORKING_SIDE))  # JPEG: decode at a reduced size
-            image.load()
+        # Pillow warns (two lines on stderr) of pictures between its pixel limit and twice it,
+        # which decode fine; beyond, DecompressionBombError is the one line below.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.draft("L", (WORKING_SIDE, WORKING_SIDE))  # JPEG: at a reduced size
+                image.load()
     except UnidentifiedImageError:
         with open(path, "rb") as f:
             head = f.read(8)
@@ -393,9 +403,10 @@ def predict(saved_model: SavedModel, images: np.ndarray, top_k: int = 3) -> list
     return predictions
 
 
-def predict_files(saved_model: SavedModel, paths: Sequence[str | Path], top_k: int = 3, *,
-                  invert: bool | None = None) -> list[FilePredictions]:
-    """Load and predict every file; unreadable files carry their error, the others go on."""
+def predict_files(saved_model: SavedModel, paths: str | Path | Iterable[str | Path],
+                  top_k: int = 3, *, invert: bool | None = None) -> list[FilePredictions]:
+    """Load and predict every file (one path, or many); unreadable files carry their error,
+    the others go on."""
     results = []
     for item in load_images(paths, invert=invert):
         if item.images is None:

@@ -28,6 +28,7 @@ from fashionlab.artifacts import (
 )
 from fashionlab.config import MAX_PARAMETERS, ConvLayer, DenseLayer, ModelSpec
 from fashionlab.data import CLASS_NAMES, read_idx
+from fashionlab.errors import ConfigError
 from fashionlab.models import build_module
 
 DENSE = ModelSpec(layers=(DenseLayer(16, dropout=0.2), DenseLayer(8)))
@@ -166,6 +167,10 @@ BROKEN = {
                     "2 class names for a model with 10 outputs"),
     "newer format": (_edit_json(lambda d: d.update(format_version=FORMAT_VERSION + 1)),
                      SPEC_FILE, "newer fashionlab"),
+    "format 0": (_edit_json(lambda d: d.update(format_version=0)), SPEC_FILE,
+                 "format_version 0: formats are numbered from 1"),
+    "json nested deeply": (lambda d: (d / SPEC_FILE).write_text("[" * 100_000 + "]" * 100_000),
+                           SPEC_FILE, "nested too deeply"),
     "spec and weights disagree": (_edit_json(_set_units), WEIGHTS_FILE,
                                   "the spec needs (13, "),
     "missing tensor": (_edit_weights(lambda s: s.pop("0.weight")), WEIGHTS_FILE,
@@ -192,6 +197,15 @@ def test_a_broken_model_directory_gives_one_line_naming_the_file(tmp_path: Path,
     message = str(error.value)
     assert message.startswith(f"{directory / file_name}: "), message
     assert fragment in message and "\n" not in message, message
+
+
+def test_the_device_is_read_as_everywhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    directory = _save(tmp_path / "m")
+    assert next(load_model(directory, "auto").module.parameters()).device.type == (
+        "cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="no CUDA device is available"):
+        load_model(directory, "cuda")
 
 
 def test_not_a_directory(tmp_path: Path):

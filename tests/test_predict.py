@@ -255,6 +255,11 @@ def test_idx_npy_and_png_inputs_agree(
         assert photos[-1].read_bytes()[:2] == b"\0\0"
     for item in load_images(photos):
         assert item.kind == "photo" and item.error is None, (item.path, item.error)
+    # One path is one file, not its characters.
+    (item,) = load_images(str(photos[0]))
+    assert item.kind == "photo" and item.path == photos[0]
+    (result,) = predict_files(real_model, photos[0])
+    assert result.error is None and result.predictions
     expected = images / np.float32(255)
     for item in items[:4]:
         assert item.error is None and item.images.dtype == np.float32
@@ -267,6 +272,18 @@ def test_idx_npy_and_png_inputs_agree(
         assert [p.labels for p in result.predictions] == [p.labels for p in by_array]
         np.testing.assert_allclose([p.probabilities for p in result.predictions],
                                    [p.probabilities for p in by_array], atol=1e-6)
+
+
+@pytest.mark.filterwarnings("error")
+def test_a_picture_pillow_warns_of_decodes_without_a_warning(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # between it and twice it: a warning
+    Image.new("L", (40, 30), 255).save(tmp_path / "large.png")
+    (item,) = load_images([tmp_path / "large.png"])
+    assert item.kind == "photo" and item.error is None
+    Image.new("L", (60, 40), 255).save(tmp_path / "bomb.png")  # beyond twice: refused
+    (item,) = load_images([tmp_path / "bomb.png"])
+    assert "too large to decode safely" in item.error
 
 
 def test_top_k():
