@@ -8,10 +8,11 @@ global figure state is created or leaked and no display is needed. Save with `sa
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,12 +27,22 @@ from fashionlab.serialize import staging_path
 __all__ = ["learning_curves", "png_data_uri", "sample_grid", "save_figure"]
 
 
+@contextlib.contextmanager
+def _missing_glyphs_drawn_silently() -> Iterator[None]:
+    # A name in a script the font lacks (CJK, emoji) is drawn as boxes; matplotlib would also
+    # warn twice per glyph and figure on stderr.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from", category=UserWarning)
+        yield
+
+
 def save_figure(figure: Figure, path: Path, **savefig: Any) -> None:
     """`figure.savefig(path, **savefig)` whole or not at all: under the staging name, then
     renamed (a kill never leaves half a PNG under `path`). OSError when it cannot."""
     staging = staging_path(path)
     try:
-        figure.savefig(staging, **{"format": path.suffix.lstrip(".") or "png", **savefig})
+        with _missing_glyphs_drawn_silently():
+            figure.savefig(staging, **{"format": path.suffix.lstrip(".") or "png", **savefig})
         os.replace(staging, path)
     finally:
         staging.unlink(missing_ok=True)
@@ -40,7 +51,8 @@ def save_figure(figure: Figure, path: Path, **savefig: Any) -> None:
 def png_data_uri(figure: Figure, *, dpi: float = 100) -> str:
     """A figure as a PNG data URI ("data:image/png;base64,..."), for an HTML page or notebook."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=dpi)
+    with _missing_glyphs_drawn_silently():
+        figure.savefig(buffer, format="png", dpi=dpi)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 

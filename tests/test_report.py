@@ -305,3 +305,16 @@ def test_a_candidate_with_no_epoch_yet_is_drawn_without_a_warning(recwarn):
     learning_curves({"loss": nothing, "accuracy": nothing, "val_loss": nothing,
                      "val_accuracy": nothing}, title="not started")
     assert [str(w.message) for w in recwarn] == []  # matplotlib: "No artists with labels ..."
+
+
+@pytest.mark.filterwarnings("error")
+def test_names_in_scripts_the_font_lacks_are_drawn_without_warnings(tmp_path: Path):
+    from matplotlib.figure import Figure
+
+    from fashionlab.plots import png_data_uri, save_figure
+
+    figure = Figure()
+    figure.subplots().set_title("\u4e2d\u6587 \U0001f642")  # CJK and an emoji: not in DejaVu
+    save_figure(figure, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes().startswith(PNG)
+    assert png_data_uri(figure).startswith("data:image/png;base64,")
