@@ -392,6 +392,20 @@ def test_what_a_killed_run_left_half_written_is_removed_when_it_runs_again(
     assert again.run.id == result.run.id and not any(p.exists() for p in left)
 
 
+@pytest.mark.parametrize("command", ["study", "search"])
+def test_data_that_cannot_be_read_leaves_no_store(command: str, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]):
+    path = tmp_path / "nodata.toml"
+    text = tiny_study_toml(tmp_path / "nowhere", final=False)
+    if command == "search":
+        text += ("\n[search]\nn_trials = 2\n[search.space]\n"
+                 "learning_rate = { choices = [0.001, 0.01] }\n")
+    path.write_text(text)
+    code, _, err = run_cli(capsys, command, str(path), "--run-dir", str(tmp_path / "runs"))
+    assert_one_line_error(code, err, str(tmp_path / "nowhere"), "file not found")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_the_study_command_writes_the_table(study_file: Path, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]):
     code, out, err = run_cli(capsys, "study", str(study_file), "--run-dir", str(tmp_path),

@@ -188,6 +188,8 @@ def run_search(
     study_name, fingerprint = search_identity(spec)
     if finish:  # nothing to finish in a store that is not there: create nothing
         Store(url, create=False).close()
+    # The data before anything is created: a search whose data cannot be read leaves nothing.
+    dataset = dataset if dataset is not None else load_study_data(spec)
     lock = ClaimLock(url, study_name)
     with lock:  # workers starting together: one creates the tables, the run and the study
         store = Store(url)
@@ -216,7 +218,6 @@ def run_search(
             pruner=make_pruner(search))
         if search.start_with_base and search.sampler != "grid" and not study.get_trials():
             study.enqueue_trial(base_params(search, base), user_attrs={"base": base.name})
-    dataset = dataset if dataset is not None else load_study_data(spec)
     # <run dir>/<run id>, whatever the store recorded: a run directory moved or copied goes
     # on in its new place (as a study does).
     output_dir = (run_dir / run.id).resolve()

@@ -98,8 +98,9 @@ def run_study(
         raise ConfigError(f"threads: expected a positive whole number, got {threads!r}")
     torch_device = resolve_device(device)
     run_dir = Path(run_dir)
-    store = Store.open(run_dir, store_url)
+    # The data first: a study whose data cannot be read leaves no store behind.
     dataset = dataset if dataset is not None else load_study_data(spec)
+    store = Store.open(run_dir, store_url)
     folds = make_folds(len(dataset.train), spec.cv, seed=spec.seed, labels=dataset.train.labels)
     run, joined, resumed = _start_run(store, spec, run_dir, str(torch_device), fresh)
     shown = run.status == "finished"  # read back from the store: nothing is written
