@@ -184,6 +184,9 @@ def _expected_shapes(spec: ModelSpec, path: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+_FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})  # safetensors' names
+
+
 def _check_header(path: Path, expected: dict[str, tuple[int, ...]]) -> None:
     """Compare the tensor names and shapes in a safetensors header with `expected`; the
     header is read lazily (and checked against the file's size), the tensors are not."""
@@ -191,8 +194,14 @@ def _check_header(path: Path, expected: dict[str, tuple[int, ...]]) -> None:
         with safe_open(str(path), framework="pt") as file:
             names = file.keys()  # a safetensors file is not iterable itself
             shapes = {name: tuple(file.get_slice(name).get_shape()) for name in names}
+            dtypes = {name: file.get_slice(name).get_dtype() for name in names}
     except (SafetensorError, OSError, ValueError) as error:
         raise _unreadable(path, error) from None
+    for name, dtype in dtypes.items():
+        # Weights are floats; batch norm's step count (num_batches_tracked) is an integer.
+        if dtype not in _FLOAT_DTYPES and not name.endswith("num_batches_tracked"):
+            raise ModelFileError(f"{path}: {name} holds {dtype} values; weights are floating "
+                                 "point (F32, BF16, F16 or F64)")
     missing = [k for k in expected if k not in shapes]
     unexpected = [k for k in shapes if k not in expected]
     if missing or unexpected:

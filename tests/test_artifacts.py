@@ -178,6 +178,8 @@ BROKEN = {
     "extra tensor": (_edit_weights(lambda s: s.update(extra=torch.zeros(2))), WEIGHTS_FILE,
                      "unexpected extra"),
     "nan weights": (_edit_weights(_nan_weight), WEIGHTS_FILE, "NaN or infinite"),
+    "bool weights": (_edit_weights(lambda s: s.update({"0.weight": s["0.weight"] > 0})),
+                     WEIGHTS_FILE, "0.weight holds BOOL values; weights are floating point"),
     "truncated weights": (lambda d: (d / WEIGHTS_FILE).write_bytes(
         (d / WEIGHTS_FILE).read_bytes()[:200]), WEIGHTS_FILE, "not a valid safetensors file"),
     "empty weights": (lambda d: (d / WEIGHTS_FILE).write_bytes(b""), WEIGHTS_FILE,
