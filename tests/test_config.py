@@ -361,3 +361,12 @@ def test_more_folds_than_the_data_holds_creates_no_run(tiny_idx_dir: Path, tmp_p
         assert store.runs() == []
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("name", ["N" * 100, "\u4e2d" * 66])  # at the limits, as written
+def test_the_quick_variant_of_a_study_with_the_longest_name(name: str):
+    from fashionlab.config import quick_variant
+
+    spec = study_from_dict(tomllib.loads(f'name = "{name}"\n[[final]]\nname = "f"\n'))
+    quick = quick_variant(spec)
+    assert quick.name.endswith("-quick") and name.startswith(quick.name.removesuffix("-quick"))

@@ -17,6 +17,8 @@ import tomli_w
 from pydantic import TypeAdapter, ValidationError
 
 from fashionlab.config.specs import (
+    MAX_NAME_BYTES,
+    MAX_NAME_CHARACTERS,
     Candidate,
     ModelSpec,
     ParamSpec,
@@ -27,6 +29,7 @@ from fashionlab.config.specs import (
     toml_value,
 )
 from fashionlab.errors import ConfigError
+from fashionlab.text import safe_name
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -198,7 +201,7 @@ def quick_variant(spec: StudySpec) -> StudySpec:
 
     return replace(
         spec,
-        name=f"{spec.name}-quick",
+        name=_quick_name(spec.name),
         data=replace(spec.data, train_limit=min(spec.data.train_limit or 10**9, 6000),
                      test_limit=min(spec.data.test_limit or 10**9, 2000)),
         warning=replace(spec.warning, patience=min(spec.warning.patience, 3)),
@@ -208,6 +211,14 @@ def quick_variant(spec: StudySpec) -> StudySpec:
         final=tuple(shorten(c, 3) for c in spec.final),
         search=None if spec.search is None else _quick_search(spec.search, epochs=8),
     )
+
+
+def _quick_name(name: str) -> str:
+    """NAME-quick, NAME shortened where the suffix would pass a name's limits."""
+    while len(name) + 6 > MAX_NAME_CHARACTERS or \
+            len(safe_name(name).encode()) + 6 > MAX_NAME_BYTES:
+        name = name[:-1]
+    return f"{name}-quick"
 
 
 def _quick_search(search: SearchSpec, *, epochs: int) -> SearchSpec:
