@@ -87,7 +87,7 @@ class Bars:
 
     def __init__(self, *, console: Console | None = None) -> None:
         self._bars = RichProgress(
-            TextColumn("{task.description}"),
+            TextColumn("{task.description}", markup=False),  # a stack's name is text
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("epochs"),

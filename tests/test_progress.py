@@ -150,3 +150,14 @@ def test_a_search_off_a_terminal_logs_its_trials_epochs_unless_quiet(tiny_idx_di
                      "--quiet")
     assert not any(EPOCH_LINE.match(line) for line in quiet.splitlines()), quiet
     assert "top trials of run" in quiet
+
+
+def test_bars_show_names_as_text():
+    from fashionlab.progress import Bars
+
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, force_jupyter=False, width=200)
+    with Bars(console=console) as bars:  # rich read "[/]" as a closing tag: MarkupError
+        bars.start("markup [/] [red]x", 3)
+        bars.finish("markup [/] [red]x")
+    assert "markup [/] [red]x" in out.getvalue()
