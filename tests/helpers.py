@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -134,3 +136,10 @@ def tiny_search_toml(data_dir: Path, *, n_trials: int) -> str:
         candidates='[[candidates]]\nname = "small"\nlayers = [{ units = 16 }]\n',
         extra=f'[search]\nn_trials = {n_trials}\npruner = "none"\n\n[search.space]\n'
               'learning_rate = { low = 1e-3, high = 0.1, log = true }\n')
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended (what a killed process's staging names carry)."""
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)
+    return int(child.stdout)

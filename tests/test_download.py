@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -18,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from helpers import dead_pid
 
 from fashionlab import data
 from fashionlab.data import FILE_NAMES, FileChecksum, fetch_fashion_mnist, load_fashion_mnist
@@ -255,10 +254,8 @@ def test_fetch_removes_what_a_killed_fetch_left(tiny_idx_dir: Path,
                                                isolated_data_env: Path,
                                                monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(fetch_module, "DEBIAN_DIR", tiny_idx_dir)
-    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                           capture_output=True, text=True, check=True)
     isolated_data_env.mkdir(parents=True, exist_ok=True)
-    left = isolated_data_env / f".{data.TRAIN_IMAGES}.{int(child.stdout)}.tmp"
+    left = isolated_data_env / f".{data.TRAIN_IMAGES}.{dead_pid()}.tmp"
     left.write_bytes(b"half a download")
     fetch_fashion_mnist(checksums=sums, **FAST)
     assert not left.exists()

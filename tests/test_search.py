@@ -19,6 +19,7 @@ from helpers import (
     OnEpoch,
     Recorder,
     assert_one_line_error,
+    dead_pid,
     run_cli,
     tiny_search_toml,
     tiny_study_toml,
@@ -393,8 +394,7 @@ score = 0.5
     # after the search finished left undone is done: the report written, its half-written
     # files removed.
     (out / "report.html").unlink()
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    dead = dead_pid()
     (out / f".report.html.{dead}.tmp").write_text("<html>half")
     again = run_search(load_study(path), run_dir=tmp_path / "runs", progress=False)
     assert again.summary == summary and len(again.trials) == len(trials)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import dead_pid
 
 from fashionlab.serialize import (
     flatten,
@@ -43,15 +42,8 @@ def test_a_text_file_is_written_whole_or_not_at_all(tmp_path: Path,
     assert [p.name for p in tmp_path.iterdir()] == ["results.md"]  # no temporary file left
 
 
-def _dead_pid() -> int:
-    """The pid of a process that has ended."""
-    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                           capture_output=True, text=True, check=True)
-    return int(child.stdout)
-
-
 def test_what_a_killed_process_left_half_written_is_removed(tmp_path: Path):
-    dead, alive = _dead_pid(), os.getpid()
+    dead, alive = dead_pid(), os.getpid()
     assert staging_path(tmp_path / "results.csv") == tmp_path / f".results.csv.{alive}.tmp"
     left = [tmp_path / f".results.csv.{dead}.tmp", tmp_path / "models" / f".cnn.{dead}.tmp",
             tmp_path / "figures" / f".curves-a.png.{dead}.tmp"]

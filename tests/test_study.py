@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import OnEpoch, Recorder, assert_one_line_error, run_cli, tiny_study_toml
+from helpers import OnEpoch, Recorder, assert_one_line_error, dead_pid, run_cli, tiny_study_toml
 
 from fashionlab.config import load_study, study_from_dict
 from fashionlab.cv import make_folds
@@ -380,8 +380,7 @@ def test_what_a_killed_run_left_half_written_is_removed_when_it_runs_again(
     path = tmp_path / "tiny.toml"
     path.write_text(tiny_study_toml(tiny_idx_dir, epochs=1, folds=2, final=False))
     result = run_study(load_study(path), run_dir=tmp_path / "runs", progress=False)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    dead = dead_pid()
     out = result.output_dir
     left = [out / f".results.csv.{dead}.tmp", out / "figures" / f".samples.png.{dead}.tmp",
             out / "models" / f".small.{dead}.tmp"]
