@@ -294,7 +294,9 @@ def summarize_models(candidate: Candidate, results: list[MemberResult], role: st
     warning = consensus_warning(results, rule)
     n = len(results)
     if candidate.train.early_stopping is not None:
-        result_epochs = np.array([r.best_epoch or len(r.history) for r in results])
+        # No best epoch: the monitored metric was never finite (the model diverged at its
+        # first epoch): no score, not the accuracy of a model whose loss is NaN.
+        result_epochs = np.array([r.best_epoch or 0 for r in results])
     else:
         result_epochs = np.full(n, consensus_epoch(results, candidate.train, warning) or 0)
     pick = np.clip(result_epochs - 1, 0, max(epochs - 1, 0))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +11,8 @@ import torch
 from helpers import Recorder, tiny_study_toml
 
 from fashionlab.config import load_study
-from fashionlab.cv import make_folds
+from fashionlab.config.specs import EarlyStopping
+from fashionlab.cv import MemberResult, make_folds
 from fashionlab.steps import (
     RunContext,
     checkpoint_path,
@@ -25,7 +28,7 @@ from fashionlab.steps import (
     train_or_reuse,
 )
 from fashionlab.store import Store
-from fashionlab.train import Member, Tensors
+from fashionlab.train import EpochMetrics, Member, Tensors
 
 
 def _context(tiny_idx_dir: Path, tmp_path: Path) -> tuple[RunContext, list, Tensors]:
@@ -84,3 +87,19 @@ def test_file_names_of_a_run(tmp_path: Path):
         checkpoint_path(tmp_path, [member], {"a": 1})
     assert model_dir(tmp_path, "dense(256)x2 dropout") == \
         tmp_path / "models" / "dense_256_x2_dropout"
+
+
+def test_an_early_stopped_model_that_diverged_at_once_has_no_score(tiny_idx_dir: Path,
+                                                                     tmp_path: Path):
+    ctx, _, _ = _context(tiny_idx_dir, tmp_path)
+    candidate = ctx.spec.candidates[0]
+    candidate = dataclasses.replace(candidate, train=dataclasses.replace(
+        candidate.train, epochs=3, early_stopping=EarlyStopping(patience=2)))
+    healthy = [EpochMetrics(0.5, 0.8, 0.6, 0.75, 1.0), EpochMetrics(0.4, 0.85, 0.5, 0.8, 1.0)]
+    diverged = [EpochMetrics(math.nan, 0.1, math.nan, 0.1, 1.0)]  # accuracy still a number
+    results = [MemberResult("a/fold-0", healthy, "stopped", best_epoch=2),
+               MemberResult("a/fold-1", diverged, "failed", best_epoch=None, message="diverged")]
+    summary = summarize_models(candidate, results, "cv", ctx.spec.warning)
+    assert summary.result_epochs.tolist() == [2, 0]
+    assert summary.val_accuracy[0] == 0.8
+    assert math.isnan(summary.val_accuracy[1]) and math.isnan(summary.val_loss[1])
