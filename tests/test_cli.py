@@ -162,6 +162,35 @@ def test_a_stop_that_a_finaliser_swallows_still_stops_the_study(
     assert run.state == "interrupted"  # not trained on to the end
 
 
+def test_a_signal_ignored_when_the_command_starts_stays_ignored(tiny_idx_dir: Path,
+                                                               tmp_path: Path):
+    # `nohup fashionlab study` ignores SIGHUP: the study outlives its closed terminal.
+    study = tmp_path / "tiny.toml"
+    study.write_text(tiny_study_toml(tiny_idx_dir, epochs=1, final=False))
+    script = f"""
+import os, signal
+import fashionlab.cli as cli
+import fashionlab.cli.study as study_cli
+
+signal.signal(signal.SIGHUP, signal.SIG_IGN)
+read = study_cli.load_study
+
+def hung_up_then_read(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGHUP)  # the terminal closes
+    return read(*args, **kwargs)
+
+study_cli.load_study = hung_up_then_read
+cli.main(["study", {str(study)!r}, "--run-dir", {str(tmp_path)!r}, "--workers", "1", "-q"])
+"""
+    done = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    store = Store.open(tmp_path, create=False)
+    (run,) = store.runs()
+    store.close()
+    assert run.state == "finished"
+
+
 def test_a_stop_while_the_interpreter_exits_ends_it_the_default_way():
     # Not a KeyboardInterrupt raised in some finaliser ("Exception ignored in ..."), exit 0.
     done = _signal_itself("teardown", "--version")

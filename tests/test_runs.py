@@ -8,7 +8,9 @@ import dataclasses
 import io
 import json
 import math
+import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -251,6 +253,27 @@ def test_export_every_epoch_as_csv_and_json(runs: dict[str, StudyResult], tmp_pa
     data = json.loads(out_file.read_text())
     assert code == 0 and str(out_file) in err and len(data) == len(stored)
     assert next(r for r in data if r["role"] == "retrain")["val_loss"] is None
+
+
+class _StoppedWhileReading(io.StringIO):
+    """Standard input at which the user stops the command (SIGTERM) instead of answering."""
+
+    def readline(self, *args: object) -> str:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler interrupts this
+        return "y\n"
+
+
+def test_a_stop_at_the_delete_prompt_is_said_as_a_stop_and_deletes_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
+    store = Store.open(tmp_path)
+    keep = _fake_run(store, "keep", summary={"candidates": []}, output_root=tmp_path)
+    (tmp_path / keep).mkdir()
+    store.close()
+    monkeypatch.setattr("sys.stdin", _StoppedWhileReading())
+    code, _, err = run_cli(capsys, "runs", "delete", keep, "--run-dir", str(tmp_path))
+    assert code == 128 + signal.SIGTERM and err == "stopped by SIGTERM\n"  # not "aborted"
+    assert (tmp_path / keep).is_dir()
 
 
 def test_delete_asks_first(tmp_path: Path, capsys: pytest.CaptureFixture[str],

@@ -113,8 +113,11 @@ def main(argv: list[str] | None = None) -> None:
     stops.received.clear()  # what an earlier call in this process (a test, a notebook) heard
     _announced.clear()
     previous = {signum: signal.getsignal(signum) for signum in _STOP_SIGNALS}
-    for signum in _STOP_SIGNALS:
-        signal.signal(signum, _stop)
+    for signum, handler in previous.items():
+        # An ignored signal stays ignored: `nohup` ignores SIGHUP so that the command outlives
+        # its terminal, and a shell ignores SIGINT in its background jobs.
+        if handler is not signal.SIG_IGN:
+            signal.signal(signum, _stop)
     # MLflow's INFO lines ("Creating initial MLflow database tables", ...) are not the
     # command's output; its warnings and errors still show. Read when MLflow is imported.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
@@ -131,7 +134,9 @@ def main(argv: list[str] | None = None) -> None:
         if error.format_message().strip():  # blank: a group called bare, its help printed
             typer.secho(f"error: {_usage_error_line(error)}", fg="red", err=True)
         sys.exit(error.exit_code)
-    except typer.Abort:  # "no" (or end of input) at a confirmation prompt
+    except typer.Abort:  # "no" (or end of input, or a stop) at a confirmation prompt
+        if stops.received:  # click turns the signal's KeyboardInterrupt into Abort
+            sys.exit(_announce_stop(""))
         typer.secho("aborted", fg="yellow", err=True)
         sys.exit(1)
     except KeyboardInterrupt:  # during the imports, before the command started
