@@ -174,7 +174,7 @@ def to_markdown(result: StudyResult) -> str:
     cells = [(text.markdown_text(model), *rest) for model, *rest in display_rows(rows)]
     lines = [f"# {text.markdown_text(result.spec.name)}: results", "", _overview(result), "",
              *markdown_table(HEADERS, cells), "", LEGEND]
-    notes = [f"- {text.markdown_text(r.model)}: {r.note}" for r in rows
+    notes = [f"- {text.markdown_text(r.model)}: {text.markdown_text(r.note)}" for r in rows
              if r.note and r.kind != "baseline"]
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 

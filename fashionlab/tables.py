@@ -217,11 +217,13 @@ def search_markdown(summary: Mapping[str, Any]) -> str:
              search_overview(summary), ""]
     headers, rows = trial_cells(summary)
     if rows:
+        rows = [[text.markdown_text(trial), *rest] for trial, *rest in rows]  # "(base: NAME)"
         lines += [*markdown_table(headers, rows), "", SEARCH_LEGEND, ""]
-    lines += [f"- {line}" for line in reference_lines(summary)]
+    # Plain sentences holding names (the references', the model folder's): literal text.
+    lines += [f"- {text.markdown_text(line)}" for line in reference_lines(summary)]
     if retrain_line(summary):
-        lines.append(f"- {retrain_line(summary)}")
+        lines.append(f"- {text.markdown_text(retrain_line(summary))}")
     if summary.get("importances"):
         lines.append("- parameter importances (PED-ANOVA): " + ", ".join(
-            f"{k} {v:.2f}" for k, v in summary["importances"].items()))
+            f"{text.markdown_text(k)} {v:.2f}" for k, v in summary["importances"].items()))
     return "\n".join(lines) + "\n"

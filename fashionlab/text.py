@@ -89,10 +89,21 @@ def safe_name(name: str) -> str:
     return safe if safe.strip(".") else "_" * max(len(safe), 1)
 
 
-_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>&])")
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>&~])")
+# What opens a block where the text starts a line or a list item's content ("- NAME: ..."):
+# a heading ("# x"), a nested list ("- x", "+ x", "1. x", "2) x").
+_MARKDOWN_BLOCK_START = re.compile(r"^(#{1,6}|[-+]|\d{1,9}(?=[.)]))(?=[.)]?(\s|$))")
 
 
 def markdown_text(name: str) -> str:
-    """A name as literal Markdown text: what would emphasise, link, quote code or open an HTML
-    tag is backslash-escaped (a table's pipes are escaped by the table)."""
-    return _MARKDOWN_SPECIAL.sub(r"\\\1", name)
+    """Text (a name, a message) as literal Markdown: what would emphasise, strike through,
+    link, quote code, open an HTML tag, or at the start open a heading or a list is
+    backslash-escaped (a table's pipes are escaped by the table)."""
+    escaped = _MARKDOWN_SPECIAL.sub(r"\\\1", name)
+    match = _MARKDOWN_BLOCK_START.match(escaped)
+    if match is None:
+        return escaped
+    if match.group(1)[0].isdigit():  # "1. x": the dot (or parenthesis) after the number
+        end = match.end(1)
+        return f"{escaped[:end]}\\{escaped[end:]}"
+    return f"\\{escaped}"

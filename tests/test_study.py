@@ -359,20 +359,26 @@ def test_names_and_paths_are_printed_as_text_not_styles(
 def test_results_md_shows_names_as_written(tiny_idx_dir: Path, tmp_path: Path):
     from markdown_it import MarkdownIt  # rich's Markdown parser
 
-    names = ["<script>alert(1)</script>", r"pipe | star * `tick` _u_ [l](x) x\|y"]
+    names = ["<script>alert(1)</script>", r"pipe | star * `tick` _u_ [l](x) x\|y",
+             "1. ~~struck~~", "# heading"]
     candidates = "".join(f"\n[[candidates]]\nname = '{name}'\nlayers = [{{ units = 8 }}]\n"
                          for name in names)
     path = tmp_path / "names.toml"
+    # Early stopping: every candidate gets a note line, "- NAME: early stopping ...".
     path.write_text(tiny_study_toml(tiny_idx_dir, name="a *b*", epochs=1, folds=2,
-                                    candidates=candidates, final=False))
+                                    candidates=candidates, final=False,
+                                    train="early_stopping = { patience = 1 }"))
     result = run_study(load_study(path), run_dir=tmp_path / "runs", progress=False)
-    html = MarkdownIt("commonmark").enable("table").render(
+    html = MarkdownIt("commonmark").enable(["table", "strikethrough"]).render(
         (result.output_dir / "results.md").read_text())
     assert "<h1>a *b*: results</h1>" in html
     cells = re.findall(r"<td>(.*?)</td>", html)
+    items = re.findall(r"<li>(.*?): early stopping", html)
     for name in names:
         assert html_escape(name, quote=False) in cells, (name, cells)
-    assert not re.search(r"<(script|em|a)\b", html) and html.count("<code>") == 1  # the run id
+        assert html_escape(name, quote=False) in items, (name, items)
+    assert not re.search(r"<(script|em|a|s|del|ol|h2)\b", html)
+    assert html.count("<code>") == 1  # the run id
 
 
 def test_what_a_killed_run_left_half_written_is_removed_when_it_runs_again(

@@ -6,6 +6,8 @@ import csv
 import dataclasses
 import io
 import math
+import re
+from html import escape
 
 from fashionlab.tables import (
     HEADERS,
@@ -94,3 +96,17 @@ def test_what_a_search_spent_is_shown_against_its_budgets():
 def test_params_text_is_cut_to_a_width():
     assert params_text({"a": 1, "b": 0.123456}) == "a=1, b=0.123"
     assert params_text({"a": "x" * 100}, width=10) == "a=xxxxxxx…"
+
+
+def test_a_search_results_md_shows_the_names_it_holds_as_written():
+    from markdown_it import MarkdownIt  # rich's Markdown parser
+
+    base, reference, folder = "1. *wide*", "~~seed~~: dense_(256)_", "runs/<x>/trial-3"
+    summary = {**SEARCH, "top": [{**SEARCH["top"][0], "base": base}],
+               "reference": [{**SEARCH["reference"][0], "reference": reference}],
+               "retrain": {**SEARCH["retrain"], "model_dir": folder}}
+    html = MarkdownIt("commonmark").enable(["table", "strikethrough"]).render(
+        search_markdown(summary))
+    for name in (base, reference, folder):
+        assert escape(name, quote=False) in html, name
+    assert not re.search(r"<(em|s|del|ol)\b", html)

@@ -56,3 +56,19 @@ def test_safe_name_keeps_names_readable_and_paths_flat():
     assert text.safe_name("dense(256)x2 dropout") == "dense_256_x2_dropout"
     assert text.safe_name("../etc/passwd") == ".._etc_passwd"
     assert text.safe_name("fast-cnn_v1.2") == "fast-cnn_v1.2"
+
+
+@pytest.mark.parametrize("name", [
+    "1. first", "12) twelfth", "# heading", "###", "- dash", "+ plus", "~~struck~~", "3.",
+    "a_b*c", "<b>bold</b>", "[link](x)", "`code`", "&amp;", "1.5M params", "#tag",
+])
+def test_markdown_text_is_literal_as_a_list_items_start_and_inline(name: str):
+    from html import escape
+
+    from markdown_it import MarkdownIt  # rich's Markdown parser
+
+    parser = MarkdownIt("commonmark").enable(["table", "strikethrough"])
+    item = parser.render(f"- {text.markdown_text(name)}: a note\n")
+    assert item == f"<ul>\n<li>{escape(name, quote=False)}: a note</li>\n</ul>\n"
+    line = parser.render(f"{text.markdown_text(name)}\n")
+    assert line == f"<p>{escape(name, quote=False)}</p>\n"
