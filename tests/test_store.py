@@ -129,6 +129,14 @@ def test_an_unusable_store_url_is_a_clear_error(tmp_path):
         Store(f"sqlite:///{blocker / 'sub' / 'x.db'}")
 
 
+@pytest.mark.parametrize("url", ["postgresql://ann:s3cret@db.lab:abc/runs",
+                                 "postgresql://ann:s3c@ret@db.lab:54x/runs?sslmode=require"])
+def test_a_url_whose_port_is_not_a_number_is_a_clear_error_without_its_password(url: str):
+    with pytest.raises(StoreError, match="its port is not a number") as error:
+        Store(url)
+    assert "s3c" not in str(error.value) and "ann:***@" in str(error.value)
+
+
 def test_a_url_whose_driver_is_not_installed_is_a_clear_error():
     # mysqlclient (MySQLdb) is not among fashionlab's dependencies
     with pytest.raises(StoreError, match="its database driver is not installed .No module"):

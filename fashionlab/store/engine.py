@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
@@ -23,7 +24,7 @@ def database_url(url: str) -> str:
     `postgresql://` as psycopg 3, the `postgres` extra installs psycopg2."""
     try:
         parsed = sa.make_url(url)
-    except sa.exc.ArgumentError:
+    except (sa.exc.ArgumentError, ValueError):  # said when the store is opened
         return url
     if parsed.drivername == "postgresql" and importlib.util.find_spec("psycopg") is None \
             and importlib.util.find_spec("psycopg2") is not None:
@@ -55,12 +56,16 @@ def make_folder(folder: Path) -> None:
             from None
 
 
+_PASSWORD = re.compile(r"(://[^:/?#@]*:).*@")  # "://user:PASSWORD@", even unparsable
+
+
 def safe_url(url: str) -> str:
-    """A database URL fit to show: its password hidden."""
+    """A database URL fit to show: its password hidden (also in a URL that does not parse,
+    which an error message shows)."""
     try:
         return sa.make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - any unparsable URL is shown as given
-        return url
+    except Exception:  # noqa: BLE001 - any unparsable URL is shown as given, but its password
+        return _PASSWORD.sub(r"\1***@", url)
 
 
 # --------------------------------------------------------------------------------------------

@@ -84,7 +84,11 @@ class Store:
         self.url = url = database_url(url)
         self._beats: dict[str, threading.Event] = {}  # run id -> stops its heartbeat thread
         try:
-            engine_url = sa.make_url(url)
+            try:
+                engine_url = sa.make_url(url)
+            except ValueError:  # what SQLAlchemy's parser raises for a port like "abc"
+                raise StoreError(f"cannot open the store {safe_url(url)}: its port is not a "
+                                 "number") from None
             path = sqlite_file(engine_url)
             if path is not None and not create and not path.exists():
                 raise StoreError(f"no store at {path}: nothing has run there yet (`fashionlab "
