@@ -37,7 +37,7 @@ from filelock import FileLock
 from fashionlab.errors import ConfigError, StoreError
 from fashionlab.rng import derive_seed
 from fashionlab.schema import checkpoints, jobs
-from fashionlab.store import Store, gone, make_folder, this_process
+from fashionlab.store import Store, gone, make_folder, open_error, this_process
 
 __all__ = ["DEFAULT_GRACE", "Claim", "ClaimLock", "ClaimLost", "JobRow", "claim_grace",
            "claim_job", "command_identity", "drop_checkpoints", "fetch_checkpoint", "job_rows",
@@ -250,11 +250,14 @@ class ClaimLock:
     create or join a run. Re-entrant release: releasing a free lock does nothing."""
 
     def __init__(self, url: str, name: str, *, kind: str = "search") -> None:
-        self.engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+        try:  # the first to open the URL (before the store): a bad one is said in one line
+            self.engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+        except (ImportError, ValueError, sa.exc.SQLAlchemyError) as error:
+            raise open_error(url, error) from None
         self.dialect = self.engine.dialect.name
         self.key = derive_seed(0, kind, name)  # 63 bits: a PostgreSQL bigint
         self.name = f"fashionlab-{hashlib.sha256(name.encode()).hexdigest()[:40]}"
-        database = sa.make_url(url).database if self.dialect == "sqlite" else None
+        database = self.engine.url.database if self.dialect == "sqlite" else None
         self.path = Path(f"{database}.{kind}-lock") if database else None
         if self.path is not None:
             make_folder(self.path.parent)

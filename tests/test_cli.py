@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import typer
-from helpers import assert_one_line_error, run_cli, tiny_study_toml
+from helpers import assert_one_line_error, run_cli, tiny_search_toml, tiny_study_toml
 
 import fashionlab
 from fashionlab.cli import app
@@ -76,6 +76,22 @@ def test_a_group_called_bare_prints_its_help_and_nothing_else(
         capsys: pytest.CaptureFixture[str]):
     code, out, err = run_cli(capsys, "runs")
     assert code == 2 and "fashionlab runs list" in out and err == ""
+
+
+@pytest.mark.parametrize(("url", "says"), [
+    ("postgresql://ann:s3cret@db.lab:abc/runs", "its port is not a number"),
+    ("mysql://ann:s3cret@db.lab/runs", "its database driver is not installed"),
+    ("not a url", "Could not parse"),
+])
+@pytest.mark.parametrize("command", ["study", "search"])
+def test_a_store_url_that_cannot_be_opened_is_one_line_without_its_password(
+        command: str, url: str, says: str, tiny_idx_dir: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]):
+    path = tmp_path / "tiny.toml"
+    path.write_text(tiny_search_toml(tiny_idx_dir, n_trials=1))
+    code, _, err = run_cli(capsys, command, str(path), "--store", url)
+    assert_one_line_error(code, err, "cannot open the store", says)
+    assert "s3cret" not in err
 
 
 def _signal_itself(where: str, *args: str,

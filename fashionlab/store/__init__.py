@@ -22,6 +22,7 @@ from fashionlab.store.engine import (
     database_url,
     default_url,
     make_folder,
+    open_error,
     safe_url,
 )
 from fashionlab.store.records import (
@@ -48,6 +49,7 @@ __all__ = [
     "default_url",
     "gone",
     "make_folder",
+    "open_error",
     "safe_url",
     "this_process",
 ]

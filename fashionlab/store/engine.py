@@ -14,6 +14,7 @@ from urllib.parse import quote, unquote
 import sqlalchemy as sa
 
 from fashionlab.errors import StoreError
+from fashionlab.text import first_line
 
 DEFAULT_RUN_DIR = Path("fashionlab-runs")
 DB_NAME = "fashionlab.db"
@@ -66,6 +67,19 @@ def safe_url(url: str) -> str:
         return sa.make_url(url).render_as_string(hide_password=True)
     except Exception:  # noqa: BLE001 - any unparsable URL is shown as given, but its password
         return _PASSWORD.sub(r"\1***@", url)
+
+
+def open_error(url: str, error: Exception) -> StoreError:
+    """Why a store's URL could not be opened, in one line, its password hidden: a URL that
+    does not parse (a port that is not a number), a database driver that is not installed,
+    an error of the database or of the file system."""
+    if isinstance(error, ImportError):
+        why = f"its database driver is not installed ({first_line(error)})"
+    elif isinstance(error, ValueError):  # SQLAlchemy's URL parser on a port like "abc"
+        why = "its port is not a number"
+    else:
+        why = first_line(error)
+    return StoreError(f"cannot open the store {safe_url(url)}: {why}")
 
 
 # --------------------------------------------------------------------------------------------

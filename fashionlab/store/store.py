@@ -40,6 +40,7 @@ from fashionlab.store.engine import (
     database_url,
     default_url,
     make_folder,
+    open_error,
     read_only_url,
     safe_url,
     sqlite_file,
@@ -86,9 +87,8 @@ class Store:
         try:
             try:
                 engine_url = sa.make_url(url)
-            except ValueError:  # what SQLAlchemy's parser raises for a port like "abc"
-                raise StoreError(f"cannot open the store {safe_url(url)}: its port is not a "
-                                 "number") from None
+            except ValueError as error:  # not from the database: a port like "abc"
+                raise open_error(url, error) from None
             path = sqlite_file(engine_url)
             if path is not None and not create and not path.exists():
                 raise StoreError(f"no store at {path}: nothing has run there yet (`fashionlab "
@@ -114,12 +114,8 @@ class Store:
                                 sqlite_read_only_pragmas if self.read_only else sqlite_pragmas)
             migrate(self.engine, read_only=self.read_only,
                     where=str(path) if path is not None else safe_url(url))
-        except ImportError as error:  # a URL whose database driver is not installed
-            raise StoreError(f"cannot open the store {safe_url(url)}: its database driver is "
-                             f"not installed ({first_line(error)})") from None
-        except (SQLAlchemyError, OSError) as error:
-            raise StoreError(f"cannot open the store {safe_url(url)}: {first_line(error)}") \
-                from None
+        except (ImportError, SQLAlchemyError, OSError) as error:  # ImportError: no driver
+            raise open_error(url, error) from None
 
     @classmethod
     def open(cls, run_dir: str | Path = DEFAULT_RUN_DIR, url: str | None = None, *,
