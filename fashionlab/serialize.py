@@ -6,17 +6,20 @@ the writing process, so that what a killed process left is found and removed
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 import re
 import shutil
+import socket
+import time
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fashionlab.process import pid_exists
+from fashionlab.process import ProcessIdentity, pid_exists
 
 
 def jsonable(value: Any) -> Any:
@@ -42,26 +45,54 @@ def jsonable(value: Any) -> Any:
 
 def staging_path(path: Path) -> Path:
     """Where this process writes `path` (a file or a folder) before renaming it to `path`:
-    `.NAME.PID.tmp` beside it."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    `.NAME.PID.MACHINE.tmp` beside it, MACHINE naming this machine and its boot (a folder
+    shared by several machines, NFS say, holds other machines' files; a pid names a process
+    on one machine, in one boot)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{_machine_tag()}.tmp")
 
 
-_STAGING_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
+# Another machine's staging file this old is a leftover: no file takes a day to write.
+STALE_ELSEWHERE_SECONDS = 24 * 3600
+
+_STAGING_NAME = re.compile(
+    r"^\.(?P<name>.+)\.(?P<pid>\d+)(\.(?P<host>[0-9a-f]{8})-(?P<boot>[0-9a-f]{8}))?\.tmp$")
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def _machine_tag() -> str:
+    """This machine (its host name) and boot, 8 hex digits each."""
+    return f"{_digest(socket.gethostname())}-{_digest(ProcessIdentity.current().boot_id or '')}"
+
+
+def _is_stale(match: re.Match[str], path: Path) -> bool:
+    """Whether the process that named a staging file or folder is gone."""
+    if match["host"] is None:  # `.NAME.PID.tmp`, as earlier versions named them
+        return not pid_exists(int(match["pid"]))
+    host, boot = _machine_tag().split("-")
+    if match["host"] == host:  # this machine: gone with its boot, or when its pid is
+        return match["boot"] != boot or not pid_exists(int(match["pid"]))
+    try:  # another machine: whether its process runs cannot be seen from here
+        return time.time() - path.lstat().st_mtime > STALE_ELSEWHERE_SECONDS
+    except OSError:
+        return False
 
 
 def remove_stale_staging(folder: Path, *, recursive: bool = False,
                          names: Collection[str] | None = None) -> list[Path]:
     """Remove what killed processes left half-written in `folder` (and below it, `recursive`):
-    files and folders named by `staging_path` (of `names` only, when given) whose process no
-    longer runs on this machine; those of a live process are being written. Best effort;
-    returns what was removed."""
+    files and folders named by `staging_path` (of `names` only, when given) whose process is
+    gone: on this machine, no longer running (or of an earlier boot); on another machine
+    sharing the folder, a day old. Best effort; returns what was removed."""
     removed: list[Path] = []
     if not folder.is_dir():
         return removed
     for path in sorted(folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp")):
         match = _STAGING_NAME.match(path.name)
         if match is None or (names is not None and match["name"] not in names) \
-                or pid_exists(int(match["pid"])):
+                or not _is_stale(match, path):
             continue
         try:
             if path.is_dir() and not path.is_symlink():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 from helpers import dead_pid
 
 from fashionlab.serialize import (
+    STALE_ELSEWHERE_SECONDS,
     flatten,
     jsonable,
     remove_stale_staging,
@@ -44,7 +46,8 @@ def test_a_text_file_is_written_whole_or_not_at_all(tmp_path: Path,
 
 def test_what_a_killed_process_left_half_written_is_removed(tmp_path: Path):
     dead, alive = dead_pid(), os.getpid()
-    assert staging_path(tmp_path / "results.csv") == tmp_path / f".results.csv.{alive}.tmp"
+    staging = staging_path(tmp_path / "results.csv")
+    assert staging.parent == tmp_path and staging.name.startswith(f".results.csv.{alive}.")
     left = [tmp_path / f".results.csv.{dead}.tmp", tmp_path / "models" / f".cnn.{dead}.tmp",
             tmp_path / "figures" / f".curves-a.png.{dead}.tmp"]
     kept = [tmp_path / f".report.html.{alive}.tmp",  # being written by a live process
@@ -61,3 +64,26 @@ def test_what_a_killed_process_left_half_written_is_removed(tmp_path: Path):
     other.write_text("mine")
     assert remove_stale_staging(tmp_path, names={"train-images-idx3-ubyte"}) == []
     assert other.exists()
+
+
+def test_staging_files_of_other_machines_and_earlier_boots(tmp_path: Path):
+    mine = staging_path(tmp_path / "results.csv")
+    pid, machine = mine.name.split(".")[-3:-1]
+    host, boot = machine.split("-")
+
+    def another(tag: str) -> str:
+        return "f" * 8 if tag != "f" * 8 else "e" * 8
+
+    dead = dead_pid()
+    earlier_boot = tmp_path / f".a.csv.{pid}.{host}-{another(boot)}.tmp"
+    elsewhere_now = tmp_path / f".b.csv.{pid}.{another(host)}-{boot}.tmp"
+    elsewhere_old = tmp_path / f".c.csv.{dead}.{another(host)}-{boot}.tmp"
+    gone_here = tmp_path / f".d.csv.{dead}.{machine}.tmp"
+    for path in (mine, earlier_boot, elsewhere_now, elsewhere_old, gone_here):
+        path.write_text("half")
+    day_and_more = time.time() - STALE_ELSEWHERE_SECONDS - 60
+    os.utime(elsewhere_old, (day_and_more, day_and_more))
+    # Another machine's process may be writing its file (NFS): kept until a day old. Here, a
+    # pid of an earlier boot is no process of this one, even when a live one has that pid.
+    assert remove_stale_staging(tmp_path) == sorted([earlier_boot, elsewhere_old, gone_here])
+    assert mine.exists() and elsewhere_now.exists()

@@ -47,7 +47,8 @@ Bool = Annotated[bool, Strict()]
 Float = Annotated[float, Strict(), Field(allow_inf_nan=False)]
 PositiveInt = Annotated[Int, Field(gt=0)]
 # A name is shown in tables and names files (`text.safe_name`): file systems allow 255 bytes
-# a file name, and the longest one made of a name (".curves-NAME.png.tmp") adds 16.
+# a file name, and the longest one made of a name, a figure being written
+# (".curves-NAME.png.PID.MACHINE.tmp", `serialize.staging_path`), adds at most 42.
 MAX_NAME_CHARACTERS = 100
 MAX_NAME_BYTES = 200  # of its file name in UTF-8 ("é" takes 2, most emoji 4)
 
