@@ -34,7 +34,7 @@ from fashionlab.tables import (
     spent_note,
     trial_cells,
 )
-from fashionlab.text import finite, number, safe_name, verdict, wall_time
+from fashionlab.text import counted, finite, number, safe_name, verdict, wall_time
 
 if TYPE_CHECKING:
     import torch
@@ -143,7 +143,7 @@ def _facts(run: RunRecord) -> list[tuple[str, str]]:
             protocol += "; the best is retrained on all training images for " + (
                 "its warning epoch" if epochs == "warning"
                 else "its epoch of lowest mean val_loss" if epochs == "lowest"
-                else f"{epochs} epoch" + ("" if epochs == 1 else "s"))
+                else counted(epochs, "epoch"))
         facts.append(("protocol", protocol))
     facts += [
         ("seed", str(run.seed)),
@@ -246,7 +246,7 @@ def _curve_figure(entry: Mapping[str, Any], histories: Mapping[str, list[EpochRe
     figure = plots.learning_curves(curves, title=entry["name"], warning=entry["warning"],
                                    schedule_end=entry["schedule_end"])
     warning = entry["warning"]
-    caption = f"{len(keys)} model(s), {stored} epoch(s) stored"
+    caption = f"{counted(len(keys), 'model')}, {counted(stored, 'epoch')} stored"
     if entry["schedule_end"] is not None:
         caption += f"; read at the end of its schedule, epoch {entry['schedule_end']}"
     elif warning is not None:

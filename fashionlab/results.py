@@ -151,7 +151,7 @@ def _twin_note(candidate: CandidateResult, twin: TwinComparison | None, run_id: 
                 "seed in the store to compare with")
     difference = summarize(twin.accuracy_difference)
     where = "this run" if twin.twin_run == run_id else f"run {twin.twin_run}"
-    note = (f"early stopping vs all {twin.twin_epochs} epochs ({where}): "
+    note = (f"early stopping vs all {text.counted(twin.twin_epochs, 'epoch')} ({where}): "
             f"{text.plus_minus(difference.mean, difference.std, difference.n, digits=2)} "
             "points of val accuracy")
     if twin.test is not None:

@@ -173,7 +173,8 @@ def retrain_line(summary: Mapping[str, Any]) -> str:
     retrain = summary.get("retrain")
     if not retrain:
         return ""
-    return (f"the best (trial {retrain['trial']}) retrained for {retrain['epochs']} epochs on "
+    return (f"the best (trial {retrain['trial']}) retrained for "
+            f"{text.counted(retrain['epochs'], 'epoch')} on "
             f"all training images: test accuracy {text.percent(retrain['test_accuracy'])}% "
             f"({retrain['model_dir']})")
 

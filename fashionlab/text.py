@@ -47,6 +47,11 @@ def plus_minus(mean: float, std: float, n: int, scale: float = 100.0, digits: in
     return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
 
 
+def counted(n: int, noun: str) -> str:
+    """A count with its noun, singular for one: "1 epoch", "14 epochs", "0 models"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def duration(seconds: float | None) -> str:
     """Seconds as people read them: "42.0 s", "6.8 min", "2.5 h"."""
     if not finite(seconds):

@@ -198,7 +198,7 @@ def test_an_interrupted_run_reports_what_is_stored(tmp_path: Path):
     assert "no results table yet" in html
     assert len(_images(html)) == 2  # the stored curves of b and a
     assert html.index("learning curves of b") < html.index("learning curves of a")
-    assert "2 model(s), 4 epoch(s) stored" in html
+    assert "2 models, 4 epochs stored" in html
 
 
 def test_a_study_of_final_models_only_claims_no_cross_validation(tmp_path: Path):

@@ -74,6 +74,9 @@ def test_a_search_table_and_its_lines():
     first, missing = reference_lines(SEARCH)
     assert first.startswith("vs published (89.50): +0.50 points, t=1.20, p=0.3")
     assert missing == "vs seed: not tested (no run)"
+    assert "retrained for 7 epochs" in retrain_line(SEARCH)
+    assert "retrained for 1 epoch on" in retrain_line({"retrain": {**SEARCH["retrain"],
+                                                                   "epochs": 1}})
     assert "test accuracy 89.85%" in retrain_line(SEARCH)
     assert "wall time 90.0 s" in search_markdown(SEARCH)
     assert "30/60 fold-epochs" in search_markdown(SEARCH)  # a summary without compute counts

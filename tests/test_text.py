@@ -72,3 +72,7 @@ def test_markdown_text_is_literal_as_a_list_items_start_and_inline(name: str):
     assert item == f"<ul>\n<li>{escape(name, quote=False)}: a note</li>\n</ul>\n"
     line = parser.render(f"{text.markdown_text(name)}\n")
     assert line == f"<p>{escape(name, quote=False)}</p>\n"
+
+
+def test_a_count_of_one_takes_the_singular():
+    assert [text.counted(n, "epoch") for n in (0, 1, 2)] == ["0 epochs", "1 epoch", "2 epochs"]

@@ -21,7 +21,7 @@ from fashionlab.cli.study import RunDir, StoreUrl
 from fashionlab.errors import FashionlabError
 from fashionlab.store import DEFAULT_RUN_DIR, Store
 from fashionlab.tables import HEADERS, display_rows, rows_from_summary
-from fashionlab.text import duration, percent
+from fashionlab.text import counted, duration, percent
 
 runs_app = typer.Typer(
     help="List, show, compare, export and delete the runs in the store.\n\n"
@@ -120,7 +120,7 @@ def show(run: RunId, run_dir: RunDir = DEFAULT_RUN_DIR, store: StoreUrl = None,
                                                               "device") if machine.get(k)))),
         ("models", Text(f"{info['models']['total']} ("
                         + ", ".join(f"{n} {s}" for s, n in info["models"]["by_status"].items())
-                        + f"), {info['models']['epochs_stored']} epochs stored")),
+                        + f"), {counted(info['models']['epochs_stored'], 'epoch')} stored")),
         ("output", Text(str(info["output_dir"] or "-"))),
     ]
     if len(info["hosts"]) > 1:  # a run trained by several machines: which trained what
