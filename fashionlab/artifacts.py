@@ -93,7 +93,7 @@ def save_model(
     return directory
 
 
-def load_model(directory: str | Path, device: str | torch.device = "cpu",
+def load_model(directory: str | Path, device: str | torch.device | None = "cpu",
                tta: str | None = None) -> SavedModel:
     """Read a model directory written by `save_model`.
 
@@ -105,7 +105,8 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu",
     Nothing is unpickled: safetensors holds raw tensors only.
     """
     directory = Path(directory)
-    device = resolve_device(str(device))  # "auto" as everywhere; no CUDA: one clear error
+    # "auto" (or None) as everywhere; no CUDA: one clear error
+    device = resolve_device(None if device is None else str(device))
     spec_path, weights_path = directory / SPEC_FILE, directory / WEIGHTS_FILE
     if not directory.is_dir():
         raise ModelFileError(f"{directory}: not a model directory")

@@ -203,8 +203,9 @@ def test_a_broken_model_directory_gives_one_line_naming_the_file(tmp_path: Path,
 
 def test_the_device_is_read_as_everywhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     directory = _save(tmp_path / "m")
-    assert next(load_model(directory, "auto").module.parameters()).device.type == (
-        "cuda" if torch.cuda.is_available() else "cpu")
+    for auto in ("auto", None):
+        assert next(load_model(directory, auto).module.parameters()).device.type == (
+            "cuda" if torch.cuda.is_available() else "cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="no CUDA device is available"):
         load_model(directory, "cuda")
