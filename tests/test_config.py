@@ -229,6 +229,12 @@ NAME_MISTAKES = [
     ('[[final]]\nname = "red \\u001b[31m"\n',  # would colour the terminal
      (r"final[0].name: 'red \x1b[31m' contains a control character (a newline, a tab, an "
      "escape): a name is one line of text")),
+    ('[[candidates]]\nname = "one\u2028two"\n',  # Unicode's line separator
+     (r"candidates[0].name: 'one\u2028two' contains a control character (a newline, a tab, an "
+     "escape): a name is one line of text")),
+    ('[[candidates]]\nname = "best \u202egnp.exe"\n',  # shown as "best exe.png"
+     (r"candidates[0].name: 'best \u202egnp.exe' contains a text-direction control (U+202E): "
+     "tables and file listings would show the name reordered")),
     (f'[[candidates]]\nname = "{"L" * 101}"\n',
      "candidates[0].name: a name of 101 characters is too long: at most 100"),
     ('[[candidates]]\nname = "' + "\u4e2d" * 80 + '"\n',  # 3 bytes each in a file name

@@ -53,15 +53,25 @@ MAX_NAME_CHARACTERS = 100
 MAX_NAME_BYTES = 200  # of its file name in UTF-8 ("é" takes 2, most emoji 4)
 
 
+# Unicode's explicit embeddings, overrides and isolates (U+202A-U+202E, U+2066-U+2069): they
+# reorder the text after them, so that a name would not read as what it is.
+_DIRECTION_CONTROLS = frozenset({"LRE", "RLE", "LRO", "RLO", "PDF", "LRI", "RLI", "FSI", "PDI"})
+
+
 def _a_name(value: str) -> str:
     """A study or model name: it names files and folders too (`text.safe_name`)."""
     if not value.strip():
         raise ValueError("a name must not be empty")
     if not value.strip("."):
         raise ValueError(f"{value!r} cannot be a name: it means a folder, not a file")
-    if any(unicodedata.category(ch) == "Cc" for ch in value):
+    # Cc: newline, tab, escape; Zl, Zp: the line and paragraph separators (U+2028, U+2029).
+    if any(unicodedata.category(ch) in ("Cc", "Zl", "Zp") for ch in value):
         raise ValueError(f"{value!r} contains a control character (a newline, a tab, an "
                          "escape): a name is one line of text")
+    if direction := next((ch for ch in value if unicodedata.bidirectional(ch) in
+                          _DIRECTION_CONTROLS), None):
+        raise ValueError(f"{value!r} contains a text-direction control (U+{ord(direction):04X})"
+                         ": tables and file listings would show the name reordered")
     if len(value) > MAX_NAME_CHARACTERS:
         raise ValueError(f"a name of {len(value)} characters is too long: at most "
                          f"{MAX_NAME_CHARACTERS}")
