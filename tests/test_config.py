@@ -156,6 +156,15 @@ def test_a_folder_named_like_a_bundled_study_does_not_hide_it(
     assert load_study("seed").name == "seed"
     with pytest.raises(ConfigError, match="^mine: a folder, not a study file, and no bundled"):
         load_study("mine")
+    (tmp_path / "folder.toml").mkdir()
+    with pytest.raises(ConfigError, match="^folder.toml: a folder, not a study file$"):
+        load_study("folder.toml")
+
+
+@pytest.mark.parametrize("name", ["", "  "])
+def test_an_empty_study_name_is_named_as_such(name: str):
+    with pytest.raises(ConfigError, match=f"^'{name}': no study file or bundled study named so"):
+        load_study(name)
 
 
 def test_a_byte_order_mark_is_no_error(tmp_path: Path):

@@ -150,6 +150,9 @@ def bundled_studies() -> list[str]:
 
 def load_study(name_or_path: str | Path = "seed") -> StudySpec:
     """Read a study file, or a bundled study by name (e.g. "seed")."""
+    if not str(name_or_path).strip():
+        raise ConfigError(f"{str(name_or_path)!r}: no study file or bundled study named so "
+                          f"(bundled: {', '.join(bundled_studies())})")
     path = Path(name_or_path)
     # A name that is no file is a bundled study's: a folder called "seed" here hides nothing.
     if path.suffix != ".toml" and not path.is_file():
@@ -166,6 +169,8 @@ def load_study(name_or_path: str | Path = "seed") -> StudySpec:
             text, source = path.read_text(encoding="utf-8-sig"), str(path)
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such study file") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path}: a folder, not a study file") from None
         except (OSError, UnicodeDecodeError) as error:
             raise ConfigError(f"{path}: cannot read ({error})") from None
     try:
