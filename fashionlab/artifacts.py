@@ -82,6 +82,9 @@ def save_model(
         "metadata": metadata,
     }
     (staging / SPEC_FILE).write_text(json.dumps(description, indent=2, default=str) + "\n")
+    # safetensors creates its file readable by its owner only (0600): given the permissions
+    # of every other file (the umask's), a model shared with a group or a web server loads.
+    shutil.copymode(staging / SPEC_FILE, staging / WEIGHTS_FILE)
     if directory.exists():  # the earlier save, out of the way in one rename, removed after
         previous = staging_path(directory.with_name(f"{directory.name}.previous"))
         shutil.rmtree(previous, ignore_errors=True)

@@ -412,3 +412,14 @@ def test_evaluate_refuses_unverified_data_by_default(
 def test_help_has_an_example(capsys: pytest.CaptureFixture[str], command: str):
     code, out, _ = run_cli(capsys, command, "--help")
     assert code == 0 and f"Example: fashionlab {command} " in out
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_the_weights_get_the_permissions_of_every_other_file(tmp_path: Path, umask: int):
+    before = os.umask(umask)
+    try:
+        directory = _save(tmp_path / "m")
+    finally:
+        os.umask(before)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in directory.iterdir()}
+    assert modes == {SPEC_FILE: 0o666 & ~umask, WEIGHTS_FILE: 0o666 & ~umask}
