@@ -14,7 +14,7 @@ import pytest
 from optuna.trial import TrialState
 
 from fashionlab.errors import StoreError
-from fashionlab.search.storage import MAX_RETRIES, ClaimLock, RetryLostTrial
+from fashionlab.search.storage import MAX_RETRIES, ClaimLock, RetryLostTrial, retried_trial
 
 
 def test_the_lock_file_admits_one_holder_at_a_time(tmp_path: Path):
@@ -82,6 +82,7 @@ def test_crashes_are_retried_max_retries_times_and_stops_always():
     waiting = [t for t in trials if t.state == TrialState.WAITING]
     assert len(waiting) == 1 and waiting[0].params == {"x": 1.0}  # stops cost nothing
     assert waiting[0].system_attrs["failed_trial"] == 0  # the chain's first trial
+    assert [retried_trial(t) for t in trials] == [None] + [0] * (len(trials) - 1)
     assert waiting[0].system_attrs["retry_history"] == list(range(len(trials) - 1))
     trials = _retry_chain(study, [True])  # one crash more than MAX_RETRIES
     assert not [t for t in trials if t.state == TrialState.WAITING]

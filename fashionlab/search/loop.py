@@ -66,6 +66,7 @@ from fashionlab.search.storage import (
     RetryLostTrial,
     delete_study,
     open_storage,
+    retried_trial,
     search_identity,
 )
 from fashionlab.search.trial import TrialContext, make_pruner, train_trial
@@ -89,11 +90,8 @@ def drawn_before(trials: Sequence[FrozenTrial]) -> int:
     """How many trials were drawn before the next one: a failed trial and its retries (the same
     parameters under new numbers) count once, so a search interrupted and resumed draws the
     same trials as one never interrupted."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        # A retry of a retry names the first trial of its chain: count the trials no retry.
-        return sum(optuna.storages.RetryFailedTrialCallback.retried_trial_number(t) is None
-                   for t in trials)
+    # A retry of a retry names the first trial of its chain: count the trials no retry.
+    return sum(retried_trial(t) is None for t in trials)
 
 
 @dataclass

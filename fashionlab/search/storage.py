@@ -20,7 +20,7 @@ from fashionlab.jobs import ClaimLock
 from fashionlab.store import database_url
 
 __all__ = ["GRACE_PERIOD", "HEARTBEAT_INTERVAL", "MAX_RETRIES", "ClaimLock", "RetryLostTrial",
-           "delete_study", "open_storage", "search_identity", "study_name"]
+           "delete_study", "open_storage", "retried_trial", "search_identity", "study_name"]
 
 HEARTBEAT_INTERVAL = 20  # seconds between a running trial's signs of life in the database
 GRACE_PERIOD = 120  # a trial silent this long is failed and retried
@@ -51,6 +51,13 @@ class RetryLostTrial:
             distributions=trial.distributions, user_attrs=trial.user_attrs,
             system_attrs={"failed_trial": trial.number, **trial.system_attrs,
                           "retry_history": history, _CRASHES: crashes}))
+
+
+def retried_trial(trial: optuna.trial.FrozenTrial) -> int | None:
+    """The number of the first trial of the retry chain `trial` belongs to (`RetryLostTrial`
+    names it), or None for a trial that is no retry."""
+    failed = trial.system_attrs.get("failed_trial")
+    return None if failed is None else int(failed)
 
 
 def study_name(search: str, fingerprint: str) -> str:
