@@ -58,7 +58,7 @@ def steps(n):
         optimizer.step()
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 steps(10)
-print(min(steps(20) for _ in range(3)))  # once the heap has grown to its working size
+print(min(steps(20) for _ in range(5)))  # once the heap has grown to its working size
 """
 
 
@@ -72,8 +72,10 @@ def _page_faults_of_training_steps(mode: str) -> int:
 def test_training_steps_reuse_freed_memory_without_page_faults():
     # A fresh process: the setting cannot be undone in this one. With glibc's defaults the same
     # steps usually take 10,000-45,000 faults here, but not always (its thresholds adapt), so
-    # only the setting's side is asserted.
-    assert _page_faults_of_training_steps("keep") < 100  # measured here: 0-1
+    # only the setting's side is asserted. Measured here: 0-1 alone; once 676 in a loaded full
+    # run (faults the kernel causes: NUMA hinting, page migration), hence the margin and the
+    # best of five rounds.
+    assert _page_faults_of_training_steps("keep") < 2000
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
