@@ -37,7 +37,14 @@ from filelock import FileLock
 from fashionlab.errors import ConfigError, StoreError
 from fashionlab.rng import derive_seed
 from fashionlab.schema import checkpoints, jobs
-from fashionlab.store import Store, gone, make_folder, open_error, this_process
+from fashionlab.store import (
+    CLAIM_STALE_AFTER,
+    Store,
+    gone,
+    make_folder,
+    open_error,
+    this_process,
+)
 
 __all__ = ["DEFAULT_GRACE", "Claim", "ClaimLock", "ClaimLost", "JobRow", "claim_grace",
            "claim_job", "command_identity", "drop_checkpoints", "fetch_checkpoint", "job_rows",
@@ -46,7 +53,7 @@ __all__ = ["DEFAULT_GRACE", "Claim", "ClaimLock", "ClaimLost", "JobRow", "claim_
 # A claim whose heartbeat is this old, held by a process of another machine (or one whose
 # liveness cannot be told), is taken over. Two minutes, as a search's lost trials: a few
 # missed beats, a database busy for a while, clocks some seconds apart.
-DEFAULT_GRACE = 120.0
+DEFAULT_GRACE = CLAIM_STALE_AFTER
 
 
 def claim_grace() -> float:

@@ -19,8 +19,9 @@ import sqlalchemy as sa
 from helpers import tiny_study_toml
 
 from fashionlab.jobs import ClaimLost, claim_job, job_rows, register_jobs, release_claims
-from fashionlab.schema import epochs, jobs
-from fashionlab.store import Store, database_url
+from fashionlab.runs import RunError, delete_run
+from fashionlab.schema import epochs, jobs, runs
+from fashionlab.store import CLAIM_STALE_AFTER, Store, database_url
 
 # --------------------------------------------------------------------------------------------
 # Claims
@@ -86,6 +87,30 @@ def test_a_dead_process_of_this_machine_loses_its_claims_at_once(tmp_path: Path)
     release_claims(store, run_id, by="other")  # a stopping command gives its jobs back
     assert job_rows(store, run_id)["b"].status == "pending"
     taken.release()
+    store.close()
+
+
+def test_a_run_whose_first_process_died_runs_while_others_hold_its_jobs(tmp_path: Path):
+    store, run_id = _store_with_jobs(tmp_path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with store.engine.begin() as conn:  # the process that created the run was killed
+        conn.execute(runs.update().values(pid=dead.pid, pid_start=None))
+    assert store.run(run_id).state == "interrupted"
+
+    claim = claim_job(store, run_id, "a", by="another command")  # a live process trains
+    assert claim is not None
+    assert store.run(run_id).state == "running" and store.runs()[0].state == "running"
+    with pytest.raises(RunError, match="is running"):
+        delete_run(store, run_id)
+    # Held on another machine: while its heartbeat is fresh.
+    _set_claim(store, run_id, "a", host="machine-b", heartbeat=time.time())
+    assert store.run(run_id).state == "running"
+    _set_claim(store, run_id, "a", heartbeat=time.time() - CLAIM_STALE_AFTER - 1)
+    assert store.run(run_id).state == "interrupted"
+    _set_claim(store, run_id, "a", host=socket.gethostname(), heartbeat=time.time())
+    claim.done()
+    assert store.run(run_id).state == "interrupted"  # nobody trains it any more
     store.close()
 
 

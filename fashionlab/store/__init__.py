@@ -26,6 +26,7 @@ from fashionlab.store.engine import (
     safe_url,
 )
 from fashionlab.store.records import (
+    CLAIM_STALE_AFTER,
     HEARTBEAT_EVERY,
     STALE_AFTER,
     EpochRecord,
@@ -37,6 +38,7 @@ from fashionlab.store.records import (
 from fashionlab.store.store import Store
 
 __all__ = [
+    "CLAIM_STALE_AFTER",
     "DB_NAME",
     "DEFAULT_RUN_DIR",
     "HEARTBEAT_EVERY",

@@ -16,6 +16,9 @@ from fashionlab.process import ProcessIdentity
 # one: 15 missed beats, room for a database busy for a while or clocks a few minutes apart.
 HEARTBEAT_EVERY = 60.0
 STALE_AFTER = 15 * 60
+# A job claim (a study trained by several processes) is lost after this long without a beat,
+# when its process's liveness cannot be told (another machine): a few missed beats.
+CLAIM_STALE_AFTER = 120.0
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,9 @@ class RunRecord:
     output_dir: str | None
     pid_start: int | None = None  # see ProcessIdentity.start_time
     boot_id: str | None = None
+    # Whether a live process holds one of its jobs (a run trained by several processes): it
+    # still runs, though the process its row names is gone. Read by `Store.run(s)`.
+    jobs_held: bool = False
 
     @property
     def state(self) -> str:
@@ -47,12 +53,13 @@ class RunRecord:
         reuses the pid nor a reboot keeps it running. Where that cannot be told (a machine
         without /proc, a row from an older fashionlab), a process with the pid must exist
         and the heartbeat be under STALE_AFTER old; for a run of another machine, only the
-        heartbeat counts."""
+        heartbeat counts. A run whose jobs other live processes hold still runs (its first
+        process killed while other machines train it)."""
         if self.status != "running":
             return self.status
         silent = gone(self.host, self.pid, self.pid_start, self.boot_id, self.heartbeat,
                       STALE_AFTER)
-        return "interrupted" if silent else "running"
+        return "interrupted" if silent and not self.jobs_held else "running"
 
     @property
     def duration(self) -> float:

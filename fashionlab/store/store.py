@@ -8,6 +8,7 @@ migrations when it opens a database.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -50,10 +51,12 @@ from fashionlab.store.engine import (
     writable,
 )
 from fashionlab.store.records import (
+    CLAIM_STALE_AFTER,
     HEARTBEAT_EVERY,
     EpochRecord,
     ModelRecord,
     RunRecord,
+    gone,
     this_process,
 )
 from fashionlab.text import first_line
@@ -272,10 +275,10 @@ class Store:
                 if len(matches) > 1:
                     raise StoreError(f"run id '{run_id}' is ambiguous ({len(matches)} runs match)")
                 row = matches[0] if matches else None
-        if row is None:
-            raise StoreError(f"no run '{run_id}' in {safe_url(self.url)} "
-                             "(`fashionlab runs list` shows the runs)")
-        return _run_record(row)
+            if row is not None:
+                return _jobs_held(conn, [_run_record(row)])[0]
+        raise StoreError(f"no run '{run_id}' in {safe_url(self.url)} "
+                         "(`fashionlab runs list` shows the runs)")
 
     def runs(self, *, kind: str | None = None, name: str | None = None,
              fingerprint: str | None = None) -> list[RunRecord]:
@@ -288,7 +291,7 @@ class Store:
         if fingerprint is not None:
             query = query.where(runs.c.fingerprint == fingerprint)
         with self.reading() as conn:
-            return [_run_record(row) for row in conn.execute(query)]
+            return _jobs_held(conn, [_run_record(row) for row in conn.execute(query)])
 
     def delete_run(self, run_id: str) -> None:
         run_id = self.run(run_id).id
@@ -418,6 +421,20 @@ def _beat(store: weakref.ref[Store], run_id: str, stop: threading.Event) -> None
         except (StoreError, SQLAlchemyError):
             pass  # the run's own next write reports what is wrong
         del alive
+
+
+def _jobs_held(conn: sa.Connection, records: list[RunRecord]) -> list[RunRecord]:
+    """The records, those whose process is gone but whose jobs a live process holds marked
+    so (`RunRecord.jobs_held`): a run trained by several machines outlives its first."""
+    silent = [r.id for r in records if r.state == "interrupted" and r.status == "running"]
+    if not silent:
+        return records
+    claims = conn.execute(sa.select(jobs.c.run_id, jobs.c.host, jobs.c.pid, jobs.c.pid_start,
+                                    jobs.c.boot_id, jobs.c.heartbeat)
+                          .where(jobs.c.run_id.in_(silent), jobs.c.status == "claimed"))
+    held = {c.run_id for c in claims if not gone(c.host, c.pid, c.pid_start, c.boot_id,
+                                                  c.heartbeat or 0.0, CLAIM_STALE_AFTER)}
+    return [dataclasses.replace(r, jobs_held=True) if r.id in held else r for r in records]
 
 
 def _run_record(row: Any) -> RunRecord:
