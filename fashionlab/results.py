@@ -28,10 +28,11 @@ if TYPE_CHECKING:
     import pandas
     from matplotlib.figure import Figure
 
-__all__ = ["SAMPLES_PER_CLASS", "StudyResult", "peak_rss_mb", "summary", "table_rows", "to_csv",
+__all__ = ["RESULTS_FILE", "SAMPLES_PER_CLASS", "StudyResult", "peak_rss_mb", "summary", "table_rows", "to_csv",
            "to_markdown", "write_outputs"]
 
 SAMPLES_PER_CLASS = 1  # training images of each class in the run's figures/samples.png
+RESULTS_FILE = "results.json"  # of the files in a run's folder: the whole result
 
 
 @dataclass
@@ -239,7 +240,7 @@ def write_outputs(result: StudyResult, dataset: Dataset) -> dict[str, Path]:
     figures = out / "figures"
     written = {
         "markdown": out / "results.md", "csv": out / "results.csv",
-        "json": out / "results.json", "study": out / "study.toml",
+        "json": out / RESULTS_FILE, "study": out / "study.toml",
     }
     contents = {"markdown": to_markdown(result), "csv": to_csv(result),
                 "json": json.dumps(summary(result), indent=2) + "\n",

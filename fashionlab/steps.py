@@ -342,7 +342,7 @@ def retrain(ctx: RunContext, best: CandidateResult, data: Tensors,
     record = finished_models(ctx.store, ctx.run.id).get(key)
     # Done only once its test scores are stored, the last write of this step: a kill after
     # the model was saved but before the scores were stored trains it again (same numbers).
-    if record is not None and record.status == "finished" and directory.exists() \
+    if record is not None and record.status == "finished" and _saved(ctx, directory) \
             and record.test_accuracy is not None:
         history = stored_result(ctx.store, ctx.run.id, key).history
         return RetrainResult(candidate.name, epochs, record.test_loss or float("nan"),
@@ -368,7 +368,7 @@ def train_final(ctx: RunContext, candidate: Candidate, data: Tensors,
     register_models(ctx, [member], {key: candidate}, "final")
     directory = model_dir(ctx.output_dir, candidate.name)
     record = finished_models(ctx.store, ctx.run.id).get(key)
-    if record is not None and record.status != "failed" and directory.exists() \
+    if record is not None and record.status != "failed" and _saved(ctx, directory) \
             and record.test_accuracy is not None:  # (its last write: see `retrain`)
         result = stored_result(ctx.store, ctx.run.id, key)
         test_loss, test_accuracy = record.test_loss, record.test_accuracy
@@ -387,6 +387,13 @@ def train_final(ctx: RunContext, candidate: Candidate, data: Tensors,
     summary = summarize_models(candidate, [result], "final", ctx.spec.warning)
     return dataclasses.replace(summary, test_loss=_nan(test_loss),
                                test_accuracy=_nan(test_accuracy), model_dir=directory)
+
+
+def _saved(ctx: RunContext, directory: Path) -> bool:
+    """Whether a model whose test scores are stored was saved: its folder is here, or the run
+    is finished (shown again, maybe from another machine than the one that saved it: read
+    back, never trained again)."""
+    return directory.exists() or ctx.run.status == "finished"
 
 
 def test_weights(candidate: Candidate, result: MemberResult, data: Tensors,

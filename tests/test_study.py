@@ -16,6 +16,7 @@ from html import escape as html_escape
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 import torch
 from helpers import OnEpoch, Recorder, assert_one_line_error, dead_pid, run_cli, tiny_study_toml
 
@@ -25,7 +26,7 @@ from fashionlab.errors import ConfigError
 from fashionlab.progress import Silent
 from fashionlab.runner import MIN_PARALLEL_FLOPS, Job, auto_workers
 from fashionlab.steps import RunContext, load_study_data
-from fashionlab.store import Store
+from fashionlab.store import DB_NAME, Store
 from fashionlab.study import independent_jobs, run_study
 from fashionlab.study import jobs as study_jobs
 from fashionlab.study.jobs import JobInputs
@@ -502,6 +503,35 @@ def test_a_run_killed_just_after_it_finished_is_tidied_when_shown(study_file: Pa
     assert (first.output_dir / "report.html").exists()
     assert not (first.output_dir / "checkpoints").exists()
     assert Store.open(tmp_path).run(first.run.id) == stored  # the store only read
+
+
+def test_a_finished_run_is_shown_where_its_results_are(
+        tiny_idx_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    # Machine b only trained jobs of a run that machine a finished and wrote: b's folder of
+    # the run holds no results (here b's store is a copy of the shared one).
+    path = tmp_path / "tiny.toml"
+    path.write_text(tiny_study_toml(tiny_idx_dir, epochs=1, folds=2, final=False))
+    a, b = tmp_path / "machine-a", tmp_path / "machine-b"
+    first = run_study(load_study(path), run_dir=a, progress=False)
+    (b / first.run.id / "models").mkdir(parents=True)
+    shutil.copy(a / DB_NAME, b / DB_NAME)
+    code, out, err = run_cli(capsys, "study", str(path), "--run-dir", str(b))
+    assert code == 0, err
+    assert f"results in {first.output_dir}\n" in out
+    assert not (b / first.run.id / "report.html").exists()  # no report of a folder without
+    assert not any((b / first.run.id / "models").iterdir())  # shown: nothing trained again
+    # Written on another machine: said so, and nothing is created here.
+    elsewhere = tmp_path / "only-on-machine-a" / first.run.id
+    with sa.create_engine(f"sqlite:///{b / DB_NAME}").begin() as conn:
+        conn.execute(sa.text("UPDATE fl_runs SET output_dir = :d, host = 'machine-a'"),
+                     {"d": str(elsewhere)})
+    code, out, err = run_cli(capsys, "study", str(path), "--run-dir", str(b))
+    assert code == 0, err
+    assert f"results in {elsewhere} on machine-a\n" in out
+    assert not elsewhere.parent.exists()
+    assert not any((b / first.run.id / "models").iterdir())
+    models = Store.open(b).models(first.run.id)
+    assert models == Store.open(a).models(first.run.id)  # the store only read
 
 
 def test_a_one_cycle_candidate_is_read_and_retrained_at_the_end_of_its_schedule(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Annotated
 
@@ -133,5 +134,9 @@ def study(
         if row.note and row.kind != "baseline":
             console.print(Text(f"- {row.model}: {row.note}"))
     workers = f" ({result.workers} worker processes)" if result.workers > 1 else ""
+    # A shared run's results written on another machine: say which.
+    elsewhere = not result.output_dir.is_dir() and result.run.host not in (
+        None, socket.gethostname())
     console.print(f"wall time {wall_time(result.wall_seconds, result.resumed)}{workers}; "
-                  f"results in {result.output_dir}")
+                  f"results in {result.output_dir}"
+                  + (f" on {result.run.host}" if elsewhere else ""))

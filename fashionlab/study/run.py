@@ -33,7 +33,13 @@ from fashionlab.jobs import (
 from fashionlab.progress import Reporter, reporting
 from fashionlab.provenance import environment
 from fashionlab.report import REPORT_NAME, ReportError, write_report
-from fashionlab.results import SAMPLES_PER_CLASS, StudyResult, summary, write_outputs
+from fashionlab.results import (
+    RESULTS_FILE,
+    SAMPLES_PER_CLASS,
+    StudyResult,
+    summary,
+    write_outputs,
+)
 from fashionlab.runner import auto_workers, image_dtype, threads_per_job
 from fashionlab.serialize import remove_stale_staging
 from fashionlab.steps import (
@@ -108,9 +114,11 @@ def run_study(
     # database server every process keeps its files (checkpoints, the models it trains, the
     # outputs if it writes them) in its own run directory, another machine's may not exist
     # here; a run directory moved or copied resumes in its new place, not in the old one. A
-    # finished run shown from a store whose run directory is elsewhere: where it was written.
+    # finished run is shown where its results are: here (a run directory moved or copied),
+    # else where they were written (the writer's run directory, maybe on another machine: a
+    # process that only trained jobs of a shared run has a folder here without them).
     output_dir = (run_dir / run.id).resolve()
-    if shown and not output_dir.is_dir() and run.output_dir:
+    if shown and run.output_dir and not (output_dir / RESULTS_FILE).is_file():
         output_dir = Path(run.output_dir)
     if not store.read_only:  # what a killed process of this run left half-written
         remove_stale_staging(output_dir, recursive=True)
@@ -222,12 +230,13 @@ def _leave(store: Store, output_dir: Path) -> None:
 
 def _tidy(store: Store, run_id: str, output_dir: Path, device: torch.device) -> None:
     """What a run killed just after it finished may lack: its report, and the removal of its
-    checkpoints. Best effort, where the directory can be written; the store is only read."""
+    checkpoints. Best effort, where the directory can be written and holds the results; the
+    store is only read."""
     with contextlib.suppress(OSError):
         shutil.rmtree(output_dir / "checkpoints")
-    if not (output_dir / REPORT_NAME).exists():
+    if (output_dir / RESULTS_FILE).is_file() and not (output_dir / REPORT_NAME).exists():
         with contextlib.suppress(ReportError):
-            write_report(store, run_id, device=device)
+            write_report(store, run_id, output_dir / REPORT_NAME, device=device)
 
 
 def _start_run(store: Store, spec: StudySpec, run_dir: Path, device: str,
