@@ -880,3 +880,22 @@ def test_a_run_directory_that_is_a_file_is_one_line(tiny_idx_dir: Path, tmp_path
     code, _, err = run_cli(capsys, "search", str(path), "--run-dir",
                            str(tmp_path / "afile" / "below"))
     assert_one_line_error(code, err, f"{tmp_path / 'afile'} is a file, not a folder")
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")  # the trial asked here
+def test_a_worker_done_while_others_run_trials_says_so(
+        tiny_idx_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    path = _learning_rate_search(tiny_idx_dir, tmp_path, "n_trials = 1\npruner = \"none\"")
+    run_dir = tmp_path / "runs"
+    first = run_search(load_study(path), run_dir=run_dir, progress=False)
+    storage = open_storage(default_url(run_dir))  # another worker is running a trial
+    optuna.load_study(study_name=first.study_name, storage=storage).ask()
+    storage.engine.dispose()
+    code, out, err = run_cli(capsys, "search", str(path), "--n-trials", "2",
+                             "--run-dir", str(run_dir))
+    assert code == 0, err
+    out = " ".join(out.split())  # as one line, however the console folds it
+    assert out.startswith("this worker is done: 2 trial(s) so far; other workers are still "
+                          "running trials, and the last to finish writes the results "
+                          f"(`fashionlab runs show {first.run.id}`")
+    assert "--finish" not in out and "Run the same command" not in out

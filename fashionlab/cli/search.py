@@ -82,12 +82,15 @@ def search(
         return
     console = output_console(highlight=True)
     summary = result.summary
-    if summary is None:
+    if summary is None and result.stopped_by == "others-running":
+        console.print(f"this worker is done: {len(result.trials)} trial(s) so far; other "
+                      "workers are still running trials, and the last to finish writes the "
+                      f"results (`fashionlab runs show {result.run.id}` with the same store "
+                      "shows them then).")
+    elif summary is None:
         console.print(f"stopped ({result.stopped_by}): {len(result.trials)} trial(s) so far. "
-                      "Run the same command to continue"
-                      + (" (other workers are still running trials; the last to finish "
-                         "writes the results)" if result.stopped_by == "others-running" else "")
-                      + ", or add --finish to write the results now.")
+                      "Run the same command to continue, or add --finish to write the "
+                      "results now.")
     else:
         headers, rows = trial_cells(summary)
         table = Table(title=f"{spec.name}: top trials of run {result.run.id}")
