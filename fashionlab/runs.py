@@ -25,13 +25,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sqlalchemy.exc import SQLAlchemyError
 
 from fashionlab import stats
-from fashionlab.errors import FashionlabError
+from fashionlab.errors import FashionlabError, StoreError
 from fashionlab.schema import EPOCH_FIELDS
 from fashionlab.serialize import jsonable
-from fashionlab.store import ModelRecord, RunRecord, Store
+from fashionlab.store import ModelRecord, RunRecord, Store, safe_url
 from fashionlab.tables import rows_from_summary
+from fashionlab.text import first_line
 
 __all__ = [
     "CandidateComparison",
@@ -316,23 +318,32 @@ def run_output_dir(run: RunRecord, run_dir: Path | None = None) -> Path | None:
 def delete_run(store: Store, run_id: str, *, run_dir: Path | None = None) -> RunRecord:
     """Delete a run's rows in the store and its output directory; returns what was deleted.
 
-    A running run is refused. The rows go first: a store that cannot be written (read-only,
-    unreachable) fails before any file is touched, and a process killed in between leaves
-    files without a run, never a run without its files. The directory is removed only when it
-    is the run's own (named after the run id), so a store pointing elsewhere never deletes
-    unrelated files; with `run_dir` it is `run_dir/<run id>`, whatever path the store recorded
-    (a copied run directory's store still names the original's folder). A search's Optuna
-    study (its trials) is deleted with it.
+    A running run is refused. The database goes first: a store that cannot be written
+    (read-only, unreachable) fails before any file is touched. A search's Optuna study (its
+    trials, in the same database) goes before the run's rows: a process killed in between
+    leaves the run, which the same deletion finishes, not trials without a run. A process
+    killed after the rows leaves files without a run, never a run without its files. The
+    directory is removed only when it is the run's own (named after the run id), so a store
+    pointing elsewhere never deletes unrelated files; with `run_dir` it is
+    `run_dir/<run id>`, whatever path the store recorded (a copied run directory's store
+    still names the original's folder).
     """
     run = store.run(run_id)
     if run.state == "running":
         raise RunError(f"run {run.id} is running (pid {run.pid} on {run.host}); "
                        "stop it before deleting it")
-    store.delete_run(run.id)
-    if run.kind == "search":  # its trials live in the same database, in Optuna's tables
+    if store.read_only:
+        raise StoreError(f"cannot write to the store {safe_url(store.url)}: it is read-only "
+                         "(nothing deleted)")
+    if run.kind == "search":
         from fashionlab.search.storage import delete_study, study_name  # Optuna: heavy
 
-        delete_study(store.url, study_name(run.name, run.fingerprint))
+        try:
+            delete_study(store.url, study_name(run.name, run.fingerprint))
+        except SQLAlchemyError as error:
+            raise StoreError(f"cannot write to the store {safe_url(store.url)}: "
+                             f"{first_line(error)}") from None
+    store.delete_run(run.id)
     directory = run_output_dir(run, run_dir)
     if directory is not None and directory.name == run.id and directory.is_dir():
         try:

@@ -899,3 +899,39 @@ def test_a_worker_done_while_others_run_trials_says_so(
                           "running trials, and the last to finish writes the results "
                           f"(`fashionlab runs show {first.run.id}`")
     assert "--finish" not in out and "Run the same command" not in out
+
+
+def test_a_delete_killed_after_the_trials_went_is_finished_by_deleting_again(
+        tiny_idx_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    path = _learning_rate_search(tiny_idx_dir, tmp_path, "n_trials = 1\npruner = \"none\"")
+    run_dir = tmp_path / "runs"
+    first = run_search(load_study(path), run_dir=run_dir, progress=False)
+    # `runs delete` killed (-9) just after it deleted the Optuna study.
+    script = f"""
+import os, signal
+import fashionlab.search.storage as storage
+from fashionlab.cli import main
+
+delete_study = storage.delete_study
+
+def then_killed(*args, **kwargs):
+    delete_study(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+storage.delete_study = then_killed
+main(["runs", "delete", {first.run.id!r}, "--yes", "--run-dir", {str(run_dir)!r}])
+"""
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            check=False, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    store = Store.open(run_dir)
+    assert [r.id for r in store.runs()] == [first.run.id]  # the run is left, to delete again
+    store.close()
+    assert first.output_dir.is_dir()
+    code, _, err = run_cli(capsys, "runs", "delete", first.run.id, "--yes",
+                           "--run-dir", str(run_dir))
+    assert code == 0, err
+    assert not first.output_dir.exists()
+    again = run_search(load_study(path), run_dir=run_dir, progress=False)
+    assert again.finished and [t.params for t in again.trials] == \
+        [t.params for t in first.trials]  # from scratch: the same first draw
