@@ -40,6 +40,7 @@ from fashionlab.schema import checkpoints, jobs
 from fashionlab.store import (
     CLAIM_STALE_AFTER,
     Store,
+    connect_args,
     gone,
     make_folder,
     open_error,
@@ -258,7 +259,8 @@ class ClaimLock:
 
     def __init__(self, url: str, name: str, *, kind: str = "search") -> None:
         try:  # the first to open the URL (before the store): a bad one is said in one line
-            self.engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+            self.engine = sa.create_engine(url, poolclass=sa.pool.NullPool,
+                                           connect_args=connect_args(url))
         except (ImportError, ValueError, sa.exc.SQLAlchemyError) as error:
             raise open_error(url, error) from None
         self.dialect = self.engine.dialect.name

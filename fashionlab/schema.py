@@ -159,7 +159,16 @@ def migrate(engine: sa.Engine, attempts: int = 5, *, read_only: bool = False,
     (it then finds the work done). `where` names the store in errors."""
     for attempt in range(attempts):
         try:
-            with engine.connect() as conn:
+            conn = engine.connect()
+        except sa.exc.OperationalError:
+            # A server that cannot be reached is said at once (each try may wait for the
+            # connect timeout); a SQLite file held by a concurrent open is tried again.
+            if engine.dialect.name != "sqlite" or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+            continue
+        try:
+            with conn:
                 current = _schema_version(conn)
             if current == len(MIGRATIONS):
                 return current

@@ -475,3 +475,29 @@ def test_a_run_directory_holds_its_own_store_whatever_its_name(tmp_path: Path, f
     other = Store.open(tmp_path / f"{folder}-other")  # a sibling sees none of its runs
     assert other.runs() == []
     other.close()
+
+
+def test_a_database_server_that_does_not_answer_is_an_error_after_the_connect_timeout(
+        monkeypatch: pytest.MonkeyPatch):
+    import socket
+
+    from fashionlab.store import engine
+
+    monkeypatch.setattr(engine, "CONNECT_TIMEOUT", 2)
+    with socket.socket() as silent:  # accepts connections (the kernel does), never speaks
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        started = time.monotonic()
+        with pytest.raises(StoreError, match="cannot open the store .*timeout"):
+            Store(f"postgresql://fl:secret@127.0.0.1:{port}/fashionlab")
+        assert time.monotonic() - started < 8  # one try: no retries of an unreachable server
+
+
+def test_connections_to_postgresql_get_timeouts_unless_the_url_sets_them():
+    from fashionlab.store import connect_args
+
+    url = "postgresql+psycopg2://fl@db/x"
+    assert connect_args(url)["connect_timeout"] > 0 and connect_args(url)["keepalives"] == 1
+    assert "connect_timeout" not in connect_args(url + "?connect_timeout=5")
+    assert connect_args("sqlite:///x.db") == {} and connect_args("postgresql+pg8000://d/x") == {}

@@ -17,7 +17,7 @@ import optuna
 
 from fashionlab.config import StudySpec
 from fashionlab.jobs import ClaimLock
-from fashionlab.store import database_url
+from fashionlab.store import connect_args, database_url
 
 __all__ = ["GRACE_PERIOD", "HEARTBEAT_INTERVAL", "MAX_RETRIES", "ClaimLock", "RetryLostTrial",
            "delete_study", "open_storage", "retried_trial", "search_identity", "study_name"]
@@ -93,12 +93,13 @@ def delete_study(url: str, name: str) -> bool:
 def open_storage(url: str) -> optuna.storages.RDBStorage:
     """Optuna's storage on the store's database, with heartbeats and retries of a lost
     trial (`RetryLostTrial`)."""
-    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    url = database_url(url)
+    kwargs: dict[str, Any] = {"pool_pre_ping": True, "connect_args": connect_args(url)}
     if url.startswith("sqlite"):
         kwargs = {"connect_args": {"timeout": 60}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.storages.RDBStorage(
-            database_url(url), engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_INTERVAL,
+            url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_INTERVAL,
             grace_period=GRACE_PERIOD,
             heartbeat_stale_trial_callback=RetryLostTrial())

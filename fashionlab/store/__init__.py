@@ -19,6 +19,7 @@ from __future__ import annotations
 from fashionlab.store.engine import (
     DB_NAME,
     DEFAULT_RUN_DIR,
+    connect_args,
     database_url,
     default_url,
     make_folder,
@@ -47,6 +48,7 @@ __all__ = [
     "ModelRecord",
     "RunRecord",
     "Store",
+    "connect_args",
     "database_url",
     "default_url",
     "gone",

@@ -20,6 +20,26 @@ DEFAULT_RUN_DIR = Path("fashionlab-runs")
 DB_NAME = "fashionlab.db"
 
 
+# A PostgreSQL server that does not answer is an error after CONNECT_TIMEOUT seconds, not a
+# wait of minutes (libpq's default: none, the system's TCP retries); a connection whose
+# server is gone (a network cut) is found dead by TCP keepalives in about 1.5 minutes
+# (idle + interval x count) instead of the system's 2 hours. The URL's own settings win.
+CONNECT_TIMEOUT = 30
+_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
+               "keepalives_count": 6}
+_LIBPQ_DRIVERS = ("psycopg2", "psycopg", "psycopg2cffi")
+
+
+def connect_args(url: str | sa.URL) -> dict[str, Any]:
+    """The driver settings fashionlab adds to a database URL's connections: the timeouts above
+    for PostgreSQL through libpq (psycopg), unless the URL sets them; none elsewhere."""
+    url = sa.make_url(url)
+    if url.get_backend_name() != "postgresql" or url.get_driver_name() not in _LIBPQ_DRIVERS:
+        return {}
+    wanted = {"connect_timeout": CONNECT_TIMEOUT, **_KEEPALIVES}
+    return {k: v for k, v in wanted.items() if k not in url.query}
+
+
 def database_url(url: str) -> str:
     """The URL with a PostgreSQL driver that is installed: SQLAlchemy 2.1 reads a bare
     `postgresql://` as psycopg 3, the `postgres` extra installs psycopg2."""

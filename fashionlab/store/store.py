@@ -38,6 +38,7 @@ from fashionlab.schema import (
 from fashionlab.serialize import jsonable
 from fashionlab.store.engine import (
     DEFAULT_RUN_DIR,
+    connect_args,
     database_url,
     default_url,
     make_folder,
@@ -111,7 +112,8 @@ class Store:
             self._in_memory = engine_url.drivername.startswith("sqlite") and path is None
             self.engine = sa.create_engine(
                 engine_url, poolclass=sa.pool.StaticPool if self._in_memory else None,
-                connect_args={"check_same_thread": False} if self._in_memory else {})
+                connect_args={"check_same_thread": False} if self._in_memory
+                else connect_args(engine_url))
             if self.engine.dialect.name == "sqlite":
                 sa.event.listen(self.engine, "connect",
                                 sqlite_read_only_pragmas if self.read_only else sqlite_pragmas)
