@@ -68,9 +68,10 @@ class RunOverview:
     started: float  # unix seconds
     status: str  # running | finished | failed | interrupted
     best: str | None  # the best candidate (or trial)
-    best_score: float | None  # its score: mean validation accuracy across folds for a study
+    best_score: float | None  # its mean validation score across folds, of `best_metric`
     duration: float  # seconds, up to now for a run that has not ended
     output_dir: str | None
+    best_metric: str = "val_accuracy"  # a search's objective: val_accuracy or val_loss
 
     def to_dict(self) -> dict[str, Any]:
         return jsonable(asdict(self)) | {"started_utc": _utc(self.started)}
@@ -104,6 +105,7 @@ def overview(run: RunRecord) -> RunOverview:
         best_score=None if score is None or math.isnan(score) else score,
         duration=run.duration if run.state != "running" else time.time() - run.started,
         output_dir=run.output_dir,
+        best_metric=str(summary.get("objective") or "val_accuracy"),
     )
 
 

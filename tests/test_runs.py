@@ -391,3 +391,27 @@ def test_options_that_do_not_apply_are_refused(tmp_path: Path,
                                "--run-dir", str(tmp_path))
         assert_one_line_error(code, err, "--format and --out write the epochs to a file")
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "e.csv").exists()
+
+
+def test_a_search_that_minimises_val_loss_lists_its_loss_not_a_percentage(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    store = Store.open(tmp_path)
+
+    def search(name: str, summary: dict) -> str:
+        run = store.create_run(kind="search", name=name, fingerprint="0" * 32, seed=0,
+                               config={}, environment={}, output_root=tmp_path)
+        store.end_run(run.id, "finished", summary)
+        return run.id
+
+    loss = search("by-loss", {"objective": "val_loss", "best": "trial 1", "best_value": 0.5623})
+    accuracy = search("by-accuracy", {"objective": "val_accuracy", "best": "trial 2",
+                                      "best_value": 0.9})
+    store.close()
+    code, out, err = run_cli(capsys, "runs", "list", "--run-dir", str(tmp_path))
+    assert code == 0, err
+    assert "0.5623 val_loss trial 1" in out and "56.23%" not in out
+    assert "90.00% trial 2" in out
+    code, out, _ = run_cli(capsys, "runs", "list", "--json", "--run-dir", str(tmp_path))
+    listed = {r["id"]: r for r in json.loads(out)}
+    assert listed[loss]["best_metric"] == "val_loss"
+    assert listed[accuracy]["best_metric"] == "val_accuracy"

@@ -89,11 +89,14 @@ def list_(
     for column in ("id", "study", "started", "status", "best score", "duration"):
         table.add_column(column, overflow="fold")
     for r in runs:
-        best = "-" if r.best_score is None else f"{r.best_score * 100:.2f}% {r.best}"
+        best = "-" if r.best_score is None else (
+            f"{r.best_score * 100:.2f}% {r.best}" if r.best_metric == "val_accuracy"
+            else f"{r.best_score:.4f} {r.best_metric} {r.best}")
         table.add_row(Text(r.id), Text(r.study), _local(r.started), _state(r.status),
                       Text(best), duration(r.duration))
     output_console().print(table)
-    typer.echo("best score: the best candidate's mean validation accuracy across folds")
+    typer.echo("best score: the best candidate's mean validation accuracy across folds (a "
+               "search's objective: its val_loss where it minimises that)")
 
 
 @runs_app.command()
