@@ -183,8 +183,9 @@ def _load_idx(path: Path) -> np.ndarray:
     return _as_images(array, path)
 
 
-def _as_images(array: np.ndarray, source: Path) -> np.ndarray:
-    """An array of pixels -> (N, 28, 28) float32 in [0, 1], or an error naming `source`."""
+def _as_images(array: np.ndarray, source: str | Path) -> np.ndarray:
+    """An array of pixels -> (N, 28, 28) float32 in [0, 1], or an error naming `source` (a
+    file, or "images" for an array given to `predict`)."""
     shape = array.shape
     if shape == (SIDE, SIDE) or shape == (SIDE * SIDE,):
         array = array.reshape(1, SIDE, SIDE)
@@ -375,17 +376,24 @@ def preview(images: np.ndarray, *, columns: int = 10, scale: int = 4,
 # Predicting
 
 
-def predict(saved_model: SavedModel, images: np.ndarray, top_k: int = 3) -> list[Prediction]:
-    """The top_k classes of each image: images (N, 28, 28) or (28, 28) float32 in [0, 1]."""
+def predict(saved_model: SavedModel | str | Path, images: np.ndarray,
+            top_k: int = 3) -> list[Prediction]:
+    """The top_k classes of each image.
+
+    saved_model: from `load_model`, or its directory. images: as a `.npy` file may hold them
+    (`fashionlab predict`): (28, 28), (N, 28, 28), (N, 784) or (N, 1, 28, 28), uint8 0-255 or
+    float 0-1; anything else (0-255 floats, NaN, another shape) is an ImageFileError, never
+    a confident answer about pixels the model was not trained on.
+    """
     import torch
 
+    if isinstance(saved_model, (str, Path)):
+        from fashionlab.artifacts import load_model
+
+        saved_model = load_model(saved_model)
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
-    images = np.asarray(images, dtype=np.float32)
-    if images.shape == (SIDE, SIDE):
-        images = images[None]
-    if images.ndim != 3 or images.shape[1:] != (SIDE, SIDE):
-        raise ValueError(f"images must be (N, 28, 28) or (28, 28), got {images.shape}")
+    images = _as_images(np.asarray(images), "images")
     names = saved_model.class_names
     k = min(top_k, len(names))
     module = saved_model.module
@@ -403,10 +411,15 @@ def predict(saved_model: SavedModel, images: np.ndarray, top_k: int = 3) -> list
     return predictions
 
 
-def predict_files(saved_model: SavedModel, paths: str | Path | Iterable[str | Path],
-                  top_k: int = 3, *, invert: bool | None = None) -> list[FilePredictions]:
+def predict_files(saved_model: SavedModel | str | Path,
+                  paths: str | Path | Iterable[str | Path], top_k: int = 3, *,
+                  invert: bool | None = None) -> list[FilePredictions]:
     """Load and predict every file (one path, or many); unreadable files carry their error,
     the others go on."""
+    if isinstance(saved_model, (str, Path)):
+        from fashionlab.artifacts import load_model
+
+        saved_model = load_model(saved_model)  # once, not once a file
     results = []
     for item in load_images(paths, invert=invert):
         if item.images is None:

@@ -459,3 +459,19 @@ def test_a_preview_that_cannot_be_written_is_refused_before_predicting(
 def test_predict_with_a_missing_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     code, _, err = run_cli(capsys, "predict", str(tmp_path / "nothing"), str(tmp_path / "x.png"))
     assert_one_line_error(code, err, "not a model directory")
+
+
+def test_predict_in_python_reads_arrays_as_a_npy_file_is_read(real_model: SavedModel):
+    pixels = read_idx(DEBIAN_DIR / "t10k-images-idx3-ubyte.gz")[:20]  # uint8 (20, 28, 28)
+    expected = predict(real_model, pixels.astype(np.float32) / 255)
+    assert predict(real_model, pixels) == expected  # 0-255 integers are scaled
+    assert predict(real_model, pixels.reshape(20, 784)) == expected
+    assert predict(real_model, pixels[:, None]) == expected  # (N, 1, 28, 28)
+    assert predict(real_model.path, pixels) == expected  # the model's directory will do
+    assert predict_files(str(real_model.path), []) == []
+    nan = np.full((1, 28, 28), np.nan, dtype=np.float32)
+    for bad, says in [(pixels.astype(np.float32), r"float pixels must lie in \[0, 1\]"),
+                      (nan, "holds NaN or infinite values"),
+                      (pixels[:, :27], r"an array of shape \(20, 27, 28\)")]:
+        with pytest.raises(ImageFileError, match=f"^images: {says}"):
+            predict(real_model, bad)
