@@ -63,6 +63,8 @@ def write_report(store: Store, run_id: str, path: str | Path | None = None, *,
             raise ReportError(f"run {run.id} has no output directory; give the report a path")
         path = Path(run.output_dir) / REPORT_NAME
     path = Path(path)
+    if path.suffix.lower() not in (".html", ".htm"):  # no study file or model written over
+        raise ReportError(f"{path}: a report is written to an .html file")
     html = render_report(store, run.id, device=device)
     try:  # a reader never sees half a report
         path.parent.mkdir(parents=True, exist_ok=True)

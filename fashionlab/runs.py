@@ -30,7 +30,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from fashionlab import stats
 from fashionlab.errors import FashionlabError, StoreError
 from fashionlab.schema import EPOCH_FIELDS
-from fashionlab.serialize import jsonable
+from fashionlab.serialize import jsonable, write_text_atomic
 from fashionlab.store import ModelRecord, RunRecord, Store, safe_url
 from fashionlab.tables import rows_from_summary
 from fashionlab.text import first_line
@@ -47,6 +47,7 @@ __all__ = [
     "export_run",
     "list_runs",
     "overview",
+    "write_export",
 ]
 
 EXPORT_FIELDS = ("run", "key", "candidate", "role", "repeat", "fold", "epoch", *EPOCH_FIELDS)
@@ -307,6 +308,26 @@ def export_run(store: Store, run_id: str, format: str = "csv") -> str:
         writer.writerow({k: "" if v is None or (isinstance(v, float) and math.isnan(v)) else v
                          for k, v in row.items()})
     return buffer.getvalue()
+
+
+def write_export(store: Store, run_id: str, path: str | Path,
+                 format: str | None = None) -> Path:
+    """Write `export_run` to a file, whole or not at all; the format is the file's suffix's
+    (.csv or .json) unless given, and a suffix that is not the format's is refused, so that
+    no other file (a study file, a model) is written over by a slip of the command line."""
+    path = Path(path)
+    suffix = path.suffix.lower().lstrip(".")
+    format = format or (suffix if suffix in ("csv", "json") else "csv")
+    if suffix != format:
+        raise RunError(f"{path}: the {format.upper()} export must be written to a "
+                       f".{format} file")
+    text = export_run(store, run_id, format)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, text)
+    except OSError as error:
+        raise RunError(f"{path}: cannot write ({error.strerror or error})") from None
+    return path
 
 
 def run_output_dir(run: RunRecord, run_dir: Path | None = None) -> Path | None:

@@ -177,6 +177,13 @@ def test_the_cli_writes_a_report_anywhere_and_names_an_unknown_run(
     code, _, err = run_cli(capsys, "report", "no-such-run", "--run-dir", str(_run_dir(study)))
     assert_one_line_error(code, err, "no run 'no-such-run'")
 
+    study_file = tmp_path / "study.toml"  # a slip of the command line: nothing written over
+    study_file.write_text("name = 'mine'\n")
+    code, _, err = run_cli(capsys, "report", study.run.id, "--out", str(study_file),
+                           "--run-dir", str(_run_dir(study)))
+    assert_one_line_error(code, err, "study.toml: a report is written to an .html file")
+    assert study_file.read_text() == "name = 'mine'\n"
+
 
 def test_an_interrupted_run_reports_what_is_stored(tmp_path: Path):
     store = Store.open(tmp_path)

@@ -253,6 +253,18 @@ def test_export_every_epoch_as_csv_and_json(runs: dict[str, StudyResult], tmp_pa
     data = json.loads(out_file.read_text())
     assert code == 0 and str(out_file) in err and len(data) == len(stored)
     assert next(r for r in data if r["role"] == "retrain")["val_loss"] is None
+    inferred = tmp_path / "epochs-too.json"  # the format from the suffix
+    code, _, err = run_cli(capsys, "runs", "export", a.run.id, "--out", str(inferred),
+                           "--run-dir", _run_dir(runs))
+    assert code == 0 and json.loads(inferred.read_text()) == data
+
+    study_file = tmp_path / "study.toml"  # a slip of the command line: nothing written over
+    study_file.write_text("name = 'mine'\n")
+    for args in (["--out", str(study_file)], ["--format", "csv", "--out", str(out_file)]):
+        code, _, err = run_cli(capsys, "runs", "export", a.run.id, *args,
+                               "--run-dir", _run_dir(runs))
+        assert_one_line_error(code, err, "export must be written to a")
+    assert study_file.read_text() == "name = 'mine'\n" and json.loads(out_file.read_text())
 
 
 class _StoppedWhileReading(io.StringIO):

@@ -193,10 +193,11 @@ def compare(a: RunId, b: RunId, run_dir: RunDir = DEFAULT_RUN_DIR, store: StoreU
 def export(
     run: RunId,
     format: Annotated[ExportFormat | None, typer.Option(
-        "--format", help="csv or json.  [default: csv]", show_default=False)] = None,
+        "--format", help="csv or json.  [default: --out's suffix, else csv]",
+        show_default=False)] = None,
     out: Annotated[Path | None, typer.Option(
-        "--out", help="Write to this file instead of standard output.", show_default=False)
-    ] = None,
+        "--out", help="Write to this .csv or .json file instead of standard output.",
+        show_default=False)] = None,
     to: Annotated[tuple[Destination, str] | None, typer.Option(
         "--to", metavar="mlflow URI", show_default=False,
         help="Send the run to an MLflow tracking URI instead: a parent run, nested runs per "
@@ -214,7 +215,7 @@ def export(
 
     Example: fashionlab runs export 20250101-120000-seed --to mlflow sqlite:///mlflow.db
     """
-    from fashionlab.runs import export_run  # numpy and scipy: when the command runs
+    from fashionlab.runs import export_run, write_export  # numpy and scipy: when it runs
 
     if to is not None:
         if format is not None or out is not None:
@@ -228,16 +229,12 @@ def export(
         typer.echo(f"sent run {record.id} to mlflow {to[1]} (parent run {parent})")
         return
     with _store(run_dir, store) as opened:
+        if out is not None:
+            written = write_export(opened, run, out, format.value if format else None)
+            typer.echo(f"wrote {written}", err=True)
+            return
         text = export_run(opened, run, (format or ExportFormat.csv).value)
-    if out is None:
-        typer.echo(text, nl=False)
-        return
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-    except OSError as error:
-        raise FashionlabError(f"{out}: cannot write ({error.strerror or error})") from None
-    typer.echo(f"wrote {out}", err=True)
+    typer.echo(text, nl=False)
 
 
 @runs_app.command()
