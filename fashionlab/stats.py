@@ -78,11 +78,19 @@ class Summary:
     confidence: float
 
     def format(self, *, scale: float = 100.0, digits: int = 1) -> str:
-        """Mean ± std for tables, e.g. ``"88.3 ± 0.4"`` for accuracies 0.883 with ``scale=100``."""
+        """Mean ± std for tables, e.g. ``"88.3 ± 0.4"`` for accuracies 0.883 with ``scale=100``;
+        the mean alone of one value, "-" of none."""
+        if not math.isfinite(self.mean):
+            return "-"
+        if self.n <= 1:
+            return f"{self.mean * scale:.{digits}f}"
         return f"{self.mean * scale:.{digits}f} ± {self.std * scale:.{digits}f}"
 
     def format_ci(self, *, scale: float = 100.0, digits: int = 1) -> str:
-        """Mean and confidence interval, e.g. ``"88.3 [87.8, 88.8] (95% CI, n=10)"``."""
+        """Mean and confidence interval, e.g. ``"88.3 [87.8, 88.8] (95% CI, n=10)"``; "-" of no
+        value."""
+        if not math.isfinite(self.mean):
+            return "-"
         return (
             f"{self.mean * scale:.{digits}f} "
             f"[{self.ci_low * scale:.{digits}f}, {self.ci_high * scale:.{digits}f}] "

@@ -83,6 +83,9 @@ def test_summary_format() -> None:
     assert s.format() == "88.3 ± 0.4"
     assert s.format(scale=1.0, digits=3) == "0.883 ± 0.004"
     assert s.format_ci() == "88.3 [88.0, 88.6] (95% CI, n=10)"
+    none = summarize([float("nan"), float("nan")])  # a candidate whose every fold diverged
+    assert none.format() == "-" and none.format_ci() == "-"  # not "nan ± nan"
+    assert summarize([0.9]).format() == "90.0"  # one value: no spread to show
 
 
 # --- corrected resampled t-test ----------------------------------------------------------------
