@@ -119,7 +119,8 @@ def list_runs(store: Store, *, kind: str | None = None, name: str | None = None
 
 
 def describe_run(store: Store, run_id: str) -> dict[str, Any]:
-    """A run's overview, config, environment, model progress, results table and files."""
+    """A run's overview, config, environment, model progress, results table (a search's: its
+    top trials, its reference tests and its retrained best) and files."""
     run = store.run(run_id)
     models = store.models(run.id)
     output = Path(run.output_dir) if run.output_dir else None
@@ -135,6 +136,8 @@ def describe_run(store: Store, run_id: str) -> dict[str, Any]:
         # Which machine trained which model (a run shared by several: README, Many machines).
         "hosts": _by_host(models),
         "table": [asdict(row) for row in rows_from_summary(summary)],
+        "trials": {k: summary.get(k) for k in ("objective", "top", "reference", "retrain")}
+        if run.kind == "search" else None,
         "tests": _test_accuracies(summary),
         "files": files,
         "config": run.config, "environment": run.environment,

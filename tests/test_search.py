@@ -935,3 +935,19 @@ main(["runs", "delete", {first.run.id!r}, "--yes", "--run-dir", {str(run_dir)!r}
     again = run_search(load_study(path), run_dir=run_dir, progress=False)
     assert again.finished and [t.params for t in again.trials] == \
         [t.params for t in first.trials]  # from scratch: the same first draw
+
+
+def test_runs_show_of_a_search_shows_its_top_trials(
+        tiny_idx_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    path = _learning_rate_search(tiny_idx_dir, tmp_path, "n_trials = 2\npruner = \"none\"")
+    run_dir = tmp_path / "runs"
+    result = run_search(load_study(path), run_dir=run_dir, progress=False)
+    code, out, err = run_cli(capsys, "runs", "show", result.run.id, "--run-dir", str(run_dir))
+    assert code == 0, err
+    assert "top trials" in out and "retrained for" in out
+    best = result.summary["top"][0]
+    assert f"{best['mean'] * 100:.2f} ± {best['std'] * 100:.2f}" in out
+    code, out, _ = run_cli(capsys, "runs", "show", result.run.id, "--json",
+                           "--run-dir", str(run_dir))
+    shown = json.loads(out)["trials"]
+    assert shown["top"] == result.summary["top"] and shown["objective"] == "val_accuracy"

@@ -20,7 +20,14 @@ from fashionlab.cli import app, output_console
 from fashionlab.cli.study import RunDir, StoreUrl
 from fashionlab.errors import FashionlabError
 from fashionlab.store import DEFAULT_RUN_DIR, Store
-from fashionlab.tables import HEADERS, display_rows, rows_from_summary
+from fashionlab.tables import (
+    HEADERS,
+    display_rows,
+    reference_lines,
+    retrain_line,
+    rows_from_summary,
+    trial_cells,
+)
 from fashionlab.text import counted, duration, percent
 
 runs_app = typer.Typer(
@@ -140,6 +147,17 @@ def show(run: RunId, run_dir: RunDir = DEFAULT_RUN_DIR, store: StoreUrl = None,
         for cells in display_rows(rows_from_summary({"table": info["table"]})):
             table.add_row(*(Text(c) for c in cells))
         console.print(table)
+    if info["trials"] and info["trials"]["top"]:  # a finished search: its top trials
+        headers, rows = trial_cells(info["trials"])
+        table = Table(title="top trials")
+        for header in headers:
+            table.add_column(header, overflow="fold")
+        for cells in rows:
+            table.add_row(*(Text(c) for c in cells))
+        console.print(table)
+        for line in [*reference_lines(info["trials"]), retrain_line(info["trials"])]:
+            if line:
+                console.print(Text(line))
     for name, accuracy in info["tests"].items():
         console.print(Text(f"test accuracy {percent(accuracy)}%: {name}"))
     if info["files"]:
