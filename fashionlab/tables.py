@@ -169,6 +169,15 @@ def reference_lines(summary: Mapping[str, Any], alpha: float = 0.05) -> list[str
     return lines
 
 
+def nothing_ranked_line(summary: Mapping[str, Any]) -> str:
+    """Why a finished search has no table, or ""."""
+    if summary.get("top"):
+        return ""
+    counts = summary.get("counts") or {}
+    return (f"no trial completed ({counts.get('pruned', 0)} pruned, {counts.get('fail', 0)} "
+            "failed): nothing to rank, test against the references or retrain")
+
+
 def retrain_line(summary: Mapping[str, Any]) -> str:
     retrain = summary.get("retrain")
     if not retrain:
@@ -220,6 +229,8 @@ def search_markdown(summary: Mapping[str, Any]) -> str:
     if rows:
         rows = [[text.markdown_text(trial), *rest] for trial, *rest in rows]  # "(base: NAME)"
         lines += [*markdown_table(headers, rows), "", SEARCH_LEGEND, ""]
+    else:
+        lines += [nothing_ranked_line(summary), ""]
     # Plain sentences holding names (the references', the model folder's): literal text.
     lines += [f"- {text.markdown_text(line)}" for line in reference_lines(summary)]
     if retrain_line(summary):

@@ -951,3 +951,17 @@ def test_runs_show_of_a_search_shows_its_top_trials(
                            "--run-dir", str(run_dir))
     shown = json.loads(out)["trials"]
     assert shown["top"] == result.summary["top"] and shown["objective"] == "val_accuracy"
+
+
+def test_a_search_with_no_completed_trial_says_so(
+        tiny_idx_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    path = _load(search_toml(tiny_idx_dir, search="n_trials = 2\npruner = \"none\"",
+                             space="learning_rate = { low = 1e20, high = 1e30, log = true }",
+                             train='learning_rate = 1e25'), tmp_path)  # every trial diverges
+    run_dir = tmp_path / "runs"
+    code, out, err = run_cli(capsys, "search", str(path), "--run-dir", str(run_dir))
+    assert code == 0, err
+    out = " ".join(out.split())
+    assert "no trial completed (2 pruned, 0 failed): nothing to rank" in out, out
+    (results,) = run_dir.glob("*/results.md")
+    assert "no trial completed (2 pruned, 0 failed)" in results.read_text()

@@ -6,12 +6,19 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from fashionlab.cli import app, output_console, resumable
 from fashionlab.cli.study import MlflowUri, Quiet, RunDir, StoreUrl, Tensorboard
 from fashionlab.config import load_study, quick_variant
 from fashionlab.store import DEFAULT_RUN_DIR
-from fashionlab.tables import reference_lines, retrain_line, spent_note, trial_cells
+from fashionlab.tables import (
+    nothing_ranked_line,
+    reference_lines,
+    retrain_line,
+    spent_note,
+    trial_cells,
+)
 
 
 @app.command()
@@ -93,12 +100,15 @@ def search(
                       "results now.")
     else:
         headers, rows = trial_cells(summary)
-        table = Table(title=f"{spec.name}: top trials of run {result.run.id}")
-        for header in headers:
-            table.add_column(header, overflow="fold")
-        for row in rows:
-            table.add_row(*row)
-        console.print(table)
+        if rows:
+            table = Table(title=f"{spec.name}: top trials of run {result.run.id}")
+            for header in headers:
+                table.add_column(header, overflow="fold")
+            for row in rows:
+                table.add_row(*(Text(cell) for cell in row))  # "(base: NAME)": text
+            console.print(table)
+        else:
+            console.print(f"{spec.name}, run {result.run.id}: {nothing_ranked_line(summary)}")
         console.print(spent_note(summary))
         for line in [*reference_lines(summary), retrain_line(summary)]:
             if line:
