@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fashionlab.artifacts import PREPROCESSING, SavedModel
+from fashionlab.artifacts import PREPROCESSING, SavedModel, load_model
 from fashionlab.errors import FashionlabError
 from fashionlab.serialize import staging_path
 from fashionlab.text import first_line
@@ -78,15 +78,18 @@ def _newest_opset() -> int:
     return onnx.defs.onnx_opset_version()
 
 
-def export_onnx(saved_model: SavedModel, path: str | Path, *, opset: int = DEFAULT_OPSET,
-                verify: bool = True) -> Path:
-    """Write `saved_model` as an ONNX file with a dynamic batch dimension; returns the path.
+def export_onnx(saved_model: SavedModel | str | Path, path: str | Path, *,
+                opset: int = DEFAULT_OPSET, verify: bool = True) -> Path:
+    """Write `saved_model` (or the model in that directory) as an ONNX file with a dynamic
+    batch dimension; returns the path.
 
     With `verify` (the default), onnxruntime runs the file on random images of several batch
     sizes before it takes its final name; an output further than TOLERANCE from PyTorch's
     raises ExportError and leaves nothing at `path`.
     """
     _require_onnx()
+    if isinstance(saved_model, (str, Path)):  # its directory
+        saved_model = load_model(saved_model)
     path = Path(path)
     if path.is_dir():
         raise ExportError(f"{path}: is a directory; name the .onnx file to write")

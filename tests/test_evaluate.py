@@ -116,6 +116,8 @@ def test_a_saved_model_brings_its_class_names(tmp_path: Path):
 
     result = evaluate(saved, split)
     assert result.class_names == names
+    by_path = evaluate(tmp_path / "model", split)  # its directory will do
+    assert np.array_equal(by_path.predictions, result.predictions)
     assert np.array_equal(result.predictions, evaluate(module, split, names).predictions)
     assert ((result.confidence > 0) & (result.confidence <= 1)).all()
 
@@ -135,6 +137,9 @@ def test_bad_input():
         evaluate(module, Split(bad.images, np.array([0, 1], np.uint8)), ("a", "b", "c"))
     with pytest.raises(ValueError, match="class_names"):
         evaluate(module, _random_split(2))
+    with pytest.raises(DataError, match="split: expected a Split .dataset.test, say., got "
+                                        "ndarray"):
+        evaluate(module, bad.images, CLASS_NAMES)
 
 
 def test_the_study_and_evaluate_score_a_tta_model_alike(tmp_path: Path):

@@ -965,3 +965,10 @@ def test_a_search_with_no_completed_trial_says_so(
     assert "no trial completed (2 pruned, 0 failed): nothing to rank" in out, out
     (results,) = run_dir.glob("*/results.md")
     assert "no trial completed (2 pruned, 0 failed)" in results.read_text()
+
+
+def test_run_search_takes_a_study_spec_not_a_path(tiny_idx_dir: Path, tmp_path: Path):
+    path = _learning_rate_search(tiny_idx_dir, tmp_path, "n_trials = 1")
+    with pytest.raises(ConfigError, match="spec: expected a StudySpec .*, got PosixPath"):
+        run_search(path, run_dir=tmp_path / "runs")  # type: ignore[arg-type]
+    assert not (tmp_path / "runs").exists()

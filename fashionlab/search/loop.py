@@ -171,6 +171,9 @@ def run_search(
     `fresh=True` deletes this search's earlier runs and trials first and starts again.
     """
     started = time.perf_counter()
+    if not isinstance(spec, StudySpec):
+        raise ConfigError(f"spec: expected a StudySpec (from fashionlab.config.load_study), got "
+                          f"{type(spec).__name__}")
     search = spec.search
     if search is None:
         raise ConfigError(f"study '{spec.name}' has no [search] table: add one to search it "
