@@ -63,7 +63,7 @@ def test_onnx_matches_pytorch_within_1e_5(tmp_path: Path, spec: ModelSpec):
 
 
 def test_the_file_carries_class_names_and_spec(tmp_path: Path):
-    saved = _saved(tmp_path / "model", CONV_BN)
+    _saved(tmp_path / "model", CONV_BN)
     proto = onnx.load(export_onnx(tmp_path / "model", tmp_path / "m.onnx"))  # its directory
     onnx.checker.check_model(proto)
     metadata = {p.key: p.value for p in proto.metadata_props}
