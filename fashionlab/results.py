@@ -56,6 +56,7 @@ class StudyResult:
     # and who writes the results when it is not this one (then the fields above stay empty).
     trained_here: list[str] = field(default_factory=list)
     results_by: str | None = None  # "<host> pid <pid>"
+    notes: list[str] = field(default_factory=list)  # said while it ran (`note_unresumed_run`)
 
     def _repr_html_(self) -> str:
         """Jupyter shows the results table and every model's learning curves."""

@@ -137,17 +137,20 @@ class RetrainResult:
 # Laying out the models
 
 
-def note_unresumed_run(store: Store, run: RunRecord, reporter: Reporter) -> None:
+def note_unresumed_run(store: Store, run: RunRecord, reporter: Reporter) -> str | None:
     """For a run just created: when the study or search of that name has an interrupted run
     of other settings (the file was edited since; only identical settings resume), say so,
-    and that the earlier run stays."""
+    and that the earlier run stays. Returns what it said (kept with the result, for whoever
+    showed no progress)."""
     earlier = [r for r in store.runs(kind=run.kind, name=run.name)
                if r.fingerprint != run.fingerprint and r.state == "interrupted"]
-    if earlier:
-        reporter.log(f"run {run.id} is a new run: the settings of {run.kind} '{run.name}' "
-                     f"differ from those of its interrupted run {earlier[0].id}, which is left "
-                     f"as it is (the same settings resume it; `fashionlab runs delete "
-                     f"{earlier[0].id}` removes it)")
+    if not earlier:
+        return None
+    note = (f"run {run.id} is a new run: the settings of {run.kind} '{run.name}' differ from "
+            f"those of its interrupted run {earlier[0].id}, which is left as it is (the same "
+            f"settings resume it; `fashionlab runs delete {earlier[0].id}` removes it)")
+    reporter.log(note)
+    return note
 
 
 def load_study_data(spec: StudySpec) -> Dataset:

@@ -618,7 +618,7 @@ def test_a_run_directory_moved_or_copied_resumes_in_its_new_place(
 
 
 def test_a_study_changed_after_an_interruption_says_it_starts_a_new_run(
-        tiny_idx_dir: Path, tmp_path: Path):
+        tiny_idx_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     def stop(key: str, epoch: int) -> None:
         if epoch == 2:
             raise KeyboardInterrupt
@@ -635,6 +635,13 @@ def test_a_study_changed_after_an_interruption_says_it_starts_a_new_run(
                        f"from those of its interrupted run {interrupted.id}, which is left as "
                        f"it is (the same settings resume it; `fashionlab runs delete "
                        f"{interrupted.id}` removes it)")
+    assert result.notes == [logs[0]]  # kept with the result
     recorder = Recorder()
     run_study(changed, run_dir=tmp_path, progress=recorder)  # shown again: nothing to say
     assert not any(call[0] == "log" and "new run" in call[1] for call in recorder.calls)
+    # Without progress (--json, -q) the note is still said, on stderr.
+    path = tmp_path / "changed-again.toml"
+    path.write_text(tiny_study_toml(tiny_idx_dir, epochs=2))
+    code, out, err = run_cli(capsys, "study", str(path), "--json", "--run-dir", str(tmp_path))
+    assert code == 0 and json.loads(out)
+    assert f"differ from those of its interrupted run {interrupted.id}" in err

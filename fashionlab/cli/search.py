@@ -81,6 +81,9 @@ def search(
         result = run_search(spec, run_dir=run_dir, store_url=store, n_trials=n_trials,
                             timeout=timeout, device=device, progress=progress,
                             finish=finish, fresh=fresh)
+    if json_output or quiet:  # said with the progress otherwise; a note is no progress
+        for note in result.notes:
+            typer.echo(note, err=True)
     if json_output:
         typer.echo(json.dumps({"run_id": result.run.id, "study_name": result.study_name,
                                "storage": result.storage, "finished": result.finished,

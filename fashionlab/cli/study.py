@@ -96,6 +96,9 @@ def study(
                            progress=progress,
                            workers=workers if workers == "auto" else int(workers),
                            threads=threads)
+    if json_output or quiet:  # said with the progress otherwise; a note is no progress
+        for note in result.notes:
+            typer.echo(note, err=True)
     if tensorboard and not result.trained_here and result.results_by is None:
         # A finished run shown from the store: no epoch was reported live, so its stored
         # curves are written now (idempotent: what the event files hold is not written again).

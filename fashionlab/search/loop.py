@@ -107,6 +107,7 @@ class SearchResult:
     stopped_by: str
     summary: dict[str, Any] | None = None  # what the run stores (search_results.summary)
     wall_seconds: float = 0.0  # this process
+    notes: list[str] = dataclasses.field(default_factory=list)  # said while it ran
 
     def _repr_html_(self) -> str:
         """Jupyter shows the top trials with their uncertainty, the references, the retrained
@@ -223,10 +224,11 @@ def run_search(
     # on in its new place (as a study does).
     output_dir = (run_dir / run.id).resolve()
     remove_stale_staging(output_dir, recursive=True)  # what a killed process left half-written
+    notes: list[str] = []
     try:
         with reporting(progress) as reporter:
             if created:
-                note_unresumed_run(store, run, reporter)
+                notes += filter(None, [note_unresumed_run(store, run, reporter)])
             ctx = RunContext(store, run, spec, output_dir, torch_device, reporter)
             searcher = _Searcher(ctx, study, lock, dataset)
             stopped_by = "finish" if finish else searcher.loop(limits, started)
@@ -244,7 +246,8 @@ def run_search(
     result = SearchResult(
         run=store.run(run.id), spec=spec, study_name=study_name, storage=safe_url(store.url),
         output_dir=output_dir, trials=study.get_trials(), finished=summary is not None,
-        stopped_by=stopped_by, summary=summary, wall_seconds=time.perf_counter() - started)
+        stopped_by=stopped_by, summary=summary, wall_seconds=time.perf_counter() - started,
+        notes=notes)
     store.close()
     return result
 

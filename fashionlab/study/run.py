@@ -130,7 +130,7 @@ def run_study(
     try:
         with reporting(progress) as reporter:
             if not (shown or joined or resumed):
-                note_unresumed_run(store, run, reporter)
+                result.notes += filter(None, [note_unresumed_run(store, run, reporter)])
             ctx = RunContext(store, run, spec, output_dir, torch_device, reporter)
             dtype = image_dtype(spec, torch_device)
             x_train, y_train = to_tensors(dataset.train, torch_device, dtype)
