@@ -972,3 +972,14 @@ def test_run_search_takes_a_study_spec_not_a_path(tiny_idx_dir: Path, tmp_path: 
     with pytest.raises(ConfigError, match="spec: expected a StudySpec .*, got PosixPath"):
         run_search(path, run_dir=tmp_path / "runs")  # type: ignore[arg-type]
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_base_partly_outside_the_space_and_the_next_trial_draw_apart(
+        tiny_idx_dir: Path, tmp_path: Path):
+    # The base's learning rate (0.001) is below the space: the base trial draws one.
+    path = _load(search_toml(tiny_idx_dir, search="n_trials = 3\npruner = \"none\"",
+                             space="learning_rate = { low = 1e-2, high = 0.1, log = true }",
+                             epochs=1), tmp_path)
+    result = run_search(load_study(path), run_dir=tmp_path / "runs", progress=False)
+    drawn = [t.params["learning_rate"] for t in result.trials]
+    assert len(set(drawn)) == 3, drawn  # the same draw twice wasted a trial

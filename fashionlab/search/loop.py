@@ -89,9 +89,11 @@ __all__ = ["SearchResult", "run_search"]
 def drawn_before(trials: Sequence[FrozenTrial]) -> int:
     """How many trials were drawn before the next one: a failed trial and its retries (the same
     parameters under new numbers) count once, so a search interrupted and resumed draws the
-    same trials as one never interrupted."""
+    same trials as one never interrupted; a waiting trial (the base, enqueued) is the next
+    one, not one before it (else the base, when part of it lies outside the space and is
+    drawn, and the trial after it would draw with one seed: the same values)."""
     # A retry of a retry names the first trial of its chain: count the trials no retry.
-    return sum(retried_trial(t) is None for t in trials)
+    return sum(retried_trial(t) is None and t.state != TrialState.WAITING for t in trials)
 
 
 @dataclass
