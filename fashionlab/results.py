@@ -233,10 +233,12 @@ def summary(result: StudyResult) -> dict[str, Any]:
     })
 
 
-def write_outputs(result: StudyResult, dataset: Dataset) -> dict[str, Path]:
-    """Write the table (md, csv, json), the resolved study file and the figures, each file
-    whole or not at all. OutputError (one line) when the disk is full or not writable: the
-    results stay in the store, and the same command writes them once it can."""
+def write_outputs(result: StudyResult, dataset: Dataset,
+                  stored: dict[str, Any] | None = None) -> dict[str, Path]:
+    """Write the table (md, csv, json: `stored`, the summary the store keeps, when given), the
+    resolved study file and the figures, each file whole or not at all. OutputError (one
+    line) when the disk is full or not writable: the results stay in the store, and the same
+    command writes them once it can."""
     out = result.output_dir
     figures = out / "figures"
     written = {
@@ -244,7 +246,7 @@ def write_outputs(result: StudyResult, dataset: Dataset) -> dict[str, Path]:
         "json": out / RESULTS_FILE, "study": out / "study.toml",
     }
     contents = {"markdown": to_markdown(result), "csv": to_csv(result),
-                "json": json.dumps(summary(result), indent=2) + "\n",
+                "json": json.dumps(stored or summary(result), indent=2) + "\n",
                 "study": study_to_toml(result.spec)}
     try:
         figures.mkdir(parents=True, exist_ok=True)

@@ -420,6 +420,8 @@ def test_the_study_command_writes_the_table(study_file: Path, tmp_path: Path,
     summary = json.loads(out)
     assert summary["best"] in {"small", "small L2", "two layers"}
     assert summary["table"][0]["model"] == "random guess"
+    (results,) = tmp_path.glob("*/results.json")
+    assert summary == json.loads(results.read_text())  # the same numbers, peak memory too
     code, out, err = run_cli(capsys, "study", str(study_file), "--run-dir", str(tmp_path),
                              "--fresh")
     assert code == 0 and "random guess" in out and "(retrained)" in out

@@ -121,7 +121,8 @@ def study(
                    "with the same --store shows them and where they are.")
         return
     if json_output:
-        typer.echo(json.dumps(summary(result), indent=2))
+        # As stored (and in results.json): measures such as the peak memory are of that moment.
+        typer.echo(json.dumps(result.run.summary or summary(result), indent=2))
         return
     rows = table_rows(result)
     table = Table(title=f"{spec.name}: run {result.run.id}")

@@ -188,8 +188,10 @@ def run_study(
                             for c in spec.final]
         if not shown:
             result.wall_seconds = time.perf_counter() - started
-            write_outputs(result, dataset)
-            store.end_run(run.id, "finished", summary(result), output_dir=output_dir)
+            # One summary for results.json and the store: measured once (the peak memory).
+            stored = summary(result)
+            write_outputs(result, dataset, stored)
+            store.end_run(run.id, "finished", stored, output_dir=output_dir)
     except BaseException:
         if not shown:
             # What this process (and its workers) held goes back at once to the others; the
