@@ -117,10 +117,10 @@ def evaluate(
 
     model: a SavedModel (from `load_model`), its directory, or a module mapping (B, 1, 28, 28)
     float32 in [0, 1] to (B, n_classes) logits; it is moved to `device`. class_names: defaults
-    to the saved model's. Labels outside the model's classes raise DataError. `batch_size` changes nothing
-    but speed and memory (the loss in its last digits): 256 images keep a CNN's activations
-    small (scoring the seed study's CNN on 10k images: 1.3-1.7 s and a 350 MB process, against
-    2.1-2.5 s and 514 MB at 1000; AMD EPYC Zen 4).
+    to the saved model's. Labels outside the model's classes raise DataError. `batch_size`
+    changes nothing but speed and memory (the loss in its last digits): 256 images keep a
+    CNN's activations small (scoring the seed study's CNN on 10k images: 1.3-1.7 s and a
+    350 MB process, against 2.1-2.5 s and 514 MB at 1000; AMD EPYC Zen 4).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
