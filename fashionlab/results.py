@@ -28,8 +28,8 @@ if TYPE_CHECKING:
     import pandas
     from matplotlib.figure import Figure
 
-__all__ = ["RESULTS_FILE", "SAMPLES_PER_CLASS", "StudyResult", "peak_rss_mb", "summary", "table_rows", "to_csv",
-           "to_markdown", "write_outputs"]
+__all__ = ["RESULTS_FILE", "SAMPLES_PER_CLASS", "StudyResult", "peak_rss_mb", "summary",
+           "table_rows", "to_csv", "to_markdown", "write_outputs"]
 
 SAMPLES_PER_CLASS = 1  # training images of each class in the run's figures/samples.png
 RESULTS_FILE = "results.json"  # of the files in a run's folder: the whole result
