@@ -130,7 +130,9 @@ def export_onnx(saved_model: SavedModel | str | Path, path: str | Path, *,
     except OSError as error:  # a read-only or full place
         raise ExportError(f"{path}: cannot write ({error.strerror or error})") from None
     finally:
-        Path(staging).unlink(missing_ok=True)
+        # Nothing to remove in a read-only place (EROFS, not ENOENT): the error above stands.
+        with contextlib.suppress(OSError):
+            Path(staging).unlink(missing_ok=True)
     return path
 
 

@@ -154,6 +154,10 @@ def test_a_place_that_cannot_be_written_is_one_error(tmp_path: Path,
     with pytest.raises(ExportError, match="m.onnx: cannot write .Read-only file system"):
         export_onnx(saved, tmp_path / "m.onnx", verify=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    # A read-only file system refuses the clean-up too (EROFS, not "no such file").
+    monkeypatch.setattr(Path, "unlink", lambda self, missing_ok=False: read_only(self, self))
+    with pytest.raises(ExportError, match="m.onnx: cannot write .Read-only file system"):
+        export_onnx(saved, tmp_path / "m.onnx", verify=False)
 
 
 def test_the_export_carries_the_test_time_augmentation(tmp_path: Path):
