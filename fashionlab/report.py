@@ -10,6 +10,7 @@ string that comes from a user (study, candidate and file names) is escaped by th
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -52,12 +53,14 @@ class ReportError(FashionlabError):
 
 
 def write_report(store: Store, run_id: str, path: str | Path | None = None, *,
-                 device: str | torch.device = "cpu") -> Path:
+                 device: str | torch.device = "cpu", run_dir: str | Path | None = None) -> Path:
     """Write the run's report (default: `<run output dir>/report.html`) and return its path.
 
-    `device` runs the tested models' inference: cpu, cuda, cuda:N or auto.
+    `device` runs the tested models' inference: cpu, cuda, cuda:N or auto. `run_dir`: the run
+    directory it is seen from; where it holds the run's folder (a run directory moved or
+    copied), that folder is the run's, not the one the store recorded.
     """
-    run = store.run(run_id)
+    run = _as_seen_from(store.run(run_id), run_dir)
     if path is None:
         if not run.output_dir:
             raise ReportError(f"run {run.id} has no output directory; give the report a path")
@@ -65,7 +68,7 @@ def write_report(store: Store, run_id: str, path: str | Path | None = None, *,
     path = Path(path)
     if path.suffix.lower() not in (".html", ".htm"):  # no study file or model written over
         raise ReportError(f"{path}: a report is written to an .html file")
-    html = render_report(store, run.id, device=device)
+    html = render_report(store, run.id, device=device, run_dir=run_dir)
     try:  # a reader never sees half a report
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, html)
@@ -75,11 +78,12 @@ def write_report(store: Store, run_id: str, path: str | Path | None = None, *,
     return path
 
 
-def render_report(store: Store, run_id: str, *, device: str | torch.device = "cpu") -> str:
-    """The report of a run as an HTML string."""
+def render_report(store: Store, run_id: str, *, device: str | torch.device = "cpu",
+                  run_dir: str | Path | None = None) -> str:
+    """The report of a run as an HTML string (`run_dir`: as `write_report`'s)."""
     import jinja2
 
-    run = store.run(run_id)
+    run = _as_seen_from(store.run(run_id), run_dir)
     context: dict[str, Any] = {"run": _run_info(run), "facts": _facts(run)}
     if run.kind == "search":
         context["search"] = _search_section(run.summary or {})
@@ -93,6 +97,32 @@ def render_report(store: Store, run_id: str, *, device: str | torch.device = "cp
 
 # --------------------------------------------------------------------------------------------
 # The run and its facts
+
+
+def _as_seen_from(run: RunRecord, run_dir: str | Path | None) -> RunRecord:
+    """The run with its files where they are: in `<run_dir>/<run id>` when that folder is
+    there (a run directory moved or copied), the paths the store recorded moved along."""
+    folder = None if run_dir is None else (Path(run_dir) / run.id).resolve()
+    if folder is None or not folder.is_dir() or not run.output_dir \
+            or Path(run.output_dir) == folder:
+        return run
+    recorded = Path(run.output_dir)
+
+    def moved(path: Any) -> Any:
+        try:
+            return str(folder / Path(path).relative_to(recorded))
+        except (TypeError, ValueError):  # None, or a path outside the run's folder
+            return path
+
+    summary = dict(run.summary or {})
+    if isinstance(summary.get("retrain"), Mapping):
+        summary["retrain"] = {**summary["retrain"],
+                              "model_dir": moved(summary["retrain"].get("model_dir"))}
+    if summary.get("final"):
+        summary["final"] = [{**f, "model_dir": moved(f.get("model_dir"))} if f.get("model_dir")
+                            else f for f in summary["final"]]
+    return dataclasses.replace(run, output_dir=str(folder),
+                               summary=summary if run.summary is not None else None)
 
 
 def _when(seconds: float | None) -> str:

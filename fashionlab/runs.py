@@ -12,6 +12,7 @@ A run id may be given as a unique prefix; an unknown one raises StoreError.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -118,11 +119,16 @@ def list_runs(store: Store, *, kind: str | None = None, name: str | None = None
     return [overview(run) for run in store.runs(kind=kind, name=name)]
 
 
-def describe_run(store: Store, run_id: str) -> dict[str, Any]:
+def describe_run(store: Store, run_id: str, *, run_dir: str | Path | None = None
+                 ) -> dict[str, Any]:
     """A run's overview, config, environment, model progress, results table (a search's: its
-    top trials, its reference tests and its retrained best) and files."""
+    top trials, its reference tests and its retrained best) and files (in `<run_dir>/<run
+    id>` where that folder is, a run directory moved or copied; else where recorded)."""
     run = store.run(run_id)
     models = store.models(run.id)
+    here = None if run_dir is None else (Path(run_dir) / run.id).resolve()
+    if here is not None and here.is_dir():
+        run = dataclasses.replace(run, output_dir=str(here))
     output = Path(run.output_dir) if run.output_dir else None
     files = sorted(str(p.relative_to(output)) for p in output.rglob("*")
                    if p.is_file()) if output and output.is_dir() else []

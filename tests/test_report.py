@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 import shutil
 import time
@@ -325,3 +326,22 @@ def test_names_in_scripts_the_font_lacks_are_drawn_without_warnings(tmp_path: Pa
     save_figure(figure, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").read_bytes().startswith(PNG)
     assert png_data_uri(figure).startswith("data:image/png;base64,")
+
+
+def test_a_copied_run_directory_gets_its_report_in_the_copy(
+        study: StudyResult, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    copy = tmp_path / "copy"  # its store still names the original's folder
+    shutil.copytree(_run_dir(study), copy)
+    (copy / study.run.id / "report.html").unlink()
+    original = (study.output_dir / "report.html").read_bytes()
+    code, out, err = run_cli(capsys, "report", study.run.id, "--run-dir", str(copy))
+    assert code == 0, err
+    written = (copy / study.run.id / "report.html").resolve()
+    assert f"wrote {written}" in out
+    assert (study.output_dir / "report.html").read_bytes() == original  # not written there
+    html = written.read_text()
+    assert "Not tested" not in html  # the models tested from the copy
+    assert str(written.parent) in html and str(study.output_dir) not in html
+    code, out, _ = run_cli(capsys, "runs", "show", study.run.id, "--json",
+                           "--run-dir", str(copy))
+    assert json.loads(out)["output_dir"] == str(written.parent)

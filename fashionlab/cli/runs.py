@@ -116,7 +116,7 @@ def show(run: RunId, run_dir: RunDir = DEFAULT_RUN_DIR, store: StoreUrl = None,
     from fashionlab.runs import describe_run  # numpy and scipy: when the command runs
 
     with _store(run_dir, store) as opened:
-        info = describe_run(opened, run)
+        info = describe_run(opened, run, run_dir=run_dir)
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
@@ -304,5 +304,5 @@ def report(
     from fashionlab.report import write_report  # matplotlib and torch: when it runs
 
     with _store(run_dir, store) as opened:
-        path = write_report(opened, run, out, device=device)
+        path = write_report(opened, run, out, device=device, run_dir=run_dir)
     typer.echo(f"wrote {path}")
