@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ProcessIdentity", "die_with_parent", "pid_exists"]
+__all__ = ["ProcessIdentity", "die_with_parent", "pid_exists", "start_resource_tracker"]
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -41,6 +41,26 @@ def die_with_parent(parent: int, *, poll: float = 0.5) -> None:
         os._exit(1)  # no cleanup: nothing more may be written for a run nobody owns
 
     threading.Thread(target=watch, name="fashionlab-parent-watch", daemon=True).start()
+
+
+def start_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker (the process that the workers' queues and
+    locks are registered with) deaf to SIGHUP, before anything starts it otherwise.
+
+    Python starts it with SIGINT and SIGTERM blocked, so that a Ctrl-C to the whole process
+    group leaves it to clean up after the others; not SIGHUP, which a closed terminal sends
+    to the group: it died, was started again, and printed a traceback for every lock it then
+    did not know. Blocked in this thread while it starts, the signal stays blocked in it.
+    """
+    if not hasattr(signal, "pthread_sigmask") or not hasattr(signal, "SIGHUP"):
+        return  # Windows: no such signal, and no tracker process
+    from multiprocessing import resource_tracker
+
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from fashionlab.errors import FashionlabError
 from fashionlab.hardware import CpuShare, release_freed_memory, resolve_precision
 from fashionlab.jobs import Claim, fetch_checkpoint
 from fashionlab.models import forward_flops
-from fashionlab.process import die_with_parent
+from fashionlab.process import die_with_parent, start_resource_tracker
 from fashionlab.progress import QueueReporter, Reporter, forward
 from fashionlab.stops import raise_if_stopped
 from fashionlab.store import Store
@@ -261,7 +261,9 @@ def run_in_workers(
         finally:
             torch.set_num_threads(previous)
 
-    # A queue inherited by the workers at their start (no manager process to outlive us).
+    # A queue inherited by the workers at their start (no manager process to outlive us); its
+    # locks are registered with the resource tracker, started first to outlive a SIGHUP.
+    start_resource_tracker()
     events = context.Queue()
     queued = QueueReporter(events)
     before = set(active_children())

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
-from helpers import Recorder, record_job
+from helpers import Recorder, record_job, tiny_study_toml
 
 from fashionlab.progress import Silent
 from fashionlab.runner import Stopped, WorkerDied, run_in_workers
@@ -72,3 +78,31 @@ def test_worker_jobs_report_through_the_callers_reporter(tmp_path: Path):
     assert [c for c in recorder.calls if c[0] == "start"] == [("start", n, 1) for n in names]
     assert sorted(c[1] for c in recorder.calls if c[0] == "epoch") == names
     assert [c for c in recorder.calls if c[0] == "finish"] == [("finish", n) for n in names]
+
+
+def test_a_closed_terminal_stops_a_parallel_study_in_one_line(tiny_idx_dir: Path,
+                                                              tmp_path: Path):
+    # SIGHUP to the whole process group, as a closed terminal sends it: the parent, its
+    # workers and multiprocessing's resource tracker (which, killed, was started again and
+    # printed a traceback for every lock it did not know).
+    study = tmp_path / "tiny.toml"
+    study.write_text(tiny_study_toml(tiny_idx_dir, epochs=40))
+    command = [sys.executable, "-c", "from fashionlab.cli import main; main()", "study",
+               str(study), "--run-dir", str(tmp_path), "--workers", "2"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    database = tmp_path / "fashionlab.db"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+        if database.exists():
+            with contextlib.suppress(sqlite3.Error), \
+                    contextlib.closing(sqlite3.connect(database)) as conn:
+                if conn.execute("SELECT count(*) FROM fl_epochs").fetchone()[0] >= 3:
+                    break  # the workers train
+    os.killpg(process.pid, signal.SIGHUP)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGHUP, err
+    assert err.strip().splitlines() == [
+        "stopped by SIGHUP: the run is kept; run the same command again to resume it"]
