@@ -16,6 +16,7 @@ import dataclasses
 import io
 import json
 import math
+import re
 import shutil
 import time
 import warnings
@@ -46,8 +47,10 @@ __all__ = [
     "describe_run",
     "epoch_rows",
     "export_run",
+    "leftover_folder",
     "list_runs",
     "overview",
+    "remove_folder",
     "write_export",
 ]
 
@@ -347,6 +350,29 @@ def run_output_dir(run: RunRecord, run_dir: Path | None = None) -> Path | None:
     return Path(run.output_dir) if run.output_dir else None
 
 
+# How `Store.create_run` names a run: its start (UTC), its name, its fingerprint's start.
+_RUN_ID = re.compile(r"\d{8}-\d{6}-.+-[0-9a-f]{6}(-\d+)?")
+
+
+def leftover_folder(store: Store, run_id: str, run_dir: str | Path) -> Path | None:
+    """`<run_dir>/<run_id>`, the folder of a run the store no longer holds (its deletion was
+    stopped after the rows, before the files), or None: there is no such folder, `run_id` is
+    no whole run id, or the store still holds the run."""
+    folder = Path(run_dir) / run_id
+    if not _RUN_ID.fullmatch(run_id) or not folder.is_dir() or \
+            any(run.id == run_id for run in store.runs()):
+        return None
+    return folder
+
+
+def remove_folder(folder: Path) -> None:
+    """Remove a run's folder (a RunError saying why it could not)."""
+    try:
+        shutil.rmtree(folder)
+    except OSError as error:
+        raise RunError(f"{folder}: cannot remove it ({error.strerror or error})") from None
+
+
 def delete_run(store: Store, run_id: str, *, run_dir: Path | None = None) -> RunRecord:
     """Delete a run's rows in the store and its output directory; returns what was deleted.
 
@@ -382,5 +408,6 @@ def delete_run(store: Store, run_id: str, *, run_dir: Path | None = None) -> Run
             shutil.rmtree(directory)
         except OSError as error:
             raise RunError(f"{directory}: the run is deleted from the store, but its "
-                           f"files are not ({error.strerror or error})") from None
+                           f"files are not ({error.strerror or error}); `fashionlab runs "
+                           f"delete {run.id}` again removes them") from None
     return run

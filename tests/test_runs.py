@@ -427,3 +427,35 @@ def test_a_search_that_minimises_val_loss_lists_its_loss_not_a_percentage(
     listed = {r["id"]: r for r in json.loads(out)}
     assert listed[loss]["best_metric"] == "val_loss"
     assert listed[accuracy]["best_metric"] == "val_accuracy"
+
+
+def test_a_delete_stopped_after_the_rows_is_finished_by_deleting_again(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
+    store = Store.open(tmp_path)
+    run_id = _fake_run(store, "half", summary={"candidates": []}, output_root=tmp_path)
+    (tmp_path / run_id / "models").mkdir(parents=True)
+    store.close()
+
+    def stopped(path: Path, *args: object, **kwargs: object) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)  # the user stops it while the files go
+        time.sleep(5)
+
+    monkeypatch.setattr("fashionlab.runs.shutil.rmtree", stopped)
+    code, _, err = run_cli(capsys, "runs", "delete", run_id, "--yes", "--run-dir", str(tmp_path))
+    assert code == 128 + signal.SIGTERM
+    assert err == ("stopped by SIGTERM: run the same command again to finish the deletion\n")
+    monkeypatch.undo()
+    store = Store.open(tmp_path)
+    assert store.runs() == [] and (tmp_path / run_id).is_dir()  # rows gone, folder left
+    store.close()
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\n"))
+    code, out, err = run_cli(capsys, "runs", "delete", run_id, "--run-dir", str(tmp_path))
+    assert code == 0, err
+    assert f"the folder of run {run_id}, which the store no longer holds?" in out
+    assert not (tmp_path / run_id).exists()
+    # Only a whole run id names such a folder: a prefix, or another folder, is no run.
+    (tmp_path / "notes").mkdir()
+    code, _, err = run_cli(capsys, "runs", "delete", "notes", "--yes", "--run-dir", str(tmp_path))
+    assert_one_line_error(code, err, "no run 'notes'")
+    assert (tmp_path / "notes").is_dir()

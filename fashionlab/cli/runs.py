@@ -16,9 +16,9 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from fashionlab.cli import app, output_console
+from fashionlab.cli import app, output_console, resumable
 from fashionlab.cli.study import RunDir, StoreUrl
-from fashionlab.errors import FashionlabError
+from fashionlab.errors import FashionlabError, StoreError
 from fashionlab.store import DEFAULT_RUN_DIR, Store
 from fashionlab.tables import (
     HEADERS,
@@ -265,14 +265,28 @@ def delete(
     """Delete a run: its rows in the store and its output directory.
 
     The output directory holds the run's models, figures and report. Asks first unless
-    --yes; a running run is refused.
+    --yes; a running run is refused. A deletion stopped half-way is finished by the same
+    command (the folder of a run whose rows are gone too).
 
     Example: fashionlab runs delete 20250101-120000-seed --yes
     """
-    from fashionlab.runs import delete_run, run_output_dir  # numpy and scipy: when it runs
+    # numpy and scipy: when it runs
+    from fashionlab.runs import delete_run, leftover_folder, remove_folder, run_output_dir
 
-    with _store(run_dir, store) as opened:
-        record = opened.run(run)
+    finish = "run the same command again to finish the deletion"
+    with _store(run_dir, store) as opened, resumable(finish):
+        try:
+            record = opened.run(run)
+        except StoreError:
+            left = leftover_folder(opened, run, run_dir)
+            if left is None:
+                raise
+            if not yes:
+                typer.confirm(f"Delete {left}, the folder of run {run}, which the store no "
+                              "longer holds?", abort=True)
+            remove_folder(left)
+            typer.echo(f"deleted {left} (run {run} had left the store already)")
+            return
         if not yes:
             folder = run_output_dir(record, run_dir)
             where = f" and {folder}" if folder is not None and folder.is_dir() else ""
