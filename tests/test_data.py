@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import dead_pid
 
 from fashionlab import data, idx
 from fashionlab.data import (
@@ -26,6 +27,7 @@ from fashionlab.data import fetch as fetch_module
 from fashionlab.data import files as files_module
 from fashionlab.errors import DataError
 from fashionlab.idx import write_idx
+from fashionlab.serialize import staging_path
 
 REAL_DIR = Path("/usr/share/datasets/fashion-mnist")
 needs_real_data = pytest.mark.skipif(
@@ -196,7 +198,12 @@ def test_verification_is_remembered_until_the_file_changes(tiny_idx_dir: Path,
 
 def test_unreadable_memo_only_means_hashing_again(tiny_idx_dir: Path, isolated_data_env: Path):
     (isolated_data_env / "verified.json").write_text("{not json")
+    # And a half-written one that a killed process left goes when the memo is written again.
+    killed = staging_path(isolated_data_env / "verified.json").name.replace(
+        f".{os.getpid()}.", f".{dead_pid()}.")
+    (isolated_data_env / killed).write_text("{half")
     assert load_idx_dataset(tiny_idx_dir, checksums=checksums_of(tiny_idx_dir)).verified
+    assert sorted(p.name for p in isolated_data_env.iterdir()) == ["verified.json"]
 
 
 def test_unwritable_cache_still_loads_a_read_only_directory(tiny_idx_dir: Path, tmp_path: Path,

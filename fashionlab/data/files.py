@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TypeAlias
 
 from fashionlab.errors import DataError
-from fashionlab.serialize import staging_path
+from fashionlab.serialize import remove_stale_staging, staging_path
 
 __all__ = [
     "CACHE_ENV",
@@ -126,6 +126,7 @@ def remember(new: Mapping[str, dict[str, object]]) -> None:
         return
     files = {path: entry for path, entry in {**read_memo(), **new}.items()
              if os.path.exists(path)}
+    remove_stale_staging(cache_dir(), names={_MEMO_NAME})  # of a process killed writing it
     try:
         write_atomic(cache_dir(), _MEMO_NAME, json.dumps({"files": files}, indent=1).encode())
     except OSError:
