@@ -140,7 +140,10 @@ def describe_run(store: Store, run_id: str, *, run_dir: str | Path | None = None
         **overview(run).to_dict(),
         "seed": run.seed, "fingerprint": run.fingerprint, "host": run.host, "pid": run.pid,
         "finished": run.finished,
-        "models": {"total": len(models), "by_status": dict(Counter(m.status for m in models)),
+        "models": {"total": len(models), "by_status": dict(Counter(
+            # A model left "running" by a run that no longer runs is not training.
+            "interrupted" if m.status == "running" and run.state != "running" else m.status
+            for m in models)),
                    "epochs_stored": len(store.epochs(run.id))},
         # Which machine trained which model (a run shared by several: README, Many machines).
         "hosts": _by_host(models),

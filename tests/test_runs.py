@@ -120,6 +120,10 @@ def test_running_and_interrupted_runs_show_as_such(tmp_path: Path,
     interrupted = _fake_run(store, "gone", host="elsewhere", stale=True)
     elsewhere = _fake_run(store, "far away", host="elsewhere")  # a fresh heartbeat
     states = {r.id: r.status for r in list_runs(store)}
+    for run_id in (running, interrupted):  # a model it was training when it stopped
+        store.register_models(run_id, [{"key": "m/fold-0", "candidate": "m", "role": "cv",
+                                        "epochs_planned": 2}])
+        store.update_model(run_id, "m/fold-0", status="running")
     store.close()
     assert states == {running: "running", interrupted: "interrupted", elsewhere: "running"}
 
@@ -129,6 +133,11 @@ def test_running_and_interrupted_runs_show_as_such(tmp_path: Path,
     assert out.count("interrupted") == 1 and out.count("running") == 2
     code, out, _ = run_cli(capsys, "runs", "show", interrupted, "--run-dir", str(tmp_path))
     assert code == 0 and "interrupted" in out
+    code, out, _ = run_cli(capsys, "runs", "show", interrupted, "--json",
+                           "--run-dir", str(tmp_path))
+    assert json.loads(out)["models"]["by_status"] == {"interrupted": 1}  # not "running"
+    code, out, _ = run_cli(capsys, "runs", "show", running, "--json", "--run-dir", str(tmp_path))
+    assert json.loads(out)["models"]["by_status"] == {"running": 1}
 
 
 def test_show_a_run(runs: dict[str, StudyResult], capsys: pytest.CaptureFixture[str]):
