@@ -28,11 +28,12 @@ if TYPE_CHECKING:
     import pandas
     from matplotlib.figure import Figure
 
-__all__ = ["RESULTS_FILE", "SAMPLES_PER_CLASS", "StudyResult", "peak_rss_mb", "summary",
-           "table_rows", "to_csv", "to_markdown", "write_outputs"]
+__all__ = ["RESULTS_FILE", "RESULT_FILES", "SAMPLES_PER_CLASS", "StudyResult", "peak_rss_mb",
+           "summary", "table_rows", "to_csv", "to_markdown", "write_outputs"]
 
 SAMPLES_PER_CLASS = 1  # training images of each class in the run's figures/samples.png
 RESULTS_FILE = "results.json"  # of the files in a run's folder: the whole result
+RESULT_FILES = ("results.md", "results.csv", RESULTS_FILE, "study.toml")  # the tables, the study
 
 
 @dataclass
@@ -241,10 +242,8 @@ def write_outputs(result: StudyResult, dataset: Dataset,
     command writes them once it can."""
     out = result.output_dir
     figures = out / "figures"
-    written = {
-        "markdown": out / "results.md", "csv": out / "results.csv",
-        "json": out / RESULTS_FILE, "study": out / "study.toml",
-    }
+    written = {kind: out / name for kind, name in zip(("markdown", "csv", "json", "study"),
+                                                      RESULT_FILES, strict=True)}
     contents = {"markdown": to_markdown(result), "csv": to_csv(result),
                 "json": json.dumps(stored or summary(result), indent=2) + "\n",
                 "study": study_to_toml(result.spec)}

@@ -647,3 +647,22 @@ def test_a_study_changed_after_an_interruption_says_it_starts_a_new_run(
     code, out, err = run_cli(capsys, "study", str(path), "--json", "--run-dir", str(tmp_path))
     assert code == 0 and json.loads(out)
     assert f"differ from those of its interrupted run {interrupted.id}" in err
+
+
+def test_damaged_results_of_a_finished_run_are_written_again_when_it_is_shown(
+        study_file: Path, tmp_path: Path):
+    spec = load_study(study_file)
+    first = run_study(spec, run_dir=tmp_path, progress=False)
+    written = {name: (first.output_dir / name).read_bytes()
+               for name in ("results.md", "results.csv", "results.json")}
+    with open(first.output_dir / "results.json", "r+b") as damaged:
+        damaged.truncate(100)  # a disk that filled up, a bad copy
+    (first.output_dir / "results.md").unlink()
+    stored = Store.open(tmp_path).run(first.run.id)
+    again = run_study(spec, run_dir=tmp_path, progress=False)
+    assert again.notes == [(f"{first.output_dir}: the results were missing or damaged and are "
+                           "written again from the store")]
+    for name, content in written.items():
+        assert (first.output_dir / name).read_bytes() == content, name  # as they were
+    assert Store.open(tmp_path).run(first.run.id) == stored  # the store only read
+    assert run_study(spec, run_dir=tmp_path, progress=False).notes == []  # whole again

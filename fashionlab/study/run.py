@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import shutil
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 from fashionlab.config import StudySpec
 from fashionlab.cv import make_folds
 from fashionlab.data import Dataset, to_tensors
-from fashionlab.errors import ConfigError, StoreError
+from fashionlab.errors import ConfigError, OutputError, StoreError
 from fashionlab.hardware import release_freed_memory, resolve_device
 from fashionlab.jobs import (
     Claim,
@@ -34,6 +35,7 @@ from fashionlab.progress import Reporter, reporting
 from fashionlab.provenance import environment
 from fashionlab.report import REPORT_NAME, ReportError, write_report
 from fashionlab.results import (
+    RESULT_FILES,
     RESULTS_FILE,
     SAMPLES_PER_CLASS,
     StudyResult,
@@ -209,6 +211,16 @@ def run_study(
         result.resumed = bool(stored.get("resumed"))
         result.workers = int(stored.get("workers") or 1)
         result.threads = int(stored.get("threads") or 0)
+        if output_dir.is_dir() and not _results_intact(output_dir):
+            # Deleted or damaged since (a truncated results.json): written again from what
+            # the store holds, where the folder can be written.
+            with contextlib.suppress(OutputError):
+                write_outputs(result, dataset, run.summary)
+                result.notes.append(f"{output_dir}: the results were missing or damaged and "
+                                    "are written again from the store")
+                if progress is not False:
+                    with reporting(progress) as reporter:
+                        reporter.log(result.notes[-1])
         _tidy(store, run.id, output_dir, torch_device)
         store.close()
         return result
@@ -228,6 +240,16 @@ def _leave(store: Store, output_dir: Path) -> None:
     if store.shared:
         shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
     store.close()
+
+
+def _results_intact(output_dir: Path) -> bool:
+    """Whether a finished run's folder holds its tables whole (results.json a JSON object)."""
+    if not all((output_dir / name).is_file() for name in RESULT_FILES):
+        return False
+    try:
+        return isinstance(json.loads((output_dir / RESULTS_FILE).read_text()), dict)
+    except (OSError, ValueError):
+        return False
 
 
 def _tidy(store: Store, run_id: str, output_dir: Path, device: torch.device) -> None:
