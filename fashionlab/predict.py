@@ -388,7 +388,7 @@ def predict(saved_model: SavedModel | str | Path, images: np.ndarray,
     import torch
 
     if isinstance(saved_model, (str, Path)):
-        from fashionlab.artifacts import load_model
+        from fashionlab.artifacts import load_model  # torch: only for a model given by path
 
         saved_model = load_model(saved_model)
     if top_k < 1:
@@ -417,7 +417,7 @@ def predict_files(saved_model: SavedModel | str | Path,
     """Load and predict every file (one path, or many); unreadable files carry their error,
     the others go on."""
     if isinstance(saved_model, (str, Path)):
-        from fashionlab.artifacts import load_model
+        from fashionlab.artifacts import load_model  # torch: only for a model given by path
 
         saved_model = load_model(saved_model)  # once, not once a file
     results = []
