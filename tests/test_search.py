@@ -885,9 +885,11 @@ def test_a_run_directory_that_is_a_file_is_one_line(tiny_idx_dir: Path, tmp_path
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")  # the trial asked here
 def test_a_worker_done_while_others_run_trials_says_so(
         tiny_idx_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
-    path = _learning_rate_search(tiny_idx_dir, tmp_path, "n_trials = 1\npruner = \"none\"")
+    path = _learning_rate_search(tiny_idx_dir, tmp_path, "n_trials = 3\npruner = \"none\"")
     run_dir = tmp_path / "runs"
-    first = run_search(load_study(path), run_dir=run_dir, progress=False)
+    # One trial (the base), then stopped by its time limit: the run is not finished.
+    first = run_search(load_study(path), run_dir=run_dir, progress=False, timeout=0.001)
+    assert first.stopped_by == "timeout" and len(first.trials) == 1
     storage = open_storage(default_url(run_dir))  # another worker is running a trial
     optuna.load_study(study_name=first.study_name, storage=storage).ask()
     storage.engine.dispose()
@@ -899,6 +901,12 @@ def test_a_worker_done_while_others_run_trials_says_so(
                           "running trials, and the last to finish writes the results "
                           f"(`fashionlab runs show {first.run.id}`")
     assert "--finish" not in out and "Run the same command" not in out
+    # The run goes on in the other worker: its row names no process (not this one, which
+    # ends), so it reads as running while the workers' heartbeats are fresh.
+    store = Store.open(run_dir)
+    run = store.run(first.run.id)
+    store.close()
+    assert (run.host, run.pid, run.state) == (None, None, "running")
 
 
 def test_a_delete_killed_after_the_trials_went_is_finished_by_deleting_again(

@@ -239,6 +239,12 @@ def run_search(
                               "finish"):
                 with lock:
                     summary = searcher.finish(stopped_by, time.perf_counter() - started)
+            elif stopped_by == "others-running":
+                # The run goes on in the other workers, whichever machines they are on: its
+                # row names no process, so it reads as running while their heartbeats (every
+                # worker beats the run's) are fresh, not as interrupted once this one exits.
+                store.hand_over_run(run.id, {"host": None, "pid": None, "pid_start": None,
+                                             "boot_id": None})
     except BaseException:
         store.end_run(run.id, "interrupted")  # resumable, even from this process
         raise
