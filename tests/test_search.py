@@ -991,3 +991,24 @@ def test_a_base_partly_outside_the_space_and_the_next_trial_draw_apart(
     result = run_search(load_study(path), run_dir=tmp_path / "runs", progress=False)
     drawn = [t.params["learning_rate"] for t in result.trials]
     assert len(set(drawn)) == 3, drawn  # the same draw twice wasted a trial
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")  # the trial asked here
+def test_a_worker_stopped_while_others_run_trials_leaves_the_run_running(
+        tiny_idx_dir: Path, tmp_path: Path):
+    path = _learning_rate_search(tiny_idx_dir, tmp_path, "n_trials = 3\npruner = \"none\"")
+    run_dir = tmp_path / "runs"
+    first = run_search(load_study(path), run_dir=run_dir, progress=False, timeout=0.001)
+    storage = open_storage(default_url(run_dir))  # another worker is running a trial
+    optuna.load_study(study_name=first.study_name, storage=storage).ask()
+    storage.engine.dispose()
+
+    def stop(key: str, epoch: int) -> None:
+        raise KeyboardInterrupt  # Ctrl-C in this worker, in its first epoch
+
+    with pytest.raises(KeyboardInterrupt):
+        run_search(load_study(path), run_dir=run_dir, progress=OnEpoch(stop))
+    store = Store.open(run_dir)
+    run = store.run(first.run.id)
+    store.close()
+    assert (run.status, run.host, run.pid) == ("running", None, None)  # theirs, not ended

@@ -25,6 +25,7 @@ fashionlab.search.trial.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import math
@@ -240,13 +241,15 @@ def run_search(
                 with lock:
                     summary = searcher.finish(stopped_by, time.perf_counter() - started)
             elif stopped_by == "others-running":
-                # The run goes on in the other workers, whichever machines they are on: its
-                # row names no process, so it reads as running while their heartbeats (every
-                # worker beats the run's) are fresh, not as interrupted once this one exits.
-                store.hand_over_run(run.id, {"host": None, "pid": None, "pid_start": None,
-                                             "boot_id": None})
+                _leave_to_others(store, run.id)
     except BaseException:
-        store.end_run(run.id, "interrupted")  # resumable, even from this process
+        others = False  # whether other workers run trials (this one's is retried by now)
+        with contextlib.suppress(Exception):  # what stopped it may be the database itself
+            others = any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
+        if others:
+            _leave_to_others(store, run.id)
+        else:
+            store.end_run(run.id, "interrupted")  # resumable, even from this process
         raise
     finally:
         storage.engine.dispose()
@@ -258,6 +261,13 @@ def run_search(
         notes=notes)
     store.close()
     return result
+
+
+def _leave_to_others(store: Store, run_id: str) -> None:
+    """This worker ends while others run trials, whichever machines they are on: the run's
+    row names no process, so it reads as running while their heartbeats (every worker beats
+    the run's) are fresh, not as interrupted once this one exits."""
+    store.hand_over_run(run_id, {"host": None, "pid": None, "pid_start": None, "boot_id": None})
 
 
 def _forget(store: Store, name: str, fingerprint: str) -> None:
