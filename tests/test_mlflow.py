@@ -159,6 +159,22 @@ def test_exporting_twice_leaves_one_copy(finished: tuple[Path, str], tracking: s
     store.close()
 
 
+def test_two_exports_at_once_make_each_mlflow_run_once(finished: tuple[Path, str],
+                                                       tracking: str):
+    from fashionlab.integrations.mlflow.export import MlflowExport
+
+    store = Store.open(finished[0])
+    run_id = finished[1]
+    # Both look before either makes anything (a live study and `runs export` side by side).
+    early, late = (MlflowExport(store, run_id, tracking) for _ in range(2))
+    late.sync(artifacts=False)
+    early.sync(artifacts=False)
+    client = MlflowClient(tracking_uri=tracking)
+    _runs(client, run_id)  # fails on a part made twice
+    _check_models_match_the_store(client, store, run_id)
+    store.close()
+
+
 def test_a_run_deleted_and_started_again_with_its_id_gets_its_own_mlflow_runs(
         tiny_idx_dir: Path, tmp_path: Path, tracking: str, monkeypatch: pytest.MonkeyPatch):
     """Run ids name the second they start in: a run deleted and started again within that
@@ -209,11 +225,19 @@ def test_live_logging_through_an_interrupted_and_resumed_study(
     runs = _runs(client, stopped.id)
     assert runs["run"].info.status == "KILLED"
     assert "model:small L2/fold-0" in runs  # logged while it trained
+    assert not [part for part, r in runs.items() if r.info.status == "RUNNING"]
     _check_models_match_the_store(client, store, stopped.id)
 
     recorder = Recorder()
-    with logging_to_mlflow(tracking, spec, run_dir=run_dir, progress=recorder) as progress:
+    parent_while_training: list[str] = []
+
+    def look(key: str, epoch: int) -> None:  # after the live logger has logged this epoch
+        recorder.epoch("", epoch, {key: None})
+        parent_while_training.append(client.get_run(runs["run"].info.run_id).info.status)
+
+    with logging_to_mlflow(tracking, spec, run_dir=run_dir, progress=OnEpoch(look)) as progress:
         result = run_study(spec, run_dir=run_dir, progress=progress)
+    assert set(parent_while_training) == {"RUNNING"}  # resumed: no longer KILLED
 
     assert result.run.id == stopped.id and result.run.status == "finished"
     assert any(call[0] == "epoch" for call in recorder.calls)  # the caller's reporter too
@@ -224,6 +248,30 @@ def test_live_logging_through_an_interrupted_and_resumed_study(
     _check_models_match_the_store(client, store, result.run.id)
     assert {a.path for a in client.list_artifacts(runs["run"].info.run_id)} >= {
         "report.html", "results.json"}
+    store.close()
+
+
+def test_a_stop_inside_an_mlflow_call_logs_nothing_twice(
+        tiny_idx_dir: Path, tmp_path: Path, tracking: str, monkeypatch: pytest.MonkeyPatch):
+    spec = load_study(_study(tiny_idx_dir, tmp_path, final=False))
+    run_dir = tmp_path / "runs"
+    real = MlflowClient.log_batch
+    calls = []
+
+    def stopped_after_writing(self, run_id, metrics=(), **kwargs):
+        real(self, run_id, metrics=metrics, **kwargs)
+        calls.append(len(metrics))
+        if metrics and len(calls) > 5:  # Ctrl-C lands once MLflow has written the batch
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(MlflowClient, "log_batch", stopped_after_writing)
+    with pytest.raises(KeyboardInterrupt), logging_to_mlflow(
+            tracking, spec, run_dir=run_dir, progress=False) as progress:
+        run_study(spec, run_dir=run_dir, progress=progress, workers=1)
+    monkeypatch.setattr(MlflowClient, "log_batch", real)
+    store = Store.open(run_dir)
+    _check_models_match_the_store(MlflowClient(tracking_uri=tracking), store,
+                                  store.runs()[0].id)
     store.close()
 
 

@@ -132,6 +132,10 @@ class MlflowExport:
         self._log(parent, _run_metrics(record))
         if artifacts and record.output_dir and Path(record.output_dir).is_dir():
             self._upload(parent, Path(record.output_dir))
+        if record.state != "running":  # a candidate with no result (an interrupted run's)
+            for part, run_id in self.ids.items():
+                if part.startswith("candidate:") and self.status.get(run_id) == "RUNNING":
+                    self._set_status(run_id, "KILLED", record.finished)
         self._set_status(parent, RUN_STATUS.get(record.state, "RUNNING"),
                          record.finished if record.state != "running" else None)
         return parent
@@ -149,6 +153,11 @@ class MlflowExport:
     def _sync_model(self, model: ModelRecord) -> None:
         key = model.key
         run_id = self.model(model)
+        if self.record.state == "running":  # training (again, when resumed): so are its
+            # parent (its status tag too) and candidate, left KILLED by the interruption
+            if self.status.get(self.ids["run"]) != "RUNNING":
+                self._set_status(self.parent(), "RUNNING", None)
+            self._set_status(self.group(model.candidate), "RUNNING", None)
         values = [(metric, e.epoch, getattr(e, metric))
                   for e in self.store.epochs(self.record.id, key) for metric in METRICS]
         values += [("test_loss", 0, model.test_loss), ("test_accuracy", 0, model.test_accuracy)]
@@ -280,13 +289,16 @@ class MlflowExport:
     def _started(self) -> str:
         return f"{self.record.started:.6f}"
 
-    def _find_existing(self) -> None:
-        """The MLflow runs an earlier export or process made of this run (the oldest of each
-        part, should two processes have raced to make one)."""
+    def _find_existing(self, part: str | None = None) -> None:
+        """The MLflow runs an earlier export or process made of this run (or of this part of
+        it): the oldest of each part, should two processes have raced to make one."""
         token = None
+        wanted = f"tags.`{TAG_RUN}` = '{self.record.id}'"
+        if part is not None:
+            wanted += f" and tags.`{TAG_PART}` = '{_quoted(part)}'"
         while True:
             page = self.client.search_runs(
-                [self.experiment_id], filter_string=f"tags.`{TAG_RUN}` = '{self.record.id}'",
+                [self.experiment_id], filter_string=wanted,
                 max_results=1000, order_by=["attributes.start_time ASC"], page_token=token)
             for run in page:
                 part = run.data.tags.get(TAG_PART)
@@ -303,6 +315,9 @@ class MlflowExport:
 
     def _ensure(self, part: str, name: str, parent: str | None, *,
                 start: float | None = None) -> str:
+        if part in self.ids:
+            return self.ids[part]
+        self._find_existing(part)  # another process (a live study, an export) made it since?
         if part in self.ids:
             return self.ids[part]
         tags = {TAG_RUN: self.record.id, TAG_STARTED: self._started, TAG_PART: part,
@@ -359,6 +374,11 @@ class MlflowExport:
         else:
             self.client.update_run(run_id, status=status)
         self.status[run_id] = status
+
+
+def _quoted(text: str) -> str:
+    """Text inside single quotes of an MLflow search filter."""
+    return text.replace("\\", "\\\\").replace("'", "\\'")
 
 
 def _run_metrics(record: RunRecord) -> list[tuple[str, int, Any]]:

@@ -66,10 +66,11 @@ class MlflowReporter:
         return self._safely(lambda export: export.sync(artifacts=True))
 
     def interrupted(self) -> None:
-        """The run stopped: the statuses in MLflow follow the store's (when this reporter
-        heard of the run at all)."""
-        if self.export is not None:
-            self._safely(lambda export: export.sync(artifacts=False))
+        """The run stopped: the statuses in MLflow follow the store's. Read from MLflow
+        afresh: the stop may have come in the middle of a call that MLflow carried out but
+        whose steps the export's memory does not hold (they would be logged twice)."""
+        self.export = None
+        self._safely(lambda export: export.sync(artifacts=False))
 
     def close(self) -> None:
         if self.store is not None:
