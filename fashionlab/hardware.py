@@ -29,6 +29,8 @@ def resolve_device(name: str | None = None) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):  # torch knows mps, xpu, meta...
         raise ConfigError(f"--device: unknown device '{name}' (use auto, cpu, cuda, cuda:N)") \
             from None
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -213,3 +213,10 @@ def test_a_stop_while_the_interpreter_exits_ends_it_the_default_way():
     assert done.returncode == -signal.SIGTERM, done.stderr
     assert done.stdout.startswith("fashionlab ")
     assert done.stderr == ""
+
+
+@pytest.mark.parametrize("workers", ["0", "abc", "\u00b2", "\u0663"])  # superscript 2, Arabic 3
+def test_a_bad_workers_count_is_one_line(workers: str, capsys: pytest.CaptureFixture[str]):
+    code, _, err = run_cli(capsys, "study", "seed", "--workers", workers)
+    assert_one_line_error(code, err, f"--workers: expected a positive number or auto, got "
+                                     f"'{workers}'")

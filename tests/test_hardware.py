@@ -19,7 +19,7 @@ def test_auto_device_is_the_cpu_without_cuda():
     assert resolve_device("cpu") == torch.device("cpu")
 
 
-@pytest.mark.parametrize("name", ["gpu0", "cuda:x"])
+@pytest.mark.parametrize("name", ["gpu0", "cuda:x", "mps", "meta", "xpu"])  # torch knows 3
 def test_unknown_devices_are_named_in_the_error(name: str):
     with pytest.raises(ConfigError, match=f"unknown device '{name}'"):
         resolve_device(name)

@@ -80,7 +80,7 @@ def study(
     from fashionlab.results import summary, table_rows
     from fashionlab.study import run_study  # (torch too)
 
-    if workers != "auto" and not (workers.isdigit() and int(workers) >= 1):
+    if workers != "auto" and not (workers.isascii() and workers.isdigit() and int(workers) >= 1):
         raise ConfigError(f"--workers: expected a positive number or auto, got '{workers}'")
     spec = load_study(file)
     if quick:
