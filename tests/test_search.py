@@ -1012,3 +1012,10 @@ def test_a_worker_stopped_while_others_run_trials_leaves_the_run_running(
     run = store.run(first.run.id)
     store.close()
     assert (run.status, run.host, run.pid) == ("running", None, None)  # theirs, not ended
+
+
+def test_a_search_in_a_folder_named_with_braces(tiny_idx_dir: Path, tmp_path: Path):
+    # Optuna reads its storage URL as a format template ("{SCHEMA_VERSION}").
+    path = _learning_rate_search(tiny_idx_dir, tmp_path, "n_trials = 1\npruner = \"none\"")
+    result = run_search(load_study(path), run_dir=tmp_path / "runs {x} }{", progress=False)
+    assert result.finished and (tmp_path / "runs {x} }{" / "fashionlab.db").is_file()

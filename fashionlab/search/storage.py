@@ -99,7 +99,9 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
         kwargs = {"connect_args": {"timeout": 60}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        # Optuna reads the URL as a template ("{SCHEMA_VERSION}"): a brace of a folder's name
+        # is doubled to stay itself.
         return optuna.storages.RDBStorage(
-            url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_INTERVAL,
+            url.replace("{", "{{").replace("}", "}}"), engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_INTERVAL,
             grace_period=GRACE_PERIOD,
             heartbeat_stale_trial_callback=RetryLostTrial())
