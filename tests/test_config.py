@@ -329,6 +329,13 @@ def test_study_level_values_of_the_wrong_type_are_refused(text: str, field: str)
         study_from_dict(tomllib.loads(f'name = "x"\n{text}\n{ENTRY}'), source="bad.toml")
 
 
+@pytest.mark.parametrize("directory", ["", "  "])
+def test_an_empty_data_directory_is_refused_not_read_as_the_default(directory: str):
+    with pytest.raises(ConfigError, match=r"^bad\.toml: data\.directory: must not be empty"):
+        study_from_dict(tomllib.loads(f'name = "x"\n[data]\ndirectory = "{directory}"\n'
+                                      f"{ENTRY}"), source="bad.toml")
+
+
 def test_an_integer_is_a_valid_float():
     # TOML users write learning_rate = 1; it is the float 1.0, with the fingerprint of 1.0.
     text = 'name = "x"\n' + ENTRY + "layers = [{ units = 8, dropout = 0 }]\n"

@@ -270,9 +270,16 @@ class TrainSpec:
 # Study
 
 
+def _a_directory(value: str) -> str:
+    if not value.strip():  # "" would read as "not given": the default data, silently
+        raise ValueError("must not be empty (leave it out for the default data)")
+    return value
+
+
 @dataclass(frozen=True, config=_STRICT)
 class DataSpec:
-    directory: str | None = None  # IDX files; None: FASHIONLAB_DATA, the cache, Debian, download
+    # IDX files; None: FASHIONLAB_DATA, the cache, Debian, download
+    directory: Annotated[str, AfterValidator(_a_directory)] | None = None
     verify: Bool = True  # check the Fashion-MNIST checksums (turn off for other IDX datasets)
     train_limit: PositiveInt | None = None  # use only the first N training samples
     test_limit: PositiveInt | None = None  # use only the first N test samples
