@@ -412,6 +412,21 @@ def test_data_that_cannot_be_read_leaves_no_store(command: str, tmp_path: Path,
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("command", ["study", "search"])
+def test_more_folds_than_images_leaves_no_store(command: str, tiny_idx_dir: Path,
+                                                tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]):
+    path = tmp_path / "folds.toml"
+    text = tiny_study_toml(tiny_idx_dir, folds=1000, final=False)  # 300 training images
+    if command == "search":
+        text += ("\n[search]\nn_trials = 2\n[search.space]\n"
+                 "learning_rate = { choices = [0.001, 0.01] }\n")
+    path.write_text(text)
+    code, _, err = run_cli(capsys, command, str(path), "--run-dir", str(tmp_path / "runs"))
+    assert_one_line_error(code, err, "cv.n_splits: 1000 folds need at least 1000 samples")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_the_study_command_writes_the_table(study_file: Path, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]):
     code, out, err = run_cli(capsys, "study", str(study_file), "--run-dir", str(tmp_path),

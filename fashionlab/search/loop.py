@@ -44,7 +44,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from fashionlab import notebook
 from fashionlab.config import Candidate, SearchSpec, StudySpec, base_candidate
-from fashionlab.cv import make_folds
+from fashionlab.cv import Fold, make_folds
 from fashionlab.data import Dataset, to_tensors
 from fashionlab.errors import ConfigError
 from fashionlab.hardware import resolve_device
@@ -195,6 +195,7 @@ def run_search(
         Store(url, create=False).close()
     # The data before anything is created: a search whose data cannot be read leaves nothing.
     dataset = dataset if dataset is not None else load_study_data(spec)
+    folds = make_folds(len(dataset.train), spec.cv, seed=spec.seed, labels=dataset.train.labels)
     lock = ClaimLock(url, study_name)
     with lock:  # workers starting together: one creates the tables, the run and the study
         store = Store(url)
@@ -233,7 +234,7 @@ def run_search(
             if created:
                 notes += filter(None, [note_unresumed_run(store, run, reporter)])
             ctx = RunContext(store, run, spec, output_dir, torch_device, reporter)
-            searcher = _Searcher(ctx, study, lock, dataset)
+            searcher = _Searcher(ctx, study, lock, dataset, folds)
             stopped_by = "finish" if finish else searcher.loop(limits, started)
             summary = None
             if stopped_by in ("n_trials", "budget", "budget_seconds", "budget_tflop", "grid",
@@ -327,13 +328,11 @@ class _Searcher:
     """One worker's part of a search: claims trials, trains them, reports and prunes."""
 
     def __init__(self, ctx: RunContext, study: optuna.Study, lock: ClaimLock,
-                 dataset: Dataset) -> None:
+                 dataset: Dataset, folds: list[Fold]) -> None:
         spec = ctx.spec
         assert spec.search is not None
         self.ctx, self.spec, self.search, self.base = ctx, spec, spec.search, base_candidate(spec)
         self.store, self.run, self.study, self.lock = ctx.store, ctx.run, study, lock
-        folds = make_folds(len(dataset.train), spec.cv, seed=spec.seed,
-                           labels=dataset.train.labels)
         x, y = to_tensors(dataset.train, ctx.device)
         self.finishing = SearchContext(ctx, study, folds, Tensors(x, y, x, y), dataset)
         self.trials = TrialContext(ctx, self.base, folds, self.finishing.train,

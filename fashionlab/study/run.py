@@ -106,10 +106,11 @@ def run_study(
         raise ConfigError(f"threads: expected a positive whole number, got {threads!r}")
     torch_device = resolve_device(device)
     run_dir = Path(run_dir)
-    # The data first: a study whose data cannot be read leaves no store behind.
+    # The data and its folds first: a study whose data cannot be read, or that has more folds
+    # than images, leaves no store behind.
     dataset = dataset if dataset is not None else load_study_data(spec)
-    store = Store.open(run_dir, store_url)
     folds = make_folds(len(dataset.train), spec.cv, seed=spec.seed, labels=dataset.train.labels)
+    store = Store.open(run_dir, store_url)
     run, joined, resumed = _start_run(store, spec, run_dir, str(torch_device), fresh)
     shown = run.status == "finished"  # read back from the store: nothing is written
     # A run's files live in <run dir>/<run id>, whatever folder the store recorded: on a
