@@ -167,6 +167,13 @@ def test_an_empty_study_name_is_named_as_such(name: str):
         load_study(name)
 
 
+def test_values_nested_too_deeply_are_one_line(tmp_path: Path):
+    path = tmp_path / "deep.toml"
+    path.write_text('name = "deep"\nx = ' + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match="deep.toml: not valid TOML .arrays or tables nested"):
+        load_study(path)
+
+
 def test_a_byte_order_mark_is_no_error(tmp_path: Path):
     path = tmp_path / "bom.toml"
     path.write_bytes(b"\xef\xbb\xbf" + b'name = "bom"\n[[final]]\nname = "f"\n')

@@ -177,6 +177,9 @@ def load_study(name_or_path: str | Path = "seed") -> StudySpec:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{source}: not valid TOML ({error})") from None
+    except RecursionError:  # tomllib reads nested arrays and tables recursively
+        raise ConfigError(f"{source}: not valid TOML (arrays or tables nested too deeply)") \
+            from None
     return study_from_dict(raw, source=source)
 
 
