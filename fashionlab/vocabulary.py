@@ -119,6 +119,9 @@ def _check_param(param: Param, spec: Any) -> None:
             raise ValueError(f"step must be a whole number (got {spec.step})")
         if not spec.step > 0:
             raise ValueError(f"step must be positive (got {spec.step})")
+        if spec.step > spec.high - spec.low:  # one point: every trial the same
+            raise ValueError(f"step ({spec.step}) must not exceed the range "
+                             f"({spec.low} to {spec.high}): it would draw {spec.low} alone")
 
 
 def _spelled(value: Any) -> str:

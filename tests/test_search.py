@@ -134,6 +134,22 @@ layers = [{ units = 64 }]
     ("units = { choices = [16, 16] }\noptimizer = \"adamw\"",
      "search.space: varies nothing: give at least one parameter a range or two choices"),
     ("", "search.space: varies nothing"),
+    ("units = { low = 4, high = 8, step = 100 }",
+     "search.space.units: step (100) must not exceed the range (4 to 8): it would draw 4 alone"),
+    # Strict types, as everywhere in a study file; a union says what it takes.
+    ('learning_rate = { low = "0.001", high = 0.1 }',
+     'search.space.learning_rate.low: input should be a number (got "0.001")'),
+    ("learning_rate = { low = true, high = 2 }",
+     "search.space.learning_rate.low: input should be a number (got true)"),
+    ("learning_rate = { low = 0.001, high = 0.1, step = inf }",
+     "search.space.learning_rate.step: input should be a finite number (got inf)"),
+    ('learning_rate = { low = 0.001, high = 0.1, log = "yes" }',
+     'search.space.learning_rate.log: input should be a valid boolean (got "yes")'),
+    ('units = { low = 4, high = 16, shared = "yes" }',
+     'search.space.units.shared: input should be a valid boolean (got "yes")'),
+    ("learning_rate = [0.1, 0.2]",
+     ("search.space.learning_rate: a list of values to choose from is written choices = [0.1, "
+     "0.2]")),
 ])
 def test_a_bad_space_is_one_line_naming_the_file_and_parameter(space: str, message: str):
     raw = tomllib.loads(BASE + "[search.space]\n" + space)
@@ -145,6 +161,12 @@ def test_a_bad_space_is_one_line_naming_the_file_and_parameter(space: str, messa
 
 def test_search_settings_are_checked_too():
     for extra, message in [
+        ('timeout = "60"', 'my.toml: search.timeout: input should be a valid number (got "60")'),
+        ("timeout = inf", "my.toml: search.timeout: input should be a finite number (got inf)"),
+        ("startup_trials = true",
+         "my.toml: search.startup_trials: input should be a valid integer (got true)"),
+        ("start_with_base = 1",
+         "my.toml: search.start_with_base: input should be a valid boolean (got 1)"),
         ('base = "nope"', "my.toml: search.base: no candidate named 'nope' (candidates: a)"),
         ('sampler = "grid"\n[search.space]\ndropout = { low = 0.1, high = 0.5 }',
          "my.toml: search.space.dropout: the grid sampler needs choices or a step"),

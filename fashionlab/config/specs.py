@@ -97,11 +97,26 @@ N_CLASSES = 10  # classes of a study's data: fashionlab.data.CLASS_NAMES, labels
 MAX_PARAMETERS = 100_000_000
 
 
+_TYPE_WORDS = {"int_type": "a whole number", "float_type": "a number",
+               "finite_number": "a finite number", "string_type": "a string",
+               "bool_type": "true or false"}
+
+
 def first_problem(error: ValidationError) -> tuple[tuple[str | int, ...], str, dict[str, Any]]:
     """The first problem of a validation error: where (a `FieldValueError`'s path below the
     field included), what (pydantic's "Value error, " prefix dropped), and pydantic's record."""
-    first = dict(error.errors()[0])
+    errors = error.errors()
+    first = dict(errors[0])
     loc, message = tuple(first["loc"]), str(first["msg"]).removeprefix("Value error, ")
+    # A value that fits no member of a union (int | float, a search value's types): say what
+    # the union takes, not what its first member does ("a valid integer" for 0.5).
+    members = [e for e in errors if len(e["loc"]) == len(loc) and e["loc"][:-1] == loc[:-1]]
+    if len(members) > 1 and all(e["type"] in _TYPE_WORDS for e in members):
+        words = list(dict.fromkeys(_TYPE_WORDS[e["type"]] for e in members))
+        if "a whole number" in words and {"a number", "a finite number"} & set(words):
+            words.remove("a whole number")
+        message = f"input should be {', '.join(words[:-1])} or {words[-1]}" \
+            if len(words) > 1 else f"input should be {words[0]}"
     cause = (first.get("ctx") or {}).get("error")
     if isinstance(cause, FieldValueError):
         loc, message = loc + cause.path, cause.message
@@ -359,17 +374,21 @@ class ParamSpec:
     `choices`, or a fixed `value` (a bare value in the file). Names and the values each
     parameter takes are checked against fashionlab.vocabulary."""
 
-    low: int | float | None = None
-    high: int | float | None = None
-    log: bool = False  # sample on a log scale (needs low > 0)
-    step: int | float | None = None  # sample a grid low, low + step, ... <= high
+    # Strict, as every number of a study file: "0.001", true or inf are no bound or step.
+    low: Int | Float | None = None
+    high: Int | Float | None = None
+    log: Bool = False  # sample on a log scale (needs low > 0)
+    step: Int | Float | None = None  # sample a grid low, low + step, ... <= high
     choices: tuple[Scalar, ...] | None = None
     value: Scalar | None = None  # fixed: not searched
-    shared: bool = False  # per-layer parameters: one value for every layer (units, not units_0..)
+    shared: Bool = False  # per-layer parameters: one value for every layer (units, not units_0..)
 
     @model_validator(mode="before")
     @classmethod
     def _bare_value(cls, data: Any) -> Any:
+        if isinstance(data, list):  # no value of any parameter is a list
+            raise ValueError(  # noqa: TRY004 - pydantic reports ValueError, not TypeError
+                f"a list of values to choose from is written choices = {data!r}")
         return data if isinstance(data, Mapping) or dataclasses.is_dataclass(data) \
             else {"value": data}
 
@@ -392,7 +411,7 @@ class SearchSpec:
     base: str | None = None  # the candidate the search varies; None: the first candidate
     space: dict[str, ParamSpec] = dataclasses.field(default_factory=dict)
     n_trials: PositiveInt | None = None  # finished (complete + pruned) trials, all workers
-    timeout: Annotated[float, Field(gt=0.0)] | None = None  # seconds; per worker process
+    timeout: Positive | None = None  # seconds; per worker process
     # Budgets: no trial starts once any one is spent (by the finished and running trials).
     budget: PositiveInt | None = None  # fold-epochs (one epoch of one fold's model)
     budget_seconds: Positive | None = None  # wall seconds of training, all workers summed
@@ -402,9 +421,9 @@ class SearchSpec:
     pruner: Literal["median", "median-compute", "wilcoxon", "none"] = "median"
     objective: Literal["val_accuracy", "val_loss"] = "val_accuracy"
     seed: Seed | None = None  # None: the study's seed
-    startup_trials: Annotated[int, Field(ge=0)] = 5  # random trials first (TPE); no pruning
-    warmup: Annotated[int, Field(ge=0)] = 5  # epochs (median) or folds (wilcoxon) never pruned
-    start_with_base: bool = True  # the first trial is the base candidate itself
+    startup_trials: Annotated[Int, Field(ge=0)] = 5  # random trials first (TPE); no pruning
+    warmup: Annotated[Int, Field(ge=0)] = 5  # epochs (median) or folds (wilcoxon) never pruned
+    start_with_base: Bool = True  # the first trial is the base candidate itself
     top: PositiveInt = 10  # trials in the final table
     reference: ReferenceSpec | None = None
 
