@@ -162,6 +162,10 @@ def test_a_bad_space_is_one_line_naming_the_file_and_parameter(space: str, messa
 def test_search_settings_are_checked_too():
     for extra, message in [
         ('timeout = "60"', 'my.toml: search.timeout: input should be a valid number (got "60")'),
+        ('[search.reference]\nscore = 0.9\nlabel = "a\\nb"',
+         "my.toml: search.reference.label: 'a\\nb' contains a control character"),
+        ('[search.reference]\nscore = 0.9\nlabel = ""',
+         "my.toml: search.reference.label: a name must not be empty"),
         ("timeout = inf", "my.toml: search.timeout: input should be a finite number (got inf)"),
         ("startup_trials = true",
          "my.toml: search.startup_trials: input should be a valid integer (got true)"),

@@ -399,7 +399,7 @@ class ReferenceSpec:
     a finished study in the same store with identical folds (same [cv], [data] and seed)."""
 
     score: Float | None = None  # e.g. 0.895: a one-sample test of the best's per-fold scores
-    label: str = "reference"  # how tables name it
+    label: Name = "reference"  # how tables name it (one line, as any name)
     study: str | None = None  # name of a finished study run in the store: a paired test
     candidate: str | None = None  # that study's candidate (default: its best)
 
