@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from helpers import OnEpoch, run_cli, tiny_search_toml, tiny_study_toml
@@ -203,3 +204,33 @@ def test_tensorboard_on_a_finished_run_shown_again_writes_its_curves(
                                "--workers", "1", "--tensorboard", "--json")
         assert code == 0, err
     _assert_curves_match_the_store(run_dir, run.id)
+
+
+def test_the_hparams_of_a_candidate_named_with_a_slash_sit_above_its_curves(
+        tiny_idx_dir: Path, tmp_path: Path):
+    path = tmp_path / "slash.toml"
+    path.write_text(tiny_study_toml(tiny_idx_dir, epochs=1, folds=2, final=False,
+                                    candidates='[[candidates]]\nname = "a/b"\n'
+                                               'layers = [{ units = 8 }]\n'))
+    run_dir = tmp_path / "runs"
+    result = run_study(load_study(path), run_dir=run_dir, progress=False)
+    export_run_to_tensorboard(Store.open(run_dir, read_only=True), result.run.id)
+    folder = model_logdir(tensorboard_dir(result.run), "a/b/fold-0").parent
+    params, _ = _hparams(folder)  # beside fold-0 and fold-1, not in a folder "a/b"
+    assert params["role"] == "cv" and folder.name == "a_b"
+
+
+def test_a_retried_trials_hparams_sit_where_it_trained():
+    from fashionlab.integrations.tensorboard import _entries
+
+    trials = [{"number": 0, "state": "fail", "value": None, "params": {"lr": 0.1},
+               "models": "trial-0"},
+              {"number": 1, "state": "complete", "value": 0.9, "params": {"lr": 0.1},
+               "models": "trial-0"},  # the retry of trial 0 trains into trial-0's folders
+              {"number": 2, "state": "complete", "value": 0.8, "params": {"lr": 0.2},
+               "models": "trial-2"}]
+    run = SimpleNamespace(kind="search", summary={"objective": "val_accuracy",
+                                                  "trials": trials})
+    entries = {name: (params["state"], scores) for name, params, scores in _entries(run)}
+    assert entries == {"trial-0": ("complete", {"val_accuracy": 0.9}),
+                       "trial-2": ("complete", {"val_accuracy": 0.8})}

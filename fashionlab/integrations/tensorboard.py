@@ -140,7 +140,8 @@ class _RunWriter:
         """One HParams entry per candidate (or trial) of a finished run, from its summary."""
         run = self.store.run(self.run.id)
         for name, params, scores in _entries(run):
-            writer = self.writer(model_logdir(self.logdir, name))
+            # The candidate's (or trial's) folder, above its models' ("a/b" is one name).
+            writer = self.writer(Path(self.logdir, safe_name(name)))
             if any(tag == HPARAMS_TAG for tag, _ in writer.written):
                 continue
             metrics = {f"hparam/{k}": v for k, v in scores.items()
@@ -289,8 +290,12 @@ def _entries(run: RunRecord) -> list[tuple[str, dict[str, Any], dict[str, float 
     summary = run.summary or {}
     if run.kind == "search":
         objective = summary.get("objective", "value")
-        return [(f"trial-{t['number']}", {"state": t["state"], **_hparams(t["params"])},
-                 {objective: t["value"]}) for t in summary.get("trials", [])]
+        # Named as the trial's models are: a retried trial trains into the folders of the
+        # trial it retries, and (the later one) stands for it there.
+        trials = {t.get("models") or f"trial-{t['number']}": t
+                  for t in summary.get("trials", [])}
+        return [(name, {"state": t["state"], **_hparams(t["params"])}, {objective: t["value"]})
+                for name, t in trials.items()]
     configs = {c["name"]: c for c in (*run.config.get("candidates", []),
                                       *(run.config.get("final") or []))}
     retrain = summary.get("retrain") or {}
