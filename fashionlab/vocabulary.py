@@ -171,6 +171,9 @@ def check_base(space: Mapping[str, Any], base: Any) -> None:
         where = ("search", "space", name)
         if (param.layer == "conv" or name == "conv_dropout") and not base.model.conv:
             raise FieldValueError(where, f"the base candidate {base.name!r} has no conv layers")
+        if param.layer == "dense" and not base.model.layers and "n_layers" not in space:
+            raise FieldValueError(where, f"the base candidate {base.name!r} has no hidden "
+                                  "layers: give n_layers (and units) in the space to add some")
         if param.layer == "dense" and not base.model.layers and "units" not in space:
             raise FieldValueError(where, f"the base candidate {base.name!r} has no hidden "
                                   "layers: give units in the space too")

@@ -1045,3 +1045,24 @@ def test_a_search_in_a_folder_named_with_braces(tiny_idx_dir: Path, tmp_path: Pa
     path = _learning_rate_search(tiny_idx_dir, tmp_path, "n_trials = 1\npruner = \"none\"")
     result = run_search(load_study(path), run_dir=tmp_path / "runs {x} }{", progress=False)
     assert result.finished and (tmp_path / "runs {x} }{" / "fashionlab.db").is_file()
+
+
+@pytest.mark.parametrize(("space", "message"), [
+    ("units = { low = 4, high = 8 }",
+     ("my.toml: search.space.units: the base candidate 'a' has no hidden layers: give n_layers "
+     "(and units) in the space to add some")),
+    ("n_layers = { low = 0, high = 2 }\ndropout = { low = 0.1, high = 0.5 }",
+     ("my.toml: search.space.dropout: the base candidate 'a' has no hidden layers: give units "
+     "in the space too")),
+    ("n_layers = { low = 0, high = 2 }\nunits = { low = 4, high = 8 }", None),
+])
+def test_a_base_without_hidden_layers_needs_n_layers_to_vary_them(space: str,
+                                                                  message: str | None):
+    raw = tomllib.loads(BASE.replace("layers = [{ units = 64 }]", "layers = []")
+                        + "[search]\nn_trials = 2\n[search.space]\n" + space)
+    if message is None:
+        assert study_from_dict(raw, source="my.toml").search is not None
+        return
+    with pytest.raises(ConfigError) as error:
+        study_from_dict(raw, source="my.toml")
+    assert str(error.value) == message
