@@ -34,6 +34,7 @@ from fashionlab.cv import (
     runs_to_schedule_end,
 )
 from fashionlab.data import Dataset, Split, load_fashion_mnist
+from fashionlab.errors import DataError
 from fashionlab.jobs import Claim
 from fashionlab.progress import Reporter
 from fashionlab.runner import EpochHook, train_stack
@@ -155,7 +156,11 @@ def note_unresumed_run(store: Store, run: RunRecord, reporter: Reporter) -> str 
 
 def load_study_data(spec: StudySpec) -> Dataset:
     """The study's dataset, cut to its `[data]` limits (the first N images of each split)."""
-    dataset = load_fashion_mnist(spec.data.directory, verify=spec.data.verify)
+    directory = spec.data.directory
+    if directory is not None and not Path(directory).expanduser().is_dir():
+        what = "a file, not a folder" if Path(directory).expanduser().exists() else "no such folder"
+        raise DataError(f"data.directory: {directory}: {what}")
+    dataset = load_fashion_mnist(directory, verify=spec.data.verify)
     limit_train, limit_test = spec.data.train_limit, spec.data.test_limit
 
     def head(split: Split, n: int | None) -> Split:

@@ -399,16 +399,26 @@ def test_what_a_killed_run_left_half_written_is_removed_when_it_runs_again(
 
 
 @pytest.mark.parametrize("command", ["study", "search"])
-def test_data_that_cannot_be_read_leaves_no_store(command: str, tmp_path: Path,
+@pytest.mark.parametrize(("directory", "says"), [
+    ("nowhere", "data.directory: {}: no such folder"),
+    ("a-file", "data.directory: {}: a file, not a folder"),
+    ("empty", "{}"),  # a folder without the dataset: the loader names the missing file
+])
+def test_data_that_cannot_be_read_leaves_no_store(command: str, directory: str, says: str,
+                                                   tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]):
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "empty").mkdir()
     path = tmp_path / "nodata.toml"
-    text = tiny_study_toml(tmp_path / "nowhere", final=False)
+    text = tiny_study_toml(tmp_path / directory, final=False)
     if command == "search":
         text += ("\n[search]\nn_trials = 2\n[search.space]\n"
                  "learning_rate = { choices = [0.001, 0.01] }\n")
     path.write_text(text)
     code, _, err = run_cli(capsys, command, str(path), "--run-dir", str(tmp_path / "runs"))
-    assert_one_line_error(code, err, str(tmp_path / "nowhere"), "file not found")
+    assert_one_line_error(code, err, says.format(tmp_path / directory))
+    if directory == "empty":
+        assert "file not found" in err
     assert not (tmp_path / "runs").exists()
 
 
