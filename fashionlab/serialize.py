@@ -6,6 +6,7 @@ the writing process, so that what a killed process left is found and removed
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 import os
@@ -62,6 +63,7 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
+@functools.cache  # read once per process: every staging name and every stale check use it
 def _machine_tag() -> str:
     """This machine (its host name) and boot, 8 hex digits each."""
     return f"{_digest(socket.gethostname())}-{_digest(ProcessIdentity.current().boot_id or '')}"
