@@ -88,7 +88,7 @@ def test_a_closed_terminal_stops_a_parallel_study_in_one_line(tiny_idx_dir: Path
     study = tmp_path / "tiny.toml"
     study.write_text(tiny_study_toml(tiny_idx_dir, epochs=40))
     command = [sys.executable, "-c", "from fashionlab.cli import main; main()", "study",
-               str(study), "--run-dir", str(tmp_path), "--workers", "2"]
+               str(study), "--run-dir", str(tmp_path), "--workers", "2", "-q"]  # no progress
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, start_new_session=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
