@@ -130,6 +130,14 @@ def load_model(directory: str | Path, device: str | torch.device | None = "cpu",
     return SavedModel(module, spec, class_names, metadata, directory)
 
 
+def as_saved_model(model: SavedModel | str | os.PathLike[str],
+                   device: str | torch.device | None = "cpu") -> SavedModel:
+    """The model itself, or the one `load_model` reads from that directory."""
+    if isinstance(model, (str, os.PathLike)):
+        return load_model(model, device)
+    return model
+
+
 def _read_description(path: Path) -> tuple[ModelSpec, tuple[str, ...], dict[str, Any]]:
     def invalid(problem: str) -> ModelFileError:
         return ModelFileError(f"{path}: not a valid model description ({problem})")

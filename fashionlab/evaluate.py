@@ -12,6 +12,7 @@ inference mode. The images go in as the model expects them: uint8 pixels / 255, 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fashionlab.artifacts import SavedModel, load_model
+from fashionlab.artifacts import SavedModel, as_saved_model
 from fashionlab.data import Split
 from fashionlab.errors import DataError
 
@@ -124,8 +125,8 @@ def evaluate(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if isinstance(model, (str, Path)):
-        model = load_model(model, device)
+    if isinstance(model, (str, os.PathLike)):  # a plain module is no SavedModel
+        model = as_saved_model(model, device)
     if not isinstance(split, Split):  # a whole Dataset, say: which of its splits is unsaid
         raise DataError(f"split: expected a Split (dataset.test, say), got "
                         f"{type(split).__name__}")

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fashionlab.artifacts import PREPROCESSING, SavedModel, load_model
+from fashionlab.artifacts import PREPROCESSING, SavedModel, as_saved_model
 from fashionlab.errors import FashionlabError
 from fashionlab.serialize import staging_path
 from fashionlab.text import first_line
@@ -88,8 +88,7 @@ def export_onnx(saved_model: SavedModel | str | Path, path: str | Path, *,
     raises ExportError and leaves nothing at `path`.
     """
     _require_onnx()
-    if isinstance(saved_model, (str, Path)):  # its directory
-        saved_model = load_model(saved_model)
+    saved_model = as_saved_model(saved_model)
     path = Path(path)
     if path.is_dir():
         raise ExportError(f"{path}: is a directory; name the .onnx file to write")

@@ -376,15 +376,6 @@ def preview(images: np.ndarray, *, columns: int = 10, scale: int = 4,
 # Predicting
 
 
-def _loaded(saved_model: SavedModel | str | Path) -> SavedModel:
-    """The model itself, or the one in that directory."""
-    if isinstance(saved_model, (str, Path)):
-        from fashionlab.artifacts import load_model  # torch: only for a model given by path
-
-        return load_model(saved_model)
-    return saved_model
-
-
 def predict(saved_model: SavedModel | str | Path, images: np.ndarray,
             top_k: int = 3) -> list[Prediction]:
     """The top_k classes of each image.
@@ -394,9 +385,12 @@ def predict(saved_model: SavedModel | str | Path, images: np.ndarray,
     float 0-1; anything else (0-255 floats, NaN, another shape) is an ImageFileError, never
     a confident answer about pixels the model was not trained on.
     """
+    # torch: only when predicting, not to read images
     import torch
 
-    saved_model = _loaded(saved_model)
+    from fashionlab.artifacts import as_saved_model
+
+    saved_model = as_saved_model(saved_model)
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
     images = _as_images(np.asarray(images), "images")
@@ -422,7 +416,9 @@ def predict_files(saved_model: SavedModel | str | Path,
                   invert: bool | None = None) -> list[FilePredictions]:
     """Load and predict every file (one path, or many); unreadable files carry their error,
     the others go on."""
-    saved_model = _loaded(saved_model)  # once, not once a file
+    from fashionlab.artifacts import as_saved_model  # torch: only when predicting
+
+    saved_model = as_saved_model(saved_model)  # once, not once a file
     results = []
     for item in load_images(paths, invert=invert):
         if item.images is None:

@@ -6,7 +6,7 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING, Annotated
 
@@ -18,6 +18,7 @@ from fashionlab.provenance import version_line
 
 if TYPE_CHECKING:
     from rich.console import Console
+    from rich.table import Table
 
 app = typer.Typer(
     name="fashionlab",
@@ -98,6 +99,21 @@ def output_console(*, highlight: bool = False) -> Console:
 
     return Console(width=None if sys.stdout.isatty() else 160, highlight=highlight,
                    markup=False)
+
+
+def text_table(title: str | None, headers: Sequence[str], rows: Iterable[Sequence[str]]) -> Table:
+    """A table of plain-text cells: names and paths are text, never markup, and long cells
+    fold rather than being cut."""
+    # rich's tables: when a command prints one (`--help` and --json never do)
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=title)
+    for header in headers:
+        table.add_column(header, overflow="fold")
+    for cells in rows:
+        table.add_row(*(Text(cell) for cell in cells))
+    return table
 
 
 def _register_commands() -> None:

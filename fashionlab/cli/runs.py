@@ -16,7 +16,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from fashionlab.cli import app, output_console, resumable
+from fashionlab.cli import app, output_console, resumable, text_table
 from fashionlab.cli.study import RunDir, StoreUrl
 from fashionlab.errors import FashionlabError, StoreError
 from fashionlab.store import DEFAULT_RUN_DIR, Store
@@ -141,20 +141,10 @@ def show(run: RunId, run_dir: RunDir = DEFAULT_RUN_DIR, store: StoreUrl = None,
     for label, value in lines:
         console.print(Text(f"{label:>9}: ", style="bold") + value)
     if info["table"]:
-        table = Table(title="results")
-        for header in HEADERS:
-            table.add_column(header, overflow="fold")
-        for cells in display_rows(rows_from_summary({"table": info["table"]})):
-            table.add_row(*(Text(c) for c in cells))
-        console.print(table)
+        console.print(text_table("results", HEADERS,
+                                 display_rows(rows_from_summary({"table": info["table"]}))))
     if info["trials"] and info["trials"]["top"]:  # a finished search: its top trials
-        headers, rows = trial_cells(info["trials"])
-        table = Table(title="top trials")
-        for header in headers:
-            table.add_column(header, overflow="fold")
-        for cells in rows:
-            table.add_row(*(Text(c) for c in cells))
-        console.print(table)
+        console.print(text_table("top trials", *trial_cells(info["trials"])))
         for line in [*reference_lines(info["trials"]), retrain_line(info["trials"])]:
             if line:
                 console.print(Text(line))

@@ -5,10 +5,8 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.table import Table
-from rich.text import Text
 
-from fashionlab.cli import app, output_console, resumable
+from fashionlab.cli import app, output_console, resumable, text_table
 from fashionlab.cli.study import MlflowUri, Quiet, RunDir, StoreUrl, Tensorboard
 from fashionlab.config import load_study, quick_variant
 from fashionlab.store import DEFAULT_RUN_DIR
@@ -104,12 +102,8 @@ def search(
     else:
         headers, rows = trial_cells(summary)
         if rows:
-            table = Table(title=f"{spec.name}: top trials of run {result.run.id}")
-            for header in headers:
-                table.add_column(header, overflow="fold")
-            for row in rows:
-                table.add_row(*(Text(cell) for cell in row))  # "(base: NAME)": text
-            console.print(table)
+            console.print(text_table(f"{spec.name}: top trials of run {result.run.id}",
+                                     headers, rows))
         else:
             console.print(f"{spec.name}, run {result.run.id}: {nothing_ranked_line(summary)}")
         console.print(spent_note(summary))

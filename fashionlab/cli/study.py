@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 from rich.text import Text
 
-from fashionlab.cli import app, output_console, resumable
+from fashionlab.cli import app, output_console, resumable, text_table
 from fashionlab.config import SEED_RANGE, load_study, quick_variant
 from fashionlab.errors import ConfigError
 from fashionlab.store import DEFAULT_RUN_DIR
@@ -125,14 +124,8 @@ def study(
         typer.echo(json.dumps(result.run.summary or summary(result), indent=2))
         return
     rows = table_rows(result)
-    table = Table(title=f"{spec.name}: run {result.run.id}")
-    for header in HEADERS:
-        table.add_column(header, overflow="fold")
-    for cells in display_rows(rows):
-        table.add_row(*(Text(cell) for cell in cells))  # names are text, never markup
-    # Off a terminal (logs, CI) there is no width to respect: do not fold the table.
     console = output_console(highlight=True)
-    console.print(table)
+    console.print(text_table(f"{spec.name}: run {result.run.id}", HEADERS, display_rows(rows)))
     console.print(Text(LEGEND, style="dim"))
     for row in rows:
         if row.note and row.kind != "baseline":

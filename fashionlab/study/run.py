@@ -189,6 +189,8 @@ def run_study(
                 result.retrain = retrain(ctx, best, final_data, dataset.class_names)
             result.final = [train_final(ctx, c, final_data, dataset.class_names)
                             for c in spec.final]
+            if shown:
+                _show_stored(result, run, dataset, output_dir, reporter)
         if not shown:
             result.wall_seconds = time.perf_counter() - started
             # One summary for results.json and the store: measured once (the peak memory).
@@ -207,21 +209,6 @@ def run_study(
     finally:
         torch.set_num_threads(threads_before)
     if shown:
-        stored = run.summary or {}
-        result.wall_seconds = float(stored.get("wall_seconds") or 0.0)
-        result.resumed = bool(stored.get("resumed"))
-        result.workers = int(stored.get("workers") or 1)
-        result.threads = int(stored.get("threads") or 0)
-        if output_dir.is_dir() and not _results_intact(output_dir):
-            # Deleted or damaged since (a truncated results.json): written again from what
-            # the store holds, where the folder can be written.
-            with contextlib.suppress(OutputError):
-                write_outputs(result, dataset, run.summary)
-                result.notes.append(f"{output_dir}: the results were missing or damaged and "
-                                    "are written again from the store")
-                if progress is not False:
-                    with reporting(progress) as reporter:
-                        reporter.log(result.notes[-1])
         _tidy(store, run.id, output_dir, torch_device)
         store.close()
         return result
@@ -241,6 +228,24 @@ def _leave(store: Store, output_dir: Path) -> None:
     if store.shared:
         shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
     store.close()
+
+
+def _show_stored(result: StudyResult, run: RunRecord, dataset: Dataset, output_dir: Path,
+                 reporter: Reporter) -> None:
+    """A finished run shown again: its measures as stored, and its tables written again from
+    the store where they were deleted or damaged (a truncated results.json) and the folder
+    can be written."""
+    stored = run.summary or {}
+    result.wall_seconds = float(stored.get("wall_seconds") or 0.0)
+    result.resumed = bool(stored.get("resumed"))
+    result.workers = int(stored.get("workers") or 1)
+    result.threads = int(stored.get("threads") or 0)
+    if output_dir.is_dir() and not _results_intact(output_dir):
+        with contextlib.suppress(OutputError):
+            write_outputs(result, dataset, run.summary)
+            result.notes.append(f"{output_dir}: the results were missing or damaged and are "
+                                "written again from the store")
+            reporter.log(result.notes[-1])
 
 
 def _results_intact(output_dir: Path) -> bool:
