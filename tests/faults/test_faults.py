@@ -2,7 +2,7 @@
 fashionlab process) is killed, terminated, damaged and starved, and must always resume to the
 numbers of an uninterrupted run, leaving no process and no temporary file behind.
 
-The kills land at seeded random moments: `FASHIONLAB_FAULT_KILLS` sets how many (10 by
+The kills land at seeded random moments: `FASHIONLAB_FAULT_KILLS` sets how many (6 by
 default; 50 for the long mode: `FASHIONLAB_FAULT_KILLS=50 make test ARGS=tests/faults`) and
 `FASHIONLAB_FAULT_SEED` which moments.
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from helpers import tiny_study_toml
 
-KILLS = int(os.environ.get("FASHIONLAB_FAULT_KILLS", "10"))
+KILLS = int(os.environ.get("FASHIONLAB_FAULT_KILLS", "6"))
 SEED = int(os.environ.get("FASHIONLAB_FAULT_SEED", "0"))
 
 # Two dense stacks and a CNN: three independent jobs, so --workers 2 trains them side by side.
@@ -180,19 +180,27 @@ def test_sigterm_stops_the_study_like_ctrl_c(reference, tmp_path):
     assert _results(run_dir) == expected
 
 
-@pytest.mark.parametrize("damage", ["truncate", "empty", "random bytes"])
-def test_a_damaged_checkpoint_is_reported_and_the_run_resumes(reference, tmp_path, damage):
-    data, tmp, duration, expected = reference
-    run_dir = tmp_path / "damaged"
-    rng = random.Random(f"{SEED}-{damage}")
-    checkpoints: list[Path] = []
+@pytest.fixture(scope="module")
+def killed_with_checkpoints(reference, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run killed while it had checkpoints: each damage test damages a copy of it."""
+    data, tmp, duration, _ = reference
+    run_dir = tmp_path_factory.mktemp("killed") / "run"
+    rng = random.Random(f"{SEED}-checkpoints")
     for _ in range(10):  # kill until a checkpoint is there to damage
         _kill_at(_study(tmp, data, run_dir), rng.uniform(0.4, 0.8) * duration, signal.SIGKILL)
-        checkpoints = sorted(run_dir.glob("*/checkpoints/*.pt"))
-        if checkpoints:
-            break
+        if list(run_dir.glob("*/checkpoints/*.pt")):
+            return run_dir
         shutil.rmtree(run_dir, ignore_errors=True)
-    assert checkpoints, "no kill left a checkpoint"
+    pytest.fail("no kill left a checkpoint")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "random bytes"])
+def test_a_damaged_checkpoint_is_reported_and_the_run_resumes(
+        reference, killed_with_checkpoints, tmp_path, damage):
+    data, tmp, _, expected = reference
+    run_dir = tmp_path / "damaged"
+    shutil.copytree(killed_with_checkpoints, run_dir)  # a run directory resumes where it lies
+    checkpoints = sorted(run_dir.glob("*/checkpoints/*.pt"))
     for path in checkpoints:
         raw = path.read_bytes()
         path.write_bytes({"truncate": raw[: len(raw) // 2], "empty": b"",
