@@ -23,8 +23,9 @@ from matplotlib.figure import Figure
 
 from fashionlab.data import CLASS_NAMES
 from fashionlab.serialize import staging_path
+from fashionlab.text import safe_name
 
-__all__ = ["learning_curves", "png_data_uri", "sample_grid", "save_figure"]
+__all__ = ["curves_file", "learning_curves", "png_data_uri", "sample_grid", "save_figure"]
 
 
 @contextlib.contextmanager
@@ -48,12 +49,22 @@ def save_figure(figure: Figure, path: Path, **savefig: Any) -> None:
         staging.unlink(missing_ok=True)
 
 
-def png_data_uri(figure: Figure, *, dpi: float = 100) -> str:
-    """A figure as a PNG data URI ("data:image/png;base64,..."), for an HTML page or notebook."""
-    buffer = io.BytesIO()
-    with _missing_glyphs_drawn_silently():
-        figure.savefig(buffer, format="png", dpi=dpi)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+def png_data_uri(figure: Figure | Path, *, dpi: float = 100) -> str:
+    """A figure, or a PNG file, as a PNG data URI ("data:image/png;base64,..."), for an HTML
+    page or notebook."""
+    if isinstance(figure, Path):
+        png = figure.read_bytes()
+    else:
+        buffer = io.BytesIO()
+        with _missing_glyphs_drawn_silently():
+            figure.savefig(buffer, format="png", dpi=dpi)
+        png = buffer.getvalue()
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def curves_file(name: str) -> str:
+    """The file name of a candidate's or final model's learning curves in a study's figures."""
+    return f"curves-{safe_name(name)}.png"
 
 
 def sample_grid(

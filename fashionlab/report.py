@@ -10,6 +10,7 @@ string that comes from a user (study, candidate and file names) is escaped by th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Mapping
@@ -201,12 +202,15 @@ def _study_sections(store: Store, run: RunRecord, device: str | torch.device
     histories = store.histories(run.id)
     planned = {m.key: m.epochs_planned for m in store.models(run.id)}
     entries = _curve_entries(store, run)
+    # A finished run's figures hold the same curves: embedded as they are, not drawn again.
+    figures = Path(run.output_dir) / "figures" if summary is not None and run.output_dir \
+        else None
     return {
         "table": None if summary is None else _results_table(summary),
         "comparisons": [] if summary is None else _comparison_rows(summary),
-        "curves": [_curve_figure(entry, histories, planned)
+        "curves": [_curve_figure(entry, histories, planned, figures)
                    for entry in entries if entry["role"] == "cv"],
-        "final_curves": [_curve_figure(entry, histories, planned)
+        "final_curves": [_curve_figure(entry, histories, planned, figures)
                          for entry in entries if entry["role"] == "final"],
         "tested": _tested_models(run, device),
         "finished": summary is not None,
@@ -264,7 +268,7 @@ def _curve_entries(store: Store, run: RunRecord) -> list[dict[str, Any]]:
 
 
 def _curve_figure(entry: Mapping[str, Any], histories: Mapping[str, list[EpochRecord]],
-                  planned: Mapping[str, int]) -> dict[str, Any]:
+                  planned: Mapping[str, int], figures: Path | None) -> dict[str, Any]:
     keys = entry["keys"]
     epochs = max([planned.get(k, 0) for k in keys]
                  + [len(histories.get(k, [])) for k in keys] + [1])
@@ -275,8 +279,14 @@ def _curve_figure(entry: Mapping[str, Any], histories: Mapping[str, list[EpochRe
                 for metric in METRICS:
                     curves[metric][i, record.epoch - 1] = getattr(record, metric)
     stored = sum(len(histories.get(k, [])) for k in keys)
-    figure = plots.learning_curves(curves, title=entry["name"], warning=entry["warning"],
-                                   schedule_end=entry["schedule_end"])
+    image = None
+    if figures is not None:
+        with contextlib.suppress(OSError):  # deleted since: drawn again
+            image = plots.png_data_uri(figures / plots.curves_file(entry["name"]))
+    if image is None:  # not finished, or the file is gone
+        image = plots.png_data_uri(plots.learning_curves(
+            curves, title=entry["name"], warning=entry["warning"],
+            schedule_end=entry["schedule_end"]), dpi=DPI)
     warning = entry["warning"]
     caption = f"{counted(len(keys), 'model')}, {counted(stored, 'epoch')} stored"
     if entry["schedule_end"] is not None:
@@ -284,7 +294,7 @@ def _curve_figure(entry: Mapping[str, Any], histories: Mapping[str, list[EpochRe
     elif warning is not None:
         caption += (f"; overfitting warning at epoch {warning.epoch}" if warning.epoch
                     else "; no overfitting warning")
-    return {"name": entry["name"], "image": plots.png_data_uri(figure, dpi=DPI),
+    return {"name": entry["name"], "image": image,
             "caption": caption}
 
 

@@ -254,7 +254,7 @@ def write_outputs(result: StudyResult, dataset: Dataset,
         for c in result.candidates + result.final:
             figure = plots.learning_curves(c.curves, title=c.name, warning=c.warning,
                                            schedule_end=c.schedule_end)
-            path = figures / f"curves-{text.safe_name(c.name)}.png"
+            path = figures / plots.curves_file(c.name)
             _save_figure(figure, path)
             written[f"curves:{c.name}"] = path
         grid = plots.sample_grid(dataset.train.images, dataset.train.labels,

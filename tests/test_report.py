@@ -153,6 +153,26 @@ def test_the_report_holds_the_summary_table_tests_and_tested_models(study: Study
     assert "Learning curves" in html and "Final models" in html
 
 
+def test_a_finished_runs_curves_are_its_figures_and_drawn_again_when_gone(
+        study: StudyResult, tmp_path: Path):
+    figures = study.output_dir / "figures"
+    saved = [(figures / name).read_bytes()
+             for name in ("curves-small.png", "curves-cnn.png")]
+    html = (study.output_dir / "report.html").read_text()
+    assert all(png in _images(html) for png in saved)  # embedded as written, not drawn again
+    moved = tmp_path / "figures"
+    shutil.move(figures, moved)
+    try:
+        store = Store.open(_run_dir(study))
+        again = render_report(store, study.run.id)
+        store.close()
+    finally:
+        shutil.move(moved, figures)
+    images = _images(again)
+    assert len(images) == len(_images(html))  # every curve still there, drawn from the store
+    assert not any(png in images for png in saved)
+
+
 def test_a_missing_model_is_said_not_failed(study: StudyResult, tmp_path: Path):
     cnn = study.output_dir / "models" / "cnn"
     moved = tmp_path / "cnn"
