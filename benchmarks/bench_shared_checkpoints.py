@@ -35,7 +35,6 @@ from fashionlab.data import to_tensors
 from fashionlab.hardware import resolve_device
 from fashionlab.jobs import claim_job, register_jobs
 from fashionlab.provenance import cpu_model
-from fashionlab.runner import image_dtype
 from fashionlab.steps import cv_members, load_study_data, plan_stacks
 from fashionlab.store import Store
 from fashionlab.train import Member, Tensors
@@ -58,9 +57,8 @@ def main() -> None:
     spec = load_study("seed")
     device = resolve_device("cpu")
     dataset = load_study_data(spec)
-    dtype = image_dtype(spec, device)
-    x, y = to_tensors(dataset.train, device, dtype)
-    x_test, y_test = to_tensors(dataset.test, device, dtype)
+    x, y = to_tensors(dataset.train, device, torch.uint8)  # as the study holds them
+    x_test, y_test = to_tensors(dataset.test, device, torch.uint8)
     folds = make_folds(len(dataset.train), spec.cv, seed=spec.seed, labels=dataset.train.labels)
     members, owner, _ = cv_members(spec, folds)
     jobs = [(f"{len(stack)} x {owner[stack[0].key].name}", stack, owner[stack[0].key].train,

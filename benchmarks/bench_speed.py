@@ -81,9 +81,9 @@ def seed_stack(model: str, precision: str | None = None) -> tuple[Any, Any]:
         candidate = dataclasses.replace(
             candidate, train=dataclasses.replace(candidate.train, precision=precision))
     dataset = load_fashion_mnist()
-    x, y = to_tensors(dataset.train)
+    x, y = to_tensors(dataset.train, dtype=torch.uint8)  # as the study holds them
     if model == "cnn":
-        x_test, y_test = to_tensors(dataset.test)
+        x_test, y_test = to_tensors(dataset.test, dtype=torch.uint8)
         data = Tensors(x, y, x_test, y_test)
         members = [Member("cnn", candidate.model, np.arange(60000), np.arange(10000), 0)]
     else:

@@ -25,10 +25,10 @@ from typing import Any, Literal
 import torch
 
 from fashionlab.checkpoints import install_checkpoint
-from fashionlab.config import ModelSpec, StudySpec, TrainSpec
+from fashionlab.config import ModelSpec, TrainSpec
 from fashionlab.cv import MemberResult, train_members
 from fashionlab.errors import FashionlabError
-from fashionlab.hardware import CpuShare, release_freed_memory, resolve_precision
+from fashionlab.hardware import CpuShare, release_freed_memory
 from fashionlab.jobs import Claim, fetch_checkpoint
 from fashionlab.models import forward_flops
 from fashionlab.process import die_with_parent, start_resource_tracker
@@ -162,14 +162,6 @@ def auto_workers(jobs: Sequence[Job], device: torch.device) -> int:
     if device.type == "cuda":
         return min(len(jobs), torch.cuda.device_count()) if device.index is None else 1
     return min(len(jobs), os.cpu_count() or 1)
-
-
-def image_dtype(spec: StudySpec, device: torch.device) -> torch.dtype:
-    """bfloat16 when every model of the study trains in it (the images are then rounded to it
-    anyway: holding them so takes half the memory), else float32."""
-    precisions = {resolve_precision(c.train.precision, device)
-                  for c in (*spec.candidates, *spec.final)}
-    return torch.bfloat16 if precisions == {"bf16"} else torch.float32
 
 
 def threads_per_job(workers: int) -> int:

@@ -45,7 +45,8 @@ class Member:
 
 @dataclass(frozen=True)
 class Tensors:
-    """The data on the device: images (N, 28, 28) float32 in [0, 1], labels (N,) int64."""
+    """The data on the device: images (N, 28, 28), float in [0, 1] or uint8 pixels (converted
+    batch by batch: `as_images`), labels (N,) int64."""
 
     x_train: torch.Tensor
     y_train: torch.Tensor
@@ -78,6 +79,14 @@ def gather(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return flat.view(*rows.shape, *x.shape[1:])
 
 
+def as_images(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Images in [0, 1] of `dtype`: uint8 pixels are divided by 255 in float32 (the values
+    `to_tensors` gives, to the bit), then rounded to `dtype`."""
+    if x.dtype == torch.uint8:
+        return x.float().div_(255).to(dtype)
+    return x.to(dtype)
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -101,11 +110,11 @@ class StackTrainer:
         if device.type == "cpu":
             keep_freed_memory()
         self.precision = resolve_precision(train.precision, device)
-        if self.precision == "bf16":
-            # Autocast would round every gathered batch to bfloat16 anyway: round the images
-            # once, and gather half the bytes.
-            x_train = data.x_train.bfloat16()
-            x_val = x_train if data.x_val is data.x_train else data.x_val.bfloat16()
+        # Autocast would round every gathered batch to bfloat16 anyway: images in bfloat16.
+        self.image_dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        if data.x_train.is_floating_point():
+            x_train = data.x_train.to(self.image_dtype)
+            x_val = x_train if data.x_val is data.x_train else data.x_val.to(self.image_dtype)
             data = Tensors(x_train, data.y_train, x_val, data.y_val)
         self.data = data
         self.members = list(members)
@@ -186,6 +195,7 @@ class StackTrainer:
             x, y = gather(data.x_train, rows), data.y_train[rows]  # (M, b, 28, 28), (M, b)
             if spec.augment.crop or spec.augment.flip:
                 x = augment(x, spec.augment.crop, spec.augment.flip, self.generators)
+            x = as_images(x, self.image_dtype)
             with autocast(self.device, self.precision):
                 logits = net(x, self.generators)  # (M, b, 10)
             data_loss = F.cross_entropy(
@@ -235,7 +245,7 @@ class StackTrainer:
         for first in range(0, n, EVAL_CHUNK):
             rows = index[:, first : first + EVAL_CHUNK]
             with autocast(self.device, self.precision):
-                logits = net.infer(gather(x, rows)).float()
+                logits = net.infer(as_images(gather(x, rows), self.image_dtype)).float()
             target = y[rows]
             loss_sum += F.cross_entropy(
                 logits.flatten(0, 1), target.flatten(), reduction="none"

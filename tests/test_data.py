@@ -282,7 +282,11 @@ def test_normalize_and_to_tensors(tiny_idx_dir: Path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         x2, y2 = data.to_tensors(read_only)
+        pixels, _ = data.to_tensors(read_only, dtype=torch.uint8)
     assert torch.equal(x, x2) and torch.equal(y, y2)
+    np.testing.assert_array_equal(pixels.numpy(), split.images)  # the pixels themselves
+    pixels[0, 0, 0] = 7  # a copy: the split's arrays are not the tensor's
+    assert read_only.images[0, 0, 0] != 7 or split.images[0, 0, 0] == 7
 
 
 # --- The real Fashion-MNIST (Debian's dataset-fashion-mnist) --------------------------------

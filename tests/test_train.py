@@ -15,7 +15,7 @@ import torch
 from fashionlab.config import Augment, ConvLayer, DenseLayer, EarlyStopping, ModelSpec, TrainSpec
 from fashionlab.cv import train_members
 from fashionlab.data import load_fashion_mnist, to_tensors
-from fashionlab.train import Member, StackTrainer, Tensors
+from fashionlab.train import Member, StackTrainer, Tensors, as_images
 
 CPU = torch.device("cpu")
 DENSE = ModelSpec(layers=(DenseLayer(24, l2=0.001, dropout=0.2),))
@@ -43,6 +43,35 @@ def _members(spec: ModelSpec, seeds: list[int], n: int = 300) -> list[Member]:
 
 def _cv_data(t: Tensors) -> Tensors:
     return Tensors(t.x_train, t.y_train, t.x_train, t.y_train)
+
+
+def test_pixels_convert_to_the_images_to_tensors_gives(tiny_idx_dir: Path):
+    split = load_fashion_mnist(tiny_idx_dir, verify=False).train
+    pixels, _ = to_tensors(split, dtype=torch.uint8)
+    for dtype in (torch.float32, torch.bfloat16):
+        images = as_images(pixels, dtype)
+        assert images.dtype == dtype and torch.equal(images, to_tensors(split, dtype=dtype)[0])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("spec", [DENSE, CONV], ids=["dense", "conv"])
+def test_a_stack_trains_on_pixels_as_on_float_images(tiny_idx_dir: Path, precision: str,
+                                                     spec: ModelSpec):
+    # The study holds uint8 pixels (a quarter of the bytes) and converts each batch: the
+    # numbers must be those of float images, augmentation included, to the bit.
+    dataset = load_fashion_mnist(tiny_idx_dir, verify=False)
+    train = dataclasses.replace(TRAIN, epochs=2, precision=precision,
+                                augment=Augment(crop=1, flip=True))
+    histories = []
+    for dtype in (None, torch.uint8):
+        (x, y), (x_test, y_test) = (to_tensors(s, dtype=dtype)
+                                    for s in (dataset.train, dataset.test))
+        seeds = [1] if spec.conv else [1, 2]  # a CNN trains alone
+        trainer = StackTrainer(_members(spec, seeds), train, Tensors(x, y, x, y), CPU)
+        histories.append(_histories(trainer, 2))
+        test = trainer.evaluate(x_test, y_test, torch.arange(len(x_test)).expand(len(seeds), -1))
+        histories.append(test)
+    assert histories[0] == histories[2] and histories[1] == histories[3]
 
 
 def _histories(trainer: StackTrainer, epochs: int) -> dict[str, list[tuple[float, ...]]]:

@@ -149,11 +149,15 @@ def to_tensors(
     split: Split, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x (N, 28, 28) in [0, 1], float32 unless `dtype` says otherwise; y int64 (N,)) on
-    `device`. A bfloat16 x is the float32 x rounded, built without holding both."""
+    `device`. A bfloat16 x is the float32 x rounded, built without holding both; a uint8 x
+    holds the pixels themselves (0-255), for `train.as_images` to convert batch by batch."""
     import torch  # here, so that `fashionlab data info` starts without loading torch
 
     # torch.from_numpy warns on read-only arrays (a Split built by hand may hold them).
     images, labels = (a if a.flags.writeable else a.copy() for a in (split.images, split.labels))
+    if dtype == torch.uint8:  # the pixels themselves
+        return (torch.from_numpy(images).to(device, copy=True),
+                torch.from_numpy(labels).to(device).long())
     x = torch.empty(images.shape, dtype=dtype or torch.float32, device=device)  # (N, 28, 28)
     chunk = 8192
     for first in range(0, len(images), chunk):

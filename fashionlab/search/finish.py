@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import optuna
+import torch
 from optuna.trial import FrozenTrial, TrialState
 from pydantic import TypeAdapter, ValidationError
 
@@ -331,7 +332,7 @@ def retrain_best(s: SearchContext, best: FrozenTrial) -> dict[str, Any]:
     candidate = suggest(FixedParams(best.params), spec.search, base_candidate(spec), name)
     results = [stored_result(ctx.store, ctx.run.id, f"{name}/{fold.name}") for fold in s.folds]
     result = summarize_models(candidate, results, "cv", spec.warning)
-    x_test, y_test = to_tensors(s.dataset.test, ctx.device)
+    x_test, y_test = to_tensors(s.dataset.test, ctx.device, torch.uint8)
     data = Tensors(s.train.x_train, s.train.y_train, x_test, y_test)
     retrained = retrain(ctx, result, data, s.dataset.class_names)
     return {"trial": best.number, "candidate": name, "epochs": retrained.epochs,

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from fashionlab import notebook
@@ -333,7 +334,7 @@ class _Searcher:
         assert spec.search is not None
         self.ctx, self.spec, self.search, self.base = ctx, spec, spec.search, base_candidate(spec)
         self.store, self.run, self.study, self.lock = ctx.store, ctx.run, study, lock
-        x, y = to_tensors(dataset.train, ctx.device)
+        x, y = to_tensors(dataset.train, ctx.device, torch.uint8)  # converted batch by batch
         self.finishing = SearchContext(ctx, study, folds, Tensors(x, y, x, y), dataset)
         self.trials = TrialContext(ctx, self.base, folds, self.finishing.train,
                                    self.finishing.maximize)

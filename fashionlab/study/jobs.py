@@ -270,7 +270,7 @@ def _run_job_in_worker(store_url: str, run_id: str, spec: StudySpec, output_dir:
 
 def _in_shared_memory(inputs: JobInputs) -> JobInputs:
     """`inputs` with their tensors in shared memory, for the workers to map instead of loading
-    their own copy (~110 MB less per worker in bfloat16, no decompression at each job's start,
+    their own copy (55 MB of pixels less per worker, no decompression at each job's start,
     and the very data this process was given). CPU tensors move in place (same values, same
     objects); a GPU's are copied to the host once each. They travel to the workers as file
     descriptors, which die with the processes that hold them."""

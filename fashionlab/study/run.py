@@ -42,7 +42,7 @@ from fashionlab.results import (
     summary,
     write_outputs,
 )
-from fashionlab.runner import auto_workers, image_dtype, threads_per_job
+from fashionlab.runner import auto_workers, threads_per_job
 from fashionlab.serialize import remove_stale_staging
 from fashionlab.steps import (
     RunContext,
@@ -135,9 +135,10 @@ def run_study(
             if not (shown or joined or resumed):
                 result.notes += filter(None, [note_unresumed_run(store, run, reporter)])
             ctx = RunContext(store, run, spec, output_dir, torch_device, reporter)
-            dtype = image_dtype(spec, torch_device)
-            x_train, y_train = to_tensors(dataset.train, torch_device, dtype)
-            x_test, y_test = to_tensors(dataset.test, torch_device, dtype)
+            # The pixels as the files hold them (a quarter of float32's bytes, shared by
+            # every model and worker); each batch is converted as it is gathered.
+            x_train, y_train = to_tensors(dataset.train, torch_device, torch.uint8)
+            x_test, y_test = to_tensors(dataset.test, torch_device, torch.uint8)
             cv_data = Tensors(x_train, y_train, x_train, y_train)
             final_data = Tensors(x_train, y_train, x_test, y_test)
             # The images live in the tensors now: of the arrays, keep only what the figure of
