@@ -19,6 +19,11 @@ from fashionlab.errors import FieldValueError
 __all__ = ["VOCABULARY", "Param", "TestTimeAugmentation", "check_base", "check_grid",
            "check_space", "check_varies"]
 
+# The most hidden dense layers, and the most conv layers, a model may have: deeper plain stacks
+# do not train (no residual connections), and a search space reaching 100,000 layers of a few
+# units stays under the parameter cap while it builds a model for minutes.
+MAX_LAYERS = 100
+
 # A model's test-time augmentation (`ModelSpec.tta`), named once for the spec and the search.
 TestTimeAugmentation = Literal["none", "flip", "flip-shift"]
 
@@ -32,10 +37,11 @@ class Param:
     options: tuple[str | bool, ...] = ()  # the values a "choice" parameter takes
     early_stopping: bool = False  # needs the base to stop early
     positive: bool = False  # values must be above 0
+    maximum: float | None = None  # largest value allowed
 
 
 VOCABULARY: dict[str, Param] = {
-    "n_layers": Param("int", 0),  # hidden dense layers
+    "n_layers": Param("int", 0, maximum=MAX_LAYERS),  # hidden dense layers
     "units": Param("int", 1, layer="dense"),
     "dropout": Param("float", 0.0, 1.0, layer="dense"),
     "l2": Param("float", 0.0, layer="dense"),
@@ -153,6 +159,8 @@ def _check_value(param: Param, value: Any) -> None:
         raise ValueError(f"values must be positive (got {value!r})")
     if param.minimum is not None and value < param.minimum:
         raise ValueError(f"values must be at least {param.minimum} (got {value!r})")
+    if param.maximum is not None and value > param.maximum:
+        raise ValueError(f"values must be at most {param.maximum:g} (got {value!r})")
     if param.below is not None and value >= param.below:
         raise ValueError(f"values must lie in [{param.minimum:g}, {param.below:g}) "
                          f"(got {value!r})")

@@ -174,6 +174,23 @@ def test_values_nested_too_deeply_are_one_line(tmp_path: Path):
         load_study(path)
 
 
+def test_too_many_layers_and_a_long_wrong_value_are_said_in_a_short_line(tmp_path: Path):
+    path = tmp_path / "deep.toml"
+    path.write_text('name = "x"\n[[candidates]]\nname = "a"\nlayers = ['
+                    + ", ".join(["{ units = 16 }"] * 101) + "]\n")
+    with pytest.raises(ConfigError) as error:
+        load_study(path)
+    assert str(error.value) == (f"{path}: candidates[0].layers: tuple should have at most 100 "
+                                "items after validation, not 101")
+    path.write_text('name = "x"\n[[candidates]]\nname = "a"\nlayers = [{ units = "'
+                    + "9" * 300 + '" }]\n')
+    with pytest.raises(ConfigError) as error:
+        load_study(path)
+    message = str(error.value)
+    assert "layers[0].units: input should be a valid integer (got \"999" in message
+    assert message.endswith('...)') and len(message) < len(str(path)) + 160
+
+
 def test_a_byte_order_mark_is_no_error(tmp_path: Path):
     path = tmp_path / "bom.toml"
     path.write_bytes(b"\xef\xbb\xbf" + b'name = "bom"\n[[final]]\nname = "f"\n')

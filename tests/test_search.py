@@ -204,16 +204,27 @@ def test_the_cli_says_a_bad_space_in_one_line(tmp_path: Path, capsys: pytest.Cap
 
 @pytest.mark.parametrize(("space", "message"), [
     ("units = { low = 64, high = 200000000 }",
-     ("its largest draw (units_0 = 200000000) is too large: layers.0.units: the model would "
+     ("its largest draw (units = 200000000) is too large: layers.0.units: the model would "
       "have 159,000,000,010 parameters, more than the 100,000,000 fashionlab trains")),
     ("n_layers = { low = 1, high = 12 }\nunits = { choices = [256, 4096] }",  # 11 x 4096^2
-     "its largest draw (n_layers = 12, units_0 = 4096, units_1 = 4096, units_2 = 4096, "),
+     "its largest draw (n_layers = 12, units = 4096 (each of 12 layers)) is too large: "),
 ])
 def test_a_space_that_draws_too_large_a_model_is_refused_before_anything_is_created(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], space: str, message: str):
     path = _load(BASE + f"[search.space]\n{space}\n", tmp_path, "my.toml")
     code, _, err = run_cli(capsys, "search", str(path), "--run-dir", str(tmp_path / "runs"))
     assert_one_line_error(code, err, f"study 'x': search.space: {message}")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_space_deeper_than_a_model_may_be_is_refused_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    # 100,000 layers of 16 units stay under the parameter cap: building them took minutes.
+    path = _load(BASE + "[search.space]\nn_layers = { low = 1, high = 100000 }\n", tmp_path,
+                 "my.toml")
+    code, _, err = run_cli(capsys, "search", str(path), "--run-dir", str(tmp_path / "runs"))
+    assert_one_line_error(code, err, f"{path}: search.space.n_layers: values must be at most "
+                          "100 (got 100000)")
     assert not (tmp_path / "runs").exists()
 
 

@@ -46,6 +46,7 @@ else:  # pragma: no cover
 
 _MODEL_KEYS = {f.name for f in dataclasses.fields(ModelSpec)}
 _ENTRY_KEYS = _MODEL_KEYS | {"name", "train"}
+MAX_SHOWN = 80  # characters of a wrong value quoted in an error: one line a terminal shows
 
 
 def _resolve_entry(entry: Any, defaults: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -104,10 +105,15 @@ def _format_validation_error(error: ValidationError, within: tuple[str, ...] = (
     elif first["type"] == "missing":
         message = f"missing key '{loc[-1]}'"
         loc = loc[:-1]
+    elif first["type"] == "too_long":  # its count is the point, not its items
+        message = f"{message[0].lower()}{message[1:]}"
     elif "input" in first and first["type"] not in ("value_error", "assertion_error"):
         if first["type"] == "literal_error":  # the options as the file spells strings
             message = message.replace("'", '"')
-        message = f"{message[0].lower()}{message[1:]} (got {toml_value(first['input'])})"
+        got = toml_value(first["input"])
+        if len(got) > MAX_SHOWN:
+            got = got[:MAX_SHOWN - 3] + "..."
+        message = f"{message[0].lower()}{message[1:]} (got {got})"
     return f"{_format_location(loc)}: {message}"
 
 

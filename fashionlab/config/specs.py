@@ -28,6 +28,7 @@ from pydantic.dataclasses import dataclass
 from fashionlab.errors import FieldValueError
 from fashionlab.text import safe_name
 from fashionlab.vocabulary import (
+    MAX_LAYERS,
     TestTimeAugmentation,
     check_base,
     check_grid,
@@ -163,9 +164,10 @@ def conv_sides(conv: Sequence[ConvLayer], size: int = IMAGE_SIZE) -> list[tuple[
 class ModelSpec:
     """Optional conv stack -> flatten -> dropout -> hidden dense layers -> Dense(10)."""
 
-    conv: tuple[ConvLayer, ...] = ()  # convolution blocks, applied first
+    # convolution blocks, applied first
+    conv: Annotated[tuple[ConvLayer, ...], Field(max_length=MAX_LAYERS)] = ()
     dropout: Rate = 0.0  # dropout on the flattened features (the seed CNN uses 0.3)
-    layers: tuple[DenseLayer, ...] = ()  # hidden dense layers
+    layers: Annotated[tuple[DenseLayer, ...], Field(max_length=MAX_LAYERS)] = ()  # hidden
     n_classes: PositiveInt = N_CLASSES  # output units (softmax)
     # Test-time augmentation, wherever the model is scored or used (validation, test, evaluate,
     # predict, export): "flip" averages the logits of each image and its mirror image;

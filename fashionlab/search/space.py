@@ -169,6 +169,20 @@ class _Largest:
         return self.recorded[name]
 
 
+def _sizes(recorded: dict[str, Any]) -> list[str]:
+    """The size parameters of a draw, a per-layer one said once where its layers agree:
+    "units = 4096 (each of 64 layers)", not 64 entries."""
+    by_param: dict[str, list[Any]] = {}
+    for name, value in recorded.items():
+        param = name if name == "n_layers" else name.rpartition("_")[0] or name
+        if param in ("n_layers", "units", "filters"):
+            by_param.setdefault(param, []).append(value)
+    return [f"{param} = {values[0]}" if len(values) == 1 else
+            f"{param} = {values[0]} (each of {len(values)} layers)" if len(set(values)) == 1
+            else f"{param} = {', '.join(map(str, values))}"
+            for param, values in by_param.items()]
+
+
 def check_largest_model(study: str, search: SearchSpec, base: Candidate) -> None:
     """Refuse, before the search starts, a space that can draw a model too large to train
     (`config.MAX_PARAMETERS`): a trial would otherwise fail only once it is drawn. `study`:
@@ -178,8 +192,7 @@ def check_largest_model(study: str, search: SearchSpec, base: Candidate) -> None
         suggest(largest, search, base, base.name)
     except ValidationError as error:
         where, message, _ = first_problem(error)
-        sizes = ", ".join(f"{name} = {value}" for name, value in largest.recorded.items()
-                          if name.partition("_")[0] in ("n", "units", "filters"))
+        sizes = ", ".join(_sizes(largest.recorded))
         raise ConfigError(f"study '{study}': search.space: its largest draw ({sizes}) is too "
                           f"large: {'.'.join(map(str, where))}: {message}") from None
 
