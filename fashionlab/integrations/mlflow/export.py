@@ -72,6 +72,12 @@ def require_mlflow(tracking_uri: str | None = None) -> None:
     if tracking_uri is not None and not tracking_uri.strip():
         raise MlflowError("the MLflow tracking URI is empty (e.g. sqlite:///mlflow.db or "
                           "http://host:5000)")
+    if tracking_uri is not None and tracking_uri.startswith("sqlite:///"):
+        # MLflow would create every missing folder of the path: a typo would log elsewhere.
+        folder = Path(tracking_uri.removeprefix("sqlite:///").partition("?")[0]).parent
+        if not folder.is_dir():
+            raise MlflowError(f"mlflow {tracking_uri}: the folder {folder} does not exist "
+                              "(create it, or correct the path)")
     for name, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(name, value)
 
