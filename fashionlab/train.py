@@ -84,6 +84,8 @@ def as_images(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     `to_tensors` gives, to the bit), then rounded to `dtype`."""
     if x.dtype == torch.uint8:
         return x.float().div_(255).to(dtype)
+    if not x.is_floating_point():  # int64 0-255, say: taken as [0, 1] it would be garbage
+        raise TypeError(f"images must be uint8 pixels or floats in [0, 1], got {x.dtype}")
     return x.to(dtype)
 
 
@@ -112,10 +114,13 @@ class StackTrainer:
         self.precision = resolve_precision(train.precision, device)
         # Autocast would round every gathered batch to bfloat16 anyway: images in bfloat16.
         self.image_dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
-        if data.x_train.is_floating_point():
-            x_train = data.x_train.to(self.image_dtype)
-            x_val = x_train if data.x_val is data.x_train else data.x_val.to(self.image_dtype)
-            data = Tensors(x_train, data.y_train, x_val, data.y_val)
+
+        def held(x: torch.Tensor) -> torch.Tensor:  # pixels stay pixels, converted per batch
+            return x.to(self.image_dtype) if x.is_floating_point() else x
+
+        x_train = held(data.x_train)
+        x_val = x_train if data.x_val is data.x_train else held(data.x_val)
+        data = Tensors(x_train, data.y_train, x_val, data.y_val)
         self.data = data
         self.members = list(members)
         self.keys = [m.key for m in members]

@@ -51,6 +51,22 @@ def test_pixels_convert_to_the_images_to_tensors_gives(tiny_idx_dir: Path):
     for dtype in (torch.float32, torch.bfloat16):
         images = as_images(pixels, dtype)
         assert images.dtype == dtype and torch.equal(images, to_tensors(split, dtype=dtype)[0])
+    # Column-major arrays (scipy.io.loadmat's) give row-major pixels: batches are flat views.
+    fortran = dataclasses.replace(split, images=np.asfortranarray(split.images))
+    assert torch.equal(to_tensors(fortran, dtype=torch.uint8)[0], pixels)
+    assert to_tensors(fortran, dtype=torch.uint8)[0].is_contiguous()
+    with pytest.raises(TypeError, match="uint8 pixels or floats"):
+        as_images(pixels.long(), torch.float32)
+
+
+def test_float_training_images_and_validation_pixels_are_each_converted(tiny: Tensors,
+                                                                         tiny_idx_dir: Path):
+    pixels, _ = to_tensors(load_fashion_mnist(tiny_idx_dir, verify=False).test,
+                           dtype=torch.uint8)
+    mixed = Tensors(tiny.x_train, tiny.y_train, pixels, tiny.y_val)
+    histories = [_histories(StackTrainer(_members(DENSE, [1]), TRAIN, data, CPU), 2)
+                 for data in (tiny, mixed)]
+    assert histories[0] == histories[1]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

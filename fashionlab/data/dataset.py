@@ -155,9 +155,9 @@ def to_tensors(
 
     # torch.from_numpy warns on read-only arrays (a Split built by hand may hold them).
     images, labels = (a if a.flags.writeable else a.copy() for a in (split.images, split.labels))
-    if dtype == torch.uint8:  # the pixels themselves
-        return (torch.from_numpy(images).to(device, copy=True),
-                torch.from_numpy(labels).to(device).long())
+    if dtype == torch.uint8:  # the pixels themselves, row-major whatever the array's order
+        pixels = torch.empty(images.shape, dtype=torch.uint8, device=device)
+        return pixels.copy_(torch.from_numpy(images)), torch.from_numpy(labels).to(device).long()
     x = torch.empty(images.shape, dtype=dtype or torch.float32, device=device)  # (N, 28, 28)
     chunk = 8192
     for first in range(0, len(images), chunk):
