@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import stat
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from PIL import Image
 
 from fashionlab import plots
 from fashionlab.data import Split, load_fashion_mnist
@@ -280,10 +282,10 @@ def _curve_figure(entry: Mapping[str, Any], histories: Mapping[str, list[EpochRe
                     curves[metric][i, record.epoch - 1] = getattr(record, metric)
     stored = sum(len(histories.get(k, [])) for k in keys)
     image = None
-    if figures is not None:
+    if figures is not None and _whole_png(figures / plots.curves_file(entry["name"])):
         with contextlib.suppress(OSError):  # deleted since: drawn again
             image = plots.png_data_uri(figures / plots.curves_file(entry["name"]))
-    if image is None:  # not finished, or the file is gone
+    if image is None:  # not finished, or the file is gone or damaged
         image = plots.png_data_uri(plots.learning_curves(
             curves, title=entry["name"], warning=entry["warning"],
             schedule_end=entry["schedule_end"]), dpi=DPI)
@@ -296,6 +298,21 @@ def _curve_figure(entry: Mapping[str, Any], histories: Mapping[str, list[EpochRe
                     else "; no overfitting warning")
     return {"name": entry["name"], "image": image,
             "caption": caption}
+
+
+def _whole_png(path: Path) -> bool:
+    """Whether `path` is a regular file (not a link to elsewhere, nor a pipe that would block)
+    holding a whole PNG image: a report is mailed, and shows only what the run drew."""
+    try:
+        if not stat.S_ISREG(path.lstat().st_mode):
+            return False
+        with Image.open(path) as png:
+            if png.format != "PNG":
+                return False
+            png.verify()  # every chunk's checksum, to the end: a truncated file fails
+    except (OSError, SyntaxError, ValueError):  # PIL's errors for damaged images
+        return False
+    return True
 
 
 def _tested_models(run: RunRecord, device: str | torch.device) -> list[dict[str, Any]]:

@@ -340,8 +340,8 @@ def test_the_command_line_exports_and_logs_live(tiny_idx_dir: Path, tmp_path: Pa
     missing = tmp_path / "typo" / "deeper"
     for uri, message in [("", "the MLflow tracking URI is empty"),
                          (f"sqlite:///{tmp_path / 'afile' / 'm.db'}", "mlflow sqlite:///"),
-                         (f"sqlite:///{missing / 'm.db'}", f"the folder {missing} does not "
-                          "exist (create it, or correct the path)")]:
+                         (f"sqlite:///{missing / 'm.db'}", (f"the folder {missing} does not "
+                          "exist (create it, or correct the path)"))]:
         code, out, err = run_cli(capsys, "runs", "export", run_id, "--to", "mlflow", uri,
                                  "--run-dir", str(tmp_path / "runs"))
         assert_one_line_error(code, err, message)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import re
 import shutil
 import time
@@ -171,6 +172,33 @@ def test_a_finished_runs_curves_are_its_figures_and_drawn_again_when_gone(
     images = _images(again)
     assert len(images) == len(_images(html))  # every curve still there, drawn from the store
     assert not any(png in images for png in saved)
+
+
+@pytest.mark.parametrize("damage", ["empty", "random bytes", "truncated", "a link", "a pipe"])
+def test_a_damaged_or_foreign_curves_file_is_drawn_again(study: StudyResult, tmp_path: Path,
+                                                         damage: str):
+    run_dir = tmp_path / "copy"
+    shutil.copytree(_run_dir(study), run_dir)
+    figure = run_dir / study.output_dir.name / "figures" / "curves-small.png"
+    whole = figure.read_bytes()
+    figure.unlink()
+    if damage == "a link":  # a report is mailed: it shows no file from elsewhere
+        (tmp_path / "secret.png").write_bytes(whole)
+        figure.symlink_to(tmp_path / "secret.png")
+    elif damage == "a pipe":  # opening it would block forever
+        os.mkfifo(figure)
+    else:
+        figure.write_bytes({"empty": b"", "random bytes": os.urandom(3000),
+                            "truncated": whole[: len(whole) // 2]}[damage])
+    store = Store.open(run_dir)
+    html = render_report(store, study.run.id, run_dir=run_dir)
+    store.close()
+    images = _images(html)
+    assert len(images) == len(_images((study.output_dir / "report.html").read_text()))
+    assert whole not in images
+    for image in images:  # every one whole: drawn again, not the damaged bytes
+        with Image.open(io.BytesIO(image)) as png:
+            png.verify()
 
 
 def test_a_missing_model_is_said_not_failed(study: StudyResult, tmp_path: Path):
