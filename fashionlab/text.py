@@ -86,6 +86,14 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+SHOWN_CHARACTERS = 80  # of a wrong value quoted in an error: the line stays one a screen shows
+
+
+def shortened(text: str, limit: int = SHOWN_CHARACTERS) -> str:
+    """`text` cut to `limit` characters, "..." marking the cut."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def safe_name(name: str) -> str:
     """A model or candidate name as a file or directory name: letters, digits and "-_."
     kept, anything else (spaces, slashes, brackets) replaced by "_"; never "", "." or "..",

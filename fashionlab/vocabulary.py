@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 from fashionlab.errors import FieldValueError
+from fashionlab.text import shortened
 
 __all__ = ["VOCABULARY", "Param", "TestTimeAugmentation", "check_base", "check_grid",
            "check_space", "check_varies"]
@@ -132,7 +133,7 @@ def _check_param(param: Param, spec: Any) -> None:
 
 def _spelled(value: Any) -> str:
     """A value as a study file spells it (true, not True)."""
-    return ("true" if value else "false") if isinstance(value, bool) else repr(value)
+    return ("true" if value else "false") if isinstance(value, bool) else shortened(repr(value))
 
 
 def _options(param: Param) -> str:

@@ -180,8 +180,7 @@ def test_too_many_layers_and_a_long_wrong_value_are_said_in_a_short_line(tmp_pat
                     + ", ".join(["{ units = 16 }"] * 101) + "]\n")
     with pytest.raises(ConfigError) as error:
         load_study(path)
-    assert str(error.value) == (f"{path}: candidates[0].layers: tuple should have at most 100 "
-                                "items after validation, not 101")
+    assert str(error.value) == f"{path}: candidates[0].layers: at most 100 entries (got 101)"
     path.write_text('name = "x"\n[[candidates]]\nname = "a"\nlayers = [{ units = "'
                     + "9" * 300 + '" }]\n')
     with pytest.raises(ConfigError) as error:
@@ -189,6 +188,36 @@ def test_too_many_layers_and_a_long_wrong_value_are_said_in_a_short_line(tmp_pat
     message = str(error.value)
     assert "layers[0].units: input should be a valid integer (got \"999" in message
     assert message.endswith('...)') and len(message) < len(str(path)) + 160
+
+
+LONG = "q" * 300
+SEARCH = '[[candidates]]\nname = "a"\nlayers = [{ units = 8 }]\n[search.space]\n'
+
+
+@pytest.mark.parametrize(("toml", "expected"), [
+    ('name = "x' + "\\t" * 2500 + '"\n', "name: a name of 2501 characters is too long"),
+    ('name = "' + "." * 5000 + '"\n', "name: a name of 5000 characters is too long"),
+    ('name = "x"\n[train]\n' + LONG + " = 1\n", "train: unknown key 'qqq"),
+    ('name = "x"\n' + SEARCH + f'optimizer = {{ choices = ["adam", "{LONG}"] }}\n',
+     "search.space.optimizer: 'qqq"),
+    ('name = "x"\n' + SEARCH + f"units = {list(range(1, 300))}\n",
+     "search.space.units: a list of values to choose from is written choices = [1, 2, 3"),
+])
+def test_a_long_wrong_value_is_quoted_short(tmp_path: Path, toml: str, expected: str):
+    path = tmp_path / "s.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as error:
+        load_study(path)
+    message = str(error.value)
+    assert expected in message and len(message) < len(str(path)) + 200, message
+
+
+def test_a_line_separator_in_a_wrong_value_is_quoted_escaped(tmp_path: Path):
+    path = tmp_path / "s.toml"
+    path.write_text('name = "x"\n[train]\noptimizer = "ad\u2028am"\n')
+    with pytest.raises(ConfigError) as error:
+        load_study(path)
+    assert '(got "ad\\u2028am")' in str(error.value) and "\u2028" not in str(error.value)
 
 
 def test_a_byte_order_mark_is_no_error(tmp_path: Path):

@@ -29,7 +29,7 @@ from fashionlab.config.specs import (
     toml_value,
 )
 from fashionlab.errors import ConfigError
-from fashionlab.text import safe_name
+from fashionlab.text import safe_name, shortened
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -46,7 +46,6 @@ else:  # pragma: no cover
 
 _MODEL_KEYS = {f.name for f in dataclasses.fields(ModelSpec)}
 _ENTRY_KEYS = _MODEL_KEYS | {"name", "train"}
-MAX_SHOWN = 80  # characters of a wrong value quoted in an error: one line a terminal shows
 
 
 def _resolve_entry(entry: Any, defaults: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -100,19 +99,18 @@ def _format_validation_error(error: ValidationError, within: tuple[str, ...] = (
     if len(loc) >= 3 and loc[0] in ("candidates", "final") and loc[2] == "model":
         loc = loc[:2] + loc[3:]
     if first["type"] == "unexpected_keyword_argument":
-        message = f"unknown key '{loc[-1]}'"
+        message = f"unknown key '{shortened(str(loc[-1]))}'"
         loc = loc[:-1]
     elif first["type"] == "missing":
         message = f"missing key '{loc[-1]}'"
         loc = loc[:-1]
     elif first["type"] == "too_long":  # its count is the point, not its items
-        message = f"{message[0].lower()}{message[1:]}"
+        limit = first.get("ctx", {}).get("max_length")
+        message = f"at most {limit} entries (got {len(first['input'])})"
     elif "input" in first and first["type"] not in ("value_error", "assertion_error"):
         if first["type"] == "literal_error":  # the options as the file spells strings
             message = message.replace("'", '"')
-        got = toml_value(first["input"])
-        if len(got) > MAX_SHOWN:
-            got = got[:MAX_SHOWN - 3] + "..."
+        got = shortened(toml_value(first["input"]))
         message = f"{message[0].lower()}{message[1:]} (got {got})"
     return f"{_format_location(loc)}: {message}"
 

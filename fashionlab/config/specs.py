@@ -26,7 +26,7 @@ from pydantic import (
 from pydantic.dataclasses import dataclass
 
 from fashionlab.errors import FieldValueError
-from fashionlab.text import safe_name
+from fashionlab.text import safe_name, shortened
 from fashionlab.vocabulary import (
     MAX_LAYERS,
     TestTimeAugmentation,
@@ -63,6 +63,9 @@ def _a_name(value: str) -> str:
     """A study or model name: it names files and folders too (`text.safe_name`)."""
     if not value.strip():
         raise ValueError("a name must not be empty")
+    if len(value) > MAX_NAME_CHARACTERS:  # first: the checks below quote the name
+        raise ValueError(f"a name of {len(value)} characters is too long: at most "
+                         f"{MAX_NAME_CHARACTERS}")
     if not value.strip("."):
         raise ValueError(f"{value!r} cannot be a name: it means a folder, not a file")
     # Cc: newline, tab, escape; Zl, Zp: the line and paragraph separators (U+2028, U+2029).
@@ -73,9 +76,6 @@ def _a_name(value: str) -> str:
                           _DIRECTION_CONTROLS), None):
         raise ValueError(f"{value!r} contains a text-direction control (U+{ord(direction):04X})"
                          ": tables and file listings would show the name reordered")
-    if len(value) > MAX_NAME_CHARACTERS:
-        raise ValueError(f"a name of {len(value)} characters is too long: at most "
-                         f"{MAX_NAME_CHARACTERS}")
     if (size := len(safe_name(value).encode())) > MAX_NAME_BYTES:
         raise ValueError(f"too long as a file name: {size} bytes in UTF-8, at most "
                          f"{MAX_NAME_BYTES} (shorten it)")
@@ -390,7 +390,7 @@ class ParamSpec:
     def _bare_value(cls, data: Any) -> Any:
         if isinstance(data, list):  # no value of any parameter is a list
             raise ValueError(  # noqa: TRY004 - pydantic reports ValueError, not TypeError
-                f"a list of values to choose from is written choices = {data!r}")
+                f"a list of values to choose from is written choices = {shortened(repr(data))}")
         return data if isinstance(data, Mapping) or dataclasses.is_dataclass(data) \
             else {"value": data}
 
@@ -542,8 +542,9 @@ def toml_value(value: Any) -> str:
     """A value as the file spells it (true, "64", nan), not as Python does (True, '64')."""
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)  # a TOML basic string
+    if isinstance(value, str):  # a TOML basic string; separators, direction controls escaped
+        return "".join(ch if unicodedata.category(ch) not in ("Zl", "Zp", "Cf") else
+                       f"\\u{ord(ch):04x}" for ch in json.dumps(value, ensure_ascii=False))
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # nan, inf, -inf
     if isinstance(value, (list, tuple)):
