@@ -281,6 +281,9 @@ NAME_MISTAKES = [
      "candidates[0].name: '.' cannot be a name: it means a folder, not a file"),
     ('[[candidates]]\nname = "x y"\n[[final]]\nname = "x_y"\n',
      "model names must differ as file names too: 'x y' and 'x_y' are all saved as 'x_y'"),
+    ('[[candidates]]\nname = "Wide"\n[[final]]\nname = "wide"\n',
+     ("model names must differ as file names too: 'Wide' and 'wide' are all saved as one file "
+     "where case is ignored (macOS, Windows)")),
     (('[[candidates]]\nname = "a/b"\n[[candidates]]\nname = "a:b"\n[[candidates]]\n'
      'name = "a_b"\n'),
      ("model names must differ as file names too: 'a/b' and 'a:b' and 'a_b' are all saved "

@@ -489,11 +489,15 @@ class StudySpec:
             raise ValueError(f"model names must be unique (repeated: {', '.join(duplicates)})")
         files: dict[str, list[str]] = {}
         for name in dict.fromkeys(names):
-            files.setdefault(safe_name(name), []).append(name)
-        for file, same in files.items():
+            # casefold: "Wide" and "wide" are one file on macOS's and Windows' file systems
+            files.setdefault(safe_name(name).casefold(), []).append(name)
+        for same in files.values():
             if len(same) > 1:  # their models, figures and logs would overwrite each other
+                saved = {safe_name(n) for n in same}
                 raise ValueError(f"model names must differ as file names too: "
-                                 f"{' and '.join(map(repr, same))} are all saved as {file!r}")
+                                 f"{' and '.join(map(repr, same))} are all saved as "
+                                 + (repr(saved.pop()) if len(saved) == 1 else
+                                    "one file where case is ignored (macOS, Windows)"))
         if not self.candidates and not self.final:
             raise ValueError("a study needs at least one entry in [[candidates]] or [[final]]")
         return self
