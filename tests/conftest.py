@@ -8,6 +8,7 @@ import os
 import pwd
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -22,6 +23,13 @@ from fashionlab.data import CLASS_NAMES, FILE_NAMES, write_idx
 from fashionlab.store import database_url
 
 SEED = 0
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A suite started in the background (`make test &`, a CI script) starts with SIGINT ignored,
+    # and every command a test starts would inherit that: the tests that press Ctrl-C on one
+    # would see it ignored, as the product means a background job to. Ctrl-C as in a terminal.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
