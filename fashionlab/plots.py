@@ -49,11 +49,11 @@ def save_figure(figure: Figure, path: Path, **savefig: Any) -> None:
         staging.unlink(missing_ok=True)
 
 
-def png_data_uri(figure: Figure | Path, *, dpi: float = 100) -> str:
-    """A figure, or a PNG file, as a PNG data URI ("data:image/png;base64,..."), for an HTML
-    page or notebook."""
-    if isinstance(figure, Path):
-        png = figure.read_bytes()
+def png_data_uri(figure: Figure | bytes, *, dpi: float = 100) -> str:
+    """A figure, or a PNG image's bytes, as a PNG data URI ("data:image/png;base64,..."), for an
+    HTML page or notebook."""
+    if isinstance(figure, bytes):
+        png = figure
     else:
         buffer = io.BytesIO()
         with _missing_glyphs_drawn_silently():

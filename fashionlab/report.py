@@ -10,8 +10,8 @@ string that comes from a user (study, candidate and file names) is escaped by th
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import io
 import stat
 import time
 from collections.abc import Mapping
@@ -272,23 +272,22 @@ def _curve_entries(store: Store, run: RunRecord) -> list[dict[str, Any]]:
 def _curve_figure(entry: Mapping[str, Any], histories: Mapping[str, list[EpochRecord]],
                   planned: Mapping[str, int], figures: Path | None) -> dict[str, Any]:
     keys = entry["keys"]
-    epochs = max([planned.get(k, 0) for k in keys]
-                 + [len(histories.get(k, [])) for k in keys] + [1])
-    curves = {metric: np.full((len(keys), epochs), np.nan) for metric in METRICS}
-    for i, key in enumerate(keys):
-        for record in histories.get(key, []):
-            if record.epoch <= epochs:
-                for metric in METRICS:
-                    curves[metric][i, record.epoch - 1] = getattr(record, metric)
-    stored = sum(len(histories.get(k, [])) for k in keys)
-    image = None
-    if figures is not None and _whole_png(figures / plots.curves_file(entry["name"])):
-        with contextlib.suppress(OSError):  # deleted since: drawn again
-            image = plots.png_data_uri(figures / plots.curves_file(entry["name"]))
-    if image is None:  # not finished, or the file is gone or damaged
+    saved = None if figures is None else _saved_png(figures / plots.curves_file(entry["name"]))
+    if saved is not None:
+        image = plots.png_data_uri(saved)
+    else:  # not finished, or the file is gone or damaged: drawn from the store
+        epochs = max([planned.get(k, 0) for k in keys]
+                     + [len(histories.get(k, [])) for k in keys] + [1])
+        curves = {metric: np.full((len(keys), epochs), np.nan) for metric in METRICS}
+        for i, key in enumerate(keys):
+            for record in histories.get(key, []):
+                if record.epoch <= epochs:
+                    for metric in METRICS:
+                        curves[metric][i, record.epoch - 1] = getattr(record, metric)
         image = plots.png_data_uri(plots.learning_curves(
             curves, title=entry["name"], warning=entry["warning"],
             schedule_end=entry["schedule_end"]), dpi=DPI)
+    stored = sum(len(histories.get(k, [])) for k in keys)
     warning = entry["warning"]
     caption = f"{counted(len(keys), 'model')}, {counted(stored, 'epoch')} stored"
     if entry["schedule_end"] is not None:
@@ -296,23 +295,24 @@ def _curve_figure(entry: Mapping[str, Any], histories: Mapping[str, list[EpochRe
     elif warning is not None:
         caption += (f"; overfitting warning at epoch {warning.epoch}" if warning.epoch
                     else "; no overfitting warning")
-    return {"name": entry["name"], "image": image,
-            "caption": caption}
+    return {"name": entry["name"], "image": image, "caption": caption}
 
 
-def _whole_png(path: Path) -> bool:
-    """Whether `path` is a regular file (not a link to elsewhere, nor a pipe that would block)
-    holding a whole PNG image: a report is mailed, and shows only what the run drew."""
+def _saved_png(path: Path) -> bytes | None:
+    """The bytes of `path` where it is a regular file (not a link to elsewhere, nor a pipe that
+    would block) holding a whole PNG image, else None: a report is mailed, and shows only what
+    the run drew."""
     try:
         if not stat.S_ISREG(path.lstat().st_mode):
-            return False
-        with Image.open(path) as png:
-            if png.format != "PNG":
-                return False
-            png.verify()  # every chunk's checksum, to the end: a truncated file fails
-    except (OSError, SyntaxError, ValueError):  # PIL's errors for damaged images
-        return False
-    return True
+            return None
+        png = path.read_bytes()
+        with Image.open(io.BytesIO(png)) as image:
+            if image.format != "PNG":
+                return None
+            image.verify()  # every chunk's checksum, to the end: a truncated file fails
+    except (OSError, SyntaxError, ValueError):  # gone since; PIL's errors for damaged images
+        return None
+    return png
 
 
 def _tested_models(run: RunRecord, device: str | torch.device) -> list[dict[str, Any]]:

@@ -164,10 +164,11 @@ def conv_sides(conv: Sequence[ConvLayer], size: int = IMAGE_SIZE) -> list[tuple[
 class ModelSpec:
     """Optional conv stack -> flatten -> dropout -> hidden dense layers -> Dense(10)."""
 
-    # convolution blocks, applied first
+    # Convolution blocks, applied first; then dropout on the flattened features (the seed CNN
+    # uses 0.3); then the hidden dense layers.
     conv: Annotated[tuple[ConvLayer, ...], Field(max_length=MAX_LAYERS)] = ()
-    dropout: Rate = 0.0  # dropout on the flattened features (the seed CNN uses 0.3)
-    layers: Annotated[tuple[DenseLayer, ...], Field(max_length=MAX_LAYERS)] = ()  # hidden
+    dropout: Rate = 0.0
+    layers: Annotated[tuple[DenseLayer, ...], Field(max_length=MAX_LAYERS)] = ()
     n_classes: PositiveInt = N_CLASSES  # output units (softmax)
     # Test-time augmentation, wherever the model is scored or used (validation, test, evaluate,
     # predict, export): "flip" averages the logits of each image and its mirror image;
