@@ -123,13 +123,18 @@ BAD_STUDIES = [
 ]
 
 
-@pytest.mark.parametrize(("text", "fragment"), BAD_STUDIES)
-def test_bad_study_files_name_the_file_and_field(tmp_path: Path, text: str, fragment: str):
-    path = tmp_path / "bad.toml"
+def _load_error(path: Path, text: str) -> str:
+    """The ConfigError that loading a study file holding `text` from `path` raises."""
     path.write_text(text)
     with pytest.raises(ConfigError) as error:
         load_study(path)
-    message = str(error.value)
+    return str(error.value)
+
+
+@pytest.mark.parametrize(("text", "fragment"), BAD_STUDIES)
+def test_bad_study_files_name_the_file_and_field(tmp_path: Path, text: str, fragment: str):
+    path = tmp_path / "bad.toml"
+    message = _load_error(path, text)
     assert message.startswith(f"{path}: ") and fragment in message, message
     assert "\n" not in message
 
@@ -176,16 +181,11 @@ def test_values_nested_too_deeply_are_one_line(tmp_path: Path):
 
 def test_too_many_layers_and_a_long_wrong_value_are_said_in_a_short_line(tmp_path: Path):
     path = tmp_path / "deep.toml"
-    path.write_text('name = "x"\n[[candidates]]\nname = "a"\nlayers = ['
-                    + ", ".join(["{ units = 16 }"] * 101) + "]\n")
-    with pytest.raises(ConfigError) as error:
-        load_study(path)
-    assert str(error.value) == f"{path}: candidates[0].layers: at most 100 entries (got 101)"
-    path.write_text('name = "x"\n[[candidates]]\nname = "a"\nlayers = [{ units = "'
-                    + "9" * 300 + '" }]\n')
-    with pytest.raises(ConfigError) as error:
-        load_study(path)
-    message = str(error.value)
+    message = _load_error(path, 'name = "x"\n[[candidates]]\nname = "a"\nlayers = ['
+                          + ", ".join(["{ units = 16 }"] * 101) + "]\n")
+    assert message == f"{path}: candidates[0].layers: at most 100 entries (got 101)"
+    message = _load_error(path, 'name = "x"\n[[candidates]]\nname = "a"\nlayers = [{ units = "'
+                          + "9" * 300 + '" }]\n')
     assert "layers[0].units: input should be a valid integer (got \"999" in message
     assert message.endswith('...)') and len(message) < len(str(path)) + 160
 
@@ -205,19 +205,13 @@ SEARCH = '[[candidates]]\nname = "a"\nlayers = [{ units = 8 }]\n[search.space]\n
 ])
 def test_a_long_wrong_value_is_quoted_short(tmp_path: Path, toml: str, expected: str):
     path = tmp_path / "s.toml"
-    path.write_text(toml)
-    with pytest.raises(ConfigError) as error:
-        load_study(path)
-    message = str(error.value)
+    message = _load_error(path, toml)
     assert expected in message and len(message) < len(str(path)) + 200, message
 
 
 def test_a_line_separator_in_a_wrong_value_is_quoted_escaped(tmp_path: Path):
-    path = tmp_path / "s.toml"
-    path.write_text('name = "x"\n[train]\noptimizer = "ad\u2028am"\n')
-    with pytest.raises(ConfigError) as error:
-        load_study(path)
-    assert '(got "ad\\u2028am")' in str(error.value) and "\u2028" not in str(error.value)
+    message = _load_error(tmp_path / "s.toml", 'name = "x"\n[train]\noptimizer = "ad\u2028am"\n')
+    assert '(got "ad\\u2028am")' in message and "\u2028" not in message
 
 
 def test_a_byte_order_mark_is_no_error(tmp_path: Path):

@@ -60,6 +60,15 @@ def _run_dir(study: StudyResult) -> Path:
     return study.output_dir.parent
 
 
+def _rendered(study: StudyResult, run_dir: Path | None = None) -> str:
+    """The study's report rendered afresh from the store in `run_dir` (default: its own)."""
+    store = Store.open(run_dir or _run_dir(study))
+    try:
+        return render_report(store, study.run.id, run_dir=run_dir)
+    finally:
+        store.close()
+
+
 def _images(html: str) -> list[bytes]:
     return [base64.b64decode(uri) for uri in re.findall(r'src="data:image/png;base64,([^"]+)"',
                                                         html)]
@@ -164,9 +173,7 @@ def test_a_finished_runs_curves_are_its_figures_and_drawn_again_when_gone(
     moved = tmp_path / "figures"
     shutil.move(figures, moved)
     try:
-        store = Store.open(_run_dir(study))
-        again = render_report(store, study.run.id)
-        store.close()
+        again = _rendered(study)
     finally:
         shutil.move(moved, figures)
     images = _images(again)
@@ -190,10 +197,7 @@ def test_a_damaged_or_foreign_curves_file_is_drawn_again(study: StudyResult, tmp
     else:
         figure.write_bytes({"empty": b"", "random bytes": os.urandom(3000),
                             "truncated": whole[: len(whole) // 2]}[damage])
-    store = Store.open(run_dir)
-    html = render_report(store, study.run.id, run_dir=run_dir)
-    store.close()
-    images = _images(html)
+    images = _images(_rendered(study, run_dir))
     assert len(images) == len(_images((study.output_dir / "report.html").read_text()))
     assert whole not in images
     for image in images:  # every one whole: drawn again, not the damaged bytes
@@ -206,9 +210,7 @@ def test_a_missing_model_is_said_not_failed(study: StudyResult, tmp_path: Path):
     moved = tmp_path / "cnn"
     shutil.move(cnn, moved)
     try:
-        store = Store.open(_run_dir(study))
-        html = render_report(store, study.run.id)
-        store.close()
+        html = _rendered(study)
     finally:
         shutil.move(moved, cnn)
     assert f"Not tested: the model files are not in {cnn}" in html
