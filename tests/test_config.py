@@ -262,7 +262,17 @@ PRE_RUN_MISTAKES = [
     (('[[final]]\nname = "f"\nconv = [{ filters = 32, padding = "same" }]\n'
       "layers = [{ units = 4096 }]"),  # 28 x 28 x 32 features into 4096 units
      ("final[0].layers[0].units: the model would have 102,805,834 parameters, more than the "
-      "100,000,000 fashionlab trains (102,764,544 in this layer)")),
+      "100,000,000 fashionlab trains (102,764,544 in this layer, fed by conv[0]'s 32 x 28 x 28 "
+      "= 25,088 flattened features: fewer filters or more pooling shrink them)")),
+    (('[[final]]\nname = "f"\nconv = [{ filters = 8 }, { filters = 20000, pool = 2 }]\n'
+      "layers = [{ units = 40 }]"),  # the units are few: the conv stack's output is not
+     ("final[0].layers[0].units: the model would have 116,660,530 parameters, more than the "
+      "100,000,000 fashionlab trains (115,200,040 in this layer, fed by conv[1]'s 20000 x 12 x "
+      "12 = 2,880,000 flattened features: fewer filters or more pooling shrink them)")),
+    (('[[final]]\nname = "f"\nconv = [{ filters = 200000, padding = "same" }]\n'),
+     ("final[0].n_classes: the model would have 1,570,000,010 parameters, more than the "
+      "100,000,000 fashionlab trains (1,568,000,010 in this layer, fed by conv[0]'s 200000 x "
+      "28 x 28 = 156,800,000 flattened features: fewer filters or more pooling shrink them)")),
 ]
 
 

@@ -201,8 +201,22 @@ class ModelSpec:
             largest = max(counts, key=counts.__getitem__)
             raise FieldValueError(largest, f"the model would have {sum(counts.values()):,} "
                                   f"parameters, more than the {MAX_PARAMETERS:,} fashionlab "
-                                  f"trains ({counts[largest]:,} in this layer)")
+                                  f"trains ({counts[largest]:,} in this layer"
+                                  f"{self._flattened_input(largest)})")
         return self
+
+    def _flattened_input(self, layer: tuple[str | int, ...]) -> str:
+        """Why the first dense layer (or the output layer, when there is none) is large when
+        its input is the flattened conv stack: the last conv layer's filters x side x side,
+        which only its filters or pooling shrink, not this layer's units."""
+        first_dense = ("layers", 0, "units") if self.layers else ("n_classes",)
+        if not self.conv or layer != first_dense:
+            return ""
+        last, side = len(self.conv) - 1, conv_sides(self.conv)[-1][1]
+        filters = self.conv[last].filters
+        return (f", fed by conv[{last}]'s {filters} x {side} x {side} = "
+                f"{filters * side * side:,} flattened features: fewer filters or more "
+                f"pooling shrink them")
 
     @property
     def kind(self) -> Literal["conv", "dense"]:
