@@ -131,7 +131,8 @@ def table_rows(result: StudyResult) -> list[Row]:
 
 def _candidate_row(candidate: CandidateResult, comparison: Comparison | None,
                    twin: TwinComparison | None = None, run_id: str = "") -> Row:
-    loss, accuracy = summarize(candidate.val_loss), summarize(candidate.val_accuracy)
+    loss = summarize(candidate.val_loss)
+    accuracy = summarize(candidate.val_accuracy, bounds=(0, 1))
     notes = list(candidate.failures)
     if candidate.role == "final":
         notes = notes or ["validated on the test set; test accuracy after the last epoch"]

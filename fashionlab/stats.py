@@ -63,8 +63,9 @@ class Summary:
     mean         sum(x) / n
     std          sample standard deviation sqrt(sum((x - mean)^2) / (n - 1)); 0.0 when n == 1
     sem          standard error of the mean std / sqrt(n); NaN when n == 1 (no spread is known)
-    ci_low/high  mean -/+ t_{(1 + confidence) / 2, n - 1} * sem; NaN when n < 2, because one value
-                 says nothing about uncertainty and a zero-width interval would claim certainty
+    ci_low/high  mean -/+ t_{(1 + confidence) / 2, n - 1} * sem, clipped to the scores' `bounds`
+                 when given; NaN when n < 2, because one value says nothing about uncertainty
+                 and a zero-width interval would claim certainty
     confidence   coverage of the interval, e.g. 0.95
     When n == 0 every float field is NaN.
     """
@@ -98,11 +99,15 @@ class Summary:
         )
 
 
-def summarize(values: Sequence[float] | np.ndarray, *, confidence: float = 0.95) -> Summary:
+def summarize(values: Sequence[float] | np.ndarray, *, confidence: float = 0.95,
+              bounds: tuple[float, float] | None = None) -> Summary:
     """Summarize `values`, ignoring NaNs (a fold that failed to produce a score is skipped).
 
     The interval is mean ± t_{(1 + confidence) / 2, n - 1} * std / sqrt(n) (Student's t, which
-    is exact for normal scores and honest for the small n of cross-validation).
+    is exact for normal scores and honest for the small n of cross-validation). `bounds` is the
+    range the scores can take, (0, 1) for accuracies: the interval is clipped to it, since with
+    few folds t's wide quantiles (12.7 for 2 folds) reach past it ("[71.0, 107.0]" would claim
+    accuracies no model can have).
     """
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must lie strictly between 0 and 1, got {confidence}")
@@ -123,8 +128,11 @@ def summarize(values: Sequence[float] | np.ndarray, *, confidence: float = 0.95)
         std = float(np.std(array, ddof=1))
     sem = std / math.sqrt(n)
     half_width = float(_student_t().ppf((1.0 + confidence) / 2.0, n - 1)) * sem
-    return Summary(n=n, mean=mean, std=std, sem=sem, ci_low=mean - half_width,
-                   ci_high=mean + half_width, confidence=confidence)
+    low, high = mean - half_width, mean + half_width
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    return Summary(n=n, mean=mean, std=std, sem=sem, ci_low=low, ci_high=high,
+                   confidence=confidence)
 
 
 @dataclass(frozen=True)

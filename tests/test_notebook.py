@@ -4,6 +4,7 @@ DataFrame; and the example notebook, stored without outputs, run headless on tin
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import math
 import re
@@ -12,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import write_tiny_idx
 from helpers import tiny_study_toml
@@ -94,6 +96,16 @@ def test_to_frame_has_one_row_per_table_row_with_numbers(study: StudyResult):
     row = next(r for r in rows if r.model == "wide")
     assert wide["val_accuracy_mean"] == row.val_accuracy_mean and wide["n"] == 3
     assert math.isnan(frame.set_index("model").loc["cnn", "ci_low"])
+
+
+def test_a_rows_interval_never_leaves_0_to_100_percent(study: StudyResult):
+    # Few folds far apart: Student's t would put the interval's top above 100%.
+    wide = next(c for c in study.candidates if c.name == "wide")
+    spread = dataclasses.replace(wide, val_accuracy=np.array([0.80, 0.95, 0.99]))
+    result = dataclasses.replace(study, candidates=[spread])
+    (row,) = [r for r in table_rows(result) if r.model == "wide"]
+    assert row.ci_high == 1.0 and 0.5 < row.ci_low < 0.80
+    assert row.val_accuracy_mean == pytest.approx((0.80 + 0.95 + 0.99) / 3)
 
 
 def test_to_frame_without_pandas_says_how_to_install_it(study: StudyResult,

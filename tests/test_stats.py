@@ -56,6 +56,16 @@ def test_summarize_single_value_has_no_interval() -> None:
     assert math.isnan(s.sem) and math.isnan(s.ci_low) and math.isnan(s.ci_high)
 
 
+def test_summarize_clips_the_interval_to_the_scores_bounds() -> None:
+    # Two folds: t(0.975, 1) = 12.7 stretches the interval past 100% accuracy.
+    free, bounded = summarize([0.90, 0.95]), summarize([0.90, 0.95], bounds=(0, 1))
+    assert free.ci_high > 1 and free.ci_low > 0
+    assert (bounded.ci_low, bounded.ci_high) == (free.ci_low, 1.0)
+    assert (bounded.mean, bounded.std, bounded.sem) == (free.mean, free.std, free.sem)
+    low = summarize([0.02, 0.10], bounds=(0, 1))
+    assert low.ci_low == 0.0 and low.ci_high == summarize([0.02, 0.10]).ci_high
+
+
 def test_summarize_ignores_nan() -> None:
     assert summarize([1.0, math.nan, 3.0]) == summarize([1.0, 3.0])
     assert summarize([math.nan, 2.0]).n == 1

@@ -214,7 +214,7 @@ def top_table(trials: Sequence[FrozenTrial], *, n_train: int, n_val: int,
     rows = []
     for trial in trials:
         name = _label(trial)
-        summary = stats.summarize(scores[name])
+        summary = stats.summarize(scores[name], bounds=(0, 1) if maximize else None)
         comparison = comparisons.get(name)
         rows.append({
             "trial": trial.number, "base": trial.user_attrs.get("base"),
