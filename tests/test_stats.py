@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -139,6 +141,26 @@ def test_correction_is_more_conservative_than_plain_paired_ttest() -> None:
     # The only change is the variance factor: t shrinks by sqrt((1/J) / (1/J + n_test/n_train)).
     shrink = math.sqrt((1 / 5) / (1 / 5 + N_TEST / N_TRAIN))
     assert corrected.t == pytest.approx(float(plain.statistic) * shrink, rel=1e-9)
+
+
+@pytest.mark.parametrize("folds", [2, 3, 5, 10, 30])
+def test_intervals_and_p_values_equal_scipy_stats_to_the_bit(folds: int) -> None:
+    # The study's tables must not move by a last digit for loading less of scipy.
+    rng = np.random.default_rng(folds)
+    a, b = 0.88 + 0.01 * rng.standard_normal(folds), 0.88 + 0.01 * rng.standard_normal(folds)
+    s = summarize(a)
+    half = float(sps.t.ppf(0.975, folds - 1)) * s.sem
+    assert (s.ci_low, s.ci_high) == (s.mean - half, s.mean + half)
+    test = corrected_resampled_ttest(a, b, n_train=N_TRAIN, n_test=N_TEST)
+    assert test.p_value == float(2.0 * sps.t.sf(abs(test.t), folds - 1))
+
+
+def test_the_statistics_do_not_import_scipy_stats() -> None:
+    code = ("import sys; from fashionlab import stats; "
+            "stats.summarize([0.8, 0.9]); stats.corrected_resampled_ttest([0.8, 0.9], [0.7, 0.9], "
+            "n_train=4, n_test=1); print('scipy.stats' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "False"
 
 
 def test_corrected_ttest_is_antisymmetric() -> None:
