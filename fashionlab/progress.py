@@ -198,15 +198,30 @@ class QueueReporter:
     def log(self, message: str) -> None:
         self.events.put(("log", message))
 
+    def delivered(self, job: int) -> None:
+        """Job `job` reports nothing more: its calls are all on the queue before this mark.
+        (A queue's put is asynchronous: a job can end before its last calls reach the parent,
+        which waits for this mark instead.)"""
+        self.events.put((_DELIVERED, job))
 
-def forward(events: Any, reporter: Reporter) -> None:
-    """Replay on `reporter` the calls waiting on a `QueueReporter`'s queue (without waiting)."""
+
+_DELIVERED = "delivered"  # QueueReporter.delivered's mark on the queue: not replayed
+
+
+def forward(events: Any, reporter: Reporter, *, wait: float = 0.0) -> set[int]:
+    """Replay on `reporter` the calls waiting on a `QueueReporter`'s queue, waiting up to
+    `wait` seconds for the first one; returns the jobs `QueueReporter.delivered` marked."""
+    delivered: set[int] = set()
     while True:
         try:
-            name, *args = events.get_nowait()
+            name, *args = events.get(timeout=wait) if wait > 0 else events.get_nowait()
         except queue.Empty:
-            return
-        getattr(reporter, name)(*args)
+            return delivered
+        wait = 0.0
+        if name == _DELIVERED:
+            delivered.add(args[0])
+        else:
+            getattr(reporter, name)(*args)
 
 
 def interactive(console: Console | None = None) -> bool:

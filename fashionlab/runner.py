@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -188,10 +189,11 @@ def _init_worker(threads: int, events: Any, parent: int) -> None:
     _reporter = QueueReporter(events)
 
 
-def _call(fn: Callable[..., None], args: tuple[Any, ...]) -> None:
-    """A job in a worker process: `fn(*args, reporter)`, reporting to the parent."""
+def _call(fn: Callable[..., None], args: tuple[Any, ...], job: int) -> None:
+    """Job `job` in a worker process: `fn(*args, reporter)`, reporting to the parent."""
     assert _reporter is not None
     fn(*args, _reporter)
+    _reporter.delivered(job)
 
 
 class Stopped(Exception):
@@ -203,6 +205,10 @@ class WorkerDied(FashionlabError):
 
 
 WorkerJob = tuple[Callable[..., None], tuple[Any, ...], str, int]  # (fn, args, label, epochs)
+
+# How long the jobs' last progress calls may take to arrive once every job has ended; they are
+# only progress: a queue that lost them (it cannot, short of a bug) does not hang the run.
+DELIVERY_TIMEOUT = 10.0
 
 
 def run_in_workers(
@@ -246,6 +252,7 @@ def run_in_workers(
         try:
             while not stop.is_set() and (index := take()) is not None:
                 run_here(index, queued, check)
+                queued.delivered(index)
         except Stopped:
             pass
         except BaseException as error:  # noqa: BLE001 (the parent's loop raises it)
@@ -270,10 +277,10 @@ def run_in_workers(
         def refill() -> None:
             while len(running) < processes and not stop.is_set() and (i := take()) is not None:
                 fn, args, _, _ = jobs[i]
-                running[pool.submit(_call, fn, args)] = i
+                running[pool.submit(_call, fn, args, i)] = i
 
         refill()
-        here = None
+        here, delivered = None, set()
         if run_here is not None:
             here = threading.Thread(target=work_here, args=(queued,), name="fashionlab-job")
             here.start()
@@ -283,7 +290,7 @@ def run_in_workers(
                 done, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
                 if not running:
                     here.join(timeout=0.5)  # type: ignore[union-attr]
-                forward(events, reporter)
+                delivered |= forward(events, reporter)
                 for future in done:
                     del running[future]
                     try:
@@ -307,6 +314,10 @@ def run_in_workers(
             stop.set()  # the thread here stops after its epoch
             if here is not None:
                 here.join()
-        forward(events, reporter)
+        # Every job ran: its last calls may still be on their way (a worker's queue writes
+        # from a thread of its own). Each job's mark comes after them.
+        deadline = time.monotonic() + DELIVERY_TIMEOUT
+        while len(delivered) < len(jobs) and time.monotonic() < deadline:
+            delivered |= forward(events, reporter, wait=0.1)
         for _, _, label, _ in jobs:
             reporter.finish(label)

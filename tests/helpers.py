@@ -81,6 +81,13 @@ min_delta = 0.02
 """
 
 
+def chatty_job(epochs: int, name: str, reporter) -> None:
+    """A job for run_in_workers tests that reports `epochs` epochs as fast as it can and ends:
+    its queue is still sending them when the job is over."""
+    for epoch in range(1, epochs + 1):
+        reporter.epoch(name, epoch, {})
+
+
 def record_job(path: str, name: str, reporter) -> None:
     """A job for run_in_workers tests: note which process ran it, report one epoch."""
     import os

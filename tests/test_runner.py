@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import signal
 import sqlite3
@@ -12,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import Recorder, record_job, tiny_study_toml
+from helpers import Recorder, chatty_job, record_job, tiny_study_toml
 
 from fashionlab.progress import Silent
 from fashionlab.runner import Stopped, WorkerDied, run_in_workers
@@ -78,6 +79,35 @@ def test_worker_jobs_report_through_the_callers_reporter(tmp_path: Path):
     assert [c for c in recorder.calls if c[0] == "start"] == [("start", n, 1) for n in names]
     assert sorted(c[1] for c in recorder.calls if c[0] == "epoch") == names
     assert [c for c in recorder.calls if c[0] == "finish"] == [("finish", n) for n in names]
+
+
+def test_every_epoch_a_job_reported_is_shown_before_it_is_finished():
+    # A queue sends from a thread of its own: a job can be over before its last reports are.
+    # More than a pipe holds: a worker whose reports were left unread could not even exit.
+    recorder, epochs = Recorder(), 3000
+    names = [f"job{i}" for i in range(3)]
+
+    def run_here(index: int, reporter, check) -> None:
+        chatty_job(epochs, names[index], reporter)
+
+    def hung(*_) -> None:
+        for child in multiprocessing.active_children():  # or the suite could not exit either
+            child.kill()
+        raise TimeoutError("run_in_workers did not return in 60 s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        run_in_workers([(chatty_job, (epochs, name), name, epochs) for name in names],
+                       workers=2, reporter=recorder, run_here=run_here)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    for name in names:
+        shown = [c[2] for c in recorder.calls if c[0] == "epoch" and c[1] == name]
+        assert shown == list(range(1, epochs + 1)), (name, len(shown))
+        last = max(i for i, c in enumerate(recorder.calls) if c[:2] == ("epoch", name))
+        assert recorder.calls.index(("finish", name)) > last
 
 
 def test_a_closed_terminal_stops_a_parallel_study_in_one_line(tiny_idx_dir: Path,
