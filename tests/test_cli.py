@@ -126,10 +126,11 @@ if where == "finaliser":
 
     def then_stop(function):
         def wrapped(*args, **kwargs):
-            function(*args, **kwargs)
+            result = function(*args, **kwargs)
             if not done:
                 done.append(True)
                 Finalised()  # dropped at once
+            return result
         return wrapped
 
     fashionlab.store.Store.record_epochs = then_stop(fashionlab.store.Store.record_epochs)
