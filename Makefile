@@ -5,6 +5,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
+# The suite's processes (pytest-xdist; a test file stays in one of them, with its fixtures). Its
+# tests are mostly single-threaded Python (figures, the store, starting commands): two halve
+# its time on two cores.
+TEST_PROCESSES ?= 2
 
 .PHONY: study quick test data system-deps lint clean
 
@@ -15,7 +19,7 @@ quick: $(VENV)/.installed data
 	$(BIN)/fashionlab study --quick $(ARGS)
 
 test: $(VENV)/.installed system-deps
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadfile $(ARGS)
 
 data: $(VENV)/.installed
 	bash scripts/system-deps.sh dataset
