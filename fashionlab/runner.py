@@ -245,7 +245,7 @@ def run_in_workers(
         if stop.is_set():
             raise Stopped
 
-    def work_here(queued: Reporter) -> None:
+    def work_here(queued: QueueReporter) -> None:
         assert run_here is not None
         previous = torch.get_num_threads()
         torch.set_num_threads(threads)
@@ -303,6 +303,14 @@ def run_in_workers(
                 if failures:
                     raise failures[0]
                 refill()
+            if failures:  # the thread here failed after the loop's last look
+                raise failures[0]
+            # Every job ran: its last calls may still be on their way (a worker's queue writes
+            # from a thread of its own). Each job's mark comes after them.
+            deadline = time.monotonic() + DELIVERY_TIMEOUT
+            while len(delivered) < len(jobs) and time.monotonic() < deadline:
+                raise_if_stopped()
+                delivered |= forward(events, reporter, wait=0.1)
         except BaseException:
             # An error, Ctrl-C or SIGTERM: the workers stop now, not after their jobs (a
             # worker's unfinished epoch is lost; its stored epochs and checkpoint remain).
@@ -314,10 +322,5 @@ def run_in_workers(
             stop.set()  # the thread here stops after its epoch
             if here is not None:
                 here.join()
-        # Every job ran: its last calls may still be on their way (a worker's queue writes
-        # from a thread of its own). Each job's mark comes after them.
-        deadline = time.monotonic() + DELIVERY_TIMEOUT
-        while len(delivered) < len(jobs) and time.monotonic() < deadline:
-            delivered |= forward(events, reporter, wait=0.1)
         for _, _, label, _ in jobs:
             reporter.finish(label)
