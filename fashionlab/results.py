@@ -18,7 +18,7 @@ from fashionlab.config import StudySpec, study_to_toml
 from fashionlab.data import Dataset
 from fashionlab.errors import OutputError
 from fashionlab.serialize import jsonable, write_text_atomic
-from fashionlab.stats import Comparison, summarize
+from fashionlab.stats import ACCURACY_BOUNDS, LOSS_BOUNDS, Comparison, summarize
 from fashionlab.steps import CandidateResult, RetrainResult
 from fashionlab.store import RunRecord
 from fashionlab.tables import HEADERS, LEGEND, Row, display_rows, markdown_table, rows_to_csv
@@ -131,8 +131,8 @@ def table_rows(result: StudyResult) -> list[Row]:
 
 def _candidate_row(candidate: CandidateResult, comparison: Comparison | None,
                    twin: TwinComparison | None = None, run_id: str = "") -> Row:
-    loss = summarize(candidate.val_loss)
-    accuracy = summarize(candidate.val_accuracy, bounds=(0, 1))
+    loss = summarize(candidate.val_loss, bounds=LOSS_BOUNDS)
+    accuracy = summarize(candidate.val_accuracy, bounds=ACCURACY_BOUNDS)
     notes = list(candidate.failures)
     if candidate.role == "final":
         notes = notes or ["validated on the test set; test accuracy after the last epoch"]

@@ -265,8 +265,8 @@ def compare_runs(store: Store, a: str, b: str, *, alpha: float = 0.05) -> RunCom
     rows = []
     for name in names:
         va, vb = values(scores_a.get(name)), values(scores_b.get(name))
-        in_a = None if va is None else stats.summarize(va)
-        in_b = None if vb is None else stats.summarize(vb)
+        in_a = None if va is None else stats.summarize(va, bounds=stats.ACCURACY_BOUNDS)
+        in_b = None if vb is None else stats.summarize(vb, bounds=stats.ACCURACY_BOUNDS)
         difference = math.nan if in_a is None or in_b is None else in_b.mean - in_a.mean
         test = tests.get(name)
         if test is None:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = [
+    "ACCURACY_BOUNDS",
+    "LOSS_BOUNDS",
     "Comparison",
     "PairedTest",
     "Summary",
@@ -32,6 +34,10 @@ __all__ = [
 # variation between folds; treating them as variation would turn a constant difference into an
 # arbitrary, huge but finite t.
 _ROUNDING_ULPS = 8.0
+
+
+ACCURACY_BOUNDS = (0.0, 1.0)  # what an accuracy (a fraction) can be: `summarize`'s bounds
+LOSS_BOUNDS = (0.0, math.inf)  # a cross-entropy loss
 
 
 def _t_quantile(q: float, df: int) -> float:
@@ -137,7 +143,7 @@ def summarize(values: Sequence[float] | np.ndarray, *, confidence: float = 0.95,
     half_width = _t_quantile((1.0 + confidence) / 2.0, n - 1) * sem
     low, high = mean - half_width, mean + half_width
     if bounds is not None:
-        low, high = max(low, bounds[0]), min(high, bounds[1])
+        low, high = max(low, float(bounds[0])), min(high, float(bounds[1]))
     return Summary(n=n, mean=mean, std=std, sem=sem, ci_low=low, ci_high=high,
                    confidence=confidence)
 
@@ -269,6 +275,7 @@ def compare_to_best(
     higher_is_better: bool = True,
     alpha: float = 0.05,
     confidence: float = 0.95,
+    bounds: tuple[float, float] | None = None,
 ) -> list[Comparison]:
     """Test every candidate against the best by mean score, with Holm across the comparisons.
 
@@ -280,7 +287,7 @@ def compare_to_best(
     statistics, not_worse=None and a reason, and does not count towards Holm's m.
 
     Returns one Comparison per candidate, best first, then by mean from best to worst (candidates
-    with no finite score last).
+    with no finite score last); `bounds` clips each summary's interval as `summarize` does.
     """
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must lie strictly between 0 and 1, got {alpha}")
@@ -289,7 +296,8 @@ def compare_to_best(
     _check_sizes(n_train=n_train, n_test=n_test)
     names = list(scores)
     arrays = {name: _as_1d(scores[name], name=f"scores[{name!r}]") for name in names}
-    summaries = {name: summarize(arrays[name], confidence=confidence) for name in names}
+    summaries = {name: summarize(arrays[name], confidence=confidence, bounds=bounds)
+                 for name in names}
     sign = 1.0 if higher_is_better else -1.0
     # sorted() is stable, so ties keep the order of `scores`.
     ranked = sorted(names, key=lambda name: _rank_key(sign * summaries[name].mean))

@@ -24,7 +24,7 @@ from helpers import (
     tiny_search_toml,
     tiny_study_toml,
 )
-from optuna.trial import TrialState
+from optuna.trial import TrialState, create_trial
 
 from fashionlab.config import (
     TrainSpec,
@@ -46,6 +46,7 @@ from fashionlab.search import (
     run_search,
     search_identity,
 )
+from fashionlab.search.finish import top_table
 from fashionlab.search.space import FixedParams, base_params, check_largest_model, suggest
 from fashionlab.search.storage import MAX_RETRIES, open_storage
 from fashionlab.store import Store, database_url, default_url
@@ -1077,3 +1078,21 @@ def test_a_base_without_hidden_layers_needs_n_layers_to_vary_them(space: str,
     with pytest.raises(ConfigError) as error:
         study_from_dict(raw, source="my.toml")
     assert str(error.value) == message
+
+
+@pytest.mark.parametrize(("maximize", "folds", "inside"), [
+    (True, [0.90, 0.97], lambda low, high: high == 1.0 and low > 0),  # val_accuracy
+    (False, [0.05, 0.30], lambda low, high: low == 0.0 and high > 0.30),  # val_loss
+])
+def test_the_top_tables_intervals_stay_where_the_objective_can_be(maximize, folds, inside):
+    # Two folds: t(0.975, 1) = 12.7 would reach past 100% accuracy or below a zero loss.
+    trials = [create_trial(state=TrialState.COMPLETE, value=sum(scores) / 2, params={},
+                           distributions={}, user_attrs={"fold_scores": scores})
+              for scores in (folds, [v * 0.99 for v in folds])]
+    for number, trial in enumerate(trials):
+        trial.number = number
+    rows = top_table(trials, n_train=100, n_val=50, maximize=maximize)
+    for row in rows:
+        assert inside(row["ci_low"], row["ci_high"]), row
+        assert isinstance(row["ci_low"], float) and isinstance(row["ci_high"], float)
+

@@ -68,6 +68,13 @@ def test_summarize_clips_the_interval_to_the_scores_bounds() -> None:
     assert low.ci_low == 0.0 and low.ci_high == summarize([0.02, 0.10]).ci_high
 
 
+def test_compare_to_best_clips_each_summary_as_summarize_does() -> None:
+    scores = {"a": [0.90, 0.97], "b": [0.80, 0.95]}
+    for c in compare_to_best(scores, n_train=N_TRAIN, n_test=N_TEST, bounds=(0, 1)):
+        assert c.summary == summarize(scores[c.name], bounds=(0, 1))
+        assert c.summary.ci_high == 1.0 and isinstance(c.summary.ci_high, float)
+
+
 def test_summarize_ignores_nan() -> None:
     assert summarize([1.0, math.nan, 3.0]) == summarize([1.0, 3.0])
     assert summarize([math.nan, 2.0]).n == 1

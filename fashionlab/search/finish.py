@@ -208,13 +208,14 @@ def top_table(trials: Sequence[FrozenTrial], *, n_train: int, n_val: int,
     """The top trials, best first: per-fold scores summarised (mean, std, 95% CI) and each
     tested against the best on the paired folds, Holm-adjusted across the table."""
     scores = {_label(t): np.asarray(t.user_attrs["fold_scores"], dtype=float) for t in trials}
+    bounds = stats.ACCURACY_BOUNDS if maximize else stats.LOSS_BOUNDS  # the objective's
     comparisons = {c.name: c for c in stats.compare_to_best(
-        scores, n_train=n_train, n_test=n_val, higher_is_better=maximize, alpha=ALPHA)} \
-        if len(next(iter(scores.values()))) >= 2 else {}
+        scores, n_train=n_train, n_test=n_val, higher_is_better=maximize, alpha=ALPHA,
+        bounds=bounds)} if len(next(iter(scores.values()))) >= 2 else {}
     rows = []
     for trial in trials:
         name = _label(trial)
-        summary = stats.summarize(scores[name], bounds=(0, 1) if maximize else None)
+        summary = stats.summarize(scores[name], bounds=bounds)
         comparison = comparisons.get(name)
         rows.append({
             "trial": trial.number, "base": trial.user_attrs.get("base"),

@@ -30,7 +30,8 @@ def cross_validated(ctx: RunContext, folds: list[Fold], cv_data: Tensors, n_trai
     with the best, and the best (None when every candidate failed)."""
     candidates = cross_validate(ctx, folds, cv_data)
     scored = {c.name: c.val_accuracy for c in candidates if not c.failed}
-    comparisons = stats.compare_to_best(scored, n_train=n_train, n_test=n_val) \
+    comparisons = stats.compare_to_best(scored, n_train=n_train, n_test=n_val,
+                                        bounds=stats.ACCURACY_BOUNDS) \
         if len(scored) >= 2 and len(folds) >= 2 else []
     best = max(scored, key=lambda name: float(np.nanmean(scored[name]))) if scored else None
     return candidates, comparisons, best
