@@ -269,6 +269,10 @@ PRE_RUN_MISTAKES = [
      ("final[0].layers[0].units: the model would have 116,660,530 parameters, more than the "
       "100,000,000 fashionlab trains (115,200,040 in this layer, fed by conv[1]'s 20000 x 12 x "
       "12 = 2,880,000 flattened features: fewer filters or more pooling shrink them)")),
+    (('[[final]]\nname = "f"\nconv = [{ filters = 4, pool = 13 }]\n'
+      "layers = [{ units = 7000000 }]"),  # 16 features: the units are what is too many
+     ("final[0].layers[0].units: the model would have 189,000,050 parameters, more than the "
+      "100,000,000 fashionlab trains (119,000,000 in this layer)")),
     (('[[final]]\nname = "f"\nconv = [{ filters = 200000, padding = "same" }]\n'),
      ("final[0].n_classes: the model would have 1,570,000,010 parameters, more than the "
       "100,000,000 fashionlab trains (1,568,000,010 in this layer, fed by conv[0]'s 200000 x "

@@ -207,13 +207,17 @@ class ModelSpec:
 
     def _flattened_input(self, layer: tuple[str | int, ...]) -> str:
         """Why the first dense layer (or the output layer, when there is none) is large when
-        its input is the flattened conv stack: the last conv layer's filters x side x side,
-        which only its filters or pooling shrink, not this layer's units."""
+        its input, the flattened conv stack (the last conv layer's filters x side x side), is
+        what makes it so: more features than the layer has units, which the conv layers'
+        filters, pooling or padding shrink, not the layer's units."""
         first_dense = ("layers", 0, "units") if self.layers else ("n_classes",)
         if not self.conv or layer != first_dense:
             return ""
         last, side = len(self.conv) - 1, conv_sides(self.conv)[-1][1]
         filters = self.conv[last].filters
+        units = self.layers[0].units if self.layers else self.n_classes
+        if filters * side * side <= units:
+            return ""
         return (f", fed by conv[{last}]'s {filters} x {side} x {side} = "
                 f"{filters * side * side:,} flattened features: fewer filters or more "
                 f"pooling shrink them")
