@@ -5,9 +5,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
-# The suite's processes (pytest-xdist; a test file stays in one of them, with its fixtures). Its
-# tests are mostly single-threaded Python (figures, the store, starting commands): two halve
-# its time on two cores.
+# The suite's processes (pytest-xdist; a test file stays in one of them, with its fixtures; 0
+# runs it in make's own pytest process). Its tests are mostly single-threaded Python (figures,
+# the store, starting commands): two take 40% less time than one on two cores.
 TEST_PROCESSES ?= 2
 
 .PHONY: study quick test data system-deps lint clean

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
-import time
 import warnings
 from pathlib import Path
 
@@ -324,21 +323,19 @@ def test_real_data_second_load_uses_remembered_verification(
 
 
 @needs_real_data
-def test_real_data_fetched_into_the_cache_loads_fast(monkeypatch: pytest.MonkeyPatch,
-                                                     isolated_data_env: Path,
-                                                     count_hashing: list[int]):
+def test_real_data_fetched_into_the_cache_loads_without_gunzip_or_hashing(
+        monkeypatch: pytest.MonkeyPatch, isolated_data_env: Path, count_hashing: list[int]):
     monkeypatch.setattr(fetch_module, "DEBIAN_DIR", REAL_DIR)
     assert data.fetch_fashion_mnist(progress=False) == isolated_data_env
     for name in FILE_NAMES:  # decompressed copies, so loading skips gunzip
         assert (isolated_data_env / name).stat().st_size == FASHION_MNIST_CHECKSUMS[name].size
     hashed = len(count_hashing)
 
-    start = time.perf_counter()
+    # What makes it fast, asserted instead of a time (another test process may share the
+    # cores): the cache holds decompressed copies (above) and no file is hashed again.
     dataset = load_fashion_mnist(download=False)
-    seconds = time.perf_counter() - start
     assert dataset.source == isolated_data_env and dataset.verified
     assert len(count_hashing) == hashed  # fetch remembered what it verified
-    assert seconds < 1.0, f"loading the verified 60k images took {seconds:.2f} s"
 
 
 def test_first_per_class_keeps_the_first_images_of_each_class_as_a_copy():
