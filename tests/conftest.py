@@ -134,8 +134,18 @@ def postgres_url() -> Iterator[str]:
 
     run(str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
         "-E", "UTF8", "--no-sync")
-    run(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-w", "-t", "60",
-        "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+    for attempt in range(3):
+        # The port was free when asked for; another test process (make test runs two) may take
+        # it before the server binds it: then another port.
+        started = subprocess.run(
+            [*as_owner, str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-w",
+             "-t", "60", "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off",
+             "start"], capture_output=True, text=True, timeout=120, check=False)
+        if started.returncode == 0:
+            break
+        if attempt == 2:
+            pytest.fail(f"pg_ctl failed: {started.stderr or started.stdout}")
+        port = _free_port()
     try:
         engine = sa.create_engine(database_url(f"postgresql://postgres@127.0.0.1:{port}/postgres"),
                                   isolation_level="AUTOCOMMIT")
