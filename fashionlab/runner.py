@@ -280,7 +280,7 @@ def run_in_workers(
                 running[pool.submit(_call, fn, args, i)] = i
 
         refill()
-        here, delivered = None, set()
+        here, delivered = None, set[int]()  # the jobs whose last reports have arrived
         if run_here is not None:
             here = threading.Thread(target=work_here, args=(queued,), name="fashionlab-job")
             here.start()
