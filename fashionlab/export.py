@@ -33,7 +33,7 @@ from fashionlab.text import first_line
 
 __all__ = ["DEFAULT_OPSET", "TOLERANCE", "ExportError", "export_onnx", "verify_onnx"]
 
-DEFAULT_OPSET = 18  # the ONNX opset torch's exporter targets natively
+DEFAULT_OPSET = 18  # the oldest ONNX opset torch's exporter writes without converting
 TOLERANCE = 1e-5  # largest absolute difference allowed between ONNX and PyTorch logits
 VERIFY_BATCHES = (1, 7, 64)  # batch sizes checked: a single image, an odd size, a larger one
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
@@ -111,8 +111,8 @@ def export_onnx(saved_model: SavedModel | str | Path, path: str | Path, *,
     written = program.model.opset_imports.get("", opset)
     if written != opset:  # the exporter fell back to its own opset instead of failing
         raise ExportError(f"--opset {opset}: the exporter cannot write this model at opset "
-                          f"{opset} (it can at {DEFAULT_OPSET}; ONNX opsets run 1-"
-                          f"{_newest_opset()})")
+                          f"{opset} (it writes opsets {DEFAULT_OPSET}-{_newest_opset()} directly "
+                          f"and converts down to older ones only where the model allows)")
     program.model.metadata_props.update({
         "class_names": json.dumps(list(saved_model.class_names)),
         "preprocessing": json.dumps(PREPROCESSING),
