@@ -134,8 +134,8 @@ def summarize(values: Sequence[float] | np.ndarray, *, confidence: float = 0.95,
         return Summary(n=0, mean=nan, std=nan, sem=nan, ci_low=nan, ci_high=nan,
                        confidence=confidence)
     mean = float(np.mean(array))
-    if n == 1:
-        return Summary(n=1, mean=mean, std=0.0, sem=nan, ci_low=nan, ci_high=nan,
+    if n == 1:  # one value has no spread to estimate: its sample std is undefined, not 0
+        return Summary(n=1, mean=mean, std=nan, sem=nan, ci_low=nan, ci_high=nan,
                        confidence=confidence)
     with np.errstate(invalid="ignore"):  # an infinite score (a diverged model): std is NaN
         std = float(np.std(array, ddof=1))

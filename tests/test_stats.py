@@ -54,7 +54,8 @@ def test_summarize_confidence_changes_only_the_interval() -> None:
 
 def test_summarize_single_value_has_no_interval() -> None:
     s = summarize([0.9])
-    assert (s.n, s.mean, s.std) == (1, 0.9, 0.0)
+    assert (s.n, s.mean) == (1, 0.9)
+    assert math.isnan(s.std)  # not 0.0: one value says nothing about the spread
     assert math.isnan(s.sem) and math.isnan(s.ci_low) and math.isnan(s.ci_high)
 
 
