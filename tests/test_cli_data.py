@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +138,30 @@ def test_show_writes_a_png(capsys: pytest.CaptureFixture[str], tiny_idx_dir: Pat
     assert code == 0 and str(out_file) in out
     with Image.open(out_file) as image:
         assert image.format == "PNG" and image.width > 200 and image.height > 300
+
+
+def test_a_home_that_cannot_be_written_gives_no_matplotlib_warnings(tiny_idx_dir: Path,
+                                                                     tmp_path: Path):
+    # A container's read-only HOME: matplotlib would make a new temporary folder at every start
+    # and warn about it on stderr; the command gives it one that lasts, in the temp directory.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MPLCONFIGDIR", "XDG_CONFIG_HOME", "XDG_CACHE_HOME")}
+    env.update(HOME="/proc", TMPDIR=str(tmp_path))  # /proc/.config cannot be made, even by root
+    command = [sys.executable, "-c", "from fashionlab.cli import main; main()", "data", "show",
+               "--dir", str(tiny_idx_dir), "--no-verify", "--per-class", "1"]
+    for attempt in (1, 2):  # the second start finds the folder, and the font cache, it left
+        out = tmp_path / f"samples-{attempt}.png"
+        done = subprocess.run([*command, "--out", str(out)], env=env, capture_output=True,
+                              text=True, timeout=120, check=False)
+        assert done.returncode == 0 and done.stderr == "", done.stderr
+        assert out.is_file()
+    folder = tmp_path / f"fashionlab-matplotlib-{os.getuid()}"
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert any(folder.glob("fontlist-*.json"))
+    # What the command spares: matplotlib's own warning in the same setting.
+    bare = subprocess.run([sys.executable, "-c", "import matplotlib.font_manager"], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert "Matplotlib created a temporary cache directory" in bare.stderr
 
 
 @needs_real_data

@@ -6,7 +6,9 @@ import contextlib
 import os
 import signal
 import sys
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Annotated
 
@@ -122,6 +124,40 @@ def _register_commands() -> None:
     from fashionlab.cli import data, model, runs, search, study  # noqa: F401
 
 
+def _writable(folder: Path) -> bool:
+    """Whether `folder` is, or can be made (as matplotlib would), a folder this process writes
+    in."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK)
+
+
+def _matplotlib_home() -> None:
+    """Give matplotlib a lasting folder for its font cache where its own (XDG's ~/.config and
+    ~/.cache) cannot be written, a container's read-only HOME say: matplotlib would make a new
+    temporary one at every start, rebuild the font cache there and warn about it in
+    two lines on stderr. The folder is this user's, in the temporary directory."""
+    if "MPLCONFIGDIR" in os.environ or not sys.platform.startswith("linux"):
+        return  # chosen by the user; elsewhere matplotlib looks in ~/.matplotlib
+    try:
+        home = Path.home()
+    except RuntimeError:  # no HOME and no password entry
+        home = Path("/nonexistent")
+    wanted = [Path(os.environ.get(variable) or home / default) / "matplotlib"
+              for variable, default in (("XDG_CONFIG_HOME", ".config"),
+                                        ("XDG_CACHE_HOME", ".cache"))]
+    if all(_writable(folder) for folder in wanted):
+        return
+    folder = Path(tempfile.gettempdir()) / f"fashionlab-matplotlib-{os.getuid()}"
+    with contextlib.suppress(OSError):
+        folder.mkdir(mode=0o700, exist_ok=True)
+        # Another user's folder of that name (a shared /tmp) is not ours to use.
+        if folder.stat().st_uid == os.getuid() and os.access(folder, os.W_OK):
+            os.environ["MPLCONFIGDIR"] = str(folder)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script; user-fixable errors exit 2 with one line."""
     # First of all, so that a stop during the imports or while a command reads its input
@@ -137,6 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     # MLflow's INFO lines ("Creating initial MLflow database tables", ...) are not the
     # command's output; its warnings and errors still show. Read when MLflow is imported.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    _matplotlib_home()  # read when matplotlib is imported, as MLflow's level is
     try:
         _register_commands()
         # Not standalone: typer hands back usage errors (an unknown option, a missing or bad
