@@ -302,7 +302,8 @@ def _report(rows: dict, peak: dict, refs: list[str], args: argparse.Namespace) -
 
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform()},
+        "machine": {"cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                    "cores": os.cpu_count(), "platform": platform.platform()},
         "versions": {"fashionlab": __version__, "torch": torch.__version__,
                      "python": platform.python_version()},
         "epochs_timed": args.epochs, "peak_gflops": peak, "models": rows,

@@ -112,8 +112,12 @@ def cpu_model() -> str:
 
 
 def environment(device: str | None = None) -> dict[str, Any]:
-    """Versions, revision and machine, as a JSON-ready dict."""
+    """Versions, revision and machine, as a JSON-ready dict. The machine names its vector
+    instructions beside the processor's name: one name ("AMD EPYC") covers CPUs with and
+    without AVX-512 and bfloat16, whose kernels differ in speed and in the last digits."""
     import torch
+
+    from fashionlab.hardware import native_bf16  # imports torch: only when a run records it
 
     accelerator = None
     if torch.cuda.is_available():
@@ -125,6 +129,8 @@ def environment(device: str | None = None) -> dict[str, Any]:
         "machine": {
             "platform": platform.platform(),
             "cpu": cpu_model(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # AVX2, AVX512, ...
+            "cpu_bf16": native_bf16(torch.device("cpu")),  # precision "auto" trains in bf16
             "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "accelerator": accelerator,

@@ -126,8 +126,9 @@ def show(run: RunId, run_dir: RunDir = DEFAULT_RUN_DIR, store: StoreUrl = None,
         ("run", Text(info["id"])), ("study", Text(info["study"])),
         ("status", _state(info["status"])), ("seed", Text(str(info["seed"]))),
         ("started", Text(_local(info["started"]))), ("duration", Text(duration(info["duration"]))),
-        ("machine", Text(", ".join(str(machine[k]) for k in ("hostname", "cpu", "accelerator",
-                                                              "device") if machine.get(k)))),
+        ("machine", Text(", ".join(str(machine[k]) for k in ("hostname", "cpu", "cpu_capability",
+                                                              "accelerator", "device")
+                                   if machine.get(k)))),
         ("models", Text(f"{info['models']['total']} ("
                         + ", ".join(f"{n} {s}" for s, n in info["models"]["by_status"].items())
                         + f"), {counted(info['models']['epochs_stored'], 'epoch')} stored")),
