@@ -28,6 +28,7 @@ from fashionlab.tables import (
     reference_lines,
     retrain_line,
     search_overview,
+    split_epoch,
     trial_cells,
 )
 
@@ -176,7 +177,10 @@ def search_html(summary: Mapping[str, Any] | None, *, name: str, status: str) ->
 
 def rows_frame(rows: Sequence[Row]) -> pandas.DataFrame:
     """The table as a DataFrame: one row per `Row`, its fields as columns, numbers as numbers
-    (fractions, NaN where absent). ImportError with the install line when pandas is missing."""
+    (fractions, NaN where absent). The epoch label ("12 (warning)") is split in two: `epoch`,
+    a nullable integer (<NA> for the baseline), and `epoch_rule`, the rule that chose it
+    ("warning", "ES median", ...; "" where the epoch is simply how long the model trained).
+    ImportError with the install line when pandas is missing."""
     try:
         import pandas  # optional: only this function needs it
     except ImportError:
@@ -185,5 +189,10 @@ def rows_frame(rows: Sequence[Row]) -> pandas.DataFrame:
     frame = pandas.DataFrame([dataclasses.astuple(r) for r in rows],
                              columns=[f.name for f in fields])
     numeric = {"float": "float64", "int": "int64"}  # Row's annotations, as strings
-    return frame.astype({f.name: numeric[str(f.type)] for f in fields if str(f.type) in numeric})
+    frame = frame.astype({f.name: numeric[str(f.type)] for f in fields
+                          if str(f.type) in numeric})
+    epochs = [split_epoch(r.epoch) for r in rows]
+    frame["epoch"] = pandas.array([e for e, _ in epochs], dtype="Int64")
+    frame.insert(frame.columns.get_loc("epoch") + 1, "epoch_rule", [rule for _, rule in epochs])
+    return frame
 

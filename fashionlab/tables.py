@@ -33,6 +33,7 @@ __all__ = [
     "search_overview",
     "spent_line",
     "spent_note",
+    "split_epoch",
     "trial_cells",
 ]
 
@@ -58,6 +59,13 @@ class Row:
     test_accuracy: float
     epochs_trained: str  # "200/200", or fewer with early stopping
     note: str
+
+
+def split_epoch(label: str) -> tuple[int | None, str]:
+    """A row's epoch label as (epoch, rule): "12 (warning)" -> (12, "warning"), "20" -> (20, ""),
+    "-" -> (None, "")."""
+    number, _, rule = label.partition(" (")
+    return (int(number) if number.isdigit() else None), rule.removesuffix(")")
 
 
 LEGEND = ("epoch: where each result is read: the overfitting warning's epoch; with no warning, "

@@ -96,6 +96,15 @@ def test_to_frame_has_one_row_per_table_row_with_numbers(study: StudyResult):
     row = next(r for r in rows if r.model == "wide")
     assert wide["val_accuracy_mean"] == row.val_accuracy_mean and wide["n"] == 3
     assert math.isnan(frame.set_index("model").loc["cnn", "ci_low"])
+    # The epoch as a number people can filter and plot, the rule that chose it beside it.
+    assert str(frame["epoch"].dtype) == "Int64"
+    for (epoch, rule), row in zip(frame[["epoch", "epoch_rule"]].itertuples(index=False), rows):
+        if row.kind == "baseline":
+            assert epoch is pandas.NA and rule == ""
+        else:
+            assert row.epoch == (f"{epoch} ({rule})" if rule else str(epoch))
+    assert set(frame.loc[frame["kind"] == "cv", "epoch_rule"]) <= {"warning", "no warning"}
+    assert list(frame.columns).index("epoch_rule") == list(frame.columns).index("epoch") + 1
 
 
 def test_a_rows_interval_never_leaves_0_to_100_percent(study: StudyResult):
