@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Mapping
 from functools import cache
 from importlib import metadata
 from pathlib import Path
@@ -109,6 +110,17 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def machine_text(machine: Mapping[str, Any]) -> str:
+    """A stored machine on one line: "vm, AMD EPYC (AVX512, bf16), cuda"; what a run stored
+    before the vector instructions were recorded shows without them."""
+    cpu = machine.get("cpu")
+    features = [machine.get("cpu_capability"), "bf16" if machine.get("cpu_bf16") else None]
+    if cpu and any(features):
+        cpu = f"{cpu} ({', '.join(f for f in features if f)})"
+    parts = [machine.get("hostname"), cpu, machine.get("accelerator"), machine.get("device")]
+    return ", ".join(str(p) for p in parts if p)
 
 
 def environment(device: str | None = None) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from rich.text import Text
 from fashionlab.cli import app, output_console, resumable, text_table
 from fashionlab.cli.study import RunDir, StoreUrl
 from fashionlab.errors import FashionlabError, StoreError
+from fashionlab.provenance import machine_text
 from fashionlab.store import DEFAULT_RUN_DIR, Store
 from fashionlab.tables import (
     HEADERS,
@@ -121,14 +122,11 @@ def show(run: RunId, run_dir: RunDir = DEFAULT_RUN_DIR, store: StoreUrl = None,
         typer.echo(json.dumps(info, indent=2))
         return
     console = output_console()
-    machine = info["environment"].get("machine") or {}
     lines = [
         ("run", Text(info["id"])), ("study", Text(info["study"])),
         ("status", _state(info["status"])), ("seed", Text(str(info["seed"]))),
         ("started", Text(_local(info["started"]))), ("duration", Text(duration(info["duration"]))),
-        ("machine", Text(", ".join(str(machine[k]) for k in ("hostname", "cpu", "cpu_capability",
-                                                              "accelerator", "device")
-                                   if machine.get(k)))),
+        ("machine", Text(machine_text(info["environment"].get("machine") or {}))),
         ("models", Text(f"{info['models']['total']} ("
                         + ", ".join(f"{n} {s}" for s, n in info["models"]["by_status"].items())
                         + f"), {counted(info['models']['epochs_stored'], 'epoch')} stored")),
