@@ -152,8 +152,11 @@ def trial_cells(summary: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]
     rows = []
     for row in summary.get("top") or []:
         trial = str(row["trial"]) + (f" (base: {row['base']})" if row.get("base") else "")
-        rows.append([trial, f"{score(row['mean'])} ± {score(row['std'])}",
-                     f"[{score(row['ci_low'])}, {score(row['ci_high'])}]", row["verdict"],
+        # One fold scored (the others failed): a mean without a spread, as in a study's table.
+        spread = f" ± {score(row['std'])}" if text.finite(row.get("std")) else ""
+        interval = (f"[{score(row['ci_low'])}, {score(row['ci_high'])}]"
+                    if text.finite(row.get("ci_low")) else "-")
+        rows.append([trial, f"{score(row['mean'])}{spread}", interval, row["verdict"],
                      str(row.get("consensus_epoch") or "-"), str(row.get("fold_epochs") or "-"),
                      text.number(row.get("tflop"), ".3g"), params_text(row["params"])])
     return headers, rows

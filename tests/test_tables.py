@@ -96,6 +96,14 @@ def test_what_a_search_spent_is_shown_against_its_budgets():
     assert cells[headers.index("TFLOP")] == "0.0123"
 
 
+def test_a_trial_scored_on_one_fold_shows_no_spread():
+    one = {**SEARCH["top"][0], "std": math.nan, "n": 1, "ci_low": math.nan, "ci_high": math.nan}
+    _, (cells,) = trial_cells({**SEARCH, "top": [one]})
+    assert cells[1:3] == ["90.00", "-"]
+    stored = {**one, "std": None, "ci_low": None, "ci_high": None}  # NaN as the JSON holds it
+    assert trial_cells({**SEARCH, "top": [stored]})[1][0][1:3] == ["90.00", "-"]
+
+
 def test_params_text_is_cut_to_a_width():
     assert params_text({"a": 1, "b": 0.123456}) == "a=1, b=0.123"
     assert params_text({"a": "x" * 100}, width=10) == "a=xxxxxxx…"
