@@ -16,7 +16,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from pydantic import TypeAdapter, ValidationError
@@ -30,6 +30,7 @@ from fashionlab.errors import FashionlabError
 from fashionlab.hardware import resolve_device
 from fashionlab.models import build_module, inference_module
 from fashionlab.serialize import staging_path
+from fashionlab.vocabulary import TestTimeAugmentation
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -101,12 +102,14 @@ def load_model(directory: str | Path, device: str | torch.device | None = "cpu",
     """Read a model directory written by `save_model`.
 
     `tta` scores the model with other test-time views than the ones it was trained with
-    (`ModelSpec.tta`: "none", "flip", "flip-shift"; another value fails the spec's own
-    validation, a ValueError); the weights are the same, and the returned spec says which
-    views are used. Every problem (a missing or malformed file, weights that do not fit the
+    (`ModelSpec.tta`: "none", "flip", "flip-shift"; another value is a one-line ValueError
+    naming them); the weights are the same, and the returned spec says which views are used. Every problem (a missing or malformed file, weights that do not fit the
     spec, a pickle in place of the safetensors file) raises ModelFileError naming the file.
     Nothing is unpickled: safetensors holds raw tensors only.
     """
+    views = get_args(TestTimeAugmentation)
+    if tta is not None and tta not in views:
+        raise ValueError(f"tta must be one of {', '.join(map(repr, views))}, not {tta!r}")
     directory = Path(directory)
     # "auto" (or None) as everywhere; no CUDA: one clear error
     device = resolve_device(None if device is None else str(device))
