@@ -160,7 +160,12 @@ def load_study_data(spec: StudySpec) -> Dataset:
     if directory is not None and not Path(directory).expanduser().is_dir():
         what = "a file, not a folder" if Path(directory).expanduser().exists() else "no such folder"
         raise DataError(f"data.directory: {directory}: {what}")
-    dataset = load_fashion_mnist(directory, verify=spec.data.verify)
+    try:
+        dataset = load_fashion_mnist(directory, verify=spec.data.verify)
+    except DataError as error:  # a missing or bad file in the folder the study names
+        if directory is None:
+            raise
+        raise DataError(f"data.directory: {error}") from None
     limit_train, limit_test = spec.data.train_limit, spec.data.test_limit
 
     def head(split: Split, n: int | None) -> Split:

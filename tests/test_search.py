@@ -239,8 +239,8 @@ def test_a_grid_too_large_to_list_is_refused_before_anything_is_created(
     path = _load(BASE + f'[search]\nsampler = "grid"\nn_trials = 2\n[search.space]\n{space}\n',
                  tmp_path, "my.toml")
     code, _, err = run_cli(capsys, "search", str(path), "--run-dir", str(tmp_path / "runs"))
-    assert_one_line_error(code, err, "search.space: the grid has ", "points, more than the "
-                          "100,000 the grid sampler lists")
+    assert_one_line_error(code, err, "study 'x': search.space: the grid has ",
+                          "points, more than the 100,000 the grid sampler lists")
     assert not (tmp_path / "runs").exists()
 
 

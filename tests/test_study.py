@@ -406,7 +406,7 @@ def test_what_a_killed_run_left_half_written_is_removed_when_it_runs_again(
 @pytest.mark.parametrize(("directory", "says"), [
     ("nowhere", "data.directory: {}: no such folder"),
     ("a-file", "data.directory: {}: a file, not a folder"),
-    ("empty", "{}"),  # a folder without the dataset: the loader names the missing file
+    ("empty", "data.directory: {}"),  # a folder without the dataset: and the missing file
 ])
 def test_data_that_cannot_be_read_leaves_no_store(command: str, directory: str, says: str,
                                                    tmp_path: Path,

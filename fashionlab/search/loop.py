@@ -185,7 +185,7 @@ def run_search(
                           "(see the README's Automated search)")
     base = base_candidate(spec)
     check_largest_model(spec.name, search, base)
-    limits = _limits(search, base, n_trials, timeout)
+    limits = _limits(spec.name, search, base, n_trials, timeout)
     torch_device = resolve_device(device)
     run_dir = Path(run_dir)
     url = database_url(store_url or os.environ.get("FASHIONLAB_STORE") or default_url(run_dir))
@@ -303,7 +303,7 @@ def _refuse_orphan_trials(storage: optuna.storages.RDBStorage, name: str, where:
                           "it again")
 
 
-def _limits(search: SearchSpec, base: Candidate, n_trials: int | None,
+def _limits(study: str, search: SearchSpec, base: Candidate, n_trials: int | None,
             timeout: float | None) -> Limits:
     if n_trials is not None and (not isinstance(n_trials, int) or isinstance(n_trials, bool)
                                  or n_trials < 1):
@@ -315,7 +315,10 @@ def _limits(search: SearchSpec, base: Candidate, n_trials: int | None,
                           f"{timeout!r})")
     n = search.n_trials if n_trials is None else n_trials
     if search.sampler == "grid":
-        size = grid_size(grid(search, base))
+        try:
+            size = grid_size(grid(search, base))
+        except ConfigError as error:  # too many points: named as the largest-draw check does
+            raise ConfigError(f"study '{study}': {error}") from None
         n = size if n is None else min(n, size)
     limits = Limits(n, search.timeout if timeout is None else timeout)
     budgets = (search.budget, search.budget_seconds, search.budget_tflop)
