@@ -695,3 +695,17 @@ def test_damaged_results_of_a_finished_run_are_written_again_when_it_is_shown(
         assert (first.output_dir / name).read_bytes() == content, name  # as they were
     assert Store.open(tmp_path).run(first.run.id) == stored  # the store only read
     assert run_study(spec, run_dir=tmp_path, progress=False).notes == []  # whole again
+
+
+def test_a_deleted_model_of_a_finished_run_is_said_when_it_is_shown(study_file: Path,
+                                                                    tmp_path: Path):
+    spec = load_study(study_file)
+    first = run_study(spec, run_dir=tmp_path, progress=False)
+    (cnn,) = [c.model_dir for c in first.final]
+    shutil.rmtree(cnn)  # weights are nowhere else: the store holds the scores only
+    again = run_study(spec, run_dir=tmp_path, progress=False)
+    assert again.notes == [(f"{cnn}: not found (deleted, or saved on another machine); the "
+                            "store keeps no weights: run the study with --fresh to train the "
+                            "model again")]
+    assert again.final[0].test_accuracy == first.final[0].test_accuracy  # read back
+    assert not cnn.exists()

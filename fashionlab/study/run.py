@@ -247,6 +247,15 @@ def _show_stored(result: StudyResult, run: RunRecord, dataset: Dataset, output_d
             result.notes.append(f"{output_dir}: the results were missing or damaged and are "
                                 "written again from the store")
             reporter.log(result.notes[-1])
+    # The weights live only in the models' folders: what is gone cannot be written again.
+    saved = [result.retrain.model_dir if result.retrain else None,
+             *(c.model_dir for c in result.final)]
+    missing = [str(d) for d in saved if d is not None and not d.exists()]
+    if missing and output_dir.is_dir():
+        result.notes.append(f"{', '.join(missing)}: not found (deleted, or saved on another "
+                            "machine); the store keeps no weights: run the study with --fresh "
+                            "to train the model again")
+        reporter.log(result.notes[-1])
 
 
 def _results_intact(output_dir: Path) -> bool:
