@@ -705,7 +705,7 @@ def test_a_deleted_model_of_a_finished_run_is_said_when_it_is_shown(study_file: 
     shutil.rmtree(cnn)  # weights are nowhere else: the store holds the scores only
     again = run_study(spec, run_dir=tmp_path, progress=False)
     assert again.notes == [(f"{cnn}: not found (deleted, or saved on another machine); the "
-                            "store keeps no weights: run the study with --fresh to train the "
-                            "model again")]
+                            "store keeps no weights: --fresh trains the study again, as a new "
+                            "run")]
     assert again.final[0].test_accuracy == first.final[0].test_accuracy  # read back
     assert not cnn.exists()

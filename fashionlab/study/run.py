@@ -253,8 +253,8 @@ def _show_stored(result: StudyResult, run: RunRecord, dataset: Dataset, output_d
     missing = [str(d) for d in saved if d is not None and not d.exists()]
     if missing and output_dir.is_dir():
         result.notes.append(f"{', '.join(missing)}: not found (deleted, or saved on another "
-                            "machine); the store keeps no weights: run the study with --fresh "
-                            "to train the model again")
+                            "machine); the store keeps no weights: --fresh trains the study "
+                            "again, as a new run")
         reporter.log(result.notes[-1])
 
 
