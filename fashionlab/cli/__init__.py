@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import stat
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -125,8 +126,8 @@ def _register_commands() -> None:
 
 
 def _writable(folder: Path) -> bool:
-    """Whether `folder` is, or can be made (as matplotlib would), a folder this process writes
-    in."""
+    """Whether `folder` is, or can be made, a folder this process writes in: matplotlib's own
+    test (it makes the folder as it starts, so making it here leaves nothing it would not)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError:
@@ -134,28 +135,43 @@ def _writable(folder: Path) -> bool:
     return os.access(folder, os.W_OK)
 
 
+def _private_folder(folder: Path) -> bool:
+    """Whether `folder` is a folder, not a link to one, of this user's that no one else may
+    write in."""
+    try:
+        info = os.lstat(folder)
+    except OSError:
+        return False
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() \
+        and not info.st_mode & 0o077
+
+
 def _matplotlib_home() -> None:
-    """Give matplotlib a lasting folder for its font cache where its own (XDG's ~/.config and
-    ~/.cache) cannot be written, a container's read-only HOME say: matplotlib would make a new
-    temporary one at every start, rebuild the font cache there and warn about it in
-    two lines on stderr. The folder is this user's, in the temporary directory."""
-    if "MPLCONFIGDIR" in os.environ or not sys.platform.startswith("linux"):
+    """Give matplotlib a lasting folder for its settings and font cache where its own (XDG's
+    ~/.config and ~/.cache) cannot be written, a container's read-only HOME say: matplotlib
+    would make a new temporary one at every start, rebuild the font cache there and warn about
+    it in two lines on stderr. The folder is this user's, in the temporary directory."""
+    if os.environ.get("MPLCONFIGDIR") or not sys.platform.startswith("linux"):
         return  # chosen by the user; elsewhere matplotlib looks in ~/.matplotlib
     try:
         home = Path.home()
     except RuntimeError:  # no HOME and no password entry
         home = Path("/nonexistent")
-    wanted = [Path(os.environ.get(variable) or home / default) / "matplotlib"
-              for variable, default in (("XDG_CONFIG_HOME", ".config"),
-                                        ("XDG_CACHE_HOME", ".cache"))]
-    if all(_writable(folder) for folder in wanted):
+    config, cache = (Path(os.environ.get(variable) or home / default) / "matplotlib"
+                     for variable, default in (("XDG_CONFIG_HOME", ".config"),
+                                               ("XDG_CACHE_HOME", ".cache")))
+    if (config / "matplotlibrc").is_file():
+        return  # the user's settings: matplotlib must find them, even if it then warns
+    if _writable(config) and _writable(cache):
         return
-    folder = Path(tempfile.gettempdir()) / f"fashionlab-matplotlib-{os.getuid()}"
+    temporary = Path(tempfile.gettempdir())
+    if temporary == Path.cwd():  # no temporary directory at all: not a folder left here
+        return
+    folder = temporary / f"fashionlab-matplotlib-{os.getuid()}"
     with contextlib.suppress(OSError):
         folder.mkdir(mode=0o700, exist_ok=True)
-        # Another user's folder of that name (a shared /tmp) is not ours to use.
-        if folder.stat().st_uid == os.getuid() and os.access(folder, os.W_OK):
-            os.environ["MPLCONFIGDIR"] = str(folder)
+    if _private_folder(folder):  # not another user's folder (or link) of that name
+        os.environ["MPLCONFIGDIR"] = str(folder)
 
 
 def main(argv: list[str] | None = None) -> None:
