@@ -30,14 +30,16 @@ def pytest_configure(config: pytest.Config) -> None:
     # and every command a test starts would inherit that: the tests that press Ctrl-C on one
     # would see it ignored, as the product means a background job to. Ctrl-C as in a terminal.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    # Several test processes (pytest-xdist) on as many cores: one thread each, as the study's
-    # workers train, and for the commands they start. Two threads in each of two processes
-    # stall at every parallel op's barrier (the training tests took 57 s instead of 19-24 s).
-    if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+    # Several test processes (pytest-xdist): each gets its share of the cores, as the study's
+    # workers do, and so do the commands they start. Two threads in each of two processes on
+    # two cores stall at every parallel op's barrier (the training tests took 57 s, not 24 s).
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
         import torch  # only for its thread count
 
-        os.environ["OMP_NUM_THREADS"] = "1"
-        torch.set_num_threads(1)
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
