@@ -709,3 +709,5 @@ def test_a_deleted_model_of_a_finished_run_is_said_when_it_is_shown(study_file: 
                             "run")]
     assert again.final[0].test_accuracy == first.final[0].test_accuracy  # read back
     assert not cnn.exists()
+    cnn.mkdir()  # a folder without its weights file says the same
+    assert run_study(spec, run_dir=tmp_path, progress=False).notes == again.notes

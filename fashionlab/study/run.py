@@ -17,6 +17,7 @@ from typing import Literal
 
 import torch
 
+from fashionlab.artifacts import WEIGHTS_FILE
 from fashionlab.config import StudySpec
 from fashionlab.cv import make_folds
 from fashionlab.data import Dataset, to_tensors
@@ -250,7 +251,7 @@ def _show_stored(result: StudyResult, run: RunRecord, dataset: Dataset, output_d
     # The weights live only in the models' folders: what is gone cannot be written again.
     saved = [result.retrain.model_dir if result.retrain else None,
              *(c.model_dir for c in result.final)]
-    missing = [str(d) for d in saved if d is not None and not d.exists()]
+    missing = [str(d) for d in saved if d is not None and not (d / WEIGHTS_FILE).is_file()]
     if missing and output_dir.is_dir():
         result.notes.append(f"{', '.join(missing)}: not found (deleted, or saved on another "
                             "machine); the store keeps no weights: --fresh trains the study "
