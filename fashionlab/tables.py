@@ -152,8 +152,10 @@ def trial_cells(summary: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]
     rows = []
     for row in summary.get("top") or []:
         trial = str(row["trial"]) + (f" (base: {row['base']})" if row.get("base") else "")
-        # One fold scored (the others failed): a mean without a spread, as in a study's table.
-        spread = f" ± {score(row['std'])}" if text.finite(row.get("std")) else ""
+        # One fold scored (the others failed): a mean without a spread, as in a study's table
+        # (a search stored before one value's std became NaN holds 0.0 there).
+        one = row.get("n") == 1 or not text.finite(row.get("std"))
+        spread = "" if one else f" ± {score(row['std'])}"
         interval = (f"[{score(row['ci_low'])}, {score(row['ci_high'])}]"
                     if text.finite(row.get("ci_low")) else "-")
         rows.append([trial, f"{score(row['mean'])}{spread}", interval, row["verdict"],

@@ -102,6 +102,8 @@ def test_a_trial_scored_on_one_fold_shows_no_spread():
     assert cells[1:3] == ["90.00", "-"]
     stored = {**one, "std": None, "ci_low": None, "ci_high": None}  # NaN as the JSON holds it
     assert trial_cells({**SEARCH, "top": [stored]})[1][0][1:3] == ["90.00", "-"]
+    older = {**stored, "std": 0.0}  # stored when one value's std was 0.0
+    assert trial_cells({**SEARCH, "top": [older]})[1][0][1:3] == ["90.00", "-"]
 
 
 def test_params_text_is_cut_to_a_width():
