@@ -116,7 +116,9 @@ def machine_text(machine: Mapping[str, Any]) -> str:
     """A stored machine on one line: "vm, AMD EPYC (AVX512, bf16), cuda"; what a run stored
     before the vector instructions were recorded shows without them."""
     cpu = machine.get("cpu")
-    features = [machine.get("cpu_capability"), "bf16" if machine.get("cpu_bf16") else None]
+    capability = machine.get("cpu_capability")
+    features = [None if capability == "DEFAULT" else capability,  # DEFAULT: no vector ISA known
+                "bf16" if machine.get("cpu_bf16") else None]
     if cpu and any(features):
         cpu = f"{cpu} ({', '.join(f for f in features if f)})"
     parts = [machine.get("hostname"), cpu, machine.get("accelerator"), machine.get("device")]

@@ -14,12 +14,7 @@ from pathlib import Path
 import pytest
 
 import fashionlab
-from fashionlab.provenance import (
-    checkout_revision,
-    code_revision,
-    installed_revision,
-    machine_text,
-)
+from fashionlab.provenance import checkout_revision, code_revision, installed_revision
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 
@@ -115,14 +110,3 @@ def test_this_checkout_stores_its_own_commit():
         pytest.skip("the tests run on an installed package, not the checkout")
     assert code_revision().split("+")[0] == _git(root, "rev-parse", "HEAD")
 
-
-def test_a_machine_shows_its_vector_instructions_beside_the_cpu_name():
-    machine = {"hostname": "vm", "cpu": "AMD EPYC", "cpu_capability": "AVX512",
-               "cpu_bf16": True, "accelerator": None, "device": "cpu", "cores": 2}
-    assert machine_text(machine) == "vm, AMD EPYC (AVX512, bf16), cpu"
-    assert machine_text({**machine, "cpu_capability": "AVX2", "cpu_bf16": False}) \
-        == "vm, AMD EPYC (AVX2), cpu"
-    # A run stored before they were recorded.
-    assert machine_text({"hostname": "vm", "cpu": "AMD EPYC", "device": "cuda",
-                         "accelerator": "NVIDIA H200"}) == "vm, AMD EPYC, NVIDIA H200, cuda"
-    assert machine_text({}) == ""

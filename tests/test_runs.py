@@ -24,6 +24,7 @@ from fashionlab import schema as schema_module
 from fashionlab import stats
 from fashionlab.config import load_study
 from fashionlab.errors import StoreError
+from fashionlab.provenance import machine_text
 from fashionlab.results import StudyResult
 from fashionlab.runs import (
     EXPORT_FIELDS,
@@ -468,3 +469,17 @@ def test_a_delete_stopped_after_the_rows_is_finished_by_deleting_again(
     code, _, err = run_cli(capsys, "runs", "delete", "notes", "--yes", "--run-dir", str(tmp_path))
     assert_one_line_error(code, err, "no run 'notes'")
     assert (tmp_path / "notes").is_dir()
+
+
+def test_a_machine_shows_its_vector_instructions_beside_the_cpu_name():
+    machine = {"hostname": "vm", "cpu": "AMD EPYC", "cpu_capability": "AVX512",
+               "cpu_bf16": True, "accelerator": None, "device": "cpu", "cores": 2}
+    assert machine_text(machine) == "vm, AMD EPYC (AVX512, bf16), cpu"
+    assert machine_text({**machine, "cpu_capability": "AVX2", "cpu_bf16": False}) \
+        == "vm, AMD EPYC (AVX2), cpu"
+    # A run stored before they were recorded.
+    assert machine_text({"hostname": "vm", "cpu": "AMD EPYC", "device": "cuda",
+                         "accelerator": "NVIDIA H200"}) == "vm, AMD EPYC, NVIDIA H200, cuda"
+    assert machine_text({}) == ""
+    # An ARM machine: torch knows no vector instructions to name.
+    assert machine_text({"cpu": "Neoverse", "cpu_capability": "DEFAULT"}) == "Neoverse"
