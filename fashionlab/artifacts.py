@@ -103,8 +103,9 @@ def load_model(directory: str | Path, device: str | torch.device | None = "cpu",
 
     `tta` scores the model with other test-time views than the ones it was trained with
     (`ModelSpec.tta`: "none", "flip", "flip-shift"; another value is a one-line ValueError
-    naming them); the weights are the same, and the returned spec says which views are used. Every problem (a missing or malformed file, weights that do not fit the
-    spec, a pickle in place of the safetensors file) raises ModelFileError naming the file.
+    naming them); the weights are the same, and the returned spec says which views are used.
+    Every problem (a missing or malformed file, weights that do not fit the spec, a pickle in
+    place of the safetensors file) raises ModelFileError naming the file.
     Nothing is unpickled: safetensors holds raw tensors only.
     """
     views = get_args(TestTimeAugmentation)

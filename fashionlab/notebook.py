@@ -178,7 +178,8 @@ def search_html(summary: Mapping[str, Any] | None, *, name: str, status: str) ->
 def rows_frame(rows: Sequence[Row]) -> pandas.DataFrame:
     """The table as a DataFrame: one row per `Row`, its fields as columns, numbers as numbers
     (fractions, NaN where absent). The epoch label ("12 (warning)") is split in two: `epoch`,
-    a nullable integer (<NA> for the baseline), and `epoch_rule`, the rule that chose it
+    a nullable integer (<NA> where there is none: the baseline, a model with no finite
+    val_loss), and `epoch_rule`, the rule that chose it
     ("warning", "ES median", ...; "" where the epoch is simply how long the model trained).
     ImportError with the install line when pandas is missing."""
     try:

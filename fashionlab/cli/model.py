@@ -182,8 +182,9 @@ def export(
     out: Annotated[Path | None, typer.Option(
         help="The file to write (default: model.onnx in the model directory).",
         show_default=False)] = None,
-    opset: Annotated[int, typer.Option(help="The ONNX opset version: 18 and newer are written directly, older ones converted "
-        "where the model allows.", min=7)] = 18,
+    opset: Annotated[int, typer.Option(
+        help="The ONNX opset version: 18 and newer are written directly, older ones "
+        "converted where the model allows.", min=7)] = 18,
     tta: TtaOption = None,
     as_json: JsonOption = False,
 ) -> None:
