@@ -144,7 +144,10 @@ def environment(device: str | None = None) -> dict[str, Any]:
             "platform": platform.platform(),
             "cpu": cpu_model(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # AVX2, AVX512, ...
-            "cpu_bf16": native_bf16(torch.device("cpu")),  # precision "auto" trains in bf16
+            # Whether precision "auto" trains in bf16; read from x86's flags only (None:
+            # not known, as on ARM, whose /proc/cpuinfo lists "Features" instead).
+            "cpu_bf16": native_bf16(torch.device("cpu"))
+            if platform.machine().lower() in ("x86_64", "amd64") else None,
             "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "accelerator": accelerator,

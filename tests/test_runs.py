@@ -9,6 +9,7 @@ import io
 import json
 import math
 import os
+import platform
 import shutil
 import signal
 import time
@@ -24,7 +25,7 @@ from fashionlab import schema as schema_module
 from fashionlab import stats
 from fashionlab.config import load_study
 from fashionlab.errors import StoreError
-from fashionlab.provenance import machine_text
+from fashionlab.provenance import environment, machine_text
 from fashionlab.results import StudyResult
 from fashionlab.runs import (
     EXPORT_FIELDS,
@@ -469,6 +470,14 @@ def test_a_delete_stopped_after_the_rows_is_finished_by_deleting_again(
     code, _, err = run_cli(capsys, "runs", "delete", "notes", "--yes", "--run-dir", str(tmp_path))
     assert_one_line_error(code, err, "no run 'notes'")
     assert (tmp_path / "notes").is_dir()
+
+
+def test_a_cpu_whose_bfloat16_cannot_be_read_records_it_as_unknown(
+        monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert environment()["machine"]["cpu_bf16"] is None  # not False: nobody looked
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    assert isinstance(environment()["machine"]["cpu_bf16"], bool)
 
 
 def test_a_machine_shows_its_vector_instructions_beside_the_cpu_name():

@@ -87,7 +87,7 @@ def test_a_study_runs_end_to_end(study_file: Path, tmp_path: Path):
     # The vector instructions name the CPU's kind where its marketing name does not.
     assert run.environment["machine"]["cpu_capability"] in {  # torch's documented values
         "DEFAULT", "VSX", "Z VECTOR", "NO AVX", "AVX2", "AVX512", "SVE256"}
-    assert isinstance(run.environment["machine"]["cpu_bf16"], bool)
+    assert run.environment["machine"]["cpu_bf16"] in (True, False, None)  # None: not x86
     models = store.models(run.id)
     assert len(models) == 3 * 3 + 2  # folds, the retrained best, the CNN
     assert all(m.status == "finished" for m in models)
