@@ -55,6 +55,7 @@ __all__ = [
     "load_images",
     "predict",
     "predict_files",
+    "predictions_to_dict",
     "preprocess_photo",
     "preview",
     "write_preview",
@@ -427,3 +428,15 @@ def predict_files(saved_model: SavedModel | str | Path,
             results.append(FilePredictions(item.path, item.kind, tuple(
                 predict(saved_model, item.images, top_k)), item.images))
     return results
+
+
+def predictions_to_dict(saved_model: SavedModel, results: Sequence[FilePredictions],
+                        top_k: int) -> dict[str, object]:
+    """The predictions of `predict_files` as `fashionlab predict --json` prints them:
+    `{model, top_k, predictions, errors}`, one prediction row per image (`index`: its place
+    in its file) and one error row per file that could not be read."""
+    rows = [{"file": str(r.path), "kind": r.kind, "index": i, "top": p.to_dict()}
+            for r in results for i, p in enumerate(r.predictions)]
+    errors = [{"file": str(r.path), "error": r.error} for r in results if r.error]
+    return {"model": str(saved_model.path), "top_k": min(top_k, len(saved_model.class_names)),
+            "predictions": rows, "errors": errors}

@@ -235,18 +235,27 @@ def summary(result: StudyResult) -> dict[str, Any]:
     })
 
 
+# What a summary measured about the process that trained (not recomputable from the store).
+PROCESS_MEASURES = ("wall_seconds", "resumed", "workers", "threads", "peak_rss_mb",
+                    "worker_peak_rss_mb")
+
+
 def write_outputs(result: StudyResult, dataset: Dataset,
                   stored: dict[str, Any] | None = None) -> dict[str, Path]:
-    """Write the table (md, csv, json: `stored`, the summary the store keeps, when given), the
-    resolved study file and the figures, each file whole or not at all. OutputError (one
-    line) when the disk is full or not writable: the results stay in the store, and the same
-    command writes them once it can."""
+    """Write the table (md, csv, json), the resolved study file and the figures, each file
+    whole or not at all. `stored`, the summary the store keeps, gives the json its process
+    measures (wall time, peak memory); everything else is computed from `result`, as the
+    csv is, so that the files agree even for a run stored by an older version. OutputError
+    (one line) when the disk is full or not writable: the results stay in the store, and the
+    same command writes them once it can."""
     out = result.output_dir
     figures = out / "figures"
     written = {kind: out / name for kind, name in zip(("markdown", "csv", "json", "study"),
                                                       RESULT_FILES, strict=True)}
+    as_json = summary(result)
+    as_json.update({k: stored[k] for k in PROCESS_MEASURES if stored and k in stored})
     contents = {"markdown": to_markdown(result), "csv": to_csv(result),
-                "json": json.dumps(stored or summary(result), indent=2) + "\n",
+                "json": json.dumps(as_json, indent=2) + "\n",
                 "study": study_to_toml(result.spec)}
     try:
         figures.mkdir(parents=True, exist_ok=True)

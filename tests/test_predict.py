@@ -23,6 +23,7 @@ from fashionlab.predict import (
     load_images,
     predict,
     predict_files,
+    predictions_to_dict,
     preprocess_photo,
     preview,
 )
@@ -395,6 +396,12 @@ def test_predict_json(tmp_path: Path, real_model: SavedModel,
         assert all(t["class"] == CLASS_NAMES[t["label"]] for t in row["top"])
         p = [t["probability"] for t in row["top"]]
         assert p == sorted(p, reverse=True) and sum(p) <= 1 + 1e-6
+    # The library builds that object; the command only prints it.
+    files = [*pngs, tmp_path / "three.npy", tmp_path / "missing.png"]
+    from_api = predictions_to_dict(real_model, predict_files(real_model, files), 3)
+    assert json.loads(json.dumps(from_api))["predictions"] == rows
+    assert [e["file"] for e in from_api["errors"]] == [str(tmp_path / "missing.png")]
+    assert predictions_to_dict(real_model, [], 50)["top_k"] == len(CLASS_NAMES)
 
 
 def test_predict_table_and_top(tmp_path: Path, real_model: SavedModel,

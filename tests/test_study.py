@@ -697,6 +697,36 @@ def test_damaged_results_of_a_finished_run_are_written_again_when_it_is_shown(
     assert run_study(spec, run_dir=tmp_path, progress=False).notes == []  # whole again
 
 
+def test_results_written_again_for_an_older_run_agree_with_its_csv(study_file: Path,
+                                                                   tmp_path: Path):
+    """A run stored by an older version (the one-model CNN row's std stored as 0.0, since
+    undefined) gets its results.json recomputed as its csv is, keeping the measures of the
+    process that trained it."""
+    spec = load_study(study_file)
+    first = run_study(spec, run_dir=tmp_path, progress=False)
+    written = json.loads((first.output_dir / "results.json").read_text())
+    (cnn_row,) = [row for row in written["table"] if row["model"] == "cnn"]
+    assert cnn_row["val_accuracy_std"] is None and cnn_row["n"] == 1
+    old = json.loads(json.dumps(written))
+    for row in old["table"]:
+        if row["model"] == "cnn":
+            row["val_loss_std"] = row["val_accuracy_std"] = 0.0
+    old["peak_rss_mb"], old["wall_seconds"] = 1234.5, 99.0
+    engine = sa.create_engine(f"sqlite:///{tmp_path / DB_NAME}")
+    with engine.begin() as connection:
+        connection.execute(sa.text("UPDATE fl_runs SET summary = :s WHERE id = :id"),
+                           {"s": json.dumps(old), "id": first.run.id})
+    engine.dispose()
+    (first.output_dir / "results.json").unlink()
+    run_study(spec, run_dir=tmp_path, progress=False)
+    again = json.loads((first.output_dir / "results.json").read_text())
+    (cnn_row,) = [row for row in again["table"] if row["model"] == "cnn"]
+    assert cnn_row["val_loss_std"] is None and cnn_row["val_accuracy_std"] is None
+    assert (again["peak_rss_mb"], again["wall_seconds"]) == (1234.5, 99.0)
+    assert {k: v for k, v in again.items() if k not in ("peak_rss_mb", "wall_seconds")} == \
+        {k: v for k, v in written.items() if k not in ("peak_rss_mb", "wall_seconds")}
+
+
 def test_a_deleted_model_of_a_finished_run_is_said_when_it_is_shown(study_file: Path,
                                                                     tmp_path: Path):
     spec = load_study(study_file)

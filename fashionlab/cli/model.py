@@ -126,7 +126,12 @@ def predict(
 
     from fashionlab.artifacts import load_model
     from fashionlab.hardware import resolve_device
-    from fashionlab.predict import check_preview_path, predict_files, write_preview
+    from fashionlab.predict import (
+        check_preview_path,
+        predict_files,
+        predictions_to_dict,
+        write_preview,
+    )
 
     if preview is not None:
         check_preview_path(preview, images)
@@ -137,11 +142,7 @@ def predict(
         if seen:
             write_preview(np.concatenate(seen), preview)
     if as_json:
-        rows = [{"file": str(r.path), "kind": r.kind, "index": i, "top": p.to_dict()}
-                for r in results for i, p in enumerate(r.predictions)]
-        errors = [{"file": str(r.path), "error": r.error} for r in results if r.error]
-        typer.echo(json.dumps({"model": str(model), "top_k": min(top, len(saved.class_names)),
-                               "predictions": rows, "errors": errors}, indent=2))
+        typer.echo(json.dumps(predictions_to_dict(saved, results, top), indent=2))
     else:
         _print_predictions(results, top)
     failed = [r for r in results if r.error]
