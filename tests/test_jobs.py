@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -338,3 +339,45 @@ def test_a_killed_machines_job_is_taken_over_after_the_grace_period(
     assert count == len(expected_rows)  # one row per (model, epoch)
     assert _results_csv(run_dirs[1]) == expected_csv
     assert "results in" in out
+
+
+# --------------------------------------------------------------------------------------------
+# A server that stops answering
+
+
+class _Stopped(Exception):
+    pass
+
+
+def test_a_stop_signal_ends_a_wait_on_a_server_that_does_not_answer(postgres_url: str):
+    """A frozen server (a paused VM, a hung disk) keeps a query waiting: Ctrl-C or SIGTERM
+    must still end it at once, not when the server wakes up."""
+    store = Store(postgres_url)  # opening a psycopg2 store makes its waits interruptible
+    connection = store.engine.raw_connection()
+    cursor = connection.cursor()
+    cursor.execute("SELECT pg_backend_pid()")
+    backend = cursor.fetchone()[0]
+
+    def stop(signum: int, frame: object) -> None:
+        raise _Stopped
+
+    previous = signal.signal(signal.SIGUSR1, stop)
+    os.kill(backend, signal.SIGSTOP)
+    signaller = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGUSR1))
+    # Without the fix the signal waits for the server: wake it after a while, so that the
+    # test fails instead of hanging.
+    waker = threading.Timer(8.0, os.kill, (backend, signal.SIGCONT))
+    started = time.monotonic()
+    try:
+        signaller.start()
+        waker.start()
+        with pytest.raises(_Stopped):
+            cursor.execute("SELECT 1")
+        assert time.monotonic() - started < 5
+    finally:
+        signaller.cancel()
+        waker.cancel()
+        os.kill(backend, signal.SIGCONT)
+        signal.signal(signal.SIGUSR1, previous)
+        connection.invalidate()
+        store.close()

@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import select
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
@@ -32,12 +34,66 @@ _LIBPQ_DRIVERS = ("psycopg2", "psycopg", "psycopg2cffi")
 
 def connect_args(url: str | sa.URL) -> dict[str, Any]:
     """The driver settings fashionlab adds to a database URL's connections: the timeouts above
-    for PostgreSQL through libpq (psycopg), unless the URL sets them; none elsewhere."""
+    for PostgreSQL through libpq (psycopg), unless the URL sets them; none elsewhere. For
+    psycopg2, its waits for the server are made interruptible too (`_wait_for_server`)."""
     url = sa.make_url(url)
     if url.get_backend_name() != "postgresql" or url.get_driver_name() not in _LIBPQ_DRIVERS:
         return {}
+    if url.get_driver_name() == "psycopg2":
+        _interruptible_psycopg2()
     wanted = {"connect_timeout": CONNECT_TIMEOUT, **_KEEPALIVES}
     return {k: v for k, v in wanted.items() if k not in url.query}
+
+
+def _interruptible_psycopg2() -> None:
+    """psycopg2 waits for the server inside libpq, where a stop signal (Ctrl-C, SIGTERM) is
+    held until the server answers: a server that is stopped or stalled (a frozen VM, a hung
+    disk) keeps the process waiting forever, deaf to Ctrl-C. Its wait callback (psycopg2's
+    documented hook, process-wide) makes it wait in Python instead, where the signal raises.
+    A callback someone else installed (gevent's, say) is left alone."""
+    try:
+        from psycopg2 import extensions  # installed with the `postgres` extra
+    except ImportError:  # said when the store is opened
+        return
+    if extensions.get_wait_callback() is None:
+        extensions.set_wait_callback(_wait_for_server)
+
+
+def _wait_for_server(connection: Any) -> None:
+    """Until the server has answered, in `select`, so that a signal's handler runs and may
+    raise; connecting gives up after the connection's `connect_timeout`, which libpq enforces
+    only in its own waits. A stop leaves the connection broken (psycopg2 closes it): no
+    cancel request is sent, as one would wait on the same silent server."""
+    import psycopg2  # only with a PostgreSQL store
+    from psycopg2 import extensions
+
+    deadline = None
+    if connection.status == extensions.STATUS_SETUP:
+        limit = _connect_timeout(connection.get_dsn_parameters().get("connect_timeout"))
+        deadline = None if limit is None else time.monotonic() + limit
+    while True:
+        state = connection.poll()
+        if state == extensions.POLL_OK:
+            return
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            raise psycopg2.OperationalError("timeout expired")
+        if state == extensions.POLL_READ:
+            select.select([connection.fileno()], [], [], remaining)
+        elif state == extensions.POLL_WRITE:
+            select.select([], [connection.fileno()], [], remaining)
+        else:
+            raise psycopg2.OperationalError(f"unexpected state {state} from the driver")
+
+
+def _connect_timeout(value: str | None) -> float | None:
+    """libpq's reading of `connect_timeout`: seconds, at least 2; none (wait forever) when
+    unset, zero or negative."""
+    try:
+        seconds = int(value) if value else 0
+    except ValueError:
+        return None
+    return max(seconds, 2) if seconds > 0 else None
 
 
 def database_url(url: str) -> str:
