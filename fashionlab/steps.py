@@ -143,15 +143,43 @@ def note_unresumed_run(store: Store, run: RunRecord, reporter: Reporter) -> str 
     of other settings (the file was edited since; only identical settings resume), say so,
     and that the earlier run stays. Returns what it said (kept with the result, for whoever
     showed no progress)."""
-    earlier = [r for r in store.runs(kind=run.kind, name=run.name)
-               if r.fingerprint != run.fingerprint and r.state == "interrupted"]
-    if not earlier:
+    runs = [r for r in store.runs(kind=run.kind, name=run.name) if r.id != run.id]
+    other_data = [r for r in runs if r.fingerprint == run.fingerprint
+                  and r.state in ("interrupted", "finished")
+                  and not same_data(r, _data_sha256(run))]
+    earlier = [r for r in runs if r.fingerprint != run.fingerprint and r.state == "interrupted"]
+    if other_data:
+        old = other_data[0]
+        note = (f"run {run.id} is a new run: its data differ from those of run {old.id} of "
+                f"the same settings (SHA-256 {_data_sha256(run)[:12]} against "
+                f"{_data_sha256(old)[:12]}), which is left as it is (the same data show or "
+                "resume it)")
+    elif earlier:
+        note = (f"run {run.id} is a new run: the settings of {run.kind} '{run.name}' differ "
+                f"from those of its interrupted run {earlier[0].id}, which is left as it is "
+                f"(the same settings resume it; `fashionlab runs delete {earlier[0].id}` "
+                "removes it)")
+    else:
         return None
-    note = (f"run {run.id} is a new run: the settings of {run.kind} '{run.name}' differ from "
-            f"those of its interrupted run {earlier[0].id}, which is left as it is (the same "
-            f"settings resume it; `fashionlab runs delete {earlier[0].id}` removes it)")
     reporter.log(note)
     return note
+
+
+def data_record(dataset: Dataset) -> dict[str, Any]:
+    """What a run stores of the data it trains on (in its environment): their digest and
+    sizes."""
+    return {"sha256": dataset.sha256(), "train": len(dataset.train), "test": len(dataset.test)}
+
+
+def _data_sha256(run: RunRecord) -> str | None:
+    return ((run.environment or {}).get("data") or {}).get("sha256")
+
+
+def same_data(run: RunRecord, sha256: str | None) -> bool:
+    """Whether `run` trained on the data of that digest; a run stored before runs recorded
+    their data matches any."""
+    mine = _data_sha256(run)
+    return mine is None or sha256 is None or mine == sha256
 
 
 def load_study_data(spec: StudySpec) -> Dataset:
@@ -166,13 +194,16 @@ def load_study_data(spec: StudySpec) -> Dataset:
         if directory is None:
             raise
         raise DataError(f"data.directory: {error}") from None
-    limit_train, limit_test = spec.data.train_limit, spec.data.test_limit
+    return limit_study_data(spec, dataset)
 
+
+def limit_study_data(spec: StudySpec, dataset: Dataset) -> Dataset:
+    """`dataset` cut to the study's `[data]` limits (the first N images of each split)."""
     def head(split: Split, n: int | None) -> Split:
         return split if n is None else Split(split.images[:n], split.labels[:n])
 
-    return dataclasses.replace(dataset, train=head(dataset.train, limit_train),
-                               test=head(dataset.test, limit_test))
+    return dataclasses.replace(dataset, train=head(dataset.train, spec.data.train_limit),
+                               test=head(dataset.test, spec.data.test_limit))
 
 
 def cv_members(

@@ -354,3 +354,23 @@ def test_first_per_class_keeps_the_first_images_of_each_class_as_a_copy():
     kept = plots.sample_grid(first.images, first.labels, per_class=1)
     mosaics = [np.ma.getdata(f.axes[0].images[0].get_array()) for f in (whole, kept)]
     assert np.array_equal(*mosaics, equal_nan=True)  # NaN: blank cells
+
+
+def test_a_datasets_digest_is_its_content(tiny_idx_dir: Path):
+    dataset = data.load_fashion_mnist(tiny_idx_dir, verify=False)
+    copy = data.Dataset(data.Split(dataset.train.images.copy(), dataset.train.labels.copy()),
+                        data.Split(dataset.test.images.copy(), dataset.test.labels.copy()),
+                        source=Path("elsewhere"), verified=False)
+    assert copy.sha256() == dataset.sha256()  # where they came from does not count
+    images = dataset.train.images.copy()
+    images[0, 0, 0] ^= 1  # one pixel, one bit
+    changed = [
+        data.Dataset(data.Split(images, dataset.train.labels), dataset.test,
+                     dataset.source, False),
+        data.Dataset(data.Split(dataset.train.images[:-1], dataset.train.labels[:-1]),
+                     dataset.test, dataset.source, False),
+        data.Dataset(dataset.train, dataset.test, dataset.source, False,
+                     class_names=tuple(reversed(dataset.class_names))),
+        data.Dataset(dataset.train, dataset.train, dataset.source, False)]  # other test images
+    digests = {dataset.sha256(), *(d.sha256() for d in changed)}
+    assert len(digests) == 1 + len(changed)

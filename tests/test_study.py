@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -22,6 +23,7 @@ from helpers import OnEpoch, Recorder, assert_one_line_error, dead_pid, run_cli,
 
 from fashionlab.config import load_study, study_from_dict
 from fashionlab.cv import make_folds
+from fashionlab.data import Split, load_fashion_mnist
 from fashionlab.errors import ConfigError
 from fashionlab.progress import Silent
 from fashionlab.runner import MIN_PARALLEL_FLOPS, Job, auto_workers
@@ -129,6 +131,52 @@ def test_workers_train_on_the_dataset_the_caller_gave(study_file: Path, tiny_idx
     assert two.workers == 2 and two.threads == one.threads == 1
     assert _epoch_rows(tmp_path / "two", two.run.id) == _epoch_rows(tmp_path / "one", one.run.id)
     assert two.final[0].test_accuracy == one.final[0].test_accuracy
+
+
+def test_a_given_dataset_gets_the_studys_limits_and_its_runs_are_told_apart(
+        tiny_idx_dir: Path, tmp_path: Path):
+    """`dataset=` stands for the study's files: cut to its [data] limits, and a run is shown
+    or resumed only for the same data (the store keeps their digest)."""
+    path = tmp_path / "limited.toml"
+    path.write_text(tiny_study_toml(tiny_idx_dir, epochs=2, final=False))
+    spec = load_study(path)
+    spec = dataclasses.replace(spec, data=dataclasses.replace(spec.data, train_limit=150))
+    whole = load_fashion_mnist(tiny_idx_dir, verify=False)  # 300 training images
+    first = run_study(spec, run_dir=tmp_path, progress=False, dataset=whole)
+    assert first.n_train + first.n_val == 150  # not 300
+    assert first.run.environment["data"] == {"sha256": load_study_data(spec).sha256(),
+                                             "train": 150, "test": 100}
+    # The study's own files are the same data: its run is shown, nothing trains.
+    assert run_study(spec, run_dir=tmp_path, progress=False).run.id == first.run.id
+    # Other data (one label changed) are another run, said in a note; the first stays.
+    labels = whole.train.labels.copy()
+    labels[0] = (labels[0] + 1) % 10
+    other = dataclasses.replace(whole, train=Split(whole.train.images, labels))
+    second = run_study(spec, run_dir=tmp_path, progress=False, dataset=other)
+    assert second.run.id != first.run.id
+    note = (f"run {second.run.id} is a new run: its data differ from those of run "
+            f"{first.run.id} of the same settings (SHA-256 "
+            f"{second.run.environment['data']['sha256'][:12]} against "
+            f"{first.run.environment['data']['sha256'][:12]}), which is left as it is (the same "
+            "data show or resume it)")
+    assert second.notes == [note]
+    assert run_study(spec, run_dir=tmp_path, progress=False, dataset=whole).run.id == first.run.id
+    assert run_study(spec, run_dir=tmp_path, progress=False, dataset=other).run.id == \
+        second.run.id
+
+
+def test_a_run_stored_before_runs_recorded_their_data_is_still_shown(study_file: Path,
+                                                                     tmp_path: Path):
+    spec = load_study(study_file)
+    first = run_study(spec, run_dir=tmp_path, progress=False)
+    environment = {k: v for k, v in first.run.environment.items() if k != "data"}
+    engine = sa.create_engine(f"sqlite:///{tmp_path / DB_NAME}")
+    with engine.begin() as connection:
+        connection.execute(sa.text("UPDATE fl_runs SET environment = :e WHERE id = :id"),
+                           {"e": json.dumps(environment), "id": first.run.id})
+    engine.dispose()
+    again = run_study(spec, run_dir=tmp_path, progress=False)
+    assert again.run.id == first.run.id and again.notes == []
 
 
 def test_workers_get_each_image_tensor_once_on_their_own_device():

@@ -3,6 +3,8 @@ into them, and tensors for training."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +79,16 @@ class Dataset:
     verified: bool  # every file matched its SHA-256 (checked now, or remembered)
     class_names: tuple[str, ...] = CLASS_NAMES
     files: tuple[Path, ...] = ()  # the files read, in FILE_NAMES order
+
+    def sha256(self) -> str:
+        """The SHA-256 of what a model learns from: both splits' images and labels (their
+        shapes and types too) and the class names. Equal data, equal digests, wherever the
+        arrays came from."""
+        digest = hashlib.sha256(json.dumps(self.class_names).encode())
+        for array in (self.train.images, self.train.labels, self.test.images, self.test.labels):
+            digest.update(f"{array.dtype.str}{array.shape}".encode())
+            digest.update(np.ascontiguousarray(array).data)
+        return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -73,7 +73,7 @@ from fashionlab.search.storage import (
 )
 from fashionlab.search.trial import TrialContext, make_pruner, train_trial
 from fashionlab.serialize import remove_stale_staging
-from fashionlab.steps import RunContext, load_study_data, note_unresumed_run
+from fashionlab.steps import RunContext, limit_study_data, load_study_data, note_unresumed_run
 from fashionlab.store import (
     DEFAULT_RUN_DIR,
     RunRecord,
@@ -195,7 +195,8 @@ def run_search(
     if finish:  # nothing to finish in a store that is not there: create nothing
         Store(url, create=False).close()
     # The data before anything is created: a search whose data cannot be read leaves nothing.
-    dataset = dataset if dataset is not None else load_study_data(spec)
+    # A given dataset stands for the study's files: its `[data]` limits apply to it too.
+    dataset = load_study_data(spec) if dataset is None else limit_study_data(spec, dataset)
     folds = make_folds(len(dataset.train), spec.cv, seed=spec.seed, labels=dataset.train.labels)
     lock = ClaimLock(url, study_name)
     with lock:  # workers starting together: one creates the tables, the run and the study

@@ -13,7 +13,7 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -47,9 +47,12 @@ from fashionlab.runner import auto_workers, threads_per_job
 from fashionlab.serialize import remove_stale_staging
 from fashionlab.steps import (
     RunContext,
+    data_record,
+    limit_study_data,
     load_study_data,
     note_unresumed_run,
     retrain,
+    same_data,
     train_final,
 )
 from fashionlab.store import DEFAULT_RUN_DIR, RunRecord, Store
@@ -109,10 +112,12 @@ def run_study(
     run_dir = Path(run_dir)
     # The data and its folds first: a study whose data cannot be read, or that has more folds
     # than images, leaves no store behind.
-    dataset = dataset if dataset is not None else load_study_data(spec)
+    # A given dataset stands for the study's files: its `[data]` limits apply to it too.
+    dataset = load_study_data(spec) if dataset is None else limit_study_data(spec, dataset)
     folds = make_folds(len(dataset.train), spec.cv, seed=spec.seed, labels=dataset.train.labels)
+    data = data_record(dataset)
     store = Store.open(run_dir, store_url)
-    run, joined, resumed = _start_run(store, spec, run_dir, str(torch_device), fresh)
+    run, joined, resumed = _start_run(store, spec, run_dir, str(torch_device), fresh, data)
     shown = run.status == "finished"  # read back from the store: nothing is written
     # A run's files live in <run dir>/<run id>, whatever folder the store recorded: on a
     # database server every process keeps its files (checkpoints, the models it trains, the
@@ -280,10 +285,11 @@ def _tidy(store: Store, run_id: str, output_dir: Path, device: torch.device) -> 
             write_report(store, run_id, output_dir / REPORT_NAME, device=device)
 
 
-def _start_run(store: Store, spec: StudySpec, run_dir: Path, device: str,
-               fresh: bool) -> tuple[RunRecord, bool, bool]:
+def _start_run(store: Store, spec: StudySpec, run_dir: Path, device: str, fresh: bool,
+               data: dict[str, Any]) -> tuple[RunRecord, bool, bool]:
     """The run to show, continue, join or start; whether this process joined it (another
-    process runs it: its row stays theirs), and whether it continues an interrupted one."""
+    process runs it: its row stays theirs), and whether it continues an interrupted one.
+    Only a run of the same settings and the same data (`data_record`) is taken up."""
     fingerprint = spec.fingerprint()
     # One process at a time looks and creates, so that processes started together on several
     # machines join one run instead of each creating its own.
@@ -292,6 +298,8 @@ def _start_run(store: Store, spec: StudySpec, run_dir: Path, device: str,
     with lock:
         if not fresh:
             for run in store.runs(kind="study", fingerprint=fingerprint):
+                if not same_data(run, data["sha256"]):
+                    continue
                 if run.state == "running":
                     if not store.shared:
                         raise ConfigError(
@@ -312,4 +320,5 @@ def _start_run(store: Store, spec: StudySpec, run_dir: Path, device: str,
                     return store.claim_run(run.id), False, True
         return store.create_run(kind="study", name=spec.name, fingerprint=fingerprint,
                                 seed=spec.seed, config=spec.to_dict(),
-                                environment=environment(device), output_root=run_dir), False, False
+                                environment={**environment(device), "data": data},
+                                output_root=run_dir), False, False
