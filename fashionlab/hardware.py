@@ -31,10 +31,10 @@ def resolve_device(name: str | None = None) -> torch.device:
     except RuntimeError:
         device = None
     if device is None or device.type not in ("cpu", "cuda"):  # torch knows mps, xpu, meta...
-        raise ConfigError(f"--device: unknown device '{name}' (use auto, cpu, cuda, cuda:N)") \
-            from None
+        raise ConfigError(f"device (--device): unknown device '{name}' (use auto, cpu, cuda, "
+                          "cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device: CUDA was asked for, but no CUDA device is available")
+        raise ConfigError("device (--device): CUDA was asked for, but no CUDA device is available")
     return device
 
 

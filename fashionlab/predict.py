@@ -430,11 +430,14 @@ def predict_files(saved_model: SavedModel | str | Path,
     return results
 
 
-def predictions_to_dict(saved_model: SavedModel, results: Sequence[FilePredictions],
-                        top_k: int) -> dict[str, object]:
+def predictions_to_dict(saved_model: SavedModel | str | Path,
+                        results: Sequence[FilePredictions], top_k: int) -> dict[str, object]:
     """The predictions of `predict_files` as `fashionlab predict --json` prints them:
     `{model, top_k, predictions, errors}`, one prediction row per image (`index`: its place
     in its file) and one error row per file that could not be read."""
+    from fashionlab.artifacts import as_saved_model  # torch: only with a model
+
+    saved_model = as_saved_model(saved_model)
     rows = [{"file": str(r.path), "kind": r.kind, "index": i, "top": p.to_dict()}
             for r in results for i, p in enumerate(r.predictions)]
     errors = [{"file": str(r.path), "error": r.error} for r in results if r.error]

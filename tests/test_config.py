@@ -456,3 +456,10 @@ def test_the_quick_variant_of_a_study_with_the_longest_name(name: str):
     spec = study_from_dict(tomllib.loads(f'name = "{name}"\n[[final]]\nname = "f"\n'))
     quick = quick_variant(spec)
     assert quick.name.endswith("-quick") and name.startswith(quick.name.removesuffix("-quick"))
+
+
+@pytest.mark.parametrize("raw", [None, ["x"], "name = 'x'", 3])
+def test_a_study_that_is_not_a_table_is_a_config_error(raw: object):
+    with pytest.raises(ConfigError, match=f"^api: expected a table of settings .*, got "
+                                          f"{type(raw).__name__}$"):
+        study_from_dict(raw, source="api")  # type: ignore[arg-type]

@@ -21,7 +21,7 @@ def test_auto_device_is_the_cpu_without_cuda():
 
 @pytest.mark.parametrize("name", ["gpu0", "cuda:x", "mps", "meta", "xpu"])  # torch knows 3
 def test_unknown_devices_are_named_in_the_error(name: str):
-    with pytest.raises(ConfigError, match=f"unknown device '{name}'"):
+    with pytest.raises(ConfigError, match=f"^device \\(--device\\): unknown device '{name}'"):
         resolve_device(name)
 
 

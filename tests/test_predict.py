@@ -401,7 +401,7 @@ def test_predict_json(tmp_path: Path, real_model: SavedModel,
     from_api = predictions_to_dict(real_model, predict_files(real_model, files), 3)
     assert json.loads(json.dumps(from_api))["predictions"] == rows
     assert [e["file"] for e in from_api["errors"]] == [str(tmp_path / "missing.png")]
-    assert predictions_to_dict(real_model, [], 50)["top_k"] == len(CLASS_NAMES)
+    assert predictions_to_dict(str(real_model.path), [], 50)["top_k"] == len(CLASS_NAMES)
 
 
 def test_predict_table_and_top(tmp_path: Path, real_model: SavedModel,

@@ -121,6 +121,9 @@ _TRAIN_ADAPTER = TypeAdapter(TrainSpec)
 
 def study_from_dict(raw: Mapping[str, Any], *, source: str = "study") -> StudySpec:
     """Validate a study given as a (TOML-shaped) mapping; errors name `source` and the field."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: expected a table of settings (a dict, as tomllib reads a "
+                          f"study file), got {type(raw).__name__}")
     try:
         data = dict(raw)
         defaults = data.pop("train", {})
