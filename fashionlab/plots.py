@@ -25,7 +25,19 @@ from fashionlab.data import CLASS_NAMES
 from fashionlab.serialize import staging_path
 from fashionlab.text import safe_name
 
-__all__ = ["curves_file", "learning_curves", "png_data_uri", "sample_grid", "save_figure"]
+__all__ = ["InlineFigure", "curves_file", "learning_curves", "png_data_uri", "sample_grid", "save_figure"]
+
+
+class InlineFigure(Figure):
+    """A Figure that shows itself in Jupyter as the last expression of a cell, with or
+    without `%matplotlib inline`: built without pyplot, nothing else registers it with
+    IPython, which would print `<Figure size 1000x380 with 2 Axes>` instead."""
+
+    def _repr_png_(self) -> bytes:
+        buffer = io.BytesIO()
+        with _missing_glyphs_drawn_silently():
+            self.savefig(buffer, format="png", bbox_inches="tight")
+        return buffer.getvalue()
 
 
 @contextlib.contextmanager
@@ -91,7 +103,8 @@ def sample_grid(
             top, left = pad + c * cell_h, pad + j * cell_w
             mosaic[top:top + height, left:left + width] = images[i]
 
-    figure = Figure(figsize=(1.8 + 0.55 * per_class, 0.4 + 0.55 * n_classes), layout="constrained")
+    figure = InlineFigure(figsize=(1.8 + 0.55 * per_class, 0.4 + 0.55 * n_classes),
+                          layout="constrained")
     FigureCanvasAgg(figure)
     ax = figure.add_subplot()
     cmap = matplotlib.colormaps["gray"].with_extremes(bad="white")
@@ -124,7 +137,7 @@ def learning_curves(
     curves: "loss", "accuracy", "val_loss", "val_accuracy" -> (n_models, epochs), NaN where a
     model did not train that epoch (early stopping).
     """
-    figure = Figure(figsize=(10, 3.8), layout="constrained")
+    figure = InlineFigure(figsize=(10, 3.8), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, 2)
     n_models = len(curves["loss"])
@@ -182,7 +195,7 @@ def confusion_matrix(
         raise ValueError(f"matrix must be {n}x{n} for {n} class names, got {counts.shape}")
     totals = counts.sum(axis=1, keepdims=True)
     fraction = counts / np.maximum(totals, 1)  # (n, n) row-normalised
-    figure = Figure(figsize=(1.6 + 0.42 * n, 1.2 + 0.42 * n), layout="constrained")
+    figure = InlineFigure(figsize=(1.6 + 0.42 * n, 1.2 + 0.42 * n), layout="constrained")
     FigureCanvasAgg(figure)
     ax = figure.add_subplot()
     ax.imshow(fraction, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
@@ -207,7 +220,7 @@ def per_class_bars(
     """Grouped horizontal bars, one group per class: e.g. {"precision": p, "recall": r}, each
     (n_classes,) fractions in [0, 1]; a NaN score draws no bar."""
     n, names = len(class_names), list(scores)
-    figure = Figure(figsize=(7, 0.8 + 0.28 * n * max(1, len(names)) ** 0.5),
+    figure = InlineFigure(figsize=(7, 0.8 + 0.28 * n * max(1, len(names)) ** 0.5),
                     layout="constrained")
     FigureCanvasAgg(figure)
     ax = figure.add_subplot()
@@ -254,7 +267,7 @@ def misclassified_grid(
     cell_h, cell_w = height + label + pad, width + pad
     mosaic = np.full((rows * cell_h, columns * cell_w - pad), np.nan, np.float32)
     inches = 1.45 * columns
-    figure = Figure(figsize=(inches, inches * mosaic.shape[0] / mosaic.shape[1]
+    figure = InlineFigure(figsize=(inches, inches * mosaic.shape[0] / mosaic.shape[1]
                              + (0.4 if title else 0.1)), layout="constrained")
     FigureCanvasAgg(figure)
     ax = figure.add_subplot()
@@ -285,7 +298,7 @@ def search_history(
     None or NaN (a pruned or failed trial) draws nothing."""
     y = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
     trials = np.arange(len(y))
-    figure = Figure(figsize=(8, 3.5), layout="constrained")
+    figure = InlineFigure(figsize=(8, 3.5), layout="constrained")
     FigureCanvasAgg(figure)
     ax = figure.add_subplot()
     ax.plot(trials, y, "o", markersize=4, color="tab:blue", label="trial")
@@ -306,7 +319,7 @@ def param_importances(importances: Mapping[str, float], *, title: str = "paramet
                       ) -> Figure:
     """Horizontal bars of each parameter's importance, the largest on top."""
     ranked = sorted(importances.items(), key=lambda item: -float(item[1]))
-    figure = Figure(figsize=(7, 0.9 + 0.35 * max(1, len(ranked))), layout="constrained")
+    figure = InlineFigure(figsize=(7, 0.9 + 0.35 * max(1, len(ranked))), layout="constrained")
     FigureCanvasAgg(figure)
     ax = figure.add_subplot()
     ax.barh(np.arange(len(ranked)), [float(v) for _, v in ranked], color="tab:blue")

@@ -12,6 +12,7 @@ record or interrupt through the same protocol.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 import queue
 import sys
@@ -225,10 +226,13 @@ def forward(events: Any, reporter: Reporter, *, wait: float = 0.0) -> set[int]:
 
 
 def interactive(console: Console | None = None) -> bool:
-    """Whether progress can be drawn as live bars: stderr is a terminal (not a dumb one) or
-    the process is a Jupyter kernel."""
+    """Whether progress can be drawn as live bars: stderr is a terminal (not a dumb one), or
+    the process is a Jupyter kernel with ipywidgets (without them rich cannot draw there and
+    warns in the cell at every bar)."""
     console = console or Console(stderr=True)
-    return console.is_interactive or console.is_jupyter
+    if console.is_jupyter:
+        return importlib.util.find_spec("ipywidgets") is not None
+    return console.is_interactive
 
 
 @contextlib.contextmanager

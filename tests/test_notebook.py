@@ -74,6 +74,11 @@ def test_a_figure_by_name_and_a_clear_error_for_an_unknown_one(study: StudyResul
         figure = study.figure(name)
         assert isinstance(figure, Figure)
         assert figure.get_suptitle().startswith(name)
+    # Shown by IPython as a picture, without `%matplotlib inline` (no pyplot, no backend).
+    from IPython.core.formatters import DisplayFormatter  # only this test needs IPython
+
+    shown, _ = DisplayFormatter().format(study.figure("cnn"))
+    assert shown["image/png"].startswith(b"\x89PNG")
     with pytest.raises(ValueError) as error:
         study.figure("nope")
     message = str(error.value)

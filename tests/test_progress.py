@@ -3,6 +3,7 @@ lines, and what `fashionlab study` prints into a log."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import math
 import os
@@ -10,6 +11,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 from helpers import tiny_study_toml
 from rich.console import Console
@@ -72,6 +74,13 @@ def test_progress_true_draws_bars_only_where_they_can_be_drawn():
     assert interactive(Console(file=io.StringIO(), force_terminal=True, force_jupyter=False))
     assert not interactive(Console(file=io.StringIO(), force_terminal=False,
                                    force_jupyter=False))
+    # A Jupyter kernel: bars where ipywidgets can draw them, else lines (rich would warn in
+    # the cell, "install ipywidgets for Jupyter support", at every bar).
+    jupyter = Console(file=io.StringIO(), force_jupyter=True)
+    with mock.patch.object(importlib.util, "find_spec", return_value=object()):
+        assert interactive(jupyter)
+    with mock.patch.object(importlib.util, "find_spec", return_value=None):
+        assert not interactive(jupyter)
     with reporting(True) as reporter:  # pytest captures stderr: not a terminal
         assert isinstance(reporter, Lines)
     with reporting(False) as reporter:
