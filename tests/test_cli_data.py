@@ -59,6 +59,9 @@ def test_info_json_on_a_named_directory(capsys: pytest.CaptureFixture[str], tiny
     assert summary["splits"]["train"]["images_shape"] == [300, 28, 28]
     assert summary["splits"]["test"]["labels_shape"] == [100]
     assert summary["splits"]["train"]["class_counts"] == dict.fromkeys(data.CLASS_NAMES, 30)
+    dataset = data.load_fashion_mnist(tiny_idx_dir, verify=False)
+    assert summary["sha256"] == dataset.sha256()  # as a study run stores it
+    assert summary == json.loads(json.dumps(dataset.to_dict()))  # the library's, printed
 
 
 def test_info_table(capsys: pytest.CaptureFixture[str], tiny_idx_dir: Path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -33,24 +33,6 @@ VerifyOption = Annotated[bool, typer.Option(
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
 
-def _summary(dataset: data.Dataset) -> dict[str, Any]:
-    splits = {}
-    for name, split in (("train", dataset.train), ("test", dataset.test)):
-        counts = split.class_counts(len(dataset.class_names))
-        splits[name] = {
-            "images_shape": list(split.images.shape),
-            "labels_shape": list(split.labels.shape),
-            "class_counts": {c: int(n) for c, n in zip(dataset.class_names, counts)},
-        }
-    return {
-        "source": str(dataset.source),
-        "files": [str(path) for path in dataset.files],
-        "verified": dataset.verified,
-        "class_names": list(dataset.class_names),
-        "splits": splits,
-    }
-
-
 @data_app.command()
 def info(directory: DirOption = None, verify: VerifyOption = True,
          as_json: JsonOption = False) -> None:
@@ -62,7 +44,7 @@ def info(directory: DirOption = None, verify: VerifyOption = True,
     """
     from rich.table import Table
 
-    summary = _summary(data.load_fashion_mnist(directory, download=False, verify=verify))
+    summary = data.load_fashion_mnist(directory, download=False, verify=verify).to_dict()
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return

@@ -8,7 +8,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -79,6 +79,26 @@ class Dataset:
     verified: bool  # every file matched its SHA-256 (checked now, or remembered)
     class_names: tuple[str, ...] = CLASS_NAMES
     files: tuple[Path, ...] = ()  # the files read, in FILE_NAMES order
+
+    def to_dict(self) -> dict[str, Any]:
+        """What `fashionlab data info --json` prints: where the files are, whether they were
+        verified, the class names, each split's shapes and images per class, and `sha256`."""
+        splits = {}
+        for name, split in (("train", self.train), ("test", self.test)):
+            counts = split.class_counts(len(self.class_names))
+            splits[name] = {
+                "images_shape": list(split.images.shape),
+                "labels_shape": list(split.labels.shape),
+                "class_counts": {c: int(n) for c, n in zip(self.class_names, counts)},
+            }
+        return {
+            "source": str(self.source),
+            "files": [str(path) for path in self.files],
+            "verified": self.verified,
+            "class_names": list(self.class_names),
+            "splits": splits,
+            "sha256": self.sha256(),
+        }
 
     def sha256(self) -> str:
         """The SHA-256 of what a model learns from: both splits' images and labels (their
