@@ -29,6 +29,7 @@ from fashionlab.tables import (
     retrain_line,
     search_overview,
     split_epoch,
+    split_trained,
     trial_cells,
 )
 
@@ -181,7 +182,9 @@ def rows_frame(rows: Sequence[Row]) -> pandas.DataFrame:
     a nullable integer (<NA> where there is none: the baseline, a model with no finite
     val_loss), and `epoch_rule`, the rule that chose it
     ("warning", "ES median", ...; "" where the epoch is simply how long the model trained).
-    ImportError with the install line when pandas is missing."""
+    "200/200 (0% saved)" becomes the integers `epochs_trained` and `epochs_planned` (all
+    folds together for a cross-validated candidate). ImportError with the install line when
+    pandas is missing."""
     try:
         import pandas  # optional: only this function needs it
     except ImportError:
@@ -195,5 +198,9 @@ def rows_frame(rows: Sequence[Row]) -> pandas.DataFrame:
     epochs = [split_epoch(r.epoch) for r in rows]
     frame["epoch"] = pandas.array([e for e, _ in epochs], dtype="Int64")
     frame.insert(frame.columns.get_loc("epoch") + 1, "epoch_rule", [rule for _, rule in epochs])
+    trained = [split_trained(r.epochs_trained) for r in rows]
+    frame["epochs_trained"] = pandas.array([t for t, _ in trained], dtype="Int64")
+    frame.insert(frame.columns.get_loc("epochs_trained") + 1, "epochs_planned",
+                 pandas.array([p for _, p in trained], dtype="Int64"))
     return frame
 

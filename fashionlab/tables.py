@@ -68,6 +68,14 @@ def split_epoch(label: str) -> tuple[int | None, str]:
     return (int(number) if number.isdigit() else None), rule.removesuffix(")")
 
 
+def split_trained(label: str) -> tuple[int | None, int | None]:
+    """A row's "epochs trained" label as (trained, planned): "200/200" -> (200, 200),
+    "120/200 (40% saved)" -> (120, 200), "-" -> (None, None)."""
+    trained, _, planned = label.partition(" (")[0].partition("/")
+    return ((int(trained) if trained.isdigit() else None),
+            (int(planned) if planned.isdigit() else None))
+
+
 LEGEND = ("epoch: where each result is read: the overfitting warning's epoch; with no warning, "
           "the epoch of the lowest mean val_loss; with a one-cycle schedule, its last epoch "
           "(schedule end); with early stopping (ES), each fold's best epoch. val_loss and val "

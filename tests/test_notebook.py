@@ -110,6 +110,14 @@ def test_to_frame_has_one_row_per_table_row_with_numbers(study: StudyResult):
             assert row.epoch == (f"{epoch} ({rule})" if rule else str(epoch))
     assert set(frame.loc[frame["kind"] == "cv", "epoch_rule"]) <= {"warning", "no warning"}
     assert list(frame.columns).index("epoch_rule") == list(frame.columns).index("epoch") + 1
+    # "12/12" as two integers; the baseline trained nothing.
+    assert str(frame["epochs_trained"].dtype) == str(frame["epochs_planned"].dtype) == "Int64"
+    for (trained, planned), row in zip(
+            frame[["epochs_trained", "epochs_planned"]].itertuples(index=False), rows):
+        if row.kind == "baseline":
+            assert trained is pandas.NA and planned is pandas.NA
+        else:
+            assert row.epochs_trained.startswith(f"{trained}/{planned}")
 
 
 def test_a_rows_interval_never_leaves_0_to_100_percent(study: StudyResult):

@@ -9,6 +9,8 @@ import math
 import re
 from html import escape
 
+import pytest
+
 from fashionlab.tables import (
     HEADERS,
     Row,
@@ -22,6 +24,8 @@ from fashionlab.tables import (
     search_markdown,
     spent_line,
     spent_note,
+    split_epoch,
+    split_trained,
     trial_cells,
 )
 
@@ -123,3 +127,14 @@ def test_a_search_results_md_shows_the_names_it_holds_as_written():
     for name in (base, reference, folder):
         assert escape(name, quote=False) in html, name
     assert not re.search(r"<(em|s|del|ol)\b", html)
+
+
+@pytest.mark.parametrize(("label", "epoch", "trained"), [
+    ("18 (warning)", (18, "warning"), None), ("20", (20, ""), None), ("-", (None, ""), None),
+    ("200/200", None, (200, 200)), ("120/200 (40% saved)", None, (120, 200)),
+    ("-", None, (None, None))])
+def test_labels_split_into_numbers(label: str, epoch: tuple | None, trained: tuple | None):
+    if epoch is not None:
+        assert split_epoch(label) == epoch
+    if trained is not None:
+        assert split_trained(label) == trained
