@@ -98,8 +98,9 @@ def _signal_itself(where: str, *args: str,
                    signum: int = signal.SIGTERM) -> subprocess.CompletedProcess:
     """Run `fashionlab ARGS` in a fresh interpreter that sends itself `signum` at `where`:
     "imports" (while the commands are imported), "reading" (while the study command reads its
-    file, before any run exists), "finaliser" (in a __del__, after the first stored epoch) or
-    "teardown" (after the command, while the interpreter exits)."""
+    file, before any run exists), "finaliser" (in a __del__, after the first stored epoch),
+    "twice" (after the first stored epoch, and again in a __del__ while the run is marked
+    interrupted) or "teardown" (after the command, while the interpreter exits)."""
     script = f"""
 import atexit, os, sys, time
 import fashionlab.cli as cli
@@ -135,6 +136,32 @@ if where == "finaliser":
 
     fashionlab.store.Store.record_epochs = then_stop(fashionlab.store.Store.record_epochs)
     fashionlab.runner.forward = then_stop(fashionlab.runner.forward)
+elif where == "twice":
+    # The stop again while the first one's cleanup runs (Ctrl-C pressed twice), landing in a
+    # finaliser: it must not be raised there.
+    import fashionlab.store
+
+    class Finalised:
+        def __del__(self):
+            os.kill(os.getpid(), {int(signum)})
+            time.sleep(0.5)
+
+    first = []
+    record, end = fashionlab.store.Store.record_epochs, fashionlab.store.Store.end_run
+
+    def then_stop(*args, **kwargs):
+        record(*args, **kwargs)
+        if not first:
+            first.append(True)
+            os.kill(os.getpid(), {int(signum)})
+            time.sleep(5)  # the handler interrupts this
+
+    def ending(*args, **kwargs):
+        Finalised()  # dropped at once
+        return end(*args, **kwargs)
+
+    fashionlab.store.Store.record_epochs = then_stop
+    fashionlab.store.Store.end_run = ending
 elif where == "imports":
     cli._register_commands = signal_itself
 elif where == "reading":
@@ -177,6 +204,23 @@ def test_a_stop_that_a_finaliser_swallows_still_stops_the_study(
     (run,) = store.runs()
     store.close()
     assert run.state == "interrupted"  # not trained on to the end
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_repeated_during_the_first_ones_cleanup_is_one_line_too(
+        signum, tiny_idx_dir: Path, tmp_path: Path):
+    study = tmp_path / "tiny.toml"
+    study.write_text(tiny_study_toml(tiny_idx_dir, epochs=30, final=False))
+    done = _signal_itself("twice", "study", str(study), "--run-dir", str(tmp_path),
+                          "--workers", "1", "-q", signum=signum)
+    name = signal.Signals(signum).name
+    assert done.returncode == 128 + signum, done.stderr
+    assert done.stderr == f"stopped by {name}: the run is kept; run the same command again " \
+                          "to resume it\n"
+    store = Store.open(tmp_path, create=False)
+    (run,) = store.runs()
+    store.close()
+    assert run.state == "interrupted"  # the cleanup went to its end
 
 
 def test_a_signal_ignored_when_the_command_starts_stays_ignored(tiny_idx_dir: Path,

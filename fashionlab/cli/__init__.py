@@ -8,6 +8,7 @@ import signal
 import stat
 import sys
 import tempfile
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
@@ -60,10 +61,20 @@ def _options(
 _STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
                       if hasattr(signal, name))
 _announced: list[bool] = []  # a stop already said in one line (by `resumable`)
+# A second stop this soon after the first (Ctrl-C pressed twice, a scheduler's SIGTERM after
+# a terminal's SIGHUP) is recorded, not raised: the first one's cleanup (workers stopped, the
+# run left resumable) goes on, instead of being cut short, or raising inside a finaliser,
+# where Python prints a traceback. Later ones raise again, for a cleanup that hangs.
+REPEATED_STOP_GRACE = 5.0  # seconds
+_stopping_since: list[float] = []  # when the first stop came
 
 
 def _stop(signum: int, frame: FrameType | None) -> None:
     stops.received.append(signum)
+    now = time.monotonic()
+    if _stopping_since and now - _stopping_since[0] < REPEATED_STOP_GRACE:
+        return
+    _stopping_since[:] = [now]
     raise KeyboardInterrupt
 
 
@@ -180,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     # is said in one line too, not as a traceback or a silent exit.
     stops.received.clear()  # what an earlier call in this process (a test, a notebook) heard
     _announced.clear()
+    _stopping_since.clear()
     previous = {signum: signal.getsignal(signum) for signum in _STOP_SIGNALS}
     for signum, handler in previous.items():
         # An ignored signal stays ignored: `nohup` ignores SIGHUP so that the command outlives
