@@ -391,7 +391,7 @@ def delete_run(store: Store, run_id: str, *, run_dir: Path | None = None) -> Run
     """
     run = store.run(run_id)
     if run.state == "running":
-        raise RunError(f"run {run.id} is running (pid {run.pid} on {run.host}); "
+        raise RunError(f"run {run.id} is running ({run.holder}); "
                        "stop it before deleting it")
     if store.read_only:
         raise StoreError(f"cannot write to the store {safe_url(store.url)}: it is read-only "

@@ -943,8 +943,18 @@ def test_a_worker_done_while_others_run_trials_says_so(
     # ends), so it reads as running while the workers' heartbeats are fresh.
     store = Store.open(run_dir)
     run = store.run(first.run.id)
-    store.close()
     assert (run.host, run.pid, run.state) == (None, None, "running")
+    assert run.holder == "processes that share it"  # as errors name it, not "pid None"
+    # The other worker's next beat takes the row: once that process is gone, killed, the run
+    # reads as interrupted at once, not after STALE_AFTER without a beat.
+    beat = subprocess.run([sys.executable, "-c", (
+        "import os, sys; from fashionlab.store import Store; "
+        f"store = Store.open({str(run_dir)!r}); store.heartbeat({first.run.id!r}); "
+        "print(os.getpid()); sys.stdout.flush(); os._exit(0)")],
+        capture_output=True, text=True, check=True)
+    run = store.run(first.run.id)
+    store.close()
+    assert run.pid == int(beat.stdout) and run.state == "interrupted"
 
 
 def test_a_delete_killed_after_the_trials_went_is_finished_by_deleting_again(

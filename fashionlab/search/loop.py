@@ -210,7 +210,7 @@ def run_search(
         run = next(iter(store.runs(kind="search", fingerprint=fingerprint)), None)
         if finish and run is not None and run.state == "running":
             # Its workers finish the search themselves, and would overwrite these results.
-            raise ConfigError(f"search '{spec.name}' is running (pid {run.pid} on {run.host}): "
+            raise ConfigError(f"search '{spec.name}' is running ({run.holder}): "
                               "it writes its results when it ends; stop it first to finish "
                               "with the trials so far")
         created = run is None
@@ -269,7 +269,8 @@ def run_search(
 def _leave_to_others(store: Store, run_id: str) -> None:
     """This worker ends while others run trials, whichever machines they are on: the run's
     row names no process, so it reads as running while their heartbeats (every worker beats
-    the run's) are fresh, not as interrupted once this one exits."""
+    the run's) are fresh, not as interrupted once this one exits; the next of them to beat
+    (at its next epoch) takes the row, so that its death is seen at once on its machine."""
     store.hand_over_run(run_id, {"host": None, "pid": None, "pid_start": None, "boot_id": None})
 
 

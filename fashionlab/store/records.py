@@ -62,6 +62,14 @@ class RunRecord:
         return "interrupted" if silent and not self.jobs_held else "running"
 
     @property
+    def holder(self) -> str:
+        """Which process runs it, for messages: "pid 4242 on vm", or, for a run its process
+        left to others (a search's workers), "processes that share it"."""
+        if self.pid is None:
+            return "processes that share it"
+        return f"pid {self.pid} on {self.host}"
+
+    @property
     def duration(self) -> float:
         return (self.finished or self.heartbeat) - self.started
 

@@ -246,8 +246,12 @@ class Store:
                                                             "boot_id")}))
 
     def heartbeat(self, run_id: str) -> None:
+        """Say that this process still runs the run; a running run that names no process (its
+        holder left it to the others, as a search's worker does when it is done) is taken
+        over: it then reads as interrupted as soon as this process is gone, not only after
+        STALE_AFTER without a beat."""
         with self.transaction() as conn:
-            conn.execute(runs.update().where(runs.c.id == run_id).values(heartbeat=time.time()))
+            _beat_run(conn, run_id)
 
     def end_run(self, run_id: str, status: str, summary: dict[str, Any] | None = None, *,
                 output_dir: str | Path | None = None) -> None:
@@ -370,7 +374,7 @@ class Store:
                           for k, v in update.items()}
                 conn.execute(models.update().where(
                     (models.c.run_id == run_id) & (models.c.key == key)).values(**update))
-            conn.execute(runs.update().where(runs.c.id == run_id).values(heartbeat=time.time()))
+            _beat_run(conn, run_id)
             if within is not None:
                 within(conn)
 
@@ -409,6 +413,13 @@ def _write_advice(reason: str, read_only: bool) -> str:
     if "locked" in reason:
         return " (another process held it too long: run again)"
     return ""
+
+
+def _beat_run(conn: sa.Connection, run_id: str) -> None:
+    """A run's heartbeat, from a process that runs it (see `Store.heartbeat`)."""
+    conn.execute(runs.update().where(runs.c.id == run_id).values(heartbeat=time.time()))
+    conn.execute(runs.update().where(runs.c.id == run_id, runs.c.status == "running",
+                                     runs.c.pid.is_(None)).values(**this_process()))
 
 
 def _beat(store: weakref.ref[Store], run_id: str, stop: threading.Event) -> None:

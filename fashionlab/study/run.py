@@ -304,7 +304,7 @@ def _start_run(store: Store, spec: StudySpec, run_dir: Path, device: str, fresh:
                     if not store.shared:
                         raise ConfigError(
                             f"run {run.id} of this study is being trained by another process "
-                            f"(pid {run.pid} on {run.host}); to train it from several "
+                            f"({run.holder}); to train it from several "
                             "processes, run the same command on each with a database server "
                             "store (--store postgresql://...; README: Many machines); or wait "
                             "for it, or pass --fresh")
