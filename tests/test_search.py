@@ -674,6 +674,21 @@ def test_finish_writes_the_results_of_the_trials_so_far_and_refuses_none(
     assert store.runs() == []  # no empty result run
     store.close()
 
+    # Its only trial stopped by Ctrl-C (failed, and retried when the search goes on): that
+    # trial did not run to its end either.
+    def stop_in_the_first_trial(key: str, epoch: int) -> None:
+        if key.startswith("trial-0/") and epoch == 2:
+            raise KeyboardInterrupt
+
+    stopped_early = tmp_path / "stopped-early"
+    with pytest.raises(KeyboardInterrupt):
+        run_search(spec, run_dir=stopped_early, progress=OnEpoch(stop_in_the_first_trial))
+    with pytest.raises(ConfigError, match="has no trial that ran to its end"):
+        run_search(spec, run_dir=stopped_early, progress=False, finish=True)
+    store = Store.open(stopped_early)
+    assert [r.state for r in store.runs()] == ["interrupted"]  # no empty result
+    store.close()
+
     def stop_in_the_second_trial(key: str, epoch: int) -> None:
         if key.startswith("trial-1/"):
             raise KeyboardInterrupt

@@ -282,12 +282,16 @@ def _forget(store: Store, name: str, fingerprint: str) -> None:
 
 
 def _ended_trials(storage: optuna.storages.RDBStorage, name: str) -> list[FrozenTrial]:
-    """The trials of the Optuna study `name` that completed, were pruned or failed."""
+    """The trials of the Optuna study `name` that ran to their end: completed, pruned, or
+    failed for good. A failed trial that was retried (stopped by the user, or lost with its
+    process) did not: its retry runs it again."""
     try:
         trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
     except KeyError:  # no such study
         return []
-    return [t for t in trials if t.state in (*FINISHED, TrialState.FAIL)]
+    retried = {number for t in trials for number in t.system_attrs.get("retry_history", [])}
+    return [t for t in trials if t.state in FINISHED
+            or (t.state == TrialState.FAIL and t.number not in retried)]
 
 
 def _refuse_orphan_trials(storage: optuna.storages.RDBStorage, name: str, where: str) -> None:
