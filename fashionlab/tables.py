@@ -160,6 +160,8 @@ def trial_cells(summary: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]
     rows = []
     for row in summary.get("top") or []:
         trial = str(row["trial"]) + (f" (base: {row['base']})" if row.get("base") else "")
+        if row.get("retry_of") is not None:  # its models and epochs are the retried trial's
+            trial += f" (retry of {row['retry_of']})"
         # One fold scored (the others failed): a mean without a spread, as in a study's table
         # (a search stored before one value's std became NaN holds 0.0 there).
         one = row.get("n") == 1 or not text.finite(row.get("std"))

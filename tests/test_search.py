@@ -744,6 +744,9 @@ sampler = "random"
     finished = [t for t in trials if t.state in FINISHED]
     assert [(t.params, t.value) for t in finished] == \
         [(t.params, t.value) for t in reference.trials]
+    # Its rows name the trial it retries, whose models and epochs it kept (models/trial-1).
+    assert {row["trial"]: row["retry_of"] for row in resumed.summary["top"]}[retry.number] == 1
+    assert f"| {retry.number} (retry of 1) |" in (resumed.output_dir / "results.md").read_text()
 
     store = Store.open(run_dir)
     (run,) = store.runs()

@@ -50,6 +50,7 @@ from fashionlab.plots import save_figure
 from fashionlab.report import REPORT_NAME, write_report
 from fashionlab.search.cost import spent, spent_summary
 from fashionlab.search.space import FixedParams, suggest
+from fashionlab.search.storage import retried_trial
 from fashionlab.serialize import jsonable, write_text_atomic
 from fashionlab.steps import RunContext, retrain, stored_result, summarize_models
 from fashionlab.store import RunRecord, Store
@@ -167,7 +168,10 @@ def finish_search(s: SearchContext, stopped_by: str, seconds: float) -> dict[str
 
 
 def _label(trial: FrozenTrial) -> str:
-    return f"trial {trial.number}"
+    """"trial 5", or "trial 5 (retry of 1)": a retry keeps its first trial's models and
+    epochs (`models/trial-1`, `trial-1/fold-0` in exports)."""
+    first = retried_trial(trial)
+    return f"trial {trial.number}" + ("" if first is None else f" (retry of {first})")
 
 
 def _span(trials: Sequence[FrozenTrial]) -> float | None:
@@ -218,8 +222,8 @@ def top_table(trials: Sequence[FrozenTrial], *, n_train: int, n_val: int,
         summary = stats.summarize(scores[name], bounds=bounds)
         comparison = comparisons.get(name)
         rows.append({
-            "trial": trial.number, "base": trial.user_attrs.get("base"),
-            "params": trial.params, "mean": summary.mean,
+            "trial": trial.number, "retry_of": retried_trial(trial),
+            "base": trial.user_attrs.get("base"), "params": trial.params, "mean": summary.mean,
             "std": summary.std, "ci_low": summary.ci_low, "ci_high": summary.ci_high,
             "n": summary.n, "fold_scores": scores[name],
             "consensus_epoch": trial.user_attrs.get("consensus_epoch"),
