@@ -122,6 +122,12 @@ def list_runs(store: Store, *, kind: str | None = None, name: str | None = None
     return [overview(run) for run in store.runs(kind=kind, name=name)]
 
 
+# What `describe_run` shows of a finished search's summary: its table, and what it spent.
+SEARCH_SHOWN = ("objective", "top", "reference", "retrain", "stopped_by", "counts",
+                "fold_epochs", "budget", "train_seconds", "budget_seconds", "tflop",
+                "budget_tflop")
+
+
 def describe_run(store: Store, run_id: str, *, run_dir: str | Path | None = None
                  ) -> dict[str, Any]:
     """A run's overview, config, environment, model progress, results table (a search's: its
@@ -148,7 +154,7 @@ def describe_run(store: Store, run_id: str, *, run_dir: str | Path | None = None
         # Which machine trained which model (a run shared by several: README, Many machines).
         "hosts": _by_host(models),
         "table": [asdict(row) for row in rows_from_summary(summary)],
-        "trials": {k: summary.get(k) for k in ("objective", "top", "reference", "retrain")}
+        "trials": {k: summary.get(k) for k in SEARCH_SHOWN if k in summary}
         if run.kind == "search" else None,
         "tests": _test_accuracies(summary),
         "files": files,

@@ -1019,12 +1019,16 @@ def test_runs_show_of_a_search_shows_its_top_trials(
     code, out, err = run_cli(capsys, "runs", "show", result.run.id, "--run-dir", str(run_dir))
     assert code == 0, err
     assert "top trials" in out and "retrained for" in out
+    assert " ".join(out.split()).find(f"spent: {result.summary['fold_epochs']}") >= 0
+    assert f"stopped by {result.summary['stopped_by']}" in out
     best = result.summary["top"][0]
     assert f"{best['mean'] * 100:.2f} ± {best['std'] * 100:.2f}" in out
     code, out, _ = run_cli(capsys, "runs", "show", result.run.id, "--json",
                            "--run-dir", str(run_dir))
     shown = json.loads(out)["trials"]
     assert shown["top"] == result.summary["top"] and shown["objective"] == "val_accuracy"
+    for key in ("stopped_by", "counts", "fold_epochs", "train_seconds", "tflop"):
+        assert shown[key] == json.loads(json.dumps(result.summary[key])), key  # what it spent
 
 
 def test_a_search_with_no_completed_trial_says_so(

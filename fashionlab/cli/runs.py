@@ -27,6 +27,7 @@ from fashionlab.tables import (
     reference_lines,
     retrain_line,
     rows_from_summary,
+    spent_note,
     trial_cells,
 )
 from fashionlab.text import counted, duration, percent
@@ -144,7 +145,8 @@ def show(run: RunId, run_dir: RunDir = DEFAULT_RUN_DIR, store: StoreUrl = None,
                                  display_rows(rows_from_summary({"table": info["table"]}))))
     if info["trials"] and info["trials"]["top"]:  # a finished search: its top trials
         console.print(text_table("top trials", *trial_cells(info["trials"])))
-        for line in [*reference_lines(info["trials"]), retrain_line(info["trials"])]:
+        for line in [*reference_lines(info["trials"]), retrain_line(info["trials"]),
+                     spent_note(info["trials"])]:
             if line:
                 console.print(Text(line))
     for name, accuracy in info["tests"].items():
