@@ -862,6 +862,14 @@ def test_search_fresh_starts_again_and_orphan_trials_are_refused(
     # A new run (its id may repeat the deleted one's: ids name the second a run started).
     assert run.started > first.run.started and run.state == "finished"
     assert len(_trials(run_dir, path)) == 2
+    # Refused while another process runs the search, in its own words.
+    holder = Store.open(run_dir)
+    holder.claim_run(run.id)
+    code, _, err = run_cli(capsys, "search", str(path), "--run-dir", str(run_dir), "--fresh")
+    holder.end_run(run.id, "finished")
+    holder.close()
+    assert_one_line_error(code, err, "search 'tiny-search' is running (pid ",
+                          "stop it before starting it afresh (--fresh)")
 
 
 def test_two_workers_share_a_search_on_postgresql(postgres_url: str, tiny_idx_dir: Path,

@@ -70,7 +70,7 @@ def search(
     spec = load_study(file)
     if quick:
         spec = quick_variant(spec)
-    with resumable("finished trials are kept and the interrupted one is retried: run the "
+    with resumable("finished trials are kept (a trial stopped midway is retried): run the "
                    "same command again to go on"), \
             tensorboard_progress(not (json_output or quiet), tensorboard=tensorboard,
                                  run_dir=run_dir, store_url=store) as shown, \

@@ -277,7 +277,10 @@ def _leave_to_others(store: Store, run_id: str) -> None:
 def _forget(store: Store, name: str, fingerprint: str) -> None:
     """`--fresh`: delete the earlier runs of this search (store rows, files, Optuna study)."""
     for run in store.runs(kind="search", fingerprint=fingerprint):
-        delete_run(store, run.id)  # refuses a run that is still running
+        if run.state == "running":  # (delete_run would say "stop it before deleting it")
+            raise ConfigError(f"search '{run.name}' is running ({run.holder}): stop it "
+                              "before starting it afresh (--fresh)")
+        delete_run(store, run.id)
     delete_study(store.url, name)
 
 
