@@ -35,6 +35,7 @@ from fashionlab.config import (
     study_from_dict,
 )
 from fashionlab.cv import MemberResult
+from fashionlab.data import Split, load_fashion_mnist
 from fashionlab.errors import ConfigError
 from fashionlab.models import forward_flops
 from fashionlab.runner import training_flops
@@ -49,6 +50,7 @@ from fashionlab.search import (
 from fashionlab.search.finish import top_table
 from fashionlab.search.space import FixedParams, base_params, check_largest_model, suggest
 from fashionlab.search.storage import MAX_RETRIES, open_storage
+from fashionlab.steps import load_study_data
 from fashionlab.store import Store, database_url, default_url
 from fashionlab.study import run_study
 from fashionlab.train import EpochMetrics
@@ -1136,3 +1138,25 @@ def test_the_top_tables_intervals_stay_where_the_objective_can_be(maximize, fold
         assert inside(row["ci_low"], row["ci_high"]), row
         assert isinstance(row["ci_low"], float) and isinstance(row["ci_high"], float)
 
+
+
+def test_a_search_is_not_continued_on_other_data(tiny_idx_dir: Path, tmp_path: Path):
+    """One Optuna study holds a search's trials: trials scored on other data (`dataset=`,
+    changed files) must not be mixed in; --fresh starts it again on the new data."""
+    spec = load_study(_learning_rate_search(tiny_idx_dir, tmp_path, 'n_trials = 1\n'
+                                            'pruner = "none"'))
+    run_dir = tmp_path / "runs"
+    first = run_search(spec, run_dir=run_dir, progress=False)
+    assert first.run.environment["data"]["sha256"] == load_study_data(spec).sha256()
+    whole = load_fashion_mnist(tiny_idx_dir, verify=False)
+    labels = whole.train.labels.copy()
+    labels[0] = (labels[0] + 1) % 10
+    other = dataclasses.replace(whole, train=Split(whole.train.images, labels))
+    with pytest.raises(ConfigError, match=rf"^search 'tiny-search': run {first.run.id} "
+                                          r"searched other data \(SHA-256 [0-9a-f]{12}, these "
+                                          r"[0-9a-f]{12}\); --fresh starts it again"):
+        run_search(spec, run_dir=run_dir, progress=False, dataset=other)
+    assert run_search(spec, run_dir=run_dir, progress=False, dataset=whole).run.id == \
+        first.run.id  # the same data: the same search
+    again = run_search(spec, run_dir=run_dir, progress=False, dataset=other, fresh=True)
+    assert again.finished and again.run.id != first.run.id

@@ -73,7 +73,14 @@ from fashionlab.search.storage import (
 )
 from fashionlab.search.trial import TrialContext, make_pruner, train_trial
 from fashionlab.serialize import remove_stale_staging
-from fashionlab.steps import RunContext, limit_study_data, load_study_data, note_unresumed_run
+from fashionlab.steps import (
+    RunContext,
+    data_record,
+    limit_study_data,
+    load_study_data,
+    note_unresumed_run,
+    same_data,
+)
 from fashionlab.store import (
     DEFAULT_RUN_DIR,
     RunRecord,
@@ -198,6 +205,7 @@ def run_search(
     # A given dataset stands for the study's files: its `[data]` limits apply to it too.
     dataset = load_study_data(spec) if dataset is None else limit_study_data(spec, dataset)
     folds = make_folds(len(dataset.train), spec.cv, seed=spec.seed, labels=dataset.train.labels)
+    data = data_record(dataset)
     lock = ClaimLock(url, study_name)
     with lock:  # workers starting together: one creates the tables, the run and the study
         store = Store(url)
@@ -208,6 +216,12 @@ def run_search(
             raise ConfigError(f"search '{spec.name}' has no trial that ran to its end in "
                               f"{safe_url(url)}: nothing to finish (run the search first)")
         run = next(iter(store.runs(kind="search", fingerprint=fingerprint)), None)
+        if run is not None and not same_data(run, data["sha256"]):
+            # Its trials (one Optuna study) were scored on other data: not to be mixed.
+            theirs = run.environment["data"]["sha256"]
+            raise ConfigError(f"search '{spec.name}': run {run.id} searched other data (SHA-256 "
+                              f"{theirs[:12]}, these {data['sha256'][:12]}); --fresh starts it "
+                              "again on these, or give the study another name")
         if finish and run is not None and run.state == "running":
             # Its workers finish the search themselves, and would overwrite these results.
             raise ConfigError(f"search '{spec.name}' is running ({run.holder}): "
@@ -218,7 +232,8 @@ def run_search(
             _refuse_orphan_trials(storage, study_name, safe_url(url))
             run = store.create_run(kind="search", name=spec.name, fingerprint=fingerprint,
                                    seed=spec.seed, config=spec.to_dict(),
-                                   environment=environment(str(torch_device)),
+                                   environment={**environment(str(torch_device)),
+                                                "data": data},
                                    output_root=run_dir)
         study = optuna.create_study(
             study_name=study_name, storage=storage, load_if_exists=True,
