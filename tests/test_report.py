@@ -153,7 +153,8 @@ def test_the_report_holds_the_summary_table_tests_and_tested_models(study: Study
     verdicts = {r[0]: r[-1] for r in tables["comparisons"]}
     assert set(verdicts) == {"small", EVIL} and "best" in verdicts.values()
     for fact in ("3-fold cross-validation", "seed", "torch", "wall time", "machine",
-                 "overfitting warning: patience 2"):
+                 "overfitting warning: patience 2",
+                 f"SHA-256 {study.run.environment['data']['sha256'][:12]}"):
         assert fact in html, fact
     # The retrained best and the CNN, tested on the 100 test images.
     assert html.count("Test accuracy <strong>") == 2
