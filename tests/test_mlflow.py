@@ -104,6 +104,7 @@ def test_a_study_exported_has_its_parent_candidates_and_models(
     assert tags["fashionlab.seed"] == str(run.seed) == "3"
     assert tags["fashionlab.fingerprint"] == run.fingerprint
     assert tags["mlflow.source.git.commit"] == run.environment["revision"]
+    assert tags["fashionlab.data.sha256"] == run.environment["data"]["sha256"]
     assert client.get_experiment(parent.info.experiment_id).name == run.name
     assert parent.data.params["cv.n_splits"] == "2"
     # A candidate: its config, mean curves, summary metrics and verdict.

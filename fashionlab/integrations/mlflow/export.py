@@ -190,6 +190,7 @@ class MlflowExport:
         revision = environment.get("revision")
         machine = environment.get("machine") or {}
         versions = environment.get("versions") or {}
+        data = environment.get("data") or {}
         self._log(run_id, [], params=flatten(config), tags={
             "fashionlab.kind": r.kind, "fashionlab.study": r.name, "fashionlab.seed": r.seed,
             "fashionlab.fingerprint": r.fingerprint, "fashionlab.status": r.state,
@@ -197,6 +198,7 @@ class MlflowExport:
                if revision else {}),
             **{f"fashionlab.machine.{k}": v for k, v in machine.items() if v is not None},
             **{f"fashionlab.version.{k}": v for k, v in versions.items() if v is not None},
+            **{f"fashionlab.data.{k}": v for k, v in data.items() if v is not None},
             **({"fashionlab.output_dir": r.output_dir} if r.output_dir else {})})
         return run_id
 
