@@ -18,7 +18,7 @@ import queue
 import sys
 from collections.abc import Iterable, Iterator, Mapping
 from types import TracebackType
-from typing import IO, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from rich.console import Console
 from rich.progress import (
@@ -32,7 +32,9 @@ from rich.progress import (
 from rich.progress import Progress as RichProgress
 
 from fashionlab.text import duration, number
-from fashionlab.train import EpochMetrics
+
+if TYPE_CHECKING:  # annotations only: reporting needs no torch
+    from fashionlab.train import EpochMetrics
 
 __all__ = ["Bars", "Lines", "QueueReporter", "Reporter", "Silent", "forward", "interactive",
            "mean_val_accuracy", "reporting"]
