@@ -9,9 +9,17 @@ end. So the handlers also record the signal here, and the training loops call
 
 from __future__ import annotations
 
-__all__ = ["raise_if_stopped", "received"]
+__all__ = ["cleaning_up", "handled", "raise_if_stopped", "received"]
 
 received: list[int] = []  # the signals that asked this process to stop, in order
+handled: list[bool] = []  # a stop was caught, and what it leaves is being put in order
+
+
+def cleaning_up() -> None:
+    """Say that a stop took effect: it was caught where the run is left resumable (workers
+    stopped, claims released, the run marked interrupted). A signal that comes now is only
+    recorded, so that this cleanup is not cut short (see the command's handler)."""
+    handled[:] = [True]
 
 
 def raise_if_stopped() -> None:

@@ -14,6 +14,7 @@ import typer
 from helpers import assert_one_line_error, run_cli, tiny_search_toml, tiny_study_toml
 
 import fashionlab
+from fashionlab import cli, stops
 from fashionlab.cli import app
 from fashionlab.store import Store
 
@@ -221,6 +222,38 @@ def test_a_stop_repeated_during_the_first_ones_cleanup_is_one_line_too(
     (run,) = store.runs()
     store.close()
     assert run.state == "interrupted"  # the cleanup went to its end
+
+
+def test_which_repeated_stops_are_only_recorded(monkeypatch: pytest.MonkeyPatch):
+    clock = [100.0]
+    monkeypatch.setattr(cli.time, "monotonic", lambda: clock[0])
+
+    def stop_at(seconds: float) -> bool:
+        """Whether the handler raised, for a signal `seconds` after the start."""
+        clock[0] = 100.0 + seconds
+        try:
+            cli._stop(signal.SIGINT, None)
+        except KeyboardInterrupt:
+            return True
+        return False
+
+    def fresh() -> None:
+        stops.received.clear()
+        stops.handled.clear()
+        cli._stopping_since.clear()
+
+    try:
+        fresh()
+        assert stop_at(0) and not stop_at(0.5)  # pressed twice: the first is unwinding
+        assert stop_at(2)  # no cleanup caught the first (a finaliser swallowed it): raised
+        fresh()
+        assert stop_at(0)
+        stops.cleaning_up()  # the run is being left resumable: not cut short
+        assert not stop_at(2) and not stop_at(4.9)
+        assert stop_at(5.5)  # a cleanup that hangs can still be stopped
+        assert stops.received == [signal.SIGINT] * 4
+    finally:
+        fresh()
 
 
 def test_a_signal_ignored_when_the_command_starts_stays_ignored(tiny_idx_dir: Path,

@@ -24,13 +24,14 @@ from helpers import OnEpoch, Recorder, assert_one_line_error, dead_pid, run_cli,
 from fashionlab.config import load_study, study_from_dict
 from fashionlab.cv import make_folds
 from fashionlab.data import Split, load_fashion_mnist
-from fashionlab.errors import ConfigError
+from fashionlab.errors import ConfigError, StoreError
 from fashionlab.progress import Silent
 from fashionlab.runner import MIN_PARALLEL_FLOPS, Job, auto_workers
 from fashionlab.steps import RunContext, load_study_data
 from fashionlab.store import DB_NAME, Store
 from fashionlab.study import independent_jobs, run_study
 from fashionlab.study import jobs as study_jobs
+from fashionlab.study import run as study_run
 from fashionlab.study.jobs import JobInputs
 from fashionlab.train import Tensors
 
@@ -333,6 +334,26 @@ def test_a_killed_study_resumes_to_the_uninterrupted_numbers(
         assert rows[k] == values
     assert resumed.best == reference.best
     assert resumed.retrain.test_accuracy == reference.retrain.test_accuracy
+
+
+def test_a_stop_is_what_is_said_when_the_store_cannot_be_written_after_it(
+        study_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A stop while the database server hangs: the cleanup's writes fail too (after their
+    connect timeout), and the stop, not their StoreError, is what comes out (`stopped by
+    SIGINT`, not `error: cannot write to the store`)."""
+    def stop(key: str, epoch: int) -> None:
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    def unreachable(*args: object, **kwargs: object) -> None:
+        raise StoreError("cannot write to the store postgresql://db/x: timeout expired")
+
+    monkeypatch.setattr(Store, "end_run", unreachable)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(load_study(study_file), run_dir=tmp_path, progress=OnEpoch(stop))
+    monkeypatch.setattr(study_run, "release_claims", unreachable)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(load_study(study_file), run_dir=tmp_path / "other", progress=OnEpoch(stop))
 
 
 def test_a_resumed_run_says_its_wall_time_is_the_last_processs_only(

@@ -61,26 +61,32 @@ def _options(
 _STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
                       if hasattr(signal, name))
 _announced: list[bool] = []  # a stop already said in one line (by `resumable`)
-# A second stop this soon after the first (Ctrl-C pressed twice, a scheduler's SIGTERM after
-# a terminal's SIGHUP) is recorded, not raised: the first one's cleanup (workers stopped, the
-# run left resumable) goes on, instead of being cut short, or raising inside a finaliser,
-# where Python prints a traceback. Later ones raise again, for a cleanup that hangs.
+# A stop that comes while the first one's cleanup runs (`stops.cleaning_up`: workers stopped,
+# the run left resumable), or within a second of it (Ctrl-C pressed twice, a scheduler's
+# SIGTERM after a terminal's SIGHUP: the first is still unwinding), is recorded, not raised:
+# the cleanup is not cut short, and nothing is raised inside a finaliser, where Python prints
+# a traceback. One more than REPEATED_STOP_GRACE after the first raises again, for a cleanup
+# that hangs; so does one after a first stop that no cleanup caught (swallowed by a
+# finaliser outside the training loops).
+DOUBLE_PRESS = 1.0  # seconds
 REPEATED_STOP_GRACE = 5.0  # seconds
-_stopping_since: list[float] = []  # when the first stop came
+_stopping_since: list[float] = []  # when the stop that was raised came
 
 
 def _stop(signum: int, frame: FrameType | None) -> None:
     stops.received.append(signum)
     now = time.monotonic()
-    if _stopping_since and now - _stopping_since[0] < REPEATED_STOP_GRACE:
-        return
+    if _stopping_since:
+        since = now - _stopping_since[0]
+        if since < REPEATED_STOP_GRACE and (stops.handled or since < DOUBLE_PRESS):
+            return
     _stopping_since[:] = [now]
     raise KeyboardInterrupt
 
 
 def _announce_stop(how: str) -> int:
     """Say in one line what stopped the command; returns its exit status (128 + number)."""
-    signum = stops.received[-1] if stops.received else signal.SIGINT
+    signum = stops.received[0] if stops.received else signal.SIGINT  # the one that stopped it
     typer.secho(f"stopped by {signal.Signals(signum).name}{how}", fg="yellow", err=True)
     _announced.append(True)
     return 128 + signum
@@ -93,6 +99,7 @@ def resumable(how: str) -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt:
+        stops.cleaning_up()
         raise typer.Exit(_announce_stop(f": {how}")) from None
 
 
@@ -192,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     stops.received.clear()  # what an earlier call in this process (a test, a notebook) heard
     _announced.clear()
     _stopping_since.clear()
+    stops.handled.clear()
     previous = {signum: signal.getsignal(signum) for signum in _STOP_SIGNALS}
     for signum, handler in previous.items():
         # An ignored signal stays ignored: `nohup` ignores SIGHUP so that the command outlives
@@ -234,3 +242,4 @@ def main(argv: list[str] | None = None) -> None:
         for signum, handler in previous.items():
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)
         stops.received.clear()  # the library, called next in this process, is not stopped
+        stops.handled.clear()

@@ -43,11 +43,11 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from fashionlab import notebook
+from fashionlab import notebook, stops
 from fashionlab.config import Candidate, SearchSpec, StudySpec, base_candidate
 from fashionlab.cv import Fold, make_folds
 from fashionlab.data import Dataset, to_tensors
-from fashionlab.errors import ConfigError
+from fashionlab.errors import ConfigError, StoreError
 from fashionlab.hardware import resolve_device
 from fashionlab.process import ProcessIdentity
 from fashionlab.progress import Reporter, reporting
@@ -260,14 +260,21 @@ def run_search(
                     summary = searcher.finish(stopped_by, time.perf_counter() - started)
             elif stopped_by == "others-running":
                 _leave_to_others(store, run.id)
-    except BaseException:
-        others = False  # whether other workers run trials (this one's is retried by now)
-        with contextlib.suppress(Exception):  # what stopped it may be the database itself
+    except BaseException as stopped:
+        if isinstance(stopped, KeyboardInterrupt):
+            stops.cleaning_up()
+        # What stopped it may be the database itself (a server gone silent): one try, and what
+        # stopped the search is what is said; the run reads as interrupted once this process
+        # is gone anyway.
+        others = None  # whether other workers run trials (this one's is retried by now)
+        with contextlib.suppress(Exception):  # Optuna's storage raises many types
             others = any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
-        if others:
-            _leave_to_others(store, run.id)
-        else:
-            store.end_run(run.id, "interrupted")  # resumable, even from this process
+        if others is not None:  # the store answered
+            with contextlib.suppress(StoreError):
+                if others:
+                    _leave_to_others(store, run.id)
+                else:
+                    store.end_run(run.id, "interrupted")  # resumable, even from this process
         raise
     finally:
         storage.engine.dispose()

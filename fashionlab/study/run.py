@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import torch
 
+from fashionlab import stops
 from fashionlab.artifacts import WEIGHTS_FILE
 from fashionlab.config import StudySpec
 from fashionlab.cv import make_folds
@@ -204,14 +205,22 @@ def run_study(
             stored = summary(result)
             write_outputs(result, dataset, stored)
             store.end_run(run.id, "finished", stored, output_dir=output_dir)
-    except BaseException:
+    except BaseException as stopped:
+        if isinstance(stopped, KeyboardInterrupt):
+            stops.cleaning_up()
         if not shown:
             # What this process (and its workers) held goes back at once to the others; the
-            # run stays resumable, even from this process.
-            with contextlib.suppress(StoreError):
+            # run stays resumable, even from this process. The store may be what failed (a
+            # server gone silent): one try, and what stopped the run is what is said; the run
+            # reads as interrupted once this process is gone anyway.
+            try:
                 release_claims(store, run.id, by=me)
-            if not joined:
-                store.end_run(run.id, "interrupted")
+            except StoreError:
+                pass
+            else:
+                if not joined:
+                    with contextlib.suppress(StoreError):
+                        store.end_run(run.id, "interrupted")
         raise
     finally:
         torch.set_num_threads(threads_before)
