@@ -154,7 +154,7 @@ def describe_run(store: Store, run_id: str, *, run_dir: str | Path | None = None
         # Which machine trained which model (a run shared by several: README, Many machines).
         "hosts": _by_host(models),
         "table": [asdict(row) for row in rows_from_summary(summary)],
-        "trials": {k: summary.get(k) for k in SEARCH_SHOWN if k in summary}
+        "trials": {k: summary.get(k) for k in SEARCH_SHOWN}
         if run.kind == "search" else None,
         "tests": _test_accuracies(summary),
         "files": files,

@@ -1053,6 +1053,15 @@ def test_a_search_with_no_completed_trial_says_so(
     assert "no trial completed (2 pruned, 0 failed): nothing to rank" in out, out
     (results,) = run_dir.glob("*/results.md")
     assert "no trial completed (2 pruned, 0 failed)" in results.read_text()
+    # `runs show` says so too, with what it spent; --json keeps every key of a search's.
+    run_id = results.parent.name
+    code, out, err = run_cli(capsys, "runs", "show", run_id, "--run-dir", str(run_dir))
+    out = " ".join(out.split())
+    assert code == 0 and "no trial completed (2 pruned, 0 failed)" in out, err
+    assert "spent: " in out and "stopped by n_trials" in out
+    code, out, _ = run_cli(capsys, "runs", "show", run_id, "--run-dir", str(run_dir), "--json")
+    trials = json.loads(out)["trials"]
+    assert trials["top"] == [] and trials["retrain"] is None and trials["counts"]["pruned"] == 2
 
 
 def test_run_search_takes_a_study_spec_not_a_path(tiny_idx_dir: Path, tmp_path: Path):

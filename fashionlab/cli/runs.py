@@ -24,6 +24,7 @@ from fashionlab.store import DEFAULT_RUN_DIR, Store
 from fashionlab.tables import (
     HEADERS,
     display_rows,
+    nothing_ranked_line,
     reference_lines,
     retrain_line,
     rows_from_summary,
@@ -143,12 +144,16 @@ def show(run: RunId, run_dir: RunDir = DEFAULT_RUN_DIR, store: StoreUrl = None,
     if info["table"]:
         console.print(text_table("results", HEADERS,
                                  display_rows(rows_from_summary({"table": info["table"]}))))
-    if info["trials"] and info["trials"]["top"]:  # a finished search: its top trials
-        console.print(text_table("top trials", *trial_cells(info["trials"])))
-        for line in [*reference_lines(info["trials"]), retrain_line(info["trials"]),
-                     spent_note(info["trials"])]:
+    trials = info["trials"] or {}
+    if trials.get("top"):  # a finished search: its top trials
+        console.print(text_table("top trials", *trial_cells(trials)))
+        for line in [*reference_lines(trials), retrain_line(trials)]:
             if line:
                 console.print(Text(line))
+    elif trials.get("stopped_by"):  # finished with no trial completed
+        console.print(Text(nothing_ranked_line(trials)))
+    if trials.get("stopped_by"):
+        console.print(Text(spent_note(trials)))
     for name, accuracy in info["tests"].items():
         console.print(Text(f"test accuracy {percent(accuracy)}%: {name}"))
     if info["files"]:
