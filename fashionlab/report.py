@@ -163,7 +163,7 @@ def _facts(run: RunRecord) -> list[tuple[str, str]]:
             parts.append(f"each fold trains on {summary['n_train']} and validates on "
                          f"{summary.get('n_val')} images")
         digest = (env.get("data") or {}).get("sha256")
-        if digest:  # what it trained on, to the bit (`fashionlab data info` prints the same)
+        if digest:  # what it trained on, after the [data] limits (`Dataset.sha256`)
             parts.append(f"SHA-256 {digest[:12]}")
         facts.append(("dataset", "; ".join(parts)))
     if not cross_validated:  # a study of final models only

@@ -144,9 +144,10 @@ def note_unresumed_run(store: Store, run: RunRecord, reporter: Reporter) -> str 
     and that the earlier run stays. Returns what it said (kept with the result, for whoever
     showed no progress)."""
     runs = [r for r in store.runs(kind=run.kind, name=run.name) if r.id != run.id]
-    other_data = [r for r in runs if r.fingerprint == run.fingerprint
-                  and r.state in ("interrupted", "finished")
-                  and not same_data(r, _data_sha256(run))]
+    same_settings = [r for r in runs if r.fingerprint == run.fingerprint]
+    # (With a run of these settings and data, this one is new by --fresh: nothing to say.)
+    other_data = [] if any(same_data(r, _data_sha256(run)) for r in same_settings) else [
+        r for r in same_settings if r.state in ("interrupted", "finished")]
     earlier = [r for r in runs if r.fingerprint != run.fingerprint and r.state == "interrupted"]
     if other_data:
         old = other_data[0]

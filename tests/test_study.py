@@ -164,6 +164,9 @@ def test_a_given_dataset_gets_the_studys_limits_and_its_runs_are_told_apart(
     assert run_study(spec, run_dir=tmp_path, progress=False, dataset=whole).run.id == first.run.id
     assert run_study(spec, run_dir=tmp_path, progress=False, dataset=other).run.id == \
         second.run.id
+    # --fresh on data that have a run: new because asked for, not because of the data.
+    assert run_study(spec, run_dir=tmp_path, progress=False, dataset=other,
+                     fresh=True).notes == []
 
 
 def test_a_run_stored_before_runs_recorded_their_data_is_still_shown(study_file: Path,

@@ -102,8 +102,8 @@ class Dataset:
 
     def sha256(self) -> str:
         """The SHA-256 of what a model learns from: both splits' images and labels (their
-        shapes and types too) and the class names. Equal data, equal digests, wherever the
-        arrays came from."""
+        shapes and dtypes too: labels as int64 are not the files' uint8) and the class names.
+        Equal arrays, equal digests, wherever they came from."""
         digest = hashlib.sha256(json.dumps(self.class_names).encode())
         for array in (self.train.images, self.train.labels, self.test.images, self.test.labels):
             digest.update(f"{array.dtype.str}{array.shape}".encode())
