@@ -25,7 +25,8 @@ from fashionlab.data import CLASS_NAMES
 from fashionlab.serialize import staging_path
 from fashionlab.text import safe_name
 
-__all__ = ["InlineFigure", "curves_file", "learning_curves", "png_data_uri", "sample_grid", "save_figure"]
+__all__ = ["InlineFigure", "curves_file", "learning_curves", "png_data_uri", "sample_grid",
+           "save_figure"]
 
 
 class InlineFigure(Figure):
@@ -221,7 +222,7 @@ def per_class_bars(
     (n_classes,) fractions in [0, 1]; a NaN score draws no bar."""
     n, names = len(class_names), list(scores)
     figure = InlineFigure(figsize=(7, 0.8 + 0.28 * n * max(1, len(names)) ** 0.5),
-                    layout="constrained")
+                          layout="constrained")
     FigureCanvasAgg(figure)
     ax = figure.add_subplot()
     height = 0.8 / max(1, len(names))
@@ -268,7 +269,7 @@ def misclassified_grid(
     mosaic = np.full((rows * cell_h, columns * cell_w - pad), np.nan, np.float32)
     inches = 1.45 * columns
     figure = InlineFigure(figsize=(inches, inches * mosaic.shape[0] / mosaic.shape[1]
-                             + (0.4 if title else 0.1)), layout="constrained")
+                                   + (0.4 if title else 0.1)), layout="constrained")
     FigureCanvasAgg(figure)
     ax = figure.add_subplot()
     ax.set_axis_off()

@@ -34,7 +34,7 @@ from fashionlab.errors import FashionlabError, StoreError
 from fashionlab.schema import EPOCH_FIELDS
 from fashionlab.serialize import jsonable, write_text_atomic
 from fashionlab.store import ModelRecord, RunRecord, Store, safe_url
-from fashionlab.tables import rows_from_summary
+from fashionlab.tables import SPENT_KEYS, rows_from_summary
 from fashionlab.text import first_line
 
 __all__ = [
@@ -123,9 +123,7 @@ def list_runs(store: Store, *, kind: str | None = None, name: str | None = None
 
 
 # What `describe_run` shows of a finished search's summary: its table, and what it spent.
-SEARCH_SHOWN = ("objective", "top", "reference", "retrain", "stopped_by", "counts",
-                "fold_epochs", "budget", "train_seconds", "budget_seconds", "tflop",
-                "budget_tflop")
+SEARCH_SHOWN = ("objective", "top", "reference", "retrain", "stopped_by", "counts", *SPENT_KEYS)
 
 
 def describe_run(store: Store, run_id: str, *, run_dir: str | Path | None = None

@@ -21,6 +21,7 @@ __all__ = [
     "HEADERS",
     "LEGEND",
     "SEARCH_LEGEND",
+    "SPENT_KEYS",
     "Row",
     "display_rows",
     "markdown_table",
@@ -34,6 +35,7 @@ __all__ = [
     "spent_line",
     "spent_note",
     "split_epoch",
+    "split_trained",
     "trial_cells",
 ]
 
@@ -209,6 +211,12 @@ def retrain_line(summary: Mapping[str, Any]) -> str:
             f"{text.counted(retrain['epochs'], 'epoch')} on "
             f"all training images: test accuracy {text.percent(retrain['test_accuracy'])}% "
             f"({retrain['model_dir']})")
+
+
+# The keys of a search's summary that say what it spent and its budgets (`spent_line` reads
+# them; `search.cost.spent_summary` writes them).
+SPENT_KEYS = ("fold_epochs", "budget", "train_seconds", "budget_seconds", "tflop",
+              "budget_tflop")
 
 
 def spent_line(spent: Mapping[str, Any]) -> str:

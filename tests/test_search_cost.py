@@ -12,7 +12,8 @@ from optuna.trial import TrialState, create_trial
 from fashionlab.config import study_from_dict
 from fashionlab.errors import ConfigError
 from fashionlab.search import EqualComputePruner, make_pruner, spent
-from fashionlab.search.cost import Spent, best_within, spent_budget
+from fashionlab.search.cost import Spent, best_within, spent_budget, spent_summary
+from fashionlab.tables import SPENT_KEYS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -74,6 +75,8 @@ def test_spent_sums_the_finished_and_running_trials_and_names_the_budget_spent()
     assert spent_budget(search, Spent(100, 0.0, 0.0)) == "budget"
     assert spent_budget(search, Spent(0, 0.0, 3.0)) == "budget_tflop"
     assert spent_budget(_search("n_trials = 3"), Spent(10**6, 1e9, 1e9)) is None
+    # What a summary stores is what `runs show` and the tables read back.
+    assert tuple(spent_summary(search, spent(trials))) == SPENT_KEYS
 
 
 def test_best_within_reads_a_trial_at_a_compute_not_an_epoch():
