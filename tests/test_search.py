@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -40,6 +41,7 @@ from fashionlab.errors import ConfigError
 from fashionlab.models import forward_flops
 from fashionlab.runner import training_flops
 from fashionlab.runs import describe_run
+from fashionlab.schema import runs
 from fashionlab.search import (
     consensus_scores,
     make_pruner,
@@ -51,7 +53,7 @@ from fashionlab.search.finish import top_table
 from fashionlab.search.space import FixedParams, base_params, check_largest_model, suggest
 from fashionlab.search.storage import MAX_RETRIES, open_storage
 from fashionlab.steps import load_study_data
-from fashionlab.store import Store, database_url, default_url
+from fashionlab.store import RunRecord, Store, database_url, default_url
 from fashionlab.study import run_study
 from fashionlab.train import EpochMetrics
 
@@ -1101,6 +1103,39 @@ def test_a_worker_stopped_while_others_run_trials_leaves_the_run_running(
     run = store.run(first.run.id)
     store.close()
     assert (run.status, run.host, run.pid) == ("running", None, None)  # theirs, not ended
+
+
+def test_a_search_runs_while_any_worker_trains_a_trial(tiny_idx_dir: Path, tmp_path: Path):
+    """The run's row names the worker that started a trial last. When that one dies while
+    another trains (workers on several machines), the run still runs: the trainer's claim of
+    its trial holds it, as a study's job claims hold a study's run."""
+    path = _learning_rate_search(tiny_idx_dir, tmp_path, "n_trials = 2\npruner = \"none\"")
+    run_dir = tmp_path / "runs"
+    was_dead = {"host": socket.gethostname(), "pid": dead_pid(), "pid_start": None,
+                "boot_id": None}
+    store = Store.open(run_dir)
+
+    def named_dead(run_id: str) -> RunRecord:
+        with store.transaction() as conn:
+            conn.execute(runs.update().where(runs.c.id == run_id).values(**was_dead))
+        return store.run(run_id)
+
+    seen: list[tuple[str, str]] = []
+
+    def while_training(key: str, epoch: int) -> None:
+        if "/fold-" in key:  # a trial's, not the best one's retrain once the search ends
+            (run,) = store.runs(kind="search")
+            run = named_dead(run.id)
+            seen.append((run.state, run.holder))
+
+    result = run_search(load_study(path), run_dir=run_dir, progress=OnEpoch(while_training))
+    assert result.finished and len(seen) >= 2
+    assert seen == [("running", "processes that share it")] * len(seen)
+    # Once no trial trains, the process the row names is the run's only sign of life.
+    with store.transaction() as conn:
+        conn.execute(runs.update().where(runs.c.id == result.run.id).values(status="running"))
+    assert named_dead(result.run.id).state == "interrupted"
+    store.close()
 
 
 def test_a_search_in_a_folder_named_with_braces(tiny_idx_dir: Path, tmp_path: Path):

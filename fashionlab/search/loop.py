@@ -16,6 +16,8 @@ of worker processes, on any number of machines, that run it against one database
   machine (its process is gone), else when its heartbeat has been silent for GRACE_PERIOD
   seconds. The retry keeps the trial's models (`trial-N/fold-i`) and continues from their
   checkpoint when it runs where they were trained.
+- A trial in training is a job claim of the search's run (`fashionlab.jobs`): the run reads
+  as running while any worker trains one, whichever worker its row names.
 - The worker that sees the search complete writes its results (`search_results`).
 
 Training one trial (its folds, the reports that steer pruning, its cost and score) is
@@ -34,7 +36,7 @@ import shutil
 import socket
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,7 @@ from fashionlab.cv import Fold, make_folds
 from fashionlab.data import Dataset, to_tensors
 from fashionlab.errors import ConfigError, StoreError
 from fashionlab.hardware import resolve_device
+from fashionlab.jobs import claim_job, command_identity, register_jobs
 from fashionlab.process import ProcessIdentity
 from fashionlab.progress import Reporter, reporting
 from fashionlab.provenance import environment
@@ -478,7 +481,29 @@ class _Searcher:
         trial.set_user_attr("models", name)
         trial.set_user_attr("worker", self.worker)
         trial.set_user_attr("worker_process", list(dataclasses.astuple(self.identity)))
-        return train_trial(self.trials, trial, name)
+        with self._holding(trial):
+            return train_trial(self.trials, trial, name)
+
+    @contextlib.contextmanager
+    def _holding(self, trial: optuna.Trial) -> Iterator[None]:
+        """While this worker trains the trial, a job claim of the search's run says so
+        (`fashionlab.jobs`): the run reads as running while any worker, on any machine, trains a
+        trial, whichever process its row names (the last to start a trial, maybe gone since),
+        as a study's run does while any process holds one of its jobs. The claim ends with the
+        trial, however it ends (a retry is another trial, with its own claim)."""
+        key = f"trial-{trial.number}"
+        register_jobs(self.store, self.run.id, [(key, f"trial {trial.number}")],
+                      torch.get_num_threads())
+        claim = claim_job(self.store, self.run.id, key, by=command_identity())
+        try:
+            yield
+        finally:
+            if claim is not None:
+                # Not held beyond the trial, nor by a process that goes on (a notebook's
+                # kernel after Ctrl-C); a store that fails now leaves a claim of this
+                # process, read as gone once it is.
+                with contextlib.suppress(StoreError):
+                    claim.done()
 
     def finish(self, stopped_by: str, seconds: float) -> dict[str, Any]:
         summary = finish_search(self.finishing, stopped_by, seconds)

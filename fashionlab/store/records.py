@@ -40,8 +40,9 @@ class RunRecord:
     output_dir: str | None
     pid_start: int | None = None  # see ProcessIdentity.start_time
     boot_id: str | None = None
-    # Whether a live process holds one of its jobs (a run trained by several processes): it
-    # still runs, though the process its row names is gone. Read by `Store.run(s)`.
+    # Whether a live process holds one of its jobs (a study trained by several processes, a
+    # search's trial in training): it still runs, though the process its row names is gone.
+    # Read by `Store.run(s)`.
     jobs_held: bool = False
 
     @property
@@ -64,8 +65,9 @@ class RunRecord:
     @property
     def holder(self) -> str:
         """Which process runs it, for messages: "pid 4242 on vm", or, for a run its process
-        left to others (a search's workers), "processes that share it"."""
-        if self.pid is None:
+        left to others (a search's workers) or one that others hold while the process its
+        row names is gone (`jobs_held`), "processes that share it"."""
+        if self.pid is None or self.jobs_held:
             return "processes that share it"
         return f"pid {self.pid} on {self.host}"
 

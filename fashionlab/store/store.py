@@ -438,7 +438,8 @@ def _beat(store: weakref.ref[Store], run_id: str, stop: threading.Event) -> None
 
 def _jobs_held(conn: sa.Connection, records: list[RunRecord]) -> list[RunRecord]:
     """The records, those whose process is gone but whose jobs a live process holds marked
-    so (`RunRecord.jobs_held`): a run trained by several machines outlives its first."""
+    so (`RunRecord.jobs_held`): a run trained by several machines (a study's jobs, a search's
+    trials) outlives its first."""
     silent = [r.id for r in records if r.state == "interrupted" and r.status == "running"]
     if not silent:
         return records
