@@ -49,6 +49,7 @@ from fashionlab.search import (
     run_search,
     search_identity,
 )
+from fashionlab.search.cost import fold_epochs
 from fashionlab.search.finish import top_table
 from fashionlab.search.space import FixedParams, base_params, check_largest_model, suggest
 from fashionlab.search.storage import MAX_RETRIES, open_storage
@@ -777,6 +778,16 @@ pruner = "none"
 
     with pytest.raises(KeyboardInterrupt):
         run_search(load_study(path), run_dir=tmp_path, progress=OnEpoch(interrupt))
+    # What the stopped trial trained is spent already, while its retry waits to run.
+    storage = open_storage(default_url(tmp_path))
+    name = search_identity(load_study(path))[0]
+    trials = optuna.load_study(study_name=name, storage=storage).get_trials()
+    storage.engine.dispose()
+    first, stopped, waiting = trials
+    assert (stopped.state, waiting.state) == (TrialState.FAIL, TrialState.WAITING)
+    assert stopped.user_attrs["fold_epochs"] >= 2
+    assert fold_epochs(trials) == first.user_attrs["fold_epochs"] \
+        + stopped.user_attrs["fold_epochs"]
     result = run_search(load_study(path), run_dir=tmp_path, progress=False)
     states = [t.state for t in result.trials]
     assert states.count(TrialState.FAIL) == 1 and sum(s in FINISHED for s in states) == 3

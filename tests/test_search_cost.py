@@ -60,15 +60,30 @@ def test_a_bad_budget_is_one_line_naming_the_field(extra: str, message: str):
     assert "\n" not in str(error.value)
 
 
-def test_spent_sums_the_finished_and_running_trials_and_names_the_budget_spent():
-    def trial(state: TrialState, epochs: int, seconds: float, tflop: float):
-        return create_trial(state=state, value=0.5 if state == TrialState.COMPLETE else None,
+def test_spent_sums_the_trials_that_ran_and_names_the_budget_spent():
+    def trial(state: TrialState, epochs: int, seconds: float, tflop: float, number: int,
+              retry_of: list[int] | None = None):
+        made = create_trial(state=state, value=0.5 if state == TrialState.COMPLETE else None,
                             user_attrs={"fold_epochs": epochs, "train_seconds": seconds,
-                                        "tflop": tflop})
+                                        "tflop": tflop},
+                            system_attrs={} if retry_of is None else
+                            {"failed_trial": retry_of[0], "retry_history": retry_of})
+        made.number = number
+        return made
 
-    trials = [trial(TrialState.COMPLETE, 10, 20.0, 1.5), trial(TrialState.PRUNED, 4, 5.0, 0.5),
-              trial(TrialState.FAIL, 7, 9.0, 9.0)]  # a failed trial's retry counts it again
+    trials = [trial(TrialState.COMPLETE, 10, 20.0, 1.5, 0),
+              trial(TrialState.PRUNED, 4, 5.0, 0.5, 1)]
     assert spent(trials) == Spent(fold_epochs=14, seconds=25.0, tflop=2.0)
+    # Trial 2 stopped (failed), its retry 3 waiting to run with its counts: counted once, at
+    # once (not only once the retry runs), as it is while the retry runs and continues them.
+    stopped = [trial(TrialState.FAIL, 7, 9.0, 9.0, 2),
+               trial(TrialState.WAITING, 7, 9.0, 9.0, 3, [2])]
+    assert spent(trials + stopped) == Spent(21, 34.0, 11.0)
+    stopped[1] = trial(TrialState.RUNNING, 8, 10.0, 10.0, 3, [2])
+    assert spent(trials + stopped) == Spent(22, 35.0, 12.0)
+    # Failed for good (no retry: it crashed its process too often): what it trained counts.
+    assert spent([*trials, trial(TrialState.FAIL, 3, 1.0, 1.0, 2)]) == Spent(17, 26.0, 3.0)
+    assert spent([*trials, trial(TrialState.WAITING, 0, 0.0, 0.0, 2)]) == spent(trials)  # base
     search = _search("budget = 100\nbudget_seconds = 25\nbudget_tflop = 3")
     assert spent_budget(search, spent(trials)) == "budget_seconds"
     assert spent_budget(search, Spent(14, 24.9, 2.9)) is None

@@ -1,8 +1,11 @@
 """What a search spends, and the pruning rule that weighs what a trial costs.
 
 A trial's cost is counted three ways, each stored with the trial after every epoch and summed
-over the finished and running trials (so the sums hold across workers and restarts; a
-retried trial's count continues the failed one's, which is not counted):
+over the trials that ran (so the sums hold across workers and restarts): finished, running, and
+failed for good; a failed trial that is retried is counted through its retry, which starts with
+its counts (waiting to run, it is counted already) and continues them from its checkpoints
+(a retry on another machine, which has not got them, trains and counts from its first epoch:
+what the failed trial trained is then not counted):
 
     fold_epochs  epochs of the trial's fold models (one epoch of one fold's model is one)
     seconds      wall seconds of training: the epochs of each of its stacks (the folds of a
@@ -38,6 +41,7 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from fashionlab.config import SearchSpec
+from fashionlab.search.storage import retried_numbers, retried_trial
 
 __all__ = ["COUNTED", "EqualComputePruner", "Spent", "best_within", "fold_epochs",
            "spent", "spent_budget", "spent_summary"]
@@ -58,15 +62,19 @@ class Spent:
 
 
 def spent(trials: Sequence[FrozenTrial]) -> Spent:
-    """The cost of the finished and running trials."""
-    counted = [t for t in trials if t.state in COUNTED]
+    """The cost of the trials that ran (see the module's docstring): each retry chain counted
+    once, by its newest trial."""
+    retried = retried_numbers(trials)
+    counted = [t for t in trials if t.state in COUNTED
+               or (t.state == TrialState.WAITING and retried_trial(t) is not None)
+               or (t.state == TrialState.FAIL and t.number not in retried)]
     return Spent(sum(int(t.user_attrs.get(FOLD_EPOCHS, 0)) for t in counted),
                  sum(float(t.user_attrs.get(SECONDS, 0.0)) for t in counted),
                  sum(float(t.user_attrs.get(TFLOP, 0.0)) for t in counted))
 
 
 def fold_epochs(trials: Sequence[FrozenTrial]) -> int:
-    """Fold-epochs trained by the finished and running trials."""
+    """Fold-epochs trained by the trials that ran (`spent`)."""
     return spent(trials).fold_epochs
 
 

@@ -71,6 +71,7 @@ from fashionlab.search.storage import (
     RetryLostTrial,
     delete_study,
     open_storage,
+    retried_numbers,
     retried_trial,
     search_identity,
 )
@@ -317,7 +318,7 @@ def _ended_trials(storage: optuna.storages.RDBStorage, name: str) -> list[Frozen
         trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
     except KeyError:  # no such study
         return []
-    retried = {number for t in trials for number in t.system_attrs.get("retry_history", [])}
+    retried = retried_numbers(trials)
     return [t for t in trials if t.state in FINISHED
             or (t.state == TrialState.FAIL and t.number not in retried)]
 

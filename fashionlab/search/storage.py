@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import optuna
@@ -20,7 +21,8 @@ from fashionlab.jobs import ClaimLock
 from fashionlab.store import connect_args, database_url
 
 __all__ = ["GRACE_PERIOD", "HEARTBEAT_INTERVAL", "MAX_RETRIES", "ClaimLock", "RetryLostTrial",
-           "delete_study", "open_storage", "retried_trial", "search_identity", "study_name"]
+           "delete_study", "open_storage", "retried_numbers", "retried_trial", "search_identity",
+           "study_name"]
 
 HEARTBEAT_INTERVAL = 20  # seconds between a running trial's signs of life in the database
 GRACE_PERIOD = 120  # a trial silent this long is failed and retried
@@ -58,6 +60,12 @@ def retried_trial(trial: optuna.trial.FrozenTrial) -> int | None:
     names it), or None for a trial that is no retry."""
     failed = trial.system_attrs.get("failed_trial")
     return None if failed is None else int(failed)
+
+
+def retried_numbers(trials: Sequence[optuna.trial.FrozenTrial]) -> set[int]:
+    """The numbers of the failed trials that a retry runs again (each retry lists its chain's
+    in `retry_history`)."""
+    return {number for t in trials for number in t.system_attrs.get("retry_history", [])}
 
 
 def study_name(search: str, fingerprint: str) -> str:
@@ -102,6 +110,6 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
         # Optuna reads the URL as a template ("{SCHEMA_VERSION}"): a brace of a folder's name
         # is doubled to stay itself.
         return optuna.storages.RDBStorage(
-            url.replace("{", "{{").replace("}", "}}"), engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_INTERVAL,
-            grace_period=GRACE_PERIOD,
+            url.replace("{", "{{").replace("}", "}}"), engine_kwargs=kwargs,
+            heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD,
             heartbeat_stale_trial_callback=RetryLostTrial())
