@@ -6,8 +6,10 @@ duplicated by a second export or by an interrupted and resumed study."""
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
+import textwrap
 from datetime import datetime
 from pathlib import Path
 
@@ -426,3 +428,36 @@ def test_the_command_prints_none_of_mlflows_info_lines(tiny_idx_dir: Path, tmp_p
         cwd=tmp_path)  # MLflow puts a SQLite URI's artifacts in ./mlruns
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stderr == ""  # was: "INFO mlflow.store.db.utils: Creating initial MLflow ..."
+
+
+def test_the_library_prints_none_of_mlflows_info_lines_unless_asked(finished: tuple[Path, str],
+                                                                     tmp_path: Path):
+    """From Python too (a notebook): live logging and an export say nothing of MLflow's
+    database being created; MLFLOW_LOGGING_LEVEL, when set, is the user's choice."""
+    run_dir, run_id = finished
+    script = textwrap.dedent(f"""
+        from fashionlab.config import load_study
+        from fashionlab.integrations.mlflow import export_run_to_mlflow, logging_to_mlflow
+        from fashionlab.store import Store
+        from fashionlab.study import run_study
+
+        spec = load_study({str(run_dir.parent / "tiny.toml")!r})
+        with logging_to_mlflow("sqlite:///live.db", spec, run_dir="runs",
+                               progress=False) as progress:
+            run_study(spec, run_dir="runs", progress=progress)
+        export_run_to_mlflow(Store.open({str(run_dir)!r}), {run_id!r}, "sqlite:///after.db",
+                             artifacts=False)
+        """)
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("MLFLOW_LOGGING_LEVEL", None)
+    quiet = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                           timeout=300, check=False, cwd=tmp_path, env=env)
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    assert quiet.stderr == ""  # was: "INFO mlflow.store.db.utils: Creating initial MLflow ..."
+    for name in ("live.db", "after.db"):
+        (tmp_path / name).unlink()
+    asked = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                           timeout=300, check=False, cwd=tmp_path,
+                           env={**env, "MLFLOW_LOGGING_LEVEL": "INFO"})
+    assert asked.returncode == 0, asked.stderr[-2000:]
+    assert "Creating initial MLflow database tables" in asked.stderr

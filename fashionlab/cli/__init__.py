@@ -206,10 +206,7 @@ def main(argv: list[str] | None = None) -> None:
         # its terminal, and a shell ignores SIGINT in its background jobs.
         if handler is not signal.SIG_IGN:
             signal.signal(signum, _stop)
-    # MLflow's INFO lines ("Creating initial MLflow database tables", ...) are not the
-    # command's output; its warnings and errors still show. Read when MLflow is imported.
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    _matplotlib_home()  # read when matplotlib is imported, as MLflow's level is
+    _matplotlib_home()  # read when matplotlib is imported
     try:
         _register_commands()
         # Not standalone: typer hands back usage errors (an unknown option, a missing or bad

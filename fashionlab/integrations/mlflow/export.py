@@ -5,11 +5,13 @@ The layout it makes in MLflow is described in `fashionlab.integrations.mlflow`."
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,7 @@ from fashionlab.store import ModelRecord, RunRecord, Store
 from fashionlab.text import first_line
 
 __all__ = ["PARENT", "TAG_PART", "TAG_RUN", "TAG_STARTED", "MlflowError", "MlflowExport",
-           "export_run_to_mlflow", "flatten", "require_mlflow"]
+           "export_run_to_mlflow", "flatten", "quiet_mlflow", "require_mlflow"]
 
 TAG_RUN = "fashionlab.run_id"  # on every MLflow run of a fashionlab run
 TAG_PART = "fashionlab.part"  # "run", "candidate:<name>" or "model:<key>"
@@ -82,6 +84,23 @@ def require_mlflow(tracking_uri: str | None = None) -> None:
         os.environ.setdefault(name, value)
 
 
+@contextlib.contextmanager
+def quiet_mlflow() -> Iterator[None]:
+    """MLflow's INFO lines ("Creating initial MLflow database tables...") held back while
+    fashionlab calls it: they are not the caller's output; its warnings and errors still
+    show. A level chosen with MLFLOW_LOGGING_LEVEL is left as it is."""
+    if "MLFLOW_LOGGING_LEVEL" in os.environ:
+        yield
+        return
+    logger = logging.getLogger("mlflow")
+    before = logger.level
+    logger.setLevel(max(before, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
+
+
 def export_run_to_mlflow(store: Store, run_id: str, tracking_uri: str, *,
                          experiment: str | None = None, artifacts: bool = True) -> str:
     """Send a stored run to MLflow, or bring what was sent before up to date; returns the
@@ -93,8 +112,9 @@ def export_run_to_mlflow(store: Store, run_id: str, tracking_uri: str, *,
     file of a database URI) or is not installed."""
     require_mlflow(tracking_uri)
     try:
-        return MlflowExport(store, run_id, tracking_uri, experiment=experiment).sync(
-            artifacts=artifacts)
+        with quiet_mlflow():
+            return MlflowExport(store, run_id, tracking_uri, experiment=experiment).sync(
+                artifacts=artifacts)
     except FashionlabError:  # the store's own: already one line, and not MLflow's fault
         raise
     except (MlflowException, SQLAlchemyError, OSError) as error:  # OSError: requests' too

@@ -79,18 +79,19 @@ class MlflowReporter:
     def _safely(self, action: Callable[[MlflowExport], Any]) -> Any:
         if self.failed:
             return None
-        try:
-            if self.export is None:
-                # MLflow itself: imported once there is something to log
-                from fashionlab.integrations.mlflow.export import MlflowExport
+        # MLflow itself: imported once there is something to log
+        from fashionlab.integrations.mlflow.export import MlflowExport, quiet_mlflow
 
-                self.store = self.store or Store.open(self.run_dir, self.store_url)
-                runs = self.store.runs(kind=self.kind, fingerprint=self.fingerprint)
-                if not runs:
-                    return None
-                self.export = MlflowExport(self.store, runs[0].id, self.tracking_uri,
-                                           experiment=self.experiment)
-            return action(self.export)
+        try:
+            with quiet_mlflow():
+                if self.export is None:
+                    self.store = self.store or Store.open(self.run_dir, self.store_url)
+                    runs = self.store.runs(kind=self.kind, fingerprint=self.fingerprint)
+                    if not runs:
+                        return None
+                    self.export = MlflowExport(self.store, runs[0].id, self.tracking_uri,
+                                               experiment=self.experiment)
+                return action(self.export)
         except Exception as error:  # noqa: BLE001 - training goes on whatever MLflow does
             self.failed = True
             self.say(f"mlflow: cannot log to {self.tracking_uri} ({first_line(error)}); "
