@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from helpers import tiny_study_toml
+from helpers import assert_one_line_error, run_cli, tiny_search_toml, tiny_study_toml
 
 from fashionlab.jobs import ClaimLost, claim_job, job_rows, register_jobs, release_claims
 from fashionlab.runs import RunError, delete_run
@@ -381,3 +381,17 @@ def test_a_stop_signal_ends_a_wait_on_a_server_that_does_not_answer(postgres_url
         signal.signal(signal.SIGUSR1, previous)
         connection.invalidate()
         store.close()
+
+
+@pytest.mark.parametrize("command", ["study", "search"])
+def test_a_bad_claim_grace_is_said_before_a_run_exists(
+        command: str, tiny_idx_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]):
+    path = tmp_path / "tiny.toml"
+    path.write_text(tiny_search_toml(tiny_idx_dir, n_trials=1) if command == "search"
+                    else tiny_study_toml(tiny_idx_dir))
+    monkeypatch.setenv("FASHIONLAB_CLAIM_GRACE", "soon")
+    code, _, err = run_cli(capsys, command, str(path), "--run-dir", str(tmp_path / "runs"))
+    assert_one_line_error(code, err, "FASHIONLAB_CLAIM_GRACE: expected a positive number of "
+                          "seconds, got 'soon'")
+    assert not (tmp_path / "runs").exists()  # not an empty run left interrupted

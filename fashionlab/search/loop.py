@@ -51,7 +51,7 @@ from fashionlab.cv import Fold, make_folds
 from fashionlab.data import Dataset, to_tensors
 from fashionlab.errors import ConfigError, StoreError
 from fashionlab.hardware import resolve_device
-from fashionlab.jobs import claim_job, command_identity, register_jobs
+from fashionlab.jobs import claim_grace, claim_job, command_identity, register_jobs
 from fashionlab.process import ProcessIdentity
 from fashionlab.progress import Reporter, reporting
 from fashionlab.provenance import environment
@@ -197,6 +197,7 @@ def run_search(
     base = base_candidate(spec)
     check_largest_model(spec.name, search, base)
     limits = _limits(spec.name, search, base, n_trials, timeout)
+    claim_grace()  # a bad FASHIONLAB_CLAIM_GRACE is said now, not in the first trial
     torch_device = resolve_device(device)
     run_dir = Path(run_dir)
     url = database_url(store_url or os.environ.get("FASHIONLAB_STORE") or default_url(run_dir))

@@ -27,6 +27,7 @@ from fashionlab.hardware import release_freed_memory, resolve_device
 from fashionlab.jobs import (
     Claim,
     ClaimLock,
+    claim_grace,
     command_identity,
     drop_checkpoints,
     job_rows,
@@ -109,6 +110,7 @@ def run_study(
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
                                 or threads < 1):
         raise ConfigError(f"threads: expected a positive whole number, got {threads!r}")
+    claim_grace()  # a bad FASHIONLAB_CLAIM_GRACE is said now, not once a run exists
     torch_device = resolve_device(device)
     run_dir = Path(run_dir)
     # The data and its folds first: a study whose data cannot be read, or that has more folds
