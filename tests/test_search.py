@@ -287,6 +287,32 @@ def test_a_search_without_progress_prints_nothing_not_even_optunas_lines(
     assert optuna.logging.get_verbosity() == before
 
 
+def test_a_search_shows_its_own_trial_lines_not_optunas(
+        tiny_idx_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """From Python with progress (a notebook), each trial is said once, by the search; a
+    trial stopped by Ctrl-C is not Optuna's warning with the KeyboardInterrupt's traceback."""
+    path = _load(tiny_search_toml(tiny_idx_dir, n_trials=2), tmp_path)
+    recorder = Recorder()
+
+    def stop(key: str, epoch: int) -> None:
+        if key.startswith("trial-1/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_search(load_study(path), run_dir=tmp_path / "runs", progress=OnEpoch(stop))
+    result = run_search(load_study(path), run_dir=tmp_path / "runs", progress=recorder)
+    assert result.finished
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("optuna")] == []
+    assert any(c[0] == "log" and c[1].startswith("trial 2 complete") for c in recorder.calls)
+    # Asked for, Optuna's lines show.
+    optuna.logging.set_verbosity(optuna.logging.DEBUG)
+    try:
+        run_search(load_study(path), run_dir=tmp_path / "runs", progress=False, fresh=True)
+    finally:
+        optuna.logging.set_verbosity(optuna.logging.INFO)
+    assert any("finished with value" in r.getMessage() for r in caplog.records)
+
+
 def test_the_largest_space_that_fits_is_accepted():
     spec = study_from_dict(tomllib.loads(BASE + """
 [search.space]
@@ -460,12 +486,17 @@ warmup = 1
     for lr in (0.01, 0.02, 1e-7):
         study.enqueue_trial({"learning_rate": lr})
     storage.engine.dispose()
-    result = run_search(spec, run_dir=run_dir, progress=False)
+    shown = Recorder()
+    result = run_search(spec, run_dir=run_dir, progress=shown)
     states = [t.state for t in result.trials]
     assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED]
     hopeless = result.trials[2]
     assert hopeless.user_attrs["stopped"] == "pruned at epoch 2"
     assert hopeless.user_attrs["fold_epochs"] == 3 * 2  # 3 folds stopped after 2 of 4 epochs
+    # The epoch it was pruned at is shown as stored, before the trial's end is said.
+    said = [c for c in shown.calls if c[0] in ("epoch", "log") and "trial 2" in c[1]]
+    assert [c[2] for c in said if c[0] == "epoch"] == [1, 2]
+    assert said[-1][0] == "log" and said[-1][1].startswith("trial 2 pruned (pruned at epoch 2)")
 
 
 def test_a_compute_budget_stops_the_search_and_every_trial_states_its_cost(

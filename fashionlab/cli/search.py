@@ -57,16 +57,11 @@ def search(
     """
     import json
 
-    import optuna
-
     # torch (and the optional MLflow): only once a search runs
     from fashionlab.integrations.mlflow import logging_to_mlflow
     from fashionlab.integrations.tensorboard import tensorboard_progress
     from fashionlab.search import run_search  # torch and Optuna: when the command runs
 
-    # The search shows its own progress, and a stopped or failed trial ends in one line: not
-    # Optuna's warning with the traceback of the KeyboardInterrupt that stopped it.
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
     spec = load_study(file)
     if quick:
         spec = quick_variant(spec)

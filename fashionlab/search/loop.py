@@ -146,13 +146,15 @@ class Limits:
 
 
 def _silent_optuna(run: Callable[..., SearchResult]) -> Callable[..., SearchResult]:
-    """`progress=False` shows nothing: Optuna's own log lines (a study created, each trial
-    finished) are held back too, at ERROR for the call, then set back as they were."""
+    """Optuna's own log lines (a study created, each trial finished, a stopped trial's
+    warning with the traceback of its KeyboardInterrupt) are held back, at ERROR for the
+    call, then set back as they were: the search shows each trial itself (`progress`), and a
+    stop ends in one line. Asked for (Optuna's verbosity set to DEBUG), they show."""
     @functools.wraps(run)
     def silent(*args: Any, **kwargs: Any) -> SearchResult:
-        if kwargs.get("progress", True) is not False:
-            return run(*args, **kwargs)
         before = optuna.logging.get_verbosity()
+        if before < optuna.logging.INFO:
+            return run(*args, **kwargs)
         optuna.logging.set_verbosity(optuna.logging.ERROR)
         try:
             return run(*args, **kwargs)
