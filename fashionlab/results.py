@@ -59,6 +59,25 @@ class StudyResult:
     results_by: str | None = None  # "<host> pid <pid>"
     notes: list[str] = field(default_factory=list)  # said while it ran (`note_unresumed_run`)
 
+    def __repr__(self) -> str:
+        """One line, not the whole dataclass (its config alone is ~20 KB): the run, its best
+        candidate's validation accuracy (mean ± std over its models, in %), the retrained
+        best's test accuracy, where the files are."""
+        rows = table_rows(self) if self.candidates or self.final else []
+        best = next((r for r in rows if r.kind == "cv" and r.model == self.best), None)
+        retrained = next((r for r in rows if r.kind == "retrain"), None)
+        parts = [f"run={self.run.id!r}", f"study={self.spec.name!r}",
+                 f"status={self.run.state!r}", f"candidates={len(self.candidates)}"]
+        if best is not None:
+            accuracy = text.plus_minus(best.val_accuracy_mean, best.val_accuracy_std, best.n,
+                                       digits=2)
+            parts.append(f"best={best.model!r} val_accuracy={accuracy}%")
+        if retrained is not None:
+            parts.append(f"retrained_test_accuracy={text.percent(retrained.test_accuracy)}%")
+        if self.results_by is not None:
+            parts.append(f"results_by={self.results_by!r}")
+        return f"StudyResult({', '.join(parts)}, output_dir='{self.output_dir}')"
+
     def _repr_html_(self) -> str:
         """Jupyter shows the results table and every model's learning curves."""
         return notebook.study_html(title=f"{self.spec.name}: results", overview=_overview(self),

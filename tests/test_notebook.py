@@ -69,6 +69,19 @@ def test_a_study_shows_its_table_and_curves_as_html(study: StudyResult):
         assert data.startswith(b"\x89PNG") and len(data) < 80_000
 
 
+def test_a_study_as_text_is_one_short_line(study: StudyResult):
+    """What a terminal or IPython shows: not the whole dataclass (~20 KB of config)."""
+    shown = repr(study)
+    best = next(r for r in table_rows(study) if r.model == study.best)
+    retrained = next(r for r in table_rows(study) if r.kind == "retrain")
+    assert shown.startswith(f"StudyResult(run='{study.run.id}', study='tiny', "
+                            "status='finished', candidates=2, ")
+    assert f"best={study.best!r} val_accuracy={100 * best.val_accuracy_mean:.2f} ± " in shown
+    assert f"retrained_test_accuracy={100 * retrained.test_accuracy:.2f}%" in shown
+    assert shown.endswith(f"output_dir='{study.output_dir}')")
+    assert "\n" not in shown and len(shown) < 400
+
+
 def test_a_figure_by_name_and_a_clear_error_for_an_unknown_one(study: StudyResult):
     for name in ("wide", "cnn", f"{study.best} (retrained)"):
         figure = study.figure(name)
@@ -161,6 +174,11 @@ def test_a_search_shows_its_top_trials_as_html(tiny_idx_dir: Path, tmp_path: Pat
     assert "learning_rate=" in page  # the trials' parameters
     assert "retrained for" in page  # the best, retrained and tested
     assert len(PNG.findall(page)) >= 1  # the optimisation history
+    best = max(result.trials, key=lambda t: t.value)
+    assert repr(result) == (
+        f"SearchResult(run='{result.run.id}', study_name='{result.study_name}', "
+        f"trials='2 complete', stopped_by='n_trials', finished=True, "
+        f"best='trial {best.number}: {best.value:.4f}', output_dir='{result.output_dir}')")
 
 
 def test_an_unfinished_search_says_how_far_it_got():

@@ -124,6 +124,22 @@ class SearchResult:
     wall_seconds: float = 0.0  # this process
     notes: list[str] = dataclasses.field(default_factory=list)  # said while it ran
 
+    def __repr__(self) -> str:
+        """One line, not the whole dataclass (its trials and config are many KB): the run,
+        the trials by state, why it stopped, the best trial, where the files are."""
+        states = collections.Counter(t.state.name.lower() for t in self.trials)
+        counts = ", ".join(f"{n} {state}" for state, n in sorted(states.items())) or "none"
+        parts = [f"run={self.run.id!r}", f"study_name={self.study_name!r}",
+                 f"trials='{counts}'", f"stopped_by={self.stopped_by!r}",
+                 f"finished={self.finished}"]
+        done = [t for t in self.trials if t.state == TrialState.COMPLETE and t.value is not None]
+        if done:
+            assert self.spec.search is not None  # a search's study
+            pick = max if self.spec.search.objective == "val_accuracy" else min
+            best = pick(done, key=lambda t: t.value)
+            parts.append(f"best='trial {best.number}: {best.value:.4f}'")
+        return f"SearchResult({', '.join(parts)}, output_dir='{self.output_dir}')"
+
     def _repr_html_(self) -> str:
         """Jupyter shows the top trials with their uncertainty, the references, the retrained
         best and the search's plots; an unfinished search says how far it got."""
