@@ -22,11 +22,11 @@ from fashionlab import plots
 from fashionlab.tables import (
     HEADERS,
     LEGEND,
-    SEARCH_LEGEND,
     Row,
     display_rows,
     reference_lines,
     retrain_line,
+    search_legend,
     search_overview,
     split_epoch,
     split_trained,
@@ -152,7 +152,7 @@ def search_html(summary: Mapping[str, Any] | None, *, name: str, status: str) ->
              f"<p>{_text(search_overview(summary))}</p>"]
     headers, rows = trial_cells(summary)
     if rows:
-        parts += [_table(headers, rows), _small(SEARCH_LEGEND)]
+        parts += [_table(headers, rows), _small(search_legend(summary))]
     lines = [*reference_lines(summary), retrain_line(summary)]
     if any(lines):
         parts.append("<ul>" + "".join(f"<li>{_text(x)}</li>" for x in lines if x) + "</ul>")

@@ -30,11 +30,11 @@ from fashionlab.store import EpochRecord, RunRecord, Store
 from fashionlab.tables import (
     HEADERS,
     LEGEND,
-    SEARCH_LEGEND,
     display_rows,
     reference_lines,
     retrain_line,
     rows_from_summary,
+    search_legend,
     spent_note,
     trial_cells,
 )
@@ -418,7 +418,7 @@ def _search_section(summary: Mapping[str, Any]) -> dict[str, Any]:
     statistics = None
     if summary.get("top"):  # a finished search: the top trials with their paired tests
         headers, rows = trial_cells(summary)
-        statistics = {"headers": headers, "rows": rows, "legend": SEARCH_LEGEND,
+        statistics = {"headers": headers, "rows": rows, "legend": search_legend(summary),
                       "notes": [spent_note(summary), *reference_lines(summary),
                                 retrain_line(summary)]}
     return {

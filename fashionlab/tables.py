@@ -20,7 +20,6 @@ from fashionlab import text
 __all__ = [
     "HEADERS",
     "LEGEND",
-    "SEARCH_LEGEND",
     "SPENT_KEYS",
     "Row",
     "display_rows",
@@ -30,6 +29,7 @@ __all__ = [
     "retrain_line",
     "rows_from_summary",
     "rows_to_csv",
+    "search_legend",
     "search_markdown",
     "search_overview",
     "spent_line",
@@ -133,11 +133,15 @@ def rows_to_csv(rows: Iterable[Row]) -> str:
 # --------------------------------------------------------------------------------------------
 # A search (its stored summary: "top", "reference", "retrain", "objective", ...)
 
-SEARCH_LEGEND = ("Every fold read at the CV-consensus epoch (epoch: one epoch for all folds, the "
-                 "[warning] rule on the mean val_loss curve over the epochs every fold reached; "
-                 "the retraining length), the reference study's candidate too. Mean ± std "
-                 "across folds, 95% CI from Student's t; vs best: corrected resampled t-test on "
-                 "the paired folds, Holm-adjusted p. TFLOP: estimated training arithmetic.")
+def search_legend(summary: Mapping[str, Any]) -> str:
+    """The legend under a search's table of trials (the reference's reading said only where
+    the search has a reference)."""
+    reference = ", the reference study's candidate too" if summary.get("reference") else ""
+    return ("Every fold read at the CV-consensus epoch (epoch: one epoch for all folds, the "
+            "[warning] rule on the mean val_loss curve over the epochs every fold reached; the "
+            f"retraining length){reference}. Mean ± std across folds, 95% CI from Student's t; "
+            "vs best: corrected resampled t-test on the paired folds, Holm-adjusted p. TFLOP: "
+            "estimated training arithmetic.")
 
 
 def params_text(params: Mapping[str, Any], width: int | None = None) -> str:
@@ -259,7 +263,7 @@ def search_markdown(summary: Mapping[str, Any]) -> str:
     headers, rows = trial_cells(summary)
     if rows:
         rows = [[text.markdown_text(trial), *rest] for trial, *rest in rows]  # "(base: NAME)"
-        lines += [*markdown_table(headers, rows), "", SEARCH_LEGEND, ""]
+        lines += [*markdown_table(headers, rows), "", search_legend(summary), ""]
     else:
         lines += [nothing_ranked_line(summary), ""]
     # Plain sentences holding names (the references', the model folder's): literal text.

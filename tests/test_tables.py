@@ -21,6 +21,7 @@ from fashionlab.tables import (
     retrain_line,
     rows_from_summary,
     rows_to_csv,
+    search_legend,
     search_markdown,
     spent_line,
     spent_note,
@@ -138,3 +139,10 @@ def test_labels_split_into_numbers(label: str, epoch: tuple | None, trained: tup
         assert split_epoch(label) == epoch
     if trained is not None:
         assert split_trained(label) == trained
+
+
+def test_the_search_legend_speaks_of_a_reference_only_where_there_is_one():
+    assert "reference" not in search_legend({"reference": None})
+    assert "reference" not in search_legend({"reference": []})
+    with_one = search_legend({"reference": [{"reference": "seed: dense(256) dropout"}]})
+    assert "the retraining length), the reference study's candidate too. Mean" in with_one
