@@ -298,8 +298,11 @@ def test_a_search_shows_its_own_trial_lines_not_optunas(
         if key.startswith("trial-1/"):
             raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as stopped:
         run_search(load_study(path), run_dir=tmp_path / "runs", progress=OnEpoch(stop))
+    if sys.version_info >= (3, 11):  # said under the traceback, as the command says it
+        (note,) = stopped.value.__notes__
+        assert note.startswith("fashionlab: search run ") and "goes on" in note
     result = run_search(load_study(path), run_dir=tmp_path / "runs", progress=recorder)
     assert result.finished
     assert [r.getMessage() for r in caplog.records if r.name.startswith("optuna")] == []

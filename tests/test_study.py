@@ -366,8 +366,13 @@ def test_a_resumed_run_says_its_wall_time_is_the_last_processs_only(
             raise KeyboardInterrupt
 
     spec = load_study(study_file)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as stopped:
         run_study(spec, run_dir=tmp_path, progress=OnEpoch(stop))
+    (stored,) = Store.open(tmp_path).runs()
+    if sys.version_info >= (3, 11):  # said under the traceback, as the command says it
+        assert stopped.value.__notes__ == [
+            (f"fashionlab: run {stored.id} is kept; run_study with the same study and run "
+             "directory resumes it")]
     code, out, err = run_cli(capsys, "study", str(study_file), "--run-dir", str(tmp_path), "-q")
     assert code == 0, err
     note = "in the process that resumed the run (the earlier processes not counted)"

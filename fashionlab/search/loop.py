@@ -286,6 +286,10 @@ def run_search(
     except BaseException as stopped:
         if isinstance(stopped, KeyboardInterrupt):
             stops.cleaning_up()
+            if hasattr(stopped, "add_note"):  # Python 3.11+: said under it
+                stopped.add_note(f"fashionlab: search run {run.id} keeps its finished trials "
+                                 "(a trial stopped midway is retried); run_search with the same "
+                                 "study and run directory goes on")
         # What stopped it may be the database itself (a server gone silent): one try, and what
         # stopped the search is what is said; the run reads as interrupted once this process
         # is gone anyway.

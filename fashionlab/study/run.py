@@ -210,6 +210,9 @@ def run_study(
     except BaseException as stopped:
         if isinstance(stopped, KeyboardInterrupt):
             stops.cleaning_up()
+            if not shown and hasattr(stopped, "add_note"):  # Python 3.11+: said under it
+                stopped.add_note(f"fashionlab: run {run.id} is kept; run_study with the same "
+                                 "study and run directory resumes it")
         if not shown:
             # What this process (and its workers) held goes back at once to the others; the
             # run stays resumable, even from this process. The store may be what failed (a
