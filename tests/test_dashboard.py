@@ -42,6 +42,8 @@ def test_optuna_dashboard_shows_a_search_as_it_is_stored(tiny_idx_dir: Path, tmp
     (study,) = _get(app, "/api/studies")["study_summaries"]
     assert study["study_name"] == result.study_name
     assert study["directions"] == ["maximize"]
+    # Which fashionlab run it is (`fashionlab runs show RUN`), among the study's attributes.
+    assert {"key": "fashionlab.run_id", "value": result.run.id} in study["user_attrs"]
     detail = _get(app, f"/api/studies/{study['study_id']}")
     trials = {t["number"]: t for t in detail["trials"]}
     expected = {t.number: t for t in result.trials}

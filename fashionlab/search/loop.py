@@ -96,7 +96,9 @@ from fashionlab.store import (
 from fashionlab.tables import spent_line
 from fashionlab.train import Tensors
 
-__all__ = ["SearchResult", "run_search"]
+__all__ = ["RUN_ATTR", "SearchResult", "run_search"]
+
+RUN_ATTR = "fashionlab.run_id"  # the Optuna study's user attribute naming its store run
 
 
 def drawn_before(trials: Sequence[FrozenTrial]) -> int:
@@ -262,6 +264,8 @@ def run_search(
             study_name=study_name, storage=storage, load_if_exists=True,
             direction="maximize" if search.objective == "val_accuracy" else "minimize",
             pruner=make_pruner(search))
+        if study.user_attrs.get(RUN_ATTR) != run.id:  # optuna-dashboard shows which run
+            study.set_user_attr(RUN_ATTR, run.id)
         if search.start_with_base and search.sampler != "grid" and not study.get_trials():
             study.enqueue_trial(base_params(search, base), user_attrs={"base": base.name})
     # <run dir>/<run id>, whatever the store recorded: a run directory moved or copied goes
