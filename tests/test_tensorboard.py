@@ -10,7 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from helpers import OnEpoch, run_cli, tiny_search_toml, tiny_study_toml
+from helpers import OnEpoch, assert_one_line_error, run_cli, tiny_search_toml, tiny_study_toml
 
 pytest.importorskip("tensorboard")
 
@@ -161,6 +161,29 @@ def test_export_after_the_fact_writes_the_same_and_nothing_twice(study_file: Pat
     assert params["train.batch_size"] == 32
     assert "hparam/val_accuracy" in metrics
     assert _step_counts(model_logdir(logdir, "small"))[("_hparams_/session_start_info", 0)] == 1
+
+
+def test_the_command_exports_a_run_to_a_log_directory_once(
+        study_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    run_dir = tmp_path / "runs"
+    result = run_study(load_study(study_file), run_dir=run_dir, progress=False)
+    logdir = tmp_path / "board" / "tiny"
+    for _ in range(2):  # again: nothing written twice
+        code, out, err = run_cli(capsys, "runs", "export", result.run.id[:8], "--to",
+                                 "tensorboard", str(logdir), "--run-dir", str(run_dir))
+        assert code == 0, err
+        assert out == f"wrote run {result.run.id} to {logdir} (view: tensorboard --logdir " \
+            f"{logdir})\n"
+    _assert_curves_match_the_store(run_dir, result.run.id, logdir)
+    assert "hparam/val_accuracy" in _hparams(model_logdir(logdir, "small"))[1]
+    (tmp_path / "afile").write_text("")
+    for target in (tmp_path / "afile", tmp_path / "afile" / "below"):
+        code, _, err = run_cli(capsys, "runs", "export", result.run.id, "--to", "tensorboard",
+                               str(target), "--run-dir", str(run_dir))
+        assert_one_line_error(code, err, f"{tmp_path / 'afile'} is a file, not a folder")
+    code, _, err = run_cli(capsys, "runs", "export", result.run.id, "--to", "tensorboard",
+                           str(logdir), "--format", "csv", "--run-dir", str(run_dir))
+    assert_one_line_error(code, err, "--to tensorboard sends the whole run instead")
 
 
 def test_a_search_writes_each_trials_folds_and_params(tiny_idx_dir: Path, tmp_path: Path):

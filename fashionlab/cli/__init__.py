@@ -105,7 +105,8 @@ def resumable(how: str) -> Iterator[None]:
 
 def _usage_error_line(error: typer.TyperException) -> str:
     """A usage error as one line: what is wrong, and where the command's help is."""
-    message = " ".join(error.format_message().split())
+    # (pydantic's "Value error, " prefix, which typer passes on for an option's bad choice)
+    message = " ".join(error.format_message().split()).replace("Value error, ", "")
     context = getattr(error, "ctx", None)  # set on click's UsageError and its subclasses
     if context is None:
         return message

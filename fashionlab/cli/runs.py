@@ -51,6 +51,7 @@ class ExportFormat(str, Enum):
 
 class Destination(str, Enum):
     mlflow = "mlflow"
+    tensorboard = "tensorboard"
 
 
 @contextmanager
@@ -213,14 +214,17 @@ def export(
         "--out", help="Write to this .csv or .json file instead of standard output.",
         show_default=False)] = None,
     to: Annotated[tuple[Destination, str] | None, typer.Option(
-        "--to", metavar="mlflow URI", show_default=False,
+        "--to", metavar="mlflow URI | tensorboard DIR", show_default=False,
         help="Send the run to an MLflow tracking URI instead: a parent run, nested runs per "
-        "candidate (or trial) and model, metrics, files. Again later: brings it up to date.")
+        "candidate (or trial) and model, metrics, files; or write its TensorBoard event "
+        "files (every model's curves, the HParams view) in DIR. Again later: brings it up "
+        "to date.")
     ] = None,
     run_dir: RunDir = DEFAULT_RUN_DIR,
     store: StoreUrl = None,
 ) -> None:
-    """Export every stored epoch of a run as CSV or JSON, or send the run to MLflow.
+    """Export every stored epoch of a run as CSV or JSON, or send the run to MLflow or
+    TensorBoard.
 
     One row per epoch: run, key, candidate, role, repeat, fold, epoch, loss, accuracy,
     val_loss, val_accuracy, seconds.
@@ -228,13 +232,28 @@ def export(
     Example: fashionlab runs export 20250101-120000-seed --format csv --out epochs.csv
 
     Example: fashionlab runs export 20250101-120000-seed --to mlflow sqlite:///mlflow.db
+
+    Example: fashionlab runs export 20250101-120000-seed --to tensorboard tb/seed
     """
     from fashionlab.runs import export_run, write_export  # numpy and scipy: when it runs
 
     if to is not None:
         if format is not None or out is not None:
-            raise FashionlabError("--format and --out write the epochs to a file; --to mlflow "
-                                  "sends the whole run instead: give one or the other")
+            raise FashionlabError(f"--format and --out write the epochs to a file; --to "
+                                  f"{to[0].value} sends the whole run instead: give one or the "
+                                  "other")
+        if to[0] is Destination.tensorboard:
+            # the optional TensorBoard, and torch: when it runs
+            from fashionlab.integrations.tensorboard import export_run_to_tensorboard
+
+            if not to[1].strip():
+                raise FashionlabError("--to tensorboard: the directory is empty")
+            with _store(run_dir, store) as opened:
+                record = opened.run(run)
+                written = export_run_to_tensorboard(opened, record.id, to[1])
+            typer.echo(f"wrote run {record.id} to {written} (view: tensorboard --logdir "
+                       f"{written})")
+            return
         from fashionlab.integrations.mlflow import export_run_to_mlflow  # optional MLflow
 
         with _store(run_dir, store) as opened:

@@ -29,7 +29,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from fashionlab.errors import ConfigError
+from fashionlab.errors import ConfigError, OutputError
 from fashionlab.progress import Reporter, reporting
 from fashionlab.schema import METRICS
 from fashionlab.serialize import flatten
@@ -162,17 +162,27 @@ def export_run_to_tensorboard(store: Store, run_id: str,
                               logdir: str | Path | None = None) -> Path:
     """Write a run's curves (every model, every stored epoch) and, once it finished, its
     HParams entries; values already in the event files are not written again. Returns the
-    directory (default: the run's tensorboard/ directory)."""
+    directory (default: the run's tensorboard/ directory). OutputError (one line) when it
+    cannot be written."""
     _require()
     run = store.run(run_id)
     target = Path(logdir) if logdir is not None else tensorboard_dir(run)
-    writer = _RunWriter(store, run, target)
+    blocking = next((p for p in (target, *target.parents) if p.exists() and not p.is_dir()),
+                    None)
+    if blocking is not None:
+        raise OutputError(f"{blocking} is a file, not a folder (TensorBoard's log directory "
+                          f"{target})")
     try:
-        writer.epochs(sorted(writer.keys))
-        if run.status == "finished":
-            writer.hparams()
-    finally:
-        writer.close()
+        writer = _RunWriter(store, run, target)
+        try:
+            writer.epochs(sorted(writer.keys))
+            if run.status == "finished":
+                writer.hparams()
+        finally:
+            writer.close()
+    except OSError as error:  # no permission, a full disk
+        raise OutputError(f"{error.filename or target}: cannot write TensorBoard's event files "
+                          f"({error.strerror or error})") from None
     return target
 
 
