@@ -110,6 +110,9 @@ def test_the_study_command_writes_every_models_curves_and_the_hparams(
         assert params["train.learning_rate"] == pytest.approx(config["train"]["learning_rate"])
         assert params["model.layers.0.units"] == config["model"]["layers"][0]["units"]
         assert params["role"] == "cv"
+        # Not the number 0.0 or the text 'None': as the study's values read.
+        assert params["train.augment.flip"] == "false"
+        assert params["train.early_stopping"] == "null"
         folds = candidate["val_accuracy"]
         assert metrics["hparam/val_accuracy"] == pytest.approx(sum(folds) / len(folds))
         if candidate["warning_epoch"] is not None:

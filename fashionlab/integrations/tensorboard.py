@@ -21,6 +21,7 @@ Needs the `tensorboard` extra (pip install 'fashionlab[tensorboard]').
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import socket
@@ -283,10 +284,11 @@ def tensorboard_progress(progress: bool | Reporter, *, tensorboard: bool = True,
 
 
 def _hparams(value: Any) -> dict[str, Any]:
-    """A config as HParams: `serialize.flatten`'s dotted names; values TensorBoard cannot
-    show as they are (None, lists) as text."""
-    return {name: leaf if isinstance(leaf, (bool, int, float, str)) else str(leaf)
-            for name, leaf in flatten(value).items()}
+    """A config as HParams: `serialize.flatten`'s dotted names; numbers and text as they are,
+    anything else as its JSON text: true, false, null, [] (torch's `hparams` would write a
+    bool as the number 0.0 or 1.0, and str(None) is Python's "None", no word of the file's)."""
+    return {name: leaf if isinstance(leaf, (int, float, str)) and not isinstance(leaf, bool)
+            else json.dumps(leaf) for name, leaf in flatten(value).items()}
 
 
 def _mean(values: Any) -> float | None:
