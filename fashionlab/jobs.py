@@ -48,8 +48,8 @@ from fashionlab.store import (
 )
 
 __all__ = ["DEFAULT_GRACE", "Claim", "ClaimLock", "ClaimLost", "JobRow", "claim_grace",
-           "claim_job", "command_identity", "drop_checkpoints", "fetch_checkpoint", "job_rows",
-           "register_jobs", "release_claims", "reopen_job"]
+           "claim_job", "command_identity", "drop_checkpoints", "fetch_checkpoint", "held_elsewhere",
+           "job_rows", "register_jobs", "release_claims", "reopen_job"]
 
 # A claim whose heartbeat is this old, held by a process of another machine (or one whose
 # liveness cannot be told), is taken over. Two minutes, as a search's lost trials: a few
@@ -218,6 +218,16 @@ class Claim:
         self._stop.set()
         with self.store.transaction() as conn:
             conn.execute(jobs.update().where(self._mine()).values(status="pending"))
+
+
+def held_elsewhere(store: Store, run_id: str) -> bool:
+    """Whether a live process other than this one holds a job of the run (its claim: on this
+    machine, while that process runs; elsewhere, while its heartbeat is fresh)."""
+    me = this_process()
+    return any(row.status == "claimed" and (row.host, row.pid) != (me["host"], me["pid"])
+               and not gone(row.host, row.pid, row.pid_start, row.boot_id,
+                            row.heartbeat or 0.0, CLAIM_STALE_AFTER)
+               for row in job_rows(store, run_id).values())
 
 
 def reopen_job(store: Store, run_id: str, key: str) -> None:

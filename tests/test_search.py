@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import optuna
@@ -38,10 +39,11 @@ from fashionlab.config import (
 from fashionlab.cv import MemberResult
 from fashionlab.data import Split, load_fashion_mnist
 from fashionlab.errors import ConfigError
+from fashionlab.jobs import register_jobs
 from fashionlab.models import forward_flops
 from fashionlab.runner import training_flops
 from fashionlab.runs import describe_run
-from fashionlab.schema import runs
+from fashionlab.schema import jobs, runs
 from fashionlab.search import (
     consensus_scores,
     make_pruner,
@@ -54,7 +56,7 @@ from fashionlab.search.finish import top_table
 from fashionlab.search.space import FixedParams, base_params, check_largest_model, suggest
 from fashionlab.search.storage import MAX_RETRIES, open_storage
 from fashionlab.steps import load_study_data
-from fashionlab.store import RunRecord, Store, database_url, default_url
+from fashionlab.store import CLAIM_STALE_AFTER, RunRecord, Store, database_url, default_url
 from fashionlab.study import run_study
 from fashionlab.train import EpochMetrics
 
@@ -1135,19 +1137,33 @@ def test_a_worker_stopped_while_others_run_trials_leaves_the_run_running(
     path = _learning_rate_search(tiny_idx_dir, tmp_path, "n_trials = 3\npruner = \"none\"")
     run_dir = tmp_path / "runs"
     first = run_search(load_study(path), run_dir=run_dir, progress=False, timeout=0.001)
-    storage = open_storage(default_url(run_dir))  # another worker is running a trial
-    optuna.load_study(study_name=first.study_name, storage=storage).ask()
+    storage = open_storage(default_url(run_dir))  # another worker is running a trial...
+    other = optuna.load_study(study_name=first.study_name, storage=storage).ask()
     storage.engine.dispose()
+    store = Store.open(run_dir)
+    key = f"trial-{other.number}"  # ...on another machine: its claim of the trial beats
+    register_jobs(store, first.run.id, [(key, key)], 1)
+    with store.transaction() as conn:
+        conn.execute(jobs.update().where(jobs.c.key == key).values(
+            status="claimed", host="machine-b", pid=4242, heartbeat=time.time()))
 
     def stop(key: str, epoch: int) -> None:
         raise KeyboardInterrupt  # Ctrl-C in this worker, in its first epoch
 
     with pytest.raises(KeyboardInterrupt):
         run_search(load_study(path), run_dir=run_dir, progress=OnEpoch(stop))
-    store = Store.open(run_dir)
+    run = store.run(first.run.id)
+    assert (run.status, run.host, run.pid) == ("running", None, None)  # theirs, not ended
+    # That worker killed (its claim silent), this one stopped again: the last one stopped
+    # leaves the run interrupted, though Optuna still has the dead worker's trial running.
+    with store.transaction() as conn:
+        conn.execute(jobs.update().where(jobs.c.key == key).values(
+            heartbeat=time.time() - CLAIM_STALE_AFTER - 1))
+    with pytest.raises(KeyboardInterrupt):
+        run_search(load_study(path), run_dir=run_dir, progress=OnEpoch(stop))
     run = store.run(first.run.id)
     store.close()
-    assert (run.status, run.host, run.pid) == ("running", None, None)  # theirs, not ended
+    assert (run.status, run.state) == ("interrupted", "interrupted")
 
 
 def test_a_search_runs_while_any_worker_trains_a_trial(tiny_idx_dir: Path, tmp_path: Path):

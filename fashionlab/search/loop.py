@@ -51,7 +51,13 @@ from fashionlab.cv import Fold, make_folds
 from fashionlab.data import Dataset, to_tensors
 from fashionlab.errors import ConfigError, StoreError
 from fashionlab.hardware import resolve_device
-from fashionlab.jobs import claim_grace, claim_job, command_identity, register_jobs
+from fashionlab.jobs import (
+    claim_grace,
+    claim_job,
+    command_identity,
+    held_elsewhere,
+    register_jobs,
+)
 from fashionlab.process import ProcessIdentity
 from fashionlab.progress import Reporter, reporting
 from fashionlab.provenance import environment
@@ -296,10 +302,12 @@ def run_search(
                                  "study and run directory goes on")
         # What stopped it may be the database itself (a server gone silent): one try, and what
         # stopped the search is what is said; the run reads as interrupted once this process
-        # is gone anyway.
-        others = None  # whether other workers run trials (this one's is retried by now)
-        with contextlib.suppress(Exception):  # Optuna's storage raises many types
-            others = any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
+        # is gone anyway. Whether other workers train trials is their claims' word (this
+        # one's ended with its trial): a trial Optuna still has running may be a dead
+        # worker's, not retried yet.
+        others = None
+        with contextlib.suppress(StoreError):
+            others = held_elsewhere(store, run.id)
         if others is not None:  # the store answered
             with contextlib.suppress(StoreError):
                 if others:
