@@ -501,6 +501,7 @@ warmup = 1
     # The epoch it was pruned at is shown as stored, before the trial's end is said.
     said = [c for c in shown.calls if c[0] in ("epoch", "log") and "trial 2" in c[1]]
     assert [c[2] for c in said if c[0] == "epoch"] == [1, 2]
+    assert all(c[1].startswith("trial 2 folds 0, 1, 2  ") for c in said if c[0] == "epoch")
     assert said[-1][0] == "log" and said[-1][1].startswith("trial 2 pruned (pruned at epoch 2)")
 
 
@@ -672,8 +673,16 @@ sampler = "grid"
 pruner = "wilcoxon"
 warmup = 1
 """, space="learning_rate = { choices = [0.001, 0.01, 0.05] }"), tmp_path)
-    result = run_search(load_study(path), run_dir=tmp_path / "runs", progress=False)
+    shown = Recorder()
+    result = run_search(load_study(path), run_dir=tmp_path / "runs", progress=shown)
     assert result.finished and result.stopped_by == "grid"  # n_trials: the grid's size
+    # Each fold trains alone, and progress names the fold it trains.
+    epochs = [c for c in shown.calls if c[0] == "epoch" and c[1].startswith("trial ")]
+    assert epochs
+    for _, label, _, (key,) in epochs:
+        trial, fold = key.split("/")
+        assert label.startswith(f"trial {trial.removeprefix('trial-')} fold "
+                                f"{fold.removeprefix('fold-')}  "), (label, key)
     assert sorted(t.params["learning_rate"] for t in result.trials) == [0.001, 0.01, 0.05]
     for trial in result.trials:
         assert sorted(trial.intermediate_values) == [0, 1, 2]  # one report per fold

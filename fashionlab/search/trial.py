@@ -133,6 +133,16 @@ def train_trial(context: TrialContext, trial: optuna.Trial, name: str) -> float:
     return float(np.mean(scores))
 
 
+def _folds_text(stack: Sequence[Member]) -> str:
+    """Which folds a stack trains, by its models' names ("trial-3/fold-2"): "fold 2",
+    "folds 0, 1" (repeated CV's "r1f3" as they are)."""
+    names = [m.key.rpartition("/")[2] for m in stack]
+    numbers = [n.removeprefix("fold-") for n in names]
+    if all(n.isdigit() for n in numbers):
+        return ("fold " if len(numbers) == 1 else "folds ") + ", ".join(numbers)
+    return ("fold " if len(names) == 1 else "folds ") + ", ".join(names)
+
+
 def _drop_checkpoints(context: TrialContext, stacks: Sequence[Sequence[Member]],
                       params: dict[str, Any]) -> None:
     for stack in stacks:
@@ -179,7 +189,7 @@ class _Watcher:
 
     def train(self, stack: list[Member], index: int) -> dict[str, MemberResult]:
         s = self.context
-        label = f"trial {self.trial.number}" + (f" fold {index}" if len(stack) == 1 else "")
+        label = f"trial {self.trial.number} {_folds_text(stack)}"
         watch_epochs = s.search.pruner in ("median", "median-compute") and index == 0
         self.stacks.append([m.key for m in stack])
         for m in stack:  # per fold-epoch: forward and backward over the fold's images
