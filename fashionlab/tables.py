@@ -249,9 +249,11 @@ def spent_note(summary: Mapping[str, Any]) -> str:
 def search_overview(summary: Mapping[str, Any]) -> str:
     """A finished search in one sentence (Markdown: the run and Optuna study as `code`)."""
     counts = summary.get("counts") or {}
+    retried = counts.get("retried") or 0  # (stored since counts said it)
+    again = f" ({retried} stopped or lost and run again)" if retried else ""
     return (f"Run `{summary['run_id']}`, Optuna study `{summary['study_name']}`: "
             f"{counts.get('complete', 0)} complete, {counts.get('pruned', 0)} pruned, "
-            f"{counts.get('fail', 0)} failed trials; {spent_line(summary)}; stopped by "
+            f"{counts.get('fail', 0)} failed trials{again}; {spent_line(summary)}; stopped by "
             f"{summary['stopped_by']}; wall time "
             f"{text.duration(summary.get('wall_seconds') or 0)}.")
 

@@ -838,6 +838,10 @@ pruner = "none"
     assert states.count(TrialState.FAIL) == 1 and sum(s in FINISHED for s in states) == 3
     (retry,) = [t for t in result.trials if t.system_attrs.get("failed_trial") == 1]
     assert retry.params == result.trials[1].params and retry.user_attrs["models"] == "trial-1"
+    # The stopped trial ran again: not failed (for good), and said so.
+    assert result.summary["counts"] == {"complete": 3, "pruned": 0, "fail": 0, "retried": 1}
+    assert ("3 complete, 0 pruned, 0 failed trials (1 stopped or lost and run again)"
+            in (result.output_dir / "results.md").read_text())
 
 
 def test_a_trial_stopped_again_in_every_retry_is_retried_every_time(tiny_idx_dir: Path,
