@@ -26,7 +26,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,7 @@ from fashionlab.store import (
 )
 
 __all__ = ["DEFAULT_GRACE", "Claim", "ClaimLock", "ClaimLost", "JobRow", "claim_grace",
-           "claim_job", "command_identity", "drop_checkpoints", "fetch_checkpoint", "held_elsewhere",
+           "claim_job", "close_claims", "command_identity", "drop_checkpoints", "fetch_checkpoint", "held_elsewhere",
            "job_rows", "register_jobs", "release_claims", "reopen_job"]
 
 # A claim whose heartbeat is this old, held by a process of another machine (or one whose
@@ -228,6 +228,16 @@ def held_elsewhere(store: Store, run_id: str) -> bool:
                and not gone(row.host, row.pid, row.pid_start, row.boot_id,
                             row.heartbeat or 0.0, CLAIM_STALE_AFTER)
                for row in job_rows(store, run_id).values())
+
+
+def close_claims(store: Store, run_id: str, *, keep: Collection[str] = ()) -> None:
+    """Mark the run's claimed jobs done, but those in `keep`: work that ended without its
+    claim's process saying so (a search's trials, failed once their worker was lost)."""
+    query = jobs.update().where((jobs.c.run_id == run_id) & (jobs.c.status == "claimed"))
+    if keep:
+        query = query.where(jobs.c.key.not_in(list(keep)))
+    with store.transaction() as conn:
+        conn.execute(query.values(status="done"))
 
 
 def reopen_job(store: Store, run_id: str, key: str) -> None:

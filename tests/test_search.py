@@ -39,7 +39,7 @@ from fashionlab.config import (
 from fashionlab.cv import MemberResult
 from fashionlab.data import Split, load_fashion_mnist
 from fashionlab.errors import ConfigError
-from fashionlab.jobs import register_jobs
+from fashionlab.jobs import job_rows, register_jobs
 from fashionlab.models import forward_flops
 from fashionlab.runner import training_flops
 from fashionlab.runs import describe_run
@@ -1210,6 +1210,32 @@ def test_a_search_runs_while_any_worker_trains_a_trial(tiny_idx_dir: Path, tmp_p
         conn.execute(runs.update().where(runs.c.id == result.run.id).values(status="running"))
     assert named_dead(result.run.id).state == "interrupted"
     store.close()
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")  # the trial asked here
+def test_a_lost_workers_trial_claim_ends_with_its_trial(tiny_idx_dir: Path, tmp_path: Path):
+    """A worker killed in a trial leaves its claim of it; once the trial is failed (and
+    retried), the claim ends too, not left claimed in fl_jobs for good."""
+    path = _learning_rate_search(tiny_idx_dir, tmp_path, "n_trials = 2\npruner = \"none\"")
+    run_dir = tmp_path / "runs"
+    first = run_search(load_study(path), run_dir=run_dir, progress=False, timeout=0.001)
+    storage = open_storage(default_url(run_dir))
+    lost = optuna.load_study(study_name=first.study_name, storage=storage).ask()
+    pid = dead_pid()  # the worker of this machine that was training it
+    lost.set_user_attr("worker", f"{socket.gethostname()}:{pid}")
+    storage.engine.dispose()
+    store = Store.open(run_dir)
+    key = f"trial-{lost.number}"
+    register_jobs(store, first.run.id, [(key, key)], 1)
+    with store.transaction() as conn:
+        conn.execute(jobs.update().where(jobs.c.key == key).values(
+            status="claimed", host=socket.gethostname(), pid=pid, heartbeat=time.time()))
+    result = run_search(load_study(path), run_dir=run_dir, progress=False)
+    assert result.finished and result.summary["counts"]["retried"] == 1
+    rows = job_rows(store, first.run.id)
+    store.close()
+    assert rows[key].status == "done"
+    assert {r.status for r in rows.values()} == {"done"}  # every trial's claim ended
 
 
 def test_a_search_in_a_folder_named_with_braces(tiny_idx_dir: Path, tmp_path: Path):

@@ -54,6 +54,7 @@ from fashionlab.hardware import resolve_device
 from fashionlab.jobs import (
     claim_grace,
     claim_job,
+    close_claims,
     command_identity,
     held_elsewhere,
     register_jobs,
@@ -479,6 +480,10 @@ class _Searcher:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(self.study)
+        # The claims of the trials that ended so end too (under the lock: a trial claimed
+        # after this read exists, running, already).
+        running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        close_claims(self.store, self.run.id, keep=[f"trial-{t.number}" for t in running])
 
     def _retry_interrupted(self, current: list[int]) -> None:
         """A trial the user stopped (Ctrl-C, SIGTERM) is retried, however often that happens."""
