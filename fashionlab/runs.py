@@ -140,6 +140,11 @@ def describe_run(store: Store, run_id: str, *, run_dir: str | Path | None = None
     files = sorted(str(p.relative_to(output)) for p in output.rglob("*")
                    if p.is_file()) if output and output.is_dir() else []
     summary = run.summary or {}
+    trials = None
+    if run.kind == "search":
+        trials = {k: summary.get(k) for k in SEARCH_SHOWN}
+        if run.summary is None:  # not finished: what its trials did and spent so far
+            trials.update(_search_so_far(store, run) or {})
     return jsonable({
         **overview(run).to_dict(),
         "seed": run.seed, "fingerprint": run.fingerprint, "host": run.host, "pid": run.pid,
@@ -152,12 +157,25 @@ def describe_run(store: Store, run_id: str, *, run_dir: str | Path | None = None
         # Which machine trained which model (a run shared by several: README, Many machines).
         "hosts": _by_host(models),
         "table": [asdict(row) for row in rows_from_summary(summary)],
-        "trials": {k: summary.get(k) for k in SEARCH_SHOWN}
-        if run.kind == "search" else None,
+        "trials": trials,
         "tests": _test_accuracies(summary),
         "files": files,
         "config": run.config, "environment": run.environment,
     })
+
+
+def _search_so_far(store: Store, run: RunRecord) -> dict[str, Any] | None:
+    """`search.cost.trials_so_far` of an unfinished search; None where its Optuna study
+    cannot be read (the store's read-only copy Optuna refuses, a database Optuna cannot
+    open): the rest of the description stands without it."""
+    # The search package (Optuna, torch) is a layer above this one, and only a search's
+    # description needs it: imported here, when one is described.
+    from fashionlab.search.cost import trials_so_far
+
+    try:
+        return trials_so_far(store.url, run)
+    except Exception:  # noqa: BLE001 - Optuna's storage raises many types; the rest stands
+        return None
 
 
 def _by_host(models: Sequence[ModelRecord]) -> dict[str, list[str]]:

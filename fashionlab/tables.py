@@ -22,6 +22,7 @@ __all__ = [
     "LEGEND",
     "SPENT_KEYS",
     "Row",
+    "counts_text",
     "display_rows",
     "markdown_table",
     "params_text",
@@ -32,6 +33,7 @@ __all__ = [
     "search_legend",
     "search_markdown",
     "search_overview",
+    "so_far_note",
     "spent_line",
     "spent_note",
     "split_epoch",
@@ -246,14 +248,27 @@ def spent_note(summary: Mapping[str, Any]) -> str:
     return f"spent: {spent_line(summary)}; stopped by {summary.get('stopped_by', '-')}"
 
 
-def search_overview(summary: Mapping[str, Any]) -> str:
-    """A finished search in one sentence (Markdown: the run and Optuna study as `code`)."""
-    counts = summary.get("counts") or {}
+def counts_text(counts: Mapping[str, Any]) -> str:
+    """A search's trials by how they ended: "3 complete, 0 pruned, 0 failed trials (1 stopped
+    or lost and run again)"."""
     retried = counts.get("retried") or 0  # (stored since counts said it)
     again = f" ({retried} stopped or lost and run again)" if retried else ""
+    return (f"{counts.get('complete', 0)} complete, {counts.get('pruned', 0)} pruned, "
+            f"{counts.get('fail', 0)} failed trials{again}")
+
+
+def so_far_note(trials: Mapping[str, Any]) -> str:
+    """An unfinished search's trials and cost so far (`runs.describe_run`'s "trials"), on one
+    line; "" when they are not known."""
+    if not trials.get("counts"):
+        return ""
+    return f"so far: {counts_text(trials['counts'])}; spent: {spent_line(trials)}"
+
+
+def search_overview(summary: Mapping[str, Any]) -> str:
+    """A finished search in one sentence (Markdown: the run and Optuna study as `code`)."""
     return (f"Run `{summary['run_id']}`, Optuna study `{summary['study_name']}`: "
-            f"{counts.get('complete', 0)} complete, {counts.get('pruned', 0)} pruned, "
-            f"{counts.get('fail', 0)} failed trials{again}; {spent_line(summary)}; stopped by "
+            f"{counts_text(summary.get('counts') or {})}; {spent_line(summary)}; stopped by "
             f"{summary['stopped_by']}; wall time "
             f"{text.duration(summary.get('wall_seconds') or 0)}.")
 

@@ -810,8 +810,8 @@ sampler = "random"
     store.close()
 
 
-def test_an_interrupted_trial_is_retried_once_with_its_parameters(tiny_idx_dir: Path,
-                                                                   tmp_path: Path):
+def test_an_interrupted_trial_is_retried_once_with_its_parameters(
+        tiny_idx_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     path = _learning_rate_search(tiny_idx_dir, tmp_path, """
 n_trials = 3
 pruner = "none"
@@ -833,6 +833,15 @@ pruner = "none"
     assert stopped.user_attrs["fold_epochs"] >= 2
     assert fold_epochs(trials) == first.user_attrs["fold_epochs"] \
         + stopped.user_attrs["fold_epochs"]
+    # `runs show` of the unfinished search says how far it got and what it spent so far.
+    (run,) = Store.open(tmp_path).runs()
+    shown = describe_run(Store.open(tmp_path), run.id)["trials"]
+    assert shown["counts"] == {"complete": 1, "pruned": 0, "fail": 0, "retried": 1}
+    assert shown["fold_epochs"] == fold_epochs(trials) and shown["stopped_by"] is None
+    code, out, err = run_cli(capsys, "runs", "show", run.id, "--run-dir", str(tmp_path))
+    assert code == 0, err
+    assert (f"so far: 1 complete, 0 pruned, 0 failed trials (1 stopped or lost and run again); "
+            f"spent: {fold_epochs(trials)} fold-epochs") in " ".join(out.split())
     result = run_search(load_study(path), run_dir=tmp_path, progress=False)
     states = [t.state for t in result.trials]
     assert states.count(TrialState.FAIL) == 1 and sum(s in FINISHED for s in states) == 3

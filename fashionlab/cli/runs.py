@@ -28,6 +28,7 @@ from fashionlab.tables import (
     reference_lines,
     retrain_line,
     rows_from_summary,
+    so_far_note,
     spent_note,
     trial_cells,
 )
@@ -155,6 +156,8 @@ def show(run: RunId, run_dir: RunDir = DEFAULT_RUN_DIR, store: StoreUrl = None,
         console.print(Text(nothing_ranked_line(trials)))
     if trials.get("stopped_by"):
         console.print(Text(spent_note(trials)))
+    elif so_far_note(trials):  # not finished: how far it got
+        console.print(Text(so_far_note(trials)))
     for name, accuracy in info["tests"].items():
         console.print(Text(f"test accuracy {percent(accuracy)}%: {name}"))
     if info["files"]:

@@ -31,7 +31,7 @@ trials have completed, or before it has trained `warmup` epochs.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,10 +41,11 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from fashionlab.config import SearchSpec
-from fashionlab.search.storage import retried_numbers, retried_trial
+from fashionlab.search.storage import open_storage, retried_numbers, retried_trial, study_name
+from fashionlab.store import RunRecord
 
 __all__ = ["COUNTED", "EqualComputePruner", "Spent", "best_within", "fold_epochs",
-           "spent", "spent_budget", "spent_summary"]
+           "spent", "spent_budget", "spent_summary", "trial_counts", "trials_so_far"]
 
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 
@@ -78,12 +79,41 @@ def fold_epochs(trials: Sequence[FrozenTrial]) -> int:
     return spent(trials).fold_epochs
 
 
-def spent_summary(search: SearchSpec, used: Spent) -> dict[str, Any]:
-    """What was spent next to each budget, as a search's summary stores it (and
-    `tables.spent_line` writes it)."""
-    return {"fold_epochs": used.fold_epochs, "budget": search.budget,
-            "train_seconds": used.seconds, "budget_seconds": search.budget_seconds,
-            "tflop": used.tflop, "budget_tflop": search.budget_tflop}
+def spent_summary(search: SearchSpec | Mapping[str, Any], used: Spent) -> dict[str, Any]:
+    """What was spent next to each budget (of the search's spec, or its stored config's
+    `search` table), as a search's summary stores it (and `tables.spent_line` writes it)."""
+    def limit(name: str) -> Any:
+        return search.get(name) if isinstance(search, Mapping) else getattr(search, name)
+
+    return {"fold_epochs": used.fold_epochs, "budget": limit("budget"),
+            "train_seconds": used.seconds, "budget_seconds": limit("budget_seconds"),
+            "tflop": used.tflop, "budget_tflop": limit("budget_tflop")}
+
+
+def trial_counts(trials: Sequence[FrozenTrial]) -> dict[str, int]:
+    """Trials by how they ended: complete, pruned, failed for good ("fail"), and "retried":
+    failed (stopped, or lost with their process) and run again under a new number."""
+    retried = retried_numbers(trials)
+    return {"complete": sum(t.state == TrialState.COMPLETE for t in trials),
+            "pruned": sum(t.state == TrialState.PRUNED for t in trials),
+            "fail": sum(t.state == TrialState.FAIL and t.number not in retried for t in trials),
+            "retried": len(retried)}
+
+
+def trials_so_far(url: str, run: RunRecord) -> dict[str, Any] | None:
+    """What a search run's trials have done and spent so far, read from its Optuna study in
+    the database at `url` (the counts and spent keys of its summary, which it has once it
+    finished); None where that study cannot be read (deleted, or another database)."""
+    storage = open_storage(url)
+    try:
+        trials = optuna.load_study(study_name=study_name(run.name, run.fingerprint),
+                                   storage=storage).get_trials(deepcopy=False)
+    except KeyError:  # no such study
+        return None
+    finally:
+        storage.engine.dispose()
+    return {"counts": trial_counts(trials),
+            **spent_summary(run.config.get("search") or {}, spent(trials))}
 
 
 def spent_budget(search: SearchSpec, used: Spent) -> str | None:

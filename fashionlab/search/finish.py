@@ -48,9 +48,9 @@ from fashionlab.cv import Fold, MemberResult, consensus_epoch, consensus_warning
 from fashionlab.data import Dataset, to_tensors
 from fashionlab.plots import save_figure
 from fashionlab.report import REPORT_NAME, write_report
-from fashionlab.search.cost import spent, spent_summary
+from fashionlab.search.cost import spent, spent_summary, trial_counts
 from fashionlab.search.space import FixedParams, suggest
-from fashionlab.search.storage import retried_numbers, retried_trial
+from fashionlab.search.storage import retried_trial
 from fashionlab.serialize import jsonable, write_text_atomic
 from fashionlab.steps import RunContext, retrain, stored_result, summarize_models
 from fashionlab.store import RunRecord, Store
@@ -127,19 +127,12 @@ def finish_search(s: SearchContext, stopped_by: str, seconds: float) -> dict[str
     ranked = sorted(scored, key=lambda t: t.value or 0.0, reverse=s.maximize)
     n_train, n_val = len(s.folds[0].train_index), len(s.folds[0].val_index)
     used = spent(trials)
-    retried = retried_numbers(trials)
     summary: dict[str, Any] = {
         "search": spec.name, "run_id": run.id, "study_name": study.study_name,
         "objective": search.objective, "direction": direction, "seed": spec.seed,
         "n_train": n_train, "n_val": n_val, "stopped_by": stopped_by,
         "finished_trials": finished, "score_rule": SCORE_RULE,
-        # "fail": failed for good; "retried": failed (stopped, or its process lost) and run
-        # again under a new number, whose end is counted instead.
-        "counts": {"complete": sum(t.state == TrialState.COMPLETE for t in trials),
-                   "pruned": sum(t.state == TrialState.PRUNED for t in trials),
-                   "fail": sum(t.state == TrialState.FAIL and t.number not in retried
-                               for t in trials),
-                   "retried": len(retried)},
+        "counts": trial_counts(trials),
         **spent_summary(search, used),
         "wall_seconds": _span(trials) or seconds,
         "trials": [_trial_row(t) for t in trials],
