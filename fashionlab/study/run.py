@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -171,6 +172,8 @@ def run_study(
                 # its first registration planned: the numbers do not depend on who trains it.
                 result.threads = register_jobs(store, run.id, job_plan(spec, planned),
                                                result.threads)
+                result.notes += filter(None, [_note_oversubscribed(
+                    workers if parallel else 1, result.threads, reporter)])
                 inputs = JobInputs(folds, dataset.class_names, cv_data, final_data)
                 train_jobs(ctx, planned, workers if parallel else 1, result.threads, inputs,
                            me)
@@ -297,6 +300,21 @@ def _tidy(store: Store, run_id: str, output_dir: Path, device: torch.device) -> 
     if (output_dir / RESULTS_FILE).is_file() and not (output_dir / REPORT_NAME).exists():
         with contextlib.suppress(ReportError):
             write_report(store, run_id, output_dir / REPORT_NAME, device=device)
+
+
+def _note_oversubscribed(processes: int, threads: int, reporter: Reporter) -> str | None:
+    """Say so when the processes' threads outnumber this machine's CPUs (`--threads` asked
+    for more, or the run's first process planned them on a larger machine: a CNN's numbers
+    depend on its threads, so they are kept): they take turns on the CPUs. Returns what it
+    said."""
+    cpus = os.cpu_count() or 1
+    if processes * threads <= cpus:
+        return None
+    who = f"{processes} processes x {threads} threads" if processes > 1 else f"{threads} threads"
+    note = (f"{who} on this machine's {cpus} CPUs: they take turns, which is slower (the "
+            "numbers are the same); --threads sets fewer for a new run")
+    reporter.log(note)
+    return note
 
 
 def _start_run(store: Store, spec: StudySpec, run_dir: Path, device: str, fresh: bool,
