@@ -21,6 +21,7 @@ from helpers import assert_one_line_error, run_cli, tiny_study_toml
 from fashionlab import schema as schema_module
 from fashionlab import store as store_module
 from fashionlab.errors import StoreError
+from fashionlab.jobs import register_jobs
 from fashionlab.process import ProcessIdentity
 from fashionlab.schema import MIGRATIONS, migrate
 from fashionlab.store import Store
@@ -225,6 +226,27 @@ def test_a_run_elsewhere_is_running_while_its_heartbeat_is_fresh(store: Store):
     assert store.run(run.id).state == "running"
     _set(store, run.id, heartbeat=time.time() - store_module.STALE_AFTER - 1)
     assert store.run(run.id).state == "interrupted"
+
+
+def test_a_run_left_to_others_runs_while_one_beats_it_or_holds_a_job(store: Store):
+    """A search's worker that ends while others train leaves the row naming no process: it
+    runs while their beats are fresh or one of them holds a trial; with neither, it is
+    interrupted after LEFT_STALE_AFTER, not STALE_AFTER (a worker killed before it took
+    the row over is not waited for a quarter of an hour)."""
+    run = _run(store)
+    store.hand_over_run(run.id, {"host": None, "pid": None, "pid_start": None, "boot_id": None})
+    assert store.run(run.id).state == "running"
+    _set(store, run.id, heartbeat=time.time() - store_module.LEFT_STALE_AFTER + 30)
+    assert store.run(run.id).state == "running"
+    _set(store, run.id, heartbeat=time.time() - store_module.LEFT_STALE_AFTER - 1)
+    assert store_module.LEFT_STALE_AFTER < store_module.STALE_AFTER
+    assert store.run(run.id).state == "interrupted"
+    register_jobs(store, run.id, [("trial-3", "trial 3")], 1)  # a worker elsewhere trains
+    with store.transaction() as conn:
+        conn.execute(sa.update(schema_module.jobs).values(
+            status="claimed", host="elsewhere", pid=1, heartbeat=time.time()))
+    run = store.run(run.id)
+    assert (run.state, run.holder) == ("running", "processes that share it")
 
 
 def test_a_running_run_keeps_its_heartbeat_fresh(tmp_path: Path, monkeypatch):

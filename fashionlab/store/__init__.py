@@ -29,6 +29,7 @@ from fashionlab.store.engine import (
 from fashionlab.store.records import (
     CLAIM_STALE_AFTER,
     HEARTBEAT_EVERY,
+    LEFT_STALE_AFTER,
     STALE_AFTER,
     EpochRecord,
     ModelRecord,
@@ -43,6 +44,7 @@ __all__ = [
     "DB_NAME",
     "DEFAULT_RUN_DIR",
     "HEARTBEAT_EVERY",
+    "LEFT_STALE_AFTER",
     "STALE_AFTER",
     "EpochRecord",
     "ModelRecord",

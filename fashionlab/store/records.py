@@ -19,6 +19,10 @@ STALE_AFTER = 15 * 60
 # A job claim (a study trained by several processes) is lost after this long without a beat,
 # when its process's liveness cannot be told (another machine): a few missed beats.
 CLAIM_STALE_AFTER = 120.0
+# A run its process left to the others (a search's workers, `Store.hand_over_run`) names no
+# process. Each of them beats it, takes the row at its next beat and holds a job claim while
+# it trains a trial; so when none is held and the run has missed five beats, none is left.
+LEFT_STALE_AFTER = 5 * HEARTBEAT_EVERY
 
 
 @dataclass(frozen=True)
@@ -55,11 +59,13 @@ class RunRecord:
         without /proc, a row from an older fashionlab), a process with the pid must exist
         and the heartbeat be under STALE_AFTER old; for a run of another machine, only the
         heartbeat counts. A run whose jobs other live processes hold still runs (its first
-        process killed while other machines train it)."""
+        process killed while other machines train it). A run that names no process (left to
+        the others) is interrupted once no job of it is held and its heartbeat is
+        LEFT_STALE_AFTER old."""
         if self.status != "running":
             return self.status
-        silent = gone(self.host, self.pid, self.pid_start, self.boot_id, self.heartbeat,
-                      STALE_AFTER)
+        after = LEFT_STALE_AFTER if self.pid is None else STALE_AFTER
+        silent = gone(self.host, self.pid, self.pid_start, self.boot_id, self.heartbeat, after)
         return "interrupted" if silent and not self.jobs_held else "running"
 
     @property
