@@ -57,8 +57,8 @@ def train_stack(
     claim: Claim | None = None,
 ) -> dict[str, MemberResult]:
     """Train (or continue) one stack; every finished epoch is committed to the store, then
-    the reporter hears of it under `label` and `on_epoch(epoch, metrics)` runs (a search's
-    pruner may raise there).
+    `on_epoch(epoch, metrics)` runs (a search's pruner may raise there) and the reporter hears
+    of it under `label`, whatever `on_epoch` did.
 
     With the `claim` of a shared run's job, every epoch is stored only while the claim holds
     (else `ClaimLost`), and where the claim shares checkpoints through the database the
@@ -100,10 +100,11 @@ def train_stack(
             def within(conn: Any) -> None:
                 claim.keep(conn, saved)
         store.record_epochs(run_id, rows, updates, within=within)
-        # Heard of first: the epoch at which the pruner stops a trial is shown as stored.
-        reporter.epoch(label, epoch, metrics)
-        if on_epoch is not None:
-            on_epoch(epoch, metrics)
+        try:
+            if on_epoch is not None:
+                on_epoch(epoch, metrics)
+        finally:  # heard of also when the pruner stops the trial at this stored epoch
+            reporter.epoch(label, epoch, metrics)
 
     # Dense stacks give the same numbers on any number of threads (tested), so from their
     # second epoch on they use the cores other processes leave free; a convolution's result

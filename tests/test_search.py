@@ -830,7 +830,8 @@ pruner = "none"
     storage.engine.dispose()
     first, stopped, waiting = trials
     assert (stopped.state, waiting.state) == (TrialState.FAIL, TrialState.WAITING)
-    assert stopped.user_attrs["fold_epochs"] >= 2
+    stored = Store.open(tmp_path).epochs(Store.open(tmp_path).runs()[0].id)
+    assert stopped.user_attrs["fold_epochs"] == sum(e.key.startswith("trial-1/") for e in stored)
     assert fold_epochs(trials) == first.user_attrs["fold_epochs"] \
         + stopped.user_attrs["fold_epochs"]
     # `runs show` of the unfinished search says how far it got and what it spent so far.
@@ -1184,8 +1185,22 @@ def test_a_worker_stopped_while_others_run_trials_leaves_the_run_running(
     with pytest.raises(KeyboardInterrupt):
         run_search(load_study(path), run_dir=run_dir, progress=OnEpoch(stop))
     run = store.run(first.run.id)
-    store.close()
     assert (run.status, run.state) == ("interrupted", "interrupted")
+
+    # A worker elsewhere takes the row to start a trial just as this one stops: the row is
+    # its, and stays running.
+    def taken_then_stopped(key: str, epoch: int) -> None:
+        with store.transaction() as conn:
+            conn.execute(runs.update().where(runs.c.id == first.run.id).values(
+                host="machine-b", pid=4343, pid_start=None, boot_id=None,
+                heartbeat=time.time()))
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_search(load_study(path), run_dir=run_dir, progress=OnEpoch(taken_then_stopped))
+    run = store.run(first.run.id)
+    store.close()
+    assert (run.status, run.state, run.holder) == ("running", "running", "pid 4343 on machine-b")
 
 
 def test_a_search_runs_while_any_worker_trains_a_trial(tiny_idx_dir: Path, tmp_path: Path):

@@ -313,8 +313,8 @@ def run_search(
             with contextlib.suppress(StoreError):
                 if others:
                     _leave_to_others(store, run.id)
-                else:
-                    store.end_run(run.id, "interrupted")  # resumable, even from this process
+                else:  # resumable, even from this process; not where another took the row
+                    store.end_run(run.id, "interrupted", if_held_here=True)
         raise
     finally:
         storage.engine.dispose()
@@ -515,14 +515,16 @@ class _Searcher:
     # ---- one trial ----------------------------------------------------------------------
 
     def _objective(self, trial: optuna.Trial, current: list[int]) -> float:
-        self.lock.release()  # the trial exists: other workers may start theirs
-        current.append(trial.number)
-        # A retried trial keeps the models (and checkpoints) of the trial it retries.
-        name = str(trial.user_attrs.get("models") or f"trial-{trial.number}")
-        trial.set_user_attr("models", name)
-        trial.set_user_attr("worker", self.worker)
-        trial.set_user_attr("worker_process", list(dataclasses.astuple(self.identity)))
+        # Claimed before other workers may start theirs (the lock): one that stops meanwhile
+        # sees this trial held.
         with self._holding(trial):
+            self.lock.release()
+            current.append(trial.number)
+            # A retried trial keeps the models (and checkpoints) of the trial it retries.
+            name = str(trial.user_attrs.get("models") or f"trial-{trial.number}")
+            trial.set_user_attr("models", name)
+            trial.set_user_attr("worker", self.worker)
+            trial.set_user_attr("worker_process", list(dataclasses.astuple(self.identity)))
             return train_trial(self.trials, trial, name)
 
     @contextlib.contextmanager

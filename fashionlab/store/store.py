@@ -254,10 +254,12 @@ class Store:
             _beat_run(conn, run_id)
 
     def end_run(self, run_id: str, status: str, summary: dict[str, Any] | None = None, *,
-                output_dir: str | Path | None = None) -> None:
+                output_dir: str | Path | None = None, if_held_here: bool = False) -> None:
         """This process stops running the run: finished, failed, or interrupted (left to
         resume, by this process too). `output_dir`: where its files are now (a run trained
-        by several machines ends with the outputs of the one that wrote them)."""
+        by several machines ends with the outputs of the one that wrote them).
+        `if_held_here`: only while the row names this process, or none (a search's worker
+        stopped while another may have just taken the row to start a trial)."""
         self._stop_beating(run_id)
         now = time.time()
         with self.transaction() as conn:
@@ -266,7 +268,12 @@ class Store:
                 values["summary"] = json.dumps(jsonable(summary), allow_nan=False)
             if output_dir is not None:
                 values["output_dir"] = str(Path(output_dir).resolve())
-            conn.execute(runs.update().where(runs.c.id == run_id).values(**values))
+            query = runs.update().where(runs.c.id == run_id)
+            if if_held_here:
+                me = this_process()
+                query = query.where(runs.c.pid.is_(None) | (
+                    (runs.c.pid == me["pid"]) & (runs.c.host == me["host"])))
+            conn.execute(query.values(**values))
 
     def run(self, run_id: str) -> RunRecord:
         """The run with this id, or a unique id prefix; StoreError when there is none."""
