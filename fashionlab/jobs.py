@@ -34,42 +34,29 @@ from typing import Any
 import sqlalchemy as sa
 from filelock import FileLock
 
-from fashionlab.errors import ConfigError, StoreError
+from fashionlab.errors import StoreError
 from fashionlab.rng import derive_seed
 from fashionlab.schema import checkpoints, jobs
 from fashionlab.store import (
     CLAIM_STALE_AFTER,
     Store,
+    claim_alive,
+    claim_grace,
     connect_args,
-    gone,
     make_folder,
     open_error,
     this_process,
 )
 
 __all__ = ["DEFAULT_GRACE", "Claim", "ClaimLock", "ClaimLost", "JobRow", "claim_grace",
-           "claim_job", "close_claims", "command_identity", "drop_checkpoints", "fetch_checkpoint", "held_elsewhere",
-           "job_rows", "register_jobs", "release_claims", "reopen_job"]
+           "claim_job", "close_claims", "command_identity", "drop_checkpoints",
+           "fetch_checkpoint", "held_elsewhere", "job_rows", "register_jobs", "release_claims",
+           "reopen_job"]
 
 # A claim whose heartbeat is this old, held by a process of another machine (or one whose
-# liveness cannot be told), is taken over. Two minutes, as a search's lost trials: a few
-# missed beats, a database busy for a while, clocks some seconds apart.
+# liveness cannot be told), is taken over: `claim_grace()` (fashionlab.store, where every
+# reader of a claim's liveness finds it).
 DEFAULT_GRACE = CLAIM_STALE_AFTER
-
-
-def claim_grace() -> float:
-    """The grace period in seconds: FASHIONLAB_CLAIM_GRACE, else DEFAULT_GRACE."""
-    text = os.environ.get("FASHIONLAB_CLAIM_GRACE")
-    if not text:
-        return DEFAULT_GRACE
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise ConfigError(f"FASHIONLAB_CLAIM_GRACE: expected a positive number of seconds, "
-                          f"got '{text}'")
-    return value
 
 
 def command_identity() -> str:
@@ -108,8 +95,8 @@ class JobRow:
         """Not done, and not claimed by a process that is alive."""
         if self.status == "pending":
             return True
-        return self.status == "claimed" and gone(self.host, self.pid, self.pid_start,
-                                                 self.boot_id, self.heartbeat or 0.0, grace)
+        return self.status == "claimed" and not claim_alive(
+            self.host, self.pid, self.pid_start, self.boot_id, self.heartbeat, grace)
 
 
 def _row(row: Any) -> JobRow:
@@ -225,8 +212,7 @@ def held_elsewhere(store: Store, run_id: str) -> bool:
     machine, while that process runs; elsewhere, while its heartbeat is fresh)."""
     me = this_process()
     return any(row.status == "claimed" and (row.host, row.pid) != (me["host"], me["pid"])
-               and not gone(row.host, row.pid, row.pid_start, row.boot_id,
-                            row.heartbeat or 0.0, CLAIM_STALE_AFTER)
+               and claim_alive(row.host, row.pid, row.pid_start, row.boot_id, row.heartbeat)
                for row in job_rows(store, run_id).values())
 
 

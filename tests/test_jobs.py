@@ -383,15 +383,16 @@ def test_a_stop_signal_ends_a_wait_on_a_server_that_does_not_answer(postgres_url
         store.close()
 
 
-@pytest.mark.parametrize("command", ["study", "search"])
+@pytest.mark.parametrize(("command", "grace"), [("study", "soon"), ("search", "soon"),
+                                               ("search", "inf"), ("study", "0.001")])
 def test_a_bad_claim_grace_is_said_before_a_run_exists(
-        command: str, tiny_idx_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]):
+        command: str, grace: str, tiny_idx_dir: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
     path = tmp_path / "tiny.toml"
     path.write_text(tiny_search_toml(tiny_idx_dir, n_trials=1) if command == "search"
                     else tiny_study_toml(tiny_idx_dir))
-    monkeypatch.setenv("FASHIONLAB_CLAIM_GRACE", "soon")
+    monkeypatch.setenv("FASHIONLAB_CLAIM_GRACE", grace)
     code, _, err = run_cli(capsys, command, str(path), "--run-dir", str(tmp_path / "runs"))
-    assert_one_line_error(code, err, "FASHIONLAB_CLAIM_GRACE: expected a positive number of "
-                          "seconds, got 'soon'")
+    assert_one_line_error(code, err, "FASHIONLAB_CLAIM_GRACE: expected a number of seconds "
+                          f"from 1 to 86400, got '{grace}'")
     assert not (tmp_path / "runs").exists()  # not an empty run left interrupted

@@ -249,6 +249,21 @@ def test_a_run_left_to_others_runs_while_one_beats_it_or_holds_a_job(store: Stor
     assert (run.state, run.holder) == ("running", "processes that share it")
 
 
+def test_a_claim_is_read_alive_by_the_grace_it_beats_by(store: Store,
+                                                        monkeypatch: pytest.MonkeyPatch):
+    """With FASHIONLAB_CLAIM_GRACE=600 a claim beats every 100 s: one 200 s old elsewhere is
+    alive (under the default 120 s it would not be), for whoever reads the run."""
+    run = _run(store)
+    _set(store, run.id, pid=999999999)  # the run's own process is gone
+    register_jobs(store, run.id, [("a", "a")], 1)
+    with store.transaction() as conn:
+        conn.execute(sa.update(schema_module.jobs).values(
+            status="claimed", host="elsewhere", pid=1, heartbeat=time.time() - 200))
+    assert store.run(run.id).state == "interrupted"
+    monkeypatch.setenv("FASHIONLAB_CLAIM_GRACE", "600")
+    assert store.run(run.id).state == "running"
+
+
 def test_a_running_run_keeps_its_heartbeat_fresh(tmp_path: Path, monkeypatch):
     # The Store's heartbeat thread reads the interval where the Store is defined.
     monkeypatch.setattr("fashionlab.store.store.HEARTBEAT_EVERY", 0.05)

@@ -34,6 +34,8 @@ from fashionlab.store.records import (
     EpochRecord,
     ModelRecord,
     RunRecord,
+    claim_alive,
+    claim_grace,
     gone,
     this_process,
 )
@@ -50,6 +52,8 @@ __all__ = [
     "ModelRecord",
     "RunRecord",
     "Store",
+    "claim_alive",
+    "claim_grace",
     "connect_args",
     "database_url",
     "default_url",

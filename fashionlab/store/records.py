@@ -3,11 +3,14 @@ row (a run's, a job claim's) still runs."""
 
 from __future__ import annotations
 
+import math
+import os
 import socket
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from fashionlab.errors import ConfigError
 from fashionlab.process import ProcessIdentity
 
 # A process that runs a run refreshes its heartbeat every HEARTBEAT_EVERY seconds (a thread of
@@ -124,6 +127,38 @@ def gone(host: str | None, pid: int | None, pid_start: int | None, boot_id: str 
         if alive is not None:
             return not alive
     return time.time() - heartbeat >= after
+
+
+# FASHIONLAB_CLAIM_GRACE's bounds: a claim beats every sixth of it, so not a busy loop on
+# the database (`inf` overflowed the beat's wait, a tiny value wrote without pause).
+_GRACE_BOUNDS = (1.0, 86400.0)
+
+
+def claim_grace() -> float:
+    """A job claim's grace period in seconds: FASHIONLAB_CLAIM_GRACE (1 s to a day; another
+    value is a ConfigError), else CLAIM_STALE_AFTER. Whoever reads a claim's liveness reads it
+    with this, as the claim's holder beats by it."""
+    text = os.environ.get("FASHIONLAB_CLAIM_GRACE")
+    if not text:
+        return CLAIM_STALE_AFTER
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    low, high = _GRACE_BOUNDS
+    if not low <= value <= high:  # NaN too
+        raise ConfigError(f"FASHIONLAB_CLAIM_GRACE: expected a number of seconds from "
+                          f"{low:g} to {high:g}, got '{text}'")
+    return value
+
+
+def claim_alive(host: str | None, pid: int | None, pid_start: int | None,
+                boot_id: str | None, heartbeat: float | None,
+                grace: float | None = None) -> bool:
+    """Whether the process that holds a job claim still holds it (`gone`, with the claim's
+    grace period: `claim_grace()` unless given)."""
+    grace = claim_grace() if grace is None else grace
+    return not gone(host, pid, pid_start, boot_id, heartbeat or 0.0, grace)
 
 
 def this_process() -> dict[str, Any]:

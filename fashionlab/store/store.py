@@ -52,12 +52,11 @@ from fashionlab.store.engine import (
     writable,
 )
 from fashionlab.store.records import (
-    CLAIM_STALE_AFTER,
     HEARTBEAT_EVERY,
     EpochRecord,
     ModelRecord,
     RunRecord,
-    gone,
+    claim_alive,
     this_process,
 )
 from fashionlab.text import first_line
@@ -453,8 +452,8 @@ def _jobs_held(conn: sa.Connection, records: list[RunRecord]) -> list[RunRecord]
     claims = conn.execute(sa.select(jobs.c.run_id, jobs.c.host, jobs.c.pid, jobs.c.pid_start,
                                     jobs.c.boot_id, jobs.c.heartbeat)
                           .where(jobs.c.run_id.in_(silent), jobs.c.status == "claimed"))
-    held = {c.run_id for c in claims if not gone(c.host, c.pid, c.pid_start, c.boot_id,
-                                                  c.heartbeat or 0.0, CLAIM_STALE_AFTER)}
+    held = {c.run_id for c in claims
+            if claim_alive(c.host, c.pid, c.pid_start, c.boot_id, c.heartbeat)}
     return [dataclasses.replace(r, jobs_held=True) if r.id in held else r for r in records]
 
 
