@@ -165,16 +165,14 @@ def describe_run(store: Store, run_id: str, *, run_dir: str | Path | None = None
 
 
 def _search_so_far(store: Store, run: RunRecord) -> dict[str, Any] | None:
-    """`search.cost.trials_so_far` of an unfinished search; None where its Optuna study
-    cannot be read (the store's read-only copy Optuna refuses, a database Optuna cannot
-    open): the rest of the description stands without it."""
-    # The search package (Optuna, torch) is a layer above this one, and only a search's
-    # description needs it: imported here, when one is described.
-    from fashionlab.search.cost import trials_so_far
+    """`trials.trials_so_far` of an unfinished search; None where its Optuna study cannot be
+    read (a database Optuna refuses: its schema of another Optuna version, a read-only copy
+    it would write to): the rest of the description stands without it."""
+    from fashionlab.trials import trials_so_far  # Optuna: off start-up
 
     try:
         return trials_so_far(store.url, run)
-    except Exception:  # noqa: BLE001 - Optuna's storage raises many types; the rest stands
+    except (SQLAlchemyError, RuntimeError, OSError):  # RuntimeError: Optuna's schema check
         return None
 
 
@@ -419,7 +417,7 @@ def delete_run(store: Store, run_id: str, *, run_dir: Path | None = None) -> Run
         raise StoreError(f"cannot write to the store {safe_url(store.url)}: it is read-only "
                          "(nothing deleted)")
     if run.kind == "search":
-        from fashionlab.search.storage import delete_study, study_name  # Optuna: heavy
+        from fashionlab.trials import delete_study, study_name  # Optuna: off start-up
 
         try:
             delete_study(store.url, study_name(run.name, run.fingerprint))

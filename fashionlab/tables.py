@@ -249,12 +249,15 @@ def spent_note(summary: Mapping[str, Any]) -> str:
 
 
 def counts_text(counts: Mapping[str, Any]) -> str:
-    """A search's trials by how they ended: "3 complete, 0 pruned, 0 failed trials (1 stopped
-    or lost and run again)"."""
-    retried = counts.get("retried") or 0  # (stored since counts said it)
-    again = f" ({retried} stopped or lost and run again)" if retried else ""
+    """A search's trials by how they ended (`trials.trial_counts`): "3 complete, 0 pruned, 0
+    failed trials (1 stopped or lost and run again; 1 waiting to run again)"."""
+    # ("retried" and "waiting" are stored since counts said them: absent in older runs.)
+    again = [f"{counts[key]} {what}" for key, what in (
+        ("retried", "stopped or lost and run again"), ("waiting", "waiting to run again"))
+        if counts.get(key)]
     return (f"{counts.get('complete', 0)} complete, {counts.get('pruned', 0)} pruned, "
-            f"{counts.get('fail', 0)} failed trials{again}")
+            f"{counts.get('fail', 0)} failed trials"
+            + (f" ({'; '.join(again)})" if again else ""))
 
 
 def so_far_note(trials: Mapping[str, Any]) -> str:

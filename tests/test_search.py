@@ -51,7 +51,6 @@ from fashionlab.search import (
     run_search,
     search_identity,
 )
-from fashionlab.search.cost import fold_epochs
 from fashionlab.search.finish import top_table
 from fashionlab.search.space import FixedParams, base_params, check_largest_model, suggest
 from fashionlab.search.storage import MAX_RETRIES, open_storage
@@ -59,6 +58,7 @@ from fashionlab.steps import load_study_data
 from fashionlab.store import CLAIM_STALE_AFTER, RunRecord, Store, database_url, default_url
 from fashionlab.study import run_study
 from fashionlab.train import EpochMetrics
+from fashionlab.trials import fold_epochs
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -837,11 +837,12 @@ pruner = "none"
     # `runs show` of the unfinished search says how far it got and what it spent so far.
     (run,) = Store.open(tmp_path).runs()
     shown = describe_run(Store.open(tmp_path), run.id)["trials"]
-    assert shown["counts"] == {"complete": 1, "pruned": 0, "fail": 0, "retried": 1}
+    assert shown["counts"] == {"complete": 1, "pruned": 0, "fail": 0, "retried": 0,
+                               "waiting": 1}
     assert shown["fold_epochs"] == fold_epochs(trials) and shown["stopped_by"] is None
     code, out, err = run_cli(capsys, "runs", "show", run.id, "--run-dir", str(tmp_path))
     assert code == 0, err
-    assert (f"so far: 1 complete, 0 pruned, 0 failed trials (1 stopped or lost and run again); "
+    assert (f"so far: 1 complete, 0 pruned, 0 failed trials (1 waiting to run again); "
             f"spent: {fold_epochs(trials)} fold-epochs") in " ".join(out.split())
     result = run_search(load_study(path), run_dir=tmp_path, progress=False)
     states = [t.state for t in result.trials]
@@ -849,7 +850,8 @@ pruner = "none"
     (retry,) = [t for t in result.trials if t.system_attrs.get("failed_trial") == 1]
     assert retry.params == result.trials[1].params and retry.user_attrs["models"] == "trial-1"
     # The stopped trial ran again: not failed (for good), and said so.
-    assert result.summary["counts"] == {"complete": 3, "pruned": 0, "fail": 0, "retried": 1}
+    assert result.summary["counts"] == {"complete": 3, "pruned": 0, "fail": 0, "retried": 1,
+                                        "waiting": 0}
     assert ("3 complete, 0 pruned, 0 failed trials (1 stopped or lost and run again)"
             in (result.output_dir / "results.md").read_text())
 
@@ -1065,16 +1067,16 @@ def test_a_delete_killed_after_the_trials_went_is_finished_by_deleting_again(
     # `runs delete` killed (-9) just after it deleted the Optuna study.
     script = f"""
 import os, signal
-import fashionlab.search.storage as storage
+import fashionlab.trials as trials
 from fashionlab.cli import main
 
-delete_study = storage.delete_study
+delete_study = trials.delete_study
 
 def then_killed(*args, **kwargs):
     delete_study(*args, **kwargs)
     os.kill(os.getpid(), signal.SIGKILL)
 
-storage.delete_study = then_killed
+trials.delete_study = then_killed
 main(["runs", "delete", {first.run.id!r}, "--yes", "--run-dir", {str(run_dir)!r}])
 """
     killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,

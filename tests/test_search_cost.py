@@ -12,8 +12,9 @@ from optuna.trial import TrialState, create_trial
 from fashionlab.config import study_from_dict
 from fashionlab.errors import ConfigError
 from fashionlab.search import EqualComputePruner, make_pruner, spent
-from fashionlab.search.cost import Spent, best_within, spent_budget, spent_summary
+from fashionlab.search.cost import best_within, spent_budget
 from fashionlab.tables import SPENT_KEYS
+from fashionlab.trials import Spent, spent_summary, trial_counts
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -79,10 +80,14 @@ def test_spent_sums_the_trials_that_ran_and_names_the_budget_spent():
     stopped = [trial(TrialState.FAIL, 7, 9.0, 9.0, 2),
                trial(TrialState.WAITING, 7, 9.0, 9.0, 3, [2])]
     assert spent(trials + stopped) == Spent(21, 34.0, 11.0)
+    assert trial_counts(trials + stopped) == {"complete": 1, "pruned": 1, "fail": 0,
+                                              "retried": 0, "waiting": 1}
     stopped[1] = trial(TrialState.RUNNING, 8, 10.0, 10.0, 3, [2])
     assert spent(trials + stopped) == Spent(22, 35.0, 12.0)
+    assert trial_counts(trials + stopped)["retried"] == 1  # run again: not waiting, not failed
     # Failed for good (no retry: it crashed its process too often): what it trained counts.
     assert spent([*trials, trial(TrialState.FAIL, 3, 1.0, 1.0, 2)]) == Spent(17, 26.0, 3.0)
+    assert trial_counts([*trials, trial(TrialState.FAIL, 3, 1.0, 1.0, 2)])["fail"] == 1
     assert spent([*trials, trial(TrialState.WAITING, 0, 0.0, 0.0, 2)]) == spent(trials)  # base
     search = _search("budget = 100\nbudget_seconds = 25\nbudget_tflop = 3")
     assert spent_budget(search, spent(trials)) == "budget_seconds"

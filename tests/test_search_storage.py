@@ -14,7 +14,8 @@ import pytest
 from optuna.trial import TrialState
 
 from fashionlab.errors import StoreError
-from fashionlab.search.storage import MAX_RETRIES, ClaimLock, RetryLostTrial, retried_trial
+from fashionlab.search.storage import MAX_RETRIES, ClaimLock, RetryLostTrial
+from fashionlab.trials import retried_trial
 
 
 def test_the_lock_file_admits_one_holder_at_a_time(tmp_path: Path):

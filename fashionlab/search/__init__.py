@@ -5,7 +5,7 @@ cross-validation, and is pruned while it trains when it is clearly worse than th
     trial     one trial: its folds trained, reported to the pruner, counted and scored
     space     how a trial's drawn values become a candidate; the sampler (and a grid search's grid)
     storage   the search's Optuna study name, its storage on the store's database; the lock
-    cost      what trials spend (fold-epochs, seconds, TFLOP), budgets, equal-compute pruning
+    cost      budgets, and equal-compute pruning (what trials spend: fashionlab.trials)
     finish    the end of a search: the best retrained and tested, the table, plots, summary
 
     >>> import fashionlab as fl
@@ -15,12 +15,13 @@ cross-validation, and is pruned while it trains when it is clearly worse than th
 
 from __future__ import annotations
 
-from fashionlab.search.cost import EqualComputePruner, Spent, fold_epochs, spent
+from fashionlab.search.cost import EqualComputePruner
 from fashionlab.search.finish import SearchContext, consensus_scores, finish_search
 from fashionlab.search.loop import SearchResult, run_search
 from fashionlab.search.space import make_sampler
 from fashionlab.search.storage import search_identity
 from fashionlab.search.trial import make_pruner
+from fashionlab.trials import Spent, fold_epochs, spent
 
 __all__ = [
     "EqualComputePruner",

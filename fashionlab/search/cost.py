@@ -1,19 +1,5 @@
-"""What a search spends, and the pruning rule that weighs what a trial costs.
-
-A trial's cost is counted three ways, each stored with the trial after every epoch and summed
-over the trials that ran (so the sums hold across workers and restarts): finished, running, and
-failed for good; a failed trial that is retried is counted through its retry, which starts with
-its counts (waiting to run, it is counted already) and continues them from its checkpoints
-(a retry on another machine, which has not got them, trains and counts from its first epoch:
-what the failed trial trained is then not counted):
-
-    fold_epochs  epochs of the trial's fold models (one epoch of one fold's model is one)
-    seconds      wall seconds of training: the epochs of each of its stacks (the folds of a
-                 stack train together, so a stack's epoch counts once), all workers summed
-    tflop        estimated training arithmetic in 1e12 FLOP: per fold-epoch, forward and
-                 backward over the fold's training images (`runner.training_flops`, the
-                 parallel planner's estimate: 3 x `models.forward_flops` x images); the
-                 validation passes (~1/12 more) and the final retrain are left out
+"""A search's budgets, and the pruning rule that weighs what a trial costs. What trials spend
+(fold-epochs, seconds of training, TFLOP) is counted in `fashionlab.trials`.
 
 `[search] budget` (fold-epochs), `budget_seconds` and `budget_tflop` bound them: no trial starts
 once any one is spent (the trials running then finish).
@@ -31,9 +17,6 @@ trials have completed, or before it has trained `warmup` epochs.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import optuna
@@ -41,79 +24,9 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from fashionlab.config import SearchSpec
-from fashionlab.search.storage import open_storage, retried_numbers, retried_trial, study_name
-from fashionlab.store import RunRecord
+from fashionlab.trials import STEP_TFLOP, Spent
 
-__all__ = ["COUNTED", "EqualComputePruner", "Spent", "best_within", "fold_epochs",
-           "spent", "spent_budget", "spent_summary", "trial_counts", "trials_so_far"]
-
-COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-
-# The user attributes a trial keeps its cost in (set after every epoch).
-FOLD_EPOCHS, SECONDS, TFLOP, STEP_TFLOP = "fold_epochs", "train_seconds", "tflop", "step_tflop"
-
-
-@dataclass(frozen=True)
-class Spent:
-    """What trials have spent, summed."""
-
-    fold_epochs: int
-    seconds: float  # wall seconds of training
-    tflop: float  # estimated training arithmetic, 1e12 FLOP
-
-
-def spent(trials: Sequence[FrozenTrial]) -> Spent:
-    """The cost of the trials that ran (see the module's docstring): each retry chain counted
-    once, by its newest trial."""
-    retried = retried_numbers(trials)
-    counted = [t for t in trials if t.state in COUNTED
-               or (t.state == TrialState.WAITING and retried_trial(t) is not None)
-               or (t.state == TrialState.FAIL and t.number not in retried)]
-    return Spent(sum(int(t.user_attrs.get(FOLD_EPOCHS, 0)) for t in counted),
-                 sum(float(t.user_attrs.get(SECONDS, 0.0)) for t in counted),
-                 sum(float(t.user_attrs.get(TFLOP, 0.0)) for t in counted))
-
-
-def fold_epochs(trials: Sequence[FrozenTrial]) -> int:
-    """Fold-epochs trained by the trials that ran (`spent`)."""
-    return spent(trials).fold_epochs
-
-
-def spent_summary(search: SearchSpec | Mapping[str, Any], used: Spent) -> dict[str, Any]:
-    """What was spent next to each budget (of the search's spec, or its stored config's
-    `search` table), as a search's summary stores it (and `tables.spent_line` writes it)."""
-    def limit(name: str) -> Any:
-        return search.get(name) if isinstance(search, Mapping) else getattr(search, name)
-
-    return {"fold_epochs": used.fold_epochs, "budget": limit("budget"),
-            "train_seconds": used.seconds, "budget_seconds": limit("budget_seconds"),
-            "tflop": used.tflop, "budget_tflop": limit("budget_tflop")}
-
-
-def trial_counts(trials: Sequence[FrozenTrial]) -> dict[str, int]:
-    """Trials by how they ended: complete, pruned, failed for good ("fail"), and "retried":
-    failed (stopped, or lost with their process) and run again under a new number."""
-    retried = retried_numbers(trials)
-    return {"complete": sum(t.state == TrialState.COMPLETE for t in trials),
-            "pruned": sum(t.state == TrialState.PRUNED for t in trials),
-            "fail": sum(t.state == TrialState.FAIL and t.number not in retried for t in trials),
-            "retried": len(retried)}
-
-
-def trials_so_far(url: str, run: RunRecord) -> dict[str, Any] | None:
-    """What a search run's trials have done and spent so far, read from its Optuna study in
-    the database at `url` (the counts and spent keys of its summary, which it has once it
-    finished); None where that study cannot be read (deleted, or another database)."""
-    storage = open_storage(url)
-    try:
-        trials = optuna.load_study(study_name=study_name(run.name, run.fingerprint),
-                                   storage=storage).get_trials(deepcopy=False)
-    except KeyError:  # no such study
-        return None
-    finally:
-        storage.engine.dispose()
-    return {"counts": trial_counts(trials),
-            **spent_summary(run.config.get("search") or {}, spent(trials))}
+__all__ = ["EqualComputePruner", "best_within", "spent_budget"]
 
 
 def spent_budget(search: SearchSpec, used: Spent) -> str | None:

@@ -48,15 +48,14 @@ from fashionlab.cv import Fold, MemberResult, consensus_epoch, consensus_warning
 from fashionlab.data import Dataset, to_tensors
 from fashionlab.plots import save_figure
 from fashionlab.report import REPORT_NAME, write_report
-from fashionlab.search.cost import spent, spent_summary, trial_counts
 from fashionlab.search.space import FixedParams, suggest
-from fashionlab.search.storage import retried_trial
 from fashionlab.serialize import jsonable, write_text_atomic
 from fashionlab.steps import RunContext, retrain, stored_result, summarize_models
 from fashionlab.store import RunRecord, Store
 from fashionlab.tables import search_markdown
 from fashionlab.text import verdict
 from fashionlab.train import Tensors
+from fashionlab.trials import retried_trial, spent, spent_summary, trial_counts
 
 __all__ = ["FINISHED", "SCORE_RULE", "ConsensusScores", "SearchContext", "consensus_scores",
            "finish_search", "importances", "reference_tests", "retrain_best", "save_plots",

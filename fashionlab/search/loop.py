@@ -64,7 +64,7 @@ from fashionlab.progress import Reporter, reporting
 from fashionlab.provenance import environment
 from fashionlab.rng import derive_seed
 from fashionlab.runs import delete_run
-from fashionlab.search.cost import spent, spent_budget, spent_summary
+from fashionlab.search.cost import spent_budget
 from fashionlab.search.finish import FINISHED, SearchContext, finish_search
 from fashionlab.search.space import (
     base_params,
@@ -73,15 +73,7 @@ from fashionlab.search.space import (
     grid_size,
     make_sampler,
 )
-from fashionlab.search.storage import (
-    ClaimLock,
-    RetryLostTrial,
-    delete_study,
-    open_storage,
-    retried_numbers,
-    retried_trial,
-    search_identity,
-)
+from fashionlab.search.storage import ClaimLock, RetryLostTrial, open_storage, search_identity
 from fashionlab.search.trial import TrialContext, make_pruner, train_trial
 from fashionlab.serialize import remove_stale_staging
 from fashionlab.steps import (
@@ -102,6 +94,13 @@ from fashionlab.store import (
 )
 from fashionlab.tables import spent_line
 from fashionlab.train import Tensors
+from fashionlab.trials import (
+    delete_study,
+    failed_for_good,
+    retried_trial,
+    spent,
+    spent_summary,
+)
 
 __all__ = ["RUN_ATTR", "SearchResult", "run_search"]
 
@@ -354,9 +353,7 @@ def _ended_trials(storage: optuna.storages.RDBStorage, name: str) -> list[Frozen
         trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
     except KeyError:  # no such study
         return []
-    retried = retried_numbers(trials)
-    return [t for t in trials if t.state in FINISHED
-            or (t.state == TrialState.FAIL and t.number not in retried)]
+    return [t for t in trials if t.state in FINISHED] + failed_for_good(trials)
 
 
 def _refuse_orphan_trials(storage: optuna.storages.RDBStorage, name: str, where: str) -> None:

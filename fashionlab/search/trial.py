@@ -29,7 +29,7 @@ from fashionlab.checkpoints import remove_checkpoint
 from fashionlab.config import Candidate, SearchSpec, StudySpec
 from fashionlab.cv import Fold, MemberResult
 from fashionlab.runner import train_stack, training_flops
-from fashionlab.search.cost import FOLD_EPOCHS, SECONDS, STEP_TFLOP, TFLOP, EqualComputePruner
+from fashionlab.search.cost import EqualComputePruner
 from fashionlab.search.finish import consensus_scores
 from fashionlab.search.space import suggest
 from fashionlab.steps import (
@@ -43,6 +43,7 @@ from fashionlab.steps import (
 from fashionlab.store import RunRecord, Store
 from fashionlab.tables import params_text
 from fashionlab.train import EpochMetrics, Member, Tensors
+from fashionlab.trials import FOLD_EPOCHS, SECONDS, STEP_TFLOP, TFLOP
 
 __all__ = ["TrialContext", "make_pruner", "train_trial"]
 

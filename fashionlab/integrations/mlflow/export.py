@@ -31,10 +31,11 @@ except ImportError:
 
 from fashionlab.errors import FashionlabError
 from fashionlab.schema import METRICS
-from fashionlab.search.storage import open_storage, study_name
+from fashionlab.search.storage import open_storage
 from fashionlab.serialize import flatten as flatten_config
 from fashionlab.store import ModelRecord, RunRecord, Store
 from fashionlab.text import first_line
+from fashionlab.trials import study_name
 
 __all__ = ["PARENT", "TAG_PART", "TAG_RUN", "TAG_STARTED", "MlflowError", "MlflowExport",
            "export_run_to_mlflow", "flatten", "quiet_mlflow", "require_mlflow"]
