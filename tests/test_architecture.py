@@ -239,6 +239,15 @@ def test_lazy_packages_give_every_name_they_list(package: str):
         module.no_such_name  # noqa: B018 (the lookup is the test)
 
 
+def test_a_stored_search_is_read_without_training_code():
+    # `runs show`/`runs delete` of a search read its trials through fashionlab.trials: Optuna,
+    # not torch (nor the search package, which trains).
+    script = ("import sys\nimport fashionlab.trials, fashionlab.runs\n"
+              "heavy = {'torch', 'matplotlib', 'fashionlab.search'} & set(sys.modules)\n"
+              "assert not heavy, heavy\n")
+    subprocess.run([sys.executable, "-c", script], check=True)
+
+
 def test_importing_the_lazy_packages_loads_nothing_heavy():
     script = ("import sys\n"
               f"for package in {LIGHT_MODULES!r}:\n"
