@@ -177,7 +177,7 @@ def test_a_search_shows_its_top_trials_as_html(tiny_idx_dir: Path, tmp_path: Pat
     best = max(result.trials, key=lambda t: t.value)
     assert repr(result) == (
         f"SearchResult(run='{result.run.id}', study_name='{result.study_name}', "
-        f"trials='2 complete', stopped_by='n_trials', finished=True, "
+        f"trials='2 complete, 0 pruned, 0 failed trials', stopped_by='n_trials', finished=True, "
         f"best='trial {best.number}: {best.value:.4f}', output_dir='{result.output_dir}')")
 
 

@@ -58,8 +58,8 @@ from fashionlab.train import Tensors
 from fashionlab.trials import retried_trial, spent, spent_summary, trial_counts
 
 __all__ = ["FINISHED", "SCORE_RULE", "ConsensusScores", "SearchContext", "consensus_scores",
-           "finish_search", "importances", "reference_tests", "retrain_best", "save_plots",
-           "top_table"]
+           "finish_search", "importances", "ranked_trials", "reference_tests", "retrain_best",
+           "save_plots", "top_table"]
 
 ALPHA = 0.05
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -107,6 +107,14 @@ def consensus_scores(results: Sequence[MemberResult], train: TrainSpec,
                            mean_curves(results, "val_accuracy", epoch)[:, -1])
 
 
+def ranked_trials(trials: Sequence[FrozenTrial], *, maximize: bool) -> list[FrozenTrial]:
+    """The completed trials with a finite score and their fold scores, best first: the order
+    of a search's top table."""
+    scored = [t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs.get(
+        "fold_scores") and t.value is not None and math.isfinite(t.value)]
+    return sorted(scored, key=lambda t: t.value or 0.0, reverse=maximize)
+
+
 def finish_search(s: SearchContext, stopped_by: str, seconds: float) -> dict[str, Any]:
     """Write the search's results and store them with its run; returns the summary. A search
     already finished with the same trials is read back, not retrained."""
@@ -121,9 +129,7 @@ def finish_search(s: SearchContext, stopped_by: str, seconds: float) -> dict[str
             write_report(store, run.id, device=s.run.device)
         return run.summary
     direction = "maximize" if s.maximize else "minimize"
-    scored = [t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs.get(
-        "fold_scores") and t.value is not None and math.isfinite(t.value)]
-    ranked = sorted(scored, key=lambda t: t.value or 0.0, reverse=s.maximize)
+    ranked = ranked_trials(trials, maximize=s.maximize)
     n_train, n_val = len(s.folds[0].train_index), len(s.folds[0].val_index)
     used = spent(trials)
     summary: dict[str, Any] = {

@@ -65,7 +65,7 @@ from fashionlab.provenance import environment
 from fashionlab.rng import derive_seed
 from fashionlab.runs import delete_run
 from fashionlab.search.cost import spent_budget
-from fashionlab.search.finish import FINISHED, SearchContext, finish_search
+from fashionlab.search.finish import FINISHED, SearchContext, finish_search, ranked_trials
 from fashionlab.search.space import (
     base_params,
     check_largest_model,
@@ -92,7 +92,7 @@ from fashionlab.store import (
     default_url,
     safe_url,
 )
-from fashionlab.tables import spent_line
+from fashionlab.tables import counts_text, spent_line
 from fashionlab.train import Tensors
 from fashionlab.trials import (
     delete_study,
@@ -100,6 +100,7 @@ from fashionlab.trials import (
     retried_trial,
     spent,
     spent_summary,
+    trial_counts,
 )
 
 __all__ = ["RUN_ATTR", "SearchResult", "run_search"]
@@ -134,17 +135,13 @@ class SearchResult:
 
     def __repr__(self) -> str:
         """One line, not the whole dataclass (its trials and config are many KB): the run,
-        the trials by state, why it stopped, the best trial, where the files are."""
-        states = collections.Counter(t.state.name.lower() for t in self.trials)
-        counts = ", ".join(f"{n} {state}" for state, n in sorted(states.items())) or "none"
+        its trials by how they ended (as its overview says them), why it stopped, the best
+        trial (the study's own), where the files are."""
         parts = [f"run={self.run.id!r}", f"study_name={self.study_name!r}",
-                 f"trials='{counts}'", f"stopped_by={self.stopped_by!r}",
-                 f"finished={self.finished}"]
-        done = [t for t in self.trials if t.state == TrialState.COMPLETE and t.value is not None]
-        if done:
-            assert self.spec.search is not None  # a search's study
-            pick = max if self.spec.search.objective == "val_accuracy" else min
-            best = pick(done, key=lambda t: t.value)
+                 f"trials='{counts_text(trial_counts(self.trials))}'",
+                 f"stopped_by={self.stopped_by!r}", f"finished={self.finished}"]
+        maximize = self.spec.search is None or self.spec.search.objective == "val_accuracy"
+        for best in ranked_trials(self.trials, maximize=maximize)[:1]:
             parts.append(f"best='trial {best.number}: {best.value:.4f}'")
         return f"SearchResult({', '.join(parts)}, output_dir='{self.output_dir}')"
 
