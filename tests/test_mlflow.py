@@ -461,3 +461,11 @@ def test_the_library_prints_none_of_mlflows_info_lines_unless_asked(finished: tu
                            env={**env, "MLFLOW_LOGGING_LEVEL": "INFO"})
     assert asked.returncode == 0, asked.stderr[-2000:]
     assert "Creating initial MLflow database tables" in asked.stderr
+    for name in ("live.db", "after.db"):
+        (tmp_path / name).unlink()
+    # (after importing MLflow, which sets its logger's level from MLFLOW_LOGGING_LEVEL)
+    debug = 'import logging, mlflow; logging.getLogger("mlflow").setLevel(logging.DEBUG)\n'
+    asked = subprocess.run([sys.executable, "-c", debug + script], capture_output=True,
+                           text=True, timeout=300, check=False, cwd=tmp_path, env=env)
+    assert asked.returncode == 0, asked.stderr[-2000:]
+    assert "Creating initial MLflow database tables" in asked.stderr  # asked for in code

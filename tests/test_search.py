@@ -989,7 +989,12 @@ units = {{ low = 64, high = 256 }}
     assert len({m.key for m in models}) == len(models)
     epochs = [(e.key, e.epoch) for e in store.epochs(run.id) if not e.key.endswith("/retrain")]
     assert len(epochs) == len(set(epochs)) == n_trials * 3 * 5
+    # Each trial was a claim of the run while it trained (SKIP LOCKED, two processes), and
+    # each claim ended with its trial.
+    claims = job_rows(store, run.id)
     store.close()
+    assert sorted(claims) == sorted(f"trial-{n}" for n in range(n_trials))
+    assert {c.status for c in claims.values()} == {"done"}
 
 
 def test_a_study_and_the_runs_browser_use_a_postgresql_store(postgres_url: str,

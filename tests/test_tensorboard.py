@@ -185,8 +185,16 @@ def test_the_command_exports_a_run_to_a_log_directory_once(
                                str(target), "--run-dir", str(run_dir))
         assert_one_line_error(code, err, f"{tmp_path / 'afile'} is a file, not a folder")
     code, _, err = run_cli(capsys, "runs", "export", result.run.id, "--to", "tensorboard",
+                           "/proc/fashionlab-none/board", "--run-dir", str(run_dir))
+    assert_one_line_error(code, err, "/proc/fashionlab-none: cannot write TensorBoard's event "
+                          "files (No such file or directory)")
+    code, _, err = run_cli(capsys, "runs", "export", result.run.id, "--to", "tensorboard",
                            str(logdir), "--format", "csv", "--run-dir", str(run_dir))
     assert_one_line_error(code, err, "--to tensorboard sends the whole run instead")
+    code, _, err = run_cli(capsys, "runs", "export", result.run.id, "--to", "wandb", "x",
+                           "--run-dir", str(run_dir))
+    assert_one_line_error(code, err, "Invalid value for '--to': 'wandb' is not one of "
+                          "'mlflow', 'tensorboard'.")
 
 
 def test_a_search_writes_each_trials_folds_and_params(tiny_idx_dir: Path, tmp_path: Path):

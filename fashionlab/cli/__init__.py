@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import stat
 import sys
@@ -106,7 +107,8 @@ def resumable(how: str) -> Iterator[None]:
 def _usage_error_line(error: typer.TyperException) -> str:
     """A usage error as one line: what is wrong, and where the command's help is."""
     # (pydantic's "Value error, " prefix, which typer passes on for an option's bad choice)
-    message = " ".join(error.format_message().split()).replace("Value error, ", "")
+    message = re.sub(r"^(Invalid value for [^:]*: )Value error, ", r"\1",
+                     " ".join(error.format_message().split()))
     context = getattr(error, "ctx", None)  # set on click's UsageError and its subclasses
     if context is None:
         return message

@@ -89,12 +89,13 @@ def require_mlflow(tracking_uri: str | None = None) -> None:
 def quiet_mlflow() -> Iterator[None]:
     """MLflow's INFO lines ("Creating initial MLflow database tables...") held back while
     fashionlab calls it: they are not the caller's output; its warnings and errors still
-    show. A level chosen with MLFLOW_LOGGING_LEVEL is left as it is."""
-    if "MLFLOW_LOGGING_LEVEL" in os.environ:
-        yield
-        return
+    show. A level chosen with MLFLOW_LOGGING_LEVEL, or set on the "mlflow" logger below
+    INFO (DEBUG), is left as it is."""
     logger = logging.getLogger("mlflow")
     before = logger.level
+    if "MLFLOW_LOGGING_LEVEL" in os.environ or logging.NOTSET < before < logging.INFO:
+        yield
+        return
     logger.setLevel(max(before, logging.WARNING))
     try:
         yield
