@@ -250,11 +250,11 @@ def spent_note(summary: Mapping[str, Any]) -> str:
 
 def counts_text(counts: Mapping[str, Any]) -> str:
     """A search's trials by how they ended (`trials.trial_counts`): "3 complete, 0 pruned, 0
-    failed trials (1 stopped or lost and run again; 1 waiting to run again)"."""
-    # ("retried" and "waiting" are stored since counts said them: absent in older runs.)
+    failed trials (1 stopped or lost and run again; 1 waiting to run again; 2 running)"."""
+    # ("retried", "waiting", "running" are stored since counts said them: absent before.)
     again = [f"{counts[key]} {what}" for key, what in (
-        ("retried", "stopped or lost and run again"), ("waiting", "waiting to run again"))
-        if counts.get(key)]
+        ("retried", "stopped or lost and run again"), ("waiting", "waiting to run again"),
+        ("running", "running")) if counts.get(key)]
     return (f"{counts.get('complete', 0)} complete, {counts.get('pruned', 0)} pruned, "
             f"{counts.get('fail', 0)} failed trials"
             + (f" ({'; '.join(again)})" if again else ""))

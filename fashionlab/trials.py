@@ -95,13 +95,14 @@ def failed_for_good(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
 def trial_counts(trials: Sequence[FrozenTrial]) -> dict[str, int]:
     """Trials by how they ended: complete, pruned, failed for good ("fail"), "retried":
     failed (stopped, or lost with their process) and run again under a new number, and
-    "waiting": failed, and their retry not started yet."""
+    "waiting": failed, and their retry not started yet; and "running"."""
     retries = [t for t in trials if retried_trial(t) is not None]
     return {"complete": sum(t.state == TrialState.COMPLETE for t in trials),
             "pruned": sum(t.state == TrialState.PRUNED for t in trials),
             "fail": len(failed_for_good(trials)),
             "retried": sum(t.state != TrialState.WAITING for t in retries),
-            "waiting": sum(t.state == TrialState.WAITING for t in retries)}
+            "waiting": sum(t.state == TrialState.WAITING for t in retries),
+            "running": sum(t.state == TrialState.RUNNING for t in trials)}
 
 
 @dataclass(frozen=True)

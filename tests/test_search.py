@@ -838,7 +838,7 @@ pruner = "none"
     (run,) = Store.open(tmp_path).runs()
     shown = describe_run(Store.open(tmp_path), run.id)["trials"]
     assert shown["counts"] == {"complete": 1, "pruned": 0, "fail": 0, "retried": 0,
-                               "waiting": 1}
+                               "waiting": 1, "running": 0}
     assert shown["fold_epochs"] == fold_epochs(trials) and shown["stopped_by"] is None
     code, out, err = run_cli(capsys, "runs", "show", run.id, "--run-dir", str(tmp_path))
     assert code == 0, err
@@ -851,7 +851,7 @@ pruner = "none"
     assert retry.params == result.trials[1].params and retry.user_attrs["models"] == "trial-1"
     # The stopped trial ran again: not failed (for good), and said so.
     assert result.summary["counts"] == {"complete": 3, "pruned": 0, "fail": 0, "retried": 1,
-                                        "waiting": 0}
+                                        "waiting": 0, "running": 0}
     assert ("3 complete, 0 pruned, 0 failed trials (1 stopped or lost and run again)"
             in (result.output_dir / "results.md").read_text())
 

@@ -81,10 +81,11 @@ def test_spent_sums_the_trials_that_ran_and_names_the_budget_spent():
                trial(TrialState.WAITING, 7, 9.0, 9.0, 3, [2])]
     assert spent(trials + stopped) == Spent(21, 34.0, 11.0)
     assert trial_counts(trials + stopped) == {"complete": 1, "pruned": 1, "fail": 0,
-                                              "retried": 0, "waiting": 1}
+                                              "retried": 0, "waiting": 1, "running": 0}
     stopped[1] = trial(TrialState.RUNNING, 8, 10.0, 10.0, 3, [2])
     assert spent(trials + stopped) == Spent(22, 35.0, 12.0)
     assert trial_counts(trials + stopped)["retried"] == 1  # run again: not waiting, not failed
+    assert trial_counts(trials + stopped)["running"] == 1
     # Failed for good (no retry: it crashed its process too often): what it trained counts.
     assert spent([*trials, trial(TrialState.FAIL, 3, 1.0, 1.0, 2)]) == Spent(17, 26.0, 3.0)
     assert trial_counts([*trials, trial(TrialState.FAIL, 3, 1.0, 1.0, 2)])["fail"] == 1

@@ -7,6 +7,7 @@ cross-validation, and is pruned while it trains when it is clearly worse than th
     storage   the search's Optuna study name, its storage on the store's database; the lock
     cost      budgets, and equal-compute pruning (what trials spend: fashionlab.trials)
     finish    the end of a search: the best retrained and tested, the table, plots, summary
+    result    SearchResult: where a search stands (one line of text; a table in Jupyter)
 
     >>> import fashionlab as fl
     >>> from fashionlab.search import run_search
@@ -17,7 +18,8 @@ from __future__ import annotations
 
 from fashionlab.search.cost import EqualComputePruner
 from fashionlab.search.finish import SearchContext, consensus_scores, finish_search
-from fashionlab.search.loop import SearchResult, run_search
+from fashionlab.search.loop import run_search
+from fashionlab.search.result import SearchResult
 from fashionlab.search.space import make_sampler
 from fashionlab.search.storage import search_identity
 from fashionlab.search.trial import make_pruner

@@ -26,7 +26,6 @@ fashionlab.search.trial.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import functools
@@ -45,7 +44,7 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from fashionlab import notebook, stops
+from fashionlab import stops
 from fashionlab.config import Candidate, SearchSpec, StudySpec, base_candidate
 from fashionlab.cv import Fold, make_folds
 from fashionlab.data import Dataset, to_tensors
@@ -65,7 +64,8 @@ from fashionlab.provenance import environment
 from fashionlab.rng import derive_seed
 from fashionlab.runs import delete_run
 from fashionlab.search.cost import spent_budget
-from fashionlab.search.finish import FINISHED, SearchContext, finish_search, ranked_trials
+from fashionlab.search.finish import FINISHED, SearchContext, finish_search
+from fashionlab.search.result import SearchResult
 from fashionlab.search.space import (
     base_params,
     check_largest_model,
@@ -86,13 +86,12 @@ from fashionlab.steps import (
 )
 from fashionlab.store import (
     DEFAULT_RUN_DIR,
-    RunRecord,
     Store,
     database_url,
     default_url,
     safe_url,
 )
-from fashionlab.tables import counts_text, spent_line
+from fashionlab.tables import spent_line
 from fashionlab.train import Tensors
 from fashionlab.trials import (
     delete_study,
@@ -100,7 +99,6 @@ from fashionlab.trials import (
     retried_trial,
     spent,
     spent_summary,
-    trial_counts,
 )
 
 __all__ = ["RUN_ATTR", "SearchResult", "run_search"]
@@ -116,45 +114,6 @@ def drawn_before(trials: Sequence[FrozenTrial]) -> int:
     drawn, and the trial after it would draw with one seed: the same values)."""
     # A retry of a retry names the first trial of its chain: count the trials no retry.
     return sum(retried_trial(t) is None and t.state != TrialState.WAITING for t in trials)
-
-
-@dataclass
-class SearchResult:
-    run: RunRecord
-    spec: StudySpec
-    study_name: str  # the Optuna study (`optuna-dashboard <storage>` shows it)
-    storage: str  # its database URL, password hidden
-    output_dir: Path
-    trials: list[FrozenTrial]
-    finished: bool  # the search is complete and this process wrote its results
-    # n_trials, budget, budget_seconds, budget_tflop, timeout, grid, finish, others-running
-    stopped_by: str
-    summary: dict[str, Any] | None = None  # what the run stores (search_results.summary)
-    wall_seconds: float = 0.0  # this process
-    notes: list[str] = dataclasses.field(default_factory=list)  # said while it ran
-
-    def __repr__(self) -> str:
-        """One line, not the whole dataclass (its trials and config are many KB): the run,
-        its trials by how they ended (as its overview says them), why it stopped, the best
-        trial (the study's own), where the files are."""
-        parts = [f"run={self.run.id!r}", f"study_name={self.study_name!r}",
-                 f"trials='{counts_text(trial_counts(self.trials))}'",
-                 f"stopped_by={self.stopped_by!r}", f"finished={self.finished}"]
-        maximize = self.spec.search is None or self.spec.search.objective == "val_accuracy"
-        for best in ranked_trials(self.trials, maximize=maximize)[:1]:
-            parts.append(f"best='trial {best.number}: {best.value:.4f}'")
-        return f"SearchResult({', '.join(parts)}, output_dir='{self.output_dir}')"
-
-    def _repr_html_(self) -> str:
-        """Jupyter shows the top trials with their uncertainty, the references, the retrained
-        best and the search's plots; an unfinished search says how far it got."""
-        states = collections.Counter(t.state.name.lower() for t in self.trials)
-        status = (f"Run `{self.run.id}`, Optuna study `{self.study_name}`: "
-                  + (", ".join(f"{n} {state}" for state, n in sorted(states.items()))
-                     or "no trials")
-                  + f"; stopped by {self.stopped_by}, not finished: run it again to continue, "
-                  "or with finish=True to write the results of the trials so far.")
-        return notebook.search_html(self.summary, name=self.spec.name, status=status)
 
 
 @dataclass(frozen=True)
