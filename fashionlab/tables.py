@@ -220,7 +220,7 @@ def retrain_line(summary: Mapping[str, Any]) -> str:
 
 
 # The keys of a search's summary that say what it spent and its budgets (`spent_line` reads
-# them; `search.cost.spent_summary` writes them).
+# them; `trials.spent_summary` writes them).
 SPENT_KEYS = ("fold_epochs", "budget", "train_seconds", "budget_seconds", "tflop",
               "budget_tflop")
 
