@@ -101,7 +101,7 @@ from fashionlab.trials import (
     spent_summary,
 )
 
-__all__ = ["RUN_ATTR", "SearchResult", "run_search"]
+__all__ = ["RUN_ATTR", "run_search"]
 
 RUN_ATTR = "fashionlab.run_id"  # the Optuna study's user attribute naming its store run
 
