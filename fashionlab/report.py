@@ -162,9 +162,8 @@ def _facts(run: RunRecord) -> list[tuple[str, str]]:
         if summary.get("n_train") and cross_validated:
             parts.append(f"each fold trains on {summary['n_train']} and validates on "
                          f"{summary.get('n_val')} images")
-        digest = (env.get("data") or {}).get("sha256")
-        if digest:  # what it trained on, after the [data] limits (`Dataset.sha256`)
-            parts.append(f"SHA-256 {digest[:12]}")
+        if run.data_sha256:  # what it trained on, after the [data] limits
+            parts.append(f"SHA-256 {run.data_sha256[:12]}")
         facts.append(("dataset", "; ".join(parts)))
     if not cross_validated:  # a study of final models only
         facts.append(("protocol", ("no cross-validation: each model trains on all training "

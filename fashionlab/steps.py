@@ -146,14 +146,14 @@ def note_unresumed_run(store: Store, run: RunRecord, reporter: Reporter) -> str 
     runs = [r for r in store.runs(kind=run.kind, name=run.name) if r.id != run.id]
     same_settings = [r for r in runs if r.fingerprint == run.fingerprint]
     # (With a run of these settings and data, this one is new by --fresh: nothing to say.)
-    other_data = [] if any(same_data(r, _data_sha256(run)) for r in same_settings) else [
+    other_data = [] if any(same_data(r, run.data_sha256) for r in same_settings) else [
         r for r in same_settings if r.state in ("interrupted", "finished")]
     earlier = [r for r in runs if r.fingerprint != run.fingerprint and r.state == "interrupted"]
     if other_data:
         old = other_data[0]
         note = (f"run {run.id} is a new run: its data differ from those of run {old.id} of "
-                f"the same settings (SHA-256 {_data_sha256(run)[:12]} against "
-                f"{_data_sha256(old)[:12]}), which is left as it is (the same data show or "
+                f"the same settings (SHA-256 {run.data_sha256[:12]} against "
+                f"{old.data_sha256[:12]}), which is left as it is (the same data show or "
                 "resume it)")
     elif earlier:
         note = (f"run {run.id} is a new run: the settings of {run.kind} '{run.name}' differ "
@@ -172,14 +172,10 @@ def data_record(dataset: Dataset) -> dict[str, Any]:
     return {"sha256": dataset.sha256(), "train": len(dataset.train), "test": len(dataset.test)}
 
 
-def _data_sha256(run: RunRecord) -> str | None:
-    return ((run.environment or {}).get("data") or {}).get("sha256")
-
-
 def same_data(run: RunRecord, sha256: str | None) -> bool:
     """Whether `run` trained on the data of that digest; a run stored before runs recorded
     their data matches any."""
-    mine = _data_sha256(run)
+    mine = run.data_sha256
     return mine is None or sha256 is None or mine == sha256
 
 

@@ -191,6 +191,9 @@ def test_the_command_exports_a_run_to_a_log_directory_once(
     code, _, err = run_cli(capsys, "runs", "export", result.run.id, "--to", "tensorboard",
                            str(logdir), "--format", "csv", "--run-dir", str(run_dir))
     assert_one_line_error(code, err, "--to tensorboard sends the whole run instead")
+    code, _, err = run_cli(capsys, "runs", "export", result.run.id, "--to", "tensorboard", " ",
+                           "--run-dir", str(run_dir))  # not the current folder
+    assert_one_line_error(code, err, "logdir (--to tensorboard DIR): the log directory is empty")
     code, _, err = run_cli(capsys, "runs", "export", result.run.id, "--to", "wandb", "x",
                            "--run-dir", str(run_dir))
     assert_one_line_error(code, err, "Invalid value for '--to': 'wandb' is not one of "

@@ -249,8 +249,6 @@ def export(
             # the optional TensorBoard, and torch: when it runs
             from fashionlab.integrations.tensorboard import export_run_to_tensorboard
 
-            if not to[1].strip():
-                raise FashionlabError("--to tensorboard: the directory is empty")
             with _store(run_dir, store) as opened:
                 record = opened.run(run)
                 written = export_run_to_tensorboard(opened, record.id, to[1])

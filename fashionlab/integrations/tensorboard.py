@@ -166,6 +166,8 @@ def export_run_to_tensorboard(store: Store, run_id: str,
     directory (default: the run's tensorboard/ directory). OutputError (one line) when it
     cannot be written."""
     _require()
+    if logdir is not None and not str(logdir).strip():  # Path("") would be the current folder
+        raise OutputError("logdir (--to tensorboard DIR): the log directory is empty")
     run = store.run(run_id)
     target = Path(logdir) if logdir is not None else tensorboard_dir(run)
     blocking = next((p for p in (target, *target.parents) if p.exists() and not p.is_dir()),

@@ -205,10 +205,9 @@ def run_search(
         run = next(iter(store.runs(kind="search", fingerprint=fingerprint)), None)
         if run is not None and not same_data(run, data["sha256"]):
             # Its trials (one Optuna study) were scored on other data: not to be mixed.
-            theirs = run.environment["data"]["sha256"]
             raise ConfigError(f"search '{spec.name}': run {run.id} searched other data (SHA-256 "
-                              f"{theirs[:12]}, these {data['sha256'][:12]}); --fresh starts it "
-                              "again on these, or give the study another name")
+                              f"{str(run.data_sha256)[:12]}, these {data['sha256'][:12]}); "
+                              "--fresh starts it again on these, or give the study another name")
         if finish and run is not None and run.state == "running":
             # Its workers finish the search themselves, and would overwrite these results.
             raise ConfigError(f"search '{spec.name}' is running ({run.holder}): "

@@ -138,9 +138,8 @@ def _folds_text(stack: Sequence[Member]) -> str:
     """Which folds a stack trains, by its models' names ("trial-3/fold-2"): "fold 2",
     "folds 0, 1" (repeated CV's "r1f3" as they are)."""
     names = [m.key.rpartition("/")[2] for m in stack]
-    numbers = [n.removeprefix("fold-") for n in names]
-    if all(n.isdigit() for n in numbers):
-        return ("fold " if len(numbers) == 1 else "folds ") + ", ".join(numbers)
+    if all(n.removeprefix("fold-").isdigit() for n in names):
+        names = [n.removeprefix("fold-") for n in names]
     return ("fold " if len(names) == 1 else "folds ") + ", ".join(names)
 
 

@@ -72,6 +72,12 @@ class RunRecord:
         return "interrupted" if silent and not self.jobs_held else "running"
 
     @property
+    def data_sha256(self) -> str | None:
+        """The SHA-256 of the data it trained on (`Dataset.sha256`, stored in its environment
+        by `steps.data_record`); None for a run stored before runs recorded their data."""
+        return ((self.environment or {}).get("data") or {}).get("sha256")
+
+    @property
     def holder(self) -> str:
         """Which process runs it, for messages: "pid 4242 on vm", or, for a run its process
         left to others (a search's workers) or one that others hold while the process its
