@@ -1269,6 +1269,37 @@ def test_a_lost_workers_trial_claim_ends_with_its_trial(tiny_idx_dir: Path, tmp_
     assert {r.status for r in rows.values()} == {"done"}  # every trial's claim ended
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")  # the trial asked here
+@pytest.mark.parametrize("claim_age", [10.0, 1.0])
+def test_a_trial_elsewhere_is_lost_once_its_claim_outlives_the_claim_grace(
+        tiny_idx_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, claim_age: float):
+    """A worker on another machine that went silent: its trial is failed and retried once its
+    claim is older than FASHIONLAB_CLAIM_GRACE (as a study's jobs are taken over), not only
+    after Optuna's own 120 s. A claim younger than that is a worker at work."""
+    monkeypatch.setenv("FASHIONLAB_CLAIM_GRACE", "5")
+    path = _learning_rate_search(tiny_idx_dir, tmp_path, "n_trials = 2\npruner = \"none\"")
+    run_dir = tmp_path / "runs"
+    first = run_search(load_study(path), run_dir=run_dir, progress=False, timeout=0.001)
+    storage = open_storage(default_url(run_dir))
+    lost = optuna.load_study(study_name=first.study_name, storage=storage).ask()
+    lost.set_user_attr("worker", "far-away:1")
+    storage.engine.dispose()
+    store = Store.open(run_dir)
+    key = f"trial-{lost.number}"
+    register_jobs(store, first.run.id, [(key, key)], 1)
+    with store.transaction() as conn:
+        conn.execute(jobs.update().where(jobs.c.key == key).values(
+            status="claimed", host="far-away", pid=1, heartbeat=time.time() - claim_age))
+    result = run_search(load_study(path), run_dir=run_dir, progress=False)
+    store.close()
+    if claim_age > 5:
+        assert result.finished and result.summary["counts"]["retried"] == 1
+    else:  # the other worker's trial runs on: this one stops, leaving the search to it
+        assert not result.finished and result.stopped_by == "others-running"
+        assert optuna.load_study(study_name=first.study_name, storage=default_url(run_dir)
+                                 ).trials[lost.number].state == TrialState.RUNNING
+
+
 def test_a_search_in_a_folder_named_with_braces(tiny_idx_dir: Path, tmp_path: Path):
     # Optuna reads its storage URL as a format template ("{SCHEMA_VERSION}").
     path = _learning_rate_search(tiny_idx_dir, tmp_path, "n_trials = 1\npruner = \"none\"")

@@ -13,8 +13,8 @@ of worker processes, on any number of machines, that run it against one database
   (fashionlab.search.cost).
 - A trial whose worker died is failed and retried with the same parameters (up to
   MAX_RETRIES times; one the user stopped, every time): at once when the worker ran on this
-  machine (its process is gone), else when its heartbeat has been silent for GRACE_PERIOD
-  seconds. The retry keeps the trial's models (`trial-N/fold-i`) and continues from their
+  machine (its process is gone), else when its claim of the trial is older than the claim
+  grace period (`claim_grace`) or Optuna's heartbeat has been silent for GRACE_PERIOD seconds. The retry keeps the trial's models (`trial-N/fold-i`) and continues from their
   checkpoint when it runs where they were trained.
 - A trial in training is a job claim of the search's run (`fashionlab.jobs`): the run reads
   as running while any worker trains one, whichever worker its row names.
@@ -35,7 +35,7 @@ import shutil
 import socket
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,11 +51,13 @@ from fashionlab.data import Dataset, to_tensors
 from fashionlab.errors import ConfigError, StoreError
 from fashionlab.hardware import resolve_device
 from fashionlab.jobs import (
+    JobRow,
     claim_grace,
     claim_job,
     close_claims,
     command_identity,
     held_elsewhere,
+    job_rows,
     register_jobs,
 )
 from fashionlab.process import ProcessIdentity
@@ -417,15 +419,12 @@ class _Searcher:
 
     def _fail_lost_trials(self) -> None:
         """Fail (and retry) the running trials whose worker is gone: on this machine
-        when its process no longer exists, elsewhere when its heartbeat is stale."""
+        when its process no longer exists, elsewhere when its claim of the trial or Optuna's
+        heartbeat is stale (the claim by FASHIONLAB_CLAIM_GRACE, as a study's jobs are)."""
         host = socket.gethostname()
+        claims = job_rows(self.store, self.run.id)
         for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            worker_host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
-            if worker_host != host or not pid.isdigit() or int(pid) == os.getpid():
-                continue
-            # Its pid with when it started: a later process given the same pid is not it.
-            identity = ProcessIdentity(*trial.user_attrs.get("worker_process") or [int(pid)])
-            if identity.alive():
+            if not (self._lost_here(trial, host) or self._claim_lost(claims, trial)):
                 continue
             self.study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
             self.retry(self.study, self.study.get_trials(deepcopy=False)[trial.number])
@@ -436,6 +435,23 @@ class _Searcher:
         # after this read exists, running, already).
         running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         close_claims(self.store, self.run.id, keep=[f"trial-{t.number}" for t in running])
+
+    @staticmethod
+    def _lost_here(trial: FrozenTrial, host: str) -> bool:
+        """Whether the trial's worker ran on this machine, and its process is gone."""
+        worker_host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
+        if worker_host != host or not pid.isdigit() or int(pid) == os.getpid():
+            return False
+        # Its pid with when it started: a later process given the same pid is not it.
+        return not ProcessIdentity(*trial.user_attrs.get("worker_process") or [int(pid)]).alive()
+
+    @staticmethod
+    def _claim_lost(claims: Mapping[str, JobRow], trial: FrozenTrial) -> bool:
+        """Whether the trial's claim is held by no live process. A claim not taken yet, or
+        ended already (its trial is being told), is not lost: Optuna's heartbeat judges
+        those, as it judges trials of a search with no claims (an earlier version's)."""
+        claim = claims.get(f"trial-{trial.number}")
+        return claim is not None and claim.status == "claimed" and claim.claimable(claim_grace())
 
     def _retry_interrupted(self, current: list[int]) -> None:
         """A trial the user stopped (Ctrl-C, SIGTERM) is retried, however often that happens."""
