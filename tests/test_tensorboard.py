@@ -243,6 +243,36 @@ def test_tensorboard_on_a_finished_run_shown_again_writes_its_curves(
     _assert_curves_match_the_store(run_dir, run.id)
 
 
+def test_the_library_writes_a_finished_run_shown_again_given_its_spec(study_file: Path,
+                                                                      tmp_path: Path):
+    """As the command does: the reporter knows the run that trained nothing here by its spec."""
+    run_dir = tmp_path / "runs"
+    spec = load_study(study_file)
+    first = run_study(spec, run_dir=run_dir, workers=1, progress=False)
+    with TensorBoard(run_dir=run_dir) as board:  # no spec: nothing to know the run by
+        run_study(spec, run_dir=run_dir, workers=1, progress=board)
+    assert not tensorboard_dir(first.run).exists()
+    with TensorBoard(run_dir=run_dir, spec=spec) as board:
+        again = run_study(spec, run_dir=run_dir, workers=1, progress=board)
+    assert again.run.id == first.run.id and not again.trained_here
+    _assert_curves_match_the_store(run_dir, first.run.id)
+
+
+def test_search_tensorboard_on_a_finished_search_writes_its_curves(
+        tiny_idx_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    path = tmp_path / "search.toml"
+    path.write_text(tiny_search_toml(tiny_idx_dir, n_trials=2))
+    run_dir = tmp_path / "runs"
+    result = run_search(load_study(path), run_dir=run_dir, progress=False)
+    assert result.finished and not tensorboard_dir(result.run).exists()
+    code, _, err = run_cli(capsys, "search", str(path), "--run-dir", str(run_dir),
+                           "--tensorboard", "--json")
+    assert code == 0, err
+    _assert_curves_match_the_store(run_dir, result.run.id)
+    params, _ = _hparams(model_logdir(tensorboard_dir(result.run), "trial-0"))
+    assert params["learning_rate"] == pytest.approx(result.trials[0].params["learning_rate"])
+
+
 def test_the_hparams_of_a_candidate_named_with_a_slash_sit_above_its_curves(
         tiny_idx_dir: Path, tmp_path: Path):
     path = tmp_path / "slash.toml"

@@ -68,7 +68,8 @@ def search(
     with resumable("finished trials are kept (a trial stopped midway is retried): run the "
                    "same command again to go on"), \
             tensorboard_progress(not (json_output or quiet), tensorboard=tensorboard,
-                                 run_dir=run_dir, store_url=store) as shown, \
+                                 run_dir=run_dir, store_url=store, spec=spec,
+                                 kind="search") as shown, \
             logging_to_mlflow(mlflow, spec, kind="search", run_dir=run_dir, store_url=store,
                               progress=shown) as progress:
         result = run_search(spec, run_dir=run_dir, store_url=store, n_trials=n_trials,

@@ -88,7 +88,7 @@ def study(
         spec = dataclasses.replace(spec, seed=seed)
     with resumable("the run is kept; run the same command again to resume it"), \
             tensorboard_progress(not (json_output or quiet), tensorboard=tensorboard,
-                                 run_dir=run_dir, store_url=store) as shown, \
+                                 run_dir=run_dir, store_url=store, spec=spec) as shown, \
             logging_to_mlflow(mlflow, spec, run_dir=run_dir, store_url=store,
                               progress=shown) as progress:
         result = run_study(spec, run_dir=run_dir, store_url=store, device=device, fresh=fresh,
@@ -98,17 +98,6 @@ def study(
     if json_output or quiet:  # said with the progress otherwise; a note is no progress
         for note in result.notes:
             typer.echo(note, err=True)
-    if tensorboard and not result.trained_here and result.results_by is None:
-        # A finished run shown from the store: no epoch was reported live, so its stored
-        # curves are written now (idempotent: what the event files hold is not written again).
-        from fashionlab.integrations.tensorboard import export_run_to_tensorboard
-        from fashionlab.store import Store
-
-        opened = Store.open(run_dir, store, read_only=True)
-        try:
-            export_run_to_tensorboard(opened, result.run.id)
-        finally:
-            opened.close()
     if result.results_by is not None:  # a run shared with other processes, which finish it
         if json_output:
             typer.echo(json.dumps({"run": result.run.id, "trained": result.trained_here,

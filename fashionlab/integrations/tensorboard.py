@@ -28,8 +28,9 @@ import socket
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
+from fashionlab.config import StudySpec
 from fashionlab.errors import ConfigError, OutputError
 from fashionlab.progress import Reporter, reporting
 from fashionlab.schema import METRICS
@@ -195,18 +196,22 @@ class TensorBoard:
 
     It learns the run from the store: the run this process is running that holds the models
     it hears of. A context manager: on exit it writes the HParams entries of the runs it
-    wrote for that finished, and closes its files.
+    wrote for that finished, and closes its files. Given the `spec` (and `kind`) it is used
+    for, a run that trained nothing here (finished already, shown from the store) is written
+    on exit too, as `export_run_to_tensorboard` writes it.
 
-        with TensorBoard(run_dir="fashionlab-runs") as board:
+        with TensorBoard(run_dir="fashionlab-runs", spec=spec) as board:
             run_study(spec, run_dir="fashionlab-runs", progress=board)
     """
 
     def __init__(self, *, run_dir: str | Path = DEFAULT_RUN_DIR, store_url: str | None = None,
-                 then: Reporter | None = None) -> None:
+                 then: Reporter | None = None, spec: StudySpec | None = None,
+                 kind: Literal["study", "search"] = "study") -> None:
         _require()
         self.run_dir = Path(run_dir)
         self.store_url = store_url
         self.then = then
+        self.spec, self.kind = spec, kind
         self._store: Store | None = None
         self._runs: dict[str, _RunWriter] = {}  # run id -> its writer
 
@@ -215,7 +220,27 @@ class TensorBoard:
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  trace: TracebackType | None) -> None:
-        self.close()
+        try:
+            if error is None and self.spec is not None:
+                self._write_shown_run(self.spec)
+        finally:
+            self.close()
+
+    def _write_shown_run(self, spec: StudySpec) -> None:
+        """The newest finished run of the spec, when no epoch of it was heard of here."""
+        if self.kind == "search":
+            # Optuna: the search's identity leaves its stopping rules out
+            from fashionlab.search import search_identity
+
+            fingerprint = search_identity(spec)[1]
+        else:
+            fingerprint = spec.fingerprint()
+        if self._store is None:
+            self._store = Store.open(self.run_dir, self.store_url, read_only=True)
+        newest = next(iter(self._store.runs(kind=self.kind, fingerprint=fingerprint)), None)
+        if newest is not None and newest.id not in self._runs and newest.status == "finished":
+            export_run_to_tensorboard(self._store, newest.id,
+                                      tensorboard_dir(newest, self.run_dir))
 
     def close(self) -> None:
         """Write the HParams entries of the finished runs it saw; close every file."""
@@ -273,15 +298,17 @@ class TensorBoard:
 
 @contextlib.contextmanager
 def tensorboard_progress(progress: bool | Reporter, *, tensorboard: bool = True,
-                         run_dir: str | Path = DEFAULT_RUN_DIR,
-                         store_url: str | None = None) -> Iterator[bool | Reporter]:
+                         run_dir: str | Path = DEFAULT_RUN_DIR, store_url: str | None = None,
+                         spec: StudySpec | None = None,
+                         kind: Literal["study", "search"] = "study") -> Iterator[bool | Reporter]:
     """The `progress` argument for a study or search: as given (bars, nothing, your reporter),
     with a `TensorBoard` in front when `tensorboard` is true."""
     if not tensorboard:
         yield progress
         return
     with reporting(progress) as shown, \
-            TensorBoard(run_dir=run_dir, store_url=store_url, then=shown) as board:
+            TensorBoard(run_dir=run_dir, store_url=store_url, then=shown, spec=spec,
+                        kind=kind) as board:
         yield board
 
 
