@@ -38,6 +38,7 @@ import numpy as np
 
 from fashionlab.errors import FashionlabError, OutputError
 from fashionlab.idx import looks_like_idx, read_idx
+from fashionlab.serialize import file_in_the_way
 from fashionlab.text import first_line
 
 if TYPE_CHECKING:
@@ -321,9 +322,9 @@ def _border(gray: np.ndarray) -> np.ndarray:
 
 
 def check_preview_path(path: Path, images: Sequence[str | Path] = ()) -> Path:
-    """`path` if a preview can be written there (an image format by its ending, an existing
-    folder, none of the `images` to predict), else OutputError: checked before predicting,
-    not after."""
+    """`path` if a preview can be written there (an image format by its ending, in a folder
+    that is or can be made, none of the `images` to predict), else OutputError: checked before
+    predicting, not after."""
     from PIL import Image
 
     if path.is_dir():
@@ -333,8 +334,9 @@ def check_preview_path(path: Path, images: Sequence[str | Path] = ()) -> Path:
                           "the preview")
     if path.suffix.lower() not in Image.registered_extensions():
         raise OutputError(f"{path}: not an image file name (use .png)")
-    if not path.parent.is_dir():
-        raise OutputError(f"{path.parent}: directory not found")
+    blocking = file_in_the_way(path.parent)  # the folder itself is made when written to
+    if blocking is not None:
+        raise OutputError(f"{blocking} is a file, not a folder (the folder of {path})")
     return path
 
 
@@ -348,7 +350,9 @@ def _same_file(a: Path, b: Path) -> bool:
 def write_preview(images: np.ndarray, path: Path) -> None:
     """`preview(images)` saved to `path`; OutputError (one line) where it cannot be written."""
     try:
-        preview(images).save(check_preview_path(path))
+        path = check_preview_path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        preview(images).save(path)
     except OSError as error:
         raise OutputError(f"{path}: cannot write ({error.strerror or error})") from None
 

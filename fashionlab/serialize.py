@@ -107,6 +107,12 @@ def remove_stale_staging(folder: Path, *, recursive: bool = False,
     return removed
 
 
+def file_in_the_way(path: Path) -> Path | None:
+    """The file (not folder) at `path` or above it that keeps `path` from being a folder, or
+    made one: checked before work whose output is written there at the end."""
+    return next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a text file whole or not at all: under a temporary name, then renamed, so that a
     full disk or a kill never leaves half a file under `path`. OSError when it cannot."""

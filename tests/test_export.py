@@ -117,13 +117,18 @@ def test_export_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     assert load_model(saved.path).spec == CONV_BN  # the directory still loads
     code, out, _ = run_cli(capsys, "export", str(saved.path), "--out", str(tmp_path / "x.onnx"))
     assert code == 0 and f"wrote {tmp_path / 'x.onnx'}" in out and "max |diff|" in out
+    deeper = tmp_path / "not" / "yet" / "x.onnx"  # its folders made, as `report --out` does
+    code, out, _ = run_cli(capsys, "export", str(saved.path), "--out", str(deeper))
+    assert code == 0 and deeper.read_bytes() == (tmp_path / "x.onnx").read_bytes()
 
 
 def test_export_command_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     saved = _saved(tmp_path / "model", DENSE)
+    (tmp_path / "a-file").write_text("not a folder")
     code, _, err = run_cli(capsys, "export", str(saved.path), "--out",
-                           str(tmp_path / "no" / "such" / "dir.onnx"))
-    assert_one_line_error(code, err, str(tmp_path / "no" / "such"), "directory not found")
+                           str(tmp_path / "a-file" / "sub" / "m.onnx"))
+    assert_one_line_error(code, err, f"{tmp_path / 'a-file'} is a file, not a folder")
+    assert (tmp_path / "a-file").read_text() == "not a folder"
     code, _, err = run_cli(capsys, "export", str(saved.path), "--out", str(tmp_path))
     assert_one_line_error(code, err, "is a directory")
     for target in (saved.path / "model.safetensors", saved.path / "model.json",

@@ -441,10 +441,11 @@ def test_predict_preview_and_invert(tmp_path: Path, real_model: SavedModel,
     shirt_photo().save(photo)
     np.save(tmp_path / "two.npy", np.zeros((2, 28, 28), np.uint8))
     code, _, _ = run_cli(capsys, "predict", str(real_model.path), str(photo),
-                         str(tmp_path / "two.npy"), "--preview", str(tmp_path / "seen.png"),
+                         str(tmp_path / "two.npy"), "--preview",
+                         str(tmp_path / "new" / "seen.png"),  # its folder made
                          "--no-invert", "--device", "cpu")
     assert code == 0
-    seen = Image.open(tmp_path / "seen.png")
+    seen = Image.open(tmp_path / "new" / "seen.png")
     assert seen.size == (3 * 30 * 4, 30 * 4)
 
 
@@ -456,7 +457,7 @@ def test_a_preview_that_cannot_be_written_is_refused_before_predicting(
                             (tmp_path / "." / "shirt.png", "is one of the images to predict"),
                             (tmp_path, "is a directory"),
                             (tmp_path / "seen.txt", "not an image file name"),
-                            (tmp_path / "no" / "seen.png", "directory not found")):
+                            (photo / "seen.png", f"{photo} is a file, not a folder")):
         code, out, err = run_cli(capsys, "predict", str(real_model.path), str(photo),
                                  "--preview", str(target), "--device", "cpu")
         assert_one_line_error(code, err, problem)

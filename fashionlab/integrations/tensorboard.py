@@ -34,7 +34,7 @@ from fashionlab.config import StudySpec
 from fashionlab.errors import ConfigError, OutputError
 from fashionlab.progress import Reporter, reporting
 from fashionlab.schema import METRICS
-from fashionlab.serialize import flatten
+from fashionlab.serialize import file_in_the_way, flatten
 from fashionlab.store import DEFAULT_RUN_DIR, RunRecord, Store
 from fashionlab.text import safe_name
 from fashionlab.train import EpochMetrics
@@ -171,8 +171,7 @@ def export_run_to_tensorboard(store: Store, run_id: str,
         raise OutputError("logdir (--to tensorboard DIR): the log directory is empty")
     run = store.run(run_id)
     target = Path(logdir) if logdir is not None else tensorboard_dir(run)
-    blocking = next((p for p in (target, *target.parents) if p.exists() and not p.is_dir()),
-                    None)
+    blocking = file_in_the_way(target)
     if blocking is not None:
         raise OutputError(f"{blocking} is a file, not a folder (TensorBoard's log directory "
                           f"{target})")
