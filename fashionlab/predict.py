@@ -301,7 +301,10 @@ def _grayscale(image: Image.Image) -> np.ndarray:
     if image.mode.startswith("I") or image.mode == "F":  # 16/32-bit integer or float pixels
         gray = np.asarray(image, dtype=np.float32)
         high = float(gray.max()) if gray.size else 0.0
-        scale = 255 / 65535 if high > 255 else 255.0 if image.mode == "F" and high <= 1 else 1.0
+        if image.mode == "F" and high <= 1:
+            scale = 255.0
+        else:  # the fewest bits that hold its brightest pixel: 12-bit data in a 16-bit PNG
+            scale = 255 / (2 ** max(8, int(high).bit_length()) - 1)
         image = Image.fromarray(np.clip(gray * scale, 0, 255).astype(np.uint8))
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
         rgba = image.convert("RGBA")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +129,18 @@ def test_sixteen_bit_pictures():
     sixteen = Image.fromarray(eight * 257)  # (H, W) uint16: mode I;16
     np.testing.assert_allclose(preprocess_photo(sixteen), preprocess_photo(
         Image.fromarray(eight.astype(np.uint8))), atol=0.01)
+
+
+@pytest.mark.parametrize(("factor", "mode"), [(16, "I;16"), (100, "I")])
+def test_pictures_with_fewer_bits_than_their_container(factor: int, mode: str):
+    """12-bit data in a 16-bit PNG (a camera's raw), 15 bits in a 32-bit TIFF: read at their
+    own depth, not as a nearly black 16-bit picture."""
+    eight = np.asarray(shirt_photo().convert("L"), dtype=np.int32)
+    deep = Image.fromarray((eight * factor).astype(np.uint16 if mode == "I;16" else np.int32))
+    assert deep.mode == mode
+    expected = preprocess_photo(Image.fromarray(eight.astype(np.uint8)))
+    assert expected.max() == 1
+    np.testing.assert_allclose(preprocess_photo(deep), expected, atol=0.02)
 
 
 def test_a_blank_picture_stays_dark():
@@ -402,6 +416,34 @@ def test_predict_json(tmp_path: Path, real_model: SavedModel,
     assert json.loads(json.dumps(from_api))["predictions"] == rows
     assert [e["file"] for e in from_api["errors"]] == [str(tmp_path / "missing.png")]
     assert predictions_to_dict(str(real_model.path), [], 50)["top_k"] == len(CLASS_NAMES)
+
+
+def test_a_file_it_cannot_read_is_reported_with_the_others_predicted(
+        tmp_path: Path, real_model: SavedModel, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch):
+    good, locked = tmp_path / "shirt.jpg", tmp_path / "locked.png"
+    shirt_photo().save(good)
+    shirt_photo().save(locked)
+    # chmod 000, as the superuser (who reads it anyway) cannot see it
+    real_access, real_open = os.access, open
+
+    def access(path: object, mode: int, **kwargs: object) -> bool:
+        return Path(str(path)) != locked and real_access(path, mode, **kwargs)  # type: ignore
+
+    def opening(path: object, *args: object, **kwargs: object) -> object:
+        if Path(str(path)) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(os, "access", access)
+    # (the package's `fashionlab.predict` is the function; the module is in sys.modules)
+    monkeypatch.setattr(sys.modules["fashionlab.predict"], "open", opening, raising=False)
+    code, out, err = run_cli(capsys, "predict", str(real_model.path), str(locked), str(good),
+                             "--device", "cpu", "--json")
+    assert code == 1, err
+    result = json.loads(out)
+    assert [r["file"] for r in result["predictions"]] == [str(good)]
+    assert err == f"error: {locked}: cannot read (Permission denied)\n"
 
 
 def test_predict_table_and_top(tmp_path: Path, real_model: SavedModel,

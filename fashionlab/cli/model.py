@@ -100,7 +100,8 @@ def evaluate(
 def predict(
     model: ModelDir,
     images: Annotated[list[Path], typer.Argument(
-        help="Photos (PNG, JPEG, ...), IDX files or .npy arrays.", show_default=False)],
+        help="Photos (PNG, JPEG, ...), IDX files or .npy arrays.", show_default=False,
+        readable=False)],  # a file it cannot read is reported with the others predicted
     top: Annotated[int, typer.Option(help="How many classes to show per image.", min=1)] = 3,
     invert: Annotated[bool | None, typer.Option(
         "--invert/--no-invert", help="Force inverting photos (or not); by default a photo is "
