@@ -763,23 +763,36 @@ def test_a_study_changed_after_an_interruption_says_it_starts_a_new_run(
     assert f"differ from those of its interrupted run {interrupted.id}" in err
 
 
+@pytest.mark.parametrize(("where", "damage"), [("here", "truncated"), ("copied", "truncated"),
+                                               ("copied", "deleted")])
 def test_damaged_results_of_a_finished_run_are_written_again_when_it_is_shown(
-        study_file: Path, tmp_path: Path):
+        study_file: Path, tmp_path: Path, where: str, damage: str):
     spec = load_study(study_file)
-    first = run_study(spec, run_dir=tmp_path, progress=False)
+    first = run_study(spec, run_dir=tmp_path / "runs", progress=False)
     written = {name: (first.output_dir / name).read_bytes()
                for name in ("results.md", "results.csv", "results.json")}
-    with open(first.output_dir / "results.json", "r+b") as damaged:
-        damaged.truncate(100)  # a disk that filled up, a bad copy
-    (first.output_dir / "results.md").unlink()
-    stored = Store.open(tmp_path).run(first.run.id)
-    again = run_study(spec, run_dir=tmp_path, progress=False)
-    assert again.notes == [(f"{first.output_dir}: the results were missing or damaged and are "
+    run_dir = tmp_path / "runs"
+    if where == "copied":  # the store names the original's folder, intact
+        run_dir = tmp_path / "copy"
+        shutil.copytree(tmp_path / "runs", run_dir)
+    folder = (run_dir / first.run.id).resolve()
+    if damage == "truncated":
+        with open(folder / "results.json", "r+b") as damaged:
+            damaged.truncate(100)  # a disk that filled up, a bad copy
+        (folder / "results.md").unlink()
+    else:
+        (folder / "results.json").unlink()
+        (folder / "results.csv").unlink()
+    stored = Store.open(run_dir).run(first.run.id)
+    again = run_study(spec, run_dir=run_dir, progress=False)
+    assert again.output_dir == folder
+    assert again.notes == [(f"{folder}: the results were missing or damaged and are "
                            "written again from the store")]
-    for name, content in written.items():
-        assert (first.output_dir / name).read_bytes() == content, name  # as they were
-    assert Store.open(tmp_path).run(first.run.id) == stored  # the store only read
-    assert run_study(spec, run_dir=tmp_path, progress=False).notes == []  # whole again
+    for name, content in written.items():  # as they were (a copy's naming its own models)
+        expected = content.replace(str(first.output_dir).encode(), str(folder).encode())
+        assert (folder / name).read_bytes() == expected, name
+    assert Store.open(run_dir).run(first.run.id) == stored  # the store only read
+    assert run_study(spec, run_dir=run_dir, progress=False).notes == []  # whole again
 
 
 def test_results_written_again_for_an_older_run_agree_with_its_csv(study_file: Path,

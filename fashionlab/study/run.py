@@ -130,8 +130,11 @@ def run_study(
     # finished run is shown where its results are: here (a run directory moved or copied),
     # else where they were written (the writer's run directory, maybe on another machine: a
     # process that only trained jobs of a shared run has a folder here without them).
+    # (A folder here that holds any of the results is theirs, a copy's say, whose results
+    # deleted since are written again there, not looked for in the folder it was copied from.)
     output_dir = (run_dir / run.id).resolve()
-    if shown and run.output_dir and not (output_dir / RESULTS_FILE).is_file():
+    if shown and run.output_dir and not any(
+            (output_dir / name).exists() for name in (*RESULT_FILES, REPORT_NAME)):
         output_dir = Path(run.output_dir)
     if not store.read_only:  # what a killed process of this run left half-written
         remove_stale_staging(output_dir, recursive=True)
