@@ -61,10 +61,13 @@ def write_report(store: Store, run_id: str, path: str | Path | None = None, *,
 
     `device` runs the tested models' inference: cpu, cuda, cuda:N or auto. `run_dir`: the run
     directory it is seen from; where it holds the run's folder (a run directory moved or
-    copied), that folder is the run's, not the one the store recorded.
+    copied), that folder is the run's, not the one the store recorded, and the report goes
+    into `<run_dir>/<run id>` by default, made if missing.
     """
     run = _as_seen_from(store.run(run_id), run_dir)
-    if path is None:
+    if path is None and run_dir is not None:  # its folder here, made if missing (a copy's)
+        path = Path(run_dir) / run.id / REPORT_NAME
+    elif path is None:
         if not run.output_dir:
             raise ReportError(f"run {run.id} has no output directory; give the report a path")
         path = Path(run.output_dir) / REPORT_NAME

@@ -396,3 +396,11 @@ def test_a_copied_run_directory_gets_its_report_in_the_copy(
     code, out, _ = run_cli(capsys, "runs", "show", study.run.id, "--json",
                            "--run-dir", str(copy))
     assert json.loads(out)["output_dir"] == str(written.parent)
+    # A copy without the run's folder: its report goes into the copy, its models read where
+    # the store says they are.
+    shutil.rmtree(copy / study.run.id)
+    code, out, err = run_cli(capsys, "report", study.run.id, "--run-dir", str(copy))
+    assert code == 0, err
+    assert f"wrote {copy / study.run.id / 'report.html'}" in out
+    assert (study.output_dir / "report.html").read_bytes() == original  # not written there
+    assert "Not tested" not in (copy / study.run.id / "report.html").read_text()
