@@ -25,7 +25,7 @@ from fashionlab import plots
 from fashionlab.data import Split, load_fashion_mnist
 from fashionlab.errors import FashionlabError
 from fashionlab.schema import METRICS
-from fashionlab.serialize import write_text_atomic
+from fashionlab.serialize import why_not_written, write_text_atomic
 from fashionlab.store import EpochRecord, RunRecord, Store
 from fashionlab.tables import (
     HEADERS,
@@ -79,7 +79,7 @@ def write_report(store: Store, run_id: str, path: str | Path | None = None, *,
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, html)
     except OSError as error:
-        raise ReportError(f"{path}: cannot write the report ({error.strerror or error})") \
+        raise ReportError(f"{path}: cannot write the report ({why_not_written(path, error)})") \
             from None
     return path
 

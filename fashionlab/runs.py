@@ -32,7 +32,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from fashionlab import stats
 from fashionlab.errors import FashionlabError, StoreError
 from fashionlab.schema import EPOCH_FIELDS
-from fashionlab.serialize import jsonable, write_text_atomic
+from fashionlab.serialize import jsonable, why_not_written, write_text_atomic
 from fashionlab.store import ModelRecord, RunRecord, Store, safe_url
 from fashionlab.tables import SPENT_KEYS, rows_from_summary
 from fashionlab.text import first_line
@@ -361,7 +361,7 @@ def write_export(store: Store, run_id: str, path: str | Path,
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, text)
     except OSError as error:
-        raise RunError(f"{path}: cannot write ({error.strerror or error})") from None
+        raise RunError(f"{path}: cannot write ({why_not_written(path, error)})") from None
     return path
 
 

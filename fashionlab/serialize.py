@@ -113,6 +113,15 @@ def file_in_the_way(path: Path) -> Path | None:
     return next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
 
 
+def why_not_written(path: Path, error: OSError) -> str:
+    """Why writing `path` failed, in words: a file where one of its folders should be (mkdir's
+    "File exists" would not say which), else the system's reason."""
+    blocking = file_in_the_way(path.parent)
+    if blocking is not None:
+        return f"{blocking} is a file, not a folder"
+    return error.strerror or str(error)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a text file whole or not at all: under a temporary name, then renamed, so that a
     full disk or a kill never leaves half a file under `path`. OSError when it cannot."""

@@ -223,7 +223,8 @@ def test_show_bad_arguments(capsys: pytest.CaptureFixture[str], tiny_idx_dir: Pa
     (tmp_path / "a-file").write_text("")
     code, _, err = run(capsys, "data", "show", "--out", str(tmp_path / "a-file" / "x.png"),
                        "--dir", str(tiny_idx_dir), "--no-verify")
-    assert_one_line_error(code, err, "cannot write")
+    assert_one_line_error(code, err, f"cannot write ({tmp_path / 'a-file'} is a file, not a "
+                          "folder)")
     code, _, err = run(capsys, "data", "show", "--out", str(tmp_path / "grid.txt"),
                        "--dir", str(tiny_idx_dir), "--no-verify")
     assert_one_line_error(code, err, "grid.txt: name an image file ending in .png, .jpg")

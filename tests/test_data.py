@@ -243,6 +243,9 @@ def test_search_order(tiny_idx_dir: Path, tmp_path: Path, isolated_data_env: Pat
 
     assert source(places["explicit"]) == places["explicit"]
     assert source() == places["env"]
+    monkeypatch.setenv("FASHIONLAB_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match=r"file not found \(FASHIONLAB_DATA=.*nowhere\)$"):
+        source()  # the error says where the folder it names came from
     monkeypatch.delenv("FASHIONLAB_DATA")
     assert source() == places["cache"]
     (places["cache"] / f"{data.TEST_LABELS}.gz").unlink()  # an incomplete cache is passed over

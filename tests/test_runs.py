@@ -275,6 +275,9 @@ def test_export_every_epoch_as_csv_and_json(runs: dict[str, StudyResult], tmp_pa
         code, _, err = run_cli(capsys, "runs", "export", a.run.id, *args,
                                "--run-dir", _run_dir(runs))
         assert_one_line_error(code, err, "export must be written to a")
+    code, _, err = run_cli(capsys, "runs", "export", a.run.id, "--out",
+                           str(study_file / "e.csv"), "--run-dir", _run_dir(runs))
+    assert_one_line_error(code, err, f"cannot write ({study_file} is a file, not a folder)")
     assert study_file.read_text() == "name = 'mine'\n" and json.loads(out_file.read_text())
 
 

@@ -1025,6 +1025,10 @@ def test_a_run_directory_that_is_a_file_is_one_line(tiny_idx_dir: Path, tmp_path
     code, _, err = run_cli(capsys, "search", str(path), "--run-dir",
                            str(tmp_path / "afile" / "below"))
     assert_one_line_error(code, err, f"{tmp_path / 'afile'} is a file, not a folder")
+    for command in (["runs", "list"], ["runs", "show", "x"], ["report", "x"]):  # read only
+        code, _, err = run_cli(capsys, *command, "--run-dir", str(tmp_path / "afile"))
+        assert_one_line_error(code, err, f"{tmp_path / 'afile'} is a file, not a folder")
+    assert (tmp_path / "afile").read_text() == ""
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")  # the trial asked here

@@ -12,6 +12,7 @@ import typer
 from fashionlab import data
 from fashionlab.cli import app, output_console
 from fashionlab.errors import FashionlabError
+from fashionlab.serialize import why_not_written
 
 data_app = typer.Typer(
     help="Find, fetch, verify and look at the Fashion-MNIST files.\n\n"
@@ -122,5 +123,5 @@ def show(
         out.parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(out, dpi=100, bbox_inches="tight")  # the format its suffix names
     except OSError as error:
-        raise FashionlabError(f"{out}: cannot write ({error.strerror or error})") from None
+        raise FashionlabError(f"{out}: cannot write ({why_not_written(out, error)})") from None
     typer.echo(f"wrote {out}")

@@ -43,7 +43,7 @@ from fashionlab.data.files import (
 )
 from fashionlab.errors import DataError
 from fashionlab.idx import gunzip, read_decompressed
-from fashionlab.serialize import remove_stale_staging
+from fashionlab.serialize import file_in_the_way, remove_stale_staging
 
 __all__ = [
     "DATA_ENV",
@@ -120,7 +120,12 @@ def load_fashion_mnist(
             raise DataError(f"Fashion-MNIST not found in {cache_dir()} or {DEBIAN_DIR}; "
                             "run `fashionlab data fetch` or set FASHIONLAB_DATA")
         found = fetch_fashion_mnist(mirrors=mirrors, checksums=checksums)
-    return load_idx_dataset(found, checksums=checksums if verify else None)
+    try:
+        return load_idx_dataset(found, checksums=checksums if verify else None)
+    except DataError as error:
+        if directory is None and os.environ.get(DATA_ENV):  # say where the folder came from
+            raise DataError(f"{error} (FASHIONLAB_DATA={os.environ[DATA_ENV]})") from None
+        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,8 +237,7 @@ def _download(name: str, *, mirrors: Sequence[str], expected: FileChecksum, time
 
 
 def _ensure_writable(directory: Path, *, what: str) -> None:
-    blocking = next((p for p in (directory, *directory.parents)
-                     if p.exists() and not p.is_dir()), None)
+    blocking = file_in_the_way(directory)
     if blocking is not None:
         raise DataError(f"{what} {directory}: {blocking} is a file, not a folder")
     try:

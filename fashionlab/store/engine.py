@@ -16,6 +16,7 @@ from urllib.parse import quote, unquote
 import sqlalchemy as sa
 
 from fashionlab.errors import StoreError
+from fashionlab.serialize import file_in_the_way
 from fashionlab.text import first_line
 
 DEFAULT_RUN_DIR = Path("fashionlab-runs")
@@ -125,8 +126,7 @@ def make_folder(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()),
-                        folder)
+        blocking = file_in_the_way(folder) or folder
         raise StoreError(f"{blocking} is a file, not a folder") from None
     except OSError as error:
         raise StoreError(f"{folder}: cannot create the folder ({error.strerror or error})") \

@@ -35,7 +35,7 @@ from fashionlab.schema import (
     models,
     runs,
 )
-from fashionlab.serialize import jsonable
+from fashionlab.serialize import file_in_the_way, jsonable
 from fashionlab.store.engine import (
     DEFAULT_RUN_DIR,
     connect_args,
@@ -93,6 +93,10 @@ class Store:
             except ValueError as error:  # not from the database: a port like "abc"
                 raise open_error(url, error) from None
             path = sqlite_file(engine_url)
+            blocking = None if path is None else file_in_the_way(path.parent)
+            if blocking is not None:  # --run-dir naming a file
+                raise StoreError(f"cannot open the store {path}: {blocking} is a file, not "
+                                 "a folder")
             if path is not None and not create and not path.exists():
                 raise StoreError(f"no store at {path}: nothing has run there yet (`fashionlab "
                                  "study` starts a run; --run-dir or --store names another "
