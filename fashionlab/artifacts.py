@@ -118,6 +118,8 @@ def load_model(directory: str | Path, device: str | torch.device | None = "cpu",
     if not directory.is_dir():
         raise ModelFileError(f"{directory}: not a model directory")
     for path in (spec_path, weights_path):
+        if path.is_dir():
+            raise ModelFileError(f"{path}: a folder, not a file")
         if not path.is_file():
             raise ModelFileError(f"{path}: file not found")
     spec, class_names, description = _read_description(spec_path)
@@ -235,8 +237,8 @@ def _unreadable(path: Path, error: Exception) -> ModelFileError:
     try:
         with path.open("rb") as file:
             head = file.read(4)  # not read_bytes(): the file may be huge
-    except OSError:
-        head = b""
+    except OSError as reading:  # safetensors says "No such file" of a file it may not read
+        return ModelFileError(f"{path}: cannot read ({reading.strerror or reading})")
     if head[:2] == b"PK" or head[:1] == b"\x80":  # a zip (torch.save) or a raw pickle
         return ModelFileError(f"{path}: a pickle (torch.save) file, not safetensors; "
                               "fashionlab loads only safetensors and never unpickles")

@@ -8,11 +8,13 @@ import os
 import pickle
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from helpers import assert_one_line_error, run_cli
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fashionlab import artifacts
@@ -184,9 +186,33 @@ BROKEN = {
         (d / WEIGHTS_FILE).read_bytes()[:200]), WEIGHTS_FILE, "not a valid safetensors file"),
     "empty weights": (lambda d: (d / WEIGHTS_FILE).write_bytes(b""), WEIGHTS_FILE,
                       "not a valid safetensors file"),
+    "weights a folder": (lambda d: ((d / WEIGHTS_FILE).unlink(), (d / WEIGHTS_FILE).mkdir()),
+                         WEIGHTS_FILE, "a folder, not a file"),
     "conv stack shrinks to nothing": (_edit_json(lambda d: d["spec"]["conv"][0].update(
         kernel=40)), SPEC_FILE, "spec.conv.0: kernel 40 is larger than its 28x28 input"),
 }
+
+
+def test_weights_it_may_not_read_are_said_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """chmod 000 (simulated: the superuser reads anything): safetensors' own error says
+    "No such file or directory" of a file that is there."""
+    directory = _save(tmp_path / "m")
+    locked = directory / WEIGHTS_FILE
+    real_open = Path.open
+
+    def opening(path: Path, *args: Any, **kwargs: Any) -> Any:
+        if path == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    def safe_open(name: str, **kwargs: Any) -> Any:
+        raise SafetensorError("No such file or directory: " + name)
+
+    monkeypatch.setattr(Path, "open", opening)
+    monkeypatch.setattr(artifacts, "safe_open", safe_open)
+    with pytest.raises(ModelFileError) as error:
+        load_model(directory)
+    assert str(error.value) == f"{locked}: cannot read (Permission denied)"
 
 
 @pytest.mark.parametrize("case", list(BROKEN))
