@@ -30,6 +30,7 @@ from fashionlab.integrations.mlflow import (
     export_run_to_mlflow,
     flatten,
     logging_to_mlflow,
+    require_mlflow,
 )
 from fashionlab.progress import Silent, Tee
 from fashionlab.runs import delete_run
@@ -344,11 +345,21 @@ def test_the_command_line_exports_and_logs_live(tiny_idx_dir: Path, tmp_path: Pa
     for uri, message in [("", "the MLflow tracking URI is empty"),
                          (f"sqlite:///{tmp_path / 'afile' / 'm.db'}", "mlflow sqlite:///"),
                          (f"sqlite:///{missing / 'm.db'}", (f"the folder {missing} does not "
-                          "exist (create it, or correct the path)"))]:
+                          "exist (create it, or correct the path)")),
+                         # MLflow 3 refuses its file store (in a paragraph) unless allowed
+                         (str(tmp_path / "mlruns"), "a folder (MLflow's file store)"),
+                         (f"file://{tmp_path / 'mlruns'}", "MLFLOW_ALLOW_FILE_STORE=true")]:
         code, out, err = run_cli(capsys, "runs", "export", run_id, "--to", "mlflow", uri,
                                  "--run-dir", str(tmp_path / "runs"))
         assert_one_line_error(code, err, message)
     assert not (tmp_path / "typo").exists()  # MLflow would have made the folders
+    code, _, err = run_cli(capsys, "study", "seed", "--mlflow", "mlruns",
+                           "--run-dir", str(tmp_path / "new"))
+    assert_one_line_error(code, err, "mlflow mlruns: a folder")  # before training, not after
+    assert not (tmp_path / "new").exists()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+        require_mlflow(str(tmp_path / "mlruns"))  # the user's choice: MLflow writes it
 
 
 def test_a_quiet_study_still_says_that_mlflow_failed(tiny_idx_dir: Path, tmp_path: Path,

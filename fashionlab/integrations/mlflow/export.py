@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import time
+import urllib.parse
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,11 @@ def require_mlflow(tracking_uri: str | None = None) -> None:
     if tracking_uri is not None and not tracking_uri.strip():
         raise MlflowError("the MLflow tracking URI is empty (e.g. sqlite:///mlflow.db or "
                           "http://host:5000)")
+    if tracking_uri is not None and _file_store(tracking_uri) and not _file_store_allowed():
+        # MLflow 3 refuses it only at the first call, in a paragraph: after training.
+        raise MlflowError(f"mlflow {tracking_uri}: a folder (MLflow's file store), which MLflow "
+                          "no longer writes unless MLFLOW_ALLOW_FILE_STORE=true; use a database "
+                          "such as sqlite:///mlflow.db, or a server http://host:5000")
     if tracking_uri is not None and tracking_uri.startswith("sqlite:///"):
         # MLflow would create every missing folder of the path: a typo would log elsewhere.
         folder = Path(tracking_uri.removeprefix("sqlite:///").partition("?")[0]).parent
@@ -83,6 +89,21 @@ def require_mlflow(tracking_uri: str | None = None) -> None:
                               "(create it, or correct the path)")
     for name, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(name, value)
+
+
+def _file_store(tracking_uri: str) -> bool:
+    """Whether MLflow reads the URI as its file store: a path, or file:// (C:\\ on Windows)."""
+    scheme = urllib.parse.urlparse(tracking_uri).scheme
+    return scheme in ("", "file") or len(scheme) == 1
+
+
+def _file_store_allowed() -> bool:
+    """MLflow's own switch for its file store; an MLflow without it writes one anyway."""
+    try:
+        from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE  # MLflow 3.x only
+    except ImportError:
+        return True
+    return bool(MLFLOW_ALLOW_FILE_STORE.get())
 
 
 @contextlib.contextmanager
