@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -1302,6 +1303,17 @@ def test_a_trial_elsewhere_is_lost_once_its_claim_outlives_the_claim_grace(
         assert not result.finished and result.stopped_by == "others-running"
         assert optuna.load_study(study_name=first.study_name, storage=default_url(run_dir)
                                  ).trials[lost.number].state == TrialState.RUNNING
+
+
+def test_optuna_tables_tampered_with_are_one_line(tiny_idx_dir: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]):
+    path = _learning_rate_search(tiny_idx_dir, tmp_path, "n_trials = 1\npruner = \"none\"")
+    run_dir = tmp_path / "runs"
+    assert run_search(load_study(path), run_dir=run_dir, progress=False).finished
+    with sqlite3.connect(run_dir / "fashionlab.db") as conn:
+        conn.execute("DROP TABLE studies")  # Optuna makes it again, empty
+    code, _, err = run_cli(capsys, "search", str(path), "--run-dir", str(run_dir))
+    assert_one_line_error(code, err, "the search's Optuna tables in sqlite:///", "are damaged")
 
 
 def test_a_search_in_a_folder_named_with_braces(tiny_idx_dir: Path, tmp_path: Path):

@@ -223,10 +223,15 @@ def run_search(
                                    environment={**environment(str(torch_device)),
                                                 "data": data},
                                    output_root=run_dir)
-        study = optuna.create_study(
-            study_name=study_name, storage=storage, load_if_exists=True,
-            direction="maximize" if search.objective == "val_accuracy" else "minimize",
-            pruner=make_pruner(search))
+        try:
+            study = optuna.create_study(
+                study_name=study_name, storage=storage, load_if_exists=True,
+                direction="maximize" if search.objective == "val_accuracy" else "minimize",
+                pruner=make_pruner(search))
+        except KeyError:  # Optuna's "Record does not exist.": its tables were tampered with
+            raise StoreError(f"the search's Optuna tables in {safe_url(url)} are damaged "
+                             f"(study '{study_name}' is half there): repair them, or search in "
+                             "another run directory or store") from None
         if study.user_attrs.get(RUN_ATTR) != run.id:  # optuna-dashboard shows which run
             study.set_user_attr(RUN_ATTR, run.id)
         if search.start_with_base and search.sampler != "grid" and not study.get_trials():
