@@ -17,13 +17,18 @@ from typing import Any, Literal, get_args
 from fashionlab.errors import FieldValueError
 from fashionlab.text import shortened
 
-__all__ = ["VOCABULARY", "Param", "TestTimeAugmentation", "check_base", "check_grid",
-           "check_space", "check_varies"]
+__all__ = ["MAX_EPOCHS", "MAX_LAYERS", "MAX_REPEATS", "VOCABULARY", "Param",
+           "TestTimeAugmentation", "check_base", "check_grid", "check_space", "check_varies"]
 
 # The most hidden dense layers, and the most conv layers, a model may have: deeper plain stacks
 # do not train (no residual connections), and a search space reaching 100,000 layers of a few
 # units stays under the parameter cap while it builds a model for minutes.
 MAX_LAYERS = 100
+# The most epochs a model trains, and the most repeats of a cross-validation: far beyond any
+# useful study, and epochs fit the store's 32-bit integers (a number past them was taken, and
+# failed only once its run was created).
+MAX_EPOCHS = 100_000
+MAX_REPEATS = 100
 
 # A model's test-time augmentation (`ModelSpec.tta`), named once for the spec and the search.
 TestTimeAugmentation = Literal["none", "flip", "flip-shift"]
@@ -48,7 +53,7 @@ VOCABULARY: dict[str, Param] = {
     "l2": Param("float", 0.0, layer="dense"),
     "learning_rate": Param("float", 0.0, positive=True),
     "batch_size": Param("int", 1),
-    "epochs": Param("int", 1),
+    "epochs": Param("int", 1, maximum=MAX_EPOCHS),
     "patience": Param("int", 1, early_stopping=True),
     "min_delta": Param("float", 0.0, early_stopping=True),
     "weight_decay": Param("float", 0.0),
@@ -154,8 +159,8 @@ def _check_value(param: Param, value: Any) -> None:
         raise ValueError(f"values must be numbers (got {value!r})")  # noqa: TRY004 - a config error
     if param.kind == "int" and not _whole(value):
         raise ValueError(f"values must be whole numbers (got {value!r})")
-    if not math.isfinite(value):
-        raise ValueError(f"values must be finite (got {value!r})")
+    if param.kind == "float" and not _finite(value):
+        raise ValueError(f"values must be finite numbers (got {_spelled(value)})")
     if param.positive and value <= 0:
         raise ValueError(f"values must be positive (got {value!r})")
     if param.minimum is not None and value < param.minimum:
@@ -165,6 +170,13 @@ def _check_value(param: Param, value: Any) -> None:
     if param.below is not None and value >= param.below:
         raise ValueError(f"values must lie in [{param.minimum:g}, {param.below:g}) "
                          f"(got {value!r})")
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond any float (400 nines)
+        return False
 
 
 def check_grid(space: Mapping[str, Any]) -> None:

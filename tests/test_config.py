@@ -254,6 +254,13 @@ PRE_RUN_MISTAKES = [
      ('train.early_stopping.monitor: input should be "val_loss" or '
       '"val_accuracy" (got "val_acc")')),
     ("[retrain]\nepochs = 0\n" + ENTRY, "retrain.epochs: input should be greater than 0 (got 0)"),
+    # A number past the store's integers was taken, and failed once a run was made.
+    (f"[retrain]\nepochs = {2**63}\n" + ENTRY,
+     f"retrain.epochs: input should be less than or equal to 100000 (got {2**63})"),
+    ("[train]\nepochs = 100001\n" + ENTRY,
+     "train.epochs: input should be less than or equal to 100000 (got 100001)"),
+    ('[cv]\nstrategy = "shuffled"\nrepeats = 1000000000\n' + ENTRY,  # its folds fill memory
+     "cv.repeats: input should be less than or equal to 100 (got 1000000000)"),
     ('[retrain]\nepochs = "best"\n' + ENTRY,
      'retrain.epochs: must be a number of epochs, "warning" or "lowest" (got "best")'),
     (ENTRY + "layers = [{ units = 64 }, { units = 100000000 }]",  # a typo, or a few zeros too many
@@ -456,6 +463,27 @@ def test_the_quick_variant_of_a_study_with_the_longest_name(name: str):
     spec = study_from_dict(tomllib.loads(f'name = "{name}"\n[[final]]\nname = "f"\n'))
     quick = quick_variant(spec)
     assert quick.name.endswith("-quick") and name.startswith(quick.name.removesuffix("-quick"))
+
+
+@pytest.mark.parametrize(("epochs", "quick"), [
+    ("{ choices = [4, 20] }", "choices=(4,)"), ("{ choices = [20, 30] }", "choices=(8,)"),
+    ("{ low = 5, high = 40 }", "low=5, high=8"), ("{ low = 10, high = 40 }", "value=8"),
+    ("30", "value=8"), ("6", "value=6")])
+def test_the_quick_variant_of_a_search_that_varies_epochs(epochs: str, quick: str):
+    spec = study_from_dict(tomllib.loads(
+        'name = "s"\n[[candidates]]\nname = "a"\nlayers = [{ units = 8 }]\n'
+        f"[search]\nn_trials = 10\n[search.space]\nunits = {{ low = 4, high = 64 }}\n"
+        f"epochs = {epochs}\n"))
+    short = quick_variant(spec).search
+    assert short is not None and quick in repr(short.space["epochs"])
+    assert short.space["units"] == spec.search.space["units"]
+
+
+def test_the_quick_variant_keeps_a_fold_per_sample():
+    spec = study_from_dict(tomllib.loads(
+        'name = "s"\n[cv]\nn_splits = 7000\n[[candidates]]\nname = "a"\n'))
+    quick = quick_variant(spec)
+    assert quick.cv.n_splits == 7000 and quick.data.train_limit == 7000
 
 
 @pytest.mark.parametrize("raw", [None, ["x"], "name = 'x'", 3])

@@ -159,6 +159,12 @@ layers = [{ units = 64 }]
     ("learning_rate = [0.1, 0.2]",
      ("search.space.learning_rate: a list of values to choose from is written choices = [0.1, "
      "0.2]")),
+    (f"learning_rate = {{ low = 0.001, high = {'9' * 400} }}",
+     "search.space.learning_rate: values must be finite numbers (got 99999"),
+    (f"l2 = {{ choices = [0.0, {'9' * 400}] }}",
+     "search.space.l2: values must be finite numbers (got 99999"),
+    ("epochs = { low = 1, high = 100001 }",
+     "search.space.epochs: values must be at most 100000 (got 100001)"),
 ])
 def test_a_bad_space_is_one_line_naming_the_file_and_parameter(space: str, message: str):
     raw = tomllib.loads(BASE + "[search.space]\n" + space)
@@ -241,6 +247,7 @@ def test_a_space_deeper_than_a_model_may_be_is_refused_in_one_line(
     ("units = { low = 8, high = 100000, step = 1 }\n"
      "learning_rate = { low = 0.0001, high = 0.01, step = 0.0000001 }"),  # 1e5 x 1e5 points
     "learning_rate = { low = 1e-3, high = 1e9, step = 1e-3 }",  # 1e12 values in one range
+    "dropout = { low = 0.1, high = 0.5, step = 5e-324 }",  # countless: the count overflows
 ])
 def test_a_grid_too_large_to_list_is_refused_before_anything_is_created(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], space: str):

@@ -217,7 +217,9 @@ def quick_variant(spec: StudySpec) -> StudySpec:
     return replace(
         spec,
         name=_quick_name(spec.name),
-        data=replace(spec.data, train_limit=min(spec.data.train_limit or 10**9, 6000),
+        # (6000 training samples, or one per fold where there are more folds)
+        data=replace(spec.data, train_limit=min(spec.data.train_limit or 10**9,
+                                                max(6000, spec.cv.n_splits)),
                      test_limit=min(spec.data.test_limit or 10**9, 2000)),
         warning=replace(spec.warning, patience=min(spec.warning.patience, 3)),
         candidates=tuple(shorten(c, 8) for c in spec.candidates),

@@ -24,11 +24,14 @@ from pydantic import (
     model_validator,
 )
 from pydantic.dataclasses import dataclass
+from pydantic_core import ArgsKwargs
 
 from fashionlab.errors import FieldValueError
 from fashionlab.text import safe_name, shortened
 from fashionlab.vocabulary import (
+    MAX_EPOCHS,
     MAX_LAYERS,
+    MAX_REPEATS,
     TestTimeAugmentation,
     check_base,
     check_grid,
@@ -280,7 +283,7 @@ class Augment:
 
 @dataclass(frozen=True, config=_STRICT)
 class TrainSpec:
-    epochs: PositiveInt = 40
+    epochs: Annotated[Int, Field(gt=0, le=MAX_EPOCHS)] = 40
     batch_size: PositiveInt = 128
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     learning_rate: Positive = 1e-3
@@ -325,7 +328,7 @@ class DataSpec:
 class CVSpec:
     n_splits: Annotated[Int, Field(ge=2)] = 5
     strategy: Literal["contiguous", "shuffled", "stratified"] = "contiguous"
-    repeats: PositiveInt = 1  # repeated k-fold: each repeat reshuffles (seeded); not contiguous
+    repeats: Annotated[Int, Field(gt=0, le=MAX_REPEATS)] = 1  # repeated k-fold: each repeat reshuffles (seeded); not contiguous
 
     @model_validator(mode="after")
     def _repeats_need_shuffling(self) -> CVSpec:
@@ -373,7 +376,7 @@ class RetrainSpec:
     # (over the epochs every fold reached, when early stopping ended folds at different times):
     # "warning": the warning rule's epoch (the lowest mean val_loss when it never fires);
     # "lowest": the epoch of the lowest mean val_loss; an integer: exactly that many epochs.
-    epochs: PositiveInt | Literal["warning", "lowest"] = "warning"
+    epochs: Annotated[Int, Field(gt=0, le=MAX_EPOCHS)] | Literal["warning", "lowest"] = "warning"
 
     @field_validator("epochs", mode="before")
     @classmethod
@@ -410,7 +413,8 @@ class ParamSpec:
         if isinstance(data, list):  # no value of any parameter is a list
             raise ValueError(  # noqa: TRY004 - pydantic reports ValueError, not TypeError
                 f"a list of values to choose from is written choices = {shortened(repr(data))}")
-        return data if isinstance(data, Mapping) or dataclasses.is_dataclass(data) \
+        # (ArgsKwargs: ParamSpec(...) and dataclasses.replace in code, as `--quick` makes one)
+        return data if isinstance(data, Mapping | ArgsKwargs) or dataclasses.is_dataclass(data) \
             else {"value": data}
 
 

@@ -216,9 +216,10 @@ def grid(search: SearchSpec, base: Candidate) -> dict[str, list[Any]]:
             return list(spec.choices)
         assert spec.low is not None and spec.high is not None
         step = spec.step or 1
-        count = math.floor((spec.high - spec.low) / step + 1e-9) + 1
-        if count > MAX_GRID_POINTS:
-            raise _too_large(count)
+        span = (spec.high - spec.low) / step + 1e-9  # inf for a step of 5e-324
+        if span >= MAX_GRID_POINTS:
+            raise _too_large(math.inf if math.isinf(span) else math.floor(span) + 1)
+        count = math.floor(span) + 1
         out = [spec.low + i * step for i in range(count)]
         return [int(v) for v in out] if kind == "int" else [float(v) for v in out]
 
@@ -240,8 +241,9 @@ def grid(search: SearchSpec, base: Candidate) -> dict[str, list[Any]]:
     return points
 
 
-def _too_large(points: int) -> ConfigError:
-    return ConfigError(f"search.space: the grid has {points:,} points, more than the "
+def _too_large(points: float) -> ConfigError:
+    many = "countless" if math.isinf(points) else f"{points:,}"
+    return ConfigError(f"search.space: the grid has {many} points, more than the "
                        f"{MAX_GRID_POINTS:,} the grid sampler lists: give fewer choices or "
                        "larger steps, or sample it (sampler = \"tpe\" or \"random\")")
 
