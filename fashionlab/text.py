@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from typing import Any
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "finite",
     "first_line",
     "number",
+    "one_line",
     "percent",
     "plus_minus",
     "safe_name",
@@ -84,6 +86,24 @@ def first_line(error: BaseException) -> str:
     SQLAlchemy wraps the driver's error as `orig`)."""
     text = str(getattr(error, "orig", None) or error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+# Unicode's explicit embeddings, overrides and isolates (U+202A-U+202E, U+2066-U+2069): they
+# reorder the text after them, so that a name would not read as what it is.
+DIRECTION_CONTROLS = frozenset({"LRE", "RLE", "LRO", "RLO", "PDF", "LRI", "RLI", "FSI", "PDI"})
+
+
+def one_line(text: str) -> str:
+    """`text` with what would break or restyle a line escaped as Python writes it: control
+    characters (a newline, a terminal's escape), the line and paragraph separators and the
+    direction controls ("\\n", "\\x1b", "\\u2028"). For names and paths quoted in errors."""
+    def escaped(ch: str) -> str:
+        if unicodedata.category(ch) in ("Cc", "Zl", "Zp") \
+                or unicodedata.bidirectional(ch) in DIRECTION_CONTROLS:
+            return repr(ch)[1:-1]
+        return ch
+
+    return "".join(map(escaped, text))
 
 
 SHOWN_CHARACTERS = 80  # of a wrong value quoted in an error: the line stays one a screen shows

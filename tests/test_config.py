@@ -486,6 +486,30 @@ def test_the_quick_variant_keeps_a_fold_per_sample():
     assert quick.cv.n_splits == 7000 and quick.data.train_limit == 7000
 
 
+@pytest.mark.parametrize(("line", "message"), [
+    (r'"evil\nkey" = 1', "my.toml: candidates[0]: unknown key 'evil\\nkey' (expected"),
+    ('train = { "a\\u001b[2Jb" = 1 }', "my.toml: candidates[0].train: unknown key "
+     "'a\\x1b[2Jb'"),
+    ('layers = [{ units = 8, "x\\u2028y" = 1 }]', "my.toml: candidates[0].layers[0]: unknown "
+     "key 'x\\u2028y'"),
+])
+def test_a_key_that_would_break_the_line_is_quoted_escaped(line: str, message: str):
+    raw = tomllib.loads(f'name = "x"\n[[candidates]]\nname = "a"\n{line}\n')
+    with pytest.raises(ConfigError) as error:
+        study_from_dict(raw, source="my.toml")
+    assert str(error.value).startswith(message), str(error.value)
+    assert str(error.value).isprintable()
+
+
+def test_a_path_that_would_break_the_line_is_said_in_one(tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]):
+    path = tmp_path / "s.toml"
+    path.write_text('name = "x"\n[data]\ndirectory = "/nope\\nerror: fake line"\n'
+                    '[[candidates]]\nname = "a"\n')
+    code, _, err = run_cli(capsys, "study", str(path), "--run-dir", str(tmp_path / "runs"))
+    assert_one_line_error(code, err, "/nope\\nerror: fake line")
+
+
 @pytest.mark.parametrize("raw", [None, ["x"], "name = 'x'", 3])
 def test_a_study_that_is_not_a_table_is_a_config_error(raw: object):
     with pytest.raises(ConfigError, match=f"^api: expected a table of settings .*, got "

@@ -20,6 +20,7 @@ import typer
 from fashionlab import stops
 from fashionlab.errors import FashionlabError
 from fashionlab.provenance import version_line
+from fashionlab.text import one_line
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -217,11 +218,12 @@ def main(argv: list[str] | None = None) -> None:
         # and returns the status of a `typer.Exit` instead of exiting.
         status = app(args=argv, prog_name="fashionlab", standalone_mode=False)
     except FashionlabError as error:
-        typer.secho(f"error: {error}", fg="red", err=True)
+        # One line, whatever a path or key quoted in it holds (a newline, a terminal escape).
+        typer.secho(f"error: {one_line(str(error))}", fg="red", err=True)
         sys.exit(2)
     except typer.TyperException as error:  # click's usage errors derive from it
         if error.format_message().strip():  # blank: a group called bare, its help printed
-            typer.secho(f"error: {_usage_error_line(error)}", fg="red", err=True)
+            typer.secho(f"error: {one_line(_usage_error_line(error))}", fg="red", err=True)
         sys.exit(error.exit_code)
     except typer.Abort:  # "no" (or end of input, or a stop) at a confirmation prompt
         if stops.received:  # click turns the signal's KeyboardInterrupt into Abort

@@ -29,7 +29,7 @@ from fashionlab.config.specs import (
     toml_value,
 )
 from fashionlab.errors import ConfigError
-from fashionlab.text import safe_name, shortened
+from fashionlab.text import one_line, safe_name, shortened
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -54,7 +54,8 @@ def _resolve_entry(entry: Any, defaults: Mapping[str, Any], where: str) -> dict[
     unknown = sorted(set(entry) - _ENTRY_KEYS)
     if unknown:
         raise _FieldError(
-            where, f"unknown key '{unknown[0]}' (expected one of: {', '.join(sorted(_ENTRY_KEYS))})"
+            where, f"unknown key '{one_line(shortened(str(unknown[0])))}' (expected one of: "
+            f"{', '.join(sorted(_ENTRY_KEYS))})"
         )
     if "name" not in entry:
         raise _FieldError(where, "missing key 'name'")
@@ -81,7 +82,7 @@ def _format_location(loc: tuple[Any, ...]) -> str:
         elif item in ("function-after", "literal['warning']", "int", "constrained-int"):
             continue  # pydantic's names for union branches and validators, not fields
         else:
-            parts.append(str(item))
+            parts.append(one_line(shortened(str(item))))  # a key of the file, as written
     return ".".join(parts) or "(top level)"
 
 
@@ -99,7 +100,7 @@ def _format_validation_error(error: ValidationError, within: tuple[str, ...] = (
     if len(loc) >= 3 and loc[0] in ("candidates", "final") and loc[2] == "model":
         loc = loc[:2] + loc[3:]
     if first["type"] == "unexpected_keyword_argument":
-        message = f"unknown key '{shortened(str(loc[-1]))}'"
+        message = f"unknown key '{one_line(shortened(str(loc[-1])))}'"
         loc = loc[:-1]
     elif first["type"] == "missing":
         message = f"missing key '{loc[-1]}'"

@@ -27,7 +27,7 @@ from pydantic.dataclasses import dataclass
 from pydantic_core import ArgsKwargs
 
 from fashionlab.errors import FieldValueError
-from fashionlab.text import safe_name, shortened
+from fashionlab.text import DIRECTION_CONTROLS, safe_name, shortened
 from fashionlab.vocabulary import (
     MAX_EPOCHS,
     MAX_LAYERS,
@@ -57,11 +57,6 @@ MAX_NAME_CHARACTERS = 100
 MAX_NAME_BYTES = 200  # of its file name in UTF-8 ("é" takes 2, most emoji 4)
 
 
-# Unicode's explicit embeddings, overrides and isolates (U+202A-U+202E, U+2066-U+2069): they
-# reorder the text after them, so that a name would not read as what it is.
-_DIRECTION_CONTROLS = frozenset({"LRE", "RLE", "LRO", "RLO", "PDF", "LRI", "RLI", "FSI", "PDI"})
-
-
 def _a_name(value: str) -> str:
     """A study or model name: it names files and folders too (`text.safe_name`)."""
     if not value.strip():
@@ -76,7 +71,7 @@ def _a_name(value: str) -> str:
         raise ValueError(f"{value!r} contains a control character (a newline, a tab, an "
                          "escape): a name is one line of text")
     if direction := next((ch for ch in value if unicodedata.bidirectional(ch) in
-                          _DIRECTION_CONTROLS), None):
+                          DIRECTION_CONTROLS), None):
         raise ValueError(f"{value!r} contains a text-direction control (U+{ord(direction):04X})"
                          ": tables and file listings would show the name reordered")
     if (size := len(safe_name(value).encode())) > MAX_NAME_BYTES:
