@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import sys
 from pathlib import Path
@@ -257,6 +258,8 @@ PRE_RUN_MISTAKES = [
     # A number past the store's integers was taken, and failed once a run was made.
     (f"[retrain]\nepochs = {2**63}\n" + ENTRY,
      f"retrain.epochs: input should be less than or equal to 100000 (got {2**63})"),
+    ("[train]\nepochs = 1979-05-27\n" + ENTRY,  # as the file spells it, not datetime.date(...)
+     "train.epochs: input should be a valid integer (got 1979-05-27)"),
     ("[train]\nepochs = 100001\n" + ENTRY,
      "train.epochs: input should be less than or equal to 100000 (got 100001)"),
     ('[cv]\nstrategy = "shuffled"\nrepeats = 1000000000\n' + ENTRY,  # its folds fill memory
@@ -488,10 +491,10 @@ def test_the_quick_variant_keeps_a_fold_per_sample():
 
 @pytest.mark.parametrize(("line", "message"), [
     (r'"evil\nkey" = 1', "my.toml: candidates[0]: unknown key 'evil\\nkey' (expected"),
-    ('train = { "a\\u001b[2Jb" = 1 }', "my.toml: candidates[0].train: unknown key "
-     "'a\\x1b[2Jb'"),
-    ('layers = [{ units = 8, "x\\u2028y" = 1 }]', "my.toml: candidates[0].layers[0]: unknown "
-     "key 'x\\u2028y'"),
+    ('train = { "a\\u001b[2Jb" = 1 }',
+     "my.toml: candidates[0].train: unknown key 'a\\x1b[2Jb'"),
+    ('layers = [{ units = 8, "x\\u2028y" = 1 }]',
+     "my.toml: candidates[0].layers[0]: unknown key 'x\\u2028y'"),
 ])
 def test_a_key_that_would_break_the_line_is_quoted_escaped(line: str, message: str):
     raw = tomllib.loads(f'name = "x"\n[[candidates]]\nname = "a"\n{line}\n')
@@ -508,6 +511,17 @@ def test_a_path_that_would_break_the_line_is_said_in_one(tmp_path: Path,
                     '[[candidates]]\nname = "a"\n')
     code, _, err = run_cli(capsys, "study", str(path), "--run-dir", str(tmp_path / "runs"))
     assert_one_line_error(code, err, "/nope\\nerror: fake line")
+
+
+def test_a_study_file_read_from_a_pipe():
+    """`fashionlab study <(sed ... study.toml)`: the shell names a pipe, /dev/fd/N."""
+    read, write = os.pipe()
+    try:
+        os.write(write, b'name = "piped"\n[[candidates]]\nname = "a"\n')
+        os.close(write)
+        assert load_study(f"/dev/fd/{read}").name == "piped"
+    finally:
+        os.close(read)
 
 
 @pytest.mark.parametrize("raw", [None, ["x"], "name = 'x'", 3])

@@ -163,7 +163,8 @@ def load_study(name_or_path: str | Path = "seed") -> StudySpec:
                           f"(bundled: {', '.join(bundled_studies())})")
     path = Path(name_or_path)
     # A name that is no file is a bundled study's: a folder called "seed" here hides nothing.
-    if path.suffix != ".toml" and not path.is_file():
+    # (A pipe, `<(cat study.toml)`, is read as a file is.)
+    if path.suffix != ".toml" and not (path.exists() and not path.is_dir()):
         bundled = resources.files("fashionlab") / "studies" / f"{name_or_path}.toml"
         if not bundled.is_file():
             what = "a folder, not a study file" if path.is_dir() else "no such study file"

@@ -7,6 +7,7 @@ or a `FieldValueError` path below it); `fashionlab.config.files` names the file 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import json
 import math
@@ -569,6 +570,8 @@ def toml_value(value: Any) -> str:
                        f"\\u{ord(ch):04x}" for ch in json.dumps(value, ensure_ascii=False))
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # nan, inf, -inf
+    if isinstance(value, datetime.date | datetime.time):  # TOML's dates: 1979-05-27
+        return value.isoformat()
     if isinstance(value, (list, tuple)):
         return f"[{', '.join(toml_value(v) for v in value)}]"
     if isinstance(value, Mapping):
