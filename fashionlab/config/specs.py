@@ -6,6 +6,7 @@ or a `FieldValueError` path below it); `fashionlab.config.files` names the file 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime
 import hashlib
@@ -503,20 +504,22 @@ class StudySpec:
     @model_validator(mode="after")
     def _names_unique(self) -> StudySpec:
         names = [c.name for c in self.candidates + self.final]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
+        duplicates = sorted(n for n, count in collections.Counter(names).items() if count > 1)
         if duplicates:
             raise ValueError(f"model names must be unique (repeated: {', '.join(duplicates)})")
         files: dict[str, list[str]] = {}
         for name in dict.fromkeys(names):
-            # casefold: "Wide" and "wide" are one file on macOS's and Windows' file systems
-            files.setdefault(safe_name(name).casefold(), []).append(name)
+            # casefold: "Wide" and "wide" are one file on macOS's and Windows' file systems;
+            # Windows drops a name's trailing dots too ("m." is "m")
+            files.setdefault(safe_name(name).casefold().rstrip(".") or name, []).append(name)
         for same in files.values():
             if len(same) > 1:  # their models, figures and logs would overwrite each other
                 saved = {safe_name(n) for n in same}
                 raise ValueError(f"model names must differ as file names too: "
                                  f"{' and '.join(map(repr, same))} are all saved as "
                                  + (repr(saved.pop()) if len(saved) == 1 else
-                                    "one file where case is ignored (macOS, Windows)"))
+                                    "one file on Windows or macOS (case and a name's trailing "
+                                    "dots ignored)"))
         if not self.candidates and not self.final:
             raise ValueError("a study needs at least one entry in [[candidates]] or [[final]]")
         return self
