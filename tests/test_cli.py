@@ -59,6 +59,15 @@ def test_version_prints_the_package_and_installed_versions(capsys: pytest.Captur
     assert out.count("\n") == 1
 
 
+def test_python_dash_m_runs_the_command_line(tmp_path: Path):
+    """`python -m fashionlab`: where the script is not on PATH (an environment not activated)."""
+    done = subprocess.run([sys.executable, "-m", "fashionlab", "runs", "list", "--run-dir",
+                           str(tmp_path / "none")], check=False, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith(f"error: no store at {tmp_path / 'none'}")
+    assert done.stderr.count("\n") == 1
+
+
 @pytest.mark.parametrize(("args", "says"), [
     (("study", "--bogus"), "No such option: --bogus (see 'fashionlab study --help')"),
     (("runs", "show"), "Missing argument 'run'. (see 'fashionlab runs show --help')"),
