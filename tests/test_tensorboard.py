@@ -28,6 +28,7 @@ from fashionlab.integrations.tensorboard import (
     export_run_to_tensorboard,
     model_logdir,
     tensorboard_dir,
+    write_shown_run,
 )
 from fashionlab.schema import METRICS
 from fashionlab.search import run_search
@@ -243,18 +244,23 @@ def test_tensorboard_on_a_finished_run_shown_again_writes_its_curves(
     _assert_curves_match_the_store(run_dir, run.id)
 
 
-def test_the_library_writes_a_finished_run_shown_again_given_its_spec(study_file: Path,
-                                                                      tmp_path: Path):
-    """As the command does: the reporter knows the run that trained nothing here by its spec."""
+def test_the_library_writes_the_finished_run_shown_again(study_file: Path, tmp_path: Path):
+    """As the command does: the run the study shows, though a newer run of the same settings
+    failed (the study passes over it; the newest of its fingerprint is not the one shown)."""
     run_dir = tmp_path / "runs"
     spec = load_study(study_file)
     first = run_study(spec, run_dir=run_dir, workers=1, progress=False)
-    with TensorBoard(run_dir=run_dir) as board:  # no spec: nothing to know the run by
-        run_study(spec, run_dir=run_dir, workers=1, progress=board)
-    assert not tensorboard_dir(first.run).exists()
-    with TensorBoard(run_dir=run_dir, spec=spec) as board:
+    store = Store.open(run_dir)
+    failed = store.create_run(kind="study", name=spec.name, fingerprint=spec.fingerprint(),
+                              seed=spec.seed, config=spec.to_dict(), environment={},
+                              output_root=run_dir)
+    store.end_run(failed.id, "failed")
+    store.close()
+    with TensorBoard(run_dir=run_dir) as board:  # shown from the store: no epoch reported
         again = run_study(spec, run_dir=run_dir, workers=1, progress=board)
     assert again.run.id == first.run.id and not again.trained_here
+    assert not tensorboard_dir(first.run).exists()
+    assert write_shown_run(again, run_dir=run_dir) == tensorboard_dir(first.run, run_dir)
     _assert_curves_match_the_store(run_dir, first.run.id)
 
 

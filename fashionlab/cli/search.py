@@ -59,7 +59,7 @@ def search(
 
     # torch (and the optional MLflow): only once a search runs
     from fashionlab.integrations.mlflow import logging_to_mlflow
-    from fashionlab.integrations.tensorboard import tensorboard_progress
+    from fashionlab.integrations.tensorboard import tensorboard_progress, write_shown_run
     from fashionlab.search import run_search  # torch and Optuna: when the command runs
 
     spec = load_study(file)
@@ -68,8 +68,7 @@ def search(
     with resumable("finished trials are kept (a trial stopped midway is retried): run the "
                    "same command again to go on"), \
             tensorboard_progress(not (json_output or quiet), tensorboard=tensorboard,
-                                 run_dir=run_dir, store_url=store, spec=spec,
-                                 kind="search") as shown, \
+                                 run_dir=run_dir, store_url=store) as shown, \
             logging_to_mlflow(mlflow, spec, kind="search", run_dir=run_dir, store_url=store,
                               progress=shown) as progress:
         result = run_search(spec, run_dir=run_dir, store_url=store, n_trials=n_trials,
@@ -78,6 +77,8 @@ def search(
     if json_output or quiet:  # said with the progress otherwise; a note is no progress
         for note in result.notes:
             typer.echo(note, err=True)
+    if tensorboard:  # a finished run shown again reported no epoch live
+        write_shown_run(result, run_dir=run_dir, store_url=store)
     if json_output:
         typer.echo(json.dumps({"run_id": result.run.id, "study_name": result.study_name,
                                "storage": result.storage, "finished": result.finished,

@@ -75,7 +75,7 @@ def study(
 
     # torch (and the optional MLflow): only once a study runs
     from fashionlab.integrations.mlflow import logging_to_mlflow
-    from fashionlab.integrations.tensorboard import tensorboard_progress
+    from fashionlab.integrations.tensorboard import tensorboard_progress, write_shown_run
     from fashionlab.results import summary, table_rows
     from fashionlab.study import run_study  # (torch too)
 
@@ -88,7 +88,7 @@ def study(
         spec = dataclasses.replace(spec, seed=seed)
     with resumable("the run is kept; run the same command again to resume it"), \
             tensorboard_progress(not (json_output or quiet), tensorboard=tensorboard,
-                                 run_dir=run_dir, store_url=store, spec=spec) as shown, \
+                                 run_dir=run_dir, store_url=store) as shown, \
             logging_to_mlflow(mlflow, spec, run_dir=run_dir, store_url=store,
                               progress=shown) as progress:
         result = run_study(spec, run_dir=run_dir, store_url=store, device=device, fresh=fresh,
@@ -98,6 +98,8 @@ def study(
     if json_output or quiet:  # said with the progress otherwise; a note is no progress
         for note in result.notes:
             typer.echo(note, err=True)
+    if tensorboard:  # a finished run shown again reported no epoch live
+        write_shown_run(result, run_dir=run_dir, store_url=store)
     if result.results_by is not None:  # a run shared with other processes, which finish it
         if json_output:
             typer.echo(json.dumps({"run": result.run.id, "trained": result.trained_here,

@@ -28,9 +28,8 @@ import socket
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from fashionlab.config import StudySpec
 from fashionlab.errors import ConfigError, OutputError
 from fashionlab.progress import Reporter, reporting
 from fashionlab.schema import METRICS
@@ -38,6 +37,10 @@ from fashionlab.serialize import file_in_the_way, flatten
 from fashionlab.store import DEFAULT_RUN_DIR, RunRecord, Store
 from fashionlab.text import safe_name
 from fashionlab.train import EpochMetrics
+
+if TYPE_CHECKING:
+    from fashionlab.results import StudyResult
+    from fashionlab.search import SearchResult
 
 try:  # the optional extra: without it, a one-line error when TensorBoard is asked for
     from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
@@ -48,7 +51,7 @@ except ImportError:
     INSTALLED = False
 
 __all__ = ["HPARAMS_TAG", "INSTALLED", "TensorBoard", "export_run_to_tensorboard", "model_logdir",
-           "tensorboard_dir", "tensorboard_progress", "written_steps"]
+           "tensorboard_dir", "tensorboard_progress", "write_shown_run", "written_steps"]
 
 HPARAMS_TAG = "_hparams_/session_start_info"  # the HParams plugin's tag of one entry
 
@@ -195,22 +198,20 @@ class TensorBoard:
 
     It learns the run from the store: the run this process is running that holds the models
     it hears of. A context manager: on exit it writes the HParams entries of the runs it
-    wrote for that finished, and closes its files. Given the `spec` (and `kind`) it is used
-    for, a run that trained nothing here (finished already, shown from the store) is written
-    on exit too, as `export_run_to_tensorboard` writes it.
+    wrote for that finished, and closes its files. A run that trained nothing here (finished
+    already, shown from the store) reports no epoch: `write_shown_run` writes it.
 
-        with TensorBoard(run_dir="fashionlab-runs", spec=spec) as board:
-            run_study(spec, run_dir="fashionlab-runs", progress=board)
+        with TensorBoard(run_dir="fashionlab-runs") as board:
+            result = run_study(spec, run_dir="fashionlab-runs", progress=board)
+        write_shown_run(result, run_dir="fashionlab-runs")
     """
 
     def __init__(self, *, run_dir: str | Path = DEFAULT_RUN_DIR, store_url: str | None = None,
-                 then: Reporter | None = None, spec: StudySpec | None = None,
-                 kind: Literal["study", "search"] = "study") -> None:
+                 then: Reporter | None = None) -> None:
         _require()
         self.run_dir = Path(run_dir)
         self.store_url = store_url
         self.then = then
-        self.spec, self.kind = spec, kind
         self._store: Store | None = None
         self._runs: dict[str, _RunWriter] = {}  # run id -> its writer
 
@@ -219,27 +220,7 @@ class TensorBoard:
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  trace: TracebackType | None) -> None:
-        try:
-            if error is None and self.spec is not None:
-                self._write_shown_run(self.spec)
-        finally:
-            self.close()
-
-    def _write_shown_run(self, spec: StudySpec) -> None:
-        """The newest finished run of the spec, when no epoch of it was heard of here."""
-        if self.kind == "search":
-            # Optuna: the search's identity leaves its stopping rules out
-            from fashionlab.search import search_identity
-
-            fingerprint = search_identity(spec)[1]
-        else:
-            fingerprint = spec.fingerprint()
-        if self._store is None:
-            self._store = Store.open(self.run_dir, self.store_url, read_only=True)
-        newest = next(iter(self._store.runs(kind=self.kind, fingerprint=fingerprint)), None)
-        if newest is not None and newest.id not in self._runs and newest.status == "finished":
-            export_run_to_tensorboard(self._store, newest.id,
-                                      tensorboard_dir(newest, self.run_dir))
+        self.close()
 
     def close(self) -> None:
         """Write the HParams entries of the finished runs it saw; close every file."""
@@ -297,18 +278,37 @@ class TensorBoard:
 
 @contextlib.contextmanager
 def tensorboard_progress(progress: bool | Reporter, *, tensorboard: bool = True,
-                         run_dir: str | Path = DEFAULT_RUN_DIR, store_url: str | None = None,
-                         spec: StudySpec | None = None,
-                         kind: Literal["study", "search"] = "study") -> Iterator[bool | Reporter]:
+                         run_dir: str | Path = DEFAULT_RUN_DIR,
+                         store_url: str | None = None) -> Iterator[bool | Reporter]:
     """The `progress` argument for a study or search: as given (bars, nothing, your reporter),
     with a `TensorBoard` in front when `tensorboard` is true."""
     if not tensorboard:
         yield progress
         return
     with reporting(progress) as shown, \
-            TensorBoard(run_dir=run_dir, store_url=store_url, then=shown, spec=spec,
-                        kind=kind) as board:
+            TensorBoard(run_dir=run_dir, store_url=store_url, then=shown) as board:
         yield board
+
+
+def write_shown_run(result: StudyResult | SearchResult, *,
+                    run_dir: str | Path = DEFAULT_RUN_DIR,
+                    store_url: str | None = None) -> Path | None:
+    """After a study or search that a `TensorBoard` watched: its run, when it finished without
+    this process training any of it (shown again from the store, so no epoch came live), is
+    written now as `export_run_to_tensorboard` writes it, each step once however often it is
+    shown. Returns its log directory, or None when the board wrote what there was. (A search
+    says not which trials this call trained: a finished one is brought up to date, reading
+    back what its event files hold.)"""
+    if getattr(result, "trained_here", None):  # a study's: the board wrote it as it came
+        return None
+    store = Store.open(run_dir, store_url, read_only=True)
+    try:
+        run = store.run(result.run.id)
+        if run.status != "finished":  # a shared run that other processes finish
+            return None
+        return export_run_to_tensorboard(store, run.id, tensorboard_dir(run, run_dir))
+    finally:
+        store.close()
 
 
 def _hparams(value: Any) -> dict[str, Any]:
