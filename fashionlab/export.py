@@ -28,7 +28,7 @@ import torch
 
 from fashionlab.artifacts import PREPROCESSING, SavedModel, as_saved_model
 from fashionlab.errors import FashionlabError
-from fashionlab.serialize import file_in_the_way, staging_path
+from fashionlab.serialize import file_in_the_way, staging_path, why_not_written
 from fashionlab.text import first_line
 
 __all__ = ["DEFAULT_OPSET", "TOLERANCE", "ExportError", "export_onnx", "verify_onnx"]
@@ -129,7 +129,7 @@ def export_onnx(saved_model: SavedModel | str | Path, path: str | Path, *,
             verify_onnx(saved_model, staging)
         os.replace(staging, path)
     except OSError as error:  # a read-only or full place
-        raise ExportError(f"{path}: cannot write ({error.strerror or error})") from None
+        raise ExportError(f"{path}: cannot write ({why_not_written(path, error)})") from None
     finally:
         # Nothing to remove in a read-only place (EROFS, not ENOENT): the error above stands.
         with contextlib.suppress(OSError):

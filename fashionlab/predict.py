@@ -38,7 +38,7 @@ import numpy as np
 
 from fashionlab.errors import FashionlabError, OutputError
 from fashionlab.idx import looks_like_idx, read_idx
-from fashionlab.serialize import file_in_the_way
+from fashionlab.serialize import file_in_the_way, why_not_written
 from fashionlab.text import first_line
 
 if TYPE_CHECKING:
@@ -357,7 +357,7 @@ def write_preview(images: np.ndarray, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         preview(images).save(path)
     except OSError as error:
-        raise OutputError(f"{path}: cannot write ({error.strerror or error})") from None
+        raise OutputError(f"{path}: cannot write ({why_not_written(path, error)})") from None
 
 
 def preview(images: np.ndarray, *, columns: int = 10, scale: int = 4,

@@ -61,16 +61,22 @@ def write_report(store: Store, run_id: str, path: str | Path | None = None, *,
 
     `device` runs the tested models' inference: cpu, cuda, cuda:N or auto. `run_dir`: the run
     directory it is seen from; where it holds the run's folder (a run directory moved or
-    copied), that folder is the run's, not the one the store recorded, and the report goes
-    into `<run_dir>/<run id>` by default, made if missing.
+    copied), that folder is the run's, not the one the store recorded. By default the report
+    goes into that folder, made if missing, unless the store is shared (a database server)
+    and the folder it recorded is on this machine.
     """
     run = _as_seen_from(store.run(run_id), run_dir)
-    if path is None and run_dir is not None:  # its folder here, made if missing (a copy's)
-        path = Path(run_dir) / run.id / REPORT_NAME
-    elif path is None:
-        if not run.output_dir:
+    if path is None:
+        folder = Path(run.output_dir) if run.output_dir else None
+        # The run directory's own store (a copy's, whose records name the original's folder)
+        # reports into the run directory; a shared one into the folder it recorded, when
+        # that is on this machine.
+        if run_dir is not None and not (store.shared and folder is not None
+                                         and folder.is_dir()):
+            folder = Path(run_dir).resolve() / run.id  # made if missing
+        if folder is None:
             raise ReportError(f"run {run.id} has no output directory; give the report a path")
-        path = Path(run.output_dir) / REPORT_NAME
+        path = folder / REPORT_NAME
     path = Path(path)
     if path.suffix.lower() not in (".html", ".htm"):  # no study file or model written over
         raise ReportError(f"{path}: a report is written to an .html file")

@@ -159,8 +159,9 @@ def _check_value(param: Param, value: Any) -> None:
         raise ValueError(f"values must be numbers (got {value!r})")  # noqa: TRY004 - a config error
     if param.kind == "int" and not _whole(value):
         raise ValueError(f"values must be whole numbers (got {value!r})")
-    if param.kind == "float" and not _finite(value):
-        raise ValueError(f"values must be finite numbers (got {_spelled(value)})")
+    if not _finite(value):  # an int too: Optuna's samplers draw through floats
+        raise ValueError(f"values must be finite numbers within a float's range (got "
+                         f"{_spelled(value)})")
     if param.positive and value <= 0:
         raise ValueError(f"values must be positive (got {value!r})")
     if param.minimum is not None and value < param.minimum:

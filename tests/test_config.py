@@ -301,10 +301,10 @@ NAME_MISTAKES = [
      "model names must differ as file names too: 'x y' and 'x_y' are all saved as 'x_y'"),
     ('[[candidates]]\nname = "Wide"\n[[final]]\nname = "wide"\n',
      ("model names must differ as file names too: 'Wide' and 'wide' are all saved as one file "
-     "on Windows or macOS (case and a name's trailing dots ignored)")),
+     "where case (macOS, Windows) or a name's trailing dots (Windows) are ignored")),
     ('[[candidates]]\nname = "m"\n[[final]]\nname = "m."\n',
      ("model names must differ as file names too: 'm' and 'm.' are all saved as one file "
-     "on Windows or macOS (case and a name's trailing dots ignored)")),
+     "where case (macOS, Windows) or a name's trailing dots (Windows) are ignored")),
     (('[[candidates]]\nname = "a/b"\n[[candidates]]\nname = "a:b"\n[[candidates]]\n'
      'name = "a_b"\n'),
      ("model names must differ as file names too: 'a/b' and 'a:b' and 'a_b' are all saved "

@@ -360,6 +360,7 @@ def test_the_command_line_exports_and_logs_live(tiny_idx_dir: Path, tmp_path: Pa
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
         require_mlflow(str(tmp_path / "mlruns"))  # the user's choice: MLflow writes it
+    require_mlflow("databricks")  # a bare word MLflow reads as no folder
 
 
 def test_a_quiet_study_still_says_that_mlflow_failed(tiny_idx_dir: Path, tmp_path: Path,

@@ -408,3 +408,21 @@ def test_a_copied_run_directory_gets_its_report_in_the_copy(
     assert f"wrote {copy / study.run.id / 'report.html'}" in out
     assert (study.output_dir / "report.html").read_bytes() == original  # not written there
     assert "Not tested" not in (copy / study.run.id / "report.html").read_text()
+    # The study shown from the copy then finds its results where they are (the folder made
+    # for the report holds none of them), not a folder whose models were deleted.
+    shown = run_study(study.spec, run_dir=copy, progress=False)
+    assert shown.notes == [] and shown.output_dir == study.output_dir
+
+
+def test_a_shared_stores_report_goes_where_the_run_wrote_its_files(
+        tiny_idx_dir: Path, tmp_path: Path, postgres_url: str,
+        capsys: pytest.CaptureFixture[str]):
+    path = tmp_path / "tiny.toml"
+    path.write_text(tiny_study_toml(tiny_idx_dir, epochs=1, folds=2, final=False))
+    result = run_study(load_study(path), run_dir=tmp_path / "a", store_url=postgres_url,
+                       progress=False)
+    code, out, err = run_cli(capsys, "report", result.run.id, "--store", postgres_url,
+                             "--run-dir", str(tmp_path / "b"))  # the default, on this machine
+    assert code == 0, err
+    assert f"wrote {result.output_dir / 'report.html'}" in out
+    assert not (tmp_path / "b").exists()

@@ -160,9 +160,11 @@ layers = [{ units = 64 }]
      ("search.space.learning_rate: a list of values to choose from is written choices = [0.1, "
      "0.2]")),
     (f"learning_rate = {{ low = 0.001, high = {'9' * 400} }}",
-     "search.space.learning_rate: values must be finite numbers (got 99999"),
+     "search.space.learning_rate: values must be finite numbers within a float's range (got 9"),
     (f"l2 = {{ choices = [0.0, {'9' * 400}] }}",
-     "search.space.l2: values must be finite numbers (got 99999"),
+     "search.space.l2: values must be finite numbers within a float's range (got 99999"),
+    (f"batch_size = {{ low = 1, high = {'9' * 400} }}",  # failed in the first trial's draw
+     "search.space.batch_size: values must be finite numbers within a float's range (got 9999"),
     ("epochs = { low = 1, high = 100001 }",
      "search.space.epochs: values must be at most 100000 (got 100001)"),
 ])
@@ -1282,13 +1284,14 @@ def test_a_lost_workers_trial_claim_ends_with_its_trial(tiny_idx_dir: Path, tmp_
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")  # the trial asked here
-@pytest.mark.parametrize("claim_age", [10.0, 1.0])
+@pytest.mark.parametrize(("grace", "claim_age"), [(5, 10.0), (600, 1.0)])
 def test_a_trial_elsewhere_is_lost_once_its_claim_outlives_the_claim_grace(
-        tiny_idx_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, claim_age: float):
+        tiny_idx_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, grace: int,
+        claim_age: float):
     """A worker on another machine that went silent: its trial is failed and retried once its
     claim is older than FASHIONLAB_CLAIM_GRACE (as a study's jobs are taken over), not only
     after Optuna's own 120 s. A claim younger than that is a worker at work."""
-    monkeypatch.setenv("FASHIONLAB_CLAIM_GRACE", "5")
+    monkeypatch.setenv("FASHIONLAB_CLAIM_GRACE", str(grace))
     path = _learning_rate_search(tiny_idx_dir, tmp_path, "n_trials = 2\npruner = \"none\"")
     run_dir = tmp_path / "runs"
     first = run_search(load_study(path), run_dir=run_dir, progress=False, timeout=0.001)
@@ -1304,7 +1307,7 @@ def test_a_trial_elsewhere_is_lost_once_its_claim_outlives_the_claim_grace(
             status="claimed", host="far-away", pid=1, heartbeat=time.time() - claim_age))
     result = run_search(load_study(path), run_dir=run_dir, progress=False)
     store.close()
-    if claim_age > 5:
+    if claim_age > grace:
         assert result.finished and result.summary["counts"]["retried"] == 1
     else:  # the other worker's trial runs on: this one stops, leaving the search to it
         assert not result.finished and result.stopped_by == "others-running"

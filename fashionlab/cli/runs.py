@@ -317,7 +317,8 @@ def report(
     run: RunId,
     out: Annotated[Path | None, typer.Option(
         "--out", help="Where to write the HTML file (default: report.html in the run's "
-        "output directory).", show_default=False)] = None,
+        "folder of --run-dir, made if missing; with a shared --store, the folder the run "
+        "recorded when it is on this machine).", show_default=False)] = None,
     device: Annotated[str, typer.Option(help="Where the tested models run: cpu, cuda, ...")] = (
         "cpu"),
     run_dir: RunDir = DEFAULT_RUN_DIR,

@@ -26,7 +26,6 @@ from pydantic import (
     model_validator,
 )
 from pydantic.dataclasses import dataclass
-from pydantic_core import ArgsKwargs
 
 from fashionlab.errors import FieldValueError
 from fashionlab.text import DIRECTION_CONTROLS, safe_name, shortened
@@ -325,7 +324,8 @@ class DataSpec:
 class CVSpec:
     n_splits: Annotated[Int, Field(ge=2)] = 5
     strategy: Literal["contiguous", "shuffled", "stratified"] = "contiguous"
-    repeats: Annotated[Int, Field(gt=0, le=MAX_REPEATS)] = 1  # repeated k-fold: each repeat reshuffles (seeded); not contiguous
+    # repeated k-fold: each repeat reshuffles (seeded); not contiguous
+    repeats: Annotated[Int, Field(gt=0, le=MAX_REPEATS)] = 1
 
     @model_validator(mode="after")
     def _repeats_need_shuffling(self) -> CVSpec:
@@ -410,9 +410,10 @@ class ParamSpec:
         if isinstance(data, list):  # no value of any parameter is a list
             raise ValueError(  # noqa: TRY004 - pydantic reports ValueError, not TypeError
                 f"a list of values to choose from is written choices = {shortened(repr(data))}")
-        # (ArgsKwargs: ParamSpec(...) and dataclasses.replace in code, as `--quick` makes one)
-        return data if isinstance(data, Mapping | ArgsKwargs) or dataclasses.is_dataclass(data) \
-            else {"value": data}
+        # A bare value in the file (a table, or ParamSpec(...) and dataclasses.replace in code,
+        # as `--quick` makes one, are the fields themselves).
+        scalar = str | int | float | bool | datetime.date | datetime.time  # TOML's values
+        return {"value": data} if isinstance(data, scalar) else data
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -518,8 +519,8 @@ class StudySpec:
                 raise ValueError(f"model names must differ as file names too: "
                                  f"{' and '.join(map(repr, same))} are all saved as "
                                  + (repr(saved.pop()) if len(saved) == 1 else
-                                    "one file on Windows or macOS (case and a name's trailing "
-                                    "dots ignored)"))
+                                    "one file where case (macOS, Windows) or a name's "
+                                    "trailing dots (Windows) are ignored"))
         if not self.candidates and not self.final:
             raise ValueError("a study needs at least one entry in [[candidates]] or [[final]]")
         return self

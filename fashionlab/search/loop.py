@@ -13,8 +13,9 @@ of worker processes, on any number of machines, that run it against one database
   (fashionlab.search.cost).
 - A trial whose worker died is failed and retried with the same parameters (up to
   MAX_RETRIES times; one the user stopped, every time): at once when the worker ran on this
-  machine (its process is gone), else when its claim of the trial is older than the claim
-  grace period (`claim_grace`) or Optuna's heartbeat has been silent for GRACE_PERIOD seconds. The retry keeps the trial's models (`trial-N/fold-i`) and continues from their
+  machine (its process is gone), else when its claim of the trial is older than the
+  claim grace period (`claim_grace`) or Optuna's heartbeat has been silent for
+  GRACE_PERIOD seconds. The retry keeps the trial's models (`trial-N/fold-i`) and continues from their
   checkpoint when it runs where they were trained.
 - A trial in training is a job claim of the search's run (`fashionlab.jobs`): the run reads
   as running while any worker trains one, whichever worker its row names.
@@ -223,11 +224,12 @@ def run_search(
                                    environment={**environment(str(torch_device)),
                                                 "data": data},
                                    output_root=run_dir)
+        pruner = make_pruner(search)
         try:
             study = optuna.create_study(
                 study_name=study_name, storage=storage, load_if_exists=True,
                 direction="maximize" if search.objective == "val_accuracy" else "minimize",
-                pruner=make_pruner(search))
+                pruner=pruner)
         except KeyError:  # Optuna's "Record does not exist.": its tables were tampered with
             raise StoreError(f"the search's Optuna tables in {safe_url(url)} are damaged "
                              f"(study '{study_name}' is half there): repair them, or search in "

@@ -4,8 +4,8 @@ trials (`ClaimLock`, at home in `fashionlab.jobs`, which a study's processes sha
 
 A lost trial (its worker killed, its machine gone) is failed once its heartbeat has been
 silent for GRACE_PERIOD seconds and retried with the same parameters (`RetryLostTrial`); a
-worker on the same machine notices a dead process at once, and any worker a trial's stale job
-claim, by the claim grace period (fashionlab.search.loop).
+worker on the same machine notices a dead process at once, and any worker notices a trial's
+stale job claim, by the claim grace period (fashionlab.search.loop).
 """
 
 from __future__ import annotations

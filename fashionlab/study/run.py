@@ -131,10 +131,11 @@ def run_study(
     # else where they were written (the writer's run directory, maybe on another machine: a
     # process that only trained jobs of a shared run has a folder here without them).
     # (A folder here that holds any of the results is theirs, a copy's say, whose results
-    # deleted since are written again there, not looked for in the folder it was copied from.)
+    # deleted since are written again there, not looked for in the folder it was copied from;
+    # a report alone is not: `fashionlab report` writes one into a folder made for it.)
     output_dir = (run_dir / run.id).resolve()
     if shown and run.output_dir and not any(
-            (output_dir / name).exists() for name in (*RESULT_FILES, REPORT_NAME)):
+            (output_dir / name).exists() for name in RESULT_FILES):
         output_dir = Path(run.output_dir)
     if not store.read_only:  # what a killed process of this run left half-written
         remove_stale_staging(output_dir, recursive=True)

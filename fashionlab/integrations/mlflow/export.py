@@ -92,9 +92,13 @@ def require_mlflow(tracking_uri: str | None = None) -> None:
 
 
 def _file_store(tracking_uri: str) -> bool:
-    """Whether MLflow reads the URI as its file store: a path, or file:// (C:\\ on Windows)."""
-    scheme = urllib.parse.urlparse(tracking_uri).scheme
-    return scheme in ("", "file") or len(scheme) == 1
+    """Whether MLflow reads the URI as its file store: a path, or file:// ("databricks", a
+    bare word too, is not: MLflow's own rule decides)."""
+    try:
+        from mlflow.utils.uri import is_local_uri  # MLflow is optional: see the top
+    except ImportError:
+        return urllib.parse.urlparse(tracking_uri).scheme in ("", "file")
+    return is_local_uri(tracking_uri, is_tracking_or_registry_uri=True)
 
 
 def _file_store_allowed() -> bool:
