@@ -67,6 +67,7 @@ WORKING_SIDE = 512  # photos are first reduced to at most this: plenty for a 28x
 BORDER = 0.02  # the outer 2% of each side is where the background level is read
 TRIM = 0.05 * 255  # pixels this much above the background belong to the item (Fashion-MNIST's 5%)
 MIN_CONTRAST = 8.0  # an item fainter than this (0-255) is not stretched: a blank picture stays dark
+BLANK_LEVEL = TRIM / 255  # an input with no pixel this bright (in [0, 1]) shows no item
 PREDICT_BATCH = 256  # images per forward pass: a CNN's activations stay small (see `evaluate`)
 
 Kind = Literal["photo", "idx", "npy"]
@@ -96,6 +97,10 @@ class Prediction:
     labels: tuple[int, ...]  # class indices
     classes: tuple[str, ...]  # their names
     probabilities: tuple[float, ...]  # softmax probabilities, descending; sum <= 1
+    # Nothing in the image is brighter than an item's faintest pixel (BLANK_LEVEL): a flat
+    # picture, an empty array. The model answers anyway, with confidence; the answer says
+    # nothing about the picture.
+    blank: bool = False
 
     def to_dict(self) -> list[dict[str, object]]:
         return [{"label": label, "class": name, "probability": p}
@@ -413,9 +418,11 @@ def predict(saved_model: SavedModel | str | Path, images: np.ndarray,
             x = x.to(device).unsqueeze(1)  # (B, 1, 28, 28)
             probabilities = module(x).float().softmax(-1)  # (B, n_classes)
             top = probabilities.topk(k, dim=-1)
-            for p, labels in zip(top.values.cpu().tolist(), top.indices.cpu().tolist()):
+            brightest = images[first:first + PREDICT_BATCH].reshape(len(x), -1).max(axis=1)
+            for p, labels, peak in zip(top.values.cpu().tolist(), top.indices.cpu().tolist(),
+                                       brightest.tolist()):
                 predictions.append(Prediction(tuple(labels), tuple(names[i] for i in labels),
-                                              tuple(p)))
+                                              tuple(p), blank=peak < BLANK_LEVEL))
     return predictions
 
 
@@ -441,12 +448,13 @@ def predictions_to_dict(saved_model: SavedModel | str | Path,
                         results: Sequence[FilePredictions], top_k: int) -> dict[str, object]:
     """The predictions of `predict_files` as `fashionlab predict --json` prints them:
     `{model, top_k, predictions, errors}`, one prediction row per image (`index`: its place
-    in its file) and one error row per file that could not be read."""
+    in its file; `blank`: it shows no item) and one error row per file that could not be
+    read."""
     from fashionlab.artifacts import as_saved_model  # torch: only with a model
 
     saved_model = as_saved_model(saved_model)
-    rows = [{"file": str(r.path), "kind": r.kind, "index": i, "top": p.to_dict()}
-            for r in results for i, p in enumerate(r.predictions)]
+    rows = [{"file": str(r.path), "kind": r.kind, "index": i, "top": p.to_dict(),
+             "blank": p.blank} for r in results for i, p in enumerate(r.predictions)]
     errors = [{"file": str(r.path), "error": r.error} for r in results if r.error]
     return {"model": str(saved_model.path), "top_k": min(top_k, len(saved_model.class_names)),
             "predictions": rows, "errors": errors}

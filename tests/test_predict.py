@@ -446,6 +446,26 @@ def test_a_file_it_cannot_read_is_reported_with_the_others_predicted(
     assert err == f"error: {locked}: cannot read (Permission denied)\n"
 
 
+def test_a_picture_that_shows_no_item_is_said_to_be_blank(
+        tmp_path: Path, real_model: SavedModel, capsys: pytest.CaptureFixture[str]):
+    shirt, flat = tmp_path / "shirt.png", tmp_path / "white.png"
+    shirt_photo().save(shirt)
+    Image.new("RGB", (64, 48), (250, 250, 250)).save(flat)
+    np.save(tmp_path / "two.npy", np.stack([np.zeros((28, 28), np.uint8),
+                                            np.full((28, 28), 200, np.uint8)]))
+    code, out, err = run_cli(capsys, "predict", str(real_model.path), str(shirt), str(flat),
+                             str(tmp_path / "two.npy"), "--device", "cpu", "--json")
+    assert code == 0, err
+    rows = json.loads(out)["predictions"]
+    assert [(Path(r["file"]).name, r["index"], r["blank"]) for r in rows] == [
+        ("shirt.png", 0, False), ("white.png", 0, True), ("two.npy", 0, True),
+        ("two.npy", 1, False)]
+    assert all(r["top"] for r in rows)  # answered all the same: the flag says what it is worth
+    code, out, _ = run_cli(capsys, "predict", str(real_model.path), str(flat),
+                           "--device", "cpu")
+    assert code == 0 and "(blank: no item seen)" in out
+
+
 def test_predict_table_and_top(tmp_path: Path, real_model: SavedModel,
                                test_images: tuple[np.ndarray, np.ndarray],
                                capsys: pytest.CaptureFixture[str]):

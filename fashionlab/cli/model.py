@@ -167,7 +167,8 @@ def _print_predictions(results: list[FilePredictions], top: int) -> None:
             cells = [f"{name} {p:.3f}" for name, p in
                      zip(prediction.classes, prediction.probabilities)]
             index = str(i) if result.kind != "photo" else ""
-            table.add_row(str(result.path), index, *cells)
+            blank = " (blank: no item seen)" if prediction.blank else ""
+            table.add_row(str(result.path) + blank, index, *cells)
     if table.row_count:
         output_console().print(table)
 
