@@ -365,7 +365,7 @@ def write_export(store: Store, run_id: str, path: str | Path,
     return path
 
 
-def run_output_dir(run: RunRecord, run_dir: Path | None = None) -> Path | None:
+def run_output_dir(run: RunRecord, run_dir: str | Path | None = None) -> Path | None:
     """The folder of a run's files: `run_dir/<run id>` when a run directory is given, else the
     one the store recorded (None when it recorded none)."""
     if run_dir is not None:
@@ -396,7 +396,7 @@ def remove_folder(folder: Path) -> None:
         raise RunError(f"{folder}: cannot remove it ({error.strerror or error})") from None
 
 
-def delete_run(store: Store, run_id: str, *, run_dir: Path | None = None) -> RunRecord:
+def delete_run(store: Store, run_id: str, *, run_dir: str | Path | None = None) -> RunRecord:
     """Delete a run's rows in the store and its output directory; returns what was deleted.
 
     A running run is refused. The database goes first: a store that cannot be written
