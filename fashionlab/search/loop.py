@@ -15,8 +15,8 @@ of worker processes, on any number of machines, that run it against one database
   MAX_RETRIES times; one the user stopped, every time): at once when the worker ran on this
   machine (its process is gone), else when its claim of the trial is older than the
   claim grace period (`claim_grace`) or Optuna's heartbeat has been silent for
-  GRACE_PERIOD seconds. The retry keeps the trial's models (`trial-N/fold-i`) and continues from their
-  checkpoint when it runs where they were trained.
+  GRACE_PERIOD seconds. The retry keeps the trial's models (`trial-N/fold-i`) and
+  continues from their checkpoint when it runs where they were trained.
 - A trial in training is a job claim of the search's run (`fashionlab.jobs`): the run reads
   as running while any worker trains one, whichever worker its row names.
 - The worker that sees the search complete writes its results (`search_results`).
