@@ -302,6 +302,12 @@ NAME_MISTAKES = [
     ('[[candidates]]\nname = "Wide"\n[[final]]\nname = "wide"\n',
      ("model names must differ as file names too: 'Wide' and 'wide' are all saved as one file "
      "where case (macOS, Windows) or a name's trailing dots (Windows) are ignored")),
+    ('[[candidates]]\nname = "\\u200b"\n',  # a zero-width space: its rows would look empty
+     ("candidates[0].name: a name of U+200B shows nothing: a name needs a character that can "
+      "be seen, or its rows would look empty")),
+    ('[[candidates]]\nname = "\u3164 "\n',  # a Hangul filler, drawn as nothing
+     ("candidates[0].name: a name of U+3164 U+0020 shows nothing: a name needs a character that "
+      "can be seen, or its rows would look empty")),
     ('[[candidates]]\nname = "m"\n[[final]]\nname = "m."\n',
      ("model names must differ as file names too: 'm' and 'm.' are all saved as one file "
      "where case (macOS, Windows) or a name's trailing dots (Windows) are ignored")),

@@ -78,7 +78,22 @@ def _a_name(value: str) -> str:
     if (size := len(safe_name(value).encode())) > MAX_NAME_BYTES:
         raise ValueError(f"too long as a file name: {size} bytes in UTF-8, at most "
                          f"{MAX_NAME_BYTES} (shorten it)")
+    if not any(_visible(ch) for ch in value):
+        points = " ".join(f"U+{ord(ch):04X}" for ch in value[:8])
+        raise ValueError(f"a name of {points} shows nothing: a name needs a character that "
+                         "can be seen, or its rows would look empty")
     return value
+
+
+# Letters drawn as nothing: the Hangul fillers and the blank Braille pattern.
+_BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+
+
+def _visible(ch: str) -> bool:
+    """Whether a character is drawn: not a space, a format character (zero-width space,
+    joiner), a combining mark on its own or a blank letter."""
+    return not (ch.isspace() or ch in _BLANK_LETTERS
+                or unicodedata.category(ch) in ("Cf", "Mn", "Me", "Zs"))
 
 
 Name = Annotated[str, AfterValidator(_a_name)]
