@@ -46,6 +46,7 @@ from fashionlab.runner import training_flops
 from fashionlab.runs import describe_run
 from fashionlab.schema import jobs, runs
 from fashionlab.search import (
+    SearchResult,
     consensus_scores,
     make_pruner,
     make_sampler,
@@ -1257,24 +1258,37 @@ def test_a_search_runs_while_any_worker_trains_a_trial(tiny_idx_dir: Path, tmp_p
     store.close()
 
 
-@pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")  # the trial asked here
-def test_a_lost_workers_trial_claim_ends_with_its_trial(tiny_idx_dir: Path, tmp_path: Path):
-    """A worker killed in a trial leaves its claim of it; once the trial is failed (and
-    retried), the claim ends too, not left claimed in fl_jobs for good."""
+def _a_claimed_trial(tiny_idx_dir: Path, tmp_path: Path, host: str, pid: int,
+                     heartbeat: float) -> tuple[Path, SearchResult, int]:
+    """A search of 2 trials in tmp_path/runs, started, with one trial running in Optuna and
+    claimed in fl_jobs by the worker (host, pid) last heard of at `heartbeat`: (its study
+    file, the first call's result, the trial's number)."""
     path = _learning_rate_search(tiny_idx_dir, tmp_path, "n_trials = 2\npruner = \"none\"")
     run_dir = tmp_path / "runs"
     first = run_search(load_study(path), run_dir=run_dir, progress=False, timeout=0.001)
     storage = open_storage(default_url(run_dir))
-    lost = optuna.load_study(study_name=first.study_name, storage=storage).ask()
-    pid = dead_pid()  # the worker of this machine that was training it
-    lost.set_user_attr("worker", f"{socket.gethostname()}:{pid}")
+    trial = optuna.load_study(study_name=first.study_name, storage=storage).ask()
+    trial.set_user_attr("worker", f"{host}:{pid}")
     storage.engine.dispose()
     store = Store.open(run_dir)
-    key = f"trial-{lost.number}"
+    key = f"trial-{trial.number}"
     register_jobs(store, first.run.id, [(key, key)], 1)
     with store.transaction() as conn:
         conn.execute(jobs.update().where(jobs.c.key == key).values(
-            status="claimed", host=socket.gethostname(), pid=pid, heartbeat=time.time()))
+            status="claimed", host=host, pid=pid, heartbeat=heartbeat))
+    store.close()
+    return path, first, trial.number
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")  # the trial asked here
+def test_a_lost_workers_trial_claim_ends_with_its_trial(tiny_idx_dir: Path, tmp_path: Path):
+    """A worker killed in a trial leaves its claim of it; once the trial is failed (and
+    retried), the claim ends too, not left claimed in fl_jobs for good."""
+    pid = dead_pid()  # the worker of this machine that was training it
+    path, first, number = _a_claimed_trial(tiny_idx_dir, tmp_path, socket.gethostname(), pid,
+                                           time.time())
+    run_dir, key = tmp_path / "runs", f"trial-{number}"
+    store = Store.open(run_dir)
     result = run_search(load_study(path), run_dir=run_dir, progress=False)
     assert result.finished and result.summary["counts"]["retried"] == 1
     rows = job_rows(store, first.run.id)
@@ -1292,27 +1306,16 @@ def test_a_trial_elsewhere_is_lost_once_its_claim_outlives_the_claim_grace(
     claim is older than FASHIONLAB_CLAIM_GRACE (as a study's jobs are taken over), not only
     after Optuna's own 120 s. A claim younger than that is a worker at work."""
     monkeypatch.setenv("FASHIONLAB_CLAIM_GRACE", str(grace))
-    path = _learning_rate_search(tiny_idx_dir, tmp_path, "n_trials = 2\npruner = \"none\"")
+    path, first, number = _a_claimed_trial(tiny_idx_dir, tmp_path, "far-away", 1,
+                                           time.time() - claim_age)
     run_dir = tmp_path / "runs"
-    first = run_search(load_study(path), run_dir=run_dir, progress=False, timeout=0.001)
-    storage = open_storage(default_url(run_dir))
-    lost = optuna.load_study(study_name=first.study_name, storage=storage).ask()
-    lost.set_user_attr("worker", "far-away:1")
-    storage.engine.dispose()
-    store = Store.open(run_dir)
-    key = f"trial-{lost.number}"
-    register_jobs(store, first.run.id, [(key, key)], 1)
-    with store.transaction() as conn:
-        conn.execute(jobs.update().where(jobs.c.key == key).values(
-            status="claimed", host="far-away", pid=1, heartbeat=time.time() - claim_age))
     result = run_search(load_study(path), run_dir=run_dir, progress=False)
-    store.close()
     if claim_age > grace:
         assert result.finished and result.summary["counts"]["retried"] == 1
     else:  # the other worker's trial runs on: this one stops, leaving the search to it
         assert not result.finished and result.stopped_by == "others-running"
         assert optuna.load_study(study_name=first.study_name, storage=default_url(run_dir)
-                                 ).trials[lost.number].state == TrialState.RUNNING
+                                 ).trials[number].state == TrialState.RUNNING
 
 
 def test_optuna_tables_tampered_with_are_one_line(tiny_idx_dir: Path, tmp_path: Path,
