@@ -25,9 +25,14 @@ __all__ = [
 
 
 def finite(value: Any) -> bool:
-    """A real, finite number (bools and None are not numbers here)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) \
-        and math.isfinite(value)
+    """A real, finite number (bools and None are not numbers here, nor an integer beyond any
+    float's range, which no float arithmetic holds)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # 400 nines
+        return False
 
 
 def number(value: Any, spec: str, scale: float = 1.0) -> str:

@@ -9,13 +9,12 @@ formatting turns them into `error: FILE: search.space.units: ...`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 from fashionlab.errors import FieldValueError
-from fashionlab.text import shortened
+from fashionlab.text import finite, shortened
 
 __all__ = ["MAX_EPOCHS", "MAX_LAYERS", "MAX_REPEATS", "VOCABULARY", "Param",
            "TestTimeAugmentation", "check_base", "check_grid", "check_space", "check_varies"]
@@ -159,7 +158,7 @@ def _check_value(param: Param, value: Any) -> None:
         raise ValueError(f"values must be numbers (got {value!r})")  # noqa: TRY004 - a config error
     if param.kind == "int" and not _whole(value):
         raise ValueError(f"values must be whole numbers (got {value!r})")
-    if not _finite(value):  # an int too: Optuna's samplers draw through floats
+    if not finite(value):  # an int too: Optuna's samplers draw through floats
         raise ValueError(f"values must be finite numbers within a float's range (got "
                          f"{_spelled(value)})")
     if param.positive and value <= 0:
@@ -171,13 +170,6 @@ def _check_value(param: Param, value: Any) -> None:
     if param.below is not None and value >= param.below:
         raise ValueError(f"values must lie in [{param.minimum:g}, {param.below:g}) "
                          f"(got {value!r})")
-
-
-def _finite(value: float) -> bool:
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an integer beyond any float (400 nines)
-        return False
 
 
 def check_grid(space: Mapping[str, Any]) -> None:
