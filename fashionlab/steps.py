@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from fashionlab.artifacts import save_model
-from fashionlab.config import Candidate, StudySpec, WarningRule
+from fashionlab.config import Candidate, StudySpec, WarningRule, study_source
 from fashionlab.cv import (
     Fold,
     MemberResult,
@@ -34,7 +34,7 @@ from fashionlab.cv import (
     runs_to_schedule_end,
 )
 from fashionlab.data import Dataset, Split, load_fashion_mnist
-from fashionlab.errors import DataError
+from fashionlab.errors import ConfigError, DataError
 from fashionlab.jobs import Claim
 from fashionlab.progress import Reporter
 from fashionlab.runner import EpochHook, train_stack
@@ -184,23 +184,29 @@ def load_study_data(spec: StudySpec) -> Dataset:
     directory = spec.data.directory
     if directory is not None and not Path(directory).expanduser().is_dir():
         what = "a file, not a folder" if Path(directory).expanduser().exists() else "no such folder"
-        raise DataError(f"data.directory: {directory}: {what}")
+        raise DataError(f"{study_source(spec)}: data.directory: {directory}: {what}")
     try:
         dataset = load_fashion_mnist(directory, verify=spec.data.verify)
     except DataError as error:  # a missing or bad file in the folder the study names
         if directory is None:
             raise
-        raise DataError(f"data.directory: {error}") from None
+        raise DataError(f"{study_source(spec)}: data.directory: {error}") from None
     return limit_study_data(spec, dataset)
 
 
 def limit_study_data(spec: StudySpec, dataset: Dataset) -> Dataset:
-    """`dataset` cut to the study's `[data]` limits (the first N images of each split)."""
+    """`dataset` cut to the study's `[data]` limits (the first N images of each split); a
+    study file asking for more folds than the images it gets is refused here, by name."""
     def head(split: Split, n: int | None) -> Split:
         return split if n is None else Split(split.images[:n], split.labels[:n])
 
-    return dataclasses.replace(dataset, train=head(dataset.train, spec.data.train_limit),
-                               test=head(dataset.test, spec.data.test_limit))
+    limited = dataclasses.replace(dataset, train=head(dataset.train, spec.data.train_limit),
+                                  test=head(dataset.test, spec.data.test_limit))
+    n_splits, n_train = spec.cv.n_splits, len(limited.train)
+    if n_train < n_splits:
+        raise ConfigError(f"{study_source(spec)}: cv.n_splits: {n_splits} folds need at least "
+                          f"{n_splits} training images (the data has {n_train})")
+    return limited
 
 
 def cv_members(

@@ -460,7 +460,8 @@ def test_more_folds_than_the_data_holds_creates_no_run(tiny_idx_dir: Path, tmp_p
     path.write_text(tiny_study_toml(tiny_idx_dir, folds=301, final=False))
     runs = tmp_path / "runs"
     code, _, err = run_cli(capsys, "study", str(path), "--run-dir", str(runs), "--workers", "1")
-    assert_one_line_error(code, err, "cv.n_splits: 301 folds need at least 301 samples (got 300)")
+    assert_one_line_error(code, err, f"error: {path}: cv.n_splits: 301 folds need at least 301 "
+                          "training images (the data has 300)")
     store = Store.open(runs)
     try:
         assert store.runs() == []

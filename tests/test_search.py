@@ -217,7 +217,18 @@ def test_the_cli_says_a_bad_space_in_one_line(tmp_path: Path, capsys: pytest.Cap
     assert_one_line_error(code, err, f"{path}: search.space.units: low (512) must be below "
                           "high (64)")
     code, _, err = run_cli(capsys, "search", "seed", "--run-dir", str(tmp_path))
-    assert_one_line_error(code, err, "study 'seed' has no [search] table")
+    assert_one_line_error(code, err, "error: seed.toml: no [search] table")
+
+
+def test_a_search_without_a_stopping_rule_names_its_file(tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]):
+    # Only known once the command's options are in (--n-trials, --timeout): still by file.
+    path = _load(BASE + "[search.space]\nunits = { low = 16, high = 64 }\n", tmp_path, "my.toml")
+    code, _, err = run_cli(capsys, "search", str(path), "--run-dir", str(tmp_path / "runs"))
+    assert_one_line_error(code, err, f"error: {path}: search: no stopping rule: set n_trials")
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(ConfigError, match=r"^study 'x': search: no stopping rule"):  # in code
+        run_search(dataclasses.replace(load_study(path)), run_dir=tmp_path / "runs")
 
 
 @pytest.mark.parametrize(("space", "message"), [
@@ -231,7 +242,7 @@ def test_a_space_that_draws_too_large_a_model_is_refused_before_anything_is_crea
         tmp_path: Path, capsys: pytest.CaptureFixture[str], space: str, message: str):
     path = _load(BASE + f"[search.space]\n{space}\n", tmp_path, "my.toml")
     code, _, err = run_cli(capsys, "search", str(path), "--run-dir", str(tmp_path / "runs"))
-    assert_one_line_error(code, err, f"study 'x': search.space: {message}")
+    assert_one_line_error(code, err, f"error: {path}: search.space: {message}")
     assert not (tmp_path / "runs").exists()
 
 
@@ -257,7 +268,7 @@ def test_a_grid_too_large_to_list_is_refused_before_anything_is_created(
     path = _load(BASE + f'[search]\nsampler = "grid"\nn_trials = 2\n[search.space]\n{space}\n',
                  tmp_path, "my.toml")
     code, _, err = run_cli(capsys, "search", str(path), "--run-dir", str(tmp_path / "runs"))
-    assert_one_line_error(code, err, "study 'x': search.space: the grid has ",
+    assert_one_line_error(code, err, f"error: {path}: search.space: the grid has ",
                           "points, more than the 100,000 the grid sampler lists")
     assert not (tmp_path / "runs").exists()
 

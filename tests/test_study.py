@@ -492,6 +492,7 @@ def test_what_a_killed_run_left_half_written_is_removed_when_it_runs_again(
     ("nowhere", "data.directory: {}: no such folder"),
     ("a-file", "data.directory: {}: a file, not a folder"),
     ("empty", "data.directory: {}"),  # a folder without the dataset: and the missing file
+    # (each named with the study file: found only once it runs)
 ])
 def test_data_that_cannot_be_read_leaves_no_store(command: str, directory: str, says: str,
                                                    tmp_path: Path,
@@ -504,8 +505,12 @@ def test_data_that_cannot_be_read_leaves_no_store(command: str, directory: str, 
         text += ("\n[search]\nn_trials = 2\n[search.space]\n"
                  "learning_rate = { choices = [0.001, 0.01] }\n")
     path.write_text(text)
-    code, _, err = run_cli(capsys, command, str(path), "--run-dir", str(tmp_path / "runs"))
-    assert_one_line_error(code, err, says.format(tmp_path / directory))
+    # (a shortened, reseeded study is still read from its file)
+    shortened = ["--quick", "--seed", "3"] if command == "study" else ["--quick"]
+    for options in ([], shortened):
+        code, _, err = run_cli(capsys, command, str(path), "--run-dir", str(tmp_path / "runs"),
+                               *options)
+        assert_one_line_error(code, err, f"error: {path}: " + says.format(tmp_path / directory))
     if directory == "empty":
         assert "file not found" in err
     assert not (tmp_path / "runs").exists()
@@ -522,7 +527,8 @@ def test_more_folds_than_images_leaves_no_store(command: str, tiny_idx_dir: Path
                  "learning_rate = { choices = [0.001, 0.01] }\n")
     path.write_text(text)
     code, _, err = run_cli(capsys, command, str(path), "--run-dir", str(tmp_path / "runs"))
-    assert_one_line_error(code, err, "cv.n_splits: 1000 folds need at least 1000 samples")
+    assert_one_line_error(code, err, f"error: {path}: cv.n_splits: 1000 folds need at least "
+                          "1000 training images (the data has 300)")
     assert not (tmp_path / "runs").exists()
 
 

@@ -10,7 +10,7 @@ import typer
 from rich.text import Text
 
 from fashionlab.cli import app, output_console, resumable, text_table
-from fashionlab.config import SEED_RANGE, load_study, quick_variant
+from fashionlab.config import SEED_RANGE, derived, load_study, quick_variant
 from fashionlab.errors import ConfigError
 from fashionlab.store import DEFAULT_RUN_DIR
 from fashionlab.tables import HEADERS, LEGEND, display_rows
@@ -70,7 +70,6 @@ def study(
 
     Example: fashionlab study seed --mlflow sqlite:///mlflow.db
     """
-    import dataclasses
     import json
 
     # torch (and the optional MLflow): only once a study runs
@@ -85,7 +84,7 @@ def study(
     if quick:
         spec = quick_variant(spec)
     if seed is not None:
-        spec = dataclasses.replace(spec, seed=seed)
+        spec = derived(spec, seed=seed)
     with resumable("the run is kept; run the same command again to resume it"), \
             tensorboard_progress(not (json_output or quiet), tensorboard=tensorboard,
                                  run_dir=run_dir, store_url=store) as shown, \

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 from fashionlab.config.files import (
     bundled_studies,
+    derived,
     load_study,
     quick_variant,
     study_from_dict,
+    study_source,
     study_to_toml,
 )
 from fashionlab.config.specs import (
@@ -68,9 +70,11 @@ __all__ = [
     "base_candidate",
     "bundled_studies",
     "conv_sides",
+    "derived",
     "load_study",
     "quick_variant",
     "study_from_dict",
+    "study_source",
     "study_to_toml",
     "toml_value",
 ]

@@ -120,8 +120,11 @@ _STUDY_ADAPTER = TypeAdapter(StudySpec)
 _TRAIN_ADAPTER = TypeAdapter(TrainSpec)
 
 
-def study_from_dict(raw: Mapping[str, Any], *, source: str = "study") -> StudySpec:
-    """Validate a study given as a (TOML-shaped) mapping; errors name `source` and the field."""
+def study_from_dict(raw: Mapping[str, Any], *, source: str | None = None) -> StudySpec:
+    """Validate a study given as a (TOML-shaped) mapping; errors name `source` (e.g. the file
+    it was read from) and the field, now and once the study runs (`study_source`)."""
+    named = source
+    source = source or "study"
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{source}: expected a table of settings (a dict, as tomllib reads a "
                           f"study file), got {type(raw).__name__}")
@@ -143,11 +146,37 @@ def study_from_dict(raw: Mapping[str, Any], *, source: str = "study") -> StudySp
             data[section] = [
                 _resolve_entry(entry, defaults, f"{section}[{i}]") for i, entry in enumerate(entries)
             ]
-        return _STUDY_ADAPTER.validate_python(data)
+        spec = _STUDY_ADAPTER.validate_python(data)
     except _FieldError as error:
         raise ConfigError(f"{source}: {error}") from None
     except ValidationError as error:
         raise ConfigError(f"{source}: {_format_validation_error(error)}") from None
+    return spec if named is None else _read_from(spec, named)
+
+
+# What a problem found only once a study runs (its data folder gone, more folds than images)
+# calls the study: the file it was read from. Kept beside the fields, not among them, so it is
+# in no fingerprint, stored config or comparison: the same study read from two files is one.
+_SOURCE = "_fashionlab_source"
+
+
+def _read_from(spec: StudySpec, source: str) -> StudySpec:
+    object.__setattr__(spec, _SOURCE, source)  # (frozen: set as its own __init__ sets fields)
+    return spec
+
+
+def study_source(spec: StudySpec) -> str:
+    """How errors name `spec`: the file it was read from ("my-study.toml"; "seed.toml" for a
+    bundled study), or "study '<name>'" for one made in code."""
+    return getattr(spec, _SOURCE, None) or f"study '{spec.name}'"
+
+
+def derived(spec: StudySpec, **changes: Any) -> StudySpec:
+    """`dataclasses.replace(spec, **changes)` that is still read from `spec`'s file (errors
+    name it)."""
+    new = dataclasses.replace(spec, **changes)
+    source = getattr(spec, _SOURCE, None)
+    return new if source is None else _read_from(new, source)
 
 
 def bundled_studies() -> list[str]:
@@ -216,7 +245,7 @@ def quick_variant(spec: StudySpec) -> StudySpec:
         train = replace(candidate.train, epochs=min(candidate.train.epochs, epochs))
         return replace(candidate, train=train)
 
-    return replace(
+    return derived(
         spec,
         name=_quick_name(spec.name),
         # (6000 training samples, or one per fold where there are more folds)

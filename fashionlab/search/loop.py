@@ -46,7 +46,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from fashionlab import stops
-from fashionlab.config import Candidate, SearchSpec, StudySpec, base_candidate
+from fashionlab.config import Candidate, SearchSpec, StudySpec, base_candidate, study_source
 from fashionlab.cv import Fold, make_folds
 from fashionlab.data import Dataset, to_tensors
 from fashionlab.errors import ConfigError, StoreError
@@ -177,11 +177,11 @@ def run_search(
                           f"{type(spec).__name__}")
     search = spec.search
     if search is None:
-        raise ConfigError(f"study '{spec.name}' has no [search] table: add one to search it "
+        raise ConfigError(f"{study_source(spec)}: no [search] table: add one to search it "
                           "(see the README's Automated search)")
     base = base_candidate(spec)
-    check_largest_model(spec.name, search, base)
-    limits = _limits(spec.name, search, base, n_trials, timeout)
+    check_largest_model(study_source(spec), search, base)
+    limits = _limits(study_source(spec), search, base, n_trials, timeout)
     claim_grace()  # a bad FASHIONLAB_CLAIM_GRACE is said now, not in the first trial
     torch_device = resolve_device(device)
     run_dir = Path(run_dir)
@@ -350,13 +350,14 @@ def _limits(study: str, search: SearchSpec, base: Candidate, n_trials: int | Non
         try:
             size = grid_size(grid(search, base))
         except ConfigError as error:  # too many points: named as the largest-draw check does
-            raise ConfigError(f"study '{study}': {error}") from None
+            raise ConfigError(f"{study}: {error}") from None
         n = size if n is None else min(n, size)
     limits = Limits(n, search.timeout if timeout is None else timeout)
     budgets = (search.budget, search.budget_seconds, search.budget_tflop)
     if limits.n_trials is None and limits.timeout is None and all(b is None for b in budgets):
-        raise ConfigError("search: no stopping rule: set n_trials, budget, budget_seconds, "
-                          "budget_tflop or timeout in [search], or pass --n-trials or --timeout")
+        raise ConfigError(f"{study}: search: no stopping rule: set n_trials, budget, "
+                          "budget_seconds, budget_tflop or timeout in [search], or pass "
+                          "--n-trials or --timeout")
     return limits
 
 

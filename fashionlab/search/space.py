@@ -186,14 +186,14 @@ def _sizes(recorded: dict[str, Any]) -> list[str]:
 def check_largest_model(study: str, search: SearchSpec, base: Candidate) -> None:
     """Refuse, before the search starts, a space that can draw a model too large to train
     (`config.MAX_PARAMETERS`): a trial would otherwise fail only once it is drawn. `study`:
-    the study's name, for the message."""
+    how the message names the study (`config.study_source`)."""
     largest = _Largest()
     try:
         suggest(largest, search, base, base.name)
     except ValidationError as error:
         where, message, _ = first_problem(error)
         sizes = ", ".join(_sizes(largest.recorded))
-        raise ConfigError(f"study '{study}': search.space: its largest draw ({sizes}) is too "
+        raise ConfigError(f"{study}: search.space: its largest draw ({sizes}) is too "
                           f"large: {'.'.join(map(str, where))}: {message}") from None
 
 
