@@ -308,6 +308,12 @@ NAME_MISTAKES = [
     ('[[candidates]]\nname = "\u3164 "\n',  # a Hangul filler, drawn as nothing
      ("candidates[0].name: a name of U+3164 U+0020 shows nothing: a name needs a character that "
       "can be seen, or its rows would look empty")),
+    ('[[candidates]]\nname = "con"\n',  # a device on Windows: no file could be written
+     ("candidates[0].name: 'con' cannot be a name: Windows reserves it for a device (CON, PRN, "
+      "AUX, NUL, COM1-9, LPT1-9), so its files could not be written there")),
+    ('[[final]]\nname = "LPT\u00b9.v2"\n',
+     ("final[0].name: 'LPT\u00b9.v2' cannot be a name: Windows reserves it for a device (CON, "
+      "PRN, AUX, NUL, COM1-9, LPT1-9), so its files could not be written there")),
     ('[[candidates]]\nname = "m"\n[[final]]\nname = "m."\n',
      ("model names must differ as file names too: 'm' and 'm.' are all saved as one file "
      "where case (macOS, Windows) or a name's trailing dots (Windows) are ignored")),

@@ -82,8 +82,16 @@ def _a_name(value: str) -> str:
         points = " ".join(f"U+{ord(ch):04X}" for ch in value[:8])
         raise ValueError(f"a name of {points} shows nothing: a name needs a character that "
                          "can be seen, or its rows would look empty")
+    if safe_name(value).split(".")[0].casefold() in _WINDOWS_DEVICES:
+        raise ValueError(f"{value!r} cannot be a name: Windows reserves it for a device "
+                         "(CON, PRN, AUX, NUL, COM1-9, LPT1-9), so its files could not be "
+                         "written there")
     return value
 
+
+# Names Windows gives to devices, whatever follows a dot ("nul.png" is the device too).
+_WINDOWS_DEVICES = frozenset(["con", "prn", "aux", "nul"] + [
+    f"{port}{n}" for port in ("com", "lpt") for n in "123456789\u00b9\u00b2\u00b3"])
 
 # Letters drawn as nothing: the Hangul fillers and the blank Braille pattern.
 _BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
