@@ -149,14 +149,18 @@ MIGRATIONS = [_migration_1, _migration_2, _migration_3]
 
 
 def migrate(engine: sa.Engine, attempts: int = 5, *, read_only: bool = False,
-            where: str = "") -> int:
+            create: bool = True, where: str = "") -> int:
     """Apply the missing migrations; returns the schema version.
 
     A store whose schema is current is only read, so a read-only one opens; a read-only one
-    that needs a migration is a StoreError. Workers on several machines may open a new store
-    at the same moment: on PostgreSQL the migration holds an advisory lock, on SQLite the
-    write lock from its first statement; elsewhere a migration that lost the race is retried
-    (it then finds the work done). `where` names the store in errors."""
+    that needs a migration is a StoreError. `create=False` (a command that only looks) makes
+    no store in a database that holds none (another program's database, an empty one on a
+    server): a StoreError, as for a file that is not there.
+
+    Workers on several machines may open a new store at the same moment: on PostgreSQL the
+    migration holds an advisory lock, on SQLite the write lock from its first statement;
+    elsewhere a migration that lost the race is retried (it then finds the work done).
+    `where` names the store in errors."""
     for attempt in range(attempts):
         try:
             conn = engine.connect()
@@ -174,6 +178,10 @@ def migrate(engine: sa.Engine, attempts: int = 5, *, read_only: bool = False,
                 return current
             if current > len(MIGRATIONS):
                 raise _newer_schema(current)
+            if current == 0 and not create:
+                raise StoreError(f"no store at {where}: nothing has run there yet (`fashionlab "
+                                 "study` starts a run; --run-dir or --store names another "
+                                 "store)")
             if read_only:
                 raise StoreError(f"the store {where} needs an upgrade (schema version "
                                  f"{current} -> {len(MIGRATIONS)}) but is read-only: open it "

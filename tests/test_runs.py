@@ -3,6 +3,7 @@ test where folds match, export as CSV and JSON, delete after asking; unknown ids
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -12,6 +13,7 @@ import os
 import platform
 import shutil
 import signal
+import sqlite3
 import time
 from pathlib import Path
 
@@ -401,6 +403,28 @@ def test_a_run_directory_with_no_store_is_one_line_and_stays_uncreated(
         assert_one_line_error(code, err, f"no store at {missing / 'fashionlab.db'}",
                               "nothing has run there yet")
     assert not missing.exists()
+
+
+def test_a_database_without_a_store_is_one_line_and_stays_as_it_was(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    # An empty file (SQLite reads it as a new database) and another program's database: a
+    # command that only looks makes no store in them.
+    empty = tmp_path / "runs" / "fashionlab.db"
+    empty.parent.mkdir()
+    empty.touch()
+    other = tmp_path / "other.db"
+    with contextlib.closing(sqlite3.connect(other)) as conn, conn:
+        conn.execute("CREATE TABLE notes (text)")
+    before = other.read_bytes()
+    looks = (["runs", "list"], ["runs", "show", "x"], ["runs", "delete", "x", "--yes"],
+             ["report", "x"])
+    for where, options in ((empty, ["--run-dir", str(empty.parent)]),
+                           (other, ["--store", f"sqlite:///{other}"])):
+        for args in looks:
+            code, _, err = run_cli(capsys, *args, *options)
+            assert_one_line_error(code, err, f"no store at {where}", "nothing has run there yet")
+    assert empty.stat().st_size == 0 and other.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.db", "runs"]  # no journal left
 
 
 def test_options_that_do_not_apply_are_refused(tmp_path: Path,

@@ -208,6 +208,20 @@ def writable(path: Path) -> bool:
     return os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)
 
 
+def holds_table(path: Path, table: str) -> bool:
+    """Whether a SQLite file has this table, read without writing to it (SQLite would make a
+    new database of an empty file, and its settings would change another program's). A file
+    SQLite cannot read answers True: opening it says what is wrong."""
+    engine = sa.create_engine(sqlite_read_only_url(path))
+    try:
+        with engine.connect() as conn:
+            return sa.inspect(conn).has_table(table)
+    except sa.exc.SQLAlchemyError:
+        return True
+    finally:
+        engine.dispose()
+
+
 def sqlite_read_only_url(path: Path) -> sa.URL:
     """SQLite's read-only mode for this file. A WAL-mode file needs its -shm index, written
     even by readers: in a folder we cannot write, where none exists (no process has the file

@@ -34,6 +34,7 @@ from fashionlab.schema import (
     migrate,
     models,
     runs,
+    schema,
 )
 from fashionlab.serialize import file_in_the_way, jsonable
 from fashionlab.store.engine import (
@@ -41,6 +42,7 @@ from fashionlab.store.engine import (
     connect_args,
     database_url,
     default_url,
+    holds_table,
     make_folder,
     open_error,
     read_only_url,
@@ -81,7 +83,8 @@ class Store:
     written on open, and a write is a StoreError. A database server's own permissions decide
     there. A write that fails (read-only, disk full, no permission) is a one-line StoreError.
     `create=False` (commands that only look) refuses a SQLite file that does not exist instead
-    of creating it, and its folder, where a mistyped path points.
+    of creating it, and its folder, where a mistyped path points; and a database without a
+    store in it (an empty file, another program's tables) instead of making one there.
     """
 
     def __init__(self, url: str, *, read_only: bool = False, create: bool = True) -> None:
@@ -97,7 +100,9 @@ class Store:
             if blocking is not None:  # --run-dir naming a file
                 raise StoreError(f"cannot open the store {path}: {blocking} is a file, not "
                                  "a folder")
-            if path is not None and not create and not path.exists():
+            # (nor one without a store in it: an empty file, another program's database)
+            if path is not None and not create and (not path.exists() or (
+                    path.is_file() and not holds_table(path, schema.name))):
                 raise StoreError(f"no store at {path}: nothing has run there yet (`fashionlab "
                                  "study` starts a run; --run-dir or --store names another "
                                  "store)")
@@ -120,7 +125,7 @@ class Store:
             if self.engine.dialect.name == "sqlite":
                 sa.event.listen(self.engine, "connect",
                                 sqlite_read_only_pragmas if self.read_only else sqlite_pragmas)
-            migrate(self.engine, read_only=self.read_only,
+            migrate(self.engine, read_only=self.read_only, create=create,
                     where=str(path) if path is not None else safe_url(url))
         except (ImportError, SQLAlchemyError, OSError) as error:  # ImportError: no driver
             raise open_error(url, error) from None
