@@ -28,7 +28,7 @@ import torch
 
 from fashionlab.artifacts import PREPROCESSING, SavedModel, as_saved_model
 from fashionlab.errors import FashionlabError
-from fashionlab.serialize import file_in_the_way, staging_path, why_not_written
+from fashionlab.serialize import folder_blocked, staging_path, why_not_written
 from fashionlab.text import first_line
 
 __all__ = ["DEFAULT_OPSET", "TOLERANCE", "ExportError", "export_onnx", "verify_onnx"]
@@ -94,9 +94,8 @@ def export_onnx(saved_model: SavedModel | str | Path, path: str | Path, *,
         raise ExportError(f"{path}: is a directory; name the .onnx file to write")
     if path.suffix.lower() != ".onnx":  # and no model.safetensors or photo is overwritten
         raise ExportError(f"{path}: an ONNX file's name ends in .onnx")
-    blocking = file_in_the_way(path.parent)  # the folder itself is made when written to
-    if blocking is not None:
-        raise ExportError(f"{blocking} is a file, not a folder (the folder of {path})")
+    if (blocked := folder_blocked(path)) is not None:
+        raise ExportError(blocked)
     module = copy.deepcopy(saved_model.module).to("cpu").eval()  # the graph is device-free
     example = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))  # (B, 1, 28, 28)
     batch = torch.export.Dim("batch", min=1)

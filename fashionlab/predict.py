@@ -38,7 +38,7 @@ import numpy as np
 
 from fashionlab.errors import FashionlabError, OutputError
 from fashionlab.idx import looks_like_idx, read_idx
-from fashionlab.serialize import file_in_the_way, why_not_written
+from fashionlab.serialize import folder_blocked, why_not_written
 from fashionlab.text import first_line
 
 if TYPE_CHECKING:
@@ -342,9 +342,8 @@ def check_preview_path(path: Path, images: Sequence[str | Path] = ()) -> Path:
                           "the preview")
     if path.suffix.lower() not in Image.registered_extensions():
         raise OutputError(f"{path}: not an image file name (use .png)")
-    blocking = file_in_the_way(path.parent)  # the folder itself is made when written to
-    if blocking is not None:
-        raise OutputError(f"{blocking} is a file, not a folder (the folder of {path})")
+    if (blocked := folder_blocked(path)) is not None:
+        raise OutputError(blocked)
     return path
 
 

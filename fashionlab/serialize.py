@@ -113,6 +113,15 @@ def file_in_the_way(path: Path) -> Path | None:
     return next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
 
 
+def folder_blocked(path: Path) -> str | None:
+    """Why the file `path` could not be written once made, said before the work that makes it
+    ("notes is a file, not a folder (the folder of notes/model.onnx)"); None where nothing is
+    in the way (its folder is made when it is written)."""
+    blocking = file_in_the_way(path.parent)
+    return None if blocking is None else f"{blocking} is a file, not a folder (the folder of " \
+        f"{path})"
+
+
 def why_not_written(path: Path, error: OSError) -> str:
     """Why writing `path` failed, in words: a file where one of its folders should be (mkdir's
     "File exists" would not say which), else the system's reason."""
