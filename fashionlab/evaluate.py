@@ -27,7 +27,7 @@ from fashionlab.artifacts import SavedModel, as_saved_model
 from fashionlab.data import Split
 from fashionlab.errors import DataError
 
-__all__ = ["Evaluation", "evaluate"]
+__all__ = ["Evaluation", "evaluate", "unlike_the_study"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -99,6 +99,27 @@ class Evaluation:
                 "f1": clean(self.f1),
             },
         }
+
+
+def unlike_the_study(model: SavedModel, result: Evaluation) -> list[str]:
+    """Why `result` may differ from the test scores `model`'s study stored with it (its
+    model.json), in words; empty where it measures the same. A study cut to `[data]
+    test_limit` (every `--quick` run) tested on the first N test images, not all; and its
+    test loss, as Keras', adds the L2 penalty to the cross-entropy `evaluate` gives."""
+    stored = model.metadata
+    notes = []
+    tested = (stored.get("data") or {}).get("test")
+    accuracy = stored.get("test_accuracy")
+    if isinstance(tested, int) and tested != result.n and isinstance(accuracy, float):
+        notes.append(f"its study tested it on the first {tested:,} test images "
+                     f"({100 * accuracy:.2f}%), not {result.n:,}: --limit {tested} scores "
+                     "the same images")
+    loss = stored.get("test_loss")
+    l2 = any(layer.l2 for layer in model.spec.layers) or any(c.l2 for c in model.spec.conv)
+    if l2 and isinstance(loss, float):
+        notes.append(f"the loss is the cross-entropy alone; its study's test loss ({loss:.4f}) "
+                     "adds the L2 penalty, as Keras does")
+    return notes
 
 
 def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:

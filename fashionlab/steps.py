@@ -33,7 +33,7 @@ from fashionlab.cv import (
     member_seed,
     runs_to_schedule_end,
 )
-from fashionlab.data import Dataset, Split, load_fashion_mnist
+from fashionlab.data import Dataset, load_fashion_mnist
 from fashionlab.errors import ConfigError, DataError
 from fashionlab.jobs import Claim
 from fashionlab.progress import Reporter
@@ -197,11 +197,8 @@ def load_study_data(spec: StudySpec) -> Dataset:
 def limit_study_data(spec: StudySpec, dataset: Dataset) -> Dataset:
     """`dataset` cut to the study's `[data]` limits (the first N images of each split); a
     study file asking for more folds than the images it gets is refused here, by name."""
-    def head(split: Split, n: int | None) -> Split:
-        return split if n is None else Split(split.images[:n], split.labels[:n])
-
-    limited = dataclasses.replace(dataset, train=head(dataset.train, spec.data.train_limit),
-                                  test=head(dataset.test, spec.data.test_limit))
+    limited = dataclasses.replace(dataset, train=dataset.train.head(spec.data.train_limit),
+                                  test=dataset.test.head(spec.data.test_limit))
     n_splits, n_train = spec.cv.n_splits, len(limited.train)
     if n_train < n_splits:
         raise ConfigError(f"{study_source(spec)}: cv.n_splits: {n_splits} folds need at least "

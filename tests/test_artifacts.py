@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers import assert_one_line_error, run_cli
+from helpers import assert_one_line_error, run_cli, tiny_study_toml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -28,10 +28,11 @@ from fashionlab.artifacts import (
     load_model,
     save_model,
 )
-from fashionlab.config import MAX_PARAMETERS, ConvLayer, DenseLayer, ModelSpec
+from fashionlab.config import MAX_PARAMETERS, ConvLayer, DenseLayer, ModelSpec, load_study
 from fashionlab.data import CLASS_NAMES, read_idx
 from fashionlab.errors import ConfigError
 from fashionlab.models import build_module
+from fashionlab.study import run_study
 
 DENSE = ModelSpec(layers=(DenseLayer(16, dropout=0.2), DenseLayer(8)))
 CONV_BN = ModelSpec(conv=(ConvLayer(4, batch_norm=True, pool=2), ConvLayer(6, padding="same")),
@@ -416,6 +417,40 @@ def test_evaluate_with_other_test_time_views(
     assert str(error.value) == "tta must be one of 'none', 'flip', 'flip-shift', not 'crops'"
     code, _, err = run_cli(capsys, "evaluate", str(directory), "--tta", "crops")
     assert code == 2 and "crops" in err
+
+
+def test_evaluate_says_why_it_differs_from_its_study_and_limit_scores_the_same_images(
+        tmp_path: Path, tiny_idx_dir: Path, capsys: pytest.CaptureFixture[str]):
+    # A study tested on its first 40 of 100 test images (as --quick does) with an L2 model.
+    path = tmp_path / "l2.toml"
+    path.write_text(tiny_study_toml(
+        tiny_idx_dir, final=False,
+        candidates='[[candidates]]\nname = "l2"\nlayers = [{ units = 16, l2 = 0.01 }]\n',
+    ).replace("verify = false", "verify = false\ntest_limit = 40"))
+    model = run_study(load_study(path), run_dir=tmp_path / "runs",
+                      progress=False).retrain.model_dir
+    stored = load_model(model).metadata
+    args = ("evaluate", str(model), "--dir", str(tiny_idx_dir), "--no-verify", "--device", "cpu")
+    code, out, err = run_cli(capsys, *args, "--json")
+    assert code == 0, err
+    whole = json.loads(out)
+    accuracy, loss = 100 * stored["test_accuracy"], stored["test_loss"]
+    assert whole["n"] == 100 and whole["notes"] == [
+        (f"its study tested it on the first 40 test images ({accuracy:.2f}%), not 100: "
+         "--limit 40 scores the same images"),
+        (f"the loss is the cross-entropy alone; its study's test loss ({loss:.4f}) adds the L2 "
+         "penalty, as Keras does")]
+    code, out, err = run_cli(capsys, *args, "--limit", "40", "--json")
+    assert code == 0, err
+    same = json.loads(out)
+    assert same["n"] == 40 and same["accuracy"] == pytest.approx(stored["test_accuracy"],
+                                                                 abs=1e-6)
+    assert same["loss"] < stored["test_loss"] and len(same["notes"]) == 1  # the L2 note
+    code, out, err = run_cli(capsys, *args, "--limit", "40")
+    assert code == 0, err
+    assert "(test, the first 40 images)" in out and "note: the loss is the cross-entropy" in out
+    code, _, err = run_cli(capsys, *args, "--limit", "0")
+    assert code == 2 and "--limit" in err
 
 
 def test_evaluate_table(tmp_path: Path, tiny_idx_dir: Path, capsys: pytest.CaptureFixture[str]):

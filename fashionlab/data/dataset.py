@@ -60,6 +60,11 @@ class Split:
         """Images per class, (n_classes,) int64."""
         return np.bincount(self.labels, minlength=n_classes)
 
+    def head(self, n: int | None) -> Split:
+        """The first `n` images (views, no copy); all of them where there are fewer or `n` is
+        None: what a study's `[data]` limits keep."""
+        return self if n is None else Split(self.images[:n], self.labels[:n])
+
     def first_per_class(self, n: int) -> Split:
         """A copy of the first `n` images of each class, in their order here: what a figure
         of samples shows, without holding the whole split."""
