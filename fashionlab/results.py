@@ -154,7 +154,10 @@ def _candidate_row(candidate: CandidateResult, comparison: Comparison | None,
     accuracy = summarize(candidate.val_accuracy, bounds=ACCURACY_BOUNDS)
     notes = list(candidate.failures)
     if candidate.role == "final":
-        notes = notes or ["validated on the test set; test accuracy after the last epoch"]
+        stopping = candidate.candidate.train.early_stopping
+        kept = f"of epoch {candidate.result_epochs[0]}'s weights (early stopping's best)" \
+            if stopping is not None and stopping.restore_best else "after the last epoch"
+        notes = notes or [f"validated on the test set; test accuracy {kept}"]
     trained = f"{candidate.trained_epochs}/{candidate.planned_epochs}"
     if candidate.candidate.train.early_stopping is not None:
         saved = 1 - candidate.trained_epochs / max(candidate.planned_epochs, 1)

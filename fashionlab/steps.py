@@ -99,7 +99,7 @@ class CandidateResult:
     trained_epochs: int  # epochs trained, summed over models
     planned_epochs: int  # epochs planned, summed over models
     failures: list[str]  # messages of models that diverged
-    test_loss: float = float("nan")  # final models: after the last epoch, on the test set
+    test_loss: float = float("nan")  # final models: of the weights kept, on the test set
     test_accuracy: float = float("nan")
     model_dir: Path | None = None  # final models: where the trained model is saved
 
@@ -425,7 +425,7 @@ def train_final(ctx: RunContext, candidate: Candidate, data: Tensors,
             save_model(directory, spec=candidate.model, state=result.weights,
                        class_names=class_names, metadata=model_metadata(
                            ctx, candidate, len(result.history), test_loss, test_accuracy,
-                           role="final"))
+                           role="final", weights_epoch=kept_epoch(candidate, result)))
         ctx.store.update_model(ctx.run.id, key, test_loss=test_loss,
                                test_accuracy=test_accuracy)
     summary = summarize_models(candidate, [result], "final", ctx.spec.warning)
@@ -458,12 +458,25 @@ def test_weights(candidate: Candidate, result: MemberResult, data: Tensors,
     return loss[0], accuracy[0]
 
 
+def kept_epoch(candidate: Candidate, result: MemberResult) -> int:
+    """The epoch whose weights a trained model keeps: early stopping's best where it restores
+    them, else the last."""
+    stopping = candidate.train.early_stopping
+    if stopping is not None and stopping.restore_best and result.best_epoch is not None:
+        return result.best_epoch
+    return len(result.history)
+
+
 def model_metadata(ctx: RunContext, candidate: Candidate, epochs: int, test_loss: float,
-                   test_accuracy: float, *, role: str) -> dict[str, Any]:
-    """What a saved model's model.json records of how it was trained."""
+                   test_accuracy: float, *, role: str,
+                   weights_epoch: int | None = None) -> dict[str, Any]:
+    """What a saved model's model.json records of how it was trained: `epochs` trained, the
+    weights of epoch `weights_epoch` (default: the last) kept and tested."""
     return {
         "study": ctx.spec.name, "run_id": ctx.run.id, "candidate": candidate.name,
-        "role": role, "epochs": epochs, "seed": ctx.spec.seed,
+        "role": role, "epochs": epochs,
+        "weights_epoch": epochs if weights_epoch is None else weights_epoch,
+        "seed": ctx.spec.seed,
         "train": dataclasses.asdict(candidate.train),
         "test_loss": test_loss, "test_accuracy": test_accuracy,
         **ctx.run.environment,

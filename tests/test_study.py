@@ -26,6 +26,7 @@ from fashionlab.cv import make_folds
 from fashionlab.data import Split, load_fashion_mnist
 from fashionlab.errors import ConfigError, StoreError
 from fashionlab.progress import Silent
+from fashionlab.results import table_rows
 from fashionlab.runner import MIN_PARALLEL_FLOPS, Job, auto_workers
 from fashionlab.steps import RunContext, load_study_data
 from fashionlab.store import DB_NAME, Store
@@ -287,6 +288,7 @@ _KILLER = textwrap.dedent("""
     import os, signal, sys
     from fashionlab.config import load_study, study_from_dict
     from fashionlab.progress import Silent
+from fashionlab.results import table_rows
     from fashionlab.store import Store
     from fashionlab.study import run_study
 
@@ -469,6 +471,31 @@ def test_results_md_shows_names_as_written(tiny_idx_dir: Path, tmp_path: Path):
         assert html_escape(name, quote=False) in items, (name, items)
     assert not re.search(r"<(script|em|a|s|del|ol|h2)\b", html)
     assert html.count("<code>") == 1  # the run id
+
+
+def test_a_final_model_that_stops_early_is_tested_and_saved_at_its_best_epoch(
+        tiny_idx_dir: Path, tmp_path: Path):
+    from fashionlab.artifacts import load_model  # (the models a study saves)
+    from fashionlab.evaluate import evaluate
+
+    path = tmp_path / "es.toml"
+    path.write_text(tiny_study_toml(tiny_idx_dir, final=False, candidates="""
+[[final]]
+name = "stops"
+layers = [{ units = 32 }]
+train = { epochs = 12, early_stopping = { monitor = "val_accuracy", patience = 1 } }
+"""))
+    result = run_study(load_study(path), run_dir=tmp_path / "runs", progress=False)
+    final = result.final[0]
+    best = int(final.result_epochs[0])
+    assert best < len(final.mean_curves["val_loss"])  # it kept an earlier epoch than its last
+    saved = load_model(final.model_dir)
+    assert saved.metadata["weights_epoch"] == best < saved.metadata["epochs"]
+    assert evaluate(saved, load_fashion_mnist(tiny_idx_dir, verify=False).test).accuracy \
+        == pytest.approx(final.test_accuracy, abs=1e-6)
+    row = next(r for r in table_rows(result) if r.model == "stops")
+    assert row.note.startswith(f"validated on the test set; test accuracy of epoch {best}'s "
+                               "weights (early stopping's best)")
 
 
 def test_what_a_killed_run_left_half_written_is_removed_when_it_runs_again(
