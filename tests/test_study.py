@@ -498,6 +498,34 @@ train = { epochs = 12, early_stopping = { monitor = "val_accuracy", patience = 1
                                "weights (early stopping's best)")
 
 
+def test_test_time_flips_of_a_model_that_never_saw_one_are_noted(tiny_idx_dir: Path,
+                                                                   tmp_path: Path):
+    candidates = """
+[[candidates]]
+name = "plain"
+layers = [{ units = 8 }]
+
+[[candidates]]
+name = "mirrored"
+layers = [{ units = 8 }]
+tta = "flip"
+
+[[candidates]]
+name = "trained on flips"
+layers = [{ units = 8 }]
+tta = "flip-shift"
+train = { augment = { flip = true } }
+"""
+    path = tmp_path / "views.toml"
+    path.write_text(tiny_study_toml(tiny_idx_dir, epochs=1, folds=2, final=False,
+                                    candidates=candidates))
+    recorder = Recorder()
+    result = run_study(load_study(path), run_dir=tmp_path / "runs", progress=recorder)
+    said = ("'mirrored': tta averages mirrored images, which this model never trained on "
+            "(augment.flip is off): expect a lower score than without tta")
+    assert result.notes == [said] and ("log", said) in recorder.calls
+
+
 def test_what_a_killed_run_left_half_written_is_removed_when_it_runs_again(
         tiny_idx_dir: Path, tmp_path: Path):
     path = tmp_path / "tiny.toml"

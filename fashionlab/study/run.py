@@ -148,6 +148,7 @@ def run_study(
         with reporting(progress) as reporter:
             if not (shown or joined or resumed):
                 result.notes += filter(None, [note_unresumed_run(store, run, reporter)])
+                result.notes += _note_unseen_views(spec, reporter)
             ctx = RunContext(store, run, spec, output_dir, torch_device, reporter)
             # The pixels as the files hold them (a quarter of float32's bytes, shared by
             # every model and worker); each batch is converted as it is gathered.
@@ -304,6 +305,21 @@ def _tidy(store: Store, run_id: str, output_dir: Path, device: torch.device) -> 
     if (output_dir / RESULTS_FILE).is_file() and not (output_dir / REPORT_NAME).exists():
         with contextlib.suppress(ReportError):
             write_report(store, run_id, output_dir / REPORT_NAME, device=device)
+
+
+def _note_unseen_views(spec: StudySpec, reporter: Reporter) -> list[str]:
+    """Say so when a model's test-time views include mirror images it never trained on
+    (`tta` with a flip, `augment.flip` off): Fashion-MNIST's shoes and bags face one way, and
+    such a model scores lower with the views than without. Returns what it said."""
+    unseen = [c.name for c in spec.candidates + spec.final
+              if c.model.tta != "none" and not c.train.augment.flip]
+    if not unseen:
+        return []
+    note = (f"{', '.join(map(repr, unseen))}: tta averages mirrored images, which "
+            f"{'this model' if len(unseen) == 1 else 'these models'} never trained on "
+            "(augment.flip is off): expect a lower score than without tta")
+    reporter.log(note)
+    return [note]
 
 
 def _note_oversubscribed(processes: int, threads: int, reporter: Reporter) -> str | None:
