@@ -288,7 +288,6 @@ _KILLER = textwrap.dedent("""
     import os, signal, sys
     from fashionlab.config import load_study, study_from_dict
     from fashionlab.progress import Silent
-from fashionlab.results import table_rows
     from fashionlab.store import Store
     from fashionlab.study import run_study
 
