@@ -406,11 +406,20 @@ def mean_curves(
     return curves
 
 
+def healthy(results: Sequence[MemberResult]) -> list[MemberResult]:
+    """The models of `results` that did not diverge (all of them when every one did): a
+    diverged model stops at its divergence, and its short curve would cut the consensus of
+    the others short (its own score is none: NaN)."""
+    return [r for r in results if r.status != "failed"] or list(results)
+
+
 def consensus_warning(results: Sequence[MemberResult], rule: WarningRule) -> OverfitWarning:
     """The warning rule on the mean val_loss curve across `results` (a candidate's folds),
     over the epochs every one of them reached: with early stopping, later means would mix
     fewer folds. Its `chosen_epoch` is the CV-consensus epoch, one epoch for all folds, which
-    every fold has trained (a fold that stopped earlier shortens the curve)."""
+    every fold has trained (a fold that stopped earlier shortens the curve). A diverged fold
+    takes no part (`healthy`)."""
+    results = healthy(results)
     reached = min((len(r.history) for r in results), default=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a diverged model's NaN epochs
@@ -435,9 +444,10 @@ def consensus_epoch(results: Sequence[MemberResult], train: TrainSpec,
     every fold has trained: the end of its learning-rate schedule when it has one
     (`runs_to_schedule_end`; the last epoch every fold reached), else the epoch of `warning`,
     their `consensus_warning` (the lowest mean val_loss when it never fires). None when no
-    fold trained an epoch (or, for the warning, none has a finite val_loss)."""
+    fold trained an epoch (or, for the warning, none has a finite val_loss). A diverged fold
+    takes no part (`healthy`)."""
     if runs_to_schedule_end(train):
-        return min((len(r.history) for r in results), default=0) or None
+        return min((len(r.history) for r in healthy(results)), default=0) or None
     return warning.chosen_epoch
 
 

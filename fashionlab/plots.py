@@ -150,7 +150,8 @@ def learning_curves(
             epochs = np.arange(1, values.shape[1] + 1)
             with warnings.catch_warnings():  # all-NaN epochs (every fold stopped) stay NaN
                 warnings.simplefilter("ignore", RuntimeWarning)
-                mean, std = np.nanmean(values, axis=0), np.nanstd(values, axis=0)
+                # the sample std (n - 1), as the tables give it
+                mean, std = np.nanmean(values, axis=0), np.nanstd(values, axis=0, ddof=1)
             color = "tab:blue" if style == "train" else "tab:orange"
             if style == "train":
                 ax.plot(epochs, mean, "o", markersize=3, color=color, label="training")

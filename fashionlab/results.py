@@ -110,8 +110,12 @@ def _retrained_name(retrain: RetrainResult) -> str:
 
 def _epoch_label(result: CandidateResult) -> str:
     if result.candidate.train.early_stopping is not None:
-        e = result.result_epochs
-        return f"{int(np.median(e))} (ES median)" if len(e) > 1 else f"{e[0]} (ES best)"
+        e = result.result_epochs[result.result_epochs > 0]  # 0: a model with no score
+        if len(e) == 0:
+            return "-"
+        # (the median of an even count may fall between two epochs: 10.5)
+        return f"{np.median(e):g} (ES median)" if len(result.result_epochs) > 1 \
+            else f"{e[0]} (ES best)"
     if result.schedule_end is not None:
         return f"{result.schedule_end} (schedule end)"
     if result.warning.fired:

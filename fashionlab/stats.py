@@ -74,7 +74,7 @@ class Summary:
 
     n            number of non-NaN values
     mean         sum(x) / n
-    std          sample standard deviation sqrt(sum((x - mean)^2) / (n - 1)); 0.0 when n == 1
+    std          sample standard deviation sqrt(sum((x - mean)^2) / (n - 1)); NaN when n == 1
     sem          standard error of the mean std / sqrt(n); NaN when n == 1 (no spread is known)
     ci_low/high  mean -/+ t_{(1 + confidence) / 2, n - 1} * sem, clipped to the scores' `bounds`
                  when given; NaN when n < 2, because one value says nothing about uncertainty

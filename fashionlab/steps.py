@@ -343,12 +343,15 @@ def summarize_models(candidate: Candidate, results: list[MemberResult], role: st
         result_epochs = np.array([r.best_epoch or 0 for r in results])
     else:
         result_epochs = np.full(n, consensus_epoch(results, candidate.train, warning) or 0)
+    # A diverged model has no score (the others are read without it: `cv.healthy`), not its
+    # accuracy at an epoch before it diverged.
+    result_epochs[[r.status == "failed" for r in results]] = 0
     pick = np.clip(result_epochs - 1, 0, max(epochs - 1, 0))
     rows = np.arange(n)
     scores = {metric: curves[metric][rows, pick] for metric in ("val_loss", "val_accuracy")}
     for values in scores.values():
-        # Epoch 0: no epoch to read (no fold has a finite val_loss, or none trained one): no
-        # score, not the first epoch's accuracy of a model whose loss is already NaN.
+        # Epoch 0: no epoch to read (no fold has a finite val_loss, or none trained one, or
+        # the model diverged): no score.
         values[result_epochs <= 0] = np.nan
     failures = [f"{r.key}: {r.message}" for r in results if r.status == "failed"]
     return CandidateResult(

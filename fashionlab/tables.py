@@ -51,7 +51,7 @@ class Row:
 
     model: str
     kind: str  # baseline | cv | retrain | final
-    epoch: str  # where the result is read: "15 (warning)", "23 (lowest val_loss)", "20"
+    epoch: str  # where the result is read: "15 (warning)", "23 (no warning)", "12 (ES median)"
     val_loss_mean: float
     val_loss_std: float
     val_accuracy_mean: float

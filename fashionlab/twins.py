@@ -81,8 +81,9 @@ def find_twins(
                     continue  # an unfinished twin
                 last = np.array([h[candidate.train.epochs - 1].val_accuracy for h in full])
                 difference = np.asarray(accuracy) - last
+                paired = int(np.sum(np.isfinite(difference)))  # a diverged fold: no pair
                 test = corrected_resampled_ttest(accuracy, last, n_train=n_train,
-                                                 n_test=n_val) if len(last) >= 2 else None
+                                                 n_test=n_val) if paired >= 2 else None
                 planned = candidate.train.epochs * len(full)
                 found[name] = TwinComparison(name, run.id, candidate.train.epochs, difference,
                                              test, 1.0 - trained / planned)

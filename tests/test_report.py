@@ -370,6 +370,22 @@ def test_a_candidate_with_no_epoch_yet_is_drawn_without_a_warning(recwarn):
     assert [str(w.message) for w in recwarn] == []  # matplotlib: "No artists with labels ..."
 
 
+def test_the_learning_curves_band_is_the_sample_std_the_tables_give():
+    from matplotlib.collections import PolyCollection
+
+    from fashionlab.plots import learning_curves
+
+    folds = np.array([[0.5] * 4, [0.7] * 4])  # two folds: mean 0.6, sample std 0.1414
+    figure = learning_curves({name: folds for name in ("loss", "accuracy", "val_loss",
+                                                       "val_accuracy")}, title="two folds")
+    bands = [c for ax in figure.axes for c in ax.collections if isinstance(c, PolyCollection)]
+    assert len(bands) == 4  # training and validation, loss and accuracy
+    for band in bands:
+        y = band.get_paths()[0].vertices[:, 1]
+        assert y.max() == pytest.approx(0.6 + np.std([0.5, 0.7], ddof=1))
+        assert y.min() == pytest.approx(0.6 - np.std([0.5, 0.7], ddof=1))
+
+
 @pytest.mark.filterwarnings("error")
 def test_names_in_scripts_the_font_lacks_are_drawn_without_warnings(tmp_path: Path):
     from matplotlib.figure import Figure

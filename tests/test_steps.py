@@ -103,3 +103,70 @@ def test_an_early_stopped_model_that_diverged_at_once_has_no_score(tiny_idx_dir:
     assert summary.result_epochs.tolist() == [2, 0]
     assert summary.val_accuracy[0] == 0.8
     assert math.isnan(summary.val_accuracy[1]) and math.isnan(summary.val_loss[1])
+
+
+def _history(val_losses: list[float], val_accuracy: float = 0.8) -> list[EpochMetrics]:
+    return [EpochMetrics(v, 0.5, v, val_accuracy, 0.1) for v in val_losses]
+
+
+def _folds_with_one_diverged() -> list[MemberResult]:
+    """Two folds that trained 40 epochs, falling then rising from epoch 12, and one that
+    diverged at its third epoch (its loss NaN from there)."""
+    falling = [1.0 - 0.03 * e if e < 12 else 0.67 + 0.01 * (e - 12) for e in range(40)]
+    return [MemberResult("c/fold-0", _history(falling, 0.80), "finished"),
+            MemberResult("c/fold-1", _history(falling, 0.81), "finished"),
+            MemberResult("c/fold-2", _history([1.0, 0.9, math.nan], 0.1), "failed",
+                         message="diverged")]
+
+
+def test_a_diverged_fold_has_no_score_and_does_not_shorten_the_others(tmp_path: Path):
+    from fashionlab.config import Candidate, DenseLayer, ModelSpec, TrainSpec, WarningRule
+    from fashionlab.search.finish import consensus_scores  # (the search's reading rule)
+
+    results = _folds_with_one_diverged()
+    rule = WarningRule(patience=10, min_delta=0.02)
+    for schedule, epoch in (("constant", 12), ("onecycle", 40)):
+        train = TrainSpec(epochs=40, schedule=schedule)
+        candidate = Candidate("c", ModelSpec(layers=(DenseLayer(8),)), train)
+        summary = summarize_models(candidate, results, "cv", rule)
+        # The healthy folds are read where their own curves say (the warning's epoch 12, or
+        # the schedule's end), not at the diverged fold's last epoch.
+        assert summary.result_epochs.tolist() == [epoch, epoch, 0], schedule
+        np.testing.assert_allclose(summary.val_accuracy[:2], [0.80, 0.81])
+        assert math.isnan(summary.val_accuracy[2]) and math.isnan(summary.val_loss[2])
+        read = consensus_scores(results, train, rule)
+        assert read.epoch == epoch
+        assert read.val_accuracy[:2].tolist() == [0.80, 0.81] and math.isnan(read.val_accuracy[2])
+
+
+def test_the_early_stopping_median_epoch_is_not_truncated():
+    from fashionlab.config import Candidate, DenseLayer, ModelSpec, TrainSpec, WarningRule
+    from fashionlab.results import _epoch_label  # (the table's epoch column)
+
+    train = TrainSpec(epochs=40, early_stopping=EarlyStopping(patience=2))
+    candidate = Candidate("c", ModelSpec(layers=(DenseLayer(8),)), train)
+    falling = [1.0 - 0.01 * e for e in range(20)]
+    results = [MemberResult(f"c/fold-{i}", _history(falling), "stopped", best_epoch=best)
+               for i, best in enumerate((10, 14, 7, 11))]
+    summary = summarize_models(candidate, results, "cv", WarningRule())
+    assert _epoch_label(summary) == "10.5 (ES median)"
+    results[1] = MemberResult("c/fold-1", _history([math.nan]), "failed", message="diverged")
+    summary = summarize_models(candidate, results, "cv", WarningRule())
+    assert summary.result_epochs.tolist() == [10, 0, 7, 11]  # no score, and not in the median
+    assert _epoch_label(summary) == "10 (ES median)"
+
+
+def test_the_best_candidate_is_the_one_the_comparisons_rank_first(monkeypatch):
+    # A candidate that did not fail but has no finite score ranks last, as in
+    # `compare_to_best`: it is not the one retrained.
+    import types
+
+    from fashionlab.study import selection
+
+    candidates = [types.SimpleNamespace(name="unscored", val_accuracy=np.array([np.nan] * 2),
+                                        failed=False),
+                  types.SimpleNamespace(name="scored", val_accuracy=np.array([0.9, 0.8]),
+                                        failed=False)]
+    monkeypatch.setattr(selection, "cross_validate", lambda *args: candidates)
+    _, comparisons, best = selection.cross_validated(None, [None, None], None, 200, 100)
+    assert best == comparisons[0].name == "scored"

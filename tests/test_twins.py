@@ -10,6 +10,7 @@ from helpers import tiny_study_toml
 from fashionlab.config import load_study
 from fashionlab.store import Store
 from fashionlab.study import run_study
+from fashionlab.twins import find_twins
 
 CANDIDATES = """
 [[candidates]]
@@ -69,3 +70,24 @@ def test_without_a_twin_the_table_says_so(tiny_idx_dir: Path, tmp_path: Path):
     result = run_study(load_study(path), run_dir=tmp_path / "runs", progress=False)
     assert result.twins == {}
     assert "no full-length run" in (result.output_dir / "results.md").read_text()
+
+
+def test_a_twin_with_fewer_than_two_scored_folds_gets_no_test(tiny_idx_dir: Path,
+                                                             tmp_path: Path):
+    # Two of three early-stopped folds without a score (diverged): one pair is no test, and
+    # the results are still written.
+    path = tmp_path / "es.toml"
+    path.write_text(tiny_study_toml(tiny_idx_dir, candidates=CANDIDATES, final=False,
+                                    epochs=4))
+    spec = load_study(path)
+    result = run_study(spec, run_dir=tmp_path / "runs", progress=False)
+    early = next(c for c in spec.candidates if c.name == "early")
+    store = Store.open(tmp_path / "runs")
+    try:
+        twins = find_twins(store, spec, result.run.id,
+                           [(early, np.array([np.nan, 0.9, np.nan]), 8)],
+                           fold_names=["fold-0", "fold-1", "fold-2"], n_train=200, n_val=100)
+    finally:
+        store.close()
+    assert twins["early"].test is None
+    assert np.isnan(twins["early"].accuracy_difference).sum() == 2

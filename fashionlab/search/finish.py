@@ -98,13 +98,17 @@ def consensus_scores(results: Sequence[MemberResult], train: TrainSpec,
     """Every fold read at the CV-consensus epoch (`cv.consensus_epoch`: `rule` on the mean
     val_loss curve over the epochs every fold reached, or the end of a learning-rate schedule
     planned over `train.epochs`), the rule a search scores its trials and its reference by.
-    NaN where a fold's value there is not finite."""
+    NaN where a fold's value there is not finite, and for a fold that diverged (the others
+    are read without it: `cv.healthy`)."""
     epoch = consensus_epoch(results, train, consensus_warning(results, rule))
     if epoch is None:
         nan = np.full(len(results), np.nan)
         return ConsensusScores(None, nan, nan.copy())
-    return ConsensusScores(epoch, mean_curves(results, "val_loss", epoch)[:, -1],
-                           mean_curves(results, "val_accuracy", epoch)[:, -1])
+    diverged = np.array([r.status == "failed" for r in results], dtype=bool)
+    val_loss, val_accuracy = (mean_curves(results, metric, epoch)[:, -1]
+                              for metric in ("val_loss", "val_accuracy"))
+    val_loss[diverged] = val_accuracy[diverged] = np.nan
+    return ConsensusScores(epoch, val_loss, val_accuracy)
 
 
 def ranked_trials(trials: Sequence[FrozenTrial], *, maximize: bool) -> list[FrozenTrial]:

@@ -4,6 +4,8 @@ comparisons with the best, and the best. Read by the run (its results) and by th
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from fashionlab import stats
@@ -33,8 +35,14 @@ def cross_validated(ctx: RunContext, folds: list[Fold], cv_data: Tensors, n_trai
     comparisons = stats.compare_to_best(scored, n_train=n_train, n_test=n_val,
                                         bounds=stats.ACCURACY_BOUNDS) \
         if len(scored) >= 2 and len(folds) >= 2 else []
-    best = max(scored, key=lambda name: float(np.nanmean(scored[name]))) if scored else None
+    # Ranked as `compare_to_best` ranks them: a candidate without a finite score last.
+    best = max(scored, key=lambda name: _mean_or_least(scored[name])) if scored else None
     return candidates, comparisons, best
+
+
+def _mean_or_least(scores: np.ndarray) -> float:
+    finite = scores[np.isfinite(scores)]
+    return float(finite.mean()) if finite.size else -math.inf
 
 
 def cross_validate(ctx: RunContext, folds: list[Fold], data: Tensors) -> list[CandidateResult]:
