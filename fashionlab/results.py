@@ -146,14 +146,24 @@ def table_rows(result: StudyResult) -> list[Row]:
                         math.nan, math.nan, math.nan, math.nan, 1, "", r.test_accuracy,
                         f"{len(r.history)}/{r.epochs}",
                         f"best candidate, trained on all {result.n_train + result.n_val}, "
-                        "tested on the test set"))
+                        f"tested on {_test_images(result)}"))
     for final in result.final:
-        rows.append(_candidate_row(final, None))
+        rows.append(_candidate_row(final, None, test_images=_test_images(result)))
     return rows
 
 
+def _test_images(result: StudyResult) -> str:
+    """What the study tested on: "the test set", or its first N images where `[data]
+    test_limit` (and every --quick run) cut it."""
+    tested = ((result.run.environment or {}).get("data") or {}).get("test")
+    if result.spec.data.test_limit is None or not isinstance(tested, int):
+        return "the test set"
+    return f"the first {tested:,} test images"
+
+
 def _candidate_row(candidate: CandidateResult, comparison: Comparison | None,
-                   twin: TwinComparison | None = None, run_id: str = "") -> Row:
+                   twin: TwinComparison | None = None, run_id: str = "", *,
+                   test_images: str = "the test set") -> Row:
     loss = summarize(candidate.val_loss, bounds=LOSS_BOUNDS)
     accuracy = summarize(candidate.val_accuracy, bounds=ACCURACY_BOUNDS)
     notes = list(candidate.failures)
@@ -161,7 +171,7 @@ def _candidate_row(candidate: CandidateResult, comparison: Comparison | None,
         stopping = candidate.candidate.train.early_stopping
         kept = f"of epoch {candidate.result_epochs[0]}'s weights (early stopping's best)" \
             if stopping is not None and stopping.restore_best else "after the last epoch"
-        notes = notes or [f"validated on the test set; test accuracy {kept}"]
+        notes = notes or [f"validated on {test_images}; test accuracy {kept}"]
     trained = f"{candidate.trained_epochs}/{candidate.planned_epochs}"
     if candidate.candidate.train.early_stopping is not None:
         saved = 1 - candidate.trained_epochs / max(candidate.planned_epochs, 1)

@@ -497,6 +497,20 @@ train = { epochs = 12, early_stopping = { monitor = "val_accuracy", patience = 1
                                "weights (early stopping's best)")
 
 
+def test_a_study_tested_on_part_of_the_test_set_says_so(tiny_idx_dir: Path, tmp_path: Path):
+    path = tmp_path / "part.toml"
+    path.write_text(tiny_study_toml(tiny_idx_dir, epochs=2, folds=2, candidates="""
+[[candidates]]
+name = "small"
+layers = [{ units = 8 }]
+""").replace("verify = false", "verify = false\ntest_limit = 40"))
+    result = run_study(load_study(path), run_dir=tmp_path / "runs", progress=False)
+    notes = {row.kind: row.note for row in table_rows(result)}
+    assert notes["retrain"].endswith("tested on the first 40 test images")
+    assert notes["final"] == ("validated on the first 40 test images; test accuracy after the "
+                              "last epoch")
+
+
 def test_test_time_flips_of_a_model_that_never_saw_one_are_noted(tiny_idx_dir: Path,
                                                                    tmp_path: Path):
     candidates = """
