@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +18,13 @@ from fashionlab.config import StudySpec, study_to_toml
 from fashionlab.data import Dataset
 from fashionlab.errors import OutputError
 from fashionlab.serialize import jsonable, write_text_atomic
-from fashionlab.stats import ACCURACY_BOUNDS, LOSS_BOUNDS, Comparison, summarize
+from fashionlab.stats import (
+    ACCURACY_BOUNDS,
+    LOSS_BOUNDS,
+    Comparison,
+    proportion_ci,
+    summarize,
+)
 from fashionlab.steps import CandidateResult, RetrainResult
 from fashionlab.store import RunRecord
 from fashionlab.tables import HEADERS, LEGEND, Row, display_rows, markdown_table, rows_to_csv
@@ -140,25 +146,27 @@ def table_rows(result: StudyResult) -> list[Row]:
     for candidate in result.candidates:
         rows.append(_candidate_row(candidate, comparisons.get(candidate.name),
                                    result.twins.get(candidate.name), result.run.id))
+    tested = ((result.run.environment or {}).get("data") or {}).get("test")
+    tested = tested if isinstance(tested, int) else 0  # test images (0: not recorded)
+    # What the study tested on: the test set, or its first N images where `[data] test_limit`
+    # (every --quick run) cut it.
+    test_images = "the test set" if result.spec.data.test_limit is None or not tested \
+        else f"the first {tested:,} test images"
     if result.retrain is not None:
         r = result.retrain
         rows.append(Row(_retrained_name(r), "retrain", str(r.epochs), math.nan, math.nan,
                         math.nan, math.nan, math.nan, math.nan, 1, "", r.test_accuracy,
                         f"{len(r.history)}/{r.epochs}",
                         f"best candidate, trained on all {result.n_train + result.n_val}, "
-                        f"tested on {_test_images(result)}"))
+                        f"tested on {test_images}"))
     for final in result.final:
-        rows.append(_candidate_row(final, None, test_images=_test_images(result)))
-    return rows
+        rows.append(_candidate_row(final, None, test_images=test_images))
+    return [_with_test_interval(row, tested) for row in rows]
 
 
-def _test_images(result: StudyResult) -> str:
-    """What the study tested on: "the test set", or its first N images where `[data]
-    test_limit` (and every --quick run) cut it."""
-    tested = ((result.run.environment or {}).get("data") or {}).get("test")
-    if result.spec.data.test_limit is None or not isinstance(tested, int):
-        return "the test set"
-    return f"the first {tested:,} test images"
+def _with_test_interval(row: Row, tested: int) -> Row:
+    low, high = proportion_ci(row.test_accuracy, tested)
+    return replace(row, test_ci_low=low, test_ci_high=high)
 
 
 def _candidate_row(candidate: CandidateResult, comparison: Comparison | None,

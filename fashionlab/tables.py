@@ -63,6 +63,10 @@ class Row:
     test_accuracy: float
     epochs_trained: str  # "200/200", or fewer with early stopping
     note: str
+    # 95% interval of the test accuracy from the test set's size (`stats.proportion_ci`); NaN
+    # where nothing was tested (and in tables stored before it was given)
+    test_ci_low: float = math.nan
+    test_ci_high: float = math.nan
 
 
 def split_epoch(label: str) -> tuple[int | None, str]:
@@ -85,7 +89,8 @@ LEGEND = ("epoch: where each result is read: the overfitting warning's epoch; wi
           "(schedule end); with early stopping (ES), each fold's best epoch. val_loss and val "
           "accuracy: mean ± std across folds at that epoch; 95% CI of the mean from Student's "
           "t. vs best: corrected resampled t-test (Nadeau & Bengio) on the paired folds, "
-          "Holm-adjusted p.")
+          "Holm-adjusted p. test acc: [95% interval] from the number of test images (Wilson), "
+          "the test set's own noise.")
 
 HEADERS = ("model", "epoch", "val_loss", "val acc %", "95% CI", "vs best", "test acc %",
            "epochs trained")
@@ -97,12 +102,20 @@ def _ci(row: Row) -> str:
     return f"[{row.ci_low * 100:.1f}, {row.ci_high * 100:.1f}]"
 
 
+def _test(row: Row) -> str:
+    """The test accuracy, with its interval where the row has one: "88.35 [87.7, 89.0]"."""
+    accuracy = text.percent(row.test_accuracy)
+    if not (text.finite(row.test_accuracy) and text.finite(row.test_ci_low)):
+        return accuracy
+    return f"{accuracy} [{row.test_ci_low * 100:.1f}, {row.test_ci_high * 100:.1f}]"
+
+
 def display_rows(rows: Iterable[Row]) -> list[tuple[str, ...]]:
     """The table's cells as text: mean ± std across folds, accuracies in percent."""
     return [
         (r.model, r.epoch, text.plus_minus(r.val_loss_mean, r.val_loss_std, r.n, 1.0, 3),
          text.plus_minus(r.val_accuracy_mean, r.val_accuracy_std, r.n), _ci(r), r.vs_best,
-         text.percent(r.test_accuracy), r.epochs_trained)
+         _test(r), r.epochs_trained)
         for r in rows
     ]
 

@@ -18,6 +18,7 @@ from fashionlab.stats import (
     compare_to_best,
     corrected_resampled_ttest,
     holm,
+    proportion_ci,
     summarize,
 )
 
@@ -329,3 +330,19 @@ def test_compare_to_best_ties_single_and_bad_input() -> None:
         compare_to_best({"x": [math.nan, math.nan]}, n_train=4, n_test=1)
     with pytest.raises(ValueError, match="alpha"):
         compare_to_best({"x": [1.0, 2.0]}, n_train=4, n_test=1, alpha=0.0)
+
+
+@pytest.mark.parametrize(("correct", "n"), [(8835, 10000), (9181, 10000), (37, 40), (0, 10),
+                                             (10, 10), (1, 1), (0, 1), (5000, 10000)])
+def test_the_test_accuracy_interval_is_wilsons_as_scipy_gives_it(correct: int, n: int):
+    expected = sps.binomtest(correct, n).proportion_ci(confidence_level=0.95, method="wilson")
+    # From the accuracy as a study stores it (float32), not the count.
+    low, high = proportion_ci(float(np.float32(correct / n)), n)
+    assert low == pytest.approx(expected.low, abs=1e-12)
+    assert high == pytest.approx(expected.high, abs=1e-12)
+    assert 0.0 <= low <= correct / n <= high <= 1.0
+
+
+def test_no_accuracy_or_no_image_has_no_interval():
+    for accuracy, n in ((math.nan, 100), (0.5, 0), (1.5, 10), (-0.1, 10)):
+        assert all(math.isnan(v) for v in proportion_ci(accuracy, n))

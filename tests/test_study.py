@@ -28,12 +28,14 @@ from fashionlab.errors import ConfigError, StoreError
 from fashionlab.progress import Silent
 from fashionlab.results import table_rows
 from fashionlab.runner import MIN_PARALLEL_FLOPS, Job, auto_workers
+from fashionlab.stats import proportion_ci
 from fashionlab.steps import RunContext, load_study_data
 from fashionlab.store import DB_NAME, Store
 from fashionlab.study import independent_jobs, run_study
 from fashionlab.study import jobs as study_jobs
 from fashionlab.study import run as study_run
 from fashionlab.study.jobs import JobInputs
+from fashionlab.tables import HEADERS, display_rows
 from fashionlab.train import Tensors
 
 if sys.version_info >= (3, 11):
@@ -505,8 +507,19 @@ name = "small"
 layers = [{ units = 8 }]
 """).replace("verify = false", "verify = false\ntest_limit = 40"))
     result = run_study(load_study(path), run_dir=tmp_path / "runs", progress=False)
-    notes = {row.kind: row.note for row in table_rows(result)}
+    rows = {row.kind: row for row in table_rows(result)}
+    notes = {kind: row.note for kind, row in rows.items()}
     assert notes["retrain"].endswith("tested on the first 40 test images")
+    for kind in ("retrain", "final"):  # the test accuracy's interval is of 40 images
+        row = rows[kind]
+        assert (row.test_ci_low, row.test_ci_high) == proportion_ci(row.test_accuracy, 40)
+        assert row.test_ci_high - row.test_ci_low > 0.1  # 40 images say little
+    assert math.isnan(rows["cv"].test_ci_low)  # nothing tested
+    shown = dict(zip(HEADERS, display_rows([rows["retrain"]])[0], strict=True))["test acc %"]
+    low, high = (f"{100 * v:.1f}" for v in proportion_ci(rows["retrain"].test_accuracy, 40))
+    assert shown == f"{100 * rows['retrain'].test_accuracy:.2f} [{low}, {high}]"
+    csv_header = (result.output_dir / "results.csv").read_text().splitlines()[0]
+    assert csv_header.endswith(",note,test_ci_low,test_ci_high")
     assert notes["final"] == ("validated on the first 40 test images; test accuracy after the "
                               "last epoch")
 
