@@ -226,10 +226,13 @@ def retrain_line(summary: Mapping[str, Any]) -> str:
     retrain = summary.get("retrain")
     if not retrain:
         return ""
+    low, high = retrain.get("test_ci_low"), retrain.get("test_ci_high")  # (absent: older runs)
+    interval = f" [95% interval {low * 100:.1f}, {high * 100:.1f}]" \
+        if text.finite(low) and text.finite(high) else ""
     return (f"the best (trial {retrain['trial']}) retrained for "
             f"{text.counted(retrain['epochs'], 'epoch')} on "
-            f"all training images: test accuracy {text.percent(retrain['test_accuracy'])}% "
-            f"({retrain['model_dir']})")
+            f"all training images: test accuracy {text.percent(retrain['test_accuracy'])}%"
+            f"{interval} ({retrain['model_dir']})")
 
 
 # The keys of a search's summary that say what it spent and its budgets (`spent_line` reads

@@ -56,9 +56,11 @@ from fashionlab.search import (
 from fashionlab.search.finish import top_table
 from fashionlab.search.space import FixedParams, base_params, check_largest_model, suggest
 from fashionlab.search.storage import MAX_RETRIES, open_storage
+from fashionlab.stats import proportion_ci
 from fashionlab.steps import load_study_data
 from fashionlab.store import CLAIM_STALE_AFTER, RunRecord, Store, database_url, default_url
 from fashionlab.study import run_study
+from fashionlab.tables import retrain_line
 from fashionlab.train import EpochMetrics
 from fashionlab.trials import fold_epochs
 
@@ -469,6 +471,11 @@ score = 0.5
     assert summary["reference"][0]["kind"] == "one-sample"
     assert summary["retrain"]["trial"] == best.number
     assert 0 <= summary["retrain"]["test_accuracy"] <= 1
+    retrained = summary["retrain"]  # with its interval from the tiny data's 100 test images
+    assert (retrained["test_ci_low"], retrained["test_ci_high"]) == \
+        proportion_ci(retrained["test_accuracy"], 100)
+    low, high = (f"{100 * v:.1f}" for v in proportion_ci(retrained["test_accuracy"], 100))
+    assert f"% [95% interval {low}, {high}] (" in retrain_line(summary)
     out = result.output_dir
     for name in ("results.md", "results.json", "study.toml", "report.html",
                  "figures/search-history.png", "figures/search-importances.png",

@@ -348,9 +348,10 @@ def retrain_best(s: SearchContext, best: FrozenTrial) -> dict[str, Any]:
     x_test, y_test = to_tensors(s.dataset.test, ctx.device, torch.uint8)
     data = Tensors(s.train.x_train, s.train.y_train, x_test, y_test)
     retrained = retrain(ctx, result, data, s.dataset.class_names)
+    low, high = stats.proportion_ci(retrained.test_accuracy, len(s.dataset.test))
     return {"trial": best.number, "candidate": name, "epochs": retrained.epochs,
             "test_loss": retrained.test_loss, "test_accuracy": retrained.test_accuracy,
-            "model_dir": str(retrained.model_dir)}
+            "test_ci_low": low, "test_ci_high": high, "model_dir": str(retrained.model_dir)}
 
 
 def save_plots(study: optuna.Study, folder: Path, *, has_importances: bool) -> list[Path]:
