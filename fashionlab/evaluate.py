@@ -26,6 +26,7 @@ from torch import nn
 from fashionlab.artifacts import SavedModel, as_saved_model
 from fashionlab.data import Split
 from fashionlab.errors import DataError
+from fashionlab.stats import proportion_ci
 
 __all__ = ["Evaluation", "evaluate", "unlike_the_study"]
 
@@ -78,6 +79,11 @@ class Evaluation:
             f1 = np.where(p + r > 0, 2 * p * r / (p + r), 0.0)
         return np.where(np.isnan(p) | np.isnan(r), np.nan, f1)
 
+    def accuracy_interval(self, confidence: float = 0.95) -> tuple[float, float]:
+        """Where the accuracy of the population these images were drawn from lies, from their
+        number alone (`stats.proportion_ci`, Wilson's): ±0.6 points on 10,000 images."""
+        return proportion_ci(self.accuracy, self.n, confidence)
+
     def misclassified(self, limit: int | None = None) -> np.ndarray:
         """Indices of the wrongly classified images, the most confident mistakes first."""
         wrong = np.flatnonzero(self.predictions != self.labels)
@@ -90,7 +96,9 @@ class Evaluation:
             return [None if math.isnan(v) else float(v) for v in values]
 
         return {
-            "n": self.n, "accuracy": self.accuracy, "loss": self.loss,
+            "n": self.n, "accuracy": self.accuracy,
+            "accuracy_ci": [None if math.isnan(v) else v for v in self.accuracy_interval()],
+            "loss": self.loss,
             "class_names": list(self.class_names),
             "confusion": self.confusion.tolist(),
             "per_class": {

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from fashionlab import plots
-from fashionlab.data import Split, load_fashion_mnist
+from fashionlab.data import load_fashion_mnist
 from fashionlab.errors import FashionlabError
 from fashionlab.schema import METRICS
 from fashionlab.serialize import why_not_written, write_text_atomic
@@ -370,10 +370,7 @@ def _test_split(config: Mapping[str, Any]) -> Any:
                                      verify=bool(data.get("verify", True)))
     except FashionlabError as error:
         return str(error)
-    limit = data.get("test_limit")
-    if limit is None:
-        return dataset.test
-    return Split(dataset.test.images[:limit], dataset.test.labels[:limit])
+    return dataset.test.head(data.get("test_limit"))
 
 
 def _tested_model(directory: Path, test: Any, device: torch.device) -> dict[str, Any]:
@@ -391,8 +388,10 @@ def _tested_model(directory: Path, test: Any, device: torch.device) -> dict[str,
              ("recall", result.recall), ("precision", result.precision), ("f1", result.f1))}}
         for c, name in enumerate(names)
     ]
+    low, high = result.accuracy_interval()
     return {
         "n": result.n, "accuracy": number(result.accuracy, ".2f", 100),
+        "interval": f"{number(low, '.1f', 100)}, {number(high, '.1f', 100)}",
         "loss": number(result.loss, ".4f"),
         "errors": int((result.predictions != result.labels).sum()),
         "per_class": per_class,

@@ -32,6 +32,7 @@ from fashionlab.config import MAX_PARAMETERS, ConvLayer, DenseLayer, ModelSpec, 
 from fashionlab.data import CLASS_NAMES, read_idx
 from fashionlab.errors import ConfigError
 from fashionlab.models import build_module
+from fashionlab.stats import proportion_ci
 from fashionlab.study import run_study
 
 DENSE = ModelSpec(layers=(DenseLayer(16, dropout=0.2), DenseLayer(8)))
@@ -390,6 +391,12 @@ def test_evaluate_json(tmp_path: Path, tiny_idx_dir: Path, capsys: pytest.Captur
     assert np.trace(confusion) == round(result["accuracy"] * 100)
     assert result["class_names"] == list(CLASS_NAMES)
     assert set(result["per_class"]) >= {"precision", "recall", "f1", "support"}
+    # How far 100 images leave the accuracy uncertain: Wilson's interval of the proportion.
+    assert result["accuracy_ci"] == list(proportion_ci(result["accuracy"], 100))
+    code, out, err = run_cli(capsys, "evaluate", str(directory), "--dir", str(tiny_idx_dir),
+                             "--no-verify", "--device", "cpu")
+    low, high = (f"{100 * v:.1f}" for v in result["accuracy_ci"])
+    assert code == 0 and f"[95% interval {low}, {high}]   loss" in out, err
 
 
 def test_evaluate_with_other_test_time_views(

@@ -156,8 +156,9 @@ def test_the_report_holds_the_summary_table_tests_and_tested_models(study: Study
                  "overfitting warning: patience 2",
                  f"SHA-256 {study.run.environment['data']['sha256'][:12]}"):
         assert fact in html, fact
-    # The retrained best and the CNN, tested on the 100 test images.
+    # The retrained best and the CNN, tested on the 100 test images, with their intervals.
     assert html.count("Test accuracy <strong>") == 2
+    assert len(re.findall(r"%</strong> \(95% interval \d+\.\d, \d+\.\d; \d+ of 100 test", html)) == 2
     per_class = [t for name, t in tables.items() if name.startswith("table-")]
     assert len(per_class) == 2 and all(len(t) == 10 for t in per_class)
     assert per_class[0][0][0] == "T-shirt/top" and per_class[0][0][1] == "10"

@@ -89,7 +89,9 @@ def evaluate(
     first = "" if limit is None else "the first "
     console.print(f"{model} on {dataset.source} (test, {first}{result.n} images{views})",
                   soft_wrap=True)
-    console.print(f"accuracy {100 * result.accuracy:.2f}%   loss {result.loss:.4f}")
+    low, high = result.accuracy_interval()
+    interval = f" [95% interval {100 * low:.1f}, {100 * high:.1f}]" if result.n else ""
+    console.print(f"accuracy {100 * result.accuracy:.2f}%{interval}   loss {result.loss:.4f}")
     for note in notes:
         console.print(Text(f"note: {note}", style="dim"), soft_wrap=True)
     scores = Table(title="per class (%)")
