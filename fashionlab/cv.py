@@ -196,6 +196,11 @@ class MemberResult:
     def done(self) -> bool:
         return self.status is not None
 
+    @property
+    def failed(self) -> bool:
+        """It diverged (a loss NaN or infinite): it has no score."""
+        return self.status == "failed"
+
 
 EpochCallback = Callable[[int, dict[str, EpochMetrics], dict[str, MemberResult]], None]
 
@@ -410,7 +415,7 @@ def healthy(results: Sequence[MemberResult]) -> list[MemberResult]:
     """The models of `results` that did not diverge (all of them when every one did): a
     diverged model stops at its divergence, and its short curve would cut the consensus of
     the others short (its own score is none: NaN)."""
-    return [r for r in results if r.status != "failed"] or list(results)
+    return [r for r in results if not r.failed] or list(results)
 
 
 def consensus_warning(results: Sequence[MemberResult], rule: WarningRule) -> OverfitWarning:

@@ -150,7 +150,8 @@ def table_rows(result: StudyResult) -> list[Row]:
     tested = tested if isinstance(tested, int) else 0  # test images (0: not recorded)
     # What the study tested on: the test set, or its first N images where `[data] test_limit`
     # (every --quick run) cut it.
-    test_images = "the test set" if result.spec.data.test_limit is None or not tested \
+    limit = result.spec.data.test_limit
+    test_images = "the test set" if limit is None or not tested or limit > tested \
         else f"the first {tested:,} test images"
     if result.retrain is not None:
         r = result.retrain
@@ -177,8 +178,11 @@ def _candidate_row(candidate: CandidateResult, comparison: Comparison | None,
     notes = list(candidate.failures)
     if candidate.role == "final":
         stopping = candidate.candidate.train.early_stopping
-        kept = f"of epoch {candidate.result_epochs[0]}'s weights (early stopping's best)" \
-            if stopping is not None and stopping.restore_best else "after the last epoch"
+        best = int(candidate.result_epochs[0]) if len(candidate.result_epochs) else 0
+        # (no best epoch: its monitored value was never finite, and its last weights are kept)
+        kept = f"of epoch {best}'s weights (early stopping's best)" \
+            if stopping is not None and stopping.restore_best and best > 0 \
+            else "after the last epoch"
         notes = notes or [f"validated on {test_images}; test accuracy {kept}"]
     trained = f"{candidate.trained_epochs}/{candidate.planned_epochs}"
     if candidate.candidate.train.early_stopping is not None:

@@ -112,10 +112,10 @@ class CandidateResult:
         """The epoch its folds are read at when that is the end of a learning-rate schedule
         (`cv.runs_to_schedule_end`, without early stopping); None when read otherwise."""
         train = self.candidate.train
-        if train.early_stopping is not None or not runs_to_schedule_end(train) \
-                or not len(self.result_epochs) or not self.result_epochs[0]:
+        read = self.result_epochs[self.result_epochs > 0]  # 0: a diverged fold, not read
+        if train.early_stopping is not None or not runs_to_schedule_end(train) or not len(read):
             return None
-        return int(self.result_epochs[0])
+        return int(read[0])
 
     @property
     def mean_curves(self) -> dict[str, np.ndarray]:
@@ -345,7 +345,7 @@ def summarize_models(candidate: Candidate, results: list[MemberResult], role: st
         result_epochs = np.full(n, consensus_epoch(results, candidate.train, warning) or 0)
     # A diverged model has no score (the others are read without it: `cv.healthy`), not its
     # accuracy at an epoch before it diverged.
-    result_epochs[[r.status == "failed" for r in results]] = 0
+    result_epochs[[r.failed for r in results]] = 0
     pick = np.clip(result_epochs - 1, 0, max(epochs - 1, 0))
     rows = np.arange(n)
     scores = {metric: curves[metric][rows, pick] for metric in ("val_loss", "val_accuracy")}
@@ -353,7 +353,7 @@ def summarize_models(candidate: Candidate, results: list[MemberResult], role: st
         # Epoch 0: no epoch to read (no fold has a finite val_loss, or none trained one, or
         # the model diverged): no score.
         values[result_epochs <= 0] = np.nan
-    failures = [f"{r.key}: {r.message}" for r in results if r.status == "failed"]
+    failures = [f"{r.key}: {r.message}" for r in results if r.failed]
     return CandidateResult(
         name=candidate.name, role=role, candidate=candidate, keys=[r.key for r in results],
         curves=curves, warning=warning, result_epochs=result_epochs,
@@ -447,7 +447,7 @@ def test_weights(candidate: Candidate, result: MemberResult, data: Tensors,
                  device: torch.device) -> tuple[float, float]:
     """Loss and accuracy of a trained model's kept weights on `data`'s validation split
     (NaN when it failed or kept none)."""
-    if result.weights is None or result.status == "failed":
+    if result.weights is None or result.failed:
         return float("nan"), float("nan")
     member = Member(result.key, candidate.model, np.arange(1), None, 0)
     # A scorer only: the kept weights are loaded as they are (no moving average to build),

@@ -137,6 +137,9 @@ def test_a_diverged_fold_has_no_score_and_does_not_shorten_the_others(tmp_path: 
         read = consensus_scores(results, train, rule)
         assert read.epoch == epoch
         assert read.val_accuracy[:2].tolist() == [0.80, 0.81] and math.isnan(read.val_accuracy[2])
+        # Whichever fold diverged, the schedule's end is where the others are read.
+        first = summarize_models(candidate, results[::-1], "cv", rule)
+        assert first.schedule_end == (40 if schedule == "onecycle" else None)
 
 
 def test_the_early_stopping_median_epoch_is_not_truncated():

@@ -489,7 +489,7 @@ train = { epochs = 12, early_stopping = { monitor = "val_accuracy", patience = 1
     result = run_study(load_study(path), run_dir=tmp_path / "runs", progress=False)
     final = result.final[0]
     best = int(final.result_epochs[0])
-    assert best < len(final.mean_curves["val_loss"])  # it kept an earlier epoch than its last
+    assert best < final.trained_epochs  # it kept an earlier epoch than its last
     saved = load_model(final.model_dir)
     assert saved.metadata["weights_epoch"] == best < saved.metadata["epochs"]
     assert evaluate(saved, load_fashion_mnist(tiny_idx_dir, verify=False).test).accuracy \
@@ -520,6 +520,11 @@ layers = [{ units = 8 }]
     assert shown == f"{100 * rows['retrain'].test_accuracy:.2f} [{low}, {high}]"
     csv_header = (result.output_dir / "results.csv").read_text().splitlines()[0]
     assert csv_header.endswith(",note,test_ci_low,test_ci_high")
+    # A limit above the test set's 100 images cuts nothing: the test set it is.
+    path.write_text(path.read_text().replace("test_limit = 40", "test_limit = 1000"))
+    whole = run_study(load_study(path), run_dir=tmp_path / "runs", progress=False)
+    assert next(r for r in table_rows(whole) if r.kind == "retrain").note.endswith(
+        "tested on the test set")
     assert notes["final"] == ("validated on the first 40 test images; test accuracy after the "
                               "last epoch")
 

@@ -104,7 +104,7 @@ def consensus_scores(results: Sequence[MemberResult], train: TrainSpec,
     if epoch is None:
         nan = np.full(len(results), np.nan)
         return ConsensusScores(None, nan, nan.copy())
-    diverged = np.array([r.status == "failed" for r in results], dtype=bool)
+    diverged = np.array([r.failed for r in results], dtype=bool)
     val_loss, val_accuracy = (mean_curves(results, metric, epoch)[:, -1]
                               for metric in ("val_loss", "val_accuracy"))
     val_loss[diverged] = val_accuracy[diverged] = np.nan
