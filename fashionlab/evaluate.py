@@ -114,13 +114,15 @@ def unlike_the_study(model: SavedModel, result: Evaluation) -> list[str]:
     model.json), in words; empty where it measures the same. A study cut to `[data]
     test_limit` (every `--quick` run) tested on the first N test images, not all; and its
     test loss, as Keras', adds the L2 penalty to the cross-entropy `evaluate` gives."""
-    stored = model.metadata
+    # (a model saved from Python may carry metadata of any shape: no notes then)
+    stored = model.metadata if isinstance(model.metadata, dict) else {}
+    data = stored.get("data")
+    tested = data.get("test") if isinstance(data, dict) else None
     notes = []
-    tested = (stored.get("data") or {}).get("test")
     accuracy = stored.get("test_accuracy")
     if isinstance(tested, int) and tested != result.n and isinstance(accuracy, float):
-        notes.append(f"its study tested it on the first {tested:,} test images "
-                     f"({100 * accuracy:.2f}%), not {result.n:,}: --limit {tested} scores "
+        notes.append(f"its study's test accuracy ({100 * accuracy:.2f}%) is of the first "
+                     f"{tested:,} test images, this of {result.n:,}: --limit {tested} scores "
                      "the same images")
     loss = stored.get("test_loss")
     l2 = any(layer.l2 for layer in model.spec.layers) or any(c.l2 for c in model.spec.conv)

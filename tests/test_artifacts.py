@@ -443,8 +443,8 @@ def test_evaluate_says_why_it_differs_from_its_study_and_limit_scores_the_same_i
     whole = json.loads(out)
     accuracy, loss = 100 * stored["test_accuracy"], stored["test_loss"]
     assert whole["n"] == 100 and whole["notes"] == [
-        (f"its study tested it on the first 40 test images ({accuracy:.2f}%), not 100: "
-         "--limit 40 scores the same images"),
+        (f"its study's test accuracy ({accuracy:.2f}%) is of the first 40 test images, this "
+         "of 100: --limit 40 scores the same images"),
         (f"the loss is the cross-entropy alone; its study's test loss ({loss:.4f}) adds the L2 "
          "penalty, as Keras does")]
     code, out, err = run_cli(capsys, *args, "--limit", "40", "--json")
@@ -458,6 +458,12 @@ def test_evaluate_says_why_it_differs_from_its_study_and_limit_scores_the_same_i
     assert "(test, the first 40 images)" in out and "note: the loss is the cross-entropy" in out
     code, _, err = run_cli(capsys, *args, "--limit", "0")
     assert code == 2 and "--limit" in err
+    # A model saved from Python with metadata of its own: no notes to give, no failure.
+    saved = load_model(model)
+    mine = save_model(tmp_path / "mine", spec=saved.spec, state=saved.module.state_dict(),
+                      class_names=saved.class_names, metadata={"data": "my-folder"})
+    code, out, err = run_cli(capsys, "evaluate", str(mine), *args[2:], "--json")
+    assert code == 0 and json.loads(out)["notes"] == [], err
 
 
 def test_evaluate_table(tmp_path: Path, tiny_idx_dir: Path, capsys: pytest.CaptureFixture[str]):

@@ -51,8 +51,8 @@ def evaluate(
     tta: TtaOption = None,
     limit: Annotated[int | None, typer.Option(
         "--limit", min=1, show_default=False,
-        help="Score the first N test images only (as a study's [data] test_limit, and "
-             "--quick, test).")] = None,
+        help="Score only the first N test images (those a study with [data] test_limit, "
+             "such as every --quick one, tested its models on).")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Score a trained model on the test set: accuracy, per-class scores, confusion matrix.
