@@ -179,9 +179,7 @@ def migrate(engine: sa.Engine, attempts: int = 5, *, read_only: bool = False,
             if current > len(MIGRATIONS):
                 raise _newer_schema(current)
             if current == 0 and not create:
-                raise StoreError(f"no store at {where}: nothing has run there yet (`fashionlab "
-                                 "study` starts a run; --run-dir or --store names another "
-                                 "store)")
+                raise no_store(where)
             if read_only:
                 raise StoreError(f"the store {where} needs an upgrade (schema version "
                                  f"{current} -> {len(MIGRATIONS)}) but is read-only: open it "
@@ -221,6 +219,12 @@ def _schema_version(conn: sa.Connection) -> int:
     if not sa.inspect(conn).has_table(schema.name):
         return 0
     return conn.execute(sa.select(sa.func.max(schema.c.version))).scalar() or 0
+
+
+def no_store(where: str) -> StoreError:
+    """What a command that only looks says of a place with no store in it."""
+    return StoreError(f"no store at {where}: nothing has run there yet (`fashionlab study` "
+                      "starts a run; --run-dir or --store names another store)")
 
 
 def _newer_schema(current: int) -> StoreError:

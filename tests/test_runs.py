@@ -414,6 +414,7 @@ def test_a_database_without_a_store_is_one_line_and_stays_as_it_was(
     empty.touch()
     other = tmp_path / "other.db"
     with contextlib.closing(sqlite3.connect(other)) as conn, conn:
+        conn.execute("PRAGMA journal_mode=WAL")  # whose readers leave -wal and -shm files
         conn.execute("CREATE TABLE notes (text)")
     before = other.read_bytes()
     looks = (["runs", "list"], ["runs", "show", "x"], ["runs", "delete", "x", "--yes"],

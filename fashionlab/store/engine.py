@@ -209,10 +209,19 @@ def writable(path: Path) -> bool:
 
 
 def holds_table(path: Path, table: str) -> bool:
-    """Whether a SQLite file has this table, read without writing to it (SQLite would make a
-    new database of an empty file, and its settings would change another program's). A file
+    """Whether a SQLite file has this table, read without writing to it or beside it (SQLite
+    would make a new database of an empty file, its settings would change another program's,
+    and even a read-only reader of a WAL file leaves its -wal and -shm files behind). A file
     SQLite cannot read answers True: opening it says what is wrong."""
-    engine = sa.create_engine(sqlite_read_only_url(path))
+    if path.stat().st_size == 0:
+        return False
+    path = path.resolve()
+    # No -wal file: nothing is being written, and the file can be read as it is (immutable:
+    # no side files). With one, a writer is at work, and its side files are there already.
+    unwritten = not path.with_name(path.name + "-wal").exists()
+    engine = sa.create_engine(sa.URL.create(
+        "sqlite", database=f"file:{quote(str(path))}",
+        query={"uri": "true", **({"immutable": "1"} if unwritten else {"mode": "ro"})}))
     try:
         with engine.connect() as conn:
             return sa.inspect(conn).has_table(table)

@@ -33,6 +33,7 @@ from fashionlab.schema import (
     jobs,
     migrate,
     models,
+    no_store,
     runs,
     schema,
 )
@@ -103,9 +104,7 @@ class Store:
             # (nor one without a store in it: an empty file, another program's database)
             if path is not None and not create and (not path.exists() or (
                     path.is_file() and not holds_table(path, schema.name))):
-                raise StoreError(f"no store at {path}: nothing has run there yet (`fashionlab "
-                                 "study` starts a run; --run-dir or --store names another "
-                                 "store)")
+                raise no_store(str(path))
             self.read_only = read_only or read_only_url(engine_url) or (
                 path is not None and path.exists() and not writable(path))
             if path is not None and self.read_only:
