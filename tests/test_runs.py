@@ -417,15 +417,22 @@ def test_a_database_without_a_store_is_one_line_and_stays_as_it_was(
         conn.execute("PRAGMA journal_mode=WAL")  # whose readers leave -wal and -shm files
         conn.execute("CREATE TABLE notes (text)")
     before = other.read_bytes()
+    unversioned = tmp_path / "unversioned.db"  # a version table with no version in it
+    with contextlib.closing(sqlite3.connect(unversioned)) as conn, conn:
+        conn.execute("CREATE TABLE fl_schema (version INTEGER, applied TEXT)")
+    unversioned_before = unversioned.read_bytes()
     looks = (["runs", "list"], ["runs", "show", "x"], ["runs", "delete", "x", "--yes"],
              ["report", "x"])
     for where, options in ((empty, ["--run-dir", str(empty.parent)]),
-                           (other, ["--store", f"sqlite:///{other}"])):
+                           (other, ["--store", f"sqlite:///{other}"]),
+                           (unversioned, ["--store", f"sqlite:///{unversioned}"])):
         for args in looks:
             code, _, err = run_cli(capsys, *args, *options)
             assert_one_line_error(code, err, f"no store at {where}", "nothing has run there yet")
     assert empty.stat().st_size == 0 and other.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.db", "runs"]  # no journal left
+    assert unversioned.read_bytes() == unversioned_before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.db", "runs",
+                                                           "unversioned.db"]  # no journal left
 
 
 def test_options_that_do_not_apply_are_refused(tmp_path: Path,

@@ -208,8 +208,9 @@ def writable(path: Path) -> bool:
     return os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)
 
 
-def holds_table(path: Path, table: str) -> bool:
-    """Whether a SQLite file has this table, read without writing to it or beside it (SQLite
+def holds_rows(path: Path, table: str) -> bool:
+    """Whether a SQLite file has this table with a row in it (a store: its schema version),
+    read without writing to it or beside it (SQLite
     would make a new database of an empty file, its settings would change another program's,
     and even a read-only reader of a WAL file leaves its -wal and -shm files behind). A file
     SQLite cannot read answers True: opening it says what is wrong."""
@@ -224,7 +225,8 @@ def holds_table(path: Path, table: str) -> bool:
         query={"uri": "true", **({"immutable": "1"} if unwritten else {"mode": "ro"})}))
     try:
         with engine.connect() as conn:
-            return sa.inspect(conn).has_table(table)
+            return sa.inspect(conn).has_table(table) and conn.execute(
+                sa.select(sa.literal(1)).select_from(sa.table(table)).limit(1)).first() is not None
     except sa.exc.SQLAlchemyError:
         return True
     finally:

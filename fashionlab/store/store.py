@@ -43,7 +43,7 @@ from fashionlab.store.engine import (
     connect_args,
     database_url,
     default_url,
-    holds_table,
+    holds_rows,
     make_folder,
     open_error,
     read_only_url,
@@ -103,7 +103,7 @@ class Store:
                                  "a folder")
             # (nor one without a store in it: an empty file, another program's database)
             if path is not None and not create and (not path.exists() or (
-                    path.is_file() and not holds_table(path, schema.name))):
+                    path.is_file() and not holds_rows(path, schema.name))):
                 raise no_store(str(path))
             self.read_only = read_only or read_only_url(engine_url) or (
                 path is not None and path.exists() and not writable(path))
