@@ -23,6 +23,7 @@ from fashionlab.data import FILE_NAMES, FileChecksum, fetch_fashion_mnist, load_
 from fashionlab.data import fetch as fetch_module
 from fashionlab.data import files as files_module
 from fashionlab.errors import DataError
+from fashionlab.idx import read_idx, write_idx
 
 
 class Mirror(BaseHTTPRequestHandler):
@@ -132,8 +133,11 @@ def test_broken_mirror_then_good(server: ThreadingHTTPServer, sums: dict[str, Fi
     mirrors = [url(server, broken), url(server, "good")]
     assert fetch_fashion_mnist(mirrors=mirrors, checksums=sums, **FAST) == isolated_data_env
     assert_installed(isolated_data_env, tiny_gz)
-    # Wrong content is not transient: one request per file, no retries.
-    assert server.requests == {broken: 4, "good": 4}
+    # Wrong content is not transient: one request per file, no retries. A mirror whose
+    # transfer failed (an HTML page, a 404) is not asked for the next files; one that sent a
+    # damaged or wrong file is (another file may be whole there).
+    asked = 1 if broken in ("html", "missing") else 4
+    assert server.requests == {broken: asked, "good": 4}
 
 
 def test_every_mirror_failing_is_one_line_listing_each(server: ThreadingHTTPServer,
@@ -188,8 +192,10 @@ def test_mirrors_from_the_environment(server: ThreadingHTTPServer,
     monkeypatch.setenv("FASHIONLAB_MIRRORS", f"{url(server, 'missing')}, {url(server, 'good')}")
     fetch_fashion_mnist(checksums=sums, **{**FAST, "progress": True})
     assert_installed(isolated_data_env, tiny_gz)
-    assert capfd.readouterr().err == ""  # off a terminal, no bar: not even its empty lines
-    assert server.requests == {"missing": 4, "good": 4}
+    # Off a terminal, no bar (not even its empty lines): the fallback's one line only.
+    assert capfd.readouterr().err == (f"{url(server, 'missing')}{data.TRAIN_IMAGES}.gz: HTTP "
+                                      "404 Not Found; trying the next mirror\n")
+    assert server.requests == {"missing": 1, "good": 4}
 
 
 @pytest.mark.parametrize("mirror", ["mirror.example.org/fashion", "http://[::1",
@@ -292,3 +298,55 @@ def test_fetch_into_a_named_directory(tiny_idx_dir: Path, sums: dict[str, FileCh
     assert fetch_fashion_mnist(target, checksums=sums, **FAST) == target
     assert sorted(os.listdir(target)) == sorted(FILE_NAMES)
     assert load_fashion_mnist(target, checksums=sums).verified
+
+
+def test_a_silent_mirror_costs_its_time_outs_once_and_the_fallback_is_said(
+        server: ThreadingHTTPServer, sums: dict[str, FileChecksum], tiny_gz: dict[str, bytes],
+        isolated_data_env: Path, no_debian: Path, capsys: pytest.CaptureFixture[str]):
+    fetch_fashion_mnist(mirrors=[url(server, "slow"), url(server, "good")], checksums=sums,
+                        **{**FAST, "timeout": 0.1, "progress": True})
+    assert_installed(isolated_data_env, tiny_gz)
+    # Its two tries for the first file, none for the three others.
+    assert server.requests == {"slow": 2, "good": 4}
+    said = capsys.readouterr().err
+    assert f"{url(server, 'slow')}{data.TRAIN_IMAGES}.gz: timed out after 0.1 s; trying the " \
+        "next mirror" in said, said
+
+
+def test_fetch_never_deletes_another_datasets_files(tiny_idx_dir: Path,
+                                                   sums: dict[str, FileChecksum],
+                                                   tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch):
+    # A folder of the user's: MNIST digits, say, under Fashion-MNIST's file names.
+    monkeypatch.setattr(fetch_module, "DEBIAN_DIR", tiny_idx_dir)
+    mine = tmp_path / "mnist"
+    mine.mkdir()
+    for name in FILE_NAMES:
+        (mine / f"{name}.gz").write_bytes((tiny_idx_dir / f"{name}.gz").read_bytes())
+    labels = mine / f"{data.TRAIN_LABELS}.gz"
+    write_idx(labels, (read_idx(labels) + 1) % 10)  # a whole, valid IDX file of other labels
+    before = labels.read_bytes()
+    with pytest.raises(DataError) as error:
+        fetch_fashion_mnist(mine, checksums=sums, **FAST)
+    assert str(error.value).startswith(f"{labels}: a whole IDX file, but not Fashion-MNIST's "
+                                       "(checksum mismatch: SHA-256 ")
+    assert labels.read_bytes() == before and sorted(os.listdir(mine)) == sorted(
+        f"{name}.gz" for name in FILE_NAMES)
+
+
+def test_a_folder_holding_the_verified_files_is_only_read(tiny_idx_dir: Path,
+                                                         sums: dict[str, FileChecksum],
+                                                         isolated_data_env: Path,
+                                                         monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(fetch_module, "DEBIAN_DIR", tiny_idx_dir)
+    fetch_fashion_mnist(checksums=sums, **FAST)
+
+    def read_only(directory: Path, *, what: str) -> None:  # as a read-only mount answers
+        raise DataError(f"{what} {directory} is not writable (Read-only file system)")
+
+    monkeypatch.setattr(fetch_module, "_ensure_writable", read_only)
+    (isolated_data_env / "verified.json").unlink()  # checked again, by reading
+    assert fetch_fashion_mnist(checksums=sums, **FAST) == isolated_data_env
+    (isolated_data_env / data.TEST_LABELS).write_bytes(b"cut")  # now one must be written
+    with pytest.raises(DataError, match="is not writable"):
+        fetch_fashion_mnist(checksums=sums, **FAST)

@@ -42,7 +42,7 @@ from fashionlab.data.files import (
     write_atomic,
 )
 from fashionlab.errors import DataError
-from fashionlab.idx import gunzip, read_decompressed
+from fashionlab.idx import gunzip, parse_idx, read_decompressed
 from fashionlab.serialize import file_in_the_way, remove_stale_staging
 
 __all__ = [
@@ -191,8 +191,11 @@ def _download_once(url: str, *, timeout: float,
 
 
 def _download(name: str, *, mirrors: Sequence[str], expected: FileChecksum, timeout: float,
-              retries: int, backoff: float, progress: bool) -> bytes:
-    """Decompressed, verified contents of `name`, trying each mirror in turn."""
+              retries: int, backoff: float, progress: bool,
+              unreachable: dict[str, str]) -> bytes:
+    """Decompressed, verified contents of `name`, trying each mirror in turn. `unreachable`
+    (mirror -> why) holds the mirrors a transfer failed from, for the next files: they are not
+    tried again (a silent server costs its time-outs once, not once per file)."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -214,6 +217,9 @@ def _download(name: str, *, mirrors: Sequence[str], expected: FileChecksum, time
                   disable=not progress or not console.is_terminal) as bar:
         for base in mirrors:
             url = f"{base.rstrip('/')}/{name}.gz"
+            if base in unreachable:
+                failures.append(f"{url}: not tried ({unreachable[base]} before)")
+                continue
             for attempt in range(retries + 1):
                 task = bar.add_task(f"{name}.gz", total=None)
                 try:
@@ -227,12 +233,16 @@ def _download(name: str, *, mirrors: Sequence[str], expected: FileChecksum, time
                     if error.transient and attempt < retries:
                         time.sleep(backoff * (attempt + 1))
                         continue
+                    unreachable[base] = reason
                 except DataError as error:  # corrupt or wrong content: this mirror won't improve
                     reason = str(error).removeprefix(f"{url}: ")
                 finally:
                     bar.remove_task(task)
                 break
             failures.append(f"{url}: {reason}")
+            if progress:  # a fallback is said, not silent
+                console.print(f"{url}: {reason}; trying the next mirror" if base != mirrors[-1]
+                              else f"{url}: {reason}", highlight=False, soft_wrap=True)
     raise DataError(f"could not download {name}.gz: " + "; ".join(failures))
 
 
@@ -248,6 +258,15 @@ def _ensure_writable(directory: Path, *, what: str) -> None:
         raise DataError(f"{what} {directory} is not writable ({error.strerror or error})") from None
 
 
+def _whole_idx(data: bytes | bytearray, source: Path) -> bool:
+    """Whether `data` is a complete, well-formed IDX file (its header's shape fits its size)."""
+    try:
+        parse_idx(data, source=source)
+    except DataError:
+        return False
+    return True
+
+
 def fetch_fashion_mnist(
     directory: PathLike | None = None,
     *,
@@ -260,19 +279,25 @@ def fetch_fashion_mnist(
 ) -> Path:
     """Make verified copies of the four files sit in `directory` (default: the user cache).
 
-    Files already there and verified are kept; the others are copied from DEBIAN_DIR when it
-    has them, else downloaded from `mirrors` (each tried `1 + retries` times on time-outs,
-    dropped connections and server errors, with `timeout` seconds per network operation).
-    They are stored decompressed, so that loading skips gunzip. `checksums` defaults to
+    Files already there and verified are kept (a folder that holds them all is only read);
+    damaged ones (cut short, not gzip) are replaced; a whole IDX file of other data in a
+    `directory` of the caller's is a DataError, never deleted. The missing files are copied
+    from DEBIAN_DIR when it has them, else downloaded from `mirrors` (each tried
+    `1 + retries` times on time-outs, dropped connections and server errors, with `timeout`
+    seconds per network operation; a mirror that could not be reached is not tried again for
+    the next files). They are stored decompressed, so that loading skips gunzip. `checksums` defaults to
     FASHION_MNIST_CHECKSUMS; `mirrors` to FASHIONLAB_MIRRORS or DEFAULT_MIRRORS. Returns the
     directory.
     """
     checksums = FASHION_MNIST_CHECKSUMS if checksums is None else checksums
     target = Path(directory).expanduser() if directory is not None else cache_dir()
-    _ensure_writable(target, what="directory" if directory is not None else "cache directory")
+    what = "directory" if directory is not None else "cache directory"
+    if not target.is_dir():
+        _ensure_writable(target, what=what)
     # Half-written copies of a fetch that was killed (a download is 30 MB): gone.
     remove_stale_staging(target, names=FILE_NAMES)
-    memo, new_entries = read_memo(), {}
+    memo, new_entries, writable = read_memo(), {}, False
+    unreachable: dict[str, str] = {}  # mirrors that failed a transfer: not tried again
     for name in FILE_NAMES:
         expected = checksums[name]
         existing = find_one(target, name)
@@ -281,11 +306,26 @@ def fetch_fashion_mnist(
             if remembered(memo, existing, stat, expected):
                 continue
             try:
-                digest = check(read_decompressed(existing), expected, source=existing)
-                new_entries.update(memo_entry(existing, stat, digest))
-                continue
+                present = read_decompressed(existing)
             except DataError:
-                pass  # replaced below
+                present = None  # cut short, not gzip: a damaged copy, replaced below
+            if present is not None:
+                try:
+                    digest = check(present, expected, source=existing)
+                    new_entries.update(memo_entry(existing, stat, digest))
+                    continue
+                except DataError as mismatch:
+                    # A whole IDX file of other data in the user's own folder (MNIST digits
+                    # under the same names) is theirs, not damage: never deleted.
+                    if directory is not None and _whole_idx(present, existing):
+                        reason = str(mismatch).removeprefix(f"{existing}: ")
+                        raise DataError(
+                            f"{existing}: a whole IDX file, but not Fashion-MNIST's ({reason}): "
+                            "fetch replaces damaged copies only; move it away or fetch into "
+                            "another folder") from None
+        if not writable:  # (a folder that holds the verified files is only read)
+            _ensure_writable(target, what=what)
+            writable = True
         data = None
         debian = find_one(DEBIAN_DIR, name)
         if debian is not None and debian.parent.resolve() != target.resolve():
@@ -296,7 +336,8 @@ def fetch_fashion_mnist(
                 data = None  # a damaged system copy: download instead
         if data is None:
             data = _download(name, mirrors=_mirrors(mirrors), expected=expected,
-                             timeout=timeout, retries=retries, backoff=backoff, progress=progress)
+                             timeout=timeout, retries=retries, backoff=backoff, progress=progress,
+                             unreachable=unreachable)
             digest = expected.sha256
         try:
             final = write_atomic(target, name, data)
