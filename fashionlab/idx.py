@@ -12,6 +12,7 @@ Every malformed input is a one-line DataError naming the file.
 from __future__ import annotations
 
 import gzip
+import io
 import math
 import os
 import zlib
@@ -119,12 +120,21 @@ def read_decompressed(path: Path) -> bytearray:
     return bytearray(gunzip(raw, source=path))
 
 
-def gunzip(raw: bytes, *, source: PathLike) -> bytes:
-    """Decompress gzip data; anything else, or a truncated or corrupt stream, is a DataError."""
+def gunzip(raw: bytes, *, source: PathLike, size: int | None = None) -> bytes:
+    """Decompress gzip data; anything else, or a truncated or corrupt stream, is a DataError.
+    `size`: the bytes it must decompress to, where known; decompressing stops past them (a
+    small file that unpacks to gigabytes fills no memory), a checksum mismatch."""
     if raw[:2] != b"\x1f\x8b":
         raise DataError(f"{source}: not gzip data (starts with {raw[:8]!r})")
     try:
-        return gzip.decompress(raw)
+        if size is None:
+            return gzip.decompress(raw)
+        with gzip.GzipFile(fileobj=io.BytesIO(raw)) as stream:
+            data = stream.read(size + 1)
+        if len(data) > size:
+            raise DataError(f"{source}: checksum mismatch: decompresses to more than {size} "
+                            f"bytes, expected {size}")
+        return data
     except EOFError:
         raise DataError(f"{source}: gzip data is truncated") from None
     except (OSError, zlib.error) as error:

@@ -221,10 +221,11 @@ def test_show_bad_arguments(capsys: pytest.CaptureFixture[str], tiny_idx_dir: Pa
                        "--per-class", "0", "--dir", str(tiny_idx_dir), "--no-verify")
     assert code == 2 and "Traceback" not in err and "per-class" in err
     (tmp_path / "a-file").write_text("")
+    # Said before the data is read: a folder no file can go in (not there, nor in a missing one).
     code, _, err = run(capsys, "data", "show", "--out", str(tmp_path / "a-file" / "x.png"),
-                       "--dir", str(tiny_idx_dir), "--no-verify")
-    assert_one_line_error(code, err, f"cannot write ({tmp_path / 'a-file'} is a file, not a "
-                          "folder)")
+                       "--dir", str(tmp_path / "no-data"))
+    assert_one_line_error(code, err, f"--out {tmp_path / 'a-file' / 'x.png'}: "
+                          f"{tmp_path / 'a-file'} is a file, not a folder")
     code, _, err = run(capsys, "data", "show", "--out", str(tmp_path / "grid.txt"),
                        "--dir", str(tiny_idx_dir), "--no-verify")
     assert_one_line_error(code, err, "grid.txt: name an image file ending in .png, .jpg")

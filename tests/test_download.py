@@ -350,3 +350,41 @@ def test_a_folder_holding_the_verified_files_is_only_read(tiny_idx_dir: Path,
     (isolated_data_env / data.TEST_LABELS).write_bytes(b"cut")  # now one must be written
     with pytest.raises(DataError, match="is not writable"):
         fetch_fashion_mnist(checksums=sums, **FAST)
+
+
+def test_a_damaged_copy_in_the_cache_is_fetched_again_when_loading(
+        tiny_idx_dir: Path, sums: dict[str, FileChecksum], tiny_gz: dict[str, bytes],
+        isolated_data_env: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(fetch_module, "DEBIAN_DIR", tiny_idx_dir)
+    fetch_fashion_mnist(checksums=sums, **FAST)
+    cut = isolated_data_env / data.TRAIN_IMAGES
+    cut.write_bytes(cut.read_bytes()[:1000])  # cut short since (it hides Debian's good copy)
+    with pytest.raises(DataError) as error:
+        load_fashion_mnist(checksums=sums, download=False)
+    assert str(error.value).startswith(f"{cut}: ") and str(error.value).endswith(
+        "(`fashionlab data fetch` replaces a damaged copy in the cache)")
+    assert len(load_fashion_mnist(checksums=sums).train) == 300
+    assert_installed(isolated_data_env, tiny_gz)
+
+
+def test_a_file_too_large_is_refused_before_it_fills_the_memory(
+        server: ThreadingHTTPServer, sums: dict[str, FileChecksum], tiny_gz: dict[str, bytes],
+        isolated_data_env: Path, no_debian: Path, monkeypatch: pytest.MonkeyPatch):
+    # A small gzip that unpacks to 64 MB (a "bomb"), and a body larger than any gzip of the
+    # file: neither is read whole (a 1 MB read limit here stands for the memory).
+    bomb = gzip.compress(bytes(64 << 20), compresslevel=9)
+    server.behaviours["bomb"] = lambda h, f: h.send_body(bomb)
+    server.behaviours["huge"] = lambda h, f: h.send_body(b"\x1f\x8b" + bytes(4 << 20))
+    read: list[int] = []
+    original = gzip.GzipFile.read
+    monkeypatch.setattr(gzip.GzipFile, "read",
+                        lambda self, size=-1: read.append(size) or original(self, size))
+    with pytest.raises(DataError) as error:
+        fetch_fashion_mnist(mirrors=[url(server, "bomb"), url(server, "huge")], checksums=sums,
+                            **FAST)
+    message, size = str(error.value), sums[data.TRAIN_IMAGES].size
+    assert f"bomb/{data.TRAIN_IMAGES}.gz: checksum mismatch: decompresses to more than {size} " \
+        f"bytes, expected {size}" in message, message
+    assert f"huge/{data.TRAIN_IMAGES}.gz: sent more than {size + (1 << 20)} bytes" in message
+    assert read == [size + 1]  # never the whole stream
+    assert list(isolated_data_env.iterdir()) == []

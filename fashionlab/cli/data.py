@@ -12,7 +12,7 @@ import typer
 from fashionlab import data
 from fashionlab.cli import app, output_console
 from fashionlab.errors import FashionlabError
-from fashionlab.serialize import why_not_written
+from fashionlab.serialize import folder_blocked, why_not_written
 
 data_app = typer.Typer(
     help="Find, fetch, verify and look at the Fashion-MNIST files.\n\n"
@@ -108,6 +108,9 @@ def show(
 ) -> None:
     """Write a labelled grid of the first N images of each class as an image (PNG, ...).
 
+    Reads the data where `fashionlab data info` finds it, and downloads it when nothing is
+    found (as a study does). Its folder is made if missing.
+
     Example: fashionlab data show --out samples.png --per-class 10 --split test
     """
     from fashionlab.plots import sample_grid  # matplotlib: only for this command
@@ -115,6 +118,8 @@ def show(
     if out.suffix.lower() not in IMAGE_SUFFIXES:  # checked before loading, not after drawing
         raise FashionlabError(f"--out {out}: name an image file ending in "
                               f"{', '.join(IMAGE_SUFFIXES)}")
+    if (blocked := folder_blocked(out)) is not None:
+        raise FashionlabError(f"--out {out}: {blocked}")
     dataset = data.load_fashion_mnist(directory, verify=verify)
     part = dataset.train if split is SplitName.train else dataset.test
     figure = sample_grid(part.images, part.labels, per_class=per_class,

@@ -110,6 +110,7 @@ def load_fashion_mnist(
     """Find (or download) Fashion-MNIST and load it; see the module docstring for the order.
 
     `verify=False` skips the checksums, for other IDX datasets in `directory` (MNIST digits).
+    A damaged copy in the cache is fetched again (with `download`; else an error says how).
     `checksums` defaults to FASHION_MNIST_CHECKSUMS; `mirrors` to FASHIONLAB_MIRRORS or
     DEFAULT_MIRRORS.
     """
@@ -125,7 +126,15 @@ def load_fashion_mnist(
     except DataError as error:
         if directory is None and os.environ.get(DATA_ENV):  # say where the folder came from
             raise DataError(f"{error} (FASHIONLAB_DATA={os.environ[DATA_ENV]})") from None
-        raise
+        if directory is not None or found != cache_dir():
+            raise
+        # Our own copy, damaged since (a disk error, a file edited or cut by hand): fetched
+        # again from Debian's package or a mirror, as `fashionlab data fetch` would.
+        if not download:
+            raise DataError(f"{error} (`fashionlab data fetch` replaces a damaged copy in the "
+                            "cache)") from None
+        fetch_fashion_mnist(mirrors=mirrors, checksums=checksums)
+        return load_idx_dataset(found, checksums=checksums if verify else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,9 +166,10 @@ def _mirrors(mirrors: Sequence[str] | None) -> tuple[str, ...]:
     return tuple(mirrors)
 
 
-def _download_once(url: str, *, timeout: float,
+def _download_once(url: str, *, timeout: float, limit: int,
                    on_progress: Callable[[int, int | None], None]) -> bytes:
-    """The body of `url`, complete and gzip-looking, or a _TransferError."""
+    """The body of `url`, complete and gzip-looking, or a _TransferError; one of more than
+    `limit` bytes is not read to its end (nor held in memory)."""
     request = urllib.request.Request(url, headers={"User-Agent": "fashionlab"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -170,6 +180,9 @@ def _download_once(url: str, *, timeout: float,
                 chunks.append(chunk)
                 received += len(chunk)
                 on_progress(received, total)
+                if received > limit:
+                    raise _TransferError(f"sent more than {limit} bytes, more than the file "
+                                         "can take compressed", transient=False)
     except urllib.error.HTTPError as error:
         transient = error.code >= 500 or error.code == 429
         raise _TransferError(f"HTTP {error.code} {error.reason}", transient=transient) from None
@@ -223,9 +236,11 @@ def _download(name: str, *, mirrors: Sequence[str], expected: FileChecksum, time
             for attempt in range(retries + 1):
                 task = bar.add_task(f"{name}.gz", total=None)
                 try:
-                    body = _download_once(url, timeout=timeout, on_progress=lambda done, total,
-                                          task=task: bar.update(task, completed=done, total=total))
-                    data = gunzip(body, source=url)
+                    # (gzip adds at most ~0.1% and its headers to data it cannot shrink)
+                    body = _download_once(url, timeout=timeout, limit=expected.size + (1 << 20),
+                                          on_progress=lambda done, total, task=task: bar.update(
+                                              task, completed=done, total=total))
+                    data = gunzip(body, source=url, size=expected.size)
                     check(data, expected, source=url)
                     return data
                 except _TransferError as error:
