@@ -388,3 +388,14 @@ def test_a_file_too_large_is_refused_before_it_fills_the_memory(
     assert f"huge/{data.TRAIN_IMAGES}.gz: sent more than {size + (1 << 20)} bytes" in message
     assert read == [size + 1]  # never the whole stream
     assert list(isolated_data_env.iterdir()) == []
+
+
+def test_a_mirror_password_is_not_shown(server: ThreadingHTTPServer,
+                                        sums: dict[str, FileChecksum],
+                                        isolated_data_env: Path, no_debian: Path,
+                                        capsys: pytest.CaptureFixture[str]):
+    secret = url(server, "missing").replace("http://", "http://me:s3cret@")
+    with pytest.raises(DataError) as error:
+        fetch_fashion_mnist(mirrors=[secret], checksums=sums, **{**FAST, "progress": True})
+    shown = str(error.value) + capsys.readouterr().err
+    assert "s3cret" not in shown and "http://me:***@127.0.0.1:" in shown, shown

@@ -231,7 +231,8 @@ def _download(name: str, *, mirrors: Sequence[str], expected: FileChecksum, time
         for base in mirrors:
             url = f"{base.rstrip('/')}/{name}.gz"
             if base in unreachable:
-                failures.append(f"{url}: not tried ({unreachable[base]} before)")
+                failures.append(f"{_without_password(url)}: not tried ({unreachable[base]} "
+                                "before)")
                 continue
             for attempt in range(retries + 1):
                 task = bar.add_task(f"{name}.gz", total=None)
@@ -254,11 +255,20 @@ def _download(name: str, *, mirrors: Sequence[str], expected: FileChecksum, time
                 finally:
                     bar.remove_task(task)
                 break
-            failures.append(f"{url}: {reason}")
+            failures.append(f"{_without_password(url)}: {reason}")
             if progress:  # a fallback is said, not silent
-                console.print(f"{url}: {reason}; trying the next mirror" if base != mirrors[-1]
-                              else f"{url}: {reason}", highlight=False, soft_wrap=True)
+                console.print(f"{failures[-1]}; trying the next mirror" if base != mirrors[-1]
+                              else failures[-1], highlight=False, soft_wrap=True)
     raise DataError(f"could not download {name}.gz: " + "; ".join(failures))
+
+
+def _without_password(url: str) -> str:
+    """`url` as errors and logs show it: a password in it (https://me:secret@host/) masked."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
 def _ensure_writable(directory: Path, *, what: str) -> None:
