@@ -313,25 +313,35 @@ def test_a_silent_mirror_costs_its_time_outs_once_and_the_fallback_is_said(
         "next mirror" in said, said
 
 
-def test_fetch_never_deletes_another_datasets_files(tiny_idx_dir: Path,
-                                                   sums: dict[str, FileChecksum],
-                                                   tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch):
-    # A folder of the user's: MNIST digits, say, under Fashion-MNIST's file names.
+def test_fetch_never_deletes_or_mixes_into_a_folder_of_another_dataset(
+        tiny_idx_dir: Path, sums: dict[str, FileChecksum], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch):
+    # A folder of the user's: MNIST digits, say, under Fashion-MNIST's file names, one of them
+    # missing (a fetch must not fill it in beside the others), one with bytes after its gzip
+    # stream (which zcat reads).
     monkeypatch.setattr(fetch_module, "DEBIAN_DIR", tiny_idx_dir)
     mine = tmp_path / "mnist"
     mine.mkdir()
-    for name in FILE_NAMES:
+    for name in FILE_NAMES[1:]:
         (mine / f"{name}.gz").write_bytes((tiny_idx_dir / f"{name}.gz").read_bytes())
     labels = mine / f"{data.TRAIN_LABELS}.gz"
     write_idx(labels, (read_idx(labels) + 1) % 10)  # a whole, valid IDX file of other labels
-    before = labels.read_bytes()
+    (mine / f"{data.TEST_LABELS}.gz").write_bytes(
+        (tiny_idx_dir / f"{data.TEST_LABELS}.gz").read_bytes() + b"trailing")
+    before = {p.name: p.read_bytes() for p in mine.iterdir()}
     with pytest.raises(DataError) as error:
         fetch_fashion_mnist(mine, checksums=sums, **FAST)
-    assert str(error.value).startswith(f"{labels}: a whole IDX file, but not Fashion-MNIST's "
-                                       "(checksum mismatch: SHA-256 ")
-    assert labels.read_bytes() == before and sorted(os.listdir(mine)) == sorted(
-        f"{name}.gz" for name in FILE_NAMES)
+    message = str(error.value)
+    assert message.startswith(f"{labels}: checksum mismatch: SHA-256 ") and message.endswith(
+        ": fetch replaces no file in a folder you name (it may be another dataset's); move it "
+        "away or fetch into another folder"), message
+    assert {p.name: p.read_bytes() for p in mine.iterdir()} == before  # nothing written
+    # Without the labels it is the file with trailing bytes that is refused, as it is.
+    labels.unlink()
+    with pytest.raises(DataError, match="fetch replaces no file in a folder you name"):
+        fetch_fashion_mnist(mine, checksums=sums, **FAST)
+    assert sorted(p.name for p in mine.iterdir()) == sorted(
+        f"{name}.gz" for name in (data.TEST_IMAGES, data.TEST_LABELS))
 
 
 def test_a_folder_holding_the_verified_files_is_only_read(tiny_idx_dir: Path,
@@ -362,7 +372,16 @@ def test_a_damaged_copy_in_the_cache_is_fetched_again_when_loading(
     with pytest.raises(DataError) as error:
         load_fashion_mnist(checksums=sums, download=False)
     assert str(error.value).startswith(f"{cut}: ") and str(error.value).endswith(
-        "(`fashionlab data fetch` replaces a damaged copy in the cache)")
+        "(`fashionlab data fetch --recheck` replaces a damaged copy in the cache)")
+    assert len(load_fashion_mnist(checksums=sums).train) == 300
+    assert_installed(isolated_data_env, tiny_gz)
+    # Damaged where its size and time stay (a disk error): the record of its earlier check
+    # vouches for it, and loading hashes it anew before fetching it again.
+    stat = cut.stat()
+    damaged = bytearray(cut.read_bytes())
+    damaged[0] = 7  # no IDX magic any more
+    cut.write_bytes(damaged)
+    os.utime(cut, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert len(load_fashion_mnist(checksums=sums).train) == 300
     assert_installed(isolated_data_env, tiny_gz)
 
@@ -390,12 +409,26 @@ def test_a_file_too_large_is_refused_before_it_fills_the_memory(
     assert list(isolated_data_env.iterdir()) == []
 
 
-def test_a_mirror_password_is_not_shown(server: ThreadingHTTPServer,
-                                        sums: dict[str, FileChecksum],
-                                        isolated_data_env: Path, no_debian: Path,
-                                        capsys: pytest.CaptureFixture[str]):
-    secret = url(server, "missing").replace("http://", "http://me:s3cret@")
+@pytest.mark.parametrize("mirror", ["http://me:s3cret@example.org/fm/",
+                                    "https://ghp_S3CRET@example.org/fm/"])
+def test_a_mirror_with_credentials_is_refused_without_showing_them(
+        mirror: str, sums: dict[str, FileChecksum], isolated_data_env: Path, no_debian: Path):
+    # urllib sends no user name or password: such a mirror can never work.
     with pytest.raises(DataError) as error:
-        fetch_fashion_mnist(mirrors=[secret], checksums=sums, **{**FAST, "progress": True})
-    shown = str(error.value) + capsys.readouterr().err
-    assert "s3cret" not in shown and "http://me:***@127.0.0.1:" in shown, shown
+        fetch_fashion_mnist(mirrors=[mirror], checksums=sums, **FAST)
+    assert str(error.value) == ("mirrors: 'http" + mirror.partition("://")[0][4:] +
+                                "://***@example.org/fm/' holds a user name or password, which "
+                                "fashionlab does not send: name a public mirror")
+
+
+def test_a_fallback_line_is_plain_text(server: ThreadingHTTPServer,
+                                       sums: dict[str, FileChecksum], tiny_gz: dict[str, bytes],
+                                       isolated_data_env: Path, no_debian: Path,
+                                       capsys: pytest.CaptureFixture[str]):
+    server.behaviours["[denied]"] = lambda h, f: h.send_error(403, "[/denied]")
+    fetch_fashion_mnist(mirrors=[url(server, "[denied]"), url(server, "good")], checksums=sums,
+                        **{**FAST, "progress": True})
+    assert_installed(isolated_data_env, tiny_gz)
+    said = capsys.readouterr().err
+    assert f"{url(server, '[denied]')}{data.TRAIN_IMAGES}.gz: HTTP 403 [/denied]; trying the " \
+        "next mirror" in said, said

@@ -72,17 +72,21 @@ def info(directory: DirOption = None, verify: VerifyOption = True,
 def fetch(
     directory: Annotated[Path | None, typer.Option(
         "--dir", help="Put the files here instead of the user cache.", show_default=False)] = None,
+    recheck: Annotated[bool, typer.Option(
+        "--recheck", help="Hash the files in place again, even those checked before (a "
+        "damaged copy in the cache is then replaced).")] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Obtain and verify the four files, then print where they are.
 
     Copies them from Debian's dataset package when installed, else downloads them from the
     public mirrors (FASHIONLAB_MIRRORS overrides the list). They are stored decompressed and
-    verified by SHA-256, so later loads are fast; files already in place are kept.
+    verified by SHA-256, so later loads are fast; files already in place are kept. In a
+    folder you name (--dir), a file there that is not Fashion-MNIST's is never replaced.
 
-    Example: fashionlab data fetch
+    Example: fashionlab data fetch --recheck
     """
-    target = data.fetch_fashion_mnist(directory)
+    target = data.fetch_fashion_mnist(directory, recheck=recheck)
     files = [str(target / name) for name in data.FILE_NAMES]
     if as_json:
         typer.echo(json.dumps({"directory": str(target), "files": files}, indent=2))

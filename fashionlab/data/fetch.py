@@ -42,7 +42,7 @@ from fashionlab.data.files import (
     write_atomic,
 )
 from fashionlab.errors import DataError
-from fashionlab.idx import gunzip, parse_idx, read_decompressed
+from fashionlab.idx import gunzip, read_decompressed
 from fashionlab.serialize import file_in_the_way, remove_stale_staging
 
 __all__ = [
@@ -129,11 +129,15 @@ def load_fashion_mnist(
         if directory is not None or found != cache_dir():
             raise
         # Our own copy, damaged since (a disk error, a file edited or cut by hand): fetched
-        # again from Debian's package or a mirror, as `fashionlab data fetch` would.
+        # again from Debian's package or a mirror, every file hashed anew (a disk error keeps
+        # a file's size and time, and the record of its earlier check would vouch for it).
         if not download:
-            raise DataError(f"{error} (`fashionlab data fetch` replaces a damaged copy in the "
-                            "cache)") from None
-        fetch_fashion_mnist(mirrors=mirrors, checksums=checksums)
+            raise DataError(f"{error} (`fashionlab data fetch --recheck` replaces a damaged "
+                            "copy in the cache)") from None
+        try:
+            fetch_fashion_mnist(mirrors=mirrors, checksums=checksums, recheck=True)
+        except DataError as fetching:
+            raise DataError(f"{error}; fetching it again failed: {fetching}") from None
         return load_idx_dataset(found, checksums=checksums if verify else None)
 
 
@@ -161,9 +165,21 @@ def _mirrors(mirrors: Sequence[str] | None) -> tuple[str, ...]:
         except ValueError:  # e.g. "http://[::1": an address that does not parse
             valid = False
         if not valid:
-            raise DataError(f"{source}: {base!r} is not an http:// or https:// address "
-                            "(e.g. https://example.org/fashion-mnist/)")
+            raise DataError(f"{source}: {_masked(base)!r} is not an http:// or https:// "
+                            "address (e.g. https://example.org/fashion-mnist/)")
+        if "@" in parts.netloc:  # urllib would send no credentials, and errors would show them
+            raise DataError(f"{source}: {_masked(base)!r} holds a user name or password, "
+                            "which fashionlab does not send: name a public mirror")
     return tuple(mirrors)
+
+
+def _masked(url: str) -> str:
+    """`url` as an error shows it: what comes before an "@" in its address masked."""
+    scheme, separator, rest = url.partition("://")
+    address, slash, path = rest.partition("/")
+    if not separator or "@" not in address:
+        return url
+    return f"{scheme}://***@{address.rpartition('@')[2]}{slash}{path}"
 
 
 def _download_once(url: str, *, timeout: float, limit: int,
@@ -231,8 +247,7 @@ def _download(name: str, *, mirrors: Sequence[str], expected: FileChecksum, time
         for base in mirrors:
             url = f"{base.rstrip('/')}/{name}.gz"
             if base in unreachable:
-                failures.append(f"{_without_password(url)}: not tried ({unreachable[base]} "
-                                "before)")
+                failures.append(f"{url}: not tried ({unreachable[base]} before)")
                 continue
             for attempt in range(retries + 1):
                 task = bar.add_task(f"{name}.gz", total=None)
@@ -255,20 +270,11 @@ def _download(name: str, *, mirrors: Sequence[str], expected: FileChecksum, time
                 finally:
                     bar.remove_task(task)
                 break
-            failures.append(f"{_without_password(url)}: {reason}")
-            if progress:  # a fallback is said, not silent
-                console.print(f"{failures[-1]}; trying the next mirror" if base != mirrors[-1]
-                              else failures[-1], highlight=False, soft_wrap=True)
+            failures.append(f"{url}: {reason}")
+            if progress and base != mirrors[-1]:  # a fallback is said, not silent
+                console.print(f"{failures[-1]}; trying the next mirror", markup=False,
+                              highlight=False, soft_wrap=True)
     raise DataError(f"could not download {name}.gz: " + "; ".join(failures))
-
-
-def _without_password(url: str) -> str:
-    """`url` as errors and logs show it: a password in it (https://me:secret@host/) masked."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
 def _ensure_writable(directory: Path, *, what: str) -> None:
@@ -283,15 +289,6 @@ def _ensure_writable(directory: Path, *, what: str) -> None:
         raise DataError(f"{what} {directory} is not writable ({error.strerror or error})") from None
 
 
-def _whole_idx(data: bytes | bytearray, source: Path) -> bool:
-    """Whether `data` is a complete, well-formed IDX file (its header's shape fits its size)."""
-    try:
-        parse_idx(data, source=source)
-    except DataError:
-        return False
-    return True
-
-
 def fetch_fashion_mnist(
     directory: PathLike | None = None,
     *,
@@ -301,18 +298,21 @@ def fetch_fashion_mnist(
     retries: int = 2,
     backoff: float = 1.0,
     progress: bool = True,
+    recheck: bool = False,
 ) -> Path:
     """Make verified copies of the four files sit in `directory` (default: the user cache).
 
-    Files already there and verified are kept (a folder that holds them all is only read);
-    damaged ones (cut short, not gzip) are replaced; a whole IDX file of other data in a
-    `directory` of the caller's is a DataError, never deleted. The missing files are copied
-    from DEBIAN_DIR when it has them, else downloaded from `mirrors` (each tried
-    `1 + retries` times on time-outs, dropped connections and server errors, with `timeout`
-    seconds per network operation; a mirror that could not be reached is not tried again for
-    the next files). They are stored decompressed, so that loading skips gunzip. `checksums` defaults to
-    FASHION_MNIST_CHECKSUMS; `mirrors` to FASHIONLAB_MIRRORS or DEFAULT_MIRRORS. Returns the
-    directory.
+    Files already there and verified are kept (a folder that holds them all is only read;
+    `recheck` hashes them again even where an earlier check is remembered). In the cache,
+    damaged copies are replaced; in a `directory` of the caller's, a file that is there but
+    not Fashion-MNIST's (damaged, or another dataset's, such as MNIST digits under the same
+    names) is theirs: a DataError before anything is written, and nothing is deleted. The
+    missing files are copied from DEBIAN_DIR when it has them, else downloaded from `mirrors`
+    (each tried `1 + retries` times on time-outs, dropped connections and server errors, with
+    `timeout` seconds per network operation; a mirror whose transfer failed is not asked again
+    for the next files). They are stored decompressed, so that loading skips gunzip.
+    `checksums` defaults to FASHION_MNIST_CHECKSUMS; `mirrors` to FASHIONLAB_MIRRORS or
+    DEFAULT_MIRRORS. Returns the directory.
     """
     checksums = FASHION_MNIST_CHECKSUMS if checksums is None else checksums
     target = Path(directory).expanduser() if directory is not None else cache_dir()
@@ -321,36 +321,32 @@ def fetch_fashion_mnist(
         _ensure_writable(target, what=what)
     # Half-written copies of a fetch that was killed (a download is 30 MB): gone.
     remove_stale_staging(target, names=FILE_NAMES)
-    memo, new_entries, writable = read_memo(), {}, False
-    unreachable: dict[str, str] = {}  # mirrors that failed a transfer: not tried again
+    memo = {} if recheck else read_memo()
+    # What is there first, every file: a user's folder is refused before anything is written.
+    new_entries, wanted = {}, {}
     for name in FILE_NAMES:
         expected = checksums[name]
         existing = find_one(target, name)
-        if existing is not None:
-            stat = existing.stat()
-            if remembered(memo, existing, stat, expected):
-                continue
-            try:
-                present = read_decompressed(existing)
-            except DataError:
-                present = None  # cut short, not gzip: a damaged copy, replaced below
-            if present is not None:
-                try:
-                    digest = check(present, expected, source=existing)
-                    new_entries.update(memo_entry(existing, stat, digest))
-                    continue
-                except DataError as mismatch:
-                    # A whole IDX file of other data in the user's own folder (MNIST digits
-                    # under the same names) is theirs, not damage: never deleted.
-                    if directory is not None and _whole_idx(present, existing):
-                        reason = str(mismatch).removeprefix(f"{existing}: ")
-                        raise DataError(
-                            f"{existing}: a whole IDX file, but not Fashion-MNIST's ({reason}): "
-                            "fetch replaces damaged copies only; move it away or fetch into "
-                            "another folder") from None
-        if not writable:  # (a folder that holds the verified files is only read)
-            _ensure_writable(target, what=what)
-            writable = True
+        if existing is None:
+            wanted[name] = None
+            continue
+        stat = existing.stat()
+        if remembered(memo, existing, stat, expected):
+            continue
+        try:
+            digest = check(read_decompressed(existing), expected, source=existing)
+            new_entries.update(memo_entry(existing, stat, digest))
+        except DataError as problem:
+            if directory is not None:
+                raise DataError(f"{problem}: fetch replaces no file in a folder you name (it "
+                                "may be another dataset's); move it away or fetch into "
+                                "another folder") from None
+            wanted[name] = existing  # a damaged copy in the cache: replaced
+    if wanted:
+        _ensure_writable(target, what=what)
+    unreachable: dict[str, str] = {}  # mirrors that failed a transfer: not asked again
+    for name, existing in wanted.items():
+        expected = checksums[name]
         data = None
         debian = find_one(DEBIAN_DIR, name)
         if debian is not None and debian.parent.resolve() != target.resolve():
