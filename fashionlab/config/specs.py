@@ -75,14 +75,15 @@ def _a_name(value: str) -> str:
                           DIRECTION_CONTROLS), None):
         raise ValueError(f"{value!r} contains a text-direction control (U+{ord(direction):04X})"
                          ": tables and file listings would show the name reordered")
-    if (size := len(safe_name(value).encode())) > MAX_NAME_BYTES:
+    saved_as = safe_name(value)
+    if (size := len(saved_as.encode())) > MAX_NAME_BYTES:
         raise ValueError(f"too long as a file name: {size} bytes in UTF-8, at most "
                          f"{MAX_NAME_BYTES} (shorten it)")
     if not any(_visible(ch) for ch in value):
         points = " ".join(f"U+{ord(ch):04X}" for ch in value[:8])
         raise ValueError(f"a name of {points} shows nothing: a name needs a character that "
                          "can be seen, or its rows would look empty")
-    if safe_name(value).split(".")[0].casefold() in _WINDOWS_DEVICES:
+    if saved_as.split(".")[0].casefold() in _WINDOWS_DEVICES:
         raise ValueError(f"{value!r} cannot be a name: Windows reserves it for a device "
                          "(CON, PRN, AUX, NUL, COM1-9, LPT1-9), so its files could not be "
                          "written there")

@@ -210,19 +210,17 @@ def writable(path: Path) -> bool:
 
 def holds_rows(path: Path, table: str) -> bool:
     """Whether a SQLite file has this table with a row in it (a store: its schema version),
-    read without writing to it or beside it (SQLite
-    would make a new database of an empty file, its settings would change another program's,
-    and even a read-only reader of a WAL file leaves its -wal and -shm files behind). A file
-    SQLite cannot read answers True: opening it says what is wrong."""
+    read without writing to it or beside it: SQLite would make a new database of an empty
+    file, its settings would change another program's, and even a read-only reader of a WAL
+    file leaves its -wal and -shm files behind. A file SQLite cannot read answers True:
+    opening it says what is wrong."""
     if path.stat().st_size == 0:
         return False
-    path = path.resolve()
     # No -wal file: nothing is being written, and the file can be read as it is (immutable:
     # no side files). With one, a writer is at work, and its side files are there already.
-    unwritten = not path.with_name(path.name + "-wal").exists()
-    engine = sa.create_engine(sa.URL.create(
-        "sqlite", database=f"file:{quote(str(path))}",
-        query={"uri": "true", **({"immutable": "1"} if unwritten else {"mode": "ro"})}))
+    path = path.resolve()  # (a linked file's -wal is beside its target)
+    wal = path.with_name(path.name + "-wal")
+    engine = sa.create_engine(sqlite_read_only_url(path, immutable=not wal.exists()))
     try:
         with engine.connect() as conn:
             return sa.inspect(conn).has_table(table) and conn.execute(
@@ -233,13 +231,15 @@ def holds_rows(path: Path, table: str) -> bool:
         engine.dispose()
 
 
-def sqlite_read_only_url(path: Path) -> sa.URL:
+def sqlite_read_only_url(path: Path, *, immutable: bool | None = None) -> sa.URL:
     """SQLite's read-only mode for this file. A WAL-mode file needs its -shm index, written
     even by readers: in a folder we cannot write, where none exists (no process has the file
-    open), it is read as immutable, a copy that nobody writes."""
+    open), it is read as immutable, a copy that nobody writes (`immutable` decides instead
+    where given)."""
     path = path.resolve()
-    shm = path.with_name(path.name + "-shm")
-    immutable = not os.access(path.parent, os.W_OK) and not shm.exists()
+    if immutable is None:
+        shm = path.with_name(path.name + "-shm")
+        immutable = not os.access(path.parent, os.W_OK) and not shm.exists()
     return sa.URL.create("sqlite", database=f"file:{quote(str(path))}",
                          query={"uri": "true", **({"immutable": "1"} if immutable
                                                   else {"mode": "ro"})})
