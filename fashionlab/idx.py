@@ -25,8 +25,8 @@ import numpy as np
 
 from fashionlab.errors import DataError
 
-__all__ = ["gunzip", "looks_like_idx", "parse_idx", "read_decompressed", "read_idx",
-           "write_idx"]
+__all__ = ["gunzip", "idx_shape", "looks_like_idx", "parse_idx", "read_decompressed",
+           "read_idx", "write_idx"]
 
 PathLike: TypeAlias = "str | os.PathLike[str]"
 
@@ -85,6 +85,24 @@ def parse_idx(data: bytes | bytearray, *, source: PathLike, ndim: int | None = N
 def read_idx(path: PathLike, *, ndim: int | None = None) -> np.ndarray:
     """Read an IDX file, raw or gzip-compressed (name ending in .gz)."""
     return parse_idx(read_decompressed(Path(path)), source=path, ndim=ndim)
+
+
+def idx_shape(path: PathLike) -> tuple[int, ...] | None:
+    """The shape an IDX file's header declares (raw or .gz), read without its data: how much
+    memory reading it would take, known before it is taken. None when there is no valid
+    header to read (`read_idx` says why)."""
+    path = Path(path)
+    try:
+        with (gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")) as f:
+            head = f.read(4)
+            if not looks_like_idx(head):
+                return None
+            dims = f.read(4 * head[3])
+    except (OSError, EOFError, zlib.error):
+        return None
+    if len(dims) < 4 * head[3]:
+        return None
+    return tuple(int(d) for d in np.frombuffer(dims, dtype=">u4"))
 
 
 def write_idx(path: PathLike, array: np.ndarray) -> None:

@@ -27,7 +27,9 @@ or (N, 1, 28, 28), uint8 0-255 or float 0-1. Arrays are never unpickled.
 
 from __future__ import annotations
 
+import math
 import os
+import tokenize
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -37,7 +39,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from fashionlab.errors import FashionlabError, OutputError
-from fashionlab.idx import looks_like_idx, read_idx
+from fashionlab.idx import idx_shape, looks_like_idx, read_idx
 from fashionlab.serialize import folder_blocked, why_not_written
 from fashionlab.text import first_line
 
@@ -69,9 +71,14 @@ TRIM = 0.05 * 255  # pixels this much above the background belong to the item (F
 MIN_CONTRAST = 8.0  # an item fainter than this (0-255) is not stretched: a blank picture stays dark
 BLANK_LEVEL = TRIM / 255  # an input with no pixel this bright (in [0, 1]) shows no item
 PREDICT_BATCH = 256  # images per forward pass: a CNN's activations stay small (see `evaluate`)
+# The most images read from one IDX or .npy file: the whole test and training sets (70,000)
+# fit; a file of a million images would take ~10 GB of memory as images, predictions and JSON.
+MAX_FILE_IMAGES = 100_000
 
 Kind = Literal["photo", "idx", "npy"]
 _NPY_MAGIC = b"\x93NUMPY"
+_NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0,
+                (2, 0): np.lib.format.read_array_header_2_0}
 # PNG, JPEG, GIF, BMP, TIFF (both byte orders), WebP: a file starting so is a damaged image.
 _IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
 
@@ -171,23 +178,39 @@ def _load_npy(path: Path, head: bytes) -> np.ndarray:
         raise ImageFileError(f"{path}: an .npz archive; save one array with numpy.save")
     if not head.startswith(_NPY_MAGIC):
         raise ImageFileError(f"{path}: not a valid .npy file (no NumPy header)")
+    # (numpy reads the header with Python's own parser: a damaged one raises what that
+    # parser raises, a SyntaxError or a tokenize error, not only a ValueError)
     try:
+        with open(path, "rb") as f:
+            read_header = _NPY_HEADERS.get(np.lib.format.read_magic(f))
+            shape = read_header(f)[0] if read_header is not None else None  # 3.0: np.load's
+        _check_size(path, shape)
         array = np.load(path, allow_pickle=False)
     except ValueError as error:
         reason = ("holds Python objects, which are never unpickled"
                   if "allow_pickle" in str(error) else f"not a valid .npy file ({error})")
         raise ImageFileError(f"{path}: {reason}") from None
-    except (OSError, EOFError) as error:
+    except (OSError, EOFError, SyntaxError, tokenize.TokenError) as error:
         raise ImageFileError(f"{path}: not a valid .npy file ({first_line(error)})") from None
     return _as_images(array, path)
 
 
 def _load_idx(path: Path) -> np.ndarray:
     try:
+        _check_size(path, idx_shape(path))
         array = read_idx(path)
     except FashionlabError as error:  # read_idx's messages already name the file
         raise ImageFileError(str(error)) from None
     return _as_images(array, path)
+
+
+def _check_size(path: Path, shape: tuple[int, ...] | None) -> None:
+    """Refuse a file of more than MAX_FILE_IMAGES images before reading its pixels (its
+    header says its shape; None: no header to read, the reading will say why)."""
+    if shape is not None and math.prod(shape) > MAX_FILE_IMAGES * SIDE * SIDE:
+        raise ImageFileError(f"{path}: an array of shape {shape}, more than the "
+                             f"{MAX_FILE_IMAGES:,} images predict reads from one file; split "
+                             "it, or predict it batch by batch with fashionlab.predict.predict")
 
 
 def _as_images(array: np.ndarray, source: str | Path) -> np.ndarray:
@@ -265,9 +288,10 @@ def preprocess_photo(image: Image.Image, *, invert: bool | None = None) -> np.nd
 
     invert: None decides from the background (light background: invert); True or False forces.
     """
-    from PIL import Image, ImageFilter, ImageOps
+    from PIL import ExifTags, Image, ImageFilter, ImageOps
 
-    image = ImageOps.exif_transpose(image)
+    if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # (else no copy of a large one)
+        image = ImageOps.exif_transpose(image)
     gray = _grayscale(image)  # (H, W) float32 in 0..255
     background = float(np.median(_border(gray)))
     if invert is None:
@@ -303,6 +327,7 @@ def _grayscale(image: Image.Image) -> np.ndarray:
     """(H, W) float32 luma in 0..255; large pictures reduced to WORKING_SIDE first."""
     from PIL import Image
 
+    image = _reduced(image)
     if image.mode.startswith("I") or image.mode == "F":  # 16/32-bit integer or float pixels
         gray = np.asarray(image, dtype=np.float32)
         high = float(gray.max()) if gray.size else 0.0
@@ -319,6 +344,27 @@ def _grayscale(image: Image.Image) -> np.ndarray:
         image = image.copy()
         image.thumbnail((WORKING_SIDE, WORKING_SIDE), Image.Resampling.LANCZOS)
     return np.asarray(image, dtype=np.float32)
+
+
+def _reduced(image: Image.Image) -> Image.Image:
+    """A picture at least twice WORKING_SIDE across, reduced by a whole factor (the mean of
+    each block of pixels) before any conversion: each would copy every pixel of it (a
+    13000 x 13000 RGBA picture took 3.5 GB). See-through pixels are averaged premultiplied by
+    their opacity, which is what compositing them onto white first and then averaging gives."""
+    factor = max(image.size) // WORKING_SIDE
+    if factor < 2:
+        return image
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
+        return rgba.convert("RGBa").reduce(factor).convert("RGBA")
+    if image.mode in ("1", "P"):  # their pixels are no levels to average: gray ones first
+        image = image.convert("L")
+    elif image.mode.startswith("I;16"):  # 16-bit: as 32-bit integers, which reduce averages
+        image = image.convert("I")
+    try:
+        return image.reduce(factor)
+    except ValueError:  # a mode it does not average: converted at full size, as before
+        return image
 
 
 def _border(gray: np.ndarray) -> np.ndarray:
@@ -444,16 +490,25 @@ def predict_files(saved_model: SavedModel | str | Path,
 
 
 def predictions_to_dict(saved_model: SavedModel | str | Path,
-                        results: Sequence[FilePredictions], top_k: int) -> dict[str, object]:
+                        results: Sequence[FilePredictions],
+                        top_k: int | None = None) -> dict[str, object]:
     """The predictions of `predict_files` as `fashionlab predict --json` prints them:
     `{model, top_k, predictions, errors}`, one prediction row per image (`index`: its place
     in its file; `blank`: it shows no item) and one error row per file that could not be
-    read."""
+    read. `top_k`: the classes each row shows (at most the model's classes), as many as the
+    predictions hold when None; more than they hold is a ValueError (predict them with it)."""
     from fashionlab.artifacts import as_saved_model  # torch: only with a model
 
     saved_model = as_saved_model(saved_model)
-    rows = [{"file": str(r.path), "kind": r.kind, "index": i, "top": p.to_dict(),
+    held = max((len(p.labels) for r in results for p in r.predictions), default=None)
+    k = len(saved_model.class_names) if top_k is None else min(top_k, len(saved_model.class_names))
+    if top_k is None and held is not None:
+        k = held
+    elif held is not None and held < k:
+        raise ValueError(f"top_k={top_k}: the predictions hold {held} classes each; predict "
+                         f"them with top_k={top_k}")
+    rows = [{"file": str(r.path), "kind": r.kind, "index": i, "top": p.to_dict()[:k],
              "blank": p.blank} for r in results for i, p in enumerate(r.predictions)]
     errors = [{"file": str(r.path), "error": r.error} for r in results if r.error]
-    return {"model": str(saved_model.path), "top_k": min(top_k, len(saved_model.class_names)),
+    return {"model": str(saved_model.path), "top_k": k,
             "predictions": rows, "errors": errors}

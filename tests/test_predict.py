@@ -3,6 +3,7 @@ and `fashionlab predict` end to end."""
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
@@ -110,6 +111,28 @@ def test_transparency_is_a_white_background():
     rgba.save(buffer, "PNG")
     out = preprocess_photo(Image.open(buffer))
     np.testing.assert_allclose(out, preprocess_photo(photo), atol=0.02)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "P", "I;16", "1", "L"])
+def test_a_picture_far_larger_than_needed_is_averaged_down_first_to_the_same_result(mode: str):
+    # A picture 8x WORKING_SIDE across is reduced (block means) before it is converted, to
+    # spare memory: what comes out is what converting the whole picture first and then
+    # shrinking it gives.
+    photo = shirt_photo().resize((4096, 4096), Image.Resampling.NEAREST).convert("L")
+    if mode == "RGBA":  # a see-through background, in a colour compositing must not show
+        alpha = np.where(np.asarray(photo) > 128, 0, 255).astype(np.uint8)
+        pixels = np.dstack([np.asarray(photo)] * 3 + [alpha])
+        picture = Image.fromarray(np.where(alpha[..., None] == 0, 0, pixels).astype(np.uint8))
+        on_white = Image.fromarray(np.where(alpha == 0, 255, np.asarray(photo)).astype(np.uint8))
+    elif mode == "I;16":
+        picture = Image.fromarray(np.asarray(photo, np.uint16) * 257)
+        on_white = photo
+    else:
+        picture = photo.convert(mode)
+        on_white = picture.convert("L")
+    shrunk = on_white.copy()
+    shrunk.thumbnail((512, 512), Image.Resampling.LANCZOS)
+    np.testing.assert_allclose(preprocess_photo(picture), preprocess_photo(shrunk), atol=0.03)
 
 
 def test_exif_orientation_is_applied(tmp_path: Path):
@@ -339,8 +362,20 @@ def _bad_files(directory: Path) -> dict[str, Path]:
     write_idx(directory / "wide-idx3-ubyte", np.zeros((2, 28, 30), np.uint8))
     (directory / "short-idx3-ubyte").write_bytes(
         (directory / "wide-idx3-ubyte").read_bytes()[:100])
+    # A header numpy's parser chokes on (a tokenize error, not a ValueError).
+    np.save(directory / "header.npy", np.zeros((5, 28, 28), np.uint8))
+    (directory / "header.npy").write_bytes((directory / "header.npy").read_bytes().replace(
+        b"'shape': (5", b"'shape':  5", 1))
+    # Headers of a million images, and only a little of their data: refused by the header.
+    with open(directory / "million.npy", "wb") as f:
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": "|u1", "fortran_order": False, "shape": (1_000_000, 28, 28)})
+        f.write(bytes(784))
+    (directory / "million-idx3-ubyte.gz").write_bytes(gzip.compress(
+        bytes([0, 0, 8, 3]) + np.array([1_000_000, 28, 28], ">u4").tobytes() + bytes(784)))
     for name in ("pixels-255.npy", "objects.npy", "shape.npy", "nan.npy", "archive.npz",
-                 "fake.npy", "wide-idx3-ubyte", "short-idx3-ubyte"):
+                 "fake.npy", "wide-idx3-ubyte", "short-idx3-ubyte", "header.npy", "million.npy",
+                 "million-idx3-ubyte.gz"):
         paths[name] = directory / name
     paths["missing"] = directory / "missing.png"
     paths["directory"] = directory / "a-folder"
@@ -361,6 +396,10 @@ EXPECTED_ERRORS = {
     "fake.npy": "not a valid .npy file (no NumPy header)",
     "wide-idx3-ubyte": "shape (2, 28, 30)",
     "short-idx3-ubyte": "truncated",
+    "header.npy": "not a valid .npy file (",
+    "million.npy": "an array of shape (1000000, 28, 28), more than the 100,000 images predict "
+                   "reads from one file; split it",
+    "million-idx3-ubyte.gz": "an array of shape (1000000, 28, 28), more than the 100,000 images",
     "missing": "file not found",
     "directory": "is a directory",
 }
@@ -497,6 +536,27 @@ def test_predict_reports_bad_files_and_exits_1(
     assert lines[0].startswith(f"error: {text}: ") and lines[1].startswith(f"error: {corrupt}: ")
     code, out, err = run_cli(capsys, "predict", str(real_model.path), str(text), "--device", "cpu")
     assert code == 1 and err.startswith(f"error: {text}: ") and err.count("\n") == 1
+
+
+def test_a_file_named_with_a_newline_is_said_on_one_line(
+        tmp_path: Path, real_model: SavedModel, capsys: pytest.CaptureFixture[str]):
+    bad = tmp_path / "bad\nname.png"
+    bad.write_bytes(b"")
+    code, _, err = run_cli(capsys, "predict", str(real_model.path), str(bad), "--device", "cpu")
+    assert code == 1 and err.count("\n") == 1
+    assert err.startswith(f"error: {tmp_path}/bad\\nname.png: not an image")
+
+
+def test_predictions_to_dict_shows_what_the_predictions_hold(tmp_path: Path,
+                                                             real_model: SavedModel):
+    image = tmp_path / "shirt.png"
+    shirt_photo().save(image)
+    five = predict_files(real_model, [image], top_k=5)
+    assert predictions_to_dict(real_model, five)["top_k"] == 5
+    cut = predictions_to_dict(real_model, five, 2)
+    assert cut["top_k"] == 2 and len(cut["predictions"][0]["top"]) == 2
+    with pytest.raises(ValueError, match=r"^top_k=10: the predictions hold 5 classes each"):
+        predictions_to_dict(real_model, five, 10)
 
 
 def test_predict_preview_and_invert(tmp_path: Path, real_model: SavedModel,

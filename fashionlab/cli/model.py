@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, get_args
 import typer
 
 from fashionlab.cli import app, output_console
-from fashionlab.text import percent
+from fashionlab.text import one_line, percent
 from fashionlab.vocabulary import TestTimeAugmentation
 
 if TYPE_CHECKING:
@@ -161,8 +161,8 @@ def predict(
     else:
         _print_predictions(results, top)
     failed = [r for r in results if r.error]
-    for result in failed:
-        typer.secho(f"error: {result.error}", fg="red", err=True)
+    for result in failed:  # one line each, whatever the file's name holds (a newline)
+        typer.secho(f"error: {one_line(result.error or '')}", fg="red", err=True)
     if failed:
         raise typer.Exit(1)
 
@@ -182,7 +182,7 @@ def _print_predictions(results: list[FilePredictions], top: int) -> None:
                      zip(prediction.classes, prediction.probabilities)]
             index = str(i) if result.kind != "photo" else ""
             blank = " (blank: no item seen)" if prediction.blank else ""
-            table.add_row(str(result.path) + blank, index, *cells)
+            table.add_row(one_line(str(result.path)) + blank, index, *cells)
     if table.row_count:
         output_console().print(table)
 
