@@ -283,10 +283,13 @@ class ClaimLock:
         if self._conn is not None or self._file is not None:
             return
         if self.dialect in ("postgresql", "mysql"):
-            conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
             sql = "SELECT pg_advisory_lock(:key)" if self.dialect == "postgresql" \
                 else "SELECT GET_LOCK(:name, -1)"
-            conn.execute(sa.text(sql), {"key": self.key, "name": self.name})
+            try:  # the first connection to the server: a wrong password is said here
+                conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+                conn.execute(sa.text(sql), {"key": self.key, "name": self.name})
+            except sa.exc.SQLAlchemyError as error:
+                raise open_error(str(self.engine.url), error) from None
             self._conn = conn
         elif self.path is not None:
             # Not thread-local: whichever thread of this process releases it, it is released.
@@ -302,8 +305,12 @@ class ClaimLock:
         if self._conn is not None:
             sql = "SELECT pg_advisory_unlock(:key)" if self.dialect == "postgresql" \
                 else "SELECT RELEASE_LOCK(:name)"
-            self._conn.execute(sa.text(sql), {"key": self.key, "name": self.name})
-            self._conn.close()
+            # A connection the server dropped (it stopped) holds no lock any more: what
+            # stopped the work is the error to say, not this one.
+            with contextlib.suppress(sa.exc.OperationalError, sa.exc.InterfaceError):
+                self._conn.execute(sa.text(sql), {"key": self.key, "name": self.name})
+            with contextlib.suppress(sa.exc.SQLAlchemyError):
+                self._conn.close()
             self._conn = None
         if self._file is not None:
             self._file.release(force=True)

@@ -20,6 +20,7 @@ import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from fashionlab.data import CLASS_NAMES
 from fashionlab.serialize import staging_path
@@ -167,6 +168,7 @@ def learning_curves(
             ax.axvline(warning.epoch, color="red", linestyle="--", linewidth=1,
                        label=f"overfitting warning (epoch {warning.epoch})")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no epoch 2.5 in a short run
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:  # a run stopped before its first epoch: none
@@ -310,6 +312,7 @@ def search_history(
         best = np.where(np.isinf(best), np.nan, best if direction == "maximize" else -best)
         ax.plot(trials, best, "-", color="tab:red", label="best so far")
     ax.set_xlabel("trial")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("value")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -20,6 +20,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import active_children, get_context
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any, Literal
 
@@ -206,6 +207,19 @@ class WorkerDied(FashionlabError):
     """A worker process ended without a word (SIGKILL, the out-of-memory killer)."""
 
 
+def _died(workers: set[BaseProcess]) -> str:
+    """Why the pool broke, as far as the workers' exit statuses tell. (The pool stops them
+    all once one has died; the dead one's status may take a moment to be collected.)"""
+    deadline = time.monotonic() + 2.0
+    for process in workers:
+        process.join(max(0.0, deadline - time.monotonic()))
+    failed = sorted(code for p in workers if (code := p.exitcode) is not None and code > 0)
+    why = (f"it ended with an error, exit status {failed[0]}: its message is above"
+           if failed else "killed, or out of memory")
+    return (f"a worker process died ({why}); the stored epochs and checkpoints are kept: run "
+            "the same command again to resume")
+
+
 WorkerJob = tuple[Callable[..., None], tuple[Any, ...], str, int]  # (fn, args, label, epochs)
 
 # How long the jobs' last progress calls may take to arrive once every job has ended; they are
@@ -282,6 +296,7 @@ def run_in_workers(
                 running[pool.submit(_call, fn, args, i)] = i
 
         refill()
+        spawned = set(active_children()) - before  # the pool starts all its workers at once
         here, delivered = None, set[int]()  # the jobs whose last reports have arrived
         if run_here is not None:
             here = threading.Thread(target=work_here, args=(queued,), name="fashionlab-job")
@@ -298,10 +313,7 @@ def run_in_workers(
                     try:
                         future.result()  # re-raise a worker's error
                     except BrokenProcessPool:
-                        raise WorkerDied(
-                            "a worker process died (killed, or out of memory); the stored "
-                            "epochs and checkpoints are kept: run the same command again to "
-                            "resume") from None
+                        raise WorkerDied(_died(spawned)) from None
                 if failures:
                     raise failures[0]
                 refill()

@@ -498,6 +498,28 @@ def test_the_quick_variant_of_a_search_that_varies_epochs(epochs: str, quick: st
     assert short.space["units"] == spec.search.space["units"]
 
 
+def test_the_quick_variant_of_a_search_compares_with_the_quick_reference_study():
+    # A quick search's folds are a quick study's (fewer images): the seed study it can be
+    # paired with fold by fold is the quick one, `fashionlab study --quick`.
+    search, seed = quick_variant(load_study("search")), quick_variant(load_study("seed"))
+    assert search.search is not None and search.search.reference is not None
+    assert search.search.reference.study == seed.name == "seed-quick"
+    assert search.search.reference.candidate == "dense(256) dropout"
+    assert (search.data, search.cv, search.seed) == (seed.data, seed.cv, seed.seed)
+
+
+@pytest.mark.parametrize("value", [None, 5, ["seed"]])
+def test_load_study_says_what_it_takes(value: object):
+    with pytest.raises(ConfigError, match=r"^expected a study file's path or a bundled study's "
+                                          rf"name, got {re.escape(repr(value))} \(bundled: "):
+        load_study(value)  # type: ignore[arg-type]
+
+
+def test_a_quick_variant_takes_a_study_spec_not_its_name():
+    with pytest.raises(ConfigError, match="^spec: expected a StudySpec .*, got str$"):
+        quick_variant("seed")  # type: ignore[arg-type]
+
+
 def test_the_quick_variant_keeps_a_fold_per_sample():
     spec = study_from_dict(tomllib.loads(
         'name = "s"\n[cv]\nn_splits = 7000\n[[candidates]]\nname = "a"\n'))

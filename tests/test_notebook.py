@@ -87,6 +87,9 @@ def test_a_figure_by_name_and_a_clear_error_for_an_unknown_one(study: StudyResul
         figure = study.figure(name)
         assert isinstance(figure, Figure)
         assert figure.get_suptitle().startswith(name)
+        for ax in figure.axes:  # 3 epochs: ticks at whole epochs, not at 1.5 or 2.25
+            ticks = ax.get_xticks()
+            assert len(ticks) and (ticks == ticks.round()).all()
     # Shown by IPython as a picture, without `%matplotlib inline` (no pyplot, no backend).
     from IPython.core.formatters import DisplayFormatter  # only this test needs IPython
 

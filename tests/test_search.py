@@ -39,7 +39,7 @@ from fashionlab.config import (
 )
 from fashionlab.cv import MemberResult
 from fashionlab.data import Split, load_fashion_mnist
-from fashionlab.errors import ConfigError
+from fashionlab.errors import ConfigError, StoreError
 from fashionlab.jobs import job_rows, register_jobs
 from fashionlab.models import forward_flops
 from fashionlab.runner import training_flops
@@ -53,7 +53,7 @@ from fashionlab.search import (
     run_search,
     search_identity,
 )
-from fashionlab.search.finish import top_table
+from fashionlab.search.finish import save_plots, top_table
 from fashionlab.search.space import FixedParams, base_params, check_largest_model, suggest
 from fashionlab.search.storage import MAX_RETRIES, open_storage
 from fashionlab.stats import proportion_ci
@@ -62,7 +62,7 @@ from fashionlab.store import CLAIM_STALE_AFTER, RunRecord, Store, database_url, 
 from fashionlab.study import run_study
 from fashionlab.tables import retrain_line
 from fashionlab.train import EpochMetrics
-from fashionlab.trials import fold_epochs
+from fashionlab.trials import fold_epochs, trial_counts
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -291,6 +291,40 @@ def test_zero_or_negative_limits_are_refused_not_replaced_by_the_files(
         run_search(spec, run_dir=tmp_path / "runs", progress=False, **arguments)
     assert str(error.value) == message
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    ({"fresh": 1}, "fresh: expected True or False, got 1"),
+    ({"finish": "no"}, "finish: expected True or False, got 'no'"),
+    ({"progress": None}, ("progress: expected True, False or a fashionlab.progress.Reporter "
+                         "(methods start, epoch, finish, log); None has no start, epoch, "
+                         "finish, log")),
+    ({"dataset": []}, ("dataset: expected a fashionlab.data.Dataset (from load_fashion_mnist) "
+                      "or None, got list")),
+])
+def test_run_searchs_arguments_are_checked_before_any_run_exists(
+        tmp_path: Path, arguments: dict, message: str):
+    spec = study_from_dict(tomllib.loads(BASE + "[search]\nn_trials = 3\n"
+                                         "[search.space]\nunits = { low = 8, high = 64 }\n"))
+    with pytest.raises(ConfigError) as error:
+        run_search(spec, **{"run_dir": tmp_path / "runs", "progress": False, **arguments})
+    assert str(error.value) == message
+    assert not (tmp_path / "runs").exists()
+
+
+def test_optunas_plots_leave_matplotlibs_style_as_it_was(tmp_path: Path):
+    # Optuna's matplotlib plots switch the process to the "ggplot" style: every figure drawn
+    # after a search (a notebook's, fashionlab's curves) would turn grey.
+    import matplotlib
+
+    study = optuna.create_study(direction="maximize",
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda t: t.suggest_float("x", 0, 1) + t.suggest_int("n", 1, 3), n_trials=4)
+    before = dict(matplotlib.rcParams)
+    paths = save_plots(study, tmp_path, has_importances=True)
+    assert [p.name for p in paths] == ["search-history.png", "search-importances.png",
+                                       "search-parallel.png"]
+    assert dict(matplotlib.rcParams) == before
 
 
 def test_the_cli_says_a_zero_timeout_in_one_line(tmp_path: Path,
@@ -1024,6 +1058,54 @@ units = {{ low = 64, high = 256 }}
     store.close()
     assert sorted(claims) == sorted(f"trial-{n}" for n in range(n_trials))
     assert {c.status for c in claims.values()} == {"done"}
+
+
+def test_a_search_whose_database_drops_its_connections_stops_in_one_line_and_goes_on(
+        postgres_url: str, tiny_idx_dir: Path, tmp_path: Path):
+    # The server ends every connection to the search's database mid-trial (as it does when it
+    # stops or restarts): one StoreError, not Optuna's traceback, and the trial is no failure
+    # of its own: the search run again retries it and finishes.
+    import sqlalchemy as sa
+
+    server = postgres_url.rsplit("/", 1)[0]
+    admin = sa.create_engine(database_url(f"{server}/postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text("CREATE DATABASE dropped"))
+    url = f"{server}/dropped"
+    path = _load(search_toml(tiny_idx_dir, epochs=3, search='n_trials = 2\npruner = "none"',
+                             space="learning_rate = { low = 1e-3, high = 0.1, log = true }"),
+                 tmp_path)
+
+    def drop(key: str, epoch: int) -> None:
+        if epoch == 2:
+            with admin.connect() as conn:
+                conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                     "WHERE datname = 'dropped'"))
+
+    spec = load_study(path)
+    with pytest.raises(StoreError, match=r"^cannot \w+( to)? the store postgresql\S*://"
+                                         r"postgres@127\.0\.0\.1:\d+/dropped: "):
+        run_search(spec, run_dir=tmp_path / "runs", store_url=url, progress=OnEpoch(drop))
+    result = run_search(spec, run_dir=tmp_path / "runs", store_url=url, progress=False)
+    admin.dispose()
+    assert result.finished
+    counts = trial_counts(result.trials)
+    assert (counts["complete"], counts["fail"], counts["retried"]) == (2, 0, 1), counts
+
+
+def test_a_search_whose_server_does_not_answer_says_so_in_one_line(
+        tiny_idx_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    with socket.socket() as s:  # a port where nothing listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = _load(search_toml(tiny_idx_dir, search="n_trials = 1",
+                             space="learning_rate = { low = 1e-3, high = 0.1, log = true }"),
+                 tmp_path)
+    code, _, err = run_cli(capsys, "search", str(path), "--run-dir", str(tmp_path / "runs"),
+                           "--store", f"postgresql://fl:secret@127.0.0.1:{port}/fashionlab")
+    assert_one_line_error(code, err, f"error: cannot open the store postgresql+psycopg2://"
+                          f"fl:***@127.0.0.1:{port}/fashionlab: ", "refused")
+    assert "secret" not in err and not (tmp_path / "runs").exists()
 
 
 def test_a_study_and_the_runs_browser_use_a_postgresql_store(postgres_url: str,

@@ -15,6 +15,7 @@ import sys
 import textwrap
 from html import escape as html_escape
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import sqlalchemy as sa
@@ -135,6 +136,25 @@ def test_workers_train_on_the_dataset_the_caller_gave(study_file: Path, tiny_idx
     assert two.workers == 2 and two.threads == one.threads == 1
     assert _epoch_rows(tmp_path / "two", two.run.id) == _epoch_rows(tmp_path / "one", one.run.id)
     assert two.final[0].test_accuracy == one.final[0].test_accuracy
+
+
+def test_a_script_without_the_main_guard_is_told_so_by_its_workers(study_file: Path,
+                                                                    tmp_path: Path):
+    # Workers start by spawn, which imports the calling script again: without the guard, each
+    # would start the study anew. The worker says why it stops; the caller, that it did.
+    script = tmp_path / "unguarded.py"
+    script.write_text("import sys\nimport fashionlab as fl\n"
+                      "fl.run_study(fl.load_study(sys.argv[1]), run_dir=sys.argv[2], workers=2, "
+                      "progress=False)\n")
+    done = subprocess.run([sys.executable, str(script), str(study_file), str(tmp_path / "runs")],
+                          check=False, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 1
+    assert "ConfigError: run_study was called while a worker process imported your script: " \
+           "a script that asks for workers must call it under `if __name__ == \"__main__\":`" \
+        in done.stderr
+    assert "WorkerDied: a worker process died (it ended with an error, exit status 1: its " \
+           "message is above)" in done.stderr
 
 
 def test_a_given_dataset_gets_the_studys_limits_and_its_runs_are_told_apart(
@@ -783,12 +803,23 @@ train = { optimizer = "adamw", learning_rate = 0.01, schedule = "onecycle" }
     ({"workers": 1.5}, "workers: expected a positive whole number or \"auto\", got 1.5"),
     ({"workers": "two"}, "workers: expected a positive whole number or \"auto\", got 'two'"),
     ({"threads": 0}, "threads: expected a positive whole number, got 0"),
+    ({"threads": True}, "threads: expected a positive whole number, got True"),
+    ({"fresh": "no"}, "fresh: expected True or False, got 'no'"),
+    ({"progress": "yes"}, ("progress: expected True, False or a fashionlab.progress.Reporter "
+                          "(methods start, epoch, finish, log); 'yes' has no start, epoch, "
+                          "finish, log")),
+    ({"progress": SimpleNamespace(epoch=print)},
+     ("progress: expected True, False or a fashionlab.progress.Reporter (methods start, epoch, "
+     "finish, log); namespace(epoch=<built-in function print>) has no start, finish, log")),
+    ({"dataset": "x"}, ("dataset: expected a fashionlab.data.Dataset (from load_fashion_mnist) "
+                       "or None, got str")),
+    ({"run_dir": 123}, "run_dir: expected a folder's path, got int"),
 ])
 def test_run_studys_arguments_are_checked_before_any_run_exists(
         study_file: Path, tmp_path: Path, arguments: dict, message: str):
+    arguments = {"run_dir": tmp_path / "runs", "progress": False, **arguments}
     with pytest.raises(ConfigError) as error:
-        run_study(load_study(study_file), run_dir=tmp_path / "runs", progress=False,
-                  **arguments)
+        run_study(load_study(study_file), **arguments)
     assert str(error.value) == message
     assert not (tmp_path / "runs").exists()
     with pytest.raises(ConfigError, match="spec: expected a StudySpec .*, got str"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from fashionlab.config.files import (
     bundled_studies,
+    check_spec,
     derived,
     load_study,
     quick_variant,
@@ -69,6 +70,7 @@ __all__ = [
     "WarningRule",
     "base_candidate",
     "bundled_studies",
+    "check_spec",
     "conv_sides",
     "derived",
     "load_study",

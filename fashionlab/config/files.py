@@ -7,6 +7,7 @@ field), written back with every default resolved, the bundled studies, and the q
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from collections.abc import Mapping
 from importlib import resources
@@ -171,10 +172,18 @@ def study_source(spec: StudySpec) -> str:
     return getattr(spec, _SOURCE, None) or f"study '{spec.name}'"
 
 
+def check_spec(spec: Any) -> StudySpec:
+    """`spec` if it is a StudySpec, else a ConfigError naming the argument."""
+    if not isinstance(spec, StudySpec):
+        raise ConfigError(f"spec: expected a StudySpec (from fashionlab.config.load_study), got "
+                          f"{type(spec).__name__}")
+    return spec
+
+
 def derived(spec: StudySpec, **changes: Any) -> StudySpec:
     """`dataclasses.replace(spec, **changes)` that is still read from `spec`'s file (errors
     name it)."""
-    new = dataclasses.replace(spec, **changes)
+    new = dataclasses.replace(check_spec(spec), **changes)
     source = getattr(spec, _SOURCE, None)
     return new if source is None else _read_from(new, source)
 
@@ -187,6 +196,9 @@ def bundled_studies() -> list[str]:
 
 def load_study(name_or_path: str | Path = "seed") -> StudySpec:
     """Read a study file, or a bundled study by name (e.g. "seed")."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise ConfigError(f"expected a study file's path or a bundled study's name, got "
+                          f"{name_or_path!r} (bundled: {', '.join(bundled_studies())})")
     if not str(name_or_path).strip():
         raise ConfigError(f"{str(name_or_path)!r}: no study file or bundled study named so "
                           f"(bundled: {', '.join(bundled_studies())})")
@@ -239,6 +251,7 @@ def study_to_toml(spec: StudySpec) -> str:
 
 def quick_variant(spec: StudySpec) -> StudySpec:
     """A small version of a study for trying things: fewer samples and epochs, same shape."""
+    check_spec(spec)
     replace = dataclasses.replace
 
     def shorten(candidate: Candidate, epochs: int) -> Candidate:
@@ -284,7 +297,12 @@ def _quick_search(search: SearchSpec, *, epochs: int) -> SearchSpec:
             space["epochs"] = ParamSpec(value=high) if spec.low >= high else \
                 dataclasses.replace(spec, high=high)
     trials = min(search.n_trials or 6, 6)
+    reference = search.reference
+    if reference is not None and reference.study is not None:
+        # Its folds are the quick study's (fewer images): the same study run with --quick.
+        reference = dataclasses.replace(reference, study=_quick_name(reference.study))
     return dataclasses.replace(
         search, space=space, n_trials=trials, startup_trials=min(search.startup_trials, 2),
+        reference=reference,
         warmup=min(search.warmup, 2),
         budget=None if search.budget is None else min(search.budget, trials * 5 * epochs))

@@ -356,6 +356,7 @@ def retrain_best(s: SearchContext, best: FrozenTrial) -> dict[str, Any]:
 
 def save_plots(study: optuna.Study, folder: Path, *, has_importances: bool) -> list[Path]:
     """Optuna's optimisation history, parameter importances and parallel coordinates."""
+    import matplotlib
     from matplotlib import pyplot as plt
     from optuna.visualization import matplotlib as views
 
@@ -368,12 +369,15 @@ def save_plots(study: optuna.Study, folder: Path, *, has_importances: bool) -> l
     if len(complete) >= 2 and any(t.params for t in complete):
         plots.append(("search-parallel", views.plot_parallel_coordinate))
     for name, plot in plots:
-        with warnings.catch_warnings():
+        # Optuna's plots switch matplotlib to its "ggplot" style for the whole process: every
+        # later figure (the caller's in a notebook, ours) would turn grey. Its settings are
+        # put back once the file is written.
+        with warnings.catch_warnings(), matplotlib.rc_context():
             warnings.simplefilter("ignore")
             axes = plot(study)
-        figure = np.ravel(axes)[0].figure
-        path = folder / f"{name}.png"
-        save_figure(figure, path, dpi=110, bbox_inches="tight")
-        plt.close(figure)
+            figure = np.ravel(axes)[0].figure
+            path = folder / f"{name}.png"
+            save_figure(figure, path, dpi=110, bbox_inches="tight")
+            plt.close(figure)
         paths.append(path)
     return paths

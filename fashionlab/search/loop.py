@@ -44,9 +44,24 @@ from typing import Any
 import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.exc import SQLAlchemyError
 
 from fashionlab import stops
-from fashionlab.config import Candidate, SearchSpec, StudySpec, base_candidate, study_source
+from fashionlab.arguments import (
+    check_dataset,
+    check_flag,
+    check_not_starting_a_worker,
+    check_progress,
+    check_run_dir,
+)
+from fashionlab.config import (
+    Candidate,
+    SearchSpec,
+    StudySpec,
+    base_candidate,
+    check_spec,
+    study_source,
+)
 from fashionlab.cv import Fold, make_folds
 from fashionlab.data import Dataset, to_tensors
 from fashionlab.errors import ConfigError, StoreError
@@ -90,6 +105,7 @@ from fashionlab.steps import (
 from fashionlab.store import (
     DEFAULT_RUN_DIR,
     Store,
+    database_trouble,
     database_url,
     default_url,
     safe_url,
@@ -172,9 +188,13 @@ def run_search(
     `fresh=True` deletes this search's earlier runs and trials first and starts again.
     """
     started = time.perf_counter()
-    if not isinstance(spec, StudySpec):
-        raise ConfigError(f"spec: expected a StudySpec (from fashionlab.config.load_study), got "
-                          f"{type(spec).__name__}")
+    check_not_starting_a_worker("run_search")
+    check_spec(spec)
+    run_dir = check_run_dir(run_dir)
+    check_flag("finish", finish)
+    check_flag("fresh", fresh)
+    check_progress(progress)
+    check_dataset(dataset)
     search = spec.search
     if search is None:
         raise ConfigError(f"{study_source(spec)}: no [search] table: add one to search it "
@@ -184,7 +204,6 @@ def run_search(
     limits = _limits(study_source(spec), search, base, n_trials, timeout)
     claim_grace()  # a bad FASHIONLAB_CLAIM_GRACE is said now, not in the first trial
     torch_device = resolve_device(device)
-    run_dir = Path(run_dir)
     url = database_url(store_url or os.environ.get("FASHIONLAB_STORE") or default_url(run_dir))
     if url in ("sqlite://", "sqlite:///:memory:"):
         raise ConfigError("--store: a search needs a database file or server, not memory")
@@ -278,6 +297,9 @@ def run_search(
                     _leave_to_others(store, run.id)
                 else:  # resumable, even from this process; not where another took the row
                     store.end_run(run.id, "interrupted", if_held_here=True)
+        trouble = database_trouble(stopped, url)
+        if trouble is not None and trouble is not stopped:  # said in one line, as a study does
+            raise trouble from None
         raise
     finally:
         storage.engine.dispose()
@@ -406,6 +428,14 @@ class _Searcher:
                                         n_trials=1, callbacks=[self._log_trial])
             except KeyboardInterrupt:
                 self._retry_interrupted(current)
+                raise
+            except Exception as error:
+                # The database failed the trial (a server stopped, a dropped connection), not
+                # the trial itself: it is retried as a stopped one is, if the database answers
+                # now; else it is found lost, and retried, when the search goes on.
+                if database_trouble(error, self.store.url) is not None:
+                    with contextlib.suppress(StoreError, SQLAlchemyError, optuna.exceptions.OptunaError):
+                        self._retry_interrupted(current)
                 raise
             finally:
                 self.lock.release()

@@ -158,6 +158,24 @@ def open_error(url: str, error: Exception) -> StoreError:
     return StoreError(f"cannot open the store {safe_url(url)}: {why}")
 
 
+def database_trouble(error: BaseException, url: str) -> StoreError | None:
+    """The StoreError to say in one line when `error` came from the database (a server that
+    stopped or dropped the connection), wherever it surfaced: raised through Optuna, which
+    wraps it in its own error, or even replaced by another (Optuna's cleanup after a failed
+    trial may fail on the dead connection too). None when nothing in its chain is the
+    database's."""
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, StoreError):
+            return cause
+        if isinstance(cause, (sa.exc.OperationalError, sa.exc.InterfaceError)):
+            return StoreError(f"cannot use the store {safe_url(url)}: {first_line(cause.orig)}")
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
 # --------------------------------------------------------------------------------------------
 # SQLite
 

@@ -19,8 +19,16 @@ from typing import Any, Literal
 import torch
 
 from fashionlab import stops
+from fashionlab.arguments import (
+    check_count,
+    check_dataset,
+    check_flag,
+    check_not_starting_a_worker,
+    check_progress,
+    check_run_dir,
+)
 from fashionlab.artifacts import WEIGHTS_FILE
-from fashionlab.config import StudySpec
+from fashionlab.config import StudySpec, check_spec
 from fashionlab.cv import make_folds
 from fashionlab.data import Dataset, to_tensors
 from fashionlab.errors import ConfigError, OutputError, StoreError
@@ -101,19 +109,17 @@ def run_study(
     count); dense models give the same numbers whatever it is.
     """
     started = time.perf_counter()
-    if not isinstance(spec, StudySpec):
-        raise ConfigError(f"spec: expected a StudySpec (from fashionlab.config.load_study), got "
-                          f"{type(spec).__name__}")
-    if workers != "auto" and (not isinstance(workers, int) or isinstance(workers, bool)
-                              or workers < 1):
-        raise ConfigError(f"workers: expected a positive whole number or \"auto\", got "
-                          f"{workers!r}")
-    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
-                                or threads < 1):
-        raise ConfigError(f"threads: expected a positive whole number, got {threads!r}")
+    check_not_starting_a_worker("run_study")
+    check_spec(spec)
+    run_dir = check_run_dir(run_dir)
+    check_flag("fresh", fresh)
+    check_progress(progress)
+    check_dataset(dataset)
+    check_count("workers", workers, auto=True)
+    if threads is not None:
+        check_count("threads", threads)
     claim_grace()  # a bad FASHIONLAB_CLAIM_GRACE is said now, not once a run exists
     torch_device = resolve_device(device)
-    run_dir = Path(run_dir)
     # The data and its folds first: a study whose data cannot be read, or that has more folds
     # than images, leaves no store behind.
     # A given dataset stands for the study's files: its `[data]` limits apply to it too.
