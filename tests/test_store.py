@@ -151,6 +151,10 @@ def test_a_bare_postgresql_url_gets_the_installed_driver():
         "postgresql+psycopg2://me:pw@db:5432/fl"
     assert database_url("postgresql+psycopg2://me@db/fl") == "postgresql+psycopg2://me@db/fl"
     assert database_url("sqlite:///x.db") == "sqlite:///x.db"
+    # libpq's and many hosts' own scheme, which SQLAlchemy does not know
+    assert database_url("postgres://me:p%40w@db:5433/fl?sslmode=require") == \
+        "postgresql+psycopg2://me:p%40w@db:5433/fl?sslmode=require"
+    assert database_url("postgres+psycopg2://me@db/fl") == "postgresql+psycopg2://me@db/fl"
 
 
 def test_a_migration_that_loses_a_race_is_retried(tmp_path, monkeypatch):

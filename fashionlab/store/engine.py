@@ -99,11 +99,16 @@ def _connect_timeout(value: str | None) -> float | None:
 
 def database_url(url: str) -> str:
     """The URL with a PostgreSQL driver that is installed: SQLAlchemy 2.1 reads a bare
-    `postgresql://` as psycopg 3, the `postgres` extra installs psycopg2."""
+    `postgresql://` as psycopg 3, the `postgres` extra installs psycopg2. `postgres://`, the
+    scheme libpq and many hosting services write, is PostgreSQL too (SQLAlchemy knows only
+    `postgresql://`)."""
     try:
         parsed = sa.make_url(url)
     except (sa.exc.ArgumentError, ValueError):  # said when the store is opened
         return url
+    if parsed.drivername == "postgres" or parsed.drivername.startswith("postgres+"):
+        parsed = parsed.set(drivername="postgresql" + parsed.drivername[len("postgres"):])
+        url = parsed.render_as_string(hide_password=False)
     if parsed.drivername == "postgresql" and importlib.util.find_spec("psycopg") is None \
             and importlib.util.find_spec("psycopg2") is not None:
         return parsed.set(drivername="postgresql+psycopg2").render_as_string(
