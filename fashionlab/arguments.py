@@ -11,9 +11,10 @@ from typing import Any
 
 from fashionlab.data import Dataset
 from fashionlab.errors import ConfigError
+from fashionlab.progress import Reporter
 
-# What a progress reporter answers to (fashionlab.progress.Reporter).
-_REPORTER_METHODS = ("start", "epoch", "finish", "log")
+# What a progress reporter answers to: the methods of the protocol, in its order.
+_REPORTER_METHODS = tuple(name for name in vars(Reporter) if not name.startswith("_"))
 
 
 def check_flag(name: str, value: Any) -> bool:
@@ -24,9 +25,14 @@ def check_flag(name: str, value: Any) -> bool:
 
 
 def check_progress(progress: Any) -> None:
-    """True, False, or an object with a Reporter's four methods."""
+    """True, False, or an object with a Reporter's four methods (an instance: a class's
+    methods are functions that would be called without it)."""
     if isinstance(progress, bool):
         return
+    if isinstance(progress, type):
+        raise ConfigError(f"progress: expected True, False or a fashionlab.progress.Reporter "
+                          f"object, got the class {progress.__name__} (call it: "
+                          f"{progress.__name__}())")
     missing = [m for m in _REPORTER_METHODS if not callable(getattr(progress, m, None))]
     if missing:
         raise ConfigError(f"progress: expected True, False or a fashionlab.progress.Reporter "
@@ -35,12 +41,14 @@ def check_progress(progress: Any) -> None:
 
 
 def check_dataset(dataset: Any) -> None:
+    """None (the study's own files) or a Dataset."""
     if dataset is not None and not isinstance(dataset, Dataset):
         raise ConfigError(f"dataset: expected a fashionlab.data.Dataset (from "
                           f"load_fashion_mnist) or None, got {type(dataset).__name__}")
 
 
 def check_run_dir(run_dir: Any) -> Path:
+    """A folder's path, as a Path."""
     if not isinstance(run_dir, (str, os.PathLike)):
         raise ConfigError(f"run_dir: expected a folder's path, got {type(run_dir).__name__}")
     return Path(run_dir)

@@ -83,15 +83,36 @@ def parse_idx(data: bytes | bytearray, *, source: PathLike, ndim: int | None = N
 
 
 def read_idx(path: PathLike, *, ndim: int | None = None) -> np.ndarray:
-    """Read an IDX file, raw or gzip-compressed (name ending in .gz)."""
-    return parse_idx(read_decompressed(Path(path)), source=path, ndim=ndim)
+    """Read an IDX file, raw or gzip-compressed (name ending in .gz). A compressed one is
+    decompressed no further than its header declares: a small file of zeros after a short
+    header is "trailing bytes" before it fills the memory."""
+    path = Path(path)
+    limit = _declared_bytes(path) if path.name.endswith(".gz") else None
+    data = read_decompressed(path, limit=limit)
+    if limit is not None and len(data) > limit:
+        raise DataError(f"{path}: trailing bytes: decompresses to more than the {limit} bytes "
+                        "its header declares")
+    return parse_idx(data, source=path, ndim=ndim)
+
+
+def _declared_bytes(path: Path) -> int | None:
+    """The size of the IDX file its header declares (header and data), or None."""
+    header = _read_header(path)
+    if header is None:
+        return None
+    dtype, shape = header
+    return 4 + 4 * len(shape) + math.prod(shape) * dtype.itemsize
 
 
 def idx_shape(path: PathLike) -> tuple[int, ...] | None:
     """The shape an IDX file's header declares (raw or .gz), read without its data: how much
     memory reading it would take, known before it is taken. None when there is no valid
     header to read (`read_idx` says why)."""
-    path = Path(path)
+    header = _read_header(Path(path))
+    return None if header is None else header[1]
+
+
+def _read_header(path: Path) -> tuple[np.dtype, tuple[int, ...]] | None:
     try:
         with (gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")) as f:
             head = f.read(4)
@@ -102,7 +123,7 @@ def idx_shape(path: PathLike) -> tuple[int, ...] | None:
         return None
     if len(dims) < 4 * head[3]:
         return None
-    return tuple(int(d) for d in np.frombuffer(dims, dtype=">u4"))
+    return _IDX_DTYPES[head[2]], tuple(int(d) for d in np.frombuffer(dims, dtype=">u4"))
 
 
 def write_idx(path: PathLike, array: np.ndarray) -> None:
@@ -121,9 +142,10 @@ def write_idx(path: PathLike, array: np.ndarray) -> None:
     Path(path).write_bytes(payload)
 
 
-def read_decompressed(path: Path) -> bytearray:
+def read_decompressed(path: Path, *, limit: int | None = None) -> bytearray:
     """The file's bytes, gunzipped when the name ends in .gz, in a writable buffer so that
-    arrays over it are writable. A missing or unreadable file is a DataError naming it."""
+    arrays over it are writable. A missing or unreadable file is a DataError naming it.
+    `limit`: decompress at most one byte more than this (enough to tell a longer stream)."""
     try:
         with open(path, "rb") as f:
             if not path.name.endswith(".gz"):
@@ -135,21 +157,23 @@ def read_decompressed(path: Path) -> bytearray:
         raise DataError(f"{path}: file not found") from None
     except OSError as error:
         raise DataError(f"{path}: cannot read ({error.strerror or error})") from None
-    return bytearray(gunzip(raw, source=path))
+    return bytearray(gunzip(raw, source=path, limit=limit))
 
 
-def gunzip(raw: bytes, *, source: PathLike, size: int | None = None) -> bytes:
+def gunzip(raw: bytes, *, source: PathLike, size: int | None = None,
+           limit: int | None = None) -> bytes:
     """Decompress gzip data; anything else, or a truncated or corrupt stream, is a DataError.
     `size`: the bytes it must decompress to, where known; decompressing stops past them (a
-    small file that unpacks to gigabytes fills no memory), a checksum mismatch."""
+    small file that unpacks to gigabytes fills no memory), a checksum mismatch. `limit`:
+    decompress at most one byte more than this, and return that (the caller judges it)."""
     if raw[:2] != b"\x1f\x8b":
         raise DataError(f"{source}: not gzip data (starts with {raw[:8]!r})")
     try:
-        if size is None:
+        if size is None and limit is None:
             return gzip.decompress(raw)
         with gzip.GzipFile(fileobj=io.BytesIO(raw)) as stream:
-            data = stream.read(size + 1)
-        if len(data) > size:
+            data = stream.read((size if size is not None else limit) + 1)
+        if size is not None and len(data) > size:
             raise DataError(f"{source}: checksum mismatch: decompresses to more than {size} "
                             f"bytes, expected {size}")
         return data

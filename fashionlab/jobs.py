@@ -285,10 +285,14 @@ class ClaimLock:
         if self.dialect in ("postgresql", "mysql"):
             sql = "SELECT pg_advisory_lock(:key)" if self.dialect == "postgresql" \
                 else "SELECT GET_LOCK(:name, -1)"
-            try:  # the first connection to the server: a wrong password is said here
+            conn = None
+            try:  # a search's first connection to the server: a wrong password is said here
                 conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
                 conn.execute(sa.text(sql), {"key": self.key, "name": self.name})
             except sa.exc.SQLAlchemyError as error:
+                if conn is not None:
+                    with contextlib.suppress(sa.exc.SQLAlchemyError):
+                        conn.close()
                 raise open_error(str(self.engine.url), error) from None
             self._conn = conn
         elif self.path is not None:
@@ -305,13 +309,15 @@ class ClaimLock:
         if self._conn is not None:
             sql = "SELECT pg_advisory_unlock(:key)" if self.dialect == "postgresql" \
                 else "SELECT RELEASE_LOCK(:name)"
-            # A connection the server dropped (it stopped) holds no lock any more: what
-            # stopped the work is the error to say, not this one.
-            with contextlib.suppress(sa.exc.OperationalError, sa.exc.InterfaceError):
-                self._conn.execute(sa.text(sql), {"key": self.key, "name": self.name})
-            with contextlib.suppress(sa.exc.SQLAlchemyError):
-                self._conn.close()
-            self._conn = None
+            conn, self._conn = self._conn, None  # released, whatever happens next
+            try:
+                # A connection the server dropped (it stopped) holds no lock any more: what
+                # stopped the work is the error to say, not this one.
+                with contextlib.suppress(sa.exc.OperationalError, sa.exc.InterfaceError):
+                    conn.execute(sa.text(sql), {"key": self.key, "name": self.name})
+            finally:
+                with contextlib.suppress(sa.exc.SQLAlchemyError):
+                    conn.close()
         if self._file is not None:
             self._file.release(force=True)
             self._file = None

@@ -77,8 +77,10 @@ MAX_FILE_IMAGES = 100_000
 
 Kind = Literal["photo", "idx", "npy"]
 _NPY_MAGIC = b"\x93NUMPY"
+# (3.0 differs from 2.0 only in that its header may hold UTF-8: images' headers are ASCII)
 _NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0,
-                (2, 0): np.lib.format.read_array_header_2_0}
+                (2, 0): np.lib.format.read_array_header_2_0,
+                (3, 0): np.lib.format.read_array_header_2_0}
 # PNG, JPEG, GIF, BMP, TIFF (both byte orders), WebP: a file starting so is a damaged image.
 _IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
 
@@ -183,7 +185,7 @@ def _load_npy(path: Path, head: bytes) -> np.ndarray:
     try:
         with open(path, "rb") as f:
             read_header = _NPY_HEADERS.get(np.lib.format.read_magic(f))
-            shape = read_header(f)[0] if read_header is not None else None  # 3.0: np.load's
+            shape = read_header(f)[0] if read_header is not None else None  # np.load says
         _check_size(path, shape)
         array = np.load(path, allow_pickle=False)
     except ValueError as error:
@@ -347,20 +349,24 @@ def _grayscale(image: Image.Image) -> np.ndarray:
 
 
 def _reduced(image: Image.Image) -> Image.Image:
-    """A picture at least twice WORKING_SIDE across, reduced by a whole factor (the mean of
-    each block of pixels) before any conversion: each would copy every pixel of it (a
-    13000 x 13000 RGBA picture took 3.5 GB). See-through pixels are averaged premultiplied by
-    their opacity, which is what compositing them onto white first and then averaging gives."""
-    factor = max(image.size) // WORKING_SIDE
+    """A picture at least four times WORKING_SIDE across, reduced by a whole factor (the mean
+    of each block of pixels) to at least twice WORKING_SIDE before any conversion, each of
+    which would copy every pixel of it (a 13000 x 13000 RGBA picture took 3.34 GB); the
+    Lanczos filter still makes the last step, as it did. See-through pixels are averaged
+    premultiplied by their opacity: what compositing them onto white first and then averaging
+    gives. (16- and 32-bit pictures ignore transparency, as `_grayscale` does.)"""
+    factor = max(image.size) // (2 * WORKING_SIDE)
     if factor < 2:
         return image
-    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+    if image.mode.startswith("I;16"):  # 16-bit: as 32-bit integers, which reduce averages
+        image = image.convert("I")
+    elif image.mode.startswith("I") or image.mode == "F":
+        pass
+    elif image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
         rgba = image if image.mode == "RGBA" else image.convert("RGBA")
         return rgba.convert("RGBa").reduce(factor).convert("RGBA")
-    if image.mode in ("1", "P"):  # their pixels are no levels to average: gray ones first
+    elif image.mode in ("1", "P"):  # their pixels are no levels to average: gray ones first
         image = image.convert("L")
-    elif image.mode.startswith("I;16"):  # 16-bit: as 32-bit integers, which reduce averages
-        image = image.convert("I")
     try:
         return image.reduce(factor)
     except ValueError:  # a mode it does not average: converted at full size, as before
@@ -500,6 +506,8 @@ def predictions_to_dict(saved_model: SavedModel | str | Path,
     from fashionlab.artifacts import as_saved_model  # torch: only with a model
 
     saved_model = as_saved_model(saved_model)
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}")
     held = max((len(p.labels) for r in results for p in r.predictions), default=None)
     k = len(saved_model.class_names) if top_k is None else min(top_k, len(saved_model.class_names))
     if top_k is None and held is not None:

@@ -204,7 +204,8 @@ class Stopped(Exception):
 
 
 class WorkerDied(FashionlabError):
-    """A worker process ended without a word (SIGKILL, the out-of-memory killer)."""
+    """A worker process ended before its jobs did (SIGKILL, the out-of-memory killer, or an
+    error it printed on its way)."""
 
 
 def _died(workers: set[BaseProcess]) -> str:
@@ -213,8 +214,10 @@ def _died(workers: set[BaseProcess]) -> str:
     deadline = time.monotonic() + 2.0
     for process in workers:
         process.join(max(0.0, deadline - time.monotonic()))
-    failed = sorted(code for p in workers if (code := p.exitcode) is not None and code > 0)
-    why = (f"it ended with an error, exit status {failed[0]}: its message is above"
+    # (A status of 0 or more is an exit of its own: an error it printed, or an initializer
+    # that failed; the pool's own stop of the others, and a kill, are negative: signals.)
+    failed = sorted(code for p in workers if (code := p.exitcode) is not None and code >= 0)
+    why = (f"it ended with an error, exit status {failed[0]}: see its message on stderr"
            if failed else "killed, or out of memory")
     return (f"a worker process died ({why}); the stored epochs and checkpoints are kept: run "
             "the same command again to resume")
@@ -296,7 +299,7 @@ def run_in_workers(
                 running[pool.submit(_call, fn, args, i)] = i
 
         refill()
-        spawned = set(active_children()) - before  # the pool starts all its workers at once
+        spawned = set(active_children()) - before  # one a job submitted, up to the pool's size
         here, delivered = None, set[int]()  # the jobs whose last reports have arrived
         if run_here is not None:
             here = threading.Thread(target=work_here, args=(queued,), name="fashionlab-job")

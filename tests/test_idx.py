@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fashionlab.errors import DataError
-from fashionlab.idx import parse_idx, read_idx, write_idx
+from fashionlab.idx import idx_shape, parse_idx, read_idx, write_idx
 
 
 def slow_read_idx(raw: bytes) -> np.ndarray:
@@ -70,3 +70,22 @@ def test_parse_idx_checks_the_number_of_dimensions():
     assert parse_idx(raw, source="f", ndim=2).shape == (1, 1)
     with pytest.raises(DataError, match="has 2 dimensions, expected 3"):
         parse_idx(raw, source="f", ndim=3)
+
+
+def test_a_compressed_file_is_read_no_further_than_its_header_declares(tmp_path: Path):
+    # One image declared, then 50 MB of zeros (50 kB compressed): refused as trailing bytes
+    # having decompressed 793 bytes, not 50 MB.
+    path = tmp_path / "bomb-idx3-ubyte.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(bytes([0, 0, 8, 3]) + struct.pack(">3I", 1, 28, 28))
+        for _ in range(50):
+            f.write(bytes(1 << 20))
+    with pytest.raises(DataError, match=r"trailing bytes: decompresses to more than the 800 "
+                                        r"bytes its header declares$"):
+        read_idx(path)
+    assert idx_shape(path) == (1, 28, 28)
+    write_idx(tmp_path / "ok-idx3-ubyte.gz", np.arange(784, dtype=np.uint8).reshape(1, 28, 28))
+    assert read_idx(tmp_path / "ok-idx3-ubyte.gz").sum() == np.arange(784, dtype=np.uint8).sum()
+    assert idx_shape(tmp_path / "ok-idx3-ubyte.gz") == (1, 28, 28)
+    (tmp_path / "text-idx3-ubyte").write_text("no header")
+    assert idx_shape(tmp_path / "text-idx3-ubyte") is None

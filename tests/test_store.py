@@ -542,3 +542,51 @@ def test_connections_to_postgresql_get_timeouts_unless_the_url_sets_them():
     assert connect_args(url)["connect_timeout"] > 0 and connect_args(url)["keepalives"] == 1
     assert "connect_timeout" not in connect_args(url + "?connect_timeout=5")
     assert connect_args("sqlite:///x.db") == {} and connect_args("postgresql+pg8000://d/x") == {}
+
+
+def test_database_trouble_is_found_through_the_chain_and_only_there():
+    from fashionlab.store import database_trouble
+
+    url = "postgresql+psycopg2://fl:secret@db/fl"
+    dropped = sa.exc.OperationalError("SELECT 1", {}, Exception("server closed the connection"))
+
+    def raised(make):
+        try:
+            make()
+        except BaseException as error:  # noqa: BLE001 (the test looks at what was raised)
+            return error
+        raise AssertionError("nothing raised")
+
+    def wrapped():  # as Optuna wraps it, and as its cleanup then fails on something else
+        try:
+            try:
+                raise dropped
+            except sa.exc.OperationalError as error:
+                raise RuntimeError("storage internal error") from error
+        except RuntimeError:
+            raise UnboundLocalError("updated_state")
+
+    found = database_trouble(raised(wrapped), url)
+    assert str(found) == ("cannot use the store postgresql+psycopg2://fl:***@db/fl: "
+                          "server closed the connection")
+    store_error = StoreError("cannot write to the store x: gone")
+    assert database_trouble(store_error, url) is store_error
+
+    def hidden():  # its raiser said: not because of that
+        try:
+            raise dropped
+        except sa.exc.OperationalError:
+            raise ValueError("unrelated") from None
+
+    def stopped():  # Ctrl-C while the database failed: a stop, not a store error
+        try:
+            raise dropped
+        except sa.exc.OperationalError:
+            raise KeyboardInterrupt
+
+    assert database_trouble(raised(hidden), url) is None
+    assert database_trouble(raised(stopped), url) is None
+    assert database_trouble(ValueError("plain"), url) is None
+    loop_a, loop_b = ValueError("a"), ValueError("b")
+    loop_a.__context__, loop_b.__context__ = loop_b, loop_a
+    assert database_trouble(loop_a, url) is None  # a cycle ends

@@ -153,8 +153,8 @@ def test_a_script_without_the_main_guard_is_told_so_by_its_workers(study_file: P
     assert "ConfigError: run_study was called while a worker process imported your script: " \
            "a script that asks for workers must call it under `if __name__ == \"__main__\":`" \
         in done.stderr
-    assert "WorkerDied: a worker process died (it ended with an error, exit status 1: its " \
-           "message is above)" in done.stderr
+    assert "WorkerDied: a worker process died (it ended with an error, exit status 1: see " \
+           "its message on stderr)" in done.stderr
 
 
 def test_a_given_dataset_gets_the_studys_limits_and_its_runs_are_told_apart(
@@ -811,6 +811,8 @@ train = { optimizer = "adamw", learning_rate = 0.01, schedule = "onecycle" }
     ({"progress": SimpleNamespace(epoch=print)},
      ("progress: expected True, False or a fashionlab.progress.Reporter (methods start, epoch, "
      "finish, log); namespace(epoch=<built-in function print>) has no start, finish, log")),
+    ({"progress": Silent}, ("progress: expected True, False or a fashionlab.progress.Reporter "
+                           "object, got the class Silent (call it: Silent())")),
     ({"dataset": "x"}, ("dataset: expected a fashionlab.data.Dataset (from load_fashion_mnist) "
                        "or None, got str")),
     ({"run_dir": 123}, "run_dir: expected a folder's path, got int"),

@@ -356,6 +356,7 @@ def retrain_best(s: SearchContext, best: FrozenTrial) -> dict[str, Any]:
 
 def save_plots(study: optuna.Study, folder: Path, *, has_importances: bool) -> list[Path]:
     """Optuna's optimisation history, parameter importances and parallel coordinates."""
+    # matplotlib: only where a search writes its results
     import matplotlib
     from matplotlib import pyplot as plt
     from optuna.visualization import matplotlib as views

@@ -43,6 +43,7 @@ from typing import Any
 
 import optuna
 import torch
+from optuna.exceptions import OptunaError
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -430,12 +431,13 @@ class _Searcher:
                 self._retry_interrupted(current)
                 raise
             except Exception as error:
-                # The database failed the trial (a server stopped, a dropped connection), not
-                # the trial itself: it is retried as a stopped one is, if the database answers
-                # now; else it is found lost, and retried, when the search goes on.
+                # The store failed the trial (a server stopped, a dropped connection), not the
+                # trial itself: it is retried as a crashed one is (at most MAX_RETRIES times,
+                # if the store fails it each time), if the database answers now; else it is
+                # found lost, and retried, when the search goes on.
                 if database_trouble(error, self.store.url) is not None:
-                    with contextlib.suppress(StoreError, SQLAlchemyError, optuna.exceptions.OptunaError):
-                        self._retry_interrupted(current)
+                    with contextlib.suppress(StoreError, SQLAlchemyError, OptunaError):
+                        self._retry_interrupted(current, crashed=True)
                 raise
             finally:
                 self.lock.release()
@@ -491,8 +493,9 @@ class _Searcher:
         claim = claims.get(f"trial-{trial.number}")
         return claim is not None and claim.status == "claimed" and claim.claimable(claim_grace())
 
-    def _retry_interrupted(self, current: list[int]) -> None:
-        """A trial the user stopped (Ctrl-C, SIGTERM) is retried, however often that happens."""
+    def _retry_interrupted(self, current: list[int], *, crashed: bool = False) -> None:
+        """A trial the user stopped (Ctrl-C, SIGTERM) is retried, however often that happens;
+        one the store failed (`crashed`), at most MAX_RETRIES times."""
         if not current:
             return
         trial = self.study.get_trials(deepcopy=False)[current[0]]
@@ -500,7 +503,7 @@ class _Searcher:
             self.study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
             trial = self.study.get_trials(deepcopy=False)[current[0]]
         if trial.state == TrialState.FAIL:
-            RetryLostTrial(crashed=False)(self.study, trial)
+            RetryLostTrial(crashed=crashed)(self.study, trial)
 
     def _log_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         trials = study.get_trials(deepcopy=False)

@@ -168,7 +168,9 @@ def database_trouble(error: BaseException, url: str) -> StoreError | None:
     stopped or dropped the connection), wherever it surfaced: raised through Optuna, which
     wraps it in its own error, or even replaced by another (Optuna's cleanup after a failed
     trial may fail on the dead connection too). None when nothing in its chain is the
-    database's."""
+    database's, and for a stop (KeyboardInterrupt, SystemExit), whatever it interrupted."""
+    if not isinstance(error, Exception):
+        return None
     seen: set[int] = set()
     cause: BaseException | None = error
     while cause is not None and id(cause) not in seen:
@@ -176,8 +178,9 @@ def database_trouble(error: BaseException, url: str) -> StoreError | None:
         if isinstance(cause, StoreError):
             return cause
         if isinstance(cause, (sa.exc.OperationalError, sa.exc.InterfaceError)):
-            return StoreError(f"cannot use the store {safe_url(url)}: {first_line(cause.orig)}")
-        cause = cause.__cause__ or cause.__context__
+            return StoreError(f"cannot use the store {safe_url(url)}: {first_line(cause)}")
+        # The exception it was raised from, or during: not one its raiser hid (`from None`).
+        cause = cause.__cause__ or (None if cause.__suppress_context__ else cause.__context__)
     return None
 
 
