@@ -18,7 +18,7 @@ study: $(VENV)/.installed data
 quick: $(VENV)/.installed data
 	$(BIN)/fashionlab study --quick $(ARGS)
 
-test: $(VENV)/.installed system-deps
+test: $(VENV)/.installed-test system-deps
 	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadfile $(ARGS)
 
 data: $(VENV)/.installed
@@ -28,9 +28,19 @@ data: $(VENV)/.installed
 system-deps:
 	bash scripts/system-deps.sh all
 
+# The study needs the package alone; the tests add their extras (PostgreSQL's driver, ONNX,
+# MLflow, TensorBoard, Jupyter's, a browser driver: 0.6 GB more) to the same environment.
+# constraints.txt pins what CI tests, with Python 3.11's builds (numpy 2.4 has none for 3.10).
 $(VENV)/.installed: pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "make: \
+	$(PYTHON) is older than Python 3.11, which the pinned versions need: make PYTHON=python3.11 \
+	(or newer)" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $@
 

@@ -106,7 +106,8 @@ def test_a_study_exported_has_its_parent_candidates_and_models(
     tags = parent.data.tags
     assert tags["fashionlab.seed"] == str(run.seed) == "3"
     assert tags["fashionlab.fingerprint"] == run.fingerprint
-    assert tags["mlflow.source.git.commit"] == run.environment["revision"]
+    assert tags["fashionlab.revision"] == run.environment["revision"]
+    assert tags["mlflow.source.git.commit"] == run.environment["revision"].removesuffix("+dirty")
     assert tags["fashionlab.data.sha256"] == run.environment["data"]["sha256"]
     assert client.get_experiment(parent.info.experiment_id).name == run.name
     assert parent.data.params["cv.n_splits"] == "2"
@@ -481,3 +482,14 @@ def test_the_library_prints_none_of_mlflows_info_lines_unless_asked(finished: tu
                            text=True, timeout=300, check=False, cwd=tmp_path, env=env)
     assert asked.returncode == 0, asked.stderr[-2000:]
     assert "Creating initial MLflow database tables" in asked.stderr  # asked for in code
+
+
+def test_mlflows_commit_tag_holds_only_a_commit():
+    from fashionlab.integrations.mlflow.export import revision_tags
+
+    sha = "82d69e9" + "0" * 33
+    assert revision_tags(sha) == {"fashionlab.revision": sha, "mlflow.source.git.commit": sha}
+    assert revision_tags(f"{sha}+dirty")["mlflow.source.git.commit"] == sha
+    assert revision_tags(f"fashionlab 0.1.0 from commit {sha}")["mlflow.source.git.commit"] == sha
+    assert revision_tags("fashionlab 0.1.0") == {"fashionlab.revision": "fashionlab 0.1.0"}
+    assert revision_tags(None) == {}

@@ -144,6 +144,15 @@ def test_a_url_whose_driver_is_not_installed_is_a_clear_error():
         Store("mysql+mysqldb://someone@localhost/db")
 
 
+def test_a_bare_postgresql_url_without_a_driver_says_which_extra_installs_one(monkeypatch):
+    # Neither psycopg2 (the `postgres` extra) nor psycopg 3: SQLAlchemy asks for psycopg 3.
+    monkeypatch.setitem(sys.modules, "psycopg2", None)
+    with pytest.raises(StoreError, match=r"^cannot open the store postgresql://u:\*\*\*@127\.0\."
+                                         r"0\.1:1/db: its database driver is not installed "
+                                         r"\(.*psycopg.*\): pip install 'fashionlab\[postgres\]'$"):
+        Store("postgresql://u:pw@127.0.0.1:1/db")
+
+
 def test_a_bare_postgresql_url_gets_the_installed_driver():
     from fashionlab.store import database_url
 

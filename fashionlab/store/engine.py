@@ -156,6 +156,8 @@ def open_error(url: str, error: Exception) -> StoreError:
     an error of the database or of the file system."""
     if isinstance(error, ImportError):
         why = f"its database driver is not installed ({first_line(error)})"
+        if url.partition("://")[0] in ("postgresql", "postgres"):  # no driver named: ours
+            why += ": pip install 'fashionlab[postgres]'"
     elif isinstance(error, ValueError):  # SQLAlchemy's URL parser on a port like "abc"
         why = "its port is not a number"
     else:

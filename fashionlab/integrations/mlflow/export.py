@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 import urllib.parse
 from collections.abc import Iterable, Iterator, Mapping
@@ -148,6 +149,17 @@ def export_run_to_mlflow(store: Store, run_id: str, tracking_uri: str, *,
         raise MlflowError(f"mlflow {tracking_uri}: {first_line(error)}") from None
 
 
+def revision_tags(revision: object) -> dict[str, str]:
+    """The code revision as tags: fashionlab's own, and MLflow's commit tag where the revision
+    names a commit ("SHA", "SHA+dirty", "fashionlab 0.1.0 from commit SHA"; an installed
+    wheel's "fashionlab 0.1.0" names none, and MLflow would show it as one)."""
+    if not isinstance(revision, str) or not revision:
+        return {}
+    commit = re.search(r"\b[0-9a-f]{40}\b", revision)
+    return {"fashionlab.revision": revision,
+            **({"mlflow.source.git.commit": commit.group()} if commit else {})}
+
+
 class MlflowExport:
     """One fashionlab run as sent to one tracking URI by this process: the MLflow run ids of its
     parts and the metric steps each holds, read from MLflow once, so that each `sync` logs
@@ -241,8 +253,7 @@ class MlflowExport:
         self._log(run_id, [], params=flatten(config), tags={
             "fashionlab.kind": r.kind, "fashionlab.study": r.name, "fashionlab.seed": r.seed,
             "fashionlab.fingerprint": r.fingerprint, "fashionlab.status": r.state,
-            **({"fashionlab.revision": revision, "mlflow.source.git.commit": revision}
-               if revision else {}),
+            **revision_tags(revision),
             **{f"fashionlab.machine.{k}": v for k, v in machine.items() if v is not None},
             **{f"fashionlab.version.{k}": v for k, v in versions.items() if v is not None},
             **{f"fashionlab.data.{k}": v for k, v in data.items() if v is not None},
