@@ -136,7 +136,8 @@ def load_images(paths: str | Path | Iterable[str | Path], *,
     """Load every file (one path, or many); a file that cannot be read gives an Item with its
     error, not a raise.
 
-    invert: for photos, None decides from the background; True or False forces it.
+    invert: for photos, None decides from the background; True or False forces it. Arrays
+    (IDX, .npy) are inverted only with True.
     """
     if isinstance(paths, (str, os.PathLike)):  # one file, not a string's characters
         paths = [paths]
@@ -167,11 +168,15 @@ def _load(path: Path, invert: bool | None) -> tuple[Kind, np.ndarray]:
     except OSError as error:
         raise ImageFileError(f"{path}: cannot read ({error.strerror or error})") from None
     name = path.name.lower()
+    # Arrays are taken as they are, light items on black as the dataset's, unless inverted
+    # on request (`invert=True`: dark items on white); None and False leave them.
     if head.startswith(_NPY_MAGIC) or name.endswith((".npy", ".npz")):
-        return "npy", _load_npy(path, head)
+        images = _load_npy(path, head)
+        return "npy", 1 - images if invert else images
     if looks_like_idx(head) or name.endswith(".gz") or (
             head[:2] == b"\0\0" and "idx" in name):  # IDX, raw or gzip-compressed
-        return "idx", _load_idx(path)
+        images = _load_idx(path)
+        return "idx", 1 - images if invert else images
     return "photo", _load_photo(path, invert)[None]
 
 

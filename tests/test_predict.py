@@ -618,3 +618,14 @@ def test_predict_in_python_reads_arrays_as_a_npy_file_is_read(real_model: SavedM
                       (pixels[:, :27], r"an array of shape \(20, 27, 28\)")]:
         with pytest.raises(ImageFileError, match=f"^images: {says}"):
             predict(real_model, bad)
+
+
+def test_arrays_are_inverted_only_when_asked(tmp_path: Path):
+    pixels = np.arange(2 * 28 * 28, dtype=np.uint16).reshape(2, 28, 28) % 256
+    np.save(tmp_path / "items.npy", pixels.astype(np.uint8))
+    write_idx(tmp_path / "items-idx3-ubyte", pixels.astype(np.uint8))
+    for name in ("items.npy", "items-idx3-ubyte"):
+        as_is = load_image(tmp_path / name)
+        assert as_is.max() == 1.0 and np.array_equal(as_is * 255, pixels)
+        np.testing.assert_array_equal(load_image(tmp_path / name, invert=False), as_is)
+        np.testing.assert_array_equal(load_image(tmp_path / name, invert=True), 1 - as_is)

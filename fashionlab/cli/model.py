@@ -119,7 +119,8 @@ def predict(
     top: Annotated[int, typer.Option(help="How many classes to show per image.", min=1)] = 3,
     invert: Annotated[bool | None, typer.Option(
         "--invert/--no-invert", help="Force inverting photos (or not); by default a photo is "
-        "inverted when its background is light.", show_default=False)] = None,
+        "inverted when its background is light. IDX files and .npy arrays are taken as they "
+        "are, light items on black, unless --invert.", show_default=False)] = None,
     preview: Annotated[Path | None, typer.Option(
         help="Write what the model sees (the 28x28 inputs, up to 100) to this PNG file.",
         show_default=False)] = None,
