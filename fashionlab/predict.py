@@ -170,14 +170,15 @@ def _load(path: Path, invert: bool | None) -> tuple[Kind, np.ndarray]:
     name = path.name.lower()
     # Arrays are taken as they are, light items on black as the dataset's, unless inverted
     # on request (`invert=True`: dark items on white); None and False leave them.
+    kind: Kind
     if head.startswith(_NPY_MAGIC) or name.endswith((".npy", ".npz")):
-        images = _load_npy(path, head)
-        return "npy", 1 - images if invert else images
-    if looks_like_idx(head) or name.endswith(".gz") or (
+        kind, images = "npy", _load_npy(path, head)
+    elif looks_like_idx(head) or name.endswith(".gz") or (
             head[:2] == b"\0\0" and "idx" in name):  # IDX, raw or gzip-compressed
-        images = _load_idx(path)
-        return "idx", 1 - images if invert else images
-    return "photo", _load_photo(path, invert)[None]
+        kind, images = "idx", _load_idx(path)
+    else:
+        return "photo", _load_photo(path, invert)[None]
+    return kind, 1 - images if invert else images
 
 
 def _load_npy(path: Path, head: bytes) -> np.ndarray:
@@ -335,7 +336,7 @@ def _grayscale(image: Image.Image) -> np.ndarray:
     from PIL import Image
 
     image = _reduced(image)
-    if image.mode.startswith("I") or image.mode == "F":  # 16/32-bit integer or float pixels
+    if _deep(image):
         gray = np.asarray(image, dtype=np.float32)
         high = float(gray.max()) if gray.size else 0.0
         if image.mode == "F" and high <= 1:
@@ -343,7 +344,7 @@ def _grayscale(image: Image.Image) -> np.ndarray:
         else:  # the fewest bits that hold its brightest pixel: 12-bit data in a 16-bit PNG
             scale = 255 / (2 ** max(8, int(high).bit_length()) - 1)
         image = Image.fromarray(np.clip(gray * scale, 0, 255).astype(np.uint8))
-    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+    elif _see_through(image):
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     image = image.convert("L")
@@ -363,11 +364,10 @@ def _reduced(image: Image.Image) -> Image.Image:
     factor = max(image.size) // (2 * WORKING_SIDE)
     if factor < 2:
         return image
-    if image.mode.startswith("I;16"):  # 16-bit: as 32-bit integers, which reduce averages
-        image = image.convert("I")
-    elif image.mode.startswith("I") or image.mode == "F":
-        pass
-    elif image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+    if _deep(image):
+        if image.mode.startswith("I;16"):  # as 32-bit integers, which reduce averages
+            image = image.convert("I")
+    elif _see_through(image):
         rgba = image if image.mode == "RGBA" else image.convert("RGBA")
         return rgba.convert("RGBa").reduce(factor).convert("RGBA")
     elif image.mode in ("1", "P"):  # their pixels are no levels to average: gray ones first
@@ -376,6 +376,16 @@ def _reduced(image: Image.Image) -> Image.Image:
         return image.reduce(factor)
     except ValueError:  # a mode it does not average: converted at full size, as before
         return image
+
+
+def _deep(image: Image.Image) -> bool:
+    """16- or 32-bit integer or float pixels (whose transparency, if any, is ignored)."""
+    return image.mode.startswith("I") or image.mode == "F"
+
+
+def _see_through(image: Image.Image) -> bool:
+    """An alpha channel, or one colour or level marked transparent."""
+    return image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info
 
 
 def _border(gray: np.ndarray) -> np.ndarray:
