@@ -44,6 +44,7 @@ _EXPORTS = {
     "compare_to_best": "stats",
     "corrected_resampled_ttest": "stats",
     "evaluate": "evaluate",
+    "export_model": "export",
     "export_onnx": "export",
     "holm": "stats",
     "load_fashion_mnist": "data",
@@ -88,6 +89,7 @@ __all__ = [
     "compare_to_best",
     "corrected_resampled_ttest",
     "evaluate",
+    "export_model",
     "export_onnx",
     "holm",
     "load_fashion_mnist",
@@ -149,7 +151,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the names directly
     from fashionlab.data import CLASS_NAMES, load_fashion_mnist, load_idx_dataset
     from fashionlab.errors import ConfigError, DataError, FashionlabError, StoreError
     from fashionlab.evaluate import Evaluation, evaluate
-    from fashionlab.export import export_onnx
+    from fashionlab.export import export_model, export_onnx
     from fashionlab.predict import load_images, predict, predict_files
     from fashionlab.report import write_report
     from fashionlab.results import StudyResult

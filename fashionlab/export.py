@@ -1,6 +1,7 @@
 """Export a trained model to ONNX, checked against PyTorch with onnxruntime.
 
     export_onnx(load_model("runs/<id>/models/cnn"), "cnn.onnx")
+    export_model(load_model("runs/<id>/models/cnn"), "cnn.onnx").to_dict()  # what it measured
 
 The ONNX graph has one input, `image` (batch, 1, 28, 28) float32 in [0, 1] (a light item on
 black, as `fashionlab.predict` prepares it), and one output, `logits` (batch, n_classes); the
@@ -18,9 +19,10 @@ import copy
 import json
 import logging
 import os
+import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +33,8 @@ from fashionlab.errors import FashionlabError
 from fashionlab.serialize import folder_blocked, staging_path, why_not_written
 from fashionlab.text import first_line
 
-__all__ = ["DEFAULT_OPSET", "TOLERANCE", "ExportError", "export_onnx", "verify_onnx"]
+__all__ = ["DEFAULT_OPSET", "TOLERANCE", "ExportError", "OnnxExport", "export_model", "export_onnx",
+           "verify_onnx"]
 
 DEFAULT_OPSET = 18  # the oldest ONNX opset torch's exporter writes without converting
 TOLERANCE = 1e-5  # largest absolute difference allowed between ONNX and PyTorch logits
@@ -41,6 +44,24 @@ INPUT_NAME, OUTPUT_NAME = "image", "logits"
 
 class ExportError(FashionlabError):
     """The model cannot be exported, or the exported file does not compute what PyTorch does."""
+
+
+@dataclass(frozen=True)
+class OnnxExport:
+    """An ONNX file written by `export_model`, and what writing it measured."""
+
+    model: str  # the exported model's directory
+    path: Path
+    opset: int
+    bytes: int
+    max_abs_diff: float | None  # onnxruntime against PyTorch; None when not verified
+    seconds: float  # exporting and saving, verification excluded
+
+    def to_dict(self) -> dict[str, object]:
+        """What `fashionlab export --json` prints."""
+        return {"model": self.model, "format": "onnx", "path": str(self.path),
+                "opset": self.opset, "bytes": self.bytes, "max_abs_diff": self.max_abs_diff,
+                "seconds": self.seconds}
 
 
 def _require_onnx() -> None:
@@ -87,7 +108,15 @@ def export_onnx(saved_model: SavedModel | str | Path, path: str | Path, *,
     sizes before it takes its final name; an output further than TOLERANCE from PyTorch's
     raises ExportError and leaves nothing at `path`.
     """
+    return export_model(saved_model, path, opset=opset, verify=verify).path
+
+
+def export_model(saved_model: SavedModel | str | Path, path: str | Path, *,
+                 opset: int = DEFAULT_OPSET, verify: bool = True) -> OnnxExport:
+    """`export_onnx`, returning what the export measured: the file's size, the time it took
+    and onnxruntime's largest difference from PyTorch."""
     _require_onnx()
+    start = time.perf_counter()
     saved_model = as_saved_model(saved_model)
     path = Path(path)
     if path.is_dir():
@@ -120,12 +149,14 @@ def export_onnx(saved_model: SavedModel | str | Path, path: str | Path, *,
         "producer": "fashionlab",
     })
     staging = staging_path(path)  # renamed once verified
+    difference = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with _quiet_exporter():
             program.save(staging, external_data=False)  # one self-contained file
+        seconds = time.perf_counter() - start
         if verify:
-            verify_onnx(saved_model, staging)
+            difference = verify_onnx(saved_model, staging)
         os.replace(staging, path)
     except OSError as error:  # a read-only or full place
         raise ExportError(f"{path}: cannot write ({why_not_written(path, error)})") from None
@@ -133,7 +164,8 @@ def export_onnx(saved_model: SavedModel | str | Path, path: str | Path, *,
         # Nothing to remove in a read-only place (EROFS, not ENOENT): the error above stands.
         with contextlib.suppress(OSError):
             Path(staging).unlink(missing_ok=True)
-    return path
+    return OnnxExport(model=str(saved_model.path), path=path, opset=opset,
+                      bytes=path.stat().st_size, max_abs_diff=difference, seconds=seconds)
 
 
 def verify_onnx(saved_model: SavedModel, path: str | Path, *, tolerance: float = TOLERANCE,

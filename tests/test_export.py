@@ -17,7 +17,7 @@ from pydantic import TypeAdapter
 from fashionlab.artifacts import SavedModel, load_model, save_model
 from fashionlab.config import ConvLayer, DenseLayer, ModelSpec
 from fashionlab.data import CLASS_NAMES
-from fashionlab.export import ExportError, export_onnx, verify_onnx
+from fashionlab.export import ExportError, export_model, export_onnx, verify_onnx
 from fashionlab.models import build_module
 
 onnx = pytest.importorskip("onnx")
@@ -102,6 +102,24 @@ def test_missing_onnx_packages_are_one_clear_error(tmp_path: Path,
         export_onnx(saved, tmp_path / "m.onnx")
     code, _, err = run_cli(capsys, "export", str(saved.path))
     assert_one_line_error(code, err, "onnxruntime", "fashionlab[onnx]")
+
+
+def test_export_model_reports_what_it_measured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import fashionlab.export  # to count its verifications
+
+    saved = _saved(tmp_path / "model", DENSE)
+    calls: list[Path] = []
+    verify = fashionlab.export.verify_onnx
+    monkeypatch.setattr(fashionlab.export, "verify_onnx",
+                        lambda model, path: calls.append(Path(path)) or verify(model, path))
+    exported = export_model(saved, tmp_path / "m.onnx", opset=19)
+    assert len(calls) == 1 and calls[0] != exported.path  # verified once, before its rename
+    assert exported.path == tmp_path / "m.onnx" and exported.opset == 19
+    assert exported.bytes == exported.path.stat().st_size and exported.seconds > 0
+    assert 0 <= exported.max_abs_diff <= 1e-5
+    assert exported.to_dict()["max_abs_diff"] == exported.max_abs_diff
+    unchecked = export_model(saved, tmp_path / "n.onnx", verify=False)
+    assert len(calls) == 1 and unchecked.max_abs_diff is None
 
 
 def test_export_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, get_args
@@ -216,17 +215,13 @@ def export(
     """
     # torch and onnx: loaded when the command runs
     from fashionlab.artifacts import load_model
-    from fashionlab.export import export_onnx, verify_onnx
+    from fashionlab.export import export_model
 
     saved = load_model(model, tta=_views(tta))
-    start = time.perf_counter()
-    path = export_onnx(saved, out if out is not None else model / "model.onnx", opset=opset)
-    seconds = time.perf_counter() - start
-    difference = verify_onnx(saved, path)
-    summary = {"model": str(model), "format": file_format.value, "path": str(path), "opset": opset,
-               "bytes": path.stat().st_size, "max_abs_diff": difference, "seconds": seconds}
+    exported = export_model(saved, out if out is not None else model / "model.onnx", opset=opset)
     if as_json:
-        typer.echo(json.dumps(summary, indent=2))
+        typer.echo(json.dumps(exported.to_dict(), indent=2))
     else:
-        typer.echo(f"wrote {path} ({summary['bytes'] / 1e6:.2f} MB, opset {opset}) in "
-                   f"{seconds:.1f} s; onnxruntime vs PyTorch: max |diff| {difference:.2g}")
+        typer.echo(f"wrote {exported.path} ({exported.bytes / 1e6:.2f} MB, opset {opset}) in "
+                   f"{exported.seconds:.1f} s; onnxruntime vs PyTorch: max |diff| "
+                   f"{exported.max_abs_diff:.2g}")
