@@ -396,6 +396,19 @@ def remove_folder(folder: Path) -> None:
         raise RunError(f"{folder}: cannot remove it ({error.strerror or error})") from None
 
 
+def deletable_run(store: Store, run_id: str) -> RunRecord:
+    """The run `delete_run` would delete, or the error it would raise before touching
+    anything (a running run, a read-only store): what to check before asking a person."""
+    run = store.run(run_id)
+    if run.state == "running":
+        raise RunError(f"run {run.id} is running ({run.holder}); "
+                       "stop it before deleting it")
+    if store.read_only:
+        raise StoreError(f"cannot write to the store {safe_url(store.url)}: it is read-only "
+                         "(nothing deleted)")
+    return run
+
+
 def delete_run(store: Store, run_id: str, *, run_dir: str | Path | None = None) -> RunRecord:
     """Delete a run's rows in the store and its output directory; returns what was deleted.
 
@@ -409,13 +422,7 @@ def delete_run(store: Store, run_id: str, *, run_dir: str | Path | None = None) 
     `run_dir/<run id>`, whatever path the store recorded (a copied run directory's store
     still names the original's folder).
     """
-    run = store.run(run_id)
-    if run.state == "running":
-        raise RunError(f"run {run.id} is running ({run.holder}); "
-                       "stop it before deleting it")
-    if store.read_only:
-        raise StoreError(f"cannot write to the store {safe_url(store.url)}: it is read-only "
-                         "(nothing deleted)")
+    run = deletable_run(store, run_id)
     if run.kind == "search":
         from fashionlab.trials import delete_study, study_name  # Optuna: off start-up
 

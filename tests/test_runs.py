@@ -336,6 +336,10 @@ def test_delete_asks_first(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     code, _, err = run_cli(capsys, "runs", "delete", running, "--yes", "--run-dir",
                            str(tmp_path))
     assert_one_line_error(code, err, f"run {running} is running")
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\n"))  # refused before it asks
+    code, out, err = run_cli(capsys, "runs", "delete", running, "--run-dir", str(tmp_path))
+    assert "Delete run" not in out
+    assert_one_line_error(code, err, f"run {running} is running")
 
 
 def test_delete_leaves_a_directory_that_is_not_the_runs_own(tmp_path: Path):

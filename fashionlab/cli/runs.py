@@ -287,7 +287,13 @@ def delete(
     Example: fashionlab runs delete 20250101-120000-seed --yes
     """
     # numpy and scipy: when it runs
-    from fashionlab.runs import delete_run, leftover_folder, remove_folder, run_output_dir
+    from fashionlab.runs import (
+        deletable_run,
+        delete_run,
+        leftover_folder,
+        remove_folder,
+        run_output_dir,
+    )
 
     finish = "run the same command again to finish the deletion"
     with _store(run_dir, store) as opened, resumable(finish):
@@ -303,6 +309,7 @@ def delete(
             remove_folder(left)
             typer.echo(f"deleted {left} (run {run} had left the store already)")
             return
+        deletable_run(opened, record.id)  # refused before anyone is asked
         if not yes:
             folder = run_output_dir(record, run_dir)
             where = f" and {folder}" if folder is not None and folder.is_dir() else ""
