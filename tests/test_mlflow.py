@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -31,6 +32,8 @@ from fashionlab.integrations.mlflow import (
     flatten,
     logging_to_mlflow,
     require_mlflow,
+    shown_uri,
+    without_password,
 )
 from fashionlab.progress import Silent, Tee
 from fashionlab.runs import delete_run
@@ -362,6 +365,45 @@ def test_the_command_line_exports_and_logs_live(tiny_idx_dir: Path, tmp_path: Pa
         patch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
         require_mlflow(str(tmp_path / "mlruns"))  # the user's choice: MLflow writes it
     require_mlflow("databricks")  # a bare word MLflow reads as no folder
+
+
+def test_a_bare_postgresql_uri_exports_through_the_installed_driver(
+        finished: tuple[Path, str], postgres_url: str, tracking: str):
+    # The fixture's postgresql:// is psycopg 3 to SQLAlchemy 2.1; the postgres extra has psycopg2.
+    require_mlflow(postgres_url)
+    store = Store.open(finished[0])
+    parent = export_run_to_mlflow(store, finished[1], postgres_url)
+    store.close()
+    client = MlflowClient(tracking_uri=postgres_url.replace("postgresql://",
+                                                            "postgresql+psycopg2://"))
+    assert client.get_run(parent).info.status == "FINISHED"
+
+
+def test_a_database_uri_that_cannot_be_used_fails_at_once_its_password_hidden(
+        finished: tuple[Path, str], tmp_path: Path, tracking: str, capsys,
+        monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    run_dir, run_id = finished
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    for uri, message in [  # MLflow itself retries a database it cannot open for ~100 s
+            (f"sqlite:///{folder}", f"{folder} is a folder, not a database file"),
+            ("postgresql+psycopg2://me:s3cret@127.0.0.1:1/db", "cannot open the database"),
+            ("postgres://me:s3cret@127.0.0.1:1/db", "cannot open the database"),
+            ("http://me:s3cret@127.0.0.1:1", "http://me:***@127.0.0.1:1")]:
+        start = time.monotonic()
+        code, _, err = run_cli(capsys, "runs", "export", run_id, "--to", "mlflow", uri,
+                               "--run-dir", str(run_dir))
+        assert_one_line_error(code, err, message)
+        assert "s3cret" not in err and time.monotonic() - start < 30, err
+    code, _, err = run_cli(capsys, "study", "seed", "--mlflow", "postgresql://me:s3cret@"
+                           "127.0.0.1:1/db", "--run-dir", str(tmp_path / "new"))
+    assert_one_line_error(code, err, "mlflow postgresql://me:***@127.0.0.1:1/db: cannot open")
+    assert "s3cret" not in err and not (tmp_path / "new").exists()  # before training
+    assert without_password("failed: me:s3cret@h and s3cret", "http://me:s3cret@h") == \
+        "failed: me:***@h and ***"
+    assert shown_uri("http://me:s%40cret@h:5000/x") == "http://me:***@h:5000/x"
+    assert without_password("at me:s@cret", "http://me:s%40cret@h") == "at me:***"
 
 
 def test_a_quiet_study_still_says_that_mlflow_failed(tiny_idx_dir: Path, tmp_path: Path,

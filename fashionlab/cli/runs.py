@@ -255,12 +255,15 @@ def export(
             typer.echo(f"wrote run {record.id} to {written} (view: tensorboard --logdir "
                        f"{written})")
             return
-        from fashionlab.integrations.mlflow import export_run_to_mlflow  # optional MLflow
+        from fashionlab.integrations.mlflow import (  # optional MLflow
+            export_run_to_mlflow,
+            shown_uri,
+        )
 
         with _store(run_dir, store) as opened:
             record = opened.run(run)
             parent = export_run_to_mlflow(opened, record.id, to[1])
-        typer.echo(f"sent run {record.id} to mlflow {to[1]} (parent run {parent})")
+        typer.echo(f"sent run {record.id} to mlflow {shown_uri(to[1])} (parent run {parent})")
         return
     with _store(run_dir, store) as opened:
         if out is not None:

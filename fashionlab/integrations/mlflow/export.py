@@ -35,12 +35,13 @@ from fashionlab.errors import FashionlabError
 from fashionlab.schema import METRICS
 from fashionlab.search.storage import open_storage
 from fashionlab.serialize import flatten as flatten_config
-from fashionlab.store import ModelRecord, RunRecord, Store
+from fashionlab.store import ModelRecord, RunRecord, Store, database_url, safe_url
 from fashionlab.text import first_line
 from fashionlab.trials import study_name
 
 __all__ = ["PARENT", "TAG_PART", "TAG_RUN", "TAG_STARTED", "MlflowError", "MlflowExport",
-           "export_run_to_mlflow", "flatten", "quiet_mlflow", "require_mlflow"]
+           "export_run_to_mlflow", "flatten", "quiet_mlflow", "require_mlflow", "shown_uri",
+           "without_password"]
 
 TAG_RUN = "fashionlab.run_id"  # on every MLflow run of a fashionlab run
 TAG_PART = "fashionlab.part"  # "run", "candidate:<name>" or "model:<key>"
@@ -70,8 +71,37 @@ class MlflowError(FashionlabError):
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
+# Database servers MLflow stores runs in; a URI of one is opened once before MLflow is called:
+# MLflow retries a database it cannot open 9 times over ~100 s, a warning paragraph each time.
+SERVER_DATABASES = ("postgresql", "postgres", "mysql", "mssql")
+CONNECT_TIMEOUT = 10  # seconds to wait for a database server that does not answer
+
+
+def shown_uri(tracking_uri: str) -> str:
+    """`tracking_uri` fit to show: its password, if any, hidden."""
+    return safe_url(tracking_uri)
+
+
+def without_password(text: str, tracking_uri: str) -> str:
+    """`text` (an error of MLflow or of its database driver, which may quote the URI) with
+    the URI's password hidden."""
+    try:
+        password = urllib.parse.urlsplit(tracking_uri).password
+    except ValueError:
+        return text
+    for form in sorted({password, urllib.parse.unquote(password or "")} - {None, ""},
+                       key=len, reverse=True):
+        text = text.replace(form, "***")
+    return text
+
+
+def _refused(tracking_uri: str, why: str) -> MlflowError:
+    return MlflowError(f"mlflow {shown_uri(tracking_uri)}: {without_password(why, tracking_uri)}")
+
+
 def require_mlflow(tracking_uri: str | None = None) -> None:
-    """MlflowError unless MLflow is installed (and `tracking_uri`, when given, is not empty)."""
+    """MlflowError unless MLflow is installed and `tracking_uri`, when given, can be used: not
+    empty, not a folder, a SQLite file's folder there, a database server that answers."""
     if MlflowClient is None:
         raise MlflowError("MLflow is not installed: pip install 'fashionlab[mlflow]'")
     if tracking_uri is not None and not tracking_uri.strip():
@@ -79,17 +109,49 @@ def require_mlflow(tracking_uri: str | None = None) -> None:
                           "http://host:5000)")
     if tracking_uri is not None and _file_store(tracking_uri) and not _file_store_allowed():
         # MLflow 3 refuses it only at the first call, in a paragraph: after training.
-        raise MlflowError(f"mlflow {tracking_uri}: a folder (MLflow's file store), which MLflow "
-                          "no longer writes unless MLFLOW_ALLOW_FILE_STORE=true; use a database "
-                          "such as sqlite:///mlflow.db, or a server http://host:5000")
+        raise _refused(tracking_uri, "a folder (MLflow's file store), which MLflow no longer "
+                       "writes unless MLFLOW_ALLOW_FILE_STORE=true; use a database such as "
+                       "sqlite:///mlflow.db, or a server http://host:5000")
     if tracking_uri is not None and tracking_uri.startswith("sqlite:///"):
         # MLflow would create every missing folder of the path: a typo would log elsewhere.
-        folder = Path(tracking_uri.removeprefix("sqlite:///").partition("?")[0]).parent
-        if not folder.is_dir():
-            raise MlflowError(f"mlflow {tracking_uri}: the folder {folder} does not exist "
-                              "(create it, or correct the path)")
+        database = Path(tracking_uri.removeprefix("sqlite:///").partition("?")[0])
+        if not database.parent.is_dir():
+            raise _refused(tracking_uri, f"the folder {database.parent} does not exist "
+                           "(create it, or correct the path)")
+        if database.is_dir():
+            raise _refused(tracking_uri, f"{database} is a folder, not a database file (name "
+                           "a file in it, such as sqlite:///mlflow.db)")
+    if tracking_uri is not None and tracking_uri.partition("+")[0].partition("://")[0] in \
+            SERVER_DATABASES:
+        _check_database(tracking_uri)
     for name, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(name, value)
+
+
+def _check_database(tracking_uri: str) -> None:
+    """Open a database server's URI once, in one line when it fails: its driver missing,
+    the server down or refusing."""
+    # SQLAlchemy: a dependency of MLflow and of the store; its engine only for this check
+    import sqlalchemy as sa
+
+    dialect = tracking_uri.partition("+")[0].partition("://")[0]
+    try:
+        engine = sa.create_engine(database_url(tracking_uri), connect_args=(
+            {"connect_timeout": CONNECT_TIMEOUT} if dialect != "mssql" else {}))
+    except ImportError as error:
+        hint = ": pip install 'fashionlab[postgres]'" if dialect.startswith("postgres") else ""
+        raise _refused(tracking_uri, f"its database driver is not installed "
+                       f"({first_line(error)}){hint}") from None
+    except (SQLAlchemyError, ValueError) as error:
+        raise _refused(tracking_uri, f"not a database URL ({first_line(error)})") from None
+    try:
+        with engine.connect():
+            pass
+    except SQLAlchemyError as error:
+        raise _refused(tracking_uri, f"cannot open the database "
+                       f"({first_line(getattr(error, 'orig', None) or error)})") from None
+    finally:
+        engine.dispose()
 
 
 def _file_store(tracking_uri: str) -> bool:
@@ -146,7 +208,7 @@ def export_run_to_mlflow(store: Store, run_id: str, tracking_uri: str, *,
     except FashionlabError:  # the store's own: already one line, and not MLflow's fault
         raise
     except (MlflowException, SQLAlchemyError, OSError) as error:  # OSError: requests' too
-        raise MlflowError(f"mlflow {tracking_uri}: {first_line(error)}") from None
+        raise _refused(tracking_uri, first_line(error)) from None
 
 
 def revision_tags(revision: object) -> dict[str, str]:
@@ -168,7 +230,8 @@ class MlflowExport:
     def __init__(self, store: Store, run_id: str, tracking_uri: str, *,
                  experiment: str | None = None) -> None:
         self.store = store
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        # A bare postgresql:// means psycopg 3 to SQLAlchemy; the postgres extra has psycopg2.
+        self.client = MlflowClient(tracking_uri=database_url(tracking_uri))
         self.record = store.run(run_id)
         self.experiment_id = self._experiment(experiment or self.record.name)
         self.ids: dict[str, str] = {}  # part -> MLflow run id

@@ -80,7 +80,12 @@ class MlflowReporter:
         if self.failed:
             return None
         # MLflow itself: imported once there is something to log
-        from fashionlab.integrations.mlflow.export import MlflowExport, quiet_mlflow
+        from fashionlab.integrations.mlflow.export import (
+            MlflowExport,
+            quiet_mlflow,
+            shown_uri,
+            without_password,
+        )
 
         try:
             with quiet_mlflow():
@@ -94,7 +99,8 @@ class MlflowReporter:
                 return action(self.export)
         except Exception as error:  # noqa: BLE001 - training goes on whatever MLflow does
             self.failed = True
-            self.say(f"mlflow: cannot log to {self.tracking_uri} ({first_line(error)}); "
+            why = without_password(first_line(error), self.tracking_uri)
+            self.say(f"mlflow: cannot log to {shown_uri(self.tracking_uri)} ({why}); "
                      "training goes on, and `fashionlab runs export RUN --to mlflow URI` "
                      "sends the run later")
             return None
