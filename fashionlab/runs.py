@@ -232,10 +232,20 @@ class RunComparison:
 
 
 def _folds_differ(a: RunRecord, b: RunRecord) -> str | None:
-    for field in ("cv", "data"):
-        if a.config.get(field) != b.config.get(field):
-            return f"folds differ ([{field}] is not the same)"
-    if a.seed != b.seed:
+    """Why fold j of `a` may not hold the images fold j of `b` holds, or None: their folds
+    come from the same training images (the same `[data]` but for `test_limit`, which no fold
+    sees, and the same recorded data where both test on the same images), the same `[cv]`, and
+    the same seed unless the folds are contiguous blocks, which no seed shuffles."""
+    if a.config.get("cv") != b.config.get("cv"):
+        return "folds differ ([cv] is not the same)"
+    data_a, data_b = a.config.get("data") or {}, b.config.get("data") or {}
+    if {**data_a, "test_limit": None} != {**data_b, "test_limit": None}:
+        return "folds differ ([data] is not the same)"
+    if data_a.get("test_limit") == data_b.get("test_limit") and None not in (
+            a.data_sha256, b.data_sha256) and a.data_sha256 != b.data_sha256:
+        return "folds differ (the runs trained on other data: another SHA-256)"
+    if a.seed != b.seed and (a.config.get("cv") or {}).get("strategy", "contiguous") != \
+            "contiguous":
         return f"folds differ (seed {a.seed} vs {b.seed})"
     return None
 
@@ -243,11 +253,14 @@ def _folds_differ(a: RunRecord, b: RunRecord) -> str | None:
 def compare_runs(store: Store, a: str, b: str, *, alpha: float = 0.05) -> RunComparison:
     """Compare the candidates of two finished studies by their per-fold validation accuracy.
 
-    Where the folds match (the runs' [cv], [data] and seed are equal, so fold j holds the same
-    images in both), a candidate present in both gets the corrected resampled t-test of its b
-    scores against its a scores, Holm-adjusted across the candidates; elsewhere 'folds differ'.
+    Where the folds match (the same training images, [cv], and seed unless the folds are
+    contiguous, so fold j holds the same images in both), a candidate present in both gets the
+    corrected resampled t-test of its b scores against its a scores, Holm-adjusted across the
+    candidates; elsewhere 'folds differ'.
     """
     run_a, run_b = store.run(a), store.run(b)
+    if run_a.id == run_b.id:
+        raise RunError(f"run {run_a.id} twice: name two runs to compare")
     for run in (run_a, run_b):
         if run.summary is None or run.kind != "study":
             raise RunError(f"run {run.id} is {run.state if run.summary is None else 'a search'}"

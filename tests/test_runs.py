@@ -55,8 +55,8 @@ layers = [{ units = 32 }]
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, StudyResult]:
-    """Three tiny studies in one run directory: a; b, which differs only in its learning rate
-    (same folds); c, which differs only in its seed (other folds)."""
+    """Three tiny studies in one run directory: a; b, which differs only in its learning rate;
+    c, which differs only in its seed (other weights and draws; the same contiguous folds)."""
     root = tmp_path_factory.mktemp("runs")
     data = write_tiny_idx(root / "tiny-idx")
     path_a, path_b = root / "a.toml", root / "b.toml"
@@ -78,10 +78,11 @@ def _run_dir(runs: dict[str, StudyResult]) -> str:
 
 
 def _fake_run(store: Store, name: str, *, summary: dict | None = None, output_root=None,
-              host: str | None = None, stale: bool = False) -> str:
-    run = store.create_run(kind="study", name=name, fingerprint="0" * 32, seed=0,
-                           config={"cv": {"n_splits": 3}, "data": {}}, environment={},
-                           output_root=output_root)
+              host: str | None = None, stale: bool = False, seed: int = 0,
+              config: dict | None = None, environment: dict | None = None) -> str:
+    run = store.create_run(kind="study", name=name, fingerprint="0" * 32, seed=seed,
+                           config=config or {"cv": {"n_splits": 3}, "data": {}},
+                           environment=environment or {}, output_root=output_root)
     if summary is not None:
         store.end_run(run.id, "finished", summary)
     if host is not None:
@@ -202,14 +203,47 @@ def test_compare_pairs_the_folds_when_they_match(runs: dict[str, StudyResult],
     assert data["folds_match"] and data["candidates"][0]["p_holm"] == pytest.approx(holm[0])
 
 
-def test_compare_says_when_folds_differ(runs: dict[str, StudyResult],
-                                        capsys: pytest.CaptureFixture[str]):
+def test_contiguous_folds_pair_whatever_the_seed(runs: dict[str, StudyResult],
+                                                 capsys: pytest.CaptureFixture[str]):
     code, out, _ = run_cli(capsys, "runs", "compare", runs["a"].run.id, runs["c"].run.id,
                            "--json", "--run-dir", _run_dir(runs))
     data = json.loads(out)
-    assert code == 0 and not data["folds_match"] and data["reason"] == "folds differ (seed 3 vs 4)"
-    assert [c["verdict"] for c in data["candidates"]] == ["folds differ"] * 2
-    assert all(c["p_value"] is None and c["a"]["n"] == 3 for c in data["candidates"])
+    assert code == 0 and data["folds_match"] and data["reason"] is None
+    assert all(c["p_value"] is not None and c["a"]["n"] == 3 for c in data["candidates"])
+
+
+def test_compare_says_when_folds_differ(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    store = Store.open(tmp_path)
+    summary = {"n_train": 200, "n_val": 100, "candidates": [
+        {"name": "x", "val_accuracy": [0.80, 0.82, 0.81]}]}
+
+    def run(seed: int = 0, cv: dict | None = None, sha256: str = "d1", **data) -> str:
+        return _fake_run(store, "s", summary=summary, seed=seed,
+                         config={"cv": cv or {"n_splits": 3}, "data": data},
+                         environment={"data": {"sha256": sha256}})
+
+    shuffled = {"n_splits": 3, "strategy": "shuffled"}
+    base = run(train_limit=600, test_limit=100)
+    for other, reason in [
+            (run(seed=1, train_limit=600, test_limit=100), None),  # contiguous: no seed in them
+            (run(train_limit=600, test_limit=50, sha256="d2"), None),  # no fold sees the test
+            (run(train_limit=500, test_limit=100), "folds differ ([data] is not the same)"),
+            (run(cv={"n_splits": 4}, train_limit=600, test_limit=100),
+             "folds differ ([cv] is not the same)"),
+            (run(train_limit=600, test_limit=100, sha256="d3"),
+             "folds differ (the runs trained on other data: another SHA-256)")]:
+        assert compare_runs(store, base, other).reason == reason
+    assert compare_runs(store, run(cv=shuffled), run(seed=2, cv=shuffled)).reason == \
+        "folds differ (seed 0 vs 2)"
+    with pytest.raises(RunError, match="twice: name two runs"):
+        compare_runs(store, base, base)
+    store.close()
+    code, out, _ = run_cli(capsys, "runs", "compare", base, other, "--json", "--run-dir",
+                           str(tmp_path))
+    data = json.loads(out)
+    assert code == 0 and not data["folds_match"] and data["reason"].startswith("folds differ")
+    assert [c["verdict"] for c in data["candidates"]] == ["folds differ"]
+    assert data["candidates"][0]["p_value"] is None
 
 
 def test_compare_candidates_in_one_run_only_and_unfinished_runs(tmp_path: Path,
