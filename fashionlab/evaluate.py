@@ -112,8 +112,10 @@ class Evaluation:
 def unlike_the_study(model: SavedModel, result: Evaluation) -> list[str]:
     """Why `result` may differ from the test scores `model`'s study stored with it (its
     model.json), in words; empty where it measures the same. A study cut to `[data]
-    test_limit` (every `--quick` run) tested on the first N test images, not all; and its
-    test loss, as Keras', adds the L2 penalty to the cross-entropy `evaluate` gives."""
+    test_limit` (every `--quick` run) tested on the first N test images, not all; a model
+    trained in bfloat16 was scored in it too, `evaluate` scores in float32 (a few images can
+    change sides); and its test loss, as Keras', adds the L2 penalty to the cross-entropy
+    `evaluate` gives."""
     # (a model saved from Python may carry metadata of any shape: no notes then)
     stored = model.metadata if isinstance(model.metadata, dict) else {}
     data = stored.get("data")
@@ -124,12 +126,28 @@ def unlike_the_study(model: SavedModel, result: Evaluation) -> list[str]:
         notes.append(f"its study's test accuracy ({100 * accuracy:.2f}%) is of the first "
                      f"{tested:,} test images, this of {result.n:,}: --limit {tested} scores "
                      "the same images")
+    elif tested == result.n and isinstance(accuracy, float) and _scored_in_bf16(stored) and \
+            round(accuracy * result.n) != round(result.accuracy * result.n):
+        notes.append(f"scored here in float32; its study scored the same images in bfloat16 "
+                     f"as it trained: {100 * accuracy:.2f}%")
     loss = stored.get("test_loss")
     l2 = any(layer.l2 for layer in model.spec.layers) or any(c.l2 for c in model.spec.conv)
     if l2 and isinstance(loss, float):
         notes.append(f"the loss is the cross-entropy alone; its study's test loss ({loss:.4f}) "
                      "adds the L2 penalty, as Keras does")
     return notes
+
+
+def _scored_in_bf16(stored: dict[str, Any]) -> bool:
+    """Whether a model's study trained, and scored, it in bfloat16 (its stored `precision`,
+    "auto" resolved as its machine did)."""
+    train, machine = stored.get("train"), stored.get("machine")
+    precision = train.get("precision") if isinstance(train, dict) else None
+    if precision != "auto" or not isinstance(machine, dict):
+        return precision == "bf16"
+    if str(machine.get("device") or "cpu").startswith("cuda"):
+        return True  # every GPU with bf16 (Ampere on): a note only where the numbers differ
+    return machine.get("cpu_bf16") is True
 
 
 def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:

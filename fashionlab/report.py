@@ -376,10 +376,11 @@ def _test_split(config: Mapping[str, Any]) -> Any:
 def _tested_model(directory: Path, test: Any, device: torch.device) -> dict[str, Any]:
     # torch: only a report that tests models loads it
     from fashionlab.artifacts import load_model
-    from fashionlab.evaluate import evaluate
+    from fashionlab.evaluate import evaluate, unlike_the_study
 
     model = load_model(directory, device)
     result = evaluate(model, test, model.class_names, device)
+    notes = [note for note in unlike_the_study(model, result) if "L2" not in note]
     names = result.class_names
     wrong = result.misclassified(MISCLASSIFIED)
     per_class = [
@@ -394,6 +395,7 @@ def _tested_model(directory: Path, test: Any, device: torch.device) -> dict[str,
         "interval": f"{number(low, '.1f', 100)}, {number(high, '.1f', 100)}",
         "loss": number(result.loss, ".4f"),
         "errors": int((result.predictions != result.labels).sum()),
+        "notes": notes,  # why the run's table may differ (the L2 term is said anyway)
         "per_class": per_class,
         "confusion": plots.png_data_uri(
             plots.confusion_matrix(result.confusion, class_names=names), dpi=DPI),

@@ -29,8 +29,9 @@ from fashionlab.artifacts import (
     save_model,
 )
 from fashionlab.config import MAX_PARAMETERS, ConvLayer, DenseLayer, ModelSpec, load_study
-from fashionlab.data import CLASS_NAMES, read_idx
+from fashionlab.data import CLASS_NAMES, load_idx_dataset, read_idx
 from fashionlab.errors import ConfigError
+from fashionlab.evaluate import evaluate, unlike_the_study
 from fashionlab.models import build_module
 from fashionlab.stats import proportion_ci
 from fashionlab.study import run_study
@@ -464,6 +465,29 @@ def test_evaluate_says_why_it_differs_from_its_study_and_limit_scores_the_same_i
                       class_names=saved.class_names, metadata={"data": "my-folder"})
     code, out, err = run_cli(capsys, "evaluate", str(mine), *args[2:], "--json")
     assert code == 0 and json.loads(out)["notes"] == [], err
+
+
+@pytest.mark.parametrize(("train", "machine", "noted"), [
+    ({"precision": "bf16"}, {"device": "cpu", "cpu_bf16": False}, True),
+    ({"precision": "auto"}, {"device": "cpu", "cpu_bf16": True}, True),
+    ({"precision": "auto"}, {"device": "cuda:0", "cpu_bf16": False}, True),
+    ({"precision": "auto"}, {"device": "cpu", "cpu_bf16": False}, False),
+    ({"precision": "fp32"}, {"device": "cpu", "cpu_bf16": True}, False)])
+def test_evaluate_says_when_its_study_scored_in_bfloat16(tmp_path: Path, tiny_idx_dir: Path,
+                                                         train: dict, machine: dict, noted: bool):
+    model = load_model(_fit_tiny(tmp_path / "m", tiny_idx_dir))
+    test = load_idx_dataset(tiny_idx_dir).test
+    correct = round(evaluate(model, test).accuracy * len(test))
+    for stored, differs in ((correct, False), (correct - 1, True)):  # one image changed sides
+        metadata = {"train": train, "machine": machine, "data": {"test": len(test)},
+                    "test_accuracy": stored / len(test)}
+        saved = load_model(save_model(tmp_path / f"s{stored}", spec=model.spec,
+                                      state=model.module.state_dict(),
+                                      class_names=CLASS_NAMES, metadata=metadata))
+        notes = unlike_the_study(saved, evaluate(saved, test))
+        expected = (f"scored here in float32; its study scored the same images in bfloat16 "
+                    f"as it trained: {100 * stored / len(test):.2f}%")
+        assert notes == ([expected] if noted and differs else [])
 
 
 def test_evaluate_table(tmp_path: Path, tiny_idx_dir: Path, capsys: pytest.CaptureFixture[str]):
