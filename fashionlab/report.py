@@ -283,9 +283,12 @@ def _curve_entries(store: Store, run: RunRecord) -> list[dict[str, Any]]:
 def _curve_figure(entry: Mapping[str, Any], histories: Mapping[str, list[EpochRecord]],
                   planned: Mapping[str, int], figures: Path | None) -> dict[str, Any]:
     keys = entry["keys"]
+    stored = sum(len(histories.get(k, [])) for k in keys)
     saved = None if figures is None else _saved_png(figures / plots.curves_file(entry["name"]))
     if saved is not None:
         image = plots.png_data_uri(saved)
+    elif stored == 0:  # a stack still waiting or in its first epoch: no empty axes
+        image = None
     else:  # not finished, or the file is gone or damaged: drawn from the store
         epochs = max([planned.get(k, 0) for k in keys]
                      + [len(histories.get(k, [])) for k in keys] + [1])
@@ -298,7 +301,6 @@ def _curve_figure(entry: Mapping[str, Any], histories: Mapping[str, list[EpochRe
         image = plots.png_data_uri(plots.learning_curves(
             curves, title=entry["name"], warning=entry["warning"],
             schedule_end=entry["schedule_end"]), dpi=DPI)
-    stored = sum(len(histories.get(k, [])) for k in keys)
     warning = entry["warning"]
     caption = f"{counted(len(keys), 'model')}, {counted(stored, 'epoch')} stored"
     if entry["schedule_end"] is not None:

@@ -245,11 +245,11 @@ def test_the_cli_writes_a_report_anywhere_and_names_an_unknown_run(
 def test_an_interrupted_run_reports_what_is_stored(tmp_path: Path):
     store = Store.open(tmp_path)
     run = store.create_run(kind="study", name="half done", fingerprint="f" * 32, seed=1,
-                           config={"candidates": [{"name": "b"}, {"name": "a"}]},
+                           config={"candidates": [{"name": "b"}, {"name": "a"}, {"name": "c"}]},
                            environment={}, output_root=tmp_path)
     store.register_models(run.id, [
         {"key": f"{name}/fold-{fold}", "candidate": name, "role": "cv", "fold": fold,
-         "epochs_planned": 5} for name in ("a", "b") for fold in (0, 1)])
+         "epochs_planned": 5} for name in ("a", "b", "c") for fold in (0, 1)])
     store.record_epochs(run.id, [(f"{name}/fold-{fold}", epoch, (1.0 / epoch, 0.5, 1.1, 0.4, 0.1))
                                  for name in ("a", "b") for fold in (0, 1) for epoch in (1, 2)])
     with store.engine.begin() as conn:  # its process on another machine, silent for an hour
@@ -263,6 +263,7 @@ def test_an_interrupted_run_reports_what_is_stored(tmp_path: Path):
     assert len(_images(html)) == 2  # the stored curves of b and a
     assert html.index("learning curves of b") < html.index("learning curves of a")
     assert "2 models, 4 epochs stored" in html
+    assert "c: 2 models, 0 epochs stored" in html  # c, not started: said, no empty axes
 
 
 def test_a_study_of_final_models_only_claims_no_cross_validation(tmp_path: Path):
