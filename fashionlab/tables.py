@@ -270,6 +270,7 @@ def counts_text(counts: Mapping[str, Any]) -> str:
     # ("retried", "waiting", "running" are stored since counts said them: absent before.)
     again = [f"{counts[key]} {what}" for key, what in (
         ("retried", "stopped or lost and run again"), ("waiting", "waiting to run again"),
+        ("lost", "lost with its process, run again when the search goes on"),
         ("running", "running")) if counts.get(key)]
     return (f"{counts.get('complete', 0)} complete, {counts.get('pruned', 0)} pruned, "
             f"{counts.get('fail', 0)} failed trials"

@@ -144,7 +144,9 @@ def spent_summary(search: SearchSpec | Mapping[str, Any], used: Spent) -> dict[s
 def trials_so_far(url: str, run: RunRecord) -> dict[str, Any] | None:
     """What a search run's trials have done and spent so far, read from its Optuna study in
     the database at `url` (the counts and spent keys of its summary, which it has once it
-    finished); None where that study is not there (deleted)."""
+    finished); None where that study is not there (deleted). A trial still "running" in a run
+    that no process holds (interrupted) is counted as "lost": it is run again when the search
+    goes on."""
     storage = rdb_storage(url)
     try:
         trials = optuna.load_study(study_name=study_name(run.name, run.fingerprint),
@@ -153,5 +155,7 @@ def trials_so_far(url: str, run: RunRecord) -> dict[str, Any] | None:
         return None
     finally:
         storage.engine.dispose()
-    return {"counts": trial_counts(trials),
-            **spent_summary(run.config.get("search") or {}, spent(trials))}
+    counts = trial_counts(trials)
+    if run.state != "running" and counts["running"]:  # no process holds the run: they died
+        counts["lost"], counts["running"] = counts["running"], 0
+    return {"counts": counts, **spent_summary(run.config.get("search") or {}, spent(trials))}

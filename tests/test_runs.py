@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pytest
 import sqlalchemy as sa
 from conftest import write_tiny_idx
@@ -34,6 +35,7 @@ from fashionlab.runs import (
     RunError,
     compare_runs,
     delete_run,
+    describe_run,
     epoch_rows,
     export_run,
     list_runs,
@@ -41,6 +43,7 @@ from fashionlab.runs import (
 from fashionlab.serialize import jsonable
 from fashionlab.store import Store
 from fashionlab.study import run_study
+from fashionlab.trials import rdb_storage, study_name
 
 CANDIDATES = """
 [[candidates]]
@@ -565,3 +568,25 @@ def test_a_machine_shows_its_vector_instructions_beside_the_cpu_name():
     assert machine_text({}) == ""
     # An ARM machine: torch knows no vector instructions to name.
     assert machine_text({"cpu": "Neoverse", "cpu_capability": "DEFAULT"}) == "Neoverse"
+
+
+def test_show_counts_the_running_trial_of_an_interrupted_search_as_lost(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    store = Store.open(tmp_path)
+    run = store.create_run(kind="search", name="s", fingerprint="0" * 32, seed=0,
+                           config={"cv": {"n_splits": 3}, "data": {}}, environment={})
+    storage = rdb_storage(store.url)
+    study = optuna.create_study(study_name=study_name("s", "0" * 32), storage=storage)
+    study.tell(study.ask(), 0.5)
+    study.ask()  # a trial its process is training
+    storage.engine.dispose()
+    assert describe_run(store, run.id)["trials"]["counts"]["running"] == 1
+    with store.engine.begin() as conn:  # its process gone: silent for an hour
+        conn.execute(sa.update(schema_module.runs).values(host="elsewhere",
+                                                         heartbeat=time.time() - 3600))
+    counts = describe_run(store, run.id)["trials"]["counts"]
+    assert (counts["running"], counts["lost"], counts["complete"]) == (0, 1, 1)
+    store.close()
+    code, out, err = run_cli(capsys, "runs", "show", run.id, "--run-dir", str(tmp_path))
+    assert code == 0, err
+    assert "(1 lost with its process, run again when the search goes on)" in " ".join(out.split())
