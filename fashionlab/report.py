@@ -35,6 +35,7 @@ from fashionlab.tables import (
     retrain_line,
     rows_from_summary,
     search_legend,
+    so_far_note,
     spent_note,
     trial_cells,
 )
@@ -98,7 +99,8 @@ def render_report(store: Store, run_id: str, *, device: str | torch.device = "cp
     run = _as_seen_from(store.run(run_id), run_dir)
     context: dict[str, Any] = {"run": _run_info(run), "facts": _facts(run)}
     if run.kind == "search":
-        context["search"] = _search_section(run.summary or {})
+        context["search"] = _search_section(
+            run.summary if run.summary is not None else _search_so_far(store, run))
     else:
         context.update(_study_sections(store, run, device))
     environment = jinja2.Environment(
@@ -416,6 +418,18 @@ def _tested_model(directory: Path, test: Any, device: torch.device) -> dict[str,
 # A search (its summary: "trials", "importances", "history", "direction" when present)
 
 
+def _search_so_far(store: Store, run: RunRecord) -> dict[str, Any]:
+    """An unfinished search's trials, read from its Optuna study; {} where it cannot be."""
+    from sqlalchemy.exc import SQLAlchemyError  # with Optuna: only a search's report
+
+    from fashionlab.trials import trials_so_far
+
+    try:
+        return trials_so_far(store.url, run, rows=True) or {}
+    except (SQLAlchemyError, RuntimeError, OSError):  # RuntimeError: Optuna's schema check
+        return {}
+
+
 def _search_section(summary: Mapping[str, Any]) -> dict[str, Any]:
     direction = summary.get("direction", "maximize")
     trials = [t for t in summary.get("trials") or [] if isinstance(t, Mapping)]
@@ -434,6 +448,7 @@ def _search_section(summary: Mapping[str, Any]) -> dict[str, Any]:
                                 retrain_line(summary)]}
     return {
         "statistics": statistics,
+        "so_far": so_far_note(summary) if "stopped_by" not in summary else "",
         "direction": direction,
         "n_trials": len(trials),
         "history": plots.png_data_uri(plots.search_history(history, direction=direction),

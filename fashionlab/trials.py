@@ -105,6 +105,18 @@ def trial_counts(trials: Sequence[FrozenTrial]) -> dict[str, int]:
             "running": sum(t.state == TrialState.RUNNING for t in trials)}
 
 
+def trial_row(trial: FrozenTrial) -> dict[str, Any]:
+    """A trial as a search's summary (and a report of one not finished) lists it."""
+    retry_of = trial.system_attrs.get("failed_trial")
+    return {"number": trial.number, "state": trial.state.name.lower(), "value": trial.value,
+            "params": trial.params, "models": trial.user_attrs.get("models"),
+            "fold_epochs": trial.user_attrs.get("fold_epochs"),
+            "train_seconds": trial.user_attrs.get("train_seconds"),
+            "tflop": trial.user_attrs.get("tflop"),
+            "stopped": trial.user_attrs.get("stopped"), "retry_of": retry_of,
+            "seconds": trial.duration.total_seconds() if trial.duration else None}
+
+
 @dataclass(frozen=True)
 class Spent:
     """What trials have spent, summed."""
@@ -141,16 +153,18 @@ def spent_summary(search: SearchSpec | Mapping[str, Any], used: Spent) -> dict[s
             "tflop": used.tflop, "budget_tflop": limit("budget_tflop")}
 
 
-def trials_so_far(url: str, run: RunRecord) -> dict[str, Any] | None:
+def trials_so_far(url: str, run: RunRecord, *, rows: bool = False) -> dict[str, Any] | None:
     """What a search run's trials have done and spent so far, read from its Optuna study in
     the database at `url` (the counts and spent keys of its summary, which it has once it
-    finished); None where that study is not there (deleted). A trial still "running" in a run
+    finished; with `rows`, its "trials", "history" and "direction" too, which a report
+    draws); None where that study is not there (deleted). A trial still "running" in a run
     that no process holds (interrupted) is counted as "lost": it is run again when the search
     goes on."""
     storage = rdb_storage(url)
     try:
-        trials = optuna.load_study(study_name=study_name(run.name, run.fingerprint),
-                                   storage=storage).get_trials(deepcopy=False)
+        study = optuna.load_study(study_name=study_name(run.name, run.fingerprint),
+                                  storage=storage)
+        trials = study.get_trials(deepcopy=False)
     except KeyError:  # no such study
         return None
     finally:
@@ -158,4 +172,10 @@ def trials_so_far(url: str, run: RunRecord) -> dict[str, Any] | None:
     counts = trial_counts(trials)
     if run.state != "running" and counts["running"]:  # no process holds the run: they died
         counts["lost"], counts["running"] = counts["running"], 0
-    return {"counts": counts, **spent_summary(run.config.get("search") or {}, spent(trials))}
+    so_far = {"counts": counts, **spent_summary(run.config.get("search") or {}, spent(trials))}
+    if rows:
+        so_far.update(
+            trials=[trial_row(t) for t in trials],
+            history=[t.value if t.state == TrialState.COMPLETE else None for t in trials],
+            direction=study.direction.name.lower())
+    return so_far

@@ -42,6 +42,7 @@ from fashionlab.data import Split, load_fashion_mnist
 from fashionlab.errors import ConfigError, StoreError
 from fashionlab.jobs import job_rows, register_jobs
 from fashionlab.models import forward_flops
+from fashionlab.report import write_report
 from fashionlab.runner import training_flops
 from fashionlab.runs import describe_run
 from fashionlab.schema import jobs, runs
@@ -907,6 +908,11 @@ pruner = "none"
     assert code == 0, err
     assert (f"so far: 1 complete, 0 pruned, 0 failed trials (1 waiting to run again); "
             f"spent: {fold_epochs(trials)} fold-epochs") in " ".join(out.split())
+    # Its report draws the trials so far from the Optuna study, as `runs show` counts them.
+    html = write_report(Store.open(tmp_path), run.id).read_text()
+    assert "so far: 1 complete, 0 pruned, 0 failed trials" in html
+    assert 'alt="optimisation history"' in html and "No finished trials yet" not in html
+    assert '<td class="num">0</td>' in html  # trial 0, the completed one, in the table
     result = run_search(load_study(path), run_dir=tmp_path, progress=False)
     states = [t.state for t in result.trials]
     assert states.count(TrialState.FAIL) == 1 and sum(s in FINISHED for s in states) == 3

@@ -55,7 +55,7 @@ from fashionlab.store import RunRecord, Store
 from fashionlab.tables import search_markdown
 from fashionlab.text import verdict
 from fashionlab.train import Tensors
-from fashionlab.trials import retried_trial, spent, spent_summary, trial_counts
+from fashionlab.trials import retried_trial, spent, spent_summary, trial_counts, trial_row
 
 __all__ = ["FINISHED", "SCORE_RULE", "ConsensusScores", "SearchContext", "consensus_scores",
            "finish_search", "importances", "ranked_trials", "reference_tests", "retrain_best",
@@ -144,7 +144,7 @@ def finish_search(s: SearchContext, stopped_by: str, seconds: float) -> dict[str
         "counts": trial_counts(trials),
         **spent_summary(search, used),
         "wall_seconds": _span(trials) or seconds,
-        "trials": [_trial_row(t) for t in trials],
+        "trials": [trial_row(t) for t in trials],
         "history": [t.value if t.state == TrialState.COMPLETE else None for t in trials],
         "importances": importances(study),
         "top": [], "reference": [], "retrain": None, "best": None, "best_value": None,
@@ -186,17 +186,6 @@ def _span(trials: Sequence[FrozenTrial]) -> float | None:
     starts = [t.datetime_start for t in trials if t.datetime_start is not None]
     ends = [t.datetime_complete for t in trials if t.datetime_complete is not None]
     return (max(ends) - min(starts)).total_seconds() if starts and ends else None
-
-
-def _trial_row(trial: FrozenTrial) -> dict[str, Any]:
-    retry_of = trial.system_attrs.get("failed_trial")
-    return {"number": trial.number, "state": trial.state.name.lower(), "value": trial.value,
-            "params": trial.params, "models": trial.user_attrs.get("models"),
-            "fold_epochs": trial.user_attrs.get("fold_epochs"),
-            "train_seconds": trial.user_attrs.get("train_seconds"),
-            "tflop": trial.user_attrs.get("tflop"),
-            "stopped": trial.user_attrs.get("stopped"), "retry_of": retry_of,
-            "seconds": trial.duration.total_seconds() if trial.duration else None}
 
 
 def importances(study: optuna.Study) -> dict[str, float]:
