@@ -101,6 +101,8 @@ def render_report(store: Store, run_id: str, *, device: str | torch.device = "cp
     if run.kind == "search":
         context["search"] = _search_section(
             run.summary if run.summary is not None else _search_so_far(store, run))
+        context.update(tested=_tested_models(run, device),  # the retrained best
+                       finished=run.summary is not None)
     else:
         context.update(_study_sections(store, run, device))
     environment = jinja2.Environment(

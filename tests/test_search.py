@@ -612,6 +612,9 @@ warmup = 1
     report = (result.output_dir / "report.html").read_text()
     assert "TFLOP; stopped by budget_tflop" in report
     assert "Every fold read at the CV-consensus epoch" in report
+    retrained = summary["retrain"]  # its retrained best tested in the report, as a study's
+    assert retrained is not None and 'id="tested"' in report
+    assert f'alt="confusion matrix of {retrained["candidate"]} (retrained' in report
     # The command line says what was spent (the finished search, read back).
     code, out, err = run_cli(capsys, "search", str(path), "--run-dir", str(tmp_path / "runs"))
     assert code == 0, err
