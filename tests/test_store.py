@@ -61,6 +61,12 @@ def test_run_ids_are_unique_and_prefixes_resolve(store: Store):
     assert store.run(b.id[:-1] if b.id.endswith("-2") else b.id).id in (a.id, b.id)
     with pytest.raises(StoreError, match="no run 'nope'.*runs list"):
         store.run("nope")
+    made = sorted([a.id, b.id, *(_run(store).id for _ in range(3))])
+    prefix = made[0][:4]  # the year: every run's
+    with pytest.raises(StoreError) as ambiguous:
+        store.run(prefix)
+    assert str(ambiguous.value) == (f"run id '{prefix}' is ambiguous (5 runs match: "
+                                    f"{', '.join(made[:3])} and 2 more)")
 
 
 def test_a_run_whose_process_is_gone_is_interrupted(store: Store):

@@ -293,7 +293,11 @@ class Store:
                     sa.select(runs).where(runs.c.id.like(f"{_escape_like(run_id)}%", escape="\\"))
                 ).all()
                 if len(matches) > 1:
-                    raise StoreError(f"run id '{run_id}' is ambiguous ({len(matches)} runs match)")
+                    ids = sorted(match.id for match in matches)
+                    shown = ", ".join(ids[:3]) + (f" and {len(ids) - 3} more" if len(ids) > 3
+                                                  else "")
+                    raise StoreError(f"run id '{run_id}' is ambiguous ({len(matches)} runs "
+                                     f"match: {shown})")
                 row = matches[0] if matches else None
             if row is not None:
                 return _jobs_held(conn, [_run_record(row)])[0]
