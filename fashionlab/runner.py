@@ -35,7 +35,7 @@ from fashionlab.jobs import Claim, fetch_checkpoint
 from fashionlab.models import forward_flops
 from fashionlab.process import die_with_parent, start_resource_tracker
 from fashionlab.progress import QueueReporter, Reporter, forward
-from fashionlab.stops import raise_if_stopped
+from fashionlab.stops import deferred, raise_if_stopped
 from fashionlab.store import Store
 from fashionlab.train import EpochMetrics, Member, Tensors
 
@@ -307,19 +307,24 @@ def run_in_workers(
         try:
             while running or (here is not None and here.is_alive()):
                 raise_if_stopped()  # a stop a finaliser swallowed
-                done, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
-                if not running:
-                    here.join(timeout=0.5)  # type: ignore[union-attr]
+                # The futures' and the pool's locks are taken in these blocks: a stop raised
+                # while one is held would leave it held, and the pool's shutdown would wait
+                # forever. Forwarding (the reporter may be slow: MLflow) is left stoppable.
+                with deferred():
+                    done, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
+                    if not running:
+                        here.join(timeout=0.5)  # type: ignore[union-attr]
                 delivered |= forward(events, reporter)
-                for future in done:
-                    del running[future]
-                    try:
-                        future.result()  # re-raise a worker's error
-                    except BrokenProcessPool:
-                        raise WorkerDied(_died(spawned)) from None
-                if failures:
-                    raise failures[0]
-                refill()
+                with deferred():
+                    for future in done:
+                        del running[future]
+                        try:
+                            future.result()  # re-raise a worker's error
+                        except BrokenProcessPool:
+                            raise WorkerDied(_died(spawned)) from None
+                    if failures:
+                        raise failures[0]
+                    refill()
             if failures:  # the thread here failed after the loop's last look
                 raise failures[0]
             # Every job ran: its last calls may still be on their way (a worker's queue writes

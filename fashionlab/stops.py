@@ -5,14 +5,35 @@ that is a finaliser (a weakref callback, a `__del__`, the garbage collector), Py
 "Exception ignored" and carries on: the stop would be lost and training would go on to its
 end. So the handlers also record the signal here, and the training loops call
 `raise_if_stopped()` between steps, where a stop that was swallowed is raised again.
+
+Where the main thread holds locks that another thread needs, a KeyboardInterrupt must not land:
+raised inside `concurrent.futures.wait`, it can leave a future's lock held, and the pool's
+shutdown then waits forever for its manager thread, which needs that lock. There the stop is
+`deferred`: recorded by the handlers, raised when the block ends.
 """
 
 from __future__ import annotations
 
-__all__ = ["cleaning_up", "handled", "raise_if_stopped", "received"]
+import contextlib
+from collections.abc import Iterator
+
+__all__ = ["cleaning_up", "deferred", "deferring", "handled", "raise_if_stopped", "received"]
 
 received: list[int] = []  # the signals that asked this process to stop, in order
 handled: list[bool] = []  # a stop was caught, and what it leaves is being put in order
+deferring: list[bool] = []  # inside `deferred`: the handlers only record a stop
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """A block in which the command's handlers record a stop without raising it; it is
+    raised when the block ends (keep the block short: a stop waits for it)."""
+    deferring.append(True)
+    try:
+        yield
+    finally:
+        deferring.pop()
+    raise_if_stopped()
 
 
 def cleaning_up() -> None:

@@ -265,6 +265,26 @@ def test_which_repeated_stops_are_only_recorded(monkeypatch: pytest.MonkeyPatch)
         fresh()
 
 
+def test_a_stop_while_locks_are_held_is_raised_once_they_are_let_go():
+    # Raised inside concurrent.futures.wait, a stop can leave a future's lock held, and the
+    # pool's shutdown then waits forever: the workers' loop defers it.
+    ended: list[str] = []
+    try:
+        stops.received.clear()
+        cli._stopping_since.clear()
+        with pytest.raises(KeyboardInterrupt), stops.deferred():
+            cli._stop(signal.SIGTERM, None)  # only recorded
+            ended.append("block")
+        assert ended == ["block"] and stops.received == [signal.SIGTERM]
+        assert not stops.deferring
+        cli._stopping_since.clear()  # not a second press of the same stop
+        with pytest.raises(KeyboardInterrupt):  # outside a deferred block: raised at once
+            cli._stop(signal.SIGTERM, None)
+    finally:
+        stops.received.clear()
+        cli._stopping_since.clear()
+
+
 def test_a_signal_ignored_when_the_command_starts_stays_ignored(tiny_idx_dir: Path,
                                                                tmp_path: Path):
     # `nohup fashionlab study` ignores SIGHUP: the study outlives its closed terminal.

@@ -83,6 +83,8 @@ def _stop(signum: int, frame: FrameType | None) -> None:
         if since < REPEATED_STOP_GRACE and (stops.handled or since < DOUBLE_PRESS):
             return
     _stopping_since[:] = [now]
+    if stops.deferring:  # the main thread holds locks: raised once it lets them go
+        return
     raise KeyboardInterrupt
 
 
