@@ -57,6 +57,9 @@ class StudyResult:
     twins: dict[str, TwinComparison] = field(default_factory=dict)  # early stopping vs full
     wall_seconds: float = 0.0  # of the process that finished it
     resumed: bool = False  # an interrupted run continued: wall_seconds leaves out the earlier
+    # A run that had finished before, read back from the store: nothing was trained (its
+    # wall_seconds are those of the process that finished it).
+    already_finished: bool = False
     workers: int = 1  # processes that trained it
     threads: int = 0  # CPU threads each job trained with (0: not recorded)
     # A run trained by several processes (README: Many machines): the jobs this one trained,

@@ -651,6 +651,11 @@ def test_the_study_command_writes_the_table(study_file: Path, tmp_path: Path,
     code, out, err = run_cli(capsys, "study", str(study_file), "--run-dir", str(tmp_path),
                              "--fresh")
     assert code == 0 and "random guess" in out and "(retrained)" in out
+    assert "had finished" not in out
+    code, out, err = run_cli(capsys, "study", str(study_file), "--run-dir", str(tmp_path))
+    assert code == 0 and "random guess" in out  # the fresh run, read back: said so
+    assert "had finished: shown from the store, nothing trained; --fresh runs the study " \
+        "again" in " ".join(out.split())
 
 
 def test_quick_variant_of_the_seed_study_is_small():

@@ -127,3 +127,6 @@ def study(
     console.print(f"wall time {wall_time(result.wall_seconds, result.resumed)}{workers}; "
                   f"results in {result.output_dir}"
                   + (f" on {result.run.host}" if elsewhere else ""))
+    if result.already_finished:
+        console.print(f"(run {result.run.id} had finished: shown from the store, nothing "
+                      "trained; --fresh runs the study again)")

@@ -146,7 +146,7 @@ def run_study(
     if not store.read_only:  # what a killed process of this run left half-written
         remove_stale_staging(output_dir, recursive=True)
     result = StudyResult(run, spec, output_dir, n_train=len(folds[0].train_index),
-                         n_val=len(folds[0].val_index), resumed=resumed)
+                         n_val=len(folds[0].val_index), resumed=resumed, already_finished=shown)
     me = command_identity()
     threads_before = torch.get_num_threads()
     outputs: Claim | None = None
