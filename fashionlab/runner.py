@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from multiprocessing import active_children, get_context
+from multiprocessing import get_context
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any, Literal
@@ -208,7 +208,25 @@ class WorkerDied(FashionlabError):
     error it printed on its way)."""
 
 
-def _died(workers: set[BaseProcess]) -> str:
+class _RecordingContext:
+    """A multiprocessing context that keeps every process the pool starts with it, whenever it
+    starts it: `_died` reads their exit statuses (one that died before a look at the running
+    children would be missing from it)."""
+
+    def __init__(self, context: Any) -> None:
+        self._context = context
+        self.started: list[BaseProcess] = []
+
+    def Process(self, *args: Any, **kwargs: Any) -> BaseProcess:  # named as the context names it
+        process = self._context.Process(*args, **kwargs)
+        self.started.append(process)
+        return process
+
+    def __getattr__(self, name: str) -> Any:  # queues, locks, the start method: the context's
+        return getattr(self._context, name)
+
+
+def _died(workers: Sequence[BaseProcess]) -> str:
     """Why the pool broke, as far as the workers' exit statuses tell. (The pool stops them
     all once one has died; the dead one's status may take a moment to be collected.)"""
     deadline = time.monotonic() + 2.0
@@ -284,9 +302,9 @@ def run_in_workers(
     start_resource_tracker()
     events = context.Queue()
     queued = QueueReporter(events)
-    before = set(active_children())
+    pool_context = _RecordingContext(context)
     with ProcessPoolExecutor(
-        max_workers=max(processes, 1), mp_context=context, initializer=_init_worker,
+        max_workers=max(processes, 1), mp_context=pool_context, initializer=_init_worker,
         initargs=(threads, events, os.getpid()),
     ) as pool:
         for _, _, label, epochs in jobs:  # every job shows from the start, queued or not
@@ -299,7 +317,6 @@ def run_in_workers(
                 running[pool.submit(_call, fn, args, i)] = i
 
         refill()
-        spawned = set(active_children()) - before  # one a job submitted, up to the pool's size
         here, delivered = None, set[int]()  # the jobs whose last reports have arrived
         if run_here is not None:
             here = threading.Thread(target=work_here, args=(queued,), name="fashionlab-job")
@@ -321,7 +338,7 @@ def run_in_workers(
                         try:
                             future.result()  # re-raise a worker's error
                         except BrokenProcessPool:
-                            raise WorkerDied(_died(spawned)) from None
+                            raise WorkerDied(_died(pool_context.started)) from None
                     if failures:
                         raise failures[0]
                     refill()
@@ -336,8 +353,9 @@ def run_in_workers(
         except BaseException:
             # An error, Ctrl-C or SIGTERM: the workers stop now, not after their jobs (a
             # worker's unfinished epoch is lost; its stored epochs and checkpoint remain).
-            for child in set(active_children()) - before:
-                child.kill()
+            for child in pool_context.started:
+                if child.exitcode is None:
+                    child.kill()
             events.cancel_join_thread()  # a killed writer may hold the queue's lock
             raise
         finally:
