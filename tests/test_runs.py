@@ -200,6 +200,7 @@ def test_compare_pairs_the_folds_when_they_match(runs: dict[str, StudyResult],
     code, out, _ = run_cli(capsys, "runs", "compare", a.run.id, b.run.id, "--run-dir",
                            _run_dir(runs))
     assert code == 0 and "folds match" in out and "small" in out and "test accuracy" in out
+    assert "validation accuracy %: mean ± std across folds" in out
     code, out, _ = run_cli(capsys, "runs", "compare", a.run.id, b.run.id, "--json",
                            "--run-dir", _run_dir(runs))
     data = json.loads(out)

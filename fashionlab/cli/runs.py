@@ -187,7 +187,7 @@ def compare(a: RunId, b: RunId, run_dir: RunDir = DEFAULT_RUN_DIR, store: StoreU
     console.print(Text(f"b: {result.b.id} ({result.b.study}, {result.b.status})"))
     console.print(Text("folds match: paired tests" if result.folds_match else
                        f"{result.reason}: no paired tests"))
-    table = Table(title="mean validation accuracy % across folds")
+    table = Table(title="validation accuracy %: mean ± std across folds")
     for column in ("candidate", "a", "b", "b - a (points)", "t", "p (Holm)", "verdict"):
         table.add_column(column, overflow="fold")
     for c in result.candidates:
