@@ -99,8 +99,10 @@ def render_report(store: Store, run_id: str, *, device: str | torch.device = "cp
     run = _as_seen_from(store.run(run_id), run_dir)
     context: dict[str, Any] = {"run": _run_info(run), "facts": _facts(run)}
     if run.kind == "search":
-        context["search"] = _search_section(
-            run.summary if run.summary is not None else _search_so_far(store, run))
+        from fashionlab.trials import trials_so_far  # Optuna: only a search's report
+
+        context["search"] = _search_section(run.summary if run.summary is not None
+                                            else trials_so_far(store.url, run, rows=True) or {})
         context.update(tested=_tested_models(run, device),  # the retrained best
                        finished=run.summary is not None)
     else:
@@ -386,7 +388,6 @@ def _tested_model(directory: Path, test: Any, device: torch.device) -> dict[str,
 
     model = load_model(directory, device)
     result = evaluate(model, test, model.class_names, device)
-    notes = [note for note in unlike_the_study(model, result) if "L2" not in note]
     names = result.class_names
     wrong = result.misclassified(MISCLASSIFIED)
     per_class = [
@@ -401,7 +402,7 @@ def _tested_model(directory: Path, test: Any, device: torch.device) -> dict[str,
         "interval": f"{number(low, '.1f', 100)}, {number(high, '.1f', 100)}",
         "loss": number(result.loss, ".4f"),
         "errors": int((result.predictions != result.labels).sum()),
-        "notes": notes,  # why the run's table may differ (the L2 term is said anyway)
+        "notes": unlike_the_study(model, result),  # why the run's table may differ
         "per_class": per_class,
         "confusion": plots.png_data_uri(
             plots.confusion_matrix(result.confusion, class_names=names), dpi=DPI),
@@ -418,18 +419,6 @@ def _tested_model(directory: Path, test: Any, device: torch.device) -> dict[str,
 
 # --------------------------------------------------------------------------------------------
 # A search (its summary: "trials", "importances", "history", "direction" when present)
-
-
-def _search_so_far(store: Store, run: RunRecord) -> dict[str, Any]:
-    """An unfinished search's trials, read from its Optuna study; {} where it cannot be."""
-    from sqlalchemy.exc import SQLAlchemyError  # with Optuna: only a search's report
-
-    from fashionlab.trials import trials_so_far
-
-    try:
-        return trials_so_far(store.url, run, rows=True) or {}
-    except (SQLAlchemyError, RuntimeError, OSError):  # RuntimeError: Optuna's schema check
-        return {}
 
 
 def _search_section(summary: Mapping[str, Any]) -> dict[str, Any]:

@@ -144,7 +144,9 @@ def describe_run(store: Store, run_id: str, *, run_dir: str | Path | None = None
     if run.kind == "search":
         trials = {k: summary.get(k) for k in SEARCH_SHOWN}
         if run.summary is None:  # not finished: what its trials did and spent so far
-            trials.update(_search_so_far(store, run) or {})
+            from fashionlab.trials import trials_so_far  # Optuna: off start-up
+
+            trials.update(trials_so_far(store.url, run) or {})
     return jsonable({
         **overview(run).to_dict(),
         "seed": run.seed, "fingerprint": run.fingerprint, "host": run.host, "pid": run.pid,
@@ -162,18 +164,6 @@ def describe_run(store: Store, run_id: str, *, run_dir: str | Path | None = None
         "files": files,
         "config": run.config, "environment": run.environment,
     })
-
-
-def _search_so_far(store: Store, run: RunRecord) -> dict[str, Any] | None:
-    """`trials.trials_so_far` of an unfinished search; None where its Optuna study cannot be
-    read (a database Optuna refuses: its schema of another Optuna version, a read-only copy
-    it would write to): the rest of the description stands without it."""
-    from fashionlab.trials import trials_so_far  # Optuna: off start-up
-
-    try:
-        return trials_so_far(store.url, run)
-    except (SQLAlchemyError, RuntimeError, OSError):  # RuntimeError: Optuna's schema check
-        return None
 
 
 def _by_host(models: Sequence[ModelRecord]) -> dict[str, list[str]]:

@@ -26,13 +26,15 @@ from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.exc import SQLAlchemyError
 
 from fashionlab.config import SearchSpec
 from fashionlab.store import RunRecord, connect_args, database_url
 
 __all__ = ["COUNTED", "FOLD_EPOCHS", "SECONDS", "STEP_TFLOP", "TFLOP", "Spent", "delete_study",
            "failed_for_good", "fold_epochs", "rdb_storage", "retried_numbers", "retried_trial",
-           "spent", "spent_summary", "study_name", "trial_counts", "trials_so_far"]
+           "spent", "spent_summary", "study_name", "trial_counts", "trial_history", "trial_row",
+           "trials_so_far"]
 
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 
@@ -117,6 +119,11 @@ def trial_row(trial: FrozenTrial) -> dict[str, Any]:
             "seconds": trial.duration.total_seconds() if trial.duration else None}
 
 
+def trial_history(trials: Sequence[FrozenTrial]) -> list[float | None]:
+    """Each trial's value, None where it did not complete: what the history plot draws."""
+    return [t.value if t.state == TrialState.COMPLETE else None for t in trials]
+
+
 @dataclass(frozen=True)
 class Spent:
     """What trials have spent, summed."""
@@ -157,15 +164,19 @@ def trials_so_far(url: str, run: RunRecord, *, rows: bool = False) -> dict[str, 
     """What a search run's trials have done and spent so far, read from its Optuna study in
     the database at `url` (the counts and spent keys of its summary, which it has once it
     finished; with `rows`, its "trials", "history" and "direction" too, which a report
-    draws); None where that study is not there (deleted). A trial still "running" in a run
-    that no process holds (interrupted) is counted as "lost": it is run again when the search
-    goes on."""
-    storage = rdb_storage(url)
+    draws); None where that study is not there (deleted) or cannot be read (a database
+    Optuna refuses: its schema of another Optuna version, a read-only copy it would write to),
+    so that what shows it stands without it. A trial still "running" in a run that no process
+    holds (interrupted) is counted as "lost": it is run again when the search goes on."""
+    try:
+        storage = rdb_storage(url)
+    except (SQLAlchemyError, RuntimeError, OSError):  # RuntimeError: Optuna's schema check
+        return None
     try:
         study = optuna.load_study(study_name=study_name(run.name, run.fingerprint),
                                   storage=storage)
         trials = study.get_trials(deepcopy=False)
-    except KeyError:  # no such study
+    except (KeyError, SQLAlchemyError, RuntimeError, OSError):  # KeyError: no such study
         return None
     finally:
         storage.engine.dispose()
@@ -176,6 +187,6 @@ def trials_so_far(url: str, run: RunRecord, *, rows: bool = False) -> dict[str, 
     if rows:
         so_far.update(
             trials=[trial_row(t) for t in trials],
-            history=[t.value if t.state == TrialState.COMPLETE else None for t in trials],
+            history=trial_history(trials),
             direction=study.direction.name.lower())
     return so_far

@@ -32,14 +32,13 @@ from fashionlab.integrations.mlflow import (
     flatten,
     logging_to_mlflow,
     require_mlflow,
-    shown_uri,
     without_password,
 )
 from fashionlab.progress import Silent, Tee
 from fashionlab.runs import delete_run
 from fashionlab.schema import METRICS
 from fashionlab.search import run_search
-from fashionlab.store import Store
+from fashionlab.store import Store, safe_url
 from fashionlab.study import run_study
 
 
@@ -402,7 +401,7 @@ def test_a_database_uri_that_cannot_be_used_fails_at_once_its_password_hidden(
     assert "s3cret" not in err and not (tmp_path / "new").exists()  # before training
     assert without_password("failed: me:s3cret@h and s3cret", "http://me:s3cret@h") == \
         "failed: me:***@h and ***"
-    assert shown_uri("http://me:s%40cret@h:5000/x") == "http://me:***@h:5000/x"
+    assert safe_url("http://me:s%40cret@h:5000/x") == "http://me:***@h:5000/x"  # the URI shown
     assert without_password("at me:s@cret", "http://me:s%40cret@h") == "at me:***"
 
 

@@ -20,7 +20,7 @@ from fashionlab.cli import app, output_console, resumable, text_table
 from fashionlab.cli.study import RunDir, StoreUrl
 from fashionlab.errors import FashionlabError, StoreError
 from fashionlab.provenance import machine_text
-from fashionlab.store import DEFAULT_RUN_DIR, Store
+from fashionlab.store import DEFAULT_RUN_DIR, Store, safe_url
 from fashionlab.tables import (
     HEADERS,
     display_rows,
@@ -255,15 +255,12 @@ def export(
             typer.echo(f"wrote run {record.id} to {written} (view: tensorboard --logdir "
                        f"{written})")
             return
-        from fashionlab.integrations.mlflow import (  # optional MLflow
-            export_run_to_mlflow,
-            shown_uri,
-        )
+        from fashionlab.integrations.mlflow import export_run_to_mlflow  # optional MLflow
 
         with _store(run_dir, store) as opened:
             record = opened.run(run)
             parent = export_run_to_mlflow(opened, record.id, to[1])
-        typer.echo(f"sent run {record.id} to mlflow {shown_uri(to[1])} (parent run {parent})")
+        typer.echo(f"sent run {record.id} to mlflow {safe_url(to[1])} (parent run {parent})")
         return
     with _store(run_dir, store) as opened:
         if out is not None:

@@ -55,7 +55,14 @@ from fashionlab.store import RunRecord, Store
 from fashionlab.tables import search_markdown
 from fashionlab.text import verdict
 from fashionlab.train import Tensors
-from fashionlab.trials import retried_trial, spent, spent_summary, trial_counts, trial_row
+from fashionlab.trials import (
+    retried_trial,
+    spent,
+    spent_summary,
+    trial_counts,
+    trial_history,
+    trial_row,
+)
 
 __all__ = ["FINISHED", "SCORE_RULE", "ConsensusScores", "SearchContext", "consensus_scores",
            "finish_search", "importances", "ranked_trials", "reference_tests", "retrain_best",
@@ -145,7 +152,7 @@ def finish_search(s: SearchContext, stopped_by: str, seconds: float) -> dict[str
         **spent_summary(search, used),
         "wall_seconds": _span(trials) or seconds,
         "trials": [trial_row(t) for t in trials],
-        "history": [t.value if t.state == TrialState.COMPLETE else None for t in trials],
+        "history": trial_history(trials),
         "importances": importances(study),
         "top": [], "reference": [], "retrain": None, "best": None, "best_value": None,
     }

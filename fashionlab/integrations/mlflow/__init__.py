@@ -41,7 +41,6 @@ _EXPORTS = {
     "flatten": "export",
     "logging_to_mlflow": "live",
     "require_mlflow": "export",
-    "shown_uri": "export",
     "without_password": "export",
 }
 
@@ -57,7 +56,6 @@ __all__ = [
     "flatten",
     "logging_to_mlflow",
     "require_mlflow",
-    "shown_uri",
     "without_password",
 ]
 
@@ -76,7 +74,6 @@ if TYPE_CHECKING:  # static analysers and IDEs see the names directly
         export_run_to_mlflow,
         flatten,
         require_mlflow,
-        shown_uri,
         without_password,
     )
     from fashionlab.integrations.mlflow.live import MlflowReporter, logging_to_mlflow

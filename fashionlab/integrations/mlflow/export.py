@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy as sa
 from optuna.trial import FrozenTrial
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -40,7 +41,7 @@ from fashionlab.text import first_line
 from fashionlab.trials import study_name
 
 __all__ = ["PARENT", "TAG_PART", "TAG_RUN", "TAG_STARTED", "MlflowError", "MlflowExport",
-           "export_run_to_mlflow", "flatten", "quiet_mlflow", "require_mlflow", "shown_uri",
+           "export_run_to_mlflow", "flatten", "quiet_mlflow", "require_mlflow",
            "without_password"]
 
 TAG_RUN = "fashionlab.run_id"  # on every MLflow run of a fashionlab run
@@ -77,11 +78,6 @@ SERVER_DATABASES = ("postgresql", "postgres", "mysql", "mssql")
 CONNECT_TIMEOUT = 10  # seconds to wait for a database server that does not answer
 
 
-def shown_uri(tracking_uri: str) -> str:
-    """`tracking_uri` fit to show: its password, if any, hidden."""
-    return safe_url(tracking_uri)
-
-
 def without_password(text: str, tracking_uri: str) -> str:
     """`text` (an error of MLflow or of its database driver, which may quote the URI) with
     the URI's password hidden."""
@@ -96,7 +92,7 @@ def without_password(text: str, tracking_uri: str) -> str:
 
 
 def _refused(tracking_uri: str, why: str) -> MlflowError:
-    return MlflowError(f"mlflow {shown_uri(tracking_uri)}: {without_password(why, tracking_uri)}")
+    return MlflowError(f"mlflow {safe_url(tracking_uri)}: {without_password(why, tracking_uri)}")
 
 
 def require_mlflow(tracking_uri: str | None = None) -> None:
@@ -121,20 +117,16 @@ def require_mlflow(tracking_uri: str | None = None) -> None:
         if database.is_dir():
             raise _refused(tracking_uri, f"{database} is a folder, not a database file (name "
                            "a file in it, such as sqlite:///mlflow.db)")
-    if tracking_uri is not None and tracking_uri.partition("+")[0].partition("://")[0] in \
-            SERVER_DATABASES:
-        _check_database(tracking_uri)
+    dialect = (tracking_uri or "").partition("+")[0].partition("://")[0]  # postgresql+psycopg2
+    if tracking_uri is not None and dialect in SERVER_DATABASES:
+        _check_database(tracking_uri, dialect)
     for name, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(name, value)
 
 
-def _check_database(tracking_uri: str) -> None:
+def _check_database(tracking_uri: str, dialect: str) -> None:
     """Open a database server's URI once, in one line when it fails: its driver missing,
     the server down or refusing."""
-    # SQLAlchemy: a dependency of MLflow and of the store; its engine only for this check
-    import sqlalchemy as sa
-
-    dialect = tracking_uri.partition("+")[0].partition("://")[0]
     try:
         engine = sa.create_engine(database_url(tracking_uri), connect_args=(
             {"connect_timeout": CONNECT_TIMEOUT} if dialect != "mssql" else {}))

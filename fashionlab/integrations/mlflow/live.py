@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from fashionlab.config import StudySpec
 from fashionlab.progress import Reporter, Tee, reporting
-from fashionlab.store import DEFAULT_RUN_DIR, Store
+from fashionlab.store import DEFAULT_RUN_DIR, Store, safe_url
 from fashionlab.text import first_line
 from fashionlab.train import EpochMetrics
 
@@ -83,7 +83,6 @@ class MlflowReporter:
         from fashionlab.integrations.mlflow.export import (
             MlflowExport,
             quiet_mlflow,
-            shown_uri,
             without_password,
         )
 
@@ -100,7 +99,7 @@ class MlflowReporter:
         except Exception as error:  # noqa: BLE001 - training goes on whatever MLflow does
             self.failed = True
             why = without_password(first_line(error), self.tracking_uri)
-            self.say(f"mlflow: cannot log to {shown_uri(self.tracking_uri)} ({why}); "
+            self.say(f"mlflow: cannot log to {safe_url(self.tracking_uri)} ({why}); "
                      "training goes on, and `fashionlab runs export RUN --to mlflow URI` "
                      "sends the run later")
             return None
