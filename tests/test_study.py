@@ -24,7 +24,7 @@ from helpers import OnEpoch, Recorder, assert_one_line_error, dead_pid, run_cli,
 
 from fashionlab.config import load_study, study_from_dict
 from fashionlab.cv import make_folds
-from fashionlab.data import Split, load_fashion_mnist
+from fashionlab.data import Split, load_fashion_mnist, write_idx
 from fashionlab.errors import ConfigError, StoreError
 from fashionlab.progress import Silent
 from fashionlab.results import table_rows
@@ -190,6 +190,38 @@ def test_a_given_dataset_gets_the_studys_limits_and_its_runs_are_told_apart(
     # --fresh on data that have a run: new because asked for, not because of the data.
     assert run_study(spec, run_dir=tmp_path, progress=False, dataset=other,
                      fresh=True).notes == []
+
+
+def test_a_study_whose_data_folder_moved_resumes_its_run(tiny_idx_dir: Path, tmp_path: Path):
+    """Where the files are read from is not a setting: the same files in another folder
+    resume the interrupted run; other files there start a new run, as other data do."""
+    def stop(key: str, epoch: int) -> None:
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    path = tmp_path / "moving.toml"
+    path.write_text(tiny_study_toml(tiny_idx_dir, epochs=3, final=False))
+    with pytest.raises(KeyboardInterrupt):
+        run_study(load_study(path), run_dir=tmp_path, progress=OnEpoch(stop))
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_idx_dir, moved)
+    path.write_text(tiny_study_toml(moved, epochs=3, final=False))
+    resumed = run_study(load_study(path), run_dir=tmp_path, progress=False)
+    (run,) = Store.open(tmp_path).runs()
+    assert resumed.run.id == run.id and run.state == "finished" and resumed.notes == []
+    assert run_study(load_study(path), run_dir=tmp_path, progress=False).already_finished
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_idx_dir, other)
+    labels = other / "train-labels-idx1-ubyte.gz"
+    whole = load_fashion_mnist(tiny_idx_dir, verify=False)
+    changed = whole.train.labels.copy()
+    changed[0] = (changed[0] + 1) % 10
+    write_idx(labels, changed)
+    path.write_text(tiny_study_toml(other, epochs=3, final=False))
+    second = run_study(load_study(path), run_dir=tmp_path, progress=False)
+    assert second.run.id != run.id
+    assert second.notes and "its data differ" in second.notes[0]
 
 
 def test_a_run_stored_before_runs_recorded_their_data_is_still_shown(study_file: Path,

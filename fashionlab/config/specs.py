@@ -562,8 +562,14 @@ class StudySpec:
         return dataclasses.asdict(self)
 
     def fingerprint(self) -> str:
-        """A short hash of the resolved configuration: equal configs, equal fingerprints."""
-        text = json.dumps(_without_later_defaults(self.to_dict()), sort_keys=True, default=str)
+        """A short hash of the resolved configuration: equal configs, equal fingerprints.
+
+        Where the data are read from is left out (hashed as the default, None): a study whose
+        data folder moved is the same study. Its runs record the data's SHA-256, which is what
+        decides whether a run's data are the same (`steps.same_data`)."""
+        settings = self.to_dict()
+        settings["data"]["directory"] = None
+        text = json.dumps(_without_later_defaults(settings), sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
