@@ -186,6 +186,27 @@ def _test_accuracies(summary: Mapping[str, Any]) -> dict[str, float | None]:
     return out
 
 
+def _paired_tests(summary_a: Mapping[str, Any], summary_b: Mapping[str, Any],
+                  ) -> dict[str, tuple[float | None, float | None]]:
+    """The test accuracies of two runs by model, a retrained best beside the other's one even
+    where they retrained different candidates (rather than two half-empty rows)."""
+    tests_a, tests_b = _test_accuracies(summary_a), _test_accuracies(summary_b)
+    best_a = (summary_a.get("retrain") or {}).get("candidate")
+    best_b = (summary_b.get("retrain") or {}).get("candidate")
+    if summary_a.get("retrain") and summary_b.get("retrain") and best_a != best_b:
+        both = f"retrained best ({best_a} in a, {best_b} in b)"
+        pair = tests_a.pop(f"{best_a} (retrained)"), tests_b.pop(f"{best_b} (retrained)")
+        return {both: pair, **{k: (tests_a.get(k), tests_b.get(k))
+                               for k in dict.fromkeys([*tests_a, *tests_b])}}
+    return {k: (tests_a.get(k), tests_b.get(k)) for k in dict.fromkeys([*tests_a, *tests_b])}
+
+
+def _test_images(run: RunRecord) -> int | None:
+    """How many test images a run tested its models on (None for a run stored before runs
+    recorded their data)."""
+    return ((run.environment or {}).get("data") or {}).get("test")
+
+
 # --------------------------------------------------------------------------------------------
 # Comparing two runs
 
@@ -212,13 +233,25 @@ class RunComparison:
     folds_match: bool  # same cv, data and seed: fold j is the same split in both runs
     reason: str | None  # why the folds do not match
     candidates: list[CandidateComparison]
-    tests: dict[str, tuple[float | None, float | None]]  # test accuracy of a model in a and b
+    # Test accuracy of a model in a and b. The retrained bests share one row, "retrained
+    # best (X in a, Y in b)", where the two runs retrained different candidates.
+    tests: dict[str, tuple[float | None, float | None]]
+    test_images: tuple[int | None, int | None] = (None, None)  # how many each run tested on
+
+    def test_intervals(self, name: str) -> tuple[tuple[float, float], tuple[float, float]]:
+        """Wilson's 95% interval of a model's test accuracy in a and in b (NaN where it has
+        none): how far each run's test set alone moves it."""
+        return tuple(stats.proportion_ci(math.nan if accuracy is None else accuracy, n or 0)
+                     for accuracy, n in zip(self.tests[name], self.test_images))
 
     def to_dict(self) -> dict[str, Any]:
         return jsonable({"a": self.a.to_dict(), "b": self.b.to_dict(),
                          "folds_match": self.folds_match, "reason": self.reason,
                          "candidates": [asdict(c) for c in self.candidates],
-                         "tests": {k: list(v) for k, v in self.tests.items()}})
+                         "tests": {k: list(v) for k, v in self.tests.items()},
+                         "test_images": list(self.test_images),
+                         "test_intervals": {k: [list(i) for i in self.test_intervals(k)]
+                                            for k in self.tests}})
 
 
 def _folds_differ(a: RunRecord, b: RunRecord) -> str | None:
@@ -303,11 +336,10 @@ def compare_runs(store: Store, a: str, b: str, *, alpha: float = 0.05) -> RunCom
             verdict = f"no significant difference (p={p:.3g})"
         rows.append(CandidateComparison(name, in_a, in_b, test.mean_difference,
                                         test.t, test.p_value, p, verdict))
-    tests_a, tests_b = _test_accuracies(summary_a), _test_accuracies(summary_b)
     return RunComparison(
         a=overview(run_a), b=overview(run_b), folds_match=reason is None, reason=reason,
-        candidates=rows,
-        tests={k: (tests_a.get(k), tests_b.get(k)) for k in dict.fromkeys([*tests_a, *tests_b])},
+        candidates=rows, tests=_paired_tests(summary_a, summary_b),
+        test_images=(_test_images(run_a), _test_images(run_b)),
     )
 
 

@@ -195,7 +195,13 @@ def test_compare_pairs_the_folds_when_they_match(runs: dict[str, StudyResult],
         assert candidate.difference == pytest.approx(test.mean_difference)
         assert candidate.a.mean == pytest.approx(np.mean(by_name[0][candidate.name].val_accuracy))
         assert candidate.verdict.endswith(f"(p={p_holm:.3g})")
-    assert set(result.tests) == {f"{a.best} (retrained)", f"{b.best} (retrained)"}
+    (row,) = result.tests
+    assert row == (f"{a.best} (retrained)" if a.best == b.best else
+                   f"retrained best ({a.best} in a, {b.best} in b)")
+    assert result.tests[row] == (a.retrain.test_accuracy, b.retrain.test_accuracy)
+    assert result.test_images == (100, 100)  # the tiny test set
+    assert result.test_intervals(row) == tuple(
+        stats.proportion_ci(r.retrain.test_accuracy, 100) for r in (a, b))
 
     code, out, _ = run_cli(capsys, "runs", "compare", a.run.id, b.run.id, "--run-dir",
                            _run_dir(runs))
@@ -248,6 +254,44 @@ def test_compare_says_when_folds_differ(tmp_path: Path, capsys: pytest.CaptureFi
     assert code == 0 and not data["folds_match"] and data["reason"].startswith("folds differ")
     assert [c["verdict"] for c in data["candidates"]] == ["folds differ"]
     assert data["candidates"][0]["p_value"] is None
+
+
+def test_compare_puts_the_retrained_bests_side_by_side_with_their_intervals(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """Two runs that retrained different candidates: one row for both, not two half-empty
+    ones; each accuracy with Wilson's interval from its run's number of test images."""
+    store = Store.open(tmp_path)
+
+    def run(best: str, accuracy: float, images: int | None) -> str:
+        return _fake_run(store, "s", summary={
+            "n_train": 200, "n_val": 100,
+            "candidates": [{"name": best, "val_accuracy": [0.8, 0.8, 0.8]}],
+            "retrain": {"candidate": best, "test_accuracy": accuracy},
+            "final": [{"name": "cnn", "test_accuracy": accuracy + 0.02}]},
+            environment={} if images is None else {"data": {"test": images}})
+
+    a, b, old = run("x", 0.8835, 10000), run("y", 0.9, 2000), run("x", 0.88, None)
+    result = compare_runs(store, a, b)
+    assert result.tests == {"retrained best (x in a, y in b)": (0.8835, 0.9),
+                            "cnn": (pytest.approx(0.9035), pytest.approx(0.92))}
+    assert result.test_images == (10000, 2000)
+    low, high = result.test_intervals("retrained best (x in a, y in b)")[0]
+    assert (round(100 * low, 2), round(100 * high, 2)) == (87.71, 88.96)  # stats' example
+    assert compare_runs(store, a, b).test_intervals("cnn")[1] == stats.proportion_ci(0.92, 2000)
+    # A run stored before runs recorded their data: no interval, the accuracy alone.
+    assert all(map(math.isnan, compare_runs(store, a, old).test_intervals("x (retrained)")[1]))
+    store.close()
+
+    code, out, _ = run_cli(capsys, "runs", "compare", a, b, "--run-dir", str(tmp_path))
+    assert code == 0
+    assert "88.35 [87.7, 89.0]" in out and "retrained best (x in a, y in b)" in out
+    code, out, _ = run_cli(capsys, "runs", "compare", a, old, "--run-dir", str(tmp_path))
+    assert code == 0 and "88.00" in out and "x (retrained)" in out
+    code, out, _ = run_cli(capsys, "runs", "compare", a, b, "--json", "--run-dir",
+                           str(tmp_path))
+    data = json.loads(out)
+    assert data["test_images"] == [10000, 2000]
+    assert data["test_intervals"]["cnn"][1] == pytest.approx(list(stats.proportion_ci(0.92, 2000)))
 
 
 def test_compare_candidates_in_one_run_only_and_unfinished_runs(tmp_path: Path,

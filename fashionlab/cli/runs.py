@@ -199,12 +199,20 @@ def compare(a: RunId, b: RunId, run_dir: RunDir = DEFAULT_RUN_DIR, store: StoreU
             "-" if math.isnan(c.p_holm) else f"{c.p_holm:.3g}", Text(c.verdict))
     console.print(table)
     if result.tests:
-        tests = Table(title="test accuracy %")
+        tests = Table(title="test accuracy % [95% interval from the test set's size]")
         for column in ("model", "a", "b"):
-            tests.add_column(column)
-        for name, (in_a, in_b) in result.tests.items():
-            tests.add_row(Text(name), percent(in_a), percent(in_b))
+            tests.add_column(column, overflow="fold")
+        for name, accuracies in result.tests.items():
+            cells = [_with_interval(accuracy, interval) for accuracy, interval
+                     in zip(accuracies, result.test_intervals(name))]
+            tests.add_row(Text(name), *cells)
         console.print(tests)
+
+
+def _with_interval(accuracy: float | None, interval: tuple[float, float]) -> str:
+    if accuracy is None or math.isnan(interval[0]):
+        return percent(accuracy)
+    return f"{percent(accuracy)} [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
 
 
 @runs_app.command()
