@@ -351,7 +351,8 @@ def test_the_command_line_exports_and_logs_live(tiny_idx_dir: Path, tmp_path: Pa
                           "exist (create it, or correct the path)")),
                          # MLflow 3 refuses its file store (in a paragraph) unless allowed
                          (str(tmp_path / "mlruns"), "a folder (MLflow's file store)"),
-                         (f"file://{tmp_path / 'mlruns'}", "MLFLOW_ALLOW_FILE_STORE=true")]:
+                         (f"file://{tmp_path / 'mlruns'}", "MLFLOW_ALLOW_FILE_STORE=true"),
+                         ("bogus://x", "mlflow bogus://x: MLflow stores no runs at a bogus://")]:
         code, out, err = run_cli(capsys, "runs", "export", run_id, "--to", "mlflow", uri,
                                  "--run-dir", str(tmp_path / "runs"))
         assert_one_line_error(code, err, message)

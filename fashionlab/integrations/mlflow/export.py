@@ -103,6 +103,9 @@ def require_mlflow(tracking_uri: str | None = None) -> None:
     if tracking_uri is not None and not tracking_uri.strip():
         raise MlflowError("the MLflow tracking URI is empty (e.g. sqlite:///mlflow.db or "
                           "http://host:5000)")
+    if tracking_uri is not None and (scheme := _unknown_scheme(tracking_uri)) is not None:
+        raise _refused(tracking_uri, f"MLflow stores no runs at a {scheme}:// URI (e.g. "
+                       "sqlite:///mlflow.db, http://host:5000 or postgresql://host/db)")
     if tracking_uri is not None and _file_store(tracking_uri) and not _file_store_allowed():
         # MLflow 3 refuses it only at the first call, in a paragraph: after training.
         raise _refused(tracking_uri, "a folder (MLflow's file store), which MLflow no longer "
@@ -144,6 +147,20 @@ def _check_database(tracking_uri: str, dialect: str) -> None:
                        f"({first_line(getattr(error, 'orig', None) or error)})") from None
     finally:
         engine.dispose()
+
+
+def _unknown_scheme(tracking_uri: str) -> str | None:
+    """The URI's scheme where MLflow has no tracking store for it (its own error names the
+    model registry instead), else None. The schemes are MLflow's registry's, plugins' too."""
+    try:  # private to MLflow; where it moved, MLflow's own error stands
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+        known = set(_tracking_store_registry._registry)
+    except (ImportError, AttributeError):
+        return None
+    scheme = urllib.parse.urlparse(tracking_uri).scheme.partition("+")[0]
+    if scheme in known or scheme in SERVER_DATABASES or len(scheme) == 1:  # C:\ on Windows
+        return None
+    return scheme
 
 
 def _file_store(tracking_uri: str) -> bool:
