@@ -404,6 +404,11 @@ def test_a_database_uri_that_cannot_be_used_fails_at_once_its_password_hidden(
         "failed: me:***@h and ***"
     assert safe_url("http://me:s%40cret@h:5000/x") == "http://me:***@h:5000/x"  # the URI shown
     assert without_password("at me:s@cret", "http://me:s%40cret@h") == "at me:***"
+    # A short password is hidden in the URI, not in every word that holds its letters.
+    assert without_password("cannot open http://me:a@h/db: a timeout", "http://me:a@h/db") == \
+        "cannot open http://me:***@h/db: a timeout"
+    assert without_password("user me, password s3cret1: refused", "http://me:s3cret1@h") == \
+        "user me, password ***: refused"
 
 
 def test_a_quiet_study_still_says_that_mlflow_failed(tiny_idx_dir: Path, tmp_path: Path,

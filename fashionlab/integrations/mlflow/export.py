@@ -76,6 +76,9 @@ HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_TI
 # MLflow retries a database it cannot open 9 times over ~100 s, a warning paragraph each time.
 SERVER_DATABASES = ("postgresql", "postgres", "mysql", "mssql")
 CONNECT_TIMEOUT = 10  # seconds to wait for a database server that does not answer
+# A password shorter than this is hidden only where the URI is quoted (me:pw@host): hidden
+# everywhere, one of a few letters would mask those letters in every word of the message.
+MIN_MASKED = 4
 
 
 def without_password(text: str, tracking_uri: str) -> str:
@@ -87,7 +90,9 @@ def without_password(text: str, tracking_uri: str) -> str:
         return text
     for form in sorted({password, urllib.parse.unquote(password or "")} - {None, ""},
                        key=len, reverse=True):
-        text = text.replace(form, "***")
+        text = text.replace(f":{form}@", ":***@")  # in a quoted URI, whatever its length
+        if len(form) >= MIN_MASKED:  # elsewhere only as a whole word, and not "a" in "cannot"
+            text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(form)}(?![A-Za-z0-9])", "***", text)
     return text
 
 
