@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -398,6 +399,35 @@ def test_evaluate_json(tmp_path: Path, tiny_idx_dir: Path, capsys: pytest.Captur
                              "--no-verify", "--device", "cpu")
     low, high = (f"{100 * v:.1f}" for v in result["accuracy_ci"])
     assert code == 0 and f"[95% interval {low}, {high}]   loss" in out, err
+
+
+def test_evaluate_needs_only_the_test_files(tmp_path: Path, tiny_idx_dir: Path,
+                                            capsys: pytest.CaptureFixture[str]):
+    """A folder with the two t10k files is enough to score a model; without one of them,
+    one line names the missing file."""
+    directory = _fit_tiny(tmp_path / "m", tiny_idx_dir)
+    test_only = tmp_path / "test-only"
+    test_only.mkdir()
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        shutil.copy(tiny_idx_dir / name, test_only / name)
+    scores = {}
+    for folder in (tiny_idx_dir, test_only):
+        code, out, err = run_cli(capsys, "evaluate", str(directory), "--dir", str(folder),
+                                 "--no-verify", "--device", "cpu", "--json")
+        assert code == 0, err
+        scores[folder] = json.loads(out)
+        assert scores[folder]["data"] == str(folder)
+    assert scores[test_only]["accuracy"] == scores[tiny_idx_dir]["accuracy"]
+    assert scores[test_only]["confusion"] == scores[tiny_idx_dir]["confusion"]
+    (test_only / "t10k-labels-idx1-ubyte.gz").unlink()
+    code, _, err = run_cli(capsys, "evaluate", str(directory), "--dir", str(test_only),
+                           "--no-verify", "--device", "cpu")
+    assert_one_line_error(code, err, f"{test_only / 't10k-labels-idx1-ubyte'}[.gz]: "
+                                     "file not found")
+    # Fashion-MNIST's checksums still apply to the test files alone.
+    code, _, err = run_cli(capsys, "evaluate", str(directory), "--dir", str(tiny_idx_dir),
+                           "--device", "cpu")
+    assert code == 2 and "t10k-images-idx3-ubyte" in err and "train-" not in err, err
 
 
 def test_evaluate_with_other_test_time_views(

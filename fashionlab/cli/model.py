@@ -41,8 +41,8 @@ def _views(tta: Views | None) -> str | None:
 def evaluate(
     model: ModelDir,
     directory: Annotated[Path | None, typer.Option(
-        "--dir", help="Read the IDX files from this directory instead of searching for them.",
-        show_default=False)] = None,
+        "--dir", help="Read the test set's two IDX files (t10k-*) from this directory "
+        "instead of searching for them.", show_default=False)] = None,
     verify: Annotated[bool, typer.Option(
         "--verify/--no-verify",
         help="Check the Fashion-MNIST checksums; --no-verify for other IDX datasets.")] = True,
@@ -64,19 +64,18 @@ def evaluate(
     """
     # torch: loaded when a command runs, so that `fashionlab --help` stays instant
     from fashionlab.artifacts import load_model
-    from fashionlab.data import load_fashion_mnist
+    from fashionlab.data import load_fashion_mnist_test
     from fashionlab.evaluate import evaluate as score
     from fashionlab.evaluate import unlike_the_study
     from fashionlab.hardware import resolve_device
 
     target = resolve_device(device)
     saved = load_model(model, target, tta=_views(tta))
-    dataset = load_fashion_mnist(directory, verify=verify)
-    test = dataset.test.head(limit)
-    result = score(saved, test, device=target)
+    test, source = load_fashion_mnist_test(directory, verify=verify)
+    result = score(saved, test.head(limit), device=target)
     notes = unlike_the_study(saved, result)
     if as_json:
-        typer.echo(json.dumps({"model": str(model), "data": str(dataset.source),
+        typer.echo(json.dumps({"model": str(model), "data": str(source),
                                "split": "test", "tta": saved.spec.tta, **result.to_dict(),
                                "notes": notes}, indent=2))
         return
@@ -86,7 +85,7 @@ def evaluate(
     console = output_console()
     views = "" if saved.spec.tta == "none" else f", tta {saved.spec.tta}"
     first = "" if limit is None else "the first "
-    console.print(f"{model} on {dataset.source} (test, {first}{result.n} images{views})",
+    console.print(f"{model} on {source} (test, {first}{result.n} images{views})",
                   soft_wrap=True)
     low, high = result.accuracy_interval()
     interval = f" [95% interval {100 * low:.1f}, {100 * high:.1f}]" if result.n else ""

@@ -22,6 +22,7 @@ from fashionlab.data.dataset import (
     Dataset,
     Split,
     load_idx_dataset,
+    load_idx_test_split,
     normalize,
     to_tensors,
 )
@@ -33,6 +34,7 @@ from fashionlab.data.fetch import (
     MIRRORS_ENV,
     fetch_fashion_mnist,
     load_fashion_mnist,
+    load_fashion_mnist_test,
     locate_fashion_mnist,
 )
 from fashionlab.data.files import (
@@ -68,7 +70,9 @@ __all__ = [
     "cache_dir",
     "fetch_fashion_mnist",
     "load_fashion_mnist",
+    "load_fashion_mnist_test",
     "load_idx_dataset",
+    "load_idx_test_split",
     "locate_fashion_mnist",
     "normalize",
     "parse_idx",

@@ -14,6 +14,8 @@ import numpy as np
 
 from fashionlab.data.files import (
     FILE_NAMES,
+    TEST_IMAGES,
+    TEST_LABELS,
     FileChecksum,
     PathLike,
     check,
@@ -35,6 +37,7 @@ __all__ = [
     "Dataset",
     "Split",
     "load_idx_dataset",
+    "load_idx_test_split",
     "normalize",
     "to_tensors",
 ]
@@ -132,28 +135,50 @@ def load_idx_dataset(
     must match its entry; without, only the format, counts and label range are checked.
     """
     directory = Path(directory).expanduser()
+    arrays, files, verified = _read_idx_files(directory, FILE_NAMES, checksums)
+    n_classes = len(class_names)
+    train = _split(*arrays[:2], *files[:2], n_classes=n_classes)
+    test = _split(*arrays[2:], *files[2:], n_classes=n_classes)
+    return Dataset(train, test, directory, verified, tuple(class_names), tuple(files))
+
+
+def load_idx_test_split(
+    directory: PathLike,
+    *,
+    checksums: Mapping[str, FileChecksum] | None = None,
+    class_names: Sequence[str] = CLASS_NAMES,
+) -> Split:
+    """Load only the test images and labels in `directory` (t10k-*, raw or .gz), checked as
+    `load_idx_dataset` checks them: scoring a model needs no training files."""
+    directory = Path(directory).expanduser()
+    arrays, files, _ = _read_idx_files(directory, (TEST_IMAGES, TEST_LABELS), checksums)
+    return _split(*arrays, *files, n_classes=len(class_names))
+
+
+def _read_idx_files(directory: Path, names: Sequence[str],
+                    checksums: Mapping[str, FileChecksum] | None,
+                    ) -> tuple[list[np.ndarray], list[Path], bool]:
+    """The arrays of the named files (images 3-D, labels 1-D), their paths, and whether every
+    one matched its checksum (each verified once per file version: the memo)."""
     files = []
-    for name in FILE_NAMES:
+    for name in names:
         found = find_one(directory, name)
         if found is None:
             raise DataError(f"{directory / name}[.gz]: file not found")
         files.append(found)
     memo = read_memo() if checksums is not None else {}
     verified, new_entries, arrays = checksums is not None, {}, []
-    for name, path, ndim in zip(FILE_NAMES, files, (3, 1, 3, 1)):
+    for name, path in zip(names, files):
         stat = path.stat()
         data = read_decompressed(path)
-        arrays.append(parse_idx(data, source=path, ndim=ndim))
+        arrays.append(parse_idx(data, source=path, ndim=3 if "images" in name else 1))
         expected = checksums.get(name) if checksums is not None else None
         if expected is None:
             verified = False
         elif not remembered(memo, path, stat, expected):
             new_entries.update(memo_entry(path, stat, check(data, expected, source=path)))
     remember(new_entries)
-    n_classes = len(class_names)
-    train = _split(*arrays[:2], *files[:2], n_classes=n_classes)
-    test = _split(*arrays[2:], *files[2:], n_classes=n_classes)
-    return Dataset(train, test, directory, verified, tuple(class_names), tuple(files))
+    return arrays, files, verified
 
 
 def _split(images: np.ndarray, labels: np.ndarray, images_path: Path, labels_path: Path, *,

@@ -23,7 +23,7 @@ from http.client import HTTPException
 from pathlib import Path
 from types import MappingProxyType
 
-from fashionlab.data.dataset import Dataset, load_idx_dataset
+from fashionlab.data.dataset import Dataset, Split, load_idx_dataset, load_idx_test_split
 from fashionlab.data.files import (
     FILE_NAMES,
     TEST_IMAGES,
@@ -53,6 +53,7 @@ __all__ = [
     "MIRRORS_ENV",
     "fetch_fashion_mnist",
     "load_fashion_mnist",
+    "load_fashion_mnist_test",
     "locate_fashion_mnist",
 ]
 
@@ -139,6 +140,32 @@ def load_fashion_mnist(
         except DataError as fetching:
             raise DataError(f"{error}; fetching it again failed: {fetching}") from None
         return load_idx_dataset(found, checksums=checksums if verify else None)
+
+
+def load_fashion_mnist_test(
+    directory: PathLike | None = None,
+    *,
+    download: bool = True,
+    verify: bool = True,
+    mirrors: Sequence[str] | None = None,
+    checksums: Mapping[str, FileChecksum] | None = None,
+) -> tuple[Split, Path]:
+    """The test split and the folder it was read from. A folder you name (or FASHIONLAB_DATA)
+    needs only the two t10k files, which is all that scoring a model reads; elsewhere the
+    dataset is found, fetched and loaded as `load_fashion_mnist` does."""
+    checksums = FASHION_MNIST_CHECKSUMS if checksums is None else checksums
+    explicit = directory if directory is not None else os.environ.get(DATA_ENV)
+    if not explicit:
+        dataset = load_fashion_mnist(download=download, verify=verify, mirrors=mirrors,
+                                     checksums=checksums)
+        return dataset.test, dataset.source
+    found = Path(explicit).expanduser()
+    try:
+        return load_idx_test_split(found, checksums=checksums if verify else None), found
+    except DataError as error:
+        if directory is None:  # say where the folder came from
+            raise DataError(f"{error} (FASHIONLAB_DATA={explicit})") from None
+        raise
 
 
 # ---------------------------------------------------------------------------------------------
