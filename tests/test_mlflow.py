@@ -412,20 +412,22 @@ def test_a_database_uri_that_cannot_be_used_fails_at_once_its_password_hidden(
 
 
 def test_a_quiet_study_still_says_that_mlflow_failed(tiny_idx_dir: Path, tmp_path: Path,
-                                                     capsys):
+                                                     capsys, monkeypatch: pytest.MonkeyPatch):
     path = _study(tiny_idx_dir, tmp_path, final=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a server that is down
     code, _, err = run_cli(capsys, "study", str(path), "--run-dir", str(tmp_path / "runs"),
-                             "--workers", "1", "-q", "--mlflow", "nosuchscheme://nowhere")
+                             "--workers", "1", "-q", "--mlflow", "http://127.0.0.1:1")
     assert code == 0
-    assert err.startswith("mlflow: cannot log to nosuchscheme://nowhere (") and \
+    assert err.startswith("mlflow: cannot log to http://127.0.0.1:1 (") and \
         err.count("\n") == 1, err
 
 
 def test_an_mlflow_failure_does_not_stop_training(tiny_idx_dir: Path, tmp_path: Path,
-                                                  tracking: str):
+                                                  tracking: str, monkeypatch: pytest.MonkeyPatch):
     spec = load_study(_study(tiny_idx_dir, tmp_path, final=False))
     recorder = Recorder()
-    with logging_to_mlflow("nosuchscheme://nowhere", spec, run_dir=tmp_path / "runs",
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a server that is down
+    with logging_to_mlflow("http://127.0.0.1:1", spec, run_dir=tmp_path / "runs",
                            progress=recorder) as progress:
         result = run_study(spec, run_dir=tmp_path / "runs", progress=progress)
     assert result.run.status == "finished"
