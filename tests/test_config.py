@@ -80,6 +80,15 @@ def test_settings_added_later_keep_a_study_fingerprint_at_their_old_meaning():
         assert other.fingerprint() != spec.fingerprint()
 
 
+def test_a_quick_searchs_budget_is_what_its_trials_cost_on_its_own_folds():
+    """--quick caps a fold-epoch budget at 6 trials x 8 epochs x the study's folds."""
+    spec = load_study("search")
+    assert spec.search is not None and spec.cv.n_splits == 5
+    assert quick_variant(spec).search.budget == 6 * 8 * 5
+    three = dataclasses.replace(spec, cv=dataclasses.replace(spec.cv, n_splits=3))
+    assert quick_variant(three).search.budget == 6 * 8 * 3
+
+
 def test_fingerprint_changes_with_any_setting():
     spec = load_study("seed")
     other = study_from_dict({**tomllib.loads(study_to_toml(spec)), "seed": 1})

@@ -716,8 +716,6 @@ def test_a_one_cycle_reference_is_read_at_the_end_of_its_schedule(tiny_idx_dir: 
         tiny_idx_dir, name="tiny-ref", epochs=6, train=train, patience=2, final=False,
         candidates=candidate).replace(*early_warning))
     run_dir = tmp_path / "runs"
-    study = run_study(load_study(reference), run_dir=run_dir, progress=False)
-    assert study.candidates[0].warning.epoch < 6
     path = _load(search_toml(tiny_idx_dir, epochs=6, train=train, search="""
 n_trials = 1
 pruner = "none"
@@ -726,8 +724,20 @@ study = "tiny-ref"
 candidate = "small"
 """, space="learning_rate = { low = 1e-3, high = 0.05, log = true }").replace(*early_warning),
                  tmp_path)
+    # Searched before its reference study ran: said, and picked up once the study has run,
+    # without training the search again.
+    early = run_search(load_study(path), run_dir=run_dir, progress=False)
+    assert early.summary["reference"][0]["missing"].endswith("in the store: run it first")
+    study = run_study(load_study(reference), run_dir=run_dir, progress=False)
+    assert study.candidates[0].warning.epoch < 6
+    epochs_before = len(Store.open(run_dir).epochs(early.run.id))
     result = run_search(load_study(path), run_dir=run_dir, progress=False)
+    assert result.run.id == early.run.id
+    assert len(Store.open(run_dir).epochs(early.run.id)) == epochs_before  # nothing trained
+    assert result.summary["retrain"] == early.summary["retrain"]
+    assert "not tested" not in (result.output_dir / "results.md").read_text()
     (row,) = result.summary["reference"]
+    assert Store.open(run_dir).run(early.run.id).summary["reference"] == [row]
     base = result.trials[0]
     assert row["epoch"] == base.user_attrs["consensus_epoch"] == 6
     assert row["fold_scores"] == base.user_attrs["fold_scores"]
@@ -735,11 +745,16 @@ candidate = "small"
 
 
 def test_a_grid_with_the_wilcoxon_pruner_reports_per_fold(tiny_idx_dir: Path, tmp_path: Path):
-    path = _load(search_toml(tiny_idx_dir, search="""
+    text = search_toml(tiny_idx_dir, search="""
 sampler = "grid"
 pruner = "wilcoxon"
 warmup = 1
-""", space="learning_rate = { choices = [0.001, 0.01, 0.05] }"), tmp_path)
+""", space="learning_rate = { choices = [0.001, 0.01, 0.05] }")
+    # With 3 folds its test could never prune (the smallest p is 1/2**3 = 0.125 > 0.1): refused.
+    with pytest.raises(ConfigError, match=r"search\.pruner: wilcoxon compares a trial's folds "
+                       r"and can prune nothing with 3 folds \(its smallest p is 0\.125"):
+        load_study(_load(text, tmp_path, "three.toml"))
+    path = _load(text.replace("n_splits = 3", "n_splits = 4"), tmp_path)
     shown = Recorder()
     result = run_search(load_study(path), run_dir=tmp_path / "runs", progress=shown)
     assert result.finished and result.stopped_by == "grid"  # n_trials: the grid's size
@@ -751,9 +766,12 @@ warmup = 1
         assert label.startswith(f"trial {trial.removeprefix('trial-')} fold "
                                 f"{fold.removeprefix('fold-')}  "), (label, key)
     assert sorted(t.params["learning_rate"] for t in result.trials) == [0.001, 0.01, 0.05]
-    for trial in result.trials:
-        assert sorted(trial.intermediate_values) == [0, 1, 2]  # one report per fold
-        assert trial.intermediate_values[0] == trial.user_attrs["fold_scores"][0]
+    for trial in result.trials:  # one report per fold, up to the fold it was pruned at
+        reported = sorted(trial.intermediate_values)
+        assert reported and reported == list(range(len(reported)))
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            assert reported == [0, 1, 2, 3]
+            assert trial.intermediate_values[0] == trial.user_attrs["fold_scores"][0]
 
 
 _KILLER = textwrap.dedent("""
@@ -875,6 +893,86 @@ sampler = "random"
     keys = [(e.key, e.epoch) for e in epochs]
     assert len(keys) == len(set(keys)) == 4 * 3 * 3 + 3  # folds' epochs + the retrain's
     store.close()
+
+
+def test_finish_after_a_kill_counts_the_lost_trial_and_keeps_its_checkpoint(
+        tiny_idx_dir: Path, tmp_path: Path):
+    """`--finish` after the search's process was killed: the trial it trained is lost (and
+    waits for its retry), not "running", and its checkpoint stays, so that the retry, when the
+    search goes on, continues from it instead of training from its first epoch again."""
+    path = _learning_rate_search(tiny_idx_dir, tmp_path, 'n_trials = 3\npruner = "none"')
+    script = tmp_path / "killer.py"
+    script.write_text(_KILLER)
+    run_dir = tmp_path / "killed"
+    killed = subprocess.run([sys.executable, str(script), str(path), str(run_dir),
+                             "trial-1/fold-1", "2"], capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    spec = load_study(path)
+    finished = run_search(spec, run_dir=run_dir, progress=False, finish=True)
+    assert finished.summary["counts"] == {"complete": 1, "pruned": 0, "fail": 0, "retried": 0,
+                                          "waiting": 1, "running": 0}
+    assert "(1 waiting to run again)" in (finished.output_dir / "results.md").read_text()
+    assert list((finished.output_dir / "checkpoints").glob("*.pt"))
+    shown = Recorder()
+    resumed = run_search(spec, run_dir=run_dir, progress=shown)
+    retried = [c[2] for c in shown.calls
+               if c[0] == "epoch" and any(k.startswith("trial-1/") for k in c[3])]
+    assert retried and retried[0] > 1  # from its checkpoint, not from epoch 1
+    assert resumed.summary["counts"] == {"complete": 3, "pruned": 0, "fail": 0, "retried": 1,
+                                         "waiting": 0, "running": 0}
+    assert not (resumed.output_dir / "checkpoints").exists()  # none waits any more
+
+
+def test_a_stop_while_a_trial_is_claimed_retries_it(tiny_idx_dir: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch):
+    """Ctrl-C while the store records the trial's claim (before it trains): the trial is
+    retried, as one stopped while training is, not failed for good."""
+    from fashionlab.search import loop
+
+    path = _learning_rate_search(tiny_idx_dir, tmp_path, 'n_trials = 3\npruner = "none"\n'
+                                 'sampler = "random"')
+    reference = run_search(load_study(path), run_dir=tmp_path / "reference", progress=False)
+    real, calls = loop.claim_job, []
+
+    def stopped_at_the_second_claim(*args: object, **kwargs: object) -> object:
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "claim_job", stopped_at_the_second_claim)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(load_study(path), run_dir=tmp_path, progress=False)
+    monkeypatch.setattr(loop, "claim_job", real)
+    result = run_search(load_study(path), run_dir=tmp_path, progress=False)
+    assert result.summary["counts"] == {"complete": 3, "pruned": 0, "fail": 0, "retried": 1,
+                                        "waiting": 0, "running": 0}
+    assert result.trials[1].params == {}  # stopped before it drew
+    # Its retry, and the trial after it, draw what an uninterrupted search draws.
+    finished = [t for t in result.trials if t.state in FINISHED]
+    assert [(t.params, t.value) for t in finished] == \
+        [(t.params, t.value) for t in reference.trials]
+
+
+def test_fresh_in_a_copied_run_directory_leaves_the_original_alone(
+        tiny_idx_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    path = _learning_rate_search(tiny_idx_dir, tmp_path, 'n_trials = 1\npruner = "none"')
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    first = run_search(load_study(path), run_dir=original, progress=False)
+    shutil.copytree(original, copy)
+    # --fresh with --finish: contradictory, refused before anything is deleted.
+    code, _, err = run_cli(capsys, "search", str(path), "--run-dir", str(copy), "--fresh",
+                           "--finish")
+    assert_one_line_error(code, err, "--finish and --fresh contradict each other")
+    assert [r.id for r in Store.open(copy).runs()] == [first.run.id]
+    assert len(_trials(copy, path)) == 1
+    again = run_search(load_study(path), run_dir=copy, progress=False, fresh=True)
+    assert again.run.id != first.run.id or again.run.started > first.run.started
+    assert (original / first.run.id / "results.md").exists()  # the original's files stay
+    assert (copy / again.run.id / "results.md").exists()
+    if again.run.id != first.run.id:  # the copy's files of the deleted run went with it
+        assert not (copy / first.run.id).exists()
 
 
 def test_an_interrupted_trial_is_retried_once_with_its_parameters(

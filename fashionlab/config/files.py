@@ -270,7 +270,8 @@ def quick_variant(spec: StudySpec) -> StudySpec:
         retrain=replace(spec.retrain, epochs=spec.retrain.epochs
                         if spec.retrain.epochs == "warning" else min(spec.retrain.epochs, 8)),
         final=tuple(shorten(c, 3) for c in spec.final),
-        search=None if spec.search is None else _quick_search(spec.search, epochs=8),
+        search=None if spec.search is None else _quick_search(
+            spec.search, epochs=8, folds=spec.cv.n_splits * spec.cv.repeats),
     )
 
 
@@ -282,8 +283,9 @@ def _quick_name(name: str) -> str:
     return f"{name}-quick"
 
 
-def _quick_search(search: SearchSpec, *, epochs: int) -> SearchSpec:
-    """A small version of a search (for `--quick`): at most 6 trials, `epochs` epochs."""
+def _quick_search(search: SearchSpec, *, epochs: int, folds: int) -> SearchSpec:
+    """A small version of a search (for `--quick`): at most 6 trials, `epochs` epochs; a
+    budget of at most what they cost in fold-epochs (each trial trains `folds` folds)."""
     space = dict(search.space)
     spec = space.get("epochs")
     if spec is not None:
@@ -305,4 +307,4 @@ def _quick_search(search: SearchSpec, *, epochs: int) -> SearchSpec:
         search, space=space, n_trials=trials, startup_trials=min(search.startup_trials, 2),
         reference=reference,
         warmup=min(search.warmup, 2),
-        budget=None if search.budget is None else min(search.budget, trials * 5 * epochs))
+        budget=None if search.budget is None else min(search.budget, trials * folds * epochs))

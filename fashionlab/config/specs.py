@@ -558,6 +558,20 @@ class StudySpec:
                                   f"{limit})")
         return self
 
+    @model_validator(mode="after")
+    def _pruning_can_prune(self) -> StudySpec:
+        folds = self.cv.n_splits * self.cv.repeats
+        if self.search is not None and self.search.pruner == "wilcoxon" and \
+                folds < WILCOXON_MIN_FOLDS:
+            # The exact one-sided test's smallest p with n folds is 1/2**n: 0.125 with 3,
+            # above the pruner's threshold of 0.1. It would prune nothing, silently.
+            raise FieldValueError(("search", "pruner"), f"wilcoxon compares a trial's folds "
+                                  f"and can prune nothing with {folds} folds (its smallest p is "
+                                  f"{0.5 ** folds:g}, above its threshold of "
+                                  f"{WILCOXON_P_THRESHOLD}): it needs {WILCOXON_MIN_FOLDS} or "
+                                  "more folds; use pruner = \"median\"")
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -571,6 +585,12 @@ class StudySpec:
         settings["data"]["directory"] = None
         text = json.dumps(_without_later_defaults(settings), sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+# The Wilcoxon pruner prunes a trial when the signed-rank test of its folds against the best
+# trial's gives p below this; the exact test needs this many folds for a p that small.
+WILCOXON_P_THRESHOLD = 0.1
+WILCOXON_MIN_FOLDS = 4
 
 
 # Settings added after studies were first stored, with the value that means "as before". At that

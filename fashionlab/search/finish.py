@@ -135,13 +135,21 @@ def finish_search(s: SearchContext, stopped_by: str, seconds: float) -> dict[str
     run = store.run(s.run.run.id)
     trials = study.get_trials(deepcopy=False)
     finished = sorted(t.number for t in trials if t.state in FINISHED)
-    if run.status == "finished" and run.summary and run.summary.get("finished_trials") == finished:
-        if not (s.run.output_dir / REPORT_NAME).exists():  # killed before it was written
-            write_report(store, run.id, device=s.run.device)
-        return run.summary
-    direction = "maximize" if s.maximize else "minimize"
     ranked = ranked_trials(trials, maximize=s.maximize)
     n_train, n_val = len(s.folds[0].train_index), len(s.folds[0].val_index)
+    if run.status == "finished" and run.summary and run.summary.get("finished_trials") == finished:
+        # The same trials: nothing retrains. Only what reads the table is made again when it
+        # changed: `top` or `[search.reference]` edited (neither makes another search), or a
+        # reference study run since.
+        tables = jsonable(_tables(s, run, ranked, n_train=n_train, n_val=n_val))
+        if all(run.summary.get(key) == value for key, value in tables.items()):
+            if not (s.run.output_dir / REPORT_NAME).exists():  # killed before it was written
+                write_report(store, run.id, device=s.run.device)
+            return run.summary
+        summary = {**run.summary, **tables}
+        _write_results(s, run, summary)
+        return summary
+    direction = "maximize" if s.maximize else "minimize"
     used = spent(trials)
     summary: dict[str, Any] = {
         "search": spec.name, "run_id": run.id, "study_name": study.study_name,
@@ -160,26 +168,41 @@ def finish_search(s: SearchContext, stopped_by: str, seconds: float) -> dict[str
         best = ranked[0]
         summary.update(best=_label(best), best_trial=best.number, best_value=best.value,
                        best_params=best.params, best_fold_scores=best.user_attrs["fold_scores"])
-        # The base candidate (trial 0) stays in the table: the search's gain over it, paired.
-        shown = ranked[: search.top] + [t for t in ranked[search.top:]
-                                        if t.user_attrs.get("base")]
-        summary["top"] = top_table(shown, n_train=n_train, n_val=n_val, maximize=s.maximize)
-        summary["reference"] = reference_tests(store, run, s, best, n_train=n_train,
-                                               n_val=n_val)
+        summary.update(_tables(s, run, ranked, n_train=n_train, n_val=n_val))
         if spec.retrain.enabled:
             summary["retrain"] = retrain_best(s, best)
-    output = s.run.output_dir
-    figures = output / "figures"
+    figures = s.run.output_dir / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     summary["figures"] = [str(p) for p in save_plots(study, figures, has_importances=bool(
         summary["importances"]))]
     summary = jsonable(summary)
+    _write_results(s, run, summary)
+    return summary
+
+
+def _tables(s: SearchContext, run: RunRecord, ranked: Sequence[FrozenTrial], *, n_train: int,
+            n_val: int) -> dict[str, Any]:
+    """The top trials' table and the best against the reference: what `top` and
+    `[search.reference]` set, and what a reference study run later changes."""
+    search = s.run.spec.search
+    assert search is not None
+    if not ranked:
+        return {"top": [], "reference": []}
+    # The base candidate (trial 0) stays in the table: the search's gain over it, paired.
+    shown = [*ranked[: search.top], *(t for t in ranked[search.top:] if t.user_attrs.get("base"))]
+    return {"top": top_table(shown, n_train=n_train, n_val=n_val, maximize=s.maximize),
+            "reference": reference_tests(s.run.store, run, s, ranked[0], n_train=n_train,
+                                         n_val=n_val)}
+
+
+def _write_results(s: SearchContext, run: RunRecord, summary: dict[str, Any]) -> None:
+    """The results files, the finished run's summary in the store, then the report."""
+    output = s.run.output_dir
     write_text_atomic(output / "results.md", search_markdown(summary))
     write_text_atomic(output / "results.json", json.dumps(summary, indent=2) + "\n")
-    write_text_atomic(output / "study.toml", study_to_toml(spec))
-    store.end_run(run.id, "finished", summary, output_dir=output)  # where it is now
-    write_report(store, run.id, device=s.run.device)  # the report reads the finished run back
-    return summary
+    write_text_atomic(output / "study.toml", study_to_toml(s.run.spec))
+    s.run.store.end_run(run.id, "finished", summary, output_dir=output)  # where it is now
+    write_report(s.run.store, run.id, device=s.run.device)  # it reads the finished run back
 
 
 def _label(trial: FrozenTrial) -> str:

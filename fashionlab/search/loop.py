@@ -132,8 +132,12 @@ def drawn_before(trials: Sequence[FrozenTrial]) -> int:
     same trials as one never interrupted; a waiting trial (the base, enqueued) is the next
     one, not one before it (else the base, when part of it lies outside the space and is
     drawn, and the trial after it would draw with one seed: the same values)."""
-    # A retry of a retry names the first trial of its chain: count the trials no retry.
-    return sum(retried_trial(t) is None and t.state != TrialState.WAITING for t in trials)
+    # A retry of a retry names the first trial of its chain: count the trials no retry. One
+    # stopped before it drew (while it was being claimed) counts once a retry of it has drawn.
+    drew = {retried_trial(t) for t in trials if t.params and retried_trial(t) is not None}
+    return sum(retried_trial(t) is None and t.state != TrialState.WAITING
+               and (bool(t.params) or t.state != TrialState.FAIL or t.number in drew)
+               for t in trials)
 
 
 @dataclass(frozen=True)
@@ -194,6 +198,9 @@ def run_search(
     run_dir = check_run_dir(run_dir)
     check_flag("finish", finish)
     check_flag("fresh", fresh)
+    if finish and fresh:  # --fresh would delete the very trials --finish writes the results of
+        raise ConfigError("--finish and --fresh contradict each other: --finish writes the "
+                          "results of the trials so far, --fresh deletes them first")
     check_progress(progress)
     check_dataset(dataset)
     search = spec.search
@@ -220,7 +227,7 @@ def run_search(
     with lock:  # workers starting together: one creates the tables, the run and the study
         store = Store(url)
         if fresh:
-            _forget(store, study_name, fingerprint)
+            _forget(store, study_name, fingerprint, run_dir)
         storage = open_storage(url)
         if finish and not _ended_trials(storage, study_name):
             raise ConfigError(f"search '{spec.name}' has no trial that ran to its end in "
@@ -274,6 +281,9 @@ def run_search(
             if stopped_by in ("n_trials", "budget", "budget_seconds", "budget_tflop", "grid",
                               "finish"):
                 with lock:
+                    # A trial whose process died (kill -9) is counted as lost and waits for
+                    # its retry, as the search's loop counts it, not as running.
+                    searcher.fail_lost_trials()
                     summary = searcher.finish(stopped_by, time.perf_counter() - started)
             elif stopped_by == "others-running":
                 _leave_to_others(store, run.id)
@@ -322,13 +332,15 @@ def _leave_to_others(store: Store, run_id: str) -> None:
     store.hand_over_run(run_id, {"host": None, "pid": None, "pid_start": None, "boot_id": None})
 
 
-def _forget(store: Store, name: str, fingerprint: str) -> None:
-    """`--fresh`: delete the earlier runs of this search (store rows, files, Optuna study)."""
+def _forget(store: Store, name: str, fingerprint: str, run_dir: Path) -> None:
+    """`--fresh`: delete the earlier runs of this search (store rows, Optuna study, and their
+    files in this run directory: `<run_dir>/<run id>`, not the folder the store recorded,
+    which is the original's in a copied run directory)."""
     for run in store.runs(kind="search", fingerprint=fingerprint):
         if run.state == "running":  # (delete_run would say "stop it before deleting it")
             raise ConfigError(f"search '{run.name}' is running ({run.holder}): stop it "
                               "before starting it afresh (--fresh)")
-        delete_run(store, run.id)
+        delete_run(store, run.id, run_dir=run_dir)
     delete_study(store.url, name)
 
 
@@ -410,7 +422,7 @@ class _Searcher:
             current: list[int] = []
             try:
                 self.lock.acquire()
-                self._fail_lost_trials()
+                self.fail_lost_trials()
                 trials = self.study.get_trials(deepcopy=False)
                 if not any(t.state == TrialState.WAITING for t in trials):
                     reason = self._stop_reason(trials, limits, started)
@@ -457,7 +469,7 @@ class _Searcher:
             return None
         return "others-running" if running else reason
 
-    def _fail_lost_trials(self) -> None:
+    def fail_lost_trials(self) -> None:
         """Fail (and retry) the running trials whose worker is gone: on this machine
         when its process no longer exists, elsewhere when its claim of the trial or Optuna's
         heartbeat is stale (the claim by FASHIONLAB_CLAIM_GRACE, as a study's jobs are)."""
@@ -524,11 +536,13 @@ class _Searcher:
     # ---- one trial ----------------------------------------------------------------------
 
     def _objective(self, trial: optuna.Trial, current: list[int]) -> float:
+        # This worker's from now on: a stop while it is being claimed (the store's writes)
+        # retries it too, rather than leaving it failed for good.
+        current.append(trial.number)
         # Claimed before other workers may start theirs (the lock): one that stops meanwhile
         # sees this trial held.
         with self._holding(trial):
             self.lock.release()
-            current.append(trial.number)
             # A retried trial keeps the models (and checkpoints) of the trial it retries.
             name = str(trial.user_attrs.get("models") or f"trial-{trial.number}")
             trial.set_user_attr("models", name)
@@ -559,5 +573,9 @@ class _Searcher:
 
     def finish(self, stopped_by: str, seconds: float) -> dict[str, Any]:
         summary = finish_search(self.finishing, stopped_by, seconds)
-        shutil.rmtree(self.ctx.output_dir / "checkpoints", ignore_errors=True)
+        # A trial waiting for its retry (stopped, or lost with its process) goes on from its
+        # checkpoint when the search does (after --finish): those stay until none waits.
+        if not self.study.get_trials(deepcopy=False,
+                                     states=(TrialState.WAITING, TrialState.RUNNING)):
+            shutil.rmtree(self.ctx.output_dir / "checkpoints", ignore_errors=True)
         return summary

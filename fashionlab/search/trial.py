@@ -26,7 +26,7 @@ import numpy as np
 import optuna
 
 from fashionlab.checkpoints import remove_checkpoint
-from fashionlab.config import Candidate, SearchSpec, StudySpec
+from fashionlab.config import WILCOXON_P_THRESHOLD, Candidate, SearchSpec, StudySpec
 from fashionlab.cv import Fold, MemberResult
 from fashionlab.runner import train_stack, training_flops
 from fashionlab.search.cost import EqualComputePruner
@@ -59,7 +59,7 @@ def make_pruner(search: SearchSpec) -> optuna.pruners.BasePruner:
     if search.pruner == "wilcoxon":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.pruners.WilcoxonPruner(p_threshold=0.1,
+            return optuna.pruners.WilcoxonPruner(p_threshold=WILCOXON_P_THRESHOLD,
                                                  n_startup_steps=search.warmup + 1)
     return optuna.pruners.NopPruner()
 
