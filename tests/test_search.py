@@ -1260,11 +1260,18 @@ def test_a_worker_done_while_others_run_trials_says_so(
     storage = open_storage(default_url(run_dir))  # another worker is running a trial
     optuna.load_study(study_name=first.study_name, storage=storage).ask()
     storage.engine.dispose()
+    code, out, err = run_cli(capsys, "search", str(path), "--timeout", "0.001",
+                             "--run-dir", str(run_dir))
+    assert code == 0, err
+    assert " ".join(out.split()).startswith(
+        "stopped (timeout); so far 1 complete, 0 pruned, 0 failed trials (1 running). Run the "
+        "same command to continue")
     code, out, err = run_cli(capsys, "search", str(path), "--n-trials", "2",
                              "--run-dir", str(run_dir))
     assert code == 0, err
     out = " ".join(out.split())  # as one line, however the console folds it
-    assert out.startswith("this worker is done: 2 trial(s) so far; other workers are still "
+    assert out.startswith("this worker is done; so far 1 complete, 0 pruned, 0 failed trials "
+                          "(1 running); other workers are still "
                           "running trials, and the last to finish writes the results "
                           f"(`fashionlab runs show {first.run.id}`")
     assert "--finish" not in out and "Run the same command" not in out

@@ -88,12 +88,12 @@ def search(
     console = output_console(highlight=True)
     summary = result.summary
     if summary is None and result.stopped_by == "others-running":
-        console.print(f"this worker is done: {len(result.trials)} trial(s) so far; other "
+        console.print(f"this worker is done; so far {result.trials_line}; other "
                       "workers are still running trials, and the last to finish writes the "
                       f"results (`fashionlab runs show {result.run.id}` with the same store "
                       "shows them then).")
     elif summary is None:
-        console.print(f"stopped ({result.stopped_by}): {len(result.trials)} trial(s) so far. "
+        console.print(f"stopped ({result.stopped_by}); so far {result.trials_line}. "
                       "Run the same command to continue, or add --finish to write the "
                       "results now.")
     else:

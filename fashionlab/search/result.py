@@ -35,12 +35,18 @@ class SearchResult:
     wall_seconds: float = 0.0  # this process
     notes: list[str] = dataclasses.field(default_factory=list)  # said while it ran
 
+    @property
+    def trials_line(self) -> str:
+        """Its trials by how they ended: "2 complete, 0 pruned, 0 failed trials (1 stopped or
+        lost and run again)" (a trial and its retries are one trial, not two)."""
+        return counts_text(trial_counts(self.trials))
+
     def __repr__(self) -> str:
         """One line, not the whole dataclass (its trials and config are many KB): the run,
         its trials by how they ended (as its overview says them), why it stopped, the best
         trial (the study's own), where the files are."""
         parts = [f"run={self.run.id!r}", f"study_name={self.study_name!r}",
-                 f"trials='{counts_text(trial_counts(self.trials))}'",
+                 f"trials='{self.trials_line}'",
                  f"stopped_by={self.stopped_by!r}", f"finished={self.finished}"]
         maximize = self.spec.search is None or self.spec.search.objective == "val_accuracy"
         for best in ranked_trials(self.trials, maximize=maximize)[:1]:
@@ -51,7 +57,7 @@ class SearchResult:
         """Jupyter shows the top trials with their uncertainty, the references, the retrained
         best and the search's plots; an unfinished search says how far it got."""
         status = (f"Run `{self.run.id}`, Optuna study `{self.study_name}`: "
-                  f"{counts_text(trial_counts(self.trials))}; stopped by {self.stopped_by}, not "
+                  f"{self.trials_line}; stopped by {self.stopped_by}, not "
                   "finished: run it again to continue, or with finish=True to write the results "
                   "of the trials so far.")
         return notebook.search_html(self.summary, name=self.spec.name, status=status)
