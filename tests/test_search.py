@@ -632,6 +632,30 @@ def _history(val_loss: list[float], val_accuracy: list[float]) -> list[EpochMetr
     return [EpochMetrics(0.0, 0.0, loss, acc, 1.0) for loss, acc in zip(val_loss, val_accuracy)]
 
 
+def test_a_searchs_wall_time_counts_when_trials_ran_not_the_gaps_between_runs():
+    """Two workers in parallel count once; the half hour between a stop and a resume not at
+    all (the span from the first start to the last end would say 40 min)."""
+    import datetime
+
+    from fashionlab.search.finish import _span
+
+    t0 = datetime.datetime(2026, 1, 1, 12, 0, 0)
+
+    def trial(number: int, start: float, end: float | None) -> optuna.trial.FrozenTrial:
+        return optuna.trial.FrozenTrial(
+            number=number, state=TrialState.COMPLETE if end is not None else TrialState.RUNNING,
+            value=0.5 if end is not None else None, values=None,
+            datetime_start=t0 + datetime.timedelta(minutes=start),
+            datetime_complete=None if end is None else t0 + datetime.timedelta(minutes=end),
+            params={}, distributions={}, user_attrs={}, system_attrs={},
+            intermediate_values={}, trial_id=number)
+
+    trials = [trial(0, 0, 4), trial(1, 2, 5), trial(2, 35, 40), trial(3, 36, 38),
+              trial(4, 39, None)]
+    assert _span(trials) == (5 + 5) * 60
+    assert _span([trial(0, 0, None)]) is None
+
+
 def test_consensus_scores_read_every_fold_at_one_epoch():
     # Fold a is best at epoch 2, fold b at 3; the mean val_loss curve is 1.0, 0.65, 0.5, 0.8:
     # with patience 1 the warning fires at epoch 3, which both folds are read at.

@@ -213,9 +213,19 @@ def _label(trial: FrozenTrial) -> str:
 
 
 def _span(trials: Sequence[FrozenTrial]) -> float | None:
-    starts = [t.datetime_start for t in trials if t.datetime_start is not None]
-    ends = [t.datetime_complete for t in trials if t.datetime_complete is not None]
-    return (max(ends) - min(starts)).total_seconds() if starts and ends else None
+    """The wall time during which some trial ran: the union of the trials' intervals, so that
+    workers in parallel count once and the hours between a stop and a resume not at all."""
+    intervals = sorted((t.datetime_start, t.datetime_complete) for t in trials
+                       if t.datetime_start is not None and t.datetime_complete is not None)
+    if not intervals:
+        return None
+    total, (start, end) = 0.0, intervals[0]
+    for next_start, next_end in intervals[1:]:
+        if next_start > end:  # a gap: nothing ran
+            total += (end - start).total_seconds()
+            start = next_start
+        end = max(end, next_end)
+    return total + (end - start).total_seconds()
 
 
 def importances(study: optuna.Study) -> dict[str, float]:
