@@ -28,7 +28,7 @@ class SearchResult:
     storage: str  # its database URL, password hidden
     output_dir: Path
     trials: list[FrozenTrial]
-    finished: bool  # the search is complete and this process wrote its results
+    finished: bool  # the search is complete: its results written (now, or by an earlier run)
     # n_trials, budget, budget_seconds, budget_tflop, timeout, grid, finish, others-running
     stopped_by: str
     summary: dict[str, Any] | None = None  # what the run stores (search_results.summary)
