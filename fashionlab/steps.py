@@ -149,6 +149,11 @@ def note_unresumed_run(store: Store, run: RunRecord, reporter: Reporter) -> str 
     other_data = [] if any(same_data(r, run.data_sha256) for r in same_settings) else [
         r for r in same_settings if r.state in ("interrupted", "finished")]
     earlier = [r for r in runs if r.fingerprint != run.fingerprint and r.state == "interrupted"]
+    # (A study renamed since its run was interrupted: the name is one of its settings.)
+    renamed = [] if runs else [
+        r for r in store.runs(kind=run.kind) if r.id != run.id and r.state == "interrupted"
+        and _but_the_name(r.config) == _but_the_name(run.config)
+        and same_data(r, run.data_sha256)]
     if other_data:
         old = other_data[0]
         note = (f"run {run.id} is a new run: its data differ from those of run {old.id} of "
@@ -160,10 +165,20 @@ def note_unresumed_run(store: Store, run: RunRecord, reporter: Reporter) -> str 
                 f"from those of its interrupted run {earlier[0].id}, which is left as it is "
                 f"(the same settings resume it; `fashionlab runs delete {earlier[0].id}` "
                 "removes it)")
+    elif renamed:
+        old = renamed[0]
+        note = (f"run {run.id} is a new run: {run.kind} '{run.name}' has the settings of the "
+                f"interrupted run {old.id} of {run.kind} '{old.name}', which is left as it is "
+                f"(under its old name they resume it; `fashionlab runs delete {old.id}` "
+                "removes it)")
     else:
         return None
     reporter.log(note)
     return note
+
+
+def _but_the_name(config: dict[str, Any] | None) -> dict[str, Any] | None:
+    return None if config is None else {**config, "name": None}
 
 
 def data_record(dataset: Dataset) -> dict[str, Any]:

@@ -925,6 +925,28 @@ def test_a_study_changed_after_an_interruption_says_it_starts_a_new_run(
     assert f"differ from those of its interrupted run {interrupted.id}" in err
 
 
+def test_a_study_renamed_after_an_interruption_names_its_interrupted_run(
+        tiny_idx_dir: Path, tmp_path: Path):
+    def stop(key: str, epoch: int) -> None:
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_study(study_from_dict(tomllib.loads(tiny_study_toml(tiny_idx_dir, epochs=3))),
+                  run_dir=tmp_path, progress=OnEpoch(stop))
+    (interrupted,) = Store.open(tmp_path).runs()
+    renamed = study_from_dict(tomllib.loads(tiny_study_toml(tiny_idx_dir, epochs=3,
+                                                            name="tiny v2")))
+    result = run_study(renamed, run_dir=tmp_path, progress=False)
+    assert result.notes == [
+        (f"run {result.run.id} is a new run: study 'tiny v2' has the settings of the interrupted "
+        f"run {interrupted.id} of study 'tiny', which is left as it is (under its old name they "
+        f"resume it; `fashionlab runs delete {interrupted.id}` removes it)")]
+    # Renamed and changed: another study, nothing to say.
+    other = study_from_dict(tomllib.loads(tiny_study_toml(tiny_idx_dir, epochs=2, name="tiny 3")))
+    assert run_study(other, run_dir=tmp_path, progress=False).notes == []
+
+
 @pytest.mark.parametrize(("where", "damage"), [("here", "truncated"), ("copied", "truncated"),
                                                ("copied", "deleted")])
 def test_damaged_results_of_a_finished_run_are_written_again_when_it_is_shown(
