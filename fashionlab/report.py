@@ -61,12 +61,14 @@ def write_report(store: Store, run_id: str, path: str | Path | None = None, *,
     """Write the run's report (default: `<run output dir>/report.html`) and return its path.
 
     `device` runs the tested models' inference: cpu, cuda, cuda:N or auto. `run_dir`: the run
-    directory it is seen from; where it holds the run's folder (a run directory moved or
-    copied), that folder is the run's, not the one the store recorded. By default the report
-    goes into that folder, made if missing, unless the store is shared (a database server)
-    and the folder it recorded is on this machine.
+    directory it is seen from (default: the store's own, `Store.run_dir`, where it holds the
+    run's folder); where it holds the run's folder (a run directory moved or copied), that
+    folder is the run's, not the one the store recorded. By default the report goes into that folder, made if missing, unless the
+    store is shared (a database server) and the folder it recorded is on this machine.
     """
-    run = _as_seen_from(store.run(run_id), run_dir)
+    run = store.run(run_id)
+    run_dir = store.run_dir_holding(run.id) if run_dir is None else run_dir
+    run = _as_seen_from(run, run_dir)
     if path is None:
         folder = Path(run.output_dir) if run.output_dir else None
         # The run directory's own store (a copy's, whose records name the original's folder)
@@ -96,7 +98,8 @@ def render_report(store: Store, run_id: str, *, device: str | torch.device = "cp
     """The report of a run as an HTML string (`run_dir`: as `write_report`'s)."""
     import jinja2
 
-    run = _as_seen_from(store.run(run_id), run_dir)
+    run = store.run(run_id)
+    run = _as_seen_from(run, store.run_dir_holding(run.id) if run_dir is None else run_dir)
     context: dict[str, Any] = {"run": _run_info(run), "facts": _facts(run)}
     if run.kind == "search":
         from fashionlab.trials import trials_so_far  # Optuna: only a search's report

@@ -130,9 +130,11 @@ def describe_run(store: Store, run_id: str, *, run_dir: str | Path | None = None
                  ) -> dict[str, Any]:
     """A run's overview, config, environment, model progress, results table (a search's: its
     top trials, its reference tests and its retrained best) and files (in `<run_dir>/<run
-    id>` where that folder is, a run directory moved or copied; else where recorded)."""
+    id>` where that folder is, a run directory moved or copied; else where recorded).
+    `run_dir` defaults to the store's own (`Store.run_dir`)."""
     run = store.run(run_id)
     models = store.models(run.id)
+    run_dir = store.run_dir_holding(run.id) if run_dir is None else run_dir
     here = None if run_dir is None else (Path(run_dir) / run.id).resolve()
     if here is not None and here.is_dir():
         run = dataclasses.replace(run, output_dir=str(here))
@@ -455,9 +457,11 @@ def delete_run(store: Store, run_id: str, *, run_dir: str | Path | None = None) 
     directory is removed only when it is the run's own (named after the run id), so a store
     pointing elsewhere never deletes unrelated files; with `run_dir` it is
     `run_dir/<run id>`, whatever path the store recorded (a copied run directory's store
-    still names the original's folder).
+    still names the original's folder). `run_dir` defaults to the store's own
+    (`Store.run_dir`), so that deleting from a copy never touches the original's files.
     """
     run = deletable_run(store, run_id)
+    run_dir = store.run_dir_holding(run.id) if run_dir is None else run_dir
     if run.kind == "search":
         from fashionlab.trials import delete_study, study_name  # Optuna: off start-up
 

@@ -29,6 +29,7 @@ from fashionlab import stats
 from fashionlab.config import load_study
 from fashionlab.errors import StoreError
 from fashionlab.provenance import environment, machine_text
+from fashionlab.report import write_report
 from fashionlab.results import StudyResult
 from fashionlab.runs import (
     EXPORT_FIELDS,
@@ -41,7 +42,7 @@ from fashionlab.runs import (
     list_runs,
 )
 from fashionlab.serialize import jsonable
-from fashionlab.store import Store
+from fashionlab.store import Store, default_url
 from fashionlab.study import run_study
 from fashionlab.trials import rdb_storage, study_name
 
@@ -163,6 +164,33 @@ def test_show_a_run(runs: dict[str, StudyResult], capsys: pytest.CaptureFixture[
                               "epochs_stored": 2 * 3 * 3 + a.retrain.epochs}
     assert [row["model"] for row in info["table"]][:3] == ["random guess", "small", "wide"]
     assert "report.html" in info["files"] and info["config"]["name"] == "tiny"
+
+
+def test_the_api_on_a_copied_run_directory_reads_and_writes_the_copy(
+        runs: dict[str, StudyResult], tmp_path: Path):
+    """A copied run directory's store still records the original's folders; the library's
+    functions, given only that store, use the copy's (`Store.run_dir`), as the commands do
+    with --run-dir, and leave the original alone."""
+    from fashionlab.integrations.tensorboard import export_run_to_tensorboard
+
+    original = Path(_run_dir(runs))
+    copy = tmp_path / "copy"
+    shutil.copytree(original, copy)
+    a = runs["a"].run.id
+    before = {p: p.stat().st_mtime_ns for p in (original / a).rglob("*")}
+    store = Store.open(copy, create=False)
+    assert store.run_dir == copy.resolve() and store.run_dir_holding(a) == copy.resolve()
+    assert write_report(store, a) == copy.resolve() / a / "report.html"
+    assert describe_run(store, a)["output_dir"] == str(copy.resolve() / a)
+    assert export_run_to_tensorboard(store, a) == copy.resolve() / a / "tensorboard"
+    delete_run(store, a)
+    store.close()
+    assert not (copy / a).exists()
+    assert {p: p.stat().st_mtime_ns for p in (original / a).rglob("*")} == before
+    # A store opened by its URL beside another folder: the folder it recorded is the run's.
+    elsewhere = Store(default_url(tmp_path / "empty"))
+    assert elsewhere.run_dir == (tmp_path / "empty").resolve()
+    assert elsewhere.run_dir_holding(a) is None
 
 
 def test_unknown_run_ids_are_one_line_errors(runs: dict[str, StudyResult],

@@ -1273,6 +1273,16 @@ def test_a_run_directory_that_is_a_file_is_one_line(tiny_idx_dir: Path, tmp_path
     assert (tmp_path / "afile").read_text() == ""
 
 
+def test_a_search_stopped_by_its_time_limit_is_finished_by_the_same_process(
+        tiny_idx_dir: Path, tmp_path: Path):
+    path = _learning_rate_search(tiny_idx_dir, tmp_path, "n_trials = 3\npruner = \"none\"")
+    spec = load_study(path)
+    stopped = run_search(spec, run_dir=tmp_path, progress=False, timeout=0.001)
+    assert stopped.stopped_by == "timeout" and not stopped.finished
+    finished = run_search(spec, run_dir=tmp_path, progress=False, finish=True)
+    assert finished.finished and finished.run.state == "finished"
+
+
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")  # the trial asked here
 def test_a_worker_done_while_others_run_trials_says_so(
         tiny_idx_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
@@ -1281,6 +1291,9 @@ def test_a_worker_done_while_others_run_trials_says_so(
     # One trial (the base), then stopped by its time limit: the run is not finished.
     first = run_search(load_study(path), run_dir=run_dir, progress=False, timeout=0.001)
     assert first.stopped_by == "timeout" and len(first.trials) == 1
+    # Let go by this process, which lives on (a notebook's kernel): interrupted, not running,
+    # so that the same process can finish it, start it afresh or delete it.
+    assert first.run.state == "interrupted"
     storage = open_storage(default_url(run_dir))  # another worker is running a trial
     optuna.load_study(study_name=first.study_name, storage=storage).ask()
     storage.engine.dispose()

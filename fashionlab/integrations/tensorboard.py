@@ -21,6 +21,7 @@ Needs the `tensorboard` extra (pip install 'fashionlab[tensorboard]').
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -64,6 +65,15 @@ def _require() -> None:
 def tensorboard_dir(run: RunRecord, run_dir: str | Path = DEFAULT_RUN_DIR) -> Path:
     """Where a run's event files go: <its output directory>/tensorboard."""
     return Path(run.output_dir or Path(run_dir) / run.id) / "tensorboard"
+
+
+def _seen_from(run: RunRecord, run_dir: Path | None) -> RunRecord:
+    """The run with its folder in `run_dir` where that holds it (a run directory moved or
+    copied, whose store still names the original's folder)."""
+    here = None if run_dir is None else (run_dir / run.id).resolve()
+    if here is None or not here.is_dir():
+        return run
+    return dataclasses.replace(run, output_dir=str(here))
 
 
 def model_logdir(logdir: str | Path, key: str) -> Path:
@@ -173,6 +183,7 @@ def export_run_to_tensorboard(store: Store, run_id: str,
     if logdir is not None and not str(logdir).strip():  # Path("") would be the current folder
         raise OutputError("logdir (--to tensorboard DIR): the log directory is empty")
     run = store.run(run_id)
+    run = _seen_from(run, store.run_dir_holding(run.id))
     target = Path(logdir) if logdir is not None else tensorboard_dir(run)
     blocking = file_in_the_way(target)
     if blocking is not None:
@@ -291,16 +302,18 @@ def tensorboard_progress(progress: bool | Reporter, *, tensorboard: bool = True,
 
 
 def write_shown_run(result: StudyResult | SearchResult, *,
-                    run_dir: str | Path = DEFAULT_RUN_DIR,
+                    run_dir: str | Path | None = None,
                     store_url: str | None = None) -> Path | None:
     """After a study or search that a `TensorBoard` watched: its run, when it finished without
     this process training any of it (shown again from the store, so no epoch came live), is
     written now as `export_run_to_tensorboard` writes it, each step once however often it is
     shown. Returns its log directory, or None when the board wrote what there was. (A search
     says not which trials this call trained: a finished one is brought up to date, reading
-    back what its event files hold.)"""
+    back what its event files hold.) `run_dir` defaults to the result's own (the folder of its
+    output directory), the store to that run directory's (or FASHIONLAB_STORE)."""
     if getattr(result, "trained_here", None):  # a study's: the board wrote it as it came
         return None
+    run_dir = Path(result.output_dir).parent if run_dir is None else run_dir
     store = Store.open(run_dir, store_url, read_only=True)
     try:
         run = store.run(result.run.id)

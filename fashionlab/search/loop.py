@@ -285,8 +285,10 @@ def run_search(
                     # its retry, as the search's loop counts it, not as running.
                     searcher.fail_lost_trials()
                     summary = searcher.finish(stopped_by, time.perf_counter() - started)
-            elif stopped_by == "others-running":
-                _leave_to_others(store, run.id)
+            else:  # its time limit, or others train the last trials: this process stops
+                # (trials still running were judged alive by the loop, under the lock)
+                _let_go(store, run.id, stopped_by == "others-running" or bool(
+                    study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))))
     except BaseException as stopped:
         if isinstance(stopped, KeyboardInterrupt):
             stops.cleaning_up()
@@ -304,10 +306,7 @@ def run_search(
             others = held_elsewhere(store, run.id)
         if others is not None:  # the store answered
             with contextlib.suppress(StoreError):
-                if others:
-                    _leave_to_others(store, run.id)
-                else:  # resumable, even from this process; not where another took the row
-                    store.end_run(run.id, "interrupted", if_held_here=True)
+                _let_go(store, run.id, others)
         trouble = database_trouble(stopped, url)
         if trouble is not None and trouble is not stopped:  # said in one line, as a study does
             raise trouble from None
@@ -322,6 +321,18 @@ def run_search(
         notes=notes)
     store.close()
     return result
+
+
+def _let_go(store: Store, run_id: str, others: bool) -> None:
+    """This process stops running a search that is not complete (stopped, or its time limit
+    reached): left to the workers still training trials where there are `others`, else
+    interrupted, which the same call, from this process too, resumes (not where another
+    process took the row meanwhile)."""
+    if others:  # running, as their trials are, whatever an earlier stop left in its row
+        store.claim_run(run_id)
+        _leave_to_others(store, run_id)
+    else:
+        store.end_run(run_id, "interrupted", if_held_here=True)
 
 
 def _leave_to_others(store: Store, run_id: str) -> None:

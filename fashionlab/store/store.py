@@ -39,6 +39,7 @@ from fashionlab.schema import (
 )
 from fashionlab.serialize import file_in_the_way, jsonable
 from fashionlab.store.engine import (
+    DB_NAME,
     DEFAULT_RUN_DIR,
     connect_args,
     database_url,
@@ -97,6 +98,7 @@ class Store:
             except ValueError as error:  # not from the database: a port like "abc"
                 raise open_error(url, error) from None
             path = sqlite_file(engine_url)
+            self._file = path
             blocking = None if path is None else file_in_the_way(path.parent)
             if blocking is not None:  # --run-dir naming a file
                 raise StoreError(f"cannot open the store {path}: {blocking} is a file, not "
@@ -145,6 +147,24 @@ class Store:
     def in_memory(self) -> bool:
         """An in-memory SQLite database: one connection, which no other process sees."""
         return self._in_memory
+
+    @property
+    def run_dir(self) -> Path | None:
+        """The run directory whose store this is, where its runs' files are `<run_dir>/<run
+        id>` whatever folder the store recorded (a run directory copied or moved keeps the
+        original's paths in its store): the folder of a SQLite file named fashionlab.db. None
+        for any other store (a database server, a SQLite file named otherwise)."""
+        if self._file is None or self._file.name != DB_NAME:
+            return None
+        return self._file.parent.resolve()
+
+    def run_dir_holding(self, run_id: str) -> Path | None:
+        """This store's run directory where it holds the run's folder (`<run_dir>/<run
+        id>`), else None: the folder the store recorded is the run's (a store opened by URL
+        beside another run directory)."""
+        if self.run_dir is None or not (self.run_dir / run_id).is_dir():
+            return None
+        return self.run_dir
 
     @property
     def shared(self) -> bool:
