@@ -310,7 +310,8 @@ NAME_MISTAKES = [
      "model names must differ as file names too: 'x y' and 'x_y' are all saved as 'x_y'"),
     ('[[candidates]]\nname = "Wide"\n[[final]]\nname = "wide"\n',
      ("model names must differ as file names too: 'Wide' and 'wide' are all saved as one file "
-     "where case (macOS, Windows) or a name's trailing dots (Windows) are ignored")),
+     "where case (macOS, Windows), how an accent is encoded (macOS) or a name's trailing "
+     "dots (Windows) are ignored")),
     ('[[candidates]]\nname = "\\u200b"\n',  # a zero-width space: its rows would look empty
      ("candidates[0].name: a name of U+200B shows nothing: a name needs a character that can "
       "be seen, or its rows would look empty")),
@@ -323,9 +324,17 @@ NAME_MISTAKES = [
     ('[[final]]\nname = "LPT\u00b9.v2"\n',
      ("final[0].name: 'LPT\u00b9.v2' cannot be a name: Windows reserves it for a device (CON, "
       "PRN, AUX, NUL, COM1-9, LPT1-9), so its files could not be written there")),
+    ('[[candidates]]\nname = "caf\u00e9"\n[[final]]\nname = "cafe\u0301"\n',  # NFC, NFD
+     ("model names must differ as file names too: 'caf\\xe9' and 'cafe\\u0301' are all saved "
+      "as one file where case (macOS, Windows), how an accent is encoded (macOS) or a name's "
+      "trailing dots (Windows) are ignored")),
+    ('[[candidates]]\nname = "m"\n[[candidates]]\nname = "m (retrained)"\n',
+     ("model names must differ from a retrained candidate's: 'm (retrained)' is how the "
+      "retrained 'm' is shown")),
     ('[[candidates]]\nname = "m"\n[[final]]\nname = "m."\n',
      ("model names must differ as file names too: 'm' and 'm.' are all saved as one file "
-     "where case (macOS, Windows) or a name's trailing dots (Windows) are ignored")),
+     "where case (macOS, Windows), how an accent is encoded (macOS) or a name's trailing "
+     "dots (Windows) are ignored")),
     (('[[candidates]]\nname = "a/b"\n[[candidates]]\nname = "a:b"\n[[candidates]]\n'
      'name = "a_b"\n'),
      ("model names must differ as file names too: 'a/b' and 'a:b' and 'a_b' are all saved "

@@ -532,19 +532,31 @@ class StudySpec:
         duplicates = sorted(n for n, count in collections.Counter(names).items() if count > 1)
         if duplicates:
             raise ValueError(f"model names must be unique (repeated: {', '.join(duplicates)})")
+        # The retrained best is shown as "NAME (retrained)" in every table, figure and export.
+        shown = sorted({f"{c.name} (retrained)" for c in self.candidates} & set(names))
+        if shown:
+            original = shown[0].removesuffix(" (retrained)")
+            raise ValueError(f"model names must differ from a retrained candidate's: "
+                             f"{shown[0]!r} is how the retrained {original!r} is shown")
         files: dict[str, list[str]] = {}
         for name in dict.fromkeys(names):
             # casefold: "Wide" and "wide" are one file on macOS's and Windows' file systems;
-            # Windows drops a name's trailing dots too ("m." is "m")
-            files.setdefault(safe_name(name).casefold().rstrip(".") or name, []).append(name)
+            # Windows drops a name's trailing dots too ("m." is "m"); NFC: "café" written with
+            # a combining accent looks the same and is one file name on macOS
+            key = safe_name(unicodedata.normalize("NFC", name)).casefold().rstrip(".")
+            files.setdefault(key or name, []).append(name)
         for same in files.values():
             if len(same) > 1:  # their models, figures and logs would overwrite each other
                 saved = {safe_name(n) for n in same}
+                quoted = [repr(n) for n in same]
+                if len({unicodedata.normalize("NFC", n) for n in same}) < len(same):
+                    quoted = [ascii(n) for n in same]  # alike to the eye: their code points
                 raise ValueError(f"model names must differ as file names too: "
-                                 f"{' and '.join(map(repr, same))} are all saved as "
+                                 f"{' and '.join(quoted)} are all saved as "
                                  + (repr(saved.pop()) if len(saved) == 1 else
-                                    "one file where case (macOS, Windows) or a name's "
-                                    "trailing dots (Windows) are ignored"))
+                                    "one file where case (macOS, Windows), how an accent is "
+                                    "encoded (macOS) or a name's trailing dots (Windows) "
+                                    "are ignored"))
         if not self.candidates and not self.final:
             raise ValueError("a study needs at least one entry in [[candidates]] or [[final]]")
         return self
