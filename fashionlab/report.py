@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 import stat
 import time
 from collections.abc import Mapping
@@ -80,6 +81,8 @@ def write_report(store: Store, run_id: str, path: str | Path | None = None, *,
         if folder is None:
             raise ReportError(f"run {run.id} has no output directory; give the report a path")
         path = folder / REPORT_NAME
+    if str(path).endswith(("/", os.sep)):  # Path() would drop the slash: a file, not a folder
+        raise ReportError(f"{path}: names a folder; a report is written to an .html file")
     path = Path(path)
     if path.suffix.lower() not in (".html", ".htm"):  # no study file or model written over
         raise ReportError(f"{path}: a report is written to an .html file")

@@ -236,6 +236,12 @@ def test_the_cli_writes_a_report_anywhere_and_names_an_unknown_run(
                            "--run-dir", str(_run_dir(study)))
     assert_one_line_error(code, err, "study.toml: a report is written to an .html file")
     assert study_file.read_text() == "name = 'mine'\n"
+    folder = f"{tmp_path / 'reports.html'}/"  # a folder meant: no file of that name written
+    code, _, err = run_cli(capsys, "report", study.run.id, "--out", folder,
+                           "--run-dir", str(_run_dir(study)))
+    assert_one_line_error(code, err, f"{folder}: names a folder; a report is written to an "
+                          ".html file")
+    assert not (tmp_path / "reports.html").exists()
     code, _, err = run_cli(capsys, "report", study.run.id, "--out",
                            str(study_file / "in" / "r.html"), "--run-dir", str(_run_dir(study)))
     assert_one_line_error(code, err, f"cannot write the report ({study_file} is a file, not a "

@@ -988,7 +988,7 @@ def test_fresh_in_a_copied_run_directory_leaves_the_original_alone(
     # --fresh with --finish: contradictory, refused before anything is deleted.
     code, _, err = run_cli(capsys, "search", str(path), "--run-dir", str(copy), "--fresh",
                            "--finish")
-    assert_one_line_error(code, err, "--finish and --fresh contradict each other")
+    assert_one_line_error(code, err, "finish and fresh (--finish, --fresh) contradict each other")
     assert [r.id for r in Store.open(copy).runs()] == [first.run.id]
     assert len(_trials(copy, path)) == 1
     again = run_search(load_study(path), run_dir=copy, progress=False, fresh=True)

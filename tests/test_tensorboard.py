@@ -171,13 +171,13 @@ def test_the_command_exports_a_run_to_a_log_directory_once(
         study_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     run_dir = tmp_path / "runs"
     result = run_study(load_study(study_file), run_dir=run_dir, progress=False)
-    logdir = tmp_path / "board" / "tiny"
+    logdir = tmp_path / "my board" / "tiny"  # a space: the command shown quotes it
     for _ in range(2):  # again: nothing written twice
         code, out, err = run_cli(capsys, "runs", "export", result.run.id[:8], "--to",
                                  "tensorboard", str(logdir), "--run-dir", str(run_dir))
         assert code == 0, err
         assert out == f"wrote run {result.run.id} to {logdir} (view: tensorboard --logdir " \
-            f"{logdir})\n"
+            f"'{logdir}')\n"
     _assert_curves_match_the_store(run_dir, result.run.id, logdir)
     assert "hparam/val_accuracy" in _hparams(model_logdir(logdir, "small"))[1]
     (tmp_path / "afile").write_text("")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -261,7 +262,7 @@ def export(
                 record = opened.run(run)
                 written = export_run_to_tensorboard(opened, record.id, to[1])
             typer.echo(f"wrote run {record.id} to {written} (view: tensorboard --logdir "
-                       f"{written})")
+                       f"{shlex.quote(str(written))})")  # a command to paste, spaces and all
             return
         from fashionlab.integrations.mlflow import export_run_to_mlflow  # optional MLflow
 
@@ -330,7 +331,7 @@ def delete(
 @app.command()
 def report(
     run: RunId,
-    out: Annotated[Path | None, typer.Option(
+    out: Annotated[str | None, typer.Option(  # str: Path would drop a trailing "/"
         "--out", help="Where to write the HTML file (default: report.html in the run's "
         "folder of --run-dir, made if missing; with a shared --store, the folder the run "
         "recorded when it is on this machine).", show_default=False)] = None,

@@ -199,8 +199,9 @@ def run_search(
     check_flag("finish", finish)
     check_flag("fresh", fresh)
     if finish and fresh:  # --fresh would delete the very trials --finish writes the results of
-        raise ConfigError("--finish and --fresh contradict each other: --finish writes the "
-                          "results of the trials so far, --fresh deletes them first")
+        raise ConfigError("finish and fresh (--finish, --fresh) contradict each other: "
+                          "finish writes the results of the trials so far, fresh deletes them "
+                          "first")
     check_progress(progress)
     check_dataset(dataset)
     search = spec.search
