@@ -57,6 +57,7 @@ class SavedModel:
     class_names: tuple[str, ...]
     metadata: dict[str, Any]  # study, candidate, epochs, seed, test accuracy, versions, ...
     path: Path
+    saved_tta: str | None = None  # the views its model.json names, where `tta=` replaced them
 
 
 def save_model(
@@ -123,8 +124,9 @@ def load_model(directory: str | Path, device: str | torch.device | None = "cpu",
         if not path.is_file():
             raise ModelFileError(f"{path}: file not found")
     spec, class_names, description = _read_description(spec_path)
+    saved_tta = None
     if tta is not None:
-        spec = dataclasses.replace(spec, tta=tta)
+        saved_tta, spec = spec.tta, dataclasses.replace(spec, tta=tta)
     # Names and shapes first, from the spec alone and the file's header: a spec that does not
     # fit the weights (units = 2,000,000) would otherwise allocate gigabytes before failing.
     expected = _expected_shapes(spec, spec_path)
@@ -133,7 +135,7 @@ def load_model(directory: str | Path, device: str | torch.device | None = "cpu",
     _load_weights(module, weights_path, device)
     module = inference_module(spec, module).to(device).eval()
     metadata = description.get("metadata") or {}
-    return SavedModel(module, spec, class_names, metadata, directory)
+    return SavedModel(module, spec, class_names, metadata, directory, saved_tta)
 
 
 def as_saved_model(model: SavedModel | str | os.PathLike[str],

@@ -114,7 +114,8 @@ def unlike_the_study(model: SavedModel, result: Evaluation) -> list[str]:
     model.json), in words; empty where it measures the same. A study cut to `[data]
     test_limit` (every `--quick` run) tested on the first N test images, not all; a model
     trained in bfloat16 was scored in it too, `evaluate` scores in float32 (a few images can
-    change sides); and its test loss, as Keras', adds the L2 penalty to the cross-entropy
+    change sides); a model loaded with other test-time views (`load_model(tta=...)`) is
+    scored with those; and its test loss, as Keras', adds the L2 penalty to the cross-entropy
     `evaluate` gives."""
     # (a model saved from Python may carry metadata of any shape: no notes then)
     stored = model.metadata if isinstance(model.metadata, dict) else {}
@@ -122,12 +123,16 @@ def unlike_the_study(model: SavedModel, result: Evaluation) -> list[str]:
     tested = data.get("test") if isinstance(data, dict) else None
     notes = []
     accuracy = stored.get("test_accuracy")
+    other_views = model.saved_tta is not None and model.saved_tta != model.spec.tta
+    if other_views and isinstance(accuracy, float):  # what moves the numbers, not the precision
+        notes.append(f"scored with test-time views {model.spec.tta!r}; its study scored it with "
+                     f"{model.saved_tta!r}: {100 * accuracy:.2f}%")
     if isinstance(tested, int) and tested != result.n and isinstance(accuracy, float):
         notes.append(f"its study's test accuracy ({100 * accuracy:.2f}%) is of the first "
                      f"{tested:,} test images, this of {result.n:,}: --limit {tested} scores "
                      "the same images")
     elif tested == result.n and isinstance(accuracy, float) and _scored_in_bf16(stored) and \
-            round(accuracy * result.n) != round(result.accuracy * result.n):
+            not other_views and round(accuracy * result.n) != round(result.accuracy * result.n):
         notes.append(f"scored here in float32; its study scored the same images in bfloat16 "
                      f"as it trained: {100 * accuracy:.2f}%")
     loss = stored.get("test_loss")

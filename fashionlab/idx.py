@@ -87,12 +87,19 @@ def read_idx(path: PathLike, *, ndim: int | None = None) -> np.ndarray:
     decompressed no further than its header declares: a small file of zeros after a short
     header is "trailing bytes" before it fills the memory."""
     path = Path(path)
-    limit = _declared_bytes(path) if path.name.endswith(".gz") else None
+    compressed = path.name.endswith(".gz")
+    declared = _declared_bytes(path) if compressed else None
+    # Without a valid header, no more than the longest header: enough for parse_idx to say
+    # what is wrong with it, however much the file would unpack to.
+    limit = declared if declared is not None or not compressed else _LONGEST_HEADER
     data = read_decompressed(path, limit=limit)
-    if limit is not None and len(data) > limit:
-        raise DataError(f"{path}: trailing bytes: decompresses to more than the {limit} bytes "
-                        "its header declares")
+    if declared is not None and len(data) > declared:
+        raise DataError(f"{path}: trailing bytes: decompresses to more than the {declared} "
+                        "bytes its header declares")
     return parse_idx(data, source=path, ndim=ndim)
+
+
+_LONGEST_HEADER = 4 + 4 * 255  # the magic number, and 255 dimensions of 4 bytes
 
 
 def _declared_bytes(path: Path) -> int | None:

@@ -27,6 +27,7 @@ or (N, 1, 28, 28), uint8 0-255 or float 0-1. Arrays are never unpickled.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import tokenize
@@ -191,8 +192,15 @@ def _load_npy(path: Path, head: bytes) -> np.ndarray:
     try:
         with open(path, "rb") as f:
             read_header = _NPY_HEADERS.get(np.lib.format.read_magic(f))
-            shape = read_header(f)[0] if read_header is not None else None  # np.load says
-        _check_size(path, shape)
+            header = read_header(f) if read_header is not None else None  # np.load says
+        if header is not None:
+            shape, _, dtype = header
+            if dtype.hasobject:
+                raise ImageFileError(f"{path}: holds Python objects, which are never unpickled")
+            if dtype.kind not in "iuf" or dtype.itemsize > 8:  # said before memory is taken
+                raise ImageFileError(f"{path}: holds {dtype} values; expected uint8 0-255 or "
+                                     "float 0-1")
+            _check_size(path, shape)
         array = np.load(path, allow_pickle=False)
     except ValueError as error:
         reason = ("holds Python objects, which are never unpickled"
@@ -277,12 +285,19 @@ def _load_photo(path: Path, invert: bool | None) -> np.ndarray:
                              "(no image format recognised)") from None
     except Image.DecompressionBombError as error:
         raise ImageFileError(f"{path}: too large to decode safely ({error})") from None
-    except (OSError, SyntaxError, ValueError) as error:  # Pillow's truncated or corrupt data
+    except MemoryError:
+        raise ImageFileError(f"{path}: too large to decode in this machine's memory") from None
+    except Exception as error:  # noqa: BLE001 - Pillow's decoders, given damaged data, raise
+        # OSError, SyntaxError and ValueError, but also NotImplementedError, struct.error,
+        # IndexError...: each is this file's problem, not the others'
         raise ImageFileError(f"{path}: corrupt or truncated image ({first_line(error)})") \
             from None
     try:
         return preprocess_photo(image, invert=invert)
-    except (OSError, ValueError) as error:  # a mode Pillow cannot convert to grayscale
+    except MemoryError:
+        raise ImageFileError(f"{path}: too large to convert in this machine's memory") from None
+    except Exception as error:  # noqa: BLE001 - a mode Pillow cannot convert, pixels that
+        # are no numbers (a float TIFF's infinity): as above, one line for this file
         raise ImageFileError(f"{path}: cannot convert its {image.mode} pixels to grayscale "
                              f"({first_line(error)})") from None
 
@@ -298,7 +313,11 @@ def preprocess_photo(image: Image.Image, *, invert: bool | None = None) -> np.nd
     """
     from PIL import ExifTags, Image, ImageFilter, ImageOps
 
-    if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # (else no copy of a large one)
+    try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:  # noqa: BLE001 - damaged EXIF data (a PNG's eXIf chunk): as if none
+        orientation = 1
+    if orientation != 1:  # (else no copy of a large one)
         image = ImageOps.exif_transpose(image)
     gray = _grayscale(image)  # (H, W) float32 in 0..255
     background = float(np.median(_border(gray)))
@@ -407,11 +426,26 @@ def check_preview_path(path: Path, images: Sequence[str | Path] = ()) -> Path:
     if any(_same_file(path, Path(image)) for image in images):
         raise OutputError(f"{path}: is one of the images to predict; name another file for "
                           "the preview")
-    if path.suffix.lower() not in Image.registered_extensions():
+    format = Image.registered_extensions().get(path.suffix.lower())
+    if format is None:
         raise OutputError(f"{path}: not an image file name (use .png)")
+    if not _writes_grayscale(format):  # Pillow reads some formats only (.psd, .fits, .h5)
+        raise OutputError(f"{path}: Pillow cannot write a grayscale {format} image (use .png)")
     if (blocked := folder_blocked(path)) is not None:
         raise OutputError(blocked)
     return path
+
+
+def _writes_grayscale(format: str) -> bool:
+    """Whether Pillow writes a grayscale picture in this format: tried on a 1x1 one in memory
+    (a format Pillow only reads has no writer, or a stub's that fails)."""
+    from PIL import Image
+
+    try:
+        Image.new("L", (1, 1)).save(io.BytesIO(), format=format)
+    except Exception:  # noqa: BLE001 - KeyError (no writer), OSError (a stub), ValueError...
+        return False
+    return True
 
 
 def _same_file(a: Path, b: Path) -> bool:

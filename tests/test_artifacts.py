@@ -518,6 +518,12 @@ def test_evaluate_says_when_its_study_scored_in_bfloat16(tmp_path: Path, tiny_id
         expected = (f"scored here in float32; its study scored the same images in bfloat16 "
                     f"as it trained: {100 * stored / len(test):.2f}%")
         assert notes == ([expected] if noted and differs else [])
+        # Scored with other test-time views: those, not the precision, are what is said.
+        flipped = load_model(saved.path, tta="flip")
+        assert flipped.saved_tta == "none" and load_model(saved.path).saved_tta is None
+        assert unlike_the_study(flipped, evaluate(flipped, test)) == [
+            (f"scored with test-time views 'flip'; its study scored it with 'none': "
+            f"{100 * stored / len(test):.2f}%")]
 
 
 def test_evaluate_table(tmp_path: Path, tiny_idx_dir: Path, capsys: pytest.CaptureFixture[str]):

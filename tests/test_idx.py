@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -89,3 +90,17 @@ def test_a_compressed_file_is_read_no_further_than_its_header_declares(tmp_path:
     assert idx_shape(tmp_path / "ok-idx3-ubyte.gz") == (1, 28, 28)
     (tmp_path / "text-idx3-ubyte").write_text("no header")
     assert idx_shape(tmp_path / "text-idx3-ubyte") is None
+    # No header at all, 50 MB of zeros: what is wrong with the header is said having
+    # decompressed no more than the longest header, not the 50 MB.
+    zeros = tmp_path / "zeros.gz"
+    with gzip.open(zeros, "wb") as f:
+        for _ in range(50):
+            f.write(bytes(1 << 20))
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match="unknown IDX dtype code 0x00"):
+            read_idx(zeros)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 5 << 20, peak

@@ -151,6 +151,33 @@ def test_exif_orientation_is_applied(tmp_path: Path):
     np.testing.assert_allclose(out, preprocess_photo(upright), atol=0.06)
 
 
+def test_damaged_exif_data_are_ignored(tmp_path: Path):
+    """A PNG whose eXIf chunk is no EXIF: predicted as if it had none, not a traceback."""
+    path = tmp_path / "bad-exif.png"
+    shirt_photo().save(path, exif=b"garbage!garbage!")
+    with Image.open(path) as image, pytest.raises(SyntaxError):
+        image.getexif()  # what Pillow makes of it
+    assert np.array_equal(load_image(path)[0], preprocess_photo(shirt_photo()))
+
+
+def test_any_failure_of_pillows_decoders_is_one_line(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch):
+    """Pillow's decoders raise many kinds of error on damaged data (a DDS file with pixel
+    flags it does not know: NotImplementedError): each is that file's one line."""
+    path = tmp_path / "odd.png"
+    shirt_photo().save(path)
+
+    def unknown(self: Image.Image) -> None:
+        raise NotImplementedError("Unknown pixel format flags 16384")
+
+    monkeypatch.setattr(Image.Image, "load", unknown)
+    monkeypatch.setattr("PIL.PngImagePlugin.PngImageFile.load", unknown)
+    with pytest.raises(ImageFileError) as error:
+        load_image(path)
+    assert str(error.value) == (f"{path}: corrupt or truncated image (Unknown pixel format "
+                                "flags 16384)")
+
+
 def test_sixteen_bit_pictures():
     eight = np.asarray(shirt_photo().convert("L"), dtype=np.uint16)
     sixteen = Image.fromarray(eight * 257)  # (H, W) uint16: mode I;16
@@ -381,9 +408,21 @@ def _bad_files(directory: Path) -> dict[str, Path]:
         b"\x93NUMPY\x03\x00" + len(header).to_bytes(4, "little") + header + bytes(784))
     (directory / "million-idx3-ubyte.gz").write_bytes(gzip.compress(
         bytes([0, 0, 8, 3]) + np.array([1_000_000, 28, 28], ">u4").tobytes() + bytes(784)))
+    # Items of 100 kB each, or 100 MB: refused by the header, not by a MemoryError.
+    for name, descr, shape in (("strings.npy", "<U100000", (100_000, 784)),
+                               ("void.npy", "|V100000000", (28, 28))):
+        with open(directory / name, "wb") as f:
+            np.lib.format.write_array_header_1_0(
+                f, {"descr": descr, "fortran_order": False, "shape": shape})
+            f.write(bytes(64))
+    # Pixels that are no numbers, which Pillow decodes: an infinity in a float TIFF.
+    pixels = np.zeros((40, 40), np.float32)
+    pixels[0, 0] = np.inf
+    Image.fromarray(pixels).save(directory / "infinite.tiff")
     for name in ("pixels-255.npy", "objects.npy", "shape.npy", "nan.npy", "archive.npz",
                  "fake.npy", "wide-idx3-ubyte", "short-idx3-ubyte", "header.npy", "million.npy",
-                 "million-v3.npy", "million-idx3-ubyte.gz"):
+                 "million-v3.npy", "million-idx3-ubyte.gz", "strings.npy", "void.npy",
+                 "infinite.tiff"):
         paths[name] = directory / name
     paths["missing"] = directory / "missing.png"
     paths["directory"] = directory / "a-folder"
@@ -409,6 +448,9 @@ EXPECTED_ERRORS = {
                    "reads from one file; split it",
     "million-v3.npy": "an array of shape (1000000, 28, 28), more than the 100,000 images",
     "million-idx3-ubyte.gz": "an array of shape (1000000, 28, 28), more than the 100,000 images",
+    "strings.npy": "holds <U100000 values; expected uint8 0-255 or float 0-1",
+    "void.npy": "holds |V100000000 values; expected uint8 0-255 or float 0-1",
+    "infinite.tiff": "cannot convert its F pixels to grayscale",
     "missing": "file not found",
     "directory": "is a directory",
 }
@@ -592,6 +634,8 @@ def test_a_preview_that_cannot_be_written_is_refused_before_predicting(
                             (tmp_path / "." / "shirt.png", "is one of the images to predict"),
                             (tmp_path, "is a directory"),
                             (tmp_path / "seen.txt", "not an image file name"),
+                            (tmp_path / "seen.psd", "Pillow cannot write a grayscale PSD image"),
+                            (tmp_path / "seen.h5", "Pillow cannot write a grayscale HDF5 image"),
                             (photo / "seen.png", f"{photo} is a file, not a folder")):
         code, out, err = run_cli(capsys, "predict", str(real_model.path), str(photo),
                                  "--preview", str(target), "--device", "cpu")
