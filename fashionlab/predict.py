@@ -160,6 +160,11 @@ def load_image(path: str | Path, *, invert: bool | None = None) -> np.ndarray:
 
 def _load(path: Path, invert: bool | None) -> tuple[Kind, np.ndarray]:
     try:
+        if not path.is_dir() and path.exists() and not path.is_file():
+            # A pipe (mkfifo) would block its reading forever, and a stream read once cannot
+            # be read again after its first bytes told what it is.
+            raise ImageFileError(f"{path}: not a regular file (a pipe, socket or device); "
+                                 "save it to a file first")
         with open(path, "rb") as f:
             head = f.read(8)
     except FileNotFoundError:

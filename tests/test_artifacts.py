@@ -487,6 +487,8 @@ def test_evaluate_says_why_it_differs_from_its_study_and_limit_scores_the_same_i
     code, out, err = run_cli(capsys, *args, "--limit", "40")
     assert code == 0, err
     assert "(test, the first 40 images)" in out and "note: the loss is the cross-entropy" in out
+    code, out, err = run_cli(capsys, *args, "--limit", "5000")  # more than there are: all
+    assert code == 0 and "(test, 100 images)" in out, err
     code, _, err = run_cli(capsys, *args, "--limit", "0")
     assert code == 2 and "--limit" in err
     # A model saved from Python with metadata of its own: no notes to give, no failure.

@@ -424,6 +424,8 @@ def _bad_files(directory: Path) -> dict[str, Path]:
                  "million-v3.npy", "million-idx3-ubyte.gz", "strings.npy", "void.npy",
                  "infinite.tiff"):
         paths[name] = directory / name
+    paths["pipe"] = directory / "pipe.png"  # reading it would wait for a writer forever
+    os.mkfifo(paths["pipe"])
     paths["missing"] = directory / "missing.png"
     paths["directory"] = directory / "a-folder"
     paths["directory"].mkdir()
@@ -451,6 +453,7 @@ EXPECTED_ERRORS = {
     "strings.npy": "holds <U100000 values; expected uint8 0-255 or float 0-1",
     "void.npy": "holds |V100000000 values; expected uint8 0-255 or float 0-1",
     "infinite.tiff": "cannot convert its F pixels to grayscale",
+    "pipe": "not a regular file (a pipe, socket or device); save it to a file first",
     "missing": "file not found",
     "directory": "is a directory",
 }

@@ -84,8 +84,8 @@ def evaluate(
 
     console = output_console()
     views = "" if saved.spec.tta == "none" else f", tta {saved.spec.tta}"
-    first = "" if limit is None else "the first "
-    console.print(f"{model} on {source} (test, {first}{result.n} images{views})",
+    first = "" if limit is None or limit >= len(test) else "the first "
+    console.print(f"{model} on {source} (test, {first}{result.n:,} images{views})",
                   soft_wrap=True)
     low, high = result.accuracy_interval()
     interval = f" [95% interval {100 * low:.1f}, {100 * high:.1f}]" if result.n else ""
