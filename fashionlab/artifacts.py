@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import shutil
+import unicodedata
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, get_args
@@ -35,6 +36,7 @@ from fashionlab.vocabulary import TestTimeAugmentation
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "model.json"
+MAX_CLASS_NAME = 100  # characters of a class name: a table's cell, not a paragraph
 
 # How raw pixels become model input; stated in the file so that users of the model know.
 PREPROCESSING = {
@@ -183,6 +185,15 @@ def _read_description(path: Path) -> tuple[ModelSpec, tuple[str, ...], dict[str,
         raise invalid("'class_names' must be a list of strings")
     if len(names) != spec.n_classes:
         raise invalid(f"{len(names)} class names for a model with {spec.n_classes} outputs")
+    # Each names a row of a table and a choice of predict's: one line, seen, unlike the others.
+    for i, name in enumerate(names):
+        if not name.strip() or len(name) > MAX_CLASS_NAME or any(
+                unicodedata.category(ch) in ("Cc", "Zl", "Zp") for ch in name):
+            raise invalid(f"class name {i} ({name[:MAX_CLASS_NAME]!r}) must be one line of "
+                          f"1 to {MAX_CLASS_NAME} characters")
+    repeated = next((n for n in names if names.count(n) > 1), None)
+    if repeated is not None:
+        raise invalid(f"the class name {repeated!r} is given twice: each class needs its own")
     if not isinstance(description.get("metadata", {}), dict):
         raise invalid("'metadata' must be an object")
     return spec, tuple(names), description

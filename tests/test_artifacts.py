@@ -171,6 +171,13 @@ BROKEN = {
                        "spec.dropout"),
     "class names": (_edit_json(lambda d: d.update(class_names=["a", "b"])), SPEC_FILE,
                     "2 class names for a model with 10 outputs"),
+    "a class name twice": (_edit_json(lambda d: d["class_names"].__setitem__(1, "Pullover")),
+                           SPEC_FILE, "the class name 'Pullover' is given twice"),
+    "a class name of two lines": (
+        _edit_json(lambda d: d["class_names"].__setitem__(3, "Dress\nShirt")), SPEC_FILE,
+        "class name 3 ('Dress\\nShirt') must be one line of 1 to 100 characters"),
+    "an empty class name": (_edit_json(lambda d: d["class_names"].__setitem__(0, " ")),
+                            SPEC_FILE, "class name 0 (' ') must be one line"),
     "newer format": (_edit_json(lambda d: d.update(format_version=FORMAT_VERSION + 1)),
                      SPEC_FILE, "newer fashionlab"),
     "format 0": (_edit_json(lambda d: d.update(format_version=0)), SPEC_FILE,
