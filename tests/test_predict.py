@@ -561,6 +561,26 @@ def test_a_picture_that_shows_no_item_is_said_to_be_blank(
     assert code == 0 and "white.png (blank: no item seen)" in out
 
 
+def test_predict_json_stays_json_when_the_numbers_do_not(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """Weights so large that every logit overflows: the probabilities are NaN, and --json
+    says null for them, not the bare NaN that JSON parsers refuse."""
+    spec = ModelSpec(layers=(DenseLayer(units=8),))
+    state = {k: v * 1e30 for k, v in build_module(spec).state_dict().items()}
+    model = save_model(tmp_path / "huge", spec=spec, state=state, class_names=CLASS_NAMES,
+                       metadata={})
+    np.save(tmp_path / "one.npy", np.full((28, 28), 0.5, np.float32))
+    code, out, err = run_cli(capsys, "predict", str(model), str(tmp_path / "one.npy"),
+                             "--json", "--device", "cpu")
+    assert code == 0, err
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} in the JSON")
+
+    (row,) = json.loads(out, parse_constant=refuse)["predictions"]
+    assert None in [top["probability"] for top in row["top"]]
+
+
 def test_predict_table_and_top(tmp_path: Path, real_model: SavedModel,
                                test_images: tuple[np.ndarray, np.ndarray],
                                capsys: pytest.CaptureFixture[str]):

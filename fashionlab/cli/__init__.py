@@ -118,6 +118,16 @@ def _usage_error_line(error: typer.TyperException) -> str:
     return f"{message} (see '{context.command_path} --help')"
 
 
+def print_json(value: object) -> None:
+    """What a command prints for scripts (--json): valid JSON whatever the numbers (NaN and
+    infinities as null, never the bare NaN that JSON parsers refuse)."""
+    import json  # (with serialize's numpy: when a command prints, so --help stays instant)
+
+    from fashionlab.serialize import jsonable
+
+    typer.echo(json.dumps(jsonable(value), indent=2, allow_nan=False))
+
+
 def output_console(*, highlight: bool = False) -> Console:
     """The console of a command's output (stdout). Markup off: names and paths are text, and
     "[v2]" in a folder's name is no style. Off a terminal (logs, pipes) there is no width to

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -10,7 +9,7 @@ from typing import Annotated
 import typer
 
 from fashionlab import data
-from fashionlab.cli import app, output_console
+from fashionlab.cli import app, output_console, print_json
 from fashionlab.errors import FashionlabError
 from fashionlab.serialize import folder_blocked, why_not_written
 
@@ -47,7 +46,7 @@ def info(directory: DirOption = None, verify: VerifyOption = True,
 
     summary = data.load_fashion_mnist(directory, download=False, verify=verify).to_dict()
     if as_json:
-        typer.echo(json.dumps(summary, indent=2))
+        print_json(summary)
         return
     console = output_console()
     console.print(f"source:   {summary['source']}")
@@ -89,7 +88,7 @@ def fetch(
     target = data.fetch_fashion_mnist(directory, recheck=recheck)
     files = [str(target / name) for name in data.FILE_NAMES]
     if as_json:
-        typer.echo(json.dumps({"directory": str(target), "files": files}, indent=2))
+        print_json({"directory": str(target), "files": files})
         return
     typer.echo(f"Fashion-MNIST verified in {target}")
     for path in files:

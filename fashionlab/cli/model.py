@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, get_args
 
 import typer
 
-from fashionlab.cli import app, output_console
+from fashionlab.cli import app, output_console, print_json
 from fashionlab.text import one_line, percent
 from fashionlab.vocabulary import TestTimeAugmentation
 
@@ -75,9 +74,9 @@ def evaluate(
     result = score(saved, test.head(limit), device=target)
     notes = unlike_the_study(saved, result)
     if as_json:
-        typer.echo(json.dumps({"model": str(model), "data": str(source),
-                               "split": "test", "tta": saved.spec.tta, **result.to_dict(),
-                               "notes": notes}, indent=2))
+        print_json({"model": str(model), "data": str(source),
+                   "split": "test", "tta": saved.spec.tta, **result.to_dict(),
+                   "notes": notes})
         return
     from rich.table import Table
     from rich.text import Text
@@ -156,7 +155,7 @@ def predict(
         if seen:
             write_preview(np.concatenate(seen), preview)
     if as_json:
-        typer.echo(json.dumps(predictions_to_dict(saved, results, top), indent=2))
+        print_json(predictions_to_dict(saved, results, top))
     else:
         _print_predictions(results, top)
     failed = [r for r in results if r.error]
@@ -219,7 +218,7 @@ def export(
     saved = load_model(model, tta=_views(tta))
     exported = export_model(saved, out if out is not None else model / "model.onnx", opset=opset)
     if as_json:
-        typer.echo(json.dumps(exported.to_dict(), indent=2))
+        print_json(exported.to_dict())
     else:
         typer.echo(f"wrote {exported.path} ({exported.bytes / 1e6:.2f} MB, opset {opset}) in "
                    f"{exported.seconds:.1f} s; onnxruntime vs PyTorch: max |diff| "

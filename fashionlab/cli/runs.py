@@ -3,7 +3,6 @@ Thin over fashionlab.runs and fashionlab.report."""
 
 from __future__ import annotations
 
-import json
 import math
 import shlex
 import time
@@ -17,7 +16,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from fashionlab.cli import app, output_console, resumable, text_table
+from fashionlab.cli import app, output_console, print_json, resumable, text_table
 from fashionlab.cli.study import RunDir, StoreUrl
 from fashionlab.errors import FashionlabError, StoreError
 from fashionlab.provenance import machine_text
@@ -93,7 +92,7 @@ def list_(
     with _store(run_dir, store) as opened:
         runs = list_runs(opened, kind=kind)
     if as_json:
-        typer.echo(json.dumps([r.to_dict() for r in runs], indent=2))
+        print_json([r.to_dict() for r in runs])
         return
     if not runs:
         typer.echo("no runs yet (`fashionlab study` starts one)")
@@ -124,7 +123,7 @@ def show(run: RunId, run_dir: RunDir = DEFAULT_RUN_DIR, store: StoreUrl = None,
     with _store(run_dir, store) as opened:
         info = describe_run(opened, run, run_dir=run_dir)
     if as_json:
-        typer.echo(json.dumps(info, indent=2))
+        print_json(info)
         return
     console = output_console()
     lines = [
@@ -181,7 +180,7 @@ def compare(a: RunId, b: RunId, run_dir: RunDir = DEFAULT_RUN_DIR, store: StoreU
     with _store(run_dir, store) as opened:
         result = compare_runs(opened, a, b)
     if as_json:
-        typer.echo(json.dumps(result.to_dict(), indent=2))
+        print_json(result.to_dict())
         return
     console = output_console()
     console.print(Text(f"a: {result.a.id} ({result.a.study}, {result.a.status})"))

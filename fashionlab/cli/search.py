@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from fashionlab.cli import app, output_console, resumable, text_table
+from fashionlab.cli import app, output_console, print_json, resumable, text_table
 from fashionlab.cli.study import MlflowUri, Quiet, RunDir, StoreUrl, Tensorboard
 from fashionlab.config import load_study, quick_variant
 from fashionlab.store import DEFAULT_RUN_DIR
@@ -55,7 +55,6 @@ def search(
 
     Example: fashionlab search --mlflow sqlite:///mlflow.db
     """
-    import json
 
     # torch (and the optional MLflow): only once a search runs
     from fashionlab.integrations.mlflow import logging_to_mlflow
@@ -80,10 +79,9 @@ def search(
     if tensorboard:  # a finished run shown again reported no epoch live
         write_shown_run(result, run_dir=run_dir, store_url=store)
     if json_output:
-        typer.echo(json.dumps({"run_id": result.run.id, "study_name": result.study_name,
-                               "storage": result.storage, "finished": result.finished,
-                               "stopped_by": result.stopped_by, "summary": result.summary},
-                              indent=2))
+        print_json({"run_id": result.run.id, "study_name": result.study_name,
+                   "storage": result.storage, "finished": result.finished,
+                   "stopped_by": result.stopped_by, "summary": result.summary})
         return
     console = output_console(highlight=True)
     summary = result.summary

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.text import Text
 
-from fashionlab.cli import app, output_console, resumable, text_table
+from fashionlab.cli import app, output_console, print_json, resumable, text_table
 from fashionlab.config import SEED_RANGE, derived, load_study, quick_variant
 from fashionlab.errors import ConfigError
 from fashionlab.store import DEFAULT_RUN_DIR
@@ -70,7 +70,6 @@ def study(
 
     Example: fashionlab study seed --mlflow sqlite:///mlflow.db
     """
-    import json
 
     # torch (and the optional MLflow): only once a study runs
     from fashionlab.integrations.mlflow import logging_to_mlflow
@@ -101,8 +100,8 @@ def study(
         write_shown_run(result, run_dir=run_dir, store_url=store)
     if result.results_by is not None:  # a run shared with other processes, which finish it
         if json_output:
-            typer.echo(json.dumps({"run": result.run.id, "trained": result.trained_here,
-                                   "results_by": result.results_by}, indent=2))
+            print_json({"run": result.run.id, "trained": result.trained_here,
+                       "results_by": result.results_by})
             return
         trained = "; ".join(result.trained_here) or "nothing (the others had every job)"
         typer.echo(f"run {result.run.id}: this process trained {trained}. The results are "
@@ -111,7 +110,7 @@ def study(
         return
     if json_output:
         # As stored (and in results.json): measures such as the peak memory are of that moment.
-        typer.echo(json.dumps(result.run.summary or summary(result), indent=2))
+        print_json(result.run.summary or summary(result))
         return
     rows = table_rows(result)
     console = output_console(highlight=True)
