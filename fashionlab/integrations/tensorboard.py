@@ -67,15 +67,6 @@ def tensorboard_dir(run: RunRecord, run_dir: str | Path = DEFAULT_RUN_DIR) -> Pa
     return Path(run.output_dir or Path(run_dir) / run.id) / "tensorboard"
 
 
-def _seen_from(run: RunRecord, run_dir: Path | None) -> RunRecord:
-    """The run with its folder in `run_dir` where that holds it (a run directory moved or
-    copied, whose store still names the original's folder)."""
-    here = None if run_dir is None else (run_dir / run.id).resolve()
-    if here is None or not here.is_dir():
-        return run
-    return dataclasses.replace(run, output_dir=str(here))
-
-
 def model_logdir(logdir: str | Path, key: str) -> Path:
     """A model's event directory: its candidate and its part, each a safe file name
     ("dense(64)/fold-3" -> logdir/dense_64_/fold-3; a "/" inside the candidate's own name
@@ -183,7 +174,8 @@ def export_run_to_tensorboard(store: Store, run_id: str,
     if logdir is not None and not str(logdir).strip():  # Path("") would be the current folder
         raise OutputError("logdir (--to tensorboard DIR): the log directory is empty")
     run = store.run(run_id)
-    run = _seen_from(run, store.run_dir_holding(run.id))
+    if (here := store.run_dir_holding(run.id)) is not None:  # a run directory moved or copied
+        run = dataclasses.replace(run, output_dir=str(here / run.id))
     target = Path(logdir) if logdir is not None else tensorboard_dir(run)
     blocking = file_in_the_way(target)
     if blocking is not None:
