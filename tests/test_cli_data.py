@@ -230,6 +230,33 @@ def test_show_bad_arguments(capsys: pytest.CaptureFixture[str], tiny_idx_dir: Pa
                        "--dir", str(tiny_idx_dir), "--no-verify")
     assert_one_line_error(code, err, "grid.txt: name an image file ending in .png, .jpg")
     assert not (tmp_path / "grid.txt").exists()
+    (tmp_path / "a-folder.png").mkdir()  # refused before the data is read, not after drawing
+    code, _, err = run(capsys, "data", "show", "--out", str(tmp_path / "a-folder.png"),
+                       "--dir", str(tmp_path / "no-data"))
+    assert_one_line_error(code, err, "a-folder.png: is a folder; name the image file to write")
+
+
+def test_show_never_leaves_half_an_image(capsys: pytest.CaptureFixture[str], tiny_idx_dir: Path,
+                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Writing fails (or is killed) halfway: the image already there stays whole, and nothing
+    half-written carries its name."""
+    from matplotlib.figure import Figure
+
+    out = tmp_path / "grid.png"
+    code, _, err = run(capsys, "data", "show", "--out", str(out), "--dir", str(tiny_idx_dir),
+                       "--no-verify", "--per-class", "2")
+    assert code == 0, err
+    before = out.read_bytes()
+
+    def half_then_full_disk(self: Figure, target: object, **kwargs: object) -> None:
+        Path(str(target)).write_bytes(before[: len(before) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", half_then_full_disk)
+    code, _, err = run(capsys, "data", "show", "--out", str(out), "--dir", str(tiny_idx_dir),
+                       "--no-verify", "--per-class", "3")
+    assert_one_line_error(code, err, f"{out}: cannot write")
+    assert out.read_bytes() == before and sorted(tmp_path.glob("*grid*")) == [out]
 
 
 def test_show_writes_the_format_its_name_says(capsys: pytest.CaptureFixture[str],

@@ -116,11 +116,13 @@ def show(
 
     Example: fashionlab data show --out samples.png --per-class 10 --split test
     """
-    from fashionlab.plots import sample_grid  # matplotlib: only for this command
+    from fashionlab.plots import sample_grid, save_figure  # matplotlib: only for this command
 
     if out.suffix.lower() not in IMAGE_SUFFIXES:  # checked before loading, not after drawing
         raise FashionlabError(f"--out {out}: name an image file ending in "
                               f"{', '.join(IMAGE_SUFFIXES)}")
+    if out.is_dir():
+        raise FashionlabError(f"--out {out}: is a folder; name the image file to write")
     if (blocked := folder_blocked(out)) is not None:
         raise FashionlabError(f"--out {out}: {blocked}")
     dataset = data.load_fashion_mnist(directory, verify=verify)
@@ -129,7 +131,10 @@ def show(
                          class_names=dataset.class_names, title=f"{split.value} split")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(out, dpi=100, bbox_inches="tight")  # the format its suffix names
+        # Whole or not at all (a kill leaves no half image under its name, nor destroys the
+        # one there), in the format its suffix names.
+        save_figure(figure, out, format=out.suffix.lower().lstrip("."), dpi=100,
+                    bbox_inches="tight")
     except OSError as error:
         raise FashionlabError(f"{out}: cannot write ({why_not_written(out, error)})") from None
     typer.echo(f"wrote {out}")
