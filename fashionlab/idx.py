@@ -25,8 +25,16 @@ import numpy as np
 
 from fashionlab.errors import DataError
 
-__all__ = ["gunzip", "idx_shape", "looks_like_idx", "parse_idx", "read_decompressed",
-           "read_idx", "write_idx"]
+__all__ = [
+    "gunzip",
+    "idx_shape",
+    "looks_like_idx",
+    "parse_idx",
+    "read_decompressed",
+    "read_idx",
+    "read_idx_bytes",
+    "write_idx",
+]
 
 PathLike: TypeAlias = "str | os.PathLike[str]"
 
@@ -86,6 +94,12 @@ def read_idx(path: PathLike, *, ndim: int | None = None) -> np.ndarray:
     """Read an IDX file, raw or gzip-compressed (name ending in .gz). A compressed one is
     decompressed no further than its header declares: a small file of zeros after a short
     header is "trailing bytes" before it fills the memory."""
+    return parse_idx(read_idx_bytes(path), source=path, ndim=ndim)
+
+
+def read_idx_bytes(path: PathLike) -> bytearray:
+    """An IDX file's bytes, decompressed (a .gz) no further than its header declares, or than
+    the longest header where it has none: a DataError ("trailing bytes") for more."""
     path = Path(path)
     compressed = path.name.endswith(".gz")
     declared = _declared_bytes(path) if compressed else None
@@ -96,7 +110,7 @@ def read_idx(path: PathLike, *, ndim: int | None = None) -> np.ndarray:
     if declared is not None and len(data) > declared:
         raise DataError(f"{path}: trailing bytes: decompresses to more than the {declared} "
                         "bytes its header declares")
-    return parse_idx(data, source=path, ndim=ndim)
+    return data
 
 
 _LONGEST_HEADER = 4 + 4 * 255  # the magic number, and 255 dimensions of 4 bytes
@@ -149,10 +163,13 @@ def write_idx(path: PathLike, array: np.ndarray) -> None:
     Path(path).write_bytes(payload)
 
 
-def read_decompressed(path: Path, *, limit: int | None = None) -> bytearray:
+def read_decompressed(path: Path, *, limit: int | None = None,
+                      size: int | None = None) -> bytearray:
     """The file's bytes, gunzipped when the name ends in .gz, in a writable buffer so that
     arrays over it are writable. A missing or unreadable file is a DataError naming it.
-    `limit`: decompress at most one byte more than this (enough to tell a longer stream)."""
+    `limit`: decompress at most one byte more than this (enough to tell a longer stream).
+    `size`: the bytes it must decompress to (a checksum's): decompressing more is a checksum
+    mismatch, said before the memory fills."""
     try:
         with open(path, "rb") as f:
             if not path.name.endswith(".gz"):
@@ -164,7 +181,7 @@ def read_decompressed(path: Path, *, limit: int | None = None) -> bytearray:
         raise DataError(f"{path}: file not found") from None
     except OSError as error:
         raise DataError(f"{path}: cannot read ({error.strerror or error})") from None
-    return bytearray(gunzip(raw, source=path, limit=limit))
+    return bytearray(gunzip(raw, source=path, size=size, limit=limit))
 
 
 def gunzip(raw: bytes, *, source: PathLike, size: int | None = None,

@@ -377,3 +377,29 @@ def test_a_datasets_digest_is_its_content(tiny_idx_dir: Path):
         data.Dataset(dataset.train, dataset.train, dataset.source, False)]  # other test images
     digests = {dataset.sha256(), *(d.sha256() for d in changed)}
     assert len(digests) == 1 + len(changed)
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_a_small_gz_that_unpacks_to_gigabytes_is_refused_before_the_memory_fills(
+        tiny_idx_dir: Path, tmp_path: Path, verify: bool):
+    """A 200 kB .gz of one image's header and 200 MB of zeros among the dataset's files:
+    refused having decompressed no more than its header declares, or than the size of its
+    checksum (47 MB for the training images), not after holding the 200 MB."""
+    import tracemalloc
+
+    folder = tmp_path / "bomb"
+    shutil.copytree(tiny_idx_dir, folder)
+    with gzip.open(folder / "train-images-idx3-ubyte.gz", "wb", compresslevel=1) as f:
+        f.write(bytes([0, 0, 8, 3]) + np.array([1, 28, 28], ">u4").tobytes())
+        for _ in range(200):
+            f.write(bytes(1 << 20))
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError) as error:
+            load_fashion_mnist(folder, verify=verify)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert ("checksum mismatch: decompresses to more than" if verify else "trailing bytes") \
+        in str(error.value)
+    assert peak < (100 << 20 if verify else 5 << 20), peak

@@ -26,7 +26,7 @@ from fashionlab.data.files import (
     remembered,
 )
 from fashionlab.errors import DataError
-from fashionlab.idx import parse_idx, read_decompressed
+from fashionlab.idx import parse_idx, read_decompressed, read_idx_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -170,9 +170,12 @@ def _read_idx_files(directory: Path, names: Sequence[str],
     verified, new_entries, arrays = checksums is not None, {}, []
     for name, path in zip(names, files):
         stat = path.stat()
-        data = read_decompressed(path)
-        arrays.append(parse_idx(data, source=path, ndim=3 if "images" in name else 1))
         expected = checksums.get(name) if checksums is not None else None
+        # Decompressed no further than its checksum's size, or its header's: a small .gz that
+        # unpacks to gigabytes is refused before it fills the memory.
+        data = read_idx_bytes(path) if expected is None else \
+            read_decompressed(path, size=expected.size)
+        arrays.append(parse_idx(data, source=path, ndim=3 if "images" in name else 1))
         if expected is None:
             verified = False
         elif not remembered(memo, path, stat, expected):

@@ -361,7 +361,8 @@ def fetch_fashion_mnist(
         if remembered(memo, existing, stat, expected):
             continue
         try:
-            digest = check(read_decompressed(existing), expected, source=existing)
+            digest = check(read_decompressed(existing, size=expected.size), expected,
+                           source=existing)
             new_entries.update(memo_entry(existing, stat, digest))
         except DataError as problem:
             if directory is not None:
@@ -378,7 +379,7 @@ def fetch_fashion_mnist(
         debian = find_one(DEBIAN_DIR, name)
         if debian is not None and debian.parent.resolve() != target.resolve():
             try:
-                data = read_decompressed(debian)
+                data = read_decompressed(debian, size=expected.size)
                 digest = check(data, expected, source=debian)
             except DataError:
                 data = None  # a damaged system copy: download instead
