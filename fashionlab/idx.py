@@ -26,6 +26,7 @@ import numpy as np
 from fashionlab.errors import DataError
 
 __all__ = [
+    "TruncatedGzip",
     "gunzip",
     "idx_shape",
     "looks_like_idx",
@@ -184,6 +185,11 @@ def read_decompressed(path: Path, *, limit: int | None = None,
     return bytearray(gunzip(raw, source=path, size=size, limit=limit))
 
 
+class TruncatedGzip(DataError):
+    """Gzip data that end before their stream does: a file cut short, or a download whose
+    connection dropped (which a retry may mend)."""
+
+
 def gunzip(raw: bytes, *, source: PathLike, size: int | None = None,
            limit: int | None = None) -> bytes:
     """Decompress gzip data; anything else, or a truncated or corrupt stream, is a DataError.
@@ -202,6 +208,6 @@ def gunzip(raw: bytes, *, source: PathLike, size: int | None = None,
                             f"bytes, expected {size}")
         return data
     except EOFError:
-        raise DataError(f"{source}: gzip data is truncated") from None
+        raise TruncatedGzip(f"{source}: gzip data is truncated") from None
     except (OSError, zlib.error) as error:
         raise DataError(f"{source}: corrupt gzip data ({error})") from None

@@ -6,6 +6,7 @@ segment picks a behaviour, so one server plays every kind of mirror.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import threading
@@ -81,6 +82,23 @@ def server(tiny_gz: dict[str, bytes]) -> Iterator[ThreadingHTTPServer]:
         else:
             good(h, file)
 
+    def trickle(h: Mirror, file: str) -> None:  # a byte every 50 ms: no read ever times out
+        body = tiny_gz[file.removesuffix(".gz")]
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        with contextlib.suppress(OSError):  # until the client hangs up
+            for byte in body:
+                h.wfile.write(bytes([byte]))
+                h.wfile.flush()
+                time.sleep(0.05)
+
+    def cut_unsized(h: Mirror, body: bytes) -> None:
+        h.send_response(200)
+        h.end_headers()  # no Content-Length: the end of the connection ends the body
+        h.wfile.write(body[: len(body) // 2])
+        h.close_connection = True
+
     behaviours: dict[str, Callable[[Mirror, str], None]] = {
         "good": good,
         "flaky": flaky,
@@ -93,6 +111,9 @@ def server(tiny_gz: dict[str, bytes]) -> Iterator[ThreadingHTTPServer]:
         "cut": lambda h, f: h.send_body(tiny_gz[f.removesuffix(".gz")][:500],
                                         length=len(tiny_gz[f.removesuffix(".gz")])),
         "slow": lambda h, f: (time.sleep(1.0), good(h, f)),
+        "trickle": trickle,
+        # Half the file, no length said, then the connection dropped.
+        "cut-unsized": lambda h, f: cut_unsized(h, tiny_gz[f.removesuffix(".gz")]),
     }
     httpd = QuietServer(("127.0.0.1", 0), Mirror)
     httpd.behaviours, httpd.requests = behaviours, Counter()
@@ -174,6 +195,31 @@ def test_transient_server_error_is_retried(server: ThreadingHTTPServer,
     assert server.requests["flaky"] == 8  # a 503, then the file, for each of the four
 
 
+def test_a_mirror_that_trickles_is_given_up_for_the_next(
+        server: ThreadingHTTPServer, sums: dict[str, FileChecksum], tiny_gz: dict[str, bytes],
+        isolated_data_env: Path, no_debian: Path, monkeypatch: pytest.MonkeyPatch,
+        capfd: pytest.CaptureFixture[str]):
+    """A byte now and then resets the socket's time-out each time: the transfer's rate, not
+    the time-out, gives such a server up (here after 0.3 s instead of 60)."""
+    monkeypatch.setattr(fetch_module, "SLOW_AFTER", 0.3)
+    start = time.perf_counter()
+    fetch_fashion_mnist(mirrors=[url(server, "trickle"), url(server, "good")], checksums=sums,
+                        **{**FAST, "timeout": 0.2, "progress": True})
+    assert time.perf_counter() - start < 5.0
+    assert_installed(isolated_data_env, tiny_gz)
+    assert server.requests == {"trickle": 2, "good": 4}  # a try and a retry, then never again
+    assert "trickle/train-images-idx3-ubyte.gz: too slow: " in capfd.readouterr().err
+
+
+def test_a_connection_dropped_without_a_length_is_retried(
+        server: ThreadingHTTPServer, sums: dict[str, FileChecksum],
+        isolated_data_env: Path, no_debian: Path):
+    with pytest.raises(DataError, match=r"transfer cut short \(its gzip data end early\)"):
+        fetch_fashion_mnist(mirrors=[url(server, "cut-unsized")], checksums=sums, **FAST)
+    assert server.requests["cut-unsized"] == 2  # the first try and one retry
+    assert list(isolated_data_env.iterdir()) == []
+
+
 def test_time_outs_are_bounded(server: ThreadingHTTPServer, sums: dict[str, FileChecksum],
                                isolated_data_env: Path, no_debian: Path):
     start = time.perf_counter()
@@ -199,7 +245,8 @@ def test_mirrors_from_the_environment(server: ThreadingHTTPServer,
 
 
 @pytest.mark.parametrize("mirror", ["mirror.example.org/fashion", "http://[::1",
-                                    "ftp://example.org/fashion", "https://"])
+                                    "ftp://example.org/fashion", "https://",
+                                    "http://127.0.0.1:abc/", "http://127.0.0.1:99999/"])
 def test_a_mirror_that_is_no_http_address_is_one_line_before_any_download(
         sums: dict[str, FileChecksum], isolated_data_env: Path, no_debian: Path,
         monkeypatch: pytest.MonkeyPatch, mirror: str):

@@ -42,7 +42,7 @@ from fashionlab.data.files import (
     write_atomic,
 )
 from fashionlab.errors import DataError
-from fashionlab.idx import gunzip, read_decompressed
+from fashionlab.idx import TruncatedGzip, gunzip, read_decompressed
 from fashionlab.serialize import file_in_the_way, remove_stale_staging
 
 __all__ = [
@@ -63,6 +63,11 @@ MIRRORS_ENV = "FASHIONLAB_MIRRORS"  # comma- or space-separated base URLs
 # Read at call time, so tests can monkeypatch it (here, as fashionlab.data.fetch.DEBIAN_DIR:
 # the package's re-export is a separate name that nothing reads).
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+# A transfer slower than MIN_RATE bytes a second on average, once SLOW_AFTER seconds (or the
+# time-out, if longer) have passed, is given up (and retried, then the next mirror): a server
+# that trickles a byte at a time never trips the socket's time-out, and would take days.
+MIN_RATE = 10_000
+SLOW_AFTER = 60.0
 DEFAULT_MIRRORS: tuple[str, ...] = (
     "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
     "https://storage.googleapis.com/tensorflow/tf-keras-datasets/",
@@ -189,7 +194,8 @@ def _mirrors(mirrors: Sequence[str] | None) -> tuple[str, ...]:
         try:
             parts = urllib.parse.urlsplit(base)
             valid = parts.scheme in ("http", "https") and bool(parts.hostname)
-        except ValueError:  # e.g. "http://[::1": an address that does not parse
+            parts.port  # noqa: B018 - read to check it: a port of letters, or over 65535
+        except ValueError:  # e.g. "http://[::1", "http://host:abc/": does not parse
             valid = False
         if not valid:
             raise DataError(f"{source}: {_masked(base)!r} is not an http:// or https:// "
@@ -210,22 +216,30 @@ def _masked(url: str) -> str:
 
 
 def _download_once(url: str, *, timeout: float, limit: int,
-                   on_progress: Callable[[int, int | None], None]) -> bytes:
+                   on_progress: Callable[[int, int | None], None]) -> tuple[bytes, bool]:
     """The body of `url`, complete and gzip-looking, or a _TransferError; one of more than
-    `limit` bytes is not read to its end (nor held in memory)."""
+    `limit` bytes is not read to its end (nor held in memory). With it, whether the server
+    said its length (without, a connection that dropped looks like the end of the body)."""
     request = urllib.request.Request(url, headers={"User-Agent": "fashionlab"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
-            chunks, received = [], 0
-            while chunk := response.read(1 << 16):
+            chunks, received, started = [], 0, time.monotonic()
+            # read1: what has arrived, so that a server sending a byte a second is judged
+            # by its rate below (each byte resets the socket's time-out, and read() would
+            # wait for all 64 kB)
+            while chunk := response.read1(1 << 16):
                 chunks.append(chunk)
                 received += len(chunk)
                 on_progress(received, total)
                 if received > limit:
                     raise _TransferError(f"sent more than {limit} bytes, more than the file "
                                          "can take compressed", transient=False)
+                elapsed = time.monotonic() - started
+                if elapsed > max(timeout, SLOW_AFTER) and received < MIN_RATE * elapsed:
+                    raise _TransferError(f"too slow: {received} bytes in {elapsed:.0f} s (less "
+                                         f"than {MIN_RATE // 1000} kB/s)", transient=True)
     except urllib.error.HTTPError as error:
         transient = error.code >= 500 or error.code == 429
         raise _TransferError(f"HTTP {error.code} {error.reason}", transient=transient) from None
@@ -243,7 +257,7 @@ def _download_once(url: str, *, timeout: float, limit: int,
         raise _TransferError("returned an HTML page, not gzip data", transient=False)
     if body[:2] != b"\x1f\x8b":
         raise _TransferError(f"returned {len(body)} bytes that are not gzip data", transient=False)
-    return body
+    return body, total is not None
 
 
 def _download(name: str, *, mirrors: Sequence[str], expected: FileChecksum, timeout: float,
@@ -280,10 +294,18 @@ def _download(name: str, *, mirrors: Sequence[str], expected: FileChecksum, time
                 task = bar.add_task(f"{name}.gz", total=None)
                 try:
                     # (gzip adds at most ~0.1% and its headers to data it cannot shrink)
-                    body = _download_once(url, timeout=timeout, limit=expected.size + (1 << 20),
-                                          on_progress=lambda done, total, task=task: bar.update(
-                                              task, completed=done, total=total))
-                    data = gunzip(body, source=url, size=expected.size)
+                    body, sized = _download_once(
+                        url, timeout=timeout, limit=expected.size + (1 << 20),
+                        on_progress=lambda done, total, task=task: bar.update(
+                            task, completed=done, total=total))
+                    try:
+                        data = gunzip(body, source=url, size=expected.size)
+                    except TruncatedGzip:
+                        if sized:  # the whole of what the server has: it won't improve
+                            raise
+                        # a dropped connection, of a server that sent no length: again
+                        raise _TransferError("transfer cut short (its gzip data end early)",
+                                             transient=True) from None
                     check(data, expected, source=url)
                     return data
                 except _TransferError as error:
