@@ -81,6 +81,7 @@ def train_stack(
         for key, result in results.items():
             # Rows after what the store holds: normally this epoch; after a resume, any epoch
             # the checkpoint has and the store missed. Rewriting one is harmless (replaced).
+            new = len(result.history) - stored_upto.get(key, 0)
             for e in range(stored_upto.get(key, 0) + 1, len(result.history) + 1):
                 m = result.history[e - 1]
                 rows.append((key, e, (m.loss, m.accuracy, m.val_loss, m.val_accuracy,
@@ -89,8 +90,9 @@ def train_stack(
             status = result.status or ("running" if result.history else "pending")
             updates[key] = {"status": status, "message": result.message,
                             "best_epoch": result.best_epoch,
-                            "seconds": float(sum(h.seconds for h in result.history)),
-                            "host": host}
+                            "seconds": float(sum(h.seconds for h in result.history))}
+            if new > 0:  # the machine that trained it: not one that found it trained
+                updates[key]["host"] = host
         within = None
         if claim is not None:
             # The checkpoint of this epoch was written just before (train_members saves it

@@ -31,6 +31,7 @@ from fashionlab.data import load_fashion_mnist, to_tensors
 from fashionlab.errors import CheckpointError
 from fashionlab.progress import Silent
 from fashionlab.runner import train_stack
+from fashionlab.schema import models
 from fashionlab.store import Store
 from fashionlab.train import Member, Tensors
 
@@ -272,6 +273,33 @@ def test_the_store_gets_one_row_per_epoch_with_the_uninterrupted_numbers(
         assert rows(store, run_id) == expected
         assert [(m.key, m.status, m.best_epoch) for m in store.models(run_id)] == \
             expected_models
+
+
+def test_a_stack_found_trained_keeps_the_machine_that_trained_it(tiny: Tensors, tmp_path: Path):
+    """A process that continues a stack from a checkpoint whose every epoch is stored (the
+    writer of a shared run, reusing a model another machine trained) trains nothing: the
+    models still name the machine that trained them."""
+    store = Store("sqlite://")
+    run = store.create_run(kind="study", name="t", fingerprint="abc123", seed=0, config={},
+                           environment={})
+    store.register_models(run.id, [{"key": m.key, "candidate": "c", "role": "cv", "repeat": 0,
+                                    "fold": i, "epochs_planned": 5}
+                                   for i, m in enumerate(_members())])
+    checkpoint = tmp_path / "stack.pt"
+
+    def stop_at_the_end(key: str, epoch: int) -> None:
+        if epoch == TRAIN.epochs:  # stored, checkpoint written: a process stopped right then
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train_stack(store, run.id, _members(), TRAIN, tiny, CPU, checkpoint=checkpoint,
+                    label="stack", reporter=OnEpoch(stop_at_the_end))
+    with store.engine.begin() as conn:
+        conn.execute(models.update().values(host="machine-b"))
+    train_stack(store, run.id, _members(), TRAIN, tiny, CPU, checkpoint=checkpoint,
+                label="stack", reporter=Silent())
+    assert {m.host for m in store.models(run.id)} == {"machine-b"}
+    assert {m.status for m in store.models(run.id)} == {"finished"}
 
 
 # ---- writing -------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from html import escape as html_escape
 from pathlib import Path
 from types import SimpleNamespace
@@ -420,6 +421,53 @@ def test_a_stop_is_what_is_said_when_the_store_cannot_be_written_after_it(
     monkeypatch.setattr(study_run, "release_claims", unreachable)
     with pytest.raises(KeyboardInterrupt):
         run_study(load_study(study_file), run_dir=tmp_path / "other", progress=OnEpoch(stop))
+
+
+def test_a_creator_stopped_while_another_machine_trains_leaves_the_run_running(
+        study_file: Path, tmp_path: Path):
+    """Ctrl-C in the process that created a shared run, while another machine holds one of
+    its jobs: its own jobs go back, and the run stays running (its row names no process; the
+    next of the others to beat takes it), not interrupted, which `runs delete` would delete
+    under the others."""
+    from fashionlab.jobs import claim_job, job_rows
+    from fashionlab.runs import RunError, delete_run
+    from fashionlab.schema import jobs
+
+    run_dir = tmp_path / "runs"
+
+    def another_machine_claims_then_stop(key: str, epoch: int) -> None:
+        if epoch != 2:
+            return
+        store = Store.open(run_dir)
+        (run,) = store.runs()
+        pending = next(k for k, job in job_rows(store, run.id).items()
+                       if job.status == "pending")
+        assert claim_job(store, run.id, pending, by="machine b's command") is not None
+        with store.engine.begin() as conn:
+            conn.execute(jobs.update().where((jobs.c.run_id == run.id) & (jobs.c.key == pending))
+                         .values(host="machine-b", heartbeat=time.time()))
+        store.close()
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_study(load_study(study_file), run_dir=run_dir,
+                  progress=OnEpoch(another_machine_claims_then_stop))
+    store = Store.open(run_dir)
+    (run,) = store.runs()
+    assert run.state == "running" and run.pid is None
+    with pytest.raises(RunError, match="is running"):
+        delete_run(store, run.id)
+    store.close()
+
+    # Nobody else trains it: a stop leaves it interrupted, as before.
+
+    def stop(key: str, epoch: int) -> None:
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_study(load_study(study_file), run_dir=tmp_path / "alone", progress=OnEpoch(stop))
+    assert Store.open(tmp_path / "alone").runs()[0].state == "interrupted"
 
 
 def test_a_resumed_run_says_its_wall_time_is_the_last_processs_only(

@@ -341,7 +341,7 @@ def _leave_to_others(store: Store, run_id: str) -> None:
     row names no process, so it reads as running while their heartbeats (every worker beats
     the run's) are fresh, not as interrupted once this one exits; the next of them to beat
     (at its next epoch) takes the row, so that its death is seen at once on its machine."""
-    store.hand_over_run(run_id, {"host": None, "pid": None, "pid_start": None, "boot_id": None})
+    store.leave_run(run_id)
 
 
 def _forget(store: Store, name: str, fingerprint: str, run_dir: Path) -> None:

@@ -272,6 +272,13 @@ class Store:
                          .values(**{k: holder[k] for k in ("host", "pid", "pid_start",
                                                             "boot_id")}))
 
+    def leave_run(self, run_id: str) -> None:
+        """Stop running a run that other processes go on running (a search's workers, a
+        study's processes that hold its jobs): its row names no process, so it reads as
+        running while their heartbeats are fresh, and the next of them to beat takes it."""
+        self.hand_over_run(run_id, {"host": None, "pid": None, "pid_start": None,
+                                    "boot_id": None})
+
     def heartbeat(self, run_id: str) -> None:
         """Say that this process still runs the run; a running run that names no process (its
         holder left it to the others, as a search's worker does when it is done) is taken

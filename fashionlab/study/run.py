@@ -39,6 +39,7 @@ from fashionlab.jobs import (
     claim_grace,
     command_identity,
     drop_checkpoints,
+    held_elsewhere,
     job_rows,
     register_jobs,
     release_claims,
@@ -239,7 +240,10 @@ def run_study(
             else:
                 if not joined:
                     with contextlib.suppress(StoreError):
-                        store.end_run(run.id, "interrupted")
+                        if held_elsewhere(store, run.id):  # others train it on: running
+                            store.leave_run(run.id)
+                        else:
+                            store.end_run(run.id, "interrupted")
         raise
     finally:
         torch.set_num_threads(threads_before)
