@@ -470,6 +470,26 @@ def test_a_creator_stopped_while_another_machine_trains_leaves_the_run_running(
     assert Store.open(tmp_path / "alone").runs()[0].state == "interrupted"
 
 
+def test_a_process_that_leaves_a_shared_run_to_its_writer_leaves_no_empty_folder(
+        tmp_path: Path):
+    """Its checkpoints are in the database (the writer removes them there): the folder of the
+    run in its own run directory goes with them where nothing else is in it; a model it saved
+    stays, and the folder with it."""
+    closed = []
+    shared = SimpleNamespace(shared=True, close=lambda: closed.append(True))
+    empty, kept = tmp_path / "a" / "RUN", tmp_path / "b" / "RUN"
+    for folder in (empty, kept):
+        (folder / "checkpoints").mkdir(parents=True)
+        (folder / "checkpoints" / "stack.pt").write_bytes(b"x")
+    (kept / "models").mkdir()
+    (kept / "models" / "model.json").write_text("{}")
+    study_run._leave(shared, empty)
+    study_run._leave(shared, kept)
+    assert not empty.exists() and empty.parent.exists()
+    assert sorted(p.name for p in kept.iterdir()) == ["models"]
+    assert closed == [True, True]
+
+
 def test_a_resumed_run_says_its_wall_time_is_the_last_processs_only(
         study_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     def stop(key: str, epoch: int) -> None:

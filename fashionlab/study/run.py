@@ -263,9 +263,12 @@ def run_study(
 
 def _leave(store: Store, output_dir: Path) -> None:
     """A process of a shared run that does not write its outputs: its checkpoint files are
-    stored in the database (the writer removes them there), the models it saved stay."""
+    stored in the database (the writer removes them there), the models it saved stay; a
+    folder of the run left empty goes."""
     if store.shared:
         shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
+        with contextlib.suppress(OSError):  # left empty: nothing of the run is here
+            output_dir.rmdir()
     store.close()
 
 
