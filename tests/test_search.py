@@ -761,7 +761,9 @@ candidate = "small"
     assert result.summary["retrain"] == early.summary["retrain"]
     assert "not tested" not in (result.output_dir / "results.md").read_text()
     (row,) = result.summary["reference"]
-    assert Store.open(run_dir).run(early.run.id).summary["reference"] == [row]
+    stored = Store.open(run_dir).run(early.run.id)
+    assert stored.summary["reference"] == [row]
+    assert stored.finished == early.run.finished  # written again, not run longer
     base = result.trials[0]
     assert row["epoch"] == base.user_attrs["consensus_epoch"] == 6
     assert row["fold_scores"] == base.user_attrs["fold_scores"]

@@ -147,7 +147,7 @@ def finish_search(s: SearchContext, stopped_by: str, seconds: float) -> dict[str
                 write_report(store, run.id, device=s.run.device)
             return run.summary
         summary = {**run.summary, **tables}
-        _write_results(s, run, summary)
+        _write_results(s, run, summary, finished=run.finished)  # as long a run as before
         return summary
     direction = "maximize" if s.maximize else "minimize"
     used = spent(trials)
@@ -195,13 +195,16 @@ def _tables(s: SearchContext, run: RunRecord, ranked: Sequence[FrozenTrial], *, 
                                          n_val=n_val)}
 
 
-def _write_results(s: SearchContext, run: RunRecord, summary: dict[str, Any]) -> None:
-    """The results files, the finished run's summary in the store, then the report."""
+def _write_results(s: SearchContext, run: RunRecord, summary: dict[str, Any], *,
+                   finished: float | None = None) -> None:
+    """The results files, the finished run's summary in the store (`finished`: when it
+    ended, if not now), then the report."""
     output = s.run.output_dir
     write_text_atomic(output / "results.md", search_markdown(summary))
     write_text_atomic(output / "results.json", json.dumps(summary, indent=2) + "\n")
     write_text_atomic(output / "study.toml", study_to_toml(s.run.spec))
-    s.run.store.end_run(run.id, "finished", summary, output_dir=output)  # where it is now
+    s.run.store.end_run(run.id, "finished", summary, output_dir=output,  # where it is now
+                        finished=finished)
     write_report(s.run.store, run.id, device=s.run.device)  # it reads the finished run back
 
 

@@ -288,16 +288,19 @@ class Store:
             _beat_run(conn, run_id)
 
     def end_run(self, run_id: str, status: str, summary: dict[str, Any] | None = None, *,
-                output_dir: str | Path | None = None, if_held_here: bool = False) -> None:
+                output_dir: str | Path | None = None, if_held_here: bool = False,
+                finished: float | None = None) -> None:
         """This process stops running the run: finished, failed, or interrupted (left to
         resume, by this process too). `output_dir`: where its files are now (a run trained
         by several machines ends with the outputs of the one that wrote them).
         `if_held_here`: only while the row names this process, or none (a search's worker
-        stopped while another may have just taken the row to start a trial)."""
+        stopped while another may have just taken the row to start a trial). `finished`:
+        when it ended, where that was earlier (its results written again: not a longer run)."""
         self._stop_beating(run_id)
         now = time.time()
         with self.transaction() as conn:
-            values: dict[str, Any] = {"status": status, "finished": now, "heartbeat": now}
+            values: dict[str, Any] = {"status": status, "finished": finished or now,
+                                      "heartbeat": now}
             if summary is not None:
                 values["summary"] = json.dumps(jsonable(summary), allow_nan=False)
             if output_dir is not None:
