@@ -24,7 +24,7 @@ from fashionlab.errors import StoreError
 from fashionlab.jobs import register_jobs
 from fashionlab.process import ProcessIdentity
 from fashionlab.schema import MIGRATIONS, migrate
-from fashionlab.store import Store
+from fashionlab.store import Store, safe_url
 
 # Where /proc is missing (macOS, Windows) a process is known by its pid only.
 needs_proc = pytest.mark.skipif(ProcessIdentity.current().start_time is None,
@@ -93,6 +93,19 @@ def test_epochs_written_twice_are_stored_once(store: Store):
     assert math.isnan(history["a/fold-0"][1].val_accuracy)  # NaN survives the round trip
     status = {m.key: m.status for m in store.models(run.id)}
     assert status == {"a/fold-0": "running", "a/fold-1": "pending"}
+
+
+def test_epochs_of_a_run_deleted_meanwhile_are_one_line(store: Store):
+    """Another process deleted the run while this one trained it: a StoreError naming the
+    run, not the database's foreign-key error."""
+    run = _run(store)
+    _models(store, run.id, "a/fold-0")
+    store.delete_run(run.id)
+    with pytest.raises(StoreError) as error:
+        store.record_epochs(run.id, [("a/fold-0", 1, (1.0, 0.5, 1.1, 0.4, 0.1))])
+    assert str(error.value) == (f"run {run.id} is no longer in the store "
+                                f"{safe_url(store.url)}: it was deleted while this process "
+                                "trained it")
 
 
 def test_registering_models_again_keeps_their_state(store: Store):

@@ -405,7 +405,22 @@ class Store:
         """Write epoch rows (key, epoch, (loss, accuracy, val_loss, val_accuracy, seconds)) and
         model status changes in one transaction; an existing (key, epoch) row is replaced.
         `within(conn)` runs last in the same transaction (a job's claim checked, its
-        checkpoint stored): whatever it raises undoes the whole."""
+        checkpoint stored): whatever it raises undoes the whole. A run deleted meanwhile (by
+        another process) is a one-line StoreError, not the database's foreign-key error."""
+        try:
+            self._record_epochs(run_id, rows, model_updates, within)
+        except sa.exc.IntegrityError:
+            with self.reading() as conn:
+                gone = conn.execute(sa.select(runs.c.id).where(runs.c.id == run_id)).first() \
+                    is None
+            if not gone:
+                raise
+            raise StoreError(f"run {run_id} is no longer in the store {safe_url(self.url)}: "
+                             "it was deleted while this process trained it") from None
+
+    def _record_epochs(self, run_id: str, rows: Sequence[tuple[str, int, Sequence[float]]],
+                       model_updates: dict[str, dict[str, Any]] | None,
+                       within: Callable[[sa.Connection], None] | None) -> None:
         with self.transaction() as conn:
             for key, epoch, values in rows:
                 conn.execute(epochs.delete().where(
