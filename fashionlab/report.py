@@ -10,7 +10,6 @@ string that comes from a user (study, candidate and file names) is escaped by th
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import os
 import stat
@@ -62,14 +61,12 @@ def write_report(store: Store, run_id: str, path: str | Path | None = None, *,
     """Write the run's report (default: `<run output dir>/report.html`) and return its path.
 
     `device` runs the tested models' inference: cpu, cuda, cuda:N or auto. `run_dir`: the run
-    directory it is seen from (default: the store's own, `Store.run_dir`, where it holds the
-    run's folder); where it holds the run's folder (a run directory moved or copied), that
-    folder is the run's, not the one the store recorded. By default the report goes into that folder, made if missing, unless the
+    directory it is seen from (default: the store's own, `Store.run_dir`); where it holds the
+    run's folder (a run directory moved or copied), that folder is the run's, not the one the
+    store recorded. By default the report goes into that folder, made if missing, unless the
     store is shared (a database server) and the folder it recorded is on this machine.
     """
-    run = store.run(run_id)
-    run_dir = store.run_dir_holding(run.id) if run_dir is None else run_dir
-    run = _as_seen_from(run, run_dir)
+    run = store.seen_run(run_id, run_dir)
     if path is None:
         folder = Path(run.output_dir) if run.output_dir else None
         # The run directory's own store (a copy's, whose records name the original's folder)
@@ -101,8 +98,7 @@ def render_report(store: Store, run_id: str, *, device: str | torch.device = "cp
     """The report of a run as an HTML string (`run_dir`: as `write_report`'s)."""
     import jinja2
 
-    run = store.run(run_id)
-    run = _as_seen_from(run, store.run_dir_holding(run.id) if run_dir is None else run_dir)
+    run = store.seen_run(run_id, run_dir)
     context: dict[str, Any] = {"run": _run_info(run), "facts": _facts(run)}
     if run.kind == "search":
         from fashionlab.trials import trials_so_far  # Optuna: only a search's report
@@ -121,32 +117,6 @@ def render_report(store: Store, run_id: str, *, device: str | torch.device = "cp
 
 # --------------------------------------------------------------------------------------------
 # The run and its facts
-
-
-def _as_seen_from(run: RunRecord, run_dir: str | Path | None) -> RunRecord:
-    """The run with its files where they are: in `<run_dir>/<run id>` when that folder is
-    there (a run directory moved or copied), the paths the store recorded moved along."""
-    folder = None if run_dir is None else (Path(run_dir) / run.id).resolve()
-    if folder is None or not folder.is_dir() or not run.output_dir \
-            or Path(run.output_dir) == folder:
-        return run
-    recorded = Path(run.output_dir)
-
-    def moved(path: Any) -> Any:
-        try:
-            return str(folder / Path(path).relative_to(recorded))
-        except (TypeError, ValueError):  # None, or a path outside the run's folder
-            return path
-
-    summary = dict(run.summary or {})
-    if isinstance(summary.get("retrain"), Mapping):
-        summary["retrain"] = {**summary["retrain"],
-                              "model_dir": moved(summary["retrain"].get("model_dir"))}
-    if summary.get("final"):
-        summary["final"] = [{**f, "model_dir": moved(f.get("model_dir"))} if f.get("model_dir")
-                            else f for f in summary["final"]]
-    return dataclasses.replace(run, output_dir=str(folder),
-                               summary=summary if run.summary is not None else None)
 
 
 def _when(seconds: float | None) -> str:

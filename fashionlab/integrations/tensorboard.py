@@ -21,7 +21,6 @@ Needs the `tensorboard` extra (pip install 'fashionlab[tensorboard]').
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -173,9 +172,7 @@ def export_run_to_tensorboard(store: Store, run_id: str,
     _require()
     if logdir is not None and not str(logdir).strip():  # Path("") would be the current folder
         raise OutputError("logdir (--to tensorboard DIR): the log directory is empty")
-    run = store.run(run_id)
-    if (here := store.run_dir_holding(run.id)) is not None:  # a run directory moved or copied
-        run = dataclasses.replace(run, output_dir=str(here / run.id))
+    run = store.seen_run(run_id)  # a run directory moved or copied: its files there
     target = Path(logdir) if logdir is not None else tensorboard_dir(run)
     blocking = file_in_the_way(target)
     if blocking is not None:

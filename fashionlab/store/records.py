@@ -3,11 +3,14 @@ row (a run's, a job claim's) still runs."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import socket
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fashionlab.errors import ConfigError
@@ -72,10 +75,42 @@ class RunRecord:
         return "interrupted" if silent and not self.jobs_held else "running"
 
     @property
+    def data(self) -> dict[str, Any]:
+        """What it recorded of the data it trained on (`steps.data_record`: their SHA-256 and
+        sizes); empty for a run stored before runs recorded their data."""
+        return (self.environment or {}).get("data") or {}
+
+    @property
     def data_sha256(self) -> str | None:
-        """The SHA-256 of the data it trained on (`Dataset.sha256`, stored in its environment
-        by `steps.data_record`); None for a run stored before runs recorded their data."""
-        return ((self.environment or {}).get("data") or {}).get("sha256")
+        """The SHA-256 of the data it trained on (`Dataset.sha256`); None for a run stored
+        before runs recorded their data."""
+        return self.data.get("sha256")
+
+    def seen_from(self, run_dir: str | Path | None) -> RunRecord:
+        """The run with its files where they are: in `<run_dir>/<run id>` when that folder is
+        there (a run directory moved or copied, whose store still names the original's
+        folder), the paths it recorded (its models' folders) moved along."""
+        folder = None if run_dir is None else (Path(run_dir) / self.id).resolve()
+        if folder is None or not folder.is_dir() or (
+                self.output_dir and Path(self.output_dir) == folder):
+            return self
+        recorded = Path(self.output_dir) if self.output_dir else None
+
+        def moved(path: Any) -> Any:
+            try:
+                return str(folder / Path(path).relative_to(recorded))
+            except (TypeError, ValueError):  # None, or a path outside the run's folder
+                return path
+
+        summary = dict(self.summary or {})
+        if isinstance(summary.get("retrain"), Mapping):
+            summary["retrain"] = {**summary["retrain"],
+                                  "model_dir": moved(summary["retrain"].get("model_dir"))}
+        if summary.get("final"):
+            summary["final"] = [{**f, "model_dir": moved(f.get("model_dir"))}
+                                if f.get("model_dir") else f for f in summary["final"]]
+        return dataclasses.replace(self, output_dir=str(folder),
+                                   summary=summary if self.summary is not None else None)
 
     @property
     def holder(self) -> str:

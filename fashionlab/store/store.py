@@ -158,6 +158,11 @@ class Store:
             return None
         return self._file.parent.resolve()
 
+    def seen_run(self, run_id: str, run_dir: str | Path | None = None) -> RunRecord:
+        """The run (`run`) with its files where they are, seen from `run_dir` (default: this
+        store's own run directory): `RunRecord.seen_from`."""
+        return self.run(run_id).seen_from(self.run_dir if run_dir is None else run_dir)
+
     def run_dir_holding(self, run_id: str) -> Path | None:
         """This store's run directory where it holds the run's folder (`<run_dir>/<run
         id>`), else None: the folder the store recorded is the run's (a store opened by URL
