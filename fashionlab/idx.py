@@ -39,6 +39,8 @@ __all__ = [
 
 PathLike: TypeAlias = "str | os.PathLike[str]"
 
+_LONGEST_HEADER = 4 + 4 * 255  # the magic number, and 255 dimensions of 4 bytes
+
 _IDX_DTYPES: Mapping[int, np.dtype] = MappingProxyType({
     0x08: np.dtype("u1"),
     0x09: np.dtype("i1"),
@@ -112,9 +114,6 @@ def read_idx_bytes(path: PathLike) -> bytearray:
         raise DataError(f"{path}: trailing bytes: decompresses to more than the {declared} "
                         "bytes its header declares")
     return data
-
-
-_LONGEST_HEADER = 4 + 4 * 255  # the magic number, and 255 dimensions of 4 bytes
 
 
 def _declared_bytes(path: Path) -> int | None:

@@ -12,7 +12,6 @@ A run id may be given as a unique prefix; an unknown one raises StoreError.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 import math
@@ -132,12 +131,8 @@ def describe_run(store: Store, run_id: str, *, run_dir: str | Path | None = None
     top trials, its reference tests and its retrained best) and files (in `<run_dir>/<run
     id>` where that folder is, a run directory moved or copied; else where recorded).
     `run_dir` defaults to the store's own (`Store.run_dir`)."""
-    run = store.run(run_id)
+    run = store.seen_run(run_id, run_dir)
     models = store.models(run.id)
-    run_dir = store.run_dir_holding(run.id) if run_dir is None else run_dir
-    here = None if run_dir is None else (Path(run_dir) / run.id).resolve()
-    if here is not None and here.is_dir():
-        run = dataclasses.replace(run, output_dir=str(here))
     output = Path(run.output_dir) if run.output_dir else None
     files = sorted(str(p.relative_to(output)) for p in output.rglob("*")
                    if p.is_file()) if output and output.is_dir() else []
@@ -195,18 +190,12 @@ def _paired_tests(summary_a: Mapping[str, Any], summary_b: Mapping[str, Any],
     tests_a, tests_b = _test_accuracies(summary_a), _test_accuracies(summary_b)
     best_a = (summary_a.get("retrain") or {}).get("candidate")
     best_b = (summary_b.get("retrain") or {}).get("candidate")
+    paired = {}
     if summary_a.get("retrain") and summary_b.get("retrain") and best_a != best_b:
-        both = f"retrained best ({best_a} in a, {best_b} in b)"
-        pair = tests_a.pop(f"{best_a} (retrained)"), tests_b.pop(f"{best_b} (retrained)")
-        return {both: pair, **{k: (tests_a.get(k), tests_b.get(k))
-                               for k in dict.fromkeys([*tests_a, *tests_b])}}
-    return {k: (tests_a.get(k), tests_b.get(k)) for k in dict.fromkeys([*tests_a, *tests_b])}
-
-
-def _test_images(run: RunRecord) -> int | None:
-    """How many test images a run tested its models on (None for a run stored before runs
-    recorded their data)."""
-    return ((run.environment or {}).get("data") or {}).get("test")
+        paired[f"retrained best ({best_a} in a, {best_b} in b)"] = (
+            tests_a.pop(f"{best_a} (retrained)"), tests_b.pop(f"{best_b} (retrained)"))
+    return {**paired, **{k: (tests_a.get(k), tests_b.get(k))
+                         for k in dict.fromkeys([*tests_a, *tests_b])}}
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,7 +330,7 @@ def compare_runs(store: Store, a: str, b: str, *, alpha: float = 0.05) -> RunCom
     return RunComparison(
         a=overview(run_a), b=overview(run_b), folds_match=reason is None, reason=reason,
         candidates=rows, tests=_paired_tests(summary_a, summary_b),
-        test_images=(_test_images(run_a), _test_images(run_b)),
+        test_images=(run_a.data.get("test"), run_b.data.get("test")),
     )
 
 

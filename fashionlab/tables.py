@@ -104,10 +104,7 @@ def _ci(row: Row) -> str:
 
 def _test(row: Row) -> str:
     """The test accuracy, with its interval where the row has one: "88.35 [87.7, 89.0]"."""
-    accuracy = text.percent(row.test_accuracy)
-    if not (text.finite(row.test_accuracy) and text.finite(row.test_ci_low)):
-        return accuracy
-    return f"{accuracy} [{row.test_ci_low * 100:.1f}, {row.test_ci_high * 100:.1f}]"
+    return text.percent_in(row.test_accuracy, row.test_ci_low, row.test_ci_high)
 
 
 def display_rows(rows: Iterable[Row]) -> list[tuple[str, ...]]:

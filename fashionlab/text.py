@@ -45,6 +45,14 @@ def percent(value: Any, digits: int = 2) -> str:
     return number(value, f".{digits}f", 100.0)
 
 
+def percent_in(value: Any, low: Any, high: Any, digits: int = 2) -> str:
+    """A fraction as a percentage with its interval, where it has one: 0.8835, 0.8771, 0.8896
+    -> "88.35 [87.7, 89.0]"; without a finite interval, the percentage alone."""
+    if not (finite(value) and finite(low) and finite(high)):
+        return percent(value, digits)
+    return f"{percent(value, digits)} [{100 * low:.1f}, {100 * high:.1f}]"
+
+
 def plus_minus(mean: float, std: float, n: int, scale: float = 100.0, digits: int = 1) -> str:
     """"mean ± std" of n values (just the mean when n <= 1), scaled: 0.883, 0.004 -> 88.3 ± 0.4."""
     if not finite(mean):

@@ -32,7 +32,7 @@ from fashionlab.tables import (
     spent_note,
     trial_cells,
 )
-from fashionlab.text import counted, duration, percent
+from fashionlab.text import counted, duration, percent, percent_in
 
 runs_app = typer.Typer(
     help="List, show, compare, export and delete the runs in the store.\n\n"
@@ -203,16 +203,10 @@ def compare(a: RunId, b: RunId, run_dir: RunDir = DEFAULT_RUN_DIR, store: StoreU
         for column in ("model", "a", "b"):
             tests.add_column(column, overflow="fold")
         for name, accuracies in result.tests.items():
-            cells = [_with_interval(accuracy, interval) for accuracy, interval
+            cells = [percent_in(accuracy, *interval) for accuracy, interval
                      in zip(accuracies, result.test_intervals(name))]
             tests.add_row(Text(name), *cells)
         console.print(tests)
-
-
-def _with_interval(accuracy: float | None, interval: tuple[float, float]) -> str:
-    if accuracy is None or math.isnan(interval[0]):
-        return percent(accuracy)
-    return f"{percent(accuracy)} [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
 
 
 @runs_app.command()

@@ -96,13 +96,19 @@ def locate_fashion_mnist(directory: PathLike | None = None) -> Path | None:
     An explicit directory (or FASHIONLAB_DATA) is returned as is: missing files there are an
     error when loading, not a reason to look elsewhere.
     """
-    explicit = directory if directory is not None else os.environ.get(DATA_ENV)
-    if explicit:
-        return Path(explicit).expanduser()
+    named = _named_folder(directory)
+    if named is not None:
+        return named
     for candidate in (cache_dir(), DEBIAN_DIR):
         if all(find_one(candidate, name) for name in FILE_NAMES):
             return candidate
     return None
+
+
+def _named_folder(directory: PathLike | None) -> Path | None:
+    """The folder you named: `directory`, else FASHIONLAB_DATA; None where neither is."""
+    explicit = directory if directory is not None else os.environ.get(DATA_ENV)
+    return Path(explicit).expanduser() if explicit else None
 
 
 def load_fashion_mnist(
@@ -159,17 +165,16 @@ def load_fashion_mnist_test(
     needs only the two t10k files, which is all that scoring a model reads; elsewhere the
     dataset is found, fetched and loaded as `load_fashion_mnist` does."""
     checksums = FASHION_MNIST_CHECKSUMS if checksums is None else checksums
-    explicit = directory if directory is not None else os.environ.get(DATA_ENV)
-    if not explicit:
+    named = _named_folder(directory)
+    if named is None:
         dataset = load_fashion_mnist(download=download, verify=verify, mirrors=mirrors,
                                      checksums=checksums)
         return dataset.test, dataset.source
-    found = Path(explicit).expanduser()
     try:
-        return load_idx_test_split(found, checksums=checksums if verify else None), found
+        return load_idx_test_split(named, checksums=checksums if verify else None), named
     except DataError as error:
         if directory is None:  # say where the folder came from
-            raise DataError(f"{error} (FASHIONLAB_DATA={explicit})") from None
+            raise DataError(f"{error} ({DATA_ENV}={os.environ[DATA_ENV]})") from None
         raise
 
 
