@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Collection, Mapping
 from pathlib import Path
@@ -115,11 +116,21 @@ def file_in_the_way(path: Path) -> Path | None:
 
 def folder_blocked(path: Path) -> str | None:
     """Why the file `path` could not be written once made, said before the work that makes it
-    ("notes is a file, not a folder (the folder of notes/model.onnx)"); None where nothing is
-    in the way (its folder is made when it is written)."""
+    ("notes is a file, not a folder (the folder of notes/model.onnx)", or a folder this process
+    cannot write in); None where nothing is in the way (its folder is made when it is written)."""
     blocking = file_in_the_way(path.parent)
-    return None if blocking is None else f"{blocking} is a file, not a folder (the folder of " \
-        f"{path})"
+    if blocking is not None:
+        return f"{blocking} is a file, not a folder (the folder of {path})"
+    folder = next(p for p in (path.parent, *path.parent.parents) if p.exists())
+    try:
+        # Tried, not judged from the mode bits: root passes those, and a read-only mount, a
+        # quota or a special file system refuse only when asked. The file has no name left
+        # once closed (unlinked at once, or never named at all with O_TMPFILE).
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        return f"{folder}: cannot write there ({error.strerror or error}) (the folder of {path})"
+    return None
 
 
 def why_not_written(path: Path, error: OSError) -> str:

@@ -226,6 +226,9 @@ def test_show_bad_arguments(capsys: pytest.CaptureFixture[str], tiny_idx_dir: Pa
                        "--dir", str(tmp_path / "no-data"))
     assert_one_line_error(code, err, f"--out {tmp_path / 'a-file' / 'x.png'}: "
                           f"{tmp_path / 'a-file'} is a file, not a folder")
+    code, _, err = run(capsys, "data", "show", "--out", "/sys/fashionlab/x.png",
+                       "--dir", str(tmp_path / "no-data"))
+    assert_one_line_error(code, err, "--out /sys/fashionlab/x.png: /sys: cannot write there")
     code, _, err = run(capsys, "data", "show", "--out", str(tmp_path / "grid.txt"),
                        "--dir", str(tiny_idx_dir), "--no-verify")
     assert_one_line_error(code, err, "grid.txt: name an image file ending in .png, .jpg")

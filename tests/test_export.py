@@ -147,6 +147,8 @@ def test_export_command_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str
                            str(tmp_path / "a-file" / "sub" / "m.onnx"))
     assert_one_line_error(code, err, f"{tmp_path / 'a-file'} is a file, not a folder")
     assert (tmp_path / "a-file").read_text() == "not a folder"
+    code, _, err = run_cli(capsys, "export", str(saved.path), "--out", "/sys/m.onnx")
+    assert_one_line_error(code, err, "/sys: cannot write there (Permission denied)")
     code, _, err = run_cli(capsys, "export", str(saved.path), "--out", str(tmp_path))
     assert_one_line_error(code, err, "is a directory")
     for target in (saved.path / "model.safetensors", saved.path / "model.json",
