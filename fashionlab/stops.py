@@ -17,11 +17,17 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-__all__ = ["cleaning_up", "deferred", "deferring", "handled", "raise_if_stopped", "received"]
+__all__ = ["LeftRunning", "cleaning_up", "deferred", "deferring", "handled", "raise_if_stopped",
+           "received"]
 
 received: list[int] = []  # the signals that asked this process to stop, in order
 handled: list[bool] = []  # a stop was caught, and what it leaves is being put in order
 deferring: list[bool] = []  # inside `deferred`: the handlers only record a stop
+
+
+class LeftRunning(KeyboardInterrupt):
+    """The stop of one process of a shared run that others still train: for them the run goes
+    on (it is not interrupted), and the same command joins it again."""
 
 
 @contextlib.contextmanager

@@ -265,6 +265,19 @@ def test_which_repeated_stops_are_only_recorded(monkeypatch: pytest.MonkeyPatch)
         fresh()
 
 
+def test_a_stop_that_leaves_the_run_to_others_is_said_so(capsys: pytest.CaptureFixture[str]):
+    try:
+        for raised, said in ((KeyboardInterrupt(), "kept"), (stops.LeftRunning(), "goes on")):
+            with pytest.raises(typer.Exit) as ended, \
+                    cli.resumable("kept", goes_on="goes on"):
+                raise raised
+            assert ended.value.exit_code == 128 + signal.SIGINT
+            assert capsys.readouterr().err == f"stopped by SIGINT: {said}\n"
+    finally:
+        stops.handled.clear()
+        cli._announced.clear()
+
+
 def test_a_stop_while_locks_are_held_is_raised_once_they_are_let_go():
     # Raised inside concurrent.futures.wait, a stop can leave a future's lock held, and the
     # pool's shutdown then waits forever: the workers' loop defers it.

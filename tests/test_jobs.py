@@ -17,12 +17,15 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from helpers import assert_one_line_error, run_cli, tiny_search_toml, tiny_study_toml
+from helpers import OnEpoch, assert_one_line_error, run_cli, tiny_search_toml, tiny_study_toml
 
+from fashionlab import stops
+from fashionlab.config import load_study
 from fashionlab.jobs import ClaimLost, claim_job, job_rows, register_jobs, release_claims
 from fashionlab.runs import RunError, delete_run
 from fashionlab.schema import epochs, jobs, runs
 from fashionlab.store import CLAIM_STALE_AFTER, Store, database_url
+from fashionlab.study import run_study
 
 # --------------------------------------------------------------------------------------------
 # Claims
@@ -347,6 +350,36 @@ def test_a_killed_machines_job_is_taken_over_after_the_grace_period(
 
 class _Stopped(Exception):
     pass
+
+
+def test_a_joined_process_stopped_while_the_run_goes_on_elsewhere_says_so(
+        postgres_url: str, tiny_idx_dir: Path, tmp_path: Path):
+    """Ctrl-C in a process that joined another machine's run: the run goes on there, and the
+    stop says so (stops.LeftRunning, which the CLI words as "goes on ... joins it again"), not
+    that the run "is kept" to be resumed."""
+    _clean(postgres_url)
+    spec = load_study(_study(tmp_path, tiny_idx_dir))
+
+    def stop(key: str, epoch: int) -> None:
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as stopped:  # alone: the run is interrupted
+        run_study(spec, run_dir=tmp_path / "a", store_url=postgres_url, progress=OnEpoch(stop))
+    assert not isinstance(stopped.value, stops.LeftRunning)
+    store = Store.open(url=postgres_url)
+    (run,) = store.runs()
+    with store.transaction() as conn:  # machine b's process takes it up, and beats
+        conn.execute(runs.update().values(status="running", host="machine-b", pid=4242,
+                                          pid_start=None, boot_id=None, heartbeat=time.time()))
+    assert store.run(run.id).state == "running"
+    with pytest.raises(KeyboardInterrupt) as stopped:  # this one joins it, and is stopped
+        run_study(spec, run_dir=tmp_path / "b", store_url=postgres_url, progress=OnEpoch(stop))
+    assert isinstance(stopped.value, stops.LeftRunning)
+    assert f"run {run.id} goes on in the other processes" in "".join(stopped.value.__notes__)
+    assert store.run(run.id).host == "machine-b"  # still theirs, still running
+    assert store.run(run.id).state == "running"
+    store.close()
 
 
 def test_a_stop_signal_ends_a_wait_on_a_server_that_does_not_answer(postgres_url: str):

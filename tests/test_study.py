@@ -23,6 +23,7 @@ import sqlalchemy as sa
 import torch
 from helpers import OnEpoch, Recorder, assert_one_line_error, dead_pid, run_cli, tiny_study_toml
 
+from fashionlab import stops
 from fashionlab.config import load_study, study_from_dict
 from fashionlab.cv import make_folds
 from fashionlab.data import Split, load_fashion_mnist, write_idx
@@ -449,12 +450,15 @@ def test_a_creator_stopped_while_another_machine_trains_leaves_the_run_running(
         store.close()
         raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as stopped:
         run_study(load_study(study_file), run_dir=run_dir,
                   progress=OnEpoch(another_machine_claims_then_stop))
     store = Store.open(run_dir)
     (run,) = store.runs()
     assert run.state == "running" and run.pid is None
+    # Said so: the run goes on there, and is not "kept" to "resume"
+    assert isinstance(stopped.value, stops.LeftRunning)
+    assert f"run {run.id} goes on in the other processes" in "".join(stopped.value.__notes__)
     with pytest.raises(RunError, match="is running"):
         delete_run(store, run.id)
     store.close()
@@ -465,9 +469,11 @@ def test_a_creator_stopped_while_another_machine_trains_leaves_the_run_running(
         if epoch == 2:
             raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as stopped:
         run_study(load_study(study_file), run_dir=tmp_path / "alone", progress=OnEpoch(stop))
     assert Store.open(tmp_path / "alone").runs()[0].state == "interrupted"
+    assert not isinstance(stopped.value, stops.LeftRunning)
+    assert "is kept; run_study with the same study" in "".join(stopped.value.__notes__)
 
 
 def test_a_process_that_leaves_a_shared_run_to_its_writer_leaves_no_empty_folder(

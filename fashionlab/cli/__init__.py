@@ -97,13 +97,16 @@ def _announce_stop(how: str) -> int:
 
 
 @contextlib.contextmanager
-def resumable(how: str) -> Iterator[None]:
+def resumable(how: str, *, goes_on: str = "") -> Iterator[None]:
     """Around a long command: when it is stopped (Ctrl-C, SIGTERM, SIGHUP), one line saying
-    how to go on, and the exit status of the signal (128 + its number)."""
+    how to go on (`goes_on` where other processes train the run on), and the exit status of
+    the signal (128 + its number)."""
     try:
         yield
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stopped:
         stops.cleaning_up()
+        if goes_on and isinstance(stopped, stops.LeftRunning):
+            how = goes_on
         raise typer.Exit(_announce_stop(f": {how}")) from None
 
 

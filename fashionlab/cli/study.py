@@ -84,7 +84,9 @@ def study(
         spec = quick_variant(spec)
     if seed is not None:
         spec = derived(spec, seed=seed)
-    with resumable("the run is kept; run the same command again to resume it"), \
+    with resumable("the run is kept; run the same command again to resume it",
+                   goes_on="the run goes on in the other processes that train it; the same "
+                   "command joins it again"), \
             tensorboard_progress(not (json_output or quiet), tensorboard=tensorboard,
                                  run_dir=run_dir, store_url=store) as shown, \
             logging_to_mlflow(mlflow, spec, run_dir=run_dir, store_url=store,

@@ -67,7 +67,7 @@ from fashionlab.steps import (
     same_data,
     train_final,
 )
-from fashionlab.store import DEFAULT_RUN_DIR, RunRecord, Store
+from fashionlab.store import DEFAULT_RUN_DIR, RunRecord, Store, this_process
 from fashionlab.study.jobs import (
     OUTPUTS,
     JobInputs,
@@ -225,9 +225,7 @@ def run_study(
     except BaseException as stopped:
         if isinstance(stopped, KeyboardInterrupt):
             stops.cleaning_up()
-            if not shown and hasattr(stopped, "add_note"):  # Python 3.11+: said under it
-                stopped.add_note(f"fashionlab: run {run.id} is kept; run_study with the same "
-                                 "study and run directory resumes it")
+        goes_on = False  # other processes train the run on: it is not interrupted
         if not shown:
             # What this process (and its workers) held goes back at once to the others; the
             # run stays resumable, even from this process. The store may be what failed (a
@@ -238,12 +236,30 @@ def run_study(
             except StoreError:
                 pass
             else:
-                if not joined:
-                    with contextlib.suppress(StoreError):
-                        if held_elsewhere(store, run.id):  # others train it on: running
-                            store.leave_run(run.id)
-                        else:
-                            store.end_run(run.id, "interrupted")
+                with contextlib.suppress(StoreError):
+                    if joined:  # others hold jobs, or the run's own process lives on
+                        record, here = store.run(run.id), this_process()
+                        goes_on = held_elsewhere(store, run.id) or (
+                            record.state == "running"
+                            and (record.host, record.pid) != (here["host"], here["pid"]))
+                    elif held_elsewhere(store, run.id):  # others train it on: running
+                        store.leave_run(run.id)
+                        goes_on = True
+                    else:
+                        store.end_run(run.id, "interrupted")
+        if isinstance(stopped, KeyboardInterrupt) and not shown:
+            said = stopped
+            if goes_on:
+                said = stops.LeftRunning()
+                note = (f"fashionlab: run {run.id} goes on in the other processes that train "
+                        "it; run_study with the same study and run directory joins it again")
+            else:
+                note = (f"fashionlab: run {run.id} is kept; run_study with the same study and "
+                        "run directory resumes it")
+            if hasattr(said, "add_note"):  # Python 3.11+: said under it
+                said.add_note(note)
+            if said is not stopped:
+                raise said from stopped
         raise
     finally:
         torch.set_num_threads(threads_before)
