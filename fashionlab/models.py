@@ -168,10 +168,13 @@ class StackedNet(nn.Module):
                 # Channels-last activations: oneDNN's fast layout on the CPU, and max-pooling
                 # is ~15x faster on it (a no-op when the convolution already answered so).
                 h = h.contiguous(memory_format=torch.channels_last)
-                h = self.norms[i](h)
+                if not layer.norm_after_pool:
+                    h = self.norms[i](h)
                 if layer.pool > 1:
                     # max-pool before ReLU: identical result (both are monotone), 4x less ReLU work
                     h = F.max_pool2d(h, layer.pool)
+                if layer.norm_after_pool:
+                    h = self.norms[i](h)
                 h = F.relu(h)
             h = h.reshape(1, B, -1)  # (1, B, C*H*W), C-major like nn.Flatten
             h = dropout(h, [s.dropout for s in self.specs], generators)
@@ -302,12 +305,14 @@ def _plain_layer_names(spec: ModelSpec) -> dict[str, list[str]]:
     for layer in spec.conv:
         names["conv"].append(str(index))
         index += 1
+        pool = 1 if layer.pool > 1 else 0
         if layer.batch_norm:
-            names["norm"].append(str(index))
+            # after the convolution, or after its pooling
+            names["norm"].append(str(index + pool if layer.norm_after_pool else index))
             index += 1
         else:
             names["norm"].append("")
-        index += 2 if layer.pool > 1 else 1  # pool, relu
+        index += pool + 1  # pool, relu
     if spec.conv:
         index += 1  # flatten
         index += 1 if spec.dropout > 0 else 0
@@ -376,10 +381,9 @@ def build_module(spec: ModelSpec) -> nn.Sequential:
         padding = 0 if layer.padding == "valid" else layer.kernel // 2
         layers.append(nn.Conv2d(channels, layer.filters, layer.kernel, padding=padding,
                                 bias=not layer.batch_norm))
-        if layer.batch_norm:
-            layers.append(nn.BatchNorm2d(layer.filters))
-        if layer.pool > 1:
-            layers.append(nn.MaxPool2d(layer.pool))
+        norm = [nn.BatchNorm2d(layer.filters)] if layer.batch_norm else []
+        pool = [nn.MaxPool2d(layer.pool)] if layer.pool > 1 else []
+        layers += pool + norm if layer.norm_after_pool else norm + pool
         layers.append(nn.ReLU())
         channels = layer.filters
     layers.append(nn.Flatten())

@@ -60,8 +60,8 @@ def test_every_bundled_study_loads_and_round_trips():
 
 
 def test_settings_added_later_keep_a_study_fingerprint_at_their_old_meaning():
-    """A study stored before `tta` and `ema` existed keeps its fingerprint (its runs resume
-    and compare as the same study); setting either changes it."""
+    """A study stored before `tta`, `ema` and `norm_after_pool` existed keeps its fingerprint
+    (its runs resume and compare as the same study); setting any of them changes it."""
     import hashlib
     import json
 
@@ -69,6 +69,9 @@ def test_settings_added_later_keep_a_study_fingerprint_at_their_old_meaning():
     old = spec.to_dict()
     for candidate in old["candidates"] + old["final"]:
         del candidate["model"]["tta"], candidate["train"]["ema"]
+        for layer in candidate["model"]["conv"]:
+            del layer["norm_after_pool"]
+    assert any(final["model"]["conv"] for final in old["final"])  # the seed study's CNN
     text = json.dumps(old, sort_keys=True, default=str)
     assert spec.fingerprint() == hashlib.sha256(text.encode()).hexdigest()[:12]
     first = spec.candidates[0]
@@ -78,6 +81,13 @@ def test_settings_added_later_keep_a_study_fingerprint_at_their_old_meaning():
         other = dataclasses.replace(spec, candidates=(dataclasses.replace(first, **{field: changed}),
                                                       *spec.candidates[1:]))
         assert other.fingerprint() != spec.fingerprint()
+    cnn = next(final for final in spec.final if final.model.conv)
+    normed = (ConvLayer(4, batch_norm=True, pool=2, norm_after_pool=True),)
+    other = dataclasses.replace(spec, final=(dataclasses.replace(
+        cnn, model=dataclasses.replace(cnn.model, conv=normed)),))
+    plain = dataclasses.replace(spec, final=(dataclasses.replace(
+        cnn, model=dataclasses.replace(cnn.model, conv=(ConvLayer(4, batch_norm=True, pool=2),))),))
+    assert other.fingerprint() != plain.fingerprint()
 
 
 def test_a_quick_searchs_budget_is_what_its_trials_cost_on_its_own_folds():
@@ -254,6 +264,12 @@ PRE_RUN_MISTAKES = [
       "kernel 3): nothing is left")),
     (ENTRY + 'conv = [{ filters = 4, kernel = 4, padding = "same" }]',
      'candidates[0].conv[0].kernel: padding "same" needs an odd kernel (got 4)'),
+    (ENTRY + "conv = [{ filters = 4, pool = 2, norm_after_pool = true }]",
+     ("candidates[0].conv[0].norm_after_pool: needs batch_norm = true and a pool above 1: "
+      "there is no pooling to normalise after")),
+    (ENTRY + "conv = [{ filters = 4, batch_norm = true, norm_after_pool = true }]",
+     ("candidates[0].conv[0].norm_after_pool: needs batch_norm = true and a pool above 1: "
+      "there is no pooling to normalise after")),
     (ENTRY + "layers = [{ units = 8 }]\ndropout = 0.3",
      ("candidates[0].dropout: drops flattened conv features, and this model has no conv "
       "layers: set dropout on its layers")),

@@ -39,9 +39,16 @@ def _saved(directory: Path, spec: ModelSpec) -> SavedModel:
                                  class_names=CLASS_NAMES, metadata={"study": "export test"}))
 
 
+NORM_AFTER_POOL = ModelSpec(conv=(ConvLayer(8, batch_norm=True, pool=2, norm_after_pool=True),
+                                  ConvLayer(8, padding="same", batch_norm=True, pool=2)),
+                            layers=(DenseLayer(16),))
+
+
 @pytest.mark.parametrize("spec", [DENSE, CONV_BN, dataclasses.replace(CONV_BN, tta="flip"),
-                                  dataclasses.replace(CONV_BN, tta="flip-shift")],
-                         ids=["dense", "conv-bn", "conv-bn-flip", "conv-bn-flip-shift"])
+                                  dataclasses.replace(CONV_BN, tta="flip-shift"),
+                                  NORM_AFTER_POOL],
+                         ids=["dense", "conv-bn", "conv-bn-flip", "conv-bn-flip-shift",
+                              "norm-after-pool"])
 def test_onnx_matches_pytorch_within_1e_5(tmp_path: Path, spec: ModelSpec):
     saved = _saved(tmp_path / "model", spec)
     path = export_onnx(saved, tmp_path / "model.onnx")

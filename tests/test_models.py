@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
+from torch import nn
 
 from fashionlab.config import ConvLayer, DenseLayer, ModelSpec
 from fashionlab.models import (
@@ -31,7 +32,16 @@ def _stack(spec: ModelSpec, n: int, seeds: list[int] | None = None) -> StackedNe
     return StackedNet([spec] * n, generators)
 
 
-@pytest.mark.parametrize(("spec", "n"), [(DENSE, 3), (CONV, 1)], ids=["dense", "conv"])
+# Batch norm on the pooled maps: another layer order, in training and in the plain module.
+NORM_AFTER_POOL = ModelSpec(conv=(ConvLayer(4, pool=2, batch_norm=True, norm_after_pool=True),
+                                  ConvLayer(6, batch_norm=True),
+                                  ConvLayer(5, padding="same", pool=2, batch_norm=True,
+                                            norm_after_pool=True)),
+                            dropout=0.25, layers=(DenseLayer(12),))
+
+
+@pytest.mark.parametrize(("spec", "n"), [(DENSE, 3), (CONV, 1), (NORM_AFTER_POOL, 1)],
+                         ids=["dense", "conv", "norm-after-pool"])
 def test_each_member_computes_what_the_plain_module_computes(spec: ModelSpec, n: int):
     stack = _stack(spec, n).eval()
     x = torch.rand(n, 7, 28, 28)  # (M, B, 28, 28): each member its own batch
@@ -41,6 +51,27 @@ def test_each_member_computes_what_the_plain_module_computes(spec: ModelSpec, n:
         plain = build_module(spec).eval()
         plain.load_state_dict(stack.member_state_dict(m))
         torch.testing.assert_close(out[m], plain(x[m].unsqueeze(1)), rtol=1e-5, atol=1e-5)
+
+
+def test_batch_norm_after_pooling_is_applied_after_it_in_training_and_in_the_plain_module():
+    """With a negative scale batch norm does not commute with max-pooling: where it is shows."""
+    stack = _stack(NORM_AFTER_POOL, 1)
+    with torch.no_grad():
+        for norm in stack.norms:
+            norm.weight.uniform_(-2, 2)
+            norm.running_mean.uniform_(-1, 1)
+            norm.running_var.uniform_(0.5, 2)
+    stack.eval()
+    x = torch.rand(1, 7, 28, 28)
+    plain = build_module(NORM_AFTER_POOL).eval()
+    plain.load_state_dict(stack.member_state_dict(0))
+    torch.testing.assert_close(stack(x)[0], plain(x[0].unsqueeze(1)), rtol=1e-5, atol=1e-5)
+    assert isinstance(plain[1], nn.MaxPool2d) and isinstance(plain[2], nn.BatchNorm2d)
+    before = dataclasses.replace(NORM_AFTER_POOL, conv=tuple(
+        dataclasses.replace(layer, norm_after_pool=False) for layer in NORM_AFTER_POOL.conv))
+    other = _stack(before, 1)
+    other.load_state_dict(stack.state_dict())  # the same weights, the usual order
+    assert not torch.allclose(other.eval()(x), stack(x), atol=1e-3)
 
 
 def test_members_do_not_depend_on_their_stack_mates():
