@@ -55,6 +55,14 @@ def forward_flops(spec: ModelSpec) -> int:
     return flops
 
 
+def normalises_a_single_pixel(spec: ModelSpec) -> bool:
+    """Whether a batch norm of the model normalises a 1x1 map (after a pooling that leaves one
+    pixel, or a convolution as large as its input): its statistics then come from the images
+    of the batch alone, and a batch of one image has none."""
+    return any(layer.batch_norm and (pooled if layer.norm_after_pool else convolved) == 1
+               for layer, (convolved, pooled) in zip(spec.conv, conv_sides(spec.conv)))
+
+
 def _glorot_uniform(
     generators: MemberGenerators, shape: tuple[int, ...], fan_in: int, fan_out: int
 ) -> torch.Tensor:

@@ -25,7 +25,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from fashionlab.config import ModelSpec, TrainSpec
 from fashionlab.hardware import keep_freed_memory, resolve_precision
-from fashionlab.models import StackedNet, select_members
+from fashionlab.models import StackedNet, normalises_a_single_pixel, select_members
 from fashionlab.rng import MemberGenerators
 from fashionlab.stops import raise_if_stopped
 
@@ -126,7 +126,10 @@ class StackTrainer:
         self.keys = [m.key for m in members]
         self.epoch = 0  # completed epochs
         self.n_train = len(members[0].train_index)
-        self.steps_per_epoch = math.ceil(self.n_train / train.batch_size)
+        self.batches = batch_bounds(self.n_train, train.batch_size,
+                                    at_least=2 if normalises_a_single_pixel(members[0].model)
+                                    else 1)
+        self.steps_per_epoch = len(self.batches)
 
         self.generators = MemberGenerators([m.seed for m in members], device)
         self.net = StackedNet([m.model for m in members], self.generators)
@@ -189,14 +192,14 @@ class StackTrainer:
         """Train every active member for one epoch and score it; returns metrics by key."""
         start = time.perf_counter()
         spec, data, net = self.train_spec, self.data, self.net
-        M, B = len(self.keys), spec.batch_size
+        M = len(self.keys)
         net.train()
         order = self.train_index.gather(1, self.generators.randperm(self.n_train))  # (M, n)
         loss_sum = torch.zeros(M, device=self.device)
         correct = torch.zeros(M, device=self.device)
-        for first in range(0, self.n_train, B):
+        for first, end in self.batches:
             raise_if_stopped()  # a stop a finaliser swallowed
-            rows = order[:, first : first + B]  # (M, b): the last batch may be partial
+            rows = order[:, first:end]  # (M, b): the last batch may be partial
             x, y = gather(data.x_train, rows), data.y_train[rows]  # (M, b, 28, 28), (M, b)
             if spec.augment.crop or spec.augment.flip:
                 x = augment(x, spec.augment.crop, spec.augment.flip, self.generators)
@@ -333,6 +336,16 @@ class StackTrainer:
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         self.epoch = state["epoch"]
+
+
+def batch_bounds(n: int, batch_size: int, *, at_least: int = 1) -> list[tuple[int, int]]:
+    """(first, end) of each batch of an epoch of n samples: batch_size each, the last one what
+    is left; a last batch smaller than `at_least` joins the one before it."""
+    bounds = [(first, min(first + batch_size, n)) for first in range(0, n, batch_size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < at_least:
+        (first, _), _ = bounds[-2], bounds.pop()
+        bounds[-1] = (first, n)
+    return bounds
 
 
 def augment(

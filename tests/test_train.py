@@ -15,7 +15,8 @@ import torch
 from fashionlab.config import Augment, ConvLayer, DenseLayer, EarlyStopping, ModelSpec, TrainSpec
 from fashionlab.cv import train_members
 from fashionlab.data import load_fashion_mnist, to_tensors
-from fashionlab.train import Member, StackTrainer, Tensors, as_images
+from fashionlab.models import normalises_a_single_pixel
+from fashionlab.train import Member, StackTrainer, Tensors, as_images, batch_bounds
 
 CPU = torch.device("cpu")
 DENSE = ModelSpec(layers=(DenseLayer(24, l2=0.001, dropout=0.2),))
@@ -43,6 +44,33 @@ def _members(spec: ModelSpec, seeds: list[int], n: int = 300) -> list[Member]:
 
 def _cv_data(t: Tensors) -> Tensors:
     return Tensors(t.x_train, t.y_train, t.x_train, t.y_train)
+
+
+def test_an_epochs_batches_cover_every_sample_once():
+    assert batch_bounds(100, 32) == [(0, 32), (32, 64), (64, 96), (96, 100)]
+    assert batch_bounds(97, 32) == [(0, 32), (32, 64), (64, 96), (96, 97)]
+    assert batch_bounds(97, 32, at_least=2) == [(0, 32), (32, 64), (64, 97)]  # 33 in the last
+    assert batch_bounds(98, 32, at_least=2) == [(0, 32), (32, 64), (64, 96), (96, 98)]
+    assert batch_bounds(1, 32, at_least=2) == [(0, 1)]  # nothing to join
+
+
+def test_batch_norm_of_a_single_pixel_never_gets_a_batch_of_one_image(tiny: Tensors):
+    """A batch norm over a 1x1 map has only the batch's images to take statistics from: a last
+    batch of one image (201 = 2 x 100 + 1) joins the batch before it instead of failing."""
+    spec = ModelSpec(conv=(ConvLayer(4, pool=2), ConvLayer(4, pool=2),
+                           ConvLayer(4, batch_norm=True, pool=2, norm_after_pool=True)),
+                     layers=(DenseLayer(8),))  # 28 -> 26 -> 13 -> 11 -> 5 -> 3 -> 1
+    assert normalises_a_single_pixel(spec)
+    assert not normalises_a_single_pixel(CONV)
+    member = Member("m", spec, np.arange(201), np.arange(201, 251), 0)
+    trainer = StackTrainer([member], dataclasses.replace(TRAIN, batch_size=100),
+                           _cv_data(tiny), CPU)
+    assert trainer.batches == [(0, 100), (100, 201)]
+    metrics = trainer.run_epoch()["m"]
+    assert math.isfinite(metrics.loss)
+    plain = StackTrainer([Member("m", CONV, np.arange(201), np.arange(201, 251), 0)],
+                         dataclasses.replace(TRAIN, batch_size=100), _cv_data(tiny), CPU)
+    assert plain.batches == [(0, 100), (100, 200), (200, 201)]  # as before elsewhere
 
 
 def test_pixels_convert_to_the_images_to_tensors_gives(tiny_idx_dir: Path):
