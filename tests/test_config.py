@@ -234,6 +234,27 @@ def test_a_line_separator_in_a_wrong_value_is_quoted_escaped(tmp_path: Path):
     assert '(got "ad\\u2028am")' in message and "\u2028" not in message
 
 
+def test_a_study_file_is_read_no_further_than_a_study_file_goes(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """/dev/zero, or a huge file named by mistake, is refused after MAX_STUDY_FILE_BYTES,
+    not read into memory until the machine runs out of it."""
+    from fashionlab.config.files import MAX_STUDY_FILE_BYTES
+
+    huge = tmp_path / "huge.toml"
+    with huge.open("wb") as file:  # sparse: 2 GB that take no disk
+        file.truncate(2_000_000_000)
+    for path in (huge, Path("/dev/zero")):
+        with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: longer than "
+                                              rf"{MAX_STUDY_FILE_BYTES:,} bytes"):
+            load_study(path)
+    code, _, err = run_cli(capsys, "study", "/dev/zero", "--run-dir", str(tmp_path / "runs"))
+    assert_one_line_error(code, err, "/dev/zero: longer than")
+    padded = tmp_path / "padded.toml"  # the longest that is read
+    text = 'name = "padded"\n[[final]]\nname = "f"\n'
+    padded.write_text(text + "#" * (MAX_STUDY_FILE_BYTES - len(text) - 1) + "\n")
+    assert load_study(padded).name == "padded"
+
+
 def test_a_byte_order_mark_is_no_error(tmp_path: Path):
     path = tmp_path / "bom.toml"
     path.write_bytes(b"\xef\xbb\xbf" + b'name = "bom"\n[[final]]\nname = "f"\n')

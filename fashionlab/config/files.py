@@ -194,6 +194,22 @@ def bundled_studies() -> list[str]:
     return sorted(p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml"))
 
 
+# A study file is a page of settings: the bundled ones are under 5 kB. More is no study file
+# (/dev/zero, a dataset named by mistake), and is not read into memory.
+MAX_STUDY_FILE_BYTES = 1_000_000
+
+
+def _read_study_file(path: Path) -> str:
+    """The text of a study file, read no further than MAX_STUDY_FILE_BYTES (a device or pipe
+    has no size to check first); ConfigError for a longer one."""
+    with path.open("rb") as file:
+        data = file.read(MAX_STUDY_FILE_BYTES + 1)
+    if len(data) > MAX_STUDY_FILE_BYTES:
+        raise ConfigError(f"{path}: longer than {MAX_STUDY_FILE_BYTES:,} bytes, which no study "
+                          "file is (is it the file you meant?)")
+    return data.decode("utf-8-sig")
+
+
 def load_study(name_or_path: str | Path = "seed") -> StudySpec:
     """Read a study file, or a bundled study by name (e.g. "seed")."""
     if not isinstance(name_or_path, (str, os.PathLike)):
@@ -216,7 +232,7 @@ def load_study(name_or_path: str | Path = "seed") -> StudySpec:
         text, source = bundled.read_text(encoding="utf-8"), f"{name_or_path}.toml"
     else:
         try:  # utf-8-sig: a byte-order mark some Windows editors write is not a TOML error
-            text, source = path.read_text(encoding="utf-8-sig"), str(path)
+            text, source = _read_study_file(path), str(path)
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such study file") from None
         except IsADirectoryError:
