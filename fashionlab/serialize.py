@@ -122,14 +122,21 @@ def folder_blocked(path: Path) -> str | None:
     if blocking is not None:
         return f"{blocking} is a file, not a folder (the folder of {path})"
     folder = next(p for p in (path.parent, *path.parent.parents) if p.exists())
+    why = cannot_write_in(folder)
+    return None if why is None else f"{folder}: cannot write there ({why}) (the folder of {path})"
+
+
+def cannot_write_in(folder: Path) -> str | None:
+    """Why this process cannot make a file in `folder` (the system's reason), or None.
+
+    Tried, not judged from the mode bits: root passes those, and a read-only mount, a quota or
+    a special file system refuse only when asked. The file has no name left once closed
+    (unlinked at once, or never named at all with O_TMPFILE)."""
     try:
-        # Tried, not judged from the mode bits: root passes those, and a read-only mount, a
-        # quota or a special file system refuse only when asked. The file has no name left
-        # once closed (unlinked at once, or never named at all with O_TMPFILE).
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as error:
-        return f"{folder}: cannot write there ({error.strerror or error}) (the folder of {path})"
+        return error.strerror or str(error)
     return None
 
 

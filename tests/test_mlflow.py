@@ -388,6 +388,8 @@ def test_a_database_uri_that_cannot_be_used_fails_at_once_its_password_hidden(
     folder.mkdir()
     for uri, message in [  # MLflow itself retries a database it cannot open for ~100 s
             (f"sqlite:///{folder}", f"{folder} is a folder, not a database file"),
+            # sysfs makes no files, even for root (a read-only mount alike)
+            ("sqlite:////sys/mlflow.db", "cannot write in the folder /sys (Permission denied)"),
             ("postgresql+psycopg2://me:s3cret@127.0.0.1:1/db", "cannot open the database"),
             ("postgres://me:s3cret@127.0.0.1:1/db", "cannot open the database"),
             ("http://me:s3cret@127.0.0.1:1", "http://me:***@127.0.0.1:1")]:

@@ -35,6 +35,7 @@ except ImportError:
 from fashionlab.errors import FashionlabError
 from fashionlab.schema import METRICS
 from fashionlab.search.storage import open_storage
+from fashionlab.serialize import cannot_write_in
 from fashionlab.serialize import flatten as flatten_config
 from fashionlab.store import ModelRecord, RunRecord, Store, database_url, safe_url
 from fashionlab.text import first_line
@@ -125,6 +126,10 @@ def require_mlflow(tracking_uri: str | None = None) -> None:
         if database.is_dir():
             raise _refused(tracking_uri, f"{database} is a folder, not a database file (name "
                            "a file in it, such as sqlite:///mlflow.db)")
+        # SQLite writes its journal beside the database: MLflow would retry for ~100 s, then
+        # fail, where the folder is read-only.
+        if (why := cannot_write_in(database.parent)) is not None:
+            raise _refused(tracking_uri, f"cannot write in the folder {database.parent} ({why})")
     dialect = (tracking_uri or "").partition("+")[0].partition("://")[0]  # postgresql+psycopg2
     if tracking_uri is not None and dialect in SERVER_DATABASES:
         _check_database(tracking_uri, dialect)
