@@ -115,10 +115,11 @@ def overview(run: RunRecord) -> RunOverview:
 
 def list_runs(store: Store, *, kind: str | None = None, name: str | None = None
               ) -> list[RunOverview]:
-    """Every run (or those of a kind, study or search, or of a name), newest first."""
+    """Every run (or those of a kind, study or search, or of a name), newest first, with its
+    files where they are (`Store.seen_run`: a run directory copied or moved)."""
     if kind not in (None, *RUN_KINDS):
         raise FashionlabError(f"kind: expected {' or '.join(RUN_KINDS)} (got {kind!r})")
-    return [overview(run) for run in store.runs(kind=kind, name=name)]
+    return [overview(run.seen_from(store.run_dir)) for run in store.runs(kind=kind, name=name)]
 
 
 # What `describe_run` shows of a finished search's summary: its table, and what it spent.
@@ -272,7 +273,7 @@ def compare_runs(store: Store, a: str, b: str, *, alpha: float = 0.05) -> RunCom
     corrected resampled t-test of its b scores against its a scores, Holm-adjusted across the
     candidates; elsewhere 'folds differ'.
     """
-    run_a, run_b = store.run(a), store.run(b)
+    run_a, run_b = store.seen_run(a), store.seen_run(b)
     if run_a.id == run_b.id:
         raise RunError(f"run {run_a.id} twice: name two runs to compare")
     for run in (run_a, run_b):

@@ -182,6 +182,11 @@ def test_the_api_on_a_copied_run_directory_reads_and_writes_the_copy(
     assert store.run_dir == copy.resolve() and store.run_dir_holding(a) == copy.resolve()
     assert write_report(store, a) == copy.resolve() / a / "report.html"
     assert describe_run(store, a)["output_dir"] == str(copy.resolve() / a)
+    # runs list and runs compare name the copy's folders too, as runs show does
+    listed = {run.id: run.output_dir for run in list_runs(store)}
+    assert listed[a] == str(copy.resolve() / a)
+    compared = compare_runs(store, a, runs["b"].run.id)
+    assert compared.a.output_dir == str(copy.resolve() / a)
     assert export_run_to_tensorboard(store, a) == copy.resolve() / a / "tensorboard"
     delete_run(store, a)
     store.close()
