@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -109,6 +110,19 @@ def test_missing_onnx_packages_are_one_clear_error(tmp_path: Path,
         export_onnx(saved, tmp_path / "m.onnx")
     code, _, err = run_cli(capsys, "export", str(saved.path))
     assert_one_line_error(code, err, "onnxruntime", "fashionlab[onnx]")
+
+
+def test_a_stop_during_the_onnx_imports_is_the_stop_not_a_missing_package(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """SIGTERM while onnxruntime's native module initialises surfaces from the import as
+    ImportError("initialization failed"): it is raised as the stop it is."""
+    from fashionlab import stops
+
+    saved = _saved(tmp_path / "model", DENSE)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # the import fails...
+    monkeypatch.setattr(stops, "received", [signal.SIGTERM])  # ...because a stop came
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(saved, tmp_path / "m.onnx")
 
 
 def test_export_model_reports_what_it_measured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
