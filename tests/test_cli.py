@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -68,18 +69,71 @@ def test_python_dash_m_runs_the_command_line(tmp_path: Path):
     assert done.stderr.count("\n") == 1
 
 
+def _command(*args: str, stdout: str = "") -> subprocess.CompletedProcess[str]:
+    """The command in a shell, its standard output sent to `stdout` (`>/dev/full`, `>&-`)."""
+    line = " ".join([shlex.quote(sys.executable), "-m", "fashionlab",
+                     *map(shlex.quote, args), stdout])
+    return subprocess.run(["bash", "-c", line], check=False, capture_output=False,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def test_an_output_that_cannot_be_written_is_one_line(tiny_idx_dir: Path):
+    """A full disk under the output (/dev/full) and an output closed from the start."""
+    for args in (("data", "info", "--dir", str(tiny_idx_dir), "--no-verify"),
+                 ("data", "info", "--dir", str(tiny_idx_dir), "--no-verify", "--json")):
+        full = _command(*args, stdout=">/dev/full")
+        assert full.returncode == 2, full.stderr
+        assert full.stderr == "error: cannot write (No space left on device)\n"
+        closed = _command(*args, stdout=">&-")
+        assert closed.returncode == 2, closed.stderr
+        assert closed.stderr == ("error: the standard output is closed; send it to a file or "
+                                 "to /dev/null\n")
+
+
+def test_names_the_file_system_refuses_are_one_line(
+        tiny_idx_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    too_long = "a" * 300 + ".png"  # a name may be 255 bytes
+    code, _, err = run_cli(capsys, "data", "show", "--out", str(tmp_path / too_long),
+                           "--dir", str(tiny_idx_dir), "--no-verify")
+    assert_one_line_error(code, err, f"{too_long}: File name too long")
+    study = tmp_path / "tiny.toml"
+    study.write_text(tiny_study_toml(tiny_idx_dir, epochs=1, final=False))
+    latin1 = tmp_path / "lat\udce9in"  # the byte 0xe9, not UTF-8, as Python holds it
+    latin1.mkdir()
+    code, _, err = run_cli(capsys, "study", str(study), "--run-dir", str(latin1 / "runs"))
+    assert_one_line_error(code, err, "cannot use the name", "lat\\xe9in",
+                          "use UTF-8 names in a UTF-8 locale")
+
+
 @pytest.mark.parametrize(("args", "says"), [
     (("study", "--bogus"), "No such option: --bogus (see 'fashionlab study --help')"),
     (("runs", "show"), "Missing argument 'run'. (see 'fashionlab runs show --help')"),
     (("data", "show", "--per-class", "0"), "'--per-class'"),
     (("study", "a.toml", "b.toml"), "unexpected extra argument"),
     (("nosuchcommand",), "No such command 'nosuchcommand'"),
+    # raised by the option parser, before click has a context naming the command
+    (("study", "--seed"), "Option '--seed' requires an argument. (see 'fashionlab study --help')"),
+    (("runs", "export", "x", "--to"),
+     "Option '--to' requires 2 arguments. (see 'fashionlab runs export --help')"),
 ])
 def test_a_usage_error_is_one_line_naming_the_commands_help(
         args, says, capsys: pytest.CaptureFixture[str]):
     code, out, err = run_cli(capsys, *args)
     assert_one_line_error(code, err, says)
     assert out == "" and "╭" not in err  # no boxed panel
+
+
+@pytest.mark.parametrize("args", [
+    ["study", "--run-dir", ""], ["search", "--run-dir", " "], ["runs", "list", "--run-dir", ""],
+    ["data", "fetch", "--dir", ""], ["data", "show", "--out", ""], ["evaluate", ""],
+    ["predict", "model", ""], ["export", "model", "--out", ""]])
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(
+        args: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)  # where Path("") would have written
+    code, out, err = run_cli(capsys, *args)
+    assert_one_line_error(code, err, "empty: name a folder or file")
+    assert out == "" and list(tmp_path.iterdir()) == []
 
 
 def test_a_group_called_bare_prints_its_help_and_nothing_else(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import signal
@@ -110,15 +111,37 @@ def resumable(how: str, *, goes_on: str = "") -> Iterator[None]:
         raise typer.Exit(_announce_stop(f": {how}")) from None
 
 
-def _usage_error_line(error: typer.TyperException) -> str:
+def _usage_error_line(error: typer.TyperException, argv: Sequence[str]) -> str:
     """A usage error as one line: what is wrong, and where the command's help is."""
     # (pydantic's "Value error, " prefix, which typer passes on for an option's bad choice)
     message = re.sub(r"^(Invalid value for [^:]*: )Value error, ", r"\1",
                      " ".join(error.format_message().split()))
     context = getattr(error, "ctx", None)  # set on click's UsageError and its subclasses
-    if context is None:
-        return message
-    return f"{message} (see '{context.command_path} --help')"
+    if context is not None:
+        return f"{message} (see '{context.command_path} --help')"
+    if error.exit_code == 2:  # a usage error the option parser raised before any context
+        # exists (an option without its value): its command is found from the words given
+        return f"{message} (see '{_command_path(argv)} --help')"
+    return message
+
+
+def _command_path(argv: Sequence[str]) -> str:
+    """"fashionlab runs export": the command words at the start of argv."""
+    command, words = typer.main.get_command(app), ["fashionlab"]
+    for word in argv:
+        command = getattr(command, "commands", {}).get(word)
+        if command is None:
+            break
+        words.append(word)
+    return " ".join(words)
+
+
+def path_named(text: str | Path) -> Path:
+    """A path option's or argument's value: refused when empty, which `Path("")` would read
+    as the current folder (an unset shell variable, `--run-dir "$RUNS"`, would write there)."""
+    if not str(text).strip():
+        raise typer.BadParameter("empty: name a folder or file (an unset shell variable?)")
+    return Path(text)
 
 
 def print_json(value: object) -> None:
@@ -211,8 +234,44 @@ def _matplotlib_home() -> None:
         os.environ["MPLCONFIGDIR"] = str(folder)
 
 
+# What the machine or the names given make impossible, said in one line like a bad option: a
+# full disk (the output to /dev/full too), a name longer than the file system takes, a
+# read-only place or one this user may not write in.
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG, errno.EROFS,
+                       errno.EACCES, errno.EPERM}
+
+
+def _environment_error_line(error: OSError) -> str:
+    why = error.strerror or str(error)
+    return f"{error.filename}: {why}" if error.filename else f"cannot write ({why})"
+
+
+def _unencodable_name_line(error: UnicodeEncodeError) -> str:
+    """A name that is no text in the file system's encoding: bytes that are not UTF-8 in a
+    path (Python holds them as surrogates), or a non-ASCII name in the C locale with UTF-8
+    mode off (PYTHONUTF8=0)."""
+    name = error.object[max(0, error.start - 30) : error.end + 30]
+    shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return (f"cannot use the name ...{shown}...: it holds characters the file system's "
+            f"{error.encoding} cannot encode; use UTF-8 names in a UTF-8 locale")
+
+
+def _discard_output() -> None:
+    """Point the standard output at /dev/null once writing to it failed, so that the
+    interpreter's last flush of what is still buffered fails no more (a second message)."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script; user-fixable errors exit 2 with one line."""
+    if sys.stdout is None:  # started with its output closed (`>&-`): nothing can be said
+        if sys.stderr is not None:
+            sys.stderr.write("error: the standard output is closed; send it to a file or to "
+                             "/dev/null\n")
+        sys.exit(2)
     # First of all, so that a stop during the imports or while a command reads its input
     # is said in one line too, not as a traceback or a silent exit.
     stops.received.clear()  # what an earlier call in this process (a test, a notebook) heard
@@ -226,19 +285,22 @@ def main(argv: list[str] | None = None) -> None:
         if handler is not signal.SIG_IGN:
             signal.signal(signum, _stop)
     _matplotlib_home()  # read when matplotlib is imported
+    args = sys.argv[1:] if argv is None else argv
     try:
         _register_commands()
         # Not standalone: typer hands back usage errors (an unknown option, a missing or bad
         # argument) to be said in one line like every other error, not as a boxed panel,
         # and returns the status of a `typer.Exit` instead of exiting.
-        status = app(args=argv, prog_name="fashionlab", standalone_mode=False)
+        status = app(args=args, prog_name="fashionlab", standalone_mode=False)
+        sys.stdout.flush()  # a full disk is said here, not as the interpreter exits
     except FashionlabError as error:
         # One line, whatever a path or key quoted in it holds (a newline, a terminal escape).
         typer.secho(f"error: {one_line(str(error))}", fg="red", err=True)
         sys.exit(2)
     except typer.TyperException as error:  # click's usage errors derive from it
         if error.format_message().strip():  # blank: a group called bare, its help printed
-            typer.secho(f"error: {one_line(_usage_error_line(error))}", fg="red", err=True)
+            typer.secho(f"error: {one_line(_usage_error_line(error, args))}", fg="red",
+                        err=True)
         sys.exit(error.exit_code)
     except typer.Abort:  # "no" (or end of input, or a stop) at a confirmation prompt
         if stops.received:  # click turns the signal's KeyboardInterrupt into Abort
@@ -247,6 +309,18 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     except KeyboardInterrupt:  # during the imports, before the command started
         sys.exit(_announce_stop(""))
+    except OSError as error:
+        if error.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        if error.filename is None:
+            _discard_output()
+        typer.secho(f"error: {one_line(_environment_error_line(error))}", fg="red", err=True)
+        sys.exit(2)
+    except UnicodeEncodeError as error:
+        if "surrogate" not in error.reason and error.encoding != "ascii":
+            raise
+        typer.secho(f"error: {one_line(_unencodable_name_line(error))}", fg="red", err=True)
+        sys.exit(2)
     else:
         # typer turns a KeyboardInterrupt outside `resumable` into a silent status 130.
         if status == 130 and not _announced:

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from fashionlab import data
-from fashionlab.cli import app, output_console, print_json
+from fashionlab.cli import app, output_console, path_named, print_json
 from fashionlab.errors import FashionlabError
 from fashionlab.serialize import folder_blocked, why_not_written
 
@@ -25,7 +25,8 @@ class SplitName(str, Enum):
 
 
 DirOption = Annotated[Path | None, typer.Option(
-    "--dir", help="Read the four IDX files from this directory instead of searching for them.",
+    "--dir", parser=path_named,
+    help="Read the four IDX files from this directory instead of searching for them.",
     show_default=False)]
 VerifyOption = Annotated[bool, typer.Option(
     "--verify/--no-verify",
@@ -70,7 +71,8 @@ def info(directory: DirOption = None, verify: VerifyOption = True,
 @data_app.command()
 def fetch(
     directory: Annotated[Path | None, typer.Option(
-        "--dir", help="Put the files here instead of the user cache.", show_default=False)] = None,
+        "--dir", parser=path_named,
+        help="Put the files here instead of the user cache.", show_default=False)] = None,
     recheck: Annotated[bool, typer.Option(
         "--recheck", help="Hash the files in place again, even those checked before (a "
         "damaged copy in the cache is then replaced).")] = False,
@@ -101,7 +103,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg")  # what matplotlib wr
 @data_app.command()
 def show(
     out: Annotated[Path, typer.Option(
-        "--out", help="Image file to write: .png, .jpg, .pdf or .svg.", show_default=False)],
+        "--out", parser=path_named,
+        help="Image file to write: .png, .jpg, .pdf or .svg.", show_default=False)],
     per_class: Annotated[int, typer.Option(
         "--per-class", min=1, max=100, help="Images per class (one row per class).")] = 8,
     split: Annotated[SplitName, typer.Option("--split", help="Which split to draw from.")] = (

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, get_args
 
 import typer
 
-from fashionlab.cli import app, output_console, print_json
+from fashionlab.cli import app, output_console, path_named, print_json
 from fashionlab.text import one_line, percent
 from fashionlab.vocabulary import TestTimeAugmentation
 
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from fashionlab.predict import FilePredictions
 
 ModelDir = Annotated[Path, typer.Argument(
-    help="A model directory (model.safetensors + model.json), e.g. "
+    parser=path_named, help="A model directory (model.safetensors + model.json), e.g. "
     "fashionlab-runs/RUN_ID/models/cnn.", show_default=False)]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
@@ -40,7 +40,8 @@ def _views(tta: Views | None) -> str | None:
 def evaluate(
     model: ModelDir,
     directory: Annotated[Path | None, typer.Option(
-        "--dir", help="Read the test set's two IDX files (t10k-*) from this directory "
+        "--dir", parser=path_named,
+        help="Read the test set's two IDX files (t10k-*) from this directory "
         "instead of searching for them.", show_default=False)] = None,
     verify: Annotated[bool, typer.Option(
         "--verify/--no-verify",
@@ -111,6 +112,7 @@ def evaluate(
 def predict(
     model: ModelDir,
     images: Annotated[list[Path], typer.Argument(
+        parser=path_named,
         help="Photos (PNG, JPEG, ...), IDX files or .npy arrays.", show_default=False,
         readable=False)],  # a file it cannot read is reported with the others predicted
     top: Annotated[int, typer.Option(help="How many classes to show per image.", min=1)] = 3,
@@ -119,6 +121,7 @@ def predict(
         "inverted when its background is light. IDX files and .npy arrays are taken as they "
         "are, light items on black, unless --invert.", show_default=False)] = None,
     preview: Annotated[Path | None, typer.Option(
+        parser=path_named,
         help="Write what the model sees (the 28x28 inputs, up to 100) to this PNG file.",
         show_default=False)] = None,
     device: DeviceOption = "auto",
@@ -195,7 +198,7 @@ def export(
     file_format: Annotated[ExportFormat, typer.Option(
         "--format", help="The file format.")] = ExportFormat.onnx,
     out: Annotated[Path | None, typer.Option(
-        help="The file to write (default: model.onnx in the model directory).",
+        parser=path_named, help="The file to write (default: model.onnx in the model directory).",
         show_default=False)] = None,
     opset: Annotated[int, typer.Option(
         help="The ONNX opset version: 18 and newer are written directly, older ones "

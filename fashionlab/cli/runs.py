@@ -16,7 +16,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from fashionlab.cli import app, output_console, print_json, resumable, text_table
+from fashionlab.cli import app, output_console, path_named, print_json, resumable, text_table
 from fashionlab.cli.study import RunDir, StoreUrl
 from fashionlab.errors import FashionlabError, StoreError
 from fashionlab.provenance import machine_text
@@ -216,7 +216,8 @@ def export(
         "--format", help="csv or json.  [default: --out's suffix, else csv]",
         show_default=False)] = None,
     out: Annotated[Path | None, typer.Option(
-        "--out", help="Write to this .csv or .json file instead of standard output.",
+        "--out", parser=path_named,
+        help="Write to this .csv or .json file instead of standard output.",
         show_default=False)] = None,
     to: Annotated[tuple[Destination, str] | None, typer.Option(
         "--to", metavar="mlflow URI | tensorboard DIR", show_default=False,

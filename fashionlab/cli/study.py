@@ -9,14 +9,16 @@ from typing import Annotated
 import typer
 from rich.text import Text
 
-from fashionlab.cli import app, output_console, print_json, resumable, text_table
+from fashionlab.cli import app, output_console, path_named, print_json, resumable, text_table
 from fashionlab.config import SEED_RANGE, derived, load_study, quick_variant
 from fashionlab.errors import ConfigError
 from fashionlab.store import DEFAULT_RUN_DIR
 from fashionlab.tables import HEADERS, LEGEND, display_rows
 from fashionlab.text import wall_time
 
-RunDir = Annotated[Path, typer.Option("--run-dir", help="Where runs, the store and outputs live.")]
+RunDir = Annotated[Path, typer.Option(
+    "--run-dir", parser=path_named,
+    help="Where runs, the store and outputs live.")]
 StoreUrl = Annotated[str | None, typer.Option(
     "--store", help="Database URL of the store (default: SQLite file in the run directory; "
     "env FASHIONLAB_STORE).")]
