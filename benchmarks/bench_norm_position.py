@@ -27,6 +27,7 @@ import torch
 
 from fashionlab.config import load_study
 from fashionlab.data import load_fashion_mnist, to_tensors
+from fashionlab.provenance import cpu_model
 from fashionlab.train import Member, StackTrainer, Tensors
 
 
@@ -67,7 +68,7 @@ def main() -> None:
             seconds[label].append(time.perf_counter() - start)
 
     print(f"fast-cnn, {args.images} training images per epoch, {args.threads} thread(s), "
-          f"CPU {platform.processor() or platform.machine()}, torch {torch.__version__}")
+          f"CPU {cpu_model()}, torch {torch.__version__}")
     for label, times in seconds.items():
         print(f"batch norm {label:15} {statistics.median(times):6.2f} s per epoch (median of "
               f"{len(times)}: {', '.join(f'{t:.2f}' for t in times)})")
@@ -76,7 +77,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"images": args.images, "threads": args.threads, "seconds": seconds,
-                       "machine": platform.processor() or platform.machine(),
+                       "cpu": cpu_model(), "platform": platform.platform(),
                        "torch": torch.__version__}, f, indent=1)
 
 
