@@ -30,6 +30,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.progress import Progress as RichProgress
+from rich.table import Column
 
 from fashionlab.text import duration, number
 
@@ -89,15 +90,21 @@ class Bars:
     A context manager: the bars are drawn between enter and exit."""
 
     def __init__(self, *, console: Console | None = None) -> None:
+        console = console or Console(stderr=True)
+        # On a narrow terminal the stack's name gives way (cut with an ellipsis), then the
+        # bar; the counts, the accuracy and the times keep their width (at 80 columns they
+        # were squeezed to "0:0…" behind a long name).
         self._bars = RichProgress(
-            TextColumn("{task.description}", markup=False),  # a stack's name is text
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("epochs"),
-            TextColumn("{task.fields[status]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console or Console(stderr=True),
+            TextColumn("{task.description}", markup=False,  # a stack's name is text
+                       table_column=Column(no_wrap=True, overflow="ellipsis",
+                                           max_width=max(16, console.width - 48))),
+            BarColumn(bar_width=None, table_column=Column(ratio=1, max_width=40)),
+            MofNCompleteColumn(table_column=Column(no_wrap=True)),
+            TextColumn("epochs", table_column=Column(no_wrap=True)),
+            TextColumn("{task.fields[status]}", table_column=Column(no_wrap=True)),
+            TimeElapsedColumn(table_column=Column(no_wrap=True)),
+            TimeRemainingColumn(table_column=Column(no_wrap=True)),
+            console=console,
         )
         self._tasks: dict[str, TaskID] = {}
 

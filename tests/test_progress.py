@@ -170,3 +170,20 @@ def test_bars_show_names_as_text():
         bars.start("markup [/] [red]x", 3)
         bars.finish("markup [/] [red]x")
     assert "markup [/] [red]x" in out.getvalue()
+
+
+def test_bars_on_a_narrow_terminal_cut_the_name_not_the_numbers():
+    from fashionlab.progress import Bars
+
+    name = "dense(64), dense(64) l2, dense(64) dropout: 5 folds each"
+    for width in (60, 80):
+        out = io.StringIO()
+        console = Console(file=out, force_terminal=True, force_jupyter=False, width=width,
+                          color_system=None)
+        with Bars(console=console) as bars:
+            bars.start(name, 40)
+            bars.epoch(name, 12, {"fold-0": EpochMetrics(0.5, 0.8, 0.4, 0.8812, 1.0)})
+        last = [line for line in out.getvalue().split("\x1b[2K") if "12/40" in line][-1]
+        assert "12/40 epochs val_acc 0.8812" in last  # whole, and the times after them
+        assert re.search(r"\d:\d\d:\d\d -:--:--|\d:\d\d:\d\d \d:\d\d:\d\d", last), last
+        assert name not in last and "…" in last  # the name is what gives way
