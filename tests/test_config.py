@@ -90,6 +90,13 @@ def test_settings_added_later_keep_a_study_fingerprint_at_their_old_meaning():
     assert other.fingerprint() != plain.fingerprint()
 
 
+@pytest.mark.parametrize("epochs", ['"warning"', '"lowest"', "30", "5"])
+def test_a_quick_variant_keeps_a_retrain_rule_and_caps_a_count(epochs: str):
+    spec = study_from_dict(tomllib.loads(f'name = "x"\n[retrain]\nepochs = {epochs}\n{ENTRY}'))
+    quick = quick_variant(spec).retrain.epochs
+    assert quick == (epochs.strip('"') if epochs.startswith('"') else min(int(epochs), 8))
+
+
 def test_a_quick_searchs_budget_is_what_its_trials_cost_on_its_own_folds():
     """--quick caps a fold-epoch budget at 6 trials x 8 epochs x the study's folds."""
     spec = load_study("search")

@@ -283,8 +283,8 @@ def quick_variant(spec: StudySpec) -> StudySpec:
                      test_limit=min(spec.data.test_limit or 10**9, 2000)),
         warning=replace(spec.warning, patience=min(spec.warning.patience, 3)),
         candidates=tuple(shorten(c, 8) for c in spec.candidates),
-        retrain=replace(spec.retrain, epochs=spec.retrain.epochs
-                        if spec.retrain.epochs == "warning" else min(spec.retrain.epochs, 8)),
+        retrain=replace(spec.retrain, epochs=spec.retrain.epochs  # a rule: read off the curves
+                        if isinstance(spec.retrain.epochs, str) else min(spec.retrain.epochs, 8)),
         final=tuple(shorten(c, 3) for c in spec.final),
         search=None if spec.search is None else _quick_search(
             spec.search, epochs=8, folds=spec.cv.n_splits * spec.cv.repeats),
