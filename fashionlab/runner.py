@@ -11,6 +11,7 @@ decides how many pay.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import threading
 import time
@@ -20,6 +21,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import get_context
+from multiprocessing.context import SpawnProcess
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any, Literal
@@ -189,6 +191,7 @@ _reporter: Reporter | None = None  # in a worker process: its queue to the paren
 def _init_worker(threads: int, events: Any, parent: int) -> None:
     """Start of a worker process: its threads, its reporter, and its death with the parent."""
     global _reporter
+    hear_interrupts_again()
     die_with_parent(parent)
     torch.set_num_threads(threads)
     _reporter = QueueReporter(events)
@@ -220,12 +223,37 @@ class _RecordingContext:
         self.started: list[BaseProcess] = []
 
     def Process(self, *args: Any, **kwargs: Any) -> BaseProcess:  # named as the context names it
-        process = self._context.Process(*args, **kwargs)
+        process = _DeafWhileStarting(*args, **kwargs)  # the spawn context's own, started deaf
         self.started.append(process)
         return process
 
     def __getattr__(self, name: str) -> Any:  # queues, locks, the start method: the context's
         return getattr(self._context, name)
+
+
+class _DeafWhileStarting(SpawnProcess):
+    """A worker process that begins with SIGINT blocked (a signal mask is inherited).
+
+    Ctrl-C reaches the terminal's whole process group: a worker still importing torch would
+    print its KeyboardInterrupt traceback under the command's one line. The parent stops the
+    workers itself; a worker takes interrupts again once it has started (`_init_worker`).
+    Only the starting thread blocks it, for the moment of the start, so a Ctrl-C then still
+    reaches the parent, if only once unblocked."""
+
+    def start(self) -> None:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            super().start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def hear_interrupts_again() -> None:
+    """In a worker started deaf (`_DeafWhileStarting`): forget a SIGINT that came while it
+    started (the parent heard it too, and stops the workers), then take interrupts again."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a pending one is dropped
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _died(workers: Sequence[BaseProcess]) -> str:

@@ -23,6 +23,39 @@ def _jobs(path: Path, names: list[str]) -> list:
     return [(record_job, (str(path), name), name, 1) for name in names]
 
 
+def _sigint_blocked(answer: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    answer.put(signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+
+
+def test_a_worker_starts_deaf_to_ctrl_c_and_hears_it_once_started():
+    """Ctrl-C reaches the whole process group: a worker still importing torch printed its
+    traceback under the command's one line. It starts with SIGINT blocked (the parent's
+    mask is as it was), drops what came meanwhile, then takes interrupts as before."""
+    from fashionlab.runner import _RecordingContext, hear_interrupts_again
+
+    context = _RecordingContext(multiprocessing.get_context("spawn"))
+    answer = context.Queue()
+    process = context.Process(target=_sigint_blocked, args=(answer,))
+    process.start()
+    assert answer.get(timeout=60) is True
+    process.join(timeout=60)
+    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # the parent's
+    script = ("import os, signal\n"
+              "from fashionlab.runner import hear_interrupts_again\n"
+              "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})\n"
+              "os.kill(os.getpid(), signal.SIGINT)  # came while it started: pending\n"
+              "hear_interrupts_again()  # dropped, not raised\n"
+              "try:\n"
+              "    os.kill(os.getpid(), signal.SIGINT)\n"
+              "    signal.sigtimedwait([], 0.1)\n"
+              "except KeyboardInterrupt:\n"
+              "    print('heard')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "heard\n", "")
+    assert callable(hear_interrupts_again)
+
+
 def test_every_job_runs_once_here_or_in_a_worker(tmp_path: Path):
     log = tmp_path / "log"
     here: list[str] = []
