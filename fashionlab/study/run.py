@@ -225,6 +225,7 @@ def run_study(
     except BaseException as stopped:
         if isinstance(stopped, KeyboardInterrupt):
             stops.cleaning_up()
+        stop = isinstance(stopped, KeyboardInterrupt) and not shown
         goes_on = False  # other processes train the run on: it is not interrupted
         if not shown:
             # What this process (and its workers) held goes back at once to the others; the
@@ -237,17 +238,18 @@ def run_study(
                 pass
             else:
                 with contextlib.suppress(StoreError):
-                    if joined:  # others hold jobs, or the run's own process lives on
-                        record, here = store.run(run.id), this_process()
-                        goes_on = held_elsewhere(store, run.id) or (
-                            record.state == "running"
-                            and (record.host, record.pid) != (here["host"], here["pid"]))
+                    if joined:  # the run is its own process's to end, never this one's
+                        if stop:  # said: others hold jobs, or the run's own process lives on
+                            record, here = store.run(run.id), this_process()
+                            goes_on = held_elsewhere(store, run.id) or (
+                                record.state == "running"
+                                and (record.host, record.pid) != (here["host"], here["pid"]))
                     elif held_elsewhere(store, run.id):  # others train it on: running
                         store.leave_run(run.id)
                         goes_on = True
                     else:
                         store.end_run(run.id, "interrupted")
-        if isinstance(stopped, KeyboardInterrupt) and not shown:
+        if stop:
             said = stopped
             if goes_on:
                 said = stops.LeftRunning()
