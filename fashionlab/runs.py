@@ -119,7 +119,8 @@ def list_runs(store: Store, *, kind: str | None = None, name: str | None = None
     files where they are (`Store.seen_run`: a run directory copied or moved)."""
     if kind not in (None, *RUN_KINDS):
         raise FashionlabError(f"kind: expected {' or '.join(RUN_KINDS)} (got {kind!r})")
-    return [overview(run.seen_from(store.run_dir)) for run in store.runs(kind=kind, name=name)]
+    run_dir = store.run_dir
+    return [overview(run.seen_from(run_dir)) for run in store.runs(kind=kind, name=name)]
 
 
 # What `describe_run` shows of a finished search's summary: its table, and what it spent.
