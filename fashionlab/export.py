@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fashionlab import stops
 from fashionlab.artifacts import PREPROCESSING, SavedModel, as_saved_model
 from fashionlab.errors import FashionlabError
 from fashionlab.serialize import folder_blocked, staging_path, why_not_written
-from fashionlab.stops import raise_if_stopped
 from fashionlab.text import first_line
 
 __all__ = ["DEFAULT_OPSET", "TOLERANCE", "ExportError", "OnnxExport", "export_model", "export_onnx",
@@ -67,13 +67,11 @@ class OnnxExport:
 
 def _require_onnx() -> None:
     try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-        import onnxscript  # noqa: F401
+        with stops.kept():  # a stop while onnxruntime's native module starts is no ImportError
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
+            import onnxscript  # noqa: F401
     except ImportError as error:
-        # A stop that lands while onnxruntime's native module initialises comes out of the
-        # import as ImportError("initialization failed"): it is the stop, not a missing package.
-        raise_if_stopped()
         raise ExportError(f"ONNX export needs the optional packages onnx, onnxscript and "
                           f"onnxruntime ({error}); install them with "
                           "pip install 'fashionlab[onnx]'") from None

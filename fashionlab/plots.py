@@ -22,6 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from fashionlab import stops
 from fashionlab.data import CLASS_NAMES
 from fashionlab.serialize import staging_path
 from fashionlab.text import safe_name
@@ -56,7 +57,7 @@ def save_figure(figure: Figure, path: Path, **savefig: Any) -> None:
     renamed (a kill never leaves half a PNG under `path`). OSError when it cannot."""
     staging = staging_path(path)
     try:
-        with _missing_glyphs_drawn_silently():
+        with _missing_glyphs_drawn_silently(), stops.kept():
             figure.savefig(staging, **{"format": path.suffix.lstrip(".") or "png", **savefig})
         os.replace(staging, path)
     finally:
@@ -70,7 +71,7 @@ def png_data_uri(figure: Figure | bytes, *, dpi: float = 100) -> str:
         png = figure
     else:
         buffer = io.BytesIO()
-        with _missing_glyphs_drawn_silently():
+        with _missing_glyphs_drawn_silently(), stops.kept():
             figure.savefig(buffer, format="png", dpi=dpi)
         png = buffer.getvalue()
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")

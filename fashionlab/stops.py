@@ -17,8 +17,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-__all__ = ["LeftRunning", "cleaning_up", "deferred", "deferring", "handled", "raise_if_stopped",
-           "received"]
+__all__ = ["LeftRunning", "cleaning_up", "deferred", "deferring", "handled", "kept",
+           "raise_if_stopped", "received"]
 
 received: list[int] = []  # the signals that asked this process to stop, in order
 handled: list[bool] = []  # a stop was caught, and what it leaves is being put in order
@@ -40,6 +40,20 @@ def deferred() -> Iterator[None]:
     finally:
         deferring.pop()
     raise_if_stopped()
+
+
+@contextlib.contextmanager
+def kept() -> Iterator[None]:
+    """A block whose error, raised once a stop was asked for, is that stop: native code that
+    checks for signals while it works (matplotlib's renderer: "Invalid bounding box";
+    onnxruntime's start: "initialization failed") turns the KeyboardInterrupt into an error
+    of its own, which would be reported as a failure, with a traceback."""
+    try:
+        yield
+    except Exception as error:
+        if received:
+            raise KeyboardInterrupt from error
+        raise
 
 
 def cleaning_up() -> None:

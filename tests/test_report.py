@@ -407,6 +407,31 @@ def test_names_in_scripts_the_font_lacks_are_drawn_without_warnings(tmp_path: Pa
     assert png_data_uri(figure).startswith("data:image/png;base64,")
 
 
+def test_a_stop_inside_the_renderer_is_the_stop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """SIGTERM while matplotlib's native renderer draws came out of it as "ValueError: Invalid
+    bounding box", a traceback: an error raised once a stop was asked for is that stop."""
+    import signal
+
+    from matplotlib.figure import Figure
+
+    from fashionlab import stops
+    from fashionlab.plots import png_data_uri, save_figure
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise ValueError("Invalid bounding box")  # what the renderer made of the interrupt
+
+    figure = Figure()
+    monkeypatch.setattr(figure, "savefig", interrupted)
+    with pytest.raises(ValueError, match="Invalid bounding box"):  # no stop: the error
+        save_figure(figure, tmp_path / "curves.png")
+    monkeypatch.setattr(stops, "received", [signal.SIGTERM])
+    for draw in (lambda: save_figure(figure, tmp_path / "curves.png"),
+                 lambda: png_data_uri(figure)):
+        with pytest.raises(KeyboardInterrupt):
+            draw()
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
 def test_a_copied_run_directory_gets_its_report_in_the_copy(
         study: StudyResult, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     copy = tmp_path / "copy"  # its store still names the original's folder
