@@ -1,6 +1,6 @@
 """`python -m fashionlab ...`: the command line where the `fashionlab` script is not on PATH
 (a virtual environment not activated, a notebook's `!python -m fashionlab`)."""
 
-from fashionlab.cli import main
+from fashionlab.console import main
 
 main()

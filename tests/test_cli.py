@@ -246,6 +246,29 @@ def test_a_stop_before_the_command_starts_is_one_line_with_the_signals_status(wh
     assert not (tmp_path / "runs").exists()  # nothing was created
 
 
+def test_ctrl_c_while_the_command_line_loads_is_one_line_too(tmp_path):
+    # A Ctrl-C lands in the ~0.1 s the console script spends importing typer and rich, before
+    # the command's own handling is in place: made certain here by an import that raises it.
+    script = """
+import sys
+
+class Interrupting:
+    def find_spec(self, name, path=None, target=None):
+        if name == "fashionlab.cli":
+            raise KeyboardInterrupt
+
+sys.meta_path.insert(0, Interrupting())
+sys.argv = ["fashionlab", "--version"]
+from fashionlab.console import main
+main()
+"""
+    done = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True,
+                          text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 128 + signal.SIGINT, done.stderr
+    assert done.stderr == "stopped by SIGINT\n"
+    assert done.stdout == ""
+
+
 def test_ctrl_c_while_reading_the_study_is_one_line_too(tmp_path):
     done = _signal_itself("reading", "study", "--run-dir", str(tmp_path / "runs"),
                           signum=signal.SIGINT)
