@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -164,6 +165,23 @@ def test_exporting_twice_leaves_one_copy(finished: tuple[Path, str], tracking: s
     candidate = _runs(client, run_id)["candidate:small"].info.run_id
     assert len(client.get_metric_history(candidate, "val_accuracy")) == 3
     store.close()
+
+
+def test_a_copied_run_directory_sends_the_copys_files(finished: tuple[Path, str],
+                                                     tracking: str, tmp_path: Path):
+    # Its store still records the original's folder; what is sent is the copy's.
+    copy = tmp_path / "copy"
+    shutil.copytree(finished[0], copy)
+    run_id = finished[1]
+    (copy / run_id / "results.md").write_text("the copy's\n")
+    store = Store.open(copy)
+    parent = export_run_to_mlflow(store, run_id, tracking)
+    store.close()
+    client = MlflowClient(tracking_uri=tracking)
+    assert client.get_run(parent).data.tags["fashionlab.output_dir"] == str(
+        copy.resolve() / run_id)
+    sent = Path(client.download_artifacts(parent, "results.md", str(tmp_path / "sent")))
+    assert sent.read_text() == "the copy's\n"
 
 
 def test_two_exports_at_once_make_each_mlflow_run_once(finished: tuple[Path, str],

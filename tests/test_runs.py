@@ -502,6 +502,30 @@ def test_delete_in_a_copied_run_directory_deletes_the_copys_folder(tmp_path: Pat
     assert not (copy / run_id).exists() and (original / run_id).is_dir()
 
 
+def test_a_copys_store_named_by_url_shows_and_deletes_the_copys_folder(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
+    # FASHIONLAB_STORE (or --store) naming a copied run directory's fashionlab.db, no
+    # --run-dir, from another folder: the runs' folders are the copy's, not the original's
+    # the store recorded, nor ./fashionlab-runs.
+    original, copy, elsewhere = tmp_path / "a", tmp_path / "b", tmp_path / "cwd"
+    store = Store.open(original)
+    run_id = _fake_run(store, "copied", summary={"candidates": []}, output_root=original)
+    (original / run_id).mkdir(exist_ok=True)
+    store.close()
+    shutil.copytree(original, copy)
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("FASHIONLAB_STORE", default_url(copy))
+    code, out, _ = run_cli(capsys, "runs", "show", run_id, "--json")
+    assert code == 0 and json.loads(out)["output_dir"] == str(copy.resolve() / run_id)
+    monkeypatch.delenv("FASHIONLAB_STORE")
+    code, _, err = run_cli(capsys, "runs", "delete", run_id, "--yes", "--store",
+                           default_url(copy))
+    assert code == 0, err
+    assert not (copy / run_id).exists() and (original / run_id).is_dir()
+    assert not (elsewhere / "fashionlab-runs").exists()
+
+
 def test_an_empty_run_id_matches_no_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     store = Store.open(tmp_path)
     run_id = _fake_run(store, "only", summary={"candidates": []})

@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from fashionlab.cli import app, output_console, path_named, print_json, resumable, text_table
-from fashionlab.cli.study import RunDir, StoreUrl
+from fashionlab.cli.study import StoreUrl
 from fashionlab.errors import FashionlabError, StoreError
 from fashionlab.provenance import machine_text
 from fashionlab.store import DEFAULT_RUN_DIR, Store, safe_url
@@ -55,11 +55,23 @@ class Destination(str, Enum):
     tensorboard = "tensorboard"
 
 
+# Not study.RunDir's default: a store named by --store or FASHIONLAB_STORE that is some run
+# directory's fashionlab.db (a copy's, say) has its runs' folders beside it, not in the default
+# ./fashionlab-runs, which would show the original's folders, or leave the copy's behind when a
+# run is deleted.
+SeenRunDir = Annotated[Path | None, typer.Option(
+    "--run-dir", parser=path_named, show_default=False,
+    help="Where runs, the store and outputs live.  [default: the folder of the fashionlab.db "
+    "that --store or FASHIONLAB_STORE names, else fashionlab-runs]")]
+
+
 @contextmanager
-def _store(run_dir: Path, url: str | None) -> Iterator[Store]:
-    store = Store.open(run_dir, url, create=False)  # a mistyped --run-dir creates nothing
+def _store(run_dir: Path | None, url: str | None) -> Iterator[tuple[Store, Path]]:
+    """The store opened, and the run directory its runs' folders are seen from."""
+    # create=False: a mistyped --run-dir creates nothing
+    store = Store.open(run_dir or DEFAULT_RUN_DIR, url, create=False)
     try:
-        yield store
+        yield store, run_dir or store.run_dir or DEFAULT_RUN_DIR
     finally:
         store.close()
 
@@ -76,7 +88,7 @@ def _local(seconds: float) -> str:
 def list_(
     kind: Annotated[str | None, typer.Option(help="Only runs of this kind: study or search.",
                                              show_default=False)] = None,
-    run_dir: RunDir = DEFAULT_RUN_DIR,
+    run_dir: SeenRunDir = None,
     store: StoreUrl = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -89,7 +101,7 @@ def list_(
     """
     from fashionlab.runs import list_runs  # numpy and scipy: when the command runs
 
-    with _store(run_dir, store) as opened:
+    with _store(run_dir, store) as (opened, _):
         runs = list_runs(opened, kind=kind)
     if as_json:
         print_json([r.to_dict() for r in runs])
@@ -112,7 +124,7 @@ def list_(
 
 
 @runs_app.command()
-def show(run: RunId, run_dir: RunDir = DEFAULT_RUN_DIR, store: StoreUrl = None,
+def show(run: RunId, run_dir: SeenRunDir = None, store: StoreUrl = None,
          as_json: JsonOption = False) -> None:
     """Show one run: its status, seed, machine, models, results table and files.
 
@@ -120,8 +132,8 @@ def show(run: RunId, run_dir: RunDir = DEFAULT_RUN_DIR, store: StoreUrl = None,
     """
     from fashionlab.runs import describe_run  # numpy and scipy: when the command runs
 
-    with _store(run_dir, store) as opened:
-        info = describe_run(opened, run, run_dir=run_dir)
+    with _store(run_dir, store) as (opened, seen_from):
+        info = describe_run(opened, run, run_dir=seen_from)
     if as_json:
         print_json(info)
         return
@@ -165,7 +177,7 @@ def show(run: RunId, run_dir: RunDir = DEFAULT_RUN_DIR, store: StoreUrl = None,
 
 
 @runs_app.command()
-def compare(a: RunId, b: RunId, run_dir: RunDir = DEFAULT_RUN_DIR, store: StoreUrl = None,
+def compare(a: RunId, b: RunId, run_dir: SeenRunDir = None, store: StoreUrl = None,
             as_json: JsonOption = False) -> None:
     """Compare two finished studies side by side, candidate by candidate.
 
@@ -177,7 +189,7 @@ def compare(a: RunId, b: RunId, run_dir: RunDir = DEFAULT_RUN_DIR, store: StoreU
     """
     from fashionlab.runs import compare_runs  # numpy and scipy: when the command runs
 
-    with _store(run_dir, store) as opened:
+    with _store(run_dir, store) as (opened, _):
         result = compare_runs(opened, a, b)
     if as_json:
         print_json(result.to_dict())
@@ -226,7 +238,7 @@ def export(
         "files (every model's curves, the HParams view) in DIR. Again later: brings it up "
         "to date.")
     ] = None,
-    run_dir: RunDir = DEFAULT_RUN_DIR,
+    run_dir: SeenRunDir = None,
     store: StoreUrl = None,
 ) -> None:
     """Export every stored epoch of a run as CSV or JSON, or send the run to MLflow or
@@ -252,7 +264,7 @@ def export(
             # the optional TensorBoard, and torch: when it runs
             from fashionlab.integrations.tensorboard import export_run_to_tensorboard
 
-            with _store(run_dir, store) as opened:
+            with _store(run_dir, store) as (opened, _):
                 record = opened.run(run)
                 written = export_run_to_tensorboard(opened, record.id, to[1])
             typer.echo(f"wrote run {record.id} to {written} (view: tensorboard --logdir "
@@ -260,12 +272,12 @@ def export(
             return
         from fashionlab.integrations.mlflow import export_run_to_mlflow  # optional MLflow
 
-        with _store(run_dir, store) as opened:
+        with _store(run_dir, store) as (opened, _):
             record = opened.run(run)
             parent = export_run_to_mlflow(opened, record.id, to[1])
         typer.echo(f"sent run {record.id} to mlflow {safe_url(to[1])} (parent run {parent})")
         return
-    with _store(run_dir, store) as opened:
+    with _store(run_dir, store) as (opened, _):
         if out is not None:
             written = write_export(opened, run, out, format.value if format else None)
             typer.echo(f"wrote {written}", err=True)
@@ -278,7 +290,7 @@ def export(
 def delete(
     run: RunId,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
-    run_dir: RunDir = DEFAULT_RUN_DIR,
+    run_dir: SeenRunDir = None,
     store: StoreUrl = None,
 ) -> None:
     """Delete a run: its rows in the store and its output directory.
@@ -299,11 +311,11 @@ def delete(
     )
 
     finish = "run the same command again to finish the deletion"
-    with _store(run_dir, store) as opened, resumable(finish):
+    with _store(run_dir, store) as (opened, seen_from), resumable(finish):
         try:
             record = opened.run(run)
         except StoreError:
-            left = leftover_folder(opened, run, run_dir)
+            left = leftover_folder(opened, run, seen_from)
             if left is None:
                 raise
             if not yes:
@@ -314,11 +326,11 @@ def delete(
             return
         deletable_run(opened, record.id)  # refused before anyone is asked
         if not yes:
-            folder = run_output_dir(record, run_dir)
+            folder = run_output_dir(record, seen_from)
             where = f" and {folder}" if folder is not None and folder.is_dir() else ""
             typer.confirm(f"Delete run {record.id} ({record.name}, {record.state}){where}?",
                           abort=True)
-        delete_run(opened, record.id, run_dir=run_dir)
+        delete_run(opened, record.id, run_dir=seen_from)
     typer.echo(f"deleted run {record.id}")
 
 
@@ -331,7 +343,7 @@ def report(
         "recorded when it is on this machine).", show_default=False)] = None,
     device: Annotated[str, typer.Option(help="Where the tested models run: cpu, cuda, ...")] = (
         "cpu"),
-    run_dir: RunDir = DEFAULT_RUN_DIR,
+    run_dir: SeenRunDir = None,
     store: StoreUrl = None,
 ) -> None:
     """Write a run's report: one self-contained HTML file, to open or send.
@@ -344,6 +356,6 @@ def report(
     """
     from fashionlab.report import write_report  # matplotlib and torch: when it runs
 
-    with _store(run_dir, store) as opened:
-        path = write_report(opened, run, out, device=device, run_dir=run_dir)
+    with _store(run_dir, store) as (opened, seen_from):
+        path = write_report(opened, run, out, device=device, run_dir=seen_from)
     typer.echo(f"wrote {path}")

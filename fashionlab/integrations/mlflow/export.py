@@ -251,7 +251,7 @@ class MlflowExport:
         self.store = store
         # A bare postgresql:// means psycopg 3 to SQLAlchemy; the postgres extra has psycopg2.
         self.client = MlflowClient(tracking_uri=database_url(tracking_uri))
-        self.record = store.run(run_id)
+        self.record = store.seen_run(run_id)  # a copied run directory: its files
         self.experiment_id = self._experiment(experiment or self.record.name)
         self.ids: dict[str, str] = {}  # part -> MLflow run id
         self.params: dict[str, set[str]] = {}  # MLflow run id -> parameter names logged
@@ -265,7 +265,7 @@ class MlflowExport:
 
     def sync(self, *, artifacts: bool = True) -> str:
         """Everything the store holds of the run; returns the parent MLflow run's id."""
-        record = self.record = self.store.run(self.record.id)
+        record = self.record = self.store.seen_run(self.record.id)
         parent = self.parent()
         self.sync_models(m.key for m in self.store.models(record.id))
         summary = record.summary or {}
