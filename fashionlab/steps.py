@@ -37,6 +37,7 @@ from fashionlab.data import Dataset, load_fashion_mnist
 from fashionlab.errors import ConfigError, DataError
 from fashionlab.jobs import Claim
 from fashionlab.progress import Reporter
+from fashionlab.provenance import environment
 from fashionlab.runner import EpochHook, train_stack
 from fashionlab.schema import METRICS
 from fashionlab.store import ModelRecord, RunRecord, Store
@@ -489,7 +490,9 @@ def model_metadata(ctx: RunContext, candidate: Candidate, epochs: int, test_loss
                    test_accuracy: float, *, role: str,
                    weights_epoch: int | None = None) -> dict[str, Any]:
     """What a saved model's model.json records of how it was trained: `epochs` trained, the
-    weights of epoch `weights_epoch` (default: the last) kept and tested."""
+    weights of epoch `weights_epoch` (default: the last) kept and tested, and the code,
+    versions and machine of the process that trained it (which need not be the run's first:
+    a run resumed after an update, a worker with its own threads, another machine)."""
     return {
         "study": ctx.spec.name, "run_id": ctx.run.id, "candidate": candidate.name,
         "role": role, "epochs": epochs,
@@ -497,7 +500,8 @@ def model_metadata(ctx: RunContext, candidate: Candidate, epochs: int, test_loss
         "seed": ctx.spec.seed,
         "train": dataclasses.asdict(candidate.train),
         "test_loss": test_loss, "test_accuracy": test_accuracy,
-        **ctx.run.environment,
+        **ctx.run.environment,  # its data
+        **environment(str(ctx.device)),
     }
 
 

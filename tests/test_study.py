@@ -240,6 +240,34 @@ def test_a_run_stored_before_runs_recorded_their_data_is_still_shown(study_file:
     assert again.run.id == first.run.id and again.notes == []
 
 
+def test_a_model_saved_by_a_resumed_run_records_the_process_that_trained_it(
+        study_file: Path, tmp_path: Path):
+    # The run keeps the environment of the process that started it; a model trained after a
+    # resume (here on "another machine", with other code) records its own process's.
+    from fashionlab.provenance import code_revision
+
+    first = run_study(load_study(study_file), run_dir=tmp_path, progress=False)
+    started = first.run.environment
+    elsewhere = {**started, "revision": "0123456789ab (elsewhere)",
+                 "machine": {**started["machine"], "hostname": "elsewhere",
+                             "torch_threads": 99}}
+    engine = sa.create_engine(f"sqlite:///{tmp_path / DB_NAME}")
+    with engine.begin() as connection:
+        connection.execute(sa.text("UPDATE fl_runs SET environment = :e, status = 'interrupted' "
+                                   "WHERE id = :id"),
+                           {"e": json.dumps(elsewhere), "id": first.run.id})
+    engine.dispose()
+    shutil.rmtree(first.retrain.model_dir)
+    again = run_study(load_study(study_file), run_dir=tmp_path, progress=False)
+    assert again.run.id == first.run.id
+    assert again.run.environment["machine"]["hostname"] == "elsewhere"  # the run's own
+    saved = json.loads((again.retrain.model_dir / "model.json").read_text())["metadata"]
+    assert saved["revision"] == code_revision()
+    assert saved["machine"]["hostname"] != "elsewhere"
+    assert saved["machine"]["torch_threads"] == torch.get_num_threads()
+    assert saved["data"] == started["data"]
+
+
 def test_workers_get_each_image_tensor_once_on_their_own_device():
     # The parent shares its tensors (in place on the CPU); a GPU worker copies them to its
     # own device, once per distinct tensor: the final models' training images are the
