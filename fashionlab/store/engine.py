@@ -120,6 +120,15 @@ def default_url(run_dir: str | Path = DEFAULT_RUN_DIR) -> str:
     """The SQLite URL of the store in `run_dir`. A URL decodes "%XX" and ends its path at "?"
     or "#": those are escaped, so that a folder named with them holds its own store."""
     path = str(Path(run_dir).resolve() / DB_NAME)
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8, held by Python as surrogates
+        # Refused before anything is made: the store records the run's folder as text, so
+        # such a name would fail only once the store's file was there.
+        shown = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise StoreError(f"{Path(shown).parent}: the run directory's name is not UTF-8 text, "
+                         "which the store cannot record; rename it or choose another "
+                         "--run-dir") from None
     for char, escaped in (("%", "%25"), ("?", "%3F"), ("#", "%23")):
         path = path.replace(char, escaped)
     return f"sqlite:///{path}"
