@@ -27,7 +27,7 @@ from torch import nn
 
 from fashionlab.config import ModelSpec
 from fashionlab.config.specs import first_problem
-from fashionlab.errors import FashionlabError
+from fashionlab.errors import FashionlabError, OutputError
 from fashionlab.hardware import resolve_device
 from fashionlab.models import build_module, inference_module
 from fashionlab.serialize import staging_path
@@ -72,12 +72,7 @@ def save_model(
 ) -> Path:
     """Write a model directory atomically (a half-written model never carries the final name)."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_path(directory)
-    shutil.rmtree(staging, ignore_errors=True)  # this process's, from a save that failed
-    staging.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
-              str(staging / WEIGHTS_FILE))
     description = {
         "format_version": FORMAT_VERSION,
         "spec": asdict(spec),
@@ -85,10 +80,28 @@ def save_model(
         "preprocessing": PREPROCESSING,
         "metadata": metadata,
     }
-    (staging / SPEC_FILE).write_text(json.dumps(description, indent=2, default=str) + "\n")
-    # safetensors creates its file readable by its owner only (0600): given the permissions
-    # of every other file (the umask's), a model shared with a group or a web server loads.
-    shutil.copymode(staging / SPEC_FILE, staging / WEIGHTS_FILE)
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)  # this process's, from a save that failed
+        staging.mkdir()
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
+                  str(staging / WEIGHTS_FILE))
+        (staging / SPEC_FILE).write_text(json.dumps(description, indent=2, default=str) + "\n")
+        # safetensors creates its file readable by its owner only (0600): given the
+        # permissions of every other file (the umask's), a model shared with a group or a web
+        # server loads.
+        shutil.copymode(staging / SPEC_FILE, staging / WEIGHTS_FILE)
+    except (OSError, SafetensorError) as error:
+        # safetensors says a full disk as "Error while serializing: I/O error: No space left
+        # on device (os error 28)"; any other of its errors is not the disk's.
+        if isinstance(error, SafetensorError) and "I/O error: " not in str(error):
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+        reason = (error.strerror if isinstance(error, OSError) else None) \
+            or str(error).rsplit("I/O error: ", 1)[-1].split(" (os error")[0]
+        raise OutputError(f"{directory}: cannot save the model ({reason}); free some space "
+                             "or fix the permissions and run the same command again: it "
+                             "resumes") from None
     if directory.exists():  # the earlier save, out of the way in one rename, removed after
         previous = staging_path(directory.with_name(f"{directory.name}.previous"))
         shutil.rmtree(previous, ignore_errors=True)

@@ -7,6 +7,8 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -91,6 +93,33 @@ def test_saving_again_replaces_the_directory(tmp_path: Path):
     umask = os.umask(0)
     os.umask(umask)
     assert directory.stat().st_mode & 0o777 == 0o777 & ~umask  # as any folder made here
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a file size limit (RLIMIT_FSIZE) is POSIX")
+def test_a_save_the_disk_refuses_is_one_line_and_keeps_the_earlier_model(tmp_path: Path):
+    # A real write failure, in a process whose files may not grow past 4 KB (as a full disk
+    # refuses a write; safetensors then raises its own error, not an OSError).
+    directory = _save(tmp_path / "m", DENSE)
+    script = f"""
+import resource, signal, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_artifacts import CONV_BN, _save
+from fashionlab.errors import OutputError
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of killing
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+try:
+    _save({str(directory)!r}, CONV_BN)
+except OutputError as error:
+    print(error)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          check=False, timeout=120)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert done.stdout == (f"{directory}: cannot save the model (File too large); "
+                           "free some space or fix the permissions and run the same command "
+                           "again: it resumes\n")
+    assert load_model(directory).spec == DENSE  # the earlier save, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no staging folder left behind
 
 
 def test_loading_never_unpickles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

@@ -29,6 +29,7 @@ from helpers import (
 )
 from optuna.trial import TrialState, create_trial
 
+from fashionlab import checkpoints
 from fashionlab.config import (
     TrainSpec,
     WarningRule,
@@ -39,7 +40,7 @@ from fashionlab.config import (
 )
 from fashionlab.cv import MemberResult
 from fashionlab.data import Split, load_fashion_mnist
-from fashionlab.errors import ConfigError, StoreError
+from fashionlab.errors import CheckpointError, ConfigError, StoreError
 from fashionlab.jobs import job_rows, register_jobs
 from fashionlab.models import forward_flops
 from fashionlab.report import write_report
@@ -1050,6 +1051,65 @@ pruner = "none"
                                         "waiting": 0, "running": 0}
     assert ("3 complete, 0 pruned, 0 failed trials (1 stopped or lost and run again)"
             in (result.output_dir / "results.md").read_text())
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_a_trial_whose_checkpoint_the_disk_refuses_is_retried_not_failed(
+        tiny_idx_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    path = _learning_rate_search(tiny_idx_dir, tmp_path, """
+n_trials = 3
+pruner = "none"
+""")
+    clean = run_search(load_study(path), run_dir=tmp_path / "clean", progress=False)
+    real = checkpoints.temporary_path
+
+    def on_a_full_disk(checkpoint: Path) -> Path:
+        tmp = real(checkpoint)
+        if not tmp.is_symlink():
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            tmp.symlink_to("/dev/full")  # every write there fails: ENOSPC from the kernel
+        return tmp
+
+    def fill_the_disk(key: str, epoch: int) -> None:
+        if key == "trial-1/fold-0" and epoch == 1:
+            monkeypatch.setattr(checkpoints, "temporary_path", on_a_full_disk)
+
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        run_search(load_study(path), run_dir=tmp_path / "runs", progress=OnEpoch(fill_the_disk))
+    monkeypatch.undo()  # space freed
+    result = run_search(load_study(path), run_dir=tmp_path / "runs", progress=False)
+    assert result.summary["counts"] == {"complete": 3, "pruned": 0, "fail": 0, "retried": 1,
+                                        "waiting": 0, "running": 0}
+
+    def scored(trials):  # (parameters, score) of the completed trials
+        return sorted(((t.params, t.value) for t in trials if t.state == TrialState.COMPLETE),
+                      key=lambda pair: pair[1] or 0.0)
+
+    assert scored(result.trials) == scored(clean.trials)  # the same trials, the same scores
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a file size limit (RLIMIT_FSIZE) is POSIX")
+def test_optunas_tables_on_a_full_disk_are_one_line(tmp_path: Path):
+    # Optuna makes its tables when a search first opens its storage: in a process whose files
+    # may not grow past 1 KB (as on a full disk), SQLite's "database or disk is full" (or
+    # "disk I/O error") is a StoreError, not a traceback of SQLAlchemy's.
+    Store.open(tmp_path).close()  # the store's own tables, as a search makes them first
+    script = f"""
+import resource, signal
+from fashionlab.errors import StoreError
+from fashionlab.search.storage import open_storage
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of killing
+resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY))
+try:
+    open_storage({default_url(tmp_path)!r})
+except StoreError as error:
+    print(error)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          check=False, timeout=120)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert done.stdout.startswith(f"cannot use the store {default_url(tmp_path)}: "), done.stdout
+    assert done.stdout.count("\n") == 1
 
 
 def test_a_trial_stopped_again_in_every_retry_is_retried_every_time(tiny_idx_dir: Path,

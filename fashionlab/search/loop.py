@@ -65,7 +65,7 @@ from fashionlab.config import (
 )
 from fashionlab.cv import Fold, make_folds
 from fashionlab.data import Dataset, to_tensors
-from fashionlab.errors import ConfigError, StoreError
+from fashionlab.errors import CheckpointError, ConfigError, OutputError, StoreError
 from fashionlab.hardware import resolve_device
 from fashionlab.jobs import (
     JobRow,
@@ -458,9 +458,13 @@ class _Searcher:
                 # The store failed the trial (a server stopped, a dropped connection), not the
                 # trial itself: it is retried as a crashed one is (at most MAX_RETRIES times,
                 # if the store fails it each time), if the database answers now; else it is
-                # found lost, and retried, when the search goes on.
-                if database_trouble(error, self.store.url) is not None:
-                    with contextlib.suppress(StoreError, SQLAlchemyError, OptunaError):
+                # found lost, and retried, when the search goes on. A checkpoint or model the
+                # disk refused (full, read-only) stops the search as a Ctrl-C does, and its
+                # trial is retried as that one's is: the same command goes on once it is fixed.
+                with contextlib.suppress(StoreError, SQLAlchemyError, OptunaError):
+                    if isinstance(error, CheckpointError | OutputError):
+                        self._retry_interrupted(current)
+                    elif database_trouble(error, self.store.url) is not None:
                         self._retry_interrupted(current, crashed=True)
                 raise
             finally:

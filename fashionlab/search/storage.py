@@ -17,6 +17,7 @@ import optuna
 
 from fashionlab.config import StudySpec
 from fashionlab.jobs import ClaimLock
+from fashionlab.store import database_trouble
 from fashionlab.trials import rdb_storage, study_name
 
 __all__ = ["GRACE_PERIOD", "HEARTBEAT_INTERVAL", "MAX_RETRIES", "ClaimLock", "RetryLostTrial",
@@ -69,6 +70,13 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     trial (`RetryLostTrial`)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return rdb_storage(url, heartbeat_interval=HEARTBEAT_INTERVAL,
-                           grace_period=GRACE_PERIOD,
-                           heartbeat_stale_trial_callback=RetryLostTrial())
+        try:
+            return rdb_storage(url, heartbeat_interval=HEARTBEAT_INTERVAL,
+                               grace_period=GRACE_PERIOD,
+                               heartbeat_stale_trial_callback=RetryLostTrial())
+        except Exception as error:
+            # Optuna makes its tables here: a full disk or a server gone is said in one line
+            trouble = database_trouble(error, url)
+            if trouble is None:
+                raise
+            raise trouble from None
