@@ -60,6 +60,11 @@ def save_figure(figure: Figure, path: Path, **savefig: Any) -> None:
         with _missing_glyphs_drawn_silently(), stops.kept():
             figure.savefig(staging, **{"format": path.suffix.lstrip(".") or "png", **savefig})
         os.replace(staging, path)
+    except OSError as error:
+        if error.filename is not None:
+            raise
+        # matplotlib's PNG writer says a full disk without the file's name
+        raise OSError(error.errno, error.strerror or str(error), str(path)) from None
     finally:
         staging.unlink(missing_ok=True)
 

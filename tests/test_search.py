@@ -40,7 +40,7 @@ from fashionlab.config import (
 )
 from fashionlab.cv import MemberResult
 from fashionlab.data import Split, load_fashion_mnist
-from fashionlab.errors import CheckpointError, ConfigError, StoreError
+from fashionlab.errors import CheckpointError, ConfigError, OutputError, StoreError
 from fashionlab.jobs import job_rows, register_jobs
 from fashionlab.models import forward_flops
 from fashionlab.report import write_report
@@ -58,6 +58,7 @@ from fashionlab.search import (
 from fashionlab.search.finish import save_plots, top_table
 from fashionlab.search.space import FixedParams, base_params, check_largest_model, suggest
 from fashionlab.search.storage import MAX_RETRIES, open_storage
+from fashionlab.serialize import staging_path
 from fashionlab.stats import proportion_ci
 from fashionlab.steps import load_study_data
 from fashionlab.store import CLAIM_STALE_AFTER, RunRecord, Store, database_url, default_url
@@ -1086,6 +1087,30 @@ pruner = "none"
                       key=lambda pair: pair[1] or 0.0)
 
     assert scored(result.trials) == scored(clean.trials)  # the same trials, the same scores
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_a_figure_the_disk_refuses_is_named_and_the_search_ends_later(
+        tiny_idx_dir: Path, tmp_path: Path):
+    path = tmp_path / "s.toml"
+    path.write_text(tiny_search_toml(tiny_idx_dir, n_trials=2))
+
+    def fill_the_disk(key: str, epoch: int) -> None:  # before the results are written
+        (run_folder,) = [p for p in tmp_path.joinpath("runs").iterdir() if p.is_dir()]
+        figure = run_folder / "figures" / "search-history.png"
+        figure.parent.mkdir(exist_ok=True)
+        if not staging_path(figure).is_symlink():
+            staging_path(figure).symlink_to("/dev/full")  # its writes fail: ENOSPC
+
+    with pytest.raises(OutputError) as refused:
+        run_search(load_study(path), run_dir=tmp_path / "runs", progress=OnEpoch(fill_the_disk))
+    assert str(refused.value).endswith(
+        "figures/search-history.png: cannot write the search's figures (No space left on "
+        "device); free some space or fix the permissions and run the same command again: the "
+        "trials are kept in the store")
+    result = run_search(load_study(path), run_dir=tmp_path / "runs", progress=False)
+    assert (result.output_dir / "figures" / "search-history.png").is_file()
+    assert len(result.trials) == 2  # nothing trained again
 
 
 @pytest.mark.skipif(os.name != "posix", reason="a file size limit (RLIMIT_FSIZE) is POSIX")

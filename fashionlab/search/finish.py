@@ -46,6 +46,7 @@ from fashionlab.config import (
 )
 from fashionlab.cv import Fold, MemberResult, consensus_epoch, consensus_warning, mean_curves
 from fashionlab.data import Dataset, to_tensors
+from fashionlab.errors import OutputError
 from fashionlab.plots import save_figure
 from fashionlab.report import REPORT_NAME, write_report
 from fashionlab.search.space import FixedParams, suggest
@@ -172,9 +173,15 @@ def finish_search(s: SearchContext, stopped_by: str, seconds: float) -> dict[str
         if spec.retrain.enabled:
             summary["retrain"] = retrain_best(s, best)
     figures = s.run.output_dir / "figures"
-    figures.mkdir(parents=True, exist_ok=True)
-    summary["figures"] = [str(p) for p in save_plots(study, figures, has_importances=bool(
-        summary["importances"]))]
+    try:
+        figures.mkdir(parents=True, exist_ok=True)
+        summary["figures"] = [str(p) for p in save_plots(study, figures, has_importances=bool(
+            summary["importances"]))]
+    except OSError as error:  # a full disk, a read-only folder: which file, and what then
+        raise OutputError(f"{error.filename or figures}: cannot write the search's figures "
+                          f"({error.strerror or error}); free some space or fix the "
+                          "permissions and run the same command again: the trials are kept in "
+                          "the store") from None
     summary = jsonable(summary)
     _write_results(s, run, summary)
     return summary
@@ -200,9 +207,16 @@ def _write_results(s: SearchContext, run: RunRecord, summary: dict[str, Any], *,
     """The results files, the finished run's summary in the store (`finished`: when it
     ended, if not now), then the report."""
     output = s.run.output_dir
-    write_text_atomic(output / "results.md", search_markdown(summary))
-    write_text_atomic(output / "results.json", json.dumps(summary, indent=2) + "\n")
-    write_text_atomic(output / "study.toml", study_to_toml(s.run.spec))
+    for name, text in (("results.md", search_markdown(summary)),
+                       ("results.json", json.dumps(summary, indent=2) + "\n"),
+                       ("study.toml", study_to_toml(s.run.spec))):
+        try:
+            write_text_atomic(output / name, text)
+        except OSError as error:  # named as the file it is, not as its staging name
+            raise OutputError(f"{output / name}: cannot write the search's results "
+                              f"({error.strerror or error}); free some space or fix the "
+                              "permissions and run the same command again: the trials are kept "
+                              "in the store") from None
     s.run.store.end_run(run.id, "finished", summary, output_dir=output,  # where it is now
                         finished=finished)
     write_report(s.run.store, run.id, device=s.run.device)  # it reads the finished run back
