@@ -35,6 +35,8 @@ def resolve_device(name: str | None = None) -> torch.device:
                           "cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device (--device): CUDA was asked for, but no CUDA device is available")
+    if device.type == "cpu":  # "cpu:0": the one CPU device, as safetensors needs it named
+        return torch.device("cpu")
     return device
 
 

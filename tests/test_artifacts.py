@@ -122,6 +122,12 @@ except OutputError as error:
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no staging folder left behind
 
 
+def test_a_model_loads_on_the_cpu_named_with_its_index(tmp_path: Path):
+    # (predict and evaluate --device cpu:0 blamed the weights file: safetensors knows "cpu")
+    directory = _save(tmp_path / "m", DENSE)
+    assert next(load_model(directory, device="cpu:0").module.parameters()).device.type == "cpu"
+
+
 def test_loading_never_unpickles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     directory = _save(tmp_path / "m")
 

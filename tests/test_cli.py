@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import signal
@@ -135,6 +136,48 @@ def test_an_empty_path_is_refused_not_read_as_the_current_folder(
     code, out, err = run_cli(capsys, *args)
     assert_one_line_error(code, err, "empty: name a folder or file")
     assert out == "" and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows cannot delete a folder in use")
+def test_a_current_folder_that_was_deleted_is_one_line(tmp_path: Path):
+    gone = tmp_path / "gone"
+    gone.mkdir()
+
+    def leave_it_deleted() -> None:  # in the child, before it runs: `cd gone; rmdir ../gone`
+        os.chdir(gone)
+        os.rmdir(gone)
+
+    done = subprocess.run([sys.executable, "-c", "from fashionlab.console import main; main()",
+                           "runs", "list"], capture_output=True, text=True, timeout=60,
+                          check=False, preexec_fn=leave_it_deleted)
+    assert done.returncode == 2 and done.stderr == (
+        "error: the current folder no longer exists (it was deleted or moved away): cd to a "
+        "folder that exists\n")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the C locale's ASCII is Linux's")
+def test_the_c_locale_without_utf8_mode_shows_the_tables_and_says_what_to_change(
+        tiny_idx_dir: Path, tmp_path: Path):
+    # LC_ALL=C with UTF-8 mode off: the standard output is ASCII, and a name that is not ASCII
+    # reaches Python as bytes it could not read as text.
+    study = tmp_path / "tiny.toml"
+    study.write_text(tiny_study_toml(tiny_idx_dir, epochs=1, final=False))
+    environment = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0"}
+    environment.pop("PYTHONIOENCODING", None)
+    command = [sys.executable, "-c", "from fashionlab.console import main; main()"]
+    done = subprocess.run([*command, "study", str(study), "--run-dir", str(tmp_path / "runs")],
+                          capture_output=True, text=True, encoding="utf-8", errors="replace",
+                          timeout=300, check=False, env=environment)
+    assert done.returncode == 0, done.stderr
+    assert "small L2" in done.stdout and "? 0." in done.stdout  # "±" shown as "?"
+    done = subprocess.run([*command, "runs", "list", "--run-dir", str(tmp_path / "runs-é")],
+                          capture_output=True, text=True, encoding="utf-8", errors="replace",
+                          timeout=60, check=False, env=environment)
+    assert done.returncode == 2
+    assert done.stderr.endswith("the run directory's name is not ASCII, and this locale reads "
+                                "only ASCII names as text: run in a UTF-8 locale "
+                                "(LANG=C.UTF-8) or with PYTHONUTF8=1\n"), done.stderr
+    assert not (tmp_path / "runs-é").exists()
 
 
 def test_a_group_called_bare_prints_its_help_and_nothing_else(

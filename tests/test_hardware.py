@@ -17,6 +17,7 @@ def test_auto_device_is_the_cpu_without_cuda():
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_device(None) == resolve_device("auto")
     assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("cpu:0") == torch.device("cpu")  # as safetensors names it
 
 
 @pytest.mark.parametrize("name", ["gpu0", "cuda:x", "mps", "meta", "xpu"])  # torch knows 3

@@ -14,6 +14,8 @@ import platform
 import shutil
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -524,6 +526,21 @@ def test_a_copys_store_named_by_url_shows_and_deletes_the_copys_folder(
     assert code == 0, err
     assert not (copy / run_id).exists() and (original / run_id).is_dir()
     assert not (elsewhere / "fashionlab-runs").exists()
+
+
+def test_a_question_with_the_input_closed_is_answered_no(tmp_path: Path):
+    store = Store.open(tmp_path)
+    run_id = _fake_run(store, "kept", summary={"candidates": []}, output_root=tmp_path)
+    store.close()
+    done = subprocess.run([sys.executable, "-c", "from fashionlab.console import main; main()",
+                           "runs", "delete", run_id, "--run-dir", str(tmp_path)],
+                          capture_output=True,
+                          text=True, timeout=60, check=False,
+                          preexec_fn=lambda: os.close(0))  # `<&-`
+    assert done.returncode == 1 and done.stderr == "aborted\n", done.stderr
+    store = Store.open(tmp_path)
+    assert [r.id for r in store.runs()] == [run_id]
+    store.close()
 
 
 def test_an_empty_run_id_matches_no_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]):

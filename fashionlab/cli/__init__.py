@@ -265,6 +265,17 @@ def _discard_output() -> None:
         os.close(null)
 
 
+def _replace_what_cannot_be_encoded(stream: object) -> None:
+    """An output in an encoding without the tables' characters ("±", "·"; ASCII in the C
+    locale with PYTHONUTF8=0) shows them as "?" instead of failing once the work is done."""
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    try:
+        "±·…".encode(encoding)
+    except (UnicodeEncodeError, LookupError):
+        with contextlib.suppress(AttributeError, ValueError):  # not a text file: left as is
+            stream.reconfigure(errors="replace")  # type: ignore[attr-defined]
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script; user-fixable errors exit 2 with one line."""
     if sys.stdout is None:  # started with its output closed (`>&-`): nothing can be said
@@ -272,6 +283,16 @@ def main(argv: list[str] | None = None) -> None:
             sys.stderr.write("error: the standard output is closed; send it to a file or to "
                              "/dev/null\n")
         sys.exit(2)
+    try:
+        os.getcwd()
+    except FileNotFoundError:  # every relative path, and even torch's libraries, would fail
+        sys.stderr.write("error: the current folder no longer exists (it was deleted or moved "
+                         "away): cd to a folder that exists\n")
+        sys.exit(2)
+    for stream in (sys.stdout, sys.stderr):
+        _replace_what_cannot_be_encoded(stream)
+    if sys.stdin is None:  # started with its input closed (`<&-`): a question reads its end
+        sys.stdin = open(os.devnull)  # noqa: SIM115 - the process's input, open until it exits
     # First of all, so that a stop during the imports or while a command reads its input
     # is said in one line too, not as a traceback or a silent exit.
     stops.received.clear()  # what an earlier call in this process (a test, a notebook) heard

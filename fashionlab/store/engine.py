@@ -125,10 +125,19 @@ def default_url(run_dir: str | Path = DEFAULT_RUN_DIR) -> str:
     except UnicodeEncodeError:  # bytes that are not UTF-8, held by Python as surrogates
         # Refused before anything is made: the store records the run's folder as text, so
         # such a name would fail only once the store's file was there.
-        shown = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-        raise StoreError(f"{Path(shown).parent}: the run directory's name is not UTF-8 text, "
-                         "which the store cannot record; rename it or choose another "
-                         "--run-dir") from None
+        raw = path.encode("utf-8", "surrogateescape")
+        shown = raw.decode("utf-8", "backslashreplace")
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise StoreError(f"{Path(shown).parent}: the run directory's name is not UTF-8 "
+                             "text, which the store cannot record; rename it or choose another "
+                             "--run-dir") from None
+        # UTF-8 bytes that Python did not read as text: an ASCII locale (LC_ALL=C with
+        # PYTHONUTF8=0)
+        raise StoreError(f"{Path(shown).parent}: the run directory's name is not ASCII, and "
+                         "this locale reads only ASCII names as text: run in a UTF-8 locale "
+                         "(LANG=C.UTF-8) or with PYTHONUTF8=1") from None
     for char, escaped in (("%", "%25"), ("?", "%3F"), ("#", "%23")):
         path = path.replace(char, escaped)
     return f"sqlite:///{path}"
