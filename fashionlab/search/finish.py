@@ -424,7 +424,9 @@ def save_plots(study: optuna.Study, folder: Path, *, has_importances: bool) -> l
             axes = plot(study)
             figure = np.ravel(axes)[0].figure
             path = folder / f"{name}.png"
-            save_figure(figure, path, dpi=110, bbox_inches="tight")
-            plt.close(figure)
+            try:
+                save_figure(figure, path, dpi=110, bbox_inches="tight")
+            finally:  # Optuna draws with pyplot: a figure not written stays open otherwise
+                plt.close(figure)
         paths.append(path)
     return paths
