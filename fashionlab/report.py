@@ -67,6 +67,7 @@ def write_report(store: Store, run_id: str, path: str | Path | None = None, *,
     store is shared (a database server) and the folder it recorded is on this machine.
     """
     run = store.seen_run(run_id, run_dir)
+    into_the_runs_folder = path is None
     if path is None:
         folder = Path(run.output_dir) if run.output_dir else None
         # The run directory's own store (a copy's, whose records name the original's folder)
@@ -84,6 +85,11 @@ def write_report(store: Store, run_id: str, path: str | Path | None = None, *,
     if path.suffix.lower() not in (".html", ".htm"):  # no study file or model written over
         raise ReportError(f"{path}: a report is written to an .html file")
     html = render_report(store, run.id, device=device, run_dir=run_dir)
+    if into_the_runs_folder and all(r.id != run.id for r in store.runs(name=run.name)):
+        # `runs delete` meanwhile: its folder is not made again to hold a report of models
+        # that were deleted while it was drawn
+        raise ReportError(f"run {run.id} was deleted while its report was made: nothing "
+                          "written")
     try:  # a reader never sees half a report
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, html)

@@ -471,6 +471,30 @@ def test_delete_leaves_a_directory_that_is_not_the_runs_own(tmp_path: Path):
     store.close()
 
 
+def test_a_report_of_a_run_deleted_while_it_is_drawn_is_not_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from fashionlab import report
+    from fashionlab.report import ReportError
+
+    store = Store.open(tmp_path)
+    run_id = _fake_run(store, "deleted", summary={"candidates": []}, output_root=tmp_path)
+    (tmp_path / run_id / "models").mkdir(parents=True)
+    drawing = report.render_report
+
+    def deleted_meanwhile(*args, **kwargs) -> str:  # `runs delete` from another process
+        html = drawing(*args, **kwargs)
+        other = Store.open(tmp_path)
+        delete_run(other, run_id)
+        other.close()
+        return html
+
+    monkeypatch.setattr(report, "render_report", deleted_meanwhile)
+    with pytest.raises(ReportError, match=f"run {run_id} was deleted while its report was made"):
+        write_report(store, run_id)
+    store.close()
+    assert not (tmp_path / run_id).exists()  # its folder not made again for the report
+
+
 def test_delete_touches_no_file_when_the_store_cannot_be_written(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     store = Store.open(tmp_path)
