@@ -180,6 +180,13 @@ def test_the_c_locale_without_utf8_mode_shows_the_tables_and_says_what_to_change
     assert not (tmp_path / "runs-é").exists()
 
 
+def test_a_sentence_off_a_terminal_stays_one_line(capsys: pytest.CaptureFixture[str]):
+    # A log or a pipe: no width to fold it to (grep finds the whole line).
+    sentence = " ".join(["this worker is done; other workers are still running trials"] * 5)
+    cli.output_console().print(sentence)
+    assert capsys.readouterr().out == sentence + "\n"
+
+
 def test_a_group_called_bare_prints_its_help_and_nothing_else(
         capsys: pytest.CaptureFixture[str]):
     code, out, err = run_cli(capsys, "runs")

@@ -618,3 +618,12 @@ def test_database_trouble_is_found_through_the_chain_and_only_there():
     loop_a, loop_b = ValueError("a"), ValueError("b")
     loop_a.__context__, loop_b.__context__ = loop_b, loop_a
     assert database_trouble(loop_a, url) is None  # a cycle ends
+
+
+def test_a_sqlite_url_naming_a_folder_says_so(tmp_path: Path):
+    # (SQLite itself says only "unable to open database file")
+    Store.open(tmp_path).close()
+    for create in (True, False):
+        with pytest.raises(StoreError, match=f"^cannot open the store {tmp_path}: a folder, not "
+                                             "a database file"):
+            Store(f"sqlite:///{tmp_path}", create=create)

@@ -157,11 +157,12 @@ def print_json(value: object) -> None:
 def output_console(*, highlight: bool = False) -> Console:
     """The console of a command's output (stdout). Markup off: names and paths are text, and
     "[v2]" in a folder's name is no style. Off a terminal (logs, pipes) there is no width to
-    respect: tables are not folded."""
+    respect: tables are not folded, and a sentence stays one line (for grep)."""
     from rich.console import Console
 
-    return Console(width=None if sys.stdout.isatty() else 160, highlight=highlight,
-                   markup=False)
+    terminal = sys.stdout.isatty()
+    return Console(width=None if terminal else 160, soft_wrap=not terminal,
+                   highlight=highlight, markup=False)
 
 
 def text_table(title: str | None, headers: Sequence[str], rows: Iterable[Sequence[str]]) -> Table:

@@ -103,6 +103,10 @@ class Store:
             if blocking is not None:  # --run-dir naming a file
                 raise StoreError(f"cannot open the store {path}: {blocking} is a file, not "
                                  "a folder")
+            if path is not None and path.is_dir():  # a URL naming a folder (SQLite: "unable
+                # to open database file")
+                raise StoreError(f"cannot open the store {path}: a folder, not a database "
+                                 "file (a run directory's store is its fashionlab.db)")
             # (nor one without a store in it: an empty file, another program's database)
             if path is not None and not create and (not path.exists() or (
                     path.is_file() and not holds_rows(path, schema.name))):
