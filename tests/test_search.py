@@ -29,7 +29,7 @@ from helpers import (
 )
 from optuna.trial import TrialState, create_trial
 
-from fashionlab import checkpoints
+from fashionlab import checkpoints, stops
 from fashionlab.config import (
     TrainSpec,
     WarningRule,
@@ -1533,8 +1533,9 @@ def test_a_worker_stopped_while_others_run_trials_leaves_the_run_running(
     def stop(key: str, epoch: int) -> None:
         raise KeyboardInterrupt  # Ctrl-C in this worker, in its first epoch
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(stops.LeftRunning) as left:  # said so: the command's "goes on" line
         run_search(load_study(path), run_dir=run_dir, progress=OnEpoch(stop))
+    assert "goes on in the other workers" in left.value.__notes__[0]
     run = store.run(first.run.id)
     assert (run.status, run.host, run.pid) == ("running", None, None)  # theirs, not ended
     # That worker killed (its claim silent), this one stopped again: the last one stopped
@@ -1542,8 +1543,9 @@ def test_a_worker_stopped_while_others_run_trials_leaves_the_run_running(
     with store.transaction() as conn:
         conn.execute(jobs.update().where(jobs.c.key == key).values(
             heartbeat=time.time() - CLAIM_STALE_AFTER - 1))
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as stopped:
         run_search(load_study(path), run_dir=run_dir, progress=OnEpoch(stop))
+    assert not isinstance(stopped.value, stops.LeftRunning)
     run = store.run(first.run.id)
     assert (run.status, run.state) == ("interrupted", "interrupted")
 

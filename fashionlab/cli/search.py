@@ -65,7 +65,9 @@ def search(
     if quick:
         spec = quick_variant(spec)
     with resumable("finished trials are kept (a trial stopped midway is retried): run the "
-                   "same command again to go on"), \
+                   "same command again to go on",
+                   goes_on="the search goes on in the other workers that train its trials; "
+                   "the same command joins it again"), \
             tensorboard_progress(not (json_output or quiet), tensorboard=tensorboard,
                                  run_dir=run_dir, store_url=store) as shown, \
             logging_to_mlflow(mlflow, spec, kind="search", run_dir=run_dir, store_url=store,

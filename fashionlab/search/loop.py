@@ -291,12 +291,9 @@ def run_search(
                 _let_go(store, run.id, stopped_by == "others-running" or bool(
                     study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))))
     except BaseException as stopped:
-        if isinstance(stopped, KeyboardInterrupt):
+        stop = isinstance(stopped, KeyboardInterrupt)
+        if stop:
             stops.cleaning_up()
-            if hasattr(stopped, "add_note"):  # Python 3.11+: said under it
-                stopped.add_note(f"fashionlab: search run {run.id} keeps its finished trials "
-                                 "(a trial stopped midway is retried); run_search with the same "
-                                 "study and run directory goes on")
         # What stopped it may be the database itself (a server gone silent): one try, and what
         # stopped the search is what is said; the run reads as interrupted once this process
         # is gone anyway. Whether other workers train trials is their claims' word (this
@@ -308,6 +305,18 @@ def run_search(
         if others is not None:  # the store answered
             with contextlib.suppress(StoreError):
                 _let_go(store, run.id, others)
+        if stop:
+            said = stops.LeftRunning() if others else stopped
+            if hasattr(said, "add_note"):  # Python 3.11+: said under it
+                said.add_note(
+                    f"fashionlab: search run {run.id} goes on in the other workers that train "
+                    "its trials; run_search with the same study and run directory joins it "
+                    "again" if others else
+                    f"fashionlab: search run {run.id} keeps its finished trials (a trial "
+                    "stopped midway is retried); run_search with the same study and run "
+                    "directory goes on")
+            if said is not stopped:
+                raise said from stopped
         trouble = database_trouble(stopped, url)
         if trouble is not None and trouble is not stopped:  # said in one line, as a study does
             raise trouble from None
