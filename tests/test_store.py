@@ -24,7 +24,7 @@ from fashionlab.errors import StoreError
 from fashionlab.jobs import register_jobs
 from fashionlab.process import ProcessIdentity
 from fashionlab.schema import MIGRATIONS, migrate
-from fashionlab.store import Store, safe_url
+from fashionlab.store import Store, default_url, safe_url
 
 # Where /proc is missing (macOS, Windows) a process is known by its pid only.
 needs_proc = pytest.mark.skipif(ProcessIdentity.current().start_time is None,
@@ -627,3 +627,36 @@ def test_a_sqlite_url_naming_a_folder_says_so(tmp_path: Path):
         with pytest.raises(StoreError, match=f"^cannot open the store {tmp_path}: a folder, not "
                                              "a database file"):
             Store(f"sqlite:///{tmp_path}", create=create)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a file size limit (RLIMIT_FSIZE) is POSIX")
+def test_a_full_disk_still_shows_what_is_stored_and_says_why_nothing_can_be_written(
+        tmp_path: Path):
+    # In a process whose files may not grow (as on a full disk), SQLite cannot make the side
+    # file (-shm) a WAL reader writes: a command that only looks reads the file as it is;
+    # one that would write says the disk is full (free space reads as none here).
+    store = Store.open(tmp_path)
+    run = store.create_run(kind="study", name="kept", fingerprint="0" * 32, seed=0,
+                           config={}, environment={}, output_root=tmp_path)
+    store.close()
+    script = f"""
+import collections, resource, shutil, signal
+from fashionlab.errors import StoreError
+from fashionlab.store import Store
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of killing
+resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
+shutil.disk_usage = lambda path: collections.namedtuple("usage", "total used free")(1, 1, 0)
+looking = Store.open({str(tmp_path)!r}, create=False)
+print([r.id for r in looking.runs()], looking.read_only)
+try:
+    Store.open({str(tmp_path)!r})
+except StoreError as error:
+    print(error)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          check=False, timeout=120)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    shown, refused = done.stdout.splitlines()
+    assert shown == f"[{run.id!r}] True"
+    assert refused.startswith(f"cannot open the store {default_url(tmp_path)}: ")
+    assert refused.endswith("(the disk is full: free some space and run again)")

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import threading
 import time
 import weakref
@@ -92,6 +93,8 @@ class Store:
     def __init__(self, url: str, *, read_only: bool = False, create: bool = True) -> None:
         self.url = url = database_url(url)
         self._beats: dict[str, threading.Event] = {}  # run id -> stops its heartbeat thread
+        path: Path | None = None
+        self._file, self.read_only = None, read_only
         try:
             try:
                 engine_url = sa.make_url(url)
@@ -123,17 +126,36 @@ class Store:
                         from None
             # An in-memory SQLite database lives in one connection: share it (tests).
             self._in_memory = engine_url.drivername.startswith("sqlite") and path is None
-            self.engine = sa.create_engine(
-                engine_url, poolclass=sa.pool.StaticPool if self._in_memory else None,
-                connect_args={"check_same_thread": False} if self._in_memory
-                else connect_args(engine_url))
-            if self.engine.dialect.name == "sqlite":
-                sa.event.listen(self.engine, "connect",
-                                sqlite_read_only_pragmas if self.read_only else sqlite_pragmas)
-            migrate(self.engine, read_only=self.read_only, create=create,
-                    where=str(path) if path is not None else safe_url(url))
+            self._connect(engine_url, create=create)
         except (ImportError, SQLAlchemyError, OSError) as error:  # ImportError: no driver
-            raise open_error(url, error) from None
+            if create or self.read_only or path is None or not _side_files_refused(error, path):
+                problem = open_error(url, error)
+                if path is not None and _disk_full(path.parent):  # SQLite: "disk I/O error"
+                    problem = StoreError(f"{problem} (the disk is full: free some space and "
+                                         "run again)")
+                raise problem from None
+            # A command that only looks, on a full disk: SQLite could not make the side files
+            # (-shm) a WAL reader writes. Nothing is being written (no -wal holds pages), so
+            # the file is read as it is, as a copy nobody writes.
+            if hasattr(self, "engine"):
+                self.engine.dispose()
+            self.read_only = True
+            try:
+                self._connect(sqlite_read_only_url(path, immutable=True), create=False)
+            except (SQLAlchemyError, OSError):
+                raise open_error(url, error) from None
+
+    def _connect(self, engine_url: sa.URL, *, create: bool) -> None:
+        """The engine, its connections' settings, and the schema checked (or made)."""
+        self.engine = sa.create_engine(
+            engine_url, poolclass=sa.pool.StaticPool if self._in_memory else None,
+            connect_args={"check_same_thread": False} if self._in_memory
+            else connect_args(engine_url))
+        if self.engine.dialect.name == "sqlite":
+            sa.event.listen(self.engine, "connect",
+                            sqlite_read_only_pragmas if self.read_only else sqlite_pragmas)
+        migrate(self.engine, read_only=self.read_only, create=create,
+                where=str(self._file) if self._file is not None else safe_url(self.url))
 
     @classmethod
     def open(cls, run_dir: str | Path = DEFAULT_RUN_DIR, url: str | None = None, *,
@@ -473,6 +495,29 @@ class Store:
 
 
 # --------------------------------------------------------------------------------------------
+
+
+def _disk_full(folder: Path) -> bool:
+    """Whether the file system of `folder` (or of its nearest existing parent) has less than
+    a page of SQLite's to give."""
+    for place in (folder, *folder.parents):
+        if place.exists():
+            try:
+                return shutil.disk_usage(place).free < 64 * 1024
+            except OSError:
+                return False
+    return False
+
+
+def _side_files_refused(error: BaseException, path: Path) -> bool:
+    """Whether opening an existing SQLite file failed where SQLite writes beside it (a full
+    disk: "disk I/O error", "database or disk is full") while no writer's pages wait in its
+    -wal, so that the file alone holds everything stored."""
+    if not path.is_file() or not any(
+            reason in str(error) for reason in ("disk I/O error", "disk is full")):
+        return False
+    wal = path.with_name(path.name + "-wal")
+    return not wal.exists() or wal.stat().st_size == 0
 
 
 def _write_advice(reason: str, read_only: bool) -> str:
