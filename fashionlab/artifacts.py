@@ -158,6 +158,9 @@ def as_saved_model(model: SavedModel | str | os.PathLike[str],
     """The model itself, or the one `load_model` reads from that directory."""
     if isinstance(model, (str, os.PathLike)):
         return load_model(model, device)
+    if not isinstance(model, SavedModel):
+        raise TypeError(f"model: expected a saved model (load_model(directory)) or its "
+                        f"directory, got {type(model).__name__}")
     return model
 
 

@@ -177,10 +177,14 @@ def evaluate(
     CNN's activations small (scoring the seed study's CNN on 10k images: 1.3-1.7 s and a
     350 MB process, against 2.1-2.5 s and 514 MB at 1000; AMD EPYC Zen 4).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) \
+            or batch_size < 1:
+        raise ValueError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
     if isinstance(model, (str, os.PathLike)):  # a plain module is no SavedModel
         model = as_saved_model(model, device)
+    if not isinstance(model, SavedModel | nn.Module):
+        raise TypeError(f"model: expected a saved model (load_model(directory)), its directory "
+                        f"or a torch module, got {type(model).__name__}")
     if not isinstance(split, Split):  # a whole Dataset, say: which of its splits is unsaid
         raise DataError(f"split: expected a Split (dataset.test, say), got "
                         f"{type(split).__name__}")

@@ -509,9 +509,17 @@ def predict(saved_model: SavedModel | str | Path, images: np.ndarray,
     from fashionlab.artifacts import as_saved_model
 
     saved_model = as_saved_model(saved_model)
-    if top_k < 1:
-        raise ValueError(f"top_k must be at least 1, got {top_k}")
-    images = _as_images(np.asarray(images), "images")
+    if isinstance(top_k, bool) or not isinstance(top_k, int | np.integer) or top_k < 1:
+        raise ValueError(f"top_k must be a whole number of at least 1, got {top_k!r}")
+    if isinstance(images, str | os.PathLike):
+        raise TypeError(f"images: an array of pixels, not the file {str(images)!r} "
+                        "(predict_files reads picture and .npy files)")
+    try:
+        array = np.asarray(images)
+    except ValueError:  # a list of arrays of different shapes
+        raise ImageFileError("images: arrays of different shapes; give one array of shape "
+                             "(N, 28, 28), or predict each") from None
+    images = _as_images(array, "images")
     names = saved_model.class_names
     k = min(top_k, len(names))
     module = saved_model.module

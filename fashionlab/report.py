@@ -26,7 +26,7 @@ from fashionlab.data import load_fashion_mnist
 from fashionlab.errors import FashionlabError
 from fashionlab.schema import METRICS
 from fashionlab.serialize import why_not_written, write_text_atomic
-from fashionlab.store import EpochRecord, RunRecord, Store
+from fashionlab.store import EpochRecord, RunRecord, Store, as_store
 from fashionlab.tables import (
     HEADERS,
     LEGEND,
@@ -66,6 +66,7 @@ def write_report(store: Store, run_id: str, path: str | Path | None = None, *,
     store recorded. By default the report goes into that folder, made if missing, unless the
     store is shared (a database server) and the folder it recorded is on this machine.
     """
+    store = as_store(store)
     run = store.seen_run(run_id, run_dir)
     into_the_runs_folder = path is None
     if path is None:

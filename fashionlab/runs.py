@@ -32,7 +32,7 @@ from fashionlab import stats
 from fashionlab.errors import FashionlabError, StoreError
 from fashionlab.schema import EPOCH_FIELDS
 from fashionlab.serialize import jsonable, why_not_written, write_text_atomic
-from fashionlab.store import ModelRecord, RunRecord, Store, safe_url
+from fashionlab.store import ModelRecord, RunRecord, Store, as_store, safe_url
 from fashionlab.tables import SPENT_KEYS, rows_from_summary
 from fashionlab.text import first_line
 
@@ -117,6 +117,7 @@ def list_runs(store: Store, *, kind: str | None = None, name: str | None = None
               ) -> list[RunOverview]:
     """Every run (or those of a kind, study or search, or of a name), newest first, with its
     files where they are (`Store.seen_run`: a run directory copied or moved)."""
+    store = as_store(store)
     if kind not in (None, *RUN_KINDS):
         raise FashionlabError(f"kind: expected {' or '.join(RUN_KINDS)} (got {kind!r})")
     run_dir = store.run_dir
@@ -133,6 +134,7 @@ def describe_run(store: Store, run_id: str, *, run_dir: str | Path | None = None
     top trials, its reference tests and its retrained best) and files (in `<run_dir>/<run
     id>` where that folder is, a run directory moved or copied; else where recorded).
     `run_dir` defaults to the store's own (`Store.run_dir`)."""
+    store = as_store(store)
     run = store.seen_run(run_id, run_dir)
     models = store.models(run.id)
     output = Path(run.output_dir) if run.output_dir else None
@@ -274,6 +276,7 @@ def compare_runs(store: Store, a: str, b: str, *, alpha: float = 0.05) -> RunCom
     corrected resampled t-test of its b scores against its a scores, Holm-adjusted across the
     candidates; elsewhere 'folds differ'.
     """
+    store = as_store(store)
     run_a, run_b = store.seen_run(a), store.seen_run(b)
     if run_a.id == run_b.id:
         raise RunError(f"run {run_a.id} twice: name two runs to compare")
@@ -359,6 +362,7 @@ def epoch_rows(store: Store, run_id: str) -> list[dict[str, Any]]:
 
 def export_run(store: Store, run_id: str, format: str = "csv") -> str:
     """A run's epochs as CSV (one row each; empty cells for missing values) or JSON (a list)."""
+    store = as_store(store)
     rows = epoch_rows(store, run_id)
     if format == "json":
         return json.dumps(jsonable(rows), indent=2, allow_nan=False) + "\n"
@@ -378,6 +382,7 @@ def write_export(store: Store, run_id: str, path: str | Path,
     """Write `export_run` to a file, whole or not at all; the format is the file's suffix's
     (.csv or .json) unless given, and a suffix that is not the format's is refused, so that
     no other file (a study file, a model) is written over by a slip of the command line."""
+    store = as_store(store)
     path = Path(path)
     suffix = path.suffix.lower().lstrip(".")
     format = format or (suffix if suffix in ("csv", "json") else "csv")
@@ -451,6 +456,7 @@ def delete_run(store: Store, run_id: str, *, run_dir: str | Path | None = None) 
     still names the original's folder). `run_dir` defaults to the store's own
     (`Store.run_dir`), so that deleting from a copy never touches the original's files.
     """
+    store = as_store(store)
     run = deletable_run(store, run_id)
     run_dir = store.run_dir_holding(run.id) if run_dir is None else run_dir
     if run.kind == "search":

@@ -34,7 +34,7 @@ from fashionlab.errors import ConfigError, OutputError
 from fashionlab.progress import Reporter, reporting
 from fashionlab.schema import METRICS
 from fashionlab.serialize import file_in_the_way, flatten
-from fashionlab.store import DEFAULT_RUN_DIR, RunRecord, Store
+from fashionlab.store import DEFAULT_RUN_DIR, RunRecord, Store, as_store
 from fashionlab.text import safe_name
 from fashionlab.train import EpochMetrics
 
@@ -169,6 +169,7 @@ def export_run_to_tensorboard(store: Store, run_id: str,
     HParams entries; values already in the event files are not written again. Returns the
     directory (default: the run's tensorboard/ directory). OutputError (one line) when it
     cannot be written."""
+    store = as_store(store)
     _require()
     if logdir is not None and not str(logdir).strip():  # Path("") would be the current folder
         raise OutputError("logdir (--to tensorboard DIR): the log directory is empty")

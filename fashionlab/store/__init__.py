@@ -40,7 +40,7 @@ from fashionlab.store.records import (
     gone,
     this_process,
 )
-from fashionlab.store.store import Store
+from fashionlab.store.store import Store, as_store
 
 __all__ = [
     "CLAIM_STALE_AFTER",
@@ -53,6 +53,7 @@ __all__ = [
     "ModelRecord",
     "RunRecord",
     "Store",
+    "as_store",
     "claim_alive",
     "claim_grace",
     "connect_args",

@@ -91,6 +91,9 @@ class Store:
     """
 
     def __init__(self, url: str, *, read_only: bool = False, create: bool = True) -> None:
+        if not isinstance(url, str):
+            raise TypeError(f"url: expected a database URL string, got {url!r} "
+                            "(Store.open(run_dir) opens the store of a run directory)")
         self.url = url = database_url(url)
         self._beats: dict[str, threading.Event] = {}  # run id -> stops its heartbeat thread
         path: Path | None = None
@@ -345,6 +348,9 @@ class Store:
 
     def run(self, run_id: str) -> RunRecord:
         """The run with this id, or a unique id prefix; StoreError when there is none."""
+        if not isinstance(run_id, str):
+            raise TypeError(f"run id: expected a string, got {type(run_id).__name__} "
+                            f"{run_id!r}")
         if not run_id.strip():  # an empty prefix would match every run (the only one, or all)
             raise StoreError("the run id is empty (`fashionlab runs list` shows the runs)")
         with self.reading() as conn:
@@ -495,6 +501,16 @@ class Store:
 
 
 # --------------------------------------------------------------------------------------------
+
+
+def as_store(value: object) -> Store:
+    """`value`, a Store; any other is a TypeError saying how to open one (a run directory
+    given in its place is the likely slip)."""
+    if isinstance(value, Store):
+        return value
+    hint = (f" (Store.open({str(value)!r}) opens a run directory's store)"
+            if isinstance(value, str | os.PathLike) else "")
+    raise TypeError(f"store: expected a fashionlab Store, got {type(value).__name__}{hint}")
 
 
 def _disk_full(folder: Path) -> bool:

@@ -37,7 +37,7 @@ from fashionlab.schema import METRICS
 from fashionlab.search.storage import open_storage
 from fashionlab.serialize import cannot_write_in
 from fashionlab.serialize import flatten as flatten_config
-from fashionlab.store import ModelRecord, RunRecord, Store, database_url, safe_url
+from fashionlab.store import ModelRecord, RunRecord, Store, as_store, database_url, safe_url
 from fashionlab.text import first_line
 from fashionlab.trials import study_name
 
@@ -219,6 +219,7 @@ def export_run_to_mlflow(store: Store, run_id: str, tracking_uri: str, *,
     `artifacts`: also upload the run's files (report.html, results.*, figures/, models/).
     MlflowError (one line) when MLflow refuses, cannot be reached (its server, or the database
     file of a database URI) or is not installed."""
+    store = as_store(store)
     require_mlflow(tracking_uri)
     try:
         with quiet_mlflow():

@@ -1,0 +1,80 @@
+"""The Python API given the wrong kind of argument: a TypeError or ValueError that names the
+argument and says what it wants, not an AttributeError from deep inside the library."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fashionlab as fl
+from fashionlab.artifacts import save_model
+from fashionlab.config import DenseLayer, ModelSpec
+from fashionlab.data import CLASS_NAMES, Split
+from fashionlab.models import build_module
+from fashionlab.predict import ImageFileError
+from fashionlab.runs import compare_runs, delete_run, describe_run, export_run, list_runs
+
+SPEC = ModelSpec(layers=(DenseLayer(8),))
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    state = build_module(SPEC).state_dict()
+    return save_model(tmp_path / "m", spec=SPEC, state=state, class_names=CLASS_NAMES,
+                      metadata={})
+
+
+@pytest.mark.parametrize("call", [
+    lambda d: fl.write_report(str(d), "x"),
+    lambda d: list_runs(d),
+    lambda d: describe_run(str(d), "x"),
+    lambda d: compare_runs(str(d), "a", "b"),
+    lambda d: export_run(str(d), "x"),
+    lambda d: delete_run(str(d), "x"),
+], ids=["write_report", "list_runs", "describe_run", "compare_runs", "export_run",
+        "delete_run"])
+def test_a_run_directory_given_for_a_store_says_how_to_open_it(call, tmp_path: Path):
+    with pytest.raises(TypeError, match=r"^store: expected a fashionlab Store, got \w+ "
+                                        r"\(Store\.open\(.*\) opens a run directory's store\)$"):
+        call(tmp_path)
+
+
+def test_a_store_url_or_run_id_of_another_type_is_named(tmp_path: Path):
+    with pytest.raises(TypeError, match=r"^url: expected a database URL string, got Posix"):
+        fl.Store(Path(tmp_path / "x.db"))
+    store = fl.Store.open(tmp_path)
+    with pytest.raises(TypeError, match=r"^run id: expected a string, got int 123$"):
+        store.run(123)  # type: ignore[arg-type]
+    store.close()
+
+
+def test_predict_names_its_arguments(model_dir: Path):
+    image = np.zeros((28, 28), np.uint8)
+    with pytest.raises(TypeError, match=r"^model: expected a saved model .* got NoneType$"):
+        fl.predict(None, image)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^images: an array of pixels, not the file "
+                                        r"'item\.png' \(predict_files reads"):
+        fl.predict(model_dir, "item.png")  # type: ignore[arg-type]
+    for top_k in (2.5, "3", True, 0):
+        with pytest.raises(ValueError, match=r"^top_k must be a whole number of at least 1"):
+            fl.predict(model_dir, image, top_k=top_k)  # type: ignore[arg-type]
+    with pytest.raises(ImageFileError, match=r"^images: arrays of different shapes"):
+        fl.predict(model_dir, [np.zeros((28, 28)), np.zeros((27, 27))])  # type: ignore[arg-type]
+    assert len(fl.predict(model_dir, image, top_k=np.int64(2))[0].labels) == 2  # numpy's ints
+
+
+def test_evaluate_and_export_name_their_arguments(model_dir: Path, tmp_path: Path):
+    split = Split(np.zeros((4, 28, 28), np.uint8), np.zeros(4, np.uint8))
+    with pytest.raises(TypeError, match=r"^model: expected a saved model .* or a torch module, "
+                                        r"got NoneType$"):
+        fl.evaluate(None, split)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^batch_size must be a whole number of at least 1, "
+                                         r"got '8'$"):
+        fl.evaluate(model_dir, split, batch_size="8")  # type: ignore[arg-type]
+    assert fl.evaluate(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10)), split,
+                       class_names=CLASS_NAMES).n == 4  # a plain module still scores
+    with pytest.raises(TypeError, match=r"^model: expected a saved model"):
+        fl.export_onnx(None, tmp_path / "x.onnx")  # type: ignore[arg-type]
