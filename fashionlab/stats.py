@@ -223,7 +223,8 @@ def corrected_resampled_ttest(
         raise ValueError(f"the paired test needs at least 2 pairs without NaN, got {n}")
     d = a_arr - b_arr  # (J,)
     mean = float(np.mean(d))
-    var = float(np.var(d, ddof=1))
+    with np.errstate(invalid="ignore"):  # an infinite score (a diverged loss): NaN, said so
+        var = float(np.var(d, ddof=1))
     df = n - 1
     scale = float(np.max(np.abs(np.concatenate([a_arr, b_arr]))))
     if math.sqrt(var) <= _ROUNDING_ULPS * np.finfo(float).eps * scale:
@@ -339,8 +340,14 @@ def compare_to_best(
             reasons[name] = (f"only {pairs} of {arrays[best].size} folds have a score for both it "
                              f"and best {best!r}; the paired test needs 2")
             continue
-        tests[name] = corrected_resampled_ttest(arrays[name], arrays[best], n_train=n_train,
-                                                n_test=n_test)
+        test = corrected_resampled_ttest(arrays[name], arrays[best], n_train=n_train,
+                                         n_test=n_test)
+        if math.isnan(test.p_value):  # an infinite score (a diverged loss): no verdict, not
+            # "not worse" for want of a p-value
+            reasons[name] = (f"the paired test against best {best!r} is undefined: a score "
+                             "is infinite")
+            continue
+        tests[name] = test
     tested = list(tests)
     adjusted = dict(zip(tested, holm([tests[name].p_value for name in tested]).tolist()))
 

@@ -317,6 +317,18 @@ def test_compare_to_best_marks_unpaired_candidates() -> None:
     np.testing.assert_allclose([small.p_holm, dense.p_holm], holm([small.p_value, dense.p_value]))
 
 
+def test_an_infinite_score_gets_no_verdict_rather_than_not_worse() -> None:
+    # A diverged candidate's val_loss (lower is better): the paired test is undefined, so the
+    # candidate is neither worse nor "not worse", and Holm does not count it.
+    results = {r.name: r for r in compare_to_best(
+        {"best": [0.30, 0.31, 0.29], "diverged": [0.5, math.inf, 0.4],
+         "close": [0.31, 0.33, 0.30]}, higher_is_better=False, n_train=100, n_test=20)}
+    assert results["diverged"].not_worse is None
+    assert "undefined: a score is infinite" in (results["diverged"].reason or "")
+    close = results["close"]
+    assert close.not_worse is not None and close.p_holm == close.p_value  # m = 1
+
+
 def test_compare_to_best_ties_single_and_bad_input() -> None:
     tied = compare_to_best({"a": [1.0, 2.0], "b": [2.0, 1.0]}, n_train=4, n_test=1)
     assert [r.name for r in tied] == ["a", "b"] and tied[1].not_worse is True
