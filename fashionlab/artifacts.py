@@ -100,8 +100,8 @@ def save_model(
         reason = (error.strerror if isinstance(error, OSError) else None) \
             or str(error).rsplit("I/O error: ", 1)[-1].split(" (os error")[0]
         raise OutputError(f"{directory}: cannot save the model ({reason}); free some space "
-                             "or fix the permissions and run the same command again: it "
-                             "resumes") from None
+                          "or fix the permissions and run the same command again: it "
+                          "resumes") from None
     if directory.exists():  # the earlier save, out of the way in one rename, removed after
         previous = staging_path(directory.with_name(f"{directory.name}.previous"))
         shutil.rmtree(previous, ignore_errors=True)

@@ -97,7 +97,7 @@ class Store:
         self.url = url = database_url(url)
         self._beats: dict[str, threading.Event] = {}  # run id -> stops its heartbeat thread
         path: Path | None = None
-        self._file, self.read_only = None, read_only
+        self._file, self.read_only, self._in_memory = None, read_only, False
         try:
             try:
                 engine_url = sa.make_url(url)
