@@ -117,7 +117,9 @@ class ProcessIdentity:
 
 
 def pid_exists(pid: int) -> bool:
-    """Whether a process with this pid runs on this machine (any user's)."""
+    """Whether a process with this pid runs on this machine (any user's). A zombie does not:
+    it has ended, and only waits for its parent (or, orphaned, for the init process, which in
+    a container may reap it a second later or never) to collect its status."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -126,7 +128,18 @@ def pid_exists(pid: int) -> bool:
         return True
     except OSError:
         return False
-    return True
+    return _state(pid) not in ("Z", "X")
+
+
+def _state(pid: int) -> str | None:
+    """The process's state letter in /proc (R, S, D, Z...); None without /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # "pid (comm) state ppid ...": comm may hold spaces and parentheses
+    fields = stat[stat.rfind(")") + 1:].split()
+    return fields[0] if fields else None
 
 
 def _boot_id() -> str | None:

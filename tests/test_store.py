@@ -660,3 +660,23 @@ except StoreError as error:
     assert shown == f"[{run.id!r}] True"
     assert refused.startswith(f"cannot open the store {default_url(tmp_path)}: ")
     assert refused.endswith("(the disk is full: free some space and run again)")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_a_zombie_holds_nothing():
+    # A process that has ended but whose status nobody collected yet (a killed run's worker,
+    # orphaned, until the init process reaps it: a second in some containers, never in
+    # others): its run and its job claims are not held by it.
+    from fashionlab.process import ProcessIdentity, pid_exists
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline, "the child did not end"
+        time.sleep(0.01)
+    identity = ProcessIdentity(child.pid, ProcessIdentity.current().start_time, None)
+    try:
+        assert not pid_exists(child.pid)
+        assert identity.liveness() is False
+    finally:
+        child.wait()
