@@ -128,18 +128,8 @@ def pid_exists(pid: int) -> bool:
         return True
     except OSError:
         return False
-    return _state(pid) not in ("Z", "X")
-
-
-def _state(pid: int) -> str | None:
-    """The process's state letter in /proc (R, S, D, Z...); None without /proc."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # "pid (comm) state ppid ...": comm may hold spaces and parentheses
-    fields = stat[stat.rfind(")") + 1:].split()
-    return fields[0] if fields else None
+    fields = _stat_fields(pid)
+    return not fields or fields[0] not in ("Z", "X")  # its state letter (R, S, D, Z...)
 
 
 def _boot_id() -> str | None:
@@ -149,14 +139,20 @@ def _boot_id() -> str | None:
         return None
 
 
-def _start_time(pid: int) -> int | None:
+def _stat_fields(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat from the state on (field 3; none without /proc)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return None
+        return []
     # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so count the fields
-    # after its last ')'; there the state is field 3, and the start time is field 22.
+    # after its last ')'.
+    return stat[stat.rfind(")") + 1:].split()
+
+
+def _start_time(pid: int) -> int | None:
+    fields = _stat_fields(pid)
     try:
-        return int(stat[stat.rindex(")") + 1:].split()[22 - 3])
+        return int(fields[22 - 3])  # the start time is field 22
     except (ValueError, IndexError):
         return None

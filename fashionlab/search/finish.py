@@ -178,10 +178,7 @@ def finish_search(s: SearchContext, stopped_by: str, seconds: float) -> dict[str
         summary["figures"] = [str(p) for p in save_plots(study, figures, has_importances=bool(
             summary["importances"]))]
     except OSError as error:  # a full disk, a read-only folder: which file, and what then
-        raise OutputError(f"{error.filename or figures}: cannot write the search's figures "
-                          f"({error.strerror or error}); free some space or fix the "
-                          "permissions and run the same command again: the trials are kept in "
-                          "the store") from None
+        raise _unwritten(error.filename or figures, "figures", error) from None
     summary = jsonable(summary)
     _write_results(s, run, summary)
     return summary
@@ -213,13 +210,17 @@ def _write_results(s: SearchContext, run: RunRecord, summary: dict[str, Any], *,
         try:
             write_text_atomic(output / name, text)
         except OSError as error:  # named as the file it is, not as its staging name
-            raise OutputError(f"{output / name}: cannot write the search's results "
-                              f"({error.strerror or error}); free some space or fix the "
-                              "permissions and run the same command again: the trials are kept "
-                              "in the store") from None
+            raise _unwritten(output / name, "results", error) from None
     s.run.store.end_run(run.id, "finished", summary, output_dir=output,  # where it is now
                         finished=finished)
     write_report(s.run.store, run.id, device=s.run.device)  # it reads the finished run back
+
+
+def _unwritten(path: str | Path, what: str, error: OSError) -> OutputError:
+    """A search's file the disk refused (full, read-only), named, with what to do."""
+    return OutputError(f"{path}: cannot write the search's {what} ({error.strerror or error}); "
+                       "free some space or fix the permissions and run the same command "
+                       "again: the trials are kept in the store")
 
 
 def _label(trial: FrozenTrial) -> str:
