@@ -65,6 +65,9 @@ def make_folds(
     protocol). shuffled: blocks of a seeded permutation. stratified: each class is shuffled and
     dealt across folds in turn, so every fold has the class proportions of the whole.
     """
+    if not isinstance(cv, CVSpec):  # make_folds(n, 5): the count belongs in a CVSpec
+        raise TypeError(f"cv: expected a CVSpec (e.g. CVSpec(n_splits=5)), got "
+                        f"{type(cv).__name__}")
     k = cv.n_splits
     if n_samples < k:
         raise ConfigError(f"cv.n_splits: {k} folds need at least {k} samples (got {n_samples})")
@@ -123,6 +126,11 @@ def overfitting_warning(
     no warning) and its own value is finite; a NaN among the following epochs counts as no
     improvement.
     """
+    if not isinstance(patience, int | np.integer) or isinstance(patience, bool) or patience < 1:
+        # 0 would warn at the last epoch, which no epoch after it could contradict
+        raise ValueError(f"patience: a number of epochs, at least 1, got {patience!r}")
+    if not 0.0 <= min_delta < 1.0:
+        raise ValueError(f"min_delta: a fraction of the val_loss in [0, 1), got {min_delta!r}")
     values = np.asarray(val_loss, dtype=np.float64)
     finite = np.isfinite(values)
     best = int(np.argmin(np.where(finite, values, np.inf))) + 1 if finite.any() else None

@@ -50,6 +50,10 @@ class Evaluation:
     predictions: np.ndarray  # (n,) int64 predicted classes
     confidence: np.ndarray  # (n,) float32 probability of the predicted class
 
+    def __repr__(self) -> str:  # the scores, not the per-image arrays
+        return (f"Evaluation(n={self.n}, accuracy={self.accuracy:.4f}, loss={self.loss:.4f}, "
+                f"classes={self.n_classes})")
+
     @property
     def n_classes(self) -> int:
         return len(self.class_names)

@@ -119,6 +119,9 @@ def export_model(saved_model: SavedModel | str | Path, path: str | Path, *,
     and onnxruntime's largest difference from PyTorch."""
     _require_onnx()
     start = time.perf_counter()
+    if not isinstance(opset, int) or isinstance(opset, bool):  # "18" would fail in the exporter
+        raise TypeError(f"opset: expected an int (e.g. {DEFAULT_OPSET}), got "
+                        f"{type(opset).__name__} {opset!r}")
     saved_model = as_saved_model(saved_model)
     path = Path(path)
     if path.is_dir():

@@ -42,7 +42,7 @@ RESULTS_FILE = "results.json"  # of the files in a run's folder: the whole resul
 RESULT_FILES = ("results.md", "results.csv", RESULTS_FILE, "study.toml")  # the tables, the study
 
 
-@dataclass
+@dataclass(eq=False)  # its candidates hold arrays: == compares identity, as for them
 class StudyResult:
     run: RunRecord
     spec: StudySpec

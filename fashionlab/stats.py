@@ -146,6 +146,8 @@ def summarize(values: Sequence[float] | np.ndarray, *, confidence: float = 0.95,
     """
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must lie strictly between 0 and 1, got {confidence}")
+    if bounds is not None and not float(bounds[0]) <= float(bounds[1]):
+        raise ValueError(f"bounds: (low, high) with low <= high, got {tuple(bounds)!r}")
     array = _as_1d(values, name="values")
     array = array[~np.isnan(array)]
     n = int(array.size)

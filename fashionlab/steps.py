@@ -84,9 +84,10 @@ class RunContext:
     claim: Claim | None = None  # a shared run's job being trained: its epochs are stored under it
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class CandidateResult:
-    """A candidate's cross-validation (role "cv") or a final model's training (role "final")."""
+    """A candidate's cross-validation (role "cv") or a final model's training (role "final").
+    Arrays compare by identity (eq=False): element-wise == is not a bool."""
 
     name: str
     role: str

@@ -21,7 +21,7 @@ from fashionlab.stats import PairedTest, corrected_resampled_ttest
 from fashionlab.store import Store
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # an array: == compares identity
 class TwinComparison:
     candidate: str
     twin_run: str  # the run holding the full-length twin (may be this run)

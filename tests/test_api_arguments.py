@@ -78,3 +78,37 @@ def test_evaluate_and_export_name_their_arguments(model_dir: Path, tmp_path: Pat
                        class_names=CLASS_NAMES).n == 4  # a plain module still scores
     with pytest.raises(TypeError, match=r"^model: expected a saved model"):
         fl.export_onnx(None, tmp_path / "x.onnx")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^opset: expected an int \(e\.g\. 18\), got str '18'$"):
+        fl.export_onnx(model_dir, tmp_path / "x.onnx", opset="18")  # type: ignore[arg-type]
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_folds_statistics_and_warning_refuse_what_they_cannot_mean():
+    with pytest.raises(TypeError, match=r"^cv: expected a CVSpec \(e\.g\. CVSpec\(n_splits=5\)\), "
+                                        r"got int$"):
+        fl.make_folds(10, 3, seed=0)  # type: ignore[arg-type]
+    assert len(fl.make_folds(10, fl.CVSpec(n_splits=5), seed=0)) == 5
+    with pytest.raises(ValueError, match=r"^bounds: \(low, high\) with low <= high, got \(1, 0\)$"):
+        fl.summarize([0.5, 0.6], bounds=(1, 0))
+    for patience in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match=r"^patience: a number of epochs, at least 1"):
+            fl.overfitting_warning([1.0, 0.9, 0.95], patience=patience)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^min_delta: a fraction of the val_loss in \[0, 1\)"):
+        fl.overfitting_warning([1.0, 0.9], patience=1, min_delta=2.0)
+    assert fl.overfitting_warning([1.0, 1.0, 1.0], patience=np.int64(1)).epoch == 1
+
+
+def test_results_with_arrays_compare_and_print_without_numpy_errors(tmp_path: Path):
+    split = Split(np.zeros((4, 28, 28), np.uint8), np.zeros(4, np.uint8))
+    assert repr(split) == "Split(images=(4, 28, 28) uint8, labels=(4,) uint8)"
+    evaluation = fl.evaluate(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10)),
+                             split, class_names=CLASS_NAMES)
+    assert repr(evaluation).startswith("Evaluation(n=4, accuracy=")
+    assert "\n" not in repr(evaluation)
+    assert (evaluation == fl.evaluate(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(
+        784, 10)), split, class_names=CLASS_NAMES)) is False  # identity, not numpy's error
+
+
+def test_a_bundled_name_with_a_stray_space_is_shown_quoted():
+    with pytest.raises(fl.ConfigError, match=r"^'seed ': no such study file, and no bundled"):
+        fl.load_study("seed ")

@@ -80,6 +80,8 @@ def test_a_study_as_text_is_one_short_line(study: StudyResult):
     assert f"retrained_test_accuracy={100 * retrained.test_accuracy:.2f}%" in shown
     assert shown.endswith(f"output_dir='{study.output_dir}')")
     assert "\n" not in shown and len(shown) < 400
+    # Its candidates hold arrays: == is identity, not numpy's "truth value is ambiguous".
+    assert (study == dataclasses.replace(study)) is False
 
 
 def test_a_figure_by_name_and_a_clear_error_for_an_unknown_one(study: StudyResult):

@@ -5,6 +5,9 @@ interrupted and resumed, or exported again, writes no step twice."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -307,3 +310,34 @@ def test_a_retried_trials_hparams_sit_where_it_trained():
     entries = {name: (params["state"], scores) for name, params, scores in _entries(run)}
     assert entries == {"trial-0": ("complete", {"val_accuracy": 0.9}),
                        "trial-2": ("complete", {"val_accuracy": 0.8})}
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a file size limit (RLIMIT_FSIZE) is POSIX")
+def test_an_export_the_disk_refuses_is_one_line_and_leaves_no_empty_event_file(
+        study_file: Path, tmp_path: Path):
+    # A real write failure, in a process whose files may not grow past a limit: at 0 bytes the
+    # event file's first record fails (an empty file was left behind); at 2000 a later one
+    # fails in TensorBoard's writer thread, which printed "Exception in thread ..." as well.
+    run_dir = tmp_path / "runs"
+    run = run_study(load_study(study_file), run_dir=run_dir, progress=False).run
+    for limit in (0, 2000):
+        logdir = tmp_path / f"board-{limit}"
+        script = f"""
+import resource, signal
+from fashionlab.errors import OutputError
+from fashionlab.integrations.tensorboard import export_run_to_tensorboard
+from fashionlab.store import Store
+store = Store.open({str(run_dir)!r})  # opened first: the limit is on the event files
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of killing
+resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.RLIM_INFINITY))
+try:
+    export_run_to_tensorboard(store, {run.id!r}, {str(logdir)!r})
+except OutputError as error:
+    print(error)
+"""
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                              check=False, timeout=120)
+        assert done.returncode == 0 and done.stderr == "", done.stderr
+        assert done.stdout == f"{logdir}: cannot write TensorBoard's event files (File too " \
+                              "large)\n"
+        assert not [p for p in logdir.rglob("events.out.tfevents.*") if p.stat().st_size == 0]

@@ -225,8 +225,10 @@ def load_study(name_or_path: str | Path = "seed") -> StudySpec:
         bundled = resources.files("fashionlab") / "studies" / f"{name_or_path}.toml"
         if not bundled.is_file():
             what = "a folder, not a study file" if path.is_dir() else "no such study file"
+            shown = name_or_path if str(name_or_path).strip() == str(name_or_path) \
+                else repr(str(name_or_path))  # "seed ": the space is the slip, so show it
             raise ConfigError(
-                f"{name_or_path}: {what}, and no bundled study of that name "
+                f"{shown}: {what}, and no bundled study of that name "
                 f"(bundled: {', '.join(bundled_studies())})"
             )
         text, source = bundled.read_text(encoding="utf-8"), f"{name_or_path}.toml"

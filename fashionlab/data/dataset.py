@@ -59,6 +59,10 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def __repr__(self) -> str:  # the shapes, not ~50 lines of pixels
+        return (f"Split(images={self.images.shape} {self.images.dtype}, "
+                f"labels={self.labels.shape} {self.labels.dtype})")
+
     def class_counts(self, n_classes: int = len(CLASS_NAMES)) -> np.ndarray:
         """Images per class, (n_classes,) int64."""
         return np.bincount(self.labels, minlength=n_classes)

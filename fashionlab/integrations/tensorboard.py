@@ -25,6 +25,7 @@ import json
 import math
 import os
 import socket
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 
 try:  # the optional extra: without it, a one-line error when TensorBoard is asked for
     from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+    from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
     from torch.utils.tensorboard import SummaryWriter
     from torch.utils.tensorboard.summary import hparams
     INSTALLED = True
@@ -59,6 +61,36 @@ HPARAMS_TAG = "_hparams_/session_start_info"  # the HParams plugin's tag of one 
 def _require() -> None:
     if not INSTALLED:
         raise ConfigError("TensorBoard is not installed: pip install 'fashionlab[tensorboard]'")
+    _quiet_writer_threads()
+
+
+def _quiet_writer_threads() -> None:
+    """Keep the event writer's thread from printing a failed write as a traceback.
+
+    TensorBoard writes event files from a thread; a write the disk refuses is raised there,
+    where Python prints "Exception in thread ...", and raised again by the writer's next
+    call in ours, which says it in one line. Other threads' exceptions print as before.
+    """
+    shown = threading.excepthook
+    if getattr(shown, "quiets_event_writers", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if not (isinstance(args.thread, _AsyncWriterThread)
+                and isinstance(args.exc_value, OSError)):
+            shown(args)
+
+    hook.quiets_event_writers = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
+
+
+def _remove_empty_event_files(logdir: Path) -> None:
+    """The event files this process opened in `logdir` and could not write a byte to (a full
+    disk): TensorBoard would list them, empty."""
+    for path in logdir.rglob(f"events.out.tfevents.*.{os.getpid()}.*"):
+        with contextlib.suppress(OSError):
+            if path.stat().st_size == 0:
+                path.unlink()
 
 
 def tensorboard_dir(run: RunRecord, run_dir: str | Path = DEFAULT_RUN_DIR) -> Path:
@@ -158,9 +190,18 @@ class _RunWriter:
             writer.flush()
 
     def close(self) -> None:
+        """Close every file, even after one fails (its error is raised once all are closed:
+        an unclosed writer's thread would outlive the export)."""
+        failed: OSError | None = None
         for writer in self.writers.values():
-            writer.close()
+            try:
+                writer.close()
+            except OSError as error:
+                writer.writer = None  # its thread has stopped; the error is its last word
+                failed = failed or error
         self.writers.clear()
+        if failed is not None:
+            raise failed
 
 
 def export_run_to_tensorboard(store: Store, run_id: str,
@@ -188,6 +229,7 @@ def export_run_to_tensorboard(store: Store, run_id: str,
         finally:
             writer.close()
     except OSError as error:  # no permission, a full disk
+        _remove_empty_event_files(target)
         raise OutputError(f"{error.filename or target}: cannot write TensorBoard's event files "
                           f"({error.strerror or error})") from None
     return target

@@ -89,7 +89,7 @@ class SearchContext:
         return self.run.spec.search is None or self.run.spec.search.objective == "val_accuracy"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # arrays: == compares identity
 class ConsensusScores:
     """A candidate's folds read at one epoch, its CV-consensus epoch."""
 
