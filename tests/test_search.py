@@ -1729,7 +1729,7 @@ def test_a_search_is_not_continued_on_other_data(tiny_idx_dir: Path, tmp_path: P
     other = dataclasses.replace(whole, train=Split(whole.train.images, labels))
     with pytest.raises(ConfigError, match=rf"^search 'tiny-search': run {first.run.id} "
                                           r"searched other data \(SHA-256 [0-9a-f]{12}, these "
-                                          r"[0-9a-f]{12}\); --fresh starts it again"):
+                                          r"[0-9a-f]{12}\); --fresh \(fresh=True\) starts it again"):
         run_search(spec, run_dir=run_dir, progress=False, dataset=other)
     assert run_search(spec, run_dir=run_dir, progress=False, dataset=whole).run.id == \
         first.run.id  # the same data: the same search

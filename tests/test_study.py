@@ -1119,8 +1119,8 @@ def test_a_deleted_model_of_a_finished_run_is_said_when_it_is_shown(study_file: 
     shutil.rmtree(cnn)  # weights are nowhere else: the store holds the scores only
     again = run_study(spec, run_dir=tmp_path, progress=False)
     assert again.notes == [(f"{cnn}: not found (deleted, or saved on another machine); the "
-                            "store keeps no weights: --fresh trains the study again, as a new "
-                            "run")]
+                            "store keeps no weights: --fresh (fresh=True) trains the study "
+                            "again, as a new run")]
     assert again.final[0].test_accuracy == first.final[0].test_accuracy  # read back
     assert not cnn.exists()
     cnn.mkdir()  # a folder without its weights file says the same

@@ -238,7 +238,8 @@ def run_search(
             # Its trials (one Optuna study) were scored on other data: not to be mixed.
             raise ConfigError(f"search '{spec.name}': run {run.id} searched other data (SHA-256 "
                               f"{str(run.data_sha256)[:12]}, these {data['sha256'][:12]}); "
-                              "--fresh starts it again on these, or give the study another name")
+                              "--fresh (fresh=True) starts it again on these, or give the study "
+                              "another name")
         if finish and run is not None and run.state == "running":
             # Its workers finish the search themselves, and would overwrite these results.
             raise ConfigError(f"search '{spec.name}' is running ({run.holder}): "
@@ -387,7 +388,8 @@ def _refuse_orphan_trials(storage: optuna.storages.RDBStorage, name: str, where:
         return
     if trials:
         raise ConfigError(f"the Optuna study {name} in {where} has {len(trials)} trial(s) but "
-                          "no fashionlab run any more: run the search with --fresh to start "
+                          "no fashionlab run any more: run the search with --fresh (fresh=True) "
+                          "to start "
                           "it again")
 
 

@@ -312,7 +312,7 @@ def _show_stored(result: StudyResult, run: RunRecord, dataset: Dataset, output_d
     missing = [str(d) for d in saved if d is not None and not (d / WEIGHTS_FILE).is_file()]
     if missing and output_dir.is_dir():
         result.notes.append(f"{', '.join(missing)}: not found (deleted, or saved on another "
-                            "machine); the store keeps no weights: --fresh trains the study "
+                            "machine); the store keeps no weights: --fresh (fresh=True) trains the study "
                             "again, as a new run")
         reporter.log(result.notes[-1])
 
@@ -390,7 +390,7 @@ def _start_run(store: Store, spec: StudySpec, run_dir: Path, device: str, fresh:
                             f"({run.holder}); to train it from several "
                             "processes, run the same command on each with a database server "
                             "store (--store postgresql://...; README: Many machines); or wait "
-                            "for it, or pass --fresh")
+                            "for it, or pass --fresh (fresh=True)")
                     return store.join_run(run.id), True, False
                 # A finished run is shown again from the store: every model is read back,
                 # nothing retrains and nothing is written (a read-only store will do). An
