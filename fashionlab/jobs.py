@@ -21,6 +21,7 @@ the checkpoint files of the run's directory are shared already.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import socket
@@ -301,8 +302,13 @@ class ClaimLock:
             try:
                 lock.acquire()
             except OSError as error:  # a read-only run directory, a full disk
+                # A read-only copy of a finished search is still read by the commands that
+                # only look (a search, even a finished one, takes this lock).
+                refused = error.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+                hint = "; `fashionlab runs show` and `fashionlab report --out FILE` read a " \
+                    "read-only store" if refused else ""
                 raise StoreError(f"{self.path}: cannot create the lock file beside the store "
-                                 f"({error.strerror or error})") from None
+                                 f"({error.strerror or error}){hint}") from None
             self._file = lock
 
     def release(self) -> None:

@@ -3,6 +3,8 @@ processes and threads, on any OS: the `filelock` library) and the retries of los
 
 from __future__ import annotations
 
+import errno
+import os
 import subprocess
 import sys
 import threading
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from filelock import FileLock
 from optuna.trial import TrialState
 
 from fashionlab.errors import StoreError
@@ -61,6 +64,17 @@ def test_a_lock_file_that_cannot_be_created_is_a_store_error(tmp_path: Path):
     (tmp_path / "store.db.search-lock").mkdir()  # stands for a read-only run directory
     with pytest.raises(StoreError, match="store.db.search-lock: cannot create the lock file"):
         ClaimLock(url, "s").acquire()
+
+
+def test_a_read_only_store_folder_says_which_commands_read_it(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch):
+    def read_only(self: object, *args: object, **kwargs: object) -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+    monkeypatch.setattr(FileLock, "acquire", read_only)  # as on a read-only mount
+    with pytest.raises(StoreError, match=r"^\S+store\.db\.search-lock: cannot create the lock "
+                       r"file beside the store \(Read-only file system\); `fashionlab runs "
+                       r"show` and `fashionlab report --out FILE` read a read-only store$"):
+        ClaimLock(f"sqlite:///{tmp_path / 'store.db'}", "s").acquire()
 
 
 def _retry_chain(study: optuna.Study, crashes: list[bool]) -> list[optuna.trial.FrozenTrial]:
