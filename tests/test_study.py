@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from html import escape as html_escape
 from pathlib import Path
@@ -366,6 +367,32 @@ def test_a_finished_study_is_not_rerun_unless_fresh(study_file: Path, tmp_path: 
     assert again.wall_seconds == first.wall_seconds  # the run's, not the showing's
     fresh = run_study(spec, run_dir=tmp_path, progress=False, fresh=True)
     assert fresh.run.id != first.run.id
+
+
+def test_a_second_thread_on_a_running_study_is_told_it_is_this_process(study_file: Path,
+                                                                        tmp_path: Path):
+    # (It was told "being trained by another process (pid <its own pid> ...)".)
+    spec = load_study(study_file)
+    told: list[BaseException] = []
+
+    def second() -> None:
+        try:
+            run_study(spec, run_dir=tmp_path, progress=False, workers=1)
+        except ConfigError as error:
+            told.append(error)
+
+    def start_second(key: str, epoch: int) -> None:  # while the first is at its first epoch
+        if not told:
+            thread = threading.Thread(target=second)
+            thread.start()
+            thread.join(timeout=300)
+
+    run_study(spec, run_dir=tmp_path, progress=OnEpoch(start_second), workers=1)
+    assert len(told) == 1
+    assert re.fullmatch(r"run \S+ of this study is being trained by this process \(another "
+                        r"thread, or a call still running\): one run_study per run at a time; "
+                        r"wait for it, or pass fresh=True for a new run", str(told[0]))
+    assert run_study(spec, run_dir=tmp_path, progress=False).already_finished  # the first's
 
 
 _KILLER = textwrap.dedent("""

@@ -384,6 +384,12 @@ def _start_run(store: Store, spec: StudySpec, run_dir: Path, device: str, fresh:
                 if not same_data(run, data["sha256"]):
                     continue
                 if run.state == "running":
+                    me = this_process()
+                    if (run.host, run.pid) == (me["host"], me["pid"]):  # another thread's
+                        raise ConfigError(
+                            f"run {run.id} of this study is being trained by this process "
+                            "(another thread, or a call still running): one run_study per "
+                            "run at a time; wait for it, or pass fresh=True for a new run")
                     if not store.shared:
                         raise ConfigError(
                             f"run {run.id} of this study is being trained by another process "
