@@ -161,7 +161,7 @@ def export_model(saved_model: SavedModel | str | Path, path: str | Path, *,
             program.save(staging, external_data=False)  # one self-contained file
         seconds = time.perf_counter() - start
         if verify:
-            difference = verify_onnx(saved_model, staging)
+            difference = verify_onnx(saved_model, staging, shown_as=path)
         os.replace(staging, path)
     except OSError as error:  # a read-only or full place
         raise ExportError(f"{path}: cannot write ({why_not_written(path, error)})") from None
@@ -174,16 +174,23 @@ def export_model(saved_model: SavedModel | str | Path, path: str | Path, *,
 
 
 def verify_onnx(saved_model: SavedModel, path: str | Path, *, tolerance: float = TOLERANCE,
-                seed: int = 0) -> float:
+                seed: int = 0, shown_as: str | Path | None = None) -> float:
     """Run an ONNX file and the PyTorch model on the same random images; returns the largest
-    absolute difference of their logits, or raises ExportError above `tolerance`."""
+    absolute difference of their logits, or raises ExportError above `tolerance`, naming the
+    file `shown_as` (an export verifies its staging file under the name it will have)."""
     _require_onnx()
     import onnxruntime
 
+    shown = path if shown_as is None else shown_as
+    try:  # the bytes, not the name: onnxruntime takes no name the locale cannot encode
+        model = Path(path).read_bytes()
+    except OSError as error:
+        raise ExportError(f"{shown}: cannot read ({error.strerror or error})") from None
     try:
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(model, providers=["CPUExecutionProvider"])
     except Exception as error:  # noqa: BLE001 - onnxruntime raises its own types (Fail, ...)
-        raise ExportError(f"{path}: onnxruntime cannot load it ({first_line(error)})") from None
+        raise ExportError(f"{shown}: onnxruntime cannot load it ({first_line(error)})") \
+            from None
     # PyTorch on the CPU in float32 is the reference (a GPU's TF32 would blur the comparison).
     module = copy.deepcopy(saved_model.module).to("cpu").eval()
     generator = torch.Generator().manual_seed(seed)
@@ -194,10 +201,10 @@ def verify_onnx(saved_model: SavedModel, path: str | Path, *, tolerance: float =
             expected = module(x).numpy()  # (B, n_classes)
         (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})
         if got.shape != expected.shape:
-            raise ExportError(f"{path}: outputs of shape {got.shape} for a batch of {size}, "
+            raise ExportError(f"{shown}: outputs of shape {got.shape} for a batch of {size}, "
                               f"PyTorch gives {expected.shape}")
         largest = max(largest, float(np.abs(got - expected).max()))
     if not largest <= tolerance:
-        raise ExportError(f"{path}: ONNX and PyTorch outputs differ by up to {largest:.3g} "
+        raise ExportError(f"{shown}: ONNX and PyTorch outputs differ by up to {largest:.3g} "
                           f"(allowed {tolerance:g})")
     return largest

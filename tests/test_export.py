@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -91,7 +93,7 @@ def test_a_file_that_differs_from_pytorch_is_caught(tmp_path: Path):
 def test_a_failed_check_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     import fashionlab.export
 
-    def fails(saved: SavedModel, path: Path) -> float:
+    def fails(saved: SavedModel, path: Path, **options: object) -> float:
         raise ExportError(f"{path}: outputs differ")
 
     monkeypatch.setattr(fashionlab.export, "verify_onnx", fails)
@@ -132,7 +134,8 @@ def test_export_model_reports_what_it_measured(tmp_path: Path, monkeypatch: pyte
     calls: list[Path] = []
     verify = fashionlab.export.verify_onnx
     monkeypatch.setattr(fashionlab.export, "verify_onnx",
-                        lambda model, path: calls.append(Path(path)) or verify(model, path))
+                        lambda model, path, **options: calls.append(Path(path))
+                        or verify(model, path, **options))
     exported = export_model(saved, tmp_path / "m.onnx", opset=19)
     assert len(calls) == 1 and calls[0] != exported.path  # verified once, before its rename
     assert exported.path == tmp_path / "m.onnx" and exported.opset == 19
@@ -141,6 +144,30 @@ def test_export_model_reports_what_it_measured(tmp_path: Path, monkeypatch: pyte
     assert exported.to_dict()["max_abs_diff"] == exported.max_abs_diff
     unchecked = export_model(saved, tmp_path / "n.onnx", verify=False)
     assert len(calls) == 1 and unchecked.max_abs_diff is None
+
+
+def test_a_check_that_fails_names_the_file_asked_for_not_its_staging_file(tmp_path: Path):
+    saved = _saved(tmp_path / "model", DENSE)
+    other = _saved(tmp_path / "other", DENSE)  # the same shape, other weights
+    path = export_onnx(saved, tmp_path / "a.onnx")
+    with pytest.raises(ExportError, match=r"^\S+b\.onnx: ONNX and PyTorch outputs differ"):
+        verify_onnx(other, path, shown_as=tmp_path / "b.onnx")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the C locale's ASCII is Linux's")
+def test_an_export_to_a_name_the_c_locale_cannot_encode_is_written(tmp_path: Path):
+    # LC_ALL=C with UTF-8 mode off: onnxruntime took no such name ("incompatible constructor
+    # arguments", naming the staging file); it now gets the file's bytes.
+    saved = _saved(tmp_path / "model", CONV_BN)
+    environment = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0"}
+    environment.pop("PYTHONIOENCODING", None)
+    done = subprocess.run([sys.executable, "-c", "from fashionlab.console import main; main()",
+                           "export", str(saved.path), "--out", str(tmp_path / "modèle.onnx")],
+                          capture_output=True, text=True, encoding="utf-8", errors="replace",
+                          timeout=300, check=False, env=environment)
+    assert done.returncode == 0, done.stderr
+    assert verify_onnx(saved, tmp_path / "modèle.onnx") <= 1e-5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "modèle.onnx"]
 
 
 def test_export_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
