@@ -602,6 +602,11 @@ layers = [{ units = 16, l2 = 1e38 }]
     row = next(r for r in table if r["model"] == "exploding")
     assert row["val_accuracy_mean"] is None and row["ci_low"] is None
     assert result.best == "fine" and result.retrain is not None
+    # Its verdict cell says why it has none (it was blank, with a mean of the other folds
+    # where only some diverged), and Holm does not count it.
+    assert row["vs_best"] == "not compared (3 of 3 folds diverged)"
+    assert [(c.name, c.is_best, c.not_worse) for c in result.comparisons] == [
+        ("fine", True, True), ("exploding", False, None)]
     assert "diverged" in (result.output_dir / "results.md").read_text()
 
 

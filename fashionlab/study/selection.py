@@ -34,10 +34,24 @@ def cross_validated(ctx: RunContext, folds: list[Fold], cv_data: Tensors, n_trai
     scored = {c.name: c.val_accuracy for c in candidates if not c.failed}
     comparisons = stats.compare_to_best(scored, n_train=n_train, n_test=n_val,
                                         bounds=stats.ACCURACY_BOUNDS) \
-        if len(scored) >= 2 and len(folds) >= 2 else []
+        if scored and len(candidates) >= 2 and len(folds) >= 2 else []
+    if comparisons:  # one whose folds diverged is neither the best nor tested: says why
+        comparisons += [_not_compared(c) for c in candidates if c.failed]
     # Ranked as `compare_to_best` ranks them: a candidate without a finite score last.
     best = max(scored, key=lambda name: _mean_or_least(scored[name])) if scored else None
     return candidates, comparisons, best
+
+
+def _not_compared(candidate: CandidateResult) -> stats.Comparison:
+    """A candidate with a diverged fold: its other folds' mean stands in the table, but a test
+    on the folds it kept would compare it at its best; its row says so instead of nothing."""
+    nan = math.nan
+    diverged = len(candidate.failures)
+    return stats.Comparison(
+        name=candidate.name, summary=stats.summarize(candidate.val_accuracy,
+                                                     bounds=stats.ACCURACY_BOUNDS),
+        is_best=False, mean_difference=nan, t=nan, p_value=nan, p_holm=nan, not_worse=None,
+        reason=f"{diverged} of {len(candidate.keys)} folds diverged")
 
 
 def _mean_or_least(scores: np.ndarray) -> float:
