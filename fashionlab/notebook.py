@@ -180,7 +180,8 @@ def rows_frame(rows: Sequence[Row]) -> pandas.DataFrame:
     """The table as a DataFrame: one row per `Row`, its fields as columns, numbers as numbers
     (fractions, NaN where absent). The epoch label ("12 (warning)") is split in two: `epoch`,
     a nullable integer (<NA> where there is none: the baseline, a model with no finite
-    val_loss), and `epoch_rule`, the rule that chose it
+    val_loss; a nullable float where an even count of early-stopped folds has its median
+    between two epochs: 5.5), and `epoch_rule`, the rule that chose it
     ("warning", "ES median", ...; "" where the epoch is simply how long the model trained).
     "200/200 (0% saved)" becomes the integers `epochs_trained` and `epochs_planned` (all
     folds together for a cross-validated candidate). ImportError with the install line when
@@ -196,7 +197,8 @@ def rows_frame(rows: Sequence[Row]) -> pandas.DataFrame:
     frame = frame.astype({f.name: numeric[str(f.type)] for f in fields
                           if str(f.type) in numeric})
     epochs = [split_epoch(r.epoch) for r in rows]
-    frame["epoch"] = pandas.array([e for e, _ in epochs], dtype="Int64")
+    whole = all(e is None or float(e).is_integer() for e, _ in epochs)  # else an ES median 5.5
+    frame["epoch"] = pandas.array([e for e, _ in epochs], dtype="Int64" if whole else "Float64")
     frame.insert(frame.columns.get_loc("epoch") + 1, "epoch_rule", [rule for _, rule in epochs])
     trained = [split_trained(r.epochs_trained) for r in rows]
     frame["epochs_trained"] = pandas.array([t for t, _ in trained], dtype="Int64")

@@ -69,11 +69,18 @@ class Row:
     test_ci_high: float = math.nan
 
 
-def split_epoch(label: str) -> tuple[int | None, str]:
+def split_epoch(label: str) -> tuple[int | float | None, str]:
     """A row's epoch label as (epoch, rule): "12 (warning)" -> (12, "warning"), "20" -> (20, ""),
-    "-" -> (None, "")."""
+    "5.5 (ES median)" -> (5.5, "ES median"): the median of an even count of folds' epochs may
+    fall between two; "-" -> (None, "")."""
     number, _, rule = label.partition(" (")
-    return (int(number) if number.isdigit() else None), rule.removesuffix(")")
+    rule = rule.removesuffix(")")
+    if number.isdigit():
+        return int(number), rule
+    try:
+        return float(number), rule
+    except ValueError:
+        return None, rule
 
 
 def split_trained(label: str) -> tuple[int | None, int | None]:

@@ -20,10 +20,11 @@ from helpers import tiny_study_toml
 from matplotlib.figure import Figure
 
 from fashionlab.config import load_study
-from fashionlab.notebook import search_html
+from fashionlab.notebook import rows_frame, search_html
 from fashionlab.results import StudyResult, table_rows
 from fashionlab.search import SearchResult, run_search
 from fashionlab.study import run_study
+from fashionlab.tables import Row
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "examples" / "study.ipynb"
@@ -146,6 +147,17 @@ def test_a_rows_interval_never_leaves_0_to_100_percent(study: StudyResult):
     (row,) = [r for r in table_rows(result) if r.model == "wide"]
     assert row.ci_high == 1.0 and 0.5 < row.ci_low < 0.80
     assert row.val_accuracy_mean == pytest.approx((0.80 + 0.95 + 0.99) / 3)
+
+
+def test_an_early_stopped_median_between_two_epochs_keeps_its_number():
+    pytest.importorskip("pandas")
+    rows = [Row("es", "cv", label, 0.3, 0.01, 0.9, 0.01, 0.88, 0.92, 2, "best", math.nan,
+                "11/24", "") for label in ("5.5 (ES median)", "6 (ES median)")]
+    frame = rows_frame(rows)  # the 5.5 was <NA>
+    assert str(frame["epoch"].dtype) == "Float64"
+    assert frame["epoch"].tolist() == [5.5, 6.0]
+    assert frame["epoch_rule"].tolist() == ["ES median"] * 2
+    assert str(rows_frame(rows[1:])["epoch"].dtype) == "Int64"  # whole epochs stay integers
 
 
 def test_to_frame_without_pandas_says_how_to_install_it(study: StudyResult,

@@ -132,6 +132,7 @@ def test_a_search_results_md_shows_the_names_it_holds_as_written():
 
 @pytest.mark.parametrize(("label", "epoch", "trained"), [
     ("18 (warning)", (18, "warning"), None), ("20", (20, ""), None), ("-", (None, ""), None),
+    ("5.5 (ES median)", (5.5, "ES median"), None), ("6 (ES median)", (6, "ES median"), None),
     ("200/200", None, (200, 200)), ("120/200 (40% saved)", None, (120, 200)),
     ("-", None, (None, None))])
 def test_labels_split_into_numbers(label: str, epoch: tuple | None, trained: tuple | None):
