@@ -161,7 +161,11 @@ def describe_run(store: Store, run_id: str, *, run_dir: str | Path | None = None
         "hosts": _by_host(models),
         "table": [asdict(row) for row in rows_from_summary(summary)],
         "trials": trials,
-        "tests": _test_accuracies(summary),
+        "tests": (tests := _test_accuracies(summary)),
+        # Wilson's 95% interval from the number of test images (NaN: not recorded)
+        "test_intervals": {name: list(stats.proportion_ci(
+            math.nan if accuracy is None else accuracy, run.data.get("test") or 0))
+            for name, accuracy in tests.items()},
         "files": files,
         "config": run.config, "environment": run.environment,
     })

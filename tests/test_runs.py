@@ -158,6 +158,11 @@ def test_show_a_run(runs: dict[str, StudyResult], capsys: pytest.CaptureFixture[
     for text in (a.run.id, "finished", "random guess", "small", "wide", "(retrained)",
                  "test accuracy", "report.html"):
         assert text in out, text
+    # The test accuracy with its interval from the number of test images, as in the table.
+    tested = a.run.data["test"]
+    low, high = stats.proportion_ci(a.retrain.test_accuracy, tested)
+    assert (f"test accuracy {100 * a.retrain.test_accuracy:.2f}% [95% interval "
+            f"{100 * low:.1f}, {100 * high:.1f}]: {a.retrain.candidate} (retrained)") in out
     code, out, _ = run_cli(capsys, "runs", "show", a.run.id, "--json", "--run-dir",
                            _run_dir(runs))
     info = json.loads(out)
@@ -166,6 +171,7 @@ def test_show_a_run(runs: dict[str, StudyResult], capsys: pytest.CaptureFixture[
                               "epochs_stored": 2 * 3 * 3 + a.retrain.epochs}
     assert [row["model"] for row in info["table"]][:3] == ["random guess", "small", "wide"]
     assert "report.html" in info["files"] and info["config"]["name"] == "tiny"
+    assert info["test_intervals"] == {f"{a.retrain.candidate} (retrained)": [low, high]}
 
 
 def test_the_api_on_a_copied_run_directory_reads_and_writes_the_copy(

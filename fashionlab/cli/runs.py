@@ -32,7 +32,7 @@ from fashionlab.tables import (
     spent_note,
     trial_cells,
 )
-from fashionlab.text import counted, duration, percent, percent_in
+from fashionlab.text import counted, duration, finite, percent, percent_in
 
 runs_app = typer.Typer(
     help="List, show, compare, export and delete the runs in the store.\n\n"
@@ -171,7 +171,10 @@ def show(run: RunId, run_dir: SeenRunDir = None, store: StoreUrl = None,
     elif so_far_note(trials):  # not finished: how far it got
         console.print(Text(so_far_note(trials)))
     for name, accuracy in info["tests"].items():
-        console.print(Text(f"test accuracy {percent(accuracy)}%: {name}"))
+        low, high = info["test_intervals"][name]  # None where the test set's size is unknown
+        interval = f" [95% interval {100 * low:.1f}, {100 * high:.1f}]" \
+            if finite(low) and finite(high) else ""
+        console.print(Text(f"test accuracy {percent(accuracy)}%{interval}: {name}"))
     if info["files"]:
         console.print(Text("files: " + ", ".join(info["files"])))
 
