@@ -23,6 +23,8 @@ from typing import Protocol
 import numpy as np
 
 DEFAULT_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
+FILE_NAMES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+              "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 
 # Training settings of the original study.
 BATCH_SIZE = 128
@@ -101,12 +103,9 @@ def load_data(data_dir: Path = DEFAULT_DATA_DIR, *, limit: int | None = None) ->
     def labels(name: str) -> np.ndarray:
         return read_idx(d / name, magic=2049, header=8)[:limit].astype(np.int64)
 
-    return Data(
-        x_train=images("train-images-idx3-ubyte.gz"),
-        y_train=labels("train-labels-idx1-ubyte.gz"),
-        x_test=images("t10k-images-idx3-ubyte.gz"),
-        y_test=labels("t10k-labels-idx1-ubyte.gz"),
-    )
+    train_images, train_labels, test_images, test_labels = FILE_NAMES
+    return Data(x_train=images(train_images), y_train=labels(train_labels),
+                x_test=images(test_images), y_test=labels(test_labels))
 
 
 def fold_indices(n: int, fold: int, n_splits: int = N_FOLDS) -> tuple[np.ndarray, np.ndarray]:
@@ -187,6 +186,18 @@ class Reference(Protocol):
 # Command line
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (0 epochs, rounds or threads would end
+    in a division by zero or an empty schedule, not in a clear error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def parse_args(impl: str, argv: list[str] | None = None) -> argparse.Namespace:
     script = "reference_keras.py" if impl == "keras" else "reference_torch.py"
     p = argparse.ArgumentParser(
@@ -228,6 +239,10 @@ def parse_args(impl: str, argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= {2 * N_FOLDS} (samples in every fold)")
     if not 0 <= a.fold < N_FOLDS:
         p.error(f"--fold must be in [0, {N_FOLDS})")
+    missing = [name for name in FILE_NAMES if not (a.data_dir / name).is_file()]
+    if missing:
+        p.error(f"--data-dir {a.data_dir}: no {', '.join(missing)} (Debian's "
+                "dataset-fashion-mnist puts them in /usr/share/datasets/fashion-mnist)")
     return a
 
 

@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 import torch
+from _protocol import positive_int
 
 from fashionlab.config import load_study
 from fashionlab.data import load_fashion_mnist, to_tensors
@@ -50,11 +51,14 @@ def trainers(images: int) -> dict[str, StackTrainer]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=15000)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--images", type=positive_int, default=15000,
+                        help="training images per epoch, at most 60000 (default 15000)")
+    parser.add_argument("--rounds", type=positive_int, default=3)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--json", help="also write the timings here")
     args = parser.parse_args()
+    if args.images > 60000:
+        parser.error(f"--images: at most the 60000 training images, got {args.images}")
     torch.set_num_threads(args.threads)
 
     built = trainers(args.images)

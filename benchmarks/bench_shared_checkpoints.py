@@ -28,10 +28,12 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np
 import torch
+from _protocol import positive_int
 
 from fashionlab.config import load_study
 from fashionlab.cv import make_folds, train_members
 from fashionlab.data import to_tensors
+from fashionlab.errors import StoreError
 from fashionlab.hardware import resolve_device
 from fashionlab.jobs import claim_job, register_jobs
 from fashionlab.provenance import cpu_model
@@ -51,8 +53,12 @@ def _stop(*_: object) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("url", help="a PostgreSQL database URL to write to")
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=positive_int, default=5)
     args = parser.parse_args()
+    try:  # a URL it cannot use is one line, before anything trains
+        store = Store(args.url)
+    except StoreError as error:
+        parser.error(str(error))
 
     spec = load_study("seed")
     device = resolve_device("cpu")
@@ -68,7 +74,6 @@ def main() -> None:
                                               np.arange(len(x_test)), 0)],
                  cnn.train, Tensors(x, y, x_test, y_test)))
 
-    store = Store(args.url)
     run = store.create_run(kind="study", name="bench-checkpoints", fingerprint="0" * 32,
                            seed=0, config={}, environment={})
     register_jobs(store, run.id, [("job", "job")], threads=torch.get_num_threads())

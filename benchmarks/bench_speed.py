@@ -10,19 +10,23 @@ time, extrapolated from those epochs, and measured for real with --full.
     python benchmarks/bench_speed.py --epochs 5 --refs torch --models dense64,cnn
     python benchmarks/bench_speed.py --full             # also the whole study, for real (~40 min)
 
-Each implementation runs in its own process (peak memory is per process), one after another:
-nothing else should run on the machine meanwhile. The first epoch of each is dropped (warm-up,
-Keras' tracing). Results are printed, and written as JSON and Markdown with the machine, the
-versions and the date under benchmarks/results/.
+Each implementation runs in its own process (peak memory is per process), one after another,
+with the same number of threads (--threads): nothing else should run on the machine meanwhile.
+The first epoch of each is dropped when more than one is timed (warm-up, Keras' tracing).
+Results are printed, and written as JSON with the machine, the versions and the date to
+benchmarks/results/speed-<date>-<time>.json (never over an earlier run's). Ctrl-C stops every
+process it started.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -31,11 +35,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from _protocol import positive_int
+
 ROOT = Path(__file__).resolve().parent.parent
 KERAS_PYTHON = ROOT / ".venv-keras" / "bin" / "python"
 MODELS = ("dense64", "dense64_l2", "dense64_drop", "dense256_drop", "dense64x2_drop",
           "dense256x2_drop", "cnn")
 # The seed study's names for the reference scripts' model names.
+RESULTS = ROOT / "benchmarks" / "results"
 SEED_NAMES = {"dense64": "dense(64)", "dense64_group": "dense(64)", "dense64_l2": "dense(64) L2",
               "dense64_drop": "dense(64) dropout", "dense256_drop": "dense(256) dropout",
               "dense64x2_drop": "dense(64)x2 dropout", "dense256x2_drop": "dense(256)x2 dropout",
@@ -99,6 +106,7 @@ def seed_stack(model: str, precision: str | None = None) -> tuple[Any, Any]:
 def fashionlab_epochs(model: str, epochs: int, precision: str | None) -> dict:
     """Time `epochs` epochs of fashionlab on one model, as the study trains it (`seed_stack`)."""
     import numpy as np
+    import torch
 
     from fashionlab.models import forward_flops
 
@@ -118,6 +126,7 @@ def fashionlab_epochs(model: str, epochs: int, precision: str | None) -> dict:
         # Training costs ~3x the forward pass (forward, input and weight gradients).
         "flops_per_epoch": flops * (3 * n_train + n_val),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "threads": torch.get_num_threads(),
     }
 
 
@@ -168,19 +177,37 @@ def _full_study(command: list[str], timeout: float = 4 * 3600) -> dict:
     of the child and its worker processes together (sampled every second)."""
     start = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        child = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=err, text=True)
+        # Its own process group: the study and its workers stop together, on a timeout or a
+        # Ctrl-C here, before the caller removes the folder they write to.
+        child = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=err, text=True,
+                                 start_new_session=True)
         peak = 0.0
-        while child.poll() is None:
-            peak = max(peak, _tree_pss_mb(child.pid))
-            if time.perf_counter() - start > timeout:
-                child.kill()
-            time.sleep(1.0)
+        try:
+            while child.poll() is None:
+                peak = max(peak, _tree_pss_mb(child.pid))
+                if time.perf_counter() - start > timeout:
+                    break
+                time.sleep(1.0)
+        finally:
+            stop_group(child)
         wall = time.perf_counter() - start
         out.seek(0)
         err.seek(0)
         if child.returncode != 0:
             raise RuntimeError(f"{command} failed:\n{err.read()[-3000:]}")
         return {"wall_seconds": wall, "peak_tree_pss_mb": peak, "stdout": out.read()}
+
+
+def stop_group(child: subprocess.Popen[Any], grace: float = 15.0) -> None:
+    """Stop a child started in its own session and everything it started, as a Ctrl-C would
+    (a study then removes its temporary files), killed if it has not ended within `grace`
+    seconds; wait for it."""
+    for stop in (signal.SIGINT, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, stop)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=grace)
+            return
 
 
 FULL_FASHIONLAB = """
@@ -201,9 +228,14 @@ print(json.dumps({"study_seconds": time.perf_counter() - start,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=int, default=3, help="epochs per model (first dropped)")
-    parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--refs", default="torch,keras", help="torch, keras, or none")
+    parser.add_argument("--epochs", type=positive_int, default=3,
+                        help="epochs per model (the first dropped when there are more)")
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help=f"comma-separated, of: {', '.join(MODELS)}")
+    parser.add_argument("--refs", default="torch,keras",
+                        help="torch, keras, both (torch,keras) or none")
+    parser.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1,
+                        help="CPU threads of every implementation (default: all cores)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                         help="override the study's precision for fashionlab")
     parser.add_argument("--full", action="store_true", help="also run the whole study for real")
@@ -212,6 +244,9 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.worker:  # inside a child process
+        import torch
+
+        torch.set_num_threads(args.threads)
         if args.worker == "peak":
             record = {"fp32": matmul_peak("float32"), "bf16": matmul_peak("bfloat16")}
         else:
@@ -220,10 +255,25 @@ def main() -> None:
         return
 
     models = [m for m in args.models.split(",") if m]
+    unknown = [m for m in models if m not in MODELS]
+    if unknown or not models:
+        parser.error(f"--models: {', '.join(unknown) or 'none given'}; the models are "
+                     f"{', '.join(MODELS)}")
     if set(MODELS) <= set(models):
         models.append("dense64_group")
     refs = [r for r in args.refs.split(",") if r and r != "none"]
-    me = [sys.executable, str(Path(__file__).resolve())]
+    if unknown := [r for r in refs if r not in ("torch", "keras")]:
+        parser.error(f"--refs: {', '.join(unknown)}; the references are torch and keras "
+                     "(or none)")
+    if "keras" in refs and not KERAS_PYTHON.exists():  # said now, not after the measuring
+        parser.error(f"--refs keras: no {KERAS_PYTHON} (make the Keras virtualenv as "
+                     "benchmarks/README.md says, or pass --refs torch)")
+    if (unwritable := _unwritable(RESULTS)) is not None:
+        parser.error(f"{RESULTS}: cannot write the results there ({unwritable})")
+    from fashionlab.provenance import cpu_model
+
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; {args.threads} thread(s) each")
+    me = [sys.executable, str(Path(__file__).resolve()), "--threads", str(args.threads)]
     peak = _run_json([*me, "--worker", "peak"])
     print(f"matrix-product peak: {peak['fp32']:.0f} GFLOP/s fp32, {peak['bf16']:.0f} bf16")
     rows = {}
@@ -231,7 +281,7 @@ def main() -> None:
         precision = ["--precision", args.precision] if args.precision else []
         row = {"fashionlab": _run_json([*me, "--worker", model, "--epochs", str(args.epochs),
                                         *precision])}
-        epochs = ["--model", model, "--epochs", str(args.epochs)]
+        epochs = ["--model", model, "--epochs", str(args.epochs), "--threads", str(args.threads)]
         if model == "dense64_group":  # fashionlab only: the references train one model at a time
             rows[model] = row
             _print_row(model, row, peak)
@@ -316,11 +366,26 @@ def _ref_names(refs: list[str]) -> list[str]:
     return [{"torch": "torch-plain", "keras": "keras"}[r] for r in refs]
 
 
+def _unwritable(folder: Path) -> str | None:
+    """Why no results file can be written in `folder`, or None (checked before measuring)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            return None
+    except OSError as error:
+        return error.strerror or str(error)
+
+
 def _write(report: dict) -> None:
-    out_dir = ROOT / "benchmarks" / "results"
-    out_dir.mkdir(exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M")
-    (out_dir / f"speed-{stamp}.json").write_text(json.dumps(report, indent=2) + "\n")
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    for attempt in range(100):  # "x": never over an earlier run's file of the same second
+        path = RESULTS / f"speed-{stamp}{f'-{attempt}' if attempt else ''}.json"
+        try:
+            with path.open("x") as file:
+                file.write(json.dumps(report, indent=2) + "\n")
+            break
+        except FileExistsError:
+            continue
     extrapolated = report["study_extrapolated_seconds"]
     if extrapolated.get("fashionlab"):
         parts = [f"{impl} {sec / 60:.1f} min" for impl, sec in extrapolated.items() if sec]
@@ -328,8 +393,11 @@ def _write(report: dict) -> None:
         if extrapolated.get("keras"):
             print(f"  fashionlab is {extrapolated['keras'] / extrapolated['fashionlab']:.1f}x "
                   "faster than Keras")
-    print(f"written: {out_dir / f'speed-{stamp}.json'}")
+    print(f"written: {path}")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # every process it started has been stopped
+        sys.exit("stopped")

@@ -1,13 +1,14 @@
-"""Where one training step of a seed-study model goes: per-op CPU time and bytes moved.
+"""Where one training step of a seed-study model goes: per-op CPU time.
 
 Builds the stack the study trains (the 5 folds of a dense candidate as one stacked model, or
-the CNN alone), runs a few warm-up steps, then profiles `--steps` steps with torch.profiler and
-prints the ops by self time, grouped into families (matrix products, elementwise, random
-numbers, gathers, optimiser, casts, reductions), the number of ops per step, and an estimate of
-the bytes the step must move against the machine's memory bandwidth measured in the same run.
+the CNN alone), times one epoch without the profiler (which also warms up), profiles the next
+with torch.profiler, and prints the ops by self time per step, grouped into families (matrix
+products, elementwise, random numbers, gathers, optimiser, casts, reductions), the number of
+ops per step, and the memory bandwidth of a large copy measured in the same run (the ceiling
+of the memory-bound ops).
 
     .venv/bin/python benchmarks/profile_step.py --model dense256_drop --threads 1
-    .venv/bin/python benchmarks/profile_step.py --model cnn --threads 1 --steps 30
+    .venv/bin/python benchmarks/profile_step.py --model cnn --threads 1 --top 30
 
 Run by hand; nothing else should run on the machine meanwhile.
 """
@@ -16,13 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from collections import defaultdict
 
 import torch
+from _protocol import positive_int
 from bench_speed import SEED_NAMES, seed_stack  # the stack the study trains, built one way
 from torch.profiler import ProfilerActivity, profile
+
+from fashionlab.provenance import cpu_model
 
 # Op name fragments -> family, first match wins.
 FAMILIES = (
@@ -62,9 +65,8 @@ def memory_bandwidth(size_mb: int = 256, repeats: int = 10) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=sorted(SEED_NAMES), default="dense256_drop")
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--top", type=int, default=18)
+    parser.add_argument("--threads", type=positive_int, default=1)
+    parser.add_argument("--top", type=positive_int, default=18, help="ops listed (default 18)")
     parser.add_argument("--json", help="also write the profile here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -89,7 +91,7 @@ def main() -> None:
     bandwidth = memory_bandwidth()
 
     print(f"{args.model}: {n_members} member(s), {steps} steps per epoch, {args.threads} "
-          f"thread(s), CPU {platform.processor() or platform.machine()}")
+          f"thread(s), CPU {cpu_model()}, torch {torch.__version__}")
     print(f"epoch without profiler: {epoch_seconds:.3f} s ({epoch_seconds / steps * 1e3:.2f} ms"
           f" per step incl. validation); aten ops per step: {calls / steps:.0f}")
     print(f"memory bandwidth (copy): {bandwidth:.1f} GB/s\n")
@@ -103,7 +105,8 @@ def main() -> None:
               f"{e.self_cpu_time_total / e.count:8.1f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": args.model, "threads": args.threads, "steps": steps,
+            json.dump({"model": args.model, "threads": args.threads, "cpu": cpu_model(),
+                       "steps": steps,
                        "epoch_seconds": epoch_seconds, "ops_per_step": calls / steps,
                        "bandwidth_gbs": bandwidth,
                        "families_ms_per_step": {k: v / steps / 1e3 for k, v in by_family.items()},
