@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -152,6 +153,38 @@ def test_an_interrupted_and_resumed_study_writes_no_step_twice(study_file: Path,
     store.close()
     assert len(list(directory.glob("events.out.tfevents.*"))) == 2  # one per process
     _assert_curves_match_the_store(run_dir, run.id)  # every step once, equal to the store's
+
+
+def test_a_run_directory_moved_or_copied_gets_its_curves_where_it_is(study_file: Path,
+                                                                     tmp_path: Path):
+    # They went to the folder the store recorded: the old one made again, or a copy's
+    # original, while the run's own folder kept only what came before the move.
+    spec = load_study(study_file)
+
+    def stop(key: str, epoch: int) -> None:
+        if key == "small L2/fold-1" and epoch == 2:
+            raise KeyboardInterrupt
+
+    first = tmp_path / "first"
+    with pytest.raises(KeyboardInterrupt), TensorBoard(run_dir=first,
+                                                       then=OnEpoch(stop)) as board:
+        run_study(spec, run_dir=first, progress=board)
+    moved = tmp_path / "moved"
+    first.rename(moved)
+    with TensorBoard(run_dir=moved) as board:
+        result = run_study(spec, run_dir=moved, progress=board)
+    assert not first.exists()
+    _assert_curves_match_the_store(moved, result.run.id, moved / result.run.id / "tensorboard")
+
+    shown = tmp_path / "copy"  # a finished run's copy, shown again with TensorBoard asked for
+    shutil.copytree(moved, shown)
+    shutil.rmtree(moved / result.run.id / "tensorboard")
+    shutil.rmtree(shown / result.run.id / "tensorboard")
+    with TensorBoard(run_dir=shown) as board:
+        again = run_study(spec, run_dir=shown, progress=board)
+    assert write_shown_run(again, run_dir=shown) == shown / result.run.id / "tensorboard"
+    assert not (moved / result.run.id / "tensorboard").exists()  # the original's untouched
+    _assert_curves_match_the_store(shown, result.run.id, shown / result.run.id / "tensorboard")
 
 
 def test_export_after_the_fact_writes_the_same_and_nothing_twice(study_file: Path,

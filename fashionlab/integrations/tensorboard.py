@@ -291,7 +291,11 @@ class TensorBoard:
             if run.id in self._runs or run.status != "running" or (run.host, run.pid) != (
                     host, pid):
                 continue
-            writer = _RunWriter(self._store, run, tensorboard_dir(run, self.run_dir))
+            # This process's own folder of the run, whatever the store recorded: a run
+            # directory moved or copied goes on in its new place (the row still names the old
+            # one until the run ends).
+            folder = (self.run_dir / run.id).resolve()
+            writer = _RunWriter(self._store, run, folder / "tensorboard")
             if key in writer.keys:
                 self._runs[run.id] = writer
                 return writer
@@ -348,7 +352,7 @@ def write_shown_run(result: StudyResult | SearchResult, *,
     run_dir = Path(result.output_dir).parent if run_dir is None else run_dir
     store = Store.open(run_dir, store_url, read_only=True)
     try:
-        run = store.run(result.run.id)
+        run = store.seen_run(result.run.id, run_dir)  # a copied run directory: the copy's
         if run.status != "finished":  # a shared run that other processes finish
             return None
         return export_run_to_tensorboard(store, run.id, tensorboard_dir(run, run_dir))
