@@ -214,7 +214,8 @@ def _signal_itself(where: str, *args: str,
     """Run `fashionlab ARGS` in a fresh interpreter that sends itself `signum` at `where`:
     "imports" (while the commands are imported), "reading" (while the study command reads its
     file, before any run exists), "finaliser" (in a __del__, after the first stored epoch),
-    "twice" (after the first stored epoch, and again in a __del__ while the run is marked
+    "finishing" (in a __del__, once training is over, as the report is written), "twice"
+    (after the first stored epoch, and again in a __del__ while the run is marked
     interrupted) or "teardown" (after the command, while the interpreter exits)."""
     script = f"""
 import atexit, os, sys, time
@@ -251,6 +252,22 @@ if where == "finaliser":
 
     fashionlab.store.Store.record_epochs = then_stop(fashionlab.store.Store.record_epochs)
     fashionlab.runner.forward = then_stop(fashionlab.runner.forward)
+elif where == "finishing":
+    # Nothing checks for a stop any more: it was lost, the command exiting 0.
+    import fashionlab.study.run as run_module
+
+    class Finalised:
+        def __del__(self):
+            os.kill(os.getpid(), {int(signum)})
+            time.sleep(1)  # the handler interrupts this
+
+    report = run_module.write_report
+
+    def dropping_one_first(*args, **kwargs):
+        Finalised()  # dropped at once
+        return report(*args, **kwargs)
+
+    run_module.write_report = dropping_one_first
 elif where == "twice":
     # The stop again while the first one's cleanup runs (Ctrl-C pressed twice), landing in a
     # finaliser: it must not be raised there.
@@ -338,10 +355,24 @@ def test_a_stop_that_a_finaliser_swallows_still_stops_the_study(
     name = signal.Signals(signum).name
     assert done.returncode == 128 + signum, done.stderr
     assert f"stopped by {name}: the run is kept" in done.stderr
+    assert "Exception ignored" not in done.stderr  # recorded, and raised again by training
     store = Store.open(tmp_path, create=False)
     (run,) = store.runs()
     store.close()
     assert run.state == "interrupted"  # not trained on to the end
+
+
+def test_a_stop_that_a_finaliser_swallows_once_training_is_over_is_said(
+        tiny_idx_dir: Path, tmp_path: Path):
+    # It was lost: "Exception ignored in ..." and a traceback, then exit 0 as if nothing came.
+    study = tmp_path / "tiny.toml"
+    study.write_text(tiny_study_toml(tiny_idx_dir, epochs=2, final=False))
+    done = _signal_itself("finishing", "study", str(study), "--run-dir", str(tmp_path),
+                          "--workers", "1", signum=signal.SIGINT)
+    assert done.returncode == 128 + signal.SIGINT, done.stderr
+    assert done.stderr.endswith("\nstopped by SIGINT: the run is kept; run the same command "
+                                "again to resume it\n")  # after the progress lines
+    assert "Exception ignored" not in done.stderr and "Traceback" not in done.stderr
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])

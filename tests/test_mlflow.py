@@ -35,6 +35,7 @@ from fashionlab.integrations.mlflow import (
     require_mlflow,
     without_password,
 )
+from fashionlab.integrations.mlflow.export import MlflowExport
 from fashionlab.progress import Silent, Tee
 from fashionlab.runs import delete_run
 from fashionlab.schema import METRICS
@@ -271,6 +272,35 @@ def test_live_logging_through_an_interrupted_and_resumed_study(
     assert all(r.info.status == "FINISHED" for part, r in runs.items()
                if part.startswith("model:"))
     _check_models_match_the_store(client, store, result.run.id)
+    assert {a.path for a in client.list_artifacts(runs["run"].info.run_id)} >= {
+        "report.html", "results.json"}
+    store.close()
+
+
+def test_a_stop_during_the_final_export_leaves_the_statuses_of_the_store(
+        tiny_idx_dir: Path, tmp_path: Path, tracking: str, monkeypatch: pytest.MonkeyPatch):
+    # The parent was left RUNNING (and its candidates with it) while the store said finished.
+    spec = load_study(_study(tiny_idx_dir, tmp_path, final=False))
+    run_dir = tmp_path / "runs"
+    upload = MlflowExport._upload
+
+    def stopped(self, *args, **kwargs):  # Ctrl-C while the artifacts are sent
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(MlflowExport, "_upload", stopped)
+    with pytest.raises(KeyboardInterrupt), logging_to_mlflow(
+            tracking, spec, run_dir=run_dir, progress=False) as progress:
+        run_study(spec, run_dir=run_dir, progress=progress, workers=1)
+    store = Store.open(run_dir)
+    (run,) = store.runs()
+    assert run.status == "finished"
+    client = MlflowClient(tracking_uri=tracking)
+    runs = _runs(client, run.id)
+    assert {r.info.status for r in runs.values()} == {"FINISHED"}
+    assert not client.list_artifacts(runs["run"].info.run_id)
+    monkeypatch.setattr(MlflowExport, "_upload", upload)
+    with logging_to_mlflow(tracking, spec, run_dir=run_dir, progress=False) as progress:
+        run_study(spec, run_dir=run_dir, progress=progress)  # shown again: sends the rest
     assert {a.path for a in client.list_artifacts(runs["run"].info.run_id)} >= {
         "report.html", "results.json"}
     store.close()

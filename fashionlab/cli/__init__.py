@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import re
 import signal
@@ -11,10 +12,10 @@ import stat
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -89,6 +90,17 @@ def _stop(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+def _quiet_swallowed_stop(shown: Callable[[Any], object], unraisable: Any) -> None:
+    """`sys.unraisablehook` while a command runs: a stop raised inside a finaliser (a weakref
+    callback, a `__del__`), where Python cannot raise it, is not printed as "Exception ignored
+    in ..." and a traceback. It is recorded (`stops.received`), and raised again by the next
+    check (the training loops', the end of `resumable`'s block), or said as the command ends.
+    Anything else is shown as before."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt) and stops.received:
+        return
+    shown(unraisable)
+
+
 def _announce_stop(how: str) -> int:
     """Say in one line what stopped the command; returns its exit status (128 + number)."""
     signum = stops.received[0] if stops.received else signal.SIGINT  # the one that stopped it
@@ -104,6 +116,7 @@ def resumable(how: str, *, goes_on: str = "") -> Iterator[None]:
     the signal (128 + its number)."""
     try:
         yield
+        stops.raise_if_stopped()  # one a finaliser swallowed once training was over
     except KeyboardInterrupt as stopped:
         stops.cleaning_up()
         if goes_on and isinstance(stopped, stops.LeftRunning):
@@ -301,6 +314,8 @@ def main(argv: list[str] | None = None) -> None:
     _stopping_since.clear()
     stops.handled.clear()
     previous = {signum: signal.getsignal(signum) for signum in _STOP_SIGNALS}
+    unraisable = sys.unraisablehook
+    sys.unraisablehook = functools.partial(_quiet_swallowed_stop, unraisable)
     for signum, handler in previous.items():
         # An ignored signal stays ignored: `nohup` ignores SIGHUP so that the command outlives
         # its terminal, and a shell ignores SIGINT in its background jobs.
@@ -344,8 +359,9 @@ def main(argv: list[str] | None = None) -> None:
         typer.secho(f"error: {one_line(_unencodable_name_line(error))}", fg="red", err=True)
         sys.exit(2)
     else:
-        # typer turns a KeyboardInterrupt outside `resumable` into a silent status 130.
-        if status == 130 and not _announced:
+        # typer turns a KeyboardInterrupt outside `resumable` into a silent status 130; a
+        # stop a finaliser swallowed where nothing checked again is said too, not lost.
+        if (status == 130 or stops.received) and not _announced:
             status = _announce_stop("")
         sys.exit(status if isinstance(status, int) else 0)
     finally:
@@ -354,5 +370,6 @@ def main(argv: list[str] | None = None) -> None:
         # way, not with a KeyboardInterrupt in some finaliser).
         for signum, handler in previous.items():
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        sys.unraisablehook = unraisable
         stops.received.clear()  # the library, called next in this process, is not stopped
         stops.handled.clear()

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from fashionlab import stops
 from fashionlab.config import StudySpec
 from fashionlab.progress import Reporter, Tee, reporting
 from fashionlab.store import DEFAULT_RUN_DIR, Store, safe_url
@@ -132,10 +133,13 @@ def logging_to_mlflow(
                               log=None if progress is False else display.log)
         try:
             yield Tee(live, display)
+            live.complete()
+            # A stop during the export that a finaliser swallowed (SQLAlchemy's, MLflow's)
+            # is still a stop; one raised in the export leaves it half sent: either way the
+            # statuses follow the store's below, and the same command sends the rest.
+            stops.raise_if_stopped()
         except BaseException:
             live.interrupted()
             raise
-        else:
-            live.complete()
         finally:
             live.close()
