@@ -127,6 +127,9 @@ def _epoch_label(result: CandidateResult) -> str:
             else f"{e[0]} (ES best)"
     if result.schedule_end is not None:
         return f"{result.schedule_end} (schedule end)"
+    if len(result.result_epochs) and not (result.result_epochs > 0).any():
+        return "-"  # every model diverged: read at no epoch (the warning may have fired on
+        # the epochs before, and would read as the epoch of numbers the row has not)
     if result.warning.fired:
         return f"{result.warning.epoch} (warning)"
     if result.warning.best_epoch is None:

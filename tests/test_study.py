@@ -610,6 +610,40 @@ layers = [{ units = 16, l2 = 1e38 }]
     assert "diverged" in (result.output_dir / "results.md").read_text()
 
 
+def test_a_candidate_whose_folds_all_diverged_claims_no_epoch(tiny_idx_dir: Path,
+                                                             tmp_path: Path):
+    # Its folds diverge at epoch 3: the warning fired on the two epochs before, and the row
+    # said "1 (warning)" beside numbers it has not.
+    path = tmp_path / "diverging.toml"
+    path.write_text(f"""
+name = "diverging"
+seed = 3
+[data]
+directory = "{tiny_idx_dir}"
+verify = false
+[train]
+epochs = 8
+batch_size = 32
+[cv]
+n_splits = 3
+[warning]
+patience = 2
+[retrain]
+enabled = false
+[[candidates]]
+name = "fine"
+layers = [{{ units = 16 }}]
+[[candidates]]
+name = "diverging"
+layers = [{{ units = 16, l2 = 0.5 }}]
+train = {{ optimizer = "sgd", learning_rate = 10.0 }}
+""")
+    result = run_study(load_study(path), run_dir=tmp_path / "runs", progress=False, workers=1)
+    diverging = next(c for c in result.candidates if c.name == "diverging")
+    assert diverging.warning.fired and diverging.result_epochs.tolist() == [0, 0, 0]
+    assert next(r for r in table_rows(result) if r.model == "diverging").epoch == "-"
+
+
 def test_the_longest_names_name_their_files(tiny_idx_dir: Path, tmp_path: Path):
     longest = ("L" * 100, "\u00e9" * 100)  # 100 characters; 200 bytes as a file name
     candidates = "".join(f'\n[[candidates]]\nname = "{name}"\nlayers = [{{ units = 8 }}]\n'
