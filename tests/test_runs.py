@@ -384,7 +384,9 @@ def test_export_every_epoch_as_csv_and_json(runs: dict[str, StudyResult], tmp_pa
     assert retrain["fold"] == "" and retrain["val_loss"] == ""  # no validation: empty cells
 
     out_file = tmp_path / "epochs.json"
-    code, _, err = run_cli(capsys, "runs", "export", a.run.id[:18], "--format", "json",
+    # A prefix of the id (not its first 18 characters: the fixture's runs share a name, and
+    # two made within one second share those too, which the command rightly calls ambiguous)
+    code, _, err = run_cli(capsys, "runs", "export", a.run.id[:-2], "--format", "json",
                            "--out", str(out_file), "--run-dir", _run_dir(runs))
     data = json.loads(out_file.read_text())
     assert code == 0 and str(out_file) in err and len(data) == len(stored)
