@@ -45,12 +45,15 @@ if TYPE_CHECKING:
 
 try:  # the optional extra: without it, a one-line error when TensorBoard is asked for
     from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
-    from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
     from torch.utils.tensorboard import SummaryWriter
     from torch.utils.tensorboard.summary import hparams
     INSTALLED = True
 except ImportError:
     INSTALLED = False
+try:  # the writer's thread (private: another TensorBoard may not have it, and then prints)
+    from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+except ImportError:
+    _AsyncWriterThread = None
 
 __all__ = ["HPARAMS_TAG", "INSTALLED", "TensorBoard", "export_run_to_tensorboard", "model_logdir",
            "tensorboard_dir", "tensorboard_progress", "write_shown_run", "written_steps"]
@@ -76,7 +79,7 @@ def _quiet_writer_threads() -> None:
         return
 
     def hook(args: threading.ExceptHookArgs) -> None:
-        if not (isinstance(args.thread, _AsyncWriterThread)
+        if not (_AsyncWriterThread is not None and isinstance(args.thread, _AsyncWriterThread)
                 and isinstance(args.exc_value, OSError)):
             shown(args)
 
