@@ -614,30 +614,18 @@ def test_a_candidate_whose_folds_all_diverged_claims_no_epoch(tiny_idx_dir: Path
                                                              tmp_path: Path):
     # Its folds diverge at epoch 3: the warning fired on the two epochs before, and the row
     # said "1 (warning)" beside numbers it has not.
-    path = tmp_path / "diverging.toml"
-    path.write_text(f"""
-name = "diverging"
-seed = 3
-[data]
-directory = "{tiny_idx_dir}"
-verify = false
-[train]
-epochs = 8
-batch_size = 32
-[cv]
-n_splits = 3
-[warning]
-patience = 2
-[retrain]
-enabled = false
+    candidates = """
 [[candidates]]
 name = "fine"
-layers = [{{ units = 16 }}]
+layers = [{ units = 16 }]
+
 [[candidates]]
 name = "diverging"
-layers = [{{ units = 16, l2 = 0.5 }}]
-train = {{ optimizer = "sgd", learning_rate = 10.0 }}
-""")
+layers = [{ units = 16, l2 = 0.5 }]
+train = { optimizer = "sgd", learning_rate = 10.0 }
+"""
+    path = tmp_path / "diverging.toml"
+    path.write_text(tiny_study_toml(tiny_idx_dir, epochs=8, candidates=candidates, final=False))
     result = run_study(load_study(path), run_dir=tmp_path / "runs", progress=False, workers=1)
     diverging = next(c for c in result.candidates if c.name == "diverging")
     assert diverging.warning.fired and diverging.result_epochs.tolist() == [0, 0, 0]
