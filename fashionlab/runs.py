@@ -148,6 +148,7 @@ def describe_run(store: Store, run_id: str, *, run_dir: str | Path | None = None
             from fashionlab.trials import trials_so_far  # Optuna: off start-up
 
             trials.update(trials_so_far(store.url, run) or {})
+    tests = _test_accuracies(summary)
     return jsonable({
         **overview(run).to_dict(),
         "seed": run.seed, "fingerprint": run.fingerprint, "host": run.host, "pid": run.pid,
@@ -161,7 +162,7 @@ def describe_run(store: Store, run_id: str, *, run_dir: str | Path | None = None
         "hosts": _by_host(models),
         "table": [asdict(row) for row in rows_from_summary(summary)],
         "trials": trials,
-        "tests": (tests := _test_accuracies(summary)),
+        "tests": tests,
         # Wilson's 95% interval from the number of test images (NaN: not recorded)
         "test_intervals": {name: list(stats.proportion_ci(
             math.nan if accuracy is None else accuracy, run.data.get("test") or 0))

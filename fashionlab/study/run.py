@@ -312,8 +312,8 @@ def _show_stored(result: StudyResult, run: RunRecord, dataset: Dataset, output_d
     missing = [str(d) for d in saved if d is not None and not (d / WEIGHTS_FILE).is_file()]
     if missing and output_dir.is_dir():
         result.notes.append(f"{', '.join(missing)}: not found (deleted, or saved on another "
-                            "machine); the store keeps no weights: --fresh (fresh=True) trains the study "
-                            "again, as a new run")
+                            "machine); the store keeps no weights: --fresh (fresh=True) trains "
+                            "the study again, as a new run")
         reporter.log(result.notes[-1])
 
 
