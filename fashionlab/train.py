@@ -23,12 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from fashionlab.config import ModelSpec, TrainSpec
+from fashionlab.config import Augment, ModelSpec, TrainSpec
 from fashionlab.hardware import keep_freed_memory, resolve_precision
 from fashionlab.models import StackedNet, normalises_a_single_pixel, select_members
 from fashionlab.rng import MemberGenerators
 from fashionlab.stops import raise_if_stopped
 
+NO_AUGMENT = Augment()
 EVAL_CHUNK = 512  # validation images per member per forward pass: cache-sized, results unchanged
 
 
@@ -201,8 +202,8 @@ class StackTrainer:
             raise_if_stopped()  # a stop a finaliser swallowed
             rows = order[:, first:end]  # (M, b): the last batch may be partial
             x, y = gather(data.x_train, rows), data.y_train[rows]  # (M, b, 28, 28), (M, b)
-            if spec.augment.crop or spec.augment.flip:
-                x = augment(x, spec.augment.crop, spec.augment.flip, self.generators)
+            if spec.augment != NO_AUGMENT:
+                x = augment(x, spec.augment, self.generators)
             x = as_images(x, self.image_dtype)
             with autocast(self.device, self.precision):
                 logits = net(x, self.generators)  # (M, b, 10)
@@ -348,13 +349,13 @@ def batch_bounds(n: int, batch_size: int, *, at_least: int = 1) -> list[tuple[in
     return bounds
 
 
-def augment(
-    x: torch.Tensor, crop: int, flip: bool, generators: MemberGenerators
-) -> torch.Tensor:
-    """Random crops (pad by `crop`, then a random 28x28 window) and horizontal flips, drawn
-    per member and per image: x (M, b, 28, 28) -> (M, b, 28, 28)."""
+def augment(x: torch.Tensor, spec: Augment, generators: MemberGenerators) -> torch.Tensor:
+    """Random crops (pad by `spec.crop`, then a random 28x28 window), horizontal flips and
+    erased rectangles, drawn per member and per image: x (M, b, 28, 28) -> (M, b, 28, 28).
+    What is off draws nothing, so adding an augmentation never moves the others' draws."""
     M, b, h, w = x.shape
-    if crop:
+    if spec.crop:
+        crop = spec.crop
         padded = F.pad(x, (crop, crop, crop, crop))
         offsets = (generators.rand(b, 2) * (2 * crop + 1)).long()  # (M, b, 2)
         rows = offsets[..., 0, None] + torch.arange(h, device=x.device)  # (M, b, h)
@@ -362,7 +363,35 @@ def augment(
         m_idx = torch.arange(M, device=x.device).view(M, 1, 1, 1)
         b_idx = torch.arange(b, device=x.device).view(1, b, 1, 1)
         x = padded[m_idx, b_idx, rows[..., :, None], cols[..., None, :]]
-    if flip:
+    if spec.flip:
         flips = generators.rand(b) < 0.5  # (M, b)
         x = torch.where(flips[..., None, None], x.flip(-1), x)
+    if spec.erase:
+        x = x.masked_fill(erased_rectangles(generators.rand(b, 5), spec.erase, h, w), 0)
     return x
+
+
+# Random erasing's rectangles, torchvision's RandomErasing defaults: 2-33% of the image's area,
+# aspect ratio (height / width) 0.3-3.3 drawn uniformly on a log scale.
+ERASE_AREA = (0.02, 1 / 3)
+ERASE_RATIO = (0.3, 10 / 3)
+
+
+def erased_rectangles(u: torch.Tensor, probability: float, h: int, w: int) -> torch.Tensor:
+    """The pixels random erasing sets to 0, (..., h, w) bool, from uniform draws u (..., 5):
+    whether the image is erased, the rectangle's area, aspect ratio and position. A rectangle
+    taller or wider than the image is cut to it (torchvision draws again, up to 10 times;
+    cutting keeps one draw per image, so batches stay vectorised)."""
+    area = (ERASE_AREA[0] + u[..., 1] * (ERASE_AREA[1] - ERASE_AREA[0])) * (h * w)
+    log_low, log_high = math.log(ERASE_RATIO[0]), math.log(ERASE_RATIO[1])
+    ratio = torch.exp(log_low + u[..., 2] * (log_high - log_low))
+    height = torch.sqrt(area * ratio).round().clamp(1, h)
+    width = torch.sqrt(area / ratio).round().clamp(1, w)
+    top = (u[..., 3] * (h - height + 1)).floor()  # uniform over the positions that fit
+    left = (u[..., 4] * (w - width + 1)).floor()
+    rows = torch.arange(h, device=u.device, dtype=u.dtype)
+    cols = torch.arange(w, device=u.device, dtype=u.dtype)
+    in_rows = (rows >= top[..., None]) & (rows < (top + height)[..., None])  # (..., h)
+    in_cols = (cols >= left[..., None]) & (cols < (left + width)[..., None])  # (..., w)
+    erased = (u[..., 0] < probability)[..., None, None]
+    return erased & in_rows[..., :, None] & in_cols[..., None, :]

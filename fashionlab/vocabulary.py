@@ -63,6 +63,7 @@ VOCABULARY: dict[str, Param] = {
     "conv_dropout": Param("float", 0.0, 1.0),  # dropout on the flattened conv features
     "crop": Param("int", 0, 9),  # augmentation: random crops of the image padded by this
     "flip": Param("choice", options=(False, True)),  # augmentation: random horizontal flips
+    "erase": Param("float", 0.0, maximum=1.0),  # augmentation: share of images erased in part
     "ema": Param("float", 0.0, 1.0),  # decay of the moving average of the weights; 0: off
     "tta": Param("choice", options=get_args(TestTimeAugmentation)),  # test-time augmentation
 }

@@ -13,6 +13,7 @@ from helpers import assert_one_line_error, run_cli, tiny_study_toml
 
 from fashionlab.config import (
     N_CLASSES,
+    Augment,
     ConvLayer,
     DenseLayer,
     ModelSpec,
@@ -60,8 +61,9 @@ def test_every_bundled_study_loads_and_round_trips():
 
 
 def test_settings_added_later_keep_a_study_fingerprint_at_their_old_meaning():
-    """A study stored before `tta`, `ema` and `norm_after_pool` existed keeps its fingerprint
-    (its runs resume and compare as the same study); setting any of them changes it."""
+    """A study stored before `tta`, `ema`, `norm_after_pool` and `erase` existed keeps its
+    fingerprint (its runs resume and compare as the same study); setting any of them changes
+    it."""
     import hashlib
     import json
 
@@ -69,6 +71,7 @@ def test_settings_added_later_keep_a_study_fingerprint_at_their_old_meaning():
     old = spec.to_dict()
     for candidate in old["candidates"] + old["final"]:
         del candidate["model"]["tta"], candidate["train"]["ema"]
+        del candidate["train"]["augment"]["erase"]
         for layer in candidate["model"]["conv"]:
             del layer["norm_after_pool"]
     assert any(final["model"]["conv"] for final in old["final"])  # the seed study's CNN
@@ -76,7 +79,8 @@ def test_settings_added_later_keep_a_study_fingerprint_at_their_old_meaning():
     assert spec.fingerprint() == hashlib.sha256(text.encode()).hexdigest()[:12]
     first = spec.candidates[0]
     for changed in (dataclasses.replace(first.model, tta="flip"),
-                    dataclasses.replace(first.train, ema=0.99)):
+                    dataclasses.replace(first.train, ema=0.99),
+                    dataclasses.replace(first.train, augment=Augment(erase=0.5))):
         field = "model" if isinstance(changed, ModelSpec) else "train"
         other = dataclasses.replace(spec, candidates=(dataclasses.replace(first, **{field: changed}),
                                                       *spec.candidates[1:]))
@@ -313,6 +317,8 @@ PRE_RUN_MISTAKES = [
      f"retrain.epochs: input should be less than or equal to 100000 (got {2**63})"),
     ("[train]\nepochs = 1979-05-27\n" + ENTRY,  # as the file spells it, not datetime.date(...)
      "train.epochs: input should be a valid integer (got 1979-05-27)"),
+    ("[train]\naugment = { erase = 1.5 }\n" + ENTRY,
+     "train.augment.erase: input should be less than or equal to 1 (got 1.5)"),
     ("[train]\nepochs = 100001\n" + ENTRY,
      "train.epochs: input should be less than or equal to 100000 (got 100001)"),
     ('[cv]\nstrategy = "shuffled"\nrepeats = 1000000000\n' + ENTRY,  # its folds fill memory

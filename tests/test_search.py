@@ -415,17 +415,19 @@ def test_a_trial_draws_augmentation_ema_and_tta():
 [search.space]
 crop = { low = 0, high = 3 }
 flip = { choices = [false, true] }
+erase = { low = 0.0, high = 1.0 }
 ema = { choices = [0.0, 0.99] }
 tta = { choices = ["none", "flip"] }
 """))
     base = base_candidate(spec)
     assert spec.search is not None
-    params = {"crop": 2, "flip": True, "ema": 0.99, "tta": "flip"}
+    params = {"crop": 2, "flip": True, "erase": 0.4, "ema": 0.99, "tta": "flip"}
     candidate = suggest(FixedParams(params), spec.search, base, "t")
-    assert (candidate.train.augment.crop, candidate.train.augment.flip) == (2, True)
+    augment = candidate.train.augment
+    assert (augment.crop, augment.flip, augment.erase) == (2, True, 0.4)
     assert (candidate.train.ema, candidate.model.tta) == (0.99, "flip")
-    assert base_params(spec.search, base) == {"crop": 0, "flip": False, "ema": 0.0,
-                                              "tta": "none"}
+    assert base_params(spec.search, base) == {"crop": 0, "flip": False, "erase": 0.0,
+                                              "ema": 0.0, "tta": "none"}
 
 
 def test_samplers_and_pruners_are_chosen_and_seeded():

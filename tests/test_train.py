@@ -156,6 +156,19 @@ def test_stacked_training_equals_training_one_at_a_time(tiny: Tensors, precision
         np.testing.assert_allclose(stacked[member.key], alone, rtol=10 * atol, atol=atol)
 
 
+def test_erasing_trains_each_member_as_it_would_alone(tiny: Tensors):
+    """Each member erases its own images, from its own generator: a stack trained with
+    random erasing equals its members trained alone, and erasing changes what they learn."""
+    train = dataclasses.replace(TRAIN, augment=Augment(crop=1, flip=True, erase=0.5))
+    stacked = _histories(StackTrainer(_members(DENSE, [4, 5]), train, _cv_data(tiny), CPU), 2)
+    for member in _members(DENSE, [4, 5]):
+        alone = _histories(StackTrainer([member], train, _cv_data(tiny), CPU), 2)[member.key]
+        np.testing.assert_allclose(stacked[member.key], alone, rtol=2e-4, atol=2e-5)
+    plain = dataclasses.replace(train, augment=Augment(crop=1, flip=True))
+    unerased = _histories(StackTrainer(_members(DENSE, [4, 5]), plain, _cv_data(tiny), CPU), 2)
+    assert unerased["m4"] != stacked["m4"]
+
+
 def test_stacks_of_different_regularisation_match_their_members_alone(tiny: Tensors):
     variants = [ModelSpec(layers=(DenseLayer(24, l2=l2, dropout=p),))
                 for l2, p in ((0.0, 0.0), (0.01, 0.0), (0.0, 0.4))]
@@ -262,11 +275,60 @@ def test_augmentation_keeps_shapes_and_moves_pixels():
 
     x = torch.zeros(2, 5, 28, 28)
     x[:, :, 10:18, 4:8] = 1.0
-    out = augment(x, crop=3, flip=True, generators=MemberGenerators([0, 1], CPU))
+    out = augment(x, Augment(crop=3, flip=True), MemberGenerators([0, 1], CPU))
     assert out.shape == x.shape
     assert not torch.equal(out, x)
     # A crop shifts the item by at most 3 pixels and never invents brightness.
     assert out.sum() <= x.sum() and out.max() == 1.0
+
+
+def test_erasing_off_draws_nothing_so_crops_and_flips_stay_as_they_were():
+    from fashionlab.rng import MemberGenerators
+    from fashionlab.train import augment
+
+    x = torch.rand(2, 6, 28, 28)
+    before = augment(x, Augment(crop=2, flip=True), MemberGenerators([3, 4], CPU))
+    off = augment(x, Augment(crop=2, flip=True, erase=0.0), MemberGenerators([3, 4], CPU))
+    assert torch.equal(before, off)
+    # Erasing comes last: with it, the crops and flips are the same and only rectangles differ.
+    on = augment(x, Augment(crop=2, flip=True, erase=1.0), MemberGenerators([3, 4], CPU))
+    changed = on != before
+    assert changed.any() and (on[changed] == 0).all()
+
+
+def test_erased_rectangles_have_the_drawn_area_ratio_and_position():
+    from fashionlab.train import ERASE_AREA, ERASE_RATIO, erased_rectangles
+
+    u = torch.rand(4000, 5, generator=torch.Generator().manual_seed(0))
+    u[:, 0] = 0.0  # every image erased
+    mask = erased_rectangles(u, 1.0, 28, 28)
+    rows, cols = mask.any(2), mask.any(1)  # (n, 28) each
+    heights, widths = rows.sum(1), cols.sum(1)
+    # One solid rectangle per image: its pixels are exactly its rows times its columns.
+    assert torch.equal(mask.sum((1, 2)), heights * widths)
+    assert all(r.nonzero().diff(dim=0).eq(1).all() for r in rows[:50])
+    area = (heights * widths).float() / 784
+    assert area.min() >= ERASE_AREA[0] * 0.5 and area.max() <= ERASE_AREA[1] * 1.25
+    # Each draw maps to its rectangle: the area and ratio follow u, rounded to whole pixels.
+    expected_area = (ERASE_AREA[0] + u[:, 1] * (ERASE_AREA[1] - ERASE_AREA[0])) * 784
+    uncut = (heights < 28) & (widths < 28)
+    assert torch.allclose((heights * widths).float()[uncut], expected_area[uncut], rtol=0.35)
+    tall = heights.float() / widths
+    assert tall.min() >= ERASE_RATIO[0] / 2.5 and tall.max() <= ERASE_RATIO[1] * 2.5
+    # Every position is used: rectangles touch each edge somewhere.
+    assert rows[:, 0].any() and rows[:, -1].any() and cols[:, 0].any() and cols[:, -1].any()
+
+
+def test_erasing_probability_is_the_share_of_images_erased():
+    from fashionlab.rng import MemberGenerators
+    from fashionlab.train import augment
+
+    x = torch.ones(2, 5000, 28, 28)
+    out = augment(x, Augment(erase=0.3), MemberGenerators([0, 1], CPU))
+    share = (out == 0).any(-1).any(-1).float().mean(1)  # per member
+    assert torch.allclose(share, torch.tensor([0.3, 0.3]), atol=0.03)
+    # The members draw their own rectangles.
+    assert not torch.equal(out[0], out[1])
 
 
 def _parameters(net: torch.nn.Module) -> list[torch.Tensor]:

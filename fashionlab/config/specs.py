@@ -111,6 +111,7 @@ SEED_RANGE = (-(2**63), 2**63 - 1)
 Seed = Annotated[Int, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1])]
 Positive = Annotated[Float, Field(gt=0.0)]
 Rate = Annotated[Float, Field(ge=0.0, lt=1.0)]
+Probability = Annotated[Float, Field(ge=0.0, le=1.0)]
 NonNegative = Annotated[Float, Field(ge=0.0)]
 
 IMAGE_SIZE = 28  # every model takes square one-channel images of this side (Fashion-MNIST's)
@@ -307,6 +308,10 @@ class Augment:
 
     crop: Annotated[Int, Field(ge=0, le=8)] = 0  # pad by this many pixels, then random 28x28 crop
     flip: Bool = False  # random horizontal flips
+    # Random erasing (Zhong et al., 2020): the probability that an image has one rectangle set
+    # to 0 (the background), of 2-33% of its area and aspect ratio 0.3-3.3, torchvision's
+    # RandomErasing defaults. 0: off.
+    erase: Probability = 0.0
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -616,7 +621,8 @@ WILCOXON_MIN_FOLDS = 4
 # Settings added after studies were first stored, with the value that means "as before". At that
 # value they are left out of the fingerprint, so a study written before them keeps its
 # fingerprint: its stored runs still resume, and compare as the same study.
-LATER_DEFAULTS: dict[str, Any] = {"tta": "none", "ema": 0.0, "norm_after_pool": False}
+LATER_DEFAULTS: dict[str, Any] = {"tta": "none", "ema": 0.0, "norm_after_pool": False,
+                                  "erase": 0.0}
 
 
 def _without_later_defaults(value: Any) -> Any:

@@ -121,7 +121,8 @@ def suggest(trial: Suggester, search: SearchSpec, base: Candidate, name: str) ->
         label_smoothing=draw("label_smoothing", train.label_smoothing),
         optimizer=draw("optimizer", train.optimizer), schedule=draw("schedule", train.schedule),
         augment=dataclasses.replace(train.augment, crop=draw("crop", train.augment.crop),
-                                    flip=draw("flip", train.augment.flip)),
+                                    flip=draw("flip", train.augment.flip),
+                                    erase=draw("erase", train.augment.erase)),
         ema=draw("ema", train.ema), early_stopping=stopping)
     return Candidate(name=name, model=model, train=train)
 
