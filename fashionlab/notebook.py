@@ -71,12 +71,13 @@ def retrain_curves(name: str, history: Sequence[EpochMetrics]) -> Curves:
                              .reshape(1, len(history)) for m in metrics})
 
 
-def curves_figure(models: Sequence[Curves], name: str) -> Figure:
-    """The learning curves of the model called `name`; ValueError listing the names if none."""
+def curves_figure(models: Sequence[Curves], name: str, *, repeats: int = 1) -> Figure:
+    """The learning curves of the model called `name`; ValueError listing the names if none.
+    repeats: of the cross-validation the models' folds come from."""
     for model in models:
         if model.name == name:
             return plots.learning_curves(model.curves, title=model.name, warning=model.warning,
-                                         schedule_end=model.schedule_end)
+                                         schedule_end=model.schedule_end, repeats=repeats)
     names = ", ".join(repr(m.name) for m in models) or "none"
     raise ValueError(f"no learning curves for {name!r}; this result has: {names}")
 
@@ -123,7 +124,7 @@ def _small(line: str) -> str:
 
 
 def study_html(*, title: str, overview: str, rows: Sequence[Row], best: str | None,
-               models: Sequence[Curves]) -> str:
+               models: Sequence[Curves], repeats: int = 1) -> str:
     """A study as HTML: its table (mean ± std, 95% CI, vs best), the legend, the rows' notes
     and every model's learning curves as small inline PNGs."""
     parts = [f"<h3>{html.escape(title)}</h3>", f"<p>{_text(overview)}</p>",
@@ -136,7 +137,8 @@ def study_html(*, title: str, overview: str, rows: Sequence[Row], best: str | No
     if models:
         parts.append(_gallery(
             _image(plots.png_data_uri(plots.learning_curves(
-                m.curves, title=m.name, warning=m.warning, schedule_end=m.schedule_end),
+                m.curves, title=m.name, warning=m.warning, schedule_end=m.schedule_end,
+                repeats=repeats),
                 dpi=CURVES_DPI), f"learning curves of {m.name}", 550)
             for m in models))
     return "<div>" + "".join(parts) + "</div>"

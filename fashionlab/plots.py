@@ -134,7 +134,7 @@ class _Warning(Protocol):
 
 def learning_curves(
     curves: Mapping[str, np.ndarray], *, title: str, warning: _Warning | None = None,
-    schedule_end: int | None = None,
+    schedule_end: int | None = None, repeats: int = 1,
 ) -> Figure:
     """Loss and accuracy per epoch, as in the seed study: training as dots, validation as a
     line, each the mean across folds with a +/- 1 std band, the warning epoch marked in red.
@@ -143,7 +143,8 @@ def learning_curves(
     high-rate plateau and is not where it is read.
 
     curves: "loss", "accuracy", "val_loss", "val_accuracy" -> (n_models, epochs), NaN where a
-    model did not train that epoch (early stopping).
+    model did not train that epoch (early stopping). repeats: of the cross-validation, whose
+    n_models are then folds x repeats (the title says so).
     """
     figure = InlineFigure(figsize=(10, 3.8), layout="constrained")
     FigureCanvasAgg(figure)
@@ -179,7 +180,11 @@ def learning_curves(
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:  # a run stopped before its first epoch: none
             ax.legend(fontsize=8)
-    band = f", mean \u00b1 1 std of {n_models} folds" if n_models > 1 else ""
+    band = ""
+    if n_models > 1:
+        models = (f"{n_models // repeats} folds x {repeats} repeats"
+                  if repeats > 1 and n_models % repeats == 0 else f"{n_models} folds")
+        band = f", mean \u00b1 1 std of {models}"
     figure.suptitle(f"{title}{band}")
     return figure
 

@@ -204,13 +204,14 @@ def _study_sections(store: Store, run: RunRecord, device: str | torch.device
     histories = store.histories(run.id)
     planned = {m.key: m.epochs_planned for m in store.models(run.id)}
     entries = _curve_entries(store, run)
+    repeats = (run.config.get("cv") or {}).get("repeats") or 1
     # A finished run's figures hold the same curves: embedded as they are, not drawn again.
     figures = Path(run.output_dir) / "figures" if summary is not None and run.output_dir \
         else None
     return {
         "table": None if summary is None else _results_table(summary),
         "comparisons": [] if summary is None else _comparison_rows(summary),
-        "curves": [_curve_figure(entry, histories, planned, figures)
+        "curves": [_curve_figure(entry, histories, planned, figures, repeats=repeats)
                    for entry in entries if entry["role"] == "cv"],
         "final_curves": [_curve_figure(entry, histories, planned, figures)
                          for entry in entries if entry["role"] == "final"],
@@ -270,7 +271,8 @@ def _curve_entries(store: Store, run: RunRecord) -> list[dict[str, Any]]:
 
 
 def _curve_figure(entry: Mapping[str, Any], histories: Mapping[str, list[EpochRecord]],
-                  planned: Mapping[str, int], figures: Path | None) -> dict[str, Any]:
+                  planned: Mapping[str, int], figures: Path | None, *,
+                  repeats: int = 1) -> dict[str, Any]:
     keys = entry["keys"]
     stored = sum(len(histories.get(k, [])) for k in keys)
     saved = None if figures is None else _saved_png(figures / plots.curves_file(entry["name"]))
@@ -289,7 +291,7 @@ def _curve_figure(entry: Mapping[str, Any], histories: Mapping[str, list[EpochRe
                         curves[metric][i, record.epoch - 1] = getattr(record, metric)
         image = plots.png_data_uri(plots.learning_curves(
             curves, title=entry["name"], warning=entry["warning"],
-            schedule_end=entry["schedule_end"]), dpi=DPI)
+            schedule_end=entry["schedule_end"], repeats=repeats), dpi=DPI)
     warning = entry["warning"]
     caption = f"{counted(len(keys), 'model')}, {counted(stored, 'epoch')} stored"
     if entry["schedule_end"] is not None:

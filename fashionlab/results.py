@@ -91,13 +91,13 @@ class StudyResult:
         """Jupyter shows the results table and every model's learning curves."""
         return notebook.study_html(title=f"{self.spec.name}: results", overview=_overview(self),
                                    rows=table_rows(self), best=self.best,
-                                   models=_curve_models(self))
+                                   models=_curve_models(self), repeats=self.spec.cv.repeats)
 
     def figure(self, name: str) -> Figure:
         """The learning curves of a candidate, a final model or the retrained best, by the
         name its table row has ("cnn", "dense(64) (retrained)"); ValueError listing the names
         when there is none."""
-        return notebook.curves_figure(_curve_models(self), name)
+        return notebook.curves_figure(_curve_models(self), name, repeats=self.spec.cv.repeats)
 
     def to_frame(self) -> pandas.DataFrame:
         """The results table as a pandas DataFrame (`table_rows`: one row per line, numbers as
@@ -317,7 +317,8 @@ def write_outputs(result: StudyResult, dataset: Dataset,
             write_text_atomic(written[name], content)
         for c in result.candidates + result.final:
             figure = plots.learning_curves(c.curves, title=c.name, warning=c.warning,
-                                           schedule_end=c.schedule_end)
+                                           schedule_end=c.schedule_end,
+                                           repeats=result.spec.cv.repeats)
             path = figures / plots.curves_file(c.name)
             _save_figure(figure, path)
             written[f"curves:{c.name}"] = path

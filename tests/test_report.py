@@ -394,6 +394,18 @@ def test_the_learning_curves_band_is_the_sample_std_the_tables_give():
         assert y.min() == pytest.approx(0.6 - np.std([0.5, 0.7], ddof=1))
 
 
+def test_the_learning_curves_title_counts_folds_and_repeats():
+    from fashionlab.plots import learning_curves
+
+    six = {name: np.full((6, 3), 0.5) for name in ("loss", "accuracy", "val_loss",
+                                                   "val_accuracy")}
+    assert learning_curves(six, title="m").get_suptitle() == "m, mean \u00b1 1 std of 6 folds"
+    assert (learning_curves(six, title="m", repeats=2).get_suptitle()
+            == "m, mean \u00b1 1 std of 3 folds x 2 repeats")
+    one = {name: values[:1] for name, values in six.items()}  # a retrained model: no band
+    assert learning_curves(one, title="m", repeats=2).get_suptitle() == "m"
+
+
 @pytest.mark.filterwarnings("error")
 def test_names_in_scripts_the_font_lacks_are_drawn_without_warnings(tmp_path: Path):
     from matplotlib.figure import Figure

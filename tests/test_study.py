@@ -991,6 +991,18 @@ train = { optimizer = "adamw", learning_rate = 0.01, schedule = "onecycle" }
         (result.output_dir / "report.html").read_text()
 
 
+def test_repeated_cross_validation_curves_say_folds_times_repeats(tiny_idx_dir: Path,
+                                                                  tmp_path: Path):
+    path = tmp_path / "repeated.toml"
+    candidates = '[[candidates]]\nname = "small"\nlayers = [{ units = 8 }]\n'
+    path.write_text(tiny_study_toml(tiny_idx_dir, candidates=candidates, final=False, epochs=2,
+                                    folds=2).replace(
+        "n_splits = 2", 'n_splits = 2\nstrategy = "shuffled"\nrepeats = 3'))
+    result = run_study(load_study(path), run_dir=tmp_path / "runs", progress=False)
+    assert len(result.candidates[0].curves["loss"]) == 6
+    assert result.figure("small").get_suptitle() == "small, mean \u00b1 1 std of 2 folds x 3 repeats"
+
+
 @pytest.mark.parametrize(("arguments", "message"), [
     ({"workers": 0}, "workers: expected a positive whole number or \"auto\", got 0"),
     ({"workers": 1.5}, "workers: expected a positive whole number or \"auto\", got 1.5"),
