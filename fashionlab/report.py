@@ -426,7 +426,8 @@ def _search_section(summary: Mapping[str, Any]) -> dict[str, Any]:
         "statistics": statistics,
         "so_far": so_far_note(summary) if "stopped_by" not in summary else "",
         "direction": direction,
-        "n_trials": len(trials),
+        # A trial run again (stopped, or lost with its process) is one trial, not two of Optuna's.
+        "n_trials": sum(t.get("retry_of") is None for t in trials),
         "history": plots.png_data_uri(plots.search_history(history, direction=direction),
                                       dpi=DPI) if history else None,
         "importances": plots.png_data_uri(plots.param_importances(importances), dpi=DPI)

@@ -1042,6 +1042,8 @@ pruner = "none"
     # Its report draws the trials so far from the Optuna study, as `runs show` counts them.
     html = write_report(Store.open(tmp_path), run.id).read_text()
     assert "so far: 1 complete, 0 pruned, 0 failed trials" in html
+    # Trial 1 and its retry waiting to run are one trial, not two of Optuna's.
+    assert "<p>2 trial(s), direction: maximize.</p>" in html
     assert 'alt="optimisation history"' in html and "No finished trials yet" not in html
     assert '<td class="num">0</td>' in html  # trial 0, the completed one, in the table
     result = run_search(load_study(path), run_dir=tmp_path, progress=False)
@@ -1054,6 +1056,9 @@ pruner = "none"
                                         "waiting": 0, "running": 0}
     assert ("3 complete, 0 pruned, 0 failed trials (1 stopped or lost and run again)"
             in (result.output_dir / "results.md").read_text())
+    assert len(result.trials) == 4  # Optuna's: the stopped attempt and its retry are two
+    html = write_report(Store.open(tmp_path), result.run.id).read_text()
+    assert "<p>3 trial(s), direction: maximize.</p>" in html
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
