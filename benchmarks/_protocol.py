@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import platform
 import resource
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,6 +186,36 @@ class Reference(Protocol):
 
 # ---------------------------------------------------------------------------------------------
 # Command line
+
+
+def thread_count(text: str) -> int:
+    """An argparse type: CPU threads, 1 to 4 per core (torch crashes without a word, a
+    segmentation fault, when asked for thousands)."""
+    value = positive_int(text)
+    most = 4 * (os.cpu_count() or 1)
+    if value > most:
+        raise argparse.ArgumentTypeError(f"at most {most} (4 per core), got {value}")
+    return value
+
+
+def unwritable(folder: Path) -> str | None:
+    """Why no results file can be written in `folder` (made if missing), or None: checked
+    before measuring, not found out once the measurements are done."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            return None
+    except OSError as error:
+        return error.strerror or str(error)
+
+
+def unwritable_file(path: Path) -> str | None:
+    """Why the file `path` cannot be written, its folder left as it is, or None."""
+    if path.is_dir():
+        return "it is a folder"
+    if not path.parent.is_dir():
+        return f"there is no folder {path.parent}"
+    return unwritable(path.parent)
 
 
 def positive_int(text: str) -> int:

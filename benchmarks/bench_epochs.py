@@ -20,10 +20,11 @@ import platform
 import statistics
 import time
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import torch
-from _protocol import positive_int
+from _protocol import positive_int, thread_count, unwritable_file
 
 from fashionlab.config import ModelSpec, TrainSpec, load_study
 from fashionlab.data import load_fashion_mnist, to_tensors
@@ -80,11 +81,13 @@ def parse_arguments(parser: argparse.ArgumentParser) -> argparse.Namespace:
     parser.add_argument("--images", type=positive_int, default=15000,
                         help="training images per epoch, at most 60000 (default 15000)")
     parser.add_argument("--rounds", type=positive_int, default=3)
-    parser.add_argument("--threads", type=positive_int, default=2)
-    parser.add_argument("--json", help="also write the timings here")
+    parser.add_argument("--threads", type=thread_count, default=2)
+    parser.add_argument("--json", type=Path, help="also write the timings here")
     args = parser.parse_args()
     if args.images > 60000:
         parser.error(f"--images: at most the 60000 training images, got {args.images}")
+    if args.json is not None and (problem := unwritable_file(args.json)) is not None:
+        parser.error(f"--json {args.json}: cannot write it ({problem})")
     torch.set_num_threads(args.threads)
     return args
 

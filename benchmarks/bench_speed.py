@@ -35,7 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from _protocol import positive_int
+from _protocol import positive_int, thread_count, unwritable
 
 ROOT = Path(__file__).resolve().parent.parent
 KERAS_PYTHON = ROOT / ".venv-keras" / "bin" / "python"
@@ -234,7 +234,7 @@ def main() -> None:
                         help=f"comma-separated, of: {', '.join(MODELS)}")
     parser.add_argument("--refs", default="torch,keras",
                         help="torch, keras, both (torch,keras) or none")
-    parser.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1,
+    parser.add_argument("--threads", type=thread_count, default=os.cpu_count() or 1,
                         help="CPU threads of every implementation (default: all cores)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                         help="override the study's precision for fashionlab")
@@ -268,8 +268,8 @@ def main() -> None:
     if "keras" in refs and not KERAS_PYTHON.exists():  # said now, not after the measuring
         parser.error(f"--refs keras: no {KERAS_PYTHON} (make the Keras virtualenv as "
                      "benchmarks/README.md says, or pass --refs torch)")
-    if (unwritable := _unwritable(RESULTS)) is not None:
-        parser.error(f"{RESULTS}: cannot write the results there ({unwritable})")
+    if (problem := unwritable(RESULTS)) is not None:
+        parser.error(f"{RESULTS}: cannot write the results there ({problem})")
     from fashionlab.provenance import cpu_model
 
     print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; {args.threads} thread(s) each")
@@ -364,16 +364,6 @@ def _report(rows: dict, peak: dict, refs: list[str], args: argparse.Namespace) -
 
 def _ref_names(refs: list[str]) -> list[str]:
     return [{"torch": "torch-plain", "keras": "keras"}[r] for r in refs]
-
-
-def _unwritable(folder: Path) -> str | None:
-    """Why no results file can be written in `folder`, or None (checked before measuring)."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            return None
-    except OSError as error:
-        return error.strerror or str(error)
 
 
 def _write(report: dict) -> None:

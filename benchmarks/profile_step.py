@@ -19,9 +19,10 @@ import argparse
 import json
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
-from _protocol import positive_int
+from _protocol import positive_int, thread_count, unwritable_file
 from bench_speed import SEED_NAMES, seed_stack  # the stack the study trains, built one way
 from torch.profiler import ProfilerActivity, profile
 
@@ -65,10 +66,12 @@ def memory_bandwidth(size_mb: int = 256, repeats: int = 10) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=sorted(SEED_NAMES), default="dense256_drop")
-    parser.add_argument("--threads", type=positive_int, default=1)
+    parser.add_argument("--threads", type=thread_count, default=1)
     parser.add_argument("--top", type=positive_int, default=18, help="ops listed (default 18)")
-    parser.add_argument("--json", help="also write the profile here")
+    parser.add_argument("--json", type=Path, help="also write the profile here")
     args = parser.parse_args()
+    if args.json is not None and (problem := unwritable_file(args.json)) is not None:
+        parser.error(f"--json {args.json}: cannot write it ({problem})")
     torch.set_num_threads(args.threads)
 
     trainer, _ = seed_stack(args.model)
