@@ -233,7 +233,11 @@ def retrain_line(summary: Mapping[str, Any]) -> str:
     low, high = retrain.get("test_ci_low"), retrain.get("test_ci_high")  # (absent: older runs)
     interval = f" [95% interval {low * 100:.1f}, {high * 100:.1f}]" \
         if text.finite(low) and text.finite(high) else ""
-    return (f"the best (trial {retrain['trial']}) retrained for "
+    # A retry runs under a new number and keeps its first attempt's models' name (trial-N).
+    retry_of = next((t.get("retry_of") for t in summary.get("trials") or []
+                     if isinstance(t, Mapping) and t.get("number") == retrain["trial"]), None)
+    again = f", a retry of trial {retry_of}" if retry_of is not None else ""
+    return (f"the best (trial {retrain['trial']}{again}) retrained for "
             f"{text.counted(retrain['epochs'], 'epoch')} on "
             f"all training images: test accuracy {text.percent(retrain['test_accuracy'])}%"
             f"{interval} ({retrain['model_dir']})")

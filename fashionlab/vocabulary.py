@@ -165,7 +165,7 @@ def _check_value(param: Param, value: Any) -> None:
     if param.positive and value <= 0:
         raise ValueError(f"values must be positive (got {value!r})")
     if param.minimum is not None and value < param.minimum:
-        raise ValueError(f"values must be at least {param.minimum} (got {value!r})")
+        raise ValueError(f"values must be at least {param.minimum:g} (got {value!r})")
     if param.maximum is not None and value > param.maximum:
         raise ValueError(f"values must be at most {param.maximum:g} (got {value!r})")
     if param.below is not None and value >= param.below:

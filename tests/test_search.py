@@ -144,6 +144,7 @@ layers = [{ units = 64 }]
     ("flip = { low = 0, high = 1 }",
      "search.space.flip: takes choices or a value, not a range (one of: false, true)"),
     ("crop = { low = 0, high = 9 }", "search.space.crop: values must lie in [0, 9) (got 9)"),
+    ("erase = { low = -0.5, high = 1.0 }", "search.space.erase: values must be at least 0 (got -0.5)"),
     ('tta = { choices = ["flip", "crops"] }',
      "search.space.tta: 'crops' is not one of: none, flip, flip-shift"),
     ("units = { choices = [16, 16] }\noptimizer = \"adamw\"",

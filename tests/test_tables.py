@@ -83,6 +83,11 @@ def test_a_search_table_and_its_lines():
     assert "retrained for 1 epoch on" in retrain_line({"retrain": {**SEARCH["retrain"],
                                                                    "epochs": 1}})
     assert "test accuracy 89.85%" in retrain_line(SEARCH)
+    assert "the best (trial 3) retrained" in retrain_line(SEARCH)
+    # A retry keeps its first attempt's models' name: the line says whose retry it is.
+    retried = {**SEARCH, "trials": [{"number": 1, "state": "fail", "retry_of": None},
+                                    {"number": 3, "state": "complete", "retry_of": 1}]}
+    assert "the best (trial 3, a retry of trial 1) retrained" in retrain_line(retried)
     assert "wall time 90.0 s" in search_markdown(SEARCH)
     assert "30/60 fold-epochs" in search_markdown(SEARCH)  # a summary without compute counts
     assert "read at the CV-consensus epoch" in search_markdown(SEARCH)
