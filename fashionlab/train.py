@@ -196,13 +196,14 @@ class StackTrainer:
         M = len(self.keys)
         net.train()
         order = self.train_index.gather(1, self.generators.randperm(self.n_train))  # (M, n)
+        augmenting = spec.augment != NO_AUGMENT
         loss_sum = torch.zeros(M, device=self.device)
         correct = torch.zeros(M, device=self.device)
         for first, end in self.batches:
             raise_if_stopped()  # a stop a finaliser swallowed
             rows = order[:, first:end]  # (M, b): the last batch may be partial
             x, y = gather(data.x_train, rows), data.y_train[rows]  # (M, b, 28, 28), (M, b)
-            if spec.augment != NO_AUGMENT:
+            if augmenting:
                 x = augment(x, spec.augment, self.generators)
             x = as_images(x, self.image_dtype)
             with autocast(self.device, self.precision):
