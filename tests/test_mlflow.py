@@ -592,3 +592,50 @@ def test_mlflows_commit_tag_holds_only_a_commit():
     assert revision_tags(f"fashionlab 0.1.0 from commit {sha}")["mlflow.source.git.commit"] == sha
     assert revision_tags("fashionlab 0.1.0") == {"fashionlab.revision": "fashionlab 0.1.0"}
     assert revision_tags(None) == {}
+
+
+def test_a_process_killed_while_mlflow_makes_its_tables_leaves_no_broken_database(
+        tracking: str, tmp_path: Path):
+    """MLflow makes its tables in place over some seconds; killed then, the file it left
+    refused every later call ("table already exists"). Now the tables are made in a draft
+    beside it: the database is whole or not there, whenever the process dies."""
+    from fashionlab.integrations.mlflow.export import create_sqlite_whole
+
+    database = tmp_path / "mlflow.db"
+    started = time.perf_counter()
+    create_sqlite_whole(tracking)
+    duration = time.perf_counter() - started
+    assert [e.name for e in MlflowClient(tracking).search_experiments()] == ["Default"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db"]  # no draft left
+    database.unlink()
+
+    script = textwrap.dedent("""
+        import sys
+        import mlflow.store.tracking.sqlalchemy_store, mlflow.tracking._tracking_service.utils
+        from fashionlab.integrations.mlflow.export import create_sqlite_whole
+        print("imported", flush=True)
+        create_sqlite_whole(sys.argv[1])
+        print("made", flush=True)
+        """)
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    killed_while_drafting = 0
+    for fraction in (0.9, 0.65, 0.4, 0.15):  # the last most surely before the end
+        process = subprocess.Popen([sys.executable, "-c", script, tracking], cwd=tmp_path,
+                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                   text=True)
+        assert process.stdout.readline() == "imported\n"
+        time.sleep(fraction * duration)
+        drafting = any(tmp_path.glob(".mlflow.db.*.initializing"))
+        process.kill()
+        process.communicate(timeout=60)
+        if database.exists():  # it finished first: whole
+            assert [e.name for e in MlflowClient(tracking).search_experiments()] == ["Default"]
+            database.unlink()
+        else:
+            killed_while_drafting += drafting
+    assert killed_while_drafting >= 2  # the kills landed while the tables were being made
+    assert any(tmp_path.glob(".mlflow.db.*.initializing"))  # the last killed process's draft
+
+    create_sqlite_whole(tracking)  # the next one makes it whole, and clears the drafts
+    assert [e.name for e in MlflowClient(tracking).search_experiments()] == ["Default"]
+    assert not any(tmp_path.glob(".mlflow.db.*"))

@@ -6,6 +6,7 @@ The layout it makes in MLflow is described in `fashionlab.integrations.mlflow`."
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import math
@@ -33,6 +34,7 @@ except ImportError:
         """Stands for MLflow's own, which nothing raises without MLflow."""
 
 from fashionlab.errors import FashionlabError
+from fashionlab.process import pid_exists
 from fashionlab.schema import METRICS
 from fashionlab.search.storage import open_storage
 from fashionlab.serialize import cannot_write_in
@@ -117,9 +119,8 @@ def require_mlflow(tracking_uri: str | None = None) -> None:
         raise _refused(tracking_uri, "a folder (MLflow's file store), which MLflow no longer "
                        "writes unless MLFLOW_ALLOW_FILE_STORE=true; use a database such as "
                        "sqlite:///mlflow.db, or a server http://host:5000")
-    if tracking_uri is not None and tracking_uri.startswith("sqlite:///"):
+    if tracking_uri is not None and (database := sqlite_file(tracking_uri)) is not None:
         # MLflow would create every missing folder of the path: a typo would log elsewhere.
-        database = Path(tracking_uri.removeprefix("sqlite:///").partition("?")[0])
         if not database.parent.is_dir():
             raise _refused(tracking_uri, f"the folder {database.parent} does not exist "
                            "(create it, or correct the path)")
@@ -135,6 +136,64 @@ def require_mlflow(tracking_uri: str | None = None) -> None:
         _check_database(tracking_uri, dialect)
     for name, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(name, value)
+
+
+def sqlite_file(tracking_uri: str) -> Path | None:
+    """The database file of a sqlite:/// URI, else None."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return Path(tracking_uri.removeprefix("sqlite:///").partition("?")[0])
+
+
+def create_sqlite_whole(tracking_uri: str) -> None:
+    """Make the SQLite database of a sqlite:/// URI that names no file yet, with all of MLflow's
+    tables, in one step: a process killed while MLflow creates its tables in place (some
+    seconds: dozens of migrations) leaves a file that every later call refuses ("table already
+    exists", "out-of-date database schema"). So the tables are made in a file beside it, which
+    is then linked under the database's name, where another process's finished one wins."""
+    database = sqlite_file(tracking_uri)
+    if database is None or database.exists():
+        return
+    try:  # private to MLflow: its own choice of store class and artifact root for this URI
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+        from mlflow.tracking._tracking_service.utils import _get_sqlalchemy_store
+    except ImportError:  # where it moved, MLflow makes the tables in place, as it always did
+        return
+    _remove_abandoned_drafts(database)
+    draft = database.with_name(f".{database.name}.{os.getpid()}{DRAFT}")
+    _remove_draft(draft)  # a reused pid's, or this process's own failed attempt
+    _, question, query = tracking_uri.partition("?")
+    draft_uri = f"sqlite:///{draft}{question}{query}"
+    try:
+        _get_sqlalchemy_store(draft_uri, None)
+        try:
+            os.link(draft, database)
+        except FileExistsError:  # another process's, finished: it stays
+            pass
+        except OSError:  # a file system without hard links: moved, unless one came meanwhile
+            if not database.exists():
+                os.replace(draft, database)
+    finally:
+        engine = getattr(SqlAlchemyStore, "_engine_map", {}).pop(draft_uri, None)
+        if engine is not None:
+            engine.dispose()  # every connection closed, and SQLite's journal with them
+        _remove_draft(draft)
+
+
+DRAFT = ".initializing"  # the suffix of a database whose tables are being made
+
+
+def _remove_abandoned_drafts(database: Path) -> None:
+    """The drafts of processes that were killed while making the tables (their pid is gone)."""
+    for draft in database.parent.glob(f".{glob.escape(database.name)}.*{DRAFT}"):
+        pid = draft.name.removesuffix(DRAFT).rpartition(".")[2]
+        if pid.isdigit() and not pid_exists(int(pid)):
+            _remove_draft(draft)
+
+
+def _remove_draft(draft: Path) -> None:
+    for suffix in ("", "-journal", "-wal", "-shm"):  # SQLite's files beside a database
+        draft.with_name(draft.name + suffix).unlink(missing_ok=True)
 
 
 def _check_database(tracking_uri: str, dialect: str) -> None:
@@ -251,6 +310,7 @@ class MlflowExport:
                  experiment: str | None = None) -> None:
         self.store = store
         # A bare postgresql:// means psycopg 3 to SQLAlchemy; the postgres extra has psycopg2.
+        create_sqlite_whole(tracking_uri)
         self.client = MlflowClient(tracking_uri=database_url(tracking_uri))
         self.record = store.seen_run(run_id)  # a copied run directory: its files
         self.experiment_id = self._experiment(experiment or self.record.name)
