@@ -123,12 +123,34 @@ def test_fetch_into_the_cache(capsys: pytest.CaptureFixture[str], tiny_idx_dir: 
     assert all((isolated_data_env / name).is_file() for name in FILE_NAMES)
 
 
+def test_fetch_into_a_folder_of_gzipped_files_lists_them_as_they_are(
+        capsys: pytest.CaptureFixture[str], tiny_idx_dir: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch):
+    sums = {}
+    for name in FILE_NAMES:
+        raw = gzip.decompress((tiny_idx_dir / f"{name}.gz").read_bytes())
+        sums[name] = FileChecksum(data.sha256(raw), len(raw))
+    monkeypatch.setattr(fetch_module, "FASHION_MNIST_CHECKSUMS", sums)
+    target = tmp_path / "gz"
+    target.mkdir()
+    for name in FILE_NAMES:
+        (target / f"{name}.gz").write_bytes((tiny_idx_dir / f"{name}.gz").read_bytes())
+    code, out, _ = run(capsys, "data", "fetch", "--dir", str(target), "--json")
+    assert code == 0
+    listed = json.loads(out)["files"]
+    assert listed == [str(target / f"{name}.gz") for name in FILE_NAMES]  # was: without .gz
+    assert all(Path(path).is_file() for path in listed)
+
+
 def test_fetch_into_an_unwritable_place(capsys: pytest.CaptureFixture[str], tmp_path: Path):
     (tmp_path / "a-file").write_text("")
     code, _, err = run(capsys, "data", "fetch", "--dir", str(tmp_path / "a-file" / "fm"))
     assert_one_line_error(code, err, f"{tmp_path / 'a-file'} is a file, not a folder")
     code, _, err = run(capsys, "data", "fetch", "--dir", str(tmp_path / "a-file"))
     assert_one_line_error(code, err, f"{tmp_path / 'a-file'} is a file, not a folder")
+    for command in (["info"], ["show", "--out", str(tmp_path / "grid.png")]):  # read the same
+        code, _, err = run(capsys, "data", *command, "--dir", str(tmp_path / "a-file"))
+        assert_one_line_error(code, err, f"{tmp_path / 'a-file'} is a file, not a folder")
 
 
 # --- show ---------------------------------------------------------------------------------------

@@ -88,7 +88,7 @@ def fetch(
     Example: fashionlab data fetch --recheck
     """
     target = data.fetch_fashion_mnist(directory, recheck=recheck)
-    files = [str(target / name) for name in data.FILE_NAMES]
+    files = [str(path) for path in data.files_in(target)]  # raw, or .gz in a folder named
     if as_json:
         print_json({"directory": str(target), "files": files})
         return

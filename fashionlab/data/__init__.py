@@ -46,6 +46,7 @@ from fashionlab.data.files import (
     TRAIN_LABELS,
     FileChecksum,
     cache_dir,
+    files_in,
     sha256,
 )
 from fashionlab.idx import parse_idx, read_idx, write_idx
@@ -69,6 +70,7 @@ __all__ = [
     "Split",
     "cache_dir",
     "fetch_fashion_mnist",
+    "files_in",
     "load_fashion_mnist",
     "load_fashion_mnist_test",
     "load_idx_dataset",

@@ -164,6 +164,9 @@ def _read_idx_files(directory: Path, names: Sequence[str],
                     ) -> tuple[list[np.ndarray], list[Path], bool]:
     """The arrays of the named files (images 3-D, labels 1-D), their paths, and whether every
     one matched its checksum (each verified once per file version: the memo)."""
+    if directory.exists() and not directory.is_dir():
+        raise DataError(f"{directory} is a file, not a folder (name the folder of the IDX "
+                        "files)")
     files = []
     for name in names:
         found = find_one(directory, name)

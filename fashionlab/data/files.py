@@ -25,6 +25,7 @@ __all__ = [
     "PathLike",
     "cache_dir",
     "check",
+    "files_in",
     "find_one",
     "memo_entry",
     "read_memo",
@@ -93,6 +94,12 @@ def find_one(directory: Path, name: str) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
+
+
+def files_in(directory: Path) -> tuple[Path, ...]:
+    """The four files in `directory` as they lie there (each raw, else gzipped), in FILE_NAMES
+    order; a missing one by its raw name."""
+    return tuple(find_one(directory, name) or directory / name for name in FILE_NAMES)
 
 
 _MEMO_NAME = "verified.json"
