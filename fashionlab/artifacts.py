@@ -30,7 +30,7 @@ from fashionlab.config.specs import first_problem
 from fashionlab.errors import FashionlabError, OutputError
 from fashionlab.hardware import resolve_device
 from fashionlab.models import build_module, inference_module
-from fashionlab.serialize import staging_path
+from fashionlab.serialize import fresh_staging_path
 from fashionlab.vocabulary import TestTimeAugmentation
 
 FORMAT_VERSION = 1
@@ -72,7 +72,7 @@ def save_model(
 ) -> Path:
     """Write a model directory atomically (a half-written model never carries the final name)."""
     directory = Path(directory)
-    staging = staging_path(directory)
+    staging = fresh_staging_path(directory)
     description = {
         "format_version": FORMAT_VERSION,
         "spec": asdict(spec),
@@ -103,7 +103,7 @@ def save_model(
                           "or fix the permissions and run the same command again: it "
                           "resumes") from None
     if directory.exists():  # the earlier save, out of the way in one rename, removed after
-        previous = staging_path(directory.with_name(f"{directory.name}.previous"))
+        previous = fresh_staging_path(directory.with_name(f"{directory.name}.previous"))
         shutil.rmtree(previous, ignore_errors=True)
         os.replace(directory, previous)
         os.replace(staging, directory)

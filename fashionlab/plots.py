@@ -24,7 +24,7 @@ from matplotlib.ticker import MaxNLocator
 
 from fashionlab import stops
 from fashionlab.data import CLASS_NAMES
-from fashionlab.serialize import staging_path
+from fashionlab.serialize import fresh_staging_path
 from fashionlab.text import safe_name
 
 __all__ = ["InlineFigure", "curves_file", "learning_curves", "png_data_uri", "sample_grid",
@@ -55,7 +55,7 @@ def _missing_glyphs_drawn_silently() -> Iterator[None]:
 def save_figure(figure: Figure, path: Path, **savefig: Any) -> None:
     """`figure.savefig(path, **savefig)` whole or not at all: under the staging name, then
     renamed (a kill never leaves half a PNG under `path`). OSError when it cannot."""
-    staging = staging_path(path)
+    staging = fresh_staging_path(path)
     try:
         with _missing_glyphs_drawn_silently(), stops.kept():
             figure.savefig(staging, **{"format": path.suffix.lstrip(".") or "png", **savefig})

@@ -53,6 +53,13 @@ def staging_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{_machine_tag()}.tmp")
 
 
+def fresh_staging_path(path: Path) -> Path:
+    """`staging_path(path)`, once what killed processes left half-written for the same `path`
+    is removed (each write of a file or folder clears its own kind of leftover)."""
+    remove_stale_staging(path.parent, names={path.name})
+    return staging_path(path)
+
+
 # Another machine's staging file this old is a leftover: no file takes a day to write.
 STALE_ELSEWHERE_SECONDS = 24 * 3600
 
@@ -152,7 +159,7 @@ def why_not_written(path: Path, error: OSError) -> str:
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a text file whole or not at all: under a temporary name, then renamed, so that a
     full disk or a kill never leaves half a file under `path`. OSError when it cannot."""
-    staging = staging_path(path)
+    staging = fresh_staging_path(path)
     try:
         staging.write_text(text, encoding="utf-8")
         os.replace(staging, path)

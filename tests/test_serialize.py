@@ -66,6 +66,38 @@ def test_what_a_killed_process_left_half_written_is_removed(tmp_path: Path):
     assert other.exists()
 
 
+def test_each_whole_file_write_clears_what_killed_writers_of_that_file_left(tmp_path: Path):
+    """`fashionlab export` or `data show` killed while writing left its staging file; the
+    next write of the same file (not of others: a study clears its own folder) removes it."""
+    import matplotlib.figure
+
+    from fashionlab.export import export_onnx
+    from fashionlab.plots import save_figure
+
+    dead = dead_pid()
+    machine = staging_path(tmp_path / "x").name.split(".")[-2]
+    left = {name: tmp_path / f".{name}.{dead}.{machine}.tmp"
+            for name in ("notes.md", "grid.png", "other.png", "model.onnx")}
+    for path in left.values():
+        path.write_text("half")
+    write_text_atomic(tmp_path / "notes.md", "whole")
+    save_figure(matplotlib.figure.Figure(figsize=(1, 1)), tmp_path / "grid.png")
+    assert not left["notes.md"].exists() and not left["grid.png"].exists()
+    assert left["other.png"].exists()  # another file's: left to its own next write
+
+    pytest.importorskip("onnxruntime")
+    from fashionlab.artifacts import load_model, save_model
+    from fashionlab.config import DenseLayer, ModelSpec
+    from fashionlab.data import CLASS_NAMES
+    from fashionlab.models import build_module
+
+    spec = ModelSpec(layers=(DenseLayer(8),))
+    model = save_model(tmp_path / "model", spec=spec, state=build_module(spec).state_dict(),
+                       class_names=CLASS_NAMES, metadata={})
+    export_onnx(load_model(model), tmp_path / "model.onnx")
+    assert not left["model.onnx"].exists()
+
+
 def test_staging_files_of_other_machines_and_earlier_boots(tmp_path: Path):
     mine = staging_path(tmp_path / "results.csv")
     pid, machine = mine.name.split(".")[-3:-1]
