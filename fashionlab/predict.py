@@ -209,7 +209,9 @@ def _load_npy(path: Path, head: bytes) -> np.ndarray:
         array = np.load(path, allow_pickle=False)
     except ValueError as error:
         reason = ("holds Python objects, which are never unpickled"
-                  if "allow_pickle" in str(error) else f"not a valid .npy file ({error})")
+                  if "allow_pickle" in str(error) else "not a valid .npy file (its header "
+                  "is damaged)" if "malformed node" in str(error)  # Python's literal parser,
+                  else f"not a valid .npy file ({error})")  # quoting its parse tree's node
         raise ImageFileError(f"{path}: {reason}") from None
     except (OSError, EOFError, SyntaxError, tokenize.TokenError) as error:
         raise ImageFileError(f"{path}: not a valid .npy file ({first_line(error)})") from None
@@ -277,6 +279,9 @@ def _load_photo(path: Path, invert: bool | None) -> np.ndarray:
         # which decode fine; beyond, DecompressionBombError is the one line below.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # A JPEG's damaged EXIF data ("Corrupt EXIF data"), read when it opens: ignored,
+            # as if it had none (see preprocess_photo)
+            warnings.simplefilter("ignore", UserWarning)
             with Image.open(path) as image:
                 image.draft("L", (WORKING_SIDE, WORKING_SIDE))  # JPEG: at a reduced size
                 image.load()
@@ -318,12 +323,14 @@ def preprocess_photo(image: Image.Image, *, invert: bool | None = None) -> np.nd
     """
     from PIL import ExifTags, Image, ImageFilter, ImageOps
 
-    try:
-        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
-    except Exception:  # noqa: BLE001 - damaged EXIF data (a PNG's eXIf chunk): as if none
-        orientation = 1
-    if orientation != 1:  # (else no copy of a large one)
-        image = ImageOps.exif_transpose(image)
+    with warnings.catch_warnings():  # damaged EXIF data, where Pillow only warns of it
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+        except Exception:  # noqa: BLE001 - damaged EXIF data (a PNG's eXIf chunk): as if none
+            orientation = 1
+        if orientation != 1:  # (else no copy of a large one)
+            image = ImageOps.exif_transpose(image)
     gray = _grayscale(image)  # (H, W) float32 in 0..255
     background = float(np.median(_border(gray)))
     if invert is None:
@@ -506,7 +513,7 @@ def predict(saved_model: SavedModel | str | Path, images: np.ndarray,
     # torch: only when predicting, not to read images
     import torch
 
-    from fashionlab.artifacts import as_saved_model
+    from fashionlab.artifacts import ModelFileError, as_saved_model
 
     saved_model = as_saved_model(saved_model)
     if isinstance(top_k, bool) or not isinstance(top_k, int | np.integer) or top_k < 1:
@@ -529,7 +536,11 @@ def predict(saved_model: SavedModel | str | Path, images: np.ndarray,
         for first in range(0, len(images), PREDICT_BATCH):
             x = torch.from_numpy(np.ascontiguousarray(images[first:first + PREDICT_BATCH]))
             x = x.to(device).unsqueeze(1)  # (B, 1, 28, 28)
-            probabilities = module(x).float().softmax(-1)  # (B, n_classes)
+            logits = module(x).float()  # (B, n_classes)
+            if not torch.isfinite(logits).all():  # softmax would answer "Bag nan"
+                raise ModelFileError(f"{saved_model.path}: the model's outputs are not finite "
+                                     "(NaN or infinite logits): its weights overflow")
+            probabilities = logits.softmax(-1)
             top = probabilities.topk(k, dim=-1)
             brightest = images[first:first + PREDICT_BATCH].reshape(len(x), -1).max(axis=1)
             for p, labels, peak in zip(top.values.cpu().tolist(), top.indices.cpu().tolist(),

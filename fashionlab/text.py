@@ -98,6 +98,9 @@ def first_line(error: BaseException) -> str:
     """An exception's message cut to its first line (database drivers add pages of context;
     SQLAlchemy wraps the driver's error as `orig`)."""
     text = str(getattr(error, "orig", None) or error).strip()
+    if "\x1b" in text:  # a library's colours for its terminal (torch.onnx's), not for ours
+        from rich.text import Text
+        text = Text.from_ansi(text).plain.strip()
     return text.splitlines()[0] if text else type(error).__name__
 
 

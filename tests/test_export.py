@@ -127,6 +127,50 @@ def test_a_stop_during_the_onnx_imports_is_the_stop_not_a_missing_package(
         export_onnx(saved, tmp_path / "m.onnx")
 
 
+def test_a_stop_inside_the_exporter_is_the_stop_not_an_export_failure(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """torch.onnx catches the KeyboardInterrupt of a Ctrl-C that lands inside it and raises
+    its own error ("Failed to export the model with torch.export", in terminal colours)."""
+    from fashionlab import stops
+
+    signals = [signal.SIGINT]
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        stops.received.extend(signals)  # what the command's handler records
+        raise RuntimeError("Failed to export the model with torch.export. "
+                           "\x1b[96mThis is step 1/3\x1b[0m of exporting the model to ONNX.")
+
+    saved = _saved(tmp_path / "model", DENSE)
+    monkeypatch.setattr(stops, "received", [])
+    monkeypatch.setattr(torch.onnx, "export", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(saved, tmp_path / "m.onnx")
+    stops.received.clear()
+    signals.clear()
+    with pytest.raises(ExportError) as failure:  # the same error with no stop: a failure
+        export_onnx(saved, tmp_path / "m.onnx")
+    assert "step 1/3 of exporting" in str(failure.value) and "\x1b" not in str(failure.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_model_whose_outputs_overflow_is_not_exported(tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]):
+    """Finite weights whose logits are infinite: every difference from onnxruntime's is NaN,
+    which the check once read as 0 ("max |diff| 0")."""
+    module = build_module(DENSE)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.mul_(1e30)
+    saved = load_model(save_model(tmp_path / "model", spec=DENSE, state=module.state_dict(),
+                                  class_names=CLASS_NAMES, metadata={}))
+    with pytest.raises(ExportError, match="outputs are not finite"):
+        export_onnx(saved, tmp_path / "m.onnx")
+    code, out, err = run_cli(capsys, "export", str(saved.path), "--out",
+                             str(tmp_path / "m.onnx"))
+    assert_one_line_error(code, err, "outputs are not finite")
+    assert out == "" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
 def test_export_model_reports_what_it_measured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     import fashionlab.export  # to count its verifications
 
