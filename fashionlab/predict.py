@@ -375,6 +375,8 @@ def _grayscale(image: Image.Image) -> np.ndarray:
         else:  # the fewest bits that hold its brightest pixel: 12-bit data in a 16-bit PNG
             scale = 255 / (2 ** max(8, int(high).bit_length()) - 1)
         image = Image.fromarray(np.clip(gray * scale, 0, 255).astype(np.uint8))
+    elif image.mode == "LAB":  # Pillow converts it to nothing else; L is its lightness
+        image = image.getchannel("L")
     elif _see_through(image):
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)

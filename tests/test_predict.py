@@ -205,6 +205,16 @@ def test_a_model_whose_outputs_overflow_is_an_error_not_a_nan_answer(
         assert out == ""
 
 
+def test_a_lab_picture_is_read_by_its_lightness(tmp_path: Path):
+    """Pillow reads LAB TIFFs but converts LAB to no other mode: its L channel is the gray."""
+    gray = shirt_photo().convert("L")
+    neutral = Image.new("L", gray.size, 128)  # a and b at 128: no colour
+    path = tmp_path / "lab.tif"
+    Image.merge("LAB", (gray, neutral, neutral)).save(path)
+    gray.save(tmp_path / "gray.png")
+    assert np.array_equal(load_image(path), load_image(tmp_path / "gray.png"))
+
+
 def test_any_failure_of_pillows_decoders_is_one_line(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch):
     """Pillow's decoders raise many kinds of error on damaged data (a DDS file with pixel
