@@ -208,10 +208,12 @@ def _load_npy(path: Path, head: bytes) -> np.ndarray:
             _check_size(path, shape)
         array = np.load(path, allow_pickle=False)
     except ValueError as error:
-        reason = ("holds Python objects, which are never unpickled"
-                  if "allow_pickle" in str(error) else "not a valid .npy file (its header "
-                  "is damaged)" if "malformed node" in str(error)  # Python's literal parser,
-                  else f"not a valid .npy file ({error})")  # quoting its parse tree's node
+        if "allow_pickle" in str(error):
+            reason = "holds Python objects, which are never unpickled"
+        elif "malformed node" in str(error):  # Python's literal parser, quoting a tree node
+            reason = "not a valid .npy file (its header is damaged)"
+        else:
+            reason = f"not a valid .npy file ({error})"
         raise ImageFileError(f"{path}: {reason}") from None
     except (OSError, EOFError, SyntaxError, tokenize.TokenError) as error:
         raise ImageFileError(f"{path}: not a valid .npy file ({first_line(error)})") from None

@@ -145,6 +145,9 @@ def sqlite_file(tracking_uri: str) -> Path | None:
     return Path(tracking_uri.removeprefix("sqlite:///").partition("?")[0])
 
 
+DRAFT = ".initializing"  # the suffix of a database whose tables are being made
+
+
 def create_sqlite_whole(tracking_uri: str) -> None:
     """Make the SQLite database of a sqlite:/// URI that names no file yet, with all of MLflow's
     tables, in one step: a process killed while MLflow creates its tables in place (some
@@ -178,9 +181,6 @@ def create_sqlite_whole(tracking_uri: str) -> None:
         if engine is not None:
             engine.dispose()  # every connection closed, and SQLite's journal with them
         _remove_draft(draft)
-
-
-DRAFT = ".initializing"  # the suffix of a database whose tables are being made
 
 
 def _remove_abandoned_drafts(database: Path) -> None:
