@@ -627,6 +627,33 @@ def test_a_database_without_a_store_is_one_line_and_stays_as_it_was(
                                                            "unversioned.db"]  # no journal left
 
 
+def test_a_store_damaged_inside_is_one_line_wherever_a_query_meets_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """SQLite's opening check reads the first pages only: a page of the runs table
+    overwritten (a bad disk block, a copy cut short) showed as a traceback of the driver's
+    DatabaseError at the first query that read it."""
+    store = Store.open(tmp_path)
+    run_id = _fake_run(store, "only", summary={"candidates": []})
+    store.close()
+    path = tmp_path / "fashionlab.db"
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        (page_size,) = conn.execute("PRAGMA page_size").fetchone()
+        (root,) = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = ?",
+                               (schema_module.runs.name,)).fetchone()
+    with open(path, "r+b") as f:
+        f.seek((root - 1) * page_size)
+        f.write(b"\xff" * 64)
+    for args in (["runs", "list"], ["runs", "show", run_id], ["report", run_id]):
+        code, out, err = run_cli(capsys, *args, "--run-dir", str(tmp_path))
+        assert_one_line_error(code, err, f"the store {path} is damaged (database disk image "
+                              "is malformed): put back a copy of it")
+        assert out == ""
+    store = Store.open(tmp_path, create=False)  # the Python API: the same StoreError
+    with pytest.raises(StoreError, match="is damaged"):
+        store.runs()
+    store.close()
+
+
 def test_options_that_do_not_apply_are_refused(tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]):
     store = Store.open(tmp_path)

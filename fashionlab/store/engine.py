@@ -207,6 +207,21 @@ def database_trouble(error: BaseException, url: str) -> StoreError | None:
 # --------------------------------------------------------------------------------------------
 # SQLite
 
+# SQLite's words for a file damaged inside (SQLITE_CORRUPT: a page overwritten, a copy cut
+# short) and for one that is no database (SQLITE_NOTADB): its opening check reads only the
+# first pages, so the damage may show at any later query.
+_DAMAGED = ("database disk image is malformed", "file is not a database")
+
+
+def refuse_damaged_file(context: sa.engine.ExceptionContext, *, where: str) -> None:
+    """A SQLite store's `handle_error` hook: the damage, wherever a query meets it, is a
+    StoreError said in one line, not the driver's DatabaseError with a traceback."""
+    error = context.original_exception
+    if any(words in str(error) for words in _DAMAGED):
+        raise StoreError(f"the store {where} is damaged ({first_line(error)}): put back a "
+                         "copy of it (sqlite3's .recover may save what it still holds)")
+
+
 
 def sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
     """The settings of each connection to a SQLite file that is written (an engine's

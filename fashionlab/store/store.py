@@ -9,6 +9,7 @@ migrations when it opens a database.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -49,6 +50,7 @@ from fashionlab.store.engine import (
     make_folder,
     open_error,
     read_only_url,
+    refuse_damaged_file,
     safe_url,
     sqlite_file,
     sqlite_pragmas,
@@ -157,6 +159,9 @@ class Store:
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect",
                             sqlite_read_only_pragmas if self.read_only else sqlite_pragmas)
+            where = str(self._file) if self._file is not None else safe_url(self.url)
+            sa.event.listen(self.engine, "handle_error",
+                            functools.partial(refuse_damaged_file, where=where))
         migrate(self.engine, read_only=self.read_only, create=create,
                 where=str(self._file) if self._file is not None else safe_url(self.url))
 
