@@ -128,7 +128,7 @@ def test_a_usage_error_is_one_line_naming_the_commands_help(
 @pytest.mark.parametrize("args", [
     ["study", "--run-dir", ""], ["search", "--run-dir", " "], ["runs", "list", "--run-dir", ""],
     ["data", "fetch", "--dir", ""], ["data", "show", "--out", ""], ["evaluate", ""],
-    ["predict", "model", ""], ["export", "model", "--out", ""]])
+    ["predict", "model", ""], ["export", "model", "--out", ""], ["report", "x", "--out", ""]])
 def test_an_empty_path_is_refused_not_read_as_the_current_folder(
         args: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch):

@@ -157,6 +157,12 @@ def path_named(text: str | Path) -> Path:
     return Path(text)
 
 
+def path_text_named(text: str) -> str:
+    """`path_named` for a path kept as text (its trailing "/" says "a folder")."""
+    path_named(text)
+    return str(text)
+
+
 def print_json(value: object) -> None:
     """What a command prints for scripts (--json): valid JSON whatever the numbers (NaN and
     infinities as null, never the bare NaN that JSON parsers refuse)."""

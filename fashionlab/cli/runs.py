@@ -16,7 +16,15 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from fashionlab.cli import app, output_console, path_named, print_json, resumable, text_table
+from fashionlab.cli import (
+    app,
+    output_console,
+    path_named,
+    path_text_named,
+    print_json,
+    resumable,
+    text_table,
+)
 from fashionlab.cli.study import StoreUrl
 from fashionlab.errors import FashionlabError, StoreError
 from fashionlab.provenance import machine_text
@@ -341,7 +349,7 @@ def delete(
 def report(
     run: RunId,
     out: Annotated[str | None, typer.Option(  # str: Path would drop a trailing "/"
-        "--out", help="Where to write the HTML file (default: report.html in the run's "
+        "--out", parser=path_text_named, help="Where to write the HTML file (default: report.html in the run's "
         "folder of --run-dir, made if missing; with a shared --store, the folder the run "
         "recorded when it is on this machine).", show_default=False)] = None,
     device: Annotated[str, typer.Option(help="Where the tested models run: cpu, cuda, ...")] = (
