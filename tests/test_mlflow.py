@@ -639,3 +639,6 @@ def test_a_process_killed_while_mlflow_makes_its_tables_leaves_no_broken_databas
     create_sqlite_whole(tracking)  # the next one makes it whole, and clears the drafts
     assert [e.name for e in MlflowClient(tracking).search_experiments()] == ["Default"]
     assert not any(tmp_path.glob(".mlflow.db.*"))
+    before = sorted(tmp_path.iterdir())
+    create_sqlite_whole("sqlite:///:memory:")  # no file: not one named ":memory:" either
+    assert sorted(tmp_path.iterdir()) == before

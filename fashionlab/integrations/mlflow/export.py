@@ -155,7 +155,7 @@ def create_sqlite_whole(tracking_uri: str) -> None:
     exists", "out-of-date database schema"). So the tables are made in a file beside it, which
     is then linked under the database's name, where another process's finished one wins."""
     database = sqlite_file(tracking_uri)
-    if database is None or database.exists():
+    if database is None or database.name in ("", ":memory:") or database.exists():
         return
     try:  # private to MLflow: its own choice of store class and artifact root for this URI
         from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
