@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -64,13 +65,20 @@ def check_count(name: str, value: Any, *, auto: bool = False) -> None:
 
 
 def check_not_starting_a_worker(call: str) -> None:
-    """Refuse `call` while this process is a worker importing the caller's script: workers
+    """End this process, saying why, when it is a worker importing the caller's script: workers
     start by the spawn method, which runs that script again, and a script without the
     `if __name__ == "__main__":` guard would start the study or search again in every worker.
     (The test is the one multiprocessing makes before it starts a process: the `_inheriting`
     flag it sets on a spawned process until that process has imported its parent's script.)"""
     if getattr(multiprocessing.current_process(), "_inheriting", False):
-        raise ConfigError(
+        error = ConfigError(
             f"{call} was called while a worker process imported your script: a script that "
             f"asks for workers must call it under `if __name__ == \"__main__\":` (workers "
             f"start by the spawn method, which imports the script again)")
+        # Said, then this worker ends at once. Raised, the error would end it only after a
+        # traceback and the shutdown of an interpreter that holds torch: slow enough, on a
+        # busy machine, that the pool (which sees the worker's pipes close first) stops it
+        # with SIGTERM, and the caller reads "killed" where the worker failed.
+        sys.stderr.write(f"{type(error).__name__}: {error}\n")
+        sys.stderr.flush()
+        os._exit(1)
