@@ -349,9 +349,10 @@ def delete(
 def report(
     run: RunId,
     out: Annotated[str | None, typer.Option(  # str: Path would drop a trailing "/"
-        "--out", parser=path_text_named, help="Where to write the HTML file (default: report.html in the run's "
-        "folder of --run-dir, made if missing; with a shared --store, the folder the run "
-        "recorded when it is on this machine).", show_default=False)] = None,
+        "--out", parser=path_text_named,
+        help="Where to write the HTML file (default: report.html in the run's folder of "
+        "--run-dir, made if missing; with a shared --store, the folder the run recorded when "
+        "it is on this machine).", show_default=False)] = None,
     device: Annotated[str, typer.Option(help="Where the tested models run: cpu, cuda, ...")] = (
         "cpu"),
     run_dir: SeenRunDir = None,
