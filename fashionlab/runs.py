@@ -436,8 +436,9 @@ def remove_folder(folder: Path) -> None:
 
 def deletable_run(store: Store, run_id: str) -> RunRecord:
     """The run `delete_run` would delete, or the error it would raise before touching
-    anything (a running run, a read-only store): what to check before asking a person."""
-    run = store.run(run_id)
+    anything (a running run, a read-only store): what to check before asking a person. A run
+    whose stored JSON was damaged by hand can be deleted: it needs none of it."""
+    run = store.run(run_id, damaged_ok=True)
     if run.state == "running":
         raise RunError(f"run {run.id} is running ({run.holder}); "
                        "stop it before deleting it")

@@ -654,6 +654,35 @@ def test_a_store_damaged_inside_is_one_line_wherever_a_query_meets_it(
     store.close()
 
 
+def test_a_run_whose_json_was_edited_into_garbage_is_named_and_can_be_deleted(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """Our writes are whole JSON; a hand edit that breaks one made every `runs` command fail
+    with the JSON decoder's traceback, for every run in the store."""
+    store = Store.open(tmp_path)
+    kept = _fake_run(store, "kept", summary={"candidates": []})
+    edited = _fake_run(store, "edited", summary={"candidates": []})
+    store.close()
+    database = tmp_path / "fashionlab.db"
+    for column in ("config", "summary"):
+        with contextlib.closing(sqlite3.connect(database)) as conn, conn:
+            conn.execute("UPDATE fl_runs SET config = ?, summary = ? WHERE id = ?",
+                         ("{}", "{}", edited))  # whole again, but for the column edited now
+            conn.execute(f"UPDATE fl_runs SET {column} = ? WHERE id = ?", ('{"oops', edited))
+        for args in (["runs", "list"], ["runs", "show", edited], ["report", edited]):
+            code, out, err = run_cli(capsys, *args, "--run-dir", str(tmp_path))
+            assert_one_line_error(code, err, f"run {edited} in the store", f"its {column} is "
+                                  "not valid JSON", f"`fashionlab runs delete {edited}`")
+            assert out == ""
+    store = Store.open(tmp_path, create=False)  # the Python API: the same StoreError
+    with pytest.raises(StoreError, match="not valid JSON"):
+        store.runs()
+    store.close()
+    code, out, _ = run_cli(capsys, "runs", "delete", edited, "--yes", "--run-dir", str(tmp_path))
+    assert code == 0 and f"deleted run {edited}" in out
+    code, out, _ = run_cli(capsys, "runs", "list", "--json", "--run-dir", str(tmp_path))
+    assert code == 0 and [run["id"] for run in json.loads(out)] == [kept]
+
+
 def test_options_that_do_not_apply_are_refused(tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]):
     store = Store.open(tmp_path)

@@ -324,7 +324,7 @@ def delete(
     finish = "run the same command again to finish the deletion"
     with _store(run_dir, store) as (opened, seen_from), resumable(finish):
         try:
-            record = opened.run(run)
+            record = opened.run(run, damaged_ok=True)
         except StoreError:
             left = leftover_folder(opened, run, seen_from)
             if left is None:

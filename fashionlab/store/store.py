@@ -351,8 +351,10 @@ class Store:
                     (runs.c.pid == me["pid"]) & (runs.c.host == me["host"])))
             conn.execute(query.values(**values))
 
-    def run(self, run_id: str) -> RunRecord:
-        """The run with this id, or a unique id prefix; StoreError when there is none."""
+    def run(self, run_id: str, *, damaged_ok: bool = False) -> RunRecord:
+        """The run with this id, or a unique id prefix; StoreError when there is none.
+        `damaged_ok`: a row whose JSON was changed by hand comes back with it empty (to be
+        deleted) instead of as a StoreError."""
         if not isinstance(run_id, str):
             raise TypeError(f"run id: expected a string, got {type(run_id).__name__} "
                             f"{run_id!r}")
@@ -372,7 +374,7 @@ class Store:
                                      f"match: {shown})")
                 row = matches[0] if matches else None
             if row is not None:
-                return _jobs_held(conn, [_run_record(row)])[0]
+                return _jobs_held(conn, [_run_record(row, self.url, damaged_ok=damaged_ok)])[0]
         raise StoreError(f"no run '{run_id}' in {safe_url(self.url)} "
                          "(`fashionlab runs list` shows the runs)")
 
@@ -387,10 +389,10 @@ class Store:
         if fingerprint is not None:
             query = query.where(runs.c.fingerprint == fingerprint)
         with self.reading() as conn:
-            return _jobs_held(conn, [_run_record(row) for row in conn.execute(query)])
+            return _jobs_held(conn, [_run_record(row, self.url) for row in conn.execute(query)])
 
     def delete_run(self, run_id: str) -> None:
-        run_id = self.run(run_id).id
+        run_id = self.run(run_id, damaged_ok=True).id
         self._stop_beating(run_id)
         with self.transaction() as conn:
             conn.execute(epochs.delete().where(epochs.c.run_id == run_id))
@@ -589,11 +591,23 @@ def _jobs_held(conn: sa.Connection, records: list[RunRecord]) -> list[RunRecord]
     return [dataclasses.replace(r, jobs_held=True) if r.id in held else r for r in records]
 
 
-def _run_record(row: Any) -> RunRecord:
+def _run_record(row: Any, url: str, *, damaged_ok: bool = False) -> RunRecord:
+    """The run of a `runs` row. Its JSON columns are written whole by fashionlab; one that
+    does not parse was changed outside it: a one-line StoreError naming the run, or with
+    `damaged_ok` (what deleting the run needs) empty values in its place."""
     data = dict(row._mapping)
-    data["config"] = json.loads(data["config"])
-    data["environment"] = json.loads(data["environment"])
-    data["summary"] = json.loads(data["summary"]) if data["summary"] else None
+    for column, empty in (("config", {}), ("environment", {}), ("summary", None)):
+        if data[column] is None and column == "summary":
+            continue
+        try:
+            data[column] = json.loads(data[column])
+        except ValueError:
+            if not damaged_ok:
+                raise StoreError(f"run {data['id']} in the store {safe_url(url)}: its "
+                                 f"{column} is not valid JSON (changed outside fashionlab); "
+                                 f"`fashionlab runs delete {data['id']}` removes the run"
+                                 ) from None
+            data[column] = empty
     return RunRecord(**data)
 
 
