@@ -15,14 +15,98 @@ shutdown then waits forever for its manager thread, which needs that lock. There
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from types import FrameType
+from typing import Any, ParamSpec, TypeVar
 
-__all__ = ["LeftRunning", "cleaning_up", "deferred", "deferring", "handled", "kept",
-           "raise_if_stopped", "received"]
+__all__ = ["DOUBLE_PRESS", "REPEATED_STOP_GRACE", "LeftRunning", "cleaning_up", "deferred",
+           "deferring", "forget", "handled", "heard", "kept", "listened", "listening",
+           "quiet_swallowed_stop", "raise_if_stopped", "received", "recording"]
 
 received: list[int] = []  # the signals that asked this process to stop, in order
 handled: list[bool] = []  # a stop was caught, and what it leaves is being put in order
 deferring: list[bool] = []  # inside `deferred`: the handlers only record a stop
+recording: list[bool] = []  # handlers that call `heard` are in place (the command's, `listening`)
+
+# A stop that comes while the first one's cleanup runs (`cleaning_up`: workers stopped, the
+# run left resumable), or within a second of it (Ctrl-C pressed twice, a scheduler's SIGTERM
+# after a terminal's SIGHUP: the first is still unwinding), is recorded, not raised: the
+# cleanup is not cut short, and nothing is raised inside a finaliser, where Python prints a
+# traceback. One more than REPEATED_STOP_GRACE after the first raises again, for a cleanup
+# that hangs; so does one after a first stop that no cleanup caught (swallowed by a finaliser
+# outside the training loops).
+DOUBLE_PRESS = 1.0  # seconds
+REPEATED_STOP_GRACE = 5.0  # seconds
+stopping_since: list[float] = []  # when the stop that was raised came
+
+
+def heard(signum: int) -> bool:
+    """What a stop signal's handler does first: record the signal, and say whether to raise
+    the stop now (not for a repeated stop, above, nor inside `deferred`)."""
+    received.append(signum)
+    now = time.monotonic()
+    if stopping_since:
+        since = now - stopping_since[0]
+        if since < REPEATED_STOP_GRACE and (handled or since < DOUBLE_PRESS):
+            return False
+    stopping_since[:] = [now]
+    return not deferring
+
+
+def forget() -> None:
+    """Forget the stops heard so far: a new command, or library call, starts unstopped."""
+    received.clear()
+    handled.clear()
+    stopping_since.clear()
+
+
+def quiet_swallowed_stop(shown: Callable[[Any], object], unraisable: Any) -> None:
+    """`sys.unraisablehook` while handlers record the stops: a stop raised inside a finaliser
+    (a weakref callback, a `__del__`), where Python cannot raise it, is not printed as
+    "Exception ignored in ..." and a traceback. It is recorded (`received`), and raised again
+    by the next check (the training loops'). Anything else is shown as before (`shown`)."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt) and received:
+        return
+    shown(unraisable)
+
+
+@contextlib.contextmanager
+def listening() -> Iterator[None]:
+    """Around a library call that trains (`run_study`, `run_search`) from Python: Ctrl-C
+    (SIGINT, a notebook kernel's interrupt) is recorded before the handler in place (Python's,
+    the kernel's) raises it, as the command's handlers do. So a stop that a finaliser swallowed
+    is raised again by the training loop's next check, not lost with the run trained on to its
+    end; a second Ctrl-C while the first one's cleanup runs does not cut it short; and inside
+    `deferred` the stop waits for the block's end. Nothing changes under the command line (its
+    handlers do this), inside another such call, off the main thread (no handler can be set
+    there) or where SIGINT is ignored."""
+    previous = signal.getsignal(signal.SIGINT)
+    if recording or threading.current_thread() is not threading.main_thread() \
+            or not callable(previous):
+        yield
+        return
+
+    def record(signum: int, frame: FrameType | None) -> None:
+        if heard(signum):
+            previous(signum, frame)
+
+    forget()
+    unraisable = sys.unraisablehook
+    sys.unraisablehook = functools.partial(quiet_swallowed_stop, unraisable)
+    signal.signal(signal.SIGINT, record)
+    recording.append(True)
+    try:
+        yield
+    finally:
+        recording.pop()
+        signal.signal(signal.SIGINT, previous)
+        sys.unraisablehook = unraisable
+        forget()  # the next call is not stopped by this one's stop
 
 
 class LeftRunning(KeyboardInterrupt):
@@ -68,3 +152,16 @@ def raise_if_stopped() -> None:
     may have been swallowed by a finaliser)."""
     if received:
         raise KeyboardInterrupt
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def listened(function: Callable[P, R]) -> Callable[P, R]:
+    """A library call that trains, run `listening`."""
+    @functools.wraps(function)
+    def wrapped(*args: P.args, **kwargs: P.kwargs) -> R:
+        with listening():
+            return function(*args, **kwargs)
+    return wrapped

@@ -394,7 +394,7 @@ def test_a_stop_repeated_during_the_first_ones_cleanup_is_one_line_too(
 
 def test_which_repeated_stops_are_only_recorded(monkeypatch: pytest.MonkeyPatch):
     clock = [100.0]
-    monkeypatch.setattr(cli.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(stops.time, "monotonic", lambda: clock[0])
 
     def stop_at(seconds: float) -> bool:
         """Whether the handler raised, for a signal `seconds` after the start."""
@@ -406,9 +406,7 @@ def test_which_repeated_stops_are_only_recorded(monkeypatch: pytest.MonkeyPatch)
         return False
 
     def fresh() -> None:
-        stops.received.clear()
-        stops.handled.clear()
-        cli._stopping_since.clear()
+        stops.forget()
 
     try:
         fresh()
@@ -443,18 +441,18 @@ def test_a_stop_while_locks_are_held_is_raised_once_they_are_let_go():
     ended: list[str] = []
     try:
         stops.received.clear()
-        cli._stopping_since.clear()
+        stops.stopping_since.clear()
         with pytest.raises(KeyboardInterrupt), stops.deferred():
             cli._stop(signal.SIGTERM, None)  # only recorded
             ended.append("block")
         assert ended == ["block"] and stops.received == [signal.SIGTERM]
         assert not stops.deferring
-        cli._stopping_since.clear()  # not a second press of the same stop
+        stops.stopping_since.clear()  # not a second press of the same stop
         with pytest.raises(KeyboardInterrupt):  # outside a deferred block: raised at once
             cli._stop(signal.SIGTERM, None)
     finally:
         stops.received.clear()
-        cli._stopping_since.clear()
+        stops.stopping_since.clear()
 
 
 def test_a_signal_ignored_when_the_command_starts_stays_ignored(tiny_idx_dir: Path,

@@ -551,6 +551,32 @@ def test_a_process_that_leaves_a_shared_run_to_its_writer_leaves_no_empty_folder
     assert closed == [True, True]
 
 
+def test_a_ctrl_c_that_a_finaliser_swallows_still_stops_run_study(
+        study_file: Path, tmp_path: Path, recwarn: pytest.WarningsRecorder):
+    """A notebook's interrupt raises KeyboardInterrupt wherever the main thread is; inside a
+    finaliser (a weakref callback of the database driver, a `__del__`) Python prints
+    "Exception ignored" and carries on, and the study trained on to its end."""
+    class Finalised:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler interrupts this, inside the finaliser
+
+    def swallowed(key: str, epoch: int) -> None:
+        if epoch == 1:
+            Finalised()  # dropped at once
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        run_study(load_study(study_file), run_dir=tmp_path, progress=OnEpoch(swallowed))
+    (run,) = Store.open(tmp_path).runs()
+    assert run.state == "interrupted"  # raised again by the next step: not trained to the end
+    if sys.version_info >= (3, 11):
+        assert "is kept; run_study with the same study" in "".join(stopped.value.__notes__)
+    assert not [w for w in recwarn if "Exception ignored" in str(w.message)]  # not shown
+    assert signal.getsignal(signal.SIGINT) is before and not stops.received  # as it was
+    assert run_study(load_study(study_file), run_dir=tmp_path, progress=False).run.id == run.id
+
+
 def test_a_resumed_run_says_its_wall_time_is_the_last_processs_only(
         study_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     def stop(key: str, epoch: int) -> None:

@@ -11,11 +11,10 @@ import signal
 import stat
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -65,40 +64,11 @@ def _options(
 _STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
                       if hasattr(signal, name))
 _announced: list[bool] = []  # a stop already said in one line (by `resumable`)
-# A stop that comes while the first one's cleanup runs (`stops.cleaning_up`: workers stopped,
-# the run left resumable), or within a second of it (Ctrl-C pressed twice, a scheduler's
-# SIGTERM after a terminal's SIGHUP: the first is still unwinding), is recorded, not raised:
-# the cleanup is not cut short, and nothing is raised inside a finaliser, where Python prints
-# a traceback. One more than REPEATED_STOP_GRACE after the first raises again, for a cleanup
-# that hangs; so does one after a first stop that no cleanup caught (swallowed by a
-# finaliser outside the training loops).
-DOUBLE_PRESS = 1.0  # seconds
-REPEATED_STOP_GRACE = 5.0  # seconds
-_stopping_since: list[float] = []  # when the stop that was raised came
 
 
 def _stop(signum: int, frame: FrameType | None) -> None:
-    stops.received.append(signum)
-    now = time.monotonic()
-    if _stopping_since:
-        since = now - _stopping_since[0]
-        if since < REPEATED_STOP_GRACE and (stops.handled or since < DOUBLE_PRESS):
-            return
-    _stopping_since[:] = [now]
-    if stops.deferring:  # the main thread holds locks: raised once it lets them go
-        return
-    raise KeyboardInterrupt
-
-
-def _quiet_swallowed_stop(shown: Callable[[Any], object], unraisable: Any) -> None:
-    """`sys.unraisablehook` while a command runs: a stop raised inside a finaliser (a weakref
-    callback, a `__del__`), where Python cannot raise it, is not printed as "Exception ignored
-    in ..." and a traceback. It is recorded (`stops.received`), and raised again by the next
-    check (the training loops', the end of `resumable`'s block), or said as the command ends.
-    Anything else is shown as before."""
-    if isinstance(unraisable.exc_value, KeyboardInterrupt) and stops.received:
-        return
-    shown(unraisable)
+    if stops.heard(signum):  # not a repeated stop (see `stops.heard`), not inside `deferred`
+        raise KeyboardInterrupt
 
 
 def _announce_stop(how: str) -> int:
@@ -315,13 +285,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.stdin = open(os.devnull)  # noqa: SIM115 - the process's input, open until it exits
     # First of all, so that a stop during the imports or while a command reads its input
     # is said in one line too, not as a traceback or a silent exit.
-    stops.received.clear()  # what an earlier call in this process (a test, a notebook) heard
+    stops.forget()  # what an earlier call in this process (a test, a notebook) heard
     _announced.clear()
-    _stopping_since.clear()
-    stops.handled.clear()
     previous = {signum: signal.getsignal(signum) for signum in _STOP_SIGNALS}
     unraisable = sys.unraisablehook
-    sys.unraisablehook = functools.partial(_quiet_swallowed_stop, unraisable)
+    sys.unraisablehook = functools.partial(stops.quiet_swallowed_stop, unraisable)
+    stops.recording.append(True)
     for signum, handler in previous.items():
         # An ignored signal stays ignored: `nohup` ignores SIGHUP so that the command outlives
         # its terminal, and a shell ignores SIGINT in its background jobs.
@@ -377,5 +346,6 @@ def main(argv: list[str] | None = None) -> None:
         for signum, handler in previous.items():
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)
         sys.unraisablehook = unraisable
-        stops.received.clear()  # the library, called next in this process, is not stopped
+        stops.recording.pop()
+        stops.forget()  # the library, called next in this process, is not stopped
         stops.handled.clear()

@@ -168,6 +168,7 @@ def _silent_optuna(run: Callable[..., SearchResult]) -> Callable[..., SearchResu
 
 
 @_silent_optuna
+@stops.listened
 def run_search(
     spec: StudySpec,
     *,

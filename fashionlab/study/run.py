@@ -83,6 +83,7 @@ from fashionlab.twins import find_twins
 __all__ = ["run_study"]
 
 
+@stops.listened
 def run_study(
     spec: StudySpec,
     *,
