@@ -448,8 +448,11 @@ def deletable_run(store: Store, run_id: str) -> RunRecord:
     return run
 
 
-def delete_run(store: Store, run_id: str, *, run_dir: str | Path | None = None) -> RunRecord:
-    """Delete a run's rows in the store and its output directory; returns what was deleted.
+def delete_run(store: Store, run_id: str, *,
+               run_dir: str | Path | None = None) -> RunRecord | None:
+    """Delete a run's rows in the store and its output directory; returns what was deleted,
+    or None where the run had left the store already and this removed the folder its
+    stopped deletion left (`leftover_folder`: only for a whole run id).
 
     A running run is refused. The database goes first: a store that cannot be written
     (read-only, unreachable) fails before any file is touched. A search's Optuna study (its
@@ -463,7 +466,15 @@ def delete_run(store: Store, run_id: str, *, run_dir: str | Path | None = None) 
     (`Store.run_dir`), so that deleting from a copy never touches the original's files.
     """
     store = as_store(store)
-    run = deletable_run(store, run_id)
+    try:
+        run = deletable_run(store, run_id)
+    except StoreError:
+        seen_from = store.run_dir if run_dir is None else run_dir
+        left = None if seen_from is None else leftover_folder(store, run_id, seen_from)
+        if left is None:
+            raise
+        remove_folder(left)
+        return None
     run_dir = store.run_dir_holding(run.id) if run_dir is None else run_dir
     if run.kind == "search":
         from fashionlab.trials import delete_study, study_name  # Optuna: off start-up

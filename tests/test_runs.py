@@ -754,6 +754,19 @@ def test_a_delete_stopped_after_the_rows_is_finished_by_deleting_again(
     assert_one_line_error(code, err, "no run 'notes'")
     assert (tmp_path / "notes").is_dir()
 
+    # The Python API finishes it too (the command asks first, then calls it).
+    store = Store.open(tmp_path)
+    run_id = _fake_run(store, "half again", summary={"candidates": []}, output_root=tmp_path)
+    (tmp_path / run_id / "models").mkdir(parents=True)
+    store.delete_run(run_id)  # the rows only: as a stop after them leaves it
+    assert delete_run(store, run_id) is None and not (tmp_path / run_id).exists()
+    with pytest.raises(StoreError, match="no run 'notes'"):
+        delete_run(store, "notes", run_dir=tmp_path)
+    with pytest.raises(StoreError, match=f"no run '{run_id}'"):  # nothing left to finish
+        delete_run(store, run_id)
+    store.close()
+    assert (tmp_path / "notes").is_dir()
+
 
 def test_a_cpu_whose_bfloat16_cannot_be_read_records_it_as_unknown(
         monkeypatch: pytest.MonkeyPatch):

@@ -317,7 +317,6 @@ def delete(
         deletable_run,
         delete_run,
         leftover_folder,
-        remove_folder,
         run_output_dir,
     )
 
@@ -332,7 +331,7 @@ def delete(
             if not yes:
                 typer.confirm(f"Delete {left}, the folder of run {run}, which the store no "
                               "longer holds?", abort=True)
-            remove_folder(left)
+            delete_run(opened, run, run_dir=seen_from)
             typer.echo(f"deleted {left} (run {run} had left the store already)")
             return
         deletable_run(opened, record.id)  # refused before anyone is asked
