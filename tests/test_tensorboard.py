@@ -27,6 +27,7 @@ from tensorboard.backend.event_processing.event_file_loader import (
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from fashionlab.config import load_study
+from fashionlab.errors import ConfigError
 from fashionlab.integrations.tensorboard import (
     TensorBoard,
     export_run_to_tensorboard,
@@ -278,6 +279,25 @@ def test_tensorboard_on_a_finished_run_shown_again_writes_its_curves(
                                "--workers", "1", "--tensorboard", "--json")
         assert code == 0, err
     _assert_curves_match_the_store(run_dir, run.id)
+
+
+def test_a_board_given_another_run_directory_than_the_study_says_so(study_file: Path,
+                                                                     tmp_path: Path):
+    spec = load_study(study_file)
+    other = tmp_path / "other"
+    run_study(spec, run_dir=other, workers=1, progress=False)  # a store, without this run
+    with pytest.warns(UserWarning, match=f"TensorBoard wrote nothing: the store of {other} "
+                      "holds no run this process trains; give it the run_dir"), \
+            TensorBoard(run_dir=other) as board:
+        result = run_study(spec, run_dir=tmp_path / "runs", workers=1, fresh=True,
+                           progress=board)
+    assert not tensorboard_dir(result.run).exists()
+    # No store there at all: said at the first epoch, the run kept to resume.
+    with pytest.raises(ConfigError, match="TensorBoard: no store at .*missing.*; give it the "
+                       "run_dir"), TensorBoard(run_dir=tmp_path / "missing") as board:
+        run_study(spec, run_dir=tmp_path / "runs", workers=1, fresh=True, progress=board)
+    assert Store.open(tmp_path / "runs").runs()[0].state == "interrupted"
+    assert not (tmp_path / "missing").exists()
 
 
 def test_the_library_writes_the_finished_run_shown_again(study_file: Path, tmp_path: Path):

@@ -26,16 +26,17 @@ import math
 import os
 import socket
 import threading
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from fashionlab.errors import ConfigError, OutputError
+from fashionlab.errors import ConfigError, OutputError, StoreError
 from fashionlab.progress import Reporter, reporting
 from fashionlab.schema import METRICS
 from fashionlab.serialize import file_in_the_way, flatten
-from fashionlab.store import DEFAULT_RUN_DIR, RunRecord, Store, as_store
+from fashionlab.store import DEFAULT_RUN_DIR, RunRecord, Store, as_store, safe_url
 from fashionlab.text import safe_name
 from fashionlab.train import EpochMetrics
 
@@ -260,6 +261,7 @@ class TensorBoard:
         self.then = then
         self._store: Store | None = None
         self._runs: dict[str, _RunWriter] = {}  # run id -> its writer
+        self._unplaced = False  # epochs heard of no run of this process in its store
 
     def __enter__(self) -> TensorBoard:  # noqa: PYI034 - a final class
         return self
@@ -269,7 +271,14 @@ class TensorBoard:
         self.close()
 
     def close(self) -> None:
-        """Write the HParams entries of the finished runs it saw; close every file."""
+        """Write the HParams entries of the finished runs it saw; close every file. Epochs
+        heard with no run of this process in its store to write them for (it was given
+        another run directory or store than the study's) are a warning."""
+        if self._unplaced and not self._runs:
+            warnings.warn(f"TensorBoard wrote nothing: the store of {self._where()} holds no "
+                          "run this process trains; give it the run_dir (and store_url) that "
+                          "run_study or run_search was given", stacklevel=2)
+        self._unplaced = False
         for writer in self._runs.values():
             if self._store is not None and self._store.run(writer.run.id).status == "finished":
                 writer.refresh()
@@ -288,7 +297,12 @@ class TensorBoard:
             if key in writer.keys:
                 return writer
         if self._store is None:
-            self._store = Store.open(self.run_dir, self.store_url, read_only=True)
+            try:
+                self._store = Store.open(self.run_dir, self.store_url, read_only=True,
+                                         create=False)
+            except StoreError as error:  # not the study's run directory
+                raise ConfigError(f"TensorBoard: {error}; give it the run_dir (and store_url) "
+                                  "that run_study or run_search was given") from None
         host, pid = socket.gethostname(), os.getpid()
         for run in self._store.runs():
             if run.id in self._runs or run.status != "running" or (run.host, run.pid) != (
@@ -302,7 +316,11 @@ class TensorBoard:
             if key in writer.keys:
                 self._runs[run.id] = writer
                 return writer
-        return None  # not a stored model (a test's own label): nothing to write
+        self._unplaced = True  # not a stored model of this process: nothing to write
+        return None
+
+    def _where(self) -> str:
+        return self.run_dir.as_posix() if self.store_url is None else safe_url(self.store_url)
 
     def start(self, label: str, epochs: int) -> None:
         if self.then is not None:
