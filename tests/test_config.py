@@ -18,6 +18,7 @@ from fashionlab.config import (
     DenseLayer,
     ModelSpec,
     bundled_studies,
+    derived,
     load_study,
     quick_variant,
     study_from_dict,
@@ -635,3 +636,16 @@ def test_a_study_that_is_not_a_table_is_a_config_error(raw: object):
     with pytest.raises(ConfigError, match=f"^api: expected a table of settings .*, got "
                                           f"{type(raw).__name__}$"):
         study_from_dict(raw, source="api")  # type: ignore[arg-type]
+
+
+def test_a_derived_spec_with_a_value_it_cannot_take_is_one_line_naming_its_file():
+    seed = load_study("seed")
+    assert derived(seed, seed=3).seed == 3
+    for changes, says in (({"seed": "1"}, 'seed: input should be a valid integer (got "1")'),
+                          ({"seed": 2**70}, "seed: input should be less than or equal to"),
+                          ({"name": ""}, "name: a name must not be empty"),
+                          ({"bogus": 1}, "unknown key 'bogus'")):
+        with pytest.raises(ConfigError) as error:
+            derived(seed, **changes)
+        assert str(error.value).startswith("seed.toml: ") and says in str(error.value)
+        assert "\n" not in str(error.value)

@@ -182,9 +182,12 @@ def check_spec(spec: Any) -> StudySpec:
 
 def derived(spec: StudySpec, **changes: Any) -> StudySpec:
     """`dataclasses.replace(spec, **changes)` that is still read from `spec`'s file (errors
-    name it)."""
-    new = dataclasses.replace(check_spec(spec), **changes)
-    source = getattr(spec, _SOURCE, None)
+    name it): a value the study cannot have is a one-line ConfigError, as in a file."""
+    source = getattr(check_spec(spec), _SOURCE, None)
+    try:
+        new = dataclasses.replace(spec, **changes)
+    except ValidationError as error:
+        raise ConfigError(f"{source or 'study'}: {_format_validation_error(error)}") from None
     return new if source is None else _read_from(new, source)
 
 
