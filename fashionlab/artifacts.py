@@ -124,6 +124,9 @@ def load_model(directory: str | Path, device: str | torch.device | None = "cpu",
     place of the safetensors file) raises ModelFileError naming the file.
     Nothing is unpickled: safetensors holds raw tensors only.
     """
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"load_model: expected a saved model's folder (a path), got "
+                        f"{type(directory).__name__}")
     views = get_args(TestTimeAugmentation)
     if tta is not None and tta not in views:
         raise ValueError(f"tta must be one of {', '.join(map(repr, views))}, not {tta!r}")

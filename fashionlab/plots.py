@@ -52,18 +52,21 @@ def _missing_glyphs_drawn_silently() -> Iterator[None]:
         yield
 
 
-def save_figure(figure: Figure, path: Path, **savefig: Any) -> None:
+def save_figure(figure: Figure, path: str | Path, **savefig: Any) -> None:
     """`figure.savefig(path, **savefig)` whole or not at all: under the staging name, then
-    renamed (a kill never leaves half a PNG under `path`). OSError when it cannot."""
+    renamed (a kill never leaves half a PNG under `path`). OSError naming `path` when it
+    cannot."""
+    path = Path(path)
     staging = fresh_staging_path(path)
     try:
         with _missing_glyphs_drawn_silently(), stops.kept():
             figure.savefig(staging, **{"format": path.suffix.lstrip(".") or "png", **savefig})
         os.replace(staging, path)
     except OSError as error:
-        if error.filename is not None:
+        if error.filename is not None and Path(error.filename) != staging:
             raise
-        # matplotlib's PNG writer says a full disk without the file's name
+        # matplotlib's PNG writer says a full disk without the file's name; the staging
+        # file's is no name the caller gave (renamed onto a folder: IsADirectoryError)
         raise OSError(error.errno, error.strerror or str(error), str(path)) from None
     finally:
         staging.unlink(missing_ok=True)

@@ -112,3 +112,36 @@ def test_results_with_arrays_compare_and_print_without_numpy_errors(tmp_path: Pa
 def test_a_bundled_name_with_a_stray_space_is_shown_quoted():
     with pytest.raises(fl.ConfigError, match=r"^'seed ': no such study file, and no bundled"):
         fl.load_study("seed ")
+
+
+def test_a_model_board_or_figure_given_the_wrong_kind_of_argument_says_so(tmp_path: Path):
+    pytest.importorskip("tensorboard")
+    from fashionlab.errors import ConfigError
+    from fashionlab.integrations.tensorboard import TensorBoard, write_shown_run
+
+    with pytest.raises(TypeError, match=r"^load_model: expected a saved model's folder \(a "
+                       r"path\), got int$"):
+        fl.load_model(5)
+    with pytest.raises(ConfigError, match="^run_dir: expected a folder's path, got int$"):
+        TensorBoard(run_dir=5)
+    with pytest.raises(TypeError, match="^write_shown_run: expected what run_study or "
+                       "run_search returned, got str$"):
+        write_shown_run("fashionlab-runs")
+
+
+def test_a_figure_is_saved_to_a_path_given_as_text_and_a_folder_in_the_way_is_named(
+        tmp_path: Path):
+    import matplotlib.pyplot as plt
+
+    from fashionlab.plots import save_figure
+
+    figure = plt.figure()
+    save_figure(figure, str(tmp_path / "a.png"))  # a str: an AttributeError before
+    assert (tmp_path / "a.png").read_bytes().startswith(b"\x89PNG")
+    (tmp_path / "b.png").mkdir()
+    with pytest.raises(IsADirectoryError) as error:
+        save_figure(figure, tmp_path / "b.png")
+    assert error.value.filename == str(tmp_path / "b.png")  # not the hidden staging file's
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png"]
+    assert list((tmp_path / "b.png").iterdir()) == []
+    plt.close(figure)

@@ -32,6 +32,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from fashionlab.arguments import check_run_dir
 from fashionlab.errors import ConfigError, OutputError, StoreError
 from fashionlab.progress import Reporter, reporting
 from fashionlab.schema import METRICS
@@ -256,7 +257,7 @@ class TensorBoard:
     def __init__(self, *, run_dir: str | Path = DEFAULT_RUN_DIR, store_url: str | None = None,
                  then: Reporter | None = None) -> None:
         _require()
-        self.run_dir = Path(run_dir)
+        self.run_dir = check_run_dir(run_dir)
         self.store_url = store_url
         self.then = then
         self._store: Store | None = None
@@ -368,6 +369,10 @@ def write_shown_run(result: StudyResult | SearchResult, *,
     says not which trials this call trained: a finished one is brought up to date, reading
     back what its event files hold.) `run_dir` defaults to the result's own (the folder of its
     output directory), the store to that run directory's (or FASHIONLAB_STORE)."""
+    if not isinstance(getattr(result, "run", None), RunRecord) \
+            or getattr(result, "output_dir", None) is None:
+        raise TypeError(f"write_shown_run: expected what run_study or run_search returned, got "
+                        f"{type(result).__name__}")
     if getattr(result, "trained_here", None):  # a study's: the board wrote it as it came
         return None
     run_dir = Path(result.output_dir).parent if run_dir is None else run_dir
