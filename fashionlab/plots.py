@@ -23,12 +23,15 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from fashionlab import stops
-from fashionlab.data import CLASS_NAMES
-from fashionlab.serialize import fresh_staging_path
+from fashionlab.data import CLASS_NAMES, Split
+from fashionlab.errors import OutputError
+from fashionlab.serialize import folder_blocked, fresh_staging_path, why_not_written
 from fashionlab.text import safe_name
 
-__all__ = ["InlineFigure", "curves_file", "learning_curves", "png_data_uri", "sample_grid",
-           "save_figure"]
+__all__ = ["IMAGE_SUFFIXES", "InlineFigure", "check_image_file", "curves_file",
+           "learning_curves", "png_data_uri", "sample_grid", "save_figure", "write_samples"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg")  # what `write_samples` writes
 
 
 class InlineFigure(Figure):
@@ -128,6 +131,42 @@ def sample_grid(
     if title:
         ax.set_title(title)
     return figure
+
+
+def check_image_file(out: str | Path, *, option: str | None = None) -> Path:
+    """`out` as a Path, if it can be an image file `write_samples` writes; else a one-line
+    OutputError naming it, after the `option` that gave it if any (a suffix it cannot write,
+    a folder, a file where a folder of its path should be)."""
+    out = Path(out)
+    named = f"{option} {out}" if option else str(out)
+    if out.suffix.lower() not in IMAGE_SUFFIXES:
+        raise OutputError(f"{named}: name an image file ending in {', '.join(IMAGE_SUFFIXES)}")
+    if out.is_dir():
+        raise OutputError(f"{named}: is a folder; name the image file to write")
+    if (blocked := folder_blocked(out)) is not None:
+        raise OutputError(f"{named}: {blocked}")
+    return out
+
+
+def write_samples(split: Split, out: str | Path, *, per_class: int = 8,
+                  class_names: Sequence[str] = CLASS_NAMES, title: str | None = None) -> Path:
+    """Write `sample_grid` of a split to the image file `out` (.png, .jpg, .pdf or .svg, by
+    its suffix), its folder made if missing, whole or not at all; returns its path. What
+    `fashionlab data show` does. A path that names no image file, a folder, or a place that
+    cannot be written is a one-line OutputError naming it, checked before anything is drawn."""
+    if not isinstance(split, Split):
+        raise TypeError(f"write_samples: expected a fashionlab.data.Split (e.g. "
+                        f"load_fashion_mnist().train), got {type(split).__name__}")
+    out = check_image_file(out)
+    figure = sample_grid(split.images, split.labels, per_class=per_class,
+                         class_names=class_names, title=title)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_figure(figure, out, format=out.suffix.lower().lstrip("."), dpi=100,
+                    bbox_inches="tight")
+    except OSError as error:
+        raise OutputError(f"{out}: cannot write ({why_not_written(out, error)})") from None
+    return out
 
 
 class _Warning(Protocol):

@@ -145,3 +145,21 @@ def test_a_figure_is_saved_to_a_path_given_as_text_and_a_folder_in_the_way_is_na
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png"]
     assert list((tmp_path / "b.png").iterdir()) == []
     plt.close(figure)
+
+
+def test_data_shows_samples_from_python_as_the_command_does(tiny_idx_dir: Path, tmp_path: Path):
+    from fashionlab.errors import OutputError
+    from fashionlab.plots import write_samples
+
+    split = fl.load_fashion_mnist(tiny_idx_dir, verify=False).test
+    out = write_samples(split, str(tmp_path / "new" / "grid.png"), per_class=3)
+    assert out == tmp_path / "new" / "grid.png" and out.read_bytes().startswith(b"\x89PNG")
+    (tmp_path / "new" / "folder.png").mkdir()
+    for bad, says in (("grid.txt", "name an image file ending in .png"),
+                      ("new/folder.png", "is a folder; name the image file to write"),
+                      ("new/grid.png/x.png", "is a file, not a folder")):
+        with pytest.raises(OutputError, match=says):
+            write_samples(split, tmp_path / bad)
+    with pytest.raises(TypeError, match="^write_samples: expected a fashionlab.data.Split"):
+        write_samples(split.images, tmp_path / "x.png")
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["folder.png", "grid.png"]

@@ -10,8 +10,6 @@ import typer
 
 from fashionlab import data
 from fashionlab.cli import app, output_console, path_named, print_json
-from fashionlab.errors import FashionlabError
-from fashionlab.serialize import folder_blocked, why_not_written
 
 data_app = typer.Typer(
     help="Find, fetch, verify and look at the Fashion-MNIST files.\n\n"
@@ -97,9 +95,6 @@ def fetch(
         typer.echo(f"  {path}")
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg")  # what matplotlib writes here
-
-
 @data_app.command()
 def show(
     out: Annotated[Path, typer.Option(
@@ -119,25 +114,11 @@ def show(
 
     Example: fashionlab data show --out samples.png --per-class 10 --split test
     """
-    from fashionlab.plots import sample_grid, save_figure  # matplotlib: only for this command
+    from fashionlab.plots import check_image_file, write_samples  # matplotlib: for this only
 
-    if out.suffix.lower() not in IMAGE_SUFFIXES:  # checked before loading, not after drawing
-        raise FashionlabError(f"--out {out}: name an image file ending in "
-                              f"{', '.join(IMAGE_SUFFIXES)}")
-    if out.is_dir():
-        raise FashionlabError(f"--out {out}: is a folder; name the image file to write")
-    if (blocked := folder_blocked(out)) is not None:
-        raise FashionlabError(f"--out {out}: {blocked}")
+    check_image_file(out, option="--out")  # before loading, not after drawing
     dataset = data.load_fashion_mnist(directory, verify=verify)
     part = dataset.train if split is SplitName.train else dataset.test
-    figure = sample_grid(part.images, part.labels, per_class=per_class,
-                         class_names=dataset.class_names, title=f"{split.value} split")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        # Whole or not at all (a kill leaves no half image under its name, nor destroys the
-        # one there), in the format its suffix names.
-        save_figure(figure, out, format=out.suffix.lower().lstrip("."), dpi=100,
-                    bbox_inches="tight")
-    except OSError as error:
-        raise FashionlabError(f"{out}: cannot write ({why_not_written(out, error)})") from None
+    write_samples(part, out, per_class=per_class, class_names=dataset.class_names,
+                  title=f"{split.value} split")
     typer.echo(f"wrote {out}")
