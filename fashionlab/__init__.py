@@ -11,8 +11,10 @@ without importing torch, matplotlib or Optuna until a command needs them.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import types
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from fashionlab.lazy import lazy_exports
@@ -126,6 +128,16 @@ class _Package(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _Package
+
+# Optuna imports tqdm.auto, which in a Jupyter kernel without ipywidgets warns "IProgress not
+# found. Please update jupyter and ipywidgets" as it is imported: advice about tqdm's widgets,
+# which fashionlab never draws (its progress is one line per epoch there). So in such a kernel
+# tqdm.auto is imported here first, that warning ignored.
+if "ipykernel" in sys.modules and "tqdm.autonotebook" not in sys.modules \
+        and importlib.util.find_spec("ipywidgets") is None:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        import tqdm.auto  # noqa: F401 - imported for its warning, above
 
 
 if TYPE_CHECKING:  # static analysers and IDEs see the names directly
