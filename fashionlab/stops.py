@@ -10,6 +10,9 @@ Where the main thread holds locks that another thread needs, a KeyboardInterrupt
 raised inside `concurrent.futures.wait`, it can leave a future's lock held, and the pool's
 shutdown then waits forever for its manager thread, which needs that lock. There the stop is
 `deferred`: recorded by the handlers, raised when the block ends.
+
+A library call that trains (`run_study`, `run_search`: a notebook's) is `listening`: Ctrl-C is
+recorded there too, before the handler in place raises it.
 """
 
 from __future__ import annotations
@@ -154,14 +157,14 @@ def raise_if_stopped() -> None:
         raise KeyboardInterrupt
 
 
-P = ParamSpec("P")
-R = TypeVar("R")
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
-def listened(function: Callable[P, R]) -> Callable[P, R]:
+def listened(function: Callable[_P, _R]) -> Callable[_P, _R]:
     """A library call that trains, run `listening`."""
     @functools.wraps(function)
-    def wrapped(*args: P.args, **kwargs: P.kwargs) -> R:
+    def wrapped(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         with listening():
             return function(*args, **kwargs)
     return wrapped
