@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from typing import Any, Literal, get_args
 
 from fashionlab.errors import FieldValueError
@@ -134,6 +135,19 @@ def _check_param(param: Param, spec: Any) -> None:
         if spec.step > spec.high - spec.low:  # one point: every trial the same
             raise ValueError(f"step ({spec.step}) must not exceed the range "
                              f"({spec.low} to {spec.high}): it would draw {spec.low} alone")
+        # As Optuna checks it (decimal, not binary, arithmetic: 0.1 to 0.5 by 0.1 divides);
+        # Optuna would warn and quietly cut high down to the last step.
+        span, step = Decimal(str(spec.high)) - Decimal(str(spec.low)), Decimal(str(spec.step))
+        try:
+            divides = span % step == 0
+        except InvalidOperation:  # past decimal's precision: a grid too large (`check_grid`)
+            divides = True
+        if not divides:
+            last = Decimal(str(spec.low)) + step * (span // step)
+            shown = int(last) if param.kind == "int" else float(last)
+            raise ValueError(f"step ({spec.step}) does not divide the range ({spec.low} to "
+                             f"{spec.high}): make high {shown} (the last step) or change the "
+                             "step")
 
 
 def _spelled(value: Any) -> str:

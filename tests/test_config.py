@@ -553,9 +553,15 @@ def test_the_quick_variant_of_a_study_with_the_longest_name(name: str):
     assert quick.name.endswith("-quick") and name.startswith(quick.name.removesuffix("-quick"))
 
 
+# Scaled to 8 epochs at most: a search that varies epochs still does (cutting off what lies
+# above 8 left one value of [10, 20], a space that varied nothing: a traceback).
 @pytest.mark.parametrize(("epochs", "quick"), [
-    ("{ choices = [4, 20] }", "choices=(4,)"), ("{ choices = [20, 30] }", "choices=(8,)"),
-    ("{ low = 5, high = 40 }", "low=5, high=8"), ("{ low = 10, high = 40 }", "value=8"),
+    ("{ choices = [4, 20] }", "choices=(2, 8)"), ("{ choices = [20, 30] }", "choices=(5, 8)"),
+    ("{ choices = [4, 8] }", "choices=(4, 8)"), ("{ choices = [30, 31] }", "value=8"),
+    ("{ low = 5, high = 40 }", "low=1, high=8,"), ("{ low = 10, high = 40 }", "low=2, high=8,"),
+    ("{ low = 3, high = 6 }", "low=3, high=6,"), ("{ low = 19, high = 20 }", "value=8"),
+    ("{ low = 4, high = 20, step = 4 }", "low=2, high=8, log=False, step=2"),
+    ("{ low = 4, high = 40, step = 12 }", "low=1, high=7, log=False, step=2"),
     ("30", "value=8"), ("6", "value=6")])
 def test_the_quick_variant_of_a_search_that_varies_epochs(epochs: str, quick: str):
     spec = study_from_dict(tomllib.loads(
@@ -565,6 +571,16 @@ def test_the_quick_variant_of_a_search_that_varies_epochs(epochs: str, quick: st
     short = quick_variant(spec).search
     assert short is not None and quick in repr(short.space["epochs"])
     assert short.space["units"] == spec.search.space["units"]
+
+
+def test_a_quick_variant_whose_search_would_vary_nothing_is_one_line():
+    spec = study_from_dict(tomllib.loads(
+        'name = "s"\n[[candidates]]\nname = "a"\nlayers = [{ units = 8 }]\n'
+        "[search]\nn_trials = 10\n[search.space]\nepochs = { low = 19, high = 20 }\n"),
+        source="s.toml")
+    with pytest.raises(ConfigError, match=r"^s.toml: its quick variant \(8 epochs at most\): "
+                       "search.space: varies nothing"):
+        quick_variant(spec)
 
 
 def test_the_quick_variant_of_a_search_compares_with_the_quick_reference_study():

@@ -152,6 +152,12 @@ layers = [{ units = 64 }]
     ("", "search.space: varies nothing"),
     ("units = { low = 4, high = 8, step = 100 }",
      "search.space.units: step (100) must not exceed the range (4 to 8): it would draw 4 alone"),
+    # Optuna warned on stderr and cut the range to [4, 14]
+    ("units = { low = 4, high = 17, step = 5 }",
+     ("search.space.units: step (5) does not divide the range (4 to 17): make high 14 (the "
+      "last step) or change the step")),
+    ("dropout = { low = 0.1, high = 0.5, step = 0.15 }",
+     "search.space.dropout: step (0.15) does not divide the range (0.1 to 0.5): make high 0.4"),
     # Strict types, as everywhere in a study file; a union says what it takes.
     ('learning_rate = { low = "0.001", high = 0.1 }',
      'search.space.learning_rate.low: input should be a number (got "0.001")'),

@@ -274,6 +274,13 @@ def quick_variant(spec: StudySpec) -> StudySpec:
     """A small version of a study for trying things: fewer samples and epochs, same shape."""
     check_spec(spec)
     replace = dataclasses.replace
+    try:
+        search = None if spec.search is None else _quick_search(
+            spec.search, epochs=8, folds=spec.cv.n_splits * spec.cv.repeats)
+    except ValidationError as error:  # epochs scaled down to one value, the only one searched
+        source = getattr(spec, _SOURCE, None) or "study"
+        raise ConfigError(f"{source}: its quick variant (8 epochs at most): "
+                          f"{_format_validation_error(error, ('search',))}") from None
 
     def shorten(candidate: Candidate, epochs: int) -> Candidate:
         train = replace(candidate.train, epochs=min(candidate.train.epochs, epochs))
@@ -291,8 +298,7 @@ def quick_variant(spec: StudySpec) -> StudySpec:
         retrain=replace(spec.retrain, epochs=spec.retrain.epochs  # a rule: read off the curves
                         if isinstance(spec.retrain.epochs, str) else min(spec.retrain.epochs, 8)),
         final=tuple(shorten(c, 3) for c in spec.final),
-        search=None if spec.search is None else _quick_search(
-            spec.search, epochs=8, folds=spec.cv.n_splits * spec.cv.repeats),
+        search=search,
     )
 
 
@@ -304,21 +310,38 @@ def _quick_name(name: str) -> str:
     return f"{name}-quick"
 
 
+def _fewer_epochs(spec: ParamSpec, epochs: int) -> ParamSpec:
+    """A search's `epochs` parameter scaled down to at most `epochs`: its largest value becomes
+    `epochs` and the others shrink in proportion (rounded, at least 1), so that the quick
+    search still varies what the search varies (cutting off the values above `epochs` could
+    leave one, a space that varies nothing), and a step still divides its range."""
+    if spec.value is not None:
+        return ParamSpec(value=min(int(spec.value), epochs))
+    values = spec.choices if spec.choices is not None else (spec.low, spec.high)
+    top = max(int(v) for v in values)
+    if top <= epochs:
+        return spec
+
+    def scaled(value: float) -> int:
+        return max(1, round(value * epochs / top))
+
+    if spec.choices is not None:
+        short = sorted({scaled(c) for c in spec.choices})
+        return dataclasses.replace(spec, choices=tuple(short)) if len(short) > 1 \
+            else ParamSpec(value=short[0])
+    low, step = scaled(spec.low), None if spec.step is None else scaled(spec.step)
+    high = epochs if step is None else low + step * ((epochs - low) // step)
+    if low >= high:
+        return ParamSpec(value=epochs)
+    return dataclasses.replace(spec, low=low, high=high, step=step)
+
+
 def _quick_search(search: SearchSpec, *, epochs: int, folds: int) -> SearchSpec:
     """A small version of a search (for `--quick`): at most 6 trials, `epochs` epochs; a
     budget of at most what they cost in fold-epochs (each trial trains `folds` folds)."""
     space = dict(search.space)
-    spec = space.get("epochs")
-    if spec is not None:
-        if spec.choices is not None:
-            short = tuple(c for c in spec.choices if isinstance(c, int) and c <= epochs)
-            space["epochs"] = dataclasses.replace(spec, choices=short or (epochs,))
-        elif spec.value is not None:
-            space["epochs"] = ParamSpec(value=min(int(spec.value), epochs))
-        elif spec.low is not None and spec.high is not None:
-            high = min(int(spec.high), epochs)
-            space["epochs"] = ParamSpec(value=high) if spec.low >= high else \
-                dataclasses.replace(spec, high=high)
+    if "epochs" in space:
+        space["epochs"] = _fewer_epochs(space["epochs"], epochs)
     trials = min(search.n_trials or 6, 6)
     reference = search.reference
     if reference is not None and reference.study is not None:
