@@ -18,6 +18,7 @@ from helpers import assert_one_line_error, run_cli, tiny_search_toml, tiny_study
 import fashionlab
 from fashionlab import cli, stops
 from fashionlab.cli import app
+from fashionlab.errors import StoreError
 from fashionlab.store import Store
 
 Group = typer.core.TyperGroup  # typer's own click (vendored since 0.2x)
@@ -136,6 +137,24 @@ def test_an_empty_path_is_refused_not_read_as_the_current_folder(
     code, out, err = run_cli(capsys, *args)
     assert_one_line_error(code, err, "empty: name a folder or file")
     assert out == "" and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args", [
+    ["study", "tiny.toml"], ["search", "tiny.toml"], ["runs", "list"], ["runs", "show", "x"]])
+@pytest.mark.parametrize("url", ["", " "])
+def test_an_empty_store_url_is_refused_not_read_as_the_local_store(
+        args: list[str], url: str, tiny_idx_dir: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
+    """`--store "$DB_URL"` with the variable unset: a machine meant to join a shared run
+    trained alone in its local store."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.toml").write_text(tiny_search_toml(tiny_idx_dir, n_trials=1))
+    code, out, err = run_cli(capsys, *args, "--store", url)
+    assert_one_line_error(code, err, "the store URL is empty: give a database URL, or none for "
+                          "the run directory's SQLite store (an unset shell variable?)")
+    assert out == "" and sorted(p.name for p in tmp_path.iterdir()) == ["tiny-idx", "tiny.toml"]
+    with pytest.raises(StoreError, match="the store URL is empty"):  # the library too
+        Store.open(tmp_path, url)
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="Windows cannot delete a folder in use")

@@ -108,7 +108,7 @@ from fashionlab.store import (
     Store,
     database_trouble,
     database_url,
-    default_url,
+    resolved_url,
     safe_url,
 )
 from fashionlab.tables import spent_line
@@ -214,7 +214,7 @@ def run_search(
     limits = _limits(study_source(spec), search, base, n_trials, timeout)
     claim_grace()  # a bad FASHIONLAB_CLAIM_GRACE is said now, not in the first trial
     torch_device = resolve_device(device)
-    url = database_url(store_url or os.environ.get("FASHIONLAB_STORE") or default_url(run_dir))
+    url = database_url(resolved_url(store_url, run_dir))
     if url in ("sqlite://", "sqlite:///:memory:"):
         raise ConfigError("--store: a search needs a database file or server, not memory")
     study_name, fingerprint = search_identity(spec)

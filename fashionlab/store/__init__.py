@@ -25,6 +25,7 @@ from fashionlab.store.engine import (
     default_url,
     make_folder,
     open_error,
+    resolved_url,
     safe_url,
 )
 from fashionlab.store.records import (
@@ -63,6 +64,7 @@ __all__ = [
     "gone",
     "make_folder",
     "open_error",
+    "resolved_url",
     "safe_url",
     "this_process",
 ]

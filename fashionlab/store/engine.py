@@ -116,6 +116,16 @@ def database_url(url: str) -> str:
     return url
 
 
+def resolved_url(url: str | None, run_dir: str | Path = DEFAULT_RUN_DIR) -> str:
+    """The URL of the store to use: `url`, else FASHIONLAB_STORE's, else the SQLite file in
+    `run_dir` (`default_url`). A blank `url` is refused: `--store "$DB_URL"` with the variable
+    unset would otherwise train alone in the local store, not join the shared one."""
+    if isinstance(url, str) and not url.strip():
+        raise StoreError("the store URL is empty: give a database URL, or none for the run "
+                         "directory's SQLite store (an unset shell variable?)")
+    return url or os.environ.get("FASHIONLAB_STORE") or default_url(run_dir)
+
+
 def default_url(run_dir: str | Path = DEFAULT_RUN_DIR) -> str:
     """The SQLite URL of the store in `run_dir`. A URL decodes "%XX" and ends its path at "?"
     or "#": those are escaped, so that a folder named with them holds its own store."""

@@ -45,12 +45,12 @@ from fashionlab.store.engine import (
     DEFAULT_RUN_DIR,
     connect_args,
     database_url,
-    default_url,
     holds_rows,
     make_folder,
     open_error,
     read_only_url,
     refuse_damaged_file,
+    resolved_url,
     safe_url,
     sqlite_file,
     sqlite_pragmas,
@@ -168,7 +168,9 @@ class Store:
     @classmethod
     def open(cls, run_dir: str | Path = DEFAULT_RUN_DIR, url: str | None = None, *,
              read_only: bool = False, create: bool = True) -> Store:
-        return cls(url or os.environ.get("FASHIONLAB_STORE") or default_url(run_dir),
+        """The store at `resolved_url(url, run_dir)`: `url`, else FASHIONLAB_STORE's, else
+        the SQLite file in `run_dir`."""
+        return cls(resolved_url(url, run_dir),
                    read_only=read_only, create=create)
 
     def close(self) -> None:
