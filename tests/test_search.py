@@ -196,6 +196,14 @@ def test_search_settings_are_checked_too():
          "my.toml: search.reference.label: 'a\\nb' contains a control character"),
         ('[search.reference]\nscore = 0.9\nlabel = ""',
          "my.toml: search.reference.label: a name must not be empty"),
+        # Accepted before: tested against no study (''), or silently no reference at all
+        ('[search.reference]\nstudy = ""',
+         "my.toml: search.reference.study: a name must not be empty"),
+        ('[search.reference]\nscore = 0.9\ncandidate = "x"',
+         ("my.toml: search.reference.candidate: names a candidate of the reference study: give "
+          "study too")),
+        ('[search.reference]\nlabel = "x"',
+         "my.toml: search.reference: compares with nothing: give a score, a study, or both"),
         ("timeout = inf", "my.toml: search.timeout: input should be a finite number (got inf)"),
         ("startup_trials = true",
          "my.toml: search.startup_trials: input should be a valid integer (got true)"),

@@ -460,8 +460,17 @@ class ReferenceSpec:
 
     score: Float | None = None  # e.g. 0.895: a one-sample test of the best's per-fold scores
     label: Name = "reference"  # how tables name it (one line, as any name)
-    study: str | None = None  # name of a finished study run in the store: a paired test
-    candidate: str | None = None  # that study's candidate (default: its best)
+    study: Name | None = None  # name of a finished study run in the store: a paired test
+    candidate: Name | None = None  # that study's candidate (default: its best)
+
+    @model_validator(mode="after")
+    def _something_to_compare_with(self) -> ReferenceSpec:
+        if self.candidate is not None and self.study is None:
+            raise FieldValueError(("candidate",), "names a candidate of the reference study: "
+                                  "give study too")
+        if self.score is None and self.study is None:
+            raise FieldValueError((), "compares with nothing: give a score, a study, or both")
+        return self
 
 
 @dataclass(frozen=True, config=_STRICT)
