@@ -224,7 +224,7 @@ def _schema_version(conn: sa.Connection) -> int:
 def no_store(where: str) -> StoreError:
     """What a command that only looks says of a place with no store in it."""
     return StoreError(f"no store at {where}: nothing has run there yet (`fashionlab study` "
-                      "starts a run; --run-dir or --store names another store)")
+                      "or `search` starts a run; --run-dir or --store names another store)")
 
 
 def _newer_schema(current: int) -> StoreError:

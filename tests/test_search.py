@@ -847,11 +847,14 @@ def test_finish_writes_the_results_of_the_trials_so_far_and_refuses_none(
 
     run_dir = tmp_path / "runs"
     Store.open(run_dir).close()  # a store, but no trial of this search in it
+    before = sorted((p.name, p.read_bytes()) for p in run_dir.iterdir())
     code, _, err = run_cli(capsys, "search", str(path), "--finish", "--run-dir", str(run_dir))
     assert_one_line_error(code, err, "search 'tiny-search' has no trial that ran to its end",
                           "nothing to finish (run the search first)")
+    # Untouched: neither Optuna's tables nor the search's lock file made in it
+    assert sorted((p.name, p.read_bytes()) for p in run_dir.iterdir()) == before
     store = Store.open(run_dir)
-    assert store.runs() == []  # no empty result run
+    assert store.runs() == [] and not store.has_table("studies")  # no empty result run
     store.close()
 
     # Its only trial stopped by Ctrl-C (failed, and retried when the search goes on): that

@@ -218,8 +218,11 @@ def run_search(
     if url in ("sqlite://", "sqlite:///:memory:"):
         raise ConfigError("--store: a search needs a database file or server, not memory")
     study_name, fingerprint = search_identity(spec)
-    if finish:  # nothing to finish in a store that is not there: create nothing
-        Store(url, create=False).close()
+    if finish:  # nothing to finish in a store that is not there, or holds no trial at all:
+        # said before Optuna's tables (and the search's lock) are made in it
+        with contextlib.closing(Store(url, create=False)) as existing:
+            if not existing.has_table("studies"):  # Optuna's
+                raise ConfigError(_nothing_to_finish(spec.name, url))
     # The data before anything is created: a search whose data cannot be read leaves nothing.
     # A given dataset stands for the study's files: its `[data]` limits apply to it too.
     dataset = load_study_data(spec) if dataset is None else limit_study_data(spec, dataset)
@@ -232,8 +235,7 @@ def run_search(
             _forget(store, study_name, fingerprint, run_dir)
         storage = open_storage(url)
         if finish and not _ended_trials(storage, study_name):
-            raise ConfigError(f"search '{spec.name}' has no trial that ran to its end in "
-                              f"{safe_url(url)}: nothing to finish (run the search first)")
+            raise ConfigError(_nothing_to_finish(spec.name, url))
         run = next(iter(store.runs(kind="search", fingerprint=fingerprint)), None)
         if run is not None and not same_data(run, data["sha256"]):
             # Its trials (one Optuna study) were scored on other data: not to be mixed.
@@ -365,6 +367,11 @@ def _forget(store: Store, name: str, fingerprint: str, run_dir: Path) -> None:
                               "before starting it afresh (--fresh)")
         delete_run(store, run.id, run_dir=run_dir)
     delete_study(store.url, name)
+
+
+def _nothing_to_finish(name: str, url: str) -> str:
+    return (f"search '{name}' has no trial that ran to its end in {safe_url(url)}: nothing to "
+            "finish (run the search first)")
 
 
 def _ended_trials(storage: optuna.storages.RDBStorage, name: str) -> list[FrozenTrial]:

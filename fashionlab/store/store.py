@@ -207,6 +207,12 @@ class Store:
             return None
         return self.run_dir
 
+    def has_table(self, name: str) -> bool:
+        """Whether the store's database has this table (another library's, sharing it: Optuna's
+        `studies`), found without creating anything."""
+        with self.reading() as conn:
+            return sa.inspect(conn).has_table(name)
+
     @property
     def shared(self) -> bool:
         """Whether other machines may use this store (a database server, not a SQLite file)."""
