@@ -29,6 +29,7 @@ from fashionlab.config import load_study, study_from_dict
 from fashionlab.cv import make_folds
 from fashionlab.data import Split, load_fashion_mnist, write_idx
 from fashionlab.errors import ConfigError, StoreError
+from fashionlab.jobs import job_rows
 from fashionlab.progress import Silent
 from fashionlab.results import table_rows
 from fashionlab.runner import MIN_PARALLEL_FLOPS, Job, auto_workers
@@ -139,6 +140,14 @@ def test_workers_train_on_the_dataset_the_caller_gave(study_file: Path, tiny_idx
     assert two.workers == 2 and two.threads == one.threads == 1
     assert _epoch_rows(tmp_path / "two", two.run.id) == _epoch_rows(tmp_path / "one", one.run.id)
     assert two.final[0].test_accuracy == one.final[0].test_accuracy
+    # More workers than jobs start no more processes, and say so (not "1000 processes").
+    many = run_study(spec, run_dir=tmp_path / "many", progress=False, workers=1000,
+                     dataset=dataset)
+    store = Store.open(tmp_path / "many")
+    parallel = [key for key in job_rows(store, many.run.id)
+                if key not in (study_jobs.RETRAIN, study_jobs.OUTPUTS)]  # the CV stacks, the CNN
+    store.close()
+    assert 2 <= many.workers == len(parallel) < 1000
 
 
 def test_a_script_without_the_main_guard_is_told_so_by_its_workers(study_file: Path,

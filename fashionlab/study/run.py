@@ -175,6 +175,9 @@ def run_study(
             planned = independent_jobs(ctx, folds, pending_only=False)
             if workers == "auto":
                 workers = auto_workers(planned, torch_device)
+            # No more processes than jobs to give them (as "auto" plans): more would start
+            # none, and the threads are the cores' share of those that run.
+            workers = min(workers, max(len(planned), 1))
             parallel = workers > 1 and len(planned) > 1
             result.threads = threads or (threads_per_job(workers) if parallel
                                          else torch.get_num_threads())
