@@ -665,3 +665,15 @@ def test_a_derived_spec_with_a_value_it_cannot_take_is_one_line_naming_its_file(
             derived(seed, **changes)
         assert str(error.value).startswith("seed.toml: ") and says in str(error.value)
         assert "\n" not in str(error.value)
+
+
+def test_an_entrys_train_overrides_augment_key_by_key_and_early_stopping_whole():
+    spec = study_from_dict(tomllib.loads(
+        'name = "s"\n[train]\naugment = { crop = 2, flip = true }\n'
+        'early_stopping = { monitor = "val_accuracy", patience = 5 }\n'
+        '[[candidates]]\nname = "a"\nlayers = [{ units = 8 }]\n'
+        'train = { augment = { flip = false }, early_stopping = { patience = 3 } }\n'))
+    train = spec.candidates[0].train
+    assert (train.augment.crop, train.augment.flip) == (2, False)
+    assert train.early_stopping is not None
+    assert (train.early_stopping.monitor, train.early_stopping.patience) == ("val_loss", 3)
