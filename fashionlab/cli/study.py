@@ -11,7 +11,6 @@ from rich.text import Text
 
 from fashionlab.cli import app, output_console, path_named, print_json, resumable, text_table
 from fashionlab.config import SEED_RANGE, derived, load_study, quick_variant
-from fashionlab.errors import ConfigError
 from fashionlab.store import DEFAULT_RUN_DIR
 from fashionlab.tables import HEADERS, LEGEND, display_rows
 from fashionlab.text import wall_time
@@ -34,6 +33,14 @@ MlflowUri = Annotated[str | None, typer.Option(
     "(needs `pip install 'fashionlab[mlflow]'`).")]
 
 
+def _workers_named(text: str) -> str:
+    """--workers: "auto" or a positive whole number in ASCII digits (not "²" or "٣", which
+    Python's int() would read)."""
+    if text != "auto" and not (text.isascii() and text.isdigit() and int(text) >= 1):
+        raise typer.BadParameter(f"expected a positive number or auto, got '{text}'")
+    return text
+
+
 @app.command()
 def study(
     file: Annotated[str, typer.Argument(help="A study file, or a bundled study's name.")] = "seed",
@@ -44,7 +51,7 @@ def study(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     fresh: Annotated[bool, typer.Option(help="Start a new run instead of resuming.")] = False,
     workers: Annotated[str, typer.Option(
-        help="Processes training independent jobs in parallel: a number, or auto (one per "
+        parser=_workers_named, metavar="auto|N", help="Processes training independent jobs in parallel: a number, or auto (one per "
         "CPU core or GPU, when the study is big enough to pay for starting them)."
     )] = "auto",
     threads: Annotated[int | None, typer.Option(
@@ -79,8 +86,6 @@ def study(
     from fashionlab.results import summary, table_rows
     from fashionlab.study import run_study  # (torch too)
 
-    if workers != "auto" and not (workers.isascii() and workers.isdigit() and int(workers) >= 1):
-        raise ConfigError(f"--workers: expected a positive number or auto, got '{workers}'")
     spec = load_study(file)
     if quick:
         spec = quick_variant(spec)
