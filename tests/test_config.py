@@ -677,3 +677,15 @@ def test_an_entrys_train_overrides_augment_key_by_key_and_early_stopping_whole()
     assert (train.augment.crop, train.augment.flip) == (2, False)
     assert train.early_stopping is not None
     assert (train.early_stopping.monitor, train.early_stopping.patience) == ("val_loss", 3)
+
+
+@pytest.mark.parametrize(("encoding", "says"), [
+    ("utf-16", "not UTF-8 text (UTF-16: byte 0 cannot be read as UTF-8); save it as UTF-8"),
+    ("latin-1", "not UTF-8 text (byte 8 cannot be read as UTF-8); save it as UTF-8")])
+def test_a_study_file_that_is_not_utf8_says_so_and_how_to_mend_it(encoding: str, says: str,
+                                                                  tmp_path: Path):
+    path = tmp_path / "s.toml"
+    path.write_bytes('name = "\u00e9"\n'.encode(encoding))
+    with pytest.raises(ConfigError) as error:
+        load_study(path)
+    assert str(error.value) == f"{path}: {says}, which TOML files are"

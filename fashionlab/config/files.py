@@ -6,6 +6,7 @@ field), written back with every default resolved, the bundled studies, and the q
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import os
 import sys
@@ -242,7 +243,13 @@ def load_study(name_or_path: str | Path = "seed") -> StudySpec:
             raise ConfigError(f"{path}: no such study file") from None
         except IsADirectoryError:
             raise ConfigError(f"{path}: a folder, not a study file") from None
-        except (OSError, UnicodeDecodeError) as error:
+        except UnicodeDecodeError as error:
+            # An editor's "Unicode" on Windows is UTF-16: said so, with the fix
+            utf16 = error.object[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+            raise ConfigError(f"{path}: not UTF-8 text ({'UTF-16: ' if utf16 else ''}byte "
+                              f"{error.start} cannot be read as UTF-8); save it as UTF-8, "
+                              "which TOML files are") from None
+        except OSError as error:
             raise ConfigError(f"{path}: cannot read ({error})") from None
     try:
         raw = tomllib.loads(text)
