@@ -216,6 +216,8 @@ def test_a_group_called_bare_prints_its_help_and_nothing_else(
     ("postgresql://ann:s3cret@db.lab:abc/runs", "its port is not a number"),
     ("mysql://ann:s3cret@db.lab/runs", "its database driver is not installed"),
     ("not a url", "Could not parse"),
+    ("https://ann:s3cret@db.lab/runs",  # not SQLAlchemy's "Can't load plugin"
+     "'https' names no database SQLAlchemy knows (a store is sqlite:///PATH, postgresql://"),
 ])
 @pytest.mark.parametrize("command", ["study", "search"])
 def test_a_store_url_that_cannot_be_opened_is_one_line_without_its_password(

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 
 from fashionlab.errors import StoreError
 from fashionlab.serialize import file_in_the_way
-from fashionlab.text import first_line
+from fashionlab.text import first_line, one_line, shortened
 
 DEFAULT_RUN_DIR = Path("fashionlab-runs")
 DB_NAME = "fashionlab.db"
@@ -188,6 +188,10 @@ def open_error(url: str, error: Exception) -> StoreError:
             why += ": pip install 'fashionlab[postgres]'"
     elif isinstance(error, ValueError):  # SQLAlchemy's URL parser on a port like "abc"
         why = "its port is not a number"
+    elif isinstance(error, sa.exc.NoSuchModuleError):  # "Can't load plugin: ...dialects:http"
+        scheme = url.partition("://")[0] or url
+        why = (f"'{one_line(shortened(scheme))}' names no database SQLAlchemy knows (a store is "
+               "sqlite:///PATH, postgresql://USER:PASSWORD@HOST/DB, ...)")
     else:
         why = first_line(error)
     return StoreError(f"cannot open the store {safe_url(url)}: {why}")
