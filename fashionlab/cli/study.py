@@ -51,7 +51,8 @@ def study(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     fresh: Annotated[bool, typer.Option(help="Start a new run instead of resuming.")] = False,
     workers: Annotated[str, typer.Option(
-        parser=_workers_named, metavar="auto|N", help="Processes training independent jobs in parallel: a number, or auto (one per "
+        parser=_workers_named, metavar="auto|N",
+        help="Processes training independent jobs in parallel: a number, or auto (one per "
         "CPU core or GPU, when the study is big enough to pay for starting them)."
     )] = "auto",
     threads: Annotated[int | None, typer.Option(
