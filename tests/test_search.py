@@ -556,6 +556,11 @@ score = 0.5
     again = run_search(load_study(path), run_dir=tmp_path / "runs", progress=False)
     assert again.summary == summary and len(again.trials) == len(trials)
     assert (out / "report.html").is_file() and not list(out.glob(".*.tmp"))
+    # Shown from another run directory on the same store: its results are named where they
+    # are (not `<other>/<run id>`, a folder that does not exist).
+    elsewhere = run_search(load_study(path), run_dir=tmp_path / "other", progress=False,
+                           store_url=default_url(tmp_path / "runs"))
+    assert elsewhere.summary == summary and elsewhere.output_dir == out.resolve()
 
 
 def test_pruning_stops_a_hopeless_trial_early(tiny_idx_dir: Path, tmp_path: Path):

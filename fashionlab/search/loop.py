@@ -328,8 +328,14 @@ def run_search(
     finally:
         storage.engine.dispose()
         lock.engine.dispose()
+    record = store.run(run.id)
+    if summary is not None and not (output_dir / "results.json").exists() \
+            and record.output_dir is not None:
+        # Written by another worker of a shared search (another run directory, maybe another
+        # machine), or by an earlier run shown again from elsewhere: where they are.
+        output_dir = Path(record.output_dir)
     result = SearchResult(
-        run=store.run(run.id), spec=spec, study_name=study_name, storage=safe_url(store.url),
+        run=record, spec=spec, study_name=study_name, storage=safe_url(store.url),
         output_dir=output_dir, trials=study.get_trials(), finished=summary is not None,
         stopped_by=stopped_by, summary=summary, wall_seconds=time.perf_counter() - started,
         notes=notes)
