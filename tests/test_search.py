@@ -3,6 +3,7 @@ region, pruning, resume after a kill, and two workers sharing a real PostgreSQL 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -1765,3 +1766,33 @@ def test_a_search_is_not_continued_on_other_data(tiny_idx_dir: Path, tmp_path: P
         first.run.id  # the same data: the same search
     again = run_search(spec, run_dir=run_dir, progress=False, dataset=other, fresh=True)
     assert again.finished and again.run.id != first.run.id
+
+
+def test_a_trial_is_named_its_workers_before_other_workers_may_look_for_lost_ones(
+        tiny_idx_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A retry copies the attributes of the trial it retries, the dead worker's among them.
+    Named this worker's only after the lock was let go, a second worker starting at that
+    moment read it as lost and failed it while it trained (a traceback: "Cannot tell a FAIL
+    trial")."""
+    from fashionlab.jobs import ClaimLock
+
+    path = _learning_rate_search(tiny_idx_dir, tmp_path, 'n_trials = 2\npruner = "none"')
+    run_dir = tmp_path / "runs"
+    seen: list[tuple[int, object]] = []
+    release = ClaimLock.release
+
+    def looking(self: ClaimLock) -> None:  # what another worker would see once it is let go
+        spec = load_study(path)
+        storage = open_storage(default_url(run_dir))
+        with contextlib.suppress(KeyError):  # (no study yet)
+            study = optuna.load_study(study_name=search_identity(spec)[0], storage=storage)
+            seen.extend((t.number, t.user_attrs.get("worker"))
+                        for t in study.get_trials(states=(TrialState.RUNNING,)))
+        storage.engine.dispose()
+        release(self)
+
+    monkeypatch.setattr(ClaimLock, "release", looking)
+    run_search(load_study(path), run_dir=run_dir, progress=False)
+    here = f"{socket.gethostname()}:{os.getpid()}"
+    assert [number for number, _ in seen] == [0, 1]  # each trial, as its worker let go
+    assert all(worker == here for _, worker in seen), seen

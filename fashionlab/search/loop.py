@@ -580,15 +580,16 @@ class _Searcher:
         # This worker's from now on: a stop while it is being claimed (the store's writes)
         # retries it too, rather than leaving it failed for good.
         current.append(trial.number)
-        # Claimed before other workers may start theirs (the lock): one that stops meanwhile
-        # sees this trial held.
+        # Claimed, and named this worker's, before other workers may start theirs (the lock):
+        # one that looks for lost trials meanwhile sees this one held by a live process, not
+        # by the dead one a retry copies its attributes from.
         with self._holding(trial):
-            self.lock.release()
             # A retried trial keeps the models (and checkpoints) of the trial it retries.
             name = str(trial.user_attrs.get("models") or f"trial-{trial.number}")
             trial.set_user_attr("models", name)
             trial.set_user_attr("worker", self.worker)
             trial.set_user_attr("worker_process", list(dataclasses.astuple(self.identity)))
+            self.lock.release()
             return train_trial(self.trials, trial, name)
 
     @contextlib.contextmanager
