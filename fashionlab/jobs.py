@@ -194,6 +194,11 @@ class Claim:
             conn.execute(checkpoints.insert().values(run_id=self.run_id, name=name,
                                                      epoch=epoch, data=data))
 
+    def held(self) -> bool:
+        """Whether the claim is still this process's: not done, given back or taken over."""
+        with self.store.reading() as conn:
+            return conn.execute(sa.select(jobs.c.token).where(self._mine())).first() is not None
+
     def done(self) -> None:
         """The job is finished: nobody claims it again."""
         self._stop.set()

@@ -283,6 +283,56 @@ def test_two_processes_share_a_study_on_postgresql(postgres_url: str, reference,
     assert "trained: on machine-b: cnn/final" in shown.replace("\n", " "), shown
 
 
+def test_a_process_stopped_while_another_waits_for_its_job_leaves_the_run_to_it(
+        postgres_url: str, reference, tmp_path: Path):
+    """Machine b has trained every job it could and waits for machine a's; a is stopped (and
+    gives its job back). The run goes on in b, which says so: a's line says that the run goes
+    on, not that it is kept, the run reads as running, and b trains a's job and writes the
+    results. (A waiting process holds the claim of writing the outputs.)"""
+    study, _, expected_rows, expected_csv = reference
+    _clean(postgres_url)
+    run_dirs = [tmp_path / "machine-a", tmp_path / "machine-b"]
+
+    def start(i: int) -> subprocess.Popen[str]:
+        return _cli("study", str(study), "--store", postgres_url, "--workers", "1",
+                    "--run-dir", str(run_dirs[i]))
+
+    a = start(0)
+    while True:  # paused holding its first job (the CNN), outside any transaction
+        _wait_for(lambda: _claimed(postgres_url), "machine a's first claim", a)
+        os.kill(a.pid, signal.SIGSTOP)
+        if _busy_sessions(postgres_url) == 0:
+            break
+        os.kill(a.pid, signal.SIGCONT)
+        time.sleep(0.003)
+    (held,) = _claimed(postgres_url)
+    b = start(1)
+    try:
+        _wait_for(lambda: {r.key for r in _claimed(postgres_url)} == {held.key, "outputs"},
+                  "machine b to wait for the CNN", b)
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
+    os.kill(a.pid, signal.SIGINT)
+    _, err_a = a.communicate(timeout=120)
+    assert a.returncode == 128 + signal.SIGINT, err_a[-3000:]
+    assert "the run goes on in the other processes that train it" in err_a, err_a[-3000:]
+    store = Store(database_url(postgres_url))
+    (run,) = store.runs()
+    assert store.run(run.id).state in ("running", "finished")  # not interrupted, ever
+    store.close()
+
+    out, _ = _finish(b)
+    assert "results in" in out
+    with _engine(postgres_url).connect() as conn:
+        done_by = {r.key: r.claimed_by for r in conn.execute(sa.select(jobs))}
+    assert done_by[held.key] == done_by["outputs"] != held.claimed_by  # b trained a's CNN
+    assert _rows(postgres_url) == expected_rows
+    assert _results_csv(run_dirs[1]) == expected_csv
+    store = Store(database_url(postgres_url))
+    assert store.run(run.id).status == "finished"
+    store.close()
+
+
 def test_a_killed_machines_job_is_taken_over_after_the_grace_period(
         postgres_url: str, reference, tmp_path: Path):
     study, _, expected_rows, expected_csv = reference

@@ -94,43 +94,65 @@ def _poll_seconds() -> float:
 
 
 def train_jobs(ctx: RunContext, planned: Sequence[Job], workers: int, threads: int,
-               inputs: JobInputs, me: str) -> None:
+               inputs: JobInputs, me: str) -> Claim | None:
     """Train the jobs this process can claim (with `workers` processes), the retrain once the
     cross-validation is complete, and wait for the jobs of other processes, taking over any
-    whose process is gone; returns when every job but the outputs is done."""
+    whose process is gone; returns when every job but the outputs is done, with the claim of
+    the outputs where this process took it while it waited (see below)."""
     by_key = {job_key(job): job for job in planned}
     grace = claim_grace()
     told = False
-    while True:
-        rows = job_rows(ctx.store, ctx.run.id)
-        open_jobs = {k: r for k, r in rows.items() if r.status != "done" and k != OUTPUTS}
-        if not open_jobs:
-            return
-        ready = [by_key[k] for k, r in open_jobs.items() if k in by_key and r.claimable(grace)]
-        if ready:
-            if workers > 1 and len(ready) > 1:
-                _train_in_workers(ctx, ready, workers, threads, inputs, me)
-            else:
-                for job in ready:
-                    _claim_and_run(ctx, job, inputs, me)
-            continue
-        cv_done = all(rows[job_key(j)].status == "done" for j in planned if j.kind == "cv")
-        if RETRAIN in open_jobs and cv_done and open_jobs[RETRAIN].claimable(grace):
-            claim = claim_job(ctx.store, ctx.run.id, RETRAIN, by=me, grace=grace)
-            if claim is not None:
-                _holding(claim, lambda c: _retrain_job(dataclasses.replace(ctx, claim=c),
-                                                       inputs), ctx.reporter, "the retrain")
-            continue
-        if not told:
-            held = sorted({r.claimed_by for r in open_jobs.values() if r.claimed_by})
-            ctx.reporter.log(f"waiting for {len(open_jobs)} job(s) trained by "
-                             f"{', '.join(held) or 'other processes'}")
-            told = True
-        time.sleep(_poll_seconds())
+    waiting: Claim | None = None
+    try:
+        while True:
+            rows = job_rows(ctx.store, ctx.run.id)
+            open_jobs = {k: r for k, r in rows.items() if r.status != "done" and k != OUTPUTS}
+            if not open_jobs:
+                return waiting
+            ready = [by_key[k] for k, r in open_jobs.items()
+                     if k in by_key and r.claimable(grace)]
+            if ready:
+                if workers > 1 and len(ready) > 1:
+                    _train_in_workers(ctx, ready, workers, threads, inputs, me)
+                else:
+                    for job in ready:
+                        _claim_and_run(ctx, job, inputs, me)
+                continue
+            cv_done = all(rows[job_key(j)].status == "done" for j in planned if j.kind == "cv")
+            if RETRAIN in open_jobs and cv_done and open_jobs[RETRAIN].claimable(grace):
+                claim = claim_job(ctx.store, ctx.run.id, RETRAIN, by=me, grace=grace)
+                if claim is not None:
+                    _holding(claim, lambda c: _retrain_job(dataclasses.replace(ctx, claim=c),
+                                                           inputs), ctx.reporter, "the retrain")
+                continue
+            if waiting is None:
+                # A process that waits for the others' jobs holds the run's last one, the
+                # writing of its outputs: so it counts among those that train the run on (a
+                # process of the run that is stopped now leaves the run running, to it, and
+                # takes up what that one gives back), and it writes the outputs once the
+                # others are done. Held by another waiting process: that one will.
+                waiting = claim_job(ctx.store, ctx.run.id, OUTPUTS, by=me, grace=grace)
+            if not told:
+                held = sorted({r.claimed_by for r in open_jobs.values() if r.claimed_by})
+                ctx.reporter.log(f"waiting for {len(open_jobs)} job(s) trained by "
+                                 f"{', '.join(held) or 'other processes'}")
+                told = True
+            time.sleep(_poll_seconds())
+    except BaseException:
+        if waiting is not None:
+            with contextlib.suppress(StoreError):
+                waiting.release()
+        raise
 
 
-def claim_outputs(ctx: RunContext, me: str) -> Claim | None:
-    """The claim of writing the results, or None when another process has it (or did it)."""
+def claim_outputs(ctx: RunContext, me: str, waiting: Claim | None = None) -> Claim | None:
+    """The claim of writing the results, or None when another process has it (or did it).
+    `waiting`: the claim `train_jobs` took, used while it is still this process's (a process
+    paused past the grace period may have lost it)."""
+    if waiting is not None:
+        if waiting.held():
+            return waiting
+        waiting.release()  # stops its heartbeat; gives back nothing of another's
     while True:
         claim = claim_job(ctx.store, ctx.run.id, OUTPUTS, by=me)
         if claim is not None:

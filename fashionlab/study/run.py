@@ -191,9 +191,9 @@ def run_study(
                 result.notes += filter(None, [_note_oversubscribed(
                     workers if parallel else 1, result.threads, reporter)])
                 inputs = JobInputs(folds, dataset.class_names, cv_data, final_data)
-                train_jobs(ctx, planned, workers if parallel else 1, result.threads, inputs,
-                           me)
-                outputs = claim_outputs(ctx, me)
+                waiting = train_jobs(ctx, planned, workers if parallel else 1,
+                                     result.threads, inputs, me)
+                outputs = claim_outputs(ctx, me, waiting)
                 result.trained_here = [job.label for job in job_rows(store, run.id).values()
                                        if job.claimed_by == me and job.key != OUTPUTS]
                 if outputs is None:  # another process writes the outputs
