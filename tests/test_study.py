@@ -1044,6 +1044,9 @@ def test_repeated_cross_validation_curves_say_folds_times_repeats(tiny_idx_dir: 
     ({"workers": "two"}, "workers: expected a positive whole number or \"auto\", got 'two'"),
     ({"threads": 0}, "threads: expected a positive whole number, got 0"),
     ({"threads": True}, "threads: expected a positive whole number, got True"),
+    ({"threads": 8 * (os.cpu_count() or 1) + 1},
+     (f"threads: {8 * (os.cpu_count() or 1) + 1} is more than 8 per CPU of this machine's "
+      f"{os.cpu_count() or 1} (at most {8 * (os.cpu_count() or 1)})")),
     ({"fresh": "no"}, "fresh: expected True or False, got 'no'"),
     ({"progress": "yes"}, ("progress: expected True, False or a fashionlab.progress.Reporter "
                           "(methods start, epoch, finish, log); 'yes' has no start, epoch, "

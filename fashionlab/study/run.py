@@ -120,6 +120,7 @@ def run_study(
     check_count("workers", workers, auto=True)
     if threads is not None:
         check_count("threads", threads)
+        _check_threads(threads)
     claim_grace()  # a bad FASHIONLAB_CLAIM_GRACE is said now, not once a run exists
     torch_device = resolve_device(device)
     # The data and its folds first: a study whose data cannot be read, or that has more folds
@@ -355,6 +356,19 @@ def _note_unseen_views(spec: StudySpec, reporter: Reporter) -> list[str]:
             "(augment.flip is off): expect a lower score than without tta")
     reporter.log(note)
     return [note]
+
+
+# More threads than CPUs are allowed (the numbers of a run planned on a larger machine), but
+# not without bound: thousands of OpenMP threads on a few CPUs take hours to do an epoch.
+THREADS_PER_CPU_AT_MOST = 8
+
+
+def _check_threads(threads: int) -> None:
+    """A new run's threads per job: at most THREADS_PER_CPU_AT_MOST per CPU of this machine."""
+    cpus = os.cpu_count() or 1
+    if threads > THREADS_PER_CPU_AT_MOST * cpus:
+        raise ConfigError(f"threads: {threads} is more than {THREADS_PER_CPU_AT_MOST} per CPU "
+                          f"of this machine's {cpus} (at most {THREADS_PER_CPU_AT_MOST * cpus})")
 
 
 def _note_oversubscribed(processes: int, threads: int, reporter: Reporter) -> str | None:
