@@ -217,6 +217,18 @@ def _busy_sessions(url: str) -> int:
             "pid <> pg_backend_pid() AND state IS NOT NULL AND state <> 'idle'")).scalar()
 
 
+def _pause_at_first_claim(process: subprocess.Popen[str], url: str) -> None:
+    """Pause the process (SIGSTOP) once it has claimed its first job, between two transactions
+    (a paused process of this machine is alive: its job is not taken from it)."""
+    while True:
+        _wait_for(lambda: _claimed(url), "the process's first claim", process)
+        os.kill(process.pid, signal.SIGSTOP)
+        if _busy_sessions(url) == 0:
+            return
+        os.kill(process.pid, signal.SIGCONT)
+        time.sleep(0.003)
+
+
 def test_two_processes_share_a_study_on_postgresql(postgres_url: str, reference,
                                                   tmp_path: Path):
     study, _, expected_rows, expected_csv = reference
@@ -231,13 +243,7 @@ def test_two_processes_share_a_study_on_postgresql(postgres_url: str, reference,
     # transactions, so that machine b surely finds work: the other jobs. A paused process
     # of this machine is alive: its job is not taken from it.
     a = start(0)
-    while True:
-        _wait_for(lambda: _claimed(postgres_url), "machine a's first claim", a)
-        os.kill(a.pid, signal.SIGSTOP)
-        if _busy_sessions(postgres_url) == 0:
-            break
-        os.kill(a.pid, signal.SIGCONT)
-        time.sleep(0.003)
+    _pause_at_first_claim(a, postgres_url)
     try:
         (held,) = _claimed(postgres_url)
         b = start(1)
@@ -298,13 +304,7 @@ def test_a_process_stopped_while_another_waits_for_its_job_leaves_the_run_to_it(
                     "--run-dir", str(run_dirs[i]))
 
     a = start(0)
-    while True:  # paused holding its first job (the CNN), outside any transaction
-        _wait_for(lambda: _claimed(postgres_url), "machine a's first claim", a)
-        os.kill(a.pid, signal.SIGSTOP)
-        if _busy_sessions(postgres_url) == 0:
-            break
-        os.kill(a.pid, signal.SIGCONT)
-        time.sleep(0.003)
+    _pause_at_first_claim(a, postgres_url)  # holding the CNN
     (held,) = _claimed(postgres_url)
     b = start(1)
     try:
