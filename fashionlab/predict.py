@@ -41,7 +41,7 @@ import numpy as np
 
 from fashionlab.errors import FashionlabError, OutputError
 from fashionlab.idx import idx_shape, looks_like_idx, read_idx
-from fashionlab.serialize import folder_blocked, why_not_written
+from fashionlab.serialize import folder_blocked, fresh_staging_path, why_not_written
 from fashionlab.text import first_line
 
 if TYPE_CHECKING:
@@ -472,13 +472,23 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def write_preview(images: np.ndarray, path: Path) -> None:
-    """`preview(images)` saved to `path`; OutputError (one line) where it cannot be written."""
+    """`preview(images)` saved to `path`, whole or not at all (under the staging name, then
+    renamed: a full disk or a kill leaves no half image there); OutputError (one line) where
+    it cannot be written."""
+    from PIL import Image
+
+    staging = None
     try:
         path = check_preview_path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        preview(images).save(path)
+        staging = fresh_staging_path(path)
+        preview(images).save(staging, format=Image.registered_extensions()[path.suffix.lower()])
+        os.replace(staging, path)
     except OSError as error:
         raise OutputError(f"{path}: cannot write ({why_not_written(path, error)})") from None
+    finally:
+        if staging is not None:
+            staging.unlink(missing_ok=True)
 
 
 def preview(images: np.ndarray, *, columns: int = 10, scale: int = 4,

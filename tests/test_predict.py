@@ -7,6 +7,7 @@ import gzip
 import io
 import json
 import os
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -688,6 +689,32 @@ def test_predict_preview_and_invert(tmp_path: Path, real_model: SavedModel,
     assert code == 0
     seen = Image.open(tmp_path / "new" / "seen.png")
     assert seen.size == (3 * 30 * 4, 30 * 4)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a file size limit (RLIMIT_FSIZE) is POSIX")
+def test_a_preview_the_disk_refuses_keeps_the_predictions_and_leaves_no_half_image(
+        tmp_path: Path, real_model: SavedModel):
+    # A real write failure, in a process whose files may not grow past 16 KB (as a full disk
+    # refuses a write): the predictions are printed all the same, the preview is one line
+    # on stderr, and nothing is left under its name or a staging name.
+    noise = np.random.default_rng(0).integers(0, 256, (100, 28, 28), dtype=np.uint8)
+    np.save(tmp_path / "noise.npy", noise)  # ~80 KB, and a preview far larger than 16 KB
+    target = tmp_path / "out" / "seen.png"
+    script = f"""
+import resource, signal
+from fashionlab.cli import main
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of killing
+resource.setrlimit(resource.RLIMIT_FSIZE, (16384, resource.RLIM_INFINITY))
+main(["predict", {str(real_model.path)!r}, {str(tmp_path / "noise.npy")!r}, "--preview",
+      {str(target)!r}, "--json", "--device", "cpu"])
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          check=False, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == f"error: {target}: cannot write (File too large)\n"
+    shown = json.loads(done.stdout)
+    assert len(shown["predictions"]) == 100 and shown["errors"] == []
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_a_preview_that_cannot_be_written_is_refused_before_predicting(

@@ -153,10 +153,6 @@ def predict(
         check_preview_path(preview, images)
     saved = load_model(model, resolve_device(device), tta=_views(tta))
     results = predict_files(saved, images, top, invert=invert)
-    if preview is not None:
-        seen = [r.images for r in results if r.images is not None]
-        if seen:
-            write_preview(np.concatenate(seen), preview)
     if as_json:
         print_json(predictions_to_dict(saved, results, top))
     else:
@@ -164,6 +160,10 @@ def predict(
     failed = [r for r in results if r.error]
     for result in failed:  # one line each, whatever the file's name holds (a newline)
         typer.secho(f"error: {one_line(result.error or '')}", fg="red", err=True)
+    if preview is not None:  # after the predictions: a full disk here loses none of them
+        seen = [r.images for r in results if r.images is not None]
+        if seen:
+            write_preview(np.concatenate(seen), preview)
     if failed:
         raise typer.Exit(1)
 
