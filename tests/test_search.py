@@ -19,6 +19,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy as sa
 from helpers import (
     OnEpoch,
     Recorder,
@@ -58,7 +59,7 @@ from fashionlab.search import (
 )
 from fashionlab.search.finish import save_plots, top_table
 from fashionlab.search.space import FixedParams, base_params, check_largest_model, suggest
-from fashionlab.search.storage import MAX_RETRIES, open_storage
+from fashionlab.search.storage import MAX_RETRIES, RetryLostTrial, open_storage
 from fashionlab.serialize import staging_path
 from fashionlab.stats import proportion_ci
 from fashionlab.steps import load_study_data
@@ -1189,6 +1190,38 @@ sampler = "random"
     assert states.count(TrialState.FAIL) == len(stops) and sum(s in FINISHED for s in states) == 3
     finished = [t for t in result.trials if t.state in FINISHED]
     assert finished[1].user_attrs["models"] == "trial-1"  # the last retry: the trial's models
+    assert [(t.params, t.value) for t in finished] == \
+        [(t.params, t.value) for t in reference.trials]  # nothing lost, the same search
+
+
+def test_a_store_that_fails_while_a_stop_is_cleaned_up_does_not_hide_the_stop(
+        tiny_idx_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    # SQLite answered "database is locked" at once to a worker marking its stopped trial for
+    # a retry (another worker was writing): the stop is what is said, not a store error, and
+    # a new try marks the trial, which is retried.
+    path = _load(tiny_search_toml(tiny_idx_dir, n_trials=3), tmp_path)
+    reference = run_search(load_study(path), run_dir=tmp_path / "reference", progress=False)
+
+    def stop(key: str, epoch: int) -> None:
+        if key.startswith("trial-1/"):
+            raise KeyboardInterrupt
+
+    retry, refused = RetryLostTrial.__call__, []
+
+    def locked_once(*args, **kwargs):
+        if not refused:
+            refused.append(True)
+            raise sa.exc.OperationalError("INSERT INTO trials", {},
+                                          Exception("database is locked"))
+        return retry(*args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(RetryLostTrial, "__call__", locked_once)
+        with pytest.raises(KeyboardInterrupt):
+            run_search(load_study(path), run_dir=tmp_path / "runs", progress=OnEpoch(stop))
+    assert refused  # the first try was refused
+    result = run_search(load_study(path), run_dir=tmp_path / "runs", progress=False)
+    finished = [t for t in result.trials if t.state in FINISHED]
     assert [(t.params, t.value) for t in finished] == \
         [(t.params, t.value) for t in reference.trials]  # nothing lost, the same search
 

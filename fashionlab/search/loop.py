@@ -124,6 +124,7 @@ from fashionlab.trials import (
 __all__ = ["RUN_ATTR", "run_search"]
 
 RUN_ATTR = "fashionlab.run_id"  # the Optuna study's user attribute naming its store run
+STOP_CLEANUP_TRIES = 3  # a stopped trial marked for its retry: tries, 0.1 s, 0.2 s apart
 
 
 def drawn_before(trials: Sequence[FrozenTrial]) -> int:
@@ -477,7 +478,7 @@ class _Searcher:
                     self.study.optimize(functools.partial(self._objective, current=current),
                                         n_trials=1, callbacks=[self._log_trial])
             except KeyboardInterrupt:
-                self._retry_interrupted(current)
+                self._retry_stopped(current)
                 raise
             except Exception as error:
                 # The store failed the trial (a server stopped, a dropped connection), not the
@@ -545,6 +546,20 @@ class _Searcher:
         those, as it judges trials of a search with no claims (an earlier version's)."""
         claim = claims.get(f"trial-{trial.number}")
         return claim is not None and claim.status == "claimed" and claim.claimable(claim_grace())
+
+    def _retry_stopped(self, current: list[int]) -> None:
+        """`_retry_interrupted` for a trial the user stopped. The stop is what is said, not a
+        store that fails meanwhile: SQLite may refuse a write at once ("database is locked":
+        a read turned into a write while another worker wrote), which a new try passes; a
+        store that fails on leaves the trial running, found lost (and retried) once this
+        process is gone."""
+        for attempt in range(STOP_CLEANUP_TRIES):
+            try:
+                self._retry_interrupted(current)
+                return
+            except (StoreError, SQLAlchemyError, OptunaError):
+                if attempt + 1 < STOP_CLEANUP_TRIES:
+                    time.sleep(0.1 * (attempt + 1))
 
     def _retry_interrupted(self, current: list[int], *, crashed: bool = False) -> None:
         """A trial the user stopped (Ctrl-C, SIGTERM) is retried, however often that happens;
