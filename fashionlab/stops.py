@@ -27,9 +27,10 @@ from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any, ParamSpec, TypeVar
 
-__all__ = ["DOUBLE_PRESS", "REPEATED_STOP_GRACE", "LeftRunning", "cleaning_up", "deferred",
-           "deferring", "forget", "handled", "heard", "kept", "listened", "listening",
-           "quiet_swallowed_stop", "raise_if_stopped", "received", "recording"]
+__all__ = ["DOUBLE_PRESS", "REPEATED_STOP_GRACE", "BeforeTheRun", "LeftRunning", "before_the_run",
+           "cleaning_up", "deferred", "deferring", "forget", "handled", "heard", "kept",
+           "listened", "listening", "quiet_swallowed_stop", "raise_if_stopped", "received",
+           "recording"]
 
 received: list[int] = []  # the signals that asked this process to stop, in order
 handled: list[bool] = []  # a stop was caught, and what it leaves is being put in order
@@ -115,6 +116,22 @@ def listening() -> Iterator[None]:
 class LeftRunning(KeyboardInterrupt):
     """The stop of one process of a shared run that others still train: for them the run goes
     on (it is not interrupted), and the same command joins it again."""
+
+
+class BeforeTheRun(KeyboardInterrupt):
+    """A stop that came before the call had its run (created, resumed or joined: while the
+    data loads, the store opens): nothing of this call to keep, and the same call starts."""
+
+
+@contextlib.contextmanager
+def before_the_run() -> Iterator[None]:
+    """Around what a training call does before it has its run: a stop there is BeforeTheRun."""
+    try:
+        yield
+    except BeforeTheRun:
+        raise
+    except KeyboardInterrupt as stopped:
+        raise BeforeTheRun(*stopped.args).with_traceback(stopped.__traceback__) from None
 
 
 @contextlib.contextmanager

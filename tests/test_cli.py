@@ -234,7 +234,8 @@ def _signal_itself(where: str, *args: str,
                    signum: int = signal.SIGTERM) -> subprocess.CompletedProcess:
     """Run `fashionlab ARGS` in a fresh interpreter that sends itself `signum` at `where`:
     "imports" (while the commands are imported), "reading" (while the study command reads its
-    file, before any run exists), "finaliser" (in a __del__, after the first stored epoch),
+    file, before any run exists), "loading" (while `study` or `search` loads the data, before
+    its run exists), "finaliser" (in a __del__, after the first stored epoch),
     "finishing" (in a __del__, once training is over, as the report is written), "twice"
     (after the first stored epoch, and again in a __del__ while the run is marked
     interrupted) or "teardown" (after the command, while the interpreter exits)."""
@@ -319,6 +320,10 @@ elif where == "imports":
     cli._register_commands = signal_itself
 elif where == "reading":
     study_cli.load_study = signal_itself
+elif where == "loading":
+    import fashionlab.search.loop, fashionlab.study.run
+    fashionlab.study.run.load_study_data = signal_itself
+    fashionlab.search.loop.load_study_data = signal_itself
 else:
     atexit.register(signal_itself)
 cli.main({list(args)!r})
@@ -356,6 +361,21 @@ main()
     assert done.returncode == 128 + signal.SIGINT, done.stderr
     assert done.stderr == "stopped by SIGINT\n"
     assert done.stdout == ""
+
+
+@pytest.mark.parametrize("command", ["study", "search"])
+def test_a_stop_before_the_run_exists_says_nothing_is_kept(command, tiny_idx_dir: Path,
+                                                           tmp_path: Path):
+    # While the data loads (or the store opens, a server that never answers): no run to keep
+    # or resume, so not "the run is kept" (nor a search's "finished trials are kept").
+    study = tmp_path / "tiny.toml"
+    study.write_text(tiny_search_toml(tiny_idx_dir, n_trials=2) if command == "search"
+                     else tiny_study_toml(tiny_idx_dir, final=False))
+    done = _signal_itself("loading", command, str(study), "--run-dir", str(tmp_path / "runs"),
+                          signum=signal.SIGINT)
+    assert done.returncode == 128 + signal.SIGINT, done.stderr
+    assert done.stderr == "stopped by SIGINT\n"
+    assert not (tmp_path / "runs").exists()  # nothing was created
 
 
 def test_ctrl_c_while_reading_the_study_is_one_line_too(tmp_path):

@@ -91,6 +91,8 @@ def resumable(how: str, *, goes_on: str = "") -> Iterator[None]:
         stops.cleaning_up()
         if goes_on and isinstance(stopped, stops.LeftRunning):
             how = goes_on
+        if isinstance(stopped, stops.BeforeTheRun):  # nothing of it is kept, nor to resume
+            raise typer.Exit(_announce_stop("")) from None
         raise typer.Exit(_announce_stop(f": {how}")) from None
 
 

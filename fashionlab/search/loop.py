@@ -226,11 +226,14 @@ def run_search(
                 raise ConfigError(_nothing_to_finish(spec.name, url))
     # The data before anything is created: a search whose data cannot be read leaves nothing.
     # A given dataset stands for the study's files: its `[data]` limits apply to it too.
-    dataset = load_study_data(spec) if dataset is None else limit_study_data(spec, dataset)
-    folds = make_folds(len(dataset.train), spec.cv, seed=spec.seed, labels=dataset.train.labels)
-    data = data_record(dataset)
+    with stops.before_the_run():
+        dataset = load_study_data(spec) if dataset is None else limit_study_data(spec, dataset)
+        folds = make_folds(len(dataset.train), spec.cv, seed=spec.seed,
+                           labels=dataset.train.labels)
+        data = data_record(dataset)
     lock = ClaimLock(url, study_name)
-    with lock:  # workers starting together: one creates the tables, the run and the study
+    # (workers starting together: one creates the tables, the run and the study)
+    with stops.before_the_run(), lock:
         store = Store(url)
         if fresh:
             _forget(store, study_name, fingerprint, run_dir)

@@ -126,11 +126,13 @@ def run_study(
     # The data and its folds first: a study whose data cannot be read, or that has more folds
     # than images, leaves no store behind.
     # A given dataset stands for the study's files: its `[data]` limits apply to it too.
-    dataset = load_study_data(spec) if dataset is None else limit_study_data(spec, dataset)
-    folds = make_folds(len(dataset.train), spec.cv, seed=spec.seed, labels=dataset.train.labels)
-    data = data_record(dataset)
-    store = Store.open(run_dir, store_url)
-    run, joined, resumed = _start_run(store, spec, run_dir, str(torch_device), fresh, data)
+    with stops.before_the_run():
+        dataset = load_study_data(spec) if dataset is None else limit_study_data(spec, dataset)
+        folds = make_folds(len(dataset.train), spec.cv, seed=spec.seed,
+                           labels=dataset.train.labels)
+        data = data_record(dataset)
+        store = Store.open(run_dir, store_url)
+        run, joined, resumed = _start_run(store, spec, run_dir, str(torch_device), fresh, data)
     shown = run.status == "finished"  # read back from the store: nothing is written
     # A run's files live in <run dir>/<run id>, whatever folder the store recorded: on a
     # database server every process keeps its files (checkpoints, the models it trains, the
