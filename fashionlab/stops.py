@@ -128,8 +128,6 @@ def before_the_run() -> Iterator[None]:
     """Around what a training call does before it has its run: a stop there is BeforeTheRun."""
     try:
         yield
-    except BeforeTheRun:
-        raise
     except KeyboardInterrupt as stopped:
         raise BeforeTheRun(*stopped.args).with_traceback(stopped.__traceback__) from None
 
