@@ -261,7 +261,12 @@ def _died(workers: Sequence[BaseProcess]) -> str:
     all once one has died; the dead one's status may take a moment to be collected.)"""
     deadline = time.monotonic() + 2.0
     for process in workers:
-        process.join(max(0.0, deadline - time.monotonic()))
+        # join() returns at once, the status unknown, when the pool's own thread has just
+        # reaped the process (its waitpid won, ours failed): the status shows once that
+        # thread has recorded it, a moment later.
+        while process.exitcode is None and time.monotonic() < deadline:
+            process.join(0.01)
+            time.sleep(0.001)
     # (A status of 0 or more is an exit of its own: an error it printed, or an initializer
     # that failed; the pool's own stop of the others, and a kill, are negative: signals.)
     failed = sorted(code for p in workers if (code := p.exitcode) is not None and code >= 0)

@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -95,6 +96,30 @@ def test_a_failing_worker_job_stops_the_work_here(tmp_path: Path):
 def test_a_worker_killed_outright_is_one_error_not_a_broken_pool(tmp_path: Path):
     with pytest.raises(WorkerDied, match="a worker process died .* run the same command again"):
         run_in_workers(_jobs(tmp_path / "log", ["dies"]), workers=1, reporter=Silent())
+
+
+def test_a_worker_that_failed_is_said_to_have_failed_even_when_the_pool_reaped_it_first():
+    """The pool's own thread reaps a dead worker too: when its waitpid wins, join() here
+    returns at once with no status. The failure was then read as a kill ("killed, or out of
+    memory") now and then under load; the status that thread records is waited for."""
+    from fashionlab.runner import _died
+
+    process = multiprocessing.get_context("spawn").Process(target=os._exit, args=(1,))
+    process.start()
+    reaped = threading.Event()
+
+    def reap_as_the_pool_does() -> None:  # waitpid, then (a moment later) the record
+        _, status = os.waitpid(process.pid, 0)
+        reaped.set()
+        time.sleep(0.2)
+        process._popen.returncode = os.waitstatus_to_exitcode(status)  # type: ignore[attr-defined]
+
+    thread = threading.Thread(target=reap_as_the_pool_does)
+    thread.start()
+    assert reaped.wait(timeout=60)
+    why = _died([process])
+    thread.join()
+    assert "(it ended with an error, exit status 1: see its message on stderr)" in why
 
 
 def test_worker_jobs_report_through_the_callers_reporter(tmp_path: Path):
