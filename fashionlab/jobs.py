@@ -12,6 +12,11 @@ stored only if the claim that trains it is still the job's newest (checked in th
 transaction), so a process that lost its claim (paused past the grace period, cut off from
 the database) stores nothing more and two processes never both store a job.
 
+A process may also say that it takes part in a run, between its jobs too (a search's worker
+from one trial to the next): its presence, a row of `fl_jobs` that is no job (`be_present`),
+claimed and judged alive as a job's claim is. `held_elsewhere` and a run's liveness count it;
+`job_rows` does not list it.
+
 Where the store is a database server (other machines may take a job over), a stack's newest
 checkpoint travels with its epochs: replaced in `fl_checkpoints` in the same transaction
 (`Claim.keep`), fetched before the stack trains (`fetch_checkpoint`). On SQLite (one machine)
@@ -49,8 +54,8 @@ from fashionlab.store import (
     this_process,
 )
 
-__all__ = ["DEFAULT_GRACE", "Claim", "ClaimLock", "ClaimLost", "JobRow", "claim_grace",
-           "claim_job", "close_claims", "command_identity", "drop_checkpoints",
+__all__ = ["DEFAULT_GRACE", "Claim", "ClaimLock", "ClaimLost", "JobRow", "be_present",
+           "claim_grace", "claim_job", "close_claims", "command_identity", "drop_checkpoints",
            "fetch_checkpoint", "held_elsewhere", "job_rows", "register_jobs", "release_claims",
            "reopen_job"]
 
@@ -58,6 +63,8 @@ __all__ = ["DEFAULT_GRACE", "Claim", "ClaimLock", "ClaimLost", "JobRow", "claim_
 # liveness cannot be told), is taken over: `claim_grace()` (fashionlab.store, where every
 # reader of a claim's liveness finds it).
 DEFAULT_GRACE = CLAIM_STALE_AFTER
+
+PRESENCE = "present:"  # the key prefix of a process's presence in a run (`be_present`)
 
 
 def command_identity() -> str:
@@ -123,11 +130,32 @@ def register_jobs(store: Store, run_id: str, planned: Sequence[tuple[str, str]],
 
 
 def job_rows(store: Store, run_id: str) -> dict[str, JobRow]:
-    """The run's jobs by key, in their order."""
+    """The run's jobs by key, in their order (not the presences of its processes)."""
+    return _rows(store, run_id, jobs.c.key.not_like(f"{PRESENCE}%"))
+
+
+def _rows(store: Store, run_id: str, where: sa.ColumnElement[bool] | None = None
+          ) -> dict[str, JobRow]:
     with store.reading() as conn:
-        rows = conn.execute(sa.select(jobs).where(jobs.c.run_id == run_id)
-                            .order_by(jobs.c.position))
+        query = sa.select(jobs).where(jobs.c.run_id == run_id).order_by(jobs.c.position)
+        rows = conn.execute(query if where is None else query.where(where))
         return {r.key: _row(r) for r in rows}
+
+
+def be_present(store: Store, run_id: str, *, by: str) -> Claim | None:
+    """Say that this process (of the command `by`) takes part in the run, until the claim
+    returned is done: between its jobs too, where it holds none. A search's worker is so
+    from one trial to the next, while it waits for the lock to start one or finishes the
+    search: a worker stopped meanwhile sees the search go on in it."""
+    me = this_process()
+    key = f"{PRESENCE}{me['host']} pid {me['pid']} started {me['pid_start']}"
+
+    def new_row(existing: dict[str, Any]) -> list[dict[str, Any]]:
+        return [] if key in existing else [{"run_id": run_id, "key": key, "label": by,
+                                            "position": -1, "status": "pending", "token": 0}]
+
+    store.insert_missing(jobs, run_id, new_row)
+    return claim_job(store, run_id, key, by=by)
 
 
 def claim_job(store: Store, run_id: str, key: str, *, by: str,
@@ -214,18 +242,20 @@ class Claim:
 
 
 def held_elsewhere(store: Store, run_id: str) -> bool:
-    """Whether a live process other than this one holds a job of the run (its claim: on this
-    machine, while that process runs; elsewhere, while its heartbeat is fresh)."""
+    """Whether a live process other than this one holds a job of the run, or is present in it
+    (its claim: on this machine, while that process runs; elsewhere, while its heartbeat is
+    fresh)."""
     me = this_process()
     return any(row.status == "claimed" and (row.host, row.pid) != (me["host"], me["pid"])
                and claim_alive(row.host, row.pid, row.pid_start, row.boot_id, row.heartbeat)
-               for row in job_rows(store, run_id).values())
+               for row in _rows(store, run_id).values())  # presences too
 
 
 def close_claims(store: Store, run_id: str, *, keep: Collection[str] = ()) -> None:
     """Mark the run's claimed jobs done, but those in `keep`: work that ended without its
     claim's process saying so (a search's trials, failed once their worker was lost)."""
-    query = jobs.update().where((jobs.c.run_id == run_id) & (jobs.c.status == "claimed"))
+    query = jobs.update().where((jobs.c.run_id == run_id) & (jobs.c.status == "claimed")
+                                & jobs.c.key.not_like(f"{PRESENCE}%"))  # no work of its own
     if keep:
         query = query.where(jobs.c.key.not_in(list(keep)))
     with store.transaction() as conn:

@@ -43,7 +43,7 @@ from fashionlab.config import (
 from fashionlab.cv import MemberResult
 from fashionlab.data import Split, load_fashion_mnist
 from fashionlab.errors import CheckpointError, ConfigError, OutputError, StoreError
-from fashionlab.jobs import job_rows, register_jobs
+from fashionlab.jobs import JobRow, job_rows, register_jobs
 from fashionlab.models import forward_flops
 from fashionlab.report import write_report
 from fashionlab.runner import training_flops
@@ -59,7 +59,7 @@ from fashionlab.search import (
 )
 from fashionlab.search.finish import save_plots, top_table
 from fashionlab.search.space import FixedParams, base_params, check_largest_model, suggest
-from fashionlab.search.storage import MAX_RETRIES, RetryLostTrial, open_storage
+from fashionlab.search.storage import MAX_RETRIES, ClaimLock, RetryLostTrial, open_storage
 from fashionlab.serialize import staging_path
 from fashionlab.stats import proportion_ci
 from fashionlab.steps import load_study_data
@@ -1576,6 +1576,91 @@ def test_a_base_partly_outside_the_space_and_the_next_trial_draw_apart(
     result = run_search(load_study(path), run_dir=tmp_path / "runs", progress=False)
     drawn = [t.params["learning_rate"] for t in result.trials]
     assert len(set(drawn)) == 3, drawn  # the same draw twice wasted a trial
+
+
+def test_a_stop_while_optuna_records_a_trial_is_the_stop_not_optunas_error(
+        tiny_idx_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Optuna's `_run_trial` reads, in a `finally`, a variable that a KeyboardInterrupt inside
+    its recording of the trial leaves unset: the stop became an UnboundLocalError, and the
+    command printed its traceback (exit status 1). It is the stop, and the search goes on."""
+    import optuna.study._optimize as optimize
+
+    path = _learning_rate_search(tiny_idx_dir, tmp_path, 'n_trials = 2\npruner = "none"')
+    tell = optimize._tell_with_warning
+
+    def stopped_while_telling(**kwargs):
+        monkeypatch.setattr(optimize, "_tell_with_warning", tell)  # once
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, heard in here
+        time.sleep(10)
+        return tell(**kwargs)
+
+    monkeypatch.setattr(optimize, "_tell_with_warning", stopped_while_telling)
+    run_dir = tmp_path / "runs"
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        run_search(load_study(path), run_dir=run_dir, progress=False)
+    assert isinstance(stopped.value.__cause__, UnboundLocalError)  # what it would have been
+    result = run_search(load_study(path), run_dir=run_dir, progress=False)
+    assert result.finished
+    assert sum(t.state == TrialState.COMPLETE for t in result.trials) == 2
+
+
+def test_a_worker_stopped_while_the_other_is_between_trials_leaves_the_run_running(
+        tiny_idx_dir: Path, tmp_path: Path):
+    """A worker is present in the search from its start to its end, not only while it trains
+    a trial: stopped while the other waits to start its next trial (holding no trial's
+    claim), a worker leaves the search running, to the other, and says so."""
+    path = _learning_rate_search(tiny_idx_dir, tmp_path, 'n_trials = 12\npruner = "none"')
+    run_dir = tmp_path / "runs"
+    url = default_url(run_dir)
+    first = run_search(load_study(path), run_dir=run_dir, progress=False, timeout=0.001)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    workers = [subprocess.Popen([sys.executable, "-c", "from fashionlab.cli import main; main()",
+                                 "search", str(path), "--run-dir", str(run_dir), "--quiet"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env) for _ in range(2)]
+    store = Store.open(run_dir)
+
+    def trial_claims() -> list[JobRow]:
+        return [row for row in job_rows(store, first.run.id).values() if row.pid is not None]
+
+    def wait_for(condition, what: str) -> None:
+        deadline = time.monotonic() + 120
+        while not condition():
+            for worker in workers:
+                assert worker.poll() is None, f"a worker ended before {what}: " \
+                    f"{worker.communicate()[1][-3000:]}"
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.01)
+
+    lock = ClaimLock(url, search_identity(load_study(path))[0])
+    try:
+        wait_for(lambda: {w.pid for w in workers} <= {r.pid for r in trial_claims()},
+                 "a trial of each worker")
+        lock.acquire()  # no worker starts another trial: each waits for the lock, between two
+        storage = open_storage(url)
+        study = optuna.load_study(study_name=first.study_name, storage=storage)
+        wait_for(lambda: all(r.status == "done" for r in trial_claims())
+                 and not study.get_trials(states=(TrialState.RUNNING,)), "their trials' ends")
+        storage.engine.dispose()
+        workers[0].send_signal(signal.SIGINT)
+        _, err = workers[0].communicate(timeout=120)
+        assert workers[0].returncode == 128 + signal.SIGINT, err[-3000:]
+        assert "the search goes on in the other workers that train its trials" in err, err
+        assert store.run(first.run.id).state == "running"
+    finally:
+        lock.release()
+        lock.engine.dispose()
+    _, err = workers[1].communicate(timeout=300)
+    assert workers[1].returncode == 0, err[-3000:]
+    run = store.run(first.run.id)
+    assert run.state == "finished" and len(run.summary["finished_trials"]) == 12
+    # Each worker's presence (this process's too, the first) ended with it; none is a job.
+    with store.reading() as conn:
+        presences = conn.execute(sa.select(jobs.c.status, jobs.c.pid).where(
+            jobs.c.key.startswith("present:"))).all()
+    store.close()
+    assert sorted(presences) == sorted(("done", pid) for pid in
+                                       [os.getpid(), *(w.pid for w in workers)])
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")  # the trial asked here

@@ -69,6 +69,7 @@ from fashionlab.errors import CheckpointError, ConfigError, OutputError, StoreEr
 from fashionlab.hardware import resolve_device
 from fashionlab.jobs import (
     JobRow,
+    be_present,
     claim_grace,
     claim_job,
     close_claims,
@@ -279,7 +280,11 @@ def run_search(
     output_dir = (run_dir / run.id).resolve()
     remove_stale_staging(output_dir, recursive=True)  # what a killed process left half-written
     notes: list[str] = []
+    presence = None
     try:
+        # Said from here to the end, between trials too: a worker stopped meanwhile sees the
+        # search go on in this one (trials' claims alone leave gaps of tens of milliseconds).
+        presence = be_present(store, run.id, by=command_identity())
         with reporting(progress) as reporter:
             if created:
                 notes += filter(None, [note_unresumed_run(store, run, reporter)])
@@ -330,6 +335,9 @@ def run_search(
             raise trouble from None
         raise
     finally:
+        if presence is not None:  # (a store that fails now: gone with this process)
+            with contextlib.suppress(StoreError):
+                presence.done()
         storage.engine.dispose()
         lock.engine.dispose()
     record = store.run(run.id)
@@ -476,7 +484,9 @@ class _Searcher:
                 seed = self.seed if self.search.sampler == "grid" \
                     else derive_seed(self.seed, "trial", drawn_before(trials))
                 self.study.sampler = make_sampler(self.search, self.base, seed % 2**32)
-                with warnings.catch_warnings():
+                # (kept: a stop while Optuna records the trial raised its UnboundLocalError,
+                # `updated_state` read in a `finally` that the KeyboardInterrupt left unset)
+                with warnings.catch_warnings(), stops.kept():
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                     self.study.optimize(functools.partial(self._objective, current=current),
                                         n_trials=1, callbacks=[self._log_trial])
