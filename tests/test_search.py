@@ -1434,6 +1434,30 @@ def test_a_search_stopped_by_its_time_limit_is_finished_by_the_same_process(
     assert finished.finished and finished.run.state == "finished"
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")  # the trials asked here
+def test_a_trial_whose_worker_stopped_before_claiming_it_is_retried(tiny_idx_dir: Path,
+                                                                   tmp_path: Path):
+    """A worker stopped or killed after Optuna made its trial, before it claimed the trial
+    (both under the lock), left a running trial that nothing judged lost: the search could
+    never end ("1 running", no results, the run read as running). Such trials are retried."""
+    path = _learning_rate_search(tiny_idx_dir, tmp_path, 'n_trials = 3\npruner = "none"')
+    run_dir = tmp_path / "runs"
+    first = run_search(load_study(path), run_dir=run_dir, progress=False, timeout=0.001)
+    storage = open_storage(default_url(run_dir))
+    study = optuna.load_study(study_name=first.study_name, storage=storage)
+    study.ask()  # killed at once: no claim
+    registered = study.ask()  # killed between its claim's registration and the claim itself
+    storage.engine.dispose()
+    with contextlib.closing(Store.open(run_dir)) as store:
+        key = f"trial-{registered.number}"
+        register_jobs(store, first.run.id, [(key, key)], 1)
+    result = run_search(load_study(path), run_dir=run_dir, progress=False)
+    assert result.finished and result.run.state == "finished"
+    states = [t.state for t in result.trials]
+    assert states.count(TrialState.COMPLETE) == 3
+    assert [t.number for t in result.trials if t.state == TrialState.FAIL] == [1, 2]
+
+
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")  # the trial asked here
 def test_a_worker_done_while_others_run_trials_says_so(
         tiny_idx_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
@@ -1445,9 +1469,15 @@ def test_a_worker_done_while_others_run_trials_says_so(
     # Let go by this process, which lives on (a notebook's kernel): interrupted, not running,
     # so that the same process can finish it, start it afresh or delete it.
     assert first.run.state == "interrupted"
-    storage = open_storage(default_url(run_dir))  # another worker is running a trial
-    optuna.load_study(study_name=first.study_name, storage=storage).ask()
+    storage = open_storage(default_url(run_dir))  # another worker is running a trial...
+    other = optuna.load_study(study_name=first.study_name, storage=storage).ask()
     storage.engine.dispose()
+    with contextlib.closing(Store.open(run_dir)) as store:  # ...claimed, on another machine
+        key = f"trial-{other.number}"
+        register_jobs(store, first.run.id, [(key, key)], 1)
+        with store.transaction() as conn:
+            conn.execute(jobs.update().where(jobs.c.key == key).values(
+                status="claimed", host="machine-b", pid=4242, heartbeat=time.time()))
     code, out, err = run_cli(capsys, "search", str(path), "--timeout", "0.001",
                              "--run-dir", str(run_dir))
     assert code == 0, err
@@ -1469,8 +1499,12 @@ def test_a_worker_done_while_others_run_trials_says_so(
     run = store.run(first.run.id)
     assert (run.host, run.pid, run.state) == (None, None, "running")
     assert run.holder == "processes that share it"  # as errors name it, not "pid None"
-    # The other worker's next beat takes the row: once that process is gone, killed, the run
-    # reads as interrupted at once, not after STALE_AFTER without a beat.
+    # The other worker's next beat takes the row: once that process is gone, killed (its
+    # claim silent too), the run reads as interrupted at once, not after STALE_AFTER without
+    # a beat.
+    with store.transaction() as conn:
+        conn.execute(jobs.update().where(jobs.c.key == key).values(
+            heartbeat=time.time() - CLAIM_STALE_AFTER - 1))
     beat = subprocess.run([sys.executable, "-c", (
         "import os, sys; from fashionlab.store import Store; "
         f"store = Store.open({str(run_dir)!r}); store.heartbeat({first.run.id!r}); "

@@ -527,11 +527,13 @@ class _Searcher:
     def fail_lost_trials(self) -> None:
         """Fail (and retry) the running trials whose worker is gone: on this machine
         when its process no longer exists, elsewhere when its claim of the trial or Optuna's
-        heartbeat is stale (the claim by FASHIONLAB_CLAIM_GRACE, as a study's jobs are)."""
+        heartbeat is stale (the claim by FASHIONLAB_CLAIM_GRACE, as a study's jobs are); and,
+        wherever it ran, a trial never claimed. Called under the lock."""
         host = socket.gethostname()
         claims = job_rows(self.store, self.run.id)
         for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if not (self._lost_here(trial, host) or self._claim_lost(claims, trial)):
+            if not (self._never_claimed(claims, trial) or self._lost_here(trial, host)
+                    or self._claim_lost(claims, trial)):
                 continue
             self.study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
             self.retry(self.study, self.study.get_trials(deepcopy=False)[trial.number])
@@ -553,10 +555,18 @@ class _Searcher:
         return not ProcessIdentity(*trial.user_attrs.get("worker_process") or [int(pid)]).alive()
 
     @staticmethod
+    def _never_claimed(claims: Mapping[str, JobRow], trial: FrozenTrial) -> bool:
+        """Whether the trial's worker was stopped or killed between Optuna's making of it and
+        its claim. Both happen under the lock, which the worker that asks holds now: a running
+        trial with no claim yet (none, or registered and not taken) is no other worker's. No
+        heartbeat would ever judge it (it may have none), and the search could not end."""
+        claim = claims.get(f"trial-{trial.number}")
+        return claim is None or claim.status == "pending"
+
+    @staticmethod
     def _claim_lost(claims: Mapping[str, JobRow], trial: FrozenTrial) -> bool:
-        """Whether the trial's claim is held by no live process. A claim not taken yet, or
-        ended already (its trial is being told), is not lost: Optuna's heartbeat judges
-        those, as it judges trials of a search with no claims (an earlier version's)."""
+        """Whether the trial's claim is held by no live process. A claim that ended already
+        (its trial is being told) is not lost: Optuna's heartbeat judges those."""
         claim = claims.get(f"trial-{trial.number}")
         return claim is not None and claim.status == "claimed" and claim.claimable(claim_grace())
 
