@@ -18,4 +18,18 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.stderr.write("stopped by SIGINT\n")  # as the command says it once loaded
         sys.exit(128 + signal.SIGINT)
-    command()
+    try:
+        command()
+    finally:
+        _deaf_while_exiting()
+
+
+def _deaf_while_exiting() -> None:
+    """The command is over, its status known: a stop signal that comes while the interpreter
+    exits (Ctrl-C pressed twice lands there) is ignored, and the process ends with that
+    status. Python resets its own handlers before its slowest part, torch's teardown, where
+    the signal's default action killed the process: a death by the signal, which a caller
+    reads as a crash. (An exit that hangs still ends with SIGKILL.)"""
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)

@@ -325,8 +325,13 @@ elif where == "loading":
     fashionlab.study.run.load_study_data = signal_itself
     fashionlab.search.loop.load_study_data = signal_itself
 else:
-    atexit.register(signal_itself)
-cli.main({list(args)!r})
+    def signal_itself_while_exiting():
+        os.kill(os.getpid(), {int(signum)})
+        time.sleep(0.5)  # what a default action would interrupt
+    atexit.register(signal_itself_while_exiting)
+sys.argv = ["fashionlab", *{list(args)!r}]
+from fashionlab.console import main
+main()
 """
     return subprocess.run([sys.executable, "-c", script], check=False, capture_output=True,
                           text=True, timeout=120)
@@ -525,12 +530,19 @@ cli.main(["study", {str(study)!r}, "--run-dir", {str(tmp_path)!r}, "--workers", 
     assert run.state == "finished"
 
 
-def test_a_stop_while_the_interpreter_exits_ends_it_the_default_way():
-    # Not a KeyboardInterrupt raised in some finaliser ("Exception ignored in ..."), exit 0.
-    done = _signal_itself("teardown", "--version")
-    assert done.returncode == -signal.SIGTERM, done.stderr
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_while_the_interpreter_exits_ends_it_with_the_commands_status(
+        signum: int, tmp_path: Path):
+    # Not a KeyboardInterrupt raised in some finaliser ("Exception ignored in ..."), nor a
+    # death by the signal (Ctrl-C pressed twice: the second one lands here).
+    done = _signal_itself("teardown", "--version", signum=signum)
+    assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("fashionlab ")
     assert done.stderr == ""
+    done = _signal_itself("teardown", "runs", "list", "--run-dir", str(tmp_path / "none"),
+                          signum=signum)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: no store at ") and done.stderr.count("\n") == 1
 
 
 @pytest.mark.parametrize("workers", ["0", "abc", "\u00b2", "\u0663"])  # superscript 2, Arabic 3
