@@ -14,6 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -1636,6 +1637,41 @@ def test_a_stop_while_optuna_records_a_trial_is_the_stop_not_optunas_error(
     result = run_search(load_study(path), run_dir=run_dir, progress=False)
     assert result.finished
     assert sum(t.state == TrialState.COMPLETE for t in result.trials) == 2
+
+
+def test_a_stop_while_optuna_starts_a_trials_heartbeat_leaves_no_thread_beating(
+        tiny_idx_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A stop that lands in Optuna's start of a trial's heartbeat thread, once the thread
+    runs, skips the `with` that stops it: the thread (no daemon) beat on, and the command
+    hung at exit after its stop line. It is stopped when the search ends."""
+    from optuna.storages._heartbeat import HeartbeatThread
+
+    path = _learning_rate_search(tiny_idx_dir, tmp_path, 'n_trials = 2\npruner = "none"')
+    start = HeartbeatThread.start
+
+    def stopped_once_started(self: HeartbeatThread) -> None:
+        monkeypatch.setattr(HeartbeatThread, "start", start)  # once
+        start(self)
+        raise KeyboardInterrupt  # Ctrl-C, just after the thread's start
+
+    def beating() -> list:
+        return [t for t in threading.enumerate()
+                if getattr(t, "_target", None) is HeartbeatThread._record_heartbeat]
+
+    monkeypatch.setattr(HeartbeatThread, "start", stopped_once_started)
+    run_dir = tmp_path / "runs"
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_search(load_study(path), run_dir=run_dir, progress=False)
+        deadline = time.monotonic() + 30
+        while beating() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not beating()
+    finally:
+        for thread in beating():  # (without the fix: not left to hang pytest's exit)
+            thread._args[2].set()
+    result = run_search(load_study(path), run_dir=run_dir, progress=False)
+    assert result.finished
 
 
 def test_a_worker_stopped_while_the_other_is_between_trials_leaves_the_run_running(

@@ -93,7 +93,13 @@ from fashionlab.search.space import (
     grid_size,
     make_sampler,
 )
-from fashionlab.search.storage import ClaimLock, RetryLostTrial, open_storage, search_identity
+from fashionlab.search.storage import (
+    ClaimLock,
+    RetryLostTrial,
+    open_storage,
+    search_identity,
+    stop_stray_heartbeats,
+)
 from fashionlab.search.trial import TrialContext, make_pruner, train_trial
 from fashionlab.serialize import remove_stale_staging
 from fashionlab.steps import (
@@ -338,6 +344,7 @@ def run_search(
         if presence is not None:  # (a store that fails now: gone with this process)
             with contextlib.suppress(StoreError):
                 presence.done()
+        stop_stray_heartbeats(storage)
         storage.engine.dispose()
         lock.engine.dispose()
     record = store.run(run.id)

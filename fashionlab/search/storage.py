@@ -11,6 +11,7 @@ stale job claim, by the claim grace period (fashionlab.search.loop).
 from __future__ import annotations
 
 import dataclasses
+import threading
 import warnings
 
 import optuna
@@ -80,3 +81,18 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
             if trouble is None:
                 raise
             raise trouble from None
+
+
+def stop_stray_heartbeats(storage: optuna.storages.RDBStorage) -> None:
+    """Stop the Optuna heartbeat threads of `storage` that outlived their trial. A stop that
+    lands while Optuna starts one (`HeartbeatThread.__enter__`, once the thread runs) leaves
+    it beating for good: a thread the interpreter waits for at exit (not a daemon), so the
+    command hung after its stop line, and its trial looked alive."""
+    from optuna.storages._heartbeat import HeartbeatThread  # where Optuna keeps it
+
+    for thread in threading.enumerate():
+        args = getattr(thread, "_args", ())  # (trial id, storage, stop event) while it runs
+        if getattr(thread, "_target", None) is HeartbeatThread._record_heartbeat \
+                and len(args) == 3 \
+                and (args[1] is storage or getattr(args[1], "_backend", None) is storage):
+            args[2].set()  # (a study wraps the storage in its cache: `_backend` is ours)
