@@ -65,6 +65,7 @@ __all__ = ["DEFAULT_GRACE", "Claim", "ClaimLock", "ClaimLost", "JobRow", "be_pre
 DEFAULT_GRACE = CLAIM_STALE_AFTER
 
 PRESENCE = "present:"  # the key prefix of a process's presence in a run (`be_present`)
+_A_JOB = jobs.c.key.not_like(f"{PRESENCE}%")  # a row of fl_jobs that is a job, no presence
 
 
 def command_identity() -> str:
@@ -131,7 +132,7 @@ def register_jobs(store: Store, run_id: str, planned: Sequence[tuple[str, str]],
 
 def job_rows(store: Store, run_id: str) -> dict[str, JobRow]:
     """The run's jobs by key, in their order (not the presences of its processes)."""
-    return _rows(store, run_id, jobs.c.key.not_like(f"{PRESENCE}%"))
+    return _rows(store, run_id, _A_JOB)
 
 
 def _rows(store: Store, run_id: str, where: sa.ColumnElement[bool] | None = None
@@ -255,7 +256,7 @@ def close_claims(store: Store, run_id: str, *, keep: Collection[str] = ()) -> No
     """Mark the run's claimed jobs done, but those in `keep`: work that ended without its
     claim's process saying so (a search's trials, failed once their worker was lost)."""
     query = jobs.update().where((jobs.c.run_id == run_id) & (jobs.c.status == "claimed")
-                                & jobs.c.key.not_like(f"{PRESENCE}%"))  # no work of its own
+                                & _A_JOB)  # a presence is no work of its own
     if keep:
         query = query.where(jobs.c.key.not_in(list(keep)))
     with store.transaction() as conn:
