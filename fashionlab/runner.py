@@ -10,13 +10,16 @@ decides how many pay.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
 import signal
 import socket
+import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -24,7 +27,7 @@ from multiprocessing import get_context
 from multiprocessing.context import SpawnProcess
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import torch
 
@@ -167,9 +170,15 @@ def auto_workers(jobs: Sequence[Job], device: torch.device) -> int:
     cores the seed study takes 9.4 min in one process, 6.8 min with two one-thread workers."""
     if len(jobs) < 2 or sum(job.flops for job in jobs) < MIN_PARALLEL_FLOPS:
         return 1
+    return min(len(jobs), machine_workers(device))
+
+
+def machine_workers(device: torch.device) -> int:
+    """Workers the machine runs side by side: one per GPU when `device` is CUDA without an
+    index (one GPU named: one), else one per CPU core."""
     if device.type == "cuda":
-        return min(len(jobs), torch.cuda.device_count()) if device.index is None else 1
-    return min(len(jobs), os.cpu_count() or 1)
+        return torch.cuda.device_count() if device.index is None else 1
+    return os.cpu_count() or 1
 
 
 def threads_per_job(workers: int) -> int:
@@ -399,3 +408,129 @@ def run_in_workers(
                 here.join()
         for _, _, label, _ in jobs:
             reporter.finish(label)
+
+
+# How long helpers stopped with this process (SIGINT: each leaves its work resumable, a few
+# writes to the store) may take before they are killed; the stop waits for no more.
+HELPER_STOP_TIMEOUT = 10.0
+HELPER_STOPPED = 130  # a helper's exit status after a stop (Ctrl-C), as a shell's
+
+
+def _helper(fn: Callable[..., None], args: tuple[Any, ...], index: int, threads: int,
+            events: Any, parent: int) -> None:
+    """A helper process: `fn(*args, reporter)`, reporting to the parent. A stop ends it with
+    HELPER_STOPPED, an error the user can fix with status 1 after its one line: no traceback
+    either way, and what it reported reaches the parent first."""
+    _init_worker(threads, events, parent)
+    assert _reporter is not None
+    status = 0
+    try:
+        fn(*args, _reporter)
+        _reporter.delivered(index)
+    except KeyboardInterrupt:
+        status = HELPER_STOPPED  # what it leaves is in order (its stop did that); said once
+    except FashionlabError as error:
+        sys.stderr.write(f"fashionlab: a worker process: {error}\n")
+        sys.stderr.flush()
+        status = 1
+    # Done: the parent's own stop of its helpers (a second SIGINT after the terminal's) may
+    # come now, and would be a traceback here.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    events.close()
+    events.join_thread()  # (the parent reads the queue until this process has ended)
+    os._exit(status)
+
+
+class Helpers:
+    """Processes that each call `fn(*args, reporter)` beside this process's own work: a
+    search's other workers on this machine. Each starts deaf to the terminal's Ctrl-C until
+    it runs, trains with `threads` CPU threads, and dies with this process; what they report
+    is replayed on this process's reporter, in this thread, whenever `reporter` (the one to
+    give this process's own work) is called, or `poll` or `wait` runs.
+
+    A helper that a stop ended (HELPER_STOPPED) has left, and the others go on; one that
+    failed or was killed raises WorkerDied at the next look. Used as a context manager, the
+    helpers still running at its end are stopped as Ctrl-C stops them, then killed after
+    HELPER_STOP_TIMEOUT."""
+
+    def __init__(self, calls: Sequence[tuple[Callable[..., None], tuple[Any, ...]]], *,
+                 threads: int, reporter: Reporter) -> None:
+        self._to = reporter
+        self.reporter: Reporter = _Polling(reporter, self)
+        context = get_context("spawn")  # CUDA and torch's thread pools do not survive fork
+        start_resource_tracker()  # (before the queue: see the function)
+        self._events = context.Queue()
+        self._closed = False
+        self.processes: list[BaseProcess] = [
+            _DeafWhileStarting(target=_helper, args=(fn, args, index, threads, self._events,
+                                                     os.getpid()), daemon=True)
+            for index, (fn, args) in enumerate(calls)]
+
+    def __enter__(self) -> Self:
+        for process in self.processes:
+            process.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        running = [p for p in self.processes if p.exitcode is None]
+        with deferred():  # a second Ctrl-C does not cut the helpers' cleanup short
+            for process in running:
+                with contextlib.suppress(OSError):
+                    os.kill(process.pid, signal.SIGINT)  # type: ignore[arg-type]
+            deadline = time.monotonic() + HELPER_STOP_TIMEOUT
+            while any(p.exitcode is None for p in running) and time.monotonic() < deadline:
+                with contextlib.suppress(queue.Empty):  # read, or a helper's last reports
+                    self._events.get(timeout=0.05)  # block its end (not shown: it stops)
+            for process in running:
+                if process.exitcode is None:
+                    process.kill()
+                process.join()
+            self._closed = True
+            self._events.cancel_join_thread()  # a killed helper may hold the queue's lock
+            self._events.close()
+
+    def poll(self) -> None:
+        """Replay what the helpers reported; raise WorkerDied if one of them failed."""
+        if self._closed:  # (the block has ended: this process's last reports)
+            return
+        forward(self._events, self._to)
+        failed = [p for p in self.processes if p.exitcode not in (None, 0, HELPER_STOPPED)]
+        if failed:
+            raise WorkerDied(_died(failed))
+
+    def wait(self) -> None:
+        """Until every helper has ended, replaying what they report."""
+        while any(p.exitcode is None for p in self.processes):
+            raise_if_stopped()
+            forward(self._events, self._to, wait=0.2)
+            self.poll()
+        # The last calls of those that ended well may still be on their way: each one's mark
+        # comes after them.
+        ended_well = {i for i, p in enumerate(self.processes) if p.exitcode == 0}
+        delivered: set[int] = set()
+        deadline = time.monotonic() + DELIVERY_TIMEOUT
+        while not ended_well <= delivered and time.monotonic() < deadline:
+            delivered |= forward(self._events, self._to, wait=0.1)
+
+
+class _Polling:
+    """A reporter that first replays what the helpers reported (`Helpers.poll`)."""
+
+    def __init__(self, reporter: Reporter, helpers: Helpers) -> None:
+        self._reporter, self._helpers = reporter, helpers
+
+    def start(self, label: str, epochs: int) -> None:
+        self._helpers.poll()
+        self._reporter.start(label, epochs)
+
+    def epoch(self, label: str, epoch: int, metrics: Mapping[str, EpochMetrics]) -> None:
+        self._helpers.poll()
+        self._reporter.epoch(label, epoch, metrics)
+
+    def finish(self, label: str) -> None:
+        self._helpers.poll()
+        self._reporter.finish(label)
+
+    def log(self, message: str) -> None:
+        self._helpers.poll()
+        self._reporter.log(message)

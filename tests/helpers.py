@@ -150,3 +150,24 @@ def dead_pid() -> int:
     child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                            capture_output=True, text=True, check=True)
     return int(child.stdout)
+
+
+def helper_job(mode: str, path: str, reporter) -> None:
+    """A helper process's work for `runner.Helpers` tests: report an epoch, fail as a user's
+    error does, stop as Ctrl-C does, or wait for a stop (noting it in `path`)."""
+    import time
+
+    from fashionlab.errors import ConfigError
+
+    reporter.epoch(f"helper {mode}", 1, {})
+    if mode == "fails":
+        raise ConfigError("the helper's one line")
+    if mode == "stops":
+        raise KeyboardInterrupt
+    if mode == "waits":
+        try:
+            time.sleep(120)
+        except KeyboardInterrupt:
+            with open(path, "w") as out:
+                out.write("stopped\n")
+            raise

@@ -545,8 +545,10 @@ def test_a_stop_while_the_interpreter_exits_ends_it_with_the_commands_status(
     assert done.stderr.startswith("error: no store at ") and done.stderr.count("\n") == 1
 
 
+@pytest.mark.parametrize("command", ["study", "search"])
 @pytest.mark.parametrize("workers", ["0", "abc", "\u00b2", "\u0663"])  # superscript 2, Arabic 3
-def test_a_bad_workers_count_is_one_line(workers: str, capsys: pytest.CaptureFixture[str]):
-    code, _, err = run_cli(capsys, "study", "seed", "--workers", workers)
+def test_a_bad_workers_count_is_one_line(command: str, workers: str,
+                                         capsys: pytest.CaptureFixture[str]):
+    code, _, err = run_cli(capsys, command, "--workers", workers)
     assert_one_line_error(code, err, f"Invalid value for '--workers': expected a positive "
-                          f"number or auto, got '{workers}' (see 'fashionlab study --help')")
+                          f"number or auto, got '{workers}' (see 'fashionlab {command} --help')")

@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import Recorder, chatty_job, record_job, tiny_study_toml
+from helpers import Recorder, chatty_job, helper_job, record_job, tiny_study_toml
 
 from fashionlab.progress import Silent
-from fashionlab.runner import Stopped, WorkerDied, run_in_workers
+from fashionlab.runner import HELPER_STOPPED, Helpers, Stopped, WorkerDied, run_in_workers
 
 
 def _jobs(path: Path, names: list[str]) -> list:
@@ -136,6 +136,57 @@ def test_worker_jobs_report_through_the_callers_reporter(tmp_path: Path):
     assert [c for c in recorder.calls if c[0] == "start"] == [("start", n, 1) for n in names]
     assert sorted(c[1] for c in recorder.calls if c[0] == "epoch") == names
     assert [c for c in recorder.calls if c[0] == "finish"] == [("finish", n) for n in names]
+
+
+def test_helpers_report_on_this_processs_reporter_as_its_own_work_does(tmp_path: Path):
+    recorder = Recorder()
+    with Helpers([(helper_job, ("reports", "")), (helper_job, ("stops", ""))], threads=1,
+                 reporter=recorder) as helpers:
+        helpers.reporter.log("here")  # this process's own work, through `helpers.reporter`
+        helpers.wait()
+    # A helper stopped (as by Ctrl-C) has left: no error. Both reported, here, in this thread.
+    assert [p.exitcode for p in helpers.processes] == [0, HELPER_STOPPED]
+    assert ("log", "here") in recorder.calls
+    assert sorted(c[1] for c in recorder.calls if c[0] == "epoch") == ["helper reports",
+                                                                     "helper stops"]
+
+
+def test_a_helper_that_fails_is_one_error_here_and_one_line_there(
+        capfd: pytest.CaptureFixture[str]):
+    with pytest.raises(WorkerDied, match=r"exit status 1: see its message on stderr"), \
+            Helpers([(helper_job, ("fails", ""))], threads=1, reporter=Silent()) as helpers:
+        helpers.wait()
+    err = capfd.readouterr().err
+    assert "fashionlab: a worker process: the helper's one line\n" in err
+    assert "Traceback" not in err
+
+
+def test_a_helper_killed_outright_is_one_error_at_the_next_report(tmp_path: Path):
+    with Helpers([(helper_job, ("waits", str(tmp_path / "stopped")))], threads=1,
+                 reporter=Silent()) as helpers:
+        helpers.processes[0].kill()
+        helpers.processes[0].join()
+        with pytest.raises(WorkerDied, match=r"\(killed, or out of memory\)"):
+            helpers.reporter.log("this process's next report")
+
+
+def test_helpers_still_running_at_the_end_are_stopped_as_ctrl_c_stops_them(tmp_path: Path):
+    """What ends the block (an error, a stop) stops the helpers with SIGINT, so that each
+    leaves its work resumable, as the terminal's Ctrl-C does; none outlives it."""
+    noted = tmp_path / "stopped"
+    recorder = Recorder()
+    with pytest.raises(RuntimeError, match="this process's error"), \
+            Helpers([(helper_job, ("waits", str(noted)))], threads=1,
+                    reporter=recorder) as helpers:
+        deadline = time.monotonic() + 60
+        while not recorder.calls:  # it runs (has reported): it hears interrupts
+            assert time.monotonic() < deadline
+            helpers.poll()
+            time.sleep(0.05)
+        raise RuntimeError("this process's error")
+    assert helpers.processes[0].exitcode == HELPER_STOPPED
+    assert noted.read_text() == "stopped\n"
+    assert not multiprocessing.active_children()
 
 
 def test_every_epoch_a_job_reported_is_shown_before_it_is_finished():

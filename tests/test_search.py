@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import multiprocessing
 import os
 import shutil
 import signal
@@ -21,6 +22,7 @@ from pathlib import Path
 import optuna
 import pytest
 import sqlalchemy as sa
+import torch
 from helpers import (
     OnEpoch,
     Recorder,
@@ -322,6 +324,7 @@ def test_zero_or_negative_limits_are_refused_not_replaced_by_the_files(
                          "finish, log")),
     ({"dataset": []}, ("dataset: expected a fashionlab.data.Dataset (from load_fashion_mnist) "
                       "or None, got list")),
+    ({"workers": 0}, 'workers: expected a positive whole number or "auto", got 0'),
 ])
 def test_run_searchs_arguments_are_checked_before_any_run_exists(
         tmp_path: Path, arguments: dict, message: str):
@@ -1782,6 +1785,148 @@ def test_a_worker_stopped_while_others_run_trials_leaves_the_run_running(
     run = store.run(first.run.id)
     store.close()
     assert (run.status, run.state, run.holder) == ("running", "running", "pid 4343 on machine-b")
+
+
+class _BothTrain(Recorder):
+    """Records every report; this process's first epoch waits until another worker trains a
+    trial too (a helper starts in seconds, tiny trials end in less)."""
+
+    def __init__(self, run_dir: Path, path: Path) -> None:
+        super().__init__()
+        self.run_dir, self.path, self.waited = run_dir, path, False
+
+    def epoch(self, label, epoch, metrics) -> None:
+        super().epoch(label, epoch, metrics)
+        deadline = time.monotonic() + 120
+        while not self.waited and len(_workers_of(_trials(self.run_dir, self.path))) < 2:
+            assert time.monotonic() < deadline, "the other worker never trained a trial"
+            time.sleep(0.05)
+        self.waited = True
+
+
+def _workers_of(trials: list[optuna.trial.FrozenTrial]) -> set[int]:
+    return {int(t.user_attrs["worker"].rpartition(":")[2]) for t in trials
+            if "worker" in t.user_attrs}
+
+
+def test_a_search_with_two_workers_trains_in_both_and_ends_with_its_results(
+        tiny_idx_dir: Path, tmp_path: Path):
+    path = _learning_rate_search(tiny_idx_dir, tmp_path, 'n_trials = 6\npruner = "none"')
+    run_dir = tmp_path / "runs"
+    reporter = _BothTrain(run_dir, path)
+    threads = torch.get_num_threads()
+    result = run_search(load_study(path), run_dir=run_dir, progress=reporter, workers=2)
+    assert (result.finished, result.stopped_by) == (True, "n_trials")
+    assert len(result.summary["finished_trials"]) == 6
+    trials = _trials(run_dir, path)
+    workers = _workers_of(trials)
+    assert len(workers) == 2 and os.getpid() in workers
+    # Every trial's epochs were shown here, the helper's too; the helper is gone, its
+    # presence ended with it, and this process trains with its threads again.
+    for trial in trials:
+        assert any(c[0] == "epoch" and c[1].startswith(f"trial {trial.number} ")
+                   for c in reporter.calls), trial.number
+    assert not multiprocessing.active_children()
+    store = Store.open(run_dir)
+    with store.reading() as conn:
+        presences = conn.execute(sa.select(jobs.c.status, jobs.c.pid).where(
+            jobs.c.key.startswith("present:"))).all()
+    store.close()
+    assert sorted(presences) == sorted(("done", pid) for pid in workers)
+    assert torch.get_num_threads() == threads
+
+
+def _search_command(path: Path, run_dir: Path, *more: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", "from fashionlab.cli import main; main()", "search", str(path),
+         "--run-dir", str(run_dir), "--quiet", *more],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _until_both_train(command: subprocess.Popen[str], run_dir: Path, run_id: str) -> int:
+    """Wait until the command and a worker it started both hold a trial; the worker's pid."""
+    store = Store.open(run_dir)
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            assert command.poll() is None, command.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "timed out waiting for two trials"
+            pids = {row.pid for row in job_rows(store, run_id).values()
+                    if row.status == "claimed" and row.pid is not None}
+            if command.pid in pids and len(pids) == 2:
+                return (pids - {command.pid}).pop()
+            time.sleep(0.02)
+    finally:
+        store.close()
+
+
+def _gone(pid: int, within: float = 30) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_search_with_workers_stops_whole_and_goes_on(tiny_idx_dir: Path, tmp_path: Path):
+    """A SIGTERM to the command alone (a scheduler's) stops its worker too, as Ctrl-C to the
+    terminal's whole group does; either way the command says so in one line, nothing it
+    started runs on, and the same command goes on to the end."""
+    path = _learning_rate_search(tiny_idx_dir, tmp_path, 'n_trials = 8\npruner = "none"')
+    run_dir = tmp_path / "runs"
+    run_id = run_search(load_study(path), run_dir=run_dir, progress=False,
+                        timeout=0.001).run.id
+    for stop in ("SIGTERM to the command", "SIGINT to its group"):
+        command = _search_command(path, run_dir, "--workers", "2")
+        helper = _until_both_train(command, run_dir, run_id)
+        if stop == "SIGTERM to the command":
+            command.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(command.pid, signal.SIGINT)
+        _, err = command.communicate(timeout=120)
+        assert command.returncode == (143 if "SIGTERM" in stop else 130), err[-3000:]
+        assert "finished trials are kept" in err and "Traceback" not in err, err[-3000:]
+        assert _gone(helper), stop
+        store = Store.open(run_dir)
+        run = store.run(run_id)
+        store.close()
+        assert run.state == "interrupted", stop
+    command = _search_command(path, run_dir, "--workers", "2")
+    _, err = command.communicate(timeout=300)
+    assert command.returncode == 0, err[-3000:]
+    trials = _trials(run_dir, path)
+    assert sum(t.state in FINISHED for t in trials) == 8
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+
+
+def test_a_search_with_workers_killed_goes_on(tiny_idx_dir: Path, tmp_path: Path):
+    """kill -9 of the command takes its worker with it; a worker killed alone (the
+    out-of-memory killer) ends the command in one line. The same command then goes on."""
+    path = _learning_rate_search(tiny_idx_dir, tmp_path, 'n_trials = 8\npruner = "none"')
+    run_dir = tmp_path / "runs"
+    run_id = run_search(load_study(path), run_dir=run_dir, progress=False,
+                        timeout=0.001).run.id
+    command = _search_command(path, run_dir, "--workers", "2")
+    helper = _until_both_train(command, run_dir, run_id)
+    command.kill()
+    command.communicate(timeout=60)
+    assert _gone(helper, within=10)
+    command = _search_command(path, run_dir, "--workers", "2")
+    helper = _until_both_train(command, run_dir, run_id)
+    os.kill(helper, signal.SIGKILL)
+    _, err = command.communicate(timeout=120)
+    assert command.returncode == 2, err[-3000:]
+    assert err.count("\n") == 1 and "a worker process died (killed, or out of memory)" in err
+    command = _search_command(path, run_dir, "--workers", "2")
+    _, err = command.communicate(timeout=300)
+    assert command.returncode == 0, err[-3000:]
+    trials = _trials(run_dir, path)
+    assert sum(t.state in FINISHED for t in trials) == 8
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
 
 
 def test_a_search_runs_while_any_worker_trains_a_trial(tiny_idx_dir: Path, tmp_path: Path):

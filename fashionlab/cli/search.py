@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from fashionlab.cli import app, output_console, print_json, resumable, text_table
-from fashionlab.cli.study import MlflowUri, Quiet, RunDir, StoreUrl, Tensorboard
+from fashionlab.cli.study import MlflowUri, Quiet, RunDir, StoreUrl, Tensorboard, workers_named
 from fashionlab.config import load_study, quick_variant
 from fashionlab.store import DEFAULT_RUN_DIR
 from fashionlab.tables import (
@@ -35,6 +35,11 @@ def search(
     fresh: Annotated[bool, typer.Option(
         help="Delete this search's earlier trials and results, and start again.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    workers: Annotated[str, typer.Option(
+        parser=workers_named, metavar="auto|N",
+        help="Worker processes on this machine, each training its own trials: a number, or "
+        "auto (one per CPU core or GPU)."
+    )] = "1",
     run_dir: RunDir = DEFAULT_RUN_DIR,
     store: StoreUrl = None,
     tensorboard: Tensorboard = False,
@@ -52,6 +57,8 @@ def search(
     Example: fashionlab search                       (the bundled dense search)
 
     Example: fashionlab search my-study.toml --n-trials 40 --store postgresql://me@db/fl
+
+    Example: fashionlab search --workers auto   (one worker per CPU core)
 
     Example: fashionlab search --mlflow sqlite:///mlflow.db
     """
@@ -74,7 +81,8 @@ def search(
                               progress=shown) as progress:
         result = run_search(spec, run_dir=run_dir, store_url=store, n_trials=n_trials,
                             timeout=timeout, device=device, progress=progress,
-                            finish=finish, fresh=fresh)
+                            finish=finish, fresh=fresh,
+                            workers=workers if workers == "auto" else int(workers))
     if json_output or quiet:  # said with the progress otherwise; a note is no progress
         for note in result.notes:
             typer.echo(note, err=True)

@@ -33,7 +33,7 @@ MlflowUri = Annotated[str | None, typer.Option(
     "(needs `pip install 'fashionlab[mlflow]'`).")]
 
 
-def _workers_named(text: str) -> str:
+def workers_named(text: str) -> str:
     """--workers: "auto" or a positive whole number in ASCII digits (not "²" or "٣", which
     Python's int() would read)."""
     if text != "auto" and not (text.isascii() and text.isdigit() and int(text) >= 1):
@@ -51,7 +51,7 @@ def study(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     fresh: Annotated[bool, typer.Option(help="Start a new run instead of resuming.")] = False,
     workers: Annotated[str, typer.Option(
-        parser=_workers_named, metavar="auto|N",
+        parser=workers_named, metavar="auto|N",
         help="Processes training independent jobs in parallel: a number, or auto (one per "
         "CPU core or GPU, when the study is big enough to pay for starting them)."
     )] = "auto",

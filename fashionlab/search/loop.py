@@ -39,7 +39,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import optuna
 import torch
@@ -49,6 +49,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from fashionlab import stops
 from fashionlab.arguments import (
+    check_count,
     check_dataset,
     check_flag,
     check_not_starting_a_worker,
@@ -82,6 +83,7 @@ from fashionlab.process import ProcessIdentity
 from fashionlab.progress import Reporter, reporting
 from fashionlab.provenance import environment
 from fashionlab.rng import derive_seed
+from fashionlab.runner import Helpers, machine_workers, threads_per_job, worker_devices
 from fashionlab.runs import delete_run
 from fashionlab.search.cost import spent_budget
 from fashionlab.search.finish import FINISHED, SearchContext, finish_search
@@ -189,6 +191,7 @@ def run_search(
     finish: bool = False,
     fresh: bool = False,
     dataset: Dataset | None = None,
+    workers: int | Literal["auto"] = 1,
 ) -> SearchResult:
     """Run (or resume, or join) the study's search and return where it stands.
 
@@ -200,6 +203,12 @@ def run_search(
     report; `finish=True` does that now with the trials finished so far, starting none.
     `progress`: bars on stderr (True), nothing (False), or your own `progress.Reporter`.
     `fresh=True` deletes this search's earlier runs and trials first and starts again.
+    `workers` > 1 runs that many workers of the search on this machine: this process and
+    others it starts (by the spawn method: a script needs the `if __name__ == "__main__":`
+    guard), each training its trials with its share of the CPU threads, or on its own GPU
+    when the device is CUDA; "auto" starts one per CPU core or GPU. The call returns once
+    they have all ended. Trials run side by side are drawn without each other's results, so
+    the trials' order (not their scoring) then depends on timing.
     """
     started = time.perf_counter()
     check_not_starting_a_worker("run_search")
@@ -213,6 +222,7 @@ def run_search(
                           "first")
     check_progress(progress)
     check_dataset(dataset)
+    check_count("workers", workers, auto=True)
     search = spec.search
     if search is None:
         raise ConfigError(f"{study_source(spec)}: no [search] table: add one to search it "
@@ -287,16 +297,26 @@ def run_search(
     remove_stale_staging(output_dir, recursive=True)  # what a killed process left half-written
     notes: list[str] = []
     presence = None
+    threads_before = torch.get_num_threads()
     try:
         # Said from here to the end, between trials too: a worker stopped meanwhile sees the
         # search go on in this one (trials' claims alone leave gaps of tens of milliseconds).
         presence = be_present(store, run.id, by=command_identity())
-        with reporting(progress) as reporter:
+        with reporting(progress) as reporter, \
+                _helpers(spec, 1 if finish else workers, run_dir, url, limits, torch_device,
+                         dataset, reporter) as helpers:
+            if helpers is not None:  # this process is one of the workers, with their share
+                torch.set_num_threads(threads_per_job(len(helpers.processes) + 1))
+                reporter = helpers.reporter
             if created:
                 notes += filter(None, [note_unresumed_run(store, run, reporter)])
             ctx = RunContext(store, run, spec, output_dir, torch_device, reporter)
             searcher = _Searcher(ctx, study, lock, dataset, folds)
             stopped_by = "finish" if finish else searcher.loop(limits, started)
+            if helpers is not None:
+                helpers.wait()
+                if stopped_by == "others-running":  # they trained the last trials: ended now
+                    stopped_by = searcher.loop(limits, started)
             summary = None
             if stopped_by in ("n_trials", "budget", "budget_seconds", "budget_tflop", "grid",
                               "finish"):
@@ -344,6 +364,7 @@ def run_search(
         if presence is not None:  # (a store that fails now: gone with this process)
             with contextlib.suppress(StoreError):
                 presence.done()
+        torch.set_num_threads(threads_before)
         stop_stray_heartbeats(storage)
         storage.engine.dispose()
         lock.engine.dispose()
@@ -360,6 +381,30 @@ def run_search(
         notes=notes)
     store.close()
     return result
+
+
+@contextlib.contextmanager
+def _helpers(spec: StudySpec, workers: int | Literal["auto"], run_dir: Path, url: str,
+             limits: Limits, device: torch.device, dataset: Dataset,
+             reporter: Reporter) -> Iterator[Helpers | None]:
+    """The other workers of `workers` on this machine (None: this process alone), each a
+    `run_search` of its own that joins this one's run, on its own GPU on CUDA."""
+    count = machine_workers(device) if workers == "auto" else workers
+    if count < 2:
+        yield None
+        return
+    devices = worker_devices(count, device)[1:]  # this process trains on the first
+    calls = [(_search_helper, (spec, run_dir, url, limits, helper_device, dataset))
+             for helper_device in devices]
+    with Helpers(calls, threads=threads_per_job(count), reporter=reporter) as helpers:
+        yield helpers
+
+
+def _search_helper(spec: StudySpec, run_dir: Path, url: str, limits: Limits, device: str,
+                   dataset: Dataset, reporter: Reporter) -> None:
+    """A worker process of `run_search(workers=...)`: the same search, joined."""
+    run_search(spec, run_dir=run_dir, store_url=url, n_trials=limits.n_trials,
+               timeout=limits.timeout, device=device, progress=reporter, dataset=dataset)
 
 
 def _let_go(store: Store, run_id: str, others: bool) -> None:
