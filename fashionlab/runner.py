@@ -416,8 +416,8 @@ HELPER_STOP_TIMEOUT = 10.0
 HELPER_STOPPED = 130  # a helper's exit status after a stop (Ctrl-C), as a shell's
 
 
-def _helper(fn: Callable[..., None], args: tuple[Any, ...], index: int, threads: int,
-            events: Any, parent: int) -> None:
+def _helper(fn: Callable[..., None], args: tuple[Any, ...], threads: int, events: Any,
+            parent: int) -> None:
     """A helper process: `fn(*args, reporter)`, reporting to the parent. A stop ends it with
     HELPER_STOPPED, an error the user can fix with status 1 after its one line: no traceback
     either way, and what it reported reaches the parent first."""
@@ -426,7 +426,6 @@ def _helper(fn: Callable[..., None], args: tuple[Any, ...], index: int, threads:
     status = 0
     try:
         fn(*args, _reporter)
-        _reporter.delivered(index)
     except KeyboardInterrupt:
         status = HELPER_STOPPED  # what it leaves is in order (its stop did that); said once
     except FashionlabError as error:
@@ -437,7 +436,7 @@ def _helper(fn: Callable[..., None], args: tuple[Any, ...], index: int, threads:
     # come now, and would be a traceback here.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     events.close()
-    events.join_thread()  # (the parent reads the queue until this process has ended)
+    events.join_thread()  # all of it on the way: the parent reads it until this process ends
     os._exit(status)
 
 
@@ -462,9 +461,9 @@ class Helpers:
         self._events = context.Queue()
         self._closed = False
         self.processes: list[BaseProcess] = [
-            _DeafWhileStarting(target=_helper, args=(fn, args, index, threads, self._events,
+            _DeafWhileStarting(target=_helper, args=(fn, args, threads, self._events,
                                                      os.getpid()), daemon=True)
-            for index, (fn, args) in enumerate(calls)]
+            for fn, args in calls]
 
     def __enter__(self) -> Self:
         for process in self.processes:
@@ -504,13 +503,7 @@ class Helpers:
             raise_if_stopped()
             forward(self._events, self._to, wait=0.2)
             self.poll()
-        # The last calls of those that ended well may still be on their way: each one's mark
-        # comes after them.
-        ended_well = {i for i, p in enumerate(self.processes) if p.exitcode == 0}
-        delivered: set[int] = set()
-        deadline = time.monotonic() + DELIVERY_TIMEOUT
-        while not ended_well <= delivered and time.monotonic() < deadline:
-            delivered |= forward(self._events, self._to, wait=0.1)
+        self.poll()  # their last reports: a helper ends once all of its own are on the queue
 
 
 class _Polling:
