@@ -39,7 +39,7 @@ from fashionlab.hardware import CpuShare, release_freed_memory
 from fashionlab.jobs import Claim, fetch_checkpoint
 from fashionlab.models import forward_flops
 from fashionlab.process import die_with_parent, start_resource_tracker
-from fashionlab.progress import QueueReporter, Reporter, forward
+from fashionlab.progress import QueueReporter, Reporter, Silent, forward
 from fashionlab.stops import deferred, raise_if_stopped
 from fashionlab.store import Store
 from fashionlab.train import EpochMetrics, Member, Tensors
@@ -416,13 +416,14 @@ HELPER_STOP_TIMEOUT = 10.0
 HELPER_STOPPED = 130  # a helper's exit status after a stop (Ctrl-C), as a shell's
 
 
-def _helper(fn: Callable[..., None], args: tuple[Any, ...], threads: int, events: Any,
-            parent: int) -> None:
+def _helper(fn: Callable[..., None], args: tuple[Any, ...], index: int, threads: int,
+            events: Any, parent: int) -> None:
     """A helper process: `fn(*args, reporter)`, reporting to the parent. A stop ends it with
     HELPER_STOPPED, an error the user can fix with status 1 after its one line: no traceback
     either way, and what it reported reaches the parent first."""
     _init_worker(threads, events, parent)
     assert _reporter is not None
+    _reporter.delivered(index)  # the mark that it hears a stop from now on
     status = 0
     try:
         fn(*args, _reporter)
@@ -461,9 +462,10 @@ class Helpers:
         self._events = context.Queue()
         self._closed = False
         self.processes: list[BaseProcess] = [
-            _DeafWhileStarting(target=_helper, args=(fn, args, threads, self._events,
+            _DeafWhileStarting(target=_helper, args=(fn, args, index, threads, self._events,
                                                      os.getpid()), daemon=True)
-            for fn, args in calls]
+            for index, (fn, args) in enumerate(calls)]
+        self._hearing: set[int] = set()  # the helpers that take a stop (their start is over)
 
     def __enter__(self) -> Self:
         for process in self.processes:
@@ -473,13 +475,18 @@ class Helpers:
     def __exit__(self, *exc_info: object) -> None:
         running = [p for p in self.processes if p.exitcode is None]
         with deferred():  # a second Ctrl-C does not cut the helpers' cleanup short
-            for process in running:
-                with contextlib.suppress(OSError):
-                    os.kill(process.pid, signal.SIGINT)  # type: ignore[arg-type]
+            # (what they reported is not shown now: they stop; their marks say who hears it)
+            self._hearing |= forward(self._events, Silent())
+            for index, process in enumerate(self.processes):
+                if process in running and index in self._hearing:
+                    with contextlib.suppress(OSError):
+                        os.kill(process.pid, signal.SIGINT)  # type: ignore[arg-type]
+                elif process in running:  # still starting (deaf): nothing done, nothing to keep
+                    process.kill()
             deadline = time.monotonic() + HELPER_STOP_TIMEOUT
             while any(p.exitcode is None for p in running) and time.monotonic() < deadline:
                 with contextlib.suppress(queue.Empty):  # read, or a helper's last reports
-                    self._events.get(timeout=0.05)  # block its end (not shown: it stops)
+                    self._events.get(timeout=0.05)  # block its end
             for process in running:
                 if process.exitcode is None:
                     process.kill()
@@ -492,7 +499,7 @@ class Helpers:
         """Replay what the helpers reported; raise WorkerDied if one of them failed."""
         if self._closed:  # (the block has ended: this process's last reports)
             return
-        forward(self._events, self._to)
+        self._hearing |= forward(self._events, self._to)
         failed = [p for p in self.processes if p.exitcode not in (None, 0, HELPER_STOPPED)]
         if failed:
             raise WorkerDied(_died(failed))
@@ -501,7 +508,7 @@ class Helpers:
         """Until every helper has ended, replaying what they report."""
         while any(p.exitcode is None for p in self.processes):
             raise_if_stopped()
-            forward(self._events, self._to, wait=0.2)
+            self._hearing |= forward(self._events, self._to, wait=0.2)
             self.poll()
         self.poll()  # their last reports: a helper ends once all of its own are on the queue
 

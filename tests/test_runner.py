@@ -189,6 +189,17 @@ def test_helpers_still_running_at_the_end_are_stopped_as_ctrl_c_stops_them(tmp_p
     assert not multiprocessing.active_children()
 
 
+def test_a_helper_still_starting_when_the_block_ends_is_killed_not_waited_for():
+    """A helper starts deaf to SIGINT (it would print a traceback while importing), so a stop
+    sent then is lost and it would run on until killed after HELPER_STOP_TIMEOUT: one that has
+    not started its work has done nothing to keep, and is killed at once."""
+    with pytest.raises(RuntimeError, match="at once"), \
+            Helpers([(helper_job, ("reports", ""))], threads=1, reporter=Silent()) as helpers:
+        raise RuntimeError("at once")  # (a spawned process takes seconds to import torch)
+    # (its stop lost, it would have done its work: reported, and ended well)
+    assert helpers.processes[0].exitcode == -signal.SIGKILL
+
+
 def test_every_epoch_a_job_reported_is_shown_before_it_is_finished():
     # A queue sends from a thread of its own: a job can be over before its last reports are.
     # More than a pipe holds: a worker whose reports were left unread could not even exit.
