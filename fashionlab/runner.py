@@ -416,16 +416,16 @@ HELPER_STOP_TIMEOUT = 10.0
 HELPER_STOPPED = 130  # a helper's exit status after a stop (Ctrl-C), as a shell's
 
 
-def _helper(fn: Callable[..., None], args: tuple[Any, ...], index: int, threads: int,
-            events: Any, parent: int) -> None:
-    """A helper process: `fn(*args, reporter)`, reporting to the parent. A stop ends it with
-    HELPER_STOPPED, an error the user can fix with status 1 after its one line: no traceback
-    either way, and what it reported reaches the parent first."""
+def _helper(work: Any, index: int, threads: int, events: Any, parent: int) -> None:
+    """A helper process: `fn(*args, reporter)`, the call on its `work` queue, reporting to the
+    parent. A stop ends it with HELPER_STOPPED, an error the user can fix with status 1 after
+    its one line: no traceback either way, and what it reported reaches the parent first."""
     _init_worker(threads, events, parent)
     assert _reporter is not None
     _reporter.delivered(index)  # the mark that it hears a stop from now on
     status = 0
     try:
+        fn, args = work.get()
         fn(*args, _reporter)
     except KeyboardInterrupt:
         status = HELPER_STOPPED  # what it leaves is in order (its stop did that); said once
@@ -461,15 +461,22 @@ class Helpers:
         start_resource_tracker()  # (before the queue: see the function)
         self._events = context.Queue()
         self._closed = False
+        # Each call goes on a queue of its own, not with the process's start: a start writes
+        # what it passes (a dataset: tens of MB) into a pipe whose reading end this process
+        # holds until the write is over, and would wait forever on a helper killed meanwhile.
+        self._calls = list(calls)
+        self._work = [context.Queue() for _ in self._calls]
         self.processes: list[BaseProcess] = [
-            _DeafWhileStarting(target=_helper, args=(fn, args, index, threads, self._events,
+            _DeafWhileStarting(target=_helper, args=(work, index, threads, self._events,
                                                      os.getpid()), daemon=True)
-            for index, (fn, args) in enumerate(calls)]
+            for index, work in enumerate(self._work)]
         self._hearing: set[int] = set()  # the helpers that take a stop (their start is over)
 
     def __enter__(self) -> Self:
-        for process in self.processes:
+        for process, work, call in zip(self.processes, self._work, self._calls, strict=True):
             process.start()
+            work.put(call)  # written by the queue's own thread: nothing here waits for it
+            work.cancel_join_thread()  # nor at exit, should the helper never read it
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -494,6 +501,8 @@ class Helpers:
             self._closed = True
             self._events.cancel_join_thread()  # a killed helper may hold the queue's lock
             self._events.close()
+            for work in self._work:  # (a call no helper read: its writer thread ends)
+                work.close()
 
     def poll(self) -> None:
         """Replay what the helpers reported; raise WorkerDied if one of them failed."""

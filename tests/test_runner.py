@@ -14,7 +14,14 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import Recorder, chatty_job, helper_job, record_job, tiny_study_toml
+from helpers import (
+    KillsWhoReadsIt,
+    Recorder,
+    chatty_job,
+    helper_job,
+    record_job,
+    tiny_study_toml,
+)
 
 from fashionlab.progress import Silent
 from fashionlab.runner import HELPER_STOPPED, Helpers, Stopped, WorkerDied, run_in_workers
@@ -198,6 +205,29 @@ def test_a_helper_still_starting_when_the_block_ends_is_killed_not_waited_for():
         raise RuntimeError("at once")  # (a spawned process takes seconds to import torch)
     # (its stop lost, it would have done its work: reported, and ended well)
     assert helpers.processes[0].exitcode == -signal.SIGKILL
+
+
+def test_a_helper_killed_while_it_receives_its_work_leaves_nothing_waiting():
+    """What a helper is given (a search's dataset: tens of MB) no longer goes with its start:
+    a start writes it into a pipe whose reading end stays open here, and waited forever for a
+    helper killed meanwhile."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            big = b"x" * (16 << 20)  # far more than a pipe holds: the write waits for a reader
+            with Helpers([(helper_job, (KillsWhoReadsIt(), big))], threads=1,
+                         reporter=Silent()) as helpers:
+                helpers.wait()
+        except BaseException as error:  # noqa: BLE001 (asserted below)
+            errors.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=120)
+    assert not thread.is_alive(), "the start waited for a dead helper"
+    assert len(errors) == 1 and isinstance(errors[0], WorkerDied), errors
+    assert "(killed, or out of memory)" in str(errors[0])
 
 
 def test_every_epoch_a_job_reported_is_shown_before_it_is_finished():
