@@ -473,14 +473,19 @@ class Helpers:
         self._hearing: set[int] = set()  # the helpers that take a stop (their start is over)
 
     def __enter__(self) -> Self:
-        for process, work, call in zip(self.processes, self._work, self._calls, strict=True):
-            process.start()
-            work.put(call)  # written by the queue's own thread: nothing here waits for it
-            work.cancel_join_thread()  # nor at exit, should the helper never read it
+        try:
+            for process, work, call in zip(self.processes, self._work, self._calls,
+                                           strict=True):
+                process.start()
+                work.put(call)  # written by the queue's own thread: nothing here waits for it
+                work.cancel_join_thread()  # nor at exit, should the helper never read it
+        except BaseException:  # a stop between two starts: those started are stopped too
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        running = [p for p in self.processes if p.exitcode is None]
+        running = [p for p in self.processes if p.pid is not None and p.exitcode is None]
         with deferred():  # a second Ctrl-C does not cut the helpers' cleanup short
             # (what they reported is not shown now: they stop; their marks say who hears it)
             self._hearing |= forward(self._events, Silent())

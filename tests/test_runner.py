@@ -230,6 +230,27 @@ def test_a_helper_killed_while_it_receives_its_work_leaves_nothing_waiting():
     assert "(killed, or out of memory)" in str(errors[0])
 
 
+def test_a_stop_between_two_helpers_starts_ends_the_one_started(monkeypatch):
+    from fashionlab import runner
+
+    starts = []
+    start = runner._DeafWhileStarting.start
+
+    def second_start_stopped(process) -> None:
+        starts.append(process)
+        if len(starts) == 2:
+            raise KeyboardInterrupt  # Ctrl-C while the second one starts
+        start(process)
+
+    monkeypatch.setattr(runner._DeafWhileStarting, "start", second_start_stopped)
+    helpers = Helpers([(helper_job, ("reports", "")), (helper_job, ("reports", ""))],
+                      threads=1, reporter=Silent())
+    with pytest.raises(KeyboardInterrupt), helpers:
+        pass
+    assert helpers.processes[0].exitcode == -signal.SIGKILL  # (still starting: killed)
+    assert not multiprocessing.active_children()
+
+
 def test_every_epoch_a_job_reported_is_shown_before_it_is_finished():
     # A queue sends from a thread of its own: a job can be over before its last reports are.
     # More than a pipe holds: a worker whose reports were left unread could not even exit.

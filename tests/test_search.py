@@ -1836,6 +1836,14 @@ def test_a_search_with_two_workers_trains_in_both_and_ends_with_its_results(
     assert torch.get_num_threads() == threads
 
 
+def _slow_trials_search(data_dir: Path, tmp_path: Path) -> Path:
+    """6 trials of ~2.5 s each (150 epochs of the tiny data): a worker started by the command
+    has trials left to take once it has started (seconds), however fast this one trains."""
+    return _load(search_toml(data_dir, search='n_trials = 6\npruner = "none"', epochs=150,
+                             space="learning_rate = { low = 1e-3, high = 0.1, log = true }"),
+                 tmp_path)
+
+
 def _search_command(path: Path, run_dir: Path, *more: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-c", "from fashionlab.cli import main; main()", "search", str(path),
@@ -1876,7 +1884,7 @@ def test_a_search_with_workers_stops_whole_and_goes_on(tiny_idx_dir: Path, tmp_p
     """A SIGTERM to the command alone (a scheduler's) stops its worker too, as Ctrl-C to the
     terminal's whole group does; either way the command says so in one line, nothing it
     started runs on, and the same command goes on to the end."""
-    path = _learning_rate_search(tiny_idx_dir, tmp_path, 'n_trials = 8\npruner = "none"')
+    path = _slow_trials_search(tiny_idx_dir, tmp_path)
     run_dir = tmp_path / "runs"
     run_id = run_search(load_study(path), run_dir=run_dir, progress=False,
                         timeout=0.001).run.id
@@ -1899,14 +1907,14 @@ def test_a_search_with_workers_stops_whole_and_goes_on(tiny_idx_dir: Path, tmp_p
     _, err = command.communicate(timeout=300)
     assert command.returncode == 0, err[-3000:]
     trials = _trials(run_dir, path)
-    assert sum(t.state in FINISHED for t in trials) == 8
+    assert sum(t.state in FINISHED for t in trials) == 6
     assert not [t for t in trials if t.state == TrialState.RUNNING]
 
 
 def test_a_search_with_workers_killed_goes_on(tiny_idx_dir: Path, tmp_path: Path):
     """kill -9 of the command takes its worker with it; a worker killed alone (the
     out-of-memory killer) ends the command in one line. The same command then goes on."""
-    path = _learning_rate_search(tiny_idx_dir, tmp_path, 'n_trials = 8\npruner = "none"')
+    path = _slow_trials_search(tiny_idx_dir, tmp_path)
     run_dir = tmp_path / "runs"
     run_id = run_search(load_study(path), run_dir=run_dir, progress=False,
                         timeout=0.001).run.id
@@ -1925,7 +1933,7 @@ def test_a_search_with_workers_killed_goes_on(tiny_idx_dir: Path, tmp_path: Path
     _, err = command.communicate(timeout=300)
     assert command.returncode == 0, err[-3000:]
     trials = _trials(run_dir, path)
-    assert sum(t.state in FINISHED for t in trials) == 8
+    assert sum(t.state in FINISHED for t in trials) == 6
     assert not [t for t in trials if t.state == TrialState.RUNNING]
 
 
