@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import signal
 import sys
 import threading
@@ -27,10 +28,10 @@ from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any, ParamSpec, TypeVar
 
-__all__ = ["DOUBLE_PRESS", "REPEATED_STOP_GRACE", "BeforeTheRun", "LeftRunning", "before_the_run",
-           "cleaning_up", "deferred", "deferring", "forget", "handled", "heard", "kept",
-           "listened", "listening", "quiet_swallowed_stop", "raise_if_stopped", "received",
-           "recording"]
+__all__ = ["DOUBLE_PRESS", "REPEATED_STOP_GRACE", "BeforeTheRun", "LeftRunning", "NoStopTracebacks",
+           "before_the_run", "cleaning_up", "deferred", "deferring", "forget", "handled",
+           "heard", "kept", "listened", "listening", "quiet_swallowed_stop", "raise_if_stopped",
+           "received", "recording"]
 
 received: list[int] = []  # the signals that asked this process to stop, in order
 handled: list[bool] = []  # a stop was caught, and what it leaves is being put in order
@@ -77,6 +78,17 @@ def quiet_swallowed_stop(shown: Callable[[Any], object], unraisable: Any) -> Non
     if isinstance(unraisable.exc_value, KeyboardInterrupt) and received:
         return
     shown(unraisable)
+
+
+class NoStopTracebacks(logging.Filter):
+    """A logging filter that drops a record carrying a stop that was asked for as its
+    exception: SQLAlchemy's pool logs "Exception during reset or similar" with the traceback of
+    a Ctrl-C that landed while a finaliser gave a connection back. The stop itself goes on
+    (recorded, raised again by the next check) and is said once, by the command."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(error, KeyboardInterrupt) and received)
 
 
 @contextlib.contextmanager

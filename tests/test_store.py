@@ -680,3 +680,32 @@ def test_a_zombie_holds_nothing():
         assert identity.liveness() is False
     finally:
         child.wait()
+
+
+@pytest.mark.parametrize("stopped", [True, False])
+def test_a_stop_landing_in_a_connections_return_is_no_logged_traceback(
+        stopped: bool, tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """A Ctrl-C that lands while a connection goes back to its pool (a finaliser's, in a
+    search) was logged by SQLAlchemy with its traceback above the command's one line. Another
+    error there is still logged."""
+    import signal
+
+    from fashionlab import stops
+
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'x.db'}")
+
+    @sa.event.listens_for(engine, "reset")
+    def interrupted(*_: object) -> None:
+        raise KeyboardInterrupt  # the signal handler's, inside the pool's reset
+
+    connection = engine.connect()
+    if stopped:
+        stops.received.append(signal.SIGINT)  # as the command's handler records it
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            connection.close()
+    finally:
+        stops.forget()
+        engine.dispose()
+    logged = [r for r in caplog.records if r.getMessage() == "Exception during reset or similar"]
+    assert len(logged) == (0 if stopped else 1)

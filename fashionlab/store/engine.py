@@ -5,6 +5,7 @@ mode for a file this user cannot write, and the pragmas of each SQLite connectio
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import re
 import select
@@ -15,9 +16,18 @@ from urllib.parse import quote, unquote
 
 import sqlalchemy as sa
 
+from fashionlab import stops
 from fashionlab.errors import StoreError
 from fashionlab.serialize import file_in_the_way
 from fashionlab.text import first_line, one_line, shortened
+
+# A Ctrl-C that lands while a finaliser gives a connection back to its pool is logged there
+# with its traceback: said once by the command instead. (Each kind of pool logs as its class,
+# "sqlalchemy.pool.impl.QueuePool", and a logger's filter sees only its own records.)
+for _pool in vars(sa.pool.impl).values():
+    if isinstance(_pool, type) and issubclass(_pool, sa.pool.Pool):
+        logging.getLogger(f"{_pool.__module__}.{_pool.__name__}").addFilter(
+            stops.NoStopTracebacks())
 
 DEFAULT_RUN_DIR = Path("fashionlab-runs")
 DB_NAME = "fashionlab.db"
