@@ -27,6 +27,7 @@ from multiprocessing import get_context
 from multiprocessing.context import SpawnProcess
 from multiprocessing.process import BaseProcess
 from pathlib import Path
+from types import FrameType
 from typing import Any, Literal, Self
 
 import torch
@@ -40,7 +41,7 @@ from fashionlab.jobs import Claim, fetch_checkpoint
 from fashionlab.models import forward_flops
 from fashionlab.process import die_with_parent, start_resource_tracker
 from fashionlab.progress import QueueReporter, Reporter, Silent, forward
-from fashionlab.stops import deferred, raise_if_stopped
+from fashionlab.stops import deferred, heard, raise_if_stopped
 from fashionlab.store import Store
 from fashionlab.train import EpochMetrics, Member, Tensors
 
@@ -410,17 +411,23 @@ def run_in_workers(
             reporter.finish(label)
 
 
-# How long helpers stopped with this process (SIGINT: each leaves its work resumable, a few
-# writes to the store) may take before they are killed; the stop waits for no more.
+# How long helpers stopped with this process (SIGTERM, a stop to them: each leaves its work
+# resumable, a few writes to the store) may take before they are killed; the stop waits for
+# no more.
 HELPER_STOP_TIMEOUT = 10.0
 HELPER_STOPPED = 130  # a helper's exit status after a stop (Ctrl-C), as a shell's
 
 
-def _helper(work: Any, index: int, threads: int, events: Any, parent: int) -> None:
+def _helper(work: Any, index: int, threads: int, events: Any, parent: int,
+            interrupts: bool) -> None:
     """A helper process: `fn(*args, reporter)`, the call on its `work` queue, reporting to the
-    parent. A stop ends it with HELPER_STOPPED, an error the user can fix with status 1 after
-    its one line: no traceback either way, and what it reported reaches the parent first."""
+    parent. A stop (Ctrl-C where the parent takes it too, or the parent's SIGTERM) ends it with
+    HELPER_STOPPED, an error the user can fix with status 1 after its one line: no traceback
+    either way, and what it reported reaches the parent first."""
     _init_worker(threads, events, parent)
+    if not interrupts:  # a command that ignores Ctrl-C (started in the background): so do they
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _stop)
     assert _reporter is not None
     _reporter.delivered(index)  # the mark that it hears a stop from now on
     status = 0
@@ -441,16 +448,24 @@ def _helper(work: Any, index: int, threads: int, events: Any, parent: int) -> No
     os._exit(status)
 
 
+def _stop(signum: int, frame: FrameType | None) -> None:
+    """A helper's SIGTERM: its parent stops it, as Ctrl-C would (see `stops.heard`)."""
+    if heard(signum):
+        raise KeyboardInterrupt
+
+
 class Helpers:
     """Processes that each call `fn(*args, reporter)` beside this process's own work: a
     search's other workers on this machine. Each starts deaf to the terminal's Ctrl-C until
     it runs, trains with `threads` CPU threads, and dies with this process; what they report
     is replayed on this process's reporter, in this thread, whenever `reporter` (the one to
-    give this process's own work) is called, or `poll` or `wait` runs.
+    give this process's own work) is called, or `poll` or `wait` runs. They take Ctrl-C as
+    this process does (not at all when it ignores it: a command started in the background).
 
     A helper that a stop ended (HELPER_STOPPED) has left, and the others go on; one that
     failed or was killed raises WorkerDied at the next look. Used as a context manager, the
-    helpers still running at its end are stopped as Ctrl-C stops them, then killed after
+    helpers still running at its end are stopped (SIGTERM, which they take as Ctrl-C), those
+    still starting are killed, and so are those that have not ended after
     HELPER_STOP_TIMEOUT."""
 
     def __init__(self, calls: Sequence[tuple[Callable[..., None], tuple[Any, ...]]], *,
@@ -461,6 +476,7 @@ class Helpers:
         start_resource_tracker()  # (before the queue: see the function)
         self._events = context.Queue()
         self._closed = False
+        interrupts = signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
         # Each call goes on a queue of its own, not with the process's start: a start writes
         # what it passes (a dataset: tens of MB) into a pipe whose reading end this process
         # holds until the write is over, and would wait forever on a helper killed meanwhile.
@@ -468,7 +484,7 @@ class Helpers:
         self._work = [context.Queue() for _ in self._calls]
         self.processes: list[BaseProcess] = [
             _DeafWhileStarting(target=_helper, args=(work, index, threads, self._events,
-                                                     os.getpid()), daemon=True)
+                                                     os.getpid(), interrupts), daemon=True)
             for index, work in enumerate(self._work)]
         self._hearing: set[int] = set()  # the helpers that take a stop (their start is over)
 
@@ -492,7 +508,7 @@ class Helpers:
             for index, process in enumerate(self.processes):
                 if process in running and index in self._hearing:
                     with contextlib.suppress(OSError):
-                        os.kill(process.pid, signal.SIGINT)  # type: ignore[arg-type]
+                        os.kill(process.pid, signal.SIGTERM)  # type: ignore[arg-type]
                 elif process in running:  # still starting (deaf): nothing done, nothing to keep
                     process.kill()
             deadline = time.monotonic() + HELPER_STOP_TIMEOUT

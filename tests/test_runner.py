@@ -251,6 +251,29 @@ def test_a_stop_between_two_helpers_starts_ends_the_one_started(monkeypatch):
     assert not multiprocessing.active_children()
 
 
+def test_helpers_of_a_process_that_ignores_ctrl_c_ignore_it_too(tmp_path: Path):
+    """A command started in the background (SIGINT ignored) goes on through a Ctrl-C to its
+    group: so do its helpers, which are still stopped with it."""
+    noted = tmp_path / "stopped"
+    recorder = Recorder()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with Helpers([(helper_job, ("waits", str(noted)))], threads=1,
+                     reporter=recorder) as helpers:
+            deadline = time.monotonic() + 60
+            while not recorder.calls:  # it runs, and would hear Ctrl-C now
+                assert time.monotonic() < deadline
+                helpers.poll()
+                time.sleep(0.05)
+            os.kill(helpers.processes[0].pid, signal.SIGINT)
+            time.sleep(1)
+            assert helpers.processes[0].exitcode is None
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert helpers.processes[0].exitcode == HELPER_STOPPED  # stopped with the block
+    assert noted.read_text() == "stopped\n"
+
+
 def test_every_epoch_a_job_reported_is_shown_before_it_is_finished():
     # A queue sends from a thread of its own: a job can be over before its last reports are.
     # More than a pipe holds: a worker whose reports were left unread could not even exit.
