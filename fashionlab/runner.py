@@ -440,9 +440,10 @@ def _helper(work: Any, index: int, threads: int, events: Any, parent: int,
         sys.stderr.write(f"fashionlab: a worker process: {error}\n")
         sys.stderr.flush()
         status = 1
-    # Done: the parent's own stop of its helpers (a second SIGINT after the terminal's) may
-    # come now, and would be a traceback here.
+    # Done: a stop that comes now (the parent's SIGTERM after the terminal's Ctrl-C) would be
+    # a traceback here.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     events.close()
     events.join_thread()  # all of it on the way: the parent reads it until this process ends
     os._exit(status)

@@ -1836,12 +1836,26 @@ def test_a_search_with_two_workers_trains_in_both_and_ends_with_its_results(
     assert torch.get_num_threads() == threads
 
 
-def _slow_trials_search(data_dir: Path, tmp_path: Path) -> Path:
-    """6 trials of ~2.5 s each (150 epochs of the tiny data): a worker started by the command
-    has trials left to take once it has started (seconds), however fast this one trains."""
-    return _load(search_toml(data_dir, search='n_trials = 6\npruner = "none"', epochs=150,
+def _slow_trials_search(data_dir: Path, tmp_path: Path) -> tuple[Path, Path, str]:
+    """A search of 6 trials of ~2.5 s each (150 epochs of the tiny data: a worker started by
+    the command has trials left to take once it has started, in seconds), its run created:
+    (study file, run directory, run id)."""
+    path = _load(search_toml(data_dir, search='n_trials = 6\npruner = "none"', epochs=150,
                              space="learning_rate = { low = 1e-3, high = 0.1, log = true }"),
                  tmp_path)
+    run_dir = tmp_path / "runs"
+    run = run_search(load_study(path), run_dir=run_dir, progress=False, timeout=0.001).run
+    return path, run_dir, run.id
+
+
+def _goes_on_to_the_end(path: Path, run_dir: Path) -> None:
+    """The same command, run again, ends the search: every trial finished, none running."""
+    command = _search_command(path, run_dir, "--workers", "2")
+    _, err = command.communicate(timeout=300)
+    assert command.returncode == 0, err[-3000:]
+    trials = _trials(run_dir, path)
+    assert sum(t.state in FINISHED for t in trials) == 6
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
 
 
 def _search_command(path: Path, run_dir: Path, *more: str) -> subprocess.Popen[str]:
@@ -1884,10 +1898,7 @@ def test_a_search_with_workers_stops_whole_and_goes_on(tiny_idx_dir: Path, tmp_p
     """A SIGTERM to the command alone (a scheduler's) stops its worker too, as Ctrl-C to the
     terminal's whole group does; either way the command says so in one line, nothing it
     started runs on, and the same command goes on to the end."""
-    path = _slow_trials_search(tiny_idx_dir, tmp_path)
-    run_dir = tmp_path / "runs"
-    run_id = run_search(load_study(path), run_dir=run_dir, progress=False,
-                        timeout=0.001).run.id
+    path, run_dir, run_id = _slow_trials_search(tiny_idx_dir, tmp_path)
     for stop in ("SIGTERM to the command", "SIGINT to its group"):
         command = _search_command(path, run_dir, "--workers", "2")
         helper = _until_both_train(command, run_dir, run_id)
@@ -1903,21 +1914,13 @@ def test_a_search_with_workers_stops_whole_and_goes_on(tiny_idx_dir: Path, tmp_p
         run = store.run(run_id)
         store.close()
         assert run.state == "interrupted", stop
-    command = _search_command(path, run_dir, "--workers", "2")
-    _, err = command.communicate(timeout=300)
-    assert command.returncode == 0, err[-3000:]
-    trials = _trials(run_dir, path)
-    assert sum(t.state in FINISHED for t in trials) == 6
-    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    _goes_on_to_the_end(path, run_dir)
 
 
 def test_a_search_with_workers_killed_goes_on(tiny_idx_dir: Path, tmp_path: Path):
     """kill -9 of the command takes its worker with it; a worker killed alone (the
     out-of-memory killer) ends the command in one line. The same command then goes on."""
-    path = _slow_trials_search(tiny_idx_dir, tmp_path)
-    run_dir = tmp_path / "runs"
-    run_id = run_search(load_study(path), run_dir=run_dir, progress=False,
-                        timeout=0.001).run.id
+    path, run_dir, run_id = _slow_trials_search(tiny_idx_dir, tmp_path)
     command = _search_command(path, run_dir, "--workers", "2")
     helper = _until_both_train(command, run_dir, run_id)
     command.kill()
@@ -1929,12 +1932,7 @@ def test_a_search_with_workers_killed_goes_on(tiny_idx_dir: Path, tmp_path: Path
     _, err = command.communicate(timeout=120)
     assert command.returncode == 2, err[-3000:]
     assert err.count("\n") == 1 and "a worker process died (killed, or out of memory)" in err
-    command = _search_command(path, run_dir, "--workers", "2")
-    _, err = command.communicate(timeout=300)
-    assert command.returncode == 0, err[-3000:]
-    trials = _trials(run_dir, path)
-    assert sum(t.state in FINISHED for t in trials) == 6
-    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    _goes_on_to_the_end(path, run_dir)
 
 
 def test_a_search_runs_while_any_worker_trains_a_trial(tiny_idx_dir: Path, tmp_path: Path):
