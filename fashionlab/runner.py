@@ -473,6 +473,7 @@ class Helpers:
                  threads: int, reporter: Reporter) -> None:
         self._to = reporter
         self.reporter: Reporter = _Polling(reporter, self)
+        self.threads = threads  # each helper's CPU threads
         context = get_context("spawn")  # CUDA and torch's thread pools do not survive fork
         start_resource_tracker()  # (before the queue: see the function)
         self._events = context.Queue()

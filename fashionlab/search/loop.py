@@ -306,7 +306,7 @@ def run_search(
                 _helpers(spec, 1 if finish else workers, run_dir, url, limits, torch_device,
                          dataset, reporter) as helpers:
             if helpers is not None:  # this process is one of the workers, with their share
-                torch.set_num_threads(threads_per_job(len(helpers.processes) + 1))
+                torch.set_num_threads(helpers.threads)
                 reporter = helpers.reporter
             if created:
                 notes += filter(None, [note_unresumed_run(store, run, reporter)])
