@@ -169,21 +169,25 @@ class StackedNet(nn.Module):
             h = _channels_last(x.transpose(0, 1))
             for i, layer in enumerate(shape.conv):
                 bias = self.conv_biases[i]
-                h = F.conv2d(
+                z = F.conv2d(
                     h, self.conv_weights[i], bias if bias.numel() else None,
                     padding=0 if layer.padding == "valid" else "same",
                 )
                 # Channels-last activations: oneDNN's fast layout on the CPU, and max-pooling
                 # is ~15x faster on it (a no-op when the convolution already answered so).
-                h = h.contiguous(memory_format=torch.channels_last)
+                z = z.contiguous(memory_format=torch.channels_last)
+                if layer.residual:  # input + ReLU(norm(conv(input))), then pooled
+                    h = h + F.relu(self.norms[i](z))
+                    h = F.max_pool2d(h, layer.pool) if layer.pool > 1 else h
+                    continue
                 if not layer.norm_after_pool:
-                    h = self.norms[i](h)
+                    z = self.norms[i](z)
                 if layer.pool > 1:
                     # max-pool before ReLU: identical result (both are monotone), 4x less ReLU work
-                    h = F.max_pool2d(h, layer.pool)
+                    z = F.max_pool2d(z, layer.pool)
                 if layer.norm_after_pool:
-                    h = self.norms[i](h)
-                h = F.relu(h)
+                    z = self.norms[i](z)
+                h = F.relu(z)
             h = h.reshape(1, B, -1)  # (1, B, C*H*W), C-major like nn.Flatten
             h = dropout(h, [s.dropout for s in self.specs], generators)
         else:
@@ -311,6 +315,11 @@ def _plain_layer_names(spec: ModelSpec) -> dict[str, list[str]]:
     names: dict[str, list[str]] = {"conv": [], "norm": [], "dense": []}
     index = 0
     for layer in spec.conv:
+        if layer.residual:  # one Residual module, then its pooling
+            names["conv"].append(f"{index}.body.0")
+            names["norm"].append(f"{index}.body.1" if layer.batch_norm else "")
+            index += 1 + (1 if layer.pool > 1 else 0)
+            continue
         names["conv"].append(str(index))
         index += 1
         pool = 1 if layer.pool > 1 else 0
@@ -374,6 +383,18 @@ class ViewAveraged(nn.Module):
         return mean_over_views(self.net, x, self.tta)
 
 
+class Residual(nn.Module):
+    """x + body(x): a conv layer with `residual = true` (its body: convolution, batch norm,
+    ReLU)."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
 def inference_module(spec: ModelSpec, module: nn.Module) -> nn.Module:
     """`module` (a `build_module(spec)` holding its weights) as the model is used and scored:
     wrapped in its test-time augmentation, if the spec has one."""
@@ -387,12 +408,14 @@ def build_module(spec: ModelSpec) -> nn.Sequential:
     channels = 1
     for layer in spec.conv:
         padding = 0 if layer.padding == "valid" else layer.kernel // 2
-        layers.append(nn.Conv2d(channels, layer.filters, layer.kernel, padding=padding,
-                                bias=not layer.batch_norm))
+        conv = nn.Conv2d(channels, layer.filters, layer.kernel, padding=padding,
+                         bias=not layer.batch_norm)
         norm = [nn.BatchNorm2d(layer.filters)] if layer.batch_norm else []
         pool = [nn.MaxPool2d(layer.pool)] if layer.pool > 1 else []
-        layers += pool + norm if layer.norm_after_pool else norm + pool
-        layers.append(nn.ReLU())
+        if layer.residual:
+            layers += [Residual(nn.Sequential(conv, *norm, nn.ReLU())), *pool]
+        else:
+            layers += [conv, *(pool + norm if layer.norm_after_pool else norm + pool), nn.ReLU()]
         channels = layer.filters
     layers.append(nn.Flatten())
     if spec.conv and spec.dropout > 0:

@@ -62,7 +62,7 @@ def test_every_bundled_study_loads_and_round_trips():
 
 
 def test_settings_added_later_keep_a_study_fingerprint_at_their_old_meaning():
-    """A study stored before `tta`, `ema`, `norm_after_pool` and `erase` existed keeps its
+    """A study stored before `tta`, `ema`, `norm_after_pool`, `erase` and `residual` existed keeps its
     fingerprint (its runs resume and compare as the same study); setting any of them changes
     it."""
     import hashlib
@@ -74,7 +74,7 @@ def test_settings_added_later_keep_a_study_fingerprint_at_their_old_meaning():
         del candidate["model"]["tta"], candidate["train"]["ema"]
         del candidate["train"]["augment"]["erase"]
         for layer in candidate["model"]["conv"]:
-            del layer["norm_after_pool"]
+            del layer["norm_after_pool"], layer["residual"]
     assert any(final["model"]["conv"] for final in old["final"])  # the seed study's CNN
     text = json.dumps(old, sort_keys=True, default=str)
     assert spec.fingerprint() == hashlib.sha256(text.encode()).hexdigest()[:12]
@@ -93,6 +93,13 @@ def test_settings_added_later_keep_a_study_fingerprint_at_their_old_meaning():
     plain = dataclasses.replace(spec, final=(dataclasses.replace(
         cnn, model=dataclasses.replace(cnn.model, conv=(ConvLayer(4, batch_norm=True, pool=2),))),))
     assert other.fingerprint() != plain.fingerprint()
+    residual = dataclasses.replace(spec, final=(dataclasses.replace(
+        cnn, model=dataclasses.replace(cnn.model, conv=(
+            ConvLayer(4, padding="same"), ConvLayer(4, padding="same", residual=True)))),))
+    unconnected = dataclasses.replace(spec, final=(dataclasses.replace(
+        cnn, model=dataclasses.replace(cnn.model, conv=(
+            ConvLayer(4, padding="same"), ConvLayer(4, padding="same")))),))
+    assert residual.fingerprint() != unconnected.fingerprint()
 
 
 @pytest.mark.parametrize("epochs", ['"warning"', '"lowest"', "30", "5"])
@@ -303,6 +310,17 @@ PRE_RUN_MISTAKES = [
     (ENTRY + "conv = [{ filters = 4, batch_norm = true, norm_after_pool = true }]",
      ("candidates[0].conv[0].norm_after_pool: needs batch_norm = true and a pool above 1: "
       "there is no pooling to normalise after")),
+    (ENTRY + 'conv = [{ filters = 4, padding = "same" }, { filters = 8, residual = true, '
+             'padding = "same" }]',
+     ('candidates[0].conv[1].residual: needs padding = "same" and as many filters as its '
+      "input has channels (4), to add its input to its output")),
+    (ENTRY + "conv = [{ filters = 1, residual = true }]",
+     ('candidates[0].conv[0].residual: needs padding = "same" and as many filters as its '
+      "input has channels (1), to add its input to its output")),
+    (ENTRY + 'conv = [{ filters = 1, padding = "same", residual = true, batch_norm = true, '
+             "pool = 2, norm_after_pool = true }]",
+     ("candidates[0].conv[0].norm_after_pool: a residual layer pools after adding its input: "
+      "nothing to normalise")),
     (ENTRY + "layers = [{ units = 8 }]\ndropout = 0.3",
      ("candidates[0].dropout: drops flattened conv features, and this model has no conv "
       "layers: set dropout on its layers")),

@@ -47,11 +47,15 @@ NORM_AFTER_POOL = ModelSpec(conv=(ConvLayer(8, batch_norm=True, pool=2, norm_aft
                             layers=(DenseLayer(16),))
 
 
+RESIDUAL = ModelSpec(conv=(ConvLayer(8, padding="same", batch_norm=True, pool=2),
+                           ConvLayer(8, padding="same", batch_norm=True, residual=True, pool=14)))
+
+
 @pytest.mark.parametrize("spec", [DENSE, CONV_BN, dataclasses.replace(CONV_BN, tta="flip"),
                                   dataclasses.replace(CONV_BN, tta="flip-shift"),
-                                  NORM_AFTER_POOL],
+                                  NORM_AFTER_POOL, RESIDUAL],
                          ids=["dense", "conv-bn", "conv-bn-flip", "conv-bn-flip-shift",
-                              "norm-after-pool"])
+                              "norm-after-pool", "residual"])
 def test_onnx_matches_pytorch_within_1e_5(tmp_path: Path, spec: ModelSpec):
     saved = _saved(tmp_path / "model", spec)
     path = export_onnx(saved, tmp_path / "model.onnx")

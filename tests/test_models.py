@@ -40,8 +40,18 @@ NORM_AFTER_POOL = ModelSpec(conv=(ConvLayer(4, pool=2, batch_norm=True, norm_aft
                             dropout=0.25, layers=(DenseLayer(12),))
 
 
-@pytest.mark.parametrize(("spec", "n"), [(DENSE, 3), (CONV, 1), (NORM_AFTER_POOL, 1)],
-                         ids=["dense", "conv", "norm-after-pool"])
+# Residual layers: one with batch norm and a global max-pool, one without either.
+RESIDUAL = ModelSpec(conv=(ConvLayer(4, padding="same", pool=2, batch_norm=True,
+                                     norm_after_pool=True),
+                           ConvLayer(4, padding="same", batch_norm=True, residual=True),
+                           ConvLayer(6, padding="same", pool=2),
+                           ConvLayer(6, padding="same", residual=True, pool=7)),
+                     layers=(DenseLayer(12),))
+
+
+@pytest.mark.parametrize(("spec", "n"), [(DENSE, 3), (CONV, 1), (NORM_AFTER_POOL, 1),
+                                         (RESIDUAL, 1)],
+                         ids=["dense", "conv", "norm-after-pool", "residual"])
 def test_each_member_computes_what_the_plain_module_computes(spec: ModelSpec, n: int):
     stack = _stack(spec, n).eval()
     x = torch.rand(n, 7, 28, 28)  # (M, B, 28, 28): each member its own batch
@@ -71,6 +81,29 @@ def test_batch_norm_after_pooling_is_applied_after_it_in_training_and_in_the_pla
         dataclasses.replace(layer, norm_after_pool=False) for layer in NORM_AFTER_POOL.conv))
     other = _stack(before, 1)
     other.load_state_dict(stack.state_dict())  # the same weights, the usual order
+    assert not torch.allclose(other.eval()(x), stack(x), atol=1e-3)
+
+
+def test_a_residual_layer_adds_its_input_to_its_activation_then_pools():
+    stack = _stack(RESIDUAL, 1)
+    with torch.no_grad():
+        for norm in stack.norms[:2]:
+            norm.weight.uniform_(-2, 2)
+            norm.bias.uniform_(-1, 1)
+    stack.eval()
+    x = torch.rand(1, 5, 28, 28)
+    plain = build_module(RESIDUAL).eval()
+    plain.load_state_dict(stack.member_state_dict(0))
+    h = plain[3](plain[2](plain[1](plain[0](x[0].unsqueeze(1)))))  # 4 x 14 x 14 into conv[1]
+    conv, norm = stack.conv_weights[1], stack.norms[1]
+    expected = h + F.relu(norm(F.conv2d(h, conv, padding=1)))
+    torch.testing.assert_close(plain[4](h), expected, rtol=1e-5, atol=1e-5)
+    assert conv_output_size(RESIDUAL) == (6, 1)  # the last layer's pool: a global max
+    assert flat_features(RESIDUAL) == 6
+    # Without its input added, the network computes something else.
+    other = _stack(dataclasses.replace(RESIDUAL, conv=tuple(
+        dataclasses.replace(layer, residual=False) for layer in RESIDUAL.conv)), 1)
+    other.load_state_dict(stack.state_dict())
     assert not torch.allclose(other.eval()(x), stack(x), atol=1e-3)
 
 

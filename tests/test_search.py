@@ -431,6 +431,24 @@ optimizer = "adamw"
                                               "learning_rate": 0.001}
 
 
+def test_a_residual_layer_keeps_the_channels_its_input_layer_draws():
+    spec = study_from_dict(tomllib.loads("""
+name = "x"
+[[candidates]]
+name = "a"
+conv = [{ filters = 8, padding = "same" }, { filters = 8, padding = "same", residual = true },
+        { filters = 4, padding = "same", pool = 2 }]
+[search.space]
+filters = { low = 4, high = 32 }
+"""))
+    base = base_candidate(spec)
+    assert spec.search is not None
+    params = {"filters_0": 16, "filters_2": 24}
+    candidate = suggest(FixedParams(params), spec.search, base, "t")
+    assert [layer.filters for layer in candidate.model.conv] == [16, 16, 24]
+    assert base_params(spec.search, base) == {"filters_0": 8, "filters_2": 4}
+
+
 def test_a_trial_draws_augmentation_ema_and_tta():
     spec = study_from_dict(tomllib.loads(BASE + """
 [search.space]

@@ -171,6 +171,10 @@ class ConvLayer:
     # normalising, forward and backward, where maps are largest. Another model, not a faster
     # route to the same one: the statistics are those of the pooled activations.
     norm_after_pool: Bool = False
+    # A residual connection: the layer's input is added to its activation, input + ReLU(batch
+    # norm(conv(input))), then max-pooled. Keeps the map's size and channels ("same" padding,
+    # as many filters as its input has), so a deeper network trains as easily as a shallow one.
+    residual: Bool = False
 
 
 def conv_sides(conv: Sequence[ConvLayer], size: int = IMAGE_SIZE) -> list[tuple[int, int]]:
@@ -222,6 +226,15 @@ class ModelSpec:
             if layer.norm_after_pool and not (layer.batch_norm and layer.pool > 1):
                 raise FieldValueError(("conv", i, "norm_after_pool"), "needs batch_norm = true "
                                       "and a pool above 1: there is no pooling to normalise after")
+            if layer.residual:
+                channels = self.conv[i - 1].filters if i else 1
+                if layer.padding != "same" or layer.filters != channels:
+                    raise FieldValueError(("conv", i, "residual"), f'needs padding = "same" and '
+                                          f"as many filters as its input has channels "
+                                          f"({channels}), to add its input to its output")
+                if layer.norm_after_pool:
+                    raise FieldValueError(("conv", i, "norm_after_pool"), "a residual layer "
+                                          "pools after adding its input: nothing to normalise")
             if pooled < 1:
                 raise FieldValueError(("conv", i), f"pool {layer.pool} is larger than the "
                                       f"{convolved}x{convolved} feature map it gets ({side}x{side} "
@@ -263,8 +276,8 @@ class ModelSpec:
         Regularisation rates (L2, dropout) may differ between stacked members; layer sizes,
         kernels, padding, pooling and batch norm (and where it is) may not.
         """
-        conv = tuple((c.filters, c.kernel, c.padding, c.batch_norm, c.pool, c.norm_after_pool)
-                     for c in self.conv)
+        conv = tuple((c.filters, c.kernel, c.padding, c.batch_norm, c.pool, c.norm_after_pool,
+                      c.residual) for c in self.conv)
         return (conv, tuple(layer.units for layer in self.layers), self.n_classes, self.tta)
 
 
@@ -631,7 +644,7 @@ WILCOXON_MIN_FOLDS = 4
 # value they are left out of the fingerprint, so a study written before them keeps its
 # fingerprint: its stored runs still resume, and compare as the same study.
 LATER_DEFAULTS: dict[str, Any] = {"tta": "none", "ema": 0.0, "norm_after_pool": False,
-                                  "erase": 0.0}
+                                  "erase": 0.0, "residual": False}
 
 
 def _without_later_defaults(value: Any) -> Any:

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import optuna
 from pydantic import ValidationError
 
-from fashionlab.config import Candidate, DenseLayer, ParamSpec, SearchSpec
+from fashionlab.config import Candidate, ConvLayer, DenseLayer, ParamSpec, SearchSpec
 from fashionlab.config.specs import first_problem
 from fashionlab.errors import ConfigError
 from fashionlab.vocabulary import VOCABULARY
@@ -105,9 +105,13 @@ def suggest(trial: Suggester, search: SearchSpec, base: Candidate, name: str) ->
         layers.append(DenseLayer(units=per_layer("units", i, layer.units),
                                  l2=per_layer("l2", i, layer.l2),
                                  dropout=per_layer("dropout", i, layer.dropout)))
-    conv = tuple(dataclasses.replace(c, filters=per_layer("filters", i, c.filters))
-                 for i, c in enumerate(model.conv))
-    model = dataclasses.replace(model, layers=tuple(layers), conv=conv,
+    conv: list[ConvLayer] = []
+    for i, c in enumerate(model.conv):
+        # A residual layer adds its input to its output: it keeps the channels it is given.
+        filters = (conv[-1].filters if conv else c.filters) if c.residual \
+            else per_layer("filters", i, c.filters)
+        conv.append(dataclasses.replace(c, filters=filters))
+    model = dataclasses.replace(model, layers=tuple(layers), conv=tuple(conv),
                                 dropout=draw("conv_dropout", model.dropout),
                                 tta=draw("tta", model.tta))
     stopping = train.early_stopping
