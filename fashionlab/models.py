@@ -63,11 +63,13 @@ def normalises_a_single_pixel(spec: ModelSpec) -> bool:
                for layer, (convolved, pooled) in zip(spec.conv, conv_sides(spec.conv)))
 
 
-def _glorot_uniform(
-    generators: MemberGenerators, shape: tuple[int, ...], fan_in: int, fan_out: int
+def _initial_kernel(
+    init: str, generators: MemberGenerators, shape: tuple[int, ...], fan_in: int, fan_out: int
 ) -> torch.Tensor:
-    """Keras' default kernel initialiser, drawn per member: (M, *shape)."""
-    limit = math.sqrt(6.0 / (fan_in + fan_out))
+    """A kernel drawn per member, (M, *shape), uniform in +-limit: "glorot" is Keras' default
+    initialiser, "pytorch" PyTorch's for its layers (kaiming_uniform with a = sqrt(5)). The
+    same draws either way, scaled."""
+    limit = math.sqrt(6.0 / (fan_in + fan_out)) if init == "glorot" else math.sqrt(1.0 / fan_in)
     return (generators.rand(*shape) * 2.0 - 1.0) * limit
 
 
@@ -134,7 +136,8 @@ class StackedNet(nn.Module):
         channels = 1
         for layer in shape.conv:
             k, out = layer.kernel, layer.filters
-            w = _glorot_uniform(generators, (out, channels, k, k), channels * k * k, out * k * k)
+            w = _initial_kernel(shape.init, generators, (out, channels, k, k), channels * k * k,
+                                out * k * k)
             w = w[0].contiguous(memory_format=torch.channels_last)  # (out, in, k, k)
             self.conv_weights.append(nn.Parameter(w))
             # No bias before batch norm: it would be cancelled, and Adam would turn its zero
@@ -149,7 +152,7 @@ class StackedNet(nn.Module):
         self.dense_weights, self.dense_biases = nn.ParameterList(), nn.ParameterList()
         width = flat_features(shape)
         for units in [layer.units for layer in shape.layers] + [shape.n_classes]:
-            w = _glorot_uniform(generators, (width, units), width, units)  # (M, in, out)
+            w = _initial_kernel(shape.init, generators, (width, units), width, units)  # (M, in, out)
             self.dense_weights.append(nn.Parameter(w))
             self.dense_biases.append(nn.Parameter(torch.zeros(M, units, device=device)))
             width = units

@@ -62,9 +62,9 @@ def test_every_bundled_study_loads_and_round_trips():
 
 
 def test_settings_added_later_keep_a_study_fingerprint_at_their_old_meaning():
-    """A study stored before `tta`, `ema`, `norm_after_pool`, `erase` and `residual` existed keeps its
-    fingerprint (its runs resume and compare as the same study); setting any of them changes
-    it."""
+    """A study stored before `tta`, `ema`, `norm_after_pool`, `erase`, `residual` and `init`
+    existed keeps its fingerprint (its runs resume and compare as the same study); setting any
+    of them changes it."""
     import hashlib
     import json
 
@@ -75,6 +75,7 @@ def test_settings_added_later_keep_a_study_fingerprint_at_their_old_meaning():
         del candidate["train"]["augment"]["erase"]
         for layer in candidate["model"]["conv"]:
             del layer["norm_after_pool"], layer["residual"]
+        del candidate["model"]["init"]
     assert any(final["model"]["conv"] for final in old["final"])  # the seed study's CNN
     text = json.dumps(old, sort_keys=True, default=str)
     assert spec.fingerprint() == hashlib.sha256(text.encode()).hexdigest()[:12]
@@ -100,6 +101,9 @@ def test_settings_added_later_keep_a_study_fingerprint_at_their_old_meaning():
         cnn, model=dataclasses.replace(cnn.model, conv=(
             ConvLayer(4, padding="same"), ConvLayer(4, padding="same")))),))
     assert residual.fingerprint() != unconnected.fingerprint()
+    torch_init = dataclasses.replace(spec, final=(dataclasses.replace(
+        cnn, model=dataclasses.replace(cnn.model, init="pytorch")),))
+    assert torch_init.fingerprint() != spec.fingerprint()
 
 
 @pytest.mark.parametrize("epochs", ['"warning"', '"lowest"', "30", "5"])

@@ -107,6 +107,22 @@ def test_a_residual_layer_adds_its_input_to_its_activation_then_pools():
     assert not torch.allclose(other.eval()(x), stack(x), atol=1e-3)
 
 
+def test_pytorch_init_scales_the_same_draws_to_pytorchs_limits():
+    """Kernels uniform in +-sqrt(1 / fan_in), as torch's own layers start, from the draws that
+    Keras' Glorot limits scale otherwise; biases start at 0 either way."""
+    glorot = _stack(RESIDUAL, 1)
+    torch_like = _stack(dataclasses.replace(RESIDUAL, init="pytorch"), 1)
+    fans = [(1 * 9, 4 * 9), (4 * 9, 4 * 9), (4 * 9, 6 * 9), (6 * 9, 6 * 9), (6, 12), (12, 10)]
+    kernels = list(zip([*glorot.conv_weights, *glorot.dense_weights],
+                       [*torch_like.conv_weights, *torch_like.dense_weights]))
+    assert len(kernels) == len(fans)
+    for (keras_kernel, kernel), (fan_in, fan_out) in zip(kernels, fans):
+        limit = (1 / fan_in) ** 0.5
+        assert kernel.abs().max() <= limit and kernel.abs().max() > 0.8 * limit
+        torch.testing.assert_close(kernel, keras_kernel * limit / (6 / (fan_in + fan_out)) ** 0.5)
+    assert all(not b.any() for b in [*torch_like.conv_biases, *torch_like.dense_biases])
+
+
 def test_members_do_not_depend_on_their_stack_mates():
     # Member with seed 5 gets the same initial weights alone and in a stack.
     alone = _stack(DENSE, 1, [5]).member_state_dict(0)

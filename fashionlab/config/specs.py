@@ -207,6 +207,11 @@ class ModelSpec:
     # "flip-shift" also those of the image moved by one pixel up, down, left and right, each
     # with its mirror image (10 views: 5x the scoring cost of no TTA).
     tta: TestTimeAugmentation = "none"
+    # How kernels start (biases start at 0 either way): "glorot", Keras' default, uniform in
+    # +-sqrt(6 / (fan_in + fan_out)); "pytorch", PyTorch's default for its layers, uniform in
+    # +-sqrt(1 / fan_in). Kernels followed by batch norm compute the same at any scale, but
+    # Adam's steps are a set size: smaller kernels move further per step.
+    init: Literal["glorot", "pytorch"] = "glorot"
 
     @model_validator(mode="after")
     def _fits_the_image(self) -> ModelSpec:
@@ -278,7 +283,8 @@ class ModelSpec:
         """
         conv = tuple((c.filters, c.kernel, c.padding, c.batch_norm, c.pool, c.norm_after_pool,
                       c.residual) for c in self.conv)
-        return (conv, tuple(layer.units for layer in self.layers), self.n_classes, self.tta)
+        return (conv, tuple(layer.units for layer in self.layers), self.n_classes, self.tta,
+                self.init)
 
 
 def layer_parameters(spec: ModelSpec) -> dict[tuple[str | int, ...], int]:
@@ -644,7 +650,7 @@ WILCOXON_MIN_FOLDS = 4
 # value they are left out of the fingerprint, so a study written before them keeps its
 # fingerprint: its stored runs still resume, and compare as the same study.
 LATER_DEFAULTS: dict[str, Any] = {"tta": "none", "ema": 0.0, "norm_after_pool": False,
-                                  "erase": 0.0, "residual": False}
+                                  "erase": 0.0, "residual": False, "init": "glorot"}
 
 
 def _without_later_defaults(value: Any) -> Any:
