@@ -458,7 +458,9 @@ conv = [{ filters = 4, kernel = 5, padding = "same", pool = 28 }]  # 28 -> 28 ->
     assert [c.name for c in spec.candidates + spec.final] == ["a", "f"]
 
 
-@pytest.mark.parametrize("study", ["seed", "fast-cnn"])
+@pytest.mark.parametrize("study", ["seed", "fast-cnn", str(
+    Path(__file__).parents[1] / "examples" / "fast-cnn-residual.toml")],
+    ids=["seed", "fast-cnn", "example-residual"])
 def test_a_models_parameters_are_counted_as_torch_counts_them(study: str):
     from fashionlab.models import build_module
 
