@@ -17,11 +17,11 @@ from typing import Any, Literal, get_args
 from fashionlab.errors import FieldValueError
 from fashionlab.text import finite, shortened
 
-__all__ = ["MAX_EPOCHS", "MAX_LAYERS", "MAX_REPEATS", "VOCABULARY", "Param",
+__all__ = ["MAX_EPOCHS", "MAX_LAYERS", "MAX_REPEATS", "VOCABULARY", "KernelInit", "Param",
            "TestTimeAugmentation", "check_base", "check_grid", "check_space", "check_varies"]
 
 # The most hidden dense layers, and the most conv layers, a model may have: deeper plain stacks
-# do not train (no residual connections), and a search space reaching 100,000 layers of a few
+# do not train (without `residual` layers), and a search space reaching 100,000 layers of a few
 # units stays under the parameter cap while it builds a model for minutes.
 MAX_LAYERS = 100
 # The most epochs a model trains, and the most repeats of a cross-validation: far beyond any
@@ -32,6 +32,8 @@ MAX_REPEATS = 100
 
 # A model's test-time augmentation (`ModelSpec.tta`), named once for the spec and the search.
 TestTimeAugmentation = Literal["none", "flip", "flip-shift"]
+# How a model's kernels start (`ModelSpec.init`): Keras' Glorot limits or PyTorch's.
+KernelInit = Literal["glorot", "pytorch"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ VOCABULARY: dict[str, Param] = {
     "erase": Param("float", 0.0, maximum=1.0),  # augmentation: share of images erased in part
     "ema": Param("float", 0.0, 1.0),  # decay of the moving average of the weights; 0: off
     "tta": Param("choice", options=get_args(TestTimeAugmentation)),  # test-time augmentation
+    "init": Param("choice", options=get_args(KernelInit)),  # how the kernels start
 }
 
 

@@ -449,7 +449,7 @@ filters = { low = 4, high = 32 }
     assert base_params(spec.search, base) == {"filters_0": 8, "filters_2": 4}
 
 
-def test_a_trial_draws_augmentation_ema_and_tta():
+def test_a_trial_draws_augmentation_ema_tta_and_init():
     spec = study_from_dict(tomllib.loads(BASE + """
 [search.space]
 crop = { low = 0, high = 3 }
@@ -457,16 +457,19 @@ flip = { choices = [false, true] }
 erase = { low = 0.0, high = 1.0 }
 ema = { choices = [0.0, 0.99] }
 tta = { choices = ["none", "flip"] }
+init = { choices = ["glorot", "pytorch"] }
 """))
     base = base_candidate(spec)
     assert spec.search is not None
-    params = {"crop": 2, "flip": True, "erase": 0.4, "ema": 0.99, "tta": "flip"}
+    params = {"crop": 2, "flip": True, "erase": 0.4, "ema": 0.99, "tta": "flip",
+              "init": "pytorch"}
     candidate = suggest(FixedParams(params), spec.search, base, "t")
     augment = candidate.train.augment
     assert (augment.crop, augment.flip, augment.erase) == (2, True, 0.4)
     assert (candidate.train.ema, candidate.model.tta) == (0.99, "flip")
+    assert candidate.model.init == "pytorch"
     assert base_params(spec.search, base) == {"crop": 0, "flip": False, "erase": 0.0,
-                                              "ema": 0.0, "tta": "none"}
+                                              "ema": 0.0, "tta": "none", "init": "glorot"}
 
 
 def test_samplers_and_pruners_are_chosen_and_seeded():

@@ -33,6 +33,7 @@ from fashionlab.vocabulary import (
     MAX_EPOCHS,
     MAX_LAYERS,
     MAX_REPEATS,
+    KernelInit,
     TestTimeAugmentation,
     check_base,
     check_grid,
@@ -211,7 +212,7 @@ class ModelSpec:
     # +-sqrt(6 / (fan_in + fan_out)); "pytorch", PyTorch's default for its layers, uniform in
     # +-sqrt(1 / fan_in). Kernels followed by batch norm compute the same at any scale, but
     # Adam's steps are a set size: smaller kernels move further per step.
-    init: Literal["glorot", "pytorch"] = "glorot"
+    init: KernelInit = "glorot"
 
     @model_validator(mode="after")
     def _fits_the_image(self) -> ModelSpec:

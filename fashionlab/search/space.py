@@ -113,7 +113,7 @@ def suggest(trial: Suggester, search: SearchSpec, base: Candidate, name: str) ->
         conv.append(dataclasses.replace(c, filters=filters))
     model = dataclasses.replace(model, layers=tuple(layers), conv=tuple(conv),
                                 dropout=draw("conv_dropout", model.dropout),
-                                tta=draw("tta", model.tta))
+                                tta=draw("tta", model.tta), init=draw("init", model.init))
     stopping = train.early_stopping
     if stopping is not None:
         stopping = dataclasses.replace(stopping, patience=draw("patience", stopping.patience),
