@@ -61,7 +61,7 @@ from fashionlab.search import (
     search_identity,
 )
 from fashionlab.search.finish import save_plots, top_table
-from fashionlab.search.space import FixedParams, base_params, check_largest_model, suggest
+from fashionlab.search.space import FixedParams, base_params, check_largest_model, grid, suggest
 from fashionlab.search.storage import MAX_RETRIES, ClaimLock, RetryLostTrial, open_storage
 from fashionlab.serialize import staging_path
 from fashionlab.stats import proportion_ci
@@ -447,6 +447,23 @@ filters = { low = 4, high = 32 }
     candidate = suggest(FixedParams(params), spec.search, base, "t")
     assert [layer.filters for layer in candidate.model.conv] == [16, 16, 24]
     assert base_params(spec.search, base) == {"filters_0": 8, "filters_2": 4}
+    grid_spec = study_from_dict(tomllib.loads(GRID_RESIDUAL))
+    assert grid_spec.search is not None
+    points = grid(grid_spec.search, base_candidate(grid_spec))
+    assert points == {"filters_0": [4, 8], "filters_2": [4, 8]}  # no copies over filters_1
+
+
+GRID_RESIDUAL = """
+name = "x"
+[[candidates]]
+name = "a"
+conv = [{ filters = 8, padding = "same" }, { filters = 8, padding = "same", residual = true },
+        { filters = 4, padding = "same", pool = 2 }]
+[search]
+sampler = "grid"
+[search.space]
+filters = { low = 4, high = 8, step = 4 }
+"""
 
 
 def test_a_trial_draws_augmentation_ema_tta_and_init():

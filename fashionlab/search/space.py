@@ -240,6 +240,8 @@ def grid(search: SearchSpec, base: Candidate) -> dict[str, list[Any]]:
             points[name] = values(spec, param.kind)
         else:
             for i in range(layer_counts[param.layer]):
+                if name == "filters" and base.model.conv[i].residual:
+                    continue  # not drawn: it keeps the channels of the layer before it
                 points[f"{name}_{i}"] = values(spec, param.kind)
     if grid_size(points) > MAX_GRID_POINTS:
         raise _too_large(grid_size(points))
